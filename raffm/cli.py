@@ -1,0 +1,58 @@
+"""The `raffm` command line: one entry point, sub-commands contributed by each component.
+
+Each component module exposes ``register(subparsers)`` that adds its sub-command and sets ``func`` on the parser;
+heavy imports happen inside ``func`` so ``raffm --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# Modules that contribute sub-commands, in the order `--help` lists them.
+COMMAND_MODULES = (
+    "raffm.commands",
+    "services.registry.cli",
+    "services.extractor.cli",
+    "services.aggregator.cli",
+    "edge_agent.cli",
+    "raffm.demo",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raffm",
+        description="RaFFM: resource-aware federated fine-tuning of transformer foundation models.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:  # a real missing dependency, not a component that is not built yet
+                raise
+            continue
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except ValueError as exc:  # domain validation errors carry a message that says what to fix
+        print(f"raffm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Sub-models as real ``transformers`` models.
+
+An elastic model class subclasses the stock ``transformers`` class (``BertModel``, ``ViTForImageClassification``...)
+and shrinks itself to the spec stored in its config (``config.raffm_spec``), so ``save_pretrained`` and
+``from_pretrained`` round-trip it like any HF model. The config keeps the *global* architecture sizes; the spec says
+which leading block of them this model holds. Importing this module registers the classes with the ``Auto*``
+factories, so ``AutoModel.from_pretrained(folder)`` loads a saved sub-model.
+
+Attention keeps the global model's softmax scaling (1/sqrt(global head_dim)) when a sub-model keeps fewer head
+dimensions: the truncated dot products then approximate the global ones instead of being rescaled.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+    PretrainedConfig,
+    PreTrainedModel,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+    RobertaModel,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTModel,
+)
+
+from raffm.arch import Adapter, adapter_for, base_model
+from raffm.slicing import SlicePlan, shapes_of, slice_plan, slice_state
+from raffm.spec import ElasticSpec
+
+
+def _shrink(model: PreTrainedModel, spec: ElasticSpec) -> None:
+    """Resize ``model`` in place to ``spec``: parameters become uninitialised tensors of the sub-model shapes."""
+    adapter = adapter_for(model)
+    dims = adapter.dims(model.config)
+    body = base_model(model)
+    *parents, attr = adapter.layers_attr.split(".")
+    owner = functools.reduce(getattr, parents, body)
+    setattr(owner, attr, nn.ModuleList(list(getattr(owner, attr))[: spec.depth]))
+
+    plan = slice_plan(adapter, dims, spec, {n: tuple(p.shape) for n, p in model.named_parameters()})
+    for name, param in list(model.named_parameters()):
+        module_name, _, pname = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if tuple(param.shape) != plan[name].sub_shape:
+            new = torch.empty(plan[name].sub_shape, dtype=param.dtype, device=param.device)
+            setattr(module, pname, nn.Parameter(new, requires_grad=param.requires_grad))
+    _sync_module_attributes(model, adapter, spec)
+
+
+def _sync_module_attributes(model: nn.Module, adapter: Adapter, spec: ElasticSpec) -> None:
+    """Make module attributes that forward() reads agree with the resized parameters."""
+    for module in model.modules():
+        if isinstance(module, nn.LayerNorm) and module.weight is not None:
+            module.normalized_shape = tuple(module.weight.shape)
+        elif isinstance(module, nn.Linear):
+            module.out_features, module.in_features = module.weight.shape
+        elif isinstance(module, nn.Embedding):
+            module.embedding_dim = module.weight.shape[1]
+        elif isinstance(module, nn.Conv2d):
+            module.out_channels = module.weight.shape[0]
+    layers = functools.reduce(getattr, adapter.layers_attr.split("."), base_model(model))
+    for layer, layer_spec in zip(layers, spec.layers):
+        attention = layer.get_submodule(adapter.attention_module)
+        setattr(attention, adapter.head_dim_attr, layer_spec.head_dim)
+        attention.num_attention_heads = layer_spec.heads
+        if hasattr(attention, "all_head_size"):
+            attention.all_head_size = layer_spec.heads * layer_spec.head_dim
+
+
+class _ElasticMixin:
+    """Shrinks a stock model to ``config.raffm_spec`` right after the stock constructor built it."""
+
+    def __init__(self, config: PretrainedConfig, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)  # type: ignore[call-arg]
+        spec = getattr(config, "raffm_spec", None)
+        if spec is not None:
+            _shrink(self, ElasticSpec.from_dict(spec))  # type: ignore[arg-type]
+
+    @property
+    def elastic_spec(self) -> ElasticSpec:
+        return ElasticSpec.from_dict(self.config.raffm_spec)  # type: ignore[attr-defined]
+
+
+def _elastic_config(base: type[PretrainedConfig], model_type: str) -> type[PretrainedConfig]:
+    def __init__(self: Any, raffm_spec: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        base.__init__(self, **kwargs)
+        self.raffm_spec = raffm_spec
+
+    return type(f"Elastic{base.__name__}", (base,), {"model_type": model_type, "__init__": __init__})
+
+
+ElasticBertConfig = _elastic_config(BertConfig, "raffm_bert")
+ElasticRobertaConfig = _elastic_config(RobertaConfig, "raffm_roberta")
+ElasticViTConfig = _elastic_config(ViTConfig, "raffm_vit")
+
+# stock class -> (elastic config class, Auto factory that should load it)
+_FAMILY: dict[type[PreTrainedModel], tuple[type[PretrainedConfig], Any]] = {
+    BertModel: (ElasticBertConfig, AutoModel),
+    BertForSequenceClassification: (ElasticBertConfig, AutoModelForSequenceClassification),
+    RobertaModel: (ElasticRobertaConfig, AutoModel),
+    RobertaForSequenceClassification: (ElasticRobertaConfig, AutoModelForSequenceClassification),
+    ViTModel: (ElasticViTConfig, AutoModel),
+    ViTForImageClassification: (ElasticViTConfig, AutoModelForImageClassification),
+}
+ELASTIC_CLASSES: dict[type[PreTrainedModel], type[PreTrainedModel]] = {}  # stock -> elastic
+_STOCK_OF: dict[type[PreTrainedModel], type[PreTrainedModel]] = {}  # stock or elastic -> stock
+for _stock, (_config_cls, _auto) in _FAMILY.items():
+    _elastic = type(f"Elastic{_stock.__name__}", (_ElasticMixin, _stock), {"config_class": _config_cls})
+    ELASTIC_CLASSES[_stock] = _elastic
+    _STOCK_OF[_stock] = _STOCK_OF[_elastic] = _stock
+    _auto.register(_config_cls, _elastic, exist_ok=True)
+for _config_cls in (ElasticBertConfig, ElasticRobertaConfig, ElasticViTConfig):
+    AutoConfig.register(_config_cls.model_type, _config_cls, exist_ok=True)
+
+
+def stock_class(model: PreTrainedModel) -> type[PreTrainedModel]:
+    """The stock ``transformers`` class a (global or elastic) model is built on."""
+    try:
+        return _STOCK_OF[type(model)]
+    except KeyError:
+        supported = ", ".join(c.__name__ for c in _FAMILY)
+        raise ValueError(f"{type(model).__name__} is not supported; supported: {supported}") from None
+
+
+def elastic_config(config: PretrainedConfig, spec: ElasticSpec, stock: type[PreTrainedModel]) -> PretrainedConfig:
+    """The config of a sub-model: the global architecture sizes plus the spec."""
+    values = config.to_dict()
+    for key in ("model_type", "raffm_spec", "transformers_version"):
+        values.pop(key, None)
+    values["architectures"] = [ELASTIC_CLASSES[stock].__name__]
+    return _FAMILY[stock][0](raffm_spec=spec.to_dict(), **values)
+
+
+def extract(model: PreTrainedModel, spec: ElasticSpec) -> PreTrainedModel:
+    """The sub-model of ``model`` (a salience-ordered global model) kept by ``spec``, as a new HF model.
+
+    The global model is not modified; the sub-model owns copies of its weights.
+    """
+    if getattr(model.config, "raffm_spec", None) is not None:
+        raise ValueError("extract() takes a global model; this one is already a sub-model")
+    stock = stock_class(model)
+    config = elastic_config(model.config, spec, stock)
+    with torch.device("meta"):  # skip random init: every parameter is overwritten below
+        sub = ELASTIC_CLASSES[stock](config)
+    sub.load_state_dict(slice_state(model.state_dict(), plan_for(model, spec)), assign=True, strict=True)
+    global_buffers = dict(model.named_buffers())
+    for name, buffer in list(sub.named_buffers()):  # non-persistent buffers (position ids) are not in state_dict
+        if buffer.is_meta:
+            module_name, _, bname = name.rpartition(".")
+            sub.get_submodule(module_name).register_buffer(bname, global_buffers[name].clone(), persistent=False)
+    sub.train(model.training)
+    return sub
+
+
+def plan_for(model: PreTrainedModel, spec: ElasticSpec) -> SlicePlan:
+    """The slice plan of a global model's state dict for ``spec``."""
+    adapter = adapter_for(model)
+    return slice_plan(adapter, adapter.dims(model.config), spec, shapes_of(model.state_dict()))

@@ -1,0 +1,123 @@
+"""Slicing a global state dict into a sub-model's tensors, and scattering them back.
+
+Every kept block is a *leading* block of a reshaped view of the global tensor. A query weight ``[H*D, hidden]``
+is viewed as ``[H, D, hidden]`` and the sub-model keeps ``[:heads, :head_dim, :hidden']``, i.e. the first
+``head_dim`` dimensions of each of the first ``heads`` heads (never a global truncation re-split into heads).
+Because each :class:`TensorSlice` is a tuple of leading slices on a view, taking, scattering and folding are
+plain strided tensor operations with no index tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from raffm.arch import Adapter, Axis
+from raffm.spec import ElasticSpec, ModelDims
+
+
+@dataclass(frozen=True)
+class TensorSlice:
+    """Where one sub-model tensor lives inside its global tensor.
+
+    ``view``: the global tensor reshaped so that every kept block is leading; ``keep``: the leading sizes kept
+    along each view axis; ``shape``/``sub_shape``: the global and sub-model tensor shapes.
+    """
+
+    shape: tuple[int, ...]
+    view: tuple[int, ...]
+    keep: tuple[int, ...]
+    sub_shape: tuple[int, ...]
+
+    @property
+    def index(self) -> tuple[slice, ...]:
+        return tuple(slice(0, k) for k in self.keep)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.sub_shape)
+
+    def block(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The kept block of a global-shaped tensor, as a strided view (writes go through to ``tensor``)."""
+        return tensor.view(self.view)[self.index]
+
+    def take(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A contiguous copy of the kept block, shaped like the sub-model tensor."""
+        return self.block(tensor).reshape(self.sub_shape).clone()
+
+    def put(self, tensor: torch.Tensor, sub: torch.Tensor) -> None:
+        """Write ``sub`` into its place in the global-shaped ``tensor`` (in place)."""
+        self.block(tensor).copy_(sub.reshape(self.keep))
+
+
+SlicePlan = dict[str, TensorSlice]
+
+
+def _axis_view(axis: Axis, size: int, dims: ModelDims, spec: ElasticSpec) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(view sizes, kept sizes) for one tensor axis."""
+    if axis.kind == "hidden":
+        return (size,), (spec.hidden,)
+    if axis.kind == "full":
+        return (size,), (size,)
+    assert axis.layer is not None
+    layer = spec.layers[axis.layer]
+    if axis.kind == "ffn":
+        return (size,), (layer.ffn,)
+    # qk / v: [heads, head_dim]
+    return (dims.heads, dims.head_dim), (layer.heads, layer.head_dim)
+
+
+def slice_plan(
+    adapter: Adapter, dims: ModelDims, spec: ElasticSpec, shapes: Mapping[str, tuple[int, ...]]
+) -> SlicePlan:
+    """The slice of every global tensor the sub-model keeps (tensors of dropped layers are absent)."""
+    spec.validate(dims)
+    plan: SlicePlan = {}
+    for name, shape in shapes.items():
+        layer = adapter.layer_of(name)
+        if layer is not None and layer >= spec.depth:
+            continue
+        axes = adapter.layout(name)
+        if len(axes) != len(shape):
+            raise ValueError(f"tensor {name!r} has shape {tuple(shape)}; the {adapter.name} adapter expects {len(axes)} axes")
+        view: list[int] = []
+        keep: list[int] = []
+        sub_shape: list[int] = []
+        for axis, size in zip(axes, shape):
+            v, k = _axis_view(axis, size, dims, spec)
+            if math.prod(v) != size:
+                raise ValueError(f"tensor {name!r} axis of size {size} does not match the model's {axis.kind} width")
+            view.extend(v)
+            keep.extend(k)
+            sub_shape.append(math.prod(k))
+        plan[name] = TensorSlice(tuple(shape), tuple(view), tuple(keep), tuple(sub_shape))
+    return plan
+
+
+def shapes_of(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(t.shape) for name, t in state.items()}
+
+
+def slice_state(state: Mapping[str, torch.Tensor], plan: SlicePlan) -> dict[str, torch.Tensor]:
+    """The sub-model's tensors: new contiguous tensors, the global state untouched."""
+    return {name: s.take(state[name]) for name, s in plan.items()}
+
+
+def scatter(
+    state: Mapping[str, torch.Tensor], sub: Mapping[str, torch.Tensor], plan: SlicePlan
+) -> dict[str, torch.Tensor]:
+    """A copy of the global ``state`` with the sub-model tensors written back into their places."""
+    out = {name: t.clone() for name, t in state.items()}
+    for name, tensor in sub.items():
+        plan[name].put(out[name], tensor)
+    return out
+
+
+def coverage_mask(tensor_slice: TensorSlice) -> torch.Tensor:
+    """A bool tensor of the global shape, True where the sub-model has an element."""
+    mask = torch.zeros(tensor_slice.shape, dtype=torch.bool)
+    tensor_slice.block(mask).fill_(True)
+    return mask

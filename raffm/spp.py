@@ -1,0 +1,121 @@
+"""Salient parameter prioritization (SPP): reorder channels so the most salient come first.
+
+Every reordering is a permutation applied to all coupled axes at once (declared by the architecture adapter), so
+the network computes exactly the same function; only which channels are *leading* changes. Steps, per layer:
+
+1. whole heads, ranked by the L1 mass of their Q/K/V rows and attention-output columns;
+2. within every head, query/key dimensions ranked by (|q_j|_1 + |k_j|_1) / 2 with ONE permutation shared by W_q
+   and W_k (scores are unchanged: x W_q P (x W_k P)^T = x W_q W_k^T x^T);
+3. within every head, value dimensions ranked by their V rows plus the matching attention-output columns;
+4. feed-forward neurons ranked by their W_in row plus W_out column;
+and optionally the residual (hidden) channels of the whole model, for models whose outputs are task logits.
+
+Scores come from the weight matrices (L1 norm); biases and vectors follow the permutation.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+from raffm.arch import Adapter, Axis, adapter_for, base_model
+from raffm.spec import ModelDims
+
+Layouts = dict[str, tuple[Axis, ...]]
+ScoreFn = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def l1_score(tensor: torch.Tensor, axis: int) -> torch.Tensor:
+    """L1 norm of every slice of ``tensor`` along ``axis``: shape ``[tensor.shape[axis]]``."""
+    dims = [d for d in range(tensor.dim()) if d != axis]
+    return tensor.detach().abs().sum(dim=dims, dtype=torch.float64)
+
+
+def _axis_scores(
+    state: Mapping[str, torch.Tensor], layouts: Layouts, matches: Callable[[Axis], bool], score: ScoreFn
+) -> torch.Tensor:
+    total: torch.Tensor | None = None
+    for name, axes in layouts.items():
+        tensor = state[name]
+        if tensor.dim() < 2:
+            continue
+        for pos, axis in enumerate(axes):
+            if matches(axis):
+                s = score(tensor, pos)
+                total = s if total is None else total + s
+    if total is None:
+        raise ValueError("no weight matrix carries this axis; the adapter's rules are incomplete")
+    return total
+
+
+def _apply(state: dict[str, torch.Tensor], layouts: Layouts, matches: Callable[[Axis], bool], index: torch.Tensor) -> None:
+    for name, axes in layouts.items():
+        for pos, axis in enumerate(axes):
+            if matches(axis):
+                state[name] = state[name].index_select(pos, index)
+
+
+def _descending(score: torch.Tensor) -> torch.Tensor:
+    return torch.argsort(score, dim=-1, descending=True, stable=True)
+
+
+def prioritize_state(
+    state: Mapping[str, torch.Tensor],
+    adapter: Adapter,
+    dims: ModelDims,
+    *,
+    rank_hidden: bool = False,
+    score: ScoreFn = l1_score,
+) -> dict[str, torch.Tensor]:
+    """A salience-ordered copy of ``state`` (the input is not modified)."""
+    out = dict(state)
+    layouts: Layouts = {name: adapter.layout(name) for name in state}
+    H, D = dims.heads, dims.head_dim
+    for layer in range(dims.layers):
+        def heads_of(axis: Axis, layer: int = layer) -> bool:
+            return axis.layer == layer and axis.kind in ("qk", "v")
+
+        head_score = _axis_scores(out, layouts, heads_of, score).view(H, D).sum(dim=1)
+        head_order = _descending(head_score)
+        flat = (head_order[:, None] * D + torch.arange(D)).reshape(-1)
+        _apply(out, layouts, heads_of, flat)
+
+        for kind in ("qk", "v"):
+            def within(axis: Axis, layer: int = layer, kind: str = kind) -> bool:
+                return axis.layer == layer and axis.kind == kind
+
+            dim_order = _descending(_axis_scores(out, layouts, within, score).view(H, D))
+            flat = (torch.arange(H)[:, None] * D + dim_order).reshape(-1)
+            _apply(out, layouts, within, flat)
+
+        def ffn_of(axis: Axis, layer: int = layer) -> bool:
+            return axis.layer == layer and axis.kind == "ffn"
+
+        _apply(out, layouts, ffn_of, _descending(_axis_scores(out, layouts, ffn_of, score)))
+
+    if rank_hidden:
+        def hidden(axis: Axis) -> bool:
+            return axis.kind == "hidden"
+
+        _apply(out, layouts, hidden, _descending(_axis_scores(out, layouts, hidden, score)))
+    return {name: t.contiguous() for name, t in out.items()}
+
+
+def prioritize(model: nn.Module, *, rank_hidden: bool | None = None, score: ScoreFn = l1_score) -> nn.Module:
+    """A salience-ordered copy of a ``transformers`` model; the input model is not modified.
+
+    ``rank_hidden`` defaults to True for models with a task head: reordering residual channels preserves their
+    logits, while a bare encoder would expose its hidden states in the new channel order.
+    """
+    adapter = adapter_for(model)
+    if rank_hidden is None:
+        rank_hidden = base_model(model) is not model
+    state = prioritize_state(
+        model.state_dict(), adapter, adapter.dims(model.config), rank_hidden=rank_hidden, score=score
+    )
+    ordered = copy.deepcopy(model)
+    ordered.load_state_dict(state)
+    return ordered
