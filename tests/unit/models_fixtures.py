@@ -1,0 +1,65 @@
+"""Small random-init models of every supported architecture, shared by the core tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+    PreTrainedModel,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTModel,
+)
+
+SMALL = dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96)
+
+
+def _randomize_layernorms(model: PreTrainedModel) -> PreTrainedModel:
+    """Non-trivial LayerNorm affine params, so a wrong permutation of them would show in the outputs."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name or "layernorm" in name or name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
+    return model.eval()
+
+
+def make(kind: str, seed: int = 0) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    if kind == "bert":
+        model: PreTrainedModel = BertForSequenceClassification(BertConfig(vocab_size=120, num_labels=3, **SMALL))
+    elif kind == "bert-base":
+        model = BertModel(BertConfig(vocab_size=120, **SMALL))
+    elif kind == "roberta":
+        model = RobertaForSequenceClassification(
+            RobertaConfig(vocab_size=120, max_position_embeddings=64, num_labels=3, **SMALL)
+        )
+    elif kind == "vit":
+        model = ViTForImageClassification(
+            ViTConfig(image_size=28, patch_size=7, num_channels=1, num_labels=10, **SMALL)
+        )
+    elif kind == "vit-base":
+        model = ViTModel(ViTConfig(image_size=28, patch_size=7, num_channels=1, **SMALL))
+    else:
+        raise ValueError(kind)
+    return _randomize_layernorms(model)
+
+
+def inputs(kind: str, batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    if kind.startswith("vit"):
+        return {"pixel_values": torch.rand(batch, 1, 28, 28, generator=gen)}
+    ids = torch.randint(3, 120, (batch, 12), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, 9:] = 0  # padding must be handled identically too
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def output(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**batch)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state

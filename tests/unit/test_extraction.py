@@ -1,0 +1,145 @@
+"""Extraction gives real HF sub-models; scatter is the exact inverse of slicing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoModel, AutoModelForImageClassification, AutoModelForSequenceClassification
+
+from raffm.arch import adapter_for
+from raffm.elastic import extract, plan_for
+from raffm.slicing import coverage_mask, scatter, slice_state
+from raffm.spec import ElasticSpec, LayerSpec, ModelDims
+from raffm.spp import prioritize
+from tests.unit.models_fixtures import inputs, make, output
+
+KINDS = ["bert", "bert-base", "roberta", "vit", "vit-base"]
+AUTO = {"bert": AutoModelForSequenceClassification, "roberta": AutoModelForSequenceClassification,
+        "vit": AutoModelForImageClassification, "bert-base": AutoModel, "vit-base": AutoModel}
+
+
+def small_spec(dims: ModelDims) -> ElasticSpec:
+    return ElasticSpec(
+        hidden=dims.hidden - 8,
+        layers=(LayerSpec(3, dims.head_dim - 4, 50), LayerSpec(1, dims.head_dim, dims.ffn)),
+    )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_full_spec_reproduces_global_outputs(kind: str) -> None:
+    model = prioritize(make(kind))
+    sub = extract(model, ElasticSpec.full(adapter_for(model).dims(model.config)))
+    batch = inputs(kind)
+    assert (output(sub, batch) - output(model, batch)).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_saved_submodel_reloads_to_identical_outputs(kind: str, tmp_path: Path) -> None:
+    model = prioritize(make(kind))
+    spec = small_spec(adapter_for(model).dims(model.config))
+    sub = extract(model, spec)
+    sub.save_pretrained(tmp_path)
+    reloaded = AUTO[kind].from_pretrained(tmp_path).eval()
+    assert reloaded.elastic_spec == spec
+    batch = inputs(kind)
+    assert torch.equal(output(reloaded, batch), output(sub, batch))
+    # The sub-model is really smaller, and exactly as large as its slice plan says.
+    n_sub = sum(p.numel() for p in sub.parameters())
+    assert n_sub == sum(s.numel for s in plan_for(model, spec).values())
+    assert n_sub < sum(p.numel() for p in model.parameters())
+
+
+def test_submodel_trains_and_global_is_untouched() -> None:
+    model = prioritize(make("bert"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sub = extract(model, small_spec(adapter_for(model).dims(model.config))).train()
+    loss = sub(**inputs("bert"), labels=torch.tensor([0, 2])).loss
+    loss.backward()
+    torch.optim.AdamW(sub.parameters(), lr=1e-2).step()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+
+
+def test_per_head_slicing_keeps_leading_dims_of_each_head() -> None:
+    model = make("bert")
+    dims = adapter_for(model).dims(model.config)
+    spec = ElasticSpec.uniform(dims, heads=2, head_dim=5, ffn=dims.ffn)
+    sub = slice_state(model.state_dict(), plan_for(model, spec))
+    q = model.state_dict()["bert.encoder.layer.0.attention.self.query.weight"]
+    expected = torch.cat([q[h * dims.head_dim : h * dims.head_dim + 5] for h in range(2)])
+    assert torch.equal(sub["bert.encoder.layer.0.attention.self.query.weight"], expected)
+    o = model.state_dict()["bert.encoder.layer.0.attention.output.dense.weight"]
+    expected_o = torch.cat([o[:, h * dims.head_dim : h * dims.head_dim + 5] for h in range(2)], dim=1)
+    assert torch.equal(sub["bert.encoder.layer.0.attention.output.dense.weight"], expected_o)
+
+
+def test_dropped_layers_are_absent() -> None:
+    model = make("bert")
+    dims = adapter_for(model).dims(model.config)
+    plan = plan_for(model, ElasticSpec.uniform(dims, heads=4, ffn=dims.ffn, depth=1))
+    assert not any(".layer.1." in n or ".layer.2." in n for n in plan)
+    assert any(".layer.0." in n for n in plan)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (ElasticSpec(hidden=49, layers=(LayerSpec(4, 12, 96),) * 3), "hidden is 49; it must be an integer between 1 and 48"),
+        (ElasticSpec(hidden=48, layers=(LayerSpec(4, 12, 96), LayerSpec(5, 12, 96))), "layer 1 heads is 5"),
+        (ElasticSpec(hidden=48, layers=(LayerSpec(4, 0, 96),)), "layer 0 head_dim is 0"),
+        (ElasticSpec(hidden=48, layers=(LayerSpec(4, 12, 97),)), "layer 0 ffn is 97; it must be an integer between 1 and 96"),
+        (ElasticSpec(hidden=48, layers=(LayerSpec(4, 12, 96),) * 4), "spec has 4 layers"),
+    ],
+)
+def test_invalid_specs_name_layer_and_bound(spec: ElasticSpec, message: str) -> None:
+    model = make("bert")
+    with pytest.raises(ValueError, match=message):
+        extract(model, spec)
+
+
+def test_spec_json_round_trip_and_errors() -> None:
+    dims = ModelDims(hidden=48, layers=3, heads=4, head_dim=12, ffn=96)
+    spec = small_spec(dims)
+    assert ElasticSpec.from_json(spec.to_json()) == spec
+    with pytest.raises(ValueError, match="needs 'hidden' and 'layers'"):
+        ElasticSpec.from_dict({"layers": []})
+
+
+@st.composite
+def specs(draw: st.DrawFn, dims: ModelDims) -> ElasticSpec:
+    depth = draw(st.integers(1, dims.layers))
+    layers = tuple(
+        LayerSpec(draw(st.integers(1, dims.heads)), draw(st.integers(1, dims.head_dim)), draw(st.integers(1, dims.ffn)))
+        for _ in range(depth)
+    )
+    return ElasticSpec(hidden=draw(st.integers(1, dims.hidden)), layers=layers)
+
+
+_MODEL = make("roberta")
+_DIMS = adapter_for(_MODEL).dims(_MODEL.config)
+
+
+@settings(max_examples=40, deadline=None)
+@given(spec=specs(_DIMS))
+def test_scatter_of_slice_is_identity_on_kept_elements(spec: ElasticSpec) -> None:
+    state = _MODEL.state_dict()
+    plan = plan_for(_MODEL, spec)
+    sub = slice_state(state, plan)
+    # Writing the slice back into a zero model restores exactly the kept elements and nothing else.
+    zeros = {k: torch.zeros_like(v) for k, v in state.items()}
+    back = scatter(zeros, sub, plan)
+    for name, tensor in state.items():
+        if name not in plan:
+            assert not back[name].any()
+            continue
+        mask = coverage_mask(plan[name])
+        assert torch.equal(back[name][mask], tensor[mask])
+        assert not back[name][~mask].any()
+        assert mask.sum().item() == plan[name].numel
+    # And slicing the scattered state gives the sub-model tensors back.
+    again = slice_state(back, plan)
+    assert all(torch.equal(again[k], sub[k]) for k in sub)
