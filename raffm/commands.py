@@ -1,0 +1,128 @@
+"""`raffm extract` and `raffm inspect`: cut a sub-model to a budget or a spec, and describe a saved one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+# Unbounded link and deadline: `raffm extract --memory-mb` fits memory only.
+_NO_TIME_LIMIT = dict(gflops=1e7, up_mbps=1e6, down_mbps=1e6, deadline_s=7 * 86400)
+
+
+def register(subparsers: Any) -> None:
+    extract = subparsers.add_parser(
+        "extract",
+        help="cut a salience-ordered sub-model that fits a memory budget (or a given spec) into an HF model folder",
+        description=(
+            "Load a global model, apply salient parameter prioritization, pick the largest sub-model whose predicted "
+            "peak training memory fits --memory-mb (or take --spec), and save it as a Hugging Face model folder "
+            "(loadable with AutoModel.from_pretrained after `import raffm.elastic`), plus spec.json and costs.json."
+        ),
+    )
+    extract.add_argument("--model", default="minilm", help="HF model id or local folder (default: the shipped MiniLM)")
+    extract.add_argument("--out", required=True, type=Path, help="output folder (created)")
+    budget = extract.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--memory-mb", type=float, help="training memory budget of the target device, MiB")
+    budget.add_argument("--spec", type=Path, help="an ElasticSpec JSON file (as written by `raffm extract`)")
+    extract.add_argument("--batch-size", type=int, default=16, help="training batch size the budget is for (16)")
+    extract.add_argument("--seq-len", type=int, default=64, help="training sequence length the budget is for (64)")
+    extract.add_argument(
+        "--task", default="sequence-classification", choices=("sequence-classification", "image-classification")
+    )
+    extract.add_argument("--num-labels", type=int, default=2, help="outputs of the task head (2)")
+    extract.add_argument("--wire-dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="for the byte count")
+    extract.set_defaults(func=run_extract)
+
+    inspect = subparsers.add_parser(
+        "inspect",
+        help="print the spec and predicted costs of a sub-model folder",
+        description="Print the elastic spec a sub-model folder carries in its config, and its predicted costs.",
+    )
+    inspect.add_argument("folder", type=Path, help="a folder written by `raffm extract`")
+    inspect.add_argument("--batch-size", type=int, default=16)
+    inspect.add_argument("--seq-len", type=int, default=64)
+    inspect.set_defaults(func=run_inspect)
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    from raffm.costs import CostModel
+    from raffm.elastic import extract
+    from raffm.fitting import DeviceProfile, fit
+    from raffm.models import load_global_model, resolve_model
+    from raffm.spec import ElasticSpec
+    from raffm.spp import prioritize
+
+    model = prioritize(load_global_model(args.model, task=args.task, num_labels=args.num_labels))
+    costs_of = CostModel.from_model(model)
+    if args.spec is not None:
+        spec = ElasticSpec.from_json(args.spec.read_text()).validate(costs_of.dims)
+    else:
+        profile = DeviceProfile(
+            train_memory_mb=args.memory_mb, batch_size=args.batch_size, seq_len=args.seq_len, **_NO_TIME_LIMIT
+        )
+        spec = fit(costs_of, profile, wire_dtype=args.wire_dtype).spec
+    costs = costs_of.estimate(spec, batch_size=args.batch_size, seq_len=args.seq_len, wire_dtype=args.wire_dtype)
+    sub = extract(model, spec)
+    args.out.mkdir(parents=True, exist_ok=True)
+    sub.save_pretrained(args.out)
+    _copy_tokenizer(resolve_model(args.model), args.out)
+    (args.out / "spec.json").write_text(spec.to_json() + "\n")
+    (args.out / "costs.json").write_text(json.dumps(costs.to_dict(), indent=2) + "\n")
+    full = costs_of.params(ElasticSpec.full(costs_of.dims))
+    print(f"wrote {args.out}: {costs.params:,} parameters ({costs.params / full:.0%} of {full:,})")
+    print(_describe(spec, costs))
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoConfig
+
+    import raffm.elastic  # noqa: F401  (registers the elastic config classes)
+    from raffm.arch import adapter_for
+    from raffm.costs import CostModel
+    from raffm.elastic import ELASTIC_CLASSES
+    from raffm.spec import ElasticSpec
+
+    config = AutoConfig.from_pretrained(args.folder)
+    if getattr(config, "raffm_spec", None) is None:
+        raise ValueError(f"{args.folder} is not a RaFFM sub-model (its config has no raffm_spec); make one with `raffm extract`")
+    spec = ElasticSpec.from_dict(config.raffm_spec)
+    stock = next(s for s, e in ELASTIC_CLASSES.items() if e.__name__ in (config.architectures or []))
+    global_config = type(config).from_dict({k: v for k, v in config.to_dict().items() if k != "raffm_spec"})
+    with torch.device("meta"):  # shapes only, no weights
+        global_model = stock(global_config)
+    adapter = adapter_for(global_model)
+    cost_model = CostModel(adapter, adapter.dims(global_config), {n: tuple(t.shape) for n, t in global_model.state_dict().items()})
+    costs = cost_model.estimate(spec, batch_size=args.batch_size, seq_len=args.seq_len)
+    print(f"{args.folder}: {stock.__name__} sub-model")
+    print(_describe(spec, costs))
+    return 0
+
+
+def _describe(spec: Any, costs: Any) -> str:
+    layers = "\n".join(
+        f"  layer {i}: {l.heads} heads x {l.head_dim} dims, ffn {l.ffn}" for i, l in enumerate(spec.layers)
+    )
+    return (
+        f"spec: hidden {spec.hidden}, {spec.depth} layers\n{layers}\n"
+        f"costs at batch {costs.batch_size} x seq {costs.seq_len}: {costs.params:,} parameters, "
+        f"{costs.wire_bytes / 2**20:.1f} MiB on the wire ({costs.wire_dtype}), "
+        f"{costs.flops_per_sample / 1e9:.2f} GFLOP per training sample, "
+        f"peak training memory {costs.train_memory_mb:.0f} MiB "
+        f"(weights {costs.weights_mb:.0f}, gradients {costs.gradients_mb:.0f}, AdamW {costs.optimizer_mb:.0f}, "
+        f"activations {costs.activations_mb:.0f}, overhead {costs.overhead_mb:.0f})"
+    )
+
+
+def _copy_tokenizer(source: str, out: Path) -> None:
+    """Ship the tokenizer with the sub-model so it runs with the HF tokenizer out of the box (text models only)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError):  # vision models have no tokenizer
+        return
+    tokenizer.save_pretrained(out)
