@@ -1,0 +1,53 @@
+"""`raffm extract` / `raffm inspect` on the real shipped MiniLM, through the console entry point."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+import raffm.elastic  # noqa: F401  (registers the elastic classes with the Auto factories)
+from raffm.cli import main
+from raffm.spec import ElasticSpec
+
+
+def test_extract_to_memory_budget_then_inspect(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "sub"
+    assert main(["extract", "--out", str(out), "--memory-mb", "200"]) == 0
+    spec = ElasticSpec.from_json((out / "spec.json").read_text())
+    costs = json.loads((out / "costs.json").read_text())
+    assert costs["train_memory_mb"] <= 200
+    model = AutoModel.from_pretrained(out)
+    assert sum(p.numel() for p in model.parameters()) <= costs["params"]  # the bare encoder lacks the task head
+    assert model.elastic_spec == spec and spec.hidden < 384  # a real cut, not the full model
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    hidden = model(**tokenizer(["a gripping, funny film"], return_tensors="pt")).last_hidden_state
+    assert hidden.shape[-1] == spec.hidden and torch.isfinite(hidden).all()
+
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"hidden {spec.hidden}, {spec.depth} layers" in printed
+    assert f"{costs['params']:,} parameters" in printed
+
+
+def test_extract_from_spec_file(tmp_path: Path) -> None:
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps({"hidden": 384, "layers": [{"heads": 6, "head_dim": 16, "ffn": 512}] * 2}))
+    out = tmp_path / "sub"
+    assert main(["extract", "--out", str(out), "--spec", str(spec_file)]) == 0
+    assert AutoModel.from_pretrained(out).elastic_spec == ElasticSpec.from_json(spec_file.read_text())
+
+
+def test_bad_inputs_are_clear_errors_and_write_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"hidden": 384, "layers": [{"heads": 13, "head_dim": 32, "ffn": 1536}]}))
+    assert main(["extract", "--out", str(tmp_path / "a"), "--spec", str(bad)]) == 2
+    assert "layer 0 heads is 13; it must be an integer between 1 and 12" in capsys.readouterr().err
+    assert main(["extract", "--out", str(tmp_path / "b"), "--memory-mb", "5"]) == 2
+    assert "raise --memory-mb" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert main(["inspect", str(tmp_path)]) != 0
