@@ -1,0 +1,193 @@
+"""The run report: every figure of a federated run as JSON, Markdown and plots.
+
+Nothing here is typed by hand: the orchestrator fills a :class:`RunReport` from what the services and the evaluation
+measured, and :func:`write_report` renders it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class RoundRecord:
+    index: int
+    accuracy: float | None  # global model on the server's held-out split
+    participants: int  # accepted updates
+    assigned: int
+    dropouts: int
+    bytes_down: int
+    bytes_up: int
+    full_fedavg_bytes: int  # what a full-model FedAvg round with the same participants would move (down + up)
+    duration_s: float
+    mean_train_loss: float | None = None
+    bytes_by_tier: dict[str, dict[str, int]] = field(default_factory=dict)  # tier -> {"down": n, "up": n}
+
+
+@dataclass
+class ScalingPoint:
+    target_fraction: float  # requested share of the global parameters
+    param_fraction: float  # share actually kept by the chosen spec
+    params: int
+    accuracy: float
+    spec: str  # ElasticSpec.key()
+
+
+@dataclass
+class RunReport:
+    run_id: str
+    command: str
+    date: str
+    settings: dict[str, Any]
+    majority_rate: float  # accuracy of always predicting the most frequent test label
+    initial_accuracy: float | None = None
+    rounds: list[RoundRecord] = field(default_factory=list)
+    scaling: list[ScalingPoint] = field(default_factory=list)
+    machine: dict[str, Any] = field(default_factory=lambda: machine_info())
+
+    @property
+    def final_accuracy(self) -> float | None:
+        scored = [r.accuracy for r in self.rounds if r.accuracy is not None]
+        return scored[-1] if scored else None
+
+    def totals(self) -> dict[str, int]:
+        down = sum(r.bytes_down for r in self.rounds)
+        up = sum(r.bytes_up for r in self.rounds)
+        full = sum(r.full_fedavg_bytes for r in self.rounds)
+        return {"bytes_down": down, "bytes_up": up, "bytes_moved": down + up, "full_fedavg_bytes": full,
+                "bytes_saved": full - (down + up)}
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["final_accuracy"] = self.final_accuracy
+        data["totals"] = self.totals()
+        return data
+
+
+def machine_info() -> dict[str, Any]:
+    memory_gib = None
+    try:
+        with open("/proc/meminfo") as f:
+            memory_gib = round(int(f.readline().split()[1]) / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return {"cores": os.cpu_count(), "memory_gib": memory_gib, "platform": platform.platform(),
+            "python": platform.python_version()}
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f}"
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def render_markdown(report: RunReport) -> str:
+    s = report.settings
+    t = report.totals()
+    lines = [
+        f"# RaFFM run {report.run_id}",
+        "",
+        f"- command: `{report.command}`",
+        f"- date: {report.date}; machine: {report.machine['cores']} cores, {report.machine['memory_gib']} GiB",
+        "- settings: " + ", ".join(f"{k}={v}" for k, v in s.items()),
+        f"- majority-class rate on the test split: {_pct(report.majority_rate)}; "
+        f"initial global accuracy: {_pct(report.initial_accuracy)}; final: {_pct(report.final_accuracy)}",
+        f"- bytes moved: {_mib(t['bytes_moved'])} MiB (down {_mib(t['bytes_down'])}, up {_mib(t['bytes_up'])}); "
+        f"full-model FedAvg with the same participants: {_mib(t['full_fedavg_bytes'])} MiB "
+        f"(saved {_mib(t['bytes_saved'])} MiB)",
+        "",
+        "## Rounds",
+        "",
+        "| round | test accuracy | participants | dropouts | MiB down | MiB up | MiB full FedAvg | seconds | train loss |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report.rounds:
+        loss = "n/a" if r.mean_train_loss is None else f"{r.mean_train_loss:.3f}"
+        lines.append(
+            f"| {r.index} | {_pct(r.accuracy)} | {r.participants}/{r.assigned} | {r.dropouts} | {_mib(r.bytes_down)} "
+            f"| {_mib(r.bytes_up)} | {_mib(r.full_fedavg_bytes)} | {r.duration_s:.1f} | {loss} |"
+        )
+    if report.scaling:
+        lines += [
+            "",
+            "## Inference scaling (sub-models cut from the final global model, no retraining)",
+            "",
+            "| target size | kept parameters | share | test accuracy | spec |",
+            "|---:|---:|---:|---:|:--|",
+        ]
+        for p in report.scaling:
+            lines.append(
+                f"| {p.target_fraction:.0%} | {p.params:,} | {p.param_fraction:.1%} | {_pct(p.accuracy)} | `{p.spec}` |"
+            )
+    lines += ["", "Plots: `accuracy.png`, `bytes.png`, `scaling.png`.", ""]
+    return "\n".join(lines)
+
+
+def write_plots(report: RunReport, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written: list[Path] = []
+    rounds = [r.index for r in report.rounds]
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [0] + rounds if report.initial_accuracy is not None else rounds
+    ys = ([report.initial_accuracy] if report.initial_accuracy is not None else []) + [
+        r.accuracy if r.accuracy is not None else float("nan") for r in report.rounds
+    ]
+    ax.plot(xs, [100 * y for y in ys], marker="o", label="global model")
+    ax.axhline(100 * report.majority_rate, color="grey", linestyle="--", label="majority class")
+    ax.set(xlabel="round", ylabel="test accuracy (%)", title="Global test accuracy per round")
+    ax.legend()
+    written.append(_save(fig, out / "accuracy.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    tiers = sorted({t for r in report.rounds for t in r.bytes_by_tier})
+    bottom = [0.0] * len(rounds)
+    for tier in tiers:
+        heights = [(r.bytes_by_tier.get(tier, {}).get("down", 0) + r.bytes_by_tier.get(tier, {}).get("up", 0)) / 2**20
+                   for r in report.rounds]
+        ax.bar(rounds, heights, bottom=bottom, label=tier)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    if not tiers:
+        ax.bar(rounds, [(r.bytes_down + r.bytes_up) / 2**20 for r in report.rounds], label="RaFFM")
+    ax.plot(rounds, [r.full_fedavg_bytes / 2**20 for r in report.rounds], "k--o", label="full-model FedAvg")
+    ax.set(xlabel="round", ylabel="MiB moved (down + up)", title="Communication per round and device tier")
+    ax.legend(fontsize="small")
+    written.append(_save(fig, out / "bytes.png"))
+
+    if report.scaling:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([100 * p.param_fraction for p in report.scaling], [100 * p.accuracy for p in report.scaling],
+                marker="o", label="sub-model of the final global model")
+        ax.axhline(100 * report.majority_rate, color="grey", linestyle="--", label="majority class")
+        ax.set(xlabel="parameters kept (%)", ylabel="test accuracy (%)", title="Inference scaling without retraining")
+        ax.legend()
+        written.append(_save(fig, out / "scaling.png"))
+    return written
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def write_report(report: RunReport, out: Path) -> list[Path]:
+    """Write report.json, report.md and the plots into ``out``; return the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    (out / "report.md").write_text(render_markdown(report))
+    return [out / "report.json", out / "report.md", *write_plots(report, out)]
