@@ -87,8 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for path in stale:
             print(f"out of date: {path} (run `make protos`)", file=sys.stderr)
         return 1 if stale else 0
-    for path in write_stubs():
-        print(f"wrote {path.relative_to(REPO_ROOT)}")
+    for written in write_stubs():
+        print(f"wrote {written.relative_to(REPO_ROOT)}")
     return 0
 
 

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class AggregatorServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Federated rounds: assignments out, updates in, sliced FedAvg.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -72,10 +73,13 @@ class AggregatorServiceStub:
 
 
 class AggregatorServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Federated rounds: assignments out, updates in, sliced FedAvg.
+    """
 
     def PollRound(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Ask for work: an Assignment when a round has room for this device, else Wait. Idempotent within a round:
+        polling again returns the same assignment (same ticket) until it is uploaded, reported failed, or expired.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -105,13 +109,15 @@ class AggregatorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetJob(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """A job's configuration and progress.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetRound(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One round's state and counters.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -170,7 +176,8 @@ def add_AggregatorServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AggregatorService:
-    """Missing associated documentation comment in .proto file."""
+    """Federated rounds: assignments out, updates in, sliced FedAvg.
+    """
 
     @staticmethod
     def PollRound(request,

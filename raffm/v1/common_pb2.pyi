@@ -79,7 +79,7 @@ class TensorInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ..., sha256: _Optional[bytes] = ...) -> None: ...
 
 class Manifest(_message.Message):
-    __slots__ = ("tensors", "total_bytes", "model_version", "spec", "chunk_bytes", "architecture", "wire_dtype")
+    __slots__ = ("tensors", "total_bytes", "model_version", "spec", "chunk_bytes", "architecture", "wire_dtype", "model_config_json")
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +87,7 @@ class Manifest(_message.Message):
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     tensors: _containers.RepeatedCompositeFieldContainer[TensorInfo]
     total_bytes: int
     model_version: str
@@ -94,7 +95,8 @@ class Manifest(_message.Message):
     chunk_bytes: int
     architecture: str
     wire_dtype: WireDtype
-    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., model_version: _Optional[str] = ..., spec: _Optional[_Union[ElasticSpec, _Mapping]] = ..., chunk_bytes: _Optional[int] = ..., architecture: _Optional[str] = ..., wire_dtype: _Optional[_Union[WireDtype, str]] = ...) -> None: ...
+    model_config_json: str
+    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., model_version: _Optional[str] = ..., spec: _Optional[_Union[ElasticSpec, _Mapping]] = ..., chunk_bytes: _Optional[int] = ..., architecture: _Optional[str] = ..., wire_dtype: _Optional[_Union[WireDtype, str]] = ..., model_config_json: _Optional[str] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("tensor", "offset", "data")

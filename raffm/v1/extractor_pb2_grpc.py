@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class ExtractorServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Budget fitting and sub-model weight streaming.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -47,7 +48,8 @@ class ExtractorServiceStub:
 
 
 class ExtractorServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Budget fitting and sub-model weight streaming.
+    """
 
     def Plan(self, request, context):
         """Budget fitting: the largest ElasticSpec (by parameter count, ties by salience kept) whose predicted cost fits.
@@ -87,7 +89,8 @@ def add_ExtractorServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ExtractorService:
-    """Missing associated documentation comment in .proto file."""
+    """Budget fitting and sub-model weight streaming.
+    """
 
     @staticmethod
     def Plan(request,

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class RegistryServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Fleet membership, resource profiles and liveness of devices.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -72,7 +73,8 @@ class RegistryServiceStub:
 
 
 class RegistryServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Fleet membership, resource profiles and liveness of devices.
+    """
 
     def Register(self, request, context):
         """Join the fleet named by the enrollment key. Public (no token needed). Registering an existing name again with
@@ -172,7 +174,8 @@ def add_RegistryServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class RegistryService:
-    """Missing associated documentation comment in .proto file."""
+    """Fleet membership, resource profiles and liveness of devices.
+    """
 
     @staticmethod
     def Register(request,

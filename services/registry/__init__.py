@@ -1,0 +1,1 @@
+"""The device registry service: devices join a fleet, declare resources, and stay known while they heartbeat."""

@@ -1,0 +1,221 @@
+"""Bearer-token authentication shared by every service.
+
+A ``TokenVerifier`` turns a bearer token into a ``Principal`` (or None). The registry verifies device tokens against
+its own database; the aggregator and extractor use ``RemoteRegistryVerifier`` (the registry's VerifyToken RPC, with a
+short cache) chained with a ``StaticTokenVerifier`` for operator/service tokens. The chassis interceptor calls the
+verifier and makes the principal available to servicers through ``current_principal()``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import hmac
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from services.common.errors import AuthenticationError, PermissionDeniedError
+
+TOKEN_PREFIX = "rfm_"
+AUTH_HEADER = "authorization"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a device (subject = device id) or an operator/service (``is_operator``)."""
+
+    subject: str
+    fleet: str = ""
+    is_operator: bool = False
+
+    @property
+    def device_id(self) -> str | None:
+        return None if self.is_operator else self.subject
+
+
+class TokenVerifier(Protocol):
+    """Resolve a bearer token; None means unknown or revoked."""
+
+    async def verify(self, token: str) -> Principal | None: ...
+
+
+def new_token() -> str:
+    """A fresh random bearer token (256 bits)."""
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_token(token: str) -> str:
+    """What is stored instead of a token: hex SHA-256 (tokens are random, so no salt or slow hash is needed)."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
+    """The token of an ``authorization: Bearer <token>`` metadata entry, or None."""
+    for key, value in metadata or ():
+        if key.lower() != AUTH_HEADER or not isinstance(value, str):
+            continue
+        scheme, _, token = value.strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    return None
+
+
+def auth_metadata(token: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata that authenticates with ``token``; for clients."""
+    return ((AUTH_HEADER, f"Bearer {token}"),)
+
+
+class StaticTokenVerifier:
+    """Fixed operator/service tokens (from flags or environment), compared in constant time."""
+
+    def __init__(self, tokens: Mapping[str, str]) -> None:
+        """``tokens`` maps operator name -> token; empty tokens are ignored."""
+        self._by_hash = {hash_token(tok): name for name, tok in tokens.items() if tok}
+
+    async def verify(self, token: str) -> Principal | None:
+        digest = hash_token(token)
+        for known, name in self._by_hash.items():
+            if hmac.compare_digest(known, digest):
+                return Principal(subject=name, is_operator=True)
+        return None
+
+
+class ChainedTokenVerifier:
+    """First verifier that knows the token wins."""
+
+    def __init__(self, verifiers: Sequence[TokenVerifier]) -> None:
+        self._verifiers = tuple(verifiers)
+
+    async def verify(self, token: str) -> Principal | None:
+        for verifier in self._verifiers:
+            principal = await verifier.verify(token)
+            if principal is not None:
+                return principal
+        return None
+
+
+class CachingTokenVerifier:
+    """Caches positive answers for ``ttl_s`` seconds (bounded LRU); unknown tokens are always re-checked."""
+
+    def __init__(
+        self, inner: TokenVerifier, ttl_s: float = 30.0, max_entries: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._inner, self._ttl, self._max, self._clock = inner, ttl_s, max_entries, clock
+        self._cache: OrderedDict[str, tuple[float, Principal]] = OrderedDict()
+
+    def invalidate(self, token: str | None = None) -> None:
+        """Forget one token (e.g. after revocation) or all of them."""
+        if token is None:
+            self._cache.clear()
+        else:
+            self._cache.pop(hash_token(token), None)
+
+    def invalidate_subject(self, subject: str) -> None:
+        """Forget every cached token of one device (its tokens were revoked)."""
+        for key in [k for k, (_, p) in self._cache.items() if p.subject == subject]:
+            del self._cache[key]
+
+    async def verify(self, token: str) -> Principal | None:
+        key = hash_token(token)
+        hit = self._cache.get(key)
+        now = self._clock()
+        if hit is not None and hit[0] > now:
+            self._cache.move_to_end(key)
+            return hit[1]
+        principal = await self._inner.verify(token)
+        if principal is not None:
+            self._cache[key] = (now + self._ttl, principal)
+            self._cache.move_to_end(key)
+            while len(self._cache) > self._max:
+                self._cache.popitem(last=False)
+        return principal
+
+
+class RemoteRegistryVerifier:
+    """Device tokens checked by the registry's VerifyToken RPC; for the aggregator and extractor.
+
+    ``channel`` is a ``grpc.aio.Channel`` to the registry; ``service_token`` an operator token the registry accepts.
+    Wrap it in ``CachingTokenVerifier`` so each RPC does not cost a registry round trip.
+    """
+
+    def __init__(self, channel: Any, service_token: str, timeout_s: float = 5.0) -> None:
+        from raffm.v1 import registry_pb2_grpc
+
+        self._stub = registry_pb2_grpc.RegistryServiceStub(channel)
+        self._metadata = auth_metadata(service_token)
+        self._timeout = timeout_s
+
+    async def verify(self, token: str) -> Principal | None:
+        import grpc
+
+        from raffm.v1 import registry_pb2
+
+        try:
+            reply = await self._stub.VerifyToken(
+                registry_pb2.VerifyTokenRequest(token=token), metadata=self._metadata, timeout=self._timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.NOT_FOUND):
+                return None
+            raise
+        return Principal(subject=reply.device_id, fleet=reply.fleet)
+
+
+_current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("raffm_principal", default=None)
+
+
+def current_principal() -> Principal:
+    """The authenticated caller of the RPC being served (set by the chassis interceptor)."""
+    principal = _current.get()
+    if principal is None:
+        raise AuthenticationError("this call is not authenticated")
+    return principal
+
+
+def set_principal(principal: Principal | None) -> contextvars.Token[Principal | None]:
+    return _current.set(principal)
+
+
+def reset_principal(token: contextvars.Token[Principal | None]) -> None:
+    try:
+        _current.reset(token)
+    except ValueError:  # finalized in another context (async generator closed elsewhere): nothing to restore
+        pass
+
+
+def authorize_device(principal: Principal, device_id: str) -> None:
+    """Allow operators, and a device acting on itself; anything else is PERMISSION_DENIED."""
+    if principal.is_operator or principal.subject == device_id:
+        return
+    raise PermissionDeniedError(f"this token belongs to device {principal.subject!r}, not {device_id!r}",
+                                field="device_id")
+
+
+def require_operator(principal: Principal, what: str) -> None:
+    """Fleet-wide calls need an operator/service token."""
+    if not principal.is_operator:
+        raise PermissionDeniedError(f"{what} needs an operator or service token; device tokens cannot call it",
+                                    hint="call it with the operator token the server was started with")
+
+
+async def verify_or_raise(verifier: TokenVerifier, token: str | None) -> Principal:
+    """The principal for ``token``, or AuthenticationError naming what is wrong."""
+    if token is None:
+        raise AuthenticationError("missing credentials: no 'authorization: Bearer <token>' metadata")
+    principal = await verifier.verify(token)
+    if principal is None:
+        raise AuthenticationError("invalid token: unknown or revoked",
+                                  hint="register again to obtain a token, or check the operator token")
+    return principal
+
+
+__all__ = [
+    "AUTH_HEADER", "CachingTokenVerifier", "ChainedTokenVerifier", "Principal", "RemoteRegistryVerifier",
+    "StaticTokenVerifier", "TokenVerifier", "auth_metadata", "authorize_device", "bearer_token", "current_principal",
+    "hash_token", "new_token", "require_operator", "verify_or_raise",
+]

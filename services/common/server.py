@@ -1,0 +1,181 @@
+"""The gRPC server builder: one place that sets limits, keepalive, health, reflection, auth, metrics and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from services.common.auth import TokenVerifier
+from services.common.interceptors import ChassisInterceptor
+from services.common.metrics import MetricsServer, RpcMetrics, build_rpc_metrics, start_metrics_server
+from services.common.tls import TlsFiles, check_transport, server_credentials
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+# Weight chunks are ~1 MiB; the default 4 MiB limit counts protobuf framing, so set it explicitly and roomy.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * MiB
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Transport settings shared by every service (see ``services.common.cli_args``)."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    tls: TlsFiles | None = None
+    insecure: bool = False
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    grace_s: float = 10.0
+    keepalive_time_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
+    # None: no /metrics endpoint; 0: a free port.
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class ServiceBinding:
+    """One gRPC service to mount: its full name, how to add it, and which of its methods need no token."""
+
+    name: str
+    add_to_server: Callable[[grpc.aio.Server], None]
+    public_methods: frozenset[str] = field(default_factory=frozenset)
+
+
+def server_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """Channel arguments: explicit message limits, keepalive, and no silent port sharing."""
+    return [
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.keepalive_time_ms", int(config.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Accept client keepalive pings down to every 10 s without counting them as abuse.
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+class ChassisServer:
+    """A built (not yet started) service: ``await start()``, then ``await stop()`` or ``await serve_until_signal()``."""
+
+    def __init__(
+        self, server: grpc.aio.Server, port: int, health: health_aio.HealthServicer, service_names: Sequence[str],
+        config: ServerConfig, registry: CollectorRegistry, rpc_metrics: RpcMetrics,
+    ) -> None:
+        self.server, self.port, self.health, self.config = server, port, health, config
+        self.registry, self.rpc_metrics = registry, rpc_metrics
+        self.service_names = tuple(service_names)
+        self.metrics_server: MetricsServer | None = None
+        self._on_start: list[Callable[[], Awaitable[None]]] = []
+        self._on_stop: list[Callable[[], Awaitable[None]]] = []
+        self._stopped = asyncio.Event()
+
+    @property
+    def address(self) -> str:
+        host = self.config.host
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics_server.port if self.metrics_server else None
+
+    def on_start(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Run ``hook`` once the server is listening (e.g. start background tasks)."""
+        self._on_start.append(hook)
+
+    def on_stop(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Run ``hook`` after the server drained (e.g. stop background tasks, dispose the database engine)."""
+        self._on_stop.append(hook)
+
+    async def start(self) -> None:
+        await self.server.start()
+        for hook in self._on_start:
+            await hook()
+        for name in ("", *self.service_names):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.config.metrics_port is not None:
+            self.metrics_server = start_metrics_server(self.registry, self.config.metrics_port,
+                                                       self.config.metrics_host)
+        log.info("serving %s on %s%s", ", ".join(self.service_names), self.address,
+                 f", metrics on {self.config.metrics_host}:{self.metrics_port}" if self.metrics_server else "")
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Report NOT_SERVING, refuse new calls, let in-flight calls finish within the grace period, run hooks."""
+        if self._stopped.is_set():
+            return
+        grace = self.config.grace_s if grace_s is None else grace_s
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        for hook in reversed(self._on_stop):
+            try:
+                await hook()
+            except Exception:  # noqa: BLE001 - shutdown must go on
+                log.exception("shutdown hook failed")
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+        self._stopped.set()
+        log.info("stopped %s", self.address)
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def serve_until_signal(self, signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT)) -> None:
+        """Start, block until SIGTERM/SIGINT, then stop gracefully."""
+        loop = asyncio.get_running_loop()
+        requested = asyncio.Event()
+        for sig in signals:
+            loop.add_signal_handler(sig, requested.set)
+        try:
+            await self.start()
+            await requested.wait()
+            log.info("signal received; draining for up to %.1f s", self.config.grace_s)
+            await self.stop()
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+
+
+def build_server(
+    config: ServerConfig,
+    bindings: Sequence[ServiceBinding],
+    *,
+    verifier: TokenVerifier | None,
+    registry: CollectorRegistry | None = None,
+) -> ChassisServer:
+    """Assemble a grpc.aio server with the chassis interceptor, health, reflection and the bound port.
+
+    Must be called inside a running event loop. Raises ConfigError for plaintext on a non-loopback host.
+    """
+    check_transport(config.host, config.tls, config.insecure)
+    registry = registry if registry is not None else CollectorRegistry()
+    rpc_metrics = build_rpc_metrics(registry)
+    public = frozenset().union(*(b.public_methods for b in bindings))
+    server = grpc.aio.server(
+        interceptors=[ChassisInterceptor(verifier=verifier, public_methods=public, metrics=rpc_metrics)],
+        options=server_options(config),
+    )
+    for binding in bindings:
+        binding.add_to_server(server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    names = [b.name for b in bindings]
+    reflection.enable_server_reflection([*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                         reflection.SERVICE_NAME], server)
+    target = f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"
+    if config.tls is not None:
+        port = server.add_secure_port(target, server_credentials(config.tls))
+    else:
+        port = server.add_insecure_port(target)
+    return ChassisServer(server, port, health, names, config, registry, rpc_metrics)

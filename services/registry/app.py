@@ -1,0 +1,126 @@
+"""Composition root of the registry: builds repository, use cases, servicer, verifier and server from a config."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry
+
+from raffm.v1 import registry_pb2_grpc
+from services.common.auth import CachingTokenVerifier, ChainedTokenVerifier, StaticTokenVerifier
+from services.common.server import ChassisServer, ServerConfig, ServiceBinding, build_server
+from services.common.tls import check_transport
+from services.registry.metrics import build_registry_metrics
+from services.registry.repository import DeviceRepository, open_repository
+from services.registry.service import Clock, RegistryService, RegistrySettings, utc_now
+from services.registry.servicer import PUBLIC_METHODS, SERVICE_NAME, LocalTokenVerifier, RegistryServicer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    """Everything ``raffm registry serve`` needs."""
+
+    db_url: str
+    enroll_key: str
+    fleet: str = "default"
+    # Operators and other services (aggregator, extractor) authenticate with this; empty disables it.
+    operator_token: str = ""
+    liveness_window_s: float = 90.0
+    # How often silent devices are persisted as offline; None: min(window / 3, 30 s).
+    sweep_interval_s: float | None = None
+    db_threads: int = 8
+    # Device tokens verified in the last few seconds skip the database; deregistration evicts them at once.
+    token_cache_ttl_s: float = 5.0
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+
+@dataclass
+class RegistryApp:
+    """A built registry: ``await app.server.start()`` / ``await app.server.stop()``."""
+
+    server: ChassisServer
+    service: RegistryService
+    repo: DeviceRepository
+    sweeper: Sweeper
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+
+class Sweeper:
+    """Background task: periodically persists silent devices as offline."""
+
+    def __init__(self, service: RegistryService, interval_s: float, executor: ThreadPoolExecutor) -> None:
+        self._service, self._interval, self._executor = service, interval_s, executor
+        self._task: asyncio.Task[None] | None = None
+
+    async def sweep_once(self) -> int:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._service.sweep)
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.sweep_once()
+            except Exception:  # noqa: BLE001 - a failed sweep (database hiccup) must not stop later ones
+                log.exception("liveness sweep failed")
+            await asyncio.sleep(self._interval)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="registry-sweeper")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+
+async def build_registry(
+    config: RegistryConfig,
+    *,
+    clock: Clock = utc_now,
+    registry: CollectorRegistry | None = None,
+    repository: DeviceRepository | None = None,
+) -> RegistryApp:
+    """Open (and migrate) the database, enroll the fleet, and assemble the server. Call inside the event loop."""
+    check_transport(config.server.host, config.server.tls, config.server.insecure)  # fail before touching the DB
+    registry = registry if registry is not None else CollectorRegistry()
+    repo = repository if repository is not None else await asyncio.to_thread(open_repository, config.db_url)
+    executor = ThreadPoolExecutor(config.db_threads, thread_name_prefix="registry-db")
+    try:
+        service = RegistryService(repo, RegistrySettings(config.liveness_window_s), clock=clock)
+        service.metrics = build_registry_metrics(registry, service.device_counts)
+        await asyncio.to_thread(service.enroll, config.fleet, config.enroll_key)
+        device_tokens = CachingTokenVerifier(LocalTokenVerifier(service, executor), ttl_s=config.token_cache_ttl_s)
+        servicer = RegistryServicer(service, executor, on_revoke=device_tokens.invalidate_subject)
+        verifier = ChainedTokenVerifier([StaticTokenVerifier({"operator": config.operator_token}), device_tokens])
+        binding = ServiceBinding(
+            SERVICE_NAME, lambda server: registry_pb2_grpc.add_RegistryServiceServicer_to_server(servicer, server),
+            PUBLIC_METHODS,
+        )
+        server = build_server(config.server, [binding], verifier=verifier, registry=registry)
+    except BaseException:
+        executor.shutdown(wait=False)
+        repo.close()
+        raise
+    interval = config.sweep_interval_s or min(config.liveness_window_s / 3, 30.0)
+    sweeper = Sweeper(service, interval, executor)
+
+    async def close_resources() -> None:
+        await asyncio.to_thread(executor.shutdown, True)
+        await asyncio.to_thread(repo.close)
+
+    server.on_start(sweeper.start)
+    server.on_stop(sweeper.stop)
+    server.on_stop(close_resources)
+    return RegistryApp(server, service, repo, sweeper)
