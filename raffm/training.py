@@ -128,9 +128,11 @@ def train_local(
                 if config.fedprox_mu > 0:
                     prox = sum(((p - received[n]) ** 2).sum() for n, p in model.named_parameters())
                     loss = loss + 0.5 * config.fedprox_mu * prox
-                optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                # Free the gradients now, not before the next backward: otherwise they stay alive through the next
+                # forward and the step's peak is one model larger than raffm.costs predicts.
+                optimizer.zero_grad(set_to_none=True)
                 step += 1
                 losses.append(float(loss.detach()))
                 if on_step:

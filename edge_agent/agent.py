@@ -1,0 +1,392 @@
+"""The edge agent's loop: register once, heartbeat, poll, and run each assignment to an upload or a reported failure.
+
+One assignment: check the predicted memory against the declared budget (refuse and report when it does not fit) ->
+download the slice (resume, sha256, re-fetch) -> check again with the real model config -> build the sub-model ->
+train (FedProx when asked) -> upload the delta in the job's wire dtype (resume via QueryUpload) -> poll again.
+Nothing that goes wrong inside an assignment stops the agent: it is reported with ReportFailure, logged, and the
+agent goes back to polling. Only a stop request (SIGTERM/SIGINT) or a configuration error ends :meth:`Agent.run`.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import random
+import re
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import grpc
+
+from edge_agent.client import FaultInjector, ServiceClient, ServiceError, Stopped, Stopper
+from edge_agent.config import AgentConfig
+from edge_agent.identity import IDENTITY_LOST, Heartbeat, Identity
+from edge_agent.profile import ResourceProfile, resolve_profile
+from edge_agent.progress import Progress
+from edge_agent.state import AgentState, StateLock, clean_temporaries, load_state
+from raffm.v1 import aggregator_pb2
+
+log = logging.getLogger("edge_agent.agent")
+
+FR = aggregator_pb2  # FailureReason values live in the aggregator module
+MAX_WAIT_S = 300.0
+
+
+class AssignmentRefused(Exception):
+    """The agent will not do this assignment; ``reason`` is a raffm.v1.FailureReason value."""
+
+    def __init__(self, reason: int, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Outcome:
+    """What happened to one assignment (also what tests and the simulator inspect)."""
+
+    round_id: str
+    status: str  # "uploaded", "refused", "failed", "late", "stopped"
+    detail: str = ""
+    predicted_mb: float = 0.0
+    peak_memory_mb: float = 0.0
+    samples: int = 0
+    loss: float = 0.0
+    download_resumes: int = 0
+    download_refetches: int = 0
+    upload_resumes: int = 0
+    upload_resumed_at: tuple[int, ...] = ()  # bytes the aggregator already held at each upload resume
+
+
+class Agent:
+    """``Agent(config).run()`` until stopped; ``dataset``/``profile`` may be injected (simulator, tests)."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        stopper: Stopper | None = None,
+        faults: FaultInjector | None = None,
+        dataset: Any = None,
+        profile: ResourceProfile | None = None,
+    ) -> None:
+        self.config = config
+        self.stopper = stopper or Stopper()
+        self.client = ServiceClient(config, self.stopper, faults=faults)
+        self.progress = Progress(config.progress)
+        self._dataset = dataset
+        self._profile = profile
+        self._tokenizer: Any = None
+        self._last_config: Any = None  # global config of the last download, for pre-download checks
+        self.outcomes: list[Outcome] = []
+        self.identity: Identity | None = None
+        self.heartbeat: Heartbeat | None = None
+
+    # ------------------------------------------------------------------------------------------------ lifecycle
+
+    def run(self) -> int:
+        """Run until stopped or ``max_rounds`` assignments finished; returns an exit status (0 on a clean stop)."""
+        from raffm.memory import configure_allocator
+
+        configure_allocator()  # freed tensors leave RSS at once: the measured peak is the real one
+        if self.config.threads:
+            import torch
+
+            torch.set_num_threads(self.config.threads)
+        state_dir = self.config.state_path
+        self.stopper.start_watcher()
+        with StateLock(state_dir):
+            clean_temporaries(state_dir)
+            self.identity = Identity(self.client, load_state(state_dir))
+            try:
+                profile = self._profile or resolve_profile(self.config)
+                self._profile = profile
+                self.identity.ensure_registered(profile)
+                self.heartbeat = Heartbeat(self.identity)
+                self.heartbeat.start()
+                self._loop()
+            except Stopped:
+                pass
+            finally:
+                if self.heartbeat is not None:
+                    self.heartbeat.stop()
+                self.client.close()
+        log.info("agent stopped (%s)", self.stopper.reason or "done", extra={"event": "stopped"})
+        return 0
+
+    def stop(self, reason: str = "stop requested") -> None:
+        self.stopper.stop(reason)
+
+    def _loop(self) -> None:
+        assert self.identity is not None and self._profile is not None
+        finished = 0
+        last_wait = ""
+        while True:
+            self.stopper.check()
+            if self.identity.lost.is_set():
+                log.warning("the registry rejected this device's token; registering again",
+                            extra={"event": "identity_lost"})
+                self.identity.ensure_registered(self._profile)
+            try:
+                reply = self.client.call(
+                    "aggregator.PollRound", self.client.aggregator.PollRound,
+                    aggregator_pb2.PollRequest(device_id=self.identity.device_id), target=self.config.aggregator,
+                )
+            except ServiceError as exc:
+                if exc.code in IDENTITY_LOST:
+                    self.identity.lost.set()
+                    continue
+                # A permanent error from the aggregator (misconfiguration, a bug): keep polling, slowly.
+                log.error("polling failed: %s", exc, extra={"event": "poll_failed", "code": exc.code.name})
+                self.stopper.wait(self.config.backoff_max_s)
+                continue
+            if reply.WhichOneof("action") == "assignment":
+                last_wait = ""
+                outcome = self.handle(reply.assignment)
+                self.outcomes.append(outcome)
+                self._record(outcome)
+                if outcome.status == "stopped":
+                    raise Stopped(self.stopper.reason)
+                finished += 1
+                if self.config.max_rounds and finished >= self.config.max_rounds:
+                    log.info("finished %d assignments (--max-rounds)", finished, extra={"event": "max_rounds"})
+                    return
+                continue
+            wait = reply.wait
+            seconds = min(MAX_WAIT_S, max(0.05, wait.seconds or 1.0))
+            gist = re.sub(r"[\d.]+", "#", wait.reason)  # the same wait with other numbers is not news
+            if gist != last_wait:
+                log.info("no assignment: %s; polling again every ~%.1fs", wait.reason or "wait", seconds,
+                         extra={"event": "wait", "reason": wait.reason, "seconds": round(seconds, 2)})
+                last_wait = gist
+            self.stopper.wait(seconds * random.uniform(0.9, 1.1))
+
+    def _record(self, outcome: Outcome) -> None:
+        assert self.identity is not None
+        state: AgentState = self.identity.state
+        entry = f"{outcome.round_id}:{outcome.status}"
+        self.identity.save(replace(
+            state, rounds_done=state.rounds_done + (outcome.status == "uploaded"), last_round_id=outcome.round_id,
+            history=(*state.history, entry)[-20:],
+        ))
+
+    # ------------------------------------------------------------------------------------------------ one round
+
+    def handle(self, a: aggregator_pb2.Assignment) -> Outcome:
+        """Run one assignment to an upload or a reported failure; never raises except :class:`Stopped`."""
+        log.info("assignment for round %s (#%d, model %s): %d layers, hidden %d, predicted %.0f MiB",
+                 a.round_id, a.round_index, a.model_version, len(a.spec.layers), a.spec.hidden,
+                 a.predicted.train_memory_mb,
+                 extra={"event": "assignment", "round": a.round_id, "predicted_mb": a.predicted.train_memory_mb})
+        outcome = Outcome(round_id=a.round_id, status="failed")
+        try:
+            self._run_assignment(a, outcome)
+            return outcome
+        except Stopped:
+            self._report(a, FR.FAILURE_REASON_OTHER, f"agent stopping ({self.stopper.reason})", force=True)
+            outcome.status, outcome.detail = "stopped", self.stopper.reason
+            return outcome
+        except AssignmentRefused as exc:
+            outcome.status = "refused" if exc.reason in (FR.FAILURE_REASON_REFUSED, FR.FAILURE_REASON_DEADLINE) \
+                else "failed"
+            outcome.detail = exc.detail
+            log.warning("%s round %s: %s", "refusing" if outcome.status == "refused" else "giving up", a.round_id,
+                        exc.detail, extra={"event": outcome.status, "round": a.round_id,
+                                           "reason": FR.FailureReason.Name(exc.reason)})
+            self._report(a, exc.reason, exc.detail)
+            return outcome
+        except ServiceError as exc:
+            if exc.code == grpc.StatusCode.FAILED_PRECONDITION:
+                outcome.status, outcome.detail = "late", exc.details
+                log.warning("round %s closed before this device finished: %s", a.round_id, exc.details,
+                            extra={"event": "late", "round": a.round_id})
+                return outcome
+            outcome.detail = str(exc)
+            log.error("round %s failed: %s", a.round_id, exc, extra={"event": "round_failed", "round": a.round_id})
+            self._report(a, FR.FAILURE_REASON_OTHER, str(exc))
+            return outcome
+        except Exception as exc:  # noqa: BLE001 - a bug or an unexpected library error must not kill the agent
+            outcome.detail = f"{type(exc).__name__}: {exc}"
+            log.exception("round %s crashed", a.round_id, extra={"event": "round_crashed", "round": a.round_id})
+            self._report(a, FR.FAILURE_REASON_CRASH, outcome.detail)
+            return outcome
+        finally:
+            gc.collect()
+
+    def _report(self, a: aggregator_pb2.Assignment, reason: int, detail: str, *, force: bool = False) -> None:
+        """ReportFailure, best effort (a few attempts; also while stopping, so the round does not wait for us)."""
+        request = aggregator_pb2.ReportFailureRequest(ticket=a.ticket, reason=reason,  # type: ignore[arg-type]
+                                                      detail=detail[:1000])
+        stub = self.client.aggregator
+        for attempt in range(3):
+            try:
+                stub.ReportFailure(request, timeout=min(5.0, self.config.rpc_timeout_s),
+                                   metadata=self.client.metadata())
+                log.info("reported %s for round %s", FR.FailureReason.Name(reason), a.round_id,
+                         extra={"event": "reported_failure", "round": a.round_id,
+                                "reason": FR.FailureReason.Name(reason)})
+                return
+            except Exception as exc:  # noqa: BLE001
+                if attempt == 2 or (self.stopper.stopped and not force):
+                    log.warning("could not report the failure of round %s: %s", a.round_id, exc)
+                    return
+                time.sleep(0.2 * (attempt + 1))
+
+    def _run_assignment(self, a: aggregator_pb2.Assignment, outcome: Outcome) -> None:
+        from edge_agent import submodel, trainer
+        from edge_agent.transfer import TransferError, UploadRejected, download_slice, upload_update
+        from raffm.training import LocalConfig
+
+        assert self._profile is not None
+        budget = float(self._profile.train_memory_mb)
+        spec = submodel.spec_from_proto(a.spec)
+        hp = a.hparams
+        image = a.task.kind == aggregator_pb2.TASK_KIND_IMAGE_CLASSIFICATION
+        local = LocalConfig(
+            batch_size=hp.batch_size or 16, seq_len=hp.seq_len or 64, lr=hp.lr or 5e-5,
+            local_epochs=hp.local_epochs or 1, local_steps=hp.local_steps, fedprox_mu=hp.fedprox_mu,
+            weight_decay=hp.weight_decay, seed=hp.seed,
+        )
+        if a.HasField("deadline") and a.deadline.seconds and a.deadline.ToSeconds() < time.time():
+            raise AssignmentRefused(FR.FAILURE_REASON_DEADLINE, "the assignment's deadline has already passed")
+
+        # 1. Budget, before spending bandwidth: the server's prediction, and ours when we know the model.
+        predicted = float(a.predicted.train_memory_mb)
+        if self._last_config is not None:
+            try:
+                mine = trainer.predict_memory(self._last_config, spec, batch_size=local.batch_size,
+                                              seq_len=local.seq_len, fedprox=local.fedprox_mu > 0, image=image)
+                predicted = max(predicted, mine.total_mb)
+            except ValueError:
+                pass  # the spec belongs to another model than the last one: checked again after the download
+        outcome.predicted_mb = predicted
+        self._check_budget(predicted, budget)
+
+        data = self._data()
+        if data.num_labels > max(a.task.num_labels, 1) and a.task.num_labels:
+            raise AssignmentRefused(FR.FAILURE_REASON_DATA, f"the local data has {data.num_labels} labels; the job's "
+                                                            f"model has {a.task.num_labels}")
+        tokenizer = None if image else self._get_tokenizer()
+
+        # 2. Download (memory measured from here: the downloaded weights are part of the round's footprint).
+        meter = trainer.MemoryMeter()
+        meter.start()
+        try:
+            download = download_slice(self.client, a, self.progress)
+        except TransferError as exc:
+            raise AssignmentRefused(FR.FAILURE_REASON_DOWNLOAD, str(exc)) from None
+        except ServiceError as exc:
+            if exc.code == grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            raise AssignmentRefused(FR.FAILURE_REASON_DOWNLOAD, str(exc)) from None
+        outcome.download_resumes, outcome.download_refetches = download.resumes, download.refetches
+        config = submodel.global_config(download.manifest_proto, fallback_model=self.config.model,
+                                        num_labels=a.task.num_labels)
+        self._last_config = config
+        names = list(download.manifest.names)
+
+        # 3. Budget again, with the real model config.
+        try:
+            mine = trainer.predict_memory(config, spec, batch_size=local.batch_size, seq_len=local.seq_len,
+                                          fedprox=local.fedprox_mu > 0, image=image)
+        except ValueError as exc:
+            raise AssignmentRefused(FR.FAILURE_REASON_OTHER, f"cannot cost the assigned spec: {exc}") from None
+        predicted = max(float(a.predicted.train_memory_mb), mine.total_mb)
+        outcome.predicted_mb = predicted
+        self._check_budget(predicted, budget)
+
+        # 4. Train.
+        tensors = download.tensors
+        del download
+        bar = self.progress.bar("train", 0, "step", event="train", round=a.round_id)
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            if bar.total != total:
+                bar.total = total
+                if bar._bar is not None:  # noqa: SLF001
+                    bar._bar.total = total  # noqa: SLF001
+            bar.update(1, loss=f"{loss:.4f}")
+
+        spill_path = self.config.state_path / "work" / f"received-{a.round_id or 'round'}.pt"
+        try:
+            with bar:
+                result = trainer.run_local_round(
+                    tensors, global_config=config, spec=spec, data=data, tokenizer=tokenizer, local=local,
+                    spill_path=spill_path, meter=meter, on_step=on_step, should_stop=lambda: self.stopper.stopped,
+                )
+        except InterruptedError:
+            raise Stopped(self.stopper.reason) from None
+        except (MemoryError, RuntimeError) as exc:
+            if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower() or "alloc" in str(exc).lower():
+                raise AssignmentRefused(FR.FAILURE_REASON_OUT_OF_MEMORY, f"out of memory while training: {exc}") \
+                    from None
+            raise AssignmentRefused(FR.FAILURE_REASON_CRASH, f"training failed: {type(exc).__name__}: {exc}") \
+                from None
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise AssignmentRefused(FR.FAILURE_REASON_DATA, f"training failed on the local data: "
+                                                            f"{type(exc).__name__}: {exc}") from None
+        except FloatingPointError as exc:
+            raise AssignmentRefused(FR.FAILURE_REASON_OTHER, str(exc)) from None
+        del tensors
+        peak = meter.peak_mb
+        outcome.peak_memory_mb, outcome.samples, outcome.loss = peak, result.samples, result.loss
+        log.info("trained %d steps on %d samples in %.1fs: loss %.4f, peak memory %.0f MiB (predicted %.0f, "
+                 "budget %.0f)", result.steps, result.samples, result.seconds, result.loss, peak, predicted, budget,
+                 extra={"event": "trained", "round": a.round_id, "steps": result.steps, "loss": result.loss,
+                        "peak_memory_mb": round(peak, 1), "predicted_mb": round(predicted, 1),
+                        "budget_mb": budget})
+
+        # 5. Upload.
+        header = aggregator_pb2.UpdateHeader(
+            ticket=a.ticket, sample_count=result.samples,
+            metrics=aggregator_pb2.TrainMetrics(loss=result.loss, steps=result.steps, seconds=result.seconds,
+                                                peak_memory_mb=peak),
+        )
+        try:
+            uploaded = upload_update(self.client, a, result.delta, names, header, self.progress)
+        except UploadRejected as exc:
+            if exc.ack.reject_reason == aggregator_pb2.REJECT_REASON_LATE:
+                outcome.status, outcome.detail = "late", exc.ack.detail
+                log.warning("upload for round %s refused as late: %s", a.round_id, exc.ack.detail,
+                            extra={"event": "late", "round": a.round_id})
+                return
+            raise AssignmentRefused(FR.FAILURE_REASON_OTHER, str(exc)) from None
+        except TransferError as exc:
+            raise AssignmentRefused(FR.FAILURE_REASON_OTHER, f"upload failed: {exc}") from None
+        outcome.upload_resumes, outcome.upload_resumed_at = uploaded.resumes, uploaded.resumed_at
+        outcome.status = "uploaded"
+
+    def _check_budget(self, predicted_mb: float, budget_mb: float) -> None:
+        if predicted_mb > budget_mb:
+            raise AssignmentRefused(
+                FR.FAILURE_REASON_REFUSED,
+                f"predicted training memory {predicted_mb:.0f} MiB exceeds this device's declared budget "
+                f"{budget_mb:.0f} MiB (--memory-mb)",
+            )
+
+    def _data(self) -> Any:
+        if self._dataset is None:
+            from edge_agent.localdata import load_local_data
+
+            try:
+                self._dataset = load_local_data(self.config.data, text_column=self.config.text_column,
+                                                label_column=self.config.label_column)
+            except ValueError as exc:
+                raise AssignmentRefused(FR.FAILURE_REASON_DATA, str(exc)) from None
+            log.info("local data: %d examples, %d labels", len(self._dataset), self._dataset.num_labels,
+                     extra={"event": "data", "examples": len(self._dataset)})
+        return self._dataset
+
+    def _get_tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            from raffm.models import resolve_model
+
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(resolve_model(self.config.model))
+            except (OSError, ValueError) as exc:
+                raise AssignmentRefused(FR.FAILURE_REASON_OTHER, f"cannot load the tokenizer from --model "
+                                                                 f"{self.config.model!r}: {exc}") from None
+        return self._tokenizer

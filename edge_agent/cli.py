@@ -1,0 +1,88 @@
+"""`raffm agent run|simulate`: the edge agent's command line (heavy imports happen inside the commands)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+RUN_EPILOG = """\
+Every flag can also come from a config file (--config agent.toml, keys like memory_mb) or from an environment
+variable RAFFM_AGENT_<FLAG> (e.g. RAFFM_AGENT_MEMORY_MB=900). Precedence: flags, environment, file, defaults.
+
+The agent registers once and keeps its device id and token in --state-dir (mode 0600); a restart re-uses them.
+It polls for rounds, backs off with jitter while services are unreachable, refuses assignments predicted to need
+more than --memory-mb, and reports every failure to the aggregator instead of exiting. SIGTERM/SIGINT finish the
+current training step, report the abandoned round, and exit 0.
+
+example:
+  raffm agent run --enroll-key $KEY --name pi-kitchen --data reviews.csv \\
+      --memory-mb 900 --gflops 12 --up-mbps 10 --down-mbps 50 --tier sbc
+"""
+
+SIM_EPILOG = """\
+tiers file (TOML), one table per tier; devices are spread over the tiers in proportion to `share` (default 1):
+
+  [tiers.phone]
+  memory_mb = 600
+  gflops = 5
+  up_mbps = 5
+  down_mbps = 20
+  share = 2
+
+  [tiers.laptop]
+  memory_mb = 1500
+  gflops = 50
+  up_mbps = 50
+  down_mbps = 200
+"""
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``agent`` sub-command with ``run`` and ``simulate``."""
+    from edge_agent.config import add_arguments
+
+    parser = subparsers.add_parser("agent", help="edge agent: register, poll, download, train, upload",
+                                   description="The program every device runs.")
+    commands = parser.add_subparsers(dest="agent_command", metavar="COMMAND")
+    parser.set_defaults(func=lambda args: parser.print_help() or 2)
+
+    run = commands.add_parser("run", help="run one device agent until stopped",
+                              description="Run the edge agent for this device.", epilog=RUN_EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(run)
+    run.set_defaults(func=_run)
+
+    sim = commands.add_parser("simulate", help="run many agents on this machine (non-IID data shares)",
+                              description="Simulate a heterogeneous fleet: N agents, each with its own resource "
+                                          "profile from a tiers file and its own Dirichlet non-IID share of the data.",
+                              epilog=SIM_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from edge_agent.simulate import add_arguments as add_sim_arguments
+
+    add_sim_arguments(sim)
+    sim.set_defaults(func=_simulate)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import signal
+
+    from edge_agent.agent import Agent
+    from edge_agent.config import resolve
+    from edge_agent.progress import setup_logging
+
+    flags = {k: v for k, v in vars(args).items() if k not in ("func", "command", "agent_command", "config")}
+    config = resolve(flags, config_file=args.config)
+    setup_logging(config.log_format, config.log_level)
+    agent = Agent(config)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        agent.stop(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return agent.run()
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from edge_agent.simulate import main
+
+    return main(args)

@@ -1,0 +1,246 @@
+"""`raffm agent simulate`: many agents on one machine, each with its own profile and its own non-IID data share.
+
+Devices are spread over the tiers of a TOML file in proportion to each tier's ``share``; the data set is split over
+the devices with a Dirichlet(alpha) label split (seeded, so a run is reproducible). Agents run as separate processes
+(the default: real isolation, real per-process memory measurements) or as threads in this process (cheap; for
+tests). Each agent gets its own state directory under ``--state-root``, so a re-run keeps every device's identity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from edge_agent.config import TIERS, AgentConfig
+
+log = logging.getLogger("edge_agent.simulate")
+
+
+@dataclass(frozen=True)
+class Tier:
+    name: str
+    memory_mb: int
+    gflops: float
+    up_mbps: float
+    down_mbps: float
+    share: float = 1.0
+    tier: str = "laptop"  # the registry's device class (metrics label)
+
+
+def load_tiers(path: str | Path) -> list[Tier]:
+    """Tiers from TOML: ``[tiers.NAME]`` tables with memory_mb, gflops, up_mbps, down_mbps, optional share/tier."""
+    import tomllib
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--tiers: no such file {str(p)!r}")
+    raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    tables = raw.get("tiers", raw)
+    if not isinstance(tables, dict) or not tables:
+        raise ValueError(f"{p}: expected [tiers.NAME] tables")
+    out = []
+    for name, t in tables.items():
+        if not isinstance(t, dict):
+            raise ValueError(f"{p}: tier {name!r} must be a table")
+        missing = [k for k in ("memory_mb", "gflops", "up_mbps", "down_mbps") if k not in t]
+        if missing:
+            raise ValueError(f"{p}: tier {name!r} lacks {', '.join(missing)}")
+        tier = Tier(name=name, memory_mb=int(t["memory_mb"]), gflops=float(t["gflops"]), up_mbps=float(t["up_mbps"]),
+                    down_mbps=float(t["down_mbps"]), share=float(t.get("share", 1.0)),
+                    tier=str(t.get("tier", name if name in TIERS else "laptop")))
+        if tier.share <= 0 or tier.memory_mb <= 0 or tier.gflops <= 0 or tier.up_mbps <= 0 or tier.down_mbps <= 0:
+            raise ValueError(f"{p}: tier {name!r} needs positive memory_mb, gflops, up_mbps, down_mbps and share")
+        if tier.tier not in TIERS:
+            raise ValueError(f"{p}: tier {name!r} has device class {tier.tier!r}; use one of {', '.join(TIERS)}")
+        out.append(tier)
+    return out
+
+
+def spread(tiers: list[Tier], devices: int) -> list[Tier]:
+    """Device i's tier: counts proportional to shares (largest remainder), interleaved so every prefix is mixed."""
+    total = sum(t.share for t in tiers)
+    exact = [devices * t.share / total for t in tiers]
+    counts = [math.floor(x) for x in exact]
+    for i in sorted(range(len(tiers)), key=lambda i: exact[i] - counts[i], reverse=True)[: devices - sum(counts)]:
+        counts[i] += 1
+    out: list[Tier] = []
+    while len(out) < devices:
+        for i, t in enumerate(tiers):
+            if counts[i]:
+                out.append(t)
+                counts[i] -= 1
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = AgentConfig(name="x")
+    parser.add_argument("--devices", type=int, required=True, help="number of simulated devices")
+    parser.add_argument("--tiers", required=True, metavar="TOML", help="resource tiers file (see below)")
+    parser.add_argument("--data", required=True, metavar="PATH",
+                        help="data set to split: CSV/JSON-lines file, image array file, rotten_tomatoes or mnist")
+    parser.add_argument("--alpha", type=float, default=0.5,
+                        help="Dirichlet concentration of the label split: small = very non-IID (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data split (default: %(default)s)")
+    parser.add_argument("--max-examples", type=int, default=0,
+                        help="use only this many examples of --data before splitting (0: all)")
+    parser.add_argument("--mode", choices=("processes", "threads"), default="processes",
+                        help="one process per agent (isolated, realistic memory figures) or threads in this "
+                             "process (default: %(default)s)")
+    parser.add_argument("--state-root", default="runs/simulate", metavar="DIR",
+                        help="parent of every device's state directory (default: %(default)s)")
+    parser.add_argument("--name-prefix", default="sim", help="devices are named PREFIX-TIER-I (default: %(default)s)")
+    parser.add_argument("--registry", default=d.registry, help="registry address (default: %(default)s)")
+    parser.add_argument("--aggregator", default=d.aggregator, help="aggregator address (default: %(default)s)")
+    parser.add_argument("--extractor", default=d.extractor, help="extractor address (default: %(default)s)")
+    parser.add_argument("--enroll-key", default=os.environ.get("RAFFM_AGENT_ENROLL_KEY", ""),
+                        help="fleet enrollment key (default: $RAFFM_AGENT_ENROLL_KEY)")
+    parser.add_argument("--model", default=d.model, help="tokenizer / fallback config source (default: %(default)s)")
+    parser.add_argument("--max-rounds", type=int, default=0,
+                        help="each agent exits after this many assignments (0: run until stopped)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per agent (default: %(default)s)")
+    parser.add_argument("--log-format", choices=("auto", "text", "json"), default="auto",
+                        help="agent log format (default: %(default)s)")
+
+
+def split_data(data: Any, devices: int, alpha: float, seed: int) -> list[Any]:
+    from raffm.data import dirichlet_split
+
+    return [data.subset(idx) for idx in dirichlet_split(data.labels, devices, alpha, seed)]
+
+
+def write_share(share: Any, path: Path) -> Path:
+    """A device's share as a file its agent process can load (JSON lines for text, .pt for images)."""
+    from raffm.data import ImageDataset
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(share, ImageDataset):
+        import torch
+
+        out = path.with_suffix(".pt")
+        torch.save({"images": share.images, "labels": torch.tensor(share.labels)}, out)
+        return out
+    out = path.with_suffix(".jsonl")
+    with out.open("w", encoding="utf-8") as f:
+        for text, label in zip(share.texts, share.labels):
+            f.write(json.dumps({"text": text, "label": label}) + "\n")
+    return out
+
+
+def plan_devices(args: argparse.Namespace) -> list[tuple[AgentConfig, Any]]:
+    """(config, data share) per device."""
+    from edge_agent.localdata import load_local_data
+
+    if args.devices < 1:
+        raise ValueError(f"--devices is {args.devices}; it must be at least 1")
+    tiers = spread(load_tiers(args.tiers), args.devices)
+    data = load_local_data(args.data)
+    if args.max_examples:
+        data = data.subset(range(min(args.max_examples, len(data))))
+    shares = split_data(data, args.devices, args.alpha, args.seed)
+    root = Path(args.state_root)
+    out = []
+    for i, (tier, share) in enumerate(zip(tiers, shares)):
+        name = f"{args.name_prefix}-{tier.name}-{i}"
+        config = AgentConfig(
+            registry=args.registry, aggregator=args.aggregator, extractor=args.extractor, enroll_key=args.enroll_key,
+            name=name, state_dir=str(root / name), model=args.model, tier=tier.tier, memory_mb=tier.memory_mb,
+            gflops=tier.gflops, up_mbps=tier.up_mbps, down_mbps=tier.down_mbps, max_rounds=args.max_rounds,
+            threads=args.threads, progress="off", log_format=args.log_format,
+        ).validate()
+        out.append((config, share))
+    return out
+
+
+def run_threads(devices: list[tuple[AgentConfig, Any]], stop: threading.Event | None = None) -> list[Any]:
+    """Agents as threads of this process (signals handled here); returns the agents after they finish."""
+    from edge_agent.agent import Agent
+
+    agents = [Agent(config, dataset=share) for config, share in devices]
+    threads = [threading.Thread(target=a.run, name=f"agent-{a.config.name}", daemon=True) for a in agents]
+    for t in threads:
+        t.start()
+    try:
+        while any(t.is_alive() for t in threads):
+            if stop is not None and stop.is_set():
+                for a in agents:
+                    a.stop("simulation stopped")
+            for t in threads:
+                t.join(timeout=0.2)
+    except KeyboardInterrupt:
+        for a in agents:
+            a.stop("SIGINT")
+        for t in threads:
+            t.join(timeout=60)
+    return agents
+
+
+def run_processes(devices: list[tuple[AgentConfig, Any]]) -> int:
+    """One ``raffm agent run`` process per device; SIGTERM/SIGINT are forwarded. Returns the worst exit status."""
+    procs: list[subprocess.Popen[bytes]] = []
+    for config, share in devices:
+        data_path = write_share(share, Path(config.state_dir) / "data")
+        cmd = [sys.executable, "-m", "raffm.cli", "agent", "run"]
+        for key, value in {
+            "registry": config.registry, "aggregator": config.aggregator, "extractor": config.extractor,
+            "name": config.name, "state-dir": config.state_dir, "data": str(data_path), "model": config.model,
+            "tier": config.tier, "memory-mb": config.memory_mb, "gflops": config.gflops, "up-mbps": config.up_mbps,
+            "down-mbps": config.down_mbps, "max-rounds": config.max_rounds, "threads": config.threads,
+            "progress": "off", "log-format": config.log_format,
+        }.items():
+            cmd += [f"--{key}", str(value)]
+        env = dict(os.environ, RAFFM_AGENT_ENROLL_KEY=config.enroll_key)
+        procs.append(subprocess.Popen(cmd, env=env))
+        log.info("started %s (pid %d)", config.name, procs[-1].pid)
+
+    def forward(signum: int, _frame: Any) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while any(p.poll() is None for p in procs):
+            time.sleep(0.5)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return max((p.returncode or 0) for p in procs)
+
+
+def main(args: argparse.Namespace) -> int:
+    from edge_agent.progress import setup_logging
+
+    setup_logging(args.log_format)
+    devices = plan_devices(args)
+    for config, share in devices:
+        log.info("%s: %d MiB, %.0f GFLOP/s, %d examples, labels %s", config.name, config.memory_mb, config.gflops,
+                 len(share), _label_counts(share))
+    if args.mode == "threads":
+        agents = run_threads(devices)
+        for a in agents:
+            done = [o.status for o in a.outcomes]
+            print(f"{a.config.name}: {done}")
+        return 0
+    return run_processes(devices)
+
+
+def _label_counts(share: Any) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for y in share.labels:
+        counts[y] = counts.get(y, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def with_overrides(config: AgentConfig, **values: Any) -> AgentConfig:
+    return replace(config, **values)

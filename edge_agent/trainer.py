@@ -1,0 +1,144 @@
+"""One local round on the device: predict its memory, build the sub-model, train it, and measure what it cost.
+
+Memory is the point of RaFFM, so the agent checks it twice: *before* (the cost model of :mod:`raffm.costs`, plus
+what this agent adds on top of the formula: a FedProx reference) and *after* (the peak RSS growth of the whole local
+round, from the downloaded tensors to the end of training, reported to the aggregator next to the prediction).
+The received weights that the delta is computed against are spilled to a file in the state directory and
+memory-mapped, so the round holds one copy of the weights in RAM, as the cost model assumes.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PretrainedConfig
+
+from raffm.data import ImageDataset, TextDataset
+from raffm.memory import peak_rss_mb, reset_peak, rss_mb
+from raffm.spec import ElasticSpec
+from raffm.training import LocalConfig, LocalResult, train_local
+
+log = logging.getLogger("edge_agent.trainer")
+
+
+@functools.lru_cache(maxsize=8)
+def _cost_model(config_json: str, image: bool) -> Any:
+    """A :class:`raffm.costs.CostModel` from a global config (shapes from a meta-device model: no memory)."""
+    from transformers import AutoConfig
+
+    from raffm.arch import adapter_for
+    from raffm.costs import CostModel
+    from raffm.models import model_from_config
+
+    values = json.loads(config_json)
+    model_type = values.pop("model_type")
+    config = AutoConfig.for_model(model_type, **values)
+    with torch.device("meta"):
+        model = model_from_config(config, task="image-classification" if image else "sequence-classification")
+    adapter = adapter_for(model)
+    return CostModel(
+        adapter, adapter.dims(config), {n: tuple(t.shape) for n, t in model.state_dict().items()},
+        hidden_dropout=float(getattr(config, "hidden_dropout_prob", 0.0)) > 0,
+        attention_dropout=float(getattr(config, "attention_probs_dropout_prob", 0.0)) > 0,
+    )
+
+
+@dataclass(frozen=True)
+class MemoryPrediction:
+    train_memory_mb: float  # the cost model's peak for this spec, batch and sequence length
+    extra_mb: float  # what this agent adds: the FedProx reference and its term
+    params: int
+
+    @property
+    def total_mb(self) -> float:
+        return self.train_memory_mb + self.extra_mb
+
+
+def predict_memory(
+    config: PretrainedConfig, spec: ElasticSpec, *, batch_size: int, seq_len: int, fedprox: bool, image: bool
+) -> MemoryPrediction:
+    model = _cost_model(config.to_json_string(use_diff=False), image)
+    costs = model.estimate(spec, batch_size=batch_size, seq_len=None if image else seq_len)
+    extra = 2 * costs.weights_mb if fedprox else 0.0  # mapped reference pages + the saved (w - w0) of the term
+    return MemoryPrediction(costs.train_memory_mb, extra, costs.params)
+
+
+def spill(tensors: Mapping[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """Write the received weights to ``path`` and map them back read-only: the delta's reference, off the heap."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(dict(tensors), tmp)
+    os.replace(tmp, path)
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)  # type: ignore[no-any-return]
+
+
+class MemoryMeter:
+    """Peak RSS growth from ``start()`` over a block that may reset the kernel's high-water mark itself
+    (``train_local`` does): the high-water mark is sampled before each such block with :meth:`checkpoint`."""
+
+    def __init__(self) -> None:
+        self.baseline_mb = 0.0
+        self._peak_mb = 0.0
+
+    def start(self) -> None:
+        gc.collect()
+        reset_peak()
+        self.baseline_mb = rss_mb()
+        self._peak_mb = self.baseline_mb
+
+    def checkpoint(self) -> None:
+        self._peak_mb = max(self._peak_mb, peak_rss_mb())
+
+    @property
+    def peak_mb(self) -> float:
+        self.checkpoint()
+        return max(0.0, self._peak_mb - self.baseline_mb)
+
+
+def run_local_round(
+    tensors: dict[str, torch.Tensor],
+    *,
+    global_config: PretrainedConfig,
+    spec: ElasticSpec,
+    data: TextDataset | ImageDataset,
+    tokenizer: Any,
+    local: LocalConfig,
+    spill_path: Path,
+    meter: MemoryMeter,
+    on_step: Callable[[int, int, float], None] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> LocalResult:
+    """Build the sub-model from ``tensors`` (taken over: the dict is emptied) and train it; the delta is float32.
+
+    ``meter`` must have been started before the tensors were downloaded, so the weights count in the peak.
+    """
+    from edge_agent.submodel import build_submodel
+
+    image = isinstance(data, ImageDataset)
+    reference = spill(tensors, spill_path)
+    try:
+        model = build_submodel(global_config, spec, tensors, image=image)
+        tensors.clear()  # the model owns the fp32 weights now; wire-dtype copies (fp16/bf16) can go
+        gc.collect()
+        meter.checkpoint()
+        result = train_local(model, data, tokenizer, local, on_step=on_step, should_stop=should_stop,
+                             reference=reference)
+        meter.checkpoint()
+        del model
+        return result
+    finally:
+        del reference
+        gc.collect()
+        try:
+            spill_path.unlink()
+        except OSError:
+            pass

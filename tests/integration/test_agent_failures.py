@@ -1,0 +1,116 @@
+"""What the agent refuses and survives, against the real services: an over-budget assignment is refused and
+reported; a training error is reported and the agent keeps polling; SIGTERM mid-training exits cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from edge_agent.state import STATE_FILE
+from raffm.data import TextDataset
+from raffm.v1 import aggregator_pb2, common_pb2, registry_pb2
+from services.registry.testing import ENROLL_KEY
+from tests.integration.agentkit import (
+    WAIT_S, AgentThread, Fleet, agent_config, job, list_devices, rounds, tiny_model, wait_for,
+)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_model(tmp_path_factory.mktemp("model"))
+
+
+def _round(fleet: Fleet) -> aggregator_pb2.Round:
+    [rnd] = rounds(fleet)
+    return fleet.agg_stub().GetRound(aggregator_pb2.GetRoundRequest(round_id=rnd.round_id), metadata=fleet.operator,
+                                     timeout=10)
+
+
+def test_over_budget_assignment_is_refused_and_reported(tmp_path: Path, model: Path) -> None:
+    fleet = Fleet(tmp_path, job(model)).start()
+    try:
+        # The device declares 8 MiB: nothing fits, so the aggregator makes it wait ...
+        runner = AgentThread(agent_config(fleet, "tiny-phone", tmp_path / "state", model, memory_mb=8)).start()
+        device = wait_for(lambda: list_devices(fleet), "registration")[0]
+        # ... until an operator edits the registry's record to a far larger budget (a stale or wrong profile).
+        big = common_pb2.DeviceProfile(train_memory_mb=100_000, gflops=100, up_mbps=100, down_mbps=100, tier="laptop")
+        fleet.registry.stub.UpdateProfile(
+            registry_pb2.UpdateProfileRequest(device_id=device.device_id, profile=big),
+            metadata=fleet.registry.operator, timeout=10)
+        assert runner.join() == 0
+        [o] = runner.agent.outcomes
+        assert o.status == "refused", o
+        assert "exceeds this device's declared budget 8 MiB" in o.detail
+        assert o.predicted_mb > 8 and o.peak_memory_mb == 0  # refused before downloading or training
+        rnd = wait_for(lambda: (r := _round(fleet)).dropped == 1 and r, "the refusal to be counted")
+        assert rnd.accepted == 0
+    finally:
+        fleet.stop()
+
+
+def test_training_error_is_reported_and_the_agent_keeps_polling(tmp_path: Path, model: Path) -> None:
+    fleet = Fleet(tmp_path, job(model, rounds=2)).start()
+    try:
+        bad = TextDataset([None] * 8, [0, 1] * 4, ("rotten", "fresh"))  # type: ignore[list-item]
+        runner = AgentThread(agent_config(fleet, "bad-data", tmp_path / "state", model, max_rounds=0),
+                             data=bad).start()
+        wait_for(lambda: runner.agent.outcomes, "the first outcome")
+        o = runner.agent.outcomes[0]
+        assert o.status == "failed" and "local data" in o.detail, o
+        wait_for(lambda: _round(fleet).dropped == 1, "the failure to be counted")
+        # still alive and polling (the round waits for no one: it is not assigned again)
+        polls = runner.agent.client.retries
+        assert runner.thread.is_alive() and polls == runner.agent.client.retries
+        assert runner.stop() == 0
+    finally:
+        fleet.stop()
+
+
+def test_sigterm_during_training_exits_cleanly(tmp_path: Path, model: Path) -> None:
+    fleet = Fleet(tmp_path, job(model, local_steps=0, local_epochs=100_000, batch_size=2)).start()
+    data = tmp_path / "reviews.jsonl"
+    data.write_text("".join(json.dumps({"text": f"review number {i}", "label": i % 2}) + "\n" for i in range(64)))
+    state = tmp_path / "state"
+    cmd = [sys.executable, "-m", "raffm.cli", "agent", "run", "--registry", fleet.registry.address,
+           "--aggregator", fleet.aggregator.address, "--extractor", fleet.extractor.address, "--name", "sigterm",
+           "--state-dir", str(state), "--data", str(data), "--model", str(model), "--memory-mb", "2000",
+           "--gflops", "50", "--up-mbps", "50", "--down-mbps", "50", "--threads", "1", "--log-format", "json"]
+    env = dict(os.environ, RAFFM_AGENT_ENROLL_KEY=ENROLL_KEY, TRANSFORMERS_VERBOSITY="error")
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    events: list[dict] = []
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if line.startswith("{"):
+                events.append(json.loads(line))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        def training() -> bool:
+            assert proc.poll() is None, f"agent exited early ({proc.returncode}): {events}"
+            return any(e.get("event") == "assignment" for e in events) and bool(list(state.glob("work/received-*")))
+
+        wait_for(training, "training to start", timeout=WAIT_S)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=WAIT_S) == 0
+        reader.join(10)
+        names = [e.get("event") for e in events]
+        assert "reported_failure" in names and names[-1] == "stopped", names
+        saved = json.loads((state / STATE_FILE).read_text())  # intact, parseable
+        assert saved["device_id"] and saved["history"] == [f"{_round(fleet).round_id}:stopped"]
+        assert not list(state.glob(".agent-state-*")) and not list((state / "work").glob("*"))
+        assert _round(fleet).dropped == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        fleet.stop()

@@ -1,0 +1,26 @@
+"""The agent's local round stays within the declared --memory-mb: MiniLM, batch 16 x 64 tokens, the spec chosen by
+the budget fitter for each budget, peak RSS measured in a fresh process (bench/bench_agent_memory.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_agent_memory.py"
+
+
+@pytest.mark.slow
+def test_measured_training_peak_is_within_the_declared_budget() -> None:
+    spec = importlib.util.spec_from_file_location("bench_agent_memory", BENCH)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.run([250, 600, 1500], steps=3, batch=16, seq=64, threads=None)
+    assert len({r["spec"] for r in rows}) == 2  # a small budget really gets a smaller sub-model
+    for r in rows:
+        assert r["measured_mb"] <= r["budget_mb"], r
+        assert r["agent_predicted_mb"] <= r["budget_mb"], r
+        # the prediction is honest, not just generous: within 10% of the measurement
+        assert abs(r["measured_mb"] - r["agent_predicted_mb"]) <= 0.10 * r["agent_predicted_mb"], r

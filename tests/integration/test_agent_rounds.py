@@ -1,0 +1,84 @@
+"""The edge agent against the real registry, extractor and aggregator: a full round, identity across restarts,
+and an agent that starts before the services do."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from edge_agent.state import STATE_FILE
+from raffm.v1 import aggregator_pb2
+from tests.integration.agentkit import (
+    AgentThread, Fleet, FixedPortFleet, agent_config, job, list_devices, rounds, tiny_model, wait_for,
+)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_model(tmp_path_factory.mktemp("model"))
+
+
+def test_agent_completes_a_round_and_reports_its_measurements(tmp_path: Path, model: Path) -> None:
+    fleet = Fleet(tmp_path, job(model)).start()
+    try:
+        runner = AgentThread(agent_config(fleet, "pi-1", tmp_path / "state", model)).start()
+        assert runner.join() == 0
+        [outcome] = runner.agent.outcomes
+        assert outcome.status == "uploaded", outcome
+        assert outcome.peak_memory_mb > 0 and outcome.predicted_mb > 0
+        [rnd] = rounds(fleet)
+        rnd = fleet.wait_round(fleet.agg_stub(), rnd.round_id)
+        assert rnd.state == aggregator_pb2.ROUND_STATE_CLOSED
+        assert rnd.accepted == 1 and rnd.bytes_up > 0 and rnd.result_model_version
+        # the state file holds the identity, readable by the owner only, and no temporary files are left
+        state_file = tmp_path / "state" / STATE_FILE
+        saved = json.loads(state_file.read_text())
+        assert saved["device_id"] == list_devices(fleet)[0].device_id and saved["token"]
+        assert stat.S_IMODE(os.stat(state_file).st_mode) == 0o600
+        assert saved["rounds_done"] == 1
+        assert not list((tmp_path / "state").glob(".agent-state-*"))
+    finally:
+        fleet.stop()
+
+
+def test_restarted_agent_keeps_its_identity(tmp_path: Path, model: Path) -> None:
+    fleet = Fleet(tmp_path, job(model, rounds=2)).start()
+    try:
+        config = agent_config(fleet, "pi-restart", tmp_path / "state", model)
+        first = AgentThread(config).start()
+        assert first.join() == 0
+        device_id = first.agent.identity.device_id
+        second = AgentThread(config).start()  # a new process would read the same state directory
+        assert second.join() == 0
+        assert second.agent.identity.device_id == device_id
+        assert [o.status for o in first.agent.outcomes + second.agent.outcomes] == ["uploaded", "uploaded"]
+        devices = list_devices(fleet)
+        assert [d.device_id for d in devices] == [device_id]  # no second device registered
+        # both rounds were done by the same device
+        assert sorted(r.accepted for r in rounds(fleet)) == [1, 1]
+    finally:
+        fleet.stop()
+
+
+def test_agent_started_before_the_services_connects_when_they_come_up(tmp_path: Path, model: Path) -> None:
+    fleet = FixedPortFleet(tmp_path, job(model))
+    config = agent_config(None, "early-bird", tmp_path / "state", model, registry=fleet.target("registry"),
+                          aggregator=fleet.target("aggregator"), extractor=fleet.target("extractor"))
+    runner = AgentThread(config).start()
+    try:
+        # the agent is up and retrying (with backoff) against ports where nothing listens yet
+        wait_for(lambda: runner.agent.client.retries >= 3, "the agent to retry registration")
+        assert runner.thread.is_alive()
+        assert runner.agent.identity is not None and not runner.agent.identity.state.registered
+        fleet.start()
+        assert runner.join() == 0
+        assert [o.status for o in runner.agent.outcomes] == ["uploaded"]
+        assert len(list_devices(fleet)) == 1
+    finally:
+        if runner.thread.is_alive():
+            runner.stop()
+        fleet.stop()
