@@ -1,0 +1,245 @@
+"""Slice download and update upload throughput over the real services, against a raw loopback socket.
+
+Starts a registry, an extractor and an aggregator on 127.0.0.1 (one process, real SQLite and a checkpoint directory),
+registers one device whose profile fits the whole model, then times:
+  - DownloadSlice (server stream, manifest + ~1 MiB chunks, sha256 verified on receipt);
+  - UploadUpdate (client stream, staged to disk with fsync, validated and folded);
+  - a raw TCP socket on 127.0.0.1 moving the same number of bytes in 1 MiB sendall() calls (the baseline);
+and, through a byte-counting TCP relay, the wire overhead = bytes on the socket / tensor bytes.
+
+    .venv/bin/python bench/bench_transfer.py [--hidden 768 --layers 6] [--wire-dtype fp32] [--chunk-kib 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MiB = 1 << 20
+
+
+def raw_socket_mb_s(nbytes: int, block: int = MiB) -> float:
+    """Bytes/s of one TCP connection on 127.0.0.1 moving ``nbytes`` in ``block``-sized sendall calls."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    done = threading.Event()
+
+    def receive() -> None:
+        conn, _ = server.accept()
+        buf = bytearray(block)
+        view = memoryview(buf)
+        left = nbytes
+        while left:
+            n = conn.recv_into(view, min(block, left))
+            if n == 0:
+                break
+            left -= n
+        conn.close()
+        done.set()
+
+    t = threading.Thread(target=receive)
+    t.start()
+    payload = memoryview(bytes(block))
+    client = socket.create_connection(("127.0.0.1", port))
+    start = time.perf_counter()
+    left = nbytes
+    while left:
+        n = min(block, left)
+        client.sendall(payload[:n])
+        left -= n
+    done.wait()
+    elapsed = time.perf_counter() - start
+    client.close()
+    server.close()
+    t.join()
+    return nbytes / elapsed / 1e6
+
+
+class CountingRelay:
+    """A TCP relay on 127.0.0.1 that counts the bytes it forwards in each direction."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = ("127.0.0.1", target_port)
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.up = 0  # client -> server
+        self.down = 0  # server -> client
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            threading.Thread(target=self._pump, args=(client, upstream, "up"), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, "down"), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, direction: str) -> None:
+        buf = bytearray(MiB)
+        try:
+            while n := src.recv_into(buf):
+                dst.sendall(memoryview(buf)[:n])
+                with self._lock:
+                    setattr(self, direction, getattr(self, direction) + n)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def reset(self) -> None:
+        with self._lock:
+            self.up = self.down = 0
+
+    def close(self) -> None:
+        self.server.close()
+
+
+class ZeroPayload:
+    """An update of zeros in the download's manifest shapes, produced tensor by tensor."""
+
+    def __init__(self, manifest: Any) -> None:
+        from raffm.wire import Manifest, TensorMeta
+
+        self.manifest = Manifest(tuple(
+            TensorMeta(m.name, m.dtype, m.shape, m.nbytes, hashlib.sha256(bytes(m.nbytes)).digest())
+            for m in manifest.tensors))
+        self.nbytes = self.manifest.total_bytes
+
+    def source(self, meta: Any) -> bytes:
+        return bytes(meta.nbytes)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--wire-dtype", default="fp32")
+    parser.add_argument("--chunk-kib", type=int, default=1024)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+
+    import grpc
+    import torch
+    from transformers import BertConfig
+
+    from raffm.transfer import download_slice, upload_update
+    from raffm.v1 import aggregator_pb2, aggregator_pb2_grpc, extractor_pb2_grpc
+    from raffm.wire import HashOnlySink
+    from services.aggregator.app import AggregatorConfig, build_aggregator
+    from services.aggregator.config import JobConfig
+    from services.common.auth import auth_metadata
+    from services.common.server import ServerConfig
+    from services.common.testing import LoopThread
+    from services.extractor.app import ExtractorConfig, build_extractor, fleet_verifier
+    from services.extractor.planner import model_shape
+    from services.registry.testing import OPERATOR_TOKEN, RegistryHarness
+
+    secret = "bench-ticket-secret-0123456789"
+    config = BertConfig(vocab_size=30522, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                        num_attention_heads=max(1, args.hidden // 64), intermediate_size=4 * args.hidden,
+                        num_labels=2).to_dict()
+    config["model_type"] = "bert"
+
+    def initial() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        g = torch.Generator().manual_seed(0)
+        shapes = model_shape(config).shapes
+        return {n: torch.empty(s).uniform_(-0.05, 0.05, generator=g) for n, s in shapes.items()}, config
+
+    options = [("grpc.max_send_message_length", 64 * MiB), ("grpc.max_receive_message_length", 64 * MiB)]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        registry = RegistryHarness(f"sqlite:///{root / 'registry.db'}").start()
+        loop = LoopThread()
+        job = JobConfig(job_id="bench", model="synthetic", rounds=1, clients_per_round=args.repeat + 1,
+                        quorum=args.repeat + 1, wire_dtype=args.wire_dtype, reorder_each_round=False,
+                        accum_dtype="float32", round_deadline_s=3600)
+
+        async def start() -> tuple[Any, Any]:
+            verifier = fleet_verifier(registry.address, OPERATOR_TOKEN)
+            ext = await build_extractor(ExtractorConfig(f"file://{root / 'agg' / 'checkpoints'}", secret),
+                                        verifier=verifier)
+            await ext.server.start()
+            agg = await build_aggregator(AggregatorConfig(job=job, data_dir=str(root / "agg"), ticket_secret=secret,
+                                                          registry_target=registry.address,
+                                                          operator_token=OPERATOR_TOKEN,
+                                                          server=ServerConfig(grace_s=1.0)),
+                                         verifier=verifier, initial_model=initial)
+            await agg.server.start()
+            return ext, agg
+
+        ext, agg = loop.run(start(), timeout=600)
+        try:
+            ext_port, agg_port = ext.server.port, agg.server.port
+            relay_ext, relay_agg = CountingRelay(ext_port), CountingRelay(agg_port)
+            chunk = args.chunk_kib * 1024
+            downs, ups, tensor_bytes = [], [], 0
+            overhead_down = overhead_up = 0.0
+            for i in range(args.repeat + 1):
+                reply = registry.register(f"bench{i}", train_memory_mb=1 << 20, gflops=1e5, up_mbps=1e5,
+                                          down_mbps=1e5, tier="server")
+                md = auth_metadata(reply.token)
+                via_relay = i == args.repeat  # last iteration: through the counting relay, not timed
+                ext_target = f"127.0.0.1:{relay_ext.port if via_relay else ext_port}"
+                agg_target = f"127.0.0.1:{relay_agg.port if via_relay else agg_port}"
+                astub = aggregator_pb2_grpc.AggregatorServiceStub(grpc.insecure_channel(agg_target, options=options))
+                estub = extractor_pb2_grpc.ExtractorServiceStub(grpc.insecure_channel(ext_target, options=options))
+                a = astub.PollRound(aggregator_pb2.PollRequest(device_id=reply.device_id), metadata=md,
+                                    timeout=60).assignment
+                relay_ext.reset()
+                relay_agg.reset()
+                t0 = time.perf_counter()
+                d = download_slice(estub, a.ticket, HashOnlySink(), metadata=md, chunk_bytes=chunk)
+                d.reassembler.finish()
+                down_s = time.perf_counter() - t0
+                tensor_bytes = d.manifest.total_bytes
+                payload = ZeroPayload(d.manifest)
+                t0 = time.perf_counter()
+                ack = upload_update(astub, a.ticket, 1, payload, metadata=md, chunk_bytes=chunk)  # type: ignore[arg-type]
+                up_s = time.perf_counter() - t0
+                assert ack.accepted
+                if via_relay:
+                    overhead_down = (relay_ext.down + relay_ext.up) / tensor_bytes
+                    overhead_up = (relay_agg.up + relay_agg.down) / tensor_bytes
+                elif i > 0:  # the first pass warms the slice cache and the page cache
+                    downs.append(tensor_bytes / down_s / 1e6)
+                    ups.append(tensor_bytes / up_s / 1e6)
+            raw = max(raw_socket_mb_s(tensor_bytes) for _ in range(2))
+            relay_ext.close()
+            relay_agg.close()
+        finally:
+            loop.run(agg.server.stop(1.0))
+            loop.run(ext.server.stop(1.0))
+            loop.close()
+            registry.stop()
+
+    down, up = max(downs), max(ups)
+    print(f"model: BERT hidden={args.hidden} layers={args.layers}, slice = full model, "
+          f"{tensor_bytes / 1e6:.1f} MB in {args.wire_dtype}, chunk {args.chunk_kib} KiB")
+    print(f"raw loopback socket          : {raw:8.0f} MB/s  (baseline, same bytes, same run)")
+    print(f"DownloadSlice (verify sha256): {down:8.0f} MB/s  ratio {down / raw:.2f} of raw socket")
+    print(f"UploadUpdate  (stage+fsync+fold): {up:5.0f} MB/s  ratio {up / raw:.2f} of raw socket")
+    print(f"wire overhead download: {overhead_down:.4f} (bytes on socket / tensor bytes, both directions)")
+    print(f"wire overhead upload  : {overhead_up:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Composition root of the aggregator: stores, planner, devices, coordinator, round driver, servicer, server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from raffm.checkpoints import checkpoint_store_from_url
+from raffm.tickets import TicketSigner
+from raffm.v1 import aggregator_pb2_grpc
+from services.aggregator.config import JobConfig
+from services.aggregator.devices import DeviceDirectory, RegistryDirectory
+from services.aggregator.metrics import build_aggregator_metrics
+from services.aggregator.rounds import Evaluator, InitialModel, RoundCoordinator
+from services.aggregator.servicer import SERVICE_NAME, AggregatorServicer
+from services.aggregator.staging import Staging
+from services.aggregator.store import round_store_from_url
+from services.common.auth import TokenVerifier
+from services.common.server import ChassisServer, ServerConfig, ServiceBinding, build_server
+from services.extractor.planner import GrpcPlanner, LocalPlanner, Planner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    job: JobConfig
+    data_dir: str
+    ticket_secret: str
+    db_url: str = ""  # default: sqlite under data_dir
+    store_url: str = ""  # default: file://<data_dir>/checkpoints
+    registry_target: str = ""
+    extractor_target: str = ""  # Plan RPC target and what devices are told; empty: plan in-process
+    operator_token: str = ""
+    tick_s: float = 0.5
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+    @property
+    def resolved_db_url(self) -> str:
+        return self.db_url or f"sqlite:///{Path(self.data_dir).resolve() / 'aggregator.db'}"
+
+    @property
+    def resolved_store_url(self) -> str:
+        return self.store_url or f"file://{Path(self.data_dir).resolve() / 'checkpoints'}"
+
+
+def default_initial_model(job: JobConfig) -> InitialModel:
+    """Version 0 from the job's model (HF id, local folder, or the shipped MiniLM)."""
+
+    def load() -> tuple[dict[str, Any], dict[str, Any]]:
+        from raffm.models import load_global_model
+
+        model = load_global_model(job.model, task=job.task, num_labels=job.num_labels)  # type: ignore[arg-type]
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}, model.config.to_dict()
+
+    return load
+
+
+class RoundDriver:
+    """Background task: applies deadlines and closes rounds (in a worker thread) as soon as they are ready."""
+
+    def __init__(self, coordinator: RoundCoordinator, tick_s: float) -> None:
+        self.c, self.tick_s = coordinator, tick_s
+        self.wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def poke(self) -> None:
+        self.wake.set()
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                if await asyncio.to_thread(self.c.tick):
+                    await asyncio.to_thread(self.c.close_round)
+            except Exception:  # noqa: BLE001 - keep driving; the round stays AGGREGATING and is retried
+                log.exception("round driver step failed")
+            try:
+                await asyncio.wait_for(self.wake.wait(), self.tick_s)
+            except TimeoutError:
+                pass
+            self.wake.clear()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="round-driver")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+
+@dataclass
+class AggregatorApp:
+    server: ChassisServer
+    coordinator: RoundCoordinator
+    driver: RoundDriver
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+
+async def build_aggregator(
+    config: AggregatorConfig, *, verifier: TokenVerifier | None, devices: DeviceDirectory | None = None,
+    planner: Planner | None = None, initial_model: InitialModel | None = None, evaluator: Evaluator | None = None,
+    registry: CollectorRegistry | None = None,
+) -> AggregatorApp:
+    """Build everything, start (or resume) the job, and return the not-yet-started server."""
+    registry = registry if registry is not None else CollectorRegistry()
+    os.makedirs(config.data_dir, exist_ok=True)
+    rounds = await asyncio.to_thread(round_store_from_url, config.resolved_db_url)
+    checkpoints = checkpoint_store_from_url(config.resolved_store_url)
+    if planner is None:
+        planner = (GrpcPlanner(config.extractor_target, config.operator_token) if config.extractor_target
+                   else LocalPlanner(checkpoints))
+    if devices is None:
+        import grpc
+
+        devices = RegistryDirectory(grpc.aio.insecure_channel(config.registry_target), config.operator_token)
+    coordinator = RoundCoordinator(
+        config.job, rounds=rounds, checkpoints=checkpoints, staging=Staging(Path(config.data_dir) / "staging"),
+        planner=planner, signer=TicketSigner(config.ticket_secret), metrics=build_aggregator_metrics(registry),
+        initial_model=initial_model or default_initial_model(config.job), evaluator=evaluator)
+    await asyncio.to_thread(coordinator.start)
+    driver = RoundDriver(coordinator, config.tick_s)
+    servicer = AggregatorServicer(coordinator, devices, extractor_target=config.extractor_target,
+                                  on_change=driver.poke)
+    binding = ServiceBinding(SERVICE_NAME,
+                             lambda server: aggregator_pb2_grpc.add_AggregatorServiceServicer_to_server(servicer, server))
+    server = build_server(config.server, [binding], verifier=verifier, registry=registry)
+    server.on_start(driver.start)
+    server.on_stop(driver.stop)
+
+    async def close_store() -> None:
+        await asyncio.to_thread(rounds.close)
+
+    server.on_stop(close_store)
+    return AggregatorApp(server, coordinator, driver)

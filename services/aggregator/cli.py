@@ -1,0 +1,64 @@
+"""`raffm aggregator serve`: run a federated job (heavy imports happen inside the command)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+DEFAULT_PORT = 50053
+DEFAULT_METRICS_PORT = 9103
+SECRET_ENV = "RAFFM_TICKET_SECRET"
+
+
+def register(subparsers: Any) -> None:
+    from services.aggregator.config import add_job_arguments
+    from services.common.cli_args import add_server_arguments
+
+    parser = subparsers.add_parser("aggregator", help="rounds, uploads and sliced FedAvg",
+                                   description="The aggregator: runs one federated job as rounds.")
+    commands = parser.add_subparsers(dest="aggregator_command", metavar="COMMAND")
+    parser.set_defaults(func=lambda args: parser.print_help() or 2)
+    serve = commands.add_parser("serve", help="run the aggregator gRPC server")
+    serve.add_argument("--data-dir", default=os.path.join("runs", "aggregator"),
+                       help="SQLite database, staging and checkpoints live here (default: %(default)s)")
+    serve.add_argument("--db", default="", help="round store URL (default: sqlite under --data-dir)")
+    serve.add_argument("--store", default="", help="checkpoint store URL, e.g. file:///srv/ckpt (default: --data-dir)")
+    serve.add_argument("--registry", default="127.0.0.1:50051", help="registry host:port (default: %(default)s)")
+    serve.add_argument("--extractor", default="",
+                       help="extractor host:port: planned through its Plan RPC and told to devices "
+                            "(default: plan in-process)")
+    serve.add_argument("--ticket-secret", default=os.environ.get(SECRET_ENV, ""),
+                       help=f"HMAC secret shared with the extractor (default: ${SECRET_ENV})")
+    serve.add_argument("--port-file", help="write the bound gRPC port here once serving (for --port 0)")
+    serve.add_argument("--log-level", default="INFO")
+    add_job_arguments(serve)
+    add_server_arguments(serve, default_port=DEFAULT_PORT, default_metrics_port=DEFAULT_METRICS_PORT)
+    serve.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from services.aggregator.app import AggregatorConfig, build_aggregator
+    from services.aggregator.config import job_from_args
+    from services.common.cli_args import server_config_from_args
+    from services.extractor.app import fleet_verifier
+    from services.extractor.cli import write_port_file
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.ticket_secret:
+        raise ValueError(f"--ticket-secret (or ${SECRET_ENV}) is required; the extractor needs the same one")
+    config = AggregatorConfig(
+        job=job_from_args(args), data_dir=args.data_dir, ticket_secret=args.ticket_secret, db_url=args.db,
+        store_url=args.store, registry_target=args.registry, extractor_target=args.extractor,
+        operator_token=args.operator_token, server=server_config_from_args(args))
+
+    async def main() -> None:
+        app = await build_aggregator(config, verifier=fleet_verifier(config.registry_target, config.operator_token))
+        app.server.on_start(lambda: write_port_file(args.port_file, app.server.port))
+        await app.server.serve_until_signal()
+
+    asyncio.run(main())
+    return 0

@@ -1,0 +1,146 @@
+"""Federated job configuration: from a TOML or YAML file, overridden by CLI flags.
+
+Example ``job.toml``::
+
+    job_id = "minilm-rt"
+    model = "minilm"          # HF id, local folder, or "minilm" (the shipped all-MiniLM-L6-v2)
+    num_labels = 2
+    rounds = 10
+    clients_per_round = 8
+    quorum = 6
+    round_deadline_s = 600
+    wire_dtype = "fp16"
+    aggregation = "coverage"
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from raffm.wire import wire_dtype_name
+
+AGGREGATIONS = ("coverage", "paper")
+ON_DEADLINE = ("extend", "fail")
+TASKS = ("sequence-classification", "image-classification")
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    job_id: str = "job"
+    model: str = "minilm"
+    task: str = "sequence-classification"
+    num_labels: int = 2
+    dataset: str = "rotten_tomatoes"
+    rounds: int = 10
+    clients_per_round: int = 4
+    quorum: int = 3
+    # A round that reaches its deadline with at least min_updates accepted closes; with fewer it is extended
+    # (up to max_extensions times) or failed, as on_deadline says.
+    min_updates: int = 1
+    on_deadline: str = "extend"
+    max_extensions: int = 3
+    round_deadline_s: float = 600.0
+    local_epochs: int = 1
+    local_steps: int = 0
+    batch_size: int = 16
+    seq_len: int = 64
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    optimizer: str = "adamw"
+    fedprox_mu: float = 0.0
+    wire_dtype: str = "float32"
+    aggregation: str = "coverage"
+    server_lr: float = 1.0
+    accum_dtype: str = "float64"
+    seed: int = 0
+    # Re-apply salience ordering to every new version (the paper's recipe).
+    reorder_each_round: bool = True
+    # Devices that poll when there is nothing to do wait this long, +- jitter (a fraction).
+    poll_wait_s: float = 5.0
+    poll_jitter: float = 0.2
+    # Tickets stay valid this long after the round deadline (downloads of a slow device may end late).
+    ticket_grace_s: float = 60.0
+    # Evaluate the global model after every round on the server's held-out split (if an evaluator is configured).
+    evaluate: bool = True
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"job setting {name} = {getattr(self, name)!r}: {why}")
+
+        object.__setattr__(self, "wire_dtype", wire_dtype_name(self.wire_dtype))
+        if not self.job_id or len(self.job_id) > 64 or not self.job_id.replace("-", "").replace("_", "").isalnum():
+            raise bad("job_id", "use 1-64 letters, digits, '-' or '_'")
+        if self.task not in TASKS:
+            raise bad("task", f"choose one of {', '.join(TASKS)}")
+        if self.aggregation not in AGGREGATIONS:
+            raise bad("aggregation", f"choose one of {', '.join(AGGREGATIONS)}")
+        if self.on_deadline not in ON_DEADLINE:
+            raise bad("on_deadline", f"choose one of {', '.join(ON_DEADLINE)}")
+        if self.accum_dtype not in ("float32", "float64"):
+            raise bad("accum_dtype", "choose float32 or float64")
+        for name in ("rounds", "clients_per_round", "quorum", "num_labels", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise bad(name, "must be >= 1")
+        if self.quorum > self.clients_per_round:
+            raise bad("quorum", f"cannot exceed clients_per_round ({self.clients_per_round})")
+        if not 1 <= self.min_updates <= self.quorum:
+            raise bad("min_updates", f"must be between 1 and quorum ({self.quorum})")
+        if not self.round_deadline_s > 0 or not self.server_lr > 0 or not self.lr > 0:
+            raise ValueError("round_deadline_s, server_lr and lr must be > 0")
+        if not 0 <= self.poll_jitter < 1:
+            raise bad("poll_jitter", "must be in [0, 1)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown job setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**data)
+
+
+def load_job_file(path: str | Path) -> dict[str, Any]:
+    """The settings in a ``.toml``, ``.yaml`` or ``.yml`` file (a top-level ``[job]`` table is unwrapped)."""
+    p = Path(path)
+    text = p.read_text(encoding="utf-8")
+    if p.suffix == ".toml":
+        data = tomllib.loads(text)
+    elif p.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        raise ValueError(f"job file {p} must end in .toml, .yaml or .yml")
+    if not isinstance(data, dict):
+        raise ValueError(f"job file {p} must hold a table of settings")
+    return dict(data.get("job", data))
+
+
+def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--job FILE`` plus one ``--<setting>`` flag per JobConfig field (flags override the file)."""
+    group = parser.add_argument_group("job (flags override --job)")
+    group.add_argument("--job", help="job settings file (.toml/.yaml)")
+    for f in fields(JobConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            group.add_argument(flag, dest=f"job_{f.name}", action=argparse.BooleanOptionalAction, default=None)
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            group.add_argument(flag, dest=f"job_{f.name}", type=kind, default=None, metavar=f.name.upper())
+
+
+def job_from_args(args: argparse.Namespace) -> JobConfig:
+    data = load_job_file(args.job) if getattr(args, "job", None) else {}
+    for f in fields(JobConfig):
+        value = getattr(args, f"job_{f.name}", None)
+        if value is not None:
+            data[f.name] = value
+    return JobConfig.from_dict(data)

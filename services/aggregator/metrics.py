@@ -1,0 +1,61 @@
+"""Aggregator metrics, built on a registry the caller owns. Labels: tier, wire dtype, reason, outcome; never a device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+ROUND_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
+
+
+@dataclass(frozen=True)
+class AggregatorMetrics:
+    bytes_up: Counter
+    bytes_down_assigned: Counter
+    full_model_bytes: Counter
+    round_duration: Histogram
+    rounds: Counter
+    participants: Gauge
+    assignments: Counter
+    accepted: Counter
+    dropouts: Counter
+    rejected: Counter
+    fold_seconds: Histogram
+    eval_metric: Gauge
+    current_round: Gauge
+
+
+def build_aggregator_metrics(registry: CollectorRegistry) -> AggregatorMetrics:
+    return AggregatorMetrics(
+        bytes_up=Counter("raffm_aggregator_upload_bytes", "Update bytes received on the wire, by device tier and wire dtype.",
+                         ("tier", "wire_dtype"), registry=registry),
+        bytes_down_assigned=Counter(
+            "raffm_aggregator_assigned_download_bytes",
+            "Slice bytes handed out in assignments (what devices must download), by device tier and wire dtype.",
+            ("tier", "wire_dtype"), registry=registry),
+        full_model_bytes=Counter(
+            "raffm_aggregator_full_model_fedavg_bytes",
+            "Bytes full-model FedAvg would have moved for the same accepted participants (down plus up).",
+            ("wire_dtype",), registry=registry),
+        round_duration=Histogram("raffm_aggregator_round_duration_seconds", "Round wall time from open to close.",
+                                 ("outcome",), buckets=ROUND_BUCKETS, registry=registry),
+        rounds=Counter("raffm_aggregator_rounds", "Rounds finished, by outcome (closed, failed).", ("outcome",),
+                       registry=registry),
+        participants=Gauge("raffm_aggregator_round_participants", "Accepted updates in the last finished round.",
+                           registry=registry),
+        assignments=Counter("raffm_aggregator_assignments", "Assignments handed out, by device tier.", ("tier",),
+                            registry=registry),
+        accepted=Counter("raffm_aggregator_updates_accepted", "Updates accepted, by device tier.", ("tier",),
+                         registry=registry),
+        dropouts=Counter("raffm_aggregator_dropouts",
+                         "Assigned devices that reported failure or never delivered before the round closed.",
+                         ("reason",), registry=registry),
+        rejected=Counter("raffm_aggregator_updates_rejected", "Updates rejected, by reason.", ("reason",),
+                         registry=registry),
+        fold_seconds=Histogram("raffm_aggregator_fold_seconds", "Time to validate and fold one accepted update.",
+                               registry=registry),
+        eval_metric=Gauge("raffm_aggregator_eval", "Held-out evaluation of the latest global model, by metric and size.",
+                          ("metric", "size"), registry=registry),
+        current_round=Gauge("raffm_aggregator_current_round", "Index of the open (or last) round.", registry=registry),
+    )

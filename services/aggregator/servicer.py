@@ -1,0 +1,194 @@
+"""The aggregator's gRPC servicer: decode, call one use case, encode."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from raffm.v1 import aggregator_pb2, aggregator_pb2_grpc
+from raffm.wire import manifest_from_proto, resume_to_proto, spec_to_proto, wire_dtype_enum, WireError
+from services.aggregator.devices import DeviceDirectory
+from services.aggregator.rounds import (
+    Assignment, RoundCoordinator, UploadSession, Wait,
+)
+from services.aggregator.store import AGGREGATING, CLOSED, FAILED, OPEN, RoundRecord
+from services.common.auth import authorize_device, current_principal
+from services.common.errors import ValidationError
+from services.extractor.servicer import cost_to_proto
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = "raffm.v1.AggregatorService"
+
+ROUND_STATES = {OPEN: aggregator_pb2.ROUND_STATE_OPEN, AGGREGATING: aggregator_pb2.ROUND_STATE_AGGREGATING,
+                CLOSED: aggregator_pb2.ROUND_STATE_CLOSED, FAILED: aggregator_pb2.ROUND_STATE_FAILED}
+JOB_STATES = {"pending": aggregator_pb2.JOB_STATE_PENDING, "running": aggregator_pb2.JOB_STATE_RUNNING,
+              "completed": aggregator_pb2.JOB_STATE_COMPLETED, "failed": aggregator_pb2.JOB_STATE_FAILED}
+FAILURE_REASONS = {v: k.removeprefix("FAILURE_REASON_").lower() for k, v in aggregator_pb2.FailureReason.items()}
+
+
+def _ts(epoch: float) -> Timestamp:
+    ts = Timestamp()
+    if epoch:
+        ts.FromNanoseconds(int(epoch * 1e9))
+    return ts
+
+
+def round_to_proto(r: RoundRecord, assigned: int = 0, accepted: int = 0) -> aggregator_pb2.Round:
+    return aggregator_pb2.Round(
+        round_id=r.round_id, job_id=r.job_id, index=r.index, state=ROUND_STATES[r.state],
+        model_version=r.model_version, result_model_version=r.result_version, opened_at=_ts(r.opened_at),
+        deadline=_ts(r.deadline), closed_at=_ts(r.closed_at), quorum=r.quorum, assigned=assigned, accepted=accepted,
+        rejected=r.rejected, dropped=r.dropped, bytes_down=r.bytes_down, bytes_up=r.bytes_up,
+        mean_train_loss=r.mean_train_loss, full_model_bytes=r.full_model_bytes,
+        evaluation=dict(r.evaluation), extensions=r.extensions,
+    )
+
+
+def assignment_to_proto(a: Assignment, extractor_target: str) -> aggregator_pb2.Assignment:
+    job = a.job
+    hp = aggregator_pb2.HyperParams(
+        local_epochs=job.local_epochs, local_steps=job.local_steps, batch_size=job.batch_size, seq_len=job.seq_len,
+        lr=job.lr, fedprox_mu=job.fedprox_mu, wire_dtype=wire_dtype_enum(job.wire_dtype),
+        weight_decay=job.weight_decay, seed=job.seed + a.round_index, optimizer=job.optimizer)
+    kind = (aggregator_pb2.TASK_KIND_IMAGE_CLASSIFICATION if job.task == "image-classification"
+            else aggregator_pb2.TASK_KIND_TEXT_CLASSIFICATION)
+    return aggregator_pb2.Assignment(
+        round_id=a.round_id, job_id=a.job_id, model_version=a.model_version, spec=spec_to_proto(a.spec), hparams=hp,
+        deadline=_ts(a.deadline), ticket=a.ticket,
+        task=aggregator_pb2.TaskInfo(kind=kind, num_labels=job.num_labels, dataset=job.dataset,
+                                     architecture="vit" if job.task == "image-classification" else "bert"),
+        extractor_target=extractor_target, predicted=cost_to_proto(a.predicted), round_index=a.round_index)
+
+
+class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
+    def __init__(self, coordinator: RoundCoordinator, devices: DeviceDirectory, *, extractor_target: str = "",
+                 on_change: Callable[[], None] = lambda: None) -> None:
+        self.c = coordinator
+        self.devices = devices
+        self.extractor_target = extractor_target
+        self.on_change = on_change
+
+    async def PollRound(self, request: aggregator_pb2.PollRequest, context: Any) -> aggregator_pb2.PollReply:
+        caller = current_principal()
+        device_id = request.device_id or (caller.device_id or "")
+        if not device_id:
+            raise ValidationError("device_id is required for operator calls", field="device_id")
+        authorize_device(caller, device_id)
+        info = await self.devices.get(device_id)
+        result = await asyncio.to_thread(self.c.poll, info, device_id)
+        if isinstance(result, Wait):
+            return aggregator_pb2.PollReply(wait=aggregator_pb2.Wait(seconds=result.seconds, reason=result.reason))
+        return aggregator_pb2.PollReply(assignment=assignment_to_proto(result, self.extractor_target))
+
+    async def UploadUpdate(self, request_iterator: AsyncIterator[aggregator_pb2.UploadMessage],
+                           context: Any) -> aggregator_pb2.UploadAck:
+        caller = current_principal()
+        session: UploadSession | None = None
+        try:
+            first = await anext(aiter(request_iterator), None)
+            if first is None or first.WhichOneof("body") != "header":
+                raise _rejected("invalid_header", "the first upload message must be the header")
+            h = first.header
+            metrics = {"loss": h.metrics.loss, "steps": h.metrics.steps, "seconds": h.metrics.seconds,
+                       "peak_memory_mb": h.metrics.peak_memory_mb, "accuracy": h.metrics.accuracy}
+            session = await asyncio.to_thread(self.c.begin_upload, h.ticket, caller, int(h.sample_count), metrics)
+            async for msg in request_iterator:
+                kind = msg.WhichOneof("body")
+                if kind == "chunk":
+                    session.accept(msg.chunk.tensor, msg.chunk.offset, msg.chunk.data)
+                elif kind == "manifest":
+                    if session.reassembler is not None:
+                        raise _rejected("protocol", "a second manifest arrived")
+                    try:
+                        manifest = manifest_from_proto(msg.manifest)
+                    except WireError as exc:
+                        raise _rejected("bad_manifest", str(exc)) from None
+                    await asyncio.to_thread(session.set_manifest, manifest)
+                else:
+                    raise _rejected("protocol", f"unexpected {kind or 'empty'} message after the header")
+            result = await asyncio.to_thread(session.finish)
+        except asyncio.CancelledError:
+            if session is not None:
+                session.interrupted()
+            raise
+        except Exception as exc:
+            reason = getattr(exc, "reason", None)
+            if session is not None:
+                session.interrupted()
+            if reason is not None:
+                self.c.record_rejection(reason, session.round_id if session is not None else None)
+            raise
+        self.on_change()
+        return aggregator_pb2.UploadAck(accepted=True, bytes_received=result.bytes_received, round_id=result.round_id,
+                                        tensors_received=result.tensors)
+
+    async def QueryUpload(self, request: aggregator_pb2.QueryUploadRequest, context: Any) -> aggregator_pb2.QueryUploadReply:
+        state = await asyncio.to_thread(self.c.query_upload, request.ticket, current_principal())
+        return aggregator_pb2.QueryUploadReply(
+            complete_tensors=state.complete_tensors,
+            resume_from=resume_to_proto(state.resume_from) if not state.committed else None,
+            bytes_received=state.bytes_received, committed=state.committed)
+
+    async def ReportFailure(self, request: aggregator_pb2.ReportFailureRequest,
+                            context: Any) -> aggregator_pb2.ReportFailureReply:
+        reason = FAILURE_REASONS.get(request.reason, "other")
+        await asyncio.to_thread(self.c.report_failure, request.ticket, current_principal(), reason)
+        return aggregator_pb2.ReportFailureReply()
+
+    async def GetJob(self, request: aggregator_pb2.GetJobRequest, context: Any) -> aggregator_pb2.Job:
+        current_principal()
+        rec = await asyncio.to_thread(self.c.job_record)
+        if request.job_id and request.job_id != rec.job_id:
+            from services.common.errors import NotFoundError
+
+            raise NotFoundError(f"job {request.job_id!r} does not exist", field="job_id")
+        j = self.c.job
+        return aggregator_pb2.Job(
+            job_id=rec.job_id, model=j.model, state=JOB_STATES.get(rec.state, 0), num_rounds=j.rounds,
+            clients_per_round=j.clients_per_round, quorum=j.quorum, round_deadline_s=j.round_deadline_s,
+            aggregation=(aggregator_pb2.AGGREGATION_MODE_PAPER if j.aggregation == "paper"
+                         else aggregator_pb2.AGGREGATION_MODE_SLICED_FEDAVG),
+            server_lr=j.server_lr, server_optimizer="none", current_round=rec.current_round,
+            model_version=rec.model_version, created_at=_ts(rec.created_at),
+            task=aggregator_pb2.TaskInfo(num_labels=j.num_labels, dataset=j.dataset))
+
+    async def GetRound(self, request: aggregator_pb2.GetRoundRequest, context: Any) -> aggregator_pb2.Round:
+        current_principal()
+
+        def load() -> aggregator_pb2.Round:
+            r = self.c.round_record(request.round_id)
+            return round_to_proto(r, self.c.assigned_count(r.round_id), self.c.accepted_count(r.round_id))
+
+        return await asyncio.to_thread(load)
+
+    async def ListRounds(self, request: aggregator_pb2.ListRoundsRequest, context: Any) -> aggregator_pb2.ListRoundsReply:
+        current_principal()
+        size = request.page_size or 100
+        if not 1 <= size <= 1000:
+            raise ValidationError(f"page_size is {size}; it must be between 1 and 1000", field="page_size")
+        try:
+            offset = int(request.page_token or 0)
+        except ValueError:
+            raise ValidationError("page_token is not one this server issued", field="page_token") from None
+
+        def load() -> aggregator_pb2.ListRoundsReply:
+            rounds = list(reversed(self.c.list_rounds(request.job_id)))
+            if request.state:
+                rounds = [r for r in rounds if ROUND_STATES[r.state] == request.state]
+            page = rounds[offset : offset + size]
+            nxt = str(offset + size) if offset + size < len(rounds) else ""
+            return aggregator_pb2.ListRoundsReply(
+                rounds=[round_to_proto(r, self.c.assigned_count(r.round_id), self.c.accepted_count(r.round_id))
+                        for r in page], next_page_token=nxt)
+
+        return await asyncio.to_thread(load)
+
+
+def _rejected(reason: str, message: str) -> Exception:
+    from services.aggregator.rounds import UploadRejectedError
+
+    return UploadRejectedError(reason, message)

@@ -1,0 +1,66 @@
+"""Composition root of the extractor: checkpoint store, planner, slice cache, servicer, verifier, server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry
+
+from raffm.checkpoints import checkpoint_store_from_url
+from raffm.tickets import TicketSigner
+from raffm.v1 import extractor_pb2_grpc
+from services.common.auth import TokenVerifier
+from services.common.server import ChassisServer, ServerConfig, ServiceBinding, build_server
+from services.extractor.metrics import build_extractor_metrics
+from services.extractor.planner import LocalPlanner
+from services.extractor.servicer import SERVICE_NAME, ExtractorServicer
+from services.extractor.slices import SliceCache, SliceService
+
+
+@dataclass(frozen=True)
+class ExtractorConfig:
+    store_url: str
+    ticket_secret: str
+    cache_entries: int = 8
+    cache_mb: int = 4096
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+
+@dataclass
+class ExtractorApp:
+    server: ChassisServer
+    service: SliceService
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+
+async def build_extractor(config: ExtractorConfig, *, verifier: TokenVerifier | None,
+                          registry: CollectorRegistry | None = None) -> ExtractorApp:
+    """Assemble the extractor inside a running event loop (nothing is built at import time)."""
+    registry = registry if registry is not None else CollectorRegistry()
+    store = checkpoint_store_from_url(config.store_url)
+    service = SliceService(store, TicketSigner(config.ticket_secret), LocalPlanner(store),
+                           build_extractor_metrics(registry),
+                           SliceCache(config.cache_entries, config.cache_mb << 20))
+    servicer = ExtractorServicer(service)
+    binding = ServiceBinding(SERVICE_NAME,
+                             lambda server: extractor_pb2_grpc.add_ExtractorServiceServicer_to_server(servicer, server))
+    server = build_server(config.server, [binding], verifier=verifier, registry=registry)
+    return ExtractorApp(server, service)
+
+
+def fleet_verifier(registry_target: str, operator_token: str) -> TokenVerifier:
+    """Operator/service token, then device tokens checked by the registry (cached 30 s). Call inside the loop."""
+    import grpc
+
+    from services.common.auth import (
+        CachingTokenVerifier, ChainedTokenVerifier, RemoteRegistryVerifier, StaticTokenVerifier,
+    )
+
+    verifiers: list[TokenVerifier] = [StaticTokenVerifier({"operator": operator_token})]
+    if registry_target:
+        channel = grpc.aio.insecure_channel(registry_target)
+        verifiers.append(CachingTokenVerifier(RemoteRegistryVerifier(channel, operator_token)))
+    return ChainedTokenVerifier(verifiers)

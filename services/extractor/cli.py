@@ -1,0 +1,62 @@
+"""`raffm extractor serve`: plans and streamed slices (heavy imports happen inside the command)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+DEFAULT_PORT = 50052
+DEFAULT_METRICS_PORT = 9102
+SECRET_ENV = "RAFFM_TICKET_SECRET"
+
+
+def register(subparsers: Any) -> None:
+    from services.common.cli_args import add_server_arguments
+
+    parser = subparsers.add_parser("extractor", help="sub-model plans and streamed weight slices",
+                                   description="The extractor: fits sub-models to devices and streams their slices.")
+    commands = parser.add_subparsers(dest="extractor_command", metavar="COMMAND")
+    parser.set_defaults(func=lambda args: parser.print_help() or 2)
+    serve = commands.add_parser("serve", help="run the extractor gRPC server")
+    serve.add_argument("--store", default=os.path.join("runs", "aggregator", "checkpoints"),
+                       help="checkpoint store the aggregator writes, file:///dir or a path (default: %(default)s)")
+    serve.add_argument("--registry", default="127.0.0.1:50051", help="registry host:port (default: %(default)s)")
+    serve.add_argument("--ticket-secret", default=os.environ.get(SECRET_ENV, ""),
+                       help=f"HMAC secret shared with the aggregator (default: ${SECRET_ENV})")
+    serve.add_argument("--cache-entries", type=int, default=8, help="slices kept in the LRU cache")
+    serve.add_argument("--cache-mb", type=int, default=4096, help="slice cache byte bound, MiB")
+    serve.add_argument("--port-file", help="write the bound gRPC port here once serving (for --port 0)")
+    serve.add_argument("--log-level", default="INFO")
+    add_server_arguments(serve, default_port=DEFAULT_PORT, default_metrics_port=DEFAULT_METRICS_PORT)
+    serve.set_defaults(func=_serve)
+
+
+async def write_port_file(path: str | None, port: int) -> None:
+    if path:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.write(str(port))
+        os.replace(tmp, path)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from services.common.cli_args import server_config_from_args
+    from services.extractor.app import ExtractorConfig, build_extractor, fleet_verifier
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.ticket_secret:
+        raise ValueError(f"--ticket-secret (or ${SECRET_ENV}) is required; the aggregator signs with the same one")
+    config = ExtractorConfig(store_url=args.store, ticket_secret=args.ticket_secret, cache_entries=args.cache_entries,
+                             cache_mb=args.cache_mb, server=server_config_from_args(args))
+
+    async def main() -> None:
+        app = await build_extractor(config, verifier=fleet_verifier(args.registry, args.operator_token))
+        app.server.on_start(lambda: write_port_file(args.port_file, app.server.port))
+        await app.server.serve_until_signal()
+
+    asyncio.run(main())
+    return 0

@@ -1,0 +1,75 @@
+"""The extractor's gRPC servicer: decode, call one use case, encode."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from raffm.v1 import common_pb2, extractor_pb2, extractor_pb2_grpc
+from raffm.wire import (
+    DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, iter_chunks, manifest_to_proto, resume_from_proto,
+    spec_to_proto, wire_dtype_enum, wire_dtype_name,
+)
+from services.common.auth import current_principal
+from services.extractor.planner import PlanJob, PlanResult, Profile
+from services.extractor.slices import SliceService
+
+SERVICE_NAME = "raffm.v1.ExtractorService"
+COST_FIELDS = ("params", "wire_bytes", "flops_per_sample", "train_memory_mb", "infer_memory_mb", "download_s",
+               "compute_s", "upload_s", "est_seconds")
+
+
+def cost_to_proto(cost: dict[str, float]) -> extractor_pb2.CostEstimate:
+    ints = {"params", "wire_bytes", "flops_per_sample"}
+    return extractor_pb2.CostEstimate(**{k: (int(v) if k in ints else float(v)) for k, v in cost.items()
+                                         if k in COST_FIELDS})
+
+
+def plan_to_proto(result: PlanResult) -> extractor_pb2.PlanReply:
+    return extractor_pb2.PlanReply(spec=spec_to_proto(result.spec), cost=cost_to_proto(result.cost),
+                                   model_version=result.model_version, param_fraction=result.param_fraction,
+                                   full_spec=spec_to_proto(result.full_spec))
+
+
+class ExtractorServicer(extractor_pb2_grpc.ExtractorServiceServicer):
+    def __init__(self, service: SliceService) -> None:
+        self.service = service
+
+    async def Plan(self, request: extractor_pb2.PlanRequest, context: Any) -> extractor_pb2.PlanReply:
+        job = request.job
+        # Unset fields take the protocol's defaults; the wire dtype enum becomes the core's name in the planner.
+        plan_job = PlanJob(batch_size=job.batch_size or 16, seq_len=job.seq_len,
+                           wire_dtype=wire_dtype_name(job.wire_dtype), deadline_s=job.deadline_s or 600.0,
+                           local_steps=job.local_steps or 1, optimizer=job.optimizer or "adamw")
+        infer = request.purpose == extractor_pb2.PLAN_PURPOSE_INFER
+        result = await asyncio.to_thread(self.service.plan, Profile.from_proto(request.profile), plan_job,
+                                         request.model_version, infer=infer)
+        return plan_to_proto(result)
+
+    async def DownloadSlice(self, request: extractor_pb2.DownloadRequest,
+                            context: Any) -> AsyncIterator[extractor_pb2.SliceMessage]:
+        caller = current_principal()
+        ticket = self.service.verify(request.ticket, caller)
+        item = await asyncio.to_thread(self.service.slice_for, ticket)
+        chunk_bytes = min(max(request.chunk_bytes or DEFAULT_CHUNK_BYTES, MIN_CHUNK_BYTES), MAX_CHUNK_BYTES)
+        start = resume_from_proto(request.resume_from if request.HasField("resume_from") else None)
+        manifest = item.payload.manifest
+        yield extractor_pb2.SliceMessage(manifest=manifest_to_proto(
+            manifest, model_version=ticket.model_version, spec=spec_to_proto(ticket.elastic_spec),
+            chunk_bytes=chunk_bytes, architecture=item.architecture, wire_dtype=wire_dtype_enum(ticket.wire_dtype)))
+        counter = self.service.metrics.bytes_down.labels(ticket.tier or "unknown", ticket.wire_dtype)
+        sent = 0
+        outcome = "aborted"
+        try:
+            for chunk in iter_chunks(manifest, item.payload.source, start, chunk_bytes):
+                yield extractor_pb2.SliceMessage(
+                    chunk=common_pb2.TensorChunk(tensor=chunk.tensor, offset=chunk.offset, data=chunk.data))
+                sent += len(chunk.data)
+                if sent >= 64 << 20:  # count in batches: the counter is shared across streams
+                    counter.inc(sent)
+                    sent = 0
+            outcome = "resumed" if not start.at_start else "complete"
+        finally:
+            counter.inc(sent)
+            self.service.metrics.downloads.labels(outcome).inc()

@@ -1,0 +1,160 @@
+"""The extractor's use cases: plan a sub-model for a profile, and serve the wire payload of a ticket's slice.
+
+Slices are cut from a model version read from the checkpoint store, converted to the job's wire dtype, hashed, and
+kept in a bounded LRU cache keyed by (version, spec key, wire dtype); concurrent requests for the same slice build it
+once. The most recently used global state is kept too (one version), so cutting many specs of the current version
+reads the checkpoint once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from raffm.arch import adapter_for
+from raffm.checkpoints import CheckpointStore, VersionNotFoundError
+from raffm.slicing import slice_plan
+from raffm.tickets import Ticket, TicketError, TicketSigner
+from raffm.wire import WirePayload
+from services.common.auth import Principal
+from services.common.errors import AuthenticationError, NotFoundError, PermissionDeniedError
+from services.extractor.metrics import ExtractorMetrics
+from services.extractor.planner import NoFitError, Planner, PlanJob, PlanResult, Profile
+
+SliceKey = tuple[str, str, str]
+
+
+@dataclass(frozen=True)
+class Slice:
+    key: SliceKey
+    payload: WirePayload
+    architecture: str
+
+
+class _ConfigView:
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.__dict__.update(data)
+
+
+class SliceCache:
+    """LRU over built slices, bounded by entry count and by total wire bytes."""
+
+    def __init__(self, max_entries: int = 8, max_bytes: int = 4 << 30) -> None:
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self._items: OrderedDict[SliceKey, Slice] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: SliceKey) -> Slice | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is not None:
+                self._items.move_to_end(key)
+            return item
+
+    def put(self, item: Slice) -> None:
+        with self._lock:
+            self._items[item.key] = item
+            self._items.move_to_end(item.key)
+            while len(self._items) > 1 and (
+                len(self._items) > self.max_entries or sum(s.payload.nbytes for s in self._items.values()) > self.max_bytes
+            ):
+                self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class SliceService:
+    def __init__(self, store: CheckpointStore, signer: TicketSigner, planner: Planner, metrics: ExtractorMetrics,
+                 cache: SliceCache | None = None) -> None:
+        self.store, self.signer, self.planner, self.metrics = store, signer, planner, metrics
+        self.cache = cache or SliceCache()
+        self._build_locks: dict[SliceKey, threading.Lock] = {}
+        self._locks_lock = threading.Lock()
+        self._global: tuple[str, dict[str, torch.Tensor]] | None = None
+        self._global_lock = threading.Lock()
+
+    # -- Plan ---------------------------------------------------------------------------------------------------------
+
+    def plan(self, profile: Profile, job: PlanJob, model_version: str = "", *, infer: bool = False) -> PlanResult:
+        version = model_version or self.latest_version()
+        try:
+            self.store.info(version)
+        except VersionNotFoundError as exc:
+            raise NotFoundError(str(exc), field="model_version") from None
+        try:
+            result = self.planner.plan(profile, job, version, infer=infer)
+        except NoFitError:
+            self.metrics.plans.labels("no_fit").inc()
+            raise
+        self.metrics.plans.labels("fitted").inc()
+        return result
+
+    def latest_version(self) -> str:
+        versions = self.store.versions()
+        if not versions:
+            raise NotFoundError("the checkpoint store holds no model version yet; start the aggregator first")
+        return versions[-1].version
+
+    # -- DownloadSlice --------------------------------------------------------------------------------------------------
+
+    def verify(self, ticket_bytes: bytes, caller: Principal | None) -> Ticket:
+        try:
+            ticket = self.signer.verify(ticket_bytes)
+        except TicketError as exc:
+            raise AuthenticationError(str(exc), field="ticket",
+                                      hint="present the ticket of your latest assignment, unmodified") from None
+        if caller is not None and not caller.is_operator and caller.subject != ticket.device_id:
+            raise PermissionDeniedError(f"ticket belongs to device {ticket.device_id!r}, not {caller.subject!r}",
+                                        field="ticket")
+        return ticket
+
+    def slice_for(self, ticket: Ticket) -> Slice:
+        key: SliceKey = (ticket.model_version, ticket.spec_key, ticket.wire_dtype)
+        hit = self.cache.get(key)
+        if hit is not None:
+            self.metrics.cache_hits.inc()
+            return hit
+        with self._locks_lock:
+            lock = self._build_locks.setdefault(key, threading.Lock())
+        with lock:
+            hit = self.cache.get(key)
+            if hit is not None:  # built by a concurrent request while we waited
+                self.metrics.cache_hits.inc()
+                return hit
+            self.metrics.cache_misses.inc()
+            t0 = time.perf_counter()
+            item = self._build(ticket, key)
+            self.metrics.slice_build_seconds.observe(time.perf_counter() - t0)
+            self.cache.put(item)
+        with self._locks_lock:
+            self._build_locks.pop(key, None)
+        return item
+
+    def _state(self, version: str) -> dict[str, torch.Tensor]:
+        with self._global_lock:
+            if self._global is None or self._global[0] != version:
+                self._global = None  # drop the old version before loading the new one (peak memory)
+                try:
+                    self._global = (version, self.store.load(version))
+                except VersionNotFoundError as exc:
+                    raise NotFoundError(str(exc)) from None
+            return self._global[1]
+
+    def _build(self, ticket: Ticket, key: SliceKey) -> Slice:
+        state = self._state(ticket.model_version)
+        config = self.store.info(ticket.model_version).config
+        view = _ConfigView(config)
+        adapter = adapter_for(view)
+        plan = slice_plan(adapter, adapter.dims(view), ticket.elastic_spec, {n: tuple(t.shape) for n, t in state.items()})
+        sub = {}
+        for name, s in plan.items():
+            # The full extent of a tensor needs no copy: the wire conversion reads the global tensor directly.
+            sub[name] = state[name] if s.sub_shape == s.shape else s.take(state[name])
+        payload = WirePayload.from_state(sub, ticket.wire_dtype, names=list(plan))
+        return Slice(key=key, payload=payload, architecture=adapter.name)

@@ -1,0 +1,228 @@
+"""Harness for the federated-loop integration tests: registry + extractor + aggregator on 127.0.0.1 port 0.
+
+The registry is the real service (SQLite file); the extractor and aggregator run in one background event loop with
+real SQLite and a file checkpoint store; scripted devices use sync gRPC stubs with their own registry tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+from prometheus_client import CollectorRegistry
+from transformers import BertConfig, BertForSequenceClassification
+
+from raffm.arch import adapter_for
+from raffm.checkpoints import FileCheckpointStore
+from raffm.fitting import DeviceProfile, FitResult, fit, ladder
+from raffm.slicing import SlicePlan, slice_plan
+from raffm.spec import ElasticSpec
+from raffm.v1 import aggregator_pb2, aggregator_pb2_grpc, extractor_pb2_grpc
+from raffm.wire import WIRE_DTYPES, MemorySink, WirePayload, spec_from_proto
+from services.aggregator.app import AggregatorApp, AggregatorConfig, build_aggregator
+from services.aggregator.config import JobConfig
+from services.common.auth import auth_metadata
+from services.common.server import ServerConfig
+from services.common.testing import LoopThread
+from services.extractor.app import ExtractorApp, ExtractorConfig, build_extractor, fleet_verifier
+from services.extractor.planner import core_wire_dtype, cost_model_for
+from services.registry.testing import OPERATOR_TOKEN, RegistryHarness
+
+SECRET = "test-ticket-secret-0123456789"
+GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+
+
+def tiny_bert_folder(path: Path, seed: int = 0, **overrides: Any) -> Path:
+    """A random-init BERT classifier saved as an HF folder (the job's ``model``)."""
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+               max_position_embeddings=32, num_labels=3)
+    cfg.update(overrides)
+    BertForSequenceClassification(BertConfig(**cfg)).save_pretrained(path)
+    return path
+
+
+def tiny_job(model: Path, **overrides: Any) -> JobConfig:
+    base = dict(job_id="job", model=str(model), num_labels=3, rounds=2, clients_per_round=3, quorum=3,
+                round_deadline_s=120.0, batch_size=64, seq_len=32, local_steps=2, poll_wait_s=0.1)
+    base.update(overrides)
+    return JobConfig(**base)
+
+
+def budget_ladder(job: JobConfig, config: dict[str, Any]) -> list[tuple[int, ElasticSpec]]:
+    """(integer training-memory budget in MiB, the ladder rung the core fitter picks for it), smallest first.
+
+    Only rungs that some integer budget selects are listed (the registry stores whole MiB).
+    """
+    cm = cost_model_for(config)
+    rungs = ladder(cm.dims)
+    mems = [cm.estimate(s, batch_size=job.batch_size, seq_len=job.seq_len).train_memory_mb for s in rungs]
+    out = []
+    for i, spec in enumerate(rungs):
+        budget = math.ceil(mems[i])
+        if i + 1 == len(rungs) or budget < mems[i + 1]:
+            out.append((budget, spec))
+    return out
+
+
+def budgets_for(job: JobConfig, config: dict[str, Any], picks: tuple[str, ...] = ("top", "mid", "bottom")) -> list[int]:
+    """Training-memory budgets (MiB) that make the core fitter pick the top, a middle, or the bottom rung."""
+    ladder_ = budget_ladder(job, config)
+    index = {"top": len(ladder_) - 1, "mid": len(ladder_) // 2, "bottom": 0}
+    return [ladder_[index[p]][0] for p in picks]
+
+
+def expected_fit(job: JobConfig, config: dict[str, Any], train_memory_mb: float, deadline_s: float = 100.0,
+                 **profile: Any) -> FitResult:
+    """What ``raffm.fitting.fit`` returns for a device of the registry harness's default profile."""
+    p = dict(gflops=200.0, up_mbps=50.0, down_mbps=200.0)
+    p.update(profile)
+    return fit(cost_model_for(config), DeviceProfile(train_memory_mb=train_memory_mb, deadline_s=deadline_s,
+                                                     batch_size=job.batch_size, seq_len=job.seq_len,
+                                                     local_steps=job.local_steps or 10, **p),
+               wire_dtype=core_wire_dtype(job.wire_dtype))
+
+
+@dataclass
+class Device:
+    name: str
+    device_id: str
+    token: str
+
+    @property
+    def md(self) -> tuple[tuple[str, str], ...]:
+        return auth_metadata(self.token)
+
+
+@dataclass
+class Fleet:
+    root: Path
+    job: JobConfig
+    registry: RegistryHarness | None = None
+    loop: LoopThread | None = None
+    extractor: ExtractorApp | None = None
+    aggregator: AggregatorApp | None = None
+    devices: dict[str, Device] = field(default_factory=dict)
+    metrics: CollectorRegistry = field(default_factory=CollectorRegistry)
+    evaluator: Any = None
+    initial_model: Any = None
+
+    def start(self, *, aggregator: bool = True) -> Fleet:
+        self.registry = RegistryHarness(f"sqlite:///{self.root / 'registry.db'}").start()
+        self.loop = LoopThread()
+        self.loop.run(self._start_extractor())
+        if aggregator:
+            self.start_aggregator()
+        return self
+
+    async def _start_extractor(self) -> None:
+        cfg = ExtractorConfig(store_url=f"file://{self.root / 'agg' / 'checkpoints'}", ticket_secret=SECRET,
+                              server=ServerConfig(grace_s=1.0))
+        self.extractor = await build_extractor(
+            cfg, verifier=fleet_verifier(self.registry.address, OPERATOR_TOKEN), registry=CollectorRegistry())
+        await self.extractor.server.start()
+
+    def start_aggregator(self) -> AggregatorApp:
+        async def go() -> AggregatorApp:
+            cfg = AggregatorConfig(job=self.job, data_dir=str(self.root / "agg"), ticket_secret=SECRET,
+                                   registry_target=self.registry.address, operator_token=OPERATOR_TOKEN,
+                                   extractor_target=self.extractor.address, tick_s=0.05,
+                                   server=ServerConfig(grace_s=1.0))
+            app = await build_aggregator(cfg, verifier=fleet_verifier(self.registry.address, OPERATOR_TOKEN),
+                                         evaluator=self.evaluator, registry=self.metrics,
+                                         initial_model=self.initial_model)
+            await app.server.start()
+            return app
+
+        self.aggregator = self.loop.run(go(), timeout=120)
+        return self.aggregator
+
+    def stop_aggregator(self) -> None:
+        if self.aggregator is not None:
+            self.loop.run(self.aggregator.server.stop(0.5))
+            self.aggregator = None
+
+    def stop(self) -> None:
+        self.stop_aggregator()
+        if self.extractor is not None:
+            self.loop.run(self.extractor.server.stop(0.5))
+        if self.loop is not None:
+            self.loop.close()
+        if self.registry is not None:
+            self.registry.stop()
+
+    # -- devices ------------------------------------------------------------------------------------------------------
+
+    def register(self, name: str, **profile: Any) -> Device:
+        reply = self.registry.register(name, **profile)
+        dev = Device(name, reply.device_id, reply.token)
+        self.devices[name] = dev
+        return dev
+
+    @property
+    def store(self) -> FileCheckpointStore:
+        return FileCheckpointStore(self.root / "agg" / "checkpoints")
+
+    def agg_stub(self, target: str | None = None) -> Any:
+        target = target or f"127.0.0.1:{self.aggregator.server.port}"
+        return aggregator_pb2_grpc.AggregatorServiceStub(grpc.insecure_channel(target, options=GRPC_OPTIONS))
+
+    def ext_stub(self) -> Any:
+        return extractor_pb2_grpc.ExtractorServiceStub(
+            grpc.insecure_channel(f"127.0.0.1:{self.extractor.server.port}", options=GRPC_OPTIONS))
+
+    @property
+    def operator(self) -> tuple[tuple[str, str], ...]:
+        return auth_metadata(OPERATOR_TOKEN)
+
+    def poll(self, stub: Any, dev: Device) -> aggregator_pb2.PollReply:
+        return stub.PollRound(aggregator_pb2.PollRequest(device_id=dev.device_id), metadata=dev.md, timeout=30)
+
+    def wait_round(self, stub: Any, round_id: str, states: tuple[int, ...] = (aggregator_pb2.ROUND_STATE_CLOSED,),
+                   timeout: float = 60) -> aggregator_pb2.Round:
+        end = time.monotonic() + timeout
+        while True:
+            r = stub.GetRound(aggregator_pb2.GetRoundRequest(round_id=round_id), metadata=self.operator, timeout=10)
+            if r.state in states or time.monotonic() > end:
+                return r
+            time.sleep(0.05)
+
+
+def download(fleet: Fleet, dev: Device, assignment: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+    from raffm.transfer import download_slice
+
+    sink = MemorySink()
+    d = download_slice(fleet.ext_stub(), assignment.ticket, sink, metadata=dev.md, **kwargs)
+    d.reassembler.finish()
+    return sink.tensors
+
+
+def plan_of(config: dict[str, Any], shapes: dict[str, tuple[int, ...]], spec: ElasticSpec) -> SlicePlan:
+    from services.aggregator.rounds import _ConfigView
+
+    view = _ConfigView(config)
+    adapter = adapter_for(view)
+    return slice_plan(adapter, adapter.dims(view), spec, shapes)
+
+
+def scripted_delta(received: dict[str, torch.Tensor], seed: int, scale: float = 1e-2) -> dict[str, torch.Tensor]:
+    """A deterministic 'training' result: a random delta of the received slice, in its wire dtype."""
+    g = torch.Generator().manual_seed(seed)
+    return {n: (torch.randn(t.shape, generator=g) * scale).to(t.dtype) for n, t in received.items()}
+
+
+def payload(delta: dict[str, torch.Tensor], wire_dtype: str) -> WirePayload:
+    return WirePayload.from_state(delta, wire_dtype)
+
+
+def spec_of(assignment: Any) -> ElasticSpec:
+    return spec_from_proto(assignment.spec)
+
+
+__all__ = ["Fleet", "Device", "tiny_bert_folder", "tiny_job", "budgets_for", "budget_ladder", "expected_fit", "download", "plan_of", "scripted_delta",
+           "payload", "spec_of", "WIRE_DTYPES", "replace"]

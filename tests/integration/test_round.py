@@ -1,0 +1,100 @@
+"""A full federated round over real gRPC: registry, extractor and aggregator on port 0, three scripted devices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from raffm.aggregation import SlicedFedAvg
+from raffm.spp import prioritize_state
+from raffm.transfer import upload_update
+from raffm.v1 import aggregator_pb2
+from raffm.wire import WIRE_DTYPES
+from tests.integration.fedloop import (
+    Fleet, budgets_for, download, payload, plan_of, scripted_delta, spec_of, tiny_bert_folder, tiny_job,
+)
+
+
+def _expected(fleet: Fleet, version: str, updates: list[tuple[dict, object, int]], job) -> dict[str, torch.Tensor]:
+    """What the core computes on the same deltas: SlicedFedAvg in the same order, then SPP as the server does."""
+    store = fleet.store
+    state = store.load(version)
+    config = store.info(version).config
+    agg = SlicedFedAvg(state, mode=job.aggregation, server_lr=job.server_lr)
+    for delta, spec, weight in updates:
+        plan = plan_of(config, {n: tuple(t.shape) for n, t in state.items()}, spec)
+        agg.fold(delta, plan, weight, dtype=WIRE_DTYPES[job.wire_dtype])
+    from services.extractor.planner import model_shape
+    from raffm.arch import BERT
+
+    return prioritize_state(agg.result(), BERT, model_shape(config).dims, rank_hidden=True)
+
+
+@pytest.mark.parametrize("wire_dtype", ["fp32", "fp16"])
+def test_three_heterogeneous_devices_complete_a_round(tmp_path: Path, wire_dtype: str) -> None:
+    model = tiny_bert_folder(tmp_path / "model")
+    job = tiny_job(model, wire_dtype=wire_dtype, rounds=2)
+    evaluations = []
+
+    def evaluator(state, config):
+        evaluations.append(len(state))
+        return {"accuracy": 0.5, "loss": 1.0}
+
+    fleet = Fleet(tmp_path, job, evaluator=evaluator).start()
+    try:
+        config = fleet.store.info("job-v0").config
+        budgets = budgets_for(job, config)
+        devs = [fleet.register(f"dev{i}", train_memory_mb=b, tier=tier)
+                for i, (b, tier) in enumerate(zip(budgets, ("laptop", "jetson", "phone")))]
+        stub = fleet.agg_stub()
+        assignments = []
+        for dev in devs:
+            reply = fleet.poll(stub, dev)
+            assert reply.WhichOneof("action") == "assignment", reply
+            assignments.append(reply.assignment)
+        specs = [spec_of(a) for a in assignments]
+        assert len({s.key() for s in specs}) == 3, [s.key() for s in specs]  # heterogeneous slices
+        assert all(a.round_id == "job-r1" and a.model_version == "job-v0" for a in assignments)
+        # A fourth poll (already assigned) waits.
+        assert fleet.poll(stub, devs[0]).WhichOneof("action") == "wait"
+
+        updates = []
+        for i, (dev, a, spec) in enumerate(zip(devs, assignments, specs)):
+            received = download(fleet, dev, a)
+            assert received["classifier.weight"].dtype == WIRE_DTYPES[job.wire_dtype]
+            delta = scripted_delta(received, seed=i)
+            ack = upload_update(stub, a.ticket, 10 * (i + 1), payload(delta, job.wire_dtype), metadata=dev.md,
+                                metrics={"loss": 1.0 + i})
+            assert ack.accepted and ack.round_id == "job-r1"
+            updates.append((delta, spec, 10 * (i + 1)))
+
+        rnd = fleet.wait_round(stub, "job-r1")
+        assert rnd.state == aggregator_pb2.ROUND_STATE_CLOSED, rnd
+        assert rnd.result_model_version == "job-v1" and rnd.accepted == 3 and rnd.assigned == 3
+        assert rnd.bytes_up > 0 and rnd.full_model_bytes > rnd.bytes_up + rnd.bytes_down
+        assert rnd.evaluation["accuracy"] == 0.5 and evaluations
+        assert rnd.mean_train_loss == pytest.approx((1 * 10 + 2 * 20 + 3 * 30) / 60)
+
+        expected = _expected(fleet, "job-v0", updates, job)
+        got = fleet.store.load("job-v1")
+        assert set(got) == set(expected)
+        for name in expected:
+            assert torch.equal(got[name], expected[name]), name
+
+        job_msg = stub.GetJob(aggregator_pb2.GetJobRequest(), metadata=fleet.operator, timeout=10)
+        assert job_msg.model_version == "job-v1" and job_msg.current_round == 2
+        listed = stub.ListRounds(aggregator_pb2.ListRoundsRequest(), metadata=fleet.operator, timeout=10)
+        assert [r.round_id for r in listed.rounds] == ["job-r2", "job-r1"]
+        text = _metrics_text(fleet)
+        assert 'raffm_aggregator_updates_accepted_total{tier="phone"} 1.0' in text
+        assert "raffm_aggregator_full_model_fedavg_bytes_total" in text
+    finally:
+        fleet.stop()
+
+
+def _metrics_text(fleet: Fleet) -> str:
+    from prometheus_client import generate_latest
+
+    return generate_latest(fleet.metrics).decode()
