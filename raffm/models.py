@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    import torch
 
 from transformers import (
     AutoConfig,
@@ -70,3 +73,14 @@ def model_from_config(config: PretrainedConfig, *, task: Task = "sequence-classi
 
 def load_config(model: str | os.PathLike[str] | None = None) -> PretrainedConfig:
     return AutoConfig.from_pretrained(resolve_model(model))
+
+
+def model_from_state(
+    config: dict[str, object], state: dict[str, "torch.Tensor"], *, task: Task = "sequence-classification"
+) -> PreTrainedModel:
+    """Rebuild a global model from its HF config dict and state dict (e.g. a checkpoint-store version)."""
+    values = dict(config)
+    model_type = str(values.pop("model_type"))
+    model = model_from_config(AutoConfig.for_model(model_type, **values), task=task)
+    model.load_state_dict(state, strict=True)
+    return model.eval()

@@ -146,7 +146,7 @@ def write_plots(report: RunReport, out: Path) -> list[Path]:
     ]
     ax.plot(xs, [100 * y for y in ys], marker="o", label="global model")
     ax.axhline(100 * report.majority_rate, color="grey", linestyle="--", label="majority class")
-    ax.set(xlabel="round", ylabel="test accuracy (%)", title="Global test accuracy per round")
+    ax.set(xlabel="round", ylabel="test accuracy (%)", title="Global test accuracy per round", xticks=xs)
     ax.legend()
     written.append(_save(fig, out / "accuracy.png"))
 
@@ -161,8 +161,10 @@ def write_plots(report: RunReport, out: Path) -> list[Path]:
     if not tiers:
         ax.bar(rounds, [(r.bytes_down + r.bytes_up) / 2**20 for r in report.rounds], label="RaFFM")
     ax.plot(rounds, [r.full_fedavg_bytes / 2**20 for r in report.rounds], "k--o", label="full-model FedAvg")
-    ax.set(xlabel="round", ylabel="MiB moved (down + up)", title="Communication per round and device tier")
-    ax.legend(fontsize="small")
+    ax.set(xlabel="round", ylabel="MiB moved (down + up)", title="Communication per round and device tier",
+           xticks=rounds)
+    ax.set_ylim(0, 1.25 * max([r.full_fedavg_bytes / 2**20 for r in report.rounds] + bottom + [1.0]))
+    ax.legend(fontsize="small", loc="upper left", ncol=3)
     written.append(_save(fig, out / "bytes.png"))
 
     if report.scaling:
