@@ -15,7 +15,7 @@ from raffm.checkpoints import checkpoint_store_from_url
 from raffm.tickets import TicketSigner
 from raffm.v1 import aggregator_pb2_grpc
 from services.aggregator.config import JobConfig
-from services.aggregator.devices import DeviceDirectory, RegistryDirectory
+from services.aggregator.devices import CachingDirectory, DeviceDirectory, RegistryDirectory
 from services.aggregator.metrics import build_aggregator_metrics
 from services.aggregator.rounds import Evaluator, InitialModel, RoundCoordinator
 from services.aggregator.servicer import SERVICE_NAME, AggregatorServicer
@@ -39,6 +39,8 @@ class AggregatorConfig:
     extractor_target: str = ""  # Plan RPC target and what devices are told; empty: plan in-process
     operator_token: str = ""
     tick_s: float = 0.5
+    # How long the registry's answer about a device (profile, online/offline) is reused by PollRound.
+    device_cache_s: float = 2.0
     server: ServerConfig = field(default_factory=ServerConfig)
 
     @property
@@ -125,7 +127,13 @@ async def build_aggregator(
     if devices is None:
         import grpc
 
-        devices = RegistryDirectory(grpc.aio.insecure_channel(config.registry_target), config.operator_token)
+        devices = CachingDirectory(
+            RegistryDirectory(grpc.aio.insecure_channel(config.registry_target), config.operator_token),
+            ttl_s=config.device_cache_s)
+    if evaluator is None and config.job.eval_data:
+        from services.aggregator.evaluation import default_evaluator
+
+        evaluator = await asyncio.to_thread(default_evaluator, config.job)
     coordinator = RoundCoordinator(
         config.job, rounds=rounds, checkpoints=checkpoints, staging=Staging(Path(config.data_dir) / "staging"),
         planner=planner, signer=TicketSigner(config.ticket_secret), metrics=build_aggregator_metrics(registry),

@@ -35,6 +35,31 @@ def register(subparsers: Any) -> None:
     add_job_arguments(serve)
     add_server_arguments(serve, default_port=DEFAULT_PORT, default_metrics_port=DEFAULT_METRICS_PORT)
     serve.set_defaults(func=_serve)
+    migrate = commands.add_parser("migrate", help="apply the round store's schema migrations and exit",
+                                  description="Upgrade the aggregator's tables (agg_*) to the latest schema. `serve` "
+                                              "does this at start too; run it ahead of a rollout to migrate once.")
+    migrate.add_argument("--data-dir", default=os.path.join("runs", "aggregator"),
+                         help="where the default SQLite database lives (default: %(default)s)")
+    migrate.add_argument("--db", default="", help="round store URL (default: sqlite under --data-dir)")
+    migrate.set_defaults(func=_migrate)
+
+
+def _db_url(args: argparse.Namespace) -> str:
+    from pathlib import Path
+
+    return args.db or f"sqlite:///{Path(args.data_dir).resolve() / 'aggregator.db'}"
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from services.aggregator.db import head_revision, make_engine, migrate
+
+    engine = make_engine(_db_url(args))
+    try:
+        revision = migrate(engine)
+    finally:
+        engine.dispose()
+    print(f"aggregator schema at revision {revision} (head {head_revision()})")
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -67,12 +67,29 @@ class JobConfig:
     ticket_grace_s: float = 60.0
     # Evaluate the global model after every round on the server's held-out split (if an evaluator is configured).
     evaluate: bool = True
+    # The default evaluator's held-out data: "" (off), a CSV/JSON-lines file with text,label columns,
+    # "rotten_tomatoes" (the built-in corpus's test split) or "mnist"; at most eval_max_samples examples.
+    eval_data: str = ""
+    # Sub-model sizes (fractions of the parameters) evaluated besides the global model, e.g. [0.25, 0.5, 1.0].
+    eval_fractions: tuple[float, ...] = ()
+    eval_max_samples: int = 1000
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"job setting {name} = {getattr(self, name)!r}: {why}")
 
         object.__setattr__(self, "wire_dtype", wire_dtype_name(self.wire_dtype))
+        fractions = self.eval_fractions
+        if isinstance(fractions, str):  # from a CLI flag: "0.25,0.5,1"
+            fractions = [f for f in fractions.replace(" ", "").split(",") if f]
+        try:
+            object.__setattr__(self, "eval_fractions", tuple(float(f) for f in fractions))
+        except (TypeError, ValueError):
+            raise bad("eval_fractions", "give numbers in (0, 1], e.g. [0.25, 0.5, 1.0]") from None
+        if any(not 0 < f <= 1 for f in self.eval_fractions):
+            raise bad("eval_fractions", "every fraction must be in (0, 1]")
+        if self.eval_max_samples < 0:
+            raise bad("eval_max_samples", "must be >= 0 (0 = the whole split)")
         if not self.job_id or len(self.job_id) > 64 or not self.job_id.replace("-", "").replace("_", "").isalnum():
             raise bad("job_id", "use 1-64 letters, digits, '-' or '_'")
         if self.task not in TASKS:
@@ -96,7 +113,8 @@ class JobConfig:
             raise bad("poll_jitter", "must be in [0, 1)")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """JSON-ready settings (tuples become lists, so a stored copy compares equal after a round trip)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobConfig:

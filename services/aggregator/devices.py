@@ -1,12 +1,23 @@
-"""Where the aggregator learns a device's profile and liveness: the registry (gRPC) or a static table (tests)."""
+"""Where the aggregator learns a device's profile and liveness: the registry (gRPC) or a static table (tests).
+
+``CachingDirectory`` wraps either and remembers each answer briefly, so a fleet polling every few seconds costs the
+registry one GetDevice per device per TTL, while a device that goes offline or is deregistered stops getting
+assignments within that TTL.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from services.extractor.planner import Profile
+
+
+ONLINE, OFFLINE, DEREGISTERED = "online", "offline", "deregistered"
 
 
 @dataclass(frozen=True)
@@ -14,6 +25,12 @@ class DeviceInfo:
     device_id: str
     profile: Profile
     online: bool = True
+    state: str = ""  # online | offline | deregistered (derived from ``online`` when empty)
+
+    def __post_init__(self) -> None:
+        if not self.state:
+            object.__setattr__(self, "state", ONLINE if self.online else OFFLINE)
+        object.__setattr__(self, "online", self.state == ONLINE)
 
     @property
     def tier(self) -> str:
@@ -64,4 +81,49 @@ class RegistryDirectory:
         profile = Profile.from_proto(d.profile)
         if d.tier and profile.tier == "unknown":
             profile = Profile(**{**profile.__dict__, "tier": d.tier})
-        return DeviceInfo(device_id=d.device_id, profile=profile, online=d.state == registry_pb2.DEVICE_STATE_ONLINE)
+        state = {registry_pb2.DEVICE_STATE_ONLINE: ONLINE,
+                 registry_pb2.DEVICE_STATE_DEREGISTERED: DEREGISTERED}.get(d.state, OFFLINE)
+        return DeviceInfo(device_id=d.device_id, profile=profile, state=state)
+
+
+class CachingDirectory:
+    """Remembers a directory's answers (unknown devices included) for ``ttl_s``; bounded LRU of ``max_entries``."""
+
+    def __init__(self, inner: DeviceDirectory, ttl_s: float = 2.0, *, max_entries: int = 100_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.inner, self.ttl_s, self.max_entries, self._clock = inner, ttl_s, max_entries, clock
+        self._cache: OrderedDict[str, tuple[float, DeviceInfo | None]] = OrderedDict()
+        self._inflight: dict[str, asyncio.Future[DeviceInfo | None]] = {}
+        self.lookups = 0  # calls that reached the inner directory
+
+    async def get(self, device_id: str) -> DeviceInfo | None:
+        hit = self._cache.get(device_id)
+        if hit is not None and self._clock() - hit[0] < self.ttl_s:
+            self._cache.move_to_end(device_id)
+            return hit[1]
+        pending = self._inflight.get(device_id)
+        if pending is not None:  # one registry call per device at a time, however many polls arrive
+            return await asyncio.shield(pending)
+        future: asyncio.Future[DeviceInfo | None] = asyncio.get_running_loop().create_future()
+        self._inflight[device_id] = future
+        try:
+            self.lookups += 1
+            info = await self.inner.get(device_id)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: no "never retrieved" warning when nobody else waits
+            raise
+        finally:
+            self._inflight.pop(device_id, None)
+        future.set_result(info)
+        self._cache[device_id] = (self._clock(), info)
+        self._cache.move_to_end(device_id)
+        while len(self._cache) > self.max_entries:
+            self._cache.popitem(last=False)
+        return info
+
+    def invalidate(self, device_id: str | None = None) -> None:
+        if device_id is None:
+            self._cache.clear()
+        else:
+            self._cache.pop(device_id, None)

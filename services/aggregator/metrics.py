@@ -12,6 +12,7 @@ ROUND_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 @dataclass(frozen=True)
 class AggregatorMetrics:
     bytes_up: Counter
+    bytes_down: Counter
     bytes_down_assigned: Counter
     full_model_bytes: Counter
     round_duration: Histogram
@@ -30,6 +31,14 @@ def build_aggregator_metrics(registry: CollectorRegistry) -> AggregatorMetrics:
     return AggregatorMetrics(
         bytes_up=Counter("raffm_aggregator_upload_bytes", "Update bytes received on the wire, by device tier and wire dtype.",
                          ("tier", "wire_dtype"), registry=registry),
+        # Bytes down, three views: raffm_extractor_download_bytes counts what the extractor actually streamed
+        # (dropouts and aborted streams included); this one counts the slices of the devices whose update was
+        # accepted (each downloaded its slice in full); the assigned one below what every assignment entailed.
+        bytes_down=Counter(
+            "raffm_aggregator_download_bytes",
+            "Slice bytes downloaded by devices whose update was accepted (their complete slices), by device tier "
+            "and wire dtype; compare with raffm_aggregator_full_model_fedavg_bytes.",
+            ("tier", "wire_dtype"), registry=registry),
         bytes_down_assigned=Counter(
             "raffm_aggregator_assigned_download_bytes",
             "Slice bytes handed out in assignments (what devices must download), by device tier and wire dtype.",

@@ -27,7 +27,7 @@ from raffm.spp import prioritize_state
 from raffm.tickets import Ticket, TicketError, TicketSigner
 from raffm.wire import WIRE_DTYPES, Manifest, Reassembler, ResumePoint, WireError, itemsize
 from services.aggregator.config import JobConfig
-from services.aggregator.devices import DeviceInfo
+from services.aggregator.devices import DEREGISTERED, DeviceInfo
 from services.aggregator.metrics import AggregatorMetrics
 from services.aggregator.staging import Staging, StagedUpload
 from services.aggregator.store import (
@@ -229,6 +229,9 @@ class RoundCoordinator:
             cache[key] = slice_plan(adapter, dims, spec, {n: tuple(t.shape) for n, t in self._global.items()})
         return cache[key]
 
+    def _slice_bytes(self, spec: ElasticSpec) -> int:
+        return sum(s.numel for s in self._plan(spec).values()) * itemsize(self.job.wire_dtype)
+
     def _full_wire_bytes(self) -> int:
         size = itemsize(self.job.wire_dtype)
         return sum(t.numel() * size for t in self._global.values() if t.is_floating_point())
@@ -292,7 +295,9 @@ class RoundCoordinator:
                                    model_version=rnd.model_version, spec=plan.spec, wire_dtype=job.wire_dtype,
                                    ttl_s=rnd.deadline - now + job.ticket_grace_s, now=now,
                                    tier=device.tier)
-            wire_bytes = int(plan.cost.get("wire_bytes", 0))
+            # Exactly the bytes of the slice's tensors in the wire dtype: what one complete download streams (a
+            # resumed download only streams the rest, so a device moves this much however often its link breaks).
+            wire_bytes = self._slice_bytes(plan.spec)
             self.rounds.add_assignment(AssignmentRecord(
                 ticket_id=ticket.ticket_id, round_id=rnd.round_id, device_id=device.device_id, tier=device.tier,
                 spec=plan.spec.to_dict(), state=ASSIGNED, created_at=now, download_bytes=wire_bytes))
@@ -309,8 +314,11 @@ class RoundCoordinator:
         o = self._open
         if o is None or o.record.state != OPEN or self._clock() > o.record.deadline:
             return self._wait("no open round")
+        if device.state == DEREGISTERED:
+            return self._wait(f"device {device.device_id} is deregistered from the fleet; register again to take part")
         if not device.online:
-            return self._wait("device is offline; send a heartbeat first")
+            return self._wait(f"device {device.device_id} is {device.state} in the registry (no heartbeat within its "
+                              "liveness window); send a heartbeat, then poll again")
         mine = [a for a in self.rounds.assignments(o.record.round_id) if a.device_id == device.device_id]
         if mine:
             return self._wait("already assigned in this round")
@@ -353,6 +361,7 @@ class RoundCoordinator:
             if o.agg is not session.agg:
                 raise LateUploadError(f"round {ticket.round_id} was restarted while this upload was in flight")
             session.staged.sync()
+            assert session.reassembler is not None  # finish() only commits after the manifest arrived
             nbytes = session.reassembler.bytes_held
             try:
                 update = self.rounds.add_update(UpdateRecord(
@@ -375,6 +384,7 @@ class RoundCoordinator:
             self.rounds.save_round(rnd)
             self.metrics.accepted.labels(assignment.tier).inc()
             self.metrics.bytes_up.labels(assignment.tier, self.job.wire_dtype).inc(nbytes)
+            self.metrics.bytes_down.labels(assignment.tier, self.job.wire_dtype).inc(assignment.download_bytes)
             self.metrics.full_model_bytes.labels(self.job.wire_dtype).inc(2 * self._full_wire_bytes())
         self.metrics.fold_seconds.observe(time.perf_counter() - t0)
         return UploadResult(round_id=ticket.round_id, bytes_received=nbytes, tensors=len(delta), seq=update.seq)
@@ -443,7 +453,11 @@ class RoundCoordinator:
             return False
 
     def close_round(self) -> RoundRecord | None:
-        """Aggregate the round (if it is AGGREGATING), write the new version, evaluate, open the next round."""
+        """Aggregate the round (if it is AGGREGATING), write the new version, evaluate, open the next round.
+
+        Evaluation runs outside the lock: meanwhile polls are told to wait (no round is open) and late uploads are
+        refused, exactly as while aggregating; a crash during it re-aggregates to the same version at restart.
+        """
         with self._lock:
             o = self._open
             if o is None or o.record.state != AGGREGATING:
@@ -453,18 +467,29 @@ class RoundCoordinator:
             version = f"{self.job.job_id}-v{rnd.index}"
             self.checkpoints.put(version, result, self._config, parent=rnd.model_version,
                                  meta={"job": self.job.job_id, "round": rnd.index, "participants": o.accepted})
+        evaluation = self._evaluate(result, version)
+        with self._lock:
+            if self._open is not o:
+                return None
             rnd.result_version = version
-            if self._evaluator is not None and self.job.evaluate:
-                try:
-                    rnd.evaluation = {k: float(v) for k, v in self._evaluator(result, self._config).items()}
-                except Exception:  # noqa: BLE001 - an evaluation bug must not lose the round
-                    log.exception("evaluation of %s failed", version)
-                for name, value in rnd.evaluation.items():
-                    self.metrics.eval_metric.labels(name, "full").set(value)
+            rnd.evaluation = evaluation
             self._global = result
             assert self._record is not None
             self._record.model_version = version
             return self._finish(o, CLOSED)
+
+    def _evaluate(self, state: Mapping[str, torch.Tensor], version: str) -> dict[str, float]:
+        if self._evaluator is None or not self.job.evaluate:
+            return {}
+        try:
+            evaluation = {k: float(v) for k, v in self._evaluator(state, self._config).items()}
+        except Exception:  # noqa: BLE001 - an evaluation bug must not lose the round
+            log.exception("evaluation of %s failed", version)
+            return {}
+        for name, value in evaluation.items():
+            metric, _, size = name.partition("@")  # "accuracy@0.25": metric accuracy, sub-model size 0.25
+            self.metrics.eval_metric.labels(metric, size or "full").set(value)
+        return evaluation
 
     def _finish(self, o: _OpenRound, state: str) -> RoundRecord:
         rnd = o.record

@@ -11,13 +11,10 @@ import copy
 import threading
 import time
 from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
 import sqlalchemy as sa
-from sqlalchemy import event
-from sqlalchemy.pool import StaticPool
 
 # Round states (mirrors raffm.v1.RoundState).
 OPEN, AGGREGATING, CLOSED, FAILED = "open", "aggregating", "closed", "failed"
@@ -177,7 +174,11 @@ class MemoryRoundStore:
         pass
 
 
-_meta = sa.MetaData()
+# The query-side description of the tables; the schema itself is created by the Alembic migrations
+# (services/aggregator/migrations), and tests/integration/test_round_store.py checks the two agree.
+_meta = METADATA = sa.MetaData(naming_convention={
+    "pk": "pk_%(table_name)s", "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s", "ix": "ix_%(column_0_label)s"})
 _jobs = sa.Table(
     "agg_jobs", _meta,
     sa.Column("job_id", sa.String(128), primary_key=True),
@@ -235,29 +236,6 @@ _updates = sa.Table(
 )
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cur = dbapi_connection.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA busy_timeout=30000")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA synchronous=FULL")  # an acknowledged update must survive power loss, not only kill -9
-    cur.close()
-
-
-def make_engine(url: str) -> sa.Engine:
-    parsed = sa.engine.make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        db = parsed.database or ""
-        memory = db in ("", ":memory:")
-        if not memory:
-            Path(db).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
-        engine = sa.create_engine(parsed, connect_args={"check_same_thread": False, "timeout": 30},
-                                  **({"poolclass": StaticPool} if memory else {}))
-        event.listen(engine, "connect", _sqlite_pragmas)
-        return engine
-    return sa.create_engine(parsed, pool_pre_ping=True)
-
-
 def _row(cls: type, row: Any) -> Any:
     data = dict(row._mapping)
     return cls(**{f.name: data[f.name] for f in fields(cls)})
@@ -268,11 +246,13 @@ def _values(obj: Any, skip: tuple[str, ...] = ()) -> dict[str, Any]:
 
 
 class SqlRoundStore:
-    """SQLAlchemy Core over SQLite or PostgreSQL. Tables are created when missing (prefix ``agg_``)."""
+    """SQLAlchemy Core over SQLite or PostgreSQL (tables prefixed ``agg_``), migrated to the latest schema on open."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, auto_migrate: bool = True) -> None:
+        from services.aggregator.db import make_engine, migrate
+
         self.engine = make_engine(url)
-        _meta.create_all(self.engine)
+        self.revision = migrate(self.engine) if auto_migrate else None
 
     def _upsert(self, table: sa.Table, key: str, values: dict[str, Any]) -> None:
         with self.engine.begin() as conn:
@@ -326,7 +306,9 @@ class SqlRoundStore:
         try:
             with self.engine.begin() as conn:
                 res = conn.execute(_updates.insert().values(**_values(u, skip=("seq",))))
-                seq = int(res.inserted_primary_key[0])
+                key = res.inserted_primary_key
+                assert key is not None  # an INSERT into a table with an autoincrement primary key
+                seq = int(key[0])
         except sa.exc.IntegrityError as exc:
             raise DuplicateUpdateError(u.ticket_id) from exc
         return replace(u, seq=seq)

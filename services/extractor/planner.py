@@ -200,7 +200,7 @@ class GrpcPlanner:
                 train_memory_mb=int(profile.train_memory_mb), infer_memory_mb=int(profile.infer_memory_mb),
                 gflops=profile.gflops, up_mbps=profile.up_mbps, down_mbps=profile.down_mbps, tier=profile.tier),
             job=extractor_pb2.JobParams(batch_size=job.batch_size, seq_len=job.seq_len,
-                                        wire_dtype=wire_dtype_enum(wire_dtype_name(job.wire_dtype)),
+                                        wire_dtype=wire_dtype_enum(wire_dtype_name(job.wire_dtype)),  # type: ignore[arg-type]
                                         deadline_s=job.deadline_s, local_steps=job.local_steps,
                                         optimizer=job.optimizer),
             model_version=model_version,

@@ -54,26 +54,32 @@ def tiny_job(model: Path, **overrides: Any) -> JobConfig:
     return JobConfig(**base)
 
 
-def budget_ladder(job: JobConfig, config: dict[str, Any]) -> list[tuple[int, ElasticSpec]]:
-    """(integer training-memory budget in MiB, the ladder rung the core fitter picks for it), smallest first.
+def budget_ladder(job: JobConfig, config: dict[str, Any], max_mb: int = 1024) -> list[tuple[int, ElasticSpec]]:
+    """(smallest integer training-memory budget in MiB, the spec the core fitter picks for it), smallest first.
 
-    Only rungs that some integer budget selects are listed (the registry stores whole MiB).
+    Found by asking ``raffm.fitting.fit`` itself (the registry stores whole MiB), so the tests follow the fitter.
     """
-    cm = cost_model_for(config)
-    rungs = ladder(cm.dims)
-    mems = [cm.estimate(s, batch_size=job.batch_size, seq_len=job.seq_len).train_memory_mb for s in rungs]
-    out = []
-    for i, spec in enumerate(rungs):
-        budget = math.ceil(mems[i])
-        if i + 1 == len(rungs) or budget < mems[i + 1]:
+    out: list[tuple[int, ElasticSpec]] = []
+    full = ElasticSpec.full(cost_model_for(config).dims)
+    for budget in range(1, max_mb + 1):
+        if out and out[-1][1] == full:
+            break
+        try:
+            spec = expected_fit(job, config, budget).spec
+        except ValueError:
+            continue
+        if not out or out[-1][1] != spec:
             out.append((budget, spec))
     return out
 
 
 def budgets_for(job: JobConfig, config: dict[str, Any], picks: tuple[str, ...] = ("top", "mid", "bottom")) -> list[int]:
-    """Training-memory budgets (MiB) that make the core fitter pick the top, a middle, or the bottom rung."""
+    """Training-memory budgets (MiB) that make the core fitter pick the top, the second, a middle or the bottom
+    rung, or ``narrow``: the smallest one that keeps the full hidden width."""
     ladder_ = budget_ladder(job, config)
-    index = {"top": len(ladder_) - 1, "mid": len(ladder_) // 2, "bottom": 0}
+    hidden = ladder_[-1][1].hidden
+    index = {"top": len(ladder_) - 1, "second": len(ladder_) - 2, "mid": len(ladder_) // 2, "bottom": 0,
+             "narrow": next(i for i, (_, spec) in enumerate(ladder_) if spec.hidden == hidden)}
     return [ladder_[index[p]][0] for p in picks]
 
 
@@ -111,6 +117,8 @@ class Fleet:
     metrics: CollectorRegistry = field(default_factory=CollectorRegistry)
     evaluator: Any = None
     initial_model: Any = None
+    db_url: str = ""  # the aggregator's round store; default SQLite under root/agg
+    device_cache_s: float = 2.0
 
     def start(self, *, aggregator: bool = True) -> Fleet:
         self.registry = RegistryHarness(f"sqlite:///{self.root / 'registry.db'}").start()
@@ -131,8 +139,8 @@ class Fleet:
         async def go() -> AggregatorApp:
             cfg = AggregatorConfig(job=self.job, data_dir=str(self.root / "agg"), ticket_secret=SECRET,
                                    registry_target=self.registry.address, operator_token=OPERATOR_TOKEN,
-                                   extractor_target=self.extractor.address, tick_s=0.05,
-                                   server=ServerConfig(grace_s=1.0))
+                                   extractor_target=self.extractor.address, tick_s=0.05, db_url=self.db_url,
+                                   device_cache_s=self.device_cache_s, server=ServerConfig(grace_s=1.0))
             app = await build_aggregator(cfg, verifier=fleet_verifier(self.registry.address, OPERATOR_TOKEN),
                                          evaluator=self.evaluator, registry=self.metrics,
                                          initial_model=self.initial_model)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from prometheus_client import generate_latest
 
 from raffm.aggregation import SlicedFedAvg
 from raffm.spp import prioritize_state
@@ -34,6 +35,15 @@ def _expected(fleet: Fleet, version: str, updates: list[tuple[dict, object, int]
 
 @pytest.mark.parametrize("wire_dtype", ["fp32", "fp16"])
 def test_three_heterogeneous_devices_complete_a_round(tmp_path: Path, wire_dtype: str) -> None:
+    _three_device_round(tmp_path, wire_dtype)
+
+
+@pytest.mark.postgres
+def test_three_heterogeneous_devices_complete_a_round_on_postgres(tmp_path: Path, postgres_url: str) -> None:
+    _three_device_round(tmp_path, "bf16", db_url=postgres_url)
+
+
+def _three_device_round(tmp_path: Path, wire_dtype: str, db_url: str = "") -> None:
     model = tiny_bert_folder(tmp_path / "model")
     job = tiny_job(model, wire_dtype=wire_dtype, rounds=2)
     evaluations = []
@@ -42,7 +52,7 @@ def test_three_heterogeneous_devices_complete_a_round(tmp_path: Path, wire_dtype
         evaluations.append(len(state))
         return {"accuracy": 0.5, "loss": 1.0}
 
-    fleet = Fleet(tmp_path, job, evaluator=evaluator).start()
+    fleet = Fleet(tmp_path, job, evaluator=evaluator, db_url=db_url).start()
     try:
         config = fleet.store.info("job-v0").config
         budgets = budgets_for(job, config)
@@ -61,8 +71,12 @@ def test_three_heterogeneous_devices_complete_a_round(tmp_path: Path, wire_dtype
         assert fleet.poll(stub, devs[0]).WhichOneof("action") == "wait"
 
         updates = []
+        down: dict[str, int] = {}
+        up = 0
         for i, (dev, a, spec) in enumerate(zip(devs, assignments, specs)):
             received = download(fleet, dev, a)
+            down[("laptop", "jetson", "phone")[i]] = sum(t.numel() * t.element_size() for t in received.values())
+            up += payload(scripted_delta(received, seed=i), job.wire_dtype).nbytes
             assert received["classifier.weight"].dtype == WIRE_DTYPES[job.wire_dtype]
             delta = scripted_delta(received, seed=i)
             ack = upload_update(stub, a.ticket, 10 * (i + 1), payload(delta, job.wire_dtype), metadata=dev.md,
@@ -73,7 +87,11 @@ def test_three_heterogeneous_devices_complete_a_round(tmp_path: Path, wire_dtype
         rnd = fleet.wait_round(stub, "job-r1")
         assert rnd.state == aggregator_pb2.ROUND_STATE_CLOSED, rnd
         assert rnd.result_model_version == "job-v1" and rnd.accepted == 3 and rnd.assigned == 3
-        assert rnd.bytes_up > 0 and rnd.full_model_bytes > rnd.bytes_up + rnd.bytes_down
+        # Bytes: the slices the three participants downloaded and the deltas they uploaded, against what full-model
+        # FedAvg would have moved for the same three participants (the whole model down and up, same wire dtype).
+        full_model = sum(t.numel() for t in fleet.store.load("job-v0").values()) * WIRE_DTYPES[job.wire_dtype].itemsize
+        assert rnd.bytes_down == sum(down.values()) and rnd.bytes_up == up
+        assert rnd.full_model_bytes == 3 * 2 * full_model > rnd.bytes_up + rnd.bytes_down
         assert rnd.evaluation["accuracy"] == 0.5 and evaluations
         assert rnd.mean_train_loss == pytest.approx((1 * 10 + 2 * 20 + 3 * 30) / 60)
 
@@ -89,12 +107,16 @@ def test_three_heterogeneous_devices_complete_a_round(tmp_path: Path, wire_dtype
         assert [r.round_id for r in listed.rounds] == ["job-r2", "job-r1"]
         text = _metrics_text(fleet)
         assert 'raffm_aggregator_updates_accepted_total{tier="phone"} 1.0' in text
-        assert "raffm_aggregator_full_model_fedavg_bytes_total" in text
+        dtype = WIRE_DTYPES[job.wire_dtype]
+        name = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
+        assert f'raffm_aggregator_full_model_fedavg_bytes_total{{wire_dtype="{name}"}} {float(6 * full_model)}' in text
+        for tier, nbytes in down.items():
+            assert f'raffm_aggregator_download_bytes_total{{tier="{tier}",wire_dtype="{name}"}} {float(nbytes)}' in text
+            streamed = generate_latest(fleet.extractor.server.registry).decode()
+            assert f'raffm_extractor_download_bytes_total{{tier="{tier}",wire_dtype="{name}"}} {float(nbytes)}' in streamed
     finally:
         fleet.stop()
 
 
 def _metrics_text(fleet: Fleet) -> str:
-    from prometheus_client import generate_latest
-
     return generate_latest(fleet.metrics).decode()

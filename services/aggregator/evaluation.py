@@ -1,0 +1,118 @@
+"""The default evaluation hook: accuracy of each new global model, and of chosen sub-model sizes, on a held-out split
+the server owns.
+
+Enabled by the job's ``eval_data``: a CSV/JSON-lines file with ``text,label`` columns
+(:func:`raffm.data.load_text_file`), ``rotten_tomatoes`` (the built-in corpus's test split: a seeded 10% that
+``heldout_split`` also tells devices to leave out) or ``mnist`` for image models. Text is tokenized with the
+tokenizer in the job's model folder. ``eval_fractions`` adds sub-models of those parameter fractions
+(:func:`raffm.scaling.spec_for_fraction`, cut with :func:`raffm.elastic.extract`), so a run shows how every
+deployable size improves, not only the full model.
+
+Result keys: ``accuracy`` (the global model) and ``accuracy@<fraction>`` plus ``params@<fraction>`` per size; the
+aggregator publishes them as ``raffm_aggregator_eval{metric, size}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from raffm.data import ImageDataset, TextDataset, load_text_file, mnist_5k, rotten_tomatoes, train_test_split
+from raffm.training import Tokenizer
+
+log = logging.getLogger(__name__)
+Dataset = TextDataset | ImageDataset
+BUILTIN_TEST_FRACTION = 0.1
+BUILTIN_SPLIT_SEED = 0
+
+
+def size_label(fraction: float) -> str:
+    """``0.25`` -> ``"0.25"``, ``1.0`` -> ``"1"``: a stable, low-cardinality metrics label and result-key suffix."""
+    return f"{fraction:g}"
+
+
+def heldout_split(data: Dataset) -> tuple[list[int], list[int]]:
+    """(train indices, test indices) of a built-in corpus: the test part is what the server evaluates on."""
+    return train_test_split(len(data), BUILTIN_TEST_FRACTION, BUILTIN_SPLIT_SEED)
+
+
+def load_eval_data(spec: str, *, max_samples: int = 0) -> Dataset:
+    """The held-out data named by a job's ``eval_data`` (at most ``max_samples`` examples when > 0)."""
+    if spec in ("rotten_tomatoes", "mnist"):
+        full: Dataset = rotten_tomatoes() if spec == "rotten_tomatoes" else mnist_5k()
+        data = full.subset(heldout_split(full)[1])
+    else:
+        data = load_text_file(spec)
+    if max_samples and len(data) > max_samples:
+        data = data.subset(range(max_samples))
+    return data
+
+
+class HeldOutEvaluator:
+    """Callable ``(state, config) -> {metric: value}`` for :class:`services.aggregator.rounds.RoundCoordinator`."""
+
+    def __init__(self, data: Dataset, tokenizer: Tokenizer | None, *, task: str = "sequence-classification",
+                 fractions: Sequence[float] = (), seq_len: int = 64, batch_size: int = 64) -> None:
+        if len(data) == 0:
+            raise ValueError("the held-out evaluation data is empty")
+        if isinstance(data, TextDataset) and tokenizer is None:
+            raise ValueError("text evaluation data needs a tokenizer (the model folder has none)")
+        bad = [f for f in fractions if not 0 < f <= 1]
+        if bad:
+            raise ValueError(f"eval_fractions {bad} are out of range; each must be in (0, 1]")
+        self.data, self.tokenizer, self.task = data, tokenizer, task
+        self.fractions, self.seq_len, self.batch_size = tuple(fractions), seq_len, batch_size
+
+    def __call__(self, state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, float]:
+        from raffm.costs import CostModel
+        from raffm.elastic import extract
+        from raffm.models import model_from_state
+        from raffm.scaling import spec_for_fraction
+        from raffm.spec import ElasticSpec
+        from raffm.training import evaluate
+
+        model = model_from_state(dict(config), dict(state), task=self.task)  # type: ignore[arg-type]
+        out = {"accuracy": evaluate(model, self.data, self.tokenizer, batch_size=self.batch_size,
+                                    seq_len=self.seq_len)}
+        if self.fractions:
+            cm = CostModel.from_model(model)
+            total = cm.params(ElasticSpec.full(cm.dims))
+            for fraction in self.fractions:
+                spec = spec_for_fraction(cm, fraction)
+                label = size_label(fraction)
+                out[f"accuracy@{label}"] = evaluate(extract(model, spec), self.data, self.tokenizer,
+                                                    batch_size=self.batch_size, seq_len=self.seq_len)
+                out[f"params@{label}"] = cm.params(spec) / total
+        return out
+
+
+def default_evaluator(job: Any) -> HeldOutEvaluator | None:
+    """The job's held-out evaluator, or None when ``eval_data`` is empty (evaluation off)."""
+    if not job.eval_data:
+        return None
+    data = load_eval_data(job.eval_data, max_samples=job.eval_max_samples)
+    tokenizer = None
+    if job.task == "sequence-classification":
+        from transformers import AutoTokenizer
+
+        from raffm.models import resolve_model
+
+        path = resolve_model(job.model)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"eval_data needs the tokenizer of model {path!r}, which could not be loaded: {exc}") from exc
+        # A folder without tokenizer files still yields a tokenizer (only special tokens): every word is unknown.
+        if len(tokenizer.get_vocab()) <= len(tokenizer.all_special_tokens):
+            raise ValueError(f"eval_data needs a tokenizer, but model folder {path!r} has none (no vocabulary "
+                             "files); save the model's tokenizer next to it")
+    if data.num_labels > job.num_labels:
+        raise ValueError(f"eval_data {job.eval_data!r} has {data.num_labels} labels; the job's model has "
+                         f"{job.num_labels} (num_labels)")
+    log.info("held-out evaluation on %d examples of %s, sizes %s", len(data), job.eval_data,
+             ["full", *map(size_label, job.eval_fractions)])
+    return HeldOutEvaluator(data, tokenizer, task=job.task, fractions=job.eval_fractions, seq_len=job.seq_len,
+                            batch_size=max(job.batch_size, 32))

@@ -1,0 +1,1 @@
+"""Alembic migrations of the aggregator schema (tables ``agg_*``); run with ``services.aggregator.db.migrate``."""

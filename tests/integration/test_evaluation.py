@@ -1,0 +1,97 @@
+"""The default evaluation hook: after a round, the global model and chosen sub-model sizes are scored on the
+server's held-out file, reported in Round.evaluation and as metrics."""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+import pytest
+from prometheus_client import generate_latest
+
+from raffm.costs import CostModel
+from raffm.data import load_text_file
+from raffm.elastic import extract
+from raffm.models import model_from_state
+from raffm.scaling import spec_for_fraction
+from raffm.training import evaluate
+from raffm.transfer import upload_update
+from raffm.v1 import aggregator_pb2
+from services.aggregator.config import JobConfig
+from tests.integration.fedloop import Fleet, download, payload, scripted_delta, tiny_bert_folder, tiny_job
+
+WORDS = ["good", "great", "fine", "bad", "awful", "dull", "movie", "plot", "cast", "story", "very", "not"]
+
+
+def _model_with_tokenizer(path: Path) -> Path:
+    """The tiny BERT plus a word-level BERT tokenizer in the same folder (what the evaluator loads)."""
+    from transformers import BertTokenizer
+
+    tiny_bert_folder(path)
+    vocab = path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    BertTokenizer(str(vocab)).save_pretrained(path)
+    return path
+
+
+def _eval_file(path: Path) -> Path:
+    rng = random.Random(0)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        for _ in range(40):
+            w.writerow([" ".join(rng.choices(WORDS, k=6)), rng.randrange(3)])
+    return path
+
+
+def test_global_model_and_sub_models_are_evaluated_after_each_round(tmp_path: Path) -> None:
+    model = _model_with_tokenizer(tmp_path / "model")
+    data_path = _eval_file(tmp_path / "heldout.csv")
+    job = tiny_job(model, rounds=1, clients_per_round=1, quorum=1, eval_data=str(data_path),
+                   eval_fractions=(0.25, 1.0))
+    fleet = Fleet(tmp_path, job).start()
+    try:
+        dev = fleet.register("d", train_memory_mb=1000, tier="laptop")
+        stub = fleet.agg_stub()
+        a = fleet.poll(stub, dev).assignment
+        delta = scripted_delta(download(fleet, dev, a), seed=0, scale=0.1)
+        assert upload_update(stub, a.ticket, 5, payload(delta, job.wire_dtype), metadata=dev.md).accepted
+        rnd = fleet.wait_round(stub, a.round_id)
+        assert rnd.state == aggregator_pb2.ROUND_STATE_CLOSED, rnd
+        ev = dict(rnd.evaluation)
+        assert set(ev) == {"accuracy", "accuracy@0.25", "params@0.25", "accuracy@1", "params@1"}, ev
+
+        # The same numbers, computed directly from the stored version.
+        from transformers import AutoTokenizer
+
+        data, tok = load_text_file(data_path), AutoTokenizer.from_pretrained(model)
+        global_model = model_from_state(fleet.store.info("job-v1").config, fleet.store.load("job-v1"))
+        assert ev["accuracy"] == evaluate(global_model, data, tok, seq_len=job.seq_len)
+        cm = CostModel.from_model(global_model)
+        quarter = spec_for_fraction(cm, 0.25)
+        assert ev["accuracy@0.25"] == evaluate(extract(global_model, quarter), data, tok, seq_len=job.seq_len)
+        assert 0 < ev["params@0.25"] <= 0.25 and ev["params@1"] == 1.0
+        assert ev["accuracy@1"] == ev["accuracy"]
+
+        text = generate_latest(fleet.metrics).decode()
+        assert f'raffm_aggregator_eval{{metric="accuracy",size="full"}} {ev["accuracy"]}' in text
+        assert f'raffm_aggregator_eval{{metric="accuracy",size="0.25"}} {ev["accuracy@0.25"]}' in text
+    finally:
+        fleet.stop()
+
+
+def test_eval_settings_are_validated(tmp_path: Path) -> None:
+    assert JobConfig(eval_fractions="0.25, 0.5,1").eval_fractions == (0.25, 0.5, 1.0)  # type: ignore[arg-type]
+    assert JobConfig().eval_data == "" and JobConfig().to_dict()["eval_fractions"] == []  # off by default
+    with pytest.raises(ValueError, match="eval_fractions"):
+        JobConfig(eval_fractions=(0.0, 0.5))
+    with pytest.raises(ValueError, match="eval_fractions"):
+        JobConfig(eval_fractions="half")  # type: ignore[arg-type]
+    from services.aggregator.evaluation import default_evaluator
+
+    no_tokenizer = tiny_bert_folder(tmp_path / "bare")
+    job = JobConfig(model=str(no_tokenizer), num_labels=3, eval_data=str(_eval_file(tmp_path / "e.csv")))
+    with pytest.raises(ValueError, match="tokenizer"):
+        default_evaluator(job)
+    assert default_evaluator(JobConfig()) is None
