@@ -14,8 +14,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -50,7 +52,11 @@ def spec_of(dims: ModelDims, frac: float, depth: int | None = None) -> ElasticSp
     return ElasticSpec(hidden=max(1, round(dims.hidden * frac)), layers=(layer,) * (depth or dims.layers))
 
 
+TABLES: list[dict[str, Any]] = []  # every printed table, for --json
+
+
 def table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    TABLES.append({"title": title, "header": header, "rows": rows})
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     print(f"\n{title}")
     print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
@@ -76,7 +82,7 @@ def bench_spp_extract(model: BertForSequenceClassification, specs: dict[str, Ela
 
 def bench_fold(
     global_state: dict[str, torch.Tensor], clients: list[tuple[str, SlicePlan, dict[str, torch.Tensor], float]], repeats: int
-) -> None:
+) -> dict[str, float]:
     delta_bytes = sum(t.numel() * t.element_size() for _, _, delta, _ in clients for t in delta.values())
     # Baseline: add_ of the very same delta tensors into contiguous float32 buffers of the same shapes.
     buffers = {id(delta): {n: torch.zeros_like(t) for n, t in delta.items()} for _, _, delta, _ in clients}
@@ -117,6 +123,7 @@ def bench_fold(
         ["operation", "validate (ms)", "total (ms)", "GB/s", "ratio vs add_", "result() ms / sums MB"],
         rows,
     )
+    return best
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -125,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement; the best is reported")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the tables and the measured times to this JSON file")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -154,7 +162,11 @@ def main(argv: list[str] | None = None) -> None:
         short = label.split(",")[0].replace(" width", "")
         for j in range(2):  # two clients per tier share the delta tensors (the fold reads them either way)
             clients.append((short, plan, delta, float(100 * (i + 1) + 37 * j)))
-    bench_fold(global_state, clients, args.repeats)
+    fold = bench_fold(global_state, clients, args.repeats)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"bench": "bench_core", "model": sizes, "threads": torch.get_num_threads(),
+                                         "tables": TABLES, "fold_seconds": fold}, indent=2))
 
 
 if __name__ == "__main__":

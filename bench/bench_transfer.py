@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import json
 import socket
 import sys
 import tempfile
@@ -134,7 +135,11 @@ def main() -> int:
     parser.add_argument("--wire-dtype", default="fp32")
     parser.add_argument("--chunk-kib", type=int, default=1024)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="a small model (hidden 256, 2 layers), 2 repeats")
+    parser.add_argument("--json", type=Path, help="also write the measured figures to this JSON file")
     args = parser.parse_args()
+    if args.quick:
+        args.hidden, args.layers, args.repeat = 256, 2, 2
 
     import grpc
     import torch
@@ -238,6 +243,14 @@ def main() -> int:
     print(f"UploadUpdate  (stage+fsync+fold): {up:5.0f} MB/s  ratio {up / raw:.2f} of raw socket")
     print(f"wire overhead download: {overhead_down:.4f} (bytes on socket / tensor bytes, both directions)")
     print(f"wire overhead upload  : {overhead_up:.4f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "bench": "bench_transfer", "hidden": args.hidden, "layers": args.layers, "wire_dtype": args.wire_dtype,
+            "chunk_kib": args.chunk_kib, "tensor_bytes": tensor_bytes, "raw_socket_mb_s": raw,
+            "download_mb_s": down, "upload_mb_s": up, "download_ratio": down / raw, "upload_ratio": up / raw,
+            "wire_overhead_download": overhead_down, "wire_overhead_upload": overhead_up,
+            "download_runs_mb_s": downs, "upload_runs_mb_s": ups}, indent=2))
     return 0
 
 
