@@ -47,12 +47,12 @@ class DemoSettings:
     out: Path | None = None
     baseline: str = "none"  # or "fedavg"
     aggregation: str = "coverage"
-    local_steps: int = 12
+    local_steps: int = 10
     batch_size: int = 16
     seq_len: int = 64
-    lr: float = 1e-4
+    lr: float = 3e-4
     alpha: float = 1.0
-    test_size: int = 800
+    test_size: int = 600
     max_train: int = 0  # 0 = all training examples
     wire_dtype: str = "float32"
     round_deadline_s: float = 300.0
@@ -302,8 +302,12 @@ def _final_version(address: str, token: str) -> str:
     return str(job.model_version)
 
 
-def _scrape(port: int) -> dict[tuple[str, str], float]:
-    """Counter samples ``(metric name, tier) -> value`` of the tier-labelled byte counters at a /metrics port."""
+# Counted by the aggregator when it accepts an update: the slice bytes each participant moved, by device tier.
+_TIER_COUNTERS = {"raffm_aggregator_download_bytes_total": "down", "raffm_aggregator_upload_bytes_total": "up"}
+
+
+def _scrape_tier_bytes(port: int) -> dict[tuple[str, str], float]:
+    """``(direction, tier) -> bytes`` from the aggregator's /metrics."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
@@ -312,17 +316,16 @@ def _scrape(port: int) -> dict[tuple[str, str], float]:
     values: dict[tuple[str, str], float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name.endswith("_bytes_total") and "tier" in sample.labels:
-                key = (sample.name, sample.labels["tier"])
+            if sample.name in _TIER_COUNTERS:
+                key = (_TIER_COUNTERS[sample.name], sample.labels["tier"])
                 values[key] = values.get(key, 0.0) + sample.value
     return values
 
 
 def _tier_bytes(before: dict[tuple[str, str], float], after: dict[tuple[str, str], float]) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
-    for (name, tier), value in after.items():
-        direction = "down" if "download" in name else "up"
-        out.setdefault(tier, {"down": 0, "up": 0})[direction] += int(value - before.get((name, tier), 0.0))
+    for (direction, tier), value in after.items():
+        out.setdefault(tier, {"down": 0, "up": 0})[direction] += int(value - before.get((direction, tier), 0.0))
     return out
 
 
@@ -369,7 +372,7 @@ def _follow_job(
     report.initial_accuracy = _evaluate_version(settings, store, job.model_version, test)
     print(f"round 0: global test accuracy {report.initial_accuracy:.1%} (majority class {report.majority_rate:.1%})")
     seen: set[str] = set()
-    before = {**_scrape(metrics["extractor"]), **_scrape(metrics["aggregator"])}
+    before = _scrape_tier_bytes(metrics["aggregator"])
     bar = tqdm(total=settings.rounds, desc="rounds", unit="round", disable=not sys.stderr.isatty())
     done_states = (aggregator_pb2.JOB_STATE_COMPLETED, aggregator_pb2.JOB_STATE_FAILED, aggregator_pb2.JOB_STATE_CANCELLED)
     while True:
@@ -385,7 +388,7 @@ def _follow_job(
             if r.round_id in seen or r.state not in (aggregator_pb2.ROUND_STATE_CLOSED, aggregator_pb2.ROUND_STATE_FAILED):
                 continue
             seen.add(r.round_id)
-            after = {**_scrape(metrics["extractor"]), **_scrape(metrics["aggregator"])}
+            after = _scrape_tier_bytes(metrics["aggregator"])
             accuracy = (_evaluate_version(settings, store, r.result_model_version, test)
                         if r.result_model_version else None)
             duration = (r.closed_at.ToDatetime() - r.opened_at.ToDatetime()).total_seconds()

@@ -66,6 +66,10 @@ def test_demo_runs_three_agents_for_two_rounds(tiny_model: Path, tmp_path: Path)
         assert r["bytes_down"] > 0 and r["bytes_up"] > 0
         # Two of the three tiers train a slice: less traffic than a full-model FedAvg round.
         assert r["bytes_down"] + r["bytes_up"] < r["full_fedavg_bytes"]
+        # The per-tier split (from the aggregator's /metrics) adds up to the round's totals (from its status RPC).
+        assert sum(t["down"] for t in r["bytes_by_tier"].values()) == r["bytes_down"]
+        assert sum(t["up"] for t in r["bytes_by_tier"].values()) == r["bytes_up"]
+        assert set(r["bytes_by_tier"]) == {"sbc", "phone", "server"}
     assert report["totals"]["bytes_saved"] > 0
     assert [p["target_fraction"] for p in report["scaling"]] == [0.25, 0.5, 0.75, 1.0]
     assert report["scaling"][-1]["param_fraction"] == 1.0

@@ -228,7 +228,7 @@ def test_dashboard_covers_the_operations_brief() -> None:
     used = {name for _, expr in dashboard_queries(load_dashboard()) for name in metric_names(expr)}
     for needed in ("raffm_registry_devices", "raffm_aggregator_round_duration_seconds_bucket",
                    "raffm_aggregator_round_participants", "raffm_aggregator_dropouts_total",
-                   "raffm_extractor_download_bytes_total", "raffm_aggregator_assigned_download_bytes_total",
+                   "raffm_extractor_download_bytes_total", "raffm_aggregator_download_bytes_total",
                    "raffm_aggregator_upload_bytes_total", "raffm_aggregator_full_model_fedavg_bytes_total",
                    "raffm_aggregator_updates_rejected_total", "raffm_grpc_server_handled_total"):
         assert needed in used, needed
@@ -333,8 +333,8 @@ def test_communication_panels_compute_the_right_figures(tmp_path: Path) -> None:
     agg = "raffm_aggregator_"
     test = {"interval": "1m", "input_series": [
         series(agg + "full_model_fedavg_bytes_total", 'wire_dtype="fp32"', 100),
-        series(agg + "assigned_download_bytes_total", 'tier="phone",wire_dtype="fp32"', 20),
-        series(agg + "assigned_download_bytes_total", 'tier="server",wire_dtype="fp32"', 30),
+        series(agg + "download_bytes_total", 'tier="phone",wire_dtype="fp32"', 20),
+        series(agg + "download_bytes_total", 'tier="server",wire_dtype="fp32"', 30),
         series(agg + "upload_bytes_total", 'tier="phone",wire_dtype="fp32"', 10),
         series(agg + "upload_bytes_total", 'tier="server",wire_dtype="fp32"', 15),
         series(agg + "rounds_total", 'outcome="closed"', 1),
