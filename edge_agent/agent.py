@@ -78,6 +78,7 @@ class Agent:
         self._dataset = dataset
         self._profile = profile
         self._tokenizer: Any = None
+        self._warmed_up = False
         self._last_config: Any = None  # global config of the last download, for pre-download checks
         self.outcomes: list[Outcome] = []
         self.identity: Identity | None = None
@@ -270,6 +271,15 @@ class Agent:
         tokenizer = None if image else self._get_tokenizer()
 
         # 2. Download (memory measured from here: the downloaded weights are part of the round's footprint).
+        if not self._warmed_up and not image:
+            # One tiny training step first, so the runtime's one-off lazy init (thread pools, kernel caches) is not
+            # charged to the first round's measured peak.
+            from transformers import BertConfig
+
+            from raffm.memory import warm_up_runtime
+
+            warm_up_runtime(self._last_config or BertConfig(), local.batch_size, local.seq_len)
+            self._warmed_up = True
         meter = trainer.MemoryMeter()
         meter.start()
         try:

@@ -7,8 +7,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-# Unbounded link and deadline: `raffm extract --memory-mb` fits memory only.
-_NO_TIME_LIMIT = dict(gflops=1e7, up_mbps=1e6, down_mbps=1e6, deadline_s=7 * 86400)
 
 
 def register(subparsers: Any) -> None:
@@ -59,8 +57,10 @@ def run_extract(args: argparse.Namespace) -> int:
     if args.spec is not None:
         spec = ElasticSpec.from_json(args.spec.read_text()).validate(costs_of.dims)
     else:
+        # Unbounded compute, links and deadline: `raffm extract --memory-mb` fits memory only.
         profile = DeviceProfile(
-            train_memory_mb=args.memory_mb, batch_size=args.batch_size, seq_len=args.seq_len, **_NO_TIME_LIMIT
+            train_memory_mb=args.memory_mb, gflops=1e7, up_mbps=1e6, down_mbps=1e6, deadline_s=7 * 86400,
+            batch_size=args.batch_size, seq_len=args.seq_len,
         )
         spec = fit(costs_of, profile, wire_dtype=args.wire_dtype).spec
     costs = costs_of.estimate(spec, batch_size=args.batch_size, seq_len=args.seq_len, wire_dtype=args.wire_dtype)

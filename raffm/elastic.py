@@ -70,13 +70,13 @@ def _sync_module_attributes(model: nn.Module, adapter: Adapter, spec: ElasticSpe
             module.embedding_dim = module.weight.shape[1]
         elif isinstance(module, nn.Conv2d):
             module.out_channels = module.weight.shape[0]
-    layers = functools.reduce(getattr, adapter.layers_attr.split("."), base_model(model))
+    layers: Any = functools.reduce(getattr, adapter.layers_attr.split("."), base_model(model))
     for layer, layer_spec in zip(layers, spec.layers):
         attention = layer.get_submodule(adapter.attention_module)
         setattr(attention, adapter.head_dim_attr, layer_spec.head_dim)
-        attention.num_attention_heads = layer_spec.heads
+        setattr(attention, "num_attention_heads", layer_spec.heads)
         if hasattr(attention, "all_head_size"):
-            attention.all_head_size = layer_spec.heads * layer_spec.head_dim
+            setattr(attention, "all_head_size", layer_spec.heads * layer_spec.head_dim)
 
 
 class _ElasticMixin:
@@ -140,7 +140,8 @@ def elastic_config(config: PretrainedConfig, spec: ElasticSpec, stock: type[PreT
     for key in ("model_type", "raffm_spec", "transformers_version"):
         values.pop(key, None)
     values["architectures"] = [ELASTIC_CLASSES[stock].__name__]
-    return _FAMILY[stock][0](raffm_spec=spec.to_dict(), **values)
+    config_class: Any = _FAMILY[stock][0]
+    return config_class(raffm_spec=spec.to_dict(), **values)  # type: ignore[no-any-return]
 
 
 def extract(model: PreTrainedModel, spec: ElasticSpec) -> PreTrainedModel:

@@ -132,7 +132,7 @@ class TrainingPeak:
     steps: int
 
 
-def _warm_up_runtime(config: Any, batch_size: int, seq_len: int) -> None:
+def warm_up_runtime(config: Any, batch_size: int, seq_len: int) -> None:
     """One training step of a tiny model of the same family, so lazy runtime init is not charged to the model."""
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
@@ -182,7 +182,7 @@ def training_peak(model_dir: str | Path, *, batch_size: int, seq_len: int, steps
         raise ValueError(f"steps is {steps}; it must be at least 1")
     configure_allocator()
     config = AutoConfig.from_pretrained(model_dir)
-    _warm_up_runtime(config, batch_size, seq_len)
+    warm_up_runtime(config, batch_size, seq_len)
     with PeakMemory() as pm:
         model = AutoModelForSequenceClassification.from_pretrained(model_dir)
         params = sum(p.numel() for p in model.parameters())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     import torch
@@ -41,7 +41,7 @@ def resolve_model(model: str | os.PathLike[str] | None) -> str:
     return str(model)
 
 
-def _auto_for(task: Task) -> type:
+def _auto_for(task: Task) -> Any:
     if task == "sequence-classification":
         return AutoModelForSequenceClassification
     if task == "image-classification":

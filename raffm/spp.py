@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -26,6 +27,7 @@ from raffm.spec import ModelDims
 
 Layouts = dict[str, tuple[Axis, ...]]
 ScoreFn = Callable[[torch.Tensor, int], torch.Tensor]
+M = TypeVar("M", bound=nn.Module)
 
 
 def l1_score(tensor: torch.Tensor, axis: int) -> torch.Tensor:
@@ -104,7 +106,7 @@ def prioritize_state(
     return {name: t.contiguous() for name, t in out.items()}
 
 
-def prioritize(model: nn.Module, *, rank_hidden: bool | None = None, score: ScoreFn = l1_score) -> nn.Module:
+def prioritize(model: M, *, rank_hidden: bool | None = None, score: ScoreFn = l1_score) -> M:
     """A salience-ordered copy of a ``transformers`` model; the input model is not modified.
 
     ``rank_hidden`` defaults to True for models with a task head: reordering residual channels preserves their

@@ -221,7 +221,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     if tensor.numel() == 0:
         return memoryview(b"")
     flat = tensor.detach().reshape(-1).view(torch.uint8)
-    return memoryview(flat.numpy()).toreadonly()
+    return flat.numpy().data.toreadonly()
 
 
 def from_wire(data: Any, meta: TensorMeta) -> torch.Tensor:

@@ -52,7 +52,7 @@ def assignment_to_proto(a: Assignment, extractor_target: str) -> aggregator_pb2.
     job = a.job
     hp = aggregator_pb2.HyperParams(
         local_epochs=job.local_epochs, local_steps=job.local_steps, batch_size=job.batch_size, seq_len=job.seq_len,
-        lr=job.lr, fedprox_mu=job.fedprox_mu, wire_dtype=wire_dtype_enum(job.wire_dtype),
+        lr=job.lr, fedprox_mu=job.fedprox_mu, wire_dtype=wire_dtype_enum(job.wire_dtype),  # type: ignore[arg-type]
         weight_decay=job.weight_decay, seed=job.seed + a.round_index, optimizer=job.optimizer)
     kind = (aggregator_pb2.TASK_KIND_IMAGE_CLASSIFICATION if job.task == "image-classification"
             else aggregator_pb2.TASK_KIND_TEXT_CLASSIFICATION)
@@ -147,8 +147,9 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
 
             raise NotFoundError(f"job {request.job_id!r} does not exist", field="job_id")
         j = self.c.job
+        state: Any = JOB_STATES.get(rec.state, aggregator_pb2.JOB_STATE_UNSPECIFIED)
         return aggregator_pb2.Job(
-            job_id=rec.job_id, model=j.model, state=JOB_STATES.get(rec.state, 0), num_rounds=j.rounds,
+            job_id=rec.job_id, model=j.model, state=state, num_rounds=j.rounds,
             clients_per_round=j.clients_per_round, quorum=j.quorum, round_deadline_s=j.round_deadline_s,
             aggregation=(aggregator_pb2.AGGREGATION_MODE_PAPER if j.aggregation == "paper"
                          else aggregator_pb2.AGGREGATION_MODE_SLICED_FEDAVG),

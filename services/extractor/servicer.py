@@ -22,8 +22,8 @@ COST_FIELDS = ("params", "wire_bytes", "flops_per_sample", "train_memory_mb", "i
 
 def cost_to_proto(cost: dict[str, float]) -> extractor_pb2.CostEstimate:
     ints = {"params", "wire_bytes", "flops_per_sample"}
-    return extractor_pb2.CostEstimate(**{k: (int(v) if k in ints else float(v)) for k, v in cost.items()
-                                         if k in COST_FIELDS})
+    values: dict[str, Any] = {k: (int(v) if k in ints else float(v)) for k, v in cost.items() if k in COST_FIELDS}
+    return extractor_pb2.CostEstimate(**values)
 
 
 def plan_to_proto(result: PlanResult) -> extractor_pb2.PlanReply:
