@@ -40,18 +40,18 @@ FULL_MODEL_MEMORY_MB = 4000  # --baseline fedavg gives every tier this budget, s
 @dataclass
 class DemoSettings:
     devices: int = 8
-    rounds: int = 4
+    rounds: int = 5
     seed: int = 0
     model: str = "minilm"
     data: str = "rotten_tomatoes"
     out: Path | None = None
     baseline: str = "none"  # or "fedavg"
     aggregation: str = "coverage"
-    local_steps: int = 10
+    local_steps: int = 20
     batch_size: int = 16
-    seq_len: int = 64
-    lr: float = 3e-4
-    alpha: float = 1.0
+    seq_len: int = 48  # covers most review snippets (about 26 words on average)
+    lr: float = 2e-4
+    alpha: float = 2.0
     test_size: int = 600
     max_train: int = 0  # 0 = all training examples
     wire_dtype: str = "float32"
@@ -159,12 +159,18 @@ def load_tiers(path: Path) -> dict[str, dict[str, float]]:
     return {name: {k: float(v) for k, v in values.items()} for name, values in tiers.items()}
 
 
+def _effective_tiers(settings: DemoSettings) -> dict[str, dict[str, float]]:
+    """The tiers the fleet runs with: ``--baseline fedavg`` lifts every memory budget to the full model's."""
+    tiers = {name: dict(values) for name, values in settings.tiers.items()}
+    if settings.baseline == "fedavg":
+        for values in tiers.values():
+            values["memory_mb"] = max(values["memory_mb"], FULL_MODEL_MEMORY_MB)
+    return tiers
+
+
 def tiers_toml(settings: DemoSettings) -> str:
     lines = []
-    for tier, values in settings.tiers.items():
-        values = dict(values)
-        if settings.baseline == "fedavg":
-            values["memory_mb"] = max(values["memory_mb"], FULL_MODEL_MEMORY_MB)
+    for tier, values in _effective_tiers(settings).items():
         lines.append(f"[tiers.{tier}]")
         lines += [f"{k} = {v:g}" for k, v in values.items()]
         lines.append("")
@@ -202,8 +208,9 @@ def run_demo(settings: DemoSettings) -> Path:
         settings={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items() if k != "tiers"},
         majority_rate=max(test.labels.count(y) for y in set(test.labels)) / len(test),
     )
-    report.settings["tiers"] = tiers_toml(settings).replace("\n", " ").strip()
+    report.settings["tiers"] = _effective_tiers(settings)
     report.settings["metrics_ports"] = metrics
+    _write_prometheus_targets(run_dir / "prometheus-targets.json", metrics)
     try:
         group.start("registry", _raffm(
             "registry", "serve", "--db", f"sqlite:///{run_dir / 'registry.db'}", "--port", str(ports["registry"]),
@@ -256,6 +263,14 @@ def run_demo(settings: DemoSettings) -> Path:
     finally:
         group.stop()
     return run_dir
+
+
+def _write_prometheus_targets(path: Path, metrics: dict[str, int]) -> None:
+    """A Prometheus ``file_sd_configs`` file for this run's metrics ports (see deploy/README.md)."""
+    import json
+
+    targets = [{"targets": [f"127.0.0.1:{port}"], "labels": {"job": f"raffm-{name}"}} for name, port in metrics.items()]
+    path.write_text(json.dumps(targets, indent=2) + "\n")
 
 
 def _print_tail(log: Path, lines: int = 15) -> None:

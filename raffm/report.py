@@ -96,7 +96,7 @@ def render_markdown(report: RunReport) -> str:
         "",
         f"- command: `{report.command}`",
         f"- date: {report.date}; machine: {report.machine['cores']} cores, {report.machine['memory_gib']} GiB",
-        "- settings: " + ", ".join(f"{k}={v}" for k, v in s.items()),
+        "- settings: " + ", ".join(f"{k}={v}" for k, v in s.items() if not isinstance(v, dict)),
         f"- majority-class rate on the test split: {_pct(report.majority_rate)}; "
         f"initial global accuracy: {_pct(report.initial_accuracy)}; final: {_pct(report.final_accuracy)}",
         f"- bytes moved: {_mib(t['bytes_moved'])} MiB (down {_mib(t['bytes_down'])}, up {_mib(t['bytes_up'])}); "
@@ -114,6 +114,13 @@ def render_markdown(report: RunReport) -> str:
             f"| {r.index} | {_pct(r.accuracy)} | {r.participants}/{r.assigned} | {r.dropouts} | {_mib(r.bytes_down)} "
             f"| {_mib(r.bytes_up)} | {_mib(r.full_fedavg_bytes)} | {r.duration_s:.1f} | {loss} |"
         )
+    tiers = s.get("tiers")
+    if isinstance(tiers, dict) and tiers:
+        fields = sorted({k for values in tiers.values() for k in values})
+        lines += ["", "## Device tiers", "", "| tier | " + " | ".join(fields) + " |",
+                  "|:--|" + "---:|" * len(fields)]
+        lines += [f"| {name} | " + " | ".join(f"{values.get(k, '')}" for k in fields) + " |"
+                  for name, values in tiers.items()]
     if report.scaling:
         lines += [
             "",
