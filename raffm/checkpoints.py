@@ -105,7 +105,8 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in ``path`` durable (fsync the directory entry)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -125,7 +126,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 class FileCheckpointStore:
@@ -169,7 +170,7 @@ class FileCheckpointStore:
                 target = self.blob_path(digest)
                 nbytes = tmp.stat().st_size
                 os.replace(tmp, target)
-                _fsync_dir(self.blobs)
+                fsync_dir(self.blobs)
             finally:
                 tmp.unlink(missing_ok=True)
             index = dict(self._index())

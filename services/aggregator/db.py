@@ -15,7 +15,7 @@ from sqlalchemy import event
 from sqlalchemy.pool import StaticPool
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
-VERSION_TABLE = "aggregator_alembic_version"  # must match migrations/env.py
+VERSION_TABLE = "aggregator_alembic_version"  # own table: services can share one database
 
 
 def make_engine(url: str) -> sa.Engine:

@@ -17,18 +17,10 @@ from typing import Any
 
 import torch
 
-from raffm.checkpoints import atomic_write_text
+from raffm.checkpoints import atomic_write_text, fsync_dir
 from raffm.wire import END, START, WIRE_DTYPES, Manifest, ManifestError, ResumePoint, TensorMeta
 
 _READ_BLOCK = 4 << 20
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class StagedUpload:
@@ -147,8 +139,8 @@ class StagedUpload:
     def sync(self) -> None:
         """Make the directory entries durable (the files were fsynced as they completed)."""
         self.flush()
-        _fsync_dir(self.dir)
-        _fsync_dir(self.dir.parent)
+        fsync_dir(self.dir)
+        fsync_dir(self.dir.parent)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The staged tensors, memory-mapped read-only from their ``.bin`` files (wire dtype, manifest shapes)."""

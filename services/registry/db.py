@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
-VERSION_TABLE = "registry_alembic_version"  # must match migrations/env.py
+VERSION_TABLE = "registry_alembic_version"  # own table: services can share one database
 
 
 def default_db_url(data_dir: str | Path) -> str:

@@ -1,45 +1,7 @@
 """Alembic environment for the registry; used programmatically by services.registry.db.migrate (no alembic.ini)."""
 
-from __future__ import annotations
-
-from alembic import context
-from sqlalchemy import Connection, create_engine
-
+from services.common.migrations import run_env
+from services.registry.db import VERSION_TABLE
 from services.registry.models import Base
 
-config = context.config
-target_metadata = Base.metadata
-# Own version table, so the registry can share a database (or schema) with other services' migrations.
-VERSION_TABLE = "registry_alembic_version"
-
-
-def run_migrations_offline() -> None:
-    context.configure(url=config.get_main_option("sqlalchemy.url"), target_metadata=target_metadata,
-                      literal_binds=True, render_as_batch=True,
-                      version_table=VERSION_TABLE)
-    with context.begin_transaction():
-        context.run_migrations()
-
-
-def run_migrations_online() -> None:
-    connection = config.attributes.get("connection")
-    if connection is None:  # plain `alembic` CLI use with a URL
-        engine = create_engine(config.get_main_option("sqlalchemy.url") or "")
-        with engine.connect() as conn:
-            _run(conn)
-        engine.dispose()
-    else:
-        _run(connection)
-
-
-def _run(connection: Connection) -> None:
-    context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True,
-                      version_table=VERSION_TABLE)
-    with context.begin_transaction():
-        context.run_migrations()
-
-
-if context.is_offline_mode():
-    run_migrations_offline()
-else:
-    run_migrations_online()
+run_env(Base.metadata, version_table=VERSION_TABLE)
