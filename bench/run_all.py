@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import shlex
 import subprocess
@@ -154,6 +155,18 @@ def run_one(bench: Bench, quick: bool, out_dir: Path) -> dict[str, Any]:
             "seconds": seconds, "status": status, "data": data, "log": log_path}
 
 
+def recorded(bench: Bench, out_dir: Path) -> dict[str, Any] | None:
+    """A finished run of ``bench`` from its raw output and JSON (the JSON carries its own command, date, duration)."""
+    log_path, json_path = out_dir / f"{bench.name}.txt", out_dir / f"{bench.name}.json"
+    if not log_path.exists():
+        return None
+    data = json.loads(json_path.read_text()) if json_path.exists() else None
+    command = log_path.read_text(errors="replace").splitlines()[0].removeprefix("$ ")
+    return {"bench": bench, "command": command, "started": (data or {}).get("date", "unknown"),
+            "seconds": float((data or {}).get("seconds", 0.0)), "status": "ok" if data is not None else "no JSON",
+            "data": data, "log": log_path}
+
+
 def _tail(path: Path, limit: int = 6000) -> str:
     lines = [line for line in path.read_text(errors="replace").splitlines()
              if "Loading weights" not in line and "\x1b[" not in line]
@@ -184,7 +197,7 @@ def report(results: list[dict[str, Any]], info: dict[str, Any], quick: bool, dat
             f"- Command: `{r['command']}`",
             f"- Machine: {info['cores']} cores, {mem}",
             f"- Date: {r['started']} ({r['seconds']:.0f} s, {r['status']})",
-            f"- Raw output: `{r['log'].relative_to(BENCH)}`",
+            f"- Raw output: `{os.path.relpath(r['log'], BENCH)}`",
             "",
         ]
         if b.render is not None and r["data"] is not None:
@@ -202,7 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated bench names (default: all): "
                         + ",".join(b.name for b in SUITE))
     parser.add_argument("--out", type=Path, default=BENCH / "results", help="results folder")
+    parser.add_argument("--render-only", action="store_true",
+                        help="rewrite the report from the raw outputs already in the results folder, running nothing")
     args = parser.parse_args(argv)
+    args.out = args.out.resolve()
     suite = SUITE
     if args.only:
         wanted = args.only.split(",")
@@ -217,7 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out / date
     out_dir.mkdir(parents=True, exist_ok=True)
     info = machine()
-    results = [run_one(b, args.quick, out_dir) for b in suite]
+    if args.render_only:
+        results = [r for r in (recorded(b, out_dir) for b in suite) if r is not None]
+    else:
+        results = [run_one(b, args.quick, out_dir) for b in suite]
     md = args.out / f"{date}.md"
     md.write_text(report(results, info, args.quick, date))
     print(f"wrote {md}")
