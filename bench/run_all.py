@@ -163,7 +163,7 @@ def recorded(bench: Bench, out_dir: Path) -> dict[str, Any] | None:
     data = json.loads(json_path.read_text()) if json_path.exists() else None
     command = log_path.read_text(errors="replace").splitlines()[0].removeprefix("$ ")
     return {"bench": bench, "command": command, "started": (data or {}).get("date", "unknown"),
-            "seconds": float((data or {}).get("seconds", 0.0)), "status": "ok" if data is not None else "no JSON",
+            "seconds": (data or {}).get("seconds"), "status": "ok" if data is not None else "no JSON",
             "data": data, "log": log_path}
 
 
@@ -196,7 +196,9 @@ def report(results: list[dict[str, Any]], info: dict[str, Any], quick: bool, dat
             "",
             f"- Command: `{r['command']}`",
             f"- Machine: {info['cores']} cores, {mem}",
-            f"- Date: {r['started']} ({r['seconds']:.0f} s, {r['status']})",
+            f"- Date: {r['started']} ("
+            + (f"{r['seconds']:.0f} s" if r["seconds"] is not None else "duration not recorded")
+            + f", {r['status']})",
             f"- Raw output: `{os.path.relpath(r['log'], BENCH)}`",
             "",
         ]
