@@ -1,6 +1,8 @@
 """Client side of the streamed transfers (sync gRPC): download a slice, upload an update, both resumable.
 
-Used by the edge agent, tests and benchmarks; depends only on the generated stubs and :mod:`raffm.wire`.
+The scripted client of the integration tests and benchmarks; depends only on the generated stubs and
+:mod:`raffm.wire`. The edge agent has its own transfer loop (``edge_agent/transfer.py``: progress bars, fault
+injection, re-fetch of corrupted tensors); folding the two into one is open work.
 """
 
 from __future__ import annotations
