@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from raffm.v1 import common_pb2, registry_pb2, registry_pb2_grpc  # noqa: E402
+from services.common.testing import postgres_database  # noqa: E402
 
 KEY, OPERATOR = "bench-enroll-key", "bench-operator-token"
 SERVING = re.compile(r"serving .* on 127\.0\.0\.1:(\d+)")
@@ -83,25 +84,6 @@ def registry_process(db_url: str, log_dir: Path) -> Iterator[int]:
 def sqlite_database(directory: Path) -> Iterator[str]:
     """A fresh SQLite file (the registry's default backend)."""
     yield f"sqlite:///{directory / f'registry-{uuid.uuid4().hex[:6]}.db'}"
-
-
-@contextmanager
-def postgres_database(server_url: str) -> Iterator[str]:
-    """A throw-away database on the given server."""
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    base = make_url(server_url)
-    name = f"raffm_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield base.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 async def drive(call: Callable[[int], Awaitable[object]], concurrency: int, seconds: float) -> tuple[int, list[float]]:
@@ -170,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="raffm-bench-") as tmp:
         backends = [("sqlite", sqlite_database(Path(tmp)))]
         if args.postgres_url:
-            backends.append(("postgresql", postgres_database(args.postgres_url)))
+            backends.append(("postgresql", postgres_database(args.postgres_url, prefix="raffm_bench")))
         for backend, database in backends:
             with database as db_url, registry_process(db_url, Path(tmp)) as port:
                 results += asyncio.run(measure(backend, port, args.devices, args.concurrency, args.seconds))

@@ -28,20 +28,10 @@ def postgres_server_url() -> str:
 @pytest.fixture(scope="session")
 def postgres_database_url(postgres_server_url: str) -> Iterator[str]:
     """A database created for this test session (so concurrent runs never collide), dropped afterwards."""
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
+    from services.common.testing import postgres_database
 
-    base = make_url(postgres_server_url)
-    name = f"raffm_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield base.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with postgres_database(postgres_server_url, prefix=f"raffm_test_{os.getpid()}") as url:
+        yield url
 
 
 @pytest.fixture

@@ -1,10 +1,13 @@
-"""Helpers for tests and benchmarks of the services: an event loop in a thread and a controllable clock."""
+"""Helpers for tests and benchmarks of the services: an event loop in a thread, a controllable clock, and
+throw-away PostgreSQL databases."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine
+import uuid
+from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 
@@ -44,3 +47,22 @@ class FakeClock:
     def advance(self, seconds: float) -> None:
         with self._lock:
             self._now += timedelta(seconds=seconds)
+
+
+@contextmanager
+def postgres_database(server_url: str, prefix: str = "raffm") -> Iterator[str]:
+    """A database created on the PostgreSQL server at ``server_url`` for the block, dropped afterwards; yields its URL."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    base = make_url(server_url)
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield base.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
