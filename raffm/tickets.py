@@ -20,6 +20,9 @@ from typing import Any
 
 from raffm.spec import ElasticSpec
 
+# The aggregator signs tickets and the extractor verifies them with this shared secret.
+SECRET_ENV = "RAFFM_TICKET_SECRET"
+
 PREFIX = b"rft1."
 MIN_SECRET_BYTES = 16
 MAX_TICKET_BYTES = 16 * 1024

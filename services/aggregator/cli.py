@@ -6,9 +6,10 @@ import argparse
 import os
 from typing import Any
 
+from raffm.tickets import SECRET_ENV
+
 DEFAULT_PORT = 50053
 DEFAULT_METRICS_PORT = 9103
-SECRET_ENV = "RAFFM_TICKET_SECRET"
 
 
 def register(subparsers: Any) -> None:
