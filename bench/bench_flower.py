@@ -178,7 +178,8 @@ def run_ours(model: Any, clients: int, rounds: int, *, relay: bool, reorder: boo
 
     from raffm.transfer import download_slice, upload_update
     from raffm.v1 import aggregator_pb2, aggregator_pb2_grpc, extractor_pb2_grpc
-    from raffm.wire import MemorySink, WirePayload
+    from raffm.reassembly import MemorySink
+    from raffm.wire import WirePayload
     from services.aggregator.app import AggregatorConfig, build_aggregator
     from services.aggregator.config import JobConfig
     from services.common.auth import auth_metadata

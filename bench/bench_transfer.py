@@ -147,7 +147,7 @@ def main() -> int:
 
     from raffm.transfer import download_slice, upload_update
     from raffm.v1 import aggregator_pb2, aggregator_pb2_grpc, extractor_pb2_grpc
-    from raffm.wire import HashOnlySink
+    from raffm.reassembly import HashOnlySink
     from services.aggregator.app import AggregatorConfig, build_aggregator
     from services.aggregator.config import JobConfig
     from services.common.auth import auth_metadata

@@ -19,7 +19,8 @@ import torch
 
 from edge_agent.client import STREAM_BROKEN, Backoff, ServiceClient, ServiceError, Stopped, details_of, status_of
 from edge_agent.progress import Progress
-from raffm import wire
+from raffm import proto, wire
+from raffm.reassembly import MemorySink, Reassembler
 from raffm.v1 import aggregator_pb2, common_pb2, extractor_pb2
 
 log = logging.getLogger("edge_agent.transfer")
@@ -72,8 +73,8 @@ def download_slice(
     """Download and verify the slice of ``assignment``; resumes broken streams and re-fetches corrupt tensors."""
     config = client.config
     backoff = Backoff(config.backoff_initial_s, config.backoff_max_s)
-    sink = wire.MemorySink()
-    reassembler: wire.Reassembler | None = None
+    sink = MemorySink()
+    reassembler: Reassembler | None = None
     manifest_proto: common_pb2.Manifest | None = None
     resumes = refetches = 0
     refetched: dict[str, int] = {}
@@ -85,7 +86,7 @@ def download_slice(
             point = reassembler.resume_point if reassembler is not None else wire.START
             request = extractor_pb2.DownloadRequest(ticket=assignment.ticket, chunk_bytes=config.chunk_bytes)
             if not point.at_start:
-                request.resume_from.CopyFrom(wire.resume_to_proto(point))
+                request.resume_from.CopyFrom(proto.resume_to_proto(point))
             call = client.extractor(assignment.extractor_target).DownloadSlice(
                 request, timeout=config.transfer_timeout_s, metadata=client.metadata()
             )
@@ -98,10 +99,10 @@ def download_slice(
                 for msg in stream:
                     body = msg.WhichOneof("body")
                     if body == "manifest":
-                        manifest = wire.manifest_from_proto(msg.manifest)
+                        manifest = proto.manifest_from_proto(msg.manifest)
                         if reassembler is None:
                             manifest_proto = msg.manifest
-                            reassembler = wire.Reassembler(manifest, sink)
+                            reassembler = Reassembler(manifest, sink)
                             bar.total = manifest.total_bytes
                             if bar._bar is not None:  # noqa: SLF001 - tqdm learns the total late
                                 bar._bar.total = manifest.total_bytes  # noqa: SLF001
@@ -180,13 +181,13 @@ def upload_update(
 ) -> UploadResult:
     """Upload ``delta`` (float tensors, named as in the download) in the assignment's wire dtype, resuming on breaks."""
     config = client.config
-    dtype = wire.wire_dtype_name(int(assignment.hparams.wire_dtype))
+    dtype = proto.wire_dtype_from_proto(assignment.hparams.wire_dtype)
     payload = wire.WirePayload.from_state(delta, dtype, names)
     chunk_bytes = config.chunk_bytes or wire.DEFAULT_CHUNK_BYTES
     chunk_bytes = max(wire.MIN_CHUNK_BYTES, min(wire.MAX_CHUNK_BYTES, chunk_bytes))
-    manifest_msg = wire.manifest_to_proto(
+    manifest_msg = proto.manifest_to_proto(
         payload.manifest, model_version=assignment.model_version, spec=assignment.spec, chunk_bytes=chunk_bytes,
-        architecture=assignment.task.architecture, wire_dtype=wire.wire_dtype_enum(dtype),
+        architecture=assignment.task.architecture, wire_dtype=proto.wire_dtype_to_proto(dtype),
     )
     backoff = Backoff(config.backoff_initial_s, config.backoff_max_s)
     start = wire.START
@@ -261,7 +262,7 @@ def upload_update(
                                                    bytes_received=query.bytes_received,
                                                    tensors_received=len(payload.manifest))
                     return UploadResult(ack, failures, tuple(resumed_at))
-                start = wire.resume_from_proto(query.resume_from)
+                start = proto.resume_from_proto(query.resume_from)
                 if not start.at_start:
                     try:
                         payload.manifest.bytes_before(start)

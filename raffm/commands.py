@@ -8,6 +8,12 @@ from pathlib import Path
 from typing import Any
 
 
+def wire_dtype_arg(value: str) -> str:
+    """An argparse ``type``: a wire dtype name or alias, normalised (imports torch only when the flag is parsed)."""
+    from raffm.wire import wire_dtype_name
+
+    return wire_dtype_name(value)
+
 
 def register(subparsers: Any) -> None:
     extract = subparsers.add_parser(
@@ -30,7 +36,8 @@ def register(subparsers: Any) -> None:
         "--task", default="sequence-classification", choices=("sequence-classification", "image-classification")
     )
     extract.add_argument("--num-labels", type=int, default=2, help="outputs of the task head (2)")
-    extract.add_argument("--wire-dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="for the byte count")
+    extract.add_argument("--wire-dtype", default="float32", type=wire_dtype_arg, metavar="DTYPE",
+                         help="float32, float16 or bfloat16 (fp32/fp16/bf16 too), for the byte count (float32)")
     extract.set_defaults(func=run_extract)
 
     inspect = subparsers.add_parser(

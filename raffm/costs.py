@@ -45,19 +45,19 @@ from typing import Any
 from raffm.arch import Adapter, adapter_for
 from raffm.slicing import SlicePlan, slice_plan
 from raffm.spec import ElasticSpec, ModelDims
+from raffm.wire import itemsize, wire_dtype_name
 
 MIB = 2**20
-DTYPE_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2}
 TRAIN_BYTES = 4  # fp32 training: weights, gradients, moments and activations
 OVERHEAD_MB = 8.0  # measured fixed cost of a training loop beyond the formula (6-9 MiB on MiniLM)
 
 
 def dtype_bytes(wire_dtype: str) -> int:
-    """Bytes per element of a wire dtype; ``ValueError`` names the supported ones."""
+    """Bytes per element of a wire dtype (:mod:`raffm.wire`'s vocabulary); ``ValueError`` names the supported ones."""
     try:
-        return DTYPE_BYTES[wire_dtype]
-    except KeyError:
-        raise ValueError(f"wire_dtype is {wire_dtype!r}; it must be one of {', '.join(DTYPE_BYTES)}") from None
+        return itemsize(wire_dtype)
+    except ValueError:
+        raise ValueError(f"wire_dtype is {wire_dtype!r}; it must be one of float32, float16, bfloat16") from None
 
 
 @dataclass(frozen=True)
@@ -221,7 +221,7 @@ class CostModel:
         return sum(s.numel for s in self.plan(spec).values())
 
     def estimate(
-        self, spec: ElasticSpec, *, batch_size: int, seq_len: int | None = None, wire_dtype: str = "fp32"
+        self, spec: ElasticSpec, *, batch_size: int, seq_len: int | None = None, wire_dtype: str = "float32"
     ) -> Costs:
         """Costs of training ``spec`` at ``batch_size`` sequences of ``seq_len`` tokens (ViT: fixed by the image)."""
         seq_len = self._seq_len(seq_len)
@@ -250,7 +250,7 @@ class CostModel:
         weights_mb = TRAIN_BYTES * params / MIB
         return Costs(
             params=params,
-            wire_dtype=wire_dtype,
+            wire_dtype=wire_dtype_name(wire_dtype),
             wire_bytes=params * nbytes,
             forward_flops_per_sample=fwd,
             flops_per_sample=3.0 * fwd,

@@ -430,6 +430,8 @@ def _follow_job(
 
 
 def register(subparsers: Any) -> None:
+    from raffm.commands import wire_dtype_arg
+
     parser = subparsers.add_parser(
         "demo",
         help="run a real federated fine-tuning job on this machine (services + simulated fleet) and write a report",
@@ -455,7 +457,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--alpha", type=float, default=d.alpha, help="Dirichlet label skew of the split; small = non-IID")
     parser.add_argument("--test-size", type=int, default=d.test_size, help="held-out examples the server keeps")
     parser.add_argument("--max-train", type=int, default=0, help="cap on training examples shared by the fleet (0: all)")
-    parser.add_argument("--wire-dtype", choices=("float32", "float16", "bfloat16"), default=d.wire_dtype)
+    parser.add_argument("--wire-dtype", type=wire_dtype_arg, default=d.wire_dtype, metavar="DTYPE",
+                        help="float32, float16 or bfloat16 (fp32/fp16/bf16 too); default: %(default)s")
     parser.add_argument("--round-deadline-s", type=float, default=d.round_deadline_s)
     parser.add_argument("--tiers", type=Path, help="device tiers TOML ([tiers.NAME] memory_mb, gflops, up_mbps, "
                         "down_mbps, share); default: sbc, phone, jetson and server tiers sized for MiniLM")

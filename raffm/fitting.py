@@ -155,7 +155,7 @@ def fit(
     cost_model: CostModel,
     profile: DeviceProfile,
     *,
-    wire_dtype: str = "fp32",
+    wire_dtype: str = "float32",
     headroom: float = DEFAULT_HEADROOM,
     rungs: list[ElasticSpec] | None = None,
 ) -> FitResult:

@@ -14,10 +14,9 @@ from typing import Any
 import torch
 
 from raffm.v1 import aggregator_pb2, common_pb2, extractor_pb2
-from raffm.wire import (
-    DEFAULT_CHUNK_BYTES, START, Manifest, Reassembler, ResumePoint, TensorSink, WirePayload, iter_chunks,
-    manifest_from_proto, manifest_to_proto, resume_from_proto, resume_to_proto,
-)
+from raffm.proto import manifest_from_proto, manifest_to_proto, resume_from_proto, resume_to_proto
+from raffm.reassembly import Reassembler, TensorSink
+from raffm.wire import DEFAULT_CHUNK_BYTES, START, Manifest, ResumePoint, WirePayload, iter_chunks
 
 
 @dataclass

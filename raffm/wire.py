@@ -1,13 +1,14 @@
-"""The tensor wire codec: manifests, wire dtypes, chunking and reassembly (pure; no network, no files).
+"""The tensor wire codec: the wire-dtype vocabulary, manifests, resume points and chunking (pure; no network, no files).
 
 A transfer is a :class:`Manifest` (per tensor: name, wire dtype, shape, byte length, sha256 of the wire bytes)
 followed by chunks ``(tensor, offset, data)`` in manifest order, each tensor's bytes in increasing offset. Bytes are
 the little-endian C-order buffer of the tensor converted to the wire dtype. Everything is streamed tensor by tensor:
 no function here concatenates a whole model into one ``bytes`` object, so totals above 2 GiB are fine.
 
-The receiving side is a :class:`Reassembler` that writes into a :class:`TensorSink` (memory for clients and tests,
-a staging directory for the aggregator), verifies every tensor's sha256 when its last byte arrives, and after a
-broken connection reports the :class:`ResumePoint` the sender continues from.
+Wire dtypes have one vocabulary end to end: ``float32``, ``float16``, ``bfloat16`` (torch's names). Manifests,
+tickets, job settings, metrics labels and the cost model all use them; ``fp32``/``fp16``/``bf16`` are accepted as
+input spellings and normalised by :func:`wire_dtype_name`. The receiving side (sinks and the reassembler) is
+:mod:`raffm.reassembly`; the mapping to and from protobuf messages is :mod:`raffm.proto`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import math
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -27,15 +28,13 @@ DEFAULT_CHUNK_BYTES = MiB
 MAX_CHUNK_BYTES = 16 * MiB
 MIN_CHUNK_BYTES = 1024
 
-# Wire dtype name <-> torch dtype. Names are what TensorInfo.dtype carries.
+# Wire dtype name <-> torch dtype: the one vocabulary. Names are what TensorInfo.dtype carries.
 WIRE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
-# raffm.v1.WireDtype values (0 = unspecified = fp32) <-> names.
-_ENUM_TO_NAME = {0: "float32", 1: "float32", 2: "float16", 3: "bfloat16"}
-_NAME_TO_ENUM = {"float32": 1, "float16": 2, "bfloat16": 3}
+# Other spellings accepted on input (flags, job files, function arguments).
 _ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
 
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
@@ -70,8 +69,8 @@ class IncompleteError(WireError):
     """The transfer ended before every tensor was complete."""
 
 
-def wire_dtype_name(value: int | str | torch.dtype | None) -> str:
-    """Normalise a wire dtype given as a ``WireDtype`` enum value, a name/alias, or a torch dtype."""
+def wire_dtype_name(value: str | torch.dtype | None) -> str:
+    """The vocabulary's name of a wire dtype given as a name, an alias (``fp16``...) or a torch dtype."""
     if value is None:
         return "float32"
     if isinstance(value, torch.dtype):
@@ -79,24 +78,20 @@ def wire_dtype_name(value: int | str | torch.dtype | None) -> str:
             if dtype == value:
                 return name
         raise WireError(f"torch dtype {value} is not a wire dtype; use one of {', '.join(WIRE_DTYPES)}")
-    if isinstance(value, int):
-        try:
-            return _ENUM_TO_NAME[value]
-        except KeyError:
-            raise WireError(f"wire dtype enum value {value} is unknown; expected 0..3") from None
     name = _ALIASES.get(value.lower(), value.lower())
     if name not in WIRE_DTYPES:
-        raise WireError(f"wire dtype {value!r} is unknown; use one of fp32, fp16, bf16")
+        raise WireError(f"wire dtype {value!r} is unknown; use one of {', '.join(WIRE_DTYPES)} (or fp32, fp16, bf16)")
     return name
 
 
-def wire_dtype_enum(name: str) -> int:
-    """The ``raffm.v1.WireDtype`` value of a wire dtype name."""
-    return _NAME_TO_ENUM[wire_dtype_name(name)]
+def torch_dtype(value: str | torch.dtype | None) -> torch.dtype:
+    """The torch dtype of a wire dtype name or alias."""
+    return WIRE_DTYPES[wire_dtype_name(value)]
 
 
 def itemsize(dtype_name: str) -> int:
-    return torch.empty((), dtype=WIRE_DTYPES[wire_dtype_name(dtype_name)]).element_size()
+    """Bytes per element of a wire dtype name or alias."""
+    return torch.empty((), dtype=torch_dtype(dtype_name)).element_size()
 
 
 @dataclass(frozen=True)
@@ -161,6 +156,18 @@ class Manifest:
 
     def __len__(self) -> int:
         return len(self.tensors)
+
+    def locate(self, point: ResumePoint) -> tuple[int, int]:
+        """(index of the tensor, byte offset in it) where a transfer resuming at ``point`` continues."""
+        if point.at_start:
+            return 0, 0
+        if point.at_end:
+            return len(self.tensors), 0
+        i = self.position(point.tensor)
+        meta = self.tensors[i]
+        if not 0 <= point.offset <= meta.nbytes:
+            raise WireError(f"resume offset {point.offset} is outside tensor {meta.name!r} of {meta.nbytes} bytes")
+        return i, point.offset
 
     def bytes_before(self, point: ResumePoint) -> int:
         """Bytes a transfer holds when it resumes at ``point``."""
@@ -292,7 +299,7 @@ def iter_chunks(
     """
     if not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES:
         raise WireError(f"chunk_bytes is {chunk_bytes}; it must be between {MIN_CHUNK_BYTES} and {MAX_CHUNK_BYTES}")
-    first, offset = _resume_index(manifest, start)
+    first, offset = manifest.locate(start)
     for meta in manifest.tensors[first:]:
         if meta.nbytes > offset:
             buf = memoryview(source(meta)).cast("B")
@@ -302,242 +309,3 @@ def iter_chunks(
                 yield Chunk(meta.name, pos, bytes(buf[pos : pos + chunk_bytes]))
             del buf
         offset = 0
-
-
-def _resume_index(manifest: Manifest, start: ResumePoint) -> tuple[int, int]:
-    if start.at_start:
-        return 0, 0
-    if start.at_end:
-        return len(manifest), 0
-    i = manifest.position(start.tensor)
-    meta = manifest.tensors[i]
-    if not 0 <= start.offset <= meta.nbytes:
-        raise WireError(f"resume offset {start.offset} is outside tensor {meta.name!r} of {meta.nbytes} bytes")
-    return i, start.offset
-
-
-# ----------------------------------------------------------------------------------------------------- decoding
-
-
-class TensorSink(Protocol):
-    """Where a Reassembler puts bytes. Offsets arrive in increasing order within a tensor."""
-
-    def write(self, meta: TensorMeta, offset: int, data: bytes) -> None: ...
-
-    def complete(self, meta: TensorMeta) -> None:
-        """The tensor's bytes are all written and their sha256 verified."""
-
-    def discard(self, meta: TensorMeta) -> None:
-        """The tensor's bytes failed verification: forget them so it can be received again."""
-
-    def received(self, meta: TensorMeta) -> Iterable[Any]:
-        """The bytes already held for a partially received tensor (to re-hash them on resume)."""
-
-
-class MemorySink:
-    """Collects tensors in memory: ``tensors[name]`` once complete. For clients and tests."""
-
-    def __init__(self) -> None:
-        self.buffers: dict[str, bytearray] = {}
-        self.filled: dict[str, int] = {}
-        self.tensors: dict[str, torch.Tensor] = {}
-
-    def write(self, meta: TensorMeta, offset: int, data: bytes) -> None:
-        buf = self.buffers.get(meta.name)
-        if buf is None:
-            buf = self.buffers[meta.name] = bytearray(meta.nbytes)
-        buf[offset : offset + len(data)] = data
-        self.filled[meta.name] = offset + len(data)
-
-    def complete(self, meta: TensorMeta) -> None:
-        buf = self.buffers.pop(meta.name, bytearray())
-        self.filled.pop(meta.name, None)
-        self.tensors[meta.name] = from_wire(buf, meta)
-
-    def discard(self, meta: TensorMeta) -> None:
-        self.buffers.pop(meta.name, None)
-        self.filled.pop(meta.name, None)
-
-    def received(self, meta: TensorMeta) -> Iterable[Any]:
-        buf = self.buffers.get(meta.name)
-        if buf is None:
-            return ()
-        return (memoryview(buf)[: self.filled.get(meta.name, 0)],)
-
-
-class HashOnlySink:
-    """Verifies and counts but keeps nothing: for benchmarks and transfers too big to hold."""
-
-    def __init__(self) -> None:
-        self.completed: list[str] = []
-        self.partial: dict[str, hashlib._Hash] = {}
-
-    def write(self, meta: TensorMeta, offset: int, data: bytes) -> None:
-        pass
-
-    def complete(self, meta: TensorMeta) -> None:
-        self.completed.append(meta.name)
-
-    def discard(self, meta: TensorMeta) -> None:
-        pass
-
-    def received(self, meta: TensorMeta) -> Iterable[Any]:
-        raise WireError("HashOnlySink keeps no bytes, so it cannot resume inside a tensor")
-
-
-class Reassembler:
-    """Accepts chunks for one manifest in order, verifies each tensor's sha256, and knows where to resume.
-
-    ``start`` continues a transfer whose earlier part the ``sink`` already holds (tensors before ``start.tensor``
-    complete, ``start.offset`` bytes of it written); the partial tensor's bytes are re-hashed from the sink.
-    Every error leaves the reassembler at the same resume point, so a sender can retry from :attr:`resume_point`.
-    """
-
-    def __init__(self, manifest: Manifest, sink: TensorSink, start: ResumePoint = START) -> None:
-        self.manifest = manifest
-        self.sink = sink
-        self._i, self._offset = _resume_index(manifest, start)
-        self._complete_bytes = sum(m.nbytes for m in manifest.tensors[: self._i])
-        self._received = 0
-        self._hash = hashlib.sha256()
-        if self._offset:
-            meta = manifest.tensors[self._i]
-            for buf in sink.received(meta):
-                self._hash.update(buf)
-        self._finish_if_complete()
-
-    @property
-    def done(self) -> bool:
-        return self._i >= len(self.manifest)
-
-    @property
-    def resume_point(self) -> ResumePoint:
-        if self.done:
-            return END
-        return ResumePoint(self.manifest.tensors[self._i].name, self._offset)
-
-    @property
-    def bytes_held(self) -> int:
-        """Bytes of the manifest held, including what was held before this reassembler started."""
-        return self._complete_bytes + self._offset
-
-    @property
-    def bytes_received(self) -> int:
-        """Bytes accepted by this reassembler."""
-        return self._received
-
-    def accept(self, tensor: str, offset: int, data: bytes) -> TensorMeta | None:
-        """Take one chunk; returns the tensor's meta when this chunk completed (and verified) it."""
-        if self.done:
-            raise OverlongError(f"chunk for tensor {tensor!r} arrived after the transfer was complete")
-        pos = self.manifest.position(tensor)  # UnknownTensorError
-        meta = self.manifest.tensors[self._i]
-        if pos != self._i or offset != self._offset:
-            raise OutOfOrderError(
-                f"chunk ({tensor!r}, offset {offset}) is out of order; expected ({meta.name!r}, offset {self._offset})"
-            )
-        if not data:
-            raise WireError(f"empty chunk for tensor {tensor!r} at offset {offset}")
-        end = offset + len(data)
-        if end > meta.nbytes:
-            raise OverlongError(
-                f"chunk for tensor {tensor!r} ends at byte {end}, past the tensor's {meta.nbytes} bytes"
-            )
-        self.sink.write(meta, offset, data)
-        self._hash.update(data)
-        self._offset = end
-        self._received += len(data)
-        if end == meta.nbytes:
-            return self._finish_if_complete()
-        return None
-
-    def finish(self) -> None:
-        """Raise IncompleteError unless every tensor is complete."""
-        if not self.done:
-            point = self.resume_point
-            raise IncompleteError(
-                f"transfer ended at tensor {point.tensor!r} offset {point.offset}; "
-                f"{self.manifest.total_bytes - self.bytes_held} bytes missing"
-            )
-
-    def _finish_if_complete(self) -> TensorMeta | None:
-        """Verify and complete the current tensor if all its bytes are in; then skip zero-length tensors."""
-        last: TensorMeta | None = None
-        while not self.done:
-            meta = self.manifest.tensors[self._i]
-            if self._offset < meta.nbytes:
-                break
-            if self._hash.digest() != meta.sha256:
-                self.sink.discard(meta)
-                self._offset = 0
-                self._hash = hashlib.sha256()
-                raise ChecksumError(
-                    f"tensor {meta.name!r}: sha256 of the {meta.nbytes} received bytes does not match the manifest;"
-                    " resend it from offset 0"
-                )
-            self.sink.complete(meta)
-            last = meta
-            self._complete_bytes += meta.nbytes
-            self._i += 1
-            self._offset = 0
-            self._hash = hashlib.sha256()
-        return last
-
-
-# ----------------------------------------------------------------------------------------------------- protobuf
-
-
-def manifest_to_proto(manifest: Manifest, **fields: Any) -> Any:
-    """A ``raffm.v1.Manifest`` for ``manifest``; extra keyword fields (model_version, spec, ...) are set as given."""
-    from raffm.v1 import common_pb2
-
-    msg = common_pb2.Manifest(
-        tensors=[
-            common_pb2.TensorInfo(name=m.name, dtype=m.dtype, shape=list(m.shape), nbytes=m.nbytes, sha256=m.sha256)
-            for m in manifest.tensors
-        ],
-        total_bytes=manifest.total_bytes,
-        **fields,
-    )
-    return msg
-
-
-def manifest_from_proto(msg: Any) -> Manifest:
-    """Decode and check a ``raffm.v1.Manifest`` (ManifestError names the bad tensor)."""
-    metas = tuple(
-        TensorMeta(name=t.name, dtype=t.dtype, shape=tuple(int(d) for d in t.shape), nbytes=int(t.nbytes),
-                   sha256=bytes(t.sha256))
-        for t in msg.tensors
-    )
-    manifest = Manifest(metas)
-    if msg.total_bytes and msg.total_bytes != manifest.total_bytes:
-        raise ManifestError(f"manifest total_bytes is {msg.total_bytes}; its tensors add up to {manifest.total_bytes}")
-    return manifest
-
-
-def resume_from_proto(msg: Any) -> ResumePoint:
-    return ResumePoint(msg.tensor, int(msg.offset)) if msg is not None and msg.tensor else START
-
-
-def resume_to_proto(point: ResumePoint) -> Any:
-    from raffm.v1 import common_pb2
-
-    return common_pb2.ResumePoint(tensor=point.tensor, offset=point.offset)
-
-
-def spec_to_proto(spec: Any) -> Any:
-    """``raffm.spec.ElasticSpec`` -> ``raffm.v1.ElasticSpec``."""
-    from raffm.v1 import common_pb2
-
-    return common_pb2.ElasticSpec(
-        hidden=spec.hidden,
-        layers=[common_pb2.LayerSpec(heads=l.heads, head_dim=l.head_dim, ffn=l.ffn) for l in spec.layers],
-    )
-
-
-def spec_from_proto(msg: Any) -> Any:
-    """``raffm.v1.ElasticSpec`` -> ``raffm.spec.ElasticSpec`` (not validated against a model here)."""
-    from raffm.spec import ElasticSpec, LayerSpec
-
-    return ElasticSpec(hidden=int(msg.hidden),
-                       layers=tuple(LayerSpec(int(l.heads), int(l.head_dim), int(l.ffn)) for l in msg.layers))

@@ -9,7 +9,7 @@ Example ``job.toml``::
     clients_per_round = 8
     quorum = 6
     round_deadline_s = 600
-    wire_dtype = "fp16"
+    wire_dtype = "float16"     # float32 | float16 | bfloat16 (fp32, fp16, bf16 are read too)
     aggregation = "coverage"
 """
 

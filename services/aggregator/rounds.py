@@ -25,7 +25,8 @@ from raffm.slicing import SlicePlan, slice_plan
 from raffm.spec import ElasticSpec
 from raffm.spp import prioritize_state
 from raffm.tickets import Ticket, TicketError, TicketSigner
-from raffm.wire import WIRE_DTYPES, Manifest, Reassembler, ResumePoint, WireError, itemsize
+from raffm.reassembly import Reassembler
+from raffm.wire import WIRE_DTYPES, Manifest, ResumePoint, WireError, itemsize
 from services.aggregator.config import JobConfig
 from services.aggregator.devices import DEREGISTERED, DeviceInfo
 from services.aggregator.metrics import AggregatorMetrics
@@ -35,9 +36,7 @@ from services.aggregator.store import (
     RoundRecord, RoundStore, UpdateRecord,
 )
 from services.common.auth import Principal
-from services.common.errors import (
-    AlreadyExistsError, AuthenticationError, NotFoundError, PermissionDeniedError, PreconditionError, ValidationError,
-)
+from raffm.errors import AlreadyExistsError, AuthenticationError, NotFoundError, PermissionDeniedError, PreconditionError, ValidationError
 from services.extractor.planner import NoFitError, Planner, PlanJob, cost_model_for
 
 log = logging.getLogger(__name__)

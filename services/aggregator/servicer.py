@@ -10,14 +10,15 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from raffm.v1 import aggregator_pb2, aggregator_pb2_grpc
-from raffm.wire import manifest_from_proto, resume_to_proto, spec_to_proto, wire_dtype_enum, WireError
+from raffm.proto import manifest_from_proto, resume_to_proto, spec_to_proto, wire_dtype_to_proto
+from raffm.wire import WireError
 from services.aggregator.devices import DeviceDirectory
 from services.aggregator.rounds import (
     Assignment, RoundCoordinator, UploadSession, Wait,
 )
 from services.aggregator.store import AGGREGATING, CLOSED, FAILED, OPEN, RoundRecord
 from services.common.auth import authorize_device, current_principal
-from services.common.errors import ValidationError
+from raffm.errors import ValidationError
 from services.extractor.servicer import cost_to_proto
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def assignment_to_proto(a: Assignment, extractor_target: str) -> aggregator_pb2.
     job = a.job
     hp = aggregator_pb2.HyperParams(
         local_epochs=job.local_epochs, local_steps=job.local_steps, batch_size=job.batch_size, seq_len=job.seq_len,
-        lr=job.lr, fedprox_mu=job.fedprox_mu, wire_dtype=wire_dtype_enum(job.wire_dtype),  # type: ignore[arg-type]
+        lr=job.lr, fedprox_mu=job.fedprox_mu, wire_dtype=wire_dtype_to_proto(job.wire_dtype),
         weight_decay=job.weight_decay, seed=job.seed + a.round_index, optimizer=job.optimizer)
     kind = (aggregator_pb2.TASK_KIND_IMAGE_CLASSIFICATION if job.task == "image-classification"
             else aggregator_pb2.TASK_KIND_TEXT_CLASSIFICATION)
@@ -143,7 +144,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
         current_principal()
         rec = await asyncio.to_thread(self.c.job_record)
         if request.job_id and request.job_id != rec.job_id:
-            from services.common.errors import NotFoundError
+            from raffm.errors import NotFoundError
 
             raise NotFoundError(f"job {request.job_id!r} does not exist", field="job_id")
         j = self.c.job

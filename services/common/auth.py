@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from services.common.errors import AuthenticationError, PermissionDeniedError
+from raffm.errors import AuthenticationError, PermissionDeniedError
 
 TOKEN_PREFIX = "rfm_"
 AUTH_HEADER = "authorization"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import grpc
 
-from services.common.errors import ConfigError
+from raffm.errors import ConfigError
 
 
 @dataclass(frozen=True)

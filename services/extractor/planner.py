@@ -20,18 +20,8 @@ from raffm.checkpoints import CheckpointStore
 from raffm.costs import CostModel, Costs
 from raffm.fitting import DeviceProfile, FitResult, fit, fit_inference
 from raffm.spec import ElasticSpec, ModelDims
-from raffm.wire import spec_from_proto, wire_dtype_enum, wire_dtype_name
-from services.common.errors import PreconditionError, ValidationError
-
-# Wire dtype names: the services and raffm.wire say float32/float16/bfloat16 (and the proto enum), the core cost
-# model says fp32/fp16/bf16.
-_CORE_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-
-
-def core_wire_dtype(value: int | str | None) -> str:
-    """``"fp32"``/``"fp16"``/``"bf16"`` for a proto ``WireDtype`` value or any wire dtype name or alias."""
-    return _CORE_DTYPES[wire_dtype_name(value)]
-
+from raffm.proto import spec_from_proto, wire_dtype_to_proto
+from raffm.errors import PreconditionError, ValidationError
 
 class NoFitError(PreconditionError):
     """Not even the smallest sub-model fits the profile (the message is the fitter's)."""
@@ -158,14 +148,13 @@ class LocalPlanner:
 
     def plan(self, profile: Profile, job: PlanJob, model_version: str, *, infer: bool = False) -> PlanResult:
         cm = cost_model_for(self._store.info(model_version).config)
-        dtype = core_wire_dtype(job.wire_dtype)
         try:
             if infer:
                 budget = profile.infer_memory_mb or profile.train_memory_mb
                 result = fit_inference(cm, budget, batch_size=job.batch_size,
                                        seq_len=None if cm.image_tokens is not None else job.seq_len)
             else:
-                result = fit(cm, device_profile(profile, job, cm), wire_dtype=dtype)
+                result = fit(cm, device_profile(profile, job, cm), wire_dtype=job.wire_dtype)
         except ValidationError:
             raise
         except ValueError as exc:
@@ -200,7 +189,7 @@ class GrpcPlanner:
                 train_memory_mb=int(profile.train_memory_mb), infer_memory_mb=int(profile.infer_memory_mb),
                 gflops=profile.gflops, up_mbps=profile.up_mbps, down_mbps=profile.down_mbps, tier=profile.tier),
             job=extractor_pb2.JobParams(batch_size=job.batch_size, seq_len=job.seq_len,
-                                        wire_dtype=wire_dtype_enum(wire_dtype_name(job.wire_dtype)),  # type: ignore[arg-type]
+                                        wire_dtype=wire_dtype_to_proto(job.wire_dtype),
                                         deadline_s=job.deadline_s, local_steps=job.local_steps,
                                         optimizer=job.optimizer),
             model_version=model_version,

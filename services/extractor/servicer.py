@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from raffm.v1 import common_pb2, extractor_pb2, extractor_pb2_grpc
-from raffm.wire import (
-    DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, iter_chunks, manifest_to_proto, resume_from_proto,
-    spec_to_proto, wire_dtype_enum, wire_dtype_name,
+from raffm.proto import (
+    manifest_to_proto, resume_from_proto, spec_to_proto, wire_dtype_from_proto, wire_dtype_to_proto,
 )
+from raffm.wire import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, iter_chunks
 from services.common.auth import current_principal
 from services.extractor.planner import PlanJob, PlanResult, Profile
 from services.extractor.slices import SliceService
@@ -40,7 +40,7 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServiceServicer):
         job = request.job
         # Unset fields take the protocol's defaults; the wire dtype enum becomes the core's name in the planner.
         plan_job = PlanJob(batch_size=job.batch_size or 16, seq_len=job.seq_len,
-                           wire_dtype=wire_dtype_name(job.wire_dtype), deadline_s=job.deadline_s or 600.0,
+                           wire_dtype=wire_dtype_from_proto(job.wire_dtype), deadline_s=job.deadline_s or 600.0,
                            local_steps=job.local_steps or 1, optimizer=job.optimizer or "adamw")
         infer = request.purpose == extractor_pb2.PLAN_PURPOSE_INFER
         result = await asyncio.to_thread(self.service.plan, Profile.from_proto(request.profile), plan_job,
@@ -57,7 +57,7 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServiceServicer):
         manifest = item.payload.manifest
         yield extractor_pb2.SliceMessage(manifest=manifest_to_proto(
             manifest, model_version=ticket.model_version, spec=spec_to_proto(ticket.elastic_spec),
-            chunk_bytes=chunk_bytes, architecture=item.architecture, wire_dtype=wire_dtype_enum(ticket.wire_dtype)))
+            chunk_bytes=chunk_bytes, architecture=item.architecture, wire_dtype=wire_dtype_to_proto(ticket.wire_dtype)))
         counter = self.service.metrics.bytes_down.labels(ticket.tier or "unknown", ticket.wire_dtype)
         sent = 0
         outcome = "aborted"

@@ -22,7 +22,7 @@ from raffm.slicing import slice_plan
 from raffm.tickets import Ticket, TicketError, TicketSigner
 from raffm.wire import WirePayload
 from services.common.auth import Principal
-from services.common.errors import AuthenticationError, NotFoundError, PermissionDeniedError
+from raffm.errors import AuthenticationError, NotFoundError, PermissionDeniedError
 from services.extractor.metrics import ExtractorMetrics
 from services.extractor.planner import NoFitError, Planner, PlanJob, PlanResult, Profile
 

@@ -42,7 +42,7 @@ def _with_hints(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse
     """Configuration errors leave as ValueError (exit 2 in raffm.cli) with their fix in the message."""
 
     def run(args: argparse.Namespace) -> int:
-        from services.common.errors import DomainError
+        from raffm.errors import DomainError
 
         try:
             return func(args)

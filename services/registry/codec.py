@@ -7,7 +7,7 @@ from datetime import datetime
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from raffm.v1 import common_pb2, registry_pb2
-from services.common.errors import ValidationError
+from raffm.errors import ValidationError
 from services.registry.domain import Device, DeviceState, Profile, ProfileRecord
 
 _STATE_TO_PROTO: dict[DeviceState, registry_pb2.DeviceState] = {

@@ -10,7 +10,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import StaticPool
 
-from services.common.errors import ConfigError
+from raffm.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

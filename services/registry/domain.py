@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum
 
-from services.common.errors import ValidationError
+from raffm.errors import ValidationError
 
 # Device classes, also the `tier` metrics label; keep the set small (label cardinality).
 KNOWN_TIERS = ("phone", "sbc", "jetson", "laptop", "desktop", "server")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Protocol
 
-from services.common.errors import AlreadyExistsError
+from raffm.errors import AlreadyExistsError
 from services.registry.domain import Device, DeviceState, Profile, ProfileRecord, effective_state
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
 from services.common.auth import Principal, authorize_device, hash_token, new_token, require_operator
-from services.common.errors import AlreadyExistsError, AuthenticationError, NotFoundError, ValidationError
+from raffm.errors import AlreadyExistsError, AuthenticationError, NotFoundError, ValidationError
 from services.registry.domain import (
     KNOWN_TIERS, MAX_FLEET_LEN, Device, DeviceState, Profile, ProfileRecord, clamp_page_size, decode_page_token,
     effective_state, encode_page_token, stale_cutoff, validate_device_id, validate_name, validate_profile,

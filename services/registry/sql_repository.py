@@ -13,7 +13,7 @@ from sqlalchemy import Engine, Select, and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.common.errors import AlreadyExistsError
+from raffm.errors import AlreadyExistsError
 from services.registry.db import make_engine, migrate
 from services.registry.domain import Device, DeviceState, Profile, ProfileRecord
 from services.registry.models import DeviceRow, FleetRow, ProfileRow, TokenRow

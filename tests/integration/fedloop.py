@@ -23,14 +23,16 @@ from raffm.fitting import DeviceProfile, FitResult, fit, ladder
 from raffm.slicing import SlicePlan, slice_plan
 from raffm.spec import ElasticSpec
 from raffm.v1 import aggregator_pb2, aggregator_pb2_grpc, extractor_pb2_grpc
-from raffm.wire import WIRE_DTYPES, MemorySink, WirePayload, spec_from_proto
+from raffm.proto import spec_from_proto
+from raffm.reassembly import MemorySink
+from raffm.wire import WIRE_DTYPES, WirePayload
 from services.aggregator.app import AggregatorApp, AggregatorConfig, build_aggregator
 from services.aggregator.config import JobConfig
 from services.common.auth import auth_metadata
 from services.common.server import ServerConfig
 from services.common.testing import LoopThread
 from services.extractor.app import ExtractorApp, ExtractorConfig, build_extractor, fleet_verifier
-from services.extractor.planner import core_wire_dtype, cost_model_for
+from services.extractor.planner import cost_model_for
 from services.registry.testing import OPERATOR_TOKEN, RegistryHarness
 
 SECRET = "test-ticket-secret-0123456789"
@@ -91,7 +93,7 @@ def expected_fit(job: JobConfig, config: dict[str, Any], train_memory_mb: float,
     return fit(cost_model_for(config), DeviceProfile(train_memory_mb=train_memory_mb, deadline_s=deadline_s,
                                                      batch_size=job.batch_size, seq_len=job.seq_len,
                                                      local_steps=job.local_steps or 10, **p),
-               wire_dtype=core_wire_dtype(job.wire_dtype))
+               wire_dtype=job.wire_dtype)
 
 
 @dataclass

@@ -18,7 +18,8 @@ from transformers import BertConfig
 
 from raffm.transfer import download_slice, upload_update
 from raffm.v1 import aggregator_pb2
-from raffm.wire import HashOnlySink, Manifest, TensorMeta
+from raffm.reassembly import HashOnlySink
+from raffm.wire import Manifest, TensorMeta
 from tests.integration.fedloop import Fleet, tiny_job
 
 BIG = dict(vocab_size=30522, hidden_size=1536, num_hidden_layers=21, num_attention_heads=16, intermediate_size=6144,

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.common.errors import ValidationError
+from raffm.errors import ValidationError
 from services.registry.domain import (
     KNOWN_TIERS, MAX_MEMORY_MB, DeviceState, Profile, clamp_page_size, decode_page_token, effective_state,
     encode_page_token, validate_name, validate_profile,

@@ -7,9 +7,7 @@ from dataclasses import replace
 import pytest
 
 from services.common.auth import Principal
-from services.common.errors import (
-    AlreadyExistsError, AuthenticationError, NotFoundError, PermissionDeniedError, ValidationError,
-)
+from raffm.errors import AlreadyExistsError, AuthenticationError, NotFoundError, PermissionDeniedError, ValidationError
 from services.common.testing import FakeClock
 from services.registry.domain import DeviceState, Profile
 from services.registry.repository import InMemoryDeviceRepository, open_repository

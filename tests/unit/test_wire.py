@@ -1,4 +1,5 @@
-"""The tensor wire codec: dtype conversion, manifests, chunking, reassembly, resume and every protocol error."""
+"""The tensor wire codec, reassembly and the protobuf mapping of manifests: dtype conversion, manifests, chunking,
+reassembly, resume and every protocol error."""
 
 from __future__ import annotations
 
@@ -9,17 +10,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from raffm import wire
+from raffm import proto, wire
+from raffm.reassembly import MemorySink, Reassembler
 from raffm.wire import (
     END,
     ChecksumError,
     IncompleteError,
     Manifest,
     ManifestError,
-    MemorySink,
     OutOfOrderError,
     OverlongError,
-    Reassembler,
     ResumePoint,
     TensorMeta,
     UnknownTensorError,
@@ -68,9 +68,9 @@ def test_manifest_describes_the_wire_bytes() -> None:
     meta = wire.describe("x", wire.to_wire(t, "fp16"))
     assert meta.dtype == "float16" and meta.shape == (2, 3) and meta.nbytes == 12
     assert meta.sha256 == hashlib.sha256(t.half().numpy().tobytes()).digest()
-    proto = wire.manifest_to_proto(Manifest((meta,)), model_version="v1")
-    assert wire.manifest_from_proto(proto) == Manifest((meta,))
-    assert proto.total_bytes == 12 and proto.model_version == "v1"
+    msg = proto.manifest_to_proto(Manifest((meta,)), model_version="v1")
+    assert proto.manifest_from_proto(msg) == Manifest((meta,))
+    assert msg.total_bytes == 12 and msg.model_version == "v1"
 
 
 @settings(max_examples=40, deadline=None)
@@ -163,8 +163,8 @@ def test_bad_manifests_and_resume_points() -> None:
 
 
 def test_wire_dtype_names() -> None:
-    assert wire.wire_dtype_name(0) == "float32" and wire.wire_dtype_name(3) == "bfloat16"
-    assert wire.wire_dtype_name("FP16") == "float16" and wire.wire_dtype_enum("bf16") == 3
+    assert proto.wire_dtype_from_proto(0) == "float32" and proto.wire_dtype_from_proto(3) == "bfloat16"
+    assert wire.wire_dtype_name("FP16") == "float16" and proto.wire_dtype_to_proto("bf16") == 3
     with pytest.raises(wire.WireError, match="fp8"):
         wire.wire_dtype_name("fp8")
 
