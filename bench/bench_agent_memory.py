@@ -39,7 +39,7 @@ def child(budget: int, steps: int, batch: int, seq: int) -> dict[str, object]:
     from raffm.costs import CostModel
     from raffm.data import rotten_tomatoes
     from raffm.elastic import extract
-    from raffm.fitting import DeviceProfile, fit
+    from raffm.fitting import RoundBudget, fit
     from raffm.models import default_model_path, load_global_model
     from raffm.training import LocalConfig, train_local
 
@@ -53,8 +53,8 @@ def child(budget: int, steps: int, batch: int, seq: int) -> dict[str, object]:
         global_model = load_global_model()
         config = global_model.config
         fitted = fit(CostModel.from_model(global_model),
-                     DeviceProfile(train_memory_mb=budget, gflops=1e4, up_mbps=1e4, down_mbps=1e4, deadline_s=86400.0,
-                                   batch_size=batch, seq_len=seq, local_steps=steps))
+                     RoundBudget(train_memory_mb=budget, gflops=1e4, up_mbps=1e4, down_mbps=1e4, deadline_s=86400.0,
+                                 batch_size=batch, seq_len=seq, local_steps=steps))
         sub = extract(global_model, fitted.spec)
         torch.save({n: p.detach().clone() for n, p in sub.named_parameters()}, received)
         del global_model, sub

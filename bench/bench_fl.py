@@ -48,7 +48,7 @@ from raffm.arch import adapter_for  # noqa: E402
 from raffm.costs import OVERHEAD_MB, CostModel, dtype_bytes  # noqa: E402
 from raffm.data import TextDataset, dirichlet_split  # noqa: E402
 from raffm.elastic import extract, plan_for  # noqa: E402
-from raffm.fitting import DEFAULT_HEADROOM, DeviceProfile, fit  # noqa: E402
+from raffm.fitting import DEFAULT_HEADROOM, RoundBudget, fit  # noqa: E402
 from raffm.report import machine_info  # noqa: E402
 from raffm.scaling import DEFAULT_FRACTIONS, scaling_table  # noqa: E402
 from raffm.spec import ElasticSpec  # noqa: E402
@@ -146,9 +146,9 @@ def build_fleet(model: PreTrainedModel, train: TextDataset, settings: Settings, 
     for i, part in enumerate(parts):
         tier = tier_of(i, settings.clients)
         budget = tier_budget_mb(TIERS[tier], full_mb)
-        profile = DeviceProfile(train_memory_mb=budget, gflops=1e4, up_mbps=1e5, down_mbps=1e5, deadline_s=1e5,
-                                batch_size=settings.batch_size, seq_len=settings.seq_len,
-                                local_steps=settings.local_steps)
+        profile = RoundBudget(train_memory_mb=budget, gflops=1e4, up_mbps=1e5, down_mbps=1e5, deadline_s=1e5,
+                              batch_size=settings.batch_size, seq_len=settings.seq_len,
+                              local_steps=settings.local_steps)
         spec = fit(cm, profile, wire_dtype=settings.wire_dtype).spec
         fleet.append(Client(i, tier, budget, spec, spec == full_spec, train.subset(part)))
     return fleet

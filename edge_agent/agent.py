@@ -22,9 +22,10 @@ import grpc
 from edge_agent.client import FaultInjector, ServiceClient, ServiceError, Stopped, Stopper
 from edge_agent.config import AgentConfig
 from edge_agent.identity import IDENTITY_LOST, Heartbeat, Identity
-from edge_agent.profile import ResourceProfile, resolve_profile
+from edge_agent.profile import resolve_profile
 from edge_agent.progress import Progress
 from edge_agent.state import AgentState, StateLock, clean_temporaries, load_state
+from raffm.profile import DeviceProfile
 from raffm.v1 import aggregator_pb2
 
 log = logging.getLogger("edge_agent.agent")
@@ -69,7 +70,7 @@ class Agent:
         stopper: Stopper | None = None,
         faults: FaultInjector | None = None,
         dataset: Any = None,
-        profile: ResourceProfile | None = None,
+        profile: DeviceProfile | None = None,
     ) -> None:
         self.config = config
         self.stopper = stopper or Stopper()

@@ -16,12 +16,13 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from raffm.profile import TIERS
+
 ENV_PREFIX = "RAFFM_AGENT_"
 # Default service addresses: the ports `raffm registry|extractor|aggregator serve` listen on by default.
 DEFAULT_REGISTRY = "127.0.0.1:50051"
 DEFAULT_EXTRACTOR = "127.0.0.1:50052"
 DEFAULT_AGGREGATOR = "127.0.0.1:50053"
-TIERS = ("phone", "sbc", "jetson", "laptop", "desktop", "server")
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,9 @@ from dataclasses import replace
 import grpc
 
 from edge_agent.client import ServiceClient, ServiceError, Stopped
-from edge_agent.profile import ResourceProfile
 from edge_agent.state import AgentState, save_state
+from raffm.profile import DeviceProfile
+from raffm.proto import profile_to_proto
 from raffm.v1 import registry_pb2
 
 log = logging.getLogger("edge_agent.identity")
@@ -46,7 +47,7 @@ class Identity:
             save_state(self.client.config.state_path, state)
             self.state = state
 
-    def ensure_registered(self, profile: ResourceProfile) -> AgentState:
+    def ensure_registered(self, profile: DeviceProfile) -> AgentState:
         """Register or re-register (retrying while the registry is unreachable); returns the saved state."""
         config = self.client.config
         state = self.state
@@ -60,7 +61,8 @@ class Identity:
                 try:
                     reply = self.client.call(
                         "registry.UpdateProfile", self.client.registry.UpdateProfile,
-                        registry_pb2.UpdateProfileRequest(device_id=state.device_id, profile=profile.to_proto()),
+                        registry_pb2.UpdateProfileRequest(device_id=state.device_id,
+                                                          profile=profile_to_proto(profile)),
                         target=config.registry,
                     )
                     log.info("resumed as device %s (%s); profile version %d", state.device_id, name,
@@ -77,7 +79,8 @@ class Identity:
         if not config.enroll_key:
             raise ValueError("first registration needs the fleet's enrollment key: pass --enroll-key "
                              "(or RAFFM_AGENT_ENROLL_KEY)")
-        request = registry_pb2.RegisterRequest(enroll_key=config.enroll_key, name=name, profile=profile.to_proto(),
+        request = registry_pb2.RegisterRequest(enroll_key=config.enroll_key, name=name,
+                                               profile=profile_to_proto(profile),
                                                device_token=state.token if state.registered else "")
         reply = self.client.call("registry.Register", self.client.registry.Register, request,
                                  target=config.registry, authenticated=False)

@@ -1,4 +1,5 @@
-"""The device's resource profile: declared by flags, or measured (``--profile auto``).
+"""The device's resource profile (a :class:`raffm.profile.DeviceProfile`): declared by flags, or measured
+(``--profile auto``).
 
 Measured: total memory (the smaller of physical RAM and a cgroup limit, so containers report their own budget) and
 sustained fp32 matmul throughput from a short benchmark. Bandwidth cannot be measured without a peer, so ``auto``
@@ -10,10 +11,11 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from edge_agent.config import AgentConfig
+from raffm.profile import DeviceProfile
 
 log = logging.getLogger("edge_agent.profile")
 
@@ -21,26 +23,6 @@ MiB = 1 << 20
 # Share of total memory that auto mode offers to training: the OS, the agent itself and other programs need the rest.
 AUTO_MEMORY_FRACTION = 0.5
 ASSUMED_MBPS = 20.0
-
-
-@dataclass(frozen=True)
-class ResourceProfile:
-    """What the device declares to the registry (units as in ``raffm.v1.DeviceProfile``)."""
-
-    train_memory_mb: int
-    infer_memory_mb: int
-    gflops: float
-    up_mbps: float
-    down_mbps: float
-    tier: str
-
-    def to_proto(self):  # type: ignore[no-untyped-def]
-        from raffm.v1 import common_pb2
-
-        return common_pb2.DeviceProfile(
-            train_memory_mb=self.train_memory_mb, infer_memory_mb=self.infer_memory_mb, gflops=self.gflops,
-            up_mbps=self.up_mbps, down_mbps=self.down_mbps, tier=self.tier,
-        )
 
 
 def total_memory_mb() -> int:
@@ -78,7 +60,7 @@ def matmul_gflops(seconds: float = 0.5, size: int = 512, threads: int | None = N
     return n * flops_per / elapsed / 1e9
 
 
-def resolve_profile(config: AgentConfig) -> ResourceProfile:
+def resolve_profile(config: AgentConfig) -> DeviceProfile:
     """The declared profile; with ``--profile auto``, measured values fill in what was not declared."""
     memory = config.memory_mb
     gflops = config.gflops
@@ -97,7 +79,7 @@ def resolve_profile(config: AgentConfig) -> ResourceProfile:
             log.info("auto profile: link speed not declared; assuming %.0f Mbit/s (set --up-mbps/--down-mbps)",
                      ASSUMED_MBPS, extra={"event": "profile_link_assumed"})
             up, down = up or ASSUMED_MBPS, down or ASSUMED_MBPS
-    profile = ResourceProfile(
+    profile = DeviceProfile(
         train_memory_mb=int(memory), infer_memory_mb=int(config.infer_memory_mb), gflops=float(gflops),
         up_mbps=float(up), down_mbps=float(down), tier=config.tier,
     )
@@ -107,5 +89,5 @@ def resolve_profile(config: AgentConfig) -> ResourceProfile:
     return profile
 
 
-def with_memory(profile: ResourceProfile, memory_mb: int) -> ResourceProfile:
+def with_memory(profile: DeviceProfile, memory_mb: int) -> DeviceProfile:
     return replace(profile, train_memory_mb=memory_mb)

@@ -22,7 +22,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from edge_agent.config import TIERS, AgentConfig
+from edge_agent.config import AgentConfig
+from raffm.profile import TIERS
 
 log = logging.getLogger("edge_agent.simulate")
 

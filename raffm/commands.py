@@ -54,7 +54,7 @@ def register(subparsers: Any) -> None:
 def run_extract(args: argparse.Namespace) -> int:
     from raffm.costs import CostModel
     from raffm.elastic import extract
-    from raffm.fitting import DeviceProfile, fit
+    from raffm.fitting import RoundBudget, fit
     from raffm.models import load_global_model, resolve_model
     from raffm.spec import ElasticSpec
     from raffm.spp import prioritize
@@ -65,7 +65,7 @@ def run_extract(args: argparse.Namespace) -> int:
         spec = ElasticSpec.from_json(args.spec.read_text()).validate(costs_of.dims)
     else:
         # Unbounded compute, links and deadline: `raffm extract --memory-mb` fits memory only.
-        profile = DeviceProfile(
+        profile = RoundBudget(
             train_memory_mb=args.memory_mb, gflops=1e7, up_mbps=1e6, down_mbps=1e6, deadline_s=7 * 86400,
             batch_size=args.batch_size, seq_len=args.seq_len,
         )

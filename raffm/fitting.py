@@ -42,8 +42,10 @@ DEFAULT_HEADROOM = 0.05  # of the memory budget, for prediction error (measured 
 
 
 @dataclass(frozen=True)
-class DeviceProfile:
-    """What a device can spend on one round. Memory in MiB, compute in sustained GFLOP/s, links in Mbit/s (10^6)."""
+class RoundBudget:
+    """What a device can spend on one round: its profile's memory, compute and links (see
+    :class:`raffm.profile.DeviceProfile`) plus the round's deadline and the job's batch, sequence length and steps.
+    Memory in MiB, compute in sustained GFLOP/s, links in Mbit/s (10^6)."""
 
     train_memory_mb: float
     gflops: float
@@ -92,7 +94,7 @@ class FitResult:
     round_time: RoundTime
 
 
-def round_time(costs: Costs, profile: DeviceProfile) -> RoundTime:
+def round_time(costs: Costs, profile: RoundBudget) -> RoundTime:
     """Download and upload ``costs.wire_bytes`` over the links; ``samples_per_round`` training samples of compute."""
     bits = 8.0 * costs.wire_bytes
     return RoundTime(
@@ -153,7 +155,7 @@ def _dominates(big: ElasticSpec, small: ElasticSpec) -> bool:
 
 def fit(
     cost_model: CostModel,
-    profile: DeviceProfile,
+    profile: RoundBudget,
     *,
     wire_dtype: str = "float32",
     headroom: float = DEFAULT_HEADROOM,

@@ -1,13 +1,14 @@
 """Translation between the ``raffm.v1`` protobuf messages and the core's types: the one place each mapping lives.
 
-Wire dtypes (the ``WireDtype`` enum <-> :mod:`raffm.wire`'s names), manifests and resume points of a transfer, and
-elastic specs. Pure: messages in, values out; nothing here sends or receives.
+Wire dtypes (the ``WireDtype`` enum <-> :mod:`raffm.wire`'s names), manifests and resume points of a transfer,
+elastic specs and device profiles. Pure: messages in, values out; nothing here sends or receives.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from raffm.profile import DeviceProfile
 from raffm.spec import ElasticSpec, LayerSpec
 from raffm.v1 import common_pb2
 from raffm.wire import START, Manifest, ManifestError, ResumePoint, TensorMeta, WireError, wire_dtype_name
@@ -86,4 +87,36 @@ def spec_from_proto(msg: common_pb2.ElasticSpec) -> ElasticSpec:
     return ElasticSpec(
         hidden=int(msg.hidden),
         layers=tuple(LayerSpec(heads=int(l.heads), head_dim=int(l.head_dim), ffn=int(l.ffn)) for l in msg.layers),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------- profiles
+
+
+def profile_to_proto(profile: DeviceProfile) -> common_pb2.DeviceProfile:
+    msg = common_pb2.DeviceProfile(
+        train_memory_mb=int(profile.train_memory_mb), infer_memory_mb=int(profile.infer_memory_mb),
+        gflops=profile.gflops, up_mbps=profile.up_mbps, down_mbps=profile.down_mbps, tier=profile.tier,
+    )
+    if profile.battery_pct is not None:
+        msg.battery_pct = profile.battery_pct
+    if profile.window_start_min is not None and profile.window_end_min is not None:
+        msg.availability.start_minute_utc = profile.window_start_min
+        msg.availability.end_minute_utc = profile.window_end_min
+    return msg
+
+
+def profile_from_proto(msg: common_pb2.DeviceProfile) -> DeviceProfile:
+    """The profile a message carries, as sent (an empty tier stays empty: the receiver decides what that means)."""
+    window = msg.availability if msg.HasField("availability") else None
+    return DeviceProfile(
+        train_memory_mb=msg.train_memory_mb,
+        infer_memory_mb=msg.infer_memory_mb,
+        gflops=msg.gflops,
+        up_mbps=msg.up_mbps,
+        down_mbps=msg.down_mbps,
+        tier=msg.tier,
+        battery_pct=msg.battery_pct if msg.HasField("battery_pct") else None,
+        window_start_min=window.start_minute_utc if window is not None else None,
+        window_end_min=window.end_minute_utc if window is not None else None,
     )

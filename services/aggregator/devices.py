@@ -11,11 +11,11 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from services.extractor.planner import Profile
-
+from raffm.profile import UNKNOWN_TIER, DeviceProfile
+from raffm.proto import profile_from_proto
 
 ONLINE, OFFLINE, DEREGISTERED = "online", "offline", "deregistered"
 
@@ -23,7 +23,7 @@ ONLINE, OFFLINE, DEREGISTERED = "online", "offline", "deregistered"
 @dataclass(frozen=True)
 class DeviceInfo:
     device_id: str
-    profile: Profile
+    profile: DeviceProfile
     online: bool = True
     state: str = ""  # online | offline | deregistered (derived from ``online`` when empty)
 
@@ -78,9 +78,9 @@ class RegistryDirectory:
                 return None
             raise
         d = reply.device
-        profile = Profile.from_proto(d.profile)
-        if d.tier and profile.tier == "unknown":
-            profile = Profile(**{**profile.__dict__, "tier": d.tier})
+        profile = profile_from_proto(d.profile)
+        if not profile.tier:
+            profile = replace(profile, tier=d.tier or UNKNOWN_TIER)
         state = {registry_pb2.DEVICE_STATE_ONLINE: ONLINE,
                  registry_pb2.DEVICE_STATE_DEREGISTERED: DEREGISTERED}.get(d.state, OFFLINE)
         return DeviceInfo(device_id=d.device_id, profile=profile, state=state)

@@ -18,9 +18,10 @@ import torch
 
 from raffm.checkpoints import CheckpointStore
 from raffm.costs import CostModel, Costs
-from raffm.fitting import DeviceProfile, FitResult, fit, fit_inference
+from raffm.fitting import FitResult, RoundBudget, fit, fit_inference
+from raffm.profile import DeviceProfile
 from raffm.spec import ElasticSpec, ModelDims
-from raffm.proto import spec_from_proto, wire_dtype_to_proto
+from raffm.proto import profile_to_proto, spec_from_proto, wire_dtype_to_proto
 from raffm.errors import PreconditionError, ValidationError
 
 class NoFitError(PreconditionError):
@@ -46,24 +47,6 @@ class PlanJob:
 
 
 @dataclass(frozen=True)
-class Profile:
-    """What a device can afford (raffm.v1.DeviceProfile); ``tier`` is a metrics label."""
-
-    train_memory_mb: float
-    gflops: float
-    up_mbps: float
-    down_mbps: float
-    infer_memory_mb: float = 0.0
-    tier: str = "unknown"
-
-    @classmethod
-    def from_proto(cls, msg: Any) -> Profile:
-        return cls(train_memory_mb=float(msg.train_memory_mb), gflops=float(msg.gflops), up_mbps=float(msg.up_mbps),
-                   down_mbps=float(msg.down_mbps), infer_memory_mb=float(msg.infer_memory_mb),
-                   tier=msg.tier or "unknown")
-
-
-@dataclass(frozen=True)
 class PlanResult:
     spec: ElasticSpec
     full_spec: ElasticSpec
@@ -74,7 +57,7 @@ class PlanResult:
 
 
 class Planner(Protocol):
-    def plan(self, profile: Profile, job: PlanJob, model_version: str, *, infer: bool = False) -> PlanResult:
+    def plan(self, profile: DeviceProfile, job: PlanJob, model_version: str, *, infer: bool = False) -> PlanResult:
         """Raise NoFitError when nothing fits."""
 
 
@@ -113,14 +96,14 @@ def model_shape(config: dict[str, Any]) -> ModelShape:
     return ModelShape(cm.dims, dict(cm.shapes), cm.adapter.name)
 
 
-def device_profile(profile: Profile, job: PlanJob, cost_model: CostModel) -> DeviceProfile:
+def device_profile(profile: DeviceProfile, job: PlanJob, cost_model: CostModel) -> RoundBudget:
     """The core fitter's profile: the device's resources plus the job's batch, sequence length, steps, deadline.
 
     ``ValidationError`` (INVALID_ARGUMENT) for values the fitter refuses (zero bandwidth, negative memory...).
     """
     seq_len = cost_model.image_tokens if cost_model.image_tokens is not None else job.seq_len
     try:
-        return DeviceProfile(
+        return RoundBudget(
             train_memory_mb=profile.train_memory_mb, gflops=profile.gflops, up_mbps=profile.up_mbps,
             down_mbps=profile.down_mbps, deadline_s=job.deadline_s, batch_size=job.batch_size, seq_len=seq_len,
             local_steps=max(job.local_steps, 1), infer_memory_mb=profile.infer_memory_mb or None)
@@ -146,7 +129,7 @@ class LocalPlanner:
     def __init__(self, store: CheckpointStore) -> None:
         self._store = store
 
-    def plan(self, profile: Profile, job: PlanJob, model_version: str, *, infer: bool = False) -> PlanResult:
+    def plan(self, profile: DeviceProfile, job: PlanJob, model_version: str, *, infer: bool = False) -> PlanResult:
         cm = cost_model_for(self._store.info(model_version).config)
         try:
             if infer:
@@ -179,15 +162,13 @@ class GrpcPlanner:
         self._metadata = (("authorization", f"Bearer {token}"),)
         self._timeout = timeout_s
 
-    def plan(self, profile: Profile, job: PlanJob, model_version: str, *, infer: bool = False) -> PlanResult:
+    def plan(self, profile: DeviceProfile, job: PlanJob, model_version: str, *, infer: bool = False) -> PlanResult:
         import grpc
 
-        from raffm.v1 import common_pb2, extractor_pb2
+        from raffm.v1 import extractor_pb2
 
         request = extractor_pb2.PlanRequest(
-            profile=common_pb2.DeviceProfile(
-                train_memory_mb=int(profile.train_memory_mb), infer_memory_mb=int(profile.infer_memory_mb),
-                gflops=profile.gflops, up_mbps=profile.up_mbps, down_mbps=profile.down_mbps, tier=profile.tier),
+            profile=profile_to_proto(profile),
             job=extractor_pb2.JobParams(batch_size=job.batch_size, seq_len=job.seq_len,
                                         wire_dtype=wire_dtype_to_proto(job.wire_dtype),
                                         deadline_s=job.deadline_s, local_steps=job.local_steps,

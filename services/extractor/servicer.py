@@ -8,11 +8,11 @@ from typing import Any
 
 from raffm.v1 import common_pb2, extractor_pb2, extractor_pb2_grpc
 from raffm.proto import (
-    manifest_to_proto, resume_from_proto, spec_to_proto, wire_dtype_from_proto, wire_dtype_to_proto,
+    manifest_to_proto, profile_from_proto, resume_from_proto, spec_to_proto, wire_dtype_from_proto, wire_dtype_to_proto,
 )
 from raffm.wire import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, iter_chunks
 from services.common.auth import current_principal
-from services.extractor.planner import PlanJob, PlanResult, Profile
+from services.extractor.planner import PlanJob, PlanResult
 from services.extractor.slices import SliceService
 
 SERVICE_NAME = "raffm.v1.ExtractorService"
@@ -43,7 +43,7 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServiceServicer):
                            wire_dtype=wire_dtype_from_proto(job.wire_dtype), deadline_s=job.deadline_s or 600.0,
                            local_steps=job.local_steps or 1, optimizer=job.optimizer or "adamw")
         infer = request.purpose == extractor_pb2.PLAN_PURPOSE_INFER
-        result = await asyncio.to_thread(self.service.plan, Profile.from_proto(request.profile), plan_job,
+        result = await asyncio.to_thread(self.service.plan, profile_from_proto(request.profile), plan_job,
                                          request.model_version, infer=infer)
         return plan_to_proto(result)
 

@@ -18,13 +18,14 @@ import torch
 
 from raffm.arch import adapter_for
 from raffm.checkpoints import CheckpointStore, VersionNotFoundError
+from raffm.profile import DeviceProfile
 from raffm.slicing import slice_plan
 from raffm.tickets import Ticket, TicketError, TicketSigner
 from raffm.wire import WirePayload
 from services.common.auth import Principal
 from raffm.errors import AuthenticationError, NotFoundError, PermissionDeniedError
 from services.extractor.metrics import ExtractorMetrics
-from services.extractor.planner import NoFitError, Planner, PlanJob, PlanResult, Profile
+from services.extractor.planner import NoFitError, Planner, PlanJob, PlanResult
 
 SliceKey = tuple[str, str, str]
 
@@ -81,7 +82,7 @@ class SliceService:
 
     # -- Plan ---------------------------------------------------------------------------------------------------------
 
-    def plan(self, profile: Profile, job: PlanJob, model_version: str = "", *, infer: bool = False) -> PlanResult:
+    def plan(self, profile: DeviceProfile, job: PlanJob, model_version: str = "", *, infer: bool = False) -> PlanResult:
         version = model_version or self.latest_version()
         try:
             self.store.info(version)

@@ -11,9 +11,8 @@ from datetime import datetime, timedelta
 from enum import Enum
 
 from raffm.errors import ValidationError
+from raffm.profile import TIERS, DeviceProfile
 
-# Device classes, also the `tier` metrics label; keep the set small (label cardinality).
-KNOWN_TIERS = ("phone", "sbc", "jetson", "laptop", "desktop", "server")
 MAX_NAME_LEN = 128
 MAX_FLEET_LEN = 64
 # Upper bounds well above any real edge device; larger values are typos or unit mistakes (bytes for MiB, ...).
@@ -33,28 +32,13 @@ class DeviceState(str, Enum):
 
 
 @dataclass(frozen=True)
-class Profile:
-    """What a device can afford (see raffm.v1.DeviceProfile for units)."""
-
-    train_memory_mb: int
-    infer_memory_mb: int
-    gflops: float
-    up_mbps: float
-    down_mbps: float
-    tier: str
-    battery_pct: float | None = None
-    window_start_min: int | None = None
-    window_end_min: int | None = None
-
-
-@dataclass(frozen=True)
 class Device:
     device_id: str
     name: str
     fleet: str
     state: DeviceState
     tier: str
-    profile: Profile
+    profile: DeviceProfile
     profile_version: int
     created_at: datetime
     last_seen: datetime
@@ -63,7 +47,7 @@ class Device:
 @dataclass(frozen=True)
 class ProfileRecord:
     version: int
-    profile: Profile
+    profile: DeviceProfile
     recorded_at: datetime
 
 
@@ -80,7 +64,7 @@ def _in_range(value: float, lo: float, hi: float, field: str, unit: str, *, lo_o
         raise ValidationError(f"{field} must be {bound} and <= {hi:g} {unit}, got {value:g}", field=field)
 
 
-def validate_profile(profile: Profile) -> Profile:
+def validate_profile(profile: DeviceProfile) -> DeviceProfile:
     """Reject impossible or absurd resources and unknown tiers; returns the profile unchanged."""
     f = "profile."
     _in_range(profile.train_memory_mb, 0, MAX_MEMORY_MB, f + "train_memory_mb", "MiB", lo_open=True)
@@ -89,8 +73,8 @@ def validate_profile(profile: Profile) -> Profile:
     _in_range(_finite(profile.gflops, f + "gflops"), 0, MAX_GFLOPS, f + "gflops", "GFLOP/s", lo_open=True)
     _in_range(_finite(profile.up_mbps, f + "up_mbps"), 0, MAX_MBPS, f + "up_mbps", "Mbit/s", lo_open=True)
     _in_range(_finite(profile.down_mbps, f + "down_mbps"), 0, MAX_MBPS, f + "down_mbps", "Mbit/s", lo_open=True)
-    if profile.tier not in KNOWN_TIERS:
-        raise ValidationError(f"{f}tier {profile.tier!r} is unknown; use one of {', '.join(KNOWN_TIERS)}",
+    if profile.tier not in TIERS:
+        raise ValidationError(f"{f}tier {profile.tier!r} is unknown; use one of {', '.join(TIERS)}",
                               field=f + "tier")
     if profile.battery_pct is not None:
         _in_range(_finite(profile.battery_pct, f + "battery_pct"), 0, 100, f + "battery_pct", "%", lo_open=False)

@@ -11,7 +11,8 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from services.registry.domain import KNOWN_TIERS, DeviceState
+from raffm.profile import TIERS
+from services.registry.domain import DeviceState
 
 log = logging.getLogger(__name__)
 DeviceCounts = Callable[[], Mapping[tuple[DeviceState, str], int]]
@@ -44,7 +45,7 @@ class DeviceGaugeCollector(Collector):
             return
         # Every (state, tier) pair, zeros included, so dashboards see empty tiers too.
         for state in DeviceState:
-            for tier in sorted(set(KNOWN_TIERS) | {t for _, t in counts}):
+            for tier in sorted(set(TIERS) | {t for _, t in counts}):
                 family.add_metric((state.value, tier), counts.get((state, tier), 0))
         yield family
 

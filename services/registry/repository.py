@@ -12,7 +12,8 @@ from datetime import datetime
 from typing import Protocol
 
 from raffm.errors import AlreadyExistsError
-from services.registry.domain import Device, DeviceState, Profile, ProfileRecord, effective_state
+from raffm.profile import DeviceProfile
+from services.registry.domain import Device, DeviceState, ProfileRecord, effective_state
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class DeviceRepository(Protocol):
 
     def history(self, device_id: str) -> list[ProfileRecord]: ...
 
-    def update_profile(self, device_id: str, profile: Profile, now: datetime) -> tuple[int, bool]:
+    def update_profile(self, device_id: str, profile: DeviceProfile, now: datetime) -> tuple[int, bool]:
         """Make ``profile`` current; append history only if it differs. Returns (version, changed)."""
 
     def touch(self, device_id: str, now: datetime) -> DeviceState | None:
@@ -136,7 +137,7 @@ class InMemoryDeviceRepository:
             stored = self._devices.get(device_id)
             return list(stored.history) if stored else []
 
-    def update_profile(self, device_id: str, profile: Profile, now: datetime) -> tuple[int, bool]:
+    def update_profile(self, device_id: str, profile: DeviceProfile, now: datetime) -> tuple[int, bool]:
         with self._lock:
             stored = self._devices[device_id]
             d = stored.device

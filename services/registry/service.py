@@ -8,11 +8,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
-from services.common.auth import Principal, authorize_device, hash_token, new_token, require_operator
 from raffm.errors import AlreadyExistsError, AuthenticationError, NotFoundError, ValidationError
+from raffm.profile import TIERS, DeviceProfile
+from services.common.auth import Principal, authorize_device, hash_token, new_token, require_operator
 from services.registry.domain import (
-    KNOWN_TIERS, MAX_FLEET_LEN, Device, DeviceState, Profile, ProfileRecord, clamp_page_size, decode_page_token,
-    effective_state, encode_page_token, stale_cutoff, validate_device_id, validate_name, validate_profile,
+    MAX_FLEET_LEN, Device, DeviceState, ProfileRecord, clamp_page_size, decode_page_token, effective_state,
+    encode_page_token, stale_cutoff, validate_device_id, validate_name, validate_profile,
 )
 from services.registry.metrics import RegistryMetrics
 from services.registry.repository import DeviceRepository, TokenOwner
@@ -88,7 +89,7 @@ class RegistryService:
 
     # --- device calls ---------------------------------------------------------------------------------------------
 
-    def register(self, enroll_key: str, name: str, profile: Profile, device_token: str = "") -> Registration:
+    def register(self, enroll_key: str, name: str, profile: DeviceProfile, device_token: str = "") -> Registration:
         """Create a device, or update an existing one when its own token comes with the request."""
         if not enroll_key:
             raise AuthenticationError("enroll_key is missing", field="enroll_key",
@@ -128,7 +129,7 @@ class RegistryService:
             raise NotFoundError(f"device {device_id!r} is not registered", field="device_id")
         return state, now
 
-    def update_profile(self, principal: Principal, device_id: str, profile: Profile) -> tuple[int, bool]:
+    def update_profile(self, principal: Principal, device_id: str, profile: DeviceProfile) -> tuple[int, bool]:
         authorize_device(principal, validate_device_id(device_id))
         validate_profile(profile)
         device = self._require(device_id)
@@ -148,8 +149,8 @@ class RegistryService:
         page_size: int = 0, page_token: str = "",
     ) -> DevicePage:
         require_operator(principal, "ListDevices")
-        if tier and tier not in KNOWN_TIERS:
-            raise ValidationError(f"tier {tier!r} is unknown; use one of {', '.join(KNOWN_TIERS)}", field="tier")
+        if tier and tier not in TIERS:
+            raise ValidationError(f"tier {tier!r} is unknown; use one of {', '.join(TIERS)}", field="tier")
         limit = clamp_page_size(page_size)
         after = decode_page_token(page_token)
         now = self.clock()

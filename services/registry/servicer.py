@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from raffm.proto import profile_from_proto
 from raffm.v1 import registry_pb2, registry_pb2_grpc
 from services.common.auth import Principal, current_principal
 from services.registry import codec
@@ -42,7 +43,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def Register(self, request: registry_pb2.RegisterRequest, context: grpc.aio.ServicerContext
                        ) -> registry_pb2.RegisterReply:
         reg = await self._run(self._service.register, request.enroll_key, request.name,
-                              codec.profile_from_proto(request.profile), request.device_token)
+                              profile_from_proto(request.profile), request.device_token)
         settings = self._service.settings
         return registry_pb2.RegisterReply(
             device_id=reg.device_id, token=reg.token, created=reg.created, profile_version=reg.profile_version,
@@ -58,7 +59,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def UpdateProfile(self, request: registry_pb2.UpdateProfileRequest, context: grpc.aio.ServicerContext
                             ) -> registry_pb2.UpdateProfileReply:
         version, changed = await self._run(self._service.update_profile, current_principal(), request.device_id,
-                                           codec.profile_from_proto(request.profile))
+                                           profile_from_proto(request.profile))
         return registry_pb2.UpdateProfileReply(profile_version=version, changed=changed)
 
     async def GetDevice(self, request: registry_pb2.GetDeviceRequest, context: grpc.aio.ServicerContext

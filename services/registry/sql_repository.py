@@ -14,8 +14,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from raffm.errors import AlreadyExistsError
+from raffm.profile import DeviceProfile
 from services.registry.db import make_engine, migrate
-from services.registry.domain import Device, DeviceState, Profile, ProfileRecord
+from services.registry.domain import Device, DeviceState, ProfileRecord
 from services.registry.models import DeviceRow, FleetRow, ProfileRow, TokenRow
 from services.registry.repository import TokenOwner
 
@@ -23,15 +24,15 @@ log = logging.getLogger(__name__)
 _ONLINE, _OFFLINE, _GONE = DeviceState.ONLINE.value, DeviceState.OFFLINE.value, DeviceState.DEREGISTERED.value
 
 
-def _profile_of(row: ProfileRow) -> Profile:
-    return Profile(
+def _profile_of(row: ProfileRow) -> DeviceProfile:
+    return DeviceProfile(
         train_memory_mb=row.train_memory_mb, infer_memory_mb=row.infer_memory_mb, gflops=row.gflops,
         up_mbps=row.up_mbps, down_mbps=row.down_mbps, tier=row.tier, battery_pct=row.battery_pct,
         window_start_min=row.window_start_min, window_end_min=row.window_end_min,
     )
 
 
-def _profile_row(device_id: str, version: int, profile: Profile, now: datetime) -> ProfileRow:
+def _profile_row(device_id: str, version: int, profile: DeviceProfile, now: datetime) -> ProfileRow:
     return ProfileRow(
         device_id=device_id, version=version, recorded_at=now, tier=profile.tier,
         train_memory_mb=profile.train_memory_mb, infer_memory_mb=profile.infer_memory_mb, gflops=profile.gflops,
@@ -147,7 +148,7 @@ class SqlDeviceRepository:
             rows = s.scalars(select(ProfileRow).where(ProfileRow.device_id == device_id).order_by(ProfileRow.version))
             return [ProfileRecord(r.version, _profile_of(r), r.recorded_at) for r in rows]
 
-    def update_profile(self, device_id: str, profile: Profile, now: datetime) -> tuple[int, bool]:
+    def update_profile(self, device_id: str, profile: DeviceProfile, now: datetime) -> tuple[int, bool]:
         with self._write() as s:
             device = s.get(DeviceRow, device_id, with_for_update=True)
             if device is None:

@@ -19,7 +19,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from raffm.arch import adapter_for
 from raffm.checkpoints import FileCheckpointStore
-from raffm.fitting import DeviceProfile, FitResult, fit, ladder
+from raffm.fitting import RoundBudget, FitResult, fit, ladder
 from raffm.slicing import SlicePlan, slice_plan
 from raffm.spec import ElasticSpec
 from raffm.v1 import aggregator_pb2, aggregator_pb2_grpc, extractor_pb2_grpc
@@ -90,9 +90,9 @@ def expected_fit(job: JobConfig, config: dict[str, Any], train_memory_mb: float,
     """What ``raffm.fitting.fit`` returns for a device of the registry harness's default profile."""
     p = dict(gflops=200.0, up_mbps=50.0, down_mbps=200.0)
     p.update(profile)
-    return fit(cost_model_for(config), DeviceProfile(train_memory_mb=train_memory_mb, deadline_s=deadline_s,
-                                                     batch_size=job.batch_size, seq_len=job.seq_len,
-                                                     local_steps=job.local_steps or 10, **p),
+    return fit(cost_model_for(config), RoundBudget(train_memory_mb=train_memory_mb, deadline_s=deadline_s,
+                                                   batch_size=job.batch_size, seq_len=job.seq_len,
+                                                   local_steps=job.local_steps or 10, **p),
                wire_dtype=job.wire_dtype)
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from raffm.profile import DeviceProfile
 from raffm.v1 import aggregator_pb2, registry_pb2
 from services.aggregator.devices import CachingDirectory, DeviceInfo, StaticDirectory
-from services.extractor.planner import Profile
 from tests.integration.fedloop import Fleet, tiny_bert_folder, tiny_job
 
 
@@ -62,7 +62,7 @@ def test_only_online_registered_devices_get_assignments(tmp_path: Path) -> None:
 
 def test_the_registry_answer_is_cached_briefly() -> None:
     now = [0.0]
-    inner = StaticDirectory({"d1": DeviceInfo("d1", Profile(100, 1, 1, 1))})
+    inner = StaticDirectory({"d1": DeviceInfo("d1", DeviceProfile(100, 1, 1, 1))})
     calls: list[str] = []
 
     class Counting:
@@ -76,7 +76,7 @@ def test_the_registry_answer_is_cached_briefly() -> None:
     async def scenario() -> None:
         infos = await asyncio.gather(*(cache.get("d1") for _ in range(5)))  # concurrent polls: one lookup
         assert all(i is not None and i.online for i in infos) and calls == ["d1"]
-        inner.set(DeviceInfo("d1", Profile(100, 1, 1, 1), online=False))
+        inner.set(DeviceInfo("d1", DeviceProfile(100, 1, 1, 1), online=False))
         now[0] = 1.9
         assert (await cache.get("d1")).online and calls == ["d1"]  # type: ignore[union-attr]
         now[0] = 2.1  # expired: the registry is asked again and the device is now offline

@@ -12,7 +12,7 @@ from raffm.transfer import download_slice
 from raffm.v1 import common_pb2, extractor_pb2
 from raffm.reassembly import MemorySink
 from raffm.wire import START
-from raffm.fitting import DeviceProfile, fit, fit_inference
+from raffm.fitting import RoundBudget, fit, fit_inference
 from raffm.proto import spec_from_proto
 from services.extractor.planner import cost_model_for
 from tests.integration.fedloop import (
@@ -110,8 +110,8 @@ def test_plan_rpc_returns_exactly_what_the_core_fitter_returns(fleet: Fleet) -> 
                                              tier="laptop"),
             job=extractor_pb2.JobParams(batch_size=64, seq_len=32, deadline_s=100, local_steps=2,
                                         wire_dtype=enums[dtype], optimizer="adamw")), metadata=md, timeout=30)
-        expected = fit(cm, DeviceProfile(train_memory_mb=memory, gflops=100, up_mbps=10, down_mbps=10,
-                                         deadline_s=100, batch_size=64, seq_len=32, local_steps=2), wire_dtype=dtype)
+        expected = fit(cm, RoundBudget(train_memory_mb=memory, gflops=100, up_mbps=10, down_mbps=10,
+                                       deadline_s=100, batch_size=64, seq_len=32, local_steps=2), wire_dtype=dtype)
         _assert_reply_is_fit(reply, expected)
         assert reply.model_version == "job-v0"
         assert reply.param_fraction == expected.costs.params / full_params
@@ -121,7 +121,7 @@ def test_plan_rpc_returns_exactly_what_the_core_fitter_returns(fleet: Fleet) -> 
     slow = dict(train_memory_mb=10_000, gflops=0.001, up_mbps=10, down_mbps=10)
     reply = stub.Plan(extractor_pb2.PlanRequest(profile=common_pb2.DeviceProfile(**slow), job=extractor_pb2.JobParams(
         batch_size=64, seq_len=32, deadline_s=300, local_steps=2)), metadata=md, timeout=30)
-    expected = fit(cm, DeviceProfile(**slow, deadline_s=300, batch_size=64, seq_len=32, local_steps=2))
+    expected = fit(cm, RoundBudget(**slow, deadline_s=300, batch_size=64, seq_len=32, local_steps=2))
     _assert_reply_is_fit(reply, expected)
     assert reply.param_fraction < 1
 
@@ -143,8 +143,8 @@ def test_plan_rpc_refuses_profiles_nothing_fits(fleet: Fleet) -> None:
             train_memory_mb=1, gflops=100, up_mbps=10, down_mbps=10), job=job), metadata=md, timeout=30)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     with pytest.raises(ValueError) as core:
-        fit(cm, DeviceProfile(train_memory_mb=1, gflops=100, up_mbps=10, down_mbps=10, deadline_s=100,
-                              batch_size=64, seq_len=32, local_steps=2))
+        fit(cm, RoundBudget(train_memory_mb=1, gflops=100, up_mbps=10, down_mbps=10, deadline_s=100,
+                            batch_size=64, seq_len=32, local_steps=2))
     assert str(core.value) in err.value.details()  # the fitter's own message, not a paraphrase
     with pytest.raises(grpc.RpcError) as err:  # too slow for the deadline
         stub.Plan(extractor_pb2.PlanRequest(profile=common_pb2.DeviceProfile(

@@ -13,7 +13,7 @@ import pytest
 
 from raffm.costs import CostModel
 from raffm.elastic import extract
-from raffm.fitting import DeviceProfile, fit
+from raffm.fitting import RoundBudget, fit
 from raffm.memory import PeakMemory, measure_training_peak
 
 BATCH, SEQ = 16, 64
@@ -43,8 +43,8 @@ def test_predicted_peak_training_memory_matches_measured(minilm, tmp_path: Path)
     rows = []
     measured_by_key: dict[str, float] = {}
     for budget in TIERS_MB:
-        profile = DeviceProfile(train_memory_mb=budget, gflops=100, up_mbps=100, down_mbps=100, deadline_s=3600,
-                                batch_size=BATCH, seq_len=SEQ)
+        profile = RoundBudget(train_memory_mb=budget, gflops=100, up_mbps=100, down_mbps=100, deadline_s=3600,
+                              batch_size=BATCH, seq_len=SEQ)
         picked = fit(cm, profile)
         key = picked.spec.key()
         if key not in measured_by_key:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from transformers import AutoConfig, BertForSequenceClassification
 
 from raffm.costs import CostModel
-from raffm.fitting import DEFAULT_HEADROOM, DeviceProfile, fit, fit_inference, ladder, round_time
+from raffm.fitting import DEFAULT_HEADROOM, RoundBudget, fit, fit_inference, ladder, round_time
 
 
 @functools.cache
@@ -27,11 +27,11 @@ def minilm_costs() -> CostModel:
 ROOMY = dict(train_memory_mb=1e5, gflops=1e4, up_mbps=1e4, down_mbps=1e4, deadline_s=1e5)
 
 
-def profile(**overrides: float) -> DeviceProfile:
-    return DeviceProfile(**{**ROOMY, **overrides})
+def profile(**overrides: float) -> RoundBudget:
+    return RoundBudget(**{**ROOMY, **overrides})
 
 
-def _params_or_zero(p: DeviceProfile, wire_dtype: str = "fp32") -> int:
+def _params_or_zero(p: RoundBudget, wire_dtype: str = "fp32") -> int:
     try:
         return fit(minilm_costs(), p, wire_dtype=wire_dtype).costs.params
     except ValueError:

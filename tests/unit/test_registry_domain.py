@@ -11,12 +11,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from raffm.errors import ValidationError
+from raffm.profile import TIERS, DeviceProfile
 from services.registry.domain import (
-    KNOWN_TIERS, MAX_MEMORY_MB, DeviceState, Profile, clamp_page_size, decode_page_token, effective_state,
-    encode_page_token, validate_name, validate_profile,
+    MAX_MEMORY_MB, DeviceState, clamp_page_size, decode_page_token, effective_state, encode_page_token, validate_name,
+    validate_profile,
 )
 
-GOOD = Profile(train_memory_mb=2048, infer_memory_mb=0, gflops=10.0, up_mbps=5.0, down_mbps=20.0, tier="phone")
+GOOD = DeviceProfile(train_memory_mb=2048, infer_memory_mb=0, gflops=10.0, up_mbps=5.0, down_mbps=20.0, tier="phone")
 
 
 def test_good_profile_passes_unchanged():
@@ -47,7 +48,7 @@ def test_bad_profiles_name_the_field(change, field):
 def test_unknown_tier_message_lists_the_known_ones():
     with pytest.raises(ValidationError) as err:
         validate_profile(replace(GOOD, tier="toaster"))
-    assert all(t in str(err.value) for t in KNOWN_TIERS)
+    assert all(t in str(err.value) for t in TIERS)
 
 
 @pytest.mark.parametrize("name", ["", " ", " lead", "trail ", "tab\tname", "x" * 129])

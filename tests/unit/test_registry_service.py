@@ -9,13 +9,14 @@ import pytest
 from services.common.auth import Principal
 from raffm.errors import AlreadyExistsError, AuthenticationError, NotFoundError, PermissionDeniedError, ValidationError
 from services.common.testing import FakeClock
-from services.registry.domain import DeviceState, Profile
+from raffm.profile import DeviceProfile
+from services.registry.domain import DeviceState
 from services.registry.repository import InMemoryDeviceRepository, open_repository
 from services.registry.service import RegistryService, RegistrySettings
 
 KEY = "unit-enroll-key"
 OPERATOR = Principal(subject="ops", is_operator=True)
-PROFILE = Profile(train_memory_mb=1024, infer_memory_mb=0, gflops=5.0, up_mbps=5.0, down_mbps=10.0, tier="phone")
+PROFILE = DeviceProfile(train_memory_mb=1024, infer_memory_mb=0, gflops=5.0, up_mbps=5.0, down_mbps=10.0, tier="phone")
 
 
 @pytest.fixture(params=["memory", "sqlite"])
