@@ -154,7 +154,7 @@ def main() -> int:
     from services.common.server import ServerConfig
     from services.common.testing import LoopThread
     from services.extractor.app import ExtractorConfig, build_extractor, fleet_verifier
-    from services.extractor.planner import model_shape
+    from raffm.planning import cost_model_for
     from services.registry.testing import OPERATOR_TOKEN, RegistryHarness
 
     secret = "bench-ticket-secret-0123456789"
@@ -165,7 +165,7 @@ def main() -> int:
 
     def initial() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         g = torch.Generator().manual_seed(0)
-        shapes = model_shape(config).shapes
+        shapes = cost_model_for(config).shapes
         return {n: torch.empty(s).uniform_(-0.05, 0.05, generator=g) for n, s in shapes.items()}, config
 
     options = [("grpc.max_send_message_length", 64 * MiB), ("grpc.max_receive_message_length", 64 * MiB)]

@@ -9,9 +9,7 @@ memory-mapped, so the round holds one copy of the weights in RAM, as the cost mo
 
 from __future__ import annotations
 
-import functools
 import gc
-import json
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -24,32 +22,11 @@ from transformers import PretrainedConfig
 
 from raffm.data import ImageDataset, TextDataset
 from raffm.memory import peak_rss_mb, reset_peak, rss_mb
+from raffm.planning import cost_model_for
 from raffm.spec import ElasticSpec
 from raffm.training import LocalConfig, LocalResult, train_local
 
 log = logging.getLogger("edge_agent.trainer")
-
-
-@functools.lru_cache(maxsize=8)
-def _cost_model(config_json: str, image: bool) -> Any:
-    """A :class:`raffm.costs.CostModel` from a global config (shapes from a meta-device model: no memory)."""
-    from transformers import AutoConfig
-
-    from raffm.arch import adapter_for
-    from raffm.costs import CostModel
-    from raffm.models import model_from_config
-
-    values = json.loads(config_json)
-    model_type = values.pop("model_type")
-    config = AutoConfig.for_model(model_type, **values)
-    with torch.device("meta"):
-        model = model_from_config(config, task="image-classification" if image else "sequence-classification")
-    adapter = adapter_for(model)
-    return CostModel(
-        adapter, adapter.dims(config), {n: tuple(t.shape) for n, t in model.state_dict().items()},
-        hidden_dropout=float(getattr(config, "hidden_dropout_prob", 0.0)) > 0,
-        attention_dropout=float(getattr(config, "attention_probs_dropout_prob", 0.0)) > 0,
-    )
 
 
 @dataclass(frozen=True)
@@ -66,7 +43,7 @@ class MemoryPrediction:
 def predict_memory(
     config: PretrainedConfig, spec: ElasticSpec, *, batch_size: int, seq_len: int, fedprox: bool, image: bool
 ) -> MemoryPrediction:
-    model = _cost_model(config.to_json_string(use_diff=False), image)
+    model = cost_model_for(config, task="image-classification" if image else "sequence-classification")
     costs = model.estimate(spec, batch_size=batch_size, seq_len=None if image else seq_len)
     extra = 2 * costs.weights_mb if fedprox else 0.0  # mapped reference pages + the saved (w - w0) of the term
     return MemoryPrediction(costs.train_memory_mb, extra, costs.params)

@@ -1,16 +1,17 @@
 """Translation between the ``raffm.v1`` protobuf messages and the core's types: the one place each mapping lives.
 
 Wire dtypes (the ``WireDtype`` enum <-> :mod:`raffm.wire`'s names), manifests and resume points of a transfer,
-elastic specs and device profiles. Pure: messages in, values out; nothing here sends or receives.
+elastic specs, device profiles and cost estimates. Pure: messages in, values out; nothing here sends or receives.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from raffm.profile import DeviceProfile
 from raffm.spec import ElasticSpec, LayerSpec
-from raffm.v1 import common_pb2
+from raffm.v1 import common_pb2, extractor_pb2
 from raffm.wire import START, Manifest, ManifestError, ResumePoint, TensorMeta, WireError, wire_dtype_name
 
 # raffm.v1.WireDtype values (0 = unspecified = float32) <-> wire dtype names.
@@ -120,3 +121,21 @@ def profile_from_proto(msg: common_pb2.DeviceProfile) -> DeviceProfile:
         window_start_min=window.start_minute_utc if window is not None else None,
         window_end_min=window.end_minute_utc if window is not None else None,
     )
+
+
+# ----------------------------------------------------------------------------------------------------- cost estimates
+
+# raffm.v1.CostEstimate: what a plan predicts (the keys of raffm.planning's cost dicts).
+COST_FIELDS = ("params", "wire_bytes", "flops_per_sample", "train_memory_mb", "infer_memory_mb", "download_s",
+               "compute_s", "upload_s", "est_seconds")
+_INTEGER_COSTS = {"params", "wire_bytes", "flops_per_sample"}
+
+
+def cost_to_proto(cost: Mapping[str, float]) -> extractor_pb2.CostEstimate:
+    values: dict[str, Any] = {k: (int(v) if k in _INTEGER_COSTS else float(v)) for k, v in cost.items()
+                              if k in COST_FIELDS}
+    return extractor_pb2.CostEstimate(**values)
+
+
+def cost_from_proto(msg: extractor_pb2.CostEstimate) -> dict[str, float]:
+    return {k: float(getattr(msg, k)) for k in COST_FIELDS}

@@ -12,18 +12,19 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from raffm.checkpoints import checkpoint_store_from_url
+from raffm.planning import Planner
 from raffm.tickets import TicketSigner
 from raffm.v1 import aggregator_pb2_grpc
 from services.aggregator.config import JobConfig
 from services.aggregator.devices import CachingDirectory, DeviceDirectory, RegistryDirectory
 from services.aggregator.metrics import build_aggregator_metrics
+from services.aggregator.planning import planner_for
 from services.aggregator.rounds import Evaluator, InitialModel, RoundCoordinator
 from services.aggregator.servicer import SERVICE_NAME, AggregatorServicer
 from services.aggregator.staging import Staging
 from services.aggregator.store import round_store_from_url
 from services.common.auth import TokenVerifier
 from services.common.server import ChassisServer, ServerConfig, ServiceBinding, build_server
-from services.extractor.planner import GrpcPlanner, LocalPlanner, Planner
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +123,7 @@ async def build_aggregator(
     rounds = await asyncio.to_thread(round_store_from_url, config.resolved_db_url)
     checkpoints = checkpoint_store_from_url(config.resolved_store_url)
     if planner is None:
-        planner = (GrpcPlanner(config.extractor_target, config.operator_token) if config.extractor_target
-                   else LocalPlanner(checkpoints))
+        planner = planner_for(config.extractor_target, config.operator_token, checkpoints)
     if devices is None:
         import grpc
 

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 
 from raffm.aggregation import SlicedFedAvg, UpdateRejected
-from raffm.arch import adapter_for
 from raffm.checkpoints import CheckpointStore
-from raffm.slicing import SlicePlan, slice_plan
+from raffm.planning import NoFitError, Planner, PlanJob, adapter_and_dims, slice_plan_for
+from raffm.slicing import SlicePlan
 from raffm.spec import ElasticSpec
 from raffm.spp import prioritize_state
 from raffm.tickets import Ticket, TicketError, TicketSigner
@@ -37,7 +37,6 @@ from services.aggregator.store import (
 )
 from services.common.auth import Principal
 from raffm.errors import AlreadyExistsError, AuthenticationError, NotFoundError, PermissionDeniedError, PreconditionError, ValidationError
-from services.extractor.planner import NoFitError, Planner, PlanJob, cost_model_for
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +178,8 @@ class RoundCoordinator:
     def _reorder(self, state: dict[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         if not self.job.reorder_each_round:
             return state
-        cm = cost_model_for(dict(config))
-        return prioritize_state(state, cm.adapter, cm.dims, rank_hidden=True)
+        adapter, dims = adapter_and_dims(config)
+        return prioritize_state(state, adapter, dims, rank_hidden=True)
 
     def _new_agg(self) -> SlicedFedAvg:
         return SlicedFedAvg(self._global, mode=self.job.aggregation,  # type: ignore[arg-type]
@@ -223,9 +222,7 @@ class RoundCoordinator:
         key = spec.key()
         cache = self._open.plans if self._open is not None else {}
         if key not in cache:
-            adapter = adapter_for(_ConfigView(self._config))
-            dims = adapter.dims(_ConfigView(self._config))
-            cache[key] = slice_plan(adapter, dims, spec, {n: tuple(t.shape) for n, t in self._global.items()})
+            cache[key] = slice_plan_for(self._config, spec, {n: tuple(t.shape) for n, t in self._global.items()})
         return cache[key]
 
     def _slice_bytes(self, spec: ElasticSpec) -> int:
@@ -546,13 +543,6 @@ class RoundCoordinator:
             if self._open is not None:
                 rounds = [self._open.record if r.round_id == self._open.record.round_id else r for r in rounds]
             return [replace(r) for r in rounds]
-
-
-class _ConfigView:
-    """Attribute access over a config dict (what ``adapter_for``/``Adapter.dims`` read)."""
-
-    def __init__(self, data: Mapping[str, Any]) -> None:
-        self.__dict__.update(data)
 
 
 class UploadSession:

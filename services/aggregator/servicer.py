@@ -10,7 +10,7 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from raffm.v1 import aggregator_pb2, aggregator_pb2_grpc
-from raffm.proto import manifest_from_proto, resume_to_proto, spec_to_proto, wire_dtype_to_proto
+from raffm.proto import cost_to_proto, manifest_from_proto, resume_to_proto, spec_to_proto, wire_dtype_to_proto
 from raffm.wire import WireError
 from services.aggregator.devices import DeviceDirectory
 from services.aggregator.rounds import (
@@ -19,7 +19,6 @@ from services.aggregator.rounds import (
 from services.aggregator.store import AGGREGATING, CLOSED, FAILED, OPEN, RoundRecord
 from services.common.auth import authorize_device, current_principal
 from raffm.errors import ValidationError
-from services.extractor.servicer import cost_to_proto
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "raffm.v1.AggregatorService"

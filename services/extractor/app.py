@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry
 
 from raffm.checkpoints import checkpoint_store_from_url
+from raffm.planning import LocalPlanner
 from raffm.tickets import TicketSigner
 from raffm.v1 import extractor_pb2_grpc
 from services.common.auth import TokenVerifier
 from services.common.server import ChassisServer, ServerConfig, ServiceBinding, build_server
 from services.extractor.metrics import build_extractor_metrics
-from services.extractor.planner import LocalPlanner
 from services.extractor.servicer import SERVICE_NAME, ExtractorServicer
 from services.extractor.slices import SliceCache, SliceService
 

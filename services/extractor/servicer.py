@@ -7,25 +7,16 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from raffm.v1 import common_pb2, extractor_pb2, extractor_pb2_grpc
+from raffm.planning import PlanJob, PlanResult
 from raffm.proto import (
-    manifest_to_proto, profile_from_proto, resume_from_proto, spec_to_proto, wire_dtype_from_proto, wire_dtype_to_proto,
+    cost_to_proto, manifest_to_proto, profile_from_proto, resume_from_proto, spec_to_proto, wire_dtype_from_proto,
+    wire_dtype_to_proto,
 )
 from raffm.wire import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, iter_chunks
 from services.common.auth import current_principal
-from services.extractor.planner import PlanJob, PlanResult
 from services.extractor.slices import SliceService
 
 SERVICE_NAME = "raffm.v1.ExtractorService"
-COST_FIELDS = ("params", "wire_bytes", "flops_per_sample", "train_memory_mb", "infer_memory_mb", "download_s",
-               "compute_s", "upload_s", "est_seconds")
-
-
-def cost_to_proto(cost: dict[str, float]) -> extractor_pb2.CostEstimate:
-    ints = {"params", "wire_bytes", "flops_per_sample"}
-    values: dict[str, Any] = {k: (int(v) if k in ints else float(v)) for k, v in cost.items() if k in COST_FIELDS}
-    return extractor_pb2.CostEstimate(**values)
-
-
 def plan_to_proto(result: PlanResult) -> extractor_pb2.PlanReply:
     return extractor_pb2.PlanReply(spec=spec_to_proto(result.spec), cost=cost_to_proto(result.cost),
                                    model_version=result.model_version, param_fraction=result.param_fraction,

@@ -12,12 +12,11 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from raffm.arch import adapter_for
 from raffm.checkpoints import CheckpointStore, VersionNotFoundError
+from raffm.planning import NoFitError, Planner, PlanJob, PlanResult, adapter_and_dims
 from raffm.profile import DeviceProfile
 from raffm.slicing import slice_plan
 from raffm.tickets import Ticket, TicketError, TicketSigner
@@ -25,7 +24,6 @@ from raffm.wire import WirePayload
 from services.common.auth import Principal
 from raffm.errors import AuthenticationError, NotFoundError, PermissionDeniedError
 from services.extractor.metrics import ExtractorMetrics
-from services.extractor.planner import NoFitError, Planner, PlanJob, PlanResult
 
 SliceKey = tuple[str, str, str]
 
@@ -35,11 +33,6 @@ class Slice:
     key: SliceKey
     payload: WirePayload
     architecture: str
-
-
-class _ConfigView:
-    def __init__(self, data: dict[str, Any]) -> None:
-        self.__dict__.update(data)
 
 
 class SliceCache:
@@ -150,9 +143,8 @@ class SliceService:
     def _build(self, ticket: Ticket, key: SliceKey) -> Slice:
         state = self._state(ticket.model_version)
         config = self.store.info(ticket.model_version).config
-        view = _ConfigView(config)
-        adapter = adapter_for(view)
-        plan = slice_plan(adapter, adapter.dims(view), ticket.elastic_spec, {n: tuple(t.shape) for n, t in state.items()})
+        adapter, dims = adapter_and_dims(config)
+        plan = slice_plan(adapter, dims, ticket.elastic_spec, {n: tuple(t.shape) for n, t in state.items()})
         sub = {}
         for name, s in plan.items():
             # The full extent of a tensor needs no copy: the wire conversion reads the global tensor directly.

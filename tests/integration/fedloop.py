@@ -17,10 +17,10 @@ import torch
 from prometheus_client import CollectorRegistry
 from transformers import BertConfig, BertForSequenceClassification
 
-from raffm.arch import adapter_for
 from raffm.checkpoints import FileCheckpointStore
-from raffm.fitting import RoundBudget, FitResult, fit, ladder
-from raffm.slicing import SlicePlan, slice_plan
+from raffm.fitting import FitResult, RoundBudget, fit, ladder
+from raffm.planning import cost_model_for, slice_plan_for
+from raffm.slicing import SlicePlan
 from raffm.spec import ElasticSpec
 from raffm.v1 import aggregator_pb2, aggregator_pb2_grpc, extractor_pb2_grpc
 from raffm.proto import spec_from_proto
@@ -32,7 +32,6 @@ from services.common.auth import auth_metadata
 from services.common.server import ServerConfig
 from services.common.testing import LoopThread
 from services.extractor.app import ExtractorApp, ExtractorConfig, build_extractor, fleet_verifier
-from services.extractor.planner import cost_model_for
 from services.registry.testing import OPERATOR_TOKEN, RegistryHarness
 
 SECRET = "test-ticket-secret-0123456789"
@@ -213,11 +212,7 @@ def download(fleet: Fleet, dev: Device, assignment: Any, **kwargs: Any) -> dict[
 
 
 def plan_of(config: dict[str, Any], shapes: dict[str, tuple[int, ...]], spec: ElasticSpec) -> SlicePlan:
-    from services.aggregator.rounds import _ConfigView
-
-    view = _ConfigView(config)
-    adapter = adapter_for(view)
-    return slice_plan(adapter, adapter.dims(view), spec, shapes)
+    return slice_plan_for(config, spec, shapes)
 
 
 def scripted_delta(received: dict[str, torch.Tensor], seed: int, scale: float = 1e-2) -> dict[str, torch.Tensor]:

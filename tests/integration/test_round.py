@@ -27,10 +27,10 @@ def _expected(fleet: Fleet, version: str, updates: list[tuple[dict, object, int]
     for delta, spec, weight in updates:
         plan = plan_of(config, {n: tuple(t.shape) for n, t in state.items()}, spec)
         agg.fold(delta, plan, weight, dtype=WIRE_DTYPES[job.wire_dtype])
-    from services.extractor.planner import model_shape
+    from raffm.planning import cost_model_for
     from raffm.arch import BERT
 
-    return prioritize_state(agg.result(), BERT, model_shape(config).dims, rank_hidden=True)
+    return prioritize_state(agg.result(), BERT, cost_model_for(config).dims, rank_hidden=True)
 
 
 @pytest.mark.parametrize("wire_dtype", ["fp32", "fp16"])

@@ -27,11 +27,11 @@ BIG = dict(vocab_size=30522, hidden_size=1536, num_hidden_layers=21, num_attenti
 
 
 def _big_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    from services.extractor.planner import model_shape
+    from raffm.planning import cost_model_for
 
     config = BertConfig(**BIG).to_dict()
     config["model_type"] = "bert"
-    shapes = model_shape(config).shapes
+    shapes = cost_model_for(config).shapes
     g = torch.Generator().manual_seed(0)
     return {n: torch.empty(s).uniform_(-0.05, 0.05, generator=g) for n, s in shapes.items()}, config
 
