@@ -182,10 +182,10 @@ def run_ours(model: Any, clients: int, rounds: int, *, relay: bool, reorder: boo
     from raffm.wire import WirePayload
     from services.aggregator.app import AggregatorConfig, build_aggregator
     from services.aggregator.config import JobConfig
-    from services.common.auth import auth_metadata
+    from services.common.auth import auth_metadata, fleet_verifier
     from services.common.server import ServerConfig
     from services.common.testing import LoopThread
-    from services.extractor.app import ExtractorConfig, build_extractor, fleet_verifier
+    from services.extractor.app import ExtractorConfig, build_extractor
     from services.registry.testing import OPERATOR_TOKEN, RegistryHarness
 
     root = work / f"ours-{'relay' if relay else 'direct'}"

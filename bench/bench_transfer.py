@@ -150,10 +150,10 @@ def main() -> int:
     from raffm.reassembly import HashOnlySink
     from services.aggregator.app import AggregatorConfig, build_aggregator
     from services.aggregator.config import JobConfig
-    from services.common.auth import auth_metadata
+    from services.common.auth import auth_metadata, fleet_verifier
     from services.common.server import ServerConfig
     from services.common.testing import LoopThread
-    from services.extractor.app import ExtractorConfig, build_extractor, fleet_verifier
+    from services.extractor.app import ExtractorConfig, build_extractor
     from raffm.planning import cost_model_for
     from services.registry.testing import OPERATOR_TOKEN, RegistryHarness
 

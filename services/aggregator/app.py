@@ -16,6 +16,7 @@ from raffm.planning import Planner
 from raffm.tickets import TicketSigner
 from raffm.v1 import aggregator_pb2_grpc
 from services.aggregator.config import JobConfig
+from services.aggregator.db import default_db_url
 from services.aggregator.devices import CachingDirectory, DeviceDirectory, RegistryDirectory
 from services.aggregator.metrics import build_aggregator_metrics
 from services.aggregator.planning import planner_for
@@ -46,7 +47,7 @@ class AggregatorConfig:
 
     @property
     def resolved_db_url(self) -> str:
-        return self.db_url or f"sqlite:///{Path(self.data_dir).resolve() / 'aggregator.db'}"
+        return self.db_url or default_db_url(self.data_dir)
 
     @property
     def resolved_store_url(self) -> str:

@@ -45,35 +45,23 @@ def register(subparsers: Any) -> None:
     migrate.set_defaults(func=_migrate)
 
 
-def _db_url(args: argparse.Namespace) -> str:
-    from pathlib import Path
-
-    return args.db or f"sqlite:///{Path(args.data_dir).resolve() / 'aggregator.db'}"
-
-
 def _migrate(args: argparse.Namespace) -> int:
-    from services.aggregator.db import head_revision, make_engine, migrate
+    from services.aggregator.db import DATABASE, default_db_url
 
-    engine = make_engine(_db_url(args))
-    try:
-        revision = migrate(engine)
-    finally:
-        engine.dispose()
-    print(f"aggregator schema at revision {revision} (head {head_revision()})")
+    revision = DATABASE.migrate_url(args.db or default_db_url(args.data_dir))
+    print(f"aggregator schema at revision {revision} (head {DATABASE.head_revision()})")
     return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
-    import logging
 
     from services.aggregator.app import AggregatorConfig, build_aggregator
     from services.aggregator.config import job_from_args
-    from services.common.cli_args import server_config_from_args
-    from services.extractor.app import fleet_verifier
-    from services.extractor.cli import write_port_file
+    from services.common.auth import fleet_verifier
+    from services.common.cli_args import configure_logging, server_config_from_args, write_port_file
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     if not args.ticket_secret:
         raise ValueError(f"--ticket-secret (or ${SECRET_ENV}) is required; the extractor needs the same one")
     config = AggregatorConfig(

@@ -166,6 +166,18 @@ class RemoteRegistryVerifier:
         return Principal(subject=reply.device_id, fleet=reply.fleet)
 
 
+def fleet_verifier(registry_target: str, operator_token: str) -> TokenVerifier:
+    """What the aggregator and extractor accept: the operator/service token, then device tokens checked by the
+    registry (cached 30 s). Call inside the event loop (it opens a ``grpc.aio`` channel)."""
+    import grpc
+
+    verifiers: list[TokenVerifier] = [StaticTokenVerifier({"operator": operator_token})]
+    if registry_target:
+        channel = grpc.aio.insecure_channel(registry_target)
+        verifiers.append(CachingTokenVerifier(RemoteRegistryVerifier(channel, operator_token)))
+    return ChainedTokenVerifier(verifiers)
+
+
 _current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("raffm_principal", default=None)
 
 

@@ -1,8 +1,9 @@
-"""Command-line flags every service shares, and their translation into a ``ServerConfig``."""
+"""Command-line plumbing every service shares: transport flags and their ``ServerConfig``, logging, the port file."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 
 from services.common.server import DEFAULT_MAX_MESSAGE_BYTES, MiB, ServerConfig
@@ -44,3 +45,17 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         metrics_host=args.metrics_host,
     )
+
+
+def configure_logging(level: str) -> None:
+    """Log lines with time, level and logger name at ``level`` (a name like ``INFO``)."""
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+async def write_port_file(path: str | None, port: int) -> None:
+    """Write the bound gRPC port to ``path`` (atomically) once serving: how ``--port 0`` tells a caller the port."""
+    if path:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.write(str(port))
+        os.replace(tmp, path)

@@ -1,4 +1,4 @@
-"""Composition root of the extractor: checkpoint store, planner, slice cache, servicer, verifier, server."""
+"""Composition root of the extractor: checkpoint store, planner, slice cache, servicer, server."""
 
 from __future__ import annotations
 
@@ -49,18 +49,3 @@ async def build_extractor(config: ExtractorConfig, *, verifier: TokenVerifier | 
                              lambda server: extractor_pb2_grpc.add_ExtractorServiceServicer_to_server(servicer, server))
     server = build_server(config.server, [binding], verifier=verifier, registry=registry)
     return ExtractorApp(server, service)
-
-
-def fleet_verifier(registry_target: str, operator_token: str) -> TokenVerifier:
-    """Operator/service token, then device tokens checked by the registry (cached 30 s). Call inside the loop."""
-    import grpc
-
-    from services.common.auth import (
-        CachingTokenVerifier, ChainedTokenVerifier, RemoteRegistryVerifier, StaticTokenVerifier,
-    )
-
-    verifiers: list[TokenVerifier] = [StaticTokenVerifier({"operator": operator_token})]
-    if registry_target:
-        channel = grpc.aio.insecure_channel(registry_target)
-        verifiers.append(CachingTokenVerifier(RemoteRegistryVerifier(channel, operator_token)))
-    return ChainedTokenVerifier(verifiers)

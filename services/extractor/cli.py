@@ -33,22 +33,14 @@ def register(subparsers: Any) -> None:
     serve.set_defaults(func=_serve)
 
 
-async def write_port_file(path: str | None, port: int) -> None:
-    if path:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            f.write(str(port))
-        os.replace(tmp, path)
-
-
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
-    import logging
 
-    from services.common.cli_args import server_config_from_args
-    from services.extractor.app import ExtractorConfig, build_extractor, fleet_verifier
+    from services.common.auth import fleet_verifier
+    from services.common.cli_args import configure_logging, server_config_from_args, write_port_file
+    from services.extractor.app import ExtractorConfig, build_extractor
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     if not args.ticket_secret:
         raise ValueError(f"--ticket-secret (or ${SECRET_ENV}) is required; the aggregator signs with the same one")
     config = ExtractorConfig(store_url=args.store, ticket_secret=args.ticket_secret, cache_entries=args.cache_entries,

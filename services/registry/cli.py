@@ -69,10 +69,10 @@ def _serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from services.common.cli_args import server_config_from_args
+    from services.common.cli_args import configure_logging, server_config_from_args
     from services.registry.app import RegistryConfig, build_registry
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     logging.getLogger("alembic").setLevel(logging.WARNING)  # one line of our own says which revision is live
     if not args.enroll_key:
         raise ValueError(f"--enroll-key (or ${ENROLL_KEY_ENV}) is required: devices register with it")
@@ -90,12 +90,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from services.registry.db import head_revision, make_engine, migrate
+    from services.registry.db import DATABASE
 
-    engine = make_engine(_db_url(args))
-    try:
-        revision = migrate(engine)
-    finally:
-        engine.dispose()
-    print(f"registry schema at revision {revision} (head {head_revision()})")
+    revision = DATABASE.migrate_url(_db_url(args))
+    print(f"registry schema at revision {revision} (head {DATABASE.head_revision()})")
     return 0

@@ -151,7 +151,8 @@ class FixedPortFleet(Fleet):
 
     async def _start_fixed(self) -> None:
         from services.aggregator.app import AggregatorConfig, build_aggregator
-        from services.extractor.app import ExtractorConfig, build_extractor, fleet_verifier
+        from services.common.auth import fleet_verifier
+        from services.extractor.app import ExtractorConfig, build_extractor
 
         ext = ExtractorConfig(store_url=f"file://{self.root / 'agg' / 'checkpoints'}", ticket_secret=SECRET,
                               server=ServerConfig(port=self.ports["extractor"], grace_s=1.0))

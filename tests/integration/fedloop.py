@@ -28,10 +28,10 @@ from raffm.reassembly import MemorySink
 from raffm.wire import WIRE_DTYPES, WirePayload
 from services.aggregator.app import AggregatorApp, AggregatorConfig, build_aggregator
 from services.aggregator.config import JobConfig
-from services.common.auth import auth_metadata
+from services.common.auth import auth_metadata, fleet_verifier
 from services.common.server import ServerConfig
 from services.common.testing import LoopThread
-from services.extractor.app import ExtractorApp, ExtractorConfig, build_extractor, fleet_verifier
+from services.extractor.app import ExtractorApp, ExtractorConfig, build_extractor
 from services.registry.testing import OPERATOR_TOKEN, RegistryHarness
 
 SECRET = "test-ticket-secret-0123456789"
