@@ -176,7 +176,7 @@ def run_ours(model: Any, clients: int, rounds: int, *, relay: bool, reorder: boo
     import grpc
     import torch
 
-    from raffm.transfer import download_slice, upload_update
+    from edge_agent.transfer import download_once, upload_once
     from raffm.v1 import aggregator_pb2, aggregator_pb2_grpc, extractor_pb2_grpc
     from raffm.reassembly import MemorySink
     from raffm.wire import WirePayload
@@ -253,11 +253,11 @@ def run_ours(model: Any, clients: int, rounds: int, *, relay: bool, reorder: boo
                     a = reply.assignment
                     round_ids[r] = a.round_id
                     sink = MemorySink()
-                    d = download_slice(estub, a.ticket, sink, metadata=md)
+                    d = download_once(estub, a.ticket, sink, metadata=md)
                     d.reassembler.finish()
                     zero = WirePayload.from_state({n: torch.zeros_like(t) for n, t in sink.tensors.items()}, "float32",
                                                   names=[m.name for m in d.manifest.tensors])
-                    ack = upload_update(astub, a.ticket, 1, zero, metadata=md)
+                    ack = upload_once(astub, a.ticket, 1, zero, metadata=md)
                     if not ack.accepted:
                         raise RuntimeError(f"update of device {index} refused: {ack}")
                     barrier.wait()  # the round is closed (the operator saw it) before the next poll

@@ -145,7 +145,7 @@ def main() -> int:
     import torch
     from transformers import BertConfig
 
-    from raffm.transfer import download_slice, upload_update
+    from edge_agent.transfer import download_once, upload_once
     from raffm.v1 import aggregator_pb2, aggregator_pb2_grpc, extractor_pb2_grpc
     from raffm.reassembly import HashOnlySink
     from services.aggregator.app import AggregatorConfig, build_aggregator
@@ -211,13 +211,13 @@ def main() -> int:
                 relay_ext.reset()
                 relay_agg.reset()
                 t0 = time.perf_counter()
-                d = download_slice(estub, a.ticket, HashOnlySink(), metadata=md, chunk_bytes=chunk)
+                d = download_once(estub, a.ticket, HashOnlySink(), metadata=md, chunk_bytes=chunk)
                 d.reassembler.finish()
                 down_s = time.perf_counter() - t0
                 tensor_bytes = d.manifest.total_bytes
                 payload = ZeroPayload(d.manifest)
                 t0 = time.perf_counter()
-                ack = upload_update(astub, a.ticket, 1, payload, metadata=md, chunk_bytes=chunk)  # type: ignore[arg-type]
+                ack = upload_once(astub, a.ticket, 1, payload, metadata=md, chunk_bytes=chunk)  # type: ignore[arg-type]
                 up_s = time.perf_counter() - t0
                 assert ack.accepted
                 if via_relay:

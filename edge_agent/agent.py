@@ -238,11 +238,12 @@ class Agent:
     def _run_assignment(self, a: aggregator_pb2.Assignment, outcome: Outcome) -> None:
         from edge_agent import submodel, trainer
         from edge_agent.transfer import TransferError, UploadRejected, download_slice, upload_update
+        from raffm.proto import spec_from_proto
         from raffm.training import LocalConfig
 
         assert self._profile is not None
         budget = float(self._profile.train_memory_mb)
-        spec = submodel.spec_from_proto(a.spec)
+        spec = spec_from_proto(a.spec)
         hp = a.hparams
         image = a.task.kind == aggregator_pb2.TASK_KIND_IMAGE_CLASSIFICATION
         local = LocalConfig(
@@ -314,9 +315,7 @@ class Agent:
 
         def on_step(step: int, total: int, loss: float) -> None:
             if bar.total != total:
-                bar.total = total
-                if bar._bar is not None:  # noqa: SLF001
-                    bar._bar.total = total  # noqa: SLF001
+                bar.set_total(total)
             bar.update(1, loss=f"{loss:.4f}")
 
         spill_path = self.config.state_path / "work" / f"received-{a.round_id or 'round'}.pt"
@@ -349,13 +348,9 @@ class Agent:
                         "budget_mb": budget})
 
         # 5. Upload.
-        header = aggregator_pb2.UpdateHeader(
-            ticket=a.ticket, sample_count=result.samples,
-            metrics=aggregator_pb2.TrainMetrics(loss=result.loss, steps=result.steps, seconds=result.seconds,
-                                                peak_memory_mb=peak),
-        )
+        metrics = {"loss": result.loss, "steps": result.steps, "seconds": result.seconds, "peak_memory_mb": peak}
         try:
-            uploaded = upload_update(self.client, a, result.delta, names, header, self.progress)
+            uploaded = upload_update(self.client, a, result.delta, names, result.samples, metrics, self.progress)
         except UploadRejected as exc:
             if exc.ack.reject_reason == aggregator_pb2.REJECT_REASON_LATE:
                 outcome.status, outcome.detail = "late", exc.ack.detail

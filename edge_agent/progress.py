@@ -80,6 +80,12 @@ class Bar:
 
             self._bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=unit_scale, leave=False, dynamic_ncols=True)
 
+    def set_total(self, total: float) -> None:
+        """The total, once it is known (a download learns it from the manifest, training from its first step)."""
+        self.total = total
+        if self._bar is not None:
+            self._bar.total = total
+
     def reset_to(self, done: float) -> None:
         """Resume: the bar jumps to ``done`` (e.g. bytes already held)."""
         self.done = done

@@ -15,17 +15,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from raffm.spec import ElasticSpec, LayerSpec
-
-
-def spec_from_proto(msg: Any) -> ElasticSpec:
-    """``raffm.v1.ElasticSpec`` -> :class:`raffm.spec.ElasticSpec`."""
-    if not msg.layers:
-        raise ValueError("the assignment's spec has no layers")
-    return ElasticSpec(
-        hidden=int(msg.hidden),
-        layers=tuple(LayerSpec(heads=int(l.heads), head_dim=int(l.head_dim), ffn=int(l.ffn)) for l in msg.layers),
-    )
+from raffm.spec import ElasticSpec
 
 
 def global_config(manifest_proto: Any, *, fallback_model: str, num_labels: int) -> PretrainedConfig:

@@ -1,16 +1,22 @@
-"""Moving weight slices: the resumable, verified download of an assignment's slice and upload of its delta.
+"""Moving weight slices, the client side of the transfer protocol: the one implementation that the agent, the tests
+and the benchmarks use.
 
-Download: the extractor streams a manifest (names, shapes, sha256) then chunks. A broken stream is re-opened with
-``resume_from`` = the first byte not yet held; a tensor whose sha256 does not match is dropped and fetched again
-from its first byte. Upload: header, manifest, chunks; if the stream breaks, ``QueryUpload`` says what the aggregator
-already holds and the upload continues from there (or stops, when the update was already committed).
+Download: the extractor streams a manifest (names, shapes, sha256) then chunks. A :class:`SliceReceiver` takes one
+stream after another into one reassembler, so a broken stream is re-opened with ``resume_from`` = the first byte not
+yet held, and a tensor whose sha256 does not match is dropped and fetched again from its first byte. Upload: header,
+manifest, chunks (:func:`upload_messages`); if the stream breaks, ``QueryUpload`` says what the aggregator already
+holds and the upload continues from there (or stops, when the update was already committed).
+
+Two ways to drive it: :func:`download_slice` and :func:`upload_update` are the agent's, with retries and backoff,
+stop requests, fault injection, progress and re-fetches; :func:`download_once` and :func:`upload_once` make exactly
+one attempt on a plain stub, for scripted clients that break and resume transfers on purpose.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,9 +25,16 @@ import torch
 
 from edge_agent.client import STREAM_BROKEN, Backoff, ServiceClient, ServiceError, Stopped, details_of, status_of
 from edge_agent.progress import Progress
-from raffm import proto, wire
-from raffm.reassembly import MemorySink, Reassembler
+from raffm.proto import (
+    manifest_from_proto, manifest_to_proto, resume_from_proto, resume_to_proto, wire_dtype_from_proto,
+    wire_dtype_to_proto,
+)
+from raffm.reassembly import MemorySink, Reassembler, TensorSink
 from raffm.v1 import aggregator_pb2, common_pb2, extractor_pb2
+from raffm.wire import (
+    DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, START, ChecksumError, Manifest, ResumePoint, WireError,
+    WirePayload, iter_chunks,
+)
 
 log = logging.getLogger("edge_agent.transfer")
 
@@ -59,12 +72,149 @@ class UploadResult:
 
 @dataclass
 class DownloadResult:
-    manifest: wire.Manifest
+    manifest: Manifest
     manifest_proto: common_pb2.Manifest
     tensors: dict[str, torch.Tensor]  # in the wire dtype, manifest order
     bytes_received: int  # including re-fetched and resumed bytes
     resumes: int
     refetches: int
+
+
+# ----------------------------------------------------------------------------------------------------- the protocol
+
+
+def download_request(ticket: bytes, *, chunk_bytes: int = 0, resume: ResumePoint = START
+                     ) -> extractor_pb2.DownloadRequest:
+    """A DownloadSlice request for ``ticket``'s slice from ``resume`` on (0 ``chunk_bytes``: the server's default)."""
+    request = extractor_pb2.DownloadRequest(ticket=ticket, chunk_bytes=chunk_bytes)
+    if not resume.at_start:
+        request.resume_from.CopyFrom(resume_to_proto(resume))
+    return request
+
+
+class SliceReceiver:
+    """One slice, received over one or more DownloadSlice streams into ``sink``.
+
+    The first manifest starts the reassembler, at ``resume`` when the sink already holds the part before it; the
+    manifest of a resumed stream must be the same one. Chunks are verified as they complete (``ChecksumError`` for a
+    corrupt tensor, which the sink then forgets, so it can be fetched again from :attr:`resume_point`).
+    """
+
+    def __init__(self, sink: TensorSink, resume: ResumePoint = START) -> None:
+        self.sink = sink
+        self._start = resume
+        self._reassembler: Reassembler | None = None
+        self.manifest_proto: common_pb2.Manifest | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._reassembler is not None
+
+    @property
+    def reassembler(self) -> Reassembler:
+        if self._reassembler is None:
+            raise TransferError("the extractor closed the stream without sending a manifest")
+        return self._reassembler
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.reassembler.manifest
+
+    @property
+    def resume_point(self) -> ResumePoint:
+        return self._reassembler.resume_point if self._reassembler is not None else self._start
+
+    def receive(self, msg: extractor_pb2.SliceMessage) -> int:
+        """Take one message of a slice stream; returns the bytes of the chunk it carried (0 for a manifest)."""
+        body = msg.WhichOneof("body")
+        if body == "manifest":
+            manifest = manifest_from_proto(msg.manifest)
+            if self._reassembler is None:
+                self.manifest_proto = msg.manifest
+                self._reassembler = Reassembler(manifest, self.sink, self._start)
+            elif manifest != self._reassembler.manifest:
+                raise TransferError("the slice changed between resumed downloads; the round must restart")
+            return 0
+        if body == "chunk":
+            if self._reassembler is None:
+                raise TransferError("the extractor sent a chunk before the manifest")
+            chunk = msg.chunk
+            self._reassembler.accept(chunk.tensor, int(chunk.offset), bytes(chunk.data))
+            return len(chunk.data)
+        raise TransferError(f"unexpected message {body!r} in the slice stream")
+
+
+def update_header(ticket: bytes, sample_count: int, metrics: Mapping[str, float] | None = None
+                  ) -> aggregator_pb2.UpdateHeader:
+    """The first message of an upload: the ticket, the samples trained on, and the round's training metrics."""
+    m = dict(metrics or {})
+    return aggregator_pb2.UpdateHeader(
+        ticket=ticket, sample_count=sample_count,
+        metrics=aggregator_pb2.TrainMetrics(loss=m.get("loss", 0.0), steps=int(m.get("steps", 0)),
+                                            seconds=m.get("seconds", 0.0), peak_memory_mb=m.get("peak_memory_mb", 0.0),
+                                            accuracy=m.get("accuracy", 0.0)))
+
+
+def upload_messages(
+    ticket: bytes, sample_count: int, payload: WirePayload, *, metrics: Mapping[str, float] | None = None,
+    manifest: common_pb2.Manifest | None = None, resume: ResumePoint = START, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    on_chunk: Callable[[int], None] | None = None, max_chunks: int | None = None,
+) -> Iterator[aggregator_pb2.UploadMessage]:
+    """Header, manifest (``manifest``, or the payload's bare one), then chunks from ``resume``.
+
+    ``on_chunk(nbytes)`` runs after each chunk is handed over; ``max_chunks`` raises ``ConnectionAbortedError`` after
+    that many chunks (a simulated broken link).
+    """
+    yield aggregator_pb2.UploadMessage(header=update_header(ticket, sample_count, metrics))
+    yield aggregator_pb2.UploadMessage(manifest=manifest if manifest is not None else manifest_to_proto(payload.manifest))
+    for i, c in enumerate(iter_chunks(payload.manifest, payload.source, resume, chunk_bytes)):
+        if max_chunks is not None and i >= max_chunks:
+            raise ConnectionAbortedError("simulated broken upload")
+        yield aggregator_pb2.UploadMessage(chunk=common_pb2.TensorChunk(tensor=c.tensor, offset=c.offset, data=c.data))
+        if on_chunk is not None:
+            on_chunk(len(c.data))
+
+
+# ----------------------------------------------------------------------------------------------------- one attempt
+
+
+def download_once(
+    stub: Any, ticket: bytes, sink: TensorSink, *, metadata: Any = (), resume: ResumePoint = START,
+    chunk_bytes: int = 0, timeout: float | None = 600.0, max_chunks: int | None = None,
+) -> SliceReceiver:
+    """Stream a slice into ``sink`` from ``resume``, verifying every tensor, in one call. ``max_chunks`` simulates a
+    broken link (the call is cancelled after that many chunks; the receiver knows where to resume)."""
+    call = stub.DownloadSlice(download_request(ticket, chunk_bytes=chunk_bytes, resume=resume), metadata=metadata,
+                              timeout=timeout)
+    receiver = SliceReceiver(sink, resume)
+    chunks = 0
+    for msg in call:
+        if receiver.receive(msg):
+            chunks += 1
+            if max_chunks is not None and chunks >= max_chunks:
+                call.cancel()
+                break
+    receiver.reassembler  # noqa: B018 - raises TransferError when the stream brought no manifest
+    return receiver
+
+
+def upload_once(
+    stub: Any, ticket: bytes, sample_count: int, payload: WirePayload, *, metadata: Any = (),
+    timeout: float | None = 600.0, resume: bool = False, **kwargs: Any,
+) -> aggregator_pb2.UploadAck:
+    """Upload ``payload`` in one call; with ``resume=True`` ask QueryUpload first and send only what is missing.
+    ``kwargs`` go to :func:`upload_messages`."""
+    start = START
+    if resume:
+        state = stub.QueryUpload(aggregator_pb2.QueryUploadRequest(ticket=ticket), metadata=metadata, timeout=30)
+        if state.committed:
+            return aggregator_pb2.UploadAck(accepted=True, bytes_received=state.bytes_received)
+        start = resume_from_proto(state.resume_from)
+    return stub.UploadUpdate(upload_messages(ticket, sample_count, payload, resume=start, **kwargs),
+                             metadata=metadata, timeout=timeout)
+
+
+# ----------------------------------------------------------------------------------------------------- the agent's
 
 
 def download_slice(
@@ -74,8 +224,7 @@ def download_slice(
     config = client.config
     backoff = Backoff(config.backoff_initial_s, config.backoff_max_s)
     sink = MemorySink()
-    reassembler: Reassembler | None = None
-    manifest_proto: common_pb2.Manifest | None = None
+    receiver = SliceReceiver(sink)
     resumes = refetches = 0
     refetched: dict[str, int] = {}
     failures = 0
@@ -83,12 +232,9 @@ def download_slice(
     try:
         while True:
             client.stopper.check()
-            point = reassembler.resume_point if reassembler is not None else wire.START
-            request = extractor_pb2.DownloadRequest(ticket=assignment.ticket, chunk_bytes=config.chunk_bytes)
-            if not point.at_start:
-                request.resume_from.CopyFrom(proto.resume_to_proto(point))
             call = client.extractor(assignment.extractor_target).DownloadSlice(
-                request, timeout=config.transfer_timeout_s, metadata=client.metadata()
+                download_request(assignment.ticket, chunk_bytes=config.chunk_bytes, resume=receiver.resume_point),
+                timeout=config.transfer_timeout_s, metadata=client.metadata(),
             )
             handle = client.stopper.on_stop(call.cancel)
             stream: Iterator[Any] = call
@@ -97,32 +243,18 @@ def download_slice(
             corrupt: str | None = None
             try:
                 for msg in stream:
-                    body = msg.WhichOneof("body")
-                    if body == "manifest":
-                        manifest = proto.manifest_from_proto(msg.manifest)
-                        if reassembler is None:
-                            manifest_proto = msg.manifest
-                            reassembler = Reassembler(manifest, sink)
-                            bar.total = manifest.total_bytes
-                            if bar._bar is not None:  # noqa: SLF001 - tqdm learns the total late
-                                bar._bar.total = manifest.total_bytes  # noqa: SLF001
-                        elif manifest != reassembler.manifest:
-                            raise TransferError("the slice changed between resumed downloads; the round must restart")
-                    elif body == "chunk":
-                        if reassembler is None:
-                            raise TransferError("the extractor sent a chunk before the manifest")
-                        chunk = msg.chunk
-                        try:
-                            reassembler.accept(chunk.tensor, int(chunk.offset), bytes(chunk.data))
-                        except wire.ChecksumError as exc:
-                            corrupt = chunk.tensor
-                            log.warning("%s; fetching it again", exc,
-                                        extra={"event": "download_refetch", "tensor": chunk.tensor})
-                            call.cancel()
-                            break
-                        bar.update(len(chunk.data))
-                    else:
-                        raise TransferError(f"unexpected message {body!r} in the slice stream")
+                    try:
+                        received = receiver.receive(msg)
+                    except ChecksumError as exc:
+                        corrupt = msg.chunk.tensor
+                        log.warning("%s; fetching it again", exc,
+                                    extra={"event": "download_refetch", "tensor": corrupt})
+                        call.cancel()
+                        break
+                    if received:
+                        bar.update(received)
+                    elif not bar.total:  # the first manifest: now the size is known
+                        bar.set_total(receiver.manifest.total_bytes)
             except grpc.RpcError as err:
                 code = status_of(err)
                 if client.stopper.stopped:
@@ -133,7 +265,7 @@ def download_slice(
                 if failures > config.max_transfer_retries:
                     raise TransferError(f"download failed {failures} times; last: {code.name}: {details_of(err)}")
                 resumes += 1
-                at = reassembler.resume_point if reassembler else wire.START
+                at = receiver.resume_point
                 delay = backoff.next_delay()
                 log.warning("download broken (%s: %s) at tensor %r offset %d; resuming in %.1fs",
                             code.name, details_of(err)[:200], at.tensor, at.offset, delay,
@@ -141,7 +273,7 @@ def download_slice(
                                    "offset": at.offset})
                 client.stopper.wait(delay)
                 continue
-            except wire.WireError as exc:
+            except WireError as exc:
                 raise TransferError(f"the slice stream is malformed: {exc}") from exc
             finally:
                 client.stopper.remove(handle)
@@ -150,10 +282,10 @@ def download_slice(
                 refetched[corrupt] = refetched.get(corrupt, 0) + 1
                 if refetched[corrupt] > MAX_REFETCH_PER_TENSOR:
                     raise TransferError(f"tensor {corrupt!r} failed its sha256 check {refetched[corrupt]} times")
-                bar.reset_to(reassembler.bytes_held if reassembler else 0)
+                bar.reset_to(receiver.reassembler.bytes_held if receiver.started else 0)
                 continue
-            if reassembler is None or manifest_proto is None:
-                raise TransferError("the extractor closed the stream without sending a manifest")
+            reassembler, manifest_proto = receiver.reassembler, receiver.manifest_proto
+            assert manifest_proto is not None  # set with the reassembler
             if not reassembler.done:  # the server ended the stream early: resume like a broken link
                 failures += 1
                 if failures > config.max_transfer_retries:
@@ -176,21 +308,23 @@ def upload_update(
     assignment: aggregator_pb2.Assignment,
     delta: Mapping[str, torch.Tensor],
     names: list[str],
-    header: aggregator_pb2.UpdateHeader,
+    sample_count: int,
+    metrics: Mapping[str, float],
     progress: Progress,
 ) -> UploadResult:
-    """Upload ``delta`` (float tensors, named as in the download) in the assignment's wire dtype, resuming on breaks."""
+    """Upload ``delta`` (float tensors, named as in the download) in the assignment's wire dtype, with the samples it
+    was trained on and the round's training metrics; resumes on breaks."""
     config = client.config
-    dtype = proto.wire_dtype_from_proto(assignment.hparams.wire_dtype)
-    payload = wire.WirePayload.from_state(delta, dtype, names)
-    chunk_bytes = config.chunk_bytes or wire.DEFAULT_CHUNK_BYTES
-    chunk_bytes = max(wire.MIN_CHUNK_BYTES, min(wire.MAX_CHUNK_BYTES, chunk_bytes))
-    manifest_msg = proto.manifest_to_proto(
+    dtype = wire_dtype_from_proto(assignment.hparams.wire_dtype)
+    payload = WirePayload.from_state(delta, dtype, names)
+    chunk_bytes = config.chunk_bytes or DEFAULT_CHUNK_BYTES
+    chunk_bytes = max(MIN_CHUNK_BYTES, min(MAX_CHUNK_BYTES, chunk_bytes))
+    manifest_msg = manifest_to_proto(
         payload.manifest, model_version=assignment.model_version, spec=assignment.spec, chunk_bytes=chunk_bytes,
-        architecture=assignment.task.architecture, wire_dtype=proto.wire_dtype_to_proto(dtype),
+        architecture=assignment.task.architecture, wire_dtype=wire_dtype_to_proto(dtype),
     )
     backoff = Backoff(config.backoff_initial_s, config.backoff_max_s)
-    start = wire.START
+    start = START
     failures = 0
     resumed_at: list[int] = []
     bar = progress.bar("upload", payload.nbytes, "B", unit_scale=True, event="upload", round=assignment.round_id)
@@ -199,14 +333,6 @@ def upload_update(
             client.stopper.check()
             bar.reset_to(payload.manifest.bytes_before(start))
 
-            def messages(start: wire.ResumePoint = start) -> Iterator[aggregator_pb2.UploadMessage]:
-                yield aggregator_pb2.UploadMessage(header=header)
-                yield aggregator_pb2.UploadMessage(manifest=manifest_msg)
-                for c in wire.iter_chunks(payload.manifest, payload.source, start, chunk_bytes):
-                    yield aggregator_pb2.UploadMessage(
-                        chunk=common_pb2.TensorChunk(tensor=c.tensor, offset=c.offset, data=c.data))
-                    bar.update(len(c.data))
-
             done = threading.Event()
             holder: list[Any] = []
 
@@ -214,7 +340,9 @@ def upload_update(
                 if holder:
                     holder[0].cancel()
 
-            requests: Iterator[Any] = messages()
+            requests: Iterator[Any] = upload_messages(
+                assignment.ticket, sample_count, payload, metrics=metrics, manifest=manifest_msg, resume=start,
+                chunk_bytes=chunk_bytes, on_chunk=bar.update)
             if client.faults is not None:
                 def held() -> int:
                     reply = client.aggregator.QueryUpload(
@@ -262,13 +390,13 @@ def upload_update(
                                                    bytes_received=query.bytes_received,
                                                    tensors_received=len(payload.manifest))
                     return UploadResult(ack, failures, tuple(resumed_at))
-                start = proto.resume_from_proto(query.resume_from)
+                start = resume_from_proto(query.resume_from)
                 if not start.at_start:
                     try:
                         payload.manifest.bytes_before(start)
-                    except wire.WireError:
+                    except WireError:
                         log.warning("aggregator resume point %r is not in this upload; restarting it", start.tensor)
-                        start = wire.START
+                        start = START
                 resumed_at.append(payload.manifest.bytes_before(start))
                 log.info("resuming upload at tensor %r offset %d (%d bytes held by the aggregator)",
                          start.tensor, start.offset, query.bytes_received,

@@ -203,10 +203,10 @@ class Fleet:
 
 
 def download(fleet: Fleet, dev: Device, assignment: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-    from raffm.transfer import download_slice
+    from edge_agent.transfer import download_once
 
     sink = MemorySink()
-    d = download_slice(fleet.ext_stub(), assignment.ticket, sink, metadata=dev.md, **kwargs)
+    d = download_once(fleet.ext_stub(), assignment.ticket, sink, metadata=dev.md, **kwargs)
     d.reassembler.finish()
     return sink.tensors
 

@@ -11,7 +11,7 @@ import grpc
 import pytest
 import torch
 
-from raffm.transfer import upload_messages, upload_update
+from edge_agent.transfer import upload_messages, upload_once
 from raffm.v1 import aggregator_pb2, common_pb2
 from raffm.wire import WirePayload
 from tests.integration.fedloop import Fleet, budget_ladder, download, payload, scripted_delta, tiny_bert_folder, tiny_job
@@ -94,7 +94,7 @@ def test_every_bad_upload_is_rejected_and_the_model_stays_bit_identical(fleet: F
     assert rnd.state == aggregator_pb2.ROUND_STATE_OPEN and rnd.accepted == 0 and rnd.rejected >= 10
 
     # The good update closes the round (quorum 1); its result is exactly the good update alone.
-    ack = upload_update(stub, a.ticket, 5, pl, metadata=dev_a.md, chunk_bytes=1024)
+    ack = upload_once(stub, a.ticket, 5, pl, metadata=dev_a.md, chunk_bytes=1024)
     assert ack.accepted
     rnd = fleet.wait_round(stub, a.round_id)
     assert rnd.state == aggregator_pb2.ROUND_STATE_CLOSED and rnd.accepted == 1 and rnd.dropped == 1

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from raffm.transfer import upload_messages, upload_update
+from edge_agent.transfer import upload_messages, upload_once
 from raffm.v1 import aggregator_pb2
 from raffm.wire import ResumePoint
 from services.registry.testing import OPERATOR_TOKEN
@@ -98,7 +98,7 @@ def _reference(tmp: Path, model: Path) -> tuple[dict[str, torch.Tensor], list[tu
         for i, dev in enumerate(devs):
             a = fleet.poll(stub, dev).assignment
             delta = scripted_delta(download(fleet, dev, a), seed=i)
-            assert upload_update(stub, a.ticket, 10 + i, payload(delta, "fp32"), metadata=dev.md).accepted
+            assert upload_once(stub, a.ticket, 10 + i, payload(delta, "fp32"), metadata=dev.md).accepted
             updates.append((delta, spec_of(a), 10 + i))
         fleet.wait_round(stub, "job-r1")
         return fleet.store.load("job-v1"), updates, fleet
@@ -123,8 +123,8 @@ def test_kill_9_mid_round_then_restart_gives_the_same_model(tmp_path: Path) -> N
         assignments = [fleet.poll(stub, d).assignment for d in devs]
         deltas = [scripted_delta(download(fleet, d, a), seed=i) for i, (d, a) in enumerate(zip(devs, assignments))]
         for i in (0, 1):
-            ack = upload_update(stub, assignments[i].ticket, 10 + i, payload(deltas[i], "fp32"),
-                                metadata=devs[i].md)
+            ack = upload_once(stub, assignments[i].ticket, 10 + i, payload(deltas[i], "fp32"),
+                              metadata=devs[i].md)
             assert ack.accepted
 
         # Device 2 gets 10 chunks in, then the aggregator is killed under it.

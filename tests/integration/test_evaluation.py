@@ -16,7 +16,7 @@ from raffm.elastic import extract
 from raffm.models import model_from_state
 from raffm.scaling import spec_for_fraction
 from raffm.training import evaluate
-from raffm.transfer import upload_update
+from edge_agent.transfer import upload_once
 from raffm.v1 import aggregator_pb2
 from services.aggregator.config import JobConfig
 from tests.integration.fedloop import Fleet, download, payload, scripted_delta, tiny_bert_folder, tiny_job
@@ -56,7 +56,7 @@ def test_global_model_and_sub_models_are_evaluated_after_each_round(tmp_path: Pa
         stub = fleet.agg_stub()
         a = fleet.poll(stub, dev).assignment
         delta = scripted_delta(download(fleet, dev, a), seed=0, scale=0.1)
-        assert upload_update(stub, a.ticket, 5, payload(delta, job.wire_dtype), metadata=dev.md).accepted
+        assert upload_once(stub, a.ticket, 5, payload(delta, job.wire_dtype), metadata=dev.md).accepted
         rnd = fleet.wait_round(stub, a.round_id)
         assert rnd.state == aggregator_pb2.ROUND_STATE_CLOSED, rnd
         ev = dict(rnd.evaluation)

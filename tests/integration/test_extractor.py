@@ -8,7 +8,7 @@ import grpc
 import pytest
 import torch
 
-from raffm.transfer import download_slice
+from edge_agent.transfer import download_once
 from raffm.v1 import common_pb2, extractor_pb2
 from raffm.reassembly import MemorySink
 from raffm.wire import START
@@ -49,10 +49,10 @@ def test_slice_matches_the_global_model_and_resumes_after_a_break(fleet: Fleet) 
 
     # Break after 5 chunks, resume from the reassembler's point into the same sink.
     sink = MemorySink()
-    first = download_slice(fleet.ext_stub(), a.ticket, sink, metadata=dev.md, chunk_bytes=1024, max_chunks=5)
+    first = download_once(fleet.ext_stub(), a.ticket, sink, metadata=dev.md, chunk_bytes=1024, max_chunks=5)
     point = first.reassembler.resume_point
     assert point != START and not first.reassembler.done
-    second = download_slice(fleet.ext_stub(), a.ticket, sink, metadata=dev.md, chunk_bytes=1024, resume=point)
+    second = download_once(fleet.ext_stub(), a.ticket, sink, metadata=dev.md, chunk_bytes=1024, resume=point)
     second.reassembler.finish()
     assert second.reassembler.bytes_received == first.manifest.total_bytes - first.reassembler.bytes_held
     for name in full:
@@ -68,14 +68,14 @@ def test_tickets_are_checked(fleet: Fleet) -> None:
     a = _assign(fleet, "a")
     stub = fleet.ext_stub()
     with pytest.raises(grpc.RpcError) as err:  # another device's token
-        download_slice(stub, a.ticket, MemorySink(), metadata=fleet.devices["b"].md)
+        download_once(stub, a.ticket, MemorySink(), metadata=fleet.devices["b"].md)
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     forged = a.ticket[:-4] + (b"AAAA" if not a.ticket.endswith(b"AAAA") else b"BBBB")
     with pytest.raises(grpc.RpcError) as err:
-        download_slice(stub, forged, MemorySink(), metadata=fleet.devices["a"].md)
+        download_once(stub, forged, MemorySink(), metadata=fleet.devices["a"].md)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     with pytest.raises(grpc.RpcError) as err:  # no token at all
-        download_slice(stub, a.ticket, MemorySink())
+        download_once(stub, a.ticket, MemorySink())
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 

@@ -10,7 +10,7 @@ from prometheus_client import generate_latest
 
 from raffm.aggregation import SlicedFedAvg
 from raffm.spp import prioritize_state
-from raffm.transfer import upload_update
+from edge_agent.transfer import upload_once
 from raffm.v1 import aggregator_pb2
 from raffm.wire import WIRE_DTYPES
 from tests.integration.fedloop import (
@@ -79,8 +79,8 @@ def _three_device_round(tmp_path: Path, wire_dtype: str, db_url: str = "") -> No
             up += payload(scripted_delta(received, seed=i), job.wire_dtype).nbytes
             assert received["classifier.weight"].dtype == WIRE_DTYPES[job.wire_dtype]
             delta = scripted_delta(received, seed=i)
-            ack = upload_update(stub, a.ticket, 10 * (i + 1), payload(delta, job.wire_dtype), metadata=dev.md,
-                                metrics={"loss": 1.0 + i})
+            ack = upload_once(stub, a.ticket, 10 * (i + 1), payload(delta, job.wire_dtype), metadata=dev.md,
+                              metrics={"loss": 1.0 + i})
             assert ack.accepted and ack.round_id == "job-r1"
             updates.append((delta, spec, 10 * (i + 1)))
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import BertConfig
 
-from raffm.transfer import download_slice, upload_update
+from edge_agent.transfer import download_once, upload_once
 from raffm.v1 import aggregator_pb2
 from raffm.reassembly import HashOnlySink
 from raffm.wire import Manifest, TensorMeta
@@ -70,7 +70,7 @@ def test_a_2_5_gb_model_streams_down_and_up(tmp_path: Path) -> None:
 
         t0 = time.perf_counter()
         sink = HashOnlySink()
-        d = download_slice(fleet.ext_stub(), a.ticket, sink, metadata=dev.md, timeout=600)
+        d = download_once(fleet.ext_stub(), a.ticket, sink, metadata=dev.md, timeout=600)
         d.reassembler.finish()  # every tensor's sha256 verified
         down_s = time.perf_counter() - t0
         total = d.manifest.total_bytes
@@ -78,7 +78,7 @@ def test_a_2_5_gb_model_streams_down_and_up(tmp_path: Path) -> None:
 
         t0 = time.perf_counter()
         delta = ZeroDelta(d.manifest)
-        ack = upload_update(stub, a.ticket, 1, delta, metadata=dev.md, timeout=600)  # type: ignore[arg-type]
+        ack = upload_once(stub, a.ticket, 1, delta, metadata=dev.md, timeout=600)  # type: ignore[arg-type]
         up_s = time.perf_counter() - t0
         assert ack.accepted and ack.bytes_received == total
         rnd = stub.GetRound(aggregator_pb2.GetRoundRequest(round_id=a.round_id), metadata=fleet.operator, timeout=10)
