@@ -46,18 +46,14 @@ sys.path.insert(0, str(BENCH))
 
 from bench_transfer import CountingRelay  # noqa: E402
 
+from raffm_app.processes import free_port  # noqa: E402
+
 FLOWER_VENV = BENCH / ".flower" / ".venv"
 MiB = 1 << 20
 
 
 class Skip(Exception):
     """Flower cannot be benchmarked here; the message says why."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:

@@ -61,7 +61,7 @@ def registry_process(db_url: str, log_dir: Path) -> Iterator[int]:
     log_path = log_dir / f"registry-{uuid.uuid4().hex[:6]}.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "raffm.cli", "registry", "serve", "--db", db_url, "--port", "0",
+            [sys.executable, "-m", "raffm_app", "registry", "serve", "--db", db_url, "--port", "0",
              "--metrics-port", "-1", "--enroll-key", KEY, "--operator-token", OPERATOR, "--grace-s", "1"],
             stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
         )

@@ -1,8 +1,12 @@
-"""`raffm agent run|simulate`: the edge agent's command line (heavy imports happen inside the commands)."""
+"""`raffm agent run|simulate`: the edge agent's command line (heavy imports happen inside the commands).
+
+The same commands run without the rest of `raffm` as ``python -m edge_agent run|simulate``.
+"""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from typing import Any
 
 RUN_EPILOG = """\
@@ -39,12 +43,23 @@ tiers file (TOML), one table per tier; devices are spread over the tiers in prop
 
 def register(subparsers: Any) -> None:
     """Add the ``agent`` sub-command with ``run`` and ``simulate``."""
-    from edge_agent.config import add_arguments
-
     parser = subparsers.add_parser("agent", help="edge agent: register, poll, download, train, upload",
                                    description="The program every device runs.")
+    add_commands(parser)
+
+
+def add_commands(parser: argparse.ArgumentParser) -> None:
+    """Add ``run`` and ``simulate`` to ``parser`` (which prints its help when neither is given)."""
+    from edge_agent.config import add_arguments
+    from edge_agent.simulate import add_arguments as add_sim_arguments
+
     commands = parser.add_subparsers(dest="agent_command", metavar="COMMAND")
-    parser.set_defaults(func=lambda args: parser.print_help() or 2)
+
+    def print_help(_args: argparse.Namespace) -> int:
+        parser.print_help()
+        return 2
+
+    parser.set_defaults(func=print_help)
 
     run = commands.add_parser("run", help="run one device agent until stopped",
                               description="Run the edge agent for this device.", epilog=RUN_EPILOG,
@@ -56,8 +71,6 @@ def register(subparsers: Any) -> None:
                               description="Simulate a heterogeneous fleet: N agents, each with its own resource "
                                           "profile from a tiers file and its own Dirichlet non-IID share of the data.",
                               epilog=SIM_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from edge_agent.simulate import add_arguments as add_sim_arguments
-
     add_sim_arguments(sim)
     sim.set_defaults(func=_simulate)
 
@@ -86,3 +99,11 @@ def _simulate(args: argparse.Namespace) -> int:
     from edge_agent.simulate import main
 
     return main(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m edge_agent COMMAND ...``: the ``agent`` commands on their own."""
+    parser = argparse.ArgumentParser(prog="python -m edge_agent", description="The program every device runs.")
+    add_commands(parser)
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)

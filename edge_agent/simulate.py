@@ -68,6 +68,17 @@ def load_tiers(path: str | Path) -> list[Tier]:
     return out
 
 
+def tiers_toml(tiers: list[Tier]) -> str:
+    """The TOML text :func:`load_tiers` reads back as ``tiers``."""
+    lines = []
+    for t in tiers:
+        lines.append(f"[tiers.{t.name}]")
+        lines += [f"{k} = {v:g}" for k, v in (("memory_mb", t.memory_mb), ("gflops", t.gflops), ("up_mbps", t.up_mbps),
+                                               ("down_mbps", t.down_mbps), ("share", t.share))]
+        lines += [f'tier = "{t.tier}"', ""]
+    return "\n".join(lines)
+
+
 def spread(tiers: list[Tier], devices: int) -> list[Tier]:
     """Device i's tier: counts proportional to shares (largest remainder), interleaved so every prefix is mixed."""
     total = sum(t.share for t in tiers)
@@ -187,11 +198,12 @@ def run_threads(devices: list[tuple[AgentConfig, Any]], stop: threading.Event | 
 
 
 def run_processes(devices: list[tuple[AgentConfig, Any]]) -> int:
-    """One ``raffm agent run`` process per device; SIGTERM/SIGINT are forwarded. Returns the worst exit status."""
+    """One agent process per device (``python -m edge_agent run``, i.e. ``raffm agent run``); SIGTERM/SIGINT are
+    forwarded. Returns the worst exit status."""
     procs: list[subprocess.Popen[bytes]] = []
     for config, share in devices:
         data_path = write_share(share, Path(config.state_dir) / "data")
-        cmd = [sys.executable, "-m", "raffm.cli", "agent", "run"]
+        cmd = [sys.executable, "-m", "edge_agent", "run"]
         for key, value in {
             "registry": config.registry, "aggregator": config.aggregator, "extractor": config.extractor,
             "name": config.name, "state-dir": config.state_dir, "data": str(data_path), "model": config.model,

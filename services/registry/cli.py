@@ -39,7 +39,7 @@ def register(subparsers: Any) -> None:
 
 
 def _with_hints(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Configuration errors leave as ValueError (exit 2 in raffm.cli) with their fix in the message."""
+    """Configuration errors leave as ValueError (exit 2 in raffm_app.cli) with their fix in the message."""
 
     def run(args: argparse.Namespace) -> int:
         from raffm.errors import DomainError

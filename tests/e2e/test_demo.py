@@ -52,7 +52,7 @@ def test_demo_runs_three_agents_for_two_rounds(tiny_model: Path, tmp_path: Path)
     tiers = tmp_path / "tiers.toml"
     tiers.write_text(TIERS)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "raffm.cli", "demo", "--model", str(tiny_model), "--devices", "3", "--rounds", "2",
+    cmd = [sys.executable, "-m", "raffm_app", "demo", "--model", str(tiny_model), "--devices", "3", "--rounds", "2",
            "--local-steps", "3", "--seq-len", "64", "--test-size", "120", "--max-train", "600", "--tiers", str(tiers),
            "--round-deadline-s", "120", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=560)

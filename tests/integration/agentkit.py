@@ -4,7 +4,6 @@ with bounded waits."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from edge_agent.client import FaultInjector
 from edge_agent.config import AgentConfig
 from raffm.data import TextDataset
 from raffm.v1 import aggregator_pb2, registry_pb2
+from raffm_app.processes import free_port
 from services.common.server import ServerConfig
 from services.registry.testing import ENROLL_KEY, OPERATOR_TOKEN, RegistryHarness
 from tests.integration.fedloop import SECRET, Fleet, tiny_bert_folder, tiny_job
@@ -122,12 +122,6 @@ def list_devices(fleet: Fleet) -> list[Any]:
 def rounds(fleet: Fleet) -> list[Any]:
     stub = fleet.agg_stub()
     return list(stub.ListRounds(aggregator_pb2.ListRoundsRequest(), metadata=fleet.operator, timeout=10).rounds)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class FixedPortFleet(Fleet):

@@ -78,7 +78,7 @@ def test_sigterm_during_training_exits_cleanly(tmp_path: Path, model: Path) -> N
     data = tmp_path / "reviews.jsonl"
     data.write_text("".join(json.dumps({"text": f"review number {i}", "label": i % 2}) + "\n" for i in range(64)))
     state = tmp_path / "state"
-    cmd = [sys.executable, "-m", "raffm.cli", "agent", "run", "--registry", fleet.registry.address,
+    cmd = [sys.executable, "-m", "raffm_app", "agent", "run", "--registry", fleet.registry.address,
            "--aggregator", fleet.aggregator.address, "--extractor", fleet.extractor.address, "--name", "sigterm",
            "--state-dir", str(state), "--data", str(data), "--model", str(model), "--memory-mb", "2000",
            "--gflops", "50", "--up-mbps", "50", "--down-mbps", "50", "--threads", "1", "--log-format", "json"]

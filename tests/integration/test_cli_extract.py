@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 import raffm.elastic  # noqa: F401  (registers the elastic classes with the Auto factories)
-from raffm.cli import main
+from raffm_app.cli import main
 from raffm.spec import ElasticSpec
 
 

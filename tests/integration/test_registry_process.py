@@ -31,7 +31,7 @@ def served(tmp_path: Path):
     log = log_path.open("w")
     env = dict(os.environ, RAFFM_ENROLL_KEY=KEY, RAFFM_OPERATOR_TOKEN=OPERATOR)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "raffm.cli", "registry", "serve", "--data-dir", str(tmp_path), "--port", "0",
+        [sys.executable, "-m", "raffm_app", "registry", "serve", "--data-dir", str(tmp_path), "--port", "0",
          "--metrics-port", "0", "--grace-s", "5", "--liveness-window-s", "30"],
         stdout=log, stderr=subprocess.STDOUT, env=env,
     )

@@ -61,7 +61,7 @@ def test_the_registry_and_the_aggregator_share_one_database(sql_url: str) -> Non
 
 
 def test_cli_migrate(sql_url: str, capsys: pytest.CaptureFixture[str]) -> None:
-    from raffm.cli import main
+    from raffm_app.cli import main
 
     assert main(["aggregator", "migrate", "--db", sql_url]) == 0
     assert f"revision {head_revision()}" in capsys.readouterr().out

@@ -7,7 +7,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
-from raffm.cli import main as raffm_main
+from raffm_app.cli import main as raffm_main
 from services.registry.db import VERSION_TABLE, current_revision, head_revision, make_engine, migrate
 from services.registry.models import Base
 

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_mypy_is_clean() -> None:
     pytest.importorskip("mypy")
     proc = subprocess.run(
-        [sys.executable, "-m", "mypy", "raffm", "services", "edge_agent"], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "mypy", "raffm", "raffm_app", "services", "edge_agent"], cwd=ROOT, capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]

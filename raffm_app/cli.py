@@ -1,7 +1,8 @@
 """The `raffm` command line: one entry point, sub-commands contributed by each component.
 
 Each component module exposes ``register(subparsers)`` that adds its sub-command and sets ``func`` on the parser;
-heavy imports happen inside ``func`` so ``raffm --help`` stays fast.
+heavy imports happen inside ``func`` so ``raffm --help`` stays fast. The services and the agent contribute their own
+commands; this package adds ``extract``/``inspect`` and ``demo``.
 """
 
 from __future__ import annotations
@@ -14,13 +15,20 @@ from collections.abc import Sequence
 
 # Modules that contribute sub-commands, in the order `--help` lists them.
 COMMAND_MODULES = (
-    "raffm.commands",
+    "raffm_app.extract",
     "services.registry.cli",
     "services.extractor.cli",
     "services.aggregator.cli",
     "edge_agent.cli",
-    "raffm.demo",
+    "raffm_app.demo",
 )
+
+
+def wire_dtype_arg(value: str) -> str:
+    """An argparse ``type``: a wire dtype name or alias, normalised (imports torch only when the flag is parsed)."""
+    from raffm.wire import wire_dtype_name
+
+    return wire_dtype_name(value)
 
 
 def build_parser() -> argparse.ArgumentParser:

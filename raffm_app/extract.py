@@ -7,12 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-
-def wire_dtype_arg(value: str) -> str:
-    """An argparse ``type``: a wire dtype name or alias, normalised (imports torch only when the flag is parsed)."""
-    from raffm.wire import wire_dtype_name
-
-    return wire_dtype_name(value)
+from raffm_app.cli import wire_dtype_arg
 
 
 def register(subparsers: Any) -> None:

@@ -1,0 +1,239 @@
+"""`raffm demo`: a real federated fine-tuning run on one machine, in one command.
+
+It starts the registry, extractor and aggregator as separate processes on free loopback ports (SQLite and a
+checkpoint directory under ``runs/<id>/``), then a simulated fleet of edge agents in device tiers from a
+Raspberry-Pi-like budget to a full-model server, each with a non-IID share of the Rotten Tomatoes reviews. The server
+keeps a held-out test split. Every round it prints the global test accuracy and the bytes moved; at the end it cuts
+sub-models of several sizes from the final global model (no retraining) and writes ``report.json``, ``report.md`` and
+plots. Everything talks over the same gRPC protocol a real deployment uses; only the processes are local.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import os
+import secrets
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from edge_agent.simulate import Tier, load_tiers, tiers_toml
+from raffm_app.cli import wire_dtype_arg
+from raffm_app.follow import final_version, follow_job, scaling
+from raffm_app.processes import ProcessFailed, ProcessGroup, free_port, print_tail, raffm_command, wait_serving
+
+# Device tiers of the default fleet: training memory (MiB) is what one training step may use on top of the runtime.
+# The smallest tiers cannot hold the whole MiniLM (about 500 MiB at batch 16 x 64 tokens) and train a sub-model.
+DEFAULT_TIERS = (
+    Tier("sbc", memory_mb=160, gflops=8, up_mbps=10, down_mbps=40, share=2, tier="sbc"),
+    Tier("phone", memory_mb=260, gflops=15, up_mbps=20, down_mbps=80, share=2, tier="phone"),
+    Tier("jetson", memory_mb=380, gflops=30, up_mbps=50, down_mbps=200, share=2, tier="jetson"),
+    Tier("server", memory_mb=4000, gflops=200, up_mbps=1000, down_mbps=1000, share=2, tier="server"),
+)
+FULL_MODEL_MEMORY_MB = 4000  # --baseline fedavg gives every tier this budget, so every device trains the whole model
+
+
+@dataclass
+class DemoSettings:
+    devices: int = 8
+    rounds: int = 5
+    seed: int = 0
+    model: str = "minilm"
+    data: str = "rotten_tomatoes"
+    out: Path | None = None
+    baseline: str = "none"  # or "fedavg"
+    aggregation: str = "coverage"
+    local_steps: int = 20
+    batch_size: int = 16
+    seq_len: int = 48  # covers most review snippets (about 26 words on average)
+    lr: float = 2e-4
+    alpha: float = 2.0
+    test_size: int = 600
+    max_train: int = 0  # 0 = all training examples
+    wire_dtype: str = "float32"
+    round_deadline_s: float = 300.0
+    keep_running: bool = False
+    tiers: list[Tier] = field(default_factory=lambda: list(DEFAULT_TIERS))
+
+
+def prepare_data(settings: DemoSettings, data_dir: Path) -> tuple[Path, Any]:
+    """Split the data: the server keeps ``test_size`` examples; the rest is written for the fleet to share."""
+    from raffm.data import load_text_file, rotten_tomatoes
+
+    data = rotten_tomatoes() if settings.data == "rotten_tomatoes" else load_text_file(settings.data)
+    if settings.test_size >= len(data):
+        raise ValueError(f"--test-size {settings.test_size} leaves no training data ({len(data)} examples)")
+    import random
+
+    order = list(range(len(data)))
+    random.Random(settings.seed).shuffle(order)
+    test, train = data.subset(order[: settings.test_size]), data.subset(order[settings.test_size :])
+    if settings.max_train:
+        train = train.subset(range(min(settings.max_train, len(train))))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    train_path = data_dir / "train.csv"
+    with train_path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        writer.writerows(zip(train.texts, train.labels))
+    return train_path, test
+
+
+def effective_tiers(settings: DemoSettings) -> list[Tier]:
+    """The tiers the fleet runs with: ``--baseline fedavg`` lifts every memory budget to the full model's."""
+    if settings.baseline != "fedavg":
+        return list(settings.tiers)
+    return [replace(t, memory_mb=max(t.memory_mb, FULL_MODEL_MEMORY_MB)) for t in settings.tiers]
+
+
+def run_demo(settings: DemoSettings) -> Path:
+    """Run the demo end to end and return the run directory (its report is written there)."""
+    from raffm.report import RunReport, write_report
+
+    run_id = dt.datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{secrets.token_hex(2)}"
+    run_dir = (settings.out or Path("runs") / run_id).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    print(f"RaFFM demo: run directory {run_dir}")
+    train_path, test = prepare_data(settings, run_dir / "data")
+    tiers = effective_tiers(settings)
+    (run_dir / "tiers.toml").write_text(tiers_toml(tiers))
+
+    secrets_env = {
+        "RAFFM_ENROLL_KEY": secrets.token_urlsafe(16),
+        "RAFFM_OPERATOR_TOKEN": secrets.token_urlsafe(16),
+        "RAFFM_TICKET_SECRET": secrets.token_urlsafe(32),
+    }
+    env = {**os.environ, **secrets_env, "RAFFM_AGENT_ENROLL_KEY": secrets_env["RAFFM_ENROLL_KEY"],
+           "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "OMP_NUM_THREADS": "1"}
+    ports = {name: free_port() for name in ("registry", "extractor", "aggregator")}
+    metrics = {name: free_port() for name in ports}
+    addr = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
+    store = run_dir / "checkpoints"
+
+    group = ProcessGroup(run_dir / "logs")
+    report = RunReport(
+        run_id=run_dir.name,
+        command="raffm demo " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["demo"] else "raffm demo",
+        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        settings={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items() if k != "tiers"},
+        majority_rate=max(test.labels.count(y) for y in set(test.labels)) / len(test),
+    )
+    report.settings["tiers"] = {t.name: {"memory_mb": t.memory_mb, "gflops": t.gflops, "up_mbps": t.up_mbps,
+                                          "down_mbps": t.down_mbps, "share": t.share} for t in tiers}
+    report.settings["metrics_ports"] = metrics
+    _write_prometheus_targets(run_dir / "prometheus-targets.json", metrics)
+    try:
+        group.start("registry", raffm_command(
+            "registry", "serve", "--db", f"sqlite:///{run_dir / 'registry.db'}", "--port", str(ports["registry"]),
+            "--metrics-port", str(metrics["registry"]), "--liveness-window-s", "600"), env)
+        wait_serving(group, addr["registry"], "registry")
+        group.start("extractor", raffm_command(
+            "extractor", "serve", "--store", str(store), "--registry", addr["registry"],
+            "--port", str(ports["extractor"]), "--metrics-port", str(metrics["extractor"])), env)
+        group.start("aggregator", raffm_command(
+            "aggregator", "serve", "--data-dir", str(run_dir / "aggregator"), "--store", str(store),
+            "--registry", addr["registry"], "--port", str(ports["aggregator"]),
+            "--metrics-port", str(metrics["aggregator"]),
+            "--model", settings.model, "--rounds", str(settings.rounds),
+            "--clients-per-round", str(settings.devices), "--quorum", str(settings.devices),
+            "--min-updates", "1", "--round-deadline-s", str(settings.round_deadline_s),
+            "--local-steps", str(settings.local_steps), "--batch-size", str(settings.batch_size),
+            "--seq-len", str(settings.seq_len), "--lr", str(settings.lr), "--wire-dtype", settings.wire_dtype,
+            "--aggregation", settings.aggregation, "--seed", str(settings.seed), "--poll-wait-s", "1",
+            "--no-evaluate"), env)
+        wait_serving(group, addr["extractor"], "extractor")
+        wait_serving(group, addr["aggregator"], "aggregator", timeout_s=180)
+        print("services up: " + ", ".join(f"{n} {a} (metrics :{metrics[n]})" for n, a in addr.items()))
+        group.start("fleet", raffm_command(
+            "agent", "simulate", "--devices", str(settings.devices), "--tiers", str(run_dir / "tiers.toml"),
+            "--data", str(train_path), "--alpha", str(settings.alpha), "--seed", str(settings.seed),
+            "--state-root", str(run_dir / "agents"), "--registry", addr["registry"],
+            "--aggregator", addr["aggregator"], "--extractor", addr["extractor"], "--model", settings.model,
+            "--max-rounds", str(settings.rounds), "--log-format", "json"), env)
+        follow_job(settings, group, addr["aggregator"], secrets_env["RAFFM_OPERATOR_TOKEN"], store, test, report,
+                    metrics)
+        final = final_version(addr["aggregator"], secrets_env["RAFFM_OPERATOR_TOKEN"])
+        print("inference scaling: cutting sub-models from the final global model ...")
+        report.scaling = scaling(settings, store, final, test)
+        for p in report.scaling:
+            print(f"  {p.param_fraction:6.1%} of parameters ({p.params:>11,}): test accuracy {p.accuracy:.1%}")
+        paths = write_report(report, run_dir)
+        print(f"report: {', '.join(str(p) for p in paths)}")
+        if settings.keep_running:
+            print("services keep running for Prometheus/Grafana (metrics ports above); Ctrl-C stops them")
+            while True:
+                group.check(allow_exit=("fleet",))
+                time.sleep(2)
+    except ProcessFailed as exc:
+        print(f"raffm demo: {exc}", file=sys.stderr)
+        print_tail(exc.log)
+        raise
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping services and agents ...", file=sys.stderr)
+        raise
+    finally:
+        group.stop()
+    return run_dir
+
+
+def _write_prometheus_targets(path: Path, metrics: dict[str, int]) -> None:
+    """A Prometheus ``file_sd_configs`` file for this run's metrics ports (see deploy/README.md)."""
+    import json
+
+    targets = [{"targets": [f"127.0.0.1:{port}"], "labels": {"job": f"raffm-{name}"}} for name, port in metrics.items()]
+    path.write_text(json.dumps(targets, indent=2) + "\n")
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="run a real federated fine-tuning job on this machine (services + simulated fleet) and write a report",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    d = DemoSettings()
+    parser.add_argument("--devices", type=int, default=d.devices, help=f"simulated devices (default: {d.devices})")
+    parser.add_argument("--rounds", type=int, default=d.rounds, help=f"federated rounds (default: {d.rounds})")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the data split and training (default: 0)")
+    parser.add_argument("--model", default=d.model, help="HF model id or folder (default: the shipped MiniLM)")
+    parser.add_argument("--data", default=d.data,
+                        help="rotten_tomatoes (shipped) or a CSV/JSON-lines file with text,label (default: rotten_tomatoes)")
+    parser.add_argument("--out", type=Path, help="run directory (default: runs/<timestamp>)")
+    parser.add_argument("--baseline", choices=("none", "fedavg"), default=d.baseline,
+                        help="fedavg: every device trains the full model, for comparison")
+    parser.add_argument("--aggregation", choices=("coverage", "paper"), default=d.aggregation,
+                        help="coverage-weighted sliced FedAvg (default) or the paper code's rule")
+    parser.add_argument("--local-steps", type=int, default=d.local_steps, help=f"optimizer steps per device per round ({d.local_steps})")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--seq-len", type=int, default=d.seq_len)
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--alpha", type=float, default=d.alpha, help="Dirichlet label skew of the split; small = non-IID")
+    parser.add_argument("--test-size", type=int, default=d.test_size, help="held-out examples the server keeps")
+    parser.add_argument("--max-train", type=int, default=0, help="cap on training examples shared by the fleet (0: all)")
+    parser.add_argument("--wire-dtype", type=wire_dtype_arg, default=d.wire_dtype, metavar="DTYPE",
+                        help="float32, float16 or bfloat16 (fp32/fp16/bf16 too); default: %(default)s")
+    parser.add_argument("--round-deadline-s", type=float, default=d.round_deadline_s)
+    parser.add_argument("--tiers", type=Path, help="device tiers TOML ([tiers.NAME] memory_mb, gflops, up_mbps, "
+                        "down_mbps, share); default: sbc, phone, jetson and server tiers sized for MiniLM")
+    parser.add_argument("--keep-running", action="store_true", help="leave the services up after the report")
+    parser.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    values = {k: v for k, v in vars(args).items() if k in DemoSettings.__dataclass_fields__ and k != "tiers"}
+    settings = DemoSettings(**values)
+    if args.tiers is not None:
+        settings.tiers = load_tiers(args.tiers)
+    if settings.devices < 1 or settings.rounds < 1:
+        raise ValueError("--devices and --rounds must be at least 1")
+    try:
+        run_demo(settings)
+    except ProcessFailed:
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
