@@ -20,10 +20,11 @@ from services.aggregator.db import default_db_url
 from services.aggregator.devices import CachingDirectory, DeviceDirectory, RegistryDirectory
 from services.aggregator.metrics import build_aggregator_metrics
 from services.aggregator.planning import planner_for
-from services.aggregator.rounds import Evaluator, InitialModel, RoundCoordinator
+from services.aggregator.coordinator import RoundCoordinator
 from services.aggregator.servicer import SERVICE_NAME, AggregatorServicer
 from services.aggregator.staging import Staging
 from services.aggregator.store import round_store_from_url
+from services.aggregator.versions import Evaluator, InitialModel
 from services.common.auth import TokenVerifier
 from services.common.server import ChassisServer, ServerConfig, ServiceBinding, build_server
 

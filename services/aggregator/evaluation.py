@@ -52,7 +52,7 @@ def load_eval_data(spec: str, *, max_samples: int = 0) -> Dataset:
 
 
 class HeldOutEvaluator:
-    """Callable ``(state, config) -> {metric: value}`` for :class:`services.aggregator.rounds.RoundCoordinator`."""
+    """Callable ``(state, config) -> {metric: value}`` for :class:`services.aggregator.versions.Versions`."""
 
     def __init__(self, data: Dataset, tokenizer: Tokenizer | None, *, task: str = "sequence-classification",
                  fractions: Sequence[float] = (), seq_len: int = 64, batch_size: int = 64) -> None:

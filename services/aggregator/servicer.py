@@ -13,10 +13,10 @@ from raffm.v1 import aggregator_pb2, aggregator_pb2_grpc
 from raffm.proto import cost_to_proto, manifest_from_proto, resume_to_proto, spec_to_proto, wire_dtype_to_proto
 from raffm.wire import WireError
 from services.aggregator.devices import DeviceDirectory
-from services.aggregator.rounds import (
-    Assignment, RoundCoordinator, UploadSession, Wait,
-)
+from services.aggregator.assignments import Assignment, Wait
+from services.aggregator.coordinator import RoundCoordinator
 from services.aggregator.store import AGGREGATING, CLOSED, FAILED, OPEN, RoundRecord
+from services.aggregator.uploads import UploadRejectedError, UploadSession
 from services.common.auth import authorize_device, current_principal
 from raffm.errors import ValidationError
 
@@ -190,6 +190,4 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
 
 
 def _rejected(reason: str, message: str) -> Exception:
-    from services.aggregator.rounds import UploadRejectedError
-
     return UploadRejectedError(reason, message)

@@ -1,0 +1,143 @@
+"""Assignments: who may take part in the open round, which sub-model a device trains (the planner decides), the
+signed ticket that lets it download its slice and upload for it, and what happens when it gives up.
+
+A polling device gets either a :class:`Wait` (with a reason and a jittered delay) or an :class:`Assignment`.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from raffm.errors import AuthenticationError, PermissionDeniedError
+from raffm.planning import NoFitError, Planner, PlanJob, PlanResult
+from raffm.spec import ElasticSpec
+from raffm.tickets import Ticket, TicketError, TicketSigner
+from services.aggregator.config import JobConfig
+from services.aggregator.devices import DEREGISTERED, DeviceInfo
+from services.aggregator.lifecycle import OpenRound
+from services.aggregator.metrics import AggregatorMetrics
+from services.aggregator.store import ASSIGNED, DROPPED, OPEN, AssignmentRecord, JobRecord, RoundRecord, RoundStore
+from services.common.auth import Principal
+
+
+class TicketRejectedError(AuthenticationError):
+    reason = "bad_ticket"
+    default_hint = "present the ticket from your latest assignment, unmodified"
+
+
+class WrongDeviceError(PermissionDeniedError):
+    reason = "wrong_device"
+
+
+@dataclass(frozen=True)
+class Wait:
+    seconds: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class Assignment:
+    round_id: str
+    round_index: int
+    job_id: str
+    model_version: str
+    spec: ElasticSpec
+    ticket: bytes
+    deadline: float
+    predicted: dict[str, float]
+    job: JobConfig
+
+
+class Assigner:
+    """Gates, plans and records assignments for one job; verifies the tickets it signed."""
+
+    def __init__(self, job: JobConfig, rounds: RoundStore, planner: Planner, signer: TicketSigner,
+                 metrics: AggregatorMetrics, clock: Callable[[], float] = time.time,
+                 rng: random.Random | None = None) -> None:
+        self.job, self.rounds, self.planner, self.signer, self.metrics = job, rounds, planner, signer, metrics
+        self._clock = clock
+        self._rng = rng or random.Random()
+
+    def wait(self, reason: str) -> Wait:
+        """Poll again after the job's wait, jittered so a fleet does not poll in lockstep."""
+        base = self.job.poll_wait_s
+        return Wait(seconds=base * (1 + self._rng.uniform(-self.job.poll_jitter, self.job.poll_jitter)), reason=reason)
+
+    def gate(self, record: JobRecord | None, o: OpenRound | None, device: DeviceInfo) -> Wait | RoundRecord:
+        """The open round this device may join now, or why it must wait."""
+        if record is None or record.state != "running":
+            return self.wait(f"job {self.job.job_id} is {record.state if record else 'not started'}")
+        if o is None or o.record.state != OPEN or self._clock() > o.record.deadline:
+            return self.wait("no open round")
+        if device.state == DEREGISTERED:
+            return self.wait(f"device {device.device_id} is deregistered from the fleet; register again to take part")
+        if not device.online:
+            return self.wait(f"device {device.device_id} is {device.state} in the registry (no heartbeat within its "
+                             "liveness window); send a heartbeat, then poll again")
+        mine = [a for a in self.rounds.assignments(o.record.round_id) if a.device_id == device.device_id]
+        if mine:
+            return self.wait("already assigned in this round")
+        active = [a for a in self.rounds.assignments(o.record.round_id) if a.state != DROPPED]
+        if len(active) >= self.job.clients_per_round:
+            return self.wait("round is full")
+        return o.record
+
+    def choose_spec(self, device: DeviceInfo, rnd: RoundRecord) -> PlanResult | Wait:
+        """Which sub-model ``device`` trains in ``rnd``: the planner's answer for its profile, the job and the time
+        left (a Wait when not even the smallest sub-model fits)."""
+        job = self.job
+        plan_job = PlanJob(batch_size=job.batch_size, seq_len=job.seq_len, wire_dtype=job.wire_dtype,
+                           deadline_s=max(rnd.deadline - self._clock(), 1.0),
+                           local_steps=job.local_steps or 10, optimizer=job.optimizer)
+        try:
+            return self.planner.plan(device.profile, plan_job, rnd.model_version)
+        except NoFitError as exc:
+            return self.wait(f"no sub-model fits this device: {exc}")
+
+    def issue(self, device: DeviceInfo, rnd: RoundRecord, plan: PlanResult, wire_bytes: int) -> Assignment:
+        """Sign the ticket and record the assignment. ``wire_bytes``: exactly the bytes of the slice's tensors in the
+        wire dtype, what one complete download streams (a resumed download only streams the rest, so a device moves
+        this much however often its link breaks)."""
+        job = self.job
+        now = self._clock()
+        ticket = Ticket.create(device_id=device.device_id, job_id=job.job_id, round_id=rnd.round_id,
+                               model_version=rnd.model_version, spec=plan.spec, wire_dtype=job.wire_dtype,
+                               ttl_s=rnd.deadline - now + job.ticket_grace_s, now=now, tier=device.tier)
+        self.rounds.add_assignment(AssignmentRecord(
+            ticket_id=ticket.ticket_id, round_id=rnd.round_id, device_id=device.device_id, tier=device.tier,
+            spec=plan.spec.to_dict(), state=ASSIGNED, created_at=now, download_bytes=wire_bytes))
+        self.metrics.assignments.labels(device.tier).inc()
+        self.metrics.bytes_down_assigned.labels(device.tier, job.wire_dtype).inc(wire_bytes)
+        return Assignment(round_id=rnd.round_id, round_index=rnd.index, job_id=job.job_id,
+                          model_version=rnd.model_version, spec=plan.spec, ticket=self.signer.sign(ticket),
+                          deadline=rnd.deadline, predicted=dict(plan.cost), job=job)
+
+    def verify(self, ticket_bytes: bytes, caller: Principal | None, *, check_expiry: bool = True) -> Ticket:
+        """The ticket, if this aggregator signed it for this job and ``caller`` is its device (or an operator)."""
+        try:
+            ticket = self.signer.verify(ticket_bytes, check_expiry=check_expiry)
+        except TicketError as exc:
+            raise TicketRejectedError(str(exc), field="ticket") from None
+        if ticket.job_id != self.job.job_id:
+            raise TicketRejectedError(f"ticket is for job {ticket.job_id!r}, this server runs {self.job.job_id!r}")
+        if caller is not None and not caller.is_operator and caller.subject != ticket.device_id:
+            raise WrongDeviceError(f"ticket belongs to device {ticket.device_id!r}, not {caller.subject!r}",
+                                   field="ticket")
+        return ticket
+
+    def drop(self, ticket: Ticket, reason: str, o: OpenRound | None) -> None:
+        """The device gave up its assignment: a dropout of its round (nothing when it already uploaded or dropped)."""
+        a = self.rounds.get_assignment(ticket.ticket_id)
+        if a is None or a.state != ASSIGNED:
+            return
+        self.rounds.save_assignment(replace(a, state=DROPPED))
+        self.metrics.dropouts.labels(reason).inc()
+        rnd = self.rounds.get_round(a.round_id)
+        if rnd is not None:
+            if o is not None and o.record.round_id == rnd.round_id:
+                rnd = o.record
+            rnd.dropped += 1
+            self.rounds.save_round(rnd)

@@ -1,0 +1,298 @@
+"""The round coordinator: one job's use cases as transactions under one lock, around the pieces that decide.
+
+Lifecycle (:mod:`~services.aggregator.lifecycle`), assignments (:mod:`~services.aggregator.assignments`), uploads
+(:mod:`~services.aggregator.uploads`) and versions (:mod:`~services.aggregator.versions`) each own one concern; the
+coordinator holds the job's current state (job record, global model, open round), takes the lock, and calls them in
+order. Its methods are synchronous and thread-safe; the gRPC servicer calls them from worker threads.
+
+The method's decisions each have one call site: the spec a device trains (``Assigner.choose_spec``, the planner's
+answer), an update's weight (``lifecycle.update_weight``, its sample count) and its fold into the running sums
+(``OpenRound.fold``, coverage-weighted sliced FedAvg from ``lifecycle.running_sums``), the server update
+(``Versions.server_update``) and when SPP re-orders (``Versions.reorder``).
+
+Durable state lives in the round store (SQL) and the staging and checkpoint directories; the running sums are always
+rebuildable by re-folding the committed updates in commit order, which is what :meth:`RoundCoordinator.start` does
+after a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+
+import torch
+
+from raffm.aggregation import UpdateRejected
+from raffm.checkpoints import CheckpointStore
+from raffm.errors import NotFoundError
+from raffm.planning import Planner
+from raffm.slicing import SlicePlan
+from raffm.spec import ElasticSpec
+from raffm.tickets import TicketSigner
+from raffm.wire import WIRE_DTYPES, itemsize
+from services.aggregator.assignments import Assigner, Assignment, TicketRejectedError, Wait
+from services.aggregator.config import JobConfig
+from services.aggregator.devices import DeviceInfo
+from services.aggregator.lifecycle import Lifecycle, OpenRound, update_weight
+from services.aggregator.metrics import AggregatorMetrics
+from services.aggregator.staging import Staging
+from services.aggregator.store import (
+    AGGREGATING, CLOSED, FAILED, OPEN, UPLOADED, DuplicateUpdateError, JobRecord, RoundRecord, RoundStore,
+    UpdateRecord,
+)
+from services.aggregator.uploads import (
+    DuplicateUploadError, LateUploadError, UploadRejectedError, UploadResult, UploadSession, UploadState,
+    count_accepted_bytes, upload_state,
+)
+from services.aggregator.versions import Evaluator, GlobalModel, InitialModel, Versions
+from services.common.auth import Principal
+
+log = logging.getLogger(__name__)
+
+
+class RoundCoordinator:
+    def __init__(
+        self,
+        job: JobConfig,
+        *,
+        rounds: RoundStore,
+        checkpoints: CheckpointStore,
+        staging: Staging,
+        planner: Planner,
+        signer: TicketSigner,
+        metrics: AggregatorMetrics,
+        initial_model: InitialModel,
+        evaluator: Evaluator | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.job = job
+        self.rounds, self.staging, self.metrics = rounds, staging, metrics
+        self.versions = Versions(job, checkpoints, metrics, initial_model, evaluator)
+        self.lifecycle = Lifecycle(job, rounds, staging, metrics, clock)
+        self.assigner = Assigner(job, rounds, planner, signer, metrics, clock, rng)
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._record: JobRecord | None = None
+        self._model: GlobalModel | None = None
+        self._open: OpenRound | None = None
+        self.wire_dtype: torch.dtype = WIRE_DTYPES[job.wire_dtype]
+
+    # -- start-up and recovery ------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Create the job (version 0 = salience-ordered initial model) or resume it, rebuilding an open round."""
+        with self._lock:
+            record = self.rounds.get_job(self.job.job_id)
+            if record is None:
+                model = self.versions.create_initial()
+                record = JobRecord(job_id=self.job.job_id, config=self.job.to_dict(), state="running",
+                                   current_round=0, model_version=model.version, created_at=self._clock())
+                self.rounds.save_job(record)
+            else:
+                model = self.versions.load(record.model_version)
+                if record.config != self.job.to_dict():
+                    log.warning("job %s restarted with changed settings; using the new ones", self.job.job_id)
+                    record.config = self.job.to_dict()
+                    self.rounds.save_job(record)
+            self._record, self._model = record, model
+            last = self.rounds.list_rounds(record.job_id)
+            current = last[-1] if last else None
+            if current is not None and current.state in (OPEN, AGGREGATING):
+                if current.model_version != model.version:
+                    self._model = self.versions.load(current.model_version, config=model.config)
+                self._open = self.lifecycle.rebuild(current, self._model, self.wire_dtype)
+            elif record.state == "running":
+                self._open = self.lifecycle.open_next(record, model)
+
+    # -- helpers ------------------------------------------------------------------------------------------------------
+
+    @property
+    def model(self) -> GlobalModel:
+        assert self._model is not None, "start() first"
+        return self._model
+
+    def _plan(self, spec: ElasticSpec) -> SlicePlan:
+        return self._open.plan(self.model, spec) if self._open is not None else self.model.slice_plan(spec)
+
+    def _slice_bytes(self, spec: ElasticSpec) -> int:
+        return sum(s.numel for s in self._plan(spec).values()) * itemsize(self.job.wire_dtype)
+
+    def _check_open(self, round_id: str) -> OpenRound:
+        o = self._open
+        if o is None or o.record.round_id != round_id or o.record.state != OPEN:
+            rnd = self.rounds.get_round(round_id)
+            state = rnd.state if rnd is not None else "unknown"
+            raise LateUploadError(f"round {round_id} is {state}; uploads are no longer accepted")
+        if self._clock() > o.record.deadline:
+            raise LateUploadError(f"round {round_id} passed its deadline; uploads are no longer accepted")
+        return o
+
+    # -- PollRound ----------------------------------------------------------------------------------------------------
+
+    def poll(self, device: DeviceInfo | None, device_id: str) -> Wait | Assignment:
+        if device is None:
+            raise NotFoundError(f"device {device_id!r} is not registered", field="device_id")
+        with self._lock:
+            gate = self.assigner.gate(self._record, self._open, device)
+        if isinstance(gate, Wait):
+            return gate
+        plan = self.assigner.choose_spec(device, gate)  # outside the lock: the planner may be a remote call
+        if isinstance(plan, Wait):
+            return plan
+        with self._lock:
+            still = self.assigner.gate(self._record, self._open, device)
+            if isinstance(still, Wait):
+                return still
+            return self.assigner.issue(device, gate, plan, self._slice_bytes(plan.spec))
+
+    # -- UploadUpdate -------------------------------------------------------------------------------------------------
+
+    def begin_upload(self, ticket_bytes: bytes, caller: Principal | None, sample_count: int,
+                     metrics: Mapping[str, float]) -> UploadSession:
+        ticket = self.assigner.verify(ticket_bytes, caller)
+        if sample_count <= 0:
+            raise UploadRejectedError("invalid_header", f"sample_count is {sample_count}; it must be > 0",
+                                      field="header.sample_count")
+        with self._lock:
+            assignment = self.rounds.get_assignment(ticket.ticket_id)
+            if assignment is None:
+                raise TicketRejectedError(f"ticket {ticket.ticket_id} was not issued by this aggregator")
+            if self.rounds.update_for_ticket(ticket.ticket_id) is not None:
+                raise DuplicateUploadError(f"an update for ticket {ticket.ticket_id} was already accepted")
+            o = self._check_open(ticket.round_id)
+            plan = self._plan(ticket.elastic_spec)
+        return UploadSession(ticket, assignment, plan, self.staging.upload(ticket.round_id, ticket.ticket_id),
+                             sample_count, dict(metrics), o.agg, wire_dtype=self.job.wire_dtype, commit=self.commit)
+
+    def commit(self, session: UploadSession, delta: dict[str, torch.Tensor]) -> UploadResult:
+        """Validate, make durable, record, fold. Called by UploadSession.finish once every tensor is verified."""
+        t0 = time.perf_counter()
+        ticket = session.ticket
+        try:
+            session.agg.validate(delta, session.plan, update_weight(session.sample_count), dtype=self.wire_dtype)
+        except UpdateRejected as exc:
+            raise UploadRejectedError(exc.reason, str(exc)) from None
+        with self._lock:
+            if self.rounds.update_for_ticket(ticket.ticket_id) is not None:
+                raise DuplicateUploadError(f"an update for ticket {ticket.ticket_id} was already accepted")
+            o = self._check_open(ticket.round_id)
+            if o.agg is not session.agg:
+                raise LateUploadError(f"round {ticket.round_id} was restarted while this upload was in flight")
+            session.staged.sync()
+            assert session.reassembler is not None  # finish() only commits after the manifest arrived
+            nbytes = session.reassembler.bytes_held
+            try:
+                update = self.rounds.add_update(UpdateRecord(
+                    round_id=ticket.round_id, ticket_id=ticket.ticket_id, device_id=ticket.device_id,
+                    sample_count=session.sample_count, path=str(session.staged.dir), nbytes=nbytes,
+                    metrics=session.metrics, accepted_at=self._clock()))
+            except DuplicateUpdateError:
+                raise DuplicateUploadError(f"an update for ticket {ticket.ticket_id} was already accepted") from None
+            # Durable from here on: a crash after this line re-folds the update at restart.
+            o.fold(delta, session.plan, update, self.wire_dtype)
+            assignment = replace(session.assignment, state=UPLOADED)
+            self.rounds.save_assignment(assignment)
+            count_accepted_bytes(o.record, self.metrics, assignment, nbytes, self.model.wire_bytes(self.job.wire_dtype),
+                                 self.job.wire_dtype)
+            if o.accepted >= o.record.quorum:
+                o.record.state = AGGREGATING
+            self.rounds.save_round(o.record)
+        self.metrics.fold_seconds.observe(time.perf_counter() - t0)
+        return UploadResult(round_id=ticket.round_id, bytes_received=nbytes, tensors=len(delta), seq=update.seq)
+
+    def record_rejection(self, reason: str, round_id: str | None = None) -> None:
+        self.metrics.rejected.labels(reason).inc()
+        with self._lock:
+            o = self._open
+            if o is not None and round_id == o.record.round_id:
+                o.record.rejected += 1
+                self.rounds.save_round(o.record)
+
+    def query_upload(self, ticket_bytes: bytes, caller: Principal | None) -> UploadState:
+        return upload_state(self.rounds, self.staging, self.assigner.verify(ticket_bytes, caller, check_expiry=False))
+
+    def report_failure(self, ticket_bytes: bytes, caller: Principal | None, reason: str) -> None:
+        ticket = self.assigner.verify(ticket_bytes, caller, check_expiry=False)
+        with self._lock:
+            self.assigner.drop(ticket, reason, self._open)
+
+    # -- closing ------------------------------------------------------------------------------------------------------
+
+    def tick(self) -> bool:
+        """Apply the deadline policy; True when the open round is ready to be aggregated."""
+        with self._lock:
+            o = self._open
+            if o is None:
+                return False
+            action = self.lifecycle.at_deadline(o)
+            if action == "fail":
+                self._finish(o, FAILED)
+            return action == "aggregate"
+
+    def close_round(self) -> RoundRecord | None:
+        """Aggregate the round (if it is AGGREGATING), write the new version, evaluate, open the next round.
+
+        Evaluation runs outside the lock: meanwhile polls are told to wait (no round is open) and late uploads are
+        refused, exactly as while aggregating; a crash during it re-aggregates to the same version at restart.
+        """
+        with self._lock:
+            o = self._open
+            if o is None or o.record.state != AGGREGATING:
+                return None
+            rnd = o.record
+            result = self.versions.publish(rnd.index, rnd.model_version, o.agg, self.model.config, o.accepted)
+        evaluation = self.versions.evaluate(result)
+        with self._lock:
+            if self._open is not o:
+                return None
+            rnd.result_version = result.version
+            rnd.evaluation = evaluation
+            self._model = result
+            assert self._record is not None
+            self._record.model_version = result.version
+            return self._finish(o, CLOSED)
+
+    def _finish(self, o: OpenRound, state: str) -> RoundRecord:
+        record = self._record
+        assert record is not None
+        rnd = self.lifecycle.finish(o, state, record)
+        self._open = None
+        if record.state == "running":
+            self._open = self.lifecycle.open_next(record, self.model)
+        return rnd
+
+    # -- status -------------------------------------------------------------------------------------------------------
+
+    def job_record(self) -> JobRecord:
+        with self._lock:
+            assert self._record is not None
+            return replace(self._record)
+
+    def round_record(self, round_id: str) -> RoundRecord:
+        with self._lock:
+            if self._open is not None and self._open.record.round_id == round_id:
+                return replace(self._open.record, evaluation=dict(self._open.record.evaluation))
+        rnd = self.rounds.get_round(round_id)
+        if rnd is None:
+            raise NotFoundError(f"round {round_id!r} does not exist", field="round_id")
+        return rnd
+
+    def accepted_count(self, round_id: str) -> int:
+        return len(self.rounds.updates(round_id))
+
+    def assigned_count(self, round_id: str) -> int:
+        return len(self.rounds.assignments(round_id))
+
+    def list_rounds(self, job_id: str = "") -> list[RoundRecord]:
+        if job_id and job_id != self.job.job_id:
+            raise NotFoundError(f"job {job_id!r} does not exist", field="job_id")
+        with self._lock:
+            rounds = self.rounds.list_rounds(self.job.job_id)
+            if self._open is not None:
+                rounds = [self._open.record if r.round_id == self._open.record.round_id else r for r in rounds]
+            return [replace(r) for r in rounds]

@@ -1,0 +1,166 @@
+"""Uploads: one UploadUpdate stream as an :class:`UploadSession` (manifest check against the assignment, chunks
+reassembled and verified into staging, then commit), what a resuming device is told it already sent, and the bytes an
+accepted update adds to its round's figures and metrics.
+
+The commit itself (validate, make durable, record, fold) is the coordinator's transaction; the session hands it the
+verified tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from raffm.aggregation import SlicedFedAvg
+from raffm.errors import AlreadyExistsError, PreconditionError, ValidationError
+from raffm.reassembly import Reassembler
+from raffm.slicing import SlicePlan
+from raffm.tickets import Ticket
+from raffm.wire import END, START, ChecksumError, Manifest, ResumePoint, WireError
+from services.aggregator.metrics import AggregatorMetrics
+from services.aggregator.staging import StagedUpload, Staging
+from services.aggregator.store import AssignmentRecord, RoundRecord, RoundStore
+
+
+class UploadRejectedError(ValidationError):
+    """A bad update (INVALID_ARGUMENT); ``reason`` is a metrics label and maps to raffm.v1.RejectReason."""
+
+    def __init__(self, reason: str, message: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.reason = reason
+
+
+class LateUploadError(PreconditionError):
+    reason = "late"
+    default_hint = "the round is closed or past its deadline; poll for a new assignment"
+
+
+class DuplicateUploadError(AlreadyExistsError):
+    reason = "duplicate"
+    default_hint = "this ticket's update was already accepted; nothing to resend"
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    round_id: str
+    bytes_received: int
+    tensors: int
+    seq: int
+
+
+@dataclass(frozen=True)
+class UploadState:
+    committed: bool
+    resume_from: ResumePoint
+    complete_tensors: list[str]
+    bytes_received: int
+
+
+def upload_state(rounds: RoundStore, staging: Staging, ticket: Ticket) -> UploadState:
+    """What the aggregator holds of a ticket's upload: committed, or where a resumed upload continues."""
+    done = rounds.update_for_ticket(ticket.ticket_id)
+    if done is not None:
+        return UploadState(True, END, [], done.nbytes)
+    if not staging.exists(ticket.round_id, ticket.ticket_id):
+        return UploadState(False, START, [], 0)
+    staged = staging.upload(ticket.round_id, ticket.ticket_id)
+    point = staged.resume_point()
+    return UploadState(False, point, staged.complete_tensors(), staged.bytes_held())
+
+
+def check_manifest(manifest: Manifest, plan: SlicePlan, wire_dtype: str) -> None:
+    """The manifest must name exactly the assigned slice's tensors, with their shapes, in the job's wire dtype."""
+    expected = set(plan)
+    got = set(manifest.names)
+    if got != expected:
+        missing, extra = sorted(expected - got), sorted(got - expected)
+        raise UploadRejectedError(
+            "bad_manifest", f"manifest tensors differ from the assigned slice: missing {missing[:5]}, "
+            f"unexpected {extra[:5]}", field="manifest")
+    for meta in manifest.tensors:
+        want = plan[meta.name].sub_shape
+        if meta.shape != want:
+            raise UploadRejectedError("bad_manifest", f"tensor {meta.name!r} has shape {meta.shape}; the "
+                                      f"assigned slice has {want}", field="manifest")
+        if meta.dtype != wire_dtype:
+            raise UploadRejectedError("bad_manifest", f"tensor {meta.name!r} is {meta.dtype}; the job's wire "
+                                      f"dtype is {wire_dtype}", field="manifest")
+
+
+def count_accepted_bytes(rnd: RoundRecord, metrics: AggregatorMetrics, assignment: AssignmentRecord, nbytes: int,
+                         full_model_bytes: int, wire_dtype: str) -> None:
+    """An accepted update's bytes in its round's figures and in the metrics, by device tier: its upload, the slice its
+    device downloaded, and what full-model FedAvg would have moved for the same device (down plus up)."""
+    rnd.bytes_up += nbytes
+    rnd.bytes_down += assignment.download_bytes
+    rnd.full_model_bytes += 2 * full_model_bytes
+    metrics.accepted.labels(assignment.tier).inc()
+    metrics.bytes_up.labels(assignment.tier, wire_dtype).inc(nbytes)
+    metrics.bytes_down.labels(assignment.tier, wire_dtype).inc(assignment.download_bytes)
+    metrics.full_model_bytes.labels(wire_dtype).inc(2 * full_model_bytes)
+
+
+Commit = Callable[["UploadSession", dict[str, torch.Tensor]], UploadResult]
+
+
+class UploadSession:
+    """One UploadUpdate stream: manifest check, chunk reassembly into staging, then ``commit``."""
+
+    def __init__(self, ticket: Ticket, assignment: AssignmentRecord, plan: SlicePlan, staged: StagedUpload,
+                 sample_count: int, metrics: dict[str, float], agg: SlicedFedAvg, *, wire_dtype: str,
+                 commit: Commit) -> None:
+        self.ticket, self.assignment, self.plan = ticket, assignment, plan
+        self.staged, self.sample_count, self.metrics, self.agg = staged, sample_count, metrics, agg
+        self.wire_dtype, self._commit = wire_dtype, commit
+        self.reassembler: Reassembler | None = None
+        self.received = 0
+
+    @property
+    def round_id(self) -> str:
+        return self.ticket.round_id
+
+    def set_manifest(self, manifest: Manifest) -> ResumePoint:
+        """Check names, shapes and dtype against the assignment; returns where chunks must start."""
+        check_manifest(manifest, self.plan, self.wire_dtype)
+        self.staged.save_manifest(manifest)
+        start = self.staged.resume_point()
+        self.reassembler = Reassembler(manifest, self.staged, start)
+        return start
+
+    def accept(self, tensor: str, offset: int, data: bytes) -> None:
+        if self.reassembler is None:
+            raise UploadRejectedError("protocol", "a chunk arrived before the manifest", field="chunk")
+        r = self.reassembler
+        if self.received == 0 and offset == 0 and r.bytes_held and tensor == r.manifest.tensors[0].name:
+            # A sender may always start over: drop the staged partial upload instead of demanding a resume.
+            self.staged.reset()
+            self.staged.save_manifest(r.manifest)
+            self.reassembler = r = Reassembler(r.manifest, self.staged)
+        try:
+            r.accept(tensor, offset, data)
+        except WireError as exc:
+            raise UploadRejectedError("checksum" if isinstance(exc, ChecksumError) else "protocol", str(exc),
+                                      field="chunk") from None
+        self.received += len(data)
+
+    def interrupted(self) -> None:
+        """The stream broke: keep what arrived (flushed to the OS) for a resume."""
+        self.staged.flush()
+
+    def finish(self) -> UploadResult:
+        if self.reassembler is None:
+            raise UploadRejectedError("protocol", "the upload ended before its manifest", field="manifest")
+        try:
+            self.reassembler.finish()
+        except WireError as exc:
+            raise UploadRejectedError("incomplete", str(exc)) from None
+        self.staged.flush()
+        delta = self.staged.tensors()
+        try:
+            return self._commit(self, delta)
+        except UploadRejectedError:
+            self.staged.remove()  # a bad update is never kept
+            raise

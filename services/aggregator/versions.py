@@ -1,0 +1,109 @@
+"""Model versions of a job: version 0, the server update of a round, the salience re-ordering (SPP) of every new
+version, writing versions to the checkpoint store, and evaluating them.
+
+Versions are named ``<job>-v<round>``. Every version is re-ordered before it is stored (when the job says so), so the
+leading channels a device receives are always the most salient ones; the extractor cuts slices from these versions.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from raffm.aggregation import SlicedFedAvg
+from raffm.checkpoints import CheckpointStore
+from raffm.planning import adapter_and_dims, slice_plan_for
+from raffm.slicing import SlicePlan
+from raffm.spec import ElasticSpec
+from raffm.spp import prioritize_state
+from raffm.wire import itemsize
+from services.aggregator.config import JobConfig
+from services.aggregator.metrics import AggregatorMetrics
+
+log = logging.getLogger(__name__)
+
+InitialModel = Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]]
+Evaluator = Callable[[Mapping[str, torch.Tensor], Mapping[str, Any]], Mapping[str, float]]
+
+
+def version_name(job_id: str, round_index: int) -> str:
+    """``<job>-v<round>``: the version a round produces (round 0: the initial model)."""
+    return f"{job_id}-v{round_index}"
+
+
+@dataclass
+class GlobalModel:
+    """The global model rounds start from: its version, its tensors and its HF config dict."""
+
+    version: str
+    state: dict[str, torch.Tensor]
+    config: dict[str, Any]
+
+    def slice_plan(self, spec: ElasticSpec) -> SlicePlan:
+        return slice_plan_for(self.config, spec, {n: tuple(t.shape) for n, t in self.state.items()})
+
+    def wire_bytes(self, wire_dtype: str) -> int:
+        """Bytes of the whole model on the wire (what full-model FedAvg moves one way per device)."""
+        size = itemsize(wire_dtype)
+        return sum(t.numel() * size for t in self.state.values() if t.is_floating_point())
+
+
+class Versions:
+    """Creates, stores, loads and evaluates the job's model versions."""
+
+    def __init__(self, job: JobConfig, checkpoints: CheckpointStore, metrics: AggregatorMetrics,
+                 initial_model: InitialModel, evaluator: Evaluator | None = None) -> None:
+        self.job, self.checkpoints, self.metrics = job, checkpoints, metrics
+        self._initial_model, self._evaluator = initial_model, evaluator
+
+    def reorder(self, state: dict[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """The SPP policy: re-order every new version by salience (the paper's recipe), unless the job says not to."""
+        if not self.job.reorder_each_round:
+            return state
+        adapter, dims = adapter_and_dims(config)
+        return prioritize_state(state, adapter, dims, rank_hidden=True)
+
+    def server_update(self, agg: SlicedFedAvg) -> dict[str, torch.Tensor]:
+        """The next global state from a round's running sums."""
+        return agg.result()
+
+    def create_initial(self) -> GlobalModel:
+        """Version 0: the job's initial model, salience-ordered, stored."""
+        state, config = self._initial_model()
+        state = self.reorder(state, config)
+        version = version_name(self.job.job_id, 0)
+        self.checkpoints.put(version, state, config, meta={"job": self.job.job_id, "round": 0})
+        return GlobalModel(version, state, config)
+
+    def load(self, version: str, config: dict[str, Any] | None = None) -> GlobalModel:
+        """A stored version (with its own config unless ``config`` is given)."""
+        if config is None:
+            config = self.checkpoints.info(version).config
+        return GlobalModel(version, self.checkpoints.load(version), config)
+
+    def publish(self, round_index: int, parent: str, agg: SlicedFedAvg, config: dict[str, Any],
+                participants: int) -> GlobalModel:
+        """A finished round's result as the next version: server update, SPP re-ordering, checkpoint."""
+        state = self.reorder(self.server_update(agg), config)
+        version = version_name(self.job.job_id, round_index)
+        self.checkpoints.put(version, state, config, parent=parent,
+                             meta={"job": self.job.job_id, "round": round_index, "participants": participants})
+        return GlobalModel(version, state, config)
+
+    def evaluate(self, model: GlobalModel) -> dict[str, float]:
+        """The evaluator's figures for a version (also published as ``raffm_aggregator_eval``); {} when off or failed."""
+        if self._evaluator is None or not self.job.evaluate:
+            return {}
+        try:
+            evaluation = {k: float(v) for k, v in self._evaluator(model.state, model.config).items()}
+        except Exception:  # noqa: BLE001 - an evaluation bug must not lose the round
+            log.exception("evaluation of %s failed", model.version)
+            return {}
+        for name, value in evaluation.items():
+            metric, _, size = name.partition("@")  # "accuracy@0.25": metric accuracy, sub-model size 0.25
+            self.metrics.eval_metric.labels(metric, size or "full").set(value)
+        return evaluation
