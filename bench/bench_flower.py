@@ -173,8 +173,8 @@ def run_ours(model: Any, clients: int, rounds: int, *, relay: bool, reorder: boo
     import torch
 
     from edge_agent.transfer import download_once, upload_once
-    from raffm.v1 import aggregator_pb2, aggregator_pb2_grpc, extractor_pb2_grpc
     from raffm.reassembly import MemorySink
+    from raffm.v1 import aggregator_pb2, aggregator_pb2_grpc, extractor_pb2_grpc
     from raffm.wire import WirePayload
     from services.aggregator.app import AggregatorConfig, build_aggregator
     from services.aggregator.config import JobConfig

@@ -146,15 +146,15 @@ def main() -> int:
     from transformers import BertConfig
 
     from edge_agent.transfer import download_once, upload_once
-    from raffm.v1 import aggregator_pb2, aggregator_pb2_grpc, extractor_pb2_grpc
+    from raffm.planning import cost_model_for
     from raffm.reassembly import HashOnlySink
+    from raffm.v1 import aggregator_pb2, aggregator_pb2_grpc, extractor_pb2_grpc
     from services.aggregator.app import AggregatorConfig, build_aggregator
     from services.aggregator.config import JobConfig
     from services.common.auth import auth_metadata, fleet_verifier
     from services.common.server import ServerConfig
     from services.common.testing import LoopThread
     from services.extractor.app import ExtractorConfig, build_extractor
-    from raffm.planning import cost_model_for
     from services.registry.testing import OPERATOR_TOKEN, RegistryHarness
 
     secret = "bench-ticket-secret-0123456789"

@@ -166,7 +166,9 @@ def upload_messages(
     that many chunks (a simulated broken link).
     """
     yield aggregator_pb2.UploadMessage(header=update_header(ticket, sample_count, metrics))
-    yield aggregator_pb2.UploadMessage(manifest=manifest if manifest is not None else manifest_to_proto(payload.manifest))
+    if manifest is None:
+        manifest = manifest_to_proto(payload.manifest)
+    yield aggregator_pb2.UploadMessage(manifest=manifest)
     for i, c in enumerate(iter_chunks(payload.manifest, payload.source, resume, chunk_bytes)):
         if max_chunks is not None and i >= max_chunks:
             raise ConnectionAbortedError("simulated broken upload")

@@ -1,4 +1,5 @@
-"""The receiving side of a transfer: tensor sinks and the reassembler that verifies each tensor and knows where to resume.
+"""The receiving side of a transfer: tensor sinks, and the reassembler that verifies each tensor and knows where to
+resume.
 
 A :class:`Reassembler` accepts the chunks of one :class:`raffm.wire.Manifest` in order and writes them into a
 :class:`TensorSink` (memory for clients and tests, a staging directory for the aggregator); it verifies every

@@ -16,11 +16,11 @@ from raffm.planning import Planner
 from raffm.tickets import TicketSigner
 from raffm.v1 import aggregator_pb2_grpc
 from services.aggregator.config import JobConfig
+from services.aggregator.coordinator import RoundCoordinator
 from services.aggregator.db import default_db_url
 from services.aggregator.devices import CachingDirectory, DeviceDirectory, RegistryDirectory
 from services.aggregator.metrics import build_aggregator_metrics
 from services.aggregator.planning import planner_for
-from services.aggregator.coordinator import RoundCoordinator
 from services.aggregator.servicer import SERVICE_NAME, AggregatorServicer
 from services.aggregator.staging import Staging
 from services.aggregator.store import round_store_from_url

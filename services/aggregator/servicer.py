@@ -9,16 +9,16 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from raffm.v1 import aggregator_pb2, aggregator_pb2_grpc
+from raffm.errors import ValidationError
 from raffm.proto import cost_to_proto, manifest_from_proto, resume_to_proto, spec_to_proto, wire_dtype_to_proto
+from raffm.v1 import aggregator_pb2, aggregator_pb2_grpc
 from raffm.wire import WireError
-from services.aggregator.devices import DeviceDirectory
 from services.aggregator.assignments import Assignment, Wait
 from services.aggregator.coordinator import RoundCoordinator
+from services.aggregator.devices import DeviceDirectory
 from services.aggregator.store import AGGREGATING, CLOSED, FAILED, OPEN, RoundRecord
 from services.aggregator.uploads import UploadRejectedError, UploadSession
 from services.common.auth import authorize_device, current_principal
-from raffm.errors import ValidationError
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "raffm.v1.AggregatorService"

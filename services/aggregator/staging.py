@@ -24,7 +24,8 @@ _READ_BLOCK = 4 << 20
 
 
 class StagedUpload:
-    """The staging directory of one ticket's upload; also the :class:`raffm.reassembly.TensorSink` it is received into."""
+    """The staging directory of one ticket's upload; also the :class:`raffm.reassembly.TensorSink` it is received
+    into."""
 
     def __init__(self, root: Path, round_id: str, ticket_id: str) -> None:
         self.dir = root / round_id / ticket_id

@@ -95,7 +95,8 @@ class Versions:
         return GlobalModel(version, state, config)
 
     def evaluate(self, model: GlobalModel) -> dict[str, float]:
-        """The evaluator's figures for a version (also published as ``raffm_aggregator_eval``); {} when off or failed."""
+        """The evaluator's figures for a version, also published as ``raffm_aggregator_eval`` ({} when off or
+        failed)."""
         if self._evaluator is None or not self.job.evaluate:
             return {}
         try:

@@ -1,0 +1,1 @@
+"""The extractor service: plans sub-models for device profiles and streams their weight slices, resumably."""

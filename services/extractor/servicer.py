@@ -6,12 +6,12 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from raffm.v1 import common_pb2, extractor_pb2, extractor_pb2_grpc
 from raffm.planning import PlanJob, PlanResult
 from raffm.proto import (
     cost_to_proto, manifest_to_proto, profile_from_proto, resume_from_proto, spec_to_proto, wire_dtype_from_proto,
     wire_dtype_to_proto,
 )
+from raffm.v1 import common_pb2, extractor_pb2, extractor_pb2_grpc
 from raffm.wire import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, iter_chunks
 from services.common.auth import current_principal
 from services.extractor.slices import SliceService

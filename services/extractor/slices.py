@@ -16,13 +16,13 @@ from dataclasses import dataclass
 import torch
 
 from raffm.checkpoints import CheckpointStore, VersionNotFoundError
+from raffm.errors import AuthenticationError, NotFoundError, PermissionDeniedError
 from raffm.planning import NoFitError, Planner, PlanJob, PlanResult, adapter_and_dims
 from raffm.profile import DeviceProfile
 from raffm.slicing import slice_plan
 from raffm.tickets import Ticket, TicketError, TicketSigner
 from raffm.wire import WirePayload
 from services.common.auth import Principal
-from raffm.errors import AuthenticationError, NotFoundError, PermissionDeniedError
 from services.extractor.metrics import ExtractorMetrics
 
 SliceKey = tuple[str, str, str]

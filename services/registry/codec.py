@@ -6,9 +6,9 @@ from datetime import datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from raffm.errors import ValidationError
 from raffm.proto import profile_to_proto
 from raffm.v1 import registry_pb2
-from raffm.errors import ValidationError
 from services.registry.domain import Device, DeviceState, ProfileRecord
 
 _STATE_TO_PROTO: dict[DeviceState, registry_pb2.DeviceState] = {

@@ -20,11 +20,11 @@ from transformers import BertConfig, BertForSequenceClassification
 from raffm.checkpoints import FileCheckpointStore
 from raffm.fitting import FitResult, RoundBudget, fit, ladder
 from raffm.planning import cost_model_for, slice_plan_for
+from raffm.proto import spec_from_proto
+from raffm.reassembly import MemorySink
 from raffm.slicing import SlicePlan
 from raffm.spec import ElasticSpec
 from raffm.v1 import aggregator_pb2, aggregator_pb2_grpc, extractor_pb2_grpc
-from raffm.proto import spec_from_proto
-from raffm.reassembly import MemorySink
 from raffm.wire import WIRE_DTYPES, WirePayload
 from services.aggregator.app import AggregatorApp, AggregatorConfig, build_aggregator
 from services.aggregator.config import JobConfig

@@ -9,8 +9,10 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
+from raffm.errors import (
+    AuthenticationError, ConfigError, NotFoundError, PermissionDeniedError, PreconditionError, ValidationError,
+)
 from services.common.auth import Principal, StaticTokenVerifier, auth_metadata, current_principal
-from raffm.errors import AuthenticationError, ConfigError, NotFoundError, PermissionDeniedError, PreconditionError, ValidationError
 from services.common.errors import ERROR_DETAIL_KEY, parse_error_detail
 from services.common.server import MiB, ServerConfig, ServiceBinding, build_server
 from services.common.testing import LoopThread

@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from raffm.v1 import registry_pb2
 from raffm.errors import ConfigError
+from raffm.v1 import registry_pb2
 from services.common.server import ServerConfig
 from services.common.tls import TlsFiles, channel_credentials, tls_from_flags
 from services.registry.testing import ENROLL_KEY, RegistryHarness, make_profile

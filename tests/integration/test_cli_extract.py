@@ -10,8 +10,8 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 import raffm.elastic  # noqa: F401  (registers the elastic classes with the Auto factories)
-from raffm_app.cli import main
 from raffm.spec import ElasticSpec
+from raffm_app.cli import main
 
 
 def test_extract_to_memory_budget_then_inspect(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

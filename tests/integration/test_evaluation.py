@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
+from edge_agent.transfer import upload_once
 from raffm.costs import CostModel
 from raffm.data import load_text_file
 from raffm.elastic import extract
 from raffm.models import model_from_state
 from raffm.scaling import spec_for_fraction
 from raffm.training import evaluate
-from edge_agent.transfer import upload_once
 from raffm.v1 import aggregator_pb2
 from services.aggregator.config import JobConfig
 from tests.integration.fedloop import Fleet, download, payload, scripted_delta, tiny_bert_folder, tiny_job

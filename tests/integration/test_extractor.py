@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from edge_agent.transfer import download_once
-from raffm.v1 import common_pb2, extractor_pb2
-from raffm.reassembly import MemorySink
-from raffm.wire import START
 from raffm.fitting import RoundBudget, fit, fit_inference
 from raffm.planning import cost_model_for
 from raffm.proto import spec_from_proto
+from raffm.reassembly import MemorySink
+from raffm.v1 import common_pb2, extractor_pb2
+from raffm.wire import START
 from tests.integration.fedloop import (
     Fleet, budget_ladder, download, plan_of, spec_of, tiny_bert_folder, tiny_job,
 )

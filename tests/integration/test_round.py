@@ -8,9 +8,9 @@ import pytest
 import torch
 from prometheus_client import generate_latest
 
+from edge_agent.transfer import upload_once
 from raffm.aggregation import SlicedFedAvg
 from raffm.spp import prioritize_state
-from edge_agent.transfer import upload_once
 from raffm.v1 import aggregator_pb2
 from raffm.wire import WIRE_DTYPES
 from tests.integration.fedloop import (
@@ -27,8 +27,8 @@ def _expected(fleet: Fleet, version: str, updates: list[tuple[dict, object, int]
     for delta, spec, weight in updates:
         plan = plan_of(config, {n: tuple(t.shape) for n, t in state.items()}, spec)
         agg.fold(delta, plan, weight, dtype=WIRE_DTYPES[job.wire_dtype])
-    from raffm.planning import cost_model_for
     from raffm.arch import BERT
+    from raffm.planning import cost_model_for
 
     return prioritize_state(agg.result(), BERT, cost_model_for(config).dims, rank_hidden=True)
 

@@ -17,8 +17,8 @@ import torch
 from transformers import BertConfig
 
 from edge_agent.transfer import download_once, upload_once
-from raffm.v1 import aggregator_pb2
 from raffm.reassembly import HashOnlySink
+from raffm.v1 import aggregator_pb2
 from raffm.wire import Manifest, TensorMeta
 from tests.integration.fedloop import Fleet, tiny_job
 

@@ -6,10 +6,10 @@ from dataclasses import replace
 
 import pytest
 
-from services.common.auth import Principal
 from raffm.errors import AlreadyExistsError, AuthenticationError, NotFoundError, PermissionDeniedError, ValidationError
-from services.common.testing import FakeClock
 from raffm.profile import DeviceProfile
+from services.common.auth import Principal
+from services.common.testing import FakeClock
 from services.registry.domain import DeviceState
 from services.registry.repository import InMemoryDeviceRepository, open_repository
 from services.registry.service import RegistryService, RegistrySettings

@@ -1,0 +1,1 @@
+"""Alembic revisions of the aggregator schema, oldest first."""
