@@ -17,7 +17,7 @@ from raffm.tickets import TicketSigner
 from raffm.v1 import aggregator_pb2_grpc
 from services.aggregator.config import JobConfig
 from services.aggregator.coordinator import RoundCoordinator
-from services.aggregator.db import default_db_url
+from services.aggregator.db import DATABASE
 from services.aggregator.devices import CachingDirectory, DeviceDirectory, RegistryDirectory
 from services.aggregator.metrics import build_aggregator_metrics
 from services.aggregator.planning import planner_for
@@ -48,7 +48,7 @@ class AggregatorConfig:
 
     @property
     def resolved_db_url(self) -> str:
-        return self.db_url or default_db_url(self.data_dir)
+        return self.db_url or DATABASE.default_url(self.data_dir)
 
     @property
     def resolved_store_url(self) -> str:

@@ -46,9 +46,9 @@ def register(subparsers: Any) -> None:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from services.aggregator.db import DATABASE, default_db_url
+    from services.aggregator.db import DATABASE
 
-    revision = DATABASE.migrate_url(args.db or default_db_url(args.data_dir))
+    revision = DATABASE.migrate_url(args.db or DATABASE.default_url(args.data_dir))
     print(f"aggregator schema at revision {revision} (head {DATABASE.head_revision()})")
     return 0
 

@@ -249,10 +249,10 @@ class SqlRoundStore:
     """SQLAlchemy Core over SQLite or PostgreSQL (tables prefixed ``agg_``), migrated to the latest schema on open."""
 
     def __init__(self, url: str, *, auto_migrate: bool = True) -> None:
-        from services.aggregator.db import make_engine, migrate
+        from services.aggregator.db import DATABASE
 
-        self.engine = make_engine(url)
-        self.revision = migrate(self.engine) if auto_migrate else None
+        self.engine = DATABASE.engine(url)
+        self.revision = DATABASE.migrate(self.engine) if auto_migrate else None
 
     def _upsert(self, table: sa.Table, key: str, values: dict[str, Any]) -> None:
         with self.engine.begin() as conn:

@@ -60,12 +60,18 @@ def make_engine(url: str, *, sqlite_synchronous: str = "NORMAL", **kwargs: Any) 
 
 @dataclass(frozen=True)
 class Database:
-    """One service's schema: where its migrations live, the table that records their revision, and the SQLite
-    ``synchronous`` level its commits need (``FULL`` when an acknowledged write must survive power loss)."""
+    """One service's schema: where its migrations live, the table that records their revision, the SQLite
+    ``synchronous`` level its commits need (``FULL`` when an acknowledged write must survive power loss), and the
+    file name of its default SQLite database."""
 
     migrations_dir: Path
     version_table: str
     sqlite_synchronous: str = "NORMAL"
+    default_file: str = "service.db"
+
+    def default_url(self, data_dir: str | Path) -> str:
+        """``sqlite:///<data_dir>/<default_file>``: the database a service uses when given no URL."""
+        return f"sqlite:///{Path(data_dir).resolve() / self.default_file}"
 
     def engine(self, url: str, **kwargs: Any) -> Engine:
         return make_engine(url, sqlite_synchronous=self.sqlite_synchronous, **kwargs)

@@ -60,9 +60,9 @@ def _add_db_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _db_url(args: argparse.Namespace) -> str:
-    from services.registry.db import default_db_url
+    from services.registry.db import DATABASE
 
-    return args.db or default_db_url(args.data_dir)
+    return args.db or DATABASE.default_url(args.data_dir)
 
 
 def _serve(args: argparse.Namespace) -> int:

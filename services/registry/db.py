@@ -1,6 +1,6 @@
-"""The registry's database: its schema (Alembic migrations in ``migrations/``, own version table) and its URL.
+"""The registry's database: its schema (Alembic migrations in ``migrations/``, own version table) and default file.
 
-Engines and migrations are built by :mod:`services.common.db`; the names below are this schema's bindings.
+Engines and migrations are built by :class:`services.common.db.Database`.
 """
 
 from __future__ import annotations
@@ -10,14 +10,4 @@ from pathlib import Path
 from services.common.db import Database
 
 VERSION_TABLE = "registry_alembic_version"  # own table: services can share one database
-DATABASE = Database(Path(__file__).resolve().parent / "migrations", VERSION_TABLE, sqlite_synchronous="NORMAL")
-
-make_engine = DATABASE.engine
-migrate = DATABASE.migrate
-current_revision = DATABASE.current_revision
-head_revision = DATABASE.head_revision
-
-
-def default_db_url(data_dir: str | Path) -> str:
-    """``sqlite:///<data_dir>/registry.db``."""
-    return f"sqlite:///{Path(data_dir).resolve() / 'registry.db'}"
+DATABASE = Database(Path(__file__).resolve().parent / "migrations", VERSION_TABLE, default_file="registry.db")

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from raffm.errors import AlreadyExistsError
 from raffm.profile import DeviceProfile
-from services.registry.db import make_engine, migrate
+from services.registry.db import DATABASE
 from services.registry.domain import Device, DeviceState, ProfileRecord
 from services.registry.models import DeviceRow, FleetRow, ProfileRow, TokenRow
 from services.registry.repository import TokenOwner
@@ -73,8 +73,8 @@ class SqlDeviceRepository:
     @classmethod
     def open(cls, url: str) -> SqlDeviceRepository:
         """Connect and migrate to the latest schema."""
-        engine = make_engine(url)
-        revision = migrate(engine)
+        engine = DATABASE.engine(url)
+        revision = DATABASE.migrate(engine)
         log.info("registry database %s at schema revision %s", engine.url.render_as_string(hide_password=True),
                  revision)
         return cls(engine)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from services.aggregator.db import VERSION_TABLE, current_revision, head_revision, make_engine, migrate
+from services.aggregator.db import DATABASE, VERSION_TABLE
 from services.aggregator.store import (
     ASSIGNED, CLOSED, OPEN, UPLOADED, AssignmentRecord, DuplicateUpdateError, JobRecord, RoundRecord, RoundStore,
     SqlRoundStore, UpdateRecord, round_store_from_url,
@@ -28,11 +28,11 @@ def test_migrations_build_the_schema_the_store_queries(sql_url: str) -> None:
 
     from services.aggregator.store import METADATA
 
-    engine = make_engine(sql_url)
+    engine = DATABASE.engine(sql_url)
     try:
-        assert current_revision(engine) is None
-        assert migrate(engine) == head_revision() is not None
-        assert migrate(engine) == head_revision()  # idempotent
+        assert DATABASE.current_revision(engine) is None
+        assert DATABASE.migrate(engine) == DATABASE.head_revision() is not None
+        assert DATABASE.migrate(engine) == DATABASE.head_revision()  # idempotent
         assert AGG_TABLES | {VERSION_TABLE} <= _tables(engine)
         with engine.connect() as conn:
             diff = compare_metadata(MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}), METADATA)
@@ -43,19 +43,18 @@ def test_migrations_build_the_schema_the_store_queries(sql_url: str) -> None:
 
 def test_the_registry_and_the_aggregator_share_one_database(sql_url: str) -> None:
     from services.registry.db import VERSION_TABLE as REGISTRY_VERSION_TABLE
-    from services.registry.db import make_engine as registry_engine
-    from services.registry.db import migrate as registry_migrate
+    from services.registry.db import DATABASE as REGISTRY_DATABASE
 
-    reg = registry_engine(sql_url)
+    reg = REGISTRY_DATABASE.engine(sql_url)
     try:
-        registry_migrate(reg)
+        REGISTRY_DATABASE.migrate(reg)
     finally:
         reg.dispose()
     store = SqlRoundStore(sql_url)
     try:
         tables = _tables(store.engine)
         assert {VERSION_TABLE, REGISTRY_VERSION_TABLE, "devices"} | AGG_TABLES <= tables
-        assert store.revision == head_revision()
+        assert store.revision == DATABASE.head_revision()
     finally:
         store.close()
 
@@ -64,10 +63,10 @@ def test_cli_migrate(sql_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     from raffm_app.cli import main
 
     assert main(["aggregator", "migrate", "--db", sql_url]) == 0
-    assert f"revision {head_revision()}" in capsys.readouterr().out
-    engine = make_engine(sql_url)
+    assert f"revision {DATABASE.head_revision()}" in capsys.readouterr().out
+    engine = DATABASE.engine(sql_url)
     try:
-        assert current_revision(engine) == head_revision() and AGG_TABLES <= _tables(engine)
+        assert DATABASE.current_revision(engine) == DATABASE.head_revision() and AGG_TABLES <= _tables(engine)
     finally:
         engine.dispose()
 

@@ -8,16 +8,16 @@ from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
 from raffm_app.cli import main as raffm_main
-from services.registry.db import VERSION_TABLE, current_revision, head_revision, make_engine, migrate
+from services.registry.db import DATABASE, VERSION_TABLE
 from services.registry.models import Base
 
 
 def test_migrations_match_the_models_and_are_idempotent(sql_url):
-    engine = make_engine(sql_url)
+    engine = DATABASE.engine(sql_url)
     try:
-        assert current_revision(engine) is None
-        assert migrate(engine) == head_revision() == "0001"
-        assert migrate(engine) == "0001"  # second run is a no-op
+        assert DATABASE.current_revision(engine) is None
+        assert DATABASE.migrate(engine) == DATABASE.head_revision() == "0001"
+        assert DATABASE.migrate(engine) == "0001"  # second run is a no-op
         with engine.connect() as conn:
             ctx = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
             diff = [d for d in compare_metadata(ctx, Base.metadata)

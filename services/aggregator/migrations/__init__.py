@@ -1,1 +1,2 @@
-"""Alembic migrations of the aggregator schema (tables ``agg_*``); run with ``services.aggregator.db.migrate``."""
+"""Alembic migrations of the aggregator schema (tables ``agg_*``); run with
+``services.aggregator.db.DATABASE.migrate(engine)``."""

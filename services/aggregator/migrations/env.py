@@ -1,4 +1,5 @@
-"""Alembic environment for the aggregator; used programmatically by services.aggregator.db.migrate (no alembic.ini)."""
+"""Alembic environment for the aggregator; run programmatically by ``services.aggregator.db.DATABASE.migrate``
+(no alembic.ini)."""
 
 from services.aggregator.db import VERSION_TABLE
 from services.aggregator.store import METADATA

@@ -1,1 +1,1 @@
-"""Alembic migrations of the registry schema; run with ``services.registry.db.migrate(engine)``."""
+"""Alembic migrations of the registry schema; run with ``services.registry.db.DATABASE.migrate(engine)``."""

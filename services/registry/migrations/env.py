@@ -1,4 +1,5 @@
-"""Alembic environment for the registry; used programmatically by services.registry.db.migrate (no alembic.ini)."""
+"""Alembic environment for the registry; run programmatically by ``services.registry.db.DATABASE.migrate``
+(no alembic.ini)."""
 
 from services.common.migrations import run_env
 from services.registry.db import VERSION_TABLE
