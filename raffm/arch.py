@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any, Literal
 
 from torch import nn
@@ -58,6 +59,8 @@ class Adapter:
     layers_attr: str
     attention_module: str
     head_dim_attr: str
+    # Vocabulary-sized embedding tensors (the strategy may freeze them: on MiniLM they are half the parameters).
+    vocab_embeddings: re.Pattern[str] | None = None
 
     def dims(self, config: Any) -> ModelDims:
         heads = int(config.num_attention_heads)
@@ -77,6 +80,11 @@ class Adapter:
                 layer = int(match.group(1)) if match else None
                 return tuple(Axis(k, layer if k in ("qk", "v", "ffn") else None) for k in rule.kinds)
         raise ValueError(f"{self.name} adapter does not know tensor {name!r}; add a rule for it in raffm/arch.py")
+
+    def vocab_tensors(self, names: Iterable[str]) -> frozenset[str]:
+        """The vocabulary embedding tensors among ``names`` (none for architectures without a vocabulary)."""
+        pattern = self.vocab_embeddings
+        return frozenset(n for n in names if pattern is not None and pattern.search(n))
 
     def layer_of(self, name: str) -> int | None:
         match = self.layer_pattern.search(name)
@@ -107,6 +115,7 @@ BERT = Adapter(
     layers_attr="encoder.layer",
     attention_module="attention.self",
     head_dim_attr="attention_head_size",
+    vocab_embeddings=re.compile(r"embeddings\.word_embeddings\.weight$"),
 )
 
 VIT = Adapter(

@@ -3,19 +3,21 @@
 Everything is computed from the *global* model's tensor shapes and a spec (no model is built), so the extractor can
 plan a fleet quickly. Parameter counts are exact: they are the sub-shapes of :func:`raffm.slicing.slice_plan`.
 
-Peak training memory (fp32 weights, AdamW, one ``forward, backward, step, zero_grad`` loop), in bytes::
+Peak training memory (fp32 weights, AdamW, one ``forward, backward, [nested cuts], step, zero_grad`` loop), in
+bytes, for a :class:`~raffm.recipe.Recipe` that may freeze tensors and train nested cuts on shared weights::
 
-    W = 4 * params                      weights; gradients are another W; AdamW keeps 2 W (exp_avg, exp_avg_sq)
-    A = activations autograd saves      (below)
+    W = 4 * params                      all weights, frozen or not
+    G = 4 * trained params              gradients; AdamW keeps 2 G more (exp_avg, exp_avg_sq); frozen tensors: none
+    A = activations autograd saves      (below) for the device's spec; A' for its largest nested cut
     X = 4 * T * (max_ffn + hidden)      gradient temporaries at the start of backward, T = batch * seq tokens
-    P = 4 * numel(largest tensor)       AdamW (single-tensor, the CPU default) builds 2 temporaries of each tensor
+    P = 4 * numel(largest trained tensor)   AdamW (single-tensor, the CPU default) builds 2 temporaries of each
     C = 8 MiB                           fixed: optimizer bookkeeping, masks, allocator pages
-    train_memory = C + max(3W + A + X,  4W + 2P)
-                          backward peak  optimizer-step peak (grads and both moments alive)
+    train_memory = C + max(W + 2G + A + X,  W + 3G + 2P,  W + 3G + A' + X')
+                           backward peak    step peak     a nested cut's backward (the spec's gradients alive)
 
-From step 2 on AdamW state exists during backward, so ``3W + A`` (weights, moments, activations) is live at the end of
-forward; gradients only appear as activations are freed. The step peak dominates for small hidden widths with the
-full vocabulary, where the embedding matrix is the largest tensor.
+From step 2 on AdamW state exists during backward, so ``W + 2G + A`` (weights, moments, activations) is live at the
+end of forward; gradients only appear as activations are freed. The step peak dominates for small widths with the
+full vocabulary trained, where the embedding matrix is the largest tensor; freezing it removes 3 of its 4 copies.
 
 Activations ``A``: what autograd saves in torch 2.13 (CPU, ``attn_implementation="sdpa"``), counted with
 ``torch.autograd.graph.saved_tensors_hooks`` and matched exactly by this formula (test_costs checks it). With
@@ -43,6 +45,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from raffm.arch import Adapter, adapter_for
+from raffm.recipe import Recipe
 from raffm.slicing import SlicePlan, slice_plan
 from raffm.spec import ElasticSpec, ModelDims
 from raffm.wire import itemsize, wire_dtype_name
@@ -65,10 +68,12 @@ class Costs:
     """Predicted costs of training one sub-model (memory in MiB, FLOPs per sample)."""
 
     params: int
+    trained_params: int  # params minus the recipe's frozen tensors: what has gradients, moments and a delta
     wire_dtype: str
-    wire_bytes: int  # one direction: the slice down, or its delta up
+    wire_bytes: int  # the slice down (every tensor of the sub-model)
+    upload_bytes: int  # its delta up (the trained tensors only)
     forward_flops_per_sample: float
-    flops_per_sample: float  # training: forward + backward ~ 3x forward
+    flops_per_sample: float  # training: forward + backward ~ 3x forward, per pass of the recipe
     batch_size: int
     seq_len: int
     weights_mb: float
@@ -117,6 +122,19 @@ def forward_flops(w: _Widths, seq_len: int, *, num_labels: int, patch_inputs: in
     return 2.0 * macs
 
 
+def layer_activation_elements(
+    w: _Widths, *, batch_size: int, seq_len: int, hidden_dropout: bool, attention_dropout: bool
+) -> list[int]:
+    """fp32 elements autograd saves in each transformer layer of one training forward (module docstring)."""
+    b, h, tokens = batch_size, w.hidden, batch_size * seq_len
+    per_layer = []
+    for heads, a, f in zip(w.heads, w.a, w.f):
+        saved = tokens * (4 * h + 4 * a + 2 * f) + 4 * tokens + (2 * tokens * h if hidden_dropout else 0)
+        saved += 3 * b * heads * seq_len * seq_len if attention_dropout else b * heads * seq_len
+        per_layer.append(saved)
+    return per_layer
+
+
 def activation_elements(
     w: _Widths,
     *,
@@ -131,22 +149,62 @@ def activation_elements(
     b, h, tokens = batch_size, w.hidden, batch_size * seq_len
     total = 2 * tokens * h + 2 * tokens + b * pixels  # embeddings LN input/output (BERT), or final LN (ViT)
     if hidden_dropout:
-        total += tokens * h * (1 + 2 * len(w.a))
-    for heads, a, f in zip(w.heads, w.a, w.f):
-        total += tokens * (4 * h + 4 * a + 2 * f) + 4 * tokens
-        total += 3 * b * heads * seq_len * seq_len if attention_dropout else b * heads * seq_len
+        total += tokens * h
+    total += sum(layer_activation_elements(w, batch_size=batch_size, seq_len=seq_len, hidden_dropout=hidden_dropout,
+                                           attention_dropout=attention_dropout))
     total += 4 * b * h  # pooler / classification head on the first token
     if arch != "vit":
         total += 3 * tokens  # int64 input ids and token types (2 elements' worth each / 2)
     return total
 
 
-def peak_train_bytes(*, params: int, largest: int, activations: int, tokens: int, hidden: int, max_ffn: int) -> int:
-    """``max(3W + A + X, 4W + 2P)`` in bytes (overhead excluded); arguments are element counts."""
-    weights = TRAIN_BYTES * params
-    backward = 3 * weights + TRAIN_BYTES * (activations + tokens * (max_ffn + hidden))
-    step = 4 * weights + 2 * TRAIN_BYTES * largest
-    return max(backward, step)
+@dataclass(frozen=True)
+class Pass:
+    """What one forward/backward pass of a (nested) spec adds on top of weights and optimizer state, in fp32
+    elements: everything autograd saves, the largest layer's share of it, and the gradient temporaries at the start
+    of backward (``T * (max_ffn + hidden)``); ``layer_params`` the most trained parameters of any one layer."""
+
+    activations: int
+    largest_layer: int
+    outside_layers: int  # what the embeddings and the head save
+    checkpoints: int  # layer inputs a checkpointed forward keeps instead: layers * T * hidden
+    temporaries: int
+    layer_params: int
+
+    def backward_bytes(self, *, checkpointing: bool) -> int:
+        """Plain: all activations and the temporaries. Checkpointed (measured on MiniLM): the layer inputs, one
+        layer's recomputed activations, and what the embeddings and the head save."""
+        if checkpointing:
+            return TRAIN_BYTES * (self.checkpoints + self.largest_layer + self.outside_layers)
+        return TRAIN_BYTES * (self.activations + self.temporaries)
+
+
+def peak_train_bytes(
+    *, weights: int, trained: int, largest: int, main: Pass, nested: Pass | None = None, checkpointing: bool = False,
+    teacher: int = 0,
+) -> int:
+    """The peak of one training step in bytes (overhead excluded).
+
+    ``weights``: bytes of all weights (frozen ones at their storage precision); ``trained``/``largest``: elements of
+    all trained tensors and of the largest one (``G = 4 * trained``, and two AdamW moments as big). The peak is the
+    largest of: the device spec's backward, ``W + 2G + A + X`` (its gradients appear as its activations are freed)
+    or, checkpointed, ``W + 3G + checkpoints + layer``; the optimizer step, ``W + 3G + 2P``; and a nested cut's
+    backward while the spec's gradients are alive, ``W + 3G + A' + X'`` (checkpointed: ``W + 3G + checkpoints' +
+    layer' + X'`` plus one layer's gradients, which the cut accumulates into the spec's one layer at a time), plus
+    the ``teacher`` elements the cut learns from (the spec's layer outputs when hidden states are distilled).
+    """
+    grads = TRAIN_BYTES * trained
+    if checkpointing:
+        backward = weights + 3 * grads + main.backward_bytes(checkpointing=True)
+    else:
+        backward = weights + 2 * grads + main.backward_bytes(checkpointing=False)
+    step = weights + 3 * grads + 2 * TRAIN_BYTES * largest
+    cut = 0
+    if nested is not None:
+        cut = weights + 3 * grads + nested.backward_bytes(checkpointing=checkpointing) + TRAIN_BYTES * teacher
+        if checkpointing:
+            cut += TRAIN_BYTES * (nested.temporaries + nested.layer_params)
+    return max(backward, step, cut)
 
 
 def peak_infer_bytes(w: _Widths, *, params: int, batch_size: int, seq_len: int) -> int:
@@ -221,48 +279,90 @@ class CostModel:
         return sum(s.numel for s in self.plan(spec).values())
 
     def estimate(
-        self, spec: ElasticSpec, *, batch_size: int, seq_len: int | None = None, wire_dtype: str = "float32"
+        self,
+        spec: ElasticSpec,
+        *,
+        batch_size: int,
+        seq_len: int | None = None,
+        wire_dtype: str = "float32",
+        recipe: Recipe | None = None,
     ) -> Costs:
-        """Costs of training ``spec`` at ``batch_size`` sequences of ``seq_len`` tokens (ViT: fixed by the image)."""
+        """Costs of training ``spec`` at ``batch_size`` sequences of ``seq_len`` tokens (ViT: fixed by the image),
+        with ``recipe``'s frozen tensors and nested cuts (plain fine-tuning of every tensor by default)."""
         seq_len = self._seq_len(seq_len)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size is {batch_size!r}; it must be an integer >= 1")
+        recipe = recipe or Recipe()
         nbytes = dtype_bytes(wire_dtype)
         plan = self.plan(spec)
+        unknown = sorted(recipe.frozen - set(plan))
+        if unknown:
+            raise ValueError(f"the recipe freezes tensors the sub-model does not have: {unknown[:5]}")
         params = sum(s.numel for s in plan.values())
-        largest = max(s.numel for s in plan.values())
+        trained = [s.numel for name, s in plan.items() if name not in recipe.frozen]
+        frozen = params - sum(trained)
+        weights = TRAIN_BYTES * sum(trained) + dtype_bytes(recipe.frozen_dtype) * frozen
         w = _widths(spec)
-        fwd = forward_flops(w, seq_len, num_labels=self.num_labels, patch_inputs=self.patch_inputs)
-        pixels = (seq_len - 1) * self.patch_inputs if self.image_tokens else 0
-        acts = activation_elements(
-            w,
-            batch_size=batch_size,
-            seq_len=seq_len,
-            arch=self.adapter.name,
-            hidden_dropout=self.hidden_dropout,
-            attention_dropout=self.attention_dropout,
-            pixels=pixels,
+        fwd = self._forward_flops(w, seq_len)
+        cuts = [_widths(cut) for cut in recipe.nested]
+        nested_flops = 0.0
+        if cuts:  # the smallest every step, plus ``sampled`` of the others: their mean on average
+            others = [self._forward_flops(c, seq_len) for c in cuts[1:]]
+            nested_flops = self._forward_flops(cuts[0], seq_len)
+            if others:
+                nested_flops += min(recipe.sampled, len(others)) * sum(others) / len(others)
+        main = self._pass(spec, batch_size, seq_len, recipe)
+        passes = [self._pass(cut, batch_size, seq_len, recipe) for cut in recipe.nested]
+        peak = max(
+            peak_train_bytes(weights=weights, trained=sum(trained), largest=max(trained, default=0), main=main,
+                             nested=cut, checkpointing=recipe.checkpointing,
+                             teacher=(spec.depth + 1) * batch_size * seq_len * spec.hidden if recipe.distill_hidden else 0)
+            for cut in passes or [None]
         )
-        peak = peak_train_bytes(
-            params=params, largest=largest, activations=acts, tokens=batch_size * seq_len, hidden=w.hidden,
-            max_ffn=max(w.f),
-        )
-        weights_mb = TRAIN_BYTES * params / MIB
+        weights_mb = weights / MIB
+        trained_mb = TRAIN_BYTES * sum(trained) / MIB
         return Costs(
             params=params,
+            trained_params=sum(trained),
             wire_dtype=wire_dtype_name(wire_dtype),
             wire_bytes=params * nbytes,
+            upload_bytes=sum(trained) * nbytes,
             forward_flops_per_sample=fwd,
-            flops_per_sample=3.0 * fwd,
+            flops_per_sample=(4.0 if recipe.checkpointing else 3.0) * (fwd + nested_flops),
             batch_size=batch_size,
             seq_len=seq_len,
             weights_mb=weights_mb,
-            gradients_mb=weights_mb,
-            optimizer_mb=2 * weights_mb,
-            activations_mb=TRAIN_BYTES * acts / MIB,
+            gradients_mb=trained_mb,
+            optimizer_mb=2 * trained_mb,
+            activations_mb=TRAIN_BYTES * main.activations / MIB,
             overhead_mb=OVERHEAD_MB,
             train_memory_mb=OVERHEAD_MB + peak / MIB,
             infer_memory_mb=OVERHEAD_MB + peak_infer_bytes(w, params=params, batch_size=batch_size, seq_len=seq_len) / MIB,
+        )
+
+    def _forward_flops(self, w: _Widths, seq_len: int) -> float:
+        return forward_flops(w, seq_len, num_labels=self.num_labels, patch_inputs=self.patch_inputs)
+
+    def _pass(self, spec: ElasticSpec, batch_size: int, seq_len: int, recipe: Recipe) -> Pass:
+        w = _widths(spec)
+        pixels = (seq_len - 1) * self.patch_inputs if self.image_tokens else 0
+        options = dict(batch_size=batch_size, seq_len=seq_len, hidden_dropout=self.hidden_dropout,
+                       attention_dropout=self.attention_dropout)
+        layers = layer_activation_elements(w, **options)  # type: ignore[arg-type]
+        tokens = batch_size * seq_len
+        by_layer: dict[int, int] = {}
+        for name, s in self.plan(spec).items():
+            layer = self.adapter.layer_of(name)
+            if layer is not None and name not in recipe.frozen:
+                by_layer[layer] = by_layer.get(layer, 0) + s.numel
+        activations = activation_elements(w, arch=self.adapter.name, pixels=pixels, **options)  # type: ignore[arg-type]
+        return Pass(
+            activations=activations,
+            largest_layer=max(layers),
+            outside_layers=activations - sum(layers),
+            checkpoints=len(layers) * tokens * w.hidden,
+            temporaries=tokens * (max(w.f) + w.hidden),
+            layer_params=max(by_layer.values(), default=0),
         )
 
     def _seq_len(self, seq_len: int | None) -> int:

@@ -1,17 +1,19 @@
 """Budget fitting: the largest sub-model a device can train within its memory and its round deadline.
 
-The fitter searches a *ladder*: a list of specs, smallest first, along which every dimension (hidden width, and per
-layer heads, head dimension and FFN width) is non-decreasing. Every cost of :mod:`raffm.costs` is non-decreasing in
-every dimension, so costs rise along the ladder and the rungs that fit a budget form a prefix; the fitter returns the
-top of that prefix. A bigger budget (more memory, more GFLOP/s, more bandwidth, a later deadline) therefore can never
-yield a smaller model: monotone by construction, not by luck.
+The fitter searches a *ladder*: a list of specs, smallest first, along which every dimension (and, per layer, heads,
+head dimension and FFN width) is non-decreasing. Every cost of :mod:`raffm.costs` is non-decreasing in every
+dimension, so costs rise along the ladder and the rungs that fit a budget form a prefix; the fitter returns the top of
+that prefix. A bigger budget (more memory, more GFLOP/s, more bandwidth, a later deadline) therefore can never yield
+a smaller model: monotone by construction, not by luck.
 
-Ladder (from the top, for a BERT-like model with H heads, FFN width F, hidden width D, head dimension d):
-1. heads H -> H/4 with the FFN shrunk in proportion (F * heads / H, a multiple of 8); hidden stays D;
-2. hidden D -> D/4 in steps of d (the embedding matrix is about half of MiniLM, so small budgets need it);
-3. heads H/4 -> 1 with the FFN in proportion; 4. hidden D/4 -> d in steps of d;
-5. optionally (``shrink_depth``) layers from the top, down to one.
-Head dimensions are never cut: every kept head stays whole.
+Ladder (from the top, for a model with H heads and FFN width F): heads H -> 1 with the FFN shrunk in proportion
+(F * heads / H, a multiple of 8), then optionally (``shrink_depth``) layers from the top, down to one. The hidden
+(residual) width and the head dimension are never cut: a sub-model with a narrower residual stream computes a
+different function from the model's (measured on MiniLM: cosine 0.17 of the last hidden state at 3/4 hidden width,
+against 0.64 with heads and FFN cut to a quarter), so its training does not transfer to the global model.
+
+The costs of a rung are priced with the recipes the strategy offers for it (``recipes_for``, in order of
+preference): frozen tensors, nested cuts and activation checkpointing change memory, compute and upload bytes.
 
 Memory fits ``train_memory_mb * (1 - headroom)`` (5% by default): the prediction is within 2% of measured peak RSS,
 so the measured peak stays within the declared budget.
@@ -20,9 +22,12 @@ so the measured peak stays within the declared budget.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
 from raffm.costs import Costs, CostModel, dtype_bytes
+from raffm.recipe import Recipe
+from raffm.slicing import nested
 from raffm.spec import ElasticSpec, ModelDims
 
 # (lowest allowed exclusive, highest allowed inclusive): values outside are typos, not devices
@@ -92,15 +97,18 @@ class FitResult:
     spec: ElasticSpec
     costs: Costs
     round_time: RoundTime
+    recipe: Recipe = Recipe()
+
+
+RecipesFor = Callable[[ElasticSpec], Sequence[Recipe]]
 
 
 def round_time(costs: Costs, profile: RoundBudget) -> RoundTime:
-    """Download and upload ``costs.wire_bytes`` over the links; ``samples_per_round`` training samples of compute."""
-    bits = 8.0 * costs.wire_bytes
+    """The slice down, ``samples_per_round`` training samples of compute, the delta of the trained tensors up."""
     return RoundTime(
-        download_s=bits / (profile.down_mbps * 1e6),
+        download_s=8.0 * costs.wire_bytes / (profile.down_mbps * 1e6),
         compute_s=profile.samples_per_round * costs.flops_per_sample / (profile.gflops * 1e9),
-        upload_s=bits / (profile.up_mbps * 1e6),
+        upload_s=8.0 * costs.upload_bytes / (profile.up_mbps * 1e6),
     )
 
 
@@ -108,49 +116,20 @@ def _round8(x: float) -> int:
     return max(8, int(math.ceil(x / 8)) * 8)
 
 
+def width_spec(dims: ModelDims, heads: int, *, depth: int | None = None) -> ElasticSpec:
+    """``heads`` attention heads in every layer and the FFN shrunk in proportion; full hidden width."""
+    ffn = min(dims.ffn, _round8(dims.ffn * heads / dims.heads))
+    return ElasticSpec.uniform(dims, heads=heads, ffn=ffn, depth=depth)
+
+
 def ladder(dims: ModelDims, *, shrink_depth: bool = False) -> list[ElasticSpec]:
     """Specs from smallest to largest, every dimension non-decreasing along the list (see the module docstring)."""
-
-    def ffn_for(heads: int) -> int:
-        return min(dims.ffn, _round8(dims.ffn * heads / dims.heads))
-
-    def rung(heads: int, hidden: int) -> ElasticSpec:
-        return ElasticSpec.uniform(dims, heads=heads, ffn=ffn_for(heads), hidden=hidden)
-
-    step = dims.head_dim if dims.head_dim < dims.hidden else max(1, dims.hidden // 4)
-    head_floor = max(1, dims.heads // 4)
-    hidden_floor = max(step, (dims.hidden // 4) // step * step)
-    top_down: list[ElasticSpec] = []
-    for heads in range(dims.heads, head_floor - 1, -1):  # 1. heads and FFN, full hidden
-        top_down.append(rung(heads, dims.hidden))
-    hidden = dims.hidden
-    while hidden - step >= hidden_floor:  # 2. hidden, down to a quarter
-        hidden -= step
-        top_down.append(rung(head_floor, hidden))
-    for heads in range(head_floor - 1, 0, -1):  # 3. the last heads
-        top_down.append(rung(heads, hidden))
-    while hidden - step >= step:  # 4. hidden down to one head's width
-        hidden -= step
-        top_down.append(rung(1, hidden))
-    if shrink_depth:  # 5. depth
-        smallest = top_down[-1]
-        for depth in range(dims.layers - 1, 0, -1):
-            top_down.append(ElasticSpec(hidden=smallest.hidden, layers=smallest.layers[:depth]))
+    top_down = [width_spec(dims, heads) for heads in range(dims.heads, 0, -1)]
+    if shrink_depth:
+        top_down += [width_spec(dims, 1, depth=depth) for depth in range(dims.layers - 1, 0, -1)]
     rungs = list(reversed(top_down))
-    assert all(_dominates(b, a) for a, b in zip(rungs, rungs[1:])), "ladder must be non-decreasing"
+    assert all(nested(a, b) for a, b in zip(rungs, rungs[1:])), "ladder must be non-decreasing"
     return rungs
-
-
-def _dominates(big: ElasticSpec, small: ElasticSpec) -> bool:
-    """True if every dimension of ``big`` is >= that of ``small`` (and it has at least as many layers)."""
-    return (
-        big.hidden >= small.hidden
-        and big.depth >= small.depth
-        and all(
-            b.heads >= s.heads and b.head_dim >= s.head_dim and b.ffn >= s.ffn
-            for b, s in zip(big.layers, small.layers)
-        )
-    )
 
 
 def fit(
@@ -160,10 +139,13 @@ def fit(
     wire_dtype: str = "float32",
     headroom: float = DEFAULT_HEADROOM,
     rungs: list[ElasticSpec] | None = None,
+    recipes_for: RecipesFor = lambda spec: (Recipe(),),
 ) -> FitResult:
-    """The highest rung whose predicted training memory (plus ``headroom``) and round time fit ``profile``.
+    """The highest rung whose predicted training memory (plus ``headroom``) and round time fit ``profile`` with one
+    of the recipes ``recipes_for(rung)`` offers, in their order of preference (plain fine-tuning by default).
 
-    ``headroom``: the fraction of ``train_memory_mb`` kept free for prediction error (measured within 2%), so that
+    Every recipe's costs rise along the ladder, so the rungs that fit with *some* recipe still form a prefix.
+    ``headroom``: the fraction of ``train_memory_mb`` kept free for prediction error (measured within 4%), so that
     the *measured* peak stays within the declared budget. ``ValueError`` when even the smallest rung does not fit,
     saying what it needs.
     """
@@ -172,31 +154,42 @@ def fit(
         raise ValueError(f"headroom is {headroom!r}; it must be between 0 (inclusive) and 1")
     usable_mb = profile.train_memory_mb * (1 - headroom)
     rungs = rungs if rungs is not None else ladder(cost_model.dims)
+
+    def options(spec: ElasticSpec) -> list[FitResult]:
+        results = []
+        for recipe in recipes_for(spec):
+            costs = cost_model.estimate(spec, batch_size=profile.batch_size, seq_len=profile.seq_len,
+                                        wire_dtype=wire_dtype, recipe=recipe)
+            results.append(FitResult(spec, costs, round_time(costs, profile), recipe))
+        return results
+
+    def fits(result: FitResult) -> bool:
+        return result.costs.train_memory_mb <= usable_mb and result.round_time.total_s <= profile.deadline_s
+
     best: FitResult | None = None
     for spec in rungs:  # costs rise along the ladder: stop at the first that does not fit
-        costs = cost_model.estimate(spec, batch_size=profile.batch_size, seq_len=profile.seq_len, wire_dtype=wire_dtype)
-        time = round_time(costs, profile)
-        if costs.train_memory_mb > usable_mb or time.total_s > profile.deadline_s:
+        choice = next((r for r in options(spec) if fits(r)), None)
+        if choice is None:
             break
-        best = FitResult(spec, costs, time)
+        best = choice
     if best is not None:
         return best
-    smallest = cost_model.estimate(
-        rungs[0], batch_size=profile.batch_size, seq_len=profile.seq_len, wire_dtype=wire_dtype
-    )
-    need_time = round_time(smallest, profile)
-    if smallest.train_memory_mb > usable_mb:
+    smallest = options(rungs[0])
+    leanest = min(smallest, key=lambda r: r.costs.train_memory_mb)
+    if leanest.costs.train_memory_mb > usable_mb:
+        how = " with activation checkpointing" if leanest.recipe.checkpointing else ""
         raise ValueError(
             f"train_memory_mb {profile.train_memory_mb:g} is too small: training needs at least "
-            f"{math.ceil(smallest.train_memory_mb / (1 - headroom))} MB for the smallest sub-model ({rungs[0].key()}, "
-            f"{smallest.params} parameters) at batch size {profile.batch_size} and sequence length "
-            f"{smallest.seq_len}; raise --memory-mb or lower --batch-size/--seq-len"
+            f"{math.ceil(leanest.costs.train_memory_mb / (1 - headroom))} MB for the smallest sub-model "
+            f"({rungs[0].key()}, {leanest.costs.params} parameters) at batch size {profile.batch_size} and sequence "
+            f"length {leanest.costs.seq_len}{how}; raise --memory-mb or lower --batch-size/--seq-len"
         )
+    need = min((r for r in smallest if r.costs.train_memory_mb <= usable_mb), key=lambda r: r.round_time.total_s)
+    t = need.round_time
     raise ValueError(
         f"deadline_s {profile.deadline_s:g} is too short: the smallest sub-model ({rungs[0].key()}) needs "
-        f"{need_time.total_s:.1f} s per round (download {need_time.download_s:.1f} s, compute "
-        f"{need_time.compute_s:.1f} s, upload {need_time.upload_s:.1f} s); extend the deadline, lower "
-        f"--local-steps or use a smaller wire dtype"
+        f"{t.total_s:.1f} s per round (download {t.download_s:.1f} s, compute {t.compute_s:.1f} s, upload "
+        f"{t.upload_s:.1f} s); extend the deadline, lower --local-steps or use a smaller wire dtype"
     )
 
 

@@ -166,38 +166,73 @@ def _train(model: Any, *, batch_size: int, seq_len: int, steps: int, vocab: int)
         optimizer.zero_grad(set_to_none=True)
 
 
-def training_peak(model_dir: str | Path, *, batch_size: int, seq_len: int, steps: int = 3) -> TrainingPeak:
-    """Load a saved sequence-classification model from ``model_dir`` and train it, measuring peak memory.
+class _RandomTokens:
+    """A stand-in tokenizer: random token ids of the model's vocabulary (memory does not depend on the text)."""
+
+    def __init__(self, vocab: int) -> None:
+        self.vocab = vocab
+
+    def __call__(self, texts: list[str], *, max_length: int, **_: Any) -> dict[str, Any]:
+        import torch
+
+        generator = torch.Generator().manual_seed(len(texts))
+        ids = torch.randint(0, self.vocab, (len(texts), max_length), generator=generator)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def training_peak(
+    model_dir: str | Path, *, batch_size: int, seq_len: int, steps: int = 3, recipe: dict[str, Any] | None = None
+) -> TrainingPeak:
+    """Load a saved sequence-classification model from ``model_dir`` and train it the way a device does
+    (:func:`raffm.training.train_local` with ``recipe``, the received weights spilled to disk and memory-mapped),
+    measuring peak memory.
 
     Run this in a fresh process (:func:`measure_training_peak`): the interpreter's earlier allocations then neither
     pollute the baseline nor hide in freed heap that the training would reuse. At least 2 steps are needed to see
     the steady state (AdamW state exists from the first ``step()`` on, so step 2's backward is the usual peak).
     """
+    import tempfile
+
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     import raffm.elastic  # noqa: F401  (registers the elastic classes with the Auto factories)
+    from raffm.data import TextDataset
+    from raffm.recipe import Recipe
+    from raffm.training import LocalConfig, train_local
 
     if steps < 1:
         raise ValueError(f"steps is {steps}; it must be at least 1")
     configure_allocator()
     config = AutoConfig.from_pretrained(model_dir)
     warm_up_runtime(config, batch_size, seq_len)
-    with PeakMemory() as pm:
+    plan = Recipe.from_dict(recipe or {})
+    data = TextDataset(["x"] * batch_size * steps, [i % int(config.num_labels) for i in range(batch_size * steps)],
+                       tuple(str(i) for i in range(int(config.num_labels))))
+    with tempfile.TemporaryDirectory() as tmp, PeakMemory() as pm:
         model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+        for p in model.parameters():  # off the memory-mapped file into anonymous memory, as a device's download is
+            p.data = p.data.clone()
+        gc.collect()
         params = sum(p.numel() for p in model.parameters())
-        _train(model, batch_size=batch_size, seq_len=seq_len, steps=steps, vocab=int(config.vocab_size))
-    del model
+        spill = Path(tmp) / "received.pt"
+        torch.save({n: p.detach() for n, p in model.named_parameters() if n not in plan.frozen}, spill)
+        reference = torch.load(spill, mmap=True, weights_only=True)
+        train_local(model, data, _RandomTokens(int(config.vocab_size)),
+                    LocalConfig(batch_size=batch_size, seq_len=seq_len, lr=1e-5, local_steps=steps, weight_decay=0.0),
+                    recipe=plan, reference=reference)
+        del model, reference
     torch.manual_seed(0)
     return TrainingPeak(pm.peak_mb, pm.baseline_mb, pm.exact, params, steps)
 
 
 def measure_training_peak(
-    model_dir: str | Path, *, batch_size: int, seq_len: int, steps: int = 3, threads: int | None = None
+    model_dir: str | Path, *, batch_size: int, seq_len: int, steps: int = 3, threads: int | None = None,
+    recipe: dict[str, Any] | None = None,
 ) -> TrainingPeak:
     """:func:`training_peak` in a fresh ``python -m raffm.memory`` subprocess; raises ``RuntimeError`` if it fails."""
     cmd = [sys.executable, "-m", "raffm.memory", str(model_dir), "--batch-size", str(batch_size)]
-    cmd += ["--seq-len", str(seq_len), "--steps", str(steps)]
+    cmd += ["--seq-len", str(seq_len), "--steps", str(steps), "--recipe", json.dumps(recipe or {})]
     env = dict(os.environ)
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -214,8 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, required=True)
     parser.add_argument("--seq-len", type=int, required=True)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--recipe", type=json.loads, default={},
+                        help="the client recipe as JSON (raffm.recipe.Recipe.to_dict): frozen tensors, nested cuts")
     args = parser.parse_args(argv)
-    result = training_peak(args.model_dir, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps)
+    result = training_peak(args.model_dir, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
+                           recipe=args.recipe)
     print(json.dumps(asdict(result)))
     return 0
 

@@ -31,11 +31,12 @@ class RoundRecord:
 
 @dataclass
 class ScalingPoint:
-    target_fraction: float  # requested share of the global parameters
-    param_fraction: float  # share actually kept by the chosen spec
+    target_fraction: float  # requested share of the global model's forward compute
+    param_fraction: float  # share of the parameters the chosen cut keeps
     params: int
     accuracy: float
     spec: str  # ElasticSpec.key()
+    flops_fraction: float = 1.0  # share of the forward compute the chosen cut keeps
 
 
 @dataclass
@@ -126,12 +127,13 @@ def render_markdown(report: RunReport) -> str:
             "",
             "## Inference scaling (sub-models cut from the final global model, no retraining)",
             "",
-            "| target size | kept parameters | share | test accuracy | spec |",
-            "|---:|---:|---:|---:|:--|",
+            "| target share of compute | kept compute | kept parameters | share of parameters | test accuracy | spec |",
+            "|---:|---:|---:|---:|---:|:--|",
         ]
         for p in report.scaling:
             lines.append(
-                f"| {p.target_fraction:.0%} | {p.params:,} | {p.param_fraction:.1%} | {_pct(p.accuracy)} | `{p.spec}` |"
+                f"| {p.target_fraction:.0%} | {p.flops_fraction:.1%} | {p.params:,} | {p.param_fraction:.1%} | "
+                f"{_pct(p.accuracy)} | `{p.spec}` |"
             )
     lines += ["", "Plots: `accuracy.png`, `bytes.png`, `scaling.png`.", ""]
     return "\n".join(lines)
@@ -176,10 +178,11 @@ def write_plots(report: RunReport, out: Path) -> list[Path]:
 
     if report.scaling:
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([100 * p.param_fraction for p in report.scaling], [100 * p.accuracy for p in report.scaling],
-                marker="o", label="sub-model of the final global model")
+        ax.plot([100 * p.flops_fraction for p in report.scaling], [100 * p.accuracy for p in report.scaling],
+                marker="o", label="cut of the final global model")
         ax.axhline(100 * report.majority_rate, color="grey", linestyle="--", label="majority class")
-        ax.set(xlabel="parameters kept (%)", ylabel="test accuracy (%)", title="Inference scaling without retraining")
+        ax.set(xlabel="forward compute kept (%)", ylabel="test accuracy (%)",
+               title="Inference scaling without retraining")
         ax.legend()
         written.append(_save(fig, out / "scaling.png"))
     return written

@@ -44,6 +44,10 @@ class TensorSlice:
         """The kept block of a global-shaped tensor, as a strided view (writes go through to ``tensor``)."""
         return tensor.view(self.view)[self.index]
 
+    def take_view(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The kept block shaped like the sub-model tensor: a view where the strides allow, else a copy."""
+        return self.block(tensor).reshape(self.sub_shape)
+
     def take(self, tensor: torch.Tensor) -> torch.Tensor:
         """A contiguous copy of the kept block, shaped like the sub-model tensor."""
         return self.block(tensor).reshape(self.sub_shape).clone()
@@ -56,8 +60,10 @@ class TensorSlice:
 SlicePlan = dict[str, TensorSlice]
 
 
-def _axis_view(axis: Axis, size: int, dims: ModelDims, spec: ElasticSpec) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(view sizes, kept sizes) for one tensor axis."""
+def _axis_view(
+    axis: Axis, size: int, container: ElasticSpec, spec: ElasticSpec
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(view sizes, kept sizes) for one tensor axis of a ``container``-shaped tensor that ``spec`` cuts."""
     if axis.kind == "hidden":
         return (size,), (spec.hidden,)
     if axis.kind == "full":
@@ -66,15 +72,28 @@ def _axis_view(axis: Axis, size: int, dims: ModelDims, spec: ElasticSpec) -> tup
     layer = spec.layers[axis.layer]
     if axis.kind == "ffn":
         return (size,), (layer.ffn,)
-    # qk / v: [heads, head_dim]
-    return (dims.heads, dims.head_dim), (layer.heads, layer.head_dim)
+    outer = container.layers[axis.layer]  # qk / v: [heads, head_dim] of the container
+    return (outer.heads, outer.head_dim), (layer.heads, layer.head_dim)
 
 
 def slice_plan(
-    adapter: Adapter, dims: ModelDims, spec: ElasticSpec, shapes: Mapping[str, tuple[int, ...]]
+    adapter: Adapter,
+    dims: ModelDims,
+    spec: ElasticSpec,
+    shapes: Mapping[str, tuple[int, ...]],
+    *,
+    within: ElasticSpec | None = None,
 ) -> SlicePlan:
-    """The slice of every global tensor the sub-model keeps (tensors of dropped layers are absent)."""
+    """The slice of every tensor the sub-model ``spec`` keeps (tensors of dropped layers are absent).
+
+    ``shapes`` are the global model's tensor shapes, or, with ``within``, the shapes of the sub-model ``within``
+    (``spec`` must then be nested in it): the plan of a smaller cut *inside* a sub-model, whose blocks are again
+    leading blocks, so a device can train nested cuts on views of its own weights.
+    """
     spec.validate(dims)
+    container = ElasticSpec.full(dims) if within is None else within.validate(dims)
+    if not nested(spec, container):
+        raise ValueError(f"spec {spec.key()} is not nested in {container.key()}: every size must be <= its own")
     plan: SlicePlan = {}
     for name, shape in shapes.items():
         layer = adapter.layer_of(name)
@@ -87,7 +106,7 @@ def slice_plan(
         keep: list[int] = []
         sub_shape: list[int] = []
         for axis, size in zip(axes, shape):
-            v, k = _axis_view(axis, size, dims, spec)
+            v, k = _axis_view(axis, size, container, spec)
             if math.prod(v) != size:
                 raise ValueError(f"tensor {name!r} axis of size {size} does not match the model's {axis.kind} width")
             view.extend(v)
@@ -95,6 +114,17 @@ def slice_plan(
             sub_shape.append(math.prod(k))
         plan[name] = TensorSlice(tuple(shape), tuple(view), tuple(keep), tuple(sub_shape))
     return plan
+
+
+def nested(small: ElasticSpec, big: ElasticSpec) -> bool:
+    """True if every size of ``small`` is <= that of ``big`` (layer by layer, and no more layers)."""
+    return (
+        small.hidden <= big.hidden
+        and small.depth <= big.depth
+        and all(
+            s.heads <= b.heads and s.head_dim <= b.head_dim and s.ffn <= b.ffn for s, b in zip(small.layers, big.layers)
+        )
+    )
 
 
 def shapes_of(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:

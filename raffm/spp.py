@@ -7,8 +7,8 @@ the network computes exactly the same function; only which channels are *leading
 2. within every head, query/key dimensions ranked by (|q_j|_1 + |k_j|_1) / 2 with ONE permutation shared by W_q
    and W_k (scores are unchanged: x W_q P (x W_k P)^T = x W_q W_k^T x^T);
 3. within every head, value dimensions ranked by their V rows plus the matching attention-output columns;
-4. feed-forward neurons ranked by their W_in row plus W_out column;
-and optionally the residual (hidden) channels of the whole model, for models whose outputs are task logits.
+4. feed-forward neurons ranked by their W_in row plus W_out column.
+The residual (hidden) channels are never reordered: sub-models keep the full hidden width (see raffm.fitting).
 
 Scores come from the weight matrices (L1 norm); biases and vectors follow the permutation.
 """
@@ -22,7 +22,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from raffm.arch import Adapter, Axis, adapter_for, base_model
+from raffm.arch import Adapter, Axis, adapter_for
 from raffm.spec import ModelDims
 
 Layouts = dict[str, tuple[Axis, ...]]
@@ -69,7 +69,6 @@ def prioritize_state(
     adapter: Adapter,
     dims: ModelDims,
     *,
-    rank_hidden: bool = False,
     score: ScoreFn = l1_score,
 ) -> dict[str, torch.Tensor]:
     """A salience-ordered copy of ``state`` (the input is not modified)."""
@@ -98,26 +97,17 @@ def prioritize_state(
 
         _apply(out, layouts, ffn_of, _descending(_axis_scores(out, layouts, ffn_of, score)))
 
-    if rank_hidden:
-        def hidden(axis: Axis) -> bool:
-            return axis.kind == "hidden"
-
-        _apply(out, layouts, hidden, _descending(_axis_scores(out, layouts, hidden, score)))
     return {name: t.contiguous() for name, t in out.items()}
 
 
-def prioritize(model: M, *, rank_hidden: bool | None = None, score: ScoreFn = l1_score) -> M:
+def prioritize(model: M, *, score: ScoreFn = l1_score) -> M:
     """A salience-ordered copy of a ``transformers`` model; the input model is not modified.
 
-    ``rank_hidden`` defaults to True for models with a task head: reordering residual channels preserves their
-    logits, while a bare encoder would expose its hidden states in the new channel order.
+    The residual (hidden) channels keep their order: they are never cut, so every output of the model, hidden states
+    included, is unchanged.
     """
     adapter = adapter_for(model)
-    if rank_hidden is None:
-        rank_hidden = base_model(model) is not model
-    state = prioritize_state(
-        model.state_dict(), adapter, adapter.dims(model.config), rank_hidden=rank_hidden, score=score
-    )
+    state = prioritize_state(model.state_dict(), adapter, adapter.dims(model.config), score=score)
     ordered = copy.deepcopy(model)
     ordered.load_state_dict(state)
     return ordered

@@ -10,6 +10,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,10 @@ from transformers import PreTrainedModel
 
 from raffm.data import ImageDataset, TextDataset
 from raffm.memory import PeakMemory
+from raffm.recipe import Recipe
+from raffm.slicing import TensorSlice
+from raffm.spec import ElasticSpec
+from raffm.wire import WIRE_DTYPES
 
 Dataset = TextDataset | ImageDataset
 Tokenizer = Callable[..., Any]
@@ -36,6 +41,7 @@ class LocalConfig:
     fedprox_mu: float = 0.0
     weight_decay: float = 0.01
     seed: int = 0
+    warmup_steps: int = 0  # the lr rises linearly from 0 over the first steps of every round (a fresh optimizer)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len", "local_epochs"):
@@ -43,15 +49,15 @@ class LocalConfig:
                 raise ValueError(f"{name} is {getattr(self, name)}; it must be at least 1")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr is {self.lr}; it must be a positive number")
-        if self.fedprox_mu < 0 or self.local_steps < 0:
-            raise ValueError("fedprox_mu and local_steps must be >= 0")
+        if self.fedprox_mu < 0 or self.local_steps < 0 or self.warmup_steps < 0:
+            raise ValueError("fedprox_mu, local_steps and warmup_steps must be >= 0")
 
 
 @dataclass(frozen=True)
 class LocalResult:
-    delta: dict[str, torch.Tensor]  # trained - received, float32, sub-model names and shapes
-    samples: int  # examples seen (the aggregation weight is the local data size)
-    loss: float  # mean training loss
+    delta: dict[str, torch.Tensor]  # trained - received, float32, the sub-model's trained tensors
+    samples: int  # examples trained on this round (the aggregation weight)
+    loss: float  # mean training loss of the device's own spec
     steps: int
     seconds: float
     peak_memory_mb: float
@@ -79,33 +85,160 @@ def batches(
             yield {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
 
 
+def _leaf_view(param: torch.Tensor, where: TensorSlice) -> torch.Tensor:
+    """The kept block of ``param`` as a leaf tensor sharing its memory, whose gradient is added into the block of
+    ``param.grad`` the moment autograd has it (and then dropped).
+
+    A leaf's gradient is accumulated as soon as it is ready; a view through autograd's slicing would instead hold
+    every block's gradient until the end of the backward pass (one more copy of the cut's weights).
+    """
+    view = where.take_view(param.detach()).requires_grad_(True)
+
+    def add_into_param(leaf: torch.Tensor) -> None:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        assert leaf.grad is not None
+        where.block(param.grad).add_(leaf.grad.reshape(where.keep))
+        leaf.grad = None
+
+    view.register_post_accumulate_grad_hook(add_into_param)
+    return view
+
+
+class NestedCut:
+    """A smaller cut of a (sub-)model that trains on views of the model's own parameters.
+
+    The skeleton is the elastic class of the cut, built on the ``meta`` device (no memory). A step binds fresh views
+    of the live parameters into it for its forward *and* backward (activation checkpointing recomputes the forward
+    during backward), so gradients flow into the model's own ``.grad`` and an optimizer step moves the cut with it.
+    """
+
+    def __init__(self, model: PreTrainedModel, spec: ElasticSpec, *, checkpointing: bool = False) -> None:
+        from raffm.arch import adapter_for
+        from raffm.elastic import ELASTIC_CLASSES, elastic_config, stock_class
+        from raffm.slicing import slice_plan
+
+        adapter = adapter_for(model)
+        outer = getattr(model, "elastic_spec", None) or ElasticSpec.full(adapter.dims(model.config))
+        stock = stock_class(model)
+        self.spec = spec
+        self.plan = slice_plan(adapter, adapter.dims(model.config), spec,
+                               {n: tuple(p.shape) for n, p in model.named_parameters()}, within=outer)
+        with torch.device("meta"):
+            self.skeleton = ELASTIC_CLASSES[stock](elastic_config(model.config, spec, stock))
+        if checkpointing:
+            self.skeleton.activation_checkpointing_enable()
+        self._model = model
+
+    @contextmanager
+    def bound(self) -> Iterator[PreTrainedModel]:
+        """The skeleton, running on views of the model's current parameters (and its buffers) inside the block."""
+        from torch.nn.utils.stateless import _reparametrize_module  # what torch.func.functional_call binds with
+
+        tensors: dict[str, torch.Tensor] = {
+            name: _leaf_view(p, self.plan[name]) if p.requires_grad else self.plan[name].take_view(p)
+            for name, p in self._model.named_parameters() if name in self.plan
+        }
+        tensors.update(self._model.named_buffers())
+        self.skeleton.train(self._model.training)
+        with _reparametrize_module(self.skeleton, tensors):
+            yield self.skeleton
+
+    def __call__(self, **inputs: torch.Tensor) -> Any:
+        """A forward pass (no training): the cut's outputs."""
+        with self.bound() as skeleton:
+            return skeleton(**inputs)
+
+    def backward(self, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor, teacher: Teacher,
+                 recipe: Recipe) -> None:
+        """Accumulate the gradients of the cut's loss: ``distill`` x KL to the teacher's logits, ``1 - distill`` x
+        cross-entropy on the ``labels``, plus ``distill_hidden`` x the mean squared error of every layer's output
+        against the teacher's."""
+        with self.bound() as skeleton:
+            out = skeleton(**inputs, output_hidden_states=bool(recipe.distill_hidden))
+            loss = recipe.distill * _distill_loss(out.logits, teacher.logits)
+            if recipe.distill < 1.0:
+                loss = loss + (1 - recipe.distill) * torch.nn.functional.cross_entropy(out.logits, labels)
+            if recipe.distill_hidden:
+                loss = loss + recipe.distill_hidden * _hidden_loss(out.hidden_states, teacher.hidden)
+            loss.backward()
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """What the device's own spec computed on a batch, for its nested cuts to learn from (detached)."""
+
+    logits: torch.Tensor
+    hidden: tuple[torch.Tensor, ...] = ()  # every layer's output, when the recipe distills hidden states
+
+
+def _hidden_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Mean over the layers (the embedding output excluded) of the MSE between the cut's and the teacher's outputs."""
+    pairs = list(zip(student[1:], teacher[1:]))
+    return sum((torch.nn.functional.mse_loss(s, t) for s, t in pairs), torch.zeros(())) / max(1, len(pairs))
+
+
+def _distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) over the last axis, averaged over the batch (temperature 1)."""
+    return torch.nn.functional.kl_div(
+        torch.log_softmax(student, dim=-1), torch.log_softmax(teacher, dim=-1), reduction="batchmean", log_target=True
+    )
+
+
+def _apply_recipe(model: PreTrainedModel, recipe: Recipe) -> dict[str, torch.nn.Parameter]:
+    """Freeze (and store at ``recipe.frozen_dtype``) the recipe's frozen tensors, switch activation checkpointing on;
+    returns the trained parameters."""
+    unknown = sorted(recipe.frozen - {n for n, _ in model.named_parameters()})
+    if unknown:
+        raise ValueError(f"the recipe freezes tensors the model does not have: {unknown[:5]}")
+    trained = {}
+    for name, p in model.named_parameters():
+        p.requires_grad_(name not in recipe.frozen)
+        if name not in recipe.frozen:
+            trained[name] = p
+        elif recipe.frozen_dtype != "float32":
+            module = model.get_submodule(name.rpartition(".")[0])
+            if not isinstance(module, torch.nn.Embedding):
+                raise ValueError(f"only embedding tables can be stored at {recipe.frozen_dtype}; {name!r} is not one")
+            p.data = p.data.to(WIRE_DTYPES[recipe.frozen_dtype])
+            module.register_forward_hook(lambda _m, _i, out: out.float())  # the rest of the model computes in fp32
+    if recipe.checkpointing:
+        model.activation_checkpointing_enable()
+    return trained
+
+
 def train_local(
     model: PreTrainedModel,
     data: Dataset,
     tokenizer: Tokenizer | None,
     config: LocalConfig,
     *,
+    recipe: Recipe = Recipe(),
     on_step: Callable[[int, int, float], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     reference: Mapping[str, torch.Tensor] | None = None,
 ) -> LocalResult:
-    """Train ``model`` in place on ``data`` with AdamW (plus a FedProx term when ``fedprox_mu`` > 0).
+    """Train ``model`` in place on ``data`` with AdamW (plus a FedProx term when ``fedprox_mu`` > 0), as ``recipe`` says.
 
     ``on_step(step, total, loss)`` reports progress; ``should_stop()`` is checked between steps so a signal can
     abandon the round cleanly (a :class:`InterruptedError` is raised, nothing is half-written).
-    ``reference``: the received weights (any float dtype; e.g. memory-mapped from disk) to compute the delta and the
-    FedProx term against; by default a copy is taken at the start, which costs one more model's worth of memory.
+    ``reference``: the received weights of the trained tensors (any float dtype; e.g. memory-mapped from disk) to
+    compute the delta and the FedProx term against; by default a copy is taken at the start, which costs one more
+    copy of the trained weights. The model is consumed: frozen tensors may be stored at lower precision afterwards.
     """
     if len(data) == 0:
         raise ValueError("the local data set is empty")
+    trained = _apply_recipe(model, recipe)
     torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
     if reference is not None:
         received = dict(reference)
-        for n, p in model.named_parameters():
+        for n, p in trained.items():
             if n not in received or tuple(received[n].shape) != tuple(p.shape):
                 raise ValueError(f"reference tensor {n!r} is missing or not shaped {tuple(p.shape)}")
     else:
-        received = {n: p.detach().clone() for n, p in model.named_parameters()}
+        received = {n: p.detach().clone() for n, p in trained.items()}
+    cuts = [NestedCut(model, spec, checkpointing=recipe.checkpointing) for spec in recipe.nested]
     per_epoch = math.ceil(len(data) / config.batch_size)
     total = per_epoch * config.local_epochs
     if config.local_steps:
@@ -113,8 +246,11 @@ def train_local(
     model.train()
     started = time.perf_counter()
     losses: list[float] = []
+    samples = 0
     with PeakMemory() as peak:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = torch.optim.AdamW(trained.values(), lr=config.lr, weight_decay=config.weight_decay)
+        warmup = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda i: min(1.0, (i + 1) / config.warmup_steps) if config.warmup_steps else 1.0)
         step = 0
         for epoch in range(config.local_epochs):
             for batch in batches(data, tokenizer, config.batch_size, config.seq_len, shuffle=True, seed=config.seed + epoch):
@@ -122,32 +258,48 @@ def train_local(
                     break
                 if should_stop():
                     raise InterruptedError("local training stopped by request")
-                loss = model(**batch).loss
+                out = model(**batch, output_hidden_states=bool(cuts and recipe.distill_hidden))
+                loss = out.loss
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower the lr")
                 if config.fedprox_mu > 0:
-                    prox = sum(((p - received[n]) ** 2).sum() for n, p in model.named_parameters())
+                    prox = sum(((p - received[n]) ** 2).sum() for n, p in trained.items())
                     loss = loss + 0.5 * config.fedprox_mu * prox
+                teacher = Teacher(out.logits.detach(), tuple(h.detach() for h in out.hidden_states or ()))
                 loss.backward()
+                losses.append(float(out.loss.detach()))
+                del out, loss
+                labels = batch.pop("labels")
+                for cut in _cuts_this_step(cuts, recipe.sampled, rng):
+                    cut.backward(batch, labels, teacher, recipe)
                 optimizer.step()
+                warmup.step()
                 # Free the gradients now, not before the next backward: otherwise they stay alive through the next
                 # forward and the step's peak is one model larger than raffm.costs predicts.
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                losses.append(float(loss.detach()))
+                samples += len(labels)
                 if on_step:
                     on_step(step, total, losses[-1])
-        del optimizer
+        del optimizer, warmup
     model.eval()
-    delta = {n: (p.detach() - received[n]).float() for n, p in model.named_parameters()}
+    delta = {n: (p.detach() - received[n]).float() for n, p in trained.items()}
     return LocalResult(
         delta=delta,
-        samples=len(data),
+        samples=samples,
         loss=sum(losses) / max(1, len(losses)),
         steps=len(losses),
         seconds=time.perf_counter() - started,
         peak_memory_mb=peak.peak_mb,
     )
+
+
+def _cuts_this_step(cuts: list[NestedCut], sampled: int, rng: random.Random) -> list[NestedCut]:
+    """The sandwich rule: the smallest nested cut every step, plus ``sampled`` of the others at random."""
+    if not cuts:
+        return []
+    smallest, others = cuts[0], cuts[1:]
+    return [smallest, *rng.sample(others, min(sampled, len(others)))]
 
 
 @torch.no_grad()

@@ -1,8 +1,9 @@
 """The cost model's peak training memory against the real peak RSS of training the real MiniLM sub-models.
 
-For each tier the fitter picks a spec; the sub-model is extracted from the real all-MiniLM-L6-v2, saved, and trained
-(forward, backward, AdamW step; 3 steps, batch 16 x 64 tokens) in a fresh subprocess that measures its peak RSS
-(``raffm.memory``). The prediction must be within 25% of the measurement and the measurement within the budget.
+For each tier the RaFFM strategy picks a spec and its recipe (frozen vocabulary, nested cuts trained in the same
+steps); the sub-model is extracted from the real all-MiniLM-L6-v2, saved, and trained with the product's training
+loop (3 steps, batch 16 x 64 tokens) in a fresh subprocess that measures its peak RSS (``raffm.memory``). The
+prediction must be within 25% of the measurement and the measurement within the budget.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ import pytest
 
 from raffm.costs import CostModel
 from raffm.elastic import extract
-from raffm.fitting import RoundBudget, fit
+from raffm.fitting import RoundBudget
 from raffm.memory import PeakMemory, measure_training_peak
+from raffm.strategy import STRATEGIES
 
 BATCH, SEQ = 16, 64
-# 600/900/1500 are the agent's tiers (all fit full MiniLM at 16 x 64); 200 and 350 force hidden and head/FFN cuts
-TIERS_MB = (200, 350, 600, 900, 1500)
+# 150 and 200 train narrow slices with no nested cut, 300 one nested cut, 1500 the whole model with three
+TIERS_MB = (150, 200, 300, 1500)
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +47,13 @@ def test_predicted_peak_training_memory_matches_measured(minilm, tmp_path: Path)
     for budget in TIERS_MB:
         profile = RoundBudget(train_memory_mb=budget, gflops=100, up_mbps=100, down_mbps=100, deadline_s=3600,
                               batch_size=BATCH, seq_len=SEQ)
-        picked = fit(cm, profile)
-        key = picked.spec.key()
+        picked = STRATEGIES["raffm"].plan(cm, profile)
+        key = picked.spec.key() + str(picked.recipe)
         if key not in measured_by_key:
             folder = tmp_path / f"tier{budget}"
             extract(minilm, picked.spec).save_pretrained(folder)
-            result = measure_training_peak(folder, batch_size=BATCH, seq_len=SEQ, steps=3)
+            result = measure_training_peak(folder, batch_size=BATCH, seq_len=SEQ, steps=3,
+                                           recipe=picked.recipe.to_dict())
             assert result.exact and result.params == picked.costs.params
             measured_by_key[key] = result.peak_mb
         rows.append((budget, picked, measured_by_key[key]))
@@ -64,6 +67,7 @@ def test_predicted_peak_training_memory_matches_measured(minilm, tmp_path: Path)
               f"{predicted:>12.1f} {measured:>11.1f} {(predicted - measured) / measured:>+6.1%}")
 
     assert len(measured_by_key) >= 3, "the tiers should exercise at least three different specs"
+    assert any(picked.recipe.nested for _, picked, _ in rows) and all(picked.recipe.frozen for _, picked, _ in rows)
     for budget, picked, measured in rows:
         assert picked.costs.train_memory_mb == pytest.approx(measured, rel=0.25), (budget, picked.spec.key())
         assert measured <= budget, f"tier {budget} MB: training measured {measured:.1f} MB"

@@ -43,7 +43,7 @@ def test_spp_actually_reorders_and_sorts_salience() -> None:
     model = make("bert")
     adapter = adapter_for(model)
     dims = adapter.dims(model.config)
-    state = prioritize_state(model.state_dict(), adapter, dims, rank_hidden=True)
+    state = prioritize_state(model.state_dict(), adapter, dims)
     prefix = "bert.encoder.layer.0."
     # FFN neurons: W_in row + W_out column L1 is non-increasing after SPP.
     w_in, w_out = state[prefix + "intermediate.dense.weight"], state[prefix + "output.dense.weight"]

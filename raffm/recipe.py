@@ -1,0 +1,67 @@
+"""The client recipe: what a device trains inside its sub-model besides plain fine-tuning (part of an assignment).
+
+Pure data, shared by the strategy that chooses it (:mod:`raffm.strategy`), the cost model that prices it
+(:mod:`raffm.costs`), the local training loop that runs it (:mod:`raffm.training`) and the wire that carries it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from raffm.spec import ElasticSpec
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """``frozen``: names of sub-model tensors never trained (no gradient, no optimizer state, no delta uploaded).
+
+    ``nested``: smaller cuts of the device's own spec, smallest first, trained in the same steps on views of the same
+    weights (the sandwich rule of slimmable networks): every step trains the device's spec on the labels, then the
+    smallest nested cut and ``sampled`` of the others drawn at random, each learning from the device spec's logits
+    (in-place distillation) with weight ``distill`` and from the labels with weight ``1 - distill``.
+
+    ``distill_hidden``: weight of the mean squared error between every layer's output in the cut and in the device's
+    spec (the cut learns to compute the spec's representations, not only its prediction).
+
+    ``frozen_dtype``: the precision the device stores frozen embedding tables at ("float16" halves them; their
+    lookups are cast back to float32). ``checkpointing``: activation checkpointing (each layer's activations are
+    recomputed in the backward pass: about a third more compute for a fraction of the activation memory).
+    """
+
+    frozen: frozenset[str] = frozenset()
+    nested: tuple[ElasticSpec, ...] = ()
+    sampled: int = 1
+    distill: float = 1.0
+    frozen_dtype: str = "float32"
+    checkpointing: bool = False
+    distill_hidden: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.sampled < 0:
+            raise ValueError(f"recipe sampled is {self.sampled}; it must be >= 0")
+        if not 0.0 <= self.distill <= 1.0:
+            raise ValueError(f"recipe distill is {self.distill}; it must be between 0 and 1")
+        if not self.distill_hidden >= 0.0:
+            raise ValueError(f"recipe distill_hidden is {self.distill_hidden}; it must be >= 0")
+        if self.frozen_dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"recipe frozen_dtype is {self.frozen_dtype!r}; it must be float32, float16 or bfloat16")
+
+    @property
+    def nested_per_step(self) -> int:
+        """Nested cuts trained in every step besides the device's own spec."""
+        return min(len(self.nested), 1 + self.sampled)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"frozen": sorted(self.frozen), "nested": [s.to_dict() for s in self.nested], "sampled": self.sampled,
+                "distill": self.distill, "frozen_dtype": self.frozen_dtype, "checkpointing": self.checkpointing,
+                "distill_hidden": self.distill_hidden}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        return cls(frozen=frozenset(data.get("frozen", ())),
+                   nested=tuple(ElasticSpec.from_dict(s) for s in data.get("nested", ())),
+                   sampled=int(data.get("sampled", 1)), distill=float(data.get("distill", 1.0)),
+                   frozen_dtype=str(data.get("frozen_dtype", "float32")),
+                   checkpointing=bool(data.get("checkpointing", False)),
+                   distill_hidden=float(data.get("distill_hidden", 0.0)))

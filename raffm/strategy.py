@@ -1,0 +1,165 @@
+"""The method as one object: what each device trains, how updates merge, and when the model is re-ordered.
+
+A :class:`Strategy` is pure (state dicts and specs in, state dicts and plans out; no IO). The aggregator drives it
+for real rounds and ``bench/bench_fl.py`` drives the very same object in process, so the benchmark measures what
+ships. RaFFM's defaults, each chosen by measurement (bench/results, README "The method"):
+
+- **SPP once**, on version 0: the leading heads and FFN neurons are the salient ones, and they stay where they are,
+  so a head a small device trained last round is still in its slice this round (re-ranking every round shuffles
+  near-tied channels in and out of the small slices).
+- **Width, never the residual stream**: sub-models keep the first heads and FFN neurons of every layer at the full
+  hidden width (:func:`raffm.fitting.ladder`), so every slice computes (an approximation of) the model's function.
+- **Frozen vocabulary embeddings**: on MiniLM they are half the parameters; frozen, they cost no gradient, no
+  optimizer state and no upload, and a device keeps them across rounds, so they cross the wire once.
+- **Nested cuts trained together** (the sandwich rule with in-place distillation): a device trains its own spec on
+  the labels and, in the same step, the smallest of the strategy's cuts plus one other, each learning from its own
+  spec's logits. Every cut of the final model has been trained, so it can be deployed without retraining.
+- **Updates weighted by the samples trained this round**, folded with coverage-weighted sliced FedAvg.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+
+from raffm.aggregation import MODES, Mode, SlicedFedAvg
+from raffm.costs import CostModel
+from raffm.fitting import DEFAULT_HEADROOM, FitResult, RoundBudget, fit, ladder, width_spec
+from raffm.recipe import Recipe
+from raffm.slicing import SlicePlan, nested
+from raffm.spec import ElasticSpec
+from raffm.spp import prioritize_state
+
+Ordering = Literal["once", "every_round", "never"]
+ORDERINGS: tuple[Ordering, ...] = ("once", "every_round", "never")
+State = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One federated method. ``heterogeneous=False`` is full-model FedAvg: a device that cannot train the whole model
+    gets nothing (capable-only), unless its profile pretends otherwise (the ``fedavg_all`` upper bound of the bench).
+
+    ``ordering``: SPP on version 0 only (``once``), on every new version (``every_round``), or not at all (``never``,
+    HeteroFL's static slices). ``nested_fractions``: the width fractions (of the heads; FFN in proportion) trained as
+    nested cuts by every device whose own spec is wider. ``sampled`` and ``distill``: see :class:`Recipe`.
+    ``checkpointing``: a device may trade compute for memory with activation checkpointing when that lets it
+    train a larger spec.
+    """
+
+    name: str = "raffm"
+    heterogeneous: bool = True
+    ordering: Ordering = "once"
+    freeze_vocab: bool = True
+    nested_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
+    sampled: int = 1
+    distill: float = 1.0
+    distill_hidden: float = 0.0
+    checkpointing: bool = True
+    aggregation: Mode = "coverage"
+    server_lr: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.ordering not in ORDERINGS:
+            raise ValueError(f"ordering is {self.ordering!r}; choose one of {', '.join(ORDERINGS)}")
+        if self.aggregation not in MODES:
+            raise ValueError(f"aggregation is {self.aggregation!r}; choose one of {', '.join(MODES)}")
+        if any(not 0 < f < 1 for f in self.nested_fractions):
+            raise ValueError(f"nested_fractions {self.nested_fractions}: every fraction must be in (0, 1)")
+        Recipe(sampled=self.sampled, distill=self.distill, distill_hidden=self.distill_hidden)  # validates them
+
+    # -- versions -----------------------------------------------------------------------------------------------------
+
+    def initial(self, state: Mapping[str, torch.Tensor], cost_model: CostModel) -> State:
+        """Version 0 from the pretrained model: salience-ordered unless ``ordering`` is ``never``."""
+        if self.ordering == "never":
+            return dict(state)
+        return prioritize_state(state, cost_model.adapter, cost_model.dims)
+
+    def next_version(self, merged: Mapping[str, torch.Tensor], cost_model: CostModel) -> State:
+        """The next version from a round's merged state: re-ordered only with ``ordering="every_round"``."""
+        if self.ordering == "every_round":
+            return prioritize_state(merged, cost_model.adapter, cost_model.dims)
+        return dict(merged)
+
+    # -- assignments --------------------------------------------------------------------------------------------------
+
+    def cuts(self, cost_model: CostModel) -> tuple[ElasticSpec, ...]:
+        """The nested cuts of the global model this strategy trains, smallest first (whole heads, at least one)."""
+        heads = cost_model.dims.heads
+        counts = sorted({max(1, round(f * heads)) for f in self.nested_fractions} - {heads})
+        return tuple(width_spec(cost_model.dims, h) for h in counts)
+
+    def recipe_for(self, spec: ElasticSpec, cost_model: CostModel, *, checkpointing: bool = False) -> Recipe:
+        """The recipe of a device training ``spec``: frozen vocabulary (stored at half precision), and the strategy's
+        cuts nested in ``spec``."""
+        frozen = cost_model.adapter.vocab_tensors(cost_model.plan(spec)) if self.freeze_vocab else frozenset()
+        inner = tuple(c for c in self.cuts(cost_model) if nested(c, spec) and c != spec and c.depth == spec.depth)
+        return Recipe(frozen=frozen, nested=inner, sampled=self.sampled, distill=self.distill,
+                      frozen_dtype="float16" if frozen else "float32", checkpointing=checkpointing,
+                      distill_hidden=self.distill_hidden if inner else 0.0)
+
+    def recipes_for(self, spec: ElasticSpec, cost_model: CostModel) -> tuple[Recipe, ...]:
+        """The recipes a device may train ``spec`` with, preferred first: without activation checkpointing (less
+        compute), then with it (less memory) when the strategy allows."""
+        plain = self.recipe_for(spec, cost_model)
+        if not self.checkpointing:
+            return (plain,)
+        return plain, self.recipe_for(spec, cost_model, checkpointing=True)
+
+    def plan(
+        self, cost_model: CostModel, budget: RoundBudget, *, wire_dtype: str = "float32",
+        headroom: float = DEFAULT_HEADROOM,
+    ) -> FitResult:
+        """The largest spec (with its recipe and predicted costs) that a device can train within its ``budget``
+        (memory and round deadline); ``ValueError`` saying what is missing when nothing fits."""
+        full = ElasticSpec.full(cost_model.dims)
+        rungs = ladder(cost_model.dims) if self.heterogeneous else [full]
+        return fit(cost_model, budget, wire_dtype=wire_dtype, headroom=headroom, rungs=rungs,
+                   recipes_for=lambda spec: self.recipes_for(spec, cost_model))
+
+    @staticmethod
+    def upload_plan(plan: SlicePlan, recipe: Recipe) -> SlicePlan:
+        """The part of a slice plan a device uploads: its trained tensors."""
+        return {name: s for name, s in plan.items() if name not in recipe.frozen}
+
+    # -- merging ------------------------------------------------------------------------------------------------------
+
+    def weight(self, samples: int) -> float:
+        """An update's weight: the samples it was trained on this round (not the size of the device's data set)."""
+        if samples < 1:
+            raise ValueError(f"an update trained on {samples} samples cannot be weighted; it must be >= 1")
+        return float(samples)
+
+    def aggregator(self, global_state: Mapping[str, torch.Tensor], *, accum_dtype: torch.dtype = torch.float64
+                   ) -> SlicedFedAvg:
+        """A fresh streaming aggregator for one round over ``global_state``."""
+        return SlicedFedAvg(global_state, mode=self.aggregation, server_lr=self.server_lr, accum_dtype=accum_dtype)
+
+    def with_options(self, **changes: object) -> Strategy:
+        """A copy with some settings changed (validated)."""
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "raffm": Strategy(),
+    # Full-model FedAvg; devices that cannot train the whole model wait.
+    "fedavg": Strategy(name="fedavg", heterogeneous=False, freeze_vocab=False, nested_fractions=(), checkpointing=False),
+    # The official research code's recipe: SPP on every version, zero-filled deltas divided by the participants.
+    "paper": Strategy(name="paper", ordering="every_round", freeze_vocab=False, nested_fractions=(),
+                      checkpointing=False, aggregation="paper"),
+    # HeteroFL-style static leading slices of a model that is never salience-ordered.
+    "heterofl": Strategy(name="heterofl", ordering="never", freeze_vocab=False, nested_fractions=(),
+                         checkpointing=False),
+}
+
+
+def strategy_named(name: str) -> Strategy:
+    """A preset by name; ``ValueError`` lists them."""
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}") from None

@@ -1,0 +1,103 @@
+"""The local training loop and its recipe: frozen tensors, nested cuts on shared weights, samples trained."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raffm.arch import adapter_for
+from raffm.elastic import extract
+from raffm.recipe import Recipe
+from raffm.slicing import slice_plan
+from raffm.spec import ElasticSpec
+from raffm.spp import prioritize
+from raffm.training import LocalConfig, NestedCut, train_local
+from tests.unit.models_fixtures import inputs, make
+from tests.unit.toys import WordHashTokenizer, tiny_model, toy_data
+
+VOCAB = "bert.embeddings.word_embeddings.weight"
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta", "vit"])
+def test_a_nested_cut_computes_exactly_the_extracted_cut(kind: str) -> None:
+    model = prioritize(make(kind))
+    dims = adapter_for(model).dims(model.config)
+    outer = ElasticSpec.uniform(dims, heads=3, ffn=72)
+    inner = ElasticSpec.uniform(dims, heads=2, ffn=40)
+    device_model = extract(model, outer).eval()
+    cut = NestedCut(device_model, inner)
+    batch = inputs(kind)
+    with torch.no_grad():
+        expected = extract(model, inner).eval()(**batch).logits
+        got = cut(**batch).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_a_nested_cut_trains_only_its_own_block_of_the_shared_weights() -> None:
+    model = prioritize(make("bert"))
+    dims = adapter_for(model).dims(model.config)
+    outer, inner = ElasticSpec.full(dims), ElasticSpec.uniform(dims, heads=2, ffn=40)
+    cut = NestedCut(model.train(), inner)
+    cut(**inputs("bert")).logits.square().sum().backward()
+    plan = slice_plan(adapter_for(model), dims, inner, {n: tuple(p.shape) for n, p in model.named_parameters()},
+                      within=outer)
+    ffn_in = "bert.encoder.layer.0.intermediate.dense.weight"
+    grad = model.get_parameter(ffn_in).grad
+    assert grad is not None and grad[:40].abs().sum() > 0 and grad[40:].abs().sum() == 0
+    assert plan[ffn_in].sub_shape == (40, 48)
+
+
+def test_a_nested_cut_must_fit_inside_the_model() -> None:
+    model = make("bert")
+    dims = adapter_for(model).dims(model.config)
+    small = extract(prioritize(model), ElasticSpec.uniform(dims, heads=2, ffn=40))
+    with pytest.raises(ValueError, match="not nested in"):
+        NestedCut(small, ElasticSpec.uniform(dims, heads=3, ffn=40))
+
+
+def _train(recipe: Recipe, **config: object) -> tuple[torch.nn.Module, dict[str, torch.Tensor], object]:
+    model = tiny_model(0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    local = LocalConfig(**{"batch_size": 8, "seq_len": 16, "lr": 1e-3, "local_steps": 3, **config})  # type: ignore[arg-type]
+    result = train_local(model, toy_data(40), WordHashTokenizer(64), local, recipe=recipe)
+    return model, before, result
+
+
+def test_frozen_tensors_do_not_move_and_have_no_delta() -> None:
+    model, before, result = _train(Recipe(frozen=frozenset({VOCAB})))
+    assert VOCAB not in result.delta  # type: ignore[attr-defined]
+    assert torch.equal(model.get_parameter(VOCAB), before[VOCAB])
+    moved = {n for n, d in result.delta.items() if d.abs().sum() > 0}  # type: ignore[attr-defined]
+    assert "classifier.weight" in moved and "bert.encoder.layer.0.intermediate.dense.weight" in moved
+
+
+def test_the_update_weight_is_the_samples_trained_this_round() -> None:
+    _, _, result = _train(Recipe(), local_steps=3)
+    assert result.samples == 24 and result.steps == 3  # type: ignore[attr-defined]
+    _, _, one_epoch = _train(Recipe(), local_steps=0)
+    assert one_epoch.samples == 40  # type: ignore[attr-defined]
+
+
+def test_nested_cuts_change_the_update_and_stay_deterministic() -> None:
+    dims = adapter_for(tiny_model(0)).dims(tiny_model(0).config)
+    cuts = (ElasticSpec.uniform(dims, heads=2, ffn=128), ElasticSpec.uniform(dims, heads=4, ffn=256))
+    _, _, plain = _train(Recipe())
+    _, _, sandwich = _train(Recipe(nested=cuts))
+    _, _, again = _train(Recipe(nested=cuts))
+    ffn = "bert.encoder.layer.0.intermediate.dense.weight"
+    assert not torch.equal(plain.delta[ffn], sandwich.delta[ffn])  # type: ignore[attr-defined]
+    assert torch.equal(sandwich.delta[ffn], again.delta[ffn])  # type: ignore[attr-defined]
+
+
+def test_a_recipe_naming_unknown_tensors_is_refused() -> None:
+    with pytest.raises(ValueError, match="freezes tensors the model does not have"):
+        _train(Recipe(frozen=frozenset({"no.such.weight"})))
+    with pytest.raises(ValueError, match="distill is 2"):
+        Recipe(distill=2.0)
+
+
+def test_a_recipe_round_trips_through_a_dict() -> None:
+    dims = adapter_for(tiny_model(0)).dims(tiny_model(0).config)
+    recipe = Recipe(frozen=frozenset({VOCAB}), nested=(ElasticSpec.uniform(dims, heads=2, ffn=128),), sampled=0,
+                    distill=0.5)
+    assert Recipe.from_dict(recipe.to_dict()) == recipe
