@@ -1,13 +1,14 @@
 """Does the edge agent stay within its declared ``--memory-mb``? Predicted vs measured, MiniLM, batch 16 x 64 tokens.
 
-For each budget the budget fitter (:func:`raffm.fitting.fit` on :class:`raffm.costs.CostModel`) picks the spec, as
-the servers do. A fresh subprocess per budget then runs exactly the agent's local round
-(:func:`edge_agent.trainer.run_local_round`: received tensors -> spill -> sub-model -> AdamW steps on Rotten
-Tomatoes -> delta) and measures the peak RSS growth from *before the downloaded tensors exist* to the end of
-training, after a warm-up step of a tiny model (interpreter, torch and tokenizer runtime are the process's fixed
-cost, not the model's). Exit status 1 if any measured peak exceeds its budget.
+For each budget the RaFFM strategy (:meth:`raffm.strategy.Strategy.plan`) picks the spec and its recipe (frozen
+vocabulary at half precision, nested cuts, activation checkpointing when needed), as the aggregator does. A fresh
+subprocess per budget then runs exactly the agent's local round (:func:`edge_agent.trainer.run_local_round`:
+received tensors -> spill -> sub-model -> the recipe's steps on Rotten Tomatoes -> delta) and measures the peak RSS
+growth from *before the downloaded tensors exist* to the end of training, after a warm-up step of a tiny model
+(interpreter, torch and tokenizer runtime are the process's fixed cost, not the model's). Exit status 1 if any
+measured peak exceeds its budget.
 
-    python bench/bench_agent_memory.py [--budgets 600 900 1500] [--steps 3] [--threads 2]
+    python bench/bench_agent_memory.py [--budgets 150 250 400 1500] [--steps 3] [--threads 2]
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ def child(budget: int, steps: int, batch: int, seq: int) -> dict[str, object]:
     from raffm.costs import CostModel
     from raffm.data import rotten_tomatoes
     from raffm.elastic import extract
-    from raffm.fitting import RoundBudget, fit
+    from raffm.fitting import RoundBudget
     from raffm.models import default_model_path, load_global_model
+    from raffm.strategy import STRATEGIES
     from raffm.training import LocalConfig, train_local
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_path())
@@ -49,12 +51,13 @@ def child(budget: int, steps: int, batch: int, seq: int) -> dict[str, object]:
 
     with tempfile.TemporaryDirectory() as tmp:
         received = Path(tmp) / "received.pt"
-        # What the servers do: fit the spec to the budget, cut the slice. Then forget the global model.
+        # What the servers do: plan the spec and recipe for the budget, cut the slice. Then forget the global model.
         global_model = load_global_model()
         config = global_model.config
-        fitted = fit(CostModel.from_model(global_model),
-                     RoundBudget(train_memory_mb=budget, gflops=1e4, up_mbps=1e4, down_mbps=1e4, deadline_s=86400.0,
-                                 batch_size=batch, seq_len=seq, local_steps=steps))
+        fitted = STRATEGIES["raffm"].plan(
+            CostModel.from_model(global_model),
+            RoundBudget(train_memory_mb=budget, gflops=1e4, up_mbps=1e4, down_mbps=1e4, deadline_s=86400.0,
+                        batch_size=batch, seq_len=seq, local_steps=steps))
         sub = extract(global_model, fitted.spec)
         torch.save({n: p.detach().clone() for n, p in sub.named_parameters()}, received)
         del global_model, sub
@@ -68,15 +71,18 @@ def child(budget: int, steps: int, batch: int, seq: int) -> dict[str, object]:
         del tiny
         gc.collect()
 
-        prediction = predict_memory(config, fitted.spec, batch_size=batch, seq_len=seq, fedprox=False, image=False)
+        prediction = predict_memory(config, fitted.spec, batch_size=batch, seq_len=seq, fedprox=False, image=False,
+                                    recipe=fitted.recipe)
         meter = MemoryMeter()
         meter.start()
         tensors = torch.load(received, map_location="cpu", weights_only=True)  # the download arriving
         result = run_local_round(tensors, global_config=config, spec=fitted.spec, data=data, tokenizer=tokenizer,
-                                 local=local, spill_path=Path(tmp) / "spill.pt", meter=meter)
+                                 local=local, spill_path=Path(tmp) / "spill.pt", meter=meter, recipe=fitted.recipe)
         return {
             "budget_mb": budget,
             "spec": fitted.spec.key(),
+            "nested": len(fitted.recipe.nested),
+            "checkpointing": fitted.recipe.checkpointing,
             "params": fitted.costs.params,
             "fitter_predicted_mb": round(fitted.costs.train_memory_mb, 1),
             "agent_predicted_mb": round(prediction.total_mb, 1),
@@ -103,7 +109,7 @@ def run(budgets: list[int], steps: int, batch: int, seq: int, threads: int | Non
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budgets", type=int, nargs="+", default=[250, 400, 600, 900, 1500], help="--memory-mb values")
+    parser.add_argument("--budgets", type=int, nargs="+", default=[150, 250, 400, 1500], help="--memory-mb values")
     parser.add_argument("--steps", type=int, default=3, help="training steps per measurement (>= 2: AdamW state)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=64)

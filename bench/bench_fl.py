@@ -1,22 +1,24 @@
 """Accuracy per byte: RaFFM against full-model FedAvg, capable-only FedAvg, the paper's rule and HeteroFL-style slices.
 
-Every method sees the same fleet (memory tiers -> specs from ``raffm.fitting.fit``), the same Dirichlet split of the
-Rotten Tomatoes reviews, the same initial model (MiniLM with a seeded 2-label head), the same local hyper-parameters
-and the same rounds; only the method differs:
+Every method sees the same fleet (training-memory tiers), the same Dirichlet split of the Rotten Tomatoes reviews,
+the same initial model (MiniLM with a seeded 2-label head), the same local hyper-parameters and the same rounds; only
+the method differs. Each method is a :class:`raffm.strategy.Strategy`, the very object the aggregator drives in a real
+job: it picks every device's spec and recipe (``Strategy.plan``), weights and merges the updates, and makes the next
+version. The bench runs it in process with the product's local training loop (``raffm.training.train_local``):
 
-  raffm            heterogeneous budgets, salience ordering (SPP) on every new version, coverage-weighted aggregation
-  fedavg_all       every client trains the whole model (the upper baseline: assumes every device can afford it)
-  fedavg_capable   full-model FedAvg with only the clients whose budget fits the whole model (what users do today)
-  raffm_paper      RaFFM with the official code's ``paper`` aggregation (zero-fill, divide by participants)
-  heterofl         the same spec sizes as static leading slices of a model that is never salience-ordered
+  raffm            the ``raffm`` strategy on the real budgets
+  fedavg_all       the ``fedavg`` strategy with every budget unlimited (the upper baseline: every device can afford it)
+  fedavg_capable   the ``fedavg`` strategy on the real budgets: only the devices that can train the whole model
+  raffm_paper      the ``paper`` strategy (the official code: SPP every round, zero-fill aggregation)
+  heterofl         the ``heterofl`` strategy (static leading slices of a model that is never salience-ordered)
 
-The run is **in-process with the core library** (extract, train_local, SlicedFedAvg): it measures the method, not the
-transport (``bench_transfer.py`` and ``bench_flower.py`` measure that). Bytes are the tensor payload each round moves,
-down (the slice) plus up (its delta), at the wire dtype (fp32 by default); protobuf framing adds about 0.1%
-(see ``bench_transfer.py``). After the last round, sub-models cut at 25/50/75/100% of the parameters from the RaFFM
-global model and from the full-FedAvg global model are evaluated (SPP is applied to both before cutting).
+Bytes are the tensor payload each round moves at the wire dtype: the slice down (minus the tensors the device
+already holds with the same content, as the edge agent's cache skips them) and the trained tensors' delta up;
+protobuf framing adds about 0.1% (see ``bench_transfer.py``). After the last round, cuts at 25/50/75/100% of the
+forward compute are evaluated from the final models of ``--scaling-methods`` (SPP applied before cutting), and the
+fidelity of each tier's slice of version 0 (hidden-state cosine and prediction agreement with the full model).
 
-    .venv/bin/python bench/bench_fl.py                  # default size: under an hour on 2 cores
+    .venv/bin/python bench/bench_fl.py                  # default size: about an hour per seed... see README
     .venv/bin/python bench/bench_fl.py --quick          # CI smoke: a few minutes
     .venv/bin/python bench/bench_fl.py --json out.json  # also write every figure as JSON
 """
@@ -43,44 +45,56 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 from transformers import PreTrainedModel  # noqa: E402
 
-from raffm.aggregation import SlicedFedAvg  # noqa: E402
-from raffm.arch import adapter_for  # noqa: E402
-from raffm.costs import OVERHEAD_MB, CostModel, dtype_bytes  # noqa: E402
+from raffm.costs import OVERHEAD_MB, CostModel  # noqa: E402
 from raffm.data import TextDataset, dirichlet_split  # noqa: E402
 from raffm.elastic import extract, plan_for  # noqa: E402
-from raffm.fitting import DEFAULT_HEADROOM, RoundBudget, fit  # noqa: E402
+from raffm.fitting import DEFAULT_HEADROOM, RoundBudget  # noqa: E402
 from raffm.report import machine_info  # noqa: E402
-from raffm.scaling import DEFAULT_FRACTIONS, scaling_table  # noqa: E402
+from raffm.scaling import DEFAULT_FRACTIONS, fidelity, scaling_table  # noqa: E402
 from raffm.spec import ElasticSpec  # noqa: E402
-from raffm.spp import prioritize, prioritize_state  # noqa: E402
+from raffm.spp import prioritize  # noqa: E402
+from raffm.strategy import Strategy, strategy_named  # noqa: E402
 from raffm.training import LocalConfig, Tokenizer, evaluate, train_local  # noqa: E402
+from raffm.wire import describe, to_wire  # noqa: E402
 
-METHODS = ("raffm", "fedavg_all", "fedavg_capable", "raffm_paper", "heterofl")
+# method -> (strategy preset, whether budgets are real: False gives every device an unlimited budget)
+METHODS: dict[str, tuple[str, bool]] = {
+    "raffm": ("raffm", True),
+    "fedavg_all": ("fedavg", False),
+    "fedavg_capable": ("fedavg", True),
+    "raffm_paper": ("paper", True),
+    "heterofl": ("heterofl", True),
+}
 SCALING_METHODS = ("raffm", "fedavg_all")
 
-# Device tiers: training memory as a multiple of the *full model's* predicted training memory above the fixed
-# overhead, so the same fleet shape applies to any model (for MiniLM at 16 x 64 tokens: about 170, 275, 400 MiB and
-# ample, close to the tiers of `raffm demo`). Only the last tier can train the whole model.
+# Device tiers: training memory as a multiple of the *full model's* plain fine-tuning memory (every tensor trained)
+# above the fixed overhead, so the same fleet shape applies to any model and to every method (for MiniLM at 16 x 48
+# tokens: about 155, 247, 357 MiB and ample, close to the tiers of `raffm demo`). Only the last tier can train the
+# whole model with plain fine-tuning.
 TIERS: dict[str, float] = {"sbc": 0.32, "phone": 0.52, "jetson": 0.76, "server": 8.0}
+UNLIMITED_MB = 16 * 2**20
 
 
 @dataclass(frozen=True)
 class Settings:
     clients: int = 8
     rounds: int = 4
-    seeds: tuple[int, ...] = (0, 1)
+    seeds: tuple[int, ...] = (0, 1, 2, 3)
     local_steps: int = 15
     batch_size: int = 16
     seq_len: int = 48
     lr: float = 2e-4
+    warmup_steps: int = 0  # local lr warmup at the start of every round (every method alike)
     alpha: float = 2.0  # Dirichlet concentration of the label split (raffm demo's default)
     test_size: int = 400
     max_train: int = 4000  # examples shared by the fleet (0: all the rest)
-    wire_dtype: str = "fp32"
-    methods: tuple[str, ...] = METHODS
+    wire_dtype: str = "float32"
+    methods: tuple[str, ...] = tuple(METHODS)
     scaling_methods: tuple[str, ...] = SCALING_METHODS
     fractions: tuple[float, ...] = tuple(DEFAULT_FRACTIONS)
     threads: int = 0  # torch intra-op threads (0: torch's default)
+    # Strategy settings for the ``raffm`` method (what the job file's [strategy] table sets), e.g. {"sampled": 0}.
+    raffm_options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         unknown = set(self.methods) - set(METHODS)
@@ -90,6 +104,10 @@ class Settings:
             raise ValueError("every scaling method must also be run: add it to --methods")
         if self.clients < 1 or self.rounds < 1 or not self.seeds:
             raise ValueError("clients, rounds and seeds must be at least 1")
+
+    def strategy(self, method: str) -> Strategy:
+        preset = strategy_named(METHODS[method][0])
+        return preset.with_options(**dict(self.raffm_options)) if method == "raffm" else preset
 
 
 DEFAULT = Settings()
@@ -102,9 +120,13 @@ class Client:
     index: int
     tier: str
     train_memory_mb: float
-    spec: ElasticSpec
-    full: bool  # the budget fits the whole model
     data: TextDataset
+    cache: dict[str, bytes] = field(default_factory=dict)  # tensor name -> sha256 of what the device holds
+
+    def profile(self, settings: Settings, *, real_budget: bool) -> RoundBudget:
+        return RoundBudget(train_memory_mb=self.train_memory_mb if real_budget else UNLIMITED_MB, gflops=1e4,
+                             up_mbps=1e5, down_mbps=1e5, deadline_s=1e5, batch_size=settings.batch_size,
+                             seq_len=settings.seq_len, local_steps=settings.local_steps)
 
 
 @dataclass
@@ -116,6 +138,8 @@ class MethodRun:
     bytes_down: list[int] = field(default_factory=list)  # per round
     bytes_up: list[int] = field(default_factory=list)
     participants: list[int] = field(default_factory=list)
+    specs: list[str] = field(default_factory=list)  # per client: the spec it trains ("-" when it sits out)
+    params: list[int] = field(default_factory=list)  # per client: the parameters of its slice (0 when it sits out)
     train_seconds: float = 0.0
     scaling: list[dict[str, Any]] = field(default_factory=list)
 
@@ -137,27 +161,29 @@ def tier_budget_mb(fraction: float, full_mb: float) -> float:
 
 
 def build_fleet(model: PreTrainedModel, train: TextDataset, settings: Settings, seed: int) -> list[Client]:
-    """Specs from the core fitter for every tier's budget; a Dirichlet(alpha) split of ``train``."""
+    """Budgets from the full model's plain fine-tuning memory; a Dirichlet(alpha) split of ``train``."""
     cm = CostModel.from_model(model)
-    full_spec = ElasticSpec.full(cm.dims)
-    full_mb = cm.estimate(full_spec, batch_size=settings.batch_size, seq_len=settings.seq_len).train_memory_mb
+    full_mb = cm.estimate(ElasticSpec.full(cm.dims), batch_size=settings.batch_size,
+                          seq_len=settings.seq_len).train_memory_mb
     parts = dirichlet_split(train.labels, settings.clients, settings.alpha, seed)
-    fleet = []
-    for i, part in enumerate(parts):
-        tier = tier_of(i, settings.clients)
-        budget = tier_budget_mb(TIERS[tier], full_mb)
-        profile = RoundBudget(train_memory_mb=budget, gflops=1e4, up_mbps=1e5, down_mbps=1e5, deadline_s=1e5,
-                              batch_size=settings.batch_size, seq_len=settings.seq_len,
-                              local_steps=settings.local_steps)
-        spec = fit(cm, profile, wire_dtype=settings.wire_dtype).spec
-        fleet.append(Client(i, tier, budget, spec, spec == full_spec, train.subset(part)))
-    return fleet
+    return [Client(i, tier_of(i, settings.clients), tier_budget_mb(TIERS[tier_of(i, settings.clients)], full_mb),
+                   train.subset(part)) for i, part in enumerate(parts)]
 
 
-def payload_bytes(plan: dict[str, Any], state: dict[str, torch.Tensor], wire_dtype: str) -> int:
-    """Tensor bytes of one slice (or its delta) at the wire dtype: floating-point tensors only."""
-    size = dtype_bytes(wire_dtype)
-    return sum(s.numel * size for name, s in plan.items() if state[name].is_floating_point())
+def download_bytes(client: Client, sub_state: dict[str, torch.Tensor], wire_dtype: str) -> int:
+    """Bytes of the slice the device must download: tensors whose content it does not hold already (the edge agent
+    keeps the tensors of its last slice and skips those whose sha256 the manifest repeats). Updates its cache."""
+    total = 0
+    held: dict[str, bytes] = {}
+    for name, tensor in sub_state.items():
+        if not tensor.is_floating_point():
+            continue
+        meta = describe(name, to_wire(tensor, wire_dtype))
+        held[name] = meta.sha256
+        if client.cache.get(name) != meta.sha256:
+            total += meta.nbytes
+    client.cache = held
+    return total
 
 
 def run_method(
@@ -172,49 +198,48 @@ def run_method(
     log: Callable[[str], None] = print,
 ) -> tuple[MethodRun, PreTrainedModel]:
     """``settings.rounds`` rounds of ``method`` from ``initial`` (not modified); returns the run and the final model."""
+    strategy = settings.strategy(method)
+    real_budget = METHODS[method][1]
     model = copy.deepcopy(initial).eval()
     cm = CostModel.from_model(model)
-    full = ElasticSpec.full(cm.dims)
-    reorder = method in ("raffm", "raffm_paper")
-    mode = "paper" if method == "raffm_paper" else "coverage"
-
-    def ordered(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        # A new model version: RaFFM re-applies SPP (as the aggregator does with reorder_each_round).
-        return prioritize_state(state, cm.adapter, cm.dims, rank_hidden=True) if reorder else state
-
-    model.load_state_dict(ordered({k: v.clone() for k, v in model.state_dict().items()}))
-    if method == "fedavg_all":
-        members = [(c, full) for c in fleet]
-    elif method == "fedavg_capable":
-        members = [(c, full) for c in fleet if c.full]
-    else:
-        members = [(c, c.spec) for c in fleet]
-    run = MethodRun(method, seed, initial_accuracy=evaluate(model, test, tokenizer, seq_len=settings.seq_len))
+    model.load_state_dict(strategy.initial(model.state_dict(), cm))
+    plans = {}
+    for client in fleet:
+        client.cache = {}
+        try:
+            plans[client.index] = strategy.plan(cm, client.profile(settings, real_budget=real_budget),
+                                                wire_dtype=settings.wire_dtype)
+        except ValueError:
+            pass  # this device cannot train anything this strategy offers: it sits out
+    run = MethodRun(method, seed, initial_accuracy=evaluate(model, test, tokenizer, seq_len=settings.seq_len),
+                    specs=[plans[c.index].spec.key() if c.index in plans else "-" for c in fleet],
+                    params=[plans[c.index].costs.params if c.index in plans else 0 for c in fleet])
     for rnd in range(settings.rounds):
         started = time.perf_counter()
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        agg = SlicedFedAvg(state, mode=mode)  # type: ignore[arg-type]
+        agg = strategy.aggregator({k: v.detach() for k, v in model.state_dict().items()})
         down = up = 0
-        for client, spec in members:
-            plan = plan_for(model, spec)
-            sub = extract(model, spec)
+        for client in fleet:
+            if client.index not in plans:
+                continue
+            fit = plans[client.index]
+            sub = extract(model, fit.spec)
+            down += download_bytes(client, sub.state_dict(), settings.wire_dtype)
             config = LocalConfig(batch_size=settings.batch_size, seq_len=settings.seq_len, lr=settings.lr,
-                                 local_steps=settings.local_steps, weight_decay=0.0,
+                                 local_steps=settings.local_steps, weight_decay=0.0, warmup_steps=settings.warmup_steps,
                                  seed=seed * 100_003 + rnd * 1009 + client.index)
-            result = train_local(sub, client.data, tokenizer, config)
-            agg.fold(result.delta, plan, result.samples)
-            nbytes = payload_bytes(plan, state, settings.wire_dtype)
-            down += nbytes
-            up += nbytes
+            result = train_local(sub, client.data, tokenizer, config, recipe=fit.recipe)
+            agg.fold(result.delta, strategy.upload_plan(plan_for(model, fit.spec), fit.recipe),
+                     strategy.weight(result.samples))
+            up += fit.costs.upload_bytes
             del sub, result
-        model.load_state_dict(ordered(agg.result()))
+        model.load_state_dict(strategy.next_version(agg.result(), cm))
         run.train_seconds += time.perf_counter() - started
         run.accuracy.append(evaluate(model, test, tokenizer, seq_len=settings.seq_len))
         run.bytes_down.append(down)
         run.bytes_up.append(up)
-        run.participants.append(len(members))
+        run.participants.append(len(plans))
         log(f"  seed {seed} {method:<15} round {rnd + 1}/{settings.rounds}: accuracy {run.accuracy[-1]:.4f}, "
-            f"{(down + up) / 1e6:.1f} MB, {len(members)} clients, {time.perf_counter() - started:.0f} s")
+            f"{(down + up) / 1e6:.1f} MB, {len(plans)} clients, {time.perf_counter() - started:.0f} s")
     return run, model
 
 
@@ -226,6 +251,32 @@ def summarize(values: Sequence[float]) -> dict[str, float]:
         "max": max(values),
         "n": len(values),
     }
+
+
+def fleet_record(initial: PreTrainedModel, fleet: Sequence[Client], test: TextDataset, tokenizer: Tokenizer,
+                 settings: Settings) -> list[dict[str, Any]]:
+    """Per client: tier, budget, data size, and the slice the ``raffm`` strategy gives it, with that slice's fidelity
+    to the full model at version 0 (before any training): hidden-state cosine and prediction agreement."""
+    strategy = settings.strategy("raffm")
+    cm = CostModel.from_model(initial)
+    ordered = copy.deepcopy(initial)
+    ordered.load_state_dict(strategy.initial(initial.state_dict(), cm))
+    full = cm.params(ElasticSpec.full(cm.dims))
+    records = []
+    for c in fleet:
+        record: dict[str, Any] = {"client": c.index, "tier": c.tier, "train_memory_mb": round(c.train_memory_mb, 1),
+                                  "examples": len(c.data)}
+        try:
+            fit = strategy.plan(cm, c.profile(settings, real_budget=True), wire_dtype=settings.wire_dtype)
+        except ValueError as exc:
+            records.append({**record, "spec": "-", "why": str(exc)})
+            continue
+        record.update(spec=fit.spec.key(), params=fit.costs.params, param_fraction=fit.costs.params / full,
+                      trained_params=fit.costs.trained_params, predicted_mb=round(fit.costs.train_memory_mb, 1),
+                      nested=[s.key() for s in fit.recipe.nested], full_model=fit.costs.params == full)
+        record.update(fidelity(ordered, fit.spec, test, tokenizer, seq_len=settings.seq_len))
+        records.append(record)
+    return records
 
 
 def run_bench(
@@ -250,18 +301,13 @@ def run_bench(
         train = data.subset(rest[: settings.max_train] if settings.max_train else rest)
         initial = model_factory(seed)
         fleet = build_fleet(initial, train, settings, seed)
-        fleets[seed] = [
-            {"client": c.index, "tier": c.tier, "train_memory_mb": round(c.train_memory_mb, 1), "spec": c.spec.key(),
-             "full_model": c.full, "examples": len(c.data),
-             "params": CostModel.from_model(initial).params(c.spec)}
-            for c in fleet
-        ]
+        fleets[seed] = fleet_record(initial, fleet, test, tokenizer, settings)
         log(f"seed {seed}: {len(fleet)} clients, " + ", ".join(
-            f"{c.tier}:{c.train_memory_mb:.0f}MiB:{len(c.data)}ex" for c in fleet))
+            f"{r['tier']}:{r['train_memory_mb']:.0f}MiB:{r['examples']}ex:{r['spec'][:16]}" for r in fleets[seed]))
         for method in settings.methods:
-            if method == "fedavg_capable" and not any(c.full for c in fleet):
-                raise ValueError("no client can afford the whole model: fedavg_capable has no participants")
             run, final = run_method(method, initial, fleet, test, tokenizer, settings, seed, log=log)
+            if not any(s != "-" for s in run.specs):
+                raise ValueError(f"no client can train what {method} offers: it has no participants")
             if method in settings.scaling_methods:
                 # SPP before cutting, for every method alike (RaFFM's versions are already ordered; FedAvg's are not).
                 cut_from = cast(PreTrainedModel, prioritize(final))
@@ -269,7 +315,7 @@ def run_bench(
                                scaling_table(cut_from, test, tokenizer, fractions=settings.fractions,
                                              seq_len=settings.seq_len)]
                 log(f"  seed {seed} {method:<15} scaling: " + ", ".join(
-                    f"{p['param_fraction']:.2f}->{p['accuracy']:.4f}" for p in run.scaling))
+                    f"{p['flops_fraction']:.2f}->{p['accuracy']:.4f}" for p in run.scaling))
             runs.append(run)
             del final
     return {
@@ -280,9 +326,17 @@ def run_bench(
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "seconds": time.perf_counter() - started,
         "fleets": {str(k): v for k, v in fleets.items()},
+        "majority": {str(s): _majority(data, settings, s) for s in settings.seeds},
         "runs": [{**asdict(r), "total_bytes": r.total_bytes} for r in runs],
         "summary": summary(runs, settings),
     }
+
+
+def _majority(data: TextDataset, settings: Settings, seed: int) -> float:
+    order = list(range(len(data)))
+    random.Random(seed).shuffle(order)
+    labels = [data.labels[i] for i in order[: settings.test_size]]
+    return max(labels.count(y) for y in set(labels)) / len(labels)
 
 
 def summary(runs: Sequence[MethodRun], settings: Settings) -> dict[str, Any]:
@@ -301,11 +355,12 @@ def summary(runs: Sequence[MethodRun], settings: Settings) -> dict[str, Any]:
             "gain_per_gb": summarize([(r.accuracy[-1] - r.initial_accuracy) / (r.total_bytes / 1e9) for r in mine]),
         }
         if method in settings.scaling_methods:
+            def at(f: float, key: str) -> list[float]:
+                return [p[key] for r in mine for p in r.scaling if p["target_fraction"] == f]
+
             entry["scaling"] = [
-                {"target_fraction": f,
-                 "param_fraction": statistics.fmean(p["param_fraction"] for r in mine for p in r.scaling
-                                                    if p["target_fraction"] == f),
-                 "accuracy": summarize([p["accuracy"] for r in mine for p in r.scaling if p["target_fraction"] == f])}
+                {"target_fraction": f, "param_fraction": statistics.fmean(at(f, "param_fraction")),
+                 "flops_fraction": statistics.fmean(at(f, "flops_fraction")), "accuracy": summarize(at(f, "accuracy"))}
                 for f in settings.fractions
             ]
         out[method] = entry
@@ -322,10 +377,14 @@ def render(result: dict[str, Any]) -> str:
     """Markdown tables of a :func:`run_bench` result."""
     s = result["settings"]
     summ = result["summary"]
+    majority = statistics.fmean(result["majority"].values())
+    options = f", raffm options {dict(s['raffm_options'])}" if s["raffm_options"] else ""
     lines = [
-        f"In-process (core library, no gRPC): {s['clients']} clients, {s['rounds']} rounds x {s['local_steps']} local "
-        f"steps of {s['batch_size']} x {s['seq_len']} tokens, lr {s['lr']}, Dirichlet alpha {s['alpha']}, "
-        f"seeds {list(s['seeds'])} (mean ± sample std), test {s['test_size']} examples, wire {s['wire_dtype']}.",
+        f"In-process (product strategies and training loop, no gRPC): {s['clients']} clients, {s['rounds']} rounds x "
+        f"{s['local_steps']} local steps of {s['batch_size']} x {s['seq_len']} tokens, lr {s['lr']} (warmup "
+        f"{s['warmup_steps']} steps), Dirichlet alpha "
+        f"{s['alpha']}, seeds {list(s['seeds'])} (mean ± sample std), test {s['test_size']} examples (majority class "
+        f"{majority:.4f}), wire {s['wire_dtype']}{options}.",
         "",
         "| method | initial acc | final acc | acc per round | total MB (down+up) | bytes vs fedavg_all | acc gain per GB |",
         "|---|---|---|---|---|---|---|",
@@ -337,19 +396,28 @@ def render(result: dict[str, Any]) -> str:
                      f"{_pm(e['total_bytes'], 1e-6, 1)} | {ratio} | {_pm(e['gain_per_gb'], 1.0, 3)} |")
     scaled = [(m, e["scaling"]) for m, e in summ.items() if "scaling" in e]
     if scaled:
-        lines += ["", "Inference scaling (sub-models cut from the final global model after SPP, no retraining):", "",
-                  "| target % params | " + " | ".join(f"{m} (kept %) | {m} acc" for m, _ in scaled) + " |",
-                  "|---|" + "---|---|" * len(scaled)]
+        lines += ["", "Inference scaling (cuts of the final global model after SPP, no retraining; kept share of the "
+                  "forward compute / of the parameters):", "",
+                  "| target % compute | " + " | ".join(f"{m} kept % compute / params | {m} acc" for m, _ in scaled)
+                  + " |", "|---|" + "---|---|" * len(scaled)]
         for i, f in enumerate(s["fractions"]):
             cells = []
             for _, points in scaled:
                 p = points[i]
-                cells += [f"{100 * p['param_fraction']:.1f}", _pm(p["accuracy"])]
+                cells += [f"{100 * p['flops_fraction']:.1f} / {100 * p['param_fraction']:.1f}", _pm(p["accuracy"])]
             lines.append(f"| {100 * f:.0f} | " + " | ".join(cells) + " |")
     fleet = result["fleets"][str(s["seeds"][0])]
-    lines += ["", f"Fleet (seed {s['seeds'][0]}): " + "; ".join(
-        f"{c['tier']} {c['train_memory_mb']:.0f} MiB → {100 * c['params'] / max(f['params'] for f in fleet):.0f}% "
-        f"params, {c['examples']} ex" for c in fleet) + "."]
+    lines += ["", f"Fleet (seed {s['seeds'][0]}) and the slice RaFFM gives each device, with its fidelity to the full "
+              "model at version 0:", "",
+              "| client | tier | budget MiB | examples | spec | params % | predicted MiB | hidden cosine | agreement |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for c in fleet:
+        if c["spec"] == "-":
+            lines.append(f"| {c['client']} | {c['tier']} | {c['train_memory_mb']:.0f} | {c['examples']} | - | | | | |")
+            continue
+        lines.append(f"| {c['client']} | {c['tier']} | {c['train_memory_mb']:.0f} | {c['examples']} | `{c['spec'][:24]}` "
+                     f"| {100 * c['param_fraction']:.0f} | {c['predicted_mb']:.0f} | {c['hidden_cosine']:.3f} | "
+                     f"{c['prediction_agreement']:.3f} |")
     return "\n".join(lines)
 
 
@@ -372,12 +440,15 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
     parser.add_argument("--quick", action="store_true", help="CI smoke size (a few minutes)")
     parser.add_argument("--json", type=Path, help="write every figure to this JSON file")
     parser.add_argument("--markdown", type=Path, help="write the tables to this Markdown file")
-    for name in ("clients", "rounds", "local_steps", "batch_size", "seq_len", "test_size", "max_train", "threads"):
+    for name in ("clients", "rounds", "local_steps", "warmup_steps", "batch_size", "seq_len", "test_size", "max_train",
+                 "threads"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int)
     parser.add_argument("--lr", type=float)
     parser.add_argument("--alpha", type=float)
     parser.add_argument("--seeds", type=lambda s: tuple(int(x) for x in s.split(",")), help="e.g. 0,1,2")
     parser.add_argument("--methods", type=lambda s: tuple(s.split(",")), help=f"subset of {','.join(METHODS)}")
+    parser.add_argument("--raffm", dest="raffm_options", metavar="JSON", type=_options,
+                        help='strategy settings of the raffm method, e.g. \'{"ordering": "every_round"}\'')
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else DEFAULT
     overrides = {k: v for k, v in vars(args).items()
@@ -385,6 +456,12 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
     if "methods" in overrides:
         overrides.setdefault("scaling_methods", tuple(m for m in SCALING_METHODS if m in overrides["methods"]))
     return replace(settings, **overrides), args
+
+
+def _options(text: str) -> tuple[tuple[str, Any], ...]:
+    values = json.loads(text)
+    Strategy(**values)  # fail early, naming the bad setting
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in values.items()))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,11 +13,10 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification
 
 from raffm.costs import CostModel
-from raffm.data import TextDataset
 from raffm.spec import ElasticSpec
+from tests.unit.toys import WordHashTokenizer, tiny_model, toy_data
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_fl.py"
 
@@ -29,35 +28,6 @@ def _load_bench() -> Any:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
-
-
-class WordHashTokenizer:
-    """Enough of an HF tokenizer for ``raffm.training.batches``: words hashed into a small vocabulary."""
-
-    def __init__(self, vocab: int) -> None:
-        self.vocab = vocab
-
-    def __call__(self, texts: list[str], *, max_length: int, **_: Any) -> dict[str, torch.Tensor]:
-        ids = torch.zeros(len(texts), max_length, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, text in enumerate(texts):
-            words = [1] + [2 + sum(map(ord, w)) % (self.vocab - 2) for w in text.split()][: max_length - 1]
-            ids[i, : len(words)] = torch.tensor(words)
-            mask[i, : len(words)] = 1
-        return {"input_ids": ids, "attention_mask": mask}
-
-
-def tiny_model(seed: int) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=32, num_labels=2)
-    return BertForSequenceClassification(config).eval()
-
-
-def toy_data(n: int = 160) -> TextDataset:
-    good, bad = ["great fun", "lovely warm film", "a joy"], ["dull mess", "boring and long", "a chore"]
-    texts = [(good if i % 2 else bad)[i % 3] + f" take {i % 7}" for i in range(n)]
-    return TextDataset(texts, [i % 2 for i in range(n)], ("rotten", "fresh"))
 
 
 @pytest.fixture(scope="module")
@@ -82,28 +52,51 @@ def test_every_method_runs_every_seed_and_round(bench: Any, result: dict[str, An
     json.dumps(result)  # the JSON the bench writes
 
 
-def test_fleet_is_heterogeneous_with_one_full_model_client(result: dict[str, Any]) -> None:
+def test_fleet_is_heterogeneous_and_the_small_tiers_train_slices(result: dict[str, Any]) -> None:
     fleet = result["fleets"]["0"]
     assert [c["tier"] for c in fleet] == ["sbc", "phone", "jetson", "server"]
-    assert [c["full_model"] for c in fleet] == [False, False, False, True]
+    assert [c["full_model"] for c in fleet[:2]] == [False, False] and fleet[-1]["full_model"]
     params = [c["params"] for c in fleet]
     assert params == sorted(params) and params[0] < params[-1]
     assert sum(c["examples"] for c in fleet) == 160 - 40
+    for c in fleet:  # the fidelity of each slice to the full model at version 0
+        assert 0.0 <= c["prediction_agreement"] <= 1.0 and -1.0 <= c["hidden_cosine"] <= 1.0 + 1e-6
+    assert fleet[-1]["hidden_cosine"] == pytest.approx(1.0) and fleet[-1]["prediction_agreement"] == 1.0
 
 
-def test_bytes_follow_the_specs(result: dict[str, Any]) -> None:
+def test_bytes_follow_the_specs_and_the_recipe(result: dict[str, Any]) -> None:
     full = CostModel.from_model(tiny_model(0))
     full_bytes = 4 * full.params(ElasticSpec.full(full.dims))
-    fleet = result["fleets"]["0"]
     by_method = {r["method"]: r for r in result["runs"]}
-    assert by_method["fedavg_all"]["bytes_down"] == [4 * full_bytes]
+    assert by_method["fedavg_all"]["bytes_down"] == by_method["fedavg_all"]["bytes_up"] == [4 * full_bytes]
     assert by_method["fedavg_capable"]["bytes_down"] == [full_bytes]
     assert by_method["fedavg_capable"]["participants"] == [1]
-    sliced = 4 * sum(c["params"] for c in fleet)
-    for method in ("raffm", "raffm_paper", "heterofl"):
+    specs = {r["method"]: r["specs"] for r in result["runs"]}
+    assert specs["fedavg_capable"] == ["-", "-", "-", specs["fedavg_all"][0]]
+    for method in ("raffm_paper", "heterofl"):  # every tensor trained: the delta is as big as the slice
+        sliced = 4 * sum(by_method[method]["params"])
         assert by_method[method]["bytes_down"] == by_method[method]["bytes_up"] == [sliced]
+    # raffm freezes the vocabulary: it is downloaded (once) but never uploaded
+    sliced, vocab = 4 * sum(by_method["raffm"]["params"]), 4 * 64 * 32
+    assert by_method["raffm"]["bytes_down"] == [sliced]
+    assert by_method["raffm"]["bytes_up"] == [sliced - 4 * vocab]
     ratio = result["summary"]["raffm"]["bytes_vs_fedavg_all"]
-    assert ratio == pytest.approx(sliced / (4 * full_bytes)) and ratio < 1
+    assert ratio == pytest.approx((2 * sliced - 4 * vocab) / (8 * full_bytes)) and ratio < 1
+
+
+def test_a_device_downloads_only_what_changed(bench: Any) -> None:
+    """The frozen vocabulary crosses the wire once: round 2 downloads only the trained tensors."""
+    settings = bench.Settings(clients=2, rounds=2, seeds=(0,), local_steps=1, batch_size=8, seq_len=16, test_size=40,
+                              max_train=0, methods=("raffm",), scaling_methods=())
+    data = toy_data()
+    initial = tiny_model(0)
+    fleet = bench.build_fleet(initial, data.subset(range(40, 160)), settings, 0)
+    run, _ = bench.run_method("raffm", initial, fleet, data.subset(range(40)), WordHashTokenizer(64), settings, 0,
+                              log=lambda _: None)
+    # Round 2 downloads no more than was trained (a key bias gets no gradient, so even less), and both devices skip
+    # the vocabulary they hold since round 1.
+    assert run.bytes_down[1] <= run.bytes_up[1]
+    assert run.bytes_down[0] - run.bytes_down[1] >= 2 * 4 * 64 * 32
 
 
 def test_summary_and_scaling_structure(bench: Any, result: dict[str, Any]) -> None:
@@ -112,8 +105,8 @@ def test_summary_and_scaling_structure(bench: Any, result: dict[str, Any]) -> No
     for method in bench.SCALING_METHODS:
         points = summary[method]["scaling"]
         assert [p["target_fraction"] for p in points] == [0.5, 1.0]
-        assert points[-1]["param_fraction"] == pytest.approx(1.0)
-        assert 0 < points[0]["param_fraction"] <= 0.5
+        assert points[-1]["param_fraction"] == pytest.approx(1.0) == points[-1]["flops_fraction"]
+        assert 0 < points[0]["flops_fraction"] < 0.75 and points[0]["param_fraction"] < 1
     assert "scaling" not in summary["heterofl"]
     text = bench.render(result)
     assert "| raffm |" in text and "Inference scaling" in text
@@ -128,6 +121,7 @@ def test_full_fedavg_of_one_client_with_zero_lr_keeps_the_model(bench: Any) -> N
     fleet = bench.build_fleet(initial, data.subset(range(40, 160)), settings, 0)
     run, final = bench.run_method("fedavg_all", initial, fleet, data.subset(range(40)), WordHashTokenizer(64),
                                   settings, 0, log=lambda _: None)
-    for name, tensor in initial.state_dict().items():
+    ordered = bench.strategy_named("fedavg").initial(initial.state_dict(), CostModel.from_model(initial))
+    for name, tensor in ordered.items():
         torch.testing.assert_close(final.state_dict()[name], tensor, rtol=0, atol=1e-6)
     assert run.accuracy[0] == run.initial_accuracy
