@@ -196,7 +196,8 @@ def run_ours(model: Any, clients: int, rounds: int, *, relay: bool, reorder: boo
 
     options = [("grpc.max_send_message_length", 64 * MiB), ("grpc.max_receive_message_length", 64 * MiB)]
     job = JobConfig(job_id="benchflower", model="synthetic", rounds=rounds, clients_per_round=clients, quorum=clients,
-                    wire_dtype="float32", reorder_each_round=reorder, round_deadline_s=3600, poll_wait_s=0.02,
+                    wire_dtype="float32", strategy="fedavg", ordering="every_round" if reorder else "never",
+                    round_deadline_s=3600, poll_wait_s=0.02,
                     poll_jitter=0.0, evaluate=False)
     registry = RegistryHarness(f"sqlite:///{root / 'registry.db'}").start()
     loop = LoopThread()

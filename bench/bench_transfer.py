@@ -174,7 +174,7 @@ def main() -> int:
         registry = RegistryHarness(f"sqlite:///{root / 'registry.db'}").start()
         loop = LoopThread()
         job = JobConfig(job_id="bench", model="synthetic", rounds=1, clients_per_round=args.repeat + 1,
-                        quorum=args.repeat + 1, wire_dtype=args.wire_dtype, reorder_each_round=False,
+                        quorum=args.repeat + 1, wire_dtype=args.wire_dtype, ordering="never",
                         accum_dtype="float32", round_deadline_s=3600)
 
         async def start() -> tuple[Any, Any]:

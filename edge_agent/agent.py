@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 
+from edge_agent.cache import TensorCache
 from edge_agent.client import FaultInjector, ServiceClient, ServiceError, Stopped, Stopper
 from edge_agent.config import AgentConfig
 from edge_agent.identity import IDENTITY_LOST, Heartbeat, Identity
@@ -81,6 +82,7 @@ class Agent:
         self._tokenizer: Any = None
         self._warmed_up = False
         self._last_config: Any = None  # global config of the last download, for pre-download checks
+        self.cache = TensorCache(config.state_path / "cache")  # frozen tensors kept between rounds
         self.outcomes: list[Outcome] = []
         self.identity: Identity | None = None
         self.heartbeat: Heartbeat | None = None
@@ -238,18 +240,20 @@ class Agent:
     def _run_assignment(self, a: aggregator_pb2.Assignment, outcome: Outcome) -> None:
         from edge_agent import submodel, trainer
         from edge_agent.transfer import TransferError, UploadRejected, download_slice, upload_update
-        from raffm.proto import spec_from_proto
+        from raffm.proto import recipe_from_proto, spec_from_proto
         from raffm.training import LocalConfig
+        from raffm.wire import tensor_bytes
 
         assert self._profile is not None
         budget = float(self._profile.train_memory_mb)
         spec = spec_from_proto(a.spec)
+        recipe = recipe_from_proto(a.recipe)
         hp = a.hparams
         image = a.task.kind == aggregator_pb2.TASK_KIND_IMAGE_CLASSIFICATION
         local = LocalConfig(
             batch_size=hp.batch_size or 16, seq_len=hp.seq_len or 64, lr=hp.lr or 5e-5,
             local_epochs=hp.local_epochs or 1, local_steps=hp.local_steps, fedprox_mu=hp.fedprox_mu,
-            weight_decay=hp.weight_decay, seed=hp.seed,
+            weight_decay=hp.weight_decay, seed=hp.seed, warmup_steps=hp.warmup_steps,
         )
         if a.HasField("deadline") and a.deadline.seconds and a.deadline.ToSeconds() < time.time():
             raise AssignmentRefused(FR.FAILURE_REASON_DEADLINE, "the assignment's deadline has already passed")
@@ -259,7 +263,8 @@ class Agent:
         if self._last_config is not None:
             try:
                 mine = trainer.predict_memory(self._last_config, spec, batch_size=local.batch_size,
-                                              seq_len=local.seq_len, fedprox=local.fedprox_mu > 0, image=image)
+                                              seq_len=local.seq_len, fedprox=local.fedprox_mu > 0, image=image,
+                                              recipe=recipe)
                 predicted = max(predicted, mine.total_mb)
             except ValueError:
                 pass  # the spec belongs to another model than the last one: checked again after the download
@@ -285,7 +290,7 @@ class Agent:
         meter = trainer.MemoryMeter()
         meter.start()
         try:
-            download = download_slice(self.client, a, self.progress)
+            download = download_slice(self.client, a, self.progress, self.cache)
         except TransferError as exc:
             raise AssignmentRefused(FR.FAILURE_REASON_DOWNLOAD, str(exc)) from None
         except ServiceError as exc:
@@ -293,15 +298,21 @@ class Agent:
                 raise
             raise AssignmentRefused(FR.FAILURE_REASON_DOWNLOAD, str(exc)) from None
         outcome.download_resumes, outcome.download_refetches = download.resumes, download.refetches
+        download_bytes = download.bytes_received
         config = submodel.global_config(download.manifest_proto, fallback_model=self.config.model,
                                         num_labels=a.task.num_labels)
         self._last_config = config
-        names = list(download.manifest.names)
+        names = [n for n in download.manifest.names if n not in recipe.frozen]  # what the upload carries
+        # Keep the frozen tensors for the next round (their sha256 tells the extractor not to send them again).
+        frozen = [m for m in download.manifest.tensors if m.name in recipe.frozen]
+        for meta in frozen:
+            self.cache.put(meta.sha256, tensor_bytes(download.tensors[meta.name]))
+        self.cache.keep(m.sha256 for m in frozen)
 
         # 3. Budget again, with the real model config.
         try:
             mine = trainer.predict_memory(config, spec, batch_size=local.batch_size, seq_len=local.seq_len,
-                                          fedprox=local.fedprox_mu > 0, image=image)
+                                          fedprox=local.fedprox_mu > 0, image=image, recipe=recipe)
         except ValueError as exc:
             raise AssignmentRefused(FR.FAILURE_REASON_OTHER, f"cannot cost the assigned spec: {exc}") from None
         predicted = max(float(a.predicted.train_memory_mb), mine.total_mb)
@@ -324,6 +335,7 @@ class Agent:
                 result = trainer.run_local_round(
                     tensors, global_config=config, spec=spec, data=data, tokenizer=tokenizer, local=local,
                     spill_path=spill_path, meter=meter, on_step=on_step, should_stop=lambda: self.stopper.stopped,
+                    recipe=recipe,
                 )
         except InterruptedError:
             raise Stopped(self.stopper.reason) from None
@@ -348,7 +360,8 @@ class Agent:
                         "budget_mb": budget})
 
         # 5. Upload.
-        metrics = {"loss": result.loss, "steps": result.steps, "seconds": result.seconds, "peak_memory_mb": peak}
+        metrics = {"loss": result.loss, "steps": result.steps, "seconds": result.seconds, "peak_memory_mb": peak,
+                   "download_bytes": download_bytes}
         try:
             uploaded = upload_update(self.client, a, result.delta, names, result.samples, metrics, self.progress)
         except UploadRejected as exc:

@@ -15,7 +15,9 @@ from typing import Any
 import torch
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
+from raffm.recipe import Recipe
 from raffm.spec import ElasticSpec
+from raffm.wire import WIRE_DTYPES
 
 
 def global_config(manifest_proto: Any, *, fallback_model: str, num_labels: int) -> PretrainedConfig:
@@ -63,12 +65,14 @@ def _buffer_value(name: str, shape: torch.Size, dtype: torch.dtype) -> torch.Ten
 
 
 def build_submodel(
-    config: PretrainedConfig, spec: ElasticSpec, tensors: Mapping[str, torch.Tensor], *, image: bool = False
+    config: PretrainedConfig, spec: ElasticSpec, tensors: Mapping[str, torch.Tensor], *, image: bool = False,
+    recipe: Recipe = Recipe(),
 ) -> PreTrainedModel:
-    """An elastic HF model of ``spec`` whose parameters are ``tensors`` (any float dtype; stored as fp32).
+    """An elastic HF model of ``spec`` whose parameters are ``tensors`` (any float dtype; stored as fp32, except the
+    recipe's frozen tensors, stored at its ``frozen_dtype``).
 
-    fp32 tensors become the model's parameters without a copy, so the caller must not use them afterwards.
-    ``ValueError`` names missing, unexpected or mis-shaped tensors.
+    Tensors already in their storage dtype become the model's parameters without a copy, so the caller must not use
+    them afterwards. ``ValueError`` names missing, unexpected or mis-shaped tensors.
     """
     from raffm.arch import adapter_for
     from raffm.elastic import ELASTIC_CLASSES, elastic_config
@@ -91,8 +95,9 @@ def build_submodel(
         t = tensors[name]
         if tuple(t.shape) != shape:
             raise ValueError(f"tensor {name!r} has shape {tuple(t.shape)}; the spec needs {shape}")
-        # fp32 tensors are adopted as they are (the caller hands them over): no second copy of the weights
-        state[name] = t.to(torch.float32) if t.dtype != torch.float32 else t
+        # tensors in their storage dtype are adopted as they are (the caller hands them over): no second copy
+        dtype = WIRE_DTYPES[recipe.frozen_dtype] if name in recipe.frozen else torch.float32
+        state[name] = t.to(dtype) if t.dtype != dtype else t
     model.load_state_dict(state, strict=False, assign=True)
     for name, buf in list(model.named_buffers()):
         if buf.is_meta:

@@ -23,6 +23,7 @@ from transformers import PretrainedConfig
 from raffm.data import ImageDataset, TextDataset
 from raffm.memory import peak_rss_mb, reset_peak, rss_mb
 from raffm.planning import cost_model_for
+from raffm.recipe import Recipe
 from raffm.spec import ElasticSpec
 from raffm.training import LocalConfig, LocalResult, train_local
 
@@ -41,11 +42,12 @@ class MemoryPrediction:
 
 
 def predict_memory(
-    config: PretrainedConfig, spec: ElasticSpec, *, batch_size: int, seq_len: int, fedprox: bool, image: bool
+    config: PretrainedConfig, spec: ElasticSpec, *, batch_size: int, seq_len: int, fedprox: bool, image: bool,
+    recipe: Recipe = Recipe(),
 ) -> MemoryPrediction:
     model = cost_model_for(config, task="image-classification" if image else "sequence-classification")
-    costs = model.estimate(spec, batch_size=batch_size, seq_len=None if image else seq_len)
-    extra = 2 * costs.weights_mb if fedprox else 0.0  # mapped reference pages + the saved (w - w0) of the term
+    costs = model.estimate(spec, batch_size=batch_size, seq_len=None if image else seq_len, recipe=recipe)
+    extra = 2 * costs.gradients_mb if fedprox else 0.0  # mapped reference pages + the saved (w - w0) of the term
     return MemoryPrediction(costs.train_memory_mb, extra, costs.params)
 
 
@@ -93,21 +95,23 @@ def run_local_round(
     meter: MemoryMeter,
     on_step: Callable[[int, int, float], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    recipe: Recipe = Recipe(),
 ) -> LocalResult:
-    """Build the sub-model from ``tensors`` (taken over: the dict is emptied) and train it; the delta is float32.
+    """Build the sub-model from ``tensors`` (taken over: the dict is emptied) and train it as ``recipe`` says; the
+    delta (of the trained tensors) is float32.
 
     ``meter`` must have been started before the tensors were downloaded, so the weights count in the peak.
     """
     from edge_agent.submodel import build_submodel
 
     image = isinstance(data, ImageDataset)
-    reference = spill(tensors, spill_path)
+    reference = spill({n: t for n, t in tensors.items() if n not in recipe.frozen}, spill_path)
     try:
-        model = build_submodel(global_config, spec, tensors, image=image)
-        tensors.clear()  # the model owns the fp32 weights now; wire-dtype copies (fp16/bf16) can go
+        model = build_submodel(global_config, spec, tensors, image=image, recipe=recipe)
+        tensors.clear()  # the model owns the weights now; wire-dtype copies (fp16/bf16) can go
         gc.collect()
         meter.checkpoint()
-        result = train_local(model, data, tokenizer, local, on_step=on_step, should_stop=should_stop,
+        result = train_local(model, data, tokenizer, local, recipe=recipe, on_step=on_step, should_stop=should_stop,
                              reference=reference)
         meter.checkpoint()
         del model

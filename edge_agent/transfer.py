@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import torch
 
+from edge_agent.cache import TensorCache
 from edge_agent.client import STREAM_BROKEN, Backoff, ServiceClient, ServiceError, Stopped, details_of, status_of
 from edge_agent.progress import Progress
 from raffm.proto import (
@@ -75,18 +76,20 @@ class DownloadResult:
     manifest: Manifest
     manifest_proto: common_pb2.Manifest
     tensors: dict[str, torch.Tensor]  # in the wire dtype, manifest order
-    bytes_received: int  # including re-fetched and resumed bytes
+    bytes_received: int  # over the network, including re-fetched and resumed bytes (not what the cache gave)
     resumes: int
     refetches: int
+    cached_bytes: int = 0  # bytes of tensors taken from the device's cache instead of the network
 
 
 # ----------------------------------------------------------------------------------------------------- the protocol
 
 
-def download_request(ticket: bytes, *, chunk_bytes: int = 0, resume: ResumePoint = START
-                     ) -> extractor_pb2.DownloadRequest:
-    """A DownloadSlice request for ``ticket``'s slice from ``resume`` on (0 ``chunk_bytes``: the server's default)."""
-    request = extractor_pb2.DownloadRequest(ticket=ticket, chunk_bytes=chunk_bytes)
+def download_request(ticket: bytes, *, chunk_bytes: int = 0, resume: ResumePoint = START,
+                     have: Iterable[bytes] = ()) -> extractor_pb2.DownloadRequest:
+    """A DownloadSlice request for ``ticket``'s slice from ``resume`` on (0 ``chunk_bytes``: the server's default),
+    skipping the tensors whose sha256 is in ``have``."""
+    request = extractor_pb2.DownloadRequest(ticket=ticket, chunk_bytes=chunk_bytes, have_sha256=list(have))
     if not resume.at_start:
         request.resume_from.CopyFrom(resume_to_proto(resume))
     return request
@@ -100,11 +103,13 @@ class SliceReceiver:
     corrupt tensor, which the sink then forgets, so it can be fetched again from :attr:`resume_point`).
     """
 
-    def __init__(self, sink: TensorSink, resume: ResumePoint = START) -> None:
+    def __init__(self, sink: TensorSink, resume: ResumePoint = START, cache: TensorCache | None = None) -> None:
         self.sink = sink
         self._start = resume
+        self._cache = cache
         self._reassembler: Reassembler | None = None
         self.manifest_proto: common_pb2.Manifest | None = None
+        self.cached_bytes = 0  # taken from the cache, not the network
 
     @property
     def started(self) -> bool:
@@ -134,14 +139,33 @@ class SliceReceiver:
                 self._reassembler = Reassembler(manifest, self.sink, self._start)
             elif manifest != self._reassembler.manifest:
                 raise TransferError("the slice changed between resumed downloads; the round must restart")
+            self._take_cached()
             return 0
         if body == "chunk":
             if self._reassembler is None:
                 raise TransferError("the extractor sent a chunk before the manifest")
             chunk = msg.chunk
-            self._reassembler.accept(chunk.tensor, int(chunk.offset), bytes(chunk.data))
+            if self._reassembler.accept(chunk.tensor, int(chunk.offset), bytes(chunk.data)) is not None:
+                self._take_cached()
             return len(chunk.data)
         raise TransferError(f"unexpected message {body!r} in the slice stream")
+
+    def _take_cached(self) -> None:
+        """Fill the next tensors from the cache while it holds them (the extractor skips what we said we have)."""
+        r = self._reassembler
+        if self._cache is None or r is None:
+            return
+        while not r.done and r.resume_point.offset == 0:
+            meta = r.manifest.tensors[r.manifest.position(r.resume_point.tensor)]
+            data = self._cache.get(meta.sha256) if meta.nbytes else None
+            if data is None:
+                return
+            try:
+                r.accept(meta.name, 0, data)
+            except ChecksumError:
+                self._cache.drop(meta.sha256)  # a damaged file: fetch the tensor from the extractor instead
+                raise
+            self.cached_bytes += len(data)
 
 
 def update_header(ticket: bytes, sample_count: int, metrics: Mapping[str, float] | None = None
@@ -152,7 +176,8 @@ def update_header(ticket: bytes, sample_count: int, metrics: Mapping[str, float]
         ticket=ticket, sample_count=sample_count,
         metrics=aggregator_pb2.TrainMetrics(loss=m.get("loss", 0.0), steps=int(m.get("steps", 0)),
                                             seconds=m.get("seconds", 0.0), peak_memory_mb=m.get("peak_memory_mb", 0.0),
-                                            accuracy=m.get("accuracy", 0.0)))
+                                            accuracy=m.get("accuracy", 0.0),
+                                            download_bytes=int(m.get("download_bytes", 0))))
 
 
 def upload_messages(
@@ -220,13 +245,15 @@ def upload_once(
 
 
 def download_slice(
-    client: ServiceClient, assignment: aggregator_pb2.Assignment, progress: Progress
+    client: ServiceClient, assignment: aggregator_pb2.Assignment, progress: Progress,
+    cache: TensorCache | None = None,
 ) -> DownloadResult:
-    """Download and verify the slice of ``assignment``; resumes broken streams and re-fetches corrupt tensors."""
+    """Download and verify the slice of ``assignment``, taking the tensors ``cache`` holds from it; resumes broken
+    streams and re-fetches corrupt tensors."""
     config = client.config
     backoff = Backoff(config.backoff_initial_s, config.backoff_max_s)
     sink = MemorySink()
-    receiver = SliceReceiver(sink)
+    receiver = SliceReceiver(sink, cache=cache)
     resumes = refetches = 0
     refetched: dict[str, int] = {}
     failures = 0
@@ -234,8 +261,10 @@ def download_slice(
     try:
         while True:
             client.stopper.check()
+            have = cache.digests() if cache is not None else []
             call = client.extractor(assignment.extractor_target).DownloadSlice(
-                download_request(assignment.ticket, chunk_bytes=config.chunk_bytes, resume=receiver.resume_point),
+                download_request(assignment.ticket, chunk_bytes=config.chunk_bytes, resume=receiver.resume_point,
+                                 have=have),
                 timeout=config.transfer_timeout_s, metadata=client.metadata(),
             )
             handle = client.stopper.on_stop(call.cancel)
@@ -295,12 +324,13 @@ def download_slice(
                 resumes += 1
                 continue
             tensors = {name: sink.tensors[name] for name in reassembler.manifest.names}
-            log.info("downloaded %d tensors, %.1f MiB (%d resumes, %d re-fetched)", len(tensors),
-                     reassembler.manifest.total_bytes / 2**20, resumes, refetches,
-                     extra={"event": "download_done", "bytes": reassembler.manifest.total_bytes,
+            network = reassembler.bytes_received - receiver.cached_bytes
+            log.info("downloaded %d tensors, %.1f MiB (%.1f MiB from the cache; %d resumes, %d re-fetched)",
+                     len(tensors), network / 2**20, receiver.cached_bytes / 2**20, resumes, refetches,
+                     extra={"event": "download_done", "bytes": network, "cached_bytes": receiver.cached_bytes,
                             "resumes": resumes, "refetches": refetches, "round": assignment.round_id})
-            return DownloadResult(reassembler.manifest, manifest_proto, tensors, reassembler.bytes_received,
-                                  resumes, refetches)
+            return DownloadResult(reassembler.manifest, manifest_proto, tensors, network, resumes, refetches,
+                                  receiver.cached_bytes)
     finally:
         bar.close()
 

@@ -1,10 +1,10 @@
 """Planning: which sub-model a device trains, from its profile and the job, behind one interface; and the facts of a
 global model that planning and slicing read from its HF config dict.
 
-:class:`Planner` is what the services depend on. :class:`LocalPlanner` runs the core cost model
-(:class:`raffm.costs.CostModel`) and budget fitter (:func:`raffm.fitting.fit` / :func:`raffm.fitting.fit_inference`)
-against a version of the checkpoint store: the extractor's Plan RPC answers with it, and an aggregator without an
-extractor plans with it directly. Nothing else holds a cost model of its own: :func:`cost_model_for` is the one
+:class:`Planner` is what the services depend on. :class:`LocalPlanner` runs a strategy's plan (the core cost model
+:class:`raffm.costs.CostModel` and budget fitter :func:`raffm.fitting.fit`; :func:`raffm.fitting.fit_inference` for
+deployment) against a version of the checkpoint store: the aggregator plans every assignment with it and its job's
+strategy, and the extractor's Plan RPC answers operators with it. Nothing else holds a cost model of its own: :func:`cost_model_for` is the one
 factory (the agent's memory check uses it too), so a plan is exactly what ``fit()`` returns for the same model and
 profile.
 """
@@ -25,11 +25,13 @@ from raffm.arch import Adapter, adapter_for
 from raffm.checkpoints import CheckpointStore
 from raffm.costs import CostModel
 from raffm.errors import PreconditionError, ValidationError
-from raffm.fitting import FitResult, RoundBudget, fit, fit_inference
+from raffm.fitting import FitResult, RoundBudget, fit_inference
 from raffm.models import Task, model_from_config
 from raffm.profile import DeviceProfile
+from raffm.recipe import Recipe
 from raffm.slicing import SlicePlan, slice_plan
 from raffm.spec import ElasticSpec, ModelDims
+from raffm.strategy import STRATEGIES, Strategy
 
 # ----------------------------------------------------------------------------------------------------- global models
 
@@ -104,6 +106,7 @@ class PlanResult:
     model_version: str
     param_fraction: float
     cost: dict[str, float] = field(default_factory=dict)  # raffm.v1.CostEstimate fields
+    recipe: Recipe = Recipe()  # how the device trains the spec
     fit: FitResult | None = None  # the core fitter's answer (None when the plan came over gRPC)
 
 
@@ -132,7 +135,8 @@ def cost_fields(result: FitResult, *, infer: bool) -> dict[str, float]:
     c = result.costs
     t = result.round_time
     return {
-        "params": c.params, "wire_bytes": c.wire_bytes,
+        "params": c.params, "wire_bytes": c.wire_bytes, "upload_bytes": c.upload_bytes,
+        "trained_params": c.trained_params,
         "flops_per_sample": c.forward_flops_per_sample if infer else c.flops_per_sample,
         "train_memory_mb": c.train_memory_mb, "infer_memory_mb": c.infer_memory_mb,
         "download_s": t.download_s, "compute_s": t.compute_s, "upload_s": t.upload_s, "est_seconds": t.total_s,
@@ -140,10 +144,12 @@ def cost_fields(result: FitResult, *, infer: bool) -> dict[str, float]:
 
 
 class LocalPlanner:
-    """Fits in-process against the version's config (read from the checkpoint store)."""
+    """Plans in-process with a strategy (RaFFM's by default) against the version's config (from the checkpoint store).
+    """
 
-    def __init__(self, store: CheckpointStore) -> None:
+    def __init__(self, store: CheckpointStore, strategy: Strategy = STRATEGIES["raffm"]) -> None:
         self._store = store
+        self.strategy = strategy
 
     def plan(self, profile: DeviceProfile, job: PlanJob, model_version: str, *, infer: bool = False) -> PlanResult:
         cm = cost_model_for(self._store.info(model_version).config)
@@ -153,7 +159,7 @@ class LocalPlanner:
                 result = fit_inference(cm, budget, batch_size=job.batch_size,
                                        seq_len=None if cm.image_tokens is not None else job.seq_len)
             else:
-                result = fit(cm, round_budget(profile, job, cm), wire_dtype=job.wire_dtype)
+                result = self.strategy.plan(cm, round_budget(profile, job, cm), wire_dtype=job.wire_dtype)
         except ValidationError:
             raise
         except ValueError as exc:
@@ -161,4 +167,4 @@ class LocalPlanner:
         full = ElasticSpec.full(cm.dims)
         return PlanResult(spec=result.spec, full_spec=full, model_version=model_version,
                           param_fraction=result.costs.params / cm.params(full),
-                          cost=cost_fields(result, infer=infer), fit=result)
+                          cost=cost_fields(result, infer=infer), recipe=result.recipe, fit=result)

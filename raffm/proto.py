@@ -1,7 +1,7 @@
 """Translation between the ``raffm.v1`` protobuf messages and the core's types: the one place each mapping lives.
 
 Wire dtypes (the ``WireDtype`` enum <-> :mod:`raffm.wire`'s names), manifests and resume points of a transfer,
-elastic specs, device profiles and cost estimates. Pure: messages in, values out; nothing here sends or receives.
+elastic specs, training recipes, device profiles and cost estimates. Pure: messages in, values out; nothing here sends or receives.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from raffm.profile import DeviceProfile
+from raffm.recipe import Recipe
 from raffm.spec import ElasticSpec, LayerSpec
 from raffm.v1 import common_pb2, extractor_pb2
 from raffm.wire import START, Manifest, ManifestError, ResumePoint, TensorMeta, WireError, wire_dtype_name
@@ -91,6 +92,27 @@ def spec_from_proto(msg: common_pb2.ElasticSpec) -> ElasticSpec:
     )
 
 
+# ----------------------------------------------------------------------------------------------------- recipes
+
+
+def recipe_to_proto(recipe: Recipe) -> common_pb2.TrainingRecipe:
+    return common_pb2.TrainingRecipe(
+        frozen_tensors=sorted(recipe.frozen), nested=[spec_to_proto(s) for s in recipe.nested],
+        nested_sampled=recipe.sampled, distill=recipe.distill, frozen_dtype=recipe.frozen_dtype,
+        activation_checkpointing=recipe.checkpointing, distill_hidden=recipe.distill_hidden,
+    )
+
+
+def recipe_from_proto(msg: common_pb2.TrainingRecipe) -> Recipe:
+    """An empty message is plain fine-tuning (distill 0 with no nested cut means nothing)."""
+    return Recipe(
+        frozen=frozenset(msg.frozen_tensors), nested=tuple(spec_from_proto(s) for s in msg.nested),
+        sampled=int(msg.nested_sampled), distill=float(msg.distill) if msg.nested else 1.0,
+        frozen_dtype=wire_dtype_name(msg.frozen_dtype or "float32"), checkpointing=bool(msg.activation_checkpointing),
+        distill_hidden=float(msg.distill_hidden),
+    )
+
+
 # ----------------------------------------------------------------------------------------------------- profiles
 
 
@@ -127,8 +149,8 @@ def profile_from_proto(msg: common_pb2.DeviceProfile) -> DeviceProfile:
 
 # raffm.v1.CostEstimate: what a plan predicts (the keys of raffm.planning's cost dicts).
 COST_FIELDS = ("params", "wire_bytes", "flops_per_sample", "train_memory_mb", "infer_memory_mb", "download_s",
-               "compute_s", "upload_s", "est_seconds")
-_INTEGER_COSTS = {"params", "wire_bytes", "flops_per_sample"}
+               "compute_s", "upload_s", "est_seconds", "upload_bytes", "trained_params")
+_INTEGER_COSTS = {"params", "wire_bytes", "flops_per_sample", "upload_bytes", "trained_params"}
 
 
 def cost_to_proto(cost: Mapping[str, float]) -> extractor_pb2.CostEstimate:

@@ -1,4 +1,4 @@
-"""Signed assignment tickets: HMAC-SHA256 over the device, round, model version and spec (pure; no IO).
+"""Signed assignment tickets: HMAC-SHA256 over the device, round, model version, spec and recipe (pure; no IO).
 
 The aggregator signs a ticket when it hands out an assignment; the extractor verifies it before streaming a slice and
 the aggregator verifies it again on upload. Both share the secret. A ticket is opaque bytes:
@@ -15,9 +15,10 @@ import json
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from raffm.recipe import Recipe
 from raffm.spec import ElasticSpec
 
 # The aggregator signs tickets and the extractor verifies them with this shared secret.
@@ -59,21 +60,27 @@ class Ticket:
     issued_at: float
     expires_at: float
     tier: str = ""  # device class, for metrics labels only
+    recipe: dict[str, Any] = field(default_factory=dict)  # Recipe.to_dict(): what the device trains in the slice
 
     @property
     def elastic_spec(self) -> ElasticSpec:
         return ElasticSpec.from_dict(self.spec)
 
+    @property
+    def training_recipe(self) -> Recipe:
+        return Recipe.from_dict(self.recipe)
+
     @classmethod
     def create(
         cls, *, device_id: str, job_id: str, round_id: str, model_version: str, spec: ElasticSpec, wire_dtype: str,
         ttl_s: float, now: float | None = None, ticket_id: str | None = None, tier: str = "",
+        recipe: Recipe | None = None,
     ) -> Ticket:
         issued = time.time() if now is None else now
         return cls(
             ticket_id=ticket_id or secrets.token_hex(12), device_id=device_id, job_id=job_id, round_id=round_id,
             model_version=model_version, spec_key=spec.key(), spec=spec.to_dict(), wire_dtype=wire_dtype,
-            issued_at=issued, expires_at=issued + ttl_s, tier=tier,
+            issued_at=issued, expires_at=issued + ttl_s, tier=tier, recipe=(recipe or Recipe()).to_dict(),
         )
 
 
@@ -122,6 +129,7 @@ class TicketSigner:
             fields = json.loads(_unb64(signed[len(PREFIX):]))
             ticket = Ticket(**fields)
             spec = ElasticSpec.from_dict(ticket.spec)
+            ticket.training_recipe  # noqa: B018 - validates the recipe
         except (binascii.Error, ValueError, TypeError) as exc:
             raise TicketMalformedError(f"ticket payload is unreadable: {exc}") from None
         if spec.key() != ticket.spec_key:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -291,17 +291,20 @@ def iter_chunks(
     source: Callable[[TensorMeta], Any],
     start: ResumePoint = START,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    *,
+    skip: Collection[bytes] = (),
 ) -> Iterator[Chunk]:
     """Chunks of at most ``chunk_bytes`` from ``start`` to the end, tensor by tensor.
 
     ``source(meta)`` returns a buffer of ``meta.nbytes`` wire bytes; it is called once per tensor sent, so a sender
-    can produce tensors lazily. Zero-length tensors produce no chunk (the receiver completes them by itself).
+    can produce tensors lazily. Zero-length tensors produce no chunk (the receiver completes them by itself), nor do
+    tensors whose sha256 is in ``skip`` (the receiver holds them already).
     """
     if not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES:
         raise WireError(f"chunk_bytes is {chunk_bytes}; it must be between {MIN_CHUNK_BYTES} and {MAX_CHUNK_BYTES}")
     first, offset = manifest.locate(start)
     for meta in manifest.tensors[first:]:
-        if meta.nbytes > offset:
+        if meta.nbytes > offset and meta.sha256 not in skip:
             buf = memoryview(source(meta)).cast("B")
             if len(buf) != meta.nbytes:
                 raise WireError(f"tensor {meta.name!r}: source gave {len(buf)} bytes, manifest says {meta.nbytes}")

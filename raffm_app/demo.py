@@ -25,6 +25,7 @@ from edge_agent.simulate import Tier, load_tiers, tiers_toml
 from raffm_app.cli import wire_dtype_arg
 from raffm_app.follow import final_version, follow_job, scaling
 from raffm_app.processes import ProcessFailed, ProcessGroup, free_port, print_tail, raffm_command, wait_serving
+from raffm.strategy import STRATEGIES
 
 # Device tiers of the default fleet: training memory (MiB) is what one training step may use on top of the runtime.
 # The smallest tiers cannot hold the whole MiniLM (about 500 MiB at batch 16 x 64 tokens) and train a sub-model.
@@ -46,11 +47,13 @@ class DemoSettings:
     data: str = "rotten_tomatoes"
     out: Path | None = None
     baseline: str = "none"  # or "fedavg"
-    aggregation: str = "coverage"
+    strategy: str = "raffm"
+    aggregation: str = ""  # "" = the strategy's
     local_steps: int = 20
     batch_size: int = 16
     seq_len: int = 48  # covers most review snippets (about 26 words on average)
     lr: float = 2e-4
+    warmup_steps: int = 0
     alpha: float = 2.0
     test_size: int = 600
     max_train: int = 0  # 0 = all training examples
@@ -81,6 +84,11 @@ def prepare_data(settings: DemoSettings, data_dir: Path) -> tuple[Path, Any]:
         writer.writerow(["text", "label"])
         writer.writerows(zip(train.texts, train.labels))
     return train_path, test
+
+
+def job_strategy(settings: DemoSettings) -> str:
+    """The method the job runs: ``--baseline fedavg`` is full-model FedAvg, whatever ``--strategy`` says."""
+    return "fedavg" if settings.baseline == "fedavg" else settings.strategy
 
 
 def effective_tiers(settings: DemoSettings) -> list[Tier]:
@@ -142,9 +150,10 @@ def run_demo(settings: DemoSettings) -> Path:
             "--clients-per-round", str(settings.devices), "--quorum", str(settings.devices),
             "--min-updates", "1", "--round-deadline-s", str(settings.round_deadline_s),
             "--local-steps", str(settings.local_steps), "--batch-size", str(settings.batch_size),
-            "--seq-len", str(settings.seq_len), "--lr", str(settings.lr), "--wire-dtype", settings.wire_dtype,
-            "--aggregation", settings.aggregation, "--seed", str(settings.seed), "--poll-wait-s", "1",
-            "--no-evaluate"), env)
+            "--seq-len", str(settings.seq_len), "--lr", str(settings.lr), "--warmup-steps", str(settings.warmup_steps),
+            "--wire-dtype", settings.wire_dtype,
+            "--strategy", job_strategy(settings), *(["--aggregation", settings.aggregation] if settings.aggregation else []),
+            "--seed", str(settings.seed), "--poll-wait-s", "1", "--no-evaluate"), env)
         wait_serving(group, addr["extractor"], "extractor")
         wait_serving(group, addr["aggregator"], "aggregator", timeout_s=180)
         print("services up: " + ", ".join(f"{n} {a} (metrics :{metrics[n]})" for n, a in addr.items()))
@@ -160,7 +169,8 @@ def run_demo(settings: DemoSettings) -> Path:
         print("inference scaling: cutting sub-models from the final global model ...")
         report.scaling = scaling(settings, store, final, test)
         for p in report.scaling:
-            print(f"  {p.param_fraction:6.1%} of parameters ({p.params:>11,}): test accuracy {p.accuracy:.1%}")
+            print(f"  {p.flops_fraction:6.1%} of the compute, {p.param_fraction:6.1%} of the parameters "
+                  f"({p.params:>11,}): test accuracy {p.accuracy:.1%}")
         paths = write_report(report, run_dir)
         print(f"report: {', '.join(str(p) for p in paths)}")
         if settings.keep_running:
@@ -204,13 +214,19 @@ def register(subparsers: Any) -> None:
                         help="rotten_tomatoes (shipped) or a CSV/JSON-lines file with text,label (default: rotten_tomatoes)")
     parser.add_argument("--out", type=Path, help="run directory (default: runs/<timestamp>)")
     parser.add_argument("--baseline", choices=("none", "fedavg"), default=d.baseline,
-                        help="fedavg: every device trains the full model, for comparison")
-    parser.add_argument("--aggregation", choices=("coverage", "paper"), default=d.aggregation,
-                        help="coverage-weighted sliced FedAvg (default) or the paper code's rule")
+                        help="fedavg: every device trains the full model with plain FedAvg, for comparison")
+    parser.add_argument("--strategy", choices=tuple(STRATEGIES), default=d.strategy,
+                        help="the federated method: raffm (default), fedavg (devices that cannot train the whole "
+                             "model wait), paper (the research code's recipe), heterofl (static slices)")
+    parser.add_argument("--aggregation", choices=("coverage", "paper"), default=None,
+                        help="override the strategy's aggregation: coverage-weighted sliced FedAvg or the paper "
+                             "code's rule")
     parser.add_argument("--local-steps", type=int, default=d.local_steps, help=f"optimizer steps per device per round ({d.local_steps})")
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--seq-len", type=int, default=d.seq_len)
-    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--lr", type=float, default=d.lr, help="local learning rate (default: %(default)s)")
+    parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
+                        help="local steps over which the lr rises from 0 at the start of every round (%(default)s)")
     parser.add_argument("--alpha", type=float, default=d.alpha, help="Dirichlet label skew of the split; small = non-IID")
     parser.add_argument("--test-size", type=int, default=d.test_size, help="held-out examples the server keeps")
     parser.add_argument("--max-train", type=int, default=0, help="cap on training examples shared by the fleet (0: all)")
@@ -224,7 +240,8 @@ def register(subparsers: Any) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
-    values = {k: v for k, v in vars(args).items() if k in DemoSettings.__dataclass_fields__ and k != "tiers"}
+    values = {k: v for k, v in vars(args).items()
+              if k in DemoSettings.__dataclass_fields__ and k != "tiers" and v is not None}
     settings = DemoSettings(**values)
     if args.tiers is not None:
         settings.tiers = load_tiers(args.tiers)

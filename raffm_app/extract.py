@@ -16,8 +16,9 @@ def register(subparsers: Any) -> None:
         help="cut a salience-ordered sub-model that fits a memory budget (or a given spec) into an HF model folder",
         description=(
             "Load a global model, apply salient parameter prioritization, pick the largest sub-model whose predicted "
-            "peak training memory fits --memory-mb (or take --spec), and save it as a Hugging Face model folder "
-            "(loadable with AutoModel.from_pretrained after `import raffm.elastic`), plus spec.json and costs.json."
+            "peak training memory fits --memory-mb with the strategy's recipe (or take --spec), and save it as a "
+            "Hugging Face model folder (loadable with AutoModel.from_pretrained after `import raffm.elastic`), plus "
+            "spec.json, recipe.json (how the device trains it) and costs.json."
         ),
     )
     extract.add_argument("--model", default="minilm", help="HF model id or local folder (default: the shipped MiniLM)")
@@ -31,6 +32,8 @@ def register(subparsers: Any) -> None:
         "--task", default="sequence-classification", choices=("sequence-classification", "image-classification")
     )
     extract.add_argument("--num-labels", type=int, default=2, help="outputs of the task head (2)")
+    extract.add_argument("--strategy", default="raffm", help="the method whose recipe the budget is priced with: "
+                         "raffm (frozen vocabulary, nested cuts, checkpointing when needed), fedavg, paper, heterofl")
     extract.add_argument("--wire-dtype", default="float32", type=wire_dtype_arg, metavar="DTYPE",
                          help="float32, float16 or bfloat16 (fp32/fp16/bf16 too), for the byte count (float32)")
     extract.set_defaults(func=run_extract)
@@ -49,28 +52,34 @@ def register(subparsers: Any) -> None:
 def run_extract(args: argparse.Namespace) -> int:
     from raffm.costs import CostModel
     from raffm.elastic import extract
-    from raffm.fitting import RoundBudget, fit
+    from raffm.fitting import RoundBudget
     from raffm.models import load_global_model, resolve_model
     from raffm.spec import ElasticSpec
     from raffm.spp import prioritize
+    from raffm.strategy import strategy_named
 
+    strategy = strategy_named(args.strategy)
     model = prioritize(load_global_model(args.model, task=args.task, num_labels=args.num_labels))
     costs_of = CostModel.from_model(model)
     if args.spec is not None:
         spec = ElasticSpec.from_json(args.spec.read_text()).validate(costs_of.dims)
+        recipe = strategy.recipe_for(spec, costs_of)
     else:
         # Unbounded compute, links and deadline: `raffm extract --memory-mb` fits memory only.
         profile = RoundBudget(
             train_memory_mb=args.memory_mb, gflops=1e7, up_mbps=1e6, down_mbps=1e6, deadline_s=7 * 86400,
             batch_size=args.batch_size, seq_len=args.seq_len,
         )
-        spec = fit(costs_of, profile, wire_dtype=args.wire_dtype).spec
-    costs = costs_of.estimate(spec, batch_size=args.batch_size, seq_len=args.seq_len, wire_dtype=args.wire_dtype)
+        planned = strategy.plan(costs_of, profile, wire_dtype=args.wire_dtype)
+        spec, recipe = planned.spec, planned.recipe
+    costs = costs_of.estimate(spec, batch_size=args.batch_size, seq_len=args.seq_len, wire_dtype=args.wire_dtype,
+                              recipe=recipe)
     sub = extract(model, spec)
     args.out.mkdir(parents=True, exist_ok=True)
     sub.save_pretrained(args.out)
     _copy_tokenizer(resolve_model(args.model), args.out)
     (args.out / "spec.json").write_text(spec.to_json() + "\n")
+    (args.out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
     (args.out / "costs.json").write_text(json.dumps(costs.to_dict(), indent=2) + "\n")
     full = costs_of.params(ElasticSpec.full(costs_of.dims))
     print(f"wrote {args.out}: {costs.params:,} parameters ({costs.params / full:.0%} of {full:,})")

@@ -109,7 +109,7 @@ class Wait(_message.Message):
     def __init__(self, seconds: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class HyperParams(_message.Message):
-    __slots__ = ("local_epochs", "local_steps", "batch_size", "seq_len", "lr", "fedprox_mu", "wire_dtype", "weight_decay", "seed", "optimizer")
+    __slots__ = ("local_epochs", "local_steps", "batch_size", "seq_len", "lr", "fedprox_mu", "wire_dtype", "weight_decay", "seed", "optimizer", "warmup_steps")
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +120,7 @@ class HyperParams(_message.Message):
     WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
     local_epochs: int
     local_steps: int
     batch_size: int
@@ -130,7 +131,8 @@ class HyperParams(_message.Message):
     weight_decay: float
     seed: int
     optimizer: str
-    def __init__(self, local_epochs: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., lr: _Optional[float] = ..., fedprox_mu: _Optional[float] = ..., wire_dtype: _Optional[_Union[_common_pb2.WireDtype, str]] = ..., weight_decay: _Optional[float] = ..., seed: _Optional[int] = ..., optimizer: _Optional[str] = ...) -> None: ...
+    warmup_steps: int
+    def __init__(self, local_epochs: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., lr: _Optional[float] = ..., fedprox_mu: _Optional[float] = ..., wire_dtype: _Optional[_Union[_common_pb2.WireDtype, str]] = ..., weight_decay: _Optional[float] = ..., seed: _Optional[int] = ..., optimizer: _Optional[str] = ..., warmup_steps: _Optional[int] = ...) -> None: ...
 
 class TaskInfo(_message.Message):
     __slots__ = ("kind", "num_labels", "architecture", "dataset")
@@ -145,7 +147,7 @@ class TaskInfo(_message.Message):
     def __init__(self, kind: _Optional[_Union[TaskKind, str]] = ..., num_labels: _Optional[int] = ..., architecture: _Optional[str] = ..., dataset: _Optional[str] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("round_id", "job_id", "model_version", "spec", "hparams", "deadline", "ticket", "task", "extractor_target", "predicted", "round_index")
+    __slots__ = ("round_id", "job_id", "model_version", "spec", "hparams", "deadline", "ticket", "task", "extractor_target", "predicted", "round_index", "recipe")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +159,7 @@ class Assignment(_message.Message):
     EXTRACTOR_TARGET_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_FIELD_NUMBER: _ClassVar[int]
     ROUND_INDEX_FIELD_NUMBER: _ClassVar[int]
+    RECIPE_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     job_id: str
     model_version: str
@@ -168,7 +171,8 @@ class Assignment(_message.Message):
     extractor_target: str
     predicted: _extractor_pb2.CostEstimate
     round_index: int
-    def __init__(self, round_id: _Optional[str] = ..., job_id: _Optional[str] = ..., model_version: _Optional[str] = ..., spec: _Optional[_Union[_common_pb2.ElasticSpec, _Mapping]] = ..., hparams: _Optional[_Union[HyperParams, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ticket: _Optional[bytes] = ..., task: _Optional[_Union[TaskInfo, _Mapping]] = ..., extractor_target: _Optional[str] = ..., predicted: _Optional[_Union[_extractor_pb2.CostEstimate, _Mapping]] = ..., round_index: _Optional[int] = ...) -> None: ...
+    recipe: _common_pb2.TrainingRecipe
+    def __init__(self, round_id: _Optional[str] = ..., job_id: _Optional[str] = ..., model_version: _Optional[str] = ..., spec: _Optional[_Union[_common_pb2.ElasticSpec, _Mapping]] = ..., hparams: _Optional[_Union[HyperParams, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ticket: _Optional[bytes] = ..., task: _Optional[_Union[TaskInfo, _Mapping]] = ..., extractor_target: _Optional[str] = ..., predicted: _Optional[_Union[_extractor_pb2.CostEstimate, _Mapping]] = ..., round_index: _Optional[int] = ..., recipe: _Optional[_Union[_common_pb2.TrainingRecipe, _Mapping]] = ...) -> None: ...
 
 class PollReply(_message.Message):
     __slots__ = ("wait", "assignment")
@@ -179,18 +183,20 @@ class PollReply(_message.Message):
     def __init__(self, wait: _Optional[_Union[Wait, _Mapping]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ...) -> None: ...
 
 class TrainMetrics(_message.Message):
-    __slots__ = ("loss", "steps", "seconds", "peak_memory_mb", "accuracy")
+    __slots__ = ("loss", "steps", "seconds", "peak_memory_mb", "accuracy", "download_bytes")
     LOSS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     PEAK_MEMORY_MB_FIELD_NUMBER: _ClassVar[int]
     ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    DOWNLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     loss: float
     steps: int
     seconds: float
     peak_memory_mb: float
     accuracy: float
-    def __init__(self, loss: _Optional[float] = ..., steps: _Optional[int] = ..., seconds: _Optional[float] = ..., peak_memory_mb: _Optional[float] = ..., accuracy: _Optional[float] = ...) -> None: ...
+    download_bytes: int
+    def __init__(self, loss: _Optional[float] = ..., steps: _Optional[int] = ..., seconds: _Optional[float] = ..., peak_memory_mb: _Optional[float] = ..., accuracy: _Optional[float] = ..., download_bytes: _Optional[int] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
     __slots__ = ("ticket", "sample_count", "metrics")

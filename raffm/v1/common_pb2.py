@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15raffm/v1/common.proto\x12\x08raffm.v1\"\xf7\x01\n\rDeviceProfile\x12\x17\n\x0ftrain_memory_mb\x18\x01 \x01(\x03\x12\x17\n\x0finfer_memory_mb\x18\x02 \x01(\x03\x12\x0e\n\x06gflops\x18\x03 \x01(\x01\x12\x0f\n\x07up_mbps\x18\x04 \x01(\x01\x12\x11\n\tdown_mbps\x18\x05 \x01(\x01\x12\x18\n\x0b\x62\x61ttery_pct\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x37\n\x0c\x61vailability\x18\x07 \x01(\x0b\x32\x1c.raffm.v1.AvailabilityWindowH\x01\x88\x01\x01\x12\x0c\n\x04tier\x18\x08 \x01(\tB\x0e\n\x0c_battery_pctB\x0f\n\r_availability\"F\n\x12\x41vailabilityWindow\x12\x18\n\x10start_minute_utc\x18\x01 \x01(\r\x12\x16\n\x0e\x65nd_minute_utc\x18\x02 \x01(\r\"9\n\tLayerSpec\x12\r\n\x05heads\x18\x01 \x01(\r\x12\x10\n\x08head_dim\x18\x02 \x01(\r\x12\x0b\n\x03\x66\x66n\x18\x03 \x01(\r\"B\n\x0b\x45lasticSpec\x12\x0e\n\x06hidden\x18\x01 \x01(\r\x12#\n\x06layers\x18\x02 \x03(\x0b\x32\x13.raffm.v1.LayerSpec\"X\n\nTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\x0c\"\xf1\x01\n\x08Manifest\x12%\n\x07tensors\x18\x01 \x03(\x0b\x32\x14.raffm.v1.TensorInfo\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12#\n\x04spec\x18\x04 \x01(\x0b\x32\x15.raffm.v1.ElasticSpec\x12\x13\n\x0b\x63hunk_bytes\x18\x05 \x01(\r\x12\x14\n\x0c\x61rchitecture\x18\x06 \x01(\t\x12\'\n\nwire_dtype\x18\x07 \x01(\x0e\x32\x13.raffm.v1.WireDtype\x12\x19\n\x11model_config_json\x18\x08 \x01(\t\";\n\x0bTensorChunk\x12\x0e\n\x06tensor\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"-\n\x0bResumePoint\x12\x0e\n\x06tensor\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"K\n\x0b\x45rrorDetail\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x0c\n\x04hint\x18\x04 \x01(\t*f\n\tWireDtype\x12\x1a\n\x16WIRE_DTYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0fWIRE_DTYPE_FP32\x10\x01\x12\x13\n\x0fWIRE_DTYPE_FP16\x10\x02\x12\x13\n\x0fWIRE_DTYPE_BF16\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15raffm/v1/common.proto\x12\x08raffm.v1\"\xf7\x01\n\rDeviceProfile\x12\x17\n\x0ftrain_memory_mb\x18\x01 \x01(\x03\x12\x17\n\x0finfer_memory_mb\x18\x02 \x01(\x03\x12\x0e\n\x06gflops\x18\x03 \x01(\x01\x12\x0f\n\x07up_mbps\x18\x04 \x01(\x01\x12\x11\n\tdown_mbps\x18\x05 \x01(\x01\x12\x18\n\x0b\x62\x61ttery_pct\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x37\n\x0c\x61vailability\x18\x07 \x01(\x0b\x32\x1c.raffm.v1.AvailabilityWindowH\x01\x88\x01\x01\x12\x0c\n\x04tier\x18\x08 \x01(\tB\x0e\n\x0c_battery_pctB\x0f\n\r_availability\"F\n\x12\x41vailabilityWindow\x12\x18\n\x10start_minute_utc\x18\x01 \x01(\r\x12\x16\n\x0e\x65nd_minute_utc\x18\x02 \x01(\r\"9\n\tLayerSpec\x12\r\n\x05heads\x18\x01 \x01(\r\x12\x10\n\x08head_dim\x18\x02 \x01(\r\x12\x0b\n\x03\x66\x66n\x18\x03 \x01(\r\"B\n\x0b\x45lasticSpec\x12\x0e\n\x06hidden\x18\x01 \x01(\r\x12#\n\x06layers\x18\x02 \x03(\x0b\x32\x13.raffm.v1.LayerSpec\"\xc8\x01\n\x0eTrainingRecipe\x12\x16\n\x0e\x66rozen_tensors\x18\x01 \x03(\t\x12%\n\x06nested\x18\x02 \x03(\x0b\x32\x15.raffm.v1.ElasticSpec\x12\x16\n\x0enested_sampled\x18\x03 \x01(\r\x12\x0f\n\x07\x64istill\x18\x04 \x01(\x01\x12\x14\n\x0c\x66rozen_dtype\x18\x05 \x01(\t\x12 \n\x18\x61\x63tivation_checkpointing\x18\x06 \x01(\x08\x12\x16\n\x0e\x64istill_hidden\x18\x07 \x01(\x01\"X\n\nTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\x0c\"\xf1\x01\n\x08Manifest\x12%\n\x07tensors\x18\x01 \x03(\x0b\x32\x14.raffm.v1.TensorInfo\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12#\n\x04spec\x18\x04 \x01(\x0b\x32\x15.raffm.v1.ElasticSpec\x12\x13\n\x0b\x63hunk_bytes\x18\x05 \x01(\r\x12\x14\n\x0c\x61rchitecture\x18\x06 \x01(\t\x12\'\n\nwire_dtype\x18\x07 \x01(\x0e\x32\x13.raffm.v1.WireDtype\x12\x19\n\x11model_config_json\x18\x08 \x01(\t\";\n\x0bTensorChunk\x12\x0e\n\x06tensor\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"-\n\x0bResumePoint\x12\x0e\n\x06tensor\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"K\n\x0b\x45rrorDetail\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x0c\n\x04hint\x18\x04 \x01(\t*f\n\tWireDtype\x12\x1a\n\x16WIRE_DTYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0fWIRE_DTYPE_FP32\x10\x01\x12\x13\n\x0fWIRE_DTYPE_FP16\x10\x02\x12\x13\n\x0fWIRE_DTYPE_BF16\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'raffm.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WIREDTYPE']._serialized_start=1003
-  _globals['_WIREDTYPE']._serialized_end=1105
+  _globals['_WIREDTYPE']._serialized_start=1206
+  _globals['_WIREDTYPE']._serialized_end=1308
   _globals['_DEVICEPROFILE']._serialized_start=36
   _globals['_DEVICEPROFILE']._serialized_end=283
   _globals['_AVAILABILITYWINDOW']._serialized_start=285
@@ -41,14 +41,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LAYERSPEC']._serialized_end=414
   _globals['_ELASTICSPEC']._serialized_start=416
   _globals['_ELASTICSPEC']._serialized_end=482
-  _globals['_TENSORINFO']._serialized_start=484
-  _globals['_TENSORINFO']._serialized_end=572
-  _globals['_MANIFEST']._serialized_start=575
-  _globals['_MANIFEST']._serialized_end=816
-  _globals['_TENSORCHUNK']._serialized_start=818
-  _globals['_TENSORCHUNK']._serialized_end=877
-  _globals['_RESUMEPOINT']._serialized_start=879
-  _globals['_RESUMEPOINT']._serialized_end=924
-  _globals['_ERRORDETAIL']._serialized_start=926
-  _globals['_ERRORDETAIL']._serialized_end=1001
+  _globals['_TRAININGRECIPE']._serialized_start=485
+  _globals['_TRAININGRECIPE']._serialized_end=685
+  _globals['_TENSORINFO']._serialized_start=687
+  _globals['_TENSORINFO']._serialized_end=775
+  _globals['_MANIFEST']._serialized_start=778
+  _globals['_MANIFEST']._serialized_end=1019
+  _globals['_TENSORCHUNK']._serialized_start=1021
+  _globals['_TENSORCHUNK']._serialized_end=1080
+  _globals['_RESUMEPOINT']._serialized_start=1082
+  _globals['_RESUMEPOINT']._serialized_end=1127
+  _globals['_ERRORDETAIL']._serialized_start=1129
+  _globals['_ERRORDETAIL']._serialized_end=1204
 # @@protoc_insertion_point(module_scope)

@@ -64,6 +64,24 @@ class ElasticSpec(_message.Message):
     layers: _containers.RepeatedCompositeFieldContainer[LayerSpec]
     def __init__(self, hidden: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerSpec, _Mapping]]] = ...) -> None: ...
 
+class TrainingRecipe(_message.Message):
+    __slots__ = ("frozen_tensors", "nested", "nested_sampled", "distill", "frozen_dtype", "activation_checkpointing", "distill_hidden")
+    FROZEN_TENSORS_FIELD_NUMBER: _ClassVar[int]
+    NESTED_FIELD_NUMBER: _ClassVar[int]
+    NESTED_SAMPLED_FIELD_NUMBER: _ClassVar[int]
+    DISTILL_FIELD_NUMBER: _ClassVar[int]
+    FROZEN_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_CHECKPOINTING_FIELD_NUMBER: _ClassVar[int]
+    DISTILL_HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    frozen_tensors: _containers.RepeatedScalarFieldContainer[str]
+    nested: _containers.RepeatedCompositeFieldContainer[ElasticSpec]
+    nested_sampled: int
+    distill: float
+    frozen_dtype: str
+    activation_checkpointing: bool
+    distill_hidden: float
+    def __init__(self, frozen_tensors: _Optional[_Iterable[str]] = ..., nested: _Optional[_Iterable[_Union[ElasticSpec, _Mapping]]] = ..., nested_sampled: _Optional[int] = ..., distill: _Optional[float] = ..., frozen_dtype: _Optional[str] = ..., activation_checkpointing: _Optional[bool] = ..., distill_hidden: _Optional[float] = ...) -> None: ...
+
 class TensorInfo(_message.Message):
     __slots__ = ("name", "dtype", "shape", "nbytes", "sha256")
     NAME_FIELD_NUMBER: _ClassVar[int]

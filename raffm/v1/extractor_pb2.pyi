@@ -1,8 +1,9 @@
 from raffm.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -33,19 +34,21 @@ class JobParams(_message.Message):
     def __init__(self, batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., wire_dtype: _Optional[_Union[_common_pb2.WireDtype, str]] = ..., deadline_s: _Optional[float] = ..., local_steps: _Optional[int] = ..., optimizer: _Optional[str] = ...) -> None: ...
 
 class PlanRequest(_message.Message):
-    __slots__ = ("profile", "job", "model_version", "purpose")
+    __slots__ = ("profile", "job", "model_version", "purpose", "strategy")
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     JOB_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     PURPOSE_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
     profile: _common_pb2.DeviceProfile
     job: JobParams
     model_version: str
     purpose: PlanPurpose
-    def __init__(self, profile: _Optional[_Union[_common_pb2.DeviceProfile, _Mapping]] = ..., job: _Optional[_Union[JobParams, _Mapping]] = ..., model_version: _Optional[str] = ..., purpose: _Optional[_Union[PlanPurpose, str]] = ...) -> None: ...
+    strategy: str
+    def __init__(self, profile: _Optional[_Union[_common_pb2.DeviceProfile, _Mapping]] = ..., job: _Optional[_Union[JobParams, _Mapping]] = ..., model_version: _Optional[str] = ..., purpose: _Optional[_Union[PlanPurpose, str]] = ..., strategy: _Optional[str] = ...) -> None: ...
 
 class CostEstimate(_message.Message):
-    __slots__ = ("params", "wire_bytes", "flops_per_sample", "train_memory_mb", "infer_memory_mb", "download_s", "compute_s", "upload_s", "est_seconds")
+    __slots__ = ("params", "wire_bytes", "flops_per_sample", "train_memory_mb", "infer_memory_mb", "download_s", "compute_s", "upload_s", "est_seconds", "upload_bytes", "trained_params")
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     WIRE_BYTES_FIELD_NUMBER: _ClassVar[int]
     FLOPS_PER_SAMPLE_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +58,8 @@ class CostEstimate(_message.Message):
     COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_S_FIELD_NUMBER: _ClassVar[int]
     EST_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_PARAMS_FIELD_NUMBER: _ClassVar[int]
     params: int
     wire_bytes: int
     flops_per_sample: int
@@ -64,31 +69,37 @@ class CostEstimate(_message.Message):
     compute_s: float
     upload_s: float
     est_seconds: float
-    def __init__(self, params: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., flops_per_sample: _Optional[int] = ..., train_memory_mb: _Optional[float] = ..., infer_memory_mb: _Optional[float] = ..., download_s: _Optional[float] = ..., compute_s: _Optional[float] = ..., upload_s: _Optional[float] = ..., est_seconds: _Optional[float] = ...) -> None: ...
+    upload_bytes: int
+    trained_params: int
+    def __init__(self, params: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., flops_per_sample: _Optional[int] = ..., train_memory_mb: _Optional[float] = ..., infer_memory_mb: _Optional[float] = ..., download_s: _Optional[float] = ..., compute_s: _Optional[float] = ..., upload_s: _Optional[float] = ..., est_seconds: _Optional[float] = ..., upload_bytes: _Optional[int] = ..., trained_params: _Optional[int] = ...) -> None: ...
 
 class PlanReply(_message.Message):
-    __slots__ = ("spec", "cost", "model_version", "param_fraction", "full_spec")
+    __slots__ = ("spec", "cost", "model_version", "param_fraction", "full_spec", "recipe")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     COST_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     PARAM_FRACTION_FIELD_NUMBER: _ClassVar[int]
     FULL_SPEC_FIELD_NUMBER: _ClassVar[int]
+    RECIPE_FIELD_NUMBER: _ClassVar[int]
     spec: _common_pb2.ElasticSpec
     cost: CostEstimate
     model_version: str
     param_fraction: float
     full_spec: _common_pb2.ElasticSpec
-    def __init__(self, spec: _Optional[_Union[_common_pb2.ElasticSpec, _Mapping]] = ..., cost: _Optional[_Union[CostEstimate, _Mapping]] = ..., model_version: _Optional[str] = ..., param_fraction: _Optional[float] = ..., full_spec: _Optional[_Union[_common_pb2.ElasticSpec, _Mapping]] = ...) -> None: ...
+    recipe: _common_pb2.TrainingRecipe
+    def __init__(self, spec: _Optional[_Union[_common_pb2.ElasticSpec, _Mapping]] = ..., cost: _Optional[_Union[CostEstimate, _Mapping]] = ..., model_version: _Optional[str] = ..., param_fraction: _Optional[float] = ..., full_spec: _Optional[_Union[_common_pb2.ElasticSpec, _Mapping]] = ..., recipe: _Optional[_Union[_common_pb2.TrainingRecipe, _Mapping]] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
-    __slots__ = ("ticket", "resume_from", "chunk_bytes")
+    __slots__ = ("ticket", "resume_from", "chunk_bytes", "have_sha256")
     TICKET_FIELD_NUMBER: _ClassVar[int]
     RESUME_FROM_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HAVE_SHA256_FIELD_NUMBER: _ClassVar[int]
     ticket: bytes
     resume_from: _common_pb2.ResumePoint
     chunk_bytes: int
-    def __init__(self, ticket: _Optional[bytes] = ..., resume_from: _Optional[_Union[_common_pb2.ResumePoint, _Mapping]] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+    have_sha256: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, ticket: _Optional[bytes] = ..., resume_from: _Optional[_Union[_common_pb2.ResumePoint, _Mapping]] = ..., chunk_bytes: _Optional[int] = ..., have_sha256: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class SliceMessage(_message.Message):
     __slots__ = ("manifest", "chunk")

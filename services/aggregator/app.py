@@ -12,7 +12,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from raffm.checkpoints import checkpoint_store_from_url
-from raffm.planning import Planner
+from raffm.planning import LocalPlanner, Planner
 from raffm.tickets import TicketSigner
 from raffm.v1 import aggregator_pb2_grpc
 from services.aggregator.config import JobConfig
@@ -20,7 +20,6 @@ from services.aggregator.coordinator import RoundCoordinator
 from services.aggregator.db import DATABASE
 from services.aggregator.devices import CachingDirectory, DeviceDirectory, RegistryDirectory
 from services.aggregator.metrics import build_aggregator_metrics
-from services.aggregator.planning import planner_for
 from services.aggregator.servicer import SERVICE_NAME, AggregatorServicer
 from services.aggregator.staging import Staging
 from services.aggregator.store import round_store_from_url
@@ -39,7 +38,7 @@ class AggregatorConfig:
     db_url: str = ""  # default: sqlite under data_dir
     store_url: str = ""  # default: file://<data_dir>/checkpoints
     registry_target: str = ""
-    extractor_target: str = ""  # Plan RPC target and what devices are told; empty: plan in-process
+    extractor_target: str = ""  # what devices are told (empty: the extractor they are configured with)
     operator_token: str = ""
     tick_s: float = 0.5
     # How long the registry's answer about a device (profile, online/offline) is reused by PollRound.
@@ -124,8 +123,8 @@ async def build_aggregator(
     os.makedirs(config.data_dir, exist_ok=True)
     rounds = await asyncio.to_thread(round_store_from_url, config.resolved_db_url)
     checkpoints = checkpoint_store_from_url(config.resolved_store_url)
-    if planner is None:
-        planner = planner_for(config.extractor_target, config.operator_token, checkpoints)
+    if planner is None:  # the job's strategy plans in-process: pure, cached, no network hop on every poll
+        planner = LocalPlanner(checkpoints, config.job.method())
     if devices is None:
         import grpc
 

@@ -1,5 +1,6 @@
-"""Assignments: who may take part in the open round, which sub-model a device trains (the planner decides), the
-signed ticket that lets it download its slice and upload for it, and what happens when it gives up.
+"""Assignments: who may take part in the open round, which sub-model a device trains and how (the job's strategy
+decides, through the planner), the signed ticket that lets it download its slice and upload for it, and what happens
+when it gives up.
 
 A polling device gets either a :class:`Wait` (with a reason and a jittered delay) or an :class:`Assignment`.
 """
@@ -13,6 +14,7 @@ from dataclasses import dataclass, replace
 
 from raffm.errors import AuthenticationError, PermissionDeniedError
 from raffm.planning import NoFitError, Planner, PlanJob, PlanResult
+from raffm.recipe import Recipe
 from raffm.spec import ElasticSpec
 from raffm.tickets import Ticket, TicketError, TicketSigner
 from services.aggregator.config import JobConfig
@@ -49,6 +51,7 @@ class Assignment:
     deadline: float
     predicted: dict[str, float]
     job: JobConfig
+    recipe: Recipe
 
 
 class Assigner:
@@ -86,8 +89,8 @@ class Assigner:
         return o.record
 
     def choose_spec(self, device: DeviceInfo, rnd: RoundRecord) -> PlanResult | Wait:
-        """Which sub-model ``device`` trains in ``rnd``: the planner's answer for its profile, the job and the time
-        left (a Wait when not even the smallest sub-model fits)."""
+        """Which sub-model ``device`` trains in ``rnd``, and how: the job strategy's plan for its profile, the job and
+        the time left (a Wait when not even the smallest sub-model fits)."""
         job = self.job
         plan_job = PlanJob(batch_size=job.batch_size, seq_len=job.seq_len, wire_dtype=job.wire_dtype,
                            deadline_s=max(rnd.deadline - self._clock(), 1.0),
@@ -105,7 +108,8 @@ class Assigner:
         now = self._clock()
         ticket = Ticket.create(device_id=device.device_id, job_id=job.job_id, round_id=rnd.round_id,
                                model_version=rnd.model_version, spec=plan.spec, wire_dtype=job.wire_dtype,
-                               ttl_s=rnd.deadline - now + job.ticket_grace_s, now=now, tier=device.tier)
+                               ttl_s=rnd.deadline - now + job.ticket_grace_s, now=now, tier=device.tier,
+                               recipe=plan.recipe)
         self.rounds.add_assignment(AssignmentRecord(
             ticket_id=ticket.ticket_id, round_id=rnd.round_id, device_id=device.device_id, tier=device.tier,
             spec=plan.spec.to_dict(), state=ASSIGNED, created_at=now, download_bytes=wire_bytes))
@@ -113,7 +117,7 @@ class Assigner:
         self.metrics.bytes_down_assigned.labels(device.tier, job.wire_dtype).inc(wire_bytes)
         return Assignment(round_id=rnd.round_id, round_index=rnd.index, job_id=job.job_id,
                           model_version=rnd.model_version, spec=plan.spec, ticket=self.signer.sign(ticket),
-                          deadline=rnd.deadline, predicted=dict(plan.cost), job=job)
+                          deadline=rnd.deadline, predicted=dict(plan.cost), job=job, recipe=plan.recipe)
 
     def verify(self, ticket_bytes: bytes, caller: Principal | None, *, check_expiry: bool = True) -> Ticket:
         """The ticket, if this aggregator signed it for this job and ``caller`` is its device (or an operator)."""

@@ -27,8 +27,8 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--store", default="", help="checkpoint store URL, e.g. file:///srv/ckpt (default: --data-dir)")
     serve.add_argument("--registry", default="127.0.0.1:50051", help="registry host:port (default: %(default)s)")
     serve.add_argument("--extractor", default="",
-                       help="extractor host:port: planned through its Plan RPC and told to devices "
-                            "(default: plan in-process)")
+                       help="extractor host:port that devices are told to download from (default: the one "
+                            "each device is configured with); plans are made in-process by the job's strategy")
     serve.add_argument("--ticket-secret", default=os.environ.get(SECRET_ENV, ""),
                        help=f"HMAC secret shared with the extractor (default: ${SECRET_ENV})")
     serve.add_argument("--port-file", help="write the bound gRPC port here once serving (for --port 0)")

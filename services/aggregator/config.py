@@ -10,18 +10,23 @@ Example ``job.toml``::
     quorum = 6
     round_deadline_s = 600
     wire_dtype = "float16"     # float32 | float16 | bfloat16 (fp32, fp16, bf16 are read too)
-    aggregation = "coverage"
+    strategy = "raffm"         # raffm | fedavg | paper | heterofl (raffm.strategy)
+
+    [strategy_options]         # optional: override the strategy's settings
+    nested_fractions = [0.25, 0.5]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from raffm.strategy import Strategy, strategy_named
 from raffm.wire import wire_dtype_name
 
 AGGREGATIONS = ("coverage", "paper")
@@ -50,16 +55,21 @@ class JobConfig:
     batch_size: int = 16
     seq_len: int = 64
     lr: float = 5e-5
+    warmup_steps: int = 0
     weight_decay: float = 0.0
     optimizer: str = "adamw"
     fedprox_mu: float = 0.0
     wire_dtype: str = "float32"
-    aggregation: str = "coverage"
+    # The federated method (a raffm.strategy preset: raffm, fedavg, paper, heterofl) and overrides of its settings
+    # (a [strategy_options] table in the job file or JSON on the command line, e.g. {"nested_fractions": [0.5]}).
+    strategy: str = "raffm"
+    strategy_options: dict[str, Any] = field(default_factory=dict)
+    # Shortcuts that override the strategy's own: "coverage" or "paper"; SPP "once", "every_round" or "never".
+    aggregation: str = ""
+    ordering: str = ""
     server_lr: float = 1.0
     accum_dtype: str = "float64"
     seed: int = 0
-    # Re-apply salience ordering to every new version (the paper's recipe).
-    reorder_each_round: bool = True
     # Devices that poll when there is nothing to do wait this long, +- jitter (a fraction).
     poll_wait_s: float = 5.0
     poll_jitter: float = 0.2
@@ -70,7 +80,7 @@ class JobConfig:
     # The default evaluator's held-out data: "" (off), a CSV/JSON-lines file with text,label columns,
     # "rotten_tomatoes" (the built-in corpus's test split) or "mnist"; at most eval_max_samples examples.
     eval_data: str = ""
-    # Sub-model sizes (fractions of the parameters) evaluated besides the global model, e.g. [0.25, 0.5, 1.0].
+    # Cuts (shares of the forward compute) evaluated besides the global model, e.g. [0.25, 0.5, 1.0].
     eval_fractions: tuple[float, ...] = ()
     eval_max_samples: int = 1000
 
@@ -94,8 +104,19 @@ class JobConfig:
             raise bad("job_id", "use 1-64 letters, digits, '-' or '_'")
         if self.task not in TASKS:
             raise bad("task", f"choose one of {', '.join(TASKS)}")
-        if self.aggregation not in AGGREGATIONS:
+        if isinstance(self.strategy_options, str):  # from a CLI flag: JSON
+            try:
+                object.__setattr__(self, "strategy_options", json.loads(self.strategy_options or "{}"))
+            except json.JSONDecodeError as exc:
+                raise bad("strategy_options", f"not JSON: {exc}") from None
+        if not isinstance(self.strategy_options, dict):
+            raise bad("strategy_options", "give a table of strategy settings, e.g. {\"nested_fractions\": [0.5]}")
+        if self.aggregation not in ("", *AGGREGATIONS):
             raise bad("aggregation", f"choose one of {', '.join(AGGREGATIONS)}")
+        try:
+            self.method()
+        except (TypeError, ValueError) as exc:
+            raise bad("strategy", str(exc)) from None
         if self.on_deadline not in ON_DEADLINE:
             raise bad("on_deadline", f"choose one of {', '.join(ON_DEADLINE)}")
         if self.accum_dtype not in ("float32", "float64"):
@@ -111,6 +132,21 @@ class JobConfig:
             raise ValueError("round_deadline_s, server_lr and lr must be > 0")
         if not 0 <= self.poll_jitter < 1:
             raise bad("poll_jitter", "must be in [0, 1)")
+
+    def method(self) -> Strategy:
+        """The job's :class:`~raffm.strategy.Strategy`: the preset, its options, then the shortcuts."""
+        options = dict(self.strategy_options)
+        if self.aggregation:
+            options["aggregation"] = self.aggregation
+        if self.ordering:
+            options["ordering"] = self.ordering
+        options["server_lr"] = self.server_lr
+        known = {f.name for f in fields(Strategy)} - {"name"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown strategy setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        lists = {k: tuple(v) for k, v in options.items() if isinstance(v, list)}
+        return strategy_named(self.strategy).with_options(**{**options, **lists})
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready settings (tuples become lists, so a stored copy compares equal after a round trip)."""

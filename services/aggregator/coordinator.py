@@ -5,10 +5,10 @@ Lifecycle (:mod:`~services.aggregator.lifecycle`), assignments (:mod:`~services.
 coordinator holds the job's current state (job record, global model, open round), takes the lock, and calls them in
 order. Its methods are synchronous and thread-safe; the gRPC servicer calls them from worker threads.
 
-The method's decisions each have one call site: the spec a device trains (``Assigner.choose_spec``, the planner's
-answer), an update's weight (``lifecycle.update_weight``, its sample count) and its fold into the running sums
-(``OpenRound.fold``, coverage-weighted sliced FedAvg from ``lifecycle.running_sums``), the server update
-(``Versions.server_update``) and when SPP re-orders (``Versions.reorder``).
+The method is the job's :class:`raffm.strategy.Strategy`, and each of its decisions has one call site: the spec and
+recipe a device trains (``Assigner.choose_spec``, the strategy's plan), what it uploads (``Strategy.upload_plan``),
+an update's weight and its fold into the running sums (``OpenRound.fold``), and the next version
+(``Versions.publish``: the strategy's server update and ordering).
 
 Durable state lives in the round store (SQL) and the staging and checkpoint directories; the running sums are always
 rebuildable by re-folding the committed updates in commit order, which is what :meth:`RoundCoordinator.start` does
@@ -37,7 +37,7 @@ from raffm.wire import WIRE_DTYPES, itemsize
 from services.aggregator.assignments import Assigner, Assignment, TicketRejectedError, Wait
 from services.aggregator.config import JobConfig
 from services.aggregator.devices import DeviceInfo
-from services.aggregator.lifecycle import Lifecycle, OpenRound, update_weight
+from services.aggregator.lifecycle import Lifecycle, OpenRound
 from services.aggregator.metrics import AggregatorMetrics
 from services.aggregator.staging import Staging
 from services.aggregator.store import (
@@ -46,7 +46,7 @@ from services.aggregator.store import (
 )
 from services.aggregator.uploads import (
     DuplicateUploadError, LateUploadError, UploadRejectedError, UploadResult, UploadSession, UploadState,
-    count_accepted_bytes, upload_state,
+    count_accepted_bytes, downloaded_bytes, upload_state,
 )
 from services.aggregator.versions import Evaluator, GlobalModel, InitialModel, Versions
 from services.common.auth import Principal
@@ -165,7 +165,7 @@ class RoundCoordinator:
             if self.rounds.update_for_ticket(ticket.ticket_id) is not None:
                 raise DuplicateUploadError(f"an update for ticket {ticket.ticket_id} was already accepted")
             o = self._check_open(ticket.round_id)
-            plan = self._plan(ticket.elastic_spec)
+            plan = o.strategy.upload_plan(self._plan(ticket.elastic_spec), ticket.training_recipe)
         return UploadSession(ticket, assignment, plan, self.staging.upload(ticket.round_id, ticket.ticket_id),
                              sample_count, dict(metrics), o.agg, wire_dtype=self.job.wire_dtype, commit=self.commit)
 
@@ -174,7 +174,8 @@ class RoundCoordinator:
         t0 = time.perf_counter()
         ticket = session.ticket
         try:
-            session.agg.validate(delta, session.plan, update_weight(session.sample_count), dtype=self.wire_dtype)
+            session.agg.validate(delta, session.plan, self.lifecycle.strategy.weight(session.sample_count),
+                                 dtype=self.wire_dtype)
         except UpdateRejected as exc:
             raise UploadRejectedError(exc.reason, str(exc)) from None
         with self._lock:
@@ -197,8 +198,9 @@ class RoundCoordinator:
             o.fold(delta, session.plan, update, self.wire_dtype)
             assignment = replace(session.assignment, state=UPLOADED)
             self.rounds.save_assignment(assignment)
-            count_accepted_bytes(o.record, self.metrics, assignment, nbytes, self.model.wire_bytes(self.job.wire_dtype),
-                                 self.job.wire_dtype)
+            down = downloaded_bytes(assignment, session.metrics.get("download_bytes", 0.0))
+            count_accepted_bytes(o.record, self.metrics, assignment, nbytes, down,
+                                 self.model.wire_bytes(self.job.wire_dtype), self.job.wire_dtype)
             if o.accepted >= o.record.quorum:
                 o.record.state = AGGREGATING
             self.rounds.save_round(o.record)

@@ -4,12 +4,13 @@ the server owns.
 Enabled by the job's ``eval_data``: a CSV/JSON-lines file with ``text,label`` columns
 (:func:`raffm.data.load_text_file`), ``rotten_tomatoes`` (the built-in corpus's test split: a seeded 10% that
 ``heldout_split`` also tells devices to leave out) or ``mnist`` for image models. Text is tokenized with the
-tokenizer in the job's model folder. ``eval_fractions`` adds sub-models of those parameter fractions
+tokenizer in the job's model folder. ``eval_fractions`` adds cuts keeping those shares of the forward compute
 (:func:`raffm.scaling.spec_for_fraction`, cut with :func:`raffm.elastic.extract`), so a run shows how every
 deployable size improves, not only the full model.
 
-Result keys: ``accuracy`` (the global model) and ``accuracy@<fraction>`` plus ``params@<fraction>`` per size; the
-aggregator publishes them as ``raffm_aggregator_eval{metric, size}``.
+Result keys: ``accuracy`` (the global model) and ``accuracy@<fraction>``, ``flops@<fraction>`` and
+``params@<fraction>`` (the shares the cut keeps) per size; the aggregator publishes them as
+``raffm_aggregator_eval{metric, size}``.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class HeldOutEvaluator:
         from raffm.costs import CostModel
         from raffm.elastic import extract
         from raffm.models import model_from_state
-        from raffm.scaling import spec_for_fraction
+        from raffm.scaling import flops_fraction, spec_for_fraction
         from raffm.spec import ElasticSpec
         from raffm.training import evaluate
 
@@ -81,11 +82,12 @@ class HeldOutEvaluator:
             cm = CostModel.from_model(model)
             total = cm.params(ElasticSpec.full(cm.dims))
             for fraction in self.fractions:
-                spec = spec_for_fraction(cm, fraction)
+                spec = spec_for_fraction(cm, fraction, seq_len=self.seq_len)
                 label = size_label(fraction)
                 out[f"accuracy@{label}"] = evaluate(extract(model, spec), self.data, self.tokenizer,
                                                     batch_size=self.batch_size, seq_len=self.seq_len)
                 out[f"params@{label}"] = cm.params(spec) / total
+                out[f"flops@{label}"] = flops_fraction(cm, spec, seq_len=self.seq_len)
         return out
 
 

@@ -1,5 +1,6 @@
 """Round lifecycle: opening a round, the deadline policy, finishing a round, and rebuilding the open round after a
-restart; plus the open round's running sums and how an accepted update is folded into them.
+restart; plus the open round's running sums and how an accepted update is folded into them (as the job's strategy
+weights and merges updates).
 
 Only :class:`OpenRound` lives in memory. Rounds, assignments and accepted updates are in the round store and the
 updates' tensors in staging, so :meth:`Lifecycle.rebuild` re-folds the committed updates in commit order and a
@@ -19,6 +20,7 @@ import torch
 from raffm.aggregation import SlicedFedAvg
 from raffm.slicing import SlicePlan
 from raffm.spec import ElasticSpec
+from raffm.strategy import Strategy
 from services.aggregator.config import JobConfig
 from services.aggregator.metrics import AggregatorMetrics
 from services.aggregator.staging import Staging
@@ -32,16 +34,10 @@ log = logging.getLogger(__name__)
 DeadlineAction = Literal["wait", "aggregate", "fail"]
 
 
-def update_weight(sample_count: int) -> float:
-    """An update's weight in the average: the samples it was trained on this round (DESIGN.md 2.4 and 2.5)."""
-    return sample_count
-
-
-def running_sums(model: GlobalModel, job: JobConfig) -> SlicedFedAvg:
-    """The empty running sums of a round that starts from ``model``: coverage-weighted sliced FedAvg (or the paper's
-    rule), applied with the job's server learning rate."""
-    return SlicedFedAvg(model.state, mode=job.aggregation,  # type: ignore[arg-type]
-                        server_lr=job.server_lr, accum_dtype=getattr(torch, job.accum_dtype))
+def running_sums(model: GlobalModel, job: JobConfig, strategy: Strategy) -> SlicedFedAvg:
+    """The empty running sums of a round that starts from ``model``, as the strategy merges (coverage-weighted sliced
+    FedAvg or the paper's rule, with its server learning rate)."""
+    return strategy.aggregator(model.state, accum_dtype=getattr(torch, job.accum_dtype))
 
 
 @dataclass
@@ -50,6 +46,7 @@ class OpenRound:
 
     record: RoundRecord
     agg: SlicedFedAvg
+    strategy: Strategy
     accepted: int = 0
     loss_weighted: float = 0.0
     weight: float = 0.0
@@ -64,8 +61,9 @@ class OpenRound:
 
     def fold(self, tensors: Mapping[str, torch.Tensor], plan: SlicePlan, update: UpdateRecord,
              wire_dtype: torch.dtype) -> None:
-        """Fold one committed update into the running sums and count it: the same call live and when re-folding."""
-        self.agg.fold(tensors, plan, update_weight(update.sample_count), dtype=wire_dtype)
+        """Fold one committed update into the running sums (weighted as the strategy says) and count it: the same
+        call live and when re-folding."""
+        self.agg.fold(tensors, plan, self.strategy.weight(update.sample_count), dtype=wire_dtype)
         self.accepted += 1
         self.loss_weighted += float(update.metrics.get("loss", 0.0)) * update.sample_count
         self.weight += update.sample_count
@@ -81,6 +79,7 @@ class Lifecycle:
     def __init__(self, job: JobConfig, rounds: RoundStore, staging: Staging, metrics: AggregatorMetrics,
                  clock: Callable[[], float] = time.time) -> None:
         self.job, self.rounds, self.staging, self.metrics, self._clock = job, rounds, staging, metrics, clock
+        self.strategy = job.method()
 
     def open_next(self, record: JobRecord, model: GlobalModel) -> OpenRound:
         """Open the job's next round on its current version."""
@@ -94,17 +93,18 @@ class Lifecycle:
         self.rounds.save_job(record)
         self.metrics.current_round.set(index)
         log.info("opened round %s from %s", rnd.round_id, rnd.model_version)
-        return OpenRound(record=rnd, agg=running_sums(model, self.job))
+        return OpenRound(record=rnd, agg=running_sums(model, self.job, self.strategy), strategy=self.strategy)
 
     def rebuild(self, rnd: RoundRecord, model: GlobalModel, wire_dtype: torch.dtype) -> OpenRound:
         """Re-fold the round's committed updates from staging in commit order (same order = bit-identical sums)."""
-        o = OpenRound(record=rnd, agg=running_sums(model, self.job))
+        o = OpenRound(record=rnd, agg=running_sums(model, self.job, self.strategy), strategy=self.strategy)
         for update in self.rounds.updates(rnd.round_id):
             assignment = self.rounds.get_assignment(update.ticket_id)
             if assignment is None:
                 raise RuntimeError(f"committed update {update.ticket_id} has no assignment; the round store is damaged")
-            staged = self.staging.upload(rnd.round_id, update.ticket_id)
-            o.fold(staged.tensors(), o.plan(model, ElasticSpec.from_dict(assignment.spec)), update, wire_dtype)
+            tensors = self.staging.upload(rnd.round_id, update.ticket_id).tensors()
+            plan = o.plan(model, ElasticSpec.from_dict(assignment.spec))
+            o.fold(tensors, {name: plan[name] for name in tensors}, update, wire_dtype)  # what was accepted
         log.info("resumed round %s with %d committed update(s)", rnd.round_id, o.accepted)
         self.metrics.current_round.set(rnd.index)
         return o

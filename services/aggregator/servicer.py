@@ -10,7 +10,9 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from raffm.errors import ValidationError
-from raffm.proto import cost_to_proto, manifest_from_proto, resume_to_proto, spec_to_proto, wire_dtype_to_proto
+from raffm.proto import (
+    cost_to_proto, manifest_from_proto, recipe_to_proto, resume_to_proto, spec_to_proto, wire_dtype_to_proto,
+)
 from raffm.v1 import aggregator_pb2, aggregator_pb2_grpc
 from raffm.wire import WireError
 from services.aggregator.assignments import Assignment, Wait
@@ -53,7 +55,8 @@ def assignment_to_proto(a: Assignment, extractor_target: str) -> aggregator_pb2.
     hp = aggregator_pb2.HyperParams(
         local_epochs=job.local_epochs, local_steps=job.local_steps, batch_size=job.batch_size, seq_len=job.seq_len,
         lr=job.lr, fedprox_mu=job.fedprox_mu, wire_dtype=wire_dtype_to_proto(job.wire_dtype),
-        weight_decay=job.weight_decay, seed=job.seed + a.round_index, optimizer=job.optimizer)
+        weight_decay=job.weight_decay, seed=job.seed + a.round_index, optimizer=job.optimizer,
+        warmup_steps=job.warmup_steps)
     kind = (aggregator_pb2.TASK_KIND_IMAGE_CLASSIFICATION if job.task == "image-classification"
             else aggregator_pb2.TASK_KIND_TEXT_CLASSIFICATION)
     return aggregator_pb2.Assignment(
@@ -61,7 +64,8 @@ def assignment_to_proto(a: Assignment, extractor_target: str) -> aggregator_pb2.
         deadline=_ts(a.deadline), ticket=a.ticket,
         task=aggregator_pb2.TaskInfo(kind=kind, num_labels=job.num_labels, dataset=job.dataset,
                                      architecture="vit" if job.task == "image-classification" else "bert"),
-        extractor_target=extractor_target, predicted=cost_to_proto(a.predicted), round_index=a.round_index)
+        extractor_target=extractor_target, predicted=cost_to_proto(a.predicted), round_index=a.round_index,
+        recipe=recipe_to_proto(a.recipe))
 
 
 class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
@@ -94,7 +98,8 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
                 raise _rejected("invalid_header", "the first upload message must be the header")
             h = first.header
             metrics = {"loss": h.metrics.loss, "steps": h.metrics.steps, "seconds": h.metrics.seconds,
-                       "peak_memory_mb": h.metrics.peak_memory_mb, "accuracy": h.metrics.accuracy}
+                       "peak_memory_mb": h.metrics.peak_memory_mb, "accuracy": h.metrics.accuracy,
+                       "download_bytes": h.metrics.download_bytes}
             session = await asyncio.to_thread(self.c.begin_upload, h.ticket, caller, int(h.sample_count), metrics)
             async for msg in request_iterator:
                 kind = msg.WhichOneof("body")
@@ -151,7 +156,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
         return aggregator_pb2.Job(
             job_id=rec.job_id, model=j.model, state=state, num_rounds=j.rounds,
             clients_per_round=j.clients_per_round, quorum=j.quorum, round_deadline_s=j.round_deadline_s,
-            aggregation=(aggregator_pb2.AGGREGATION_MODE_PAPER if j.aggregation == "paper"
+            aggregation=(aggregator_pb2.AGGREGATION_MODE_PAPER if j.method().aggregation == "paper"
                          else aggregator_pb2.AGGREGATION_MODE_SLICED_FEDAVG),
             server_lr=j.server_lr, server_optimizer="none", current_round=rec.current_round,
             model_version=rec.model_version, created_at=_ts(rec.created_at),

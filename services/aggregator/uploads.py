@@ -90,16 +90,22 @@ def check_manifest(manifest: Manifest, plan: SlicePlan, wire_dtype: str) -> None
                                       f"dtype is {wire_dtype}", field="manifest")
 
 
+def downloaded_bytes(assignment: AssignmentRecord, reported: float) -> int:
+    """What the device says it downloaded for the assignment (tensors it held already are not sent again), within
+    what a complete download of the slice streams; the whole slice when it says nothing."""
+    return min(int(reported), assignment.download_bytes) if reported > 0 else assignment.download_bytes
+
+
 def count_accepted_bytes(rnd: RoundRecord, metrics: AggregatorMetrics, assignment: AssignmentRecord, nbytes: int,
-                         full_model_bytes: int, wire_dtype: str) -> None:
-    """An accepted update's bytes in its round's figures and in the metrics, by device tier: its upload, the slice its
-    device downloaded, and what full-model FedAvg would have moved for the same device (down plus up)."""
+                         down: int, full_model_bytes: int, wire_dtype: str) -> None:
+    """An accepted update's bytes in its round's figures and in the metrics, by device tier: its upload, what its
+    device downloaded (``down``), and what full-model FedAvg would have moved for the same device (down plus up)."""
     rnd.bytes_up += nbytes
-    rnd.bytes_down += assignment.download_bytes
+    rnd.bytes_down += down
     rnd.full_model_bytes += 2 * full_model_bytes
     metrics.accepted.labels(assignment.tier).inc()
     metrics.bytes_up.labels(assignment.tier, wire_dtype).inc(nbytes)
-    metrics.bytes_down.labels(assignment.tier, wire_dtype).inc(assignment.download_bytes)
+    metrics.bytes_down.labels(assignment.tier, wire_dtype).inc(down)
     metrics.full_model_bytes.labels(wire_dtype).inc(2 * full_model_bytes)
 
 

@@ -1,8 +1,7 @@
-"""Model versions of a job: version 0, the server update of a round, the salience re-ordering (SPP) of every new
-version, writing versions to the checkpoint store, and evaluating them.
+"""Model versions of a job: version 0 and the next version of every round (both as the job's strategy makes them:
+salience ordering, server update), writing versions to the checkpoint store, and evaluating them.
 
-Versions are named ``<job>-v<round>``. Every version is re-ordered before it is stored (when the job says so), so the
-leading channels a device receives are always the most salient ones; the extractor cuts slices from these versions.
+Versions are named ``<job>-v<round>``; the extractor cuts slices from them.
 """
 
 from __future__ import annotations
@@ -16,10 +15,9 @@ import torch
 
 from raffm.aggregation import SlicedFedAvg
 from raffm.checkpoints import CheckpointStore
-from raffm.planning import adapter_and_dims, slice_plan_for
+from raffm.planning import cost_model_for, slice_plan_for
 from raffm.slicing import SlicePlan
 from raffm.spec import ElasticSpec
-from raffm.spp import prioritize_state
 from raffm.wire import itemsize
 from services.aggregator.config import JobConfig
 from services.aggregator.metrics import AggregatorMetrics
@@ -58,23 +56,13 @@ class Versions:
     def __init__(self, job: JobConfig, checkpoints: CheckpointStore, metrics: AggregatorMetrics,
                  initial_model: InitialModel, evaluator: Evaluator | None = None) -> None:
         self.job, self.checkpoints, self.metrics = job, checkpoints, metrics
+        self.strategy = job.method()
         self._initial_model, self._evaluator = initial_model, evaluator
 
-    def reorder(self, state: dict[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """The SPP policy: re-order every new version by salience (the paper's recipe), unless the job says not to."""
-        if not self.job.reorder_each_round:
-            return state
-        adapter, dims = adapter_and_dims(config)
-        return prioritize_state(state, adapter, dims, rank_hidden=True)
-
-    def server_update(self, agg: SlicedFedAvg) -> dict[str, torch.Tensor]:
-        """The next global state from a round's running sums."""
-        return agg.result()
-
     def create_initial(self) -> GlobalModel:
-        """Version 0: the job's initial model, salience-ordered, stored."""
+        """Version 0: the job's initial model as the strategy prepares it (salience-ordered), stored."""
         state, config = self._initial_model()
-        state = self.reorder(state, config)
+        state = self.strategy.initial(state, cost_model_for(config))
         version = version_name(self.job.job_id, 0)
         self.checkpoints.put(version, state, config, meta={"job": self.job.job_id, "round": 0})
         return GlobalModel(version, state, config)
@@ -87,8 +75,8 @@ class Versions:
 
     def publish(self, round_index: int, parent: str, agg: SlicedFedAvg, config: dict[str, Any],
                 participants: int) -> GlobalModel:
-        """A finished round's result as the next version: server update, SPP re-ordering, checkpoint."""
-        state = self.reorder(self.server_update(agg), config)
+        """A finished round's result as the next version (the strategy's server update and ordering), stored."""
+        state = self.strategy.next_version(agg.result(), cost_model_for(config))
         version = version_name(self.job.job_id, round_index)
         self.checkpoints.put(version, state, config, parent=parent,
                              meta={"job": self.job.job_id, "round": round_index, "participants": participants})

@@ -6,11 +6,13 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+from raffm.errors import ValidationError
 from raffm.planning import PlanJob, PlanResult
 from raffm.proto import (
-    cost_to_proto, manifest_to_proto, profile_from_proto, resume_from_proto, spec_to_proto, wire_dtype_from_proto,
-    wire_dtype_to_proto,
+    cost_to_proto, manifest_to_proto, profile_from_proto, recipe_to_proto, resume_from_proto, spec_to_proto,
+    wire_dtype_from_proto, wire_dtype_to_proto,
 )
+from raffm.strategy import strategy_named
 from raffm.v1 import common_pb2, extractor_pb2, extractor_pb2_grpc
 from raffm.wire import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, iter_chunks
 from services.common.auth import current_principal
@@ -20,7 +22,7 @@ SERVICE_NAME = "raffm.v1.ExtractorService"
 def plan_to_proto(result: PlanResult) -> extractor_pb2.PlanReply:
     return extractor_pb2.PlanReply(spec=spec_to_proto(result.spec), cost=cost_to_proto(result.cost),
                                    model_version=result.model_version, param_fraction=result.param_fraction,
-                                   full_spec=spec_to_proto(result.full_spec))
+                                   full_spec=spec_to_proto(result.full_spec), recipe=recipe_to_proto(result.recipe))
 
 
 class ExtractorServicer(extractor_pb2_grpc.ExtractorServiceServicer):
@@ -34,8 +36,12 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServiceServicer):
                            wire_dtype=wire_dtype_from_proto(job.wire_dtype), deadline_s=job.deadline_s or 600.0,
                            local_steps=job.local_steps or 1, optimizer=job.optimizer or "adamw")
         infer = request.purpose == extractor_pb2.PLAN_PURPOSE_INFER
+        try:
+            strategy = strategy_named(request.strategy or "raffm")
+        except ValueError as exc:
+            raise ValidationError(str(exc), field="strategy") from None
         result = await asyncio.to_thread(self.service.plan, profile_from_proto(request.profile), plan_job,
-                                         request.model_version, infer=infer)
+                                         request.model_version, infer=infer, strategy=strategy)
         return plan_to_proto(result)
 
     async def DownloadSlice(self, request: extractor_pb2.DownloadRequest,
@@ -53,7 +59,8 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServiceServicer):
         sent = 0
         outcome = "aborted"
         try:
-            for chunk in iter_chunks(manifest, item.payload.source, start, chunk_bytes):
+            for chunk in iter_chunks(manifest, item.payload.source, start, chunk_bytes,
+                                     skip=frozenset(request.have_sha256)):
                 yield extractor_pb2.SliceMessage(
                     chunk=common_pb2.TensorChunk(tensor=chunk.tensor, offset=chunk.offset, data=chunk.data))
                 sent += len(chunk.data)

@@ -17,9 +17,10 @@ import torch
 
 from raffm.checkpoints import CheckpointStore, VersionNotFoundError
 from raffm.errors import AuthenticationError, NotFoundError, PermissionDeniedError
-from raffm.planning import NoFitError, Planner, PlanJob, PlanResult, adapter_and_dims
+from raffm.planning import LocalPlanner, NoFitError, Planner, PlanJob, PlanResult, adapter_and_dims
 from raffm.profile import DeviceProfile
 from raffm.slicing import slice_plan
+from raffm.strategy import Strategy
 from raffm.tickets import Ticket, TicketError, TicketSigner
 from raffm.wire import WirePayload
 from services.common.auth import Principal
@@ -75,14 +76,17 @@ class SliceService:
 
     # -- Plan ---------------------------------------------------------------------------------------------------------
 
-    def plan(self, profile: DeviceProfile, job: PlanJob, model_version: str = "", *, infer: bool = False) -> PlanResult:
+    def plan(self, profile: DeviceProfile, job: PlanJob, model_version: str = "", *, infer: bool = False,
+             strategy: Strategy | None = None) -> PlanResult:
+        """The plan of ``strategy`` (by default the service's planner's) for a device of ``profile``."""
         version = model_version or self.latest_version()
+        planner = self.planner if strategy is None else LocalPlanner(self.store, strategy)
         try:
             self.store.info(version)
         except VersionNotFoundError as exc:
             raise NotFoundError(str(exc), field="model_version") from None
         try:
-            result = self.planner.plan(profile, job, version, infer=infer)
+            result = planner.plan(profile, job, version, infer=infer)
         except NoFitError:
             self.metrics.plans.labels("no_fit").inc()
             raise

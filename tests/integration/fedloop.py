@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from transformers import BertConfig, BertForSequenceClassification
 
 from raffm.checkpoints import FileCheckpointStore
-from raffm.fitting import FitResult, RoundBudget, fit, ladder
+from raffm.fitting import FitResult, RoundBudget, ladder
 from raffm.planning import cost_model_for, slice_plan_for
 from raffm.proto import spec_from_proto
 from raffm.reassembly import MemorySink
@@ -58,7 +58,7 @@ def tiny_job(model: Path, **overrides: Any) -> JobConfig:
 def budget_ladder(job: JobConfig, config: dict[str, Any], max_mb: int = 1024) -> list[tuple[int, ElasticSpec]]:
     """(smallest integer training-memory budget in MiB, the spec the core fitter picks for it), smallest first.
 
-    Found by asking ``raffm.fitting.fit`` itself (the registry stores whole MiB), so the tests follow the fitter.
+    Found by asking the job's strategy itself (the registry stores whole MiB), so the tests follow the fitter.
     """
     out: list[tuple[int, ElasticSpec]] = []
     full = ElasticSpec.full(cost_model_for(config).dims)
@@ -86,13 +86,12 @@ def budgets_for(job: JobConfig, config: dict[str, Any], picks: tuple[str, ...] =
 
 def expected_fit(job: JobConfig, config: dict[str, Any], train_memory_mb: float, deadline_s: float = 100.0,
                  **profile: Any) -> FitResult:
-    """What ``raffm.fitting.fit`` returns for a device of the registry harness's default profile."""
+    """What the job's strategy plans for a device of the registry harness's default profile."""
     p = dict(gflops=200.0, up_mbps=50.0, down_mbps=200.0)
     p.update(profile)
-    return fit(cost_model_for(config), RoundBudget(train_memory_mb=train_memory_mb, deadline_s=deadline_s,
-                                                   batch_size=job.batch_size, seq_len=job.seq_len,
-                                                   local_steps=job.local_steps or 10, **p),
-               wire_dtype=job.wire_dtype)
+    return job.method().plan(cost_model_for(config), RoundBudget(
+        train_memory_mb=train_memory_mb, deadline_s=deadline_s, batch_size=job.batch_size, seq_len=job.seq_len,
+        local_steps=job.local_steps or 10, **p), wire_dtype=job.wire_dtype)
 
 
 @dataclass
@@ -215,10 +214,14 @@ def plan_of(config: dict[str, Any], shapes: dict[str, tuple[int, ...]], spec: El
     return slice_plan_for(config, spec, shapes)
 
 
-def scripted_delta(received: dict[str, torch.Tensor], seed: int, scale: float = 1e-2) -> dict[str, torch.Tensor]:
-    """A deterministic 'training' result: a random delta of the received slice, in its wire dtype."""
+def scripted_delta(received: dict[str, torch.Tensor], seed: int, scale: float = 1e-2, *, assignment: Any = None
+                   ) -> dict[str, torch.Tensor]:
+    """A deterministic 'training' result: a random delta of the received slice, in its wire dtype, for the tensors
+    the assignment's recipe trains (every tensor without an assignment)."""
+    frozen = set(assignment.recipe.frozen_tensors) if assignment is not None else set()
     g = torch.Generator().manual_seed(seed)
-    return {n: (torch.randn(t.shape, generator=g) * scale).to(t.dtype) for n, t in received.items()}
+    return {n: (torch.randn(t.shape, generator=g) * scale).to(t.dtype) for n, t in received.items()
+            if n not in frozen}
 
 
 def payload(delta: dict[str, torch.Tensor], wire_dtype: str) -> WirePayload:

@@ -16,13 +16,16 @@ from raffm_app.cli import main
 
 def test_extract_to_memory_budget_then_inspect(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "sub"
-    assert main(["extract", "--out", str(out), "--memory-mb", "200"]) == 0
+    assert main(["extract", "--out", str(out), "--memory-mb", "150"]) == 0
     spec = ElasticSpec.from_json((out / "spec.json").read_text())
     costs = json.loads((out / "costs.json").read_text())
-    assert costs["train_memory_mb"] <= 200
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert costs["train_memory_mb"] <= 150
+    assert recipe["frozen"] == ["bert.embeddings.word_embeddings.weight"] and recipe["checkpointing"]
     model = AutoModel.from_pretrained(out)
     assert sum(p.numel() for p in model.parameters()) <= costs["params"]  # the bare encoder lacks the task head
-    assert model.elastic_spec == spec and spec.hidden < 384  # a real cut, not the full model
+    # A real cut (fewer heads and FFN neurons), never of the residual stream.
+    assert model.elastic_spec == spec and spec.hidden == 384 and spec.layers[0].heads < 12
     tokenizer = AutoTokenizer.from_pretrained(out)
     hidden = model(**tokenizer(["a gripping, funny film"], return_tensors="pt")).last_hidden_state
     assert hidden.shape[-1] == spec.hidden and torch.isfinite(hidden).all()
@@ -32,6 +35,21 @@ def test_extract_to_memory_budget_then_inspect(tmp_path: Path, capsys: pytest.Ca
     printed = capsys.readouterr().out
     assert f"hidden {spec.hidden}, {spec.depth} layers" in printed
     assert f"{costs['params']:,} parameters" in printed
+
+
+def test_a_full_budget_extraction_is_the_original_model(tmp_path: Path) -> None:
+    """Salience ordering moves heads and neurons, never the residual channels: whoever takes the backbone's hidden
+    states gets the original model's, in its channel order."""
+    from raffm.models import default_model_path
+
+    out = tmp_path / "full"
+    assert main(["extract", "--out", str(out), "--memory-mb", "100000"]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    batch = tokenizer(["a gripping, funny film", "dull"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        got = AutoModel.from_pretrained(out).eval()(**batch).last_hidden_state
+        want = AutoModel.from_pretrained(default_model_path()).eval()(**batch).last_hidden_state
+    assert (got - want).abs().max().item() <= 1e-5
 
 
 def test_extract_from_spec_file(tmp_path: Path) -> None:

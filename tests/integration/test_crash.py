@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 
 from edge_agent.transfer import upload_messages, upload_once
 from raffm.v1 import aggregator_pb2
-from raffm.wire import ResumePoint
+from raffm.wire import ResumePoint, iter_chunks
 from services.registry.testing import OPERATOR_TOKEN
 from tests.integration.fedloop import (
     SECRET, Fleet, budgets_for, download, payload, scripted_delta, spec_of, tiny_bert_folder, tiny_job,
@@ -81,8 +82,7 @@ class AggregatorProcess:
 def _devices(fleet: Fleet, job: Any, root: Path) -> list[Any]:
     config = fleet.store.info("job-v0").config if fleet.store.has("job-v0") else None
     assert config is not None
-    # The third device's slice must keep the full hidden width: the test breaks its upload 10 KiB in.
-    budgets = budgets_for(job, config, ("top", "second", "narrow"))
+    budgets = budgets_for(job, config, ("top", "second", "bottom"))
     return [fleet.register(f"dev{i}", train_memory_mb=b, tier=t)
             for i, (b, t) in enumerate(zip(budgets, ("laptop", "jetson", "phone")))]
 
@@ -97,7 +97,7 @@ def _reference(tmp: Path, model: Path) -> tuple[dict[str, torch.Tensor], list[tu
         updates = []
         for i, dev in enumerate(devs):
             a = fleet.poll(stub, dev).assignment
-            delta = scripted_delta(download(fleet, dev, a), seed=i)
+            delta = scripted_delta(download(fleet, dev, a), seed=i, assignment=a)
             assert upload_once(stub, a.ticket, 10 + i, payload(delta, "fp32"), metadata=dev.md).accepted
             updates.append((delta, spec_of(a), 10 + i))
         fleet.wait_round(stub, "job-r1")
@@ -121,7 +121,7 @@ def test_kill_9_mid_round_then_restart_gives_the_same_model(tmp_path: Path) -> N
         stub = fleet.agg_stub(target)
         devs = _devices(fleet, job, root)
         assignments = [fleet.poll(stub, d).assignment for d in devs]
-        deltas = [scripted_delta(download(fleet, d, a), seed=i) for i, (d, a) in enumerate(zip(devs, assignments))]
+        deltas = [scripted_delta(download(fleet, d, a), seed=i, assignment=a) for i, (d, a) in enumerate(zip(devs, assignments))]
         for i in (0, 1):
             ack = upload_once(stub, assignments[i].ticket, 10 + i, payload(deltas[i], "fp32"),
                               metadata=devs[i].md)
@@ -129,6 +129,7 @@ def test_kill_9_mid_round_then_restart_gives_the_same_model(tmp_path: Path) -> N
 
         # Device 2 gets 10 chunks in, then the aggregator is killed under it.
         pl2 = payload(deltas[2], "fp32")
+        ten_chunks = sum(len(c.data) for c in islice(iter_chunks(pl2.manifest, pl2.source, chunk_bytes=1024), 10))
         release = threading.Event()
 
         def stalled() -> Iterator[Any]:
@@ -141,7 +142,7 @@ def test_kill_9_mid_round_then_restart_gives_the_same_model(tmp_path: Path) -> N
         call = stub.UploadUpdate.future(stalled(), metadata=devs[2].md, timeout=60)
         query = aggregator_pb2.QueryUploadRequest(ticket=assignments[2].ticket)
         for _ in range(300):
-            if stub.QueryUpload(query, metadata=devs[2].md, timeout=10).bytes_received >= 10 * 1024:
+            if stub.QueryUpload(query, metadata=devs[2].md, timeout=10).bytes_received >= ten_chunks:
                 break
             time.sleep(0.02)
         agg.kill9()
@@ -157,7 +158,7 @@ def test_kill_9_mid_round_then_restart_gives_the_same_model(tmp_path: Path) -> N
         assert stub.QueryUpload(aggregator_pb2.QueryUploadRequest(ticket=assignments[0].ticket),
                                 metadata=devs[0].md, timeout=10).committed
         state = stub.QueryUpload(query, metadata=devs[2].md, timeout=10)
-        assert not state.committed and state.bytes_received == 10 * 1024
+        assert not state.committed and state.bytes_received == ten_chunks
         point = ResumePoint(state.resume_from.tensor, state.resume_from.offset)
         ack = stub.UploadUpdate(upload_messages(assignments[2].ticket, 12, pl2, chunk_bytes=1024, resume=point),
                                 metadata=devs[2].md, timeout=60)

@@ -55,12 +55,13 @@ def test_global_model_and_sub_models_are_evaluated_after_each_round(tmp_path: Pa
         dev = fleet.register("d", train_memory_mb=1000, tier="laptop")
         stub = fleet.agg_stub()
         a = fleet.poll(stub, dev).assignment
-        delta = scripted_delta(download(fleet, dev, a), seed=0, scale=0.1)
+        delta = scripted_delta(download(fleet, dev, a), seed=0, scale=0.1, assignment=a)
         assert upload_once(stub, a.ticket, 5, payload(delta, job.wire_dtype), metadata=dev.md).accepted
         rnd = fleet.wait_round(stub, a.round_id)
         assert rnd.state == aggregator_pb2.ROUND_STATE_CLOSED, rnd
         ev = dict(rnd.evaluation)
-        assert set(ev) == {"accuracy", "accuracy@0.25", "params@0.25", "accuracy@1", "params@1"}, ev
+        assert set(ev) == {"accuracy", "accuracy@0.25", "params@0.25", "flops@0.25", "accuracy@1", "params@1",
+                           "flops@1"}, ev
 
         # The same numbers, computed directly from the stored version.
         from transformers import AutoTokenizer
@@ -69,9 +70,10 @@ def test_global_model_and_sub_models_are_evaluated_after_each_round(tmp_path: Pa
         global_model = model_from_state(fleet.store.info("job-v1").config, fleet.store.load("job-v1"))
         assert ev["accuracy"] == evaluate(global_model, data, tok, seq_len=job.seq_len)
         cm = CostModel.from_model(global_model)
-        quarter = spec_for_fraction(cm, 0.25)
+        quarter = spec_for_fraction(cm, 0.25, seq_len=job.seq_len)
         assert ev["accuracy@0.25"] == evaluate(extract(global_model, quarter), data, tok, seq_len=job.seq_len)
-        assert 0 < ev["params@0.25"] <= 0.25 and ev["params@1"] == 1.0
+        assert 0 < ev["flops@0.25"] < 0.5 and ev["flops@1"] == 1.0 == ev["params@1"]
+        assert ev["flops@0.25"] < ev["params@0.25"] < 1  # cuts keep the vocabulary and the hidden width
         assert ev["accuracy@1"] == ev["accuracy"]
 
         text = generate_latest(fleet.metrics).decode()

@@ -9,15 +9,18 @@ import pytest
 import torch
 
 from edge_agent.transfer import download_once
-from raffm.fitting import RoundBudget, fit, fit_inference
+from raffm.fitting import RoundBudget, fit_inference
 from raffm.planning import cost_model_for
-from raffm.proto import spec_from_proto
+from raffm.proto import recipe_from_proto, spec_from_proto
 from raffm.reassembly import MemorySink
+from raffm.strategy import STRATEGIES
 from raffm.v1 import common_pb2, extractor_pb2
 from raffm.wire import START
 from tests.integration.fedloop import (
     Fleet, budget_ladder, download, plan_of, spec_of, tiny_bert_folder, tiny_job,
 )
+
+RAFFM = STRATEGIES["raffm"]
 
 
 @pytest.fixture()
@@ -80,10 +83,12 @@ def test_tickets_are_checked(fleet: Fleet) -> None:
 
 
 def _assert_reply_is_fit(reply: extractor_pb2.PlanReply, expected, *, infer: bool = False) -> None:
-    """Every field of the Plan reply is the core fitter's answer, unchanged."""
+    """Every field of the Plan reply is the core strategy's (or fitter's) answer, unchanged."""
     c, t = expected.costs, expected.round_time
     assert spec_from_proto(reply.spec) == expected.spec
+    assert recipe_from_proto(reply.recipe) == expected.recipe
     assert reply.cost.params == c.params and reply.cost.wire_bytes == c.wire_bytes
+    assert reply.cost.upload_bytes == c.upload_bytes and reply.cost.trained_params == c.trained_params
     assert reply.cost.flops_per_sample == int(c.forward_flops_per_sample if infer else c.flops_per_sample)
     assert reply.cost.train_memory_mb == c.train_memory_mb and reply.cost.infer_memory_mb == c.infer_memory_mb
     assert (reply.cost.download_s, reply.cost.compute_s, reply.cost.upload_s) == (t.download_s, t.compute_s,
@@ -110,8 +115,8 @@ def test_plan_rpc_returns_exactly_what_the_core_fitter_returns(fleet: Fleet) -> 
                                              tier="laptop"),
             job=extractor_pb2.JobParams(batch_size=64, seq_len=32, deadline_s=100, local_steps=2,
                                         wire_dtype=enums[dtype], optimizer="adamw")), metadata=md, timeout=30)
-        expected = fit(cm, RoundBudget(train_memory_mb=memory, gflops=100, up_mbps=10, down_mbps=10,
-                                       deadline_s=100, batch_size=64, seq_len=32, local_steps=2), wire_dtype=dtype)
+        expected = RAFFM.plan(cm, RoundBudget(train_memory_mb=memory, gflops=100, up_mbps=10, down_mbps=10,
+                                              deadline_s=100, batch_size=64, seq_len=32, local_steps=2), wire_dtype=dtype)
         _assert_reply_is_fit(reply, expected)
         assert reply.model_version == "job-v0"
         assert reply.param_fraction == expected.costs.params / full_params
@@ -121,9 +126,20 @@ def test_plan_rpc_returns_exactly_what_the_core_fitter_returns(fleet: Fleet) -> 
     slow = dict(train_memory_mb=10_000, gflops=0.001, up_mbps=10, down_mbps=10)
     reply = stub.Plan(extractor_pb2.PlanRequest(profile=common_pb2.DeviceProfile(**slow), job=extractor_pb2.JobParams(
         batch_size=64, seq_len=32, deadline_s=300, local_steps=2)), metadata=md, timeout=30)
-    expected = fit(cm, RoundBudget(**slow, deadline_s=300, batch_size=64, seq_len=32, local_steps=2))
+    expected = RAFFM.plan(cm, RoundBudget(**slow, deadline_s=300, batch_size=64, seq_len=32, local_steps=2))
     _assert_reply_is_fit(reply, expected)
     assert reply.param_fraction < 1
+    # Another method, by name: full-model FedAvg trains every tensor of the whole model, or nothing.
+    roomy = dict(train_memory_mb=10_000, gflops=100, up_mbps=10, down_mbps=10)
+    reply = stub.Plan(extractor_pb2.PlanRequest(profile=common_pb2.DeviceProfile(**roomy), job=extractor_pb2.JobParams(
+        batch_size=64, seq_len=32, deadline_s=300, local_steps=2), strategy="fedavg"), metadata=md, timeout=30)
+    _assert_reply_is_fit(reply, STRATEGIES["fedavg"].plan(cm, RoundBudget(**roomy, deadline_s=300, batch_size=64,
+                                                                          seq_len=32, local_steps=2)))
+    assert reply.param_fraction == 1 and not reply.recipe.frozen_tensors
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Plan(extractor_pb2.PlanRequest(profile=common_pb2.DeviceProfile(**roomy), strategy="best"),
+                  metadata=md, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "unknown strategy 'best'" in err.value.details()
 
     # Inference plans use the separate inference budget (fit_inference).
     reply = stub.Plan(extractor_pb2.PlanRequest(
@@ -143,7 +159,7 @@ def test_plan_rpc_refuses_profiles_nothing_fits(fleet: Fleet) -> None:
             train_memory_mb=1, gflops=100, up_mbps=10, down_mbps=10), job=job), metadata=md, timeout=30)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     with pytest.raises(ValueError) as core:
-        fit(cm, RoundBudget(train_memory_mb=1, gflops=100, up_mbps=10, down_mbps=10, deadline_s=100,
+        RAFFM.plan(cm, RoundBudget(train_memory_mb=1, gflops=100, up_mbps=10, down_mbps=10, deadline_s=100,
                             batch_size=64, seq_len=32, local_steps=2))
     assert str(core.value) in err.value.details()  # the fitter's own message, not a paraphrase
     with pytest.raises(grpc.RpcError) as err:  # too slow for the deadline

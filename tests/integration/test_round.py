@@ -9,8 +9,6 @@ import torch
 from prometheus_client import generate_latest
 
 from edge_agent.transfer import upload_once
-from raffm.aggregation import SlicedFedAvg
-from raffm.spp import prioritize_state
 from raffm.v1 import aggregator_pb2
 from raffm.wire import WIRE_DTYPES
 from tests.integration.fedloop import (
@@ -19,18 +17,19 @@ from tests.integration.fedloop import (
 
 
 def _expected(fleet: Fleet, version: str, updates: list[tuple[dict, object, int]], job) -> dict[str, torch.Tensor]:
-    """What the core computes on the same deltas: SlicedFedAvg in the same order, then SPP as the server does."""
+    """What the job's strategy computes on the same deltas in the same order: its sliced FedAvg, then its next
+    version."""
+    from raffm.planning import cost_model_for
+
     store = fleet.store
     state = store.load(version)
     config = store.info(version).config
-    agg = SlicedFedAvg(state, mode=job.aggregation, server_lr=job.server_lr)
+    strategy = job.method()
+    agg = strategy.aggregator(state)
     for delta, spec, weight in updates:
         plan = plan_of(config, {n: tuple(t.shape) for n, t in state.items()}, spec)
-        agg.fold(delta, plan, weight, dtype=WIRE_DTYPES[job.wire_dtype])
-    from raffm.arch import BERT
-    from raffm.planning import cost_model_for
-
-    return prioritize_state(agg.result(), BERT, cost_model_for(config).dims, rank_hidden=True)
+        agg.fold(delta, {n: plan[n] for n in delta}, strategy.weight(weight), dtype=WIRE_DTYPES[job.wire_dtype])
+    return strategy.next_version(agg.result(), cost_model_for(config))
 
 
 @pytest.mark.parametrize("wire_dtype", ["fp32", "fp16"])
@@ -76,9 +75,11 @@ def _three_device_round(tmp_path: Path, wire_dtype: str, db_url: str = "") -> No
         for i, (dev, a, spec) in enumerate(zip(devs, assignments, specs)):
             received = download(fleet, dev, a)
             down[("laptop", "jetson", "phone")[i]] = sum(t.numel() * t.element_size() for t in received.values())
-            up += payload(scripted_delta(received, seed=i), job.wire_dtype).nbytes
+            delta = scripted_delta(received, seed=i, assignment=a)
+            assert "bert.embeddings.word_embeddings.weight" in received  # frozen: downloaded, not uploaded
+            assert "bert.embeddings.word_embeddings.weight" not in delta
+            up += payload(delta, job.wire_dtype).nbytes
             assert received["classifier.weight"].dtype == WIRE_DTYPES[job.wire_dtype]
-            delta = scripted_delta(received, seed=i)
             ack = upload_once(stub, a.ticket, 10 * (i + 1), payload(delta, job.wire_dtype), metadata=dev.md,
                               metrics={"loss": 1.0 + i})
             assert ack.accepted and ack.round_id == "job-r1"

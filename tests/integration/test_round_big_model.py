@@ -60,7 +60,7 @@ class ZeroDelta:
 @pytest.mark.timeout(600)
 def test_a_2_5_gb_model_streams_down_and_up(tmp_path: Path) -> None:
     job = tiny_job(tmp_path / "unused", num_labels=2, rounds=1, clients_per_round=2, quorum=2,
-                   reorder_each_round=False, accum_dtype="float32", wire_dtype="fp32")
+                   strategy="fedavg", ordering="never", accum_dtype="float32", wire_dtype="fp32")
     fleet = Fleet(tmp_path, job, initial_model=_big_state).start()
     try:
         dev = fleet.register("server", train_memory_mb=1 << 20, gflops=1e5, up_mbps=1e5, down_mbps=1e5, tier="server")
