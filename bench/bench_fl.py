@@ -211,6 +211,7 @@ def run_method(
                                                 wire_dtype=settings.wire_dtype)
         except ValueError:
             pass  # this device cannot train anything this strategy offers: it sits out
+    momentum = None  # the server's (FedAvgM), when the strategy keeps one
     run = MethodRun(method, seed, initial_accuracy=evaluate(model, test, tokenizer, seq_len=settings.seq_len),
                     specs=[plans[c.index].spec.key() if c.index in plans else "-" for c in fleet],
                     params=[plans[c.index].costs.params if c.index in plans else 0 for c in fleet])
@@ -232,7 +233,9 @@ def run_method(
                      strategy.weight(result.samples))
             up += fit.costs.upload_bytes
             del sub, result
-        model.load_state_dict(strategy.next_version(agg.result(), cm))
+        previous = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        state, momentum = strategy.next_version(agg.result(), cm, previous=previous, momentum=momentum)
+        model.load_state_dict(state)
         run.train_seconds += time.perf_counter() - started
         run.accuracy.append(evaluate(model, test, tokenizer, seq_len=settings.seq_len))
         run.bytes_down.append(down)

@@ -312,7 +312,7 @@ class CostModel:
             if others:
                 nested_flops += min(recipe.sampled, len(others)) * sum(others) / len(others)
         main = self._pass(spec, batch_size, seq_len, recipe)
-        passes = [self._pass(cut, batch_size, seq_len, recipe) for cut in recipe.nested]
+        passes: list[Pass | None] = [self._pass(cut, batch_size, seq_len, recipe) for cut in recipe.nested]
         peak = max(
             peak_train_bytes(weights=weights, trained=sum(trained), largest=max(trained, default=0), main=main,
                              nested=cut, checkpointing=recipe.checkpointing,

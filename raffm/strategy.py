@@ -58,15 +58,21 @@ class Strategy:
     sampled: int = 1
     distill: float = 1.0
     distill_hidden: float = 0.0
+    train_shared: bool = True
     checkpointing: bool = True
     aggregation: Mode = "coverage"
     server_lr: float = 1.0
+    server_momentum: float = 0.0
 
     def __post_init__(self) -> None:
         if self.ordering not in ORDERINGS:
             raise ValueError(f"ordering is {self.ordering!r}; choose one of {', '.join(ORDERINGS)}")
         if self.aggregation not in MODES:
             raise ValueError(f"aggregation is {self.aggregation!r}; choose one of {', '.join(MODES)}")
+        if not 0.0 <= self.server_momentum < 1.0:
+            raise ValueError(f"server_momentum is {self.server_momentum}; it must be in [0, 1)")
+        if self.server_momentum and self.ordering == "every_round":
+            raise ValueError("server momentum needs a stable channel order: use ordering 'once' or 'never'")
         if any(not 0 < f < 1 for f in self.nested_fractions):
             raise ValueError(f"nested_fractions {self.nested_fractions}: every fraction must be in (0, 1)")
         Recipe(sampled=self.sampled, distill=self.distill, distill_hidden=self.distill_hidden)  # validates them
@@ -79,11 +85,32 @@ class Strategy:
             return dict(state)
         return prioritize_state(state, cost_model.adapter, cost_model.dims)
 
-    def next_version(self, merged: Mapping[str, torch.Tensor], cost_model: CostModel) -> State:
-        """The next version from a round's merged state: re-ordered only with ``ordering="every_round"``."""
+    def next_version(
+        self, merged: Mapping[str, torch.Tensor], cost_model: CostModel, *, previous: Mapping[str, torch.Tensor]
+        | None = None, momentum: Mapping[str, torch.Tensor] | None = None,
+    ) -> tuple[State, State | None]:
+        """The next version from a round's merged state, and the server's momentum after it.
+
+        With ``server_momentum`` m > 0 (FedAvgM) the round's step ``merged - previous`` feeds a momentum buffer
+        ``b = m * b + step`` and the version is ``previous + b``; then re-ordered only with ``every_round``.
+        """
+        state = dict(merged)
+        buffer: State | None = None
+        if self.server_momentum:
+            if previous is None:
+                raise ValueError("server momentum needs the previous version")
+            buffer = {}
+            for name, new in merged.items():
+                if not new.is_floating_point():
+                    continue
+                step = new.double() - previous[name].double()
+                if momentum is not None:
+                    step = step + self.server_momentum * momentum[name]
+                buffer[name] = step
+                state[name] = (previous[name].double() + step).to(new.dtype)
         if self.ordering == "every_round":
-            return prioritize_state(merged, cost_model.adapter, cost_model.dims)
-        return dict(merged)
+            state = prioritize_state(state, cost_model.adapter, cost_model.dims)
+        return state, buffer
 
     # -- assignments --------------------------------------------------------------------------------------------------
 
@@ -100,7 +127,7 @@ class Strategy:
         inner = tuple(c for c in self.cuts(cost_model) if nested(c, spec) and c != spec and c.depth == spec.depth)
         return Recipe(frozen=frozen, nested=inner, sampled=self.sampled, distill=self.distill,
                       frozen_dtype="float16" if frozen else "float32", checkpointing=checkpointing,
-                      distill_hidden=self.distill_hidden if inner else 0.0)
+                      distill_hidden=self.distill_hidden if inner else 0.0, train_shared=self.train_shared)
 
     def recipes_for(self, spec: ElasticSpec, cost_model: CostModel) -> tuple[Recipe, ...]:
         """The recipes a device may train ``spec`` with, preferred first: without activation checkpointing (less

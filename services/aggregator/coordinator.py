@@ -72,7 +72,8 @@ class RoundCoordinator:
     ) -> None:
         self.job = job
         self.rounds, self.staging, self.metrics = rounds, staging, metrics
-        self.versions = Versions(job, checkpoints, metrics, initial_model, evaluator)
+        self.versions = Versions(job, checkpoints, metrics, initial_model, evaluator,
+                                 state_dir=staging.root.parent / "server_state")
         self.lifecycle = Lifecycle(job, rounds, staging, metrics, clock)
         self.assigner = Assigner(job, rounds, planner, signer, metrics, clock, rng)
         self._clock = clock
@@ -247,7 +248,7 @@ class RoundCoordinator:
             if o is None or o.record.state != AGGREGATING:
                 return None
             rnd = o.record
-            result = self.versions.publish(rnd.index, rnd.model_version, o.agg, self.model.config, o.accepted)
+            result = self.versions.publish(rnd.index, self.model, o.agg, o.accepted)
         evaluation = self.versions.evaluate(result)
         with self._lock:
             if self._open is not o:

@@ -158,7 +158,8 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
             clients_per_round=j.clients_per_round, quorum=j.quorum, round_deadline_s=j.round_deadline_s,
             aggregation=(aggregator_pb2.AGGREGATION_MODE_PAPER if j.method().aggregation == "paper"
                          else aggregator_pb2.AGGREGATION_MODE_SLICED_FEDAVG),
-            server_lr=j.server_lr, server_optimizer="none", current_round=rec.current_round,
+            server_lr=j.server_lr, server_optimizer="fedavgm" if j.method().server_momentum else "none",
+            current_round=rec.current_round,
             model_version=rec.model_version, created_at=_ts(rec.created_at),
             task=aggregator_pb2.TaskInfo(num_labels=j.num_labels, dataset=j.dataset))
 

@@ -7,14 +7,16 @@ Versions are named ``<job>-v<round>``; the extractor cuts slices from them.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from raffm.aggregation import SlicedFedAvg
-from raffm.checkpoints import CheckpointStore
+from raffm.checkpoints import CheckpointStore, fsync_dir, read_safetensors, write_safetensors
 from raffm.planning import cost_model_for, slice_plan_for
 from raffm.slicing import SlicePlan
 from raffm.spec import ElasticSpec
@@ -54,8 +56,8 @@ class Versions:
     """Creates, stores, loads and evaluates the job's model versions."""
 
     def __init__(self, job: JobConfig, checkpoints: CheckpointStore, metrics: AggregatorMetrics,
-                 initial_model: InitialModel, evaluator: Evaluator | None = None) -> None:
-        self.job, self.checkpoints, self.metrics = job, checkpoints, metrics
+                 initial_model: InitialModel, evaluator: Evaluator | None = None, *, state_dir: Path) -> None:
+        self.job, self.checkpoints, self.metrics, self.state_dir = job, checkpoints, metrics, state_dir
         self.strategy = job.method()
         self._initial_model, self._evaluator = initial_model, evaluator
 
@@ -73,14 +75,27 @@ class Versions:
             config = self.checkpoints.info(version).config
         return GlobalModel(version, self.checkpoints.load(version), config)
 
-    def publish(self, round_index: int, parent: str, agg: SlicedFedAvg, config: dict[str, Any],
-                participants: int) -> GlobalModel:
-        """A finished round's result as the next version (the strategy's server update and ordering), stored."""
-        state = self.strategy.next_version(agg.result(), cost_model_for(config))
+    def publish(self, round_index: int, previous: GlobalModel, agg: SlicedFedAvg, participants: int) -> GlobalModel:
+        """A finished round's result as the next version (the strategy's server update and ordering), stored; the
+        server's momentum, when the strategy keeps one, is stored beside it (the aggregator's own state)."""
+        cm = cost_model_for(previous.config)
+        momentum = self._momentum(previous.version) if self.strategy.server_momentum else None
+        state, buffer = self.strategy.next_version(agg.result(), cm, previous=previous.state, momentum=momentum)
         version = version_name(self.job.job_id, round_index)
-        self.checkpoints.put(version, state, config, parent=parent,
+        self.checkpoints.put(version, state, previous.config, parent=previous.version,
                              meta={"job": self.job.job_id, "round": round_index, "participants": participants})
-        return GlobalModel(version, state, config)
+        if buffer is not None:  # written whole or not at all: a crash re-aggregates the round and writes it again
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            path = self.state_dir / f"{version}.momentum.safetensors"
+            write_safetensors(path.with_suffix(".tmp"), buffer)
+            os.replace(path.with_suffix(".tmp"), path)
+            fsync_dir(self.state_dir)
+        return GlobalModel(version, state, previous.config)
+
+    def _momentum(self, version: str) -> dict[str, torch.Tensor] | None:
+        """The server momentum stored with ``version`` (None for version 0, or a job that just turned it on)."""
+        path = self.state_dir / f"{version}.momentum.safetensors"
+        return read_safetensors(path) if path.exists() else None
 
     def evaluate(self, model: GlobalModel) -> dict[str, float]:
         """The evaluator's figures for a version, also published as ``raffm_aggregator_eval`` ({} when off or

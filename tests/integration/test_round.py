@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from edge_agent.transfer import upload_once
 from raffm.v1 import aggregator_pb2
@@ -29,7 +29,7 @@ def _expected(fleet: Fleet, version: str, updates: list[tuple[dict, object, int]
     for delta, spec, weight in updates:
         plan = plan_of(config, {n: tuple(t.shape) for n, t in state.items()}, spec)
         agg.fold(delta, {n: plan[n] for n in delta}, strategy.weight(weight), dtype=WIRE_DTYPES[job.wire_dtype])
-    return strategy.next_version(agg.result(), cost_model_for(config))
+    return strategy.next_version(agg.result(), cost_model_for(config))[0]
 
 
 @pytest.mark.parametrize("wire_dtype", ["fp32", "fp16"])
@@ -121,3 +121,34 @@ def _three_device_round(tmp_path: Path, wire_dtype: str, db_url: str = "") -> No
 
 def _metrics_text(fleet: Fleet) -> str:
     return generate_latest(fleet.metrics).decode()
+
+
+def test_server_momentum_carries_over_rounds_and_restarts(tmp_path: Path) -> None:
+    """FedAvgM as a job option: version 2 is version 1 plus round 2's mean step plus half of round 1's, also when the
+    aggregator restarts between the rounds (the momentum is stored beside the version)."""
+    model = tiny_bert_folder(tmp_path / "model")
+    job = tiny_job(model, rounds=3, clients_per_round=1, quorum=1, strategy_options={"server_momentum": 0.5})
+    fleet = Fleet(tmp_path, job).start()
+    try:
+        dev = fleet.register("dev", train_memory_mb=1 << 16, tier="server")  # trains the whole model
+        deltas = []
+        for r in (1, 2):
+            if r == 2:  # a restart between the rounds
+                fleet.stop_aggregator()
+                fleet.metrics = CollectorRegistry()
+                fleet.start_aggregator()
+            stub = fleet.agg_stub()
+            a = fleet.poll(stub, dev).assignment
+            deltas.append(scripted_delta(download(fleet, dev, a), seed=r, assignment=a))
+            assert upload_once(stub, a.ticket, 8, payload(deltas[-1], job.wire_dtype), metadata=dev.md).accepted
+            assert fleet.wait_round(stub, f"job-r{r}").state == aggregator_pb2.ROUND_STATE_CLOSED
+        v0, v1, v2 = (fleet.store.load(f"job-v{i}") for i in range(3))
+        for name, d1 in deltas[0].items():
+            d2 = deltas[1][name]
+            torch.testing.assert_close(v1[name], v0[name] + d1.float())  # round 1: plain FedAvg
+            momentum = v1[name].double() - v0[name].double()
+            torch.testing.assert_close(v2[name], (v1[name].double() + d2.double() + 0.5 * momentum).float())
+        frozen = "bert.embeddings.word_embeddings.weight"
+        assert frozen not in deltas[0] and torch.equal(v2[frozen], v0[frozen])  # never trained, never moved
+    finally:
+        fleet.stop()

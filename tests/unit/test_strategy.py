@@ -1,0 +1,125 @@
+"""The Strategy object: what each preset plans, trains, uploads, merges and publishes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raffm.costs import CostModel
+from raffm.elastic import extract
+from raffm.fitting import RoundBudget, width_spec
+from raffm.spec import ElasticSpec
+from raffm.strategy import STRATEGIES, Strategy, strategy_named
+from tests.unit.models_fixtures import inputs, make, output
+
+VOCAB = "bert.embeddings.word_embeddings.weight"
+
+
+def budget(memory: float) -> RoundBudget:
+    return RoundBudget(train_memory_mb=memory, gflops=1e4, up_mbps=1e4, down_mbps=1e4, deadline_s=1e4, batch_size=8,
+                       seq_len=12)
+
+
+def test_raffm_freezes_the_vocabulary_and_nests_its_cuts_inside_the_spec() -> None:
+    cm = CostModel.from_model(make("bert"))
+    raffm = STRATEGIES["raffm"]
+    assert raffm.cuts(cm) == (width_spec(cm.dims, 1), width_spec(cm.dims, 2), width_spec(cm.dims, 3))
+    recipe = raffm.recipe_for(width_spec(cm.dims, 3), cm)
+    assert recipe.frozen == {VOCAB} and recipe.frozen_dtype == "float16"
+    assert recipe.nested == (width_spec(cm.dims, 1), width_spec(cm.dims, 2))  # smallest first, never the spec itself
+    assert raffm.recipe_for(width_spec(cm.dims, 1), cm).nested == ()
+    plain = STRATEGIES["fedavg"].recipe_for(ElasticSpec.full(cm.dims), cm)
+    assert not plain.frozen and not plain.nested and plain.frozen_dtype == "float32"
+
+
+def test_fedavg_plans_the_whole_model_or_nothing_and_raffm_a_slice() -> None:
+    cm = CostModel.from_model(make("bert"))
+    full = ElasticSpec.full(cm.dims)
+    assert STRATEGIES["fedavg"].plan(cm, budget(1e5)).spec == full
+    tight = 9.6  # MiB: enough for a slice, not for the whole model trained plainly
+    with pytest.raises(ValueError, match="too small"):
+        STRATEGIES["fedavg"].plan(cm, budget(tight))
+    sliced = STRATEGIES["raffm"].plan(cm, budget(tight))
+    assert sliced.spec != full and sliced.spec.hidden == full.hidden
+    assert sliced.costs.train_memory_mb <= tight
+
+
+def test_checkpointing_is_chosen_only_when_memory_needs_it() -> None:
+    cm = CostModel.from_model(make("bert"))
+    raffm = STRATEGIES["raffm"]
+    roomy = raffm.plan(cm, budget(1e5))
+    assert not roomy.recipe.checkpointing  # it costs compute: not without need
+    plain = raffm.recipe_for(roomy.spec, cm)
+    need = cm.estimate(roomy.spec, batch_size=8, seq_len=12, recipe=plain).train_memory_mb
+    squeezed = raffm.plan(cm, budget(need))  # the same spec no longer fits plainly (5% headroom)
+    assert squeezed.recipe.checkpointing or squeezed.spec != roomy.spec
+
+
+def test_only_trained_tensors_are_uploaded() -> None:
+    cm = CostModel.from_model(make("bert"))
+    spec = width_spec(cm.dims, 2)
+    recipe = STRATEGIES["raffm"].recipe_for(spec, cm)
+    plan = cm.plan(spec)
+    upload = Strategy.upload_plan(plan, recipe)
+    assert set(plan) - set(upload) == {VOCAB}
+
+
+@pytest.mark.parametrize("name, ordered", [("raffm", True), ("paper", True), ("heterofl", False)])
+def test_version_0_is_salience_ordered_and_computes_the_same_function(name: str, ordered: bool) -> None:
+    model = make("bert")
+    cm = CostModel.from_model(model)
+    state = strategy_named(name).initial(model.state_dict(), cm)
+    moved = any(not torch.equal(state[n], t) for n, t in model.state_dict().items())
+    assert moved == ordered
+    copy = make("bert")
+    copy.load_state_dict(state)
+    batch = inputs("bert")
+    assert (output(copy, batch) - output(model, batch)).abs().max().item() <= 1e-5
+
+
+def test_raffm_keeps_its_channel_order_and_paper_reorders_every_version() -> None:
+    model = make("bert")
+    cm = CostModel.from_model(model)
+    state = STRATEGIES["raffm"].initial(model.state_dict(), cm)
+    gen = torch.Generator().manual_seed(0)
+    merged = {n: t + 0.3 * torch.randn(t.shape, generator=gen) if t.is_floating_point() else t for n, t in state.items()}
+    kept, _ = STRATEGIES["raffm"].next_version(merged, cm)
+    assert all(torch.equal(kept[n], merged[n]) for n in merged)
+    reordered, _ = STRATEGIES["paper"].next_version(merged, cm)
+    assert any(not torch.equal(reordered[n], merged[n]) for n in merged)
+
+
+def test_server_momentum_accumulates_the_rounds_steps() -> None:
+    model = make("bert")
+    cm = CostModel.from_model(model)
+    m = STRATEGIES["raffm"].with_options(server_momentum=0.5)
+    w0 = {n: t.clone() for n, t in model.state_dict().items()}
+    name = "classifier.weight"
+    step1 = {n: t + 1.0 if n == name else t for n, t in w0.items()}
+    w1, b1 = m.next_version(step1, cm, previous=w0)
+    torch.testing.assert_close(w1[name], w0[name] + 1.0)  # round 1: plain FedAvg
+    step2 = {n: t + 1.0 if n == name else t for n, t in w1.items()}
+    w2, _ = m.next_version(step2, cm, previous=w1, momentum=b1)
+    torch.testing.assert_close(w2[name], w1[name] + 1.5)  # round 2: this step plus half of the last
+    with pytest.raises(ValueError, match="stable channel order"):
+        Strategy(ordering="every_round", server_momentum=0.9)
+
+
+def test_an_update_weighs_the_samples_it_trained_and_bad_settings_are_named() -> None:
+    assert STRATEGIES["raffm"].weight(48) == 48.0
+    with pytest.raises(ValueError, match="trained on 0 samples"):
+        STRATEGIES["raffm"].weight(0)
+    with pytest.raises(ValueError, match="unknown strategy 'fedsgd'"):
+        strategy_named("fedsgd")
+    with pytest.raises(ValueError, match="nested_fractions"):
+        Strategy(nested_fractions=(1.5,))
+    with pytest.raises(ValueError, match="ordering"):
+        Strategy(ordering="sometimes")  # type: ignore[arg-type]
+
+
+def test_a_planned_slice_is_a_real_model() -> None:
+    model = make("bert")
+    cm = CostModel.from_model(model)
+    plan = STRATEGIES["raffm"].plan(cm, budget(9.6))
+    sub = extract(model, plan.spec)
+    assert sum(p.numel() for p in sub.parameters()) == plan.costs.params
