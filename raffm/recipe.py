@@ -24,9 +24,6 @@ class Recipe:
     ``distill_hidden``: weight of the mean squared error between every layer's output in the cut and in the device's
     spec (the cut learns to compute the spec's representations, not only its prediction).
 
-    ``train_shared``: whether nested cuts also train the tensors they keep whole (LayerNorms, pooler, classifier);
-    without, those follow the device's spec alone and the cuts adapt their own slices to them.
-
     ``frozen_dtype``: the precision the device stores frozen embedding tables at ("float16" halves them; their
     lookups are cast back to float32). ``checkpointing``: activation checkpointing (each layer's activations are
     recomputed in the backward pass: about a third more compute for a fraction of the activation memory).
@@ -39,7 +36,6 @@ class Recipe:
     frozen_dtype: str = "float32"
     checkpointing: bool = False
     distill_hidden: float = 0.0
-    train_shared: bool = True
 
     def __post_init__(self) -> None:
         if self.sampled < 0:
@@ -59,7 +55,7 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return {"frozen": sorted(self.frozen), "nested": [s.to_dict() for s in self.nested], "sampled": self.sampled,
                 "distill": self.distill, "frozen_dtype": self.frozen_dtype, "checkpointing": self.checkpointing,
-                "distill_hidden": self.distill_hidden, "train_shared": self.train_shared}
+                "distill_hidden": self.distill_hidden}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
@@ -68,5 +64,4 @@ class Recipe:
                    sampled=int(data.get("sampled", 1)), distill=float(data.get("distill", 1.0)),
                    frozen_dtype=str(data.get("frozen_dtype", "float32")),
                    checkpointing=bool(data.get("checkpointing", False)),
-                   distill_hidden=float(data.get("distill_hidden", 0.0)),
-                   train_shared=bool(data.get("train_shared", True)))
+                   distill_hidden=float(data.get("distill_hidden", 0.0)))

@@ -58,7 +58,6 @@ class Strategy:
     sampled: int = 1
     distill: float = 1.0
     distill_hidden: float = 0.0
-    train_shared: bool = True
     checkpointing: bool = True
     aggregation: Mode = "coverage"
     server_lr: float = 1.0
@@ -127,7 +126,7 @@ class Strategy:
         inner = tuple(c for c in self.cuts(cost_model) if nested(c, spec) and c != spec and c.depth == spec.depth)
         return Recipe(frozen=frozen, nested=inner, sampled=self.sampled, distill=self.distill,
                       frozen_dtype="float16" if frozen else "float32", checkpointing=checkpointing,
-                      distill_hidden=self.distill_hidden if inner else 0.0, train_shared=self.train_shared)
+                      distill_hidden=self.distill_hidden if inner else 0.0)
 
     def recipes_for(self, spec: ElasticSpec, cost_model: CostModel) -> tuple[Recipe, ...]:
         """The recipes a device may train ``spec`` with, preferred first: without activation checkpointing (less

@@ -113,8 +113,7 @@ class NestedCut:
     during backward), so gradients flow into the model's own ``.grad`` and an optimizer step moves the cut with it.
     """
 
-    def __init__(self, model: PreTrainedModel, spec: ElasticSpec, *, checkpointing: bool = False,
-                 train_shared: bool = True) -> None:
+    def __init__(self, model: PreTrainedModel, spec: ElasticSpec, *, checkpointing: bool = False) -> None:
         from raffm.arch import adapter_for
         from raffm.elastic import ELASTIC_CLASSES, elastic_config, stock_class
         from raffm.slicing import slice_plan
@@ -130,9 +129,6 @@ class NestedCut:
         if checkpointing:
             self.skeleton.activation_checkpointing_enable()
         self._model = model
-        # Tensors the cut keeps whole (LayerNorms, pooler, classifier, output biases): with train_shared False the
-        # cut adapts its own slices to them and leaves them to the device's spec.
-        self._trains = {n for n, s in self.plan.items() if train_shared or s.sub_shape != s.shape}
 
     @contextmanager
     def bound(self) -> Iterator[PreTrainedModel]:
@@ -140,8 +136,7 @@ class NestedCut:
         from torch.nn.utils.stateless import _reparametrize_module  # what torch.func.functional_call binds with
 
         tensors: dict[str, torch.Tensor] = {
-            name: _leaf_view(p, self.plan[name]) if p.requires_grad and name in self._trains
-            else self.plan[name].take_view(p.detach())
+            name: _leaf_view(p, self.plan[name]) if p.requires_grad else self.plan[name].take_view(p.detach())
             for name, p in self._model.named_parameters() if name in self.plan
         }
         tensors.update(self._model.named_buffers())
@@ -243,8 +238,7 @@ def train_local(
                 raise ValueError(f"reference tensor {n!r} is missing or not shaped {tuple(p.shape)}")
     else:
         received = {n: p.detach().clone() for n, p in trained.items()}
-    cuts = [NestedCut(model, spec, checkpointing=recipe.checkpointing, train_shared=recipe.train_shared)
-            for spec in recipe.nested]
+    cuts = [NestedCut(model, spec, checkpointing=recipe.checkpointing) for spec in recipe.nested]
     per_epoch = math.ceil(len(data) / config.batch_size)
     total = per_epoch * config.local_epochs
     if config.local_steps:
