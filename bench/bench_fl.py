@@ -48,7 +48,7 @@ from transformers import PreTrainedModel  # noqa: E402
 from raffm.costs import OVERHEAD_MB, CostModel  # noqa: E402
 from raffm.data import TextDataset, dirichlet_split  # noqa: E402
 from raffm.elastic import extract, plan_for  # noqa: E402
-from raffm.fitting import DEFAULT_HEADROOM, RoundBudget  # noqa: E402
+from raffm.fitting import RoundBudget, memory_budget_mb  # noqa: E402
 from raffm.report import machine_info  # noqa: E402
 from raffm.scaling import DEFAULT_FRACTIONS, fidelity, scaling_table  # noqa: E402
 from raffm.spec import ElasticSpec  # noqa: E402
@@ -157,7 +157,7 @@ def tier_of(index: int, clients: int) -> str:
 def tier_budget_mb(fraction: float, full_mb: float) -> float:
     """A training-memory budget that leaves ``fraction`` of the full model's variable memory after the fitter's
     fixed overhead and headroom."""
-    return (OVERHEAD_MB + fraction * (full_mb - OVERHEAD_MB)) / (1 - DEFAULT_HEADROOM)
+    return memory_budget_mb(OVERHEAD_MB + fraction * (full_mb - OVERHEAD_MB))
 
 
 def build_fleet(model: PreTrainedModel, train: TextDataset, settings: Settings, seed: int) -> list[Client]:

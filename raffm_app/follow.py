@@ -100,7 +100,9 @@ def follow_job(
     report.initial_accuracy = evaluate_version(settings, store, job.model_version, test)
     print(f"round 0: global test accuracy {report.initial_accuracy:.1%} (majority class {report.majority_rate:.1%})")
     seen: set[str] = set()
-    before = scrape_tier_bytes(metrics["aggregator"])
+    # The aggregator's counters start at zero and the fleet was started before this evaluation: counting from zero
+    # (not from a scrape now) keeps bytes that a fast first round moved meanwhile.
+    before: dict[tuple[str, str], float] = {}
     bar = tqdm(total=settings.rounds, desc="rounds", unit="round", disable=not sys.stderr.isatty())
     done_states = (aggregator_pb2.JOB_STATE_COMPLETED, aggregator_pb2.JOB_STATE_FAILED, aggregator_pb2.JOB_STATE_CANCELLED)
     while True:

@@ -16,13 +16,13 @@ from raffm.models import default_model_path
 
 TIERS = """
 [tiers.sbc]
-memory_mb = 22
+memory_mb = 39
 gflops = 5
 up_mbps = 10
 down_mbps = 40
 
 [tiers.phone]
-memory_mb = 27
+memory_mb = 44
 gflops = 10
 up_mbps = 20
 down_mbps = 80

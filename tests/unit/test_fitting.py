@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from transformers import AutoConfig, BertForSequenceClassification
 
 from raffm.costs import CostModel
-from raffm.fitting import DEFAULT_HEADROOM, RoundBudget, fit, fit_inference, ladder, round_time
+from raffm.fitting import RoundBudget, fit, fit_inference, ladder, round_time, usable_memory_mb
 from raffm.spec import ElasticSpec
 from raffm.strategy import STRATEGIES
 
@@ -58,7 +58,7 @@ def test_roomy_budget_gets_the_full_model_and_a_tight_one_less() -> None:
     cm = minilm_costs()
     assert fit(cm, profile()).spec == ladder(cm.dims)[-1]
     tight = fit(cm, profile(train_memory_mb=400))
-    assert tight.costs.train_memory_mb <= 400 * (1 - DEFAULT_HEADROOM)
+    assert tight.costs.train_memory_mb <= usable_memory_mb(400)
     assert tight.costs.params < fit(cm, profile(train_memory_mb=500)).costs.params
     assert fit(cm, profile(train_memory_mb=400), headroom=0).costs.train_memory_mb <= 400
     with pytest.raises(ValueError, match="headroom is 1"):
@@ -114,7 +114,7 @@ def test_the_pick_fits_and_the_next_rung_does_not(memory: float, gflops: float, 
         result = fit(cm, p)
     except ValueError:
         return
-    usable = memory * (1 - DEFAULT_HEADROOM)
+    usable = usable_memory_mb(memory)
     assert result.costs.train_memory_mb <= usable and result.round_time.total_s <= deadline
     rungs = ladder(cm.dims)
     i = rungs.index(result.spec)

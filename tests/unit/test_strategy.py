@@ -7,7 +7,7 @@ import torch
 
 from raffm.costs import CostModel
 from raffm.elastic import extract
-from raffm.fitting import RoundBudget, width_spec
+from raffm.fitting import RoundBudget, memory_budget_mb, usable_memory_mb, width_spec
 from raffm.spec import ElasticSpec
 from raffm.strategy import STRATEGIES, Strategy, strategy_named
 from tests.unit.models_fixtures import inputs, make, output
@@ -36,12 +36,12 @@ def test_fedavg_plans_the_whole_model_or_nothing_and_raffm_a_slice() -> None:
     cm = CostModel.from_model(make("bert"))
     full = ElasticSpec.full(cm.dims)
     assert STRATEGIES["fedavg"].plan(cm, budget(1e5)).spec == full
-    tight = 9.6  # MiB: enough for a slice, not for the whole model trained plainly
+    tight = memory_budget_mb(9.1)  # enough for a slice, not for the whole model trained plainly
     with pytest.raises(ValueError, match="too small"):
         STRATEGIES["fedavg"].plan(cm, budget(tight))
     sliced = STRATEGIES["raffm"].plan(cm, budget(tight))
     assert sliced.spec != full and sliced.spec.hidden == full.hidden
-    assert sliced.costs.train_memory_mb <= tight
+    assert sliced.costs.train_memory_mb <= usable_memory_mb(tight)
 
 
 def test_checkpointing_is_chosen_only_when_memory_needs_it() -> None:
@@ -51,7 +51,7 @@ def test_checkpointing_is_chosen_only_when_memory_needs_it() -> None:
     assert not roomy.recipe.checkpointing  # it costs compute: not without need
     plain = raffm.recipe_for(roomy.spec, cm)
     need = cm.estimate(roomy.spec, batch_size=8, seq_len=12, recipe=plain).train_memory_mb
-    squeezed = raffm.plan(cm, budget(need))  # the same spec no longer fits plainly (5% headroom)
+    squeezed = raffm.plan(cm, budget(memory_budget_mb(need) - 0.1))  # the same spec no longer fits plainly
     assert squeezed.recipe.checkpointing or squeezed.spec != roomy.spec
 
 
@@ -120,6 +120,6 @@ def test_an_update_weighs_the_samples_it_trained_and_bad_settings_are_named() ->
 def test_a_planned_slice_is_a_real_model() -> None:
     model = make("bert")
     cm = CostModel.from_model(model)
-    plan = STRATEGIES["raffm"].plan(cm, budget(9.6))
+    plan = STRATEGIES["raffm"].plan(cm, budget(memory_budget_mb(9.1)))
     sub = extract(model, plan.spec)
     assert sum(p.numel() for p in sub.parameters()) == plan.costs.params
