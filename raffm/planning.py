@@ -108,6 +108,9 @@ class PlanResult:
     cost: dict[str, float] = field(default_factory=dict)  # raffm.v1.CostEstimate fields
     recipe: Recipe = Recipe()  # how the device trains the spec
     fit: FitResult | None = None  # the core fitter's answer (None when the plan came over gRPC)
+    # What the caller planned with besides the cost model (declared profile, calibration, steps): kept with the
+    # assignment so the device's report can be compared with the prediction.
+    basis: dict[str, float] = field(default_factory=dict)
 
 
 class Planner(Protocol):

@@ -183,20 +183,30 @@ class PollReply(_message.Message):
     def __init__(self, wait: _Optional[_Union[Wait, _Mapping]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ...) -> None: ...
 
 class TrainMetrics(_message.Message):
-    __slots__ = ("loss", "steps", "seconds", "peak_memory_mb", "accuracy", "download_bytes")
+    __slots__ = ("loss", "steps", "seconds", "peak_memory_mb", "accuracy", "download_bytes", "step_seconds", "samples", "download_seconds", "download_mbps", "upload_mbps")
     LOSS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     PEAK_MEMORY_MB_FIELD_NUMBER: _ClassVar[int]
     ACCURACY_FIELD_NUMBER: _ClassVar[int]
     DOWNLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    DOWNLOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DOWNLOAD_MBPS_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_MBPS_FIELD_NUMBER: _ClassVar[int]
     loss: float
     steps: int
     seconds: float
     peak_memory_mb: float
     accuracy: float
     download_bytes: int
-    def __init__(self, loss: _Optional[float] = ..., steps: _Optional[int] = ..., seconds: _Optional[float] = ..., peak_memory_mb: _Optional[float] = ..., accuracy: _Optional[float] = ..., download_bytes: _Optional[int] = ...) -> None: ...
+    step_seconds: float
+    samples: int
+    download_seconds: float
+    download_mbps: float
+    upload_mbps: float
+    def __init__(self, loss: _Optional[float] = ..., steps: _Optional[int] = ..., seconds: _Optional[float] = ..., peak_memory_mb: _Optional[float] = ..., accuracy: _Optional[float] = ..., download_bytes: _Optional[int] = ..., step_seconds: _Optional[float] = ..., samples: _Optional[int] = ..., download_seconds: _Optional[float] = ..., download_mbps: _Optional[float] = ..., upload_mbps: _Optional[float] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
     __slots__ = ("ticket", "sample_count", "metrics")

@@ -3,15 +3,22 @@ decides, through the planner), the signed ticket that lets it download its slice
 when it gives up.
 
 A polling device gets either a :class:`Wait` (with a reason and a jittered delay) or an :class:`Assignment`.
+
+Closed-loop sizing: a device is planned with its declared profile corrected by its calibration (what its recent
+rounds really cost, :mod:`raffm.calibration`), for the work it really does (the samples it trained last round, in
+epoch mode) and the time left in the round; its report, when its update is accepted, updates the calibration.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from raffm.calibration import Calibration, CalibrationBook, CalibrationPolicy, corrected_profile, replayed
 from raffm.errors import AuthenticationError, PermissionDeniedError
 from raffm.planning import NoFitError, Planner, PlanJob, PlanResult
 from raffm.recipe import Recipe
@@ -21,8 +28,19 @@ from services.aggregator.config import JobConfig
 from services.aggregator.devices import DEREGISTERED, DeviceInfo
 from services.aggregator.lifecycle import OpenRound
 from services.aggregator.metrics import AggregatorMetrics
-from services.aggregator.store import ASSIGNED, DROPPED, OPEN, AssignmentRecord, JobRecord, RoundRecord, RoundStore
+from services.aggregator.reports import build_report, export, observation, stored_observations
+from services.aggregator.store import (
+    ASSIGNED, DROPPED, OPEN, UPLOADED, AssignmentRecord, JobRecord, RoundRecord, RoundStore,
+)
+from services.aggregator.uploads import UploadSession
 from services.common.auth import Principal
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STEPS = 10  # optimizer steps assumed for a device in epoch mode before it has reported its sample count
+# Share of the time left that a plan may fill: the fitter takes the largest spec whose estimate fits, so a plan without
+# slack finishes just in time at best; this absorbs the noise of a device's speed from round to round.
+DEADLINE_SLACK = 0.15
 
 
 class TicketRejectedError(AuthenticationError):
@@ -63,6 +81,9 @@ class Assigner:
         self.job, self.rounds, self.planner, self.signer, self.metrics = job, rounds, planner, signer, metrics
         self._clock = clock
         self._rng = rng or random.Random()
+        self.calibrations = CalibrationBook(CalibrationPolicy(half_life_s=job.calibration_half_life_s),
+                                            enabled=job.calibrate)
+        self._restored = False
 
     def wait(self, reason: str) -> Wait:
         """Poll again after the job's wait, jittered so a fleet does not poll in lockstep."""
@@ -88,17 +109,46 @@ class Assigner:
             return self.wait("round is full")
         return o.record
 
+    def calibration(self, device_id: str) -> Calibration:
+        """What this device's reports have taught so far (rebuilt from the round store after a restart)."""
+        if not self._restored:
+            self._restored = True
+            replayed(self.calibrations, stored_observations(self.rounds, self.job.job_id))
+        return self.calibrations.calibration(device_id, self._clock())
+
+    def planned_steps(self, cal: Calibration) -> int:
+        """Optimizer steps the device will really take: the samples it trained last round when it has reported
+        (epoch mode trains the device's whole share), else the job's ``local_steps`` (or a default)."""
+        if cal.samples > 0:
+            steps = math.ceil(cal.samples / self.job.batch_size)
+            return min(steps, self.job.local_steps) if self.job.local_steps else steps
+        return self.job.local_steps or DEFAULT_STEPS
+
     def choose_spec(self, device: DeviceInfo, rnd: RoundRecord) -> PlanResult | Wait:
-        """Which sub-model ``device`` trains in ``rnd``, and how: the job strategy's plan for its profile, the job and
-        the time left (a Wait when not even the smallest sub-model fits)."""
+        """Which sub-model ``device`` trains in ``rnd``, and how: the job strategy's plan for its calibrated profile,
+        the work it will really do and the time left (a Wait, logged with its reason, when nothing fits)."""
         job = self.job
+        cal = self.calibration(device.device_id)
+        steps = self.planned_steps(cal)
+        left = rnd.deadline - self._clock()
+        # download + compute + upload must fit in what is left once the device's fixed cost of a round is paid
+        budget_s = (left - cal.overhead_s) * (1 - DEADLINE_SLACK)
         plan_job = PlanJob(batch_size=job.batch_size, seq_len=job.seq_len, wire_dtype=job.wire_dtype,
-                           deadline_s=max(rnd.deadline - self._clock(), 1.0),
-                           local_steps=job.local_steps or 10, optimizer=job.optimizer)
+                           deadline_s=max(budget_s, 0.01), local_steps=steps, optimizer=job.optimizer)
+        profile = corrected_profile(device.profile, cal)
         try:
-            return self.planner.plan(device.profile, plan_job, rnd.model_version)
+            plan = self.planner.plan(profile, plan_job, rnd.model_version)
         except NoFitError as exc:
+            reason = "deadline" if "deadline" in str(exc) else "memory"
+            self.metrics.unfit.labels(device.tier, reason).inc()
+            log.info("no assignment for %s in round %d: nothing fits in %.0f s left (%d steps, calibration %s): %s",
+                     device.device_id, rnd.index, left, steps, _factors(cal), exc)
             return self.wait(f"no sub-model fits this device: {exc}")
+        p = device.profile
+        basis = {"declared_gflops": p.gflops, "declared_up_mbps": p.up_mbps, "declared_down_mbps": p.down_mbps,
+                 "declared_memory_mb": float(p.train_memory_mb), "planned_steps": float(steps),
+                 "time_left_s": left, "time_budget_s": budget_s, **{f"calibration_{k}": v for k, v in cal.to_dict().items()}}
+        return replace(plan, basis=basis)
 
     def issue(self, device: DeviceInfo, rnd: RoundRecord, plan: PlanResult, wire_bytes: int) -> Assignment:
         """Sign the ticket and record the assignment. ``wire_bytes``: exactly the bytes of the slice's tensors in the
@@ -112,12 +162,28 @@ class Assigner:
                                recipe=plan.recipe)
         self.rounds.add_assignment(AssignmentRecord(
             ticket_id=ticket.ticket_id, round_id=rnd.round_id, device_id=device.device_id, tier=device.tier,
-            spec=plan.spec.to_dict(), state=ASSIGNED, created_at=now, download_bytes=wire_bytes))
+            spec=plan.spec.to_dict(), state=ASSIGNED, created_at=now, download_bytes=wire_bytes,
+            predicted={**plan.cost, **plan.basis}))
         self.metrics.assignments.labels(device.tier).inc()
         self.metrics.bytes_down_assigned.labels(device.tier, job.wire_dtype).inc(wire_bytes)
         return Assignment(round_id=rnd.round_id, round_index=rnd.index, job_id=job.job_id,
                           model_version=rnd.model_version, spec=plan.spec, ticket=self.signer.sign(ticket),
                           deadline=rnd.deadline, predicted=dict(plan.cost), job=job, recipe=plan.recipe)
+
+    def reported(self, session: UploadSession, upload_bytes: int) -> AssignmentRecord:
+        """The assignment of an accepted update, uploaded, with its device's report; the report is exported as
+        metrics and teaches the device's calibration."""
+        now = self._clock()
+        a = session.assignment
+        report = build_report(session.metrics, sample_count=session.sample_count, upload_bytes=upload_bytes,
+                              upload_seconds=session.seconds, round_seconds=now - a.created_at, at=now)
+        done = replace(a, state=UPLOADED, report=report)
+        obs = observation(done)
+        if obs is not None:
+            self.calibration(a.device_id)  # restore first, so this observation lands after the stored ones
+            self.calibrations.add(a.device_id, obs)
+            export(self.metrics, done, obs)
+        return done
 
     def verify(self, ticket_bytes: bytes, caller: Principal | None, *, check_expiry: bool = True) -> Ticket:
         """The ticket, if this aggregator signed it for this job and ``caller`` is its device (or an operator)."""
@@ -145,3 +211,7 @@ class Assigner:
                 rnd = o.record
             rnd.dropped += 1
             self.rounds.save_round(rnd)
+
+
+def _factors(cal: Calibration) -> str:
+    return f"compute x{cal.compute:.2f}, down x{cal.down:.2f}, up x{cal.up:.2f}, memory x{cal.memory:.2f}"

@@ -83,6 +83,11 @@ class JobConfig:
     # Cuts (shares of the forward compute) evaluated besides the global model, e.g. [0.25, 0.5, 1.0].
     eval_fractions: tuple[float, ...] = ()
     eval_max_samples: int = 1000
+    # Closed-loop sizing: plan each device with its declared profile corrected by what its recent rounds really cost
+    # (raffm.calibration); off: plan with the declared profile as is. A quiet device's correction halves every
+    # calibration_half_life_s.
+    calibrate: bool = True
+    calibration_half_life_s: float = 6 * 3600.0
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -132,6 +137,8 @@ class JobConfig:
             raise ValueError("round_deadline_s, server_lr and lr must be > 0")
         if not 0 <= self.poll_jitter < 1:
             raise bad("poll_jitter", "must be in [0, 1)")
+        if not self.calibration_half_life_s > 0:
+            raise bad("calibration_half_life_s", "must be > 0 seconds")
 
     def method(self) -> Strategy:
         """The job's :class:`~raffm.strategy.Strategy`: the preset, its options, then the shortcuts."""

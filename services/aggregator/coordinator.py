@@ -41,7 +41,7 @@ from services.aggregator.lifecycle import Lifecycle, OpenRound
 from services.aggregator.metrics import AggregatorMetrics
 from services.aggregator.staging import Staging
 from services.aggregator.store import (
-    AGGREGATING, CLOSED, FAILED, OPEN, UPLOADED, DuplicateUpdateError, JobRecord, RoundRecord, RoundStore,
+    AGGREGATING, CLOSED, FAILED, OPEN, DuplicateUpdateError, JobRecord, RoundRecord, RoundStore,
     UpdateRecord,
 )
 from services.aggregator.uploads import (
@@ -197,7 +197,7 @@ class RoundCoordinator:
                 raise DuplicateUploadError(f"an update for ticket {ticket.ticket_id} was already accepted") from None
             # Durable from here on: a crash after this line re-folds the update at restart.
             o.fold(delta, session.plan, update, self.wire_dtype)
-            assignment = replace(session.assignment, state=UPLOADED)
+            assignment = self.assigner.reported(session, nbytes)
             self.rounds.save_assignment(assignment)
             down = downloaded_bytes(assignment, session.metrics.get("download_bytes", 0.0))
             count_accepted_bytes(o.record, self.metrics, assignment, nbytes, down,

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 ROUND_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
+# measured / predicted: a device exactly as declared lands in the 1.0 bucket; 2-4x liars land far from it.
+RATIO_BUCKETS = (0.125, 0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0, 8.0)
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,8 @@ class AggregatorMetrics:
     fold_seconds: Histogram
     eval_metric: Gauge
     current_round: Gauge
+    measured_ratio: Histogram
+    unfit: Counter
 
 
 def build_aggregator_metrics(registry: CollectorRegistry) -> AggregatorMetrics:
@@ -67,4 +71,12 @@ def build_aggregator_metrics(registry: CollectorRegistry) -> AggregatorMetrics:
         eval_metric=Gauge("raffm_aggregator_eval", "Held-out evaluation of the latest global model, by metric and size.",
                           ("metric", "size"), registry=registry),
         current_round=Gauge("raffm_aggregator_current_round", "Index of the open (or last) round.", registry=registry),
+        measured_ratio=Histogram(
+            "raffm_aggregator_measured_over_predicted",
+            "What devices measured over what their declared profile predicted, per accepted update, by device tier "
+            "and quantity (memory, compute, down, up); above 1 the device was slower or used more memory than "
+            "declared.", ("tier", "quantity"), buckets=RATIO_BUCKETS, registry=registry),
+        unfit=Counter("raffm_aggregator_unfit_polls",
+                      "Polls answered with a wait because no sub-model fits the device (memory or time left), by "
+                      "device tier and reason.", ("tier", "reason"), registry=registry),
     )

@@ -18,6 +18,7 @@ from raffm.wire import WireError
 from services.aggregator.assignments import Assignment, Wait
 from services.aggregator.coordinator import RoundCoordinator
 from services.aggregator.devices import DeviceDirectory
+from services.aggregator.reports import header_metrics
 from services.aggregator.store import AGGREGATING, CLOSED, FAILED, OPEN, RoundRecord
 from services.aggregator.uploads import UploadRejectedError, UploadSession
 from services.common.auth import authorize_device, current_principal
@@ -97,9 +98,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
             if first is None or first.WhichOneof("body") != "header":
                 raise _rejected("invalid_header", "the first upload message must be the header")
             h = first.header
-            metrics = {"loss": h.metrics.loss, "steps": h.metrics.steps, "seconds": h.metrics.seconds,
-                       "peak_memory_mb": h.metrics.peak_memory_mb, "accuracy": h.metrics.accuracy,
-                       "download_bytes": h.metrics.download_bytes}
+            metrics = header_metrics(h.metrics)
             session = await asyncio.to_thread(self.c.begin_upload, h.ticket, caller, int(h.sample_count), metrics)
             async for msg in request_iterator:
                 kind = msg.WhichOneof("body")

@@ -64,6 +64,10 @@ class AssignmentRecord:
     state: str
     created_at: float
     download_bytes: int = 0
+    # Closed-loop sizing: the plan's predictions with the declared profile they were made for, and what the device
+    # reported with its upload (raffm.calibration.observe reads both).
+    predicted: dict[str, float] = field(default_factory=dict)
+    report: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -220,6 +224,8 @@ _assignments = sa.Table(
     sa.Column("state", sa.String(16), nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("download_bytes", sa.BigInteger, nullable=False),
+    sa.Column("predicted", sa.JSON, nullable=False, server_default="{}"),
+    sa.Column("report", sa.JSON, nullable=False, server_default="{}"),
     sa.UniqueConstraint("round_id", "device_id"),
 )
 _updates = sa.Table(

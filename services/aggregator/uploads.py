@@ -8,6 +8,7 @@ verified tensors.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -123,6 +124,12 @@ class UploadSession:
         self.wire_dtype, self._commit = wire_dtype, commit
         self.reassembler: Reassembler | None = None
         self.received = 0
+        self._started = time.monotonic()  # the header arrived: the aggregator's view of the upload's duration
+
+    @property
+    def seconds(self) -> float:
+        """Seconds since the upload's header arrived."""
+        return time.monotonic() - self._started
 
     @property
     def round_id(self) -> str:
