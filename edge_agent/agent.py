@@ -26,6 +26,7 @@ from edge_agent.identity import IDENTITY_LOST, Heartbeat, Identity
 from edge_agent.profile import resolve_profile
 from edge_agent.progress import Progress
 from edge_agent.state import AgentState, StateLock, clean_temporaries, load_state
+from edge_agent.throttle import Pace
 from raffm.profile import DeviceProfile
 from raffm.v1 import aggregator_pb2
 
@@ -84,6 +85,7 @@ class Agent:
         self._last_config: Any = None  # global config of the last download, for pre-download checks
         self.cache = TensorCache(config.state_path / "cache")  # frozen tensors kept between rounds
         self.outcomes: list[Outcome] = []
+        self._last_upload_mbps = 0.0  # throughput of the previous upload, reported with the next one
         self.identity: Identity | None = None
         self.heartbeat: Heartbeat | None = None
 
@@ -289,6 +291,8 @@ class Agent:
             self._warmed_up = True
         meter = trainer.MemoryMeter()
         meter.start()
+        cfg = self.config
+        down_pace = Pace(cfg.true_down_mbps * 1e6 / 8, wait=self.stopper.wait)
         try:
             download = download_slice(self.client, a, self.progress, self.cache)
         except TransferError as exc:
@@ -299,6 +303,8 @@ class Agent:
             raise AssignmentRefused(FR.FAILURE_REASON_DOWNLOAD, str(exc)) from None
         outcome.download_resumes, outcome.download_refetches = download.resumes, download.refetches
         download_bytes = download.bytes_received
+        down_pace.done(download_bytes)  # a simulated slow link: the download ends when it would have there
+        download_seconds = down_pace.elapsed
         config = submodel.global_config(download.manifest_proto, fallback_model=self.config.model,
                                         num_labels=a.task.num_labels)
         self._last_config = config
@@ -324,7 +330,11 @@ class Agent:
         del download
         bar = self.progress.bar("train", 0, "step", event="train", round=a.round_id)
 
+        step_pace = Pace(cfg.true_gflops * 1e9, wait=self.stopper.wait)  # simulated slow compute (0: off)
+        step_flops = float(a.predicted.flops_per_sample) * local.batch_size
+
         def on_step(step: int, total: int, loss: float) -> None:
+            step_pace.done(step_flops)
             if bar.total != total:
                 bar.set_total(total)
             bar.update(1, loss=f"{loss:.4f}")
@@ -360,10 +370,18 @@ class Agent:
                         "budget_mb": budget})
 
         # 5. Upload.
+        # What the round really cost (closed-loop sizing: the aggregator corrects this device's profile with it).
         metrics = {"loss": result.loss, "steps": result.steps, "seconds": result.seconds, "peak_memory_mb": peak,
-                   "download_bytes": download_bytes}
+                   "download_bytes": download_bytes, "step_seconds": result.seconds / max(result.steps, 1),
+                   "samples": result.samples, "download_seconds": download_seconds,
+                   "download_mbps": 8 * download_bytes / download_seconds / 1e6 if download_seconds > 0 else 0.0,
+                   "upload_mbps": self._last_upload_mbps}
+        up_pace = Pace(cfg.true_up_mbps * 1e6 / 8, wait=self.stopper.wait)
         try:
-            uploaded = upload_update(self.client, a, result.delta, names, result.samples, metrics, self.progress)
+            uploaded = upload_update(self.client, a, result.delta, names, result.samples, metrics, self.progress,
+                                     on_chunk=up_pace.done if cfg.true_up_mbps > 0 else None)
+            if up_pace.elapsed > 0 and uploaded.ack.bytes_received:
+                self._last_upload_mbps = 8 * uploaded.ack.bytes_received / up_pace.elapsed / 1e6
         except UploadRejected as exc:
             if exc.ack.reject_reason == aggregator_pb2.REJECT_REASON_LATE:
                 outcome.status, outcome.detail = "late", exc.ack.detail

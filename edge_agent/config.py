@@ -55,6 +55,11 @@ class AgentConfig:
     gflops: float = 0.0
     up_mbps: float = 0.0
     down_mbps: float = 0.0
+    # simulation only: the device's real compute and links, when they differ from what it declares (0: as declared;
+    # the agent throttles itself to them, see edge_agent.throttle)
+    true_gflops: float = 0.0
+    true_up_mbps: float = 0.0
+    true_down_mbps: float = 0.0
     # behaviour
     rpc_timeout_s: float = 15.0
     transfer_timeout_s: float = 3600.0
@@ -95,7 +100,7 @@ class AgentConfig:
                         f"--{_flag(key)} is {getattr(self, key)}; give a positive value or use --profile auto"
                     )
         for key in ("memory_mb", "infer_memory_mb", "gflops", "up_mbps", "down_mbps", "chunk_bytes", "max_rounds",
-                    "threads"):
+                    "threads", "true_gflops", "true_up_mbps", "true_down_mbps"):
             if getattr(self, key) < 0:
                 raise ValueError(f"--{_flag(key)} is {getattr(self, key)}; it must not be negative")
         for key in ("rpc_timeout_s", "transfer_timeout_s", "backoff_initial_s", "backoff_max_s"):
@@ -240,6 +245,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--gflops", type=float, help="sustained compute, GFLOP/s")
     g.add_argument("--up-mbps", type=float, help="uplink bandwidth, Mbit/s")
     g.add_argument("--down-mbps", type=float, help="downlink bandwidth, Mbit/s")
+    g = parser.add_argument_group("simulation (a device whose real resources differ from its declared profile)")
+    g.add_argument("--true-gflops", type=float, help="train no faster than this many GFLOP/s (0: unthrottled)")
+    g.add_argument("--true-up-mbps", type=float, help="upload no faster than this, Mbit/s (0: unthrottled)")
+    g.add_argument("--true-down-mbps", type=float, help="download no faster than this, Mbit/s (0: unthrottled)")
     g = parser.add_argument_group("behaviour")
     g.add_argument("--rpc-timeout-s", type=float, help=f"deadline of every unary call (default: {d.rpc_timeout_s})")
     g.add_argument("--transfer-timeout-s", type=float,

@@ -37,10 +37,16 @@ class Tier:
     down_mbps: float
     share: float = 1.0
     tier: str = "laptop"  # the registry's device class (metrics label)
+    # what the devices really have when it differs from what they declare (0: as declared): a lying fleet
+    true_gflops: float = 0.0
+    true_up_mbps: float = 0.0
+    true_down_mbps: float = 0.0
 
 
 def load_tiers(path: str | Path) -> list[Tier]:
-    """Tiers from TOML: ``[tiers.NAME]`` tables with memory_mb, gflops, up_mbps, down_mbps, optional share/tier."""
+    """Tiers from TOML: ``[tiers.NAME]`` tables with memory_mb, gflops, up_mbps, down_mbps, optional share/tier, and
+    optional true_gflops/true_up_mbps/true_down_mbps: the devices' real speed and links when they differ from the
+    declared ones (the agents throttle themselves to them)."""
     import tomllib
 
     p = Path(path)
@@ -59,7 +65,12 @@ def load_tiers(path: str | Path) -> list[Tier]:
             raise ValueError(f"{p}: tier {name!r} lacks {', '.join(missing)}")
         tier = Tier(name=name, memory_mb=int(t["memory_mb"]), gflops=float(t["gflops"]), up_mbps=float(t["up_mbps"]),
                     down_mbps=float(t["down_mbps"]), share=float(t.get("share", 1.0)),
-                    tier=str(t.get("tier", name if name in TIERS else "laptop")))
+                    tier=str(t.get("tier", name if name in TIERS else "laptop")),
+                    true_gflops=float(t.get("true_gflops", 0.0)), true_up_mbps=float(t.get("true_up_mbps", 0.0)),
+                    true_down_mbps=float(t.get("true_down_mbps", 0.0)))
+        if min(tier.true_gflops, tier.true_up_mbps, tier.true_down_mbps) < 0:
+            raise ValueError(f"{p}: tier {name!r} needs true_gflops, true_up_mbps and true_down_mbps >= 0 (0: as "
+                             "declared)")
         if tier.share <= 0 or tier.memory_mb <= 0 or tier.gflops <= 0 or tier.up_mbps <= 0 or tier.down_mbps <= 0:
             raise ValueError(f"{p}: tier {name!r} needs positive memory_mb, gflops, up_mbps, down_mbps and share")
         if tier.tier not in TIERS:
@@ -75,6 +86,8 @@ def tiers_toml(tiers: list[Tier]) -> str:
         lines.append(f"[tiers.{t.name}]")
         lines += [f"{k} = {v:g}" for k, v in (("memory_mb", t.memory_mb), ("gflops", t.gflops), ("up_mbps", t.up_mbps),
                                                ("down_mbps", t.down_mbps), ("share", t.share))]
+        lines += [f"{k} = {v:g}" for k, v in (("true_gflops", t.true_gflops), ("true_up_mbps", t.true_up_mbps),
+                                               ("true_down_mbps", t.true_down_mbps)) if v]
         lines += [f'tier = "{t.tier}"', ""]
     return "\n".join(lines)
 
@@ -167,7 +180,8 @@ def plan_devices(args: argparse.Namespace) -> list[tuple[AgentConfig, Any]]:
         config = AgentConfig(
             registry=args.registry, aggregator=args.aggregator, extractor=args.extractor, enroll_key=args.enroll_key,
             name=name, state_dir=str(root / name), model=args.model, tier=tier.tier, memory_mb=tier.memory_mb,
-            gflops=tier.gflops, up_mbps=tier.up_mbps, down_mbps=tier.down_mbps, max_rounds=args.max_rounds,
+            gflops=tier.gflops, up_mbps=tier.up_mbps, down_mbps=tier.down_mbps, true_gflops=tier.true_gflops,
+            true_up_mbps=tier.true_up_mbps, true_down_mbps=tier.true_down_mbps, max_rounds=args.max_rounds,
             threads=args.threads, progress="off", log_format=args.log_format,
         ).validate()
         out.append((config, share))
@@ -208,7 +222,8 @@ def run_processes(devices: list[tuple[AgentConfig, Any]]) -> int:
             "registry": config.registry, "aggregator": config.aggregator, "extractor": config.extractor,
             "name": config.name, "state-dir": config.state_dir, "data": str(data_path), "model": config.model,
             "tier": config.tier, "memory-mb": config.memory_mb, "gflops": config.gflops, "up-mbps": config.up_mbps,
-            "down-mbps": config.down_mbps, "max-rounds": config.max_rounds, "threads": config.threads,
+            "down-mbps": config.down_mbps, "true-gflops": config.true_gflops, "true-up-mbps": config.true_up_mbps,
+            "true-down-mbps": config.true_down_mbps, "max-rounds": config.max_rounds, "threads": config.threads,
             "progress": "off", "log-format": config.log_format,
         }.items():
             cmd += [f"--{key}", str(value)]

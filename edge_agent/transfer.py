@@ -177,7 +177,11 @@ def update_header(ticket: bytes, sample_count: int, metrics: Mapping[str, float]
         metrics=aggregator_pb2.TrainMetrics(loss=m.get("loss", 0.0), steps=int(m.get("steps", 0)),
                                             seconds=m.get("seconds", 0.0), peak_memory_mb=m.get("peak_memory_mb", 0.0),
                                             accuracy=m.get("accuracy", 0.0),
-                                            download_bytes=int(m.get("download_bytes", 0))))
+                                            download_bytes=int(m.get("download_bytes", 0)),
+                                            step_seconds=m.get("step_seconds", 0.0), samples=int(m.get("samples", 0)),
+                                            download_seconds=m.get("download_seconds", 0.0),
+                                            download_mbps=m.get("download_mbps", 0.0),
+                                            upload_mbps=m.get("upload_mbps", 0.0)))
 
 
 def upload_messages(
@@ -343,9 +347,11 @@ def upload_update(
     sample_count: int,
     metrics: Mapping[str, float],
     progress: Progress,
+    on_chunk: Callable[[int], None] | None = None,
 ) -> UploadResult:
     """Upload ``delta`` (float tensors, named as in the download) in the assignment's wire dtype, with the samples it
-    was trained on and the round's training metrics; resumes on breaks."""
+    was trained on and the round's training metrics; resumes on breaks. ``on_chunk(nbytes)`` runs after each chunk
+    (a simulated slow link paces itself there)."""
     config = client.config
     dtype = wire_dtype_from_proto(assignment.hparams.wire_dtype)
     payload = WirePayload.from_state(delta, dtype, names)
@@ -374,7 +380,7 @@ def upload_update(
 
             requests: Iterator[Any] = upload_messages(
                 assignment.ticket, sample_count, payload, metrics=metrics, manifest=manifest_msg, resume=start,
-                chunk_bytes=chunk_bytes, on_chunk=bar.update)
+                chunk_bytes=chunk_bytes, on_chunk=bar.update if on_chunk is None else _both(bar.update, on_chunk))
             if client.faults is not None:
                 def held() -> int:
                     reply = client.aggregator.QueryUpload(
@@ -445,3 +451,10 @@ def upload_update(
             raise UploadRejected(ack)
     finally:
         bar.close()
+
+
+def _both(first: Callable[[int], object], second: Callable[[int], object]) -> Callable[[int], None]:
+    def call(n: int) -> None:
+        first(n)
+        second(n)
+    return call

@@ -119,3 +119,34 @@ def test_a_device_that_cannot_finish_in_time_is_not_assigned(tmp_path: Path) -> 
         assert 'raffm_aggregator_unfit_polls_total{reason="deadline",tier="phone"} 1.0' in text
     finally:
         fleet.stop()
+
+
+def test_a_real_agent_reports_what_its_round_cost(tmp_path: Path) -> None:
+    """The edge agent (throttled to a true speed and links below what it declares, as `raffm agent simulate` tiers
+    can ask) reports its step time, samples and throughputs with its upload; they land in the assignment's row."""
+    from tests.integration.agentkit import AgentThread, agent_config, job, tiny_model
+
+    model = tiny_model(tmp_path / "model")
+    fleet = Fleet(tmp_path, job(model)).start()
+    try:
+        config = agent_config(fleet, "liar", tmp_path / "state", model, true_gflops=50.0, true_up_mbps=50.0,
+                              true_down_mbps=50.0)
+        runner = AgentThread(config).start()
+        assert runner.join() == 0
+        [outcome] = runner.agent.outcomes
+        assert outcome.status == "uploaded", outcome
+        store = SqlRoundStore(f"sqlite:///{tmp_path / 'agg' / 'aggregator.db'}")
+        try:
+            [a] = store.assignments("job-r1")
+        finally:
+            store.close()
+        r = a.report
+        assert r["samples"] == outcome.samples > 0 and r["steps"] >= 1
+        assert r["step_seconds"] == pytest.approx(r["seconds"] / r["steps"])
+        assert r["download_seconds"] > 0 and r["download_mbps"] > 0 and r["download_bytes"] > 0
+        assert r["upload_seconds"] > 0 and r["upload_mbps"] > 0 and r["upload_bytes"] > 0
+        assert r["peak_memory_mb"] == pytest.approx(outcome.peak_memory_mb)
+        assert r["round_seconds"] >= r["seconds"]
+        assert a.predicted["declared_gflops"] == 100.0 and a.predicted["planned_steps"] == 2
+    finally:
+        fleet.stop()
