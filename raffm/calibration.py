@@ -13,7 +13,8 @@ compound). :func:`estimate` folds a device's recent observations into a :class:`
 - every factor bounded to ``[1/max_factor, max_factor]``, and decaying (in log space, with ``half_life_s``) toward the
   declared profile when the device has not reported for a while;
 - besides the ratios, the device's fixed cost of a round (``overhead_s``: the round's wall time from assignment to
-  accepted upload, less its download, training and upload): the median of recent rounds, bounded, decaying to 0.
+  accepted upload, less its download, training and upload): the median of recent rounds (none from a single round),
+  bounded, decaying to 0.
 
 :func:`corrected_profile` applies a calibration to the declared profile; planning then runs the strategy's fitter on
 the corrected one. :class:`CalibrationBook` keeps the recent observations of each device, in memory (rebuildable from
@@ -128,7 +129,9 @@ def estimate(history: Iterable[Observation], now: float, policy: CalibrationPoli
     samples = next((o.samples for o in reversed(recent) if o.samples > 0), 0)
     overheads = sorted(o.overhead_s for o in recent if o.overhead_s is not None)
     overhead = 0.0
-    if overheads:  # the median; of two, the smaller (one slow round does not set it)
+    # The median; of two, the smaller; of one, none: a first round pays one-time costs (loading, warm-up) that a
+    # single sample cannot tell from recurring ones, and must not lock a device out of the next round.
+    if len(overheads) >= 2:
         mid = len(overheads) // 2
         overhead = overheads[mid] if len(overheads) % 2 else min(overheads[mid - 1:mid + 1])
     overhead = min(overhead, policy.max_overhead_s) * decay

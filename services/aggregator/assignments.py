@@ -185,6 +185,23 @@ class Assigner:
             export(self.metrics, done, obs)
         return done
 
+    def late(self, a: AssignmentRecord, sample_count: int, metrics: dict[str, float]) -> None:
+        """A device's upload came too late: its update is refused, but its report is kept and teaches its
+        calibration (a device that always misses would otherwise never be corrected)."""
+        if a.report:
+            return  # one report per assignment (a retried late upload says nothing new)
+        now = self._clock()
+        report = build_report(metrics, sample_count=sample_count, upload_bytes=0, upload_seconds=0.0,
+                              round_seconds=now - a.created_at, at=now)
+        report["late"] = 1.0
+        a = replace(a, report=report)
+        self.rounds.save_assignment(a)
+        obs = observation(a)
+        if obs is not None:
+            self.calibration(a.device_id)
+            self.calibrations.add(a.device_id, obs)
+            export(self.metrics, a, obs)
+
     def verify(self, ticket_bytes: bytes, caller: Principal | None, *, check_expiry: bool = True) -> Ticket:
         """The ticket, if this aggregator signed it for this job and ``caller`` is its device (or an operator)."""
         try:

@@ -165,7 +165,11 @@ class RoundCoordinator:
                 raise TicketRejectedError(f"ticket {ticket.ticket_id} was not issued by this aggregator")
             if self.rounds.update_for_ticket(ticket.ticket_id) is not None:
                 raise DuplicateUploadError(f"an update for ticket {ticket.ticket_id} was already accepted")
-            o = self._check_open(ticket.round_id)
+            try:
+                o = self._check_open(ticket.round_id)
+            except LateUploadError:
+                self.assigner.late(assignment, sample_count, dict(metrics))  # a late report still calibrates
+                raise
             plan = o.strategy.upload_plan(self._plan(ticket.elastic_spec), ticket.training_recipe)
         return UploadSession(ticket, assignment, plan, self.staging.upload(ticket.round_id, ticket.ticket_id),
                              sample_count, dict(metrics), o.agg, wire_dtype=self.job.wire_dtype, commit=self.commit)

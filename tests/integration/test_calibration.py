@@ -150,3 +150,44 @@ def test_a_real_agent_reports_what_its_round_cost(tmp_path: Path) -> None:
         assert a.predicted["declared_gflops"] == 100.0 and a.predicted["planned_steps"] == 2
     finally:
         fleet.stop()
+
+
+def test_a_late_device_is_refused_but_its_report_still_calibrates_it(tmp_path: Path) -> None:
+    """A device that misses the deadline would never be corrected if its report were thrown away with its update."""
+    model = tiny_bert_folder(tmp_path / "model")
+    job = tiny_job(model, rounds=3, clients_per_round=1, quorum=1, round_deadline_s=2.0, on_deadline="fail")
+    fleet = Fleet(tmp_path, job).start()
+    try:
+        dev = fleet.register("late", train_memory_mb=1 << 14, gflops=50.0, up_mbps=1e4, down_mbps=1e4, tier="sbc")
+        stub = fleet.agg_stub()
+        a = fleet.poll(stub, dev).assignment
+        delta = scripted_delta(download(fleet, dev, a), seed=1, assignment=a)
+        r1 = fleet.wait_round(stub, a.round_id, states=(aggregator_pb2.ROUND_STATE_FAILED,))
+        assert r1.state == aggregator_pb2.ROUND_STATE_FAILED
+        samples = job.local_steps * job.batch_size
+        seconds = 4 * samples * a.predicted.flops_per_sample / (50.0 * 1e9)  # four times slower than declared
+        with pytest.raises(Exception) as refused:
+            upload_once(stub, a.ticket, samples, payload(delta, job.wire_dtype), metadata=dev.md,
+                        metrics={"seconds": seconds, "steps": job.local_steps, "samples": samples})
+        assert "late" in str(refused.value) or "FAILED_PRECONDITION" in str(refused.value)
+        store = SqlRoundStore(f"sqlite:///{tmp_path / 'agg' / 'aggregator.db'}")
+        try:
+            [stored] = store.assignments(a.round_id)
+        finally:
+            store.close()
+        assert stored.report["late"] == 1.0 and stored.report["samples"] == samples
+        nxt = None
+        for _ in range(200):  # the next round opens once the failed one is finished
+            reply = fleet.poll(stub, dev)
+            if reply.WhichOneof("action") == "assignment":
+                nxt = reply.assignment
+                break
+        assert nxt is not None and nxt.round_id != a.round_id
+        store = SqlRoundStore(f"sqlite:///{tmp_path / 'agg' / 'aggregator.db'}")
+        try:
+            [planned] = store.assignments(nxt.round_id)
+        finally:
+            store.close()
+        assert planned.predicted["calibration_compute"] == pytest.approx(2.0, rel=1e-3)  # one round: half-way
+    finally:
+        fleet.stop()

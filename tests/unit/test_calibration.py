@@ -128,4 +128,5 @@ def test_the_fixed_cost_of_a_round_is_learned_robustly_and_decays() -> None:
     history = [obs(0.0, overhead_s=2.0), obs(1.0, overhead_s=30.0), obs(2.0, overhead_s=2.5)]
     assert estimate(history, now=2.0, policy=policy).overhead_s == pytest.approx(2.5)
     assert estimate(history[:2], now=1.0, policy=policy).overhead_s == pytest.approx(2.0)
+    assert estimate(history[1:2], now=1.0, policy=policy).overhead_s == 0.0  # one round: maybe one-time costs
     assert estimate(history, now=102.0, policy=policy).overhead_s == pytest.approx(1.25)
