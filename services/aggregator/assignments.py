@@ -188,7 +188,8 @@ class Assigner:
     def late(self, a: AssignmentRecord, sample_count: int, metrics: dict[str, float]) -> None:
         """A device's upload came too late: its update is refused, but its report is kept and teaches its
         calibration (a device that always misses would otherwise never be corrected)."""
-        if a.report:
+        a = self.rounds.get_assignment(a.ticket_id) or a  # its state now (the round may have closed meanwhile)
+        if a.report or a.state == UPLOADED or sample_count <= 0:
             return  # one report per assignment (a retried late upload says nothing new)
         now = self._clock()
         report = build_report(metrics, sample_count=sample_count, upload_bytes=0, upload_seconds=0.0,
@@ -201,6 +202,18 @@ class Assigner:
             self.calibration(a.device_id)
             self.calibrations.add(a.device_id, obs)
             export(self.metrics, a, obs)
+
+    def expired(self, ticket_bytes: bytes, caller: Principal | None, sample_count: int,
+                metrics: dict[str, float]) -> None:
+        """An upload whose ticket was refused: when the ticket is genuine and only expired (the device is far past its
+        deadline), keep its report as :meth:`late` does."""
+        try:
+            ticket = self.verify(ticket_bytes, caller, check_expiry=False)
+        except (TicketRejectedError, WrongDeviceError):
+            return
+        a = self.rounds.get_assignment(ticket.ticket_id)
+        if a is not None:
+            self.late(a, sample_count, metrics)
 
     def verify(self, ticket_bytes: bytes, caller: Principal | None, *, check_expiry: bool = True) -> Ticket:
         """The ticket, if this aggregator signed it for this job and ``caller`` is its device (or an operator)."""

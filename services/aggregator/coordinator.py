@@ -155,7 +155,12 @@ class RoundCoordinator:
 
     def begin_upload(self, ticket_bytes: bytes, caller: Principal | None, sample_count: int,
                      metrics: Mapping[str, float]) -> UploadSession:
-        ticket = self.assigner.verify(ticket_bytes, caller)
+        try:
+            ticket = self.assigner.verify(ticket_bytes, caller)
+        except TicketRejectedError:
+            with self._lock:  # a device far past its deadline: its report still calibrates it
+                self.assigner.expired(ticket_bytes, caller, sample_count, dict(metrics))
+            raise
         if sample_count <= 0:
             raise UploadRejectedError("invalid_header", f"sample_count is {sample_count}; it must be > 0",
                                       field="header.sample_count")
