@@ -82,7 +82,7 @@ def declared_gflops(job: Any, config: Any, deadline_s: float, load: float) -> tu
     recipe = strategy.recipes_for(full, cm)[0]
     costs = cm.estimate(full, batch_size=job.batch_size, seq_len=job.seq_len, wire_dtype=job.wire_dtype,
                         recipe=recipe)
-    return SAMPLES * costs.flops_per_sample / 1e9 / (deadline_s / load), [encoder_share(s) for s in rungs]
+    return SAMPLES * costs.flops_per_sample / 1e9 / (deadline_s * load), [encoder_share(s) for s in rungs]
 
 
 def encoder_share(spec: Any) -> float:
