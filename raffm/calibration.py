@@ -172,10 +172,19 @@ def observe(report: Mapping[str, float], predicted: Mapping[str, float], at: flo
         at=at, overhead_s=overhead,
         memory=_ratio(float(report.get("peak_memory_mb", 0) or 0), float(predicted.get("train_memory_mb", 0) or 0)),
         compute=compute,
-        down=_ratio(float(predicted.get("declared_down_mbps", 0) or 0), float(report.get("download_mbps", 0) or 0)),
+        down=_ratio(float(predicted.get("declared_down_mbps", 0) or 0), float(report.get("download_mbps", 0) or 0))
+        if _mostly_streamed(report, predicted) else None,
         up=_ratio(float(predicted.get("declared_up_mbps", 0) or 0), float(report.get("upload_mbps", 0) or 0)),
         samples=samples,
     )
+
+
+def _mostly_streamed(report: Mapping[str, float], predicted: Mapping[str, float]) -> bool:
+    """Whether the download moved most of the slice: when the device's cache held most of it (the frozen embeddings
+    after the first round), the few bytes left take a fixed latency, and their "throughput" says nothing about the
+    link (measured: it read as a link 8x slower than declared and priced every later plan out of the round)."""
+    wire = float(predicted.get("wire_bytes", 0) or 0)
+    return wire <= 0 or float(report.get("download_bytes", 0) or 0) >= 0.5 * wire
 
 
 class CalibrationBook:

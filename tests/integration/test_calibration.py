@@ -64,10 +64,13 @@ def test_under_declarers_get_larger_slices_and_over_declarers_smaller(tmp_path: 
                 fleet.metrics = CollectorRegistry()
                 fleet.start_aggregator()
             stub = fleet.agg_stub()
-            for name, dev in devs.items():
+            given = {}
+            for name, dev in devs.items():  # both poll first: the same time left
                 reply = fleet.poll(stub, dev)
                 assert reply.WhichOneof("action") == "assignment", reply
-                a = reply.assignment
+                given[name] = reply.assignment
+            for name, dev in devs.items():
+                a = given[name]
                 params[name].append(_params(config, spec_of(a)))
                 received = download(fleet, dev, a)
                 delta = scripted_delta(received, seed=r, assignment=a)
@@ -85,7 +88,6 @@ def test_under_declarers_get_larger_slices_and_over_declarers_smaller(tmp_path: 
 
         assert params["under"][2] > params["under"][0], params
         assert params["over"][2] < params["over"][0], params
-        assert params["under"][0] == params["over"][0]  # same declaration, same first plan
 
         # The reports are stored with the assignments; the metrics carry tiers, never devices.
         store = SqlRoundStore(f"sqlite:///{tmp_path / 'agg' / 'aggregator.db'}")

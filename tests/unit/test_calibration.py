@@ -130,3 +130,9 @@ def test_the_fixed_cost_of_a_round_is_learned_robustly_and_decays() -> None:
     assert estimate(history[:2], now=1.0, policy=policy).overhead_s == pytest.approx(2.0)
     assert estimate(history[1:2], now=1.0, policy=policy).overhead_s == 0.0  # one round: maybe one-time costs
     assert estimate(history, now=102.0, policy=policy).overhead_s == pytest.approx(1.25)
+
+
+def test_a_download_mostly_served_from_the_cache_says_nothing_about_the_link() -> None:
+    predicted = {"wire_bytes": 8e6, "declared_down_mbps": 20.0}
+    assert observe({"download_bytes": 6e6, "download_mbps": 10.0}, predicted, at=0.0).down == pytest.approx(2.0)
+    assert observe({"download_bytes": 3e5, "download_mbps": 1.0}, predicted, at=0.0).down is None
