@@ -37,6 +37,7 @@ class AggregatorConfig:
     ticket_secret: str
     db_url: str = ""  # default: sqlite under data_dir
     store_url: str = ""  # default: file://<data_dir>/checkpoints
+    store_endpoint: str = ""  # S3 API endpoint of an s3:// store (empty: AWS, or AWS_ENDPOINT_URL_S3)
     registry_target: str = ""
     extractor_target: str = ""  # what devices are told (empty: the extractor they are configured with)
     operator_token: str = ""
@@ -122,7 +123,8 @@ async def build_aggregator(
     registry = registry if registry is not None else CollectorRegistry()
     os.makedirs(config.data_dir, exist_ok=True)
     rounds = await asyncio.to_thread(round_store_from_url, config.resolved_db_url)
-    checkpoints = checkpoint_store_from_url(config.resolved_store_url)
+    checkpoints = await asyncio.to_thread(checkpoint_store_from_url, config.resolved_store_url,
+                                          endpoint=config.store_endpoint)
     if planner is None:  # the job's strategy plans in-process: pure, cached, no network hop on every poll
         planner = LocalPlanner(checkpoints, config.job.method())
     if devices is None:
