@@ -266,6 +266,9 @@ def channel_options(config: AgentConfig) -> list[tuple[str, Any]]:
         ("grpc.initial_reconnect_backoff_ms", int(config.backoff_initial_s * 1000)),
         ("grpc.min_reconnect_backoff_ms", int(config.backoff_initial_s * 1000)),
         ("grpc.max_reconnect_backoff_ms", int(config.backoff_max_s * 1000)),
+        # Each agent its own connection, also when a simulator runs many agents in one process (gRPC would
+        # otherwise share one subchannel per target, so a fleet behind a load balancer would reach one backend).
+        ("grpc.use_local_subchannel_pool", 1),
     ]
     if config.tls_server_name:
         opts.append(("grpc.ssl_target_name_override", config.tls_server_name))
