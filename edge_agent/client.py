@@ -298,6 +298,8 @@ class ServiceClient:
         self.faults = faults
         self.token = ""
         self.retries = 0  # transient failures retried so far (for status and tests)
+        # Called after every unary attempt with (what, seconds, ok): a simulator's latency recorder.
+        self.observer: Callable[[str, float, bool], None] | None = None
         self._lock = threading.Lock()
         self._channels: dict[str, grpc.Channel] = {}
 
@@ -348,6 +350,7 @@ class ServiceClient:
         while True:
             self.stopper.check()
             attempt += 1
+            started = time.perf_counter()
             try:
                 future = method.future(  # type: ignore[attr-defined]
                     request, timeout=timeout_s or self.config.rpc_timeout_s,
@@ -355,12 +358,17 @@ class ServiceClient:
                 )
                 handle = self.stopper.on_stop(future.cancel)
                 try:
-                    return future.result()  # type: ignore[no-any-return]
+                    result = future.result()
+                    if self.observer is not None:
+                        self.observer(what, time.perf_counter() - started, True)
+                    return result  # type: ignore[no-any-return]
                 except grpc.FutureCancelledError:
                     raise Stopped(self.stopper.reason) from None
                 finally:
                     self.stopper.remove(handle)
             except grpc.RpcError as err:
+                if self.observer is not None:
+                    self.observer(what, time.perf_counter() - started, False)
                 code = status_of(err)
                 if code == grpc.StatusCode.CANCELLED and self.stopper.stopped:
                     raise Stopped(self.stopper.reason) from None

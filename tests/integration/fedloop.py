@@ -121,6 +121,7 @@ class Fleet:
     db_url: str = ""  # the aggregator's round store; default SQLite under root/agg
     device_cache_s: float = 2.0
     store_url: str = ""  # the checkpoint store; default a directory under root/agg
+    liveness_window_s: float = 60.0  # the registry's (devices heartbeat every third of it)
     replicas: list[ExtractorApp] = field(default_factory=list)  # extractors started by add_extractor()
 
     @property
@@ -128,7 +129,8 @@ class Fleet:
         return self.store_url or f"file://{self.root / 'agg' / 'checkpoints'}"
 
     def start(self, *, aggregator: bool = True) -> Fleet:
-        self.registry = RegistryHarness(f"sqlite:///{self.root / 'registry.db'}").start()
+        self.registry = RegistryHarness(f"sqlite:///{self.root / 'registry.db'}",
+                                        liveness_window_s=self.liveness_window_s).start()
         self.loop = LoopThread()
         self.loop.run(self._start_extractor())
         if aggregator:
