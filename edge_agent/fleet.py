@@ -91,6 +91,7 @@ class FleetReport:
     agents: list[AgentReport]
     latency: dict[str, dict[str, float]]
     seconds: float
+    samples: dict[str, list[float]] = field(default_factory=dict)  # seconds, by call (for merging runs)
 
     @property
     def registered(self) -> int:
@@ -106,7 +107,9 @@ class FleetReport:
     def to_dict(self) -> dict[str, Any]:
         return {"devices": len(self.agents), "registered": self.registered, "outcomes": self.outcome_counts(),
                 "latency_ms": self.latency, "seconds": round(self.seconds, 2),
-                "errors": [f"{a.name}: {a.error}" for a in self.agents if a.error][:20]}
+                "errors": [f"{a.name}: {a.error}" for a in self.agents if a.error][:20],
+                "samples_ms": {k: [round(1000 * x, 3) for x in v] for k, v in self.samples.items()
+                               if k in REPORTED_CALLS}}
 
 
 def control_plane_share(index: int, examples: int = 8) -> Any:
@@ -202,7 +205,7 @@ def run_ray(devices: Sequence[tuple[AgentConfig, Any]], *, address: str = "", ac
     for r in results:
         agents += r["agents"]
         recorder.merge(r["samples"], r["errors"])
-    return FleetReport(agents, recorder.summary(), time.monotonic() - t0)
+    return FleetReport(agents, recorder.summary(), time.monotonic() - t0, recorder.samples)
 
 
 def run_threads_report(devices: Sequence[tuple[AgentConfig, Any]], *, duration_s: float = 0.0,
@@ -212,7 +215,7 @@ def run_threads_report(devices: Sequence[tuple[AgentConfig, Any]], *, duration_s
     t0 = time.monotonic()
     agents = run_agent_threads(devices, duration_s=duration_s, stop=stop, recorder=recorder,
                                start_spread_s=start_spread_s)
-    return FleetReport(agents, recorder.summary(), time.monotonic() - t0)
+    return FleetReport(agents, recorder.summary(), time.monotonic() - t0, recorder.samples)
 
 
 def print_report(report: FleetReport) -> None:

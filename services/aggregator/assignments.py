@@ -80,13 +80,18 @@ class Assigner:
         if not device.online:
             return self.wait(f"device {device.device_id} is {device.state} in the registry (no heartbeat within its "
                              "liveness window); send a heartbeat, then poll again")
-        mine = [a for a in self.rounds.assignments(o.record.round_id) if a.device_id == device.device_id]
-        if mine:
+        roster = self.roster(o)
+        if device.device_id in roster:
             return self.wait("already assigned in this round")
-        active = [a for a in self.rounds.assignments(o.record.round_id) if a.state != DROPPED]
-        if len(active) >= self.job.clients_per_round:
+        if sum(not dropped for dropped in roster.values()) >= self.job.clients_per_round:
             return self.wait("round is full")
         return o.record
+
+    def roster(self, o: OpenRound) -> dict[str, bool]:
+        """Device id -> dropped?, for every assignment of the open round (read from the round store once)."""
+        if o.roster is None:
+            o.roster = {a.device_id: a.state == DROPPED for a in self.rounds.assignments(o.record.round_id)}
+        return o.roster
 
     def choose_spec(self, device: DeviceInfo, rnd: RoundRecord) -> PlanResult | Wait:
         """Which sub-model ``device`` trains in ``rnd``, and how: the job strategy's plan for its profile, the job and
@@ -100,10 +105,11 @@ class Assigner:
         except NoFitError as exc:
             return self.wait(f"no sub-model fits this device: {exc}")
 
-    def issue(self, device: DeviceInfo, rnd: RoundRecord, plan: PlanResult, wire_bytes: int) -> Assignment:
-        """Sign the ticket and record the assignment. ``wire_bytes``: exactly the bytes of the slice's tensors in the
-        wire dtype, what one complete download streams (a resumed download only streams the rest, so a device moves
-        this much however often its link breaks)."""
+    def issue(self, device: DeviceInfo, rnd: RoundRecord, plan: PlanResult, wire_bytes: int,
+              o: OpenRound | None = None) -> Assignment:
+        """Sign the ticket and record the assignment (in the open round ``o``'s roster too). ``wire_bytes``: exactly
+        the bytes of the slice's tensors in the wire dtype, what one complete download streams (a resumed download
+        only streams the rest, so a device moves this much however often its link breaks)."""
         job = self.job
         now = self._clock()
         ticket = Ticket.create(device_id=device.device_id, job_id=job.job_id, round_id=rnd.round_id,
@@ -113,6 +119,8 @@ class Assigner:
         self.rounds.add_assignment(AssignmentRecord(
             ticket_id=ticket.ticket_id, round_id=rnd.round_id, device_id=device.device_id, tier=device.tier,
             spec=plan.spec.to_dict(), state=ASSIGNED, created_at=now, download_bytes=wire_bytes))
+        if o is not None and o.record.round_id == rnd.round_id:
+            self.roster(o)[device.device_id] = False
         self.metrics.assignments.labels(device.tier).inc()
         self.metrics.bytes_down_assigned.labels(device.tier, job.wire_dtype).inc(wire_bytes)
         return Assignment(round_id=rnd.round_id, round_index=rnd.index, job_id=job.job_id,
@@ -138,6 +146,8 @@ class Assigner:
         if a is None or a.state != ASSIGNED:
             return
         self.rounds.save_assignment(replace(a, state=DROPPED))
+        if o is not None and o.record.round_id == a.round_id and o.roster is not None:
+            o.roster[a.device_id] = True
         self.metrics.dropouts.labels(reason).inc()
         rnd = self.rounds.get_round(a.round_id)
         if rnd is not None:

@@ -148,7 +148,7 @@ class RoundCoordinator:
             still = self.assigner.gate(self._record, self._open, device)
             if isinstance(still, Wait):
                 return still
-            return self.assigner.issue(device, gate, plan, self._slice_bytes(plan.spec))
+            return self.assigner.issue(device, gate, plan, self._slice_bytes(plan.spec), self._open)
 
     # -- UploadUpdate -------------------------------------------------------------------------------------------------
 
@@ -239,15 +239,18 @@ class RoundCoordinator:
     def close_round(self) -> RoundRecord | None:
         """Aggregate the round (if it is AGGREGATING), write the new version, evaluate, open the next round.
 
-        Evaluation runs outside the lock: meanwhile polls are told to wait (no round is open) and late uploads are
-        refused, exactly as while aggregating; a crash during it re-aggregates to the same version at restart.
+        The new version is computed and written, and evaluated, outside the lock: an AGGREGATING round folds nothing
+        more, polls meanwhile are told to wait (no round is open) and late uploads are refused, without waiting for
+        the lock while a large version is written to the store; a crash meanwhile re-aggregates to the same version
+        at restart (the store's put is idempotent).
         """
         with self._lock:
             o = self._open
             if o is None or o.record.state != AGGREGATING:
                 return None
             rnd = o.record
-            result = self.versions.publish(rnd.index, rnd.model_version, o.agg, self.model.config, o.accepted)
+            parent, config, accepted = rnd.model_version, self.model.config, o.accepted
+        result = self.versions.publish(rnd.index, parent, o.agg, config, accepted)
         evaluation = self.versions.evaluate(result)
         with self._lock:
             if self._open is not o:

@@ -51,6 +51,9 @@ class OpenRound:
     loss_weighted: float = 0.0
     weight: float = 0.0
     plans: dict[str, SlicePlan] = field(default_factory=dict)
+    # Who holds an assignment in this round (device id -> dropped?): loaded from the round store on first use, then
+    # kept current by the Assigner (every change happens under the coordinator's lock), so a poll reads no rows.
+    roster: dict[str, bool] | None = None
 
     def plan(self, model: GlobalModel, spec: ElasticSpec) -> SlicePlan:
         """The slice plan of ``spec`` (cached for the round)."""
