@@ -155,7 +155,7 @@ def tiny_model(folder: Path) -> Path:
         torch.manual_seed(0)
         BertForSequenceClassification(BertConfig(
             vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-            max_position_embeddings=64, num_labels=2)).save_pretrained(folder)
+            max_position_embeddings=64, num_labels=2)).save_pretrained(folder)  # type: ignore[call-arg]
         AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(folder)
     return folder
 
@@ -170,7 +170,7 @@ def medium_model(folder: Path) -> Path:
         torch.manual_seed(0)
         BertForSequenceClassification(BertConfig(
             vocab_size=8192, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
-            max_position_embeddings=64, num_labels=2)).save_pretrained(folder)
+            max_position_embeddings=64, num_labels=2)).save_pretrained(folder)  # type: ignore[call-arg]
     return folder
 
 
@@ -179,14 +179,14 @@ def histogram_quantile(text: str, metric: str, method: str, q: float) -> float |
     buckets: dict[float, float] = {}
     for line in text.splitlines():
         if line.startswith(f"{metric}_bucket{{") and f'method="{method}"' in line and 'code="OK"' in line:
-            le = line.split('le="', 1)[1].split('"', 1)[0]
-            buckets[float("inf") if le == "+Inf" else float(le)] = float(line.rsplit(" ", 1)[1])
+            bound = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets[float("inf") if bound == "+Inf" else float(bound)] = float(line.rsplit(" ", 1)[1])
     if not buckets:
         return None
     total = buckets[float("inf")]
-    for le in sorted(buckets):
-        if buckets[le] >= q * total:
-            return le * 1000
+    for upper in sorted(buckets):
+        if buckets[upper] >= q * total:
+            return upper * 1000
     return None
 
 
@@ -209,26 +209,34 @@ def part_control(backend: str, db_url: str, root: Path, args: argparse.Namespace
         group = ProcessGroup(root / "fleet-logs")
         per = [args.devices // args.fleet_procs + (i < args.devices % args.fleet_procs) for i in range(args.fleet_procs)]
         for i, n in enumerate(per):
-            group.start(f"fleet{i}", raffm_command(
+            # The simulator runs at a lower CPU priority than the services: on one machine it stands in for devices
+            # elsewhere, and its own CPU use must not be what the services' latency measures.
+            group.start(f"fleet{i}", ["nice", "-n", "15", *raffm_command(
                 "agent", "simulate", "--control-plane", "--mode", "threads", "--devices", str(n),
                 "--tiers", str(root / "tiers.toml"), "--name-prefix", f"f{i}", "--state-root", str(root / f"fleet{i}"),
                 "--registry", stack.address("registry"), "--aggregator", stack.address("aggregator"),
                 "--extractor", stack.address("extractor"), "--model", str(model), "--max-rounds", "1",
                 "--duration-s", str(args.duration_s), "--start-spread-s", str(args.spread_s),
-                "--stats-json", str(root / f"fleet{i}.json"), "--log-format", "json"), stack.env)
+                "--stats-json", str(root / f"fleet{i}.json"), "--log-format", "json")], stack.env)
         t0 = time.monotonic()
+        load: list[float] = []
         closed = None
         while time.monotonic() - t0 < args.duration_s + 120:
-            group.check(allow_exit=tuple(f"fleet{i}" for i in range(len(per))))
+            assert stack.group is not None
+            stack.group.check()  # the services must stay up; a fleet process's exit status is in its stats
             rounds = stack.rounds()
             if rounds and rounds[0].state == aggregator_pb2.ROUND_STATE_CLOSED and closed is None:
                 closed = rounds[0]
             if all(p.poll() is not None for p, _, _ in group.procs.values()):
                 break
+            load.append(os.getloadavg()[0])
             time.sleep(1.0)
         group.stop(30)
         server = {"registry": stack.metrics("registry"), "aggregator": stack.metrics("aggregator")}
         rounds = stack.rounds()
+    missing = [i for i in range(len(per)) if not (root / f"fleet{i}.json").exists()]
+    if missing:
+        raise RuntimeError(f"fleet process(es) {missing} wrote no stats; see {root / 'fleet-logs'}")
     stats = [json.loads((root / f"fleet{i}.json").read_text()) for i in range(len(per))]
     samples: dict[str, list[float]] = {}
     for s in stats:
@@ -238,6 +246,8 @@ def part_control(backend: str, db_url: str, root: Path, args: argparse.Namespace
     out: dict[str, Any] = {
         "backend": backend, "devices": args.devices, "registered": sum(s["registered"] for s in stats),
         "outcomes": {k: sum(s["outcomes"].get(k, 0) for s in stats) for s in stats for k in s["outcomes"]},
+        "agent_errors": [e for s in stats for e in s["errors"]][:10],
+        "load_avg_1m": {"mean": statistics.fmean(load) if load else 0.0, "max": max(load, default=0.0)},
         "latency_ms": {}, "server_bound_ms": {},
         "round": None if rnd is None else {
             "state": aggregator_pb2.RoundState.Name(rnd.state), "accepted": rnd.accepted, "assigned": rnd.assigned,
@@ -433,8 +443,9 @@ def render(data: dict[str, Any]) -> str:
                 f"participants (poll wait {data['settings']['poll_wait_s']} s, heartbeat every "
                 f"{data['settings']['liveness_s'] / 3:g} s, {data['settings']['fleet_procs']} fleet processes)", "",
                 "| database | registered | PollRound p50 / p99 ms (devices) | Heartbeat p50 / p99 ms (devices) | "
-                "PollRound p99 bound, server ms | Heartbeat p99 bound, server ms | round: accepted, open to close |",
-                "|---|---|---|---|---|---|---|"]
+                "PollRound p50 / p99 bound, server ms | Heartbeat p50 / p99 bound, server ms | round: accepted, open to "
+                "close | machine load (1-min avg: mean, max) |",
+                "|---|---|---|---|---|---|---|---|"]
         for c in data["control"]:
             poll, hb = c["latency_ms"].get("aggregator.PollRound", {}), c["latency_ms"].get("registry.Heartbeat", {})
             rnd = c["round"] or {}
@@ -442,8 +453,9 @@ def render(data: dict[str, Any]) -> str:
             out.append(f"| {c['backend']} | {c['registered']}/{c['devices']} | "
                        f"{poll.get('p50', 0):.1f} / {poll.get('p99', 0):.1f} ({poll.get('count', 0)} calls) | "
                        f"{hb.get('p50', 0):.1f} / {hb.get('p99', 0):.1f} ({hb.get('count', 0)} calls) | "
-                       f"<= {c['server_bound_ms']['PollRound']['p99']} | <= {c['server_bound_ms']['Heartbeat']['p99']} "
-                       f"| {close} |")
+                       f"<= {c['server_bound_ms']['PollRound']['p50']} / {c['server_bound_ms']['PollRound']['p99']} | "
+                       f"<= {c['server_bound_ms']['Heartbeat']['p50']} / {c['server_bound_ms']['Heartbeat']['p99']} | "
+                       f"{close} | {c['load_avg_1m']['mean']:.1f}, {c['load_avg_1m']['max']:.1f} |")
         out.append("")
     if data.get("store"):
         out += [f"### Object store vs directory store ({data['settings']['store_model']}, "
@@ -484,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--upload-concurrency", type=int, default=8)
     parser.add_argument("--postgres-url", default=os.environ.get("RAFFM_TEST_POSTGRES_URL", ""))
     parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--work-dir", help="keep the services' logs, databases and fleet stats here (default: a "
+                                           "temporary directory, removed afterwards)")
     args = parser.parse_args(argv)
     if args.quick:
         args.devices, args.participants, args.fleet_procs = 60, 20, 2
@@ -496,8 +510,10 @@ def main(argv: list[str] | None = None) -> int:
                             "cores": os.cpu_count(), "command": command.strip(), "settings": vars(args) | {},
                             "control": [], "store": [], "memory": []}
     t_start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="raffm-bench-scale-") as tmp:
+    work = nullcontext(args.work_dir) if args.work_dir else tempfile.TemporaryDirectory(prefix="raffm-bench-scale-")
+    with work as tmp:
         root = Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
         if not args.store_model:
             args.store_model = str(medium_model(root / "medium-model"))
         data["settings"]["store_model"] = args.store_model
