@@ -279,9 +279,11 @@ def _run_fleet(args: argparse.Namespace, devices: list[tuple[AgentConfig, Any]])
 
     if args.mode == "ray":
         report = fleet.run_ray(devices, address=args.ray_address, actors=args.ray_actors,
-                               duration_s=args.duration_s, start_spread_s=args.start_spread_s)
+                               duration_s=args.duration_s, start_spread_s=args.start_spread_s,
+                               control_plane=args.control_plane)
     else:
-        report = fleet.run_threads_report(devices, duration_s=args.duration_s, start_spread_s=args.start_spread_s)
+        report = fleet.run_threads_report(devices, duration_s=args.duration_s, start_spread_s=args.start_spread_s,
+                                          control_plane=args.control_plane)
     if len(report.agents) <= 50:
         for a in report.agents:
             print(f"{a.name}: {a.outcomes}")

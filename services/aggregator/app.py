@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,8 @@ class AggregatorConfig:
     tick_s: float = 0.5
     # How long the registry's answer about a device (profile, online/offline) is reused by PollRound.
     device_cache_s: float = 2.0
+    # Threads that answer PollRound (apart from the uploads' and the round driver's).
+    poll_threads: int = 8
     server: ServerConfig = field(default_factory=ServerConfig)
 
     @property
@@ -143,8 +146,9 @@ async def build_aggregator(
         initial_model=initial_model or default_initial_model(config.job), evaluator=evaluator)
     await asyncio.to_thread(coordinator.start)
     driver = RoundDriver(coordinator, config.tick_s)
+    poll_executor = ThreadPoolExecutor(config.poll_threads, thread_name_prefix="agg-poll")
     servicer = AggregatorServicer(coordinator, devices, extractor_target=config.extractor_target,
-                                  on_change=driver.poke)
+                                  on_change=driver.poke, poll_executor=poll_executor)
     binding = ServiceBinding(SERVICE_NAME,
                              lambda server: aggregator_pb2_grpc.add_AggregatorServiceServicer_to_server(servicer, server))
     server = build_server(config.server, [binding], verifier=verifier, registry=registry)
@@ -152,6 +156,7 @@ async def build_aggregator(
     server.on_stop(driver.stop)
 
     async def close_store() -> None:
+        poll_executor.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(rounds.close)
 
     server.on_stop(close_store)

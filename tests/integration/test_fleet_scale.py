@@ -86,7 +86,7 @@ def test_control_plane_fleet_of_threads_registers_polls_and_closes_a_round(tmp_p
         assert len(devices) == 40 and all(c.threads == 1 and len(s) == 8 for c, s in devices)
         stop = threading.Event()
         _closed_then(fleet, stop)
-        report = run_threads_report(devices, duration_s=240, start_spread_s=1.0, stop=stop)
+        report = run_threads_report(devices, duration_s=240, start_spread_s=1.0, stop=stop, control_plane=True)
         assert report.registered == 40 and len(list_devices(fleet)) == 40
         assert report.outcome_counts() == {"uploaded": 10}, report.to_dict()
         [rnd] = rounds(fleet)
