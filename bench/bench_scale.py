@@ -74,7 +74,7 @@ class Stack:
     """Registry, aggregator and extractor as processes; ``metrics(name)`` scrapes one, ``pid(name)`` its process."""
 
     root: Path
-    db_url: str
+    db_url: str  # PostgreSQL: one database for both services; SQLite: each service gets its own file beside it
     store_url: str
     job: list[str]
     env: dict[str, str] = field(default_factory=dict)
@@ -85,6 +85,14 @@ class Stack:
 
     def address(self, name: str) -> str:
         return f"127.0.0.1:{self.ports[name]}"
+
+    def database(self, service: str) -> str:
+        """SQLite is each service's embedded database: two processes writing one file would wait on each other's
+        locks, which no deployment does."""
+        if self.db_url.startswith("sqlite:///"):
+            path = Path(self.db_url.removeprefix("sqlite:///"))
+            return f"sqlite:///{path.with_name(f'{path.stem}-{service}{path.suffix}')}"
+        return self.db_url
 
     def __enter__(self) -> Stack:
         env = dict(os.environ, RAFFM_OPERATOR_TOKEN=OPERATOR, RAFFM_TICKET_SECRET=SECRET, RAFFM_ENROLL_KEY=KEY,
@@ -97,12 +105,12 @@ class Stack:
         common = ["--grace-s", "1", "--log-level", "WARNING"]
         try:
             self.group.start("registry", raffm_command(
-                "registry", "serve", "--db", self.db_url, "--port", str(self.ports["registry"]),
+                "registry", "serve", "--db", self.database("registry"), "--port", str(self.ports["registry"]),
                 "--metrics-port", str(self.metrics_ports["registry"]), "--liveness-window-s", str(self.liveness_s),
                 *common), env)
             wait_serving(self.group, self.address("registry"), "registry")
             self.group.start("aggregator", raffm_command(
-                "aggregator", "serve", "--db", self.db_url, "--store", self.store_url, "--data-dir",
+                "aggregator", "serve", "--db", self.database("aggregator"), "--store", self.store_url, "--data-dir",
                 str(self.root / "agg"), "--registry", self.address("registry"), "--port", str(self.ports["aggregator"]),
                 "--metrics-port", str(self.metrics_ports["aggregator"]), *self.job, *common), env)
             wait_serving(self.group, self.address("aggregator"), "aggregator", timeout_s=300)
