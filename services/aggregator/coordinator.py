@@ -178,13 +178,15 @@ class RoundCoordinator:
                                  dtype=self.wire_dtype)
         except UpdateRejected as exc:
             raise UploadRejectedError(exc.reason, str(exc)) from None
+        # The staged files are this upload's own: make them durable before taking the lock, so that the fsyncs of
+        # many concurrent uploads never hold up the polls of a large fleet (they wait for this lock).
+        session.staged.sync()
         with self._lock:
             if self.rounds.update_for_ticket(ticket.ticket_id) is not None:
                 raise DuplicateUploadError(f"an update for ticket {ticket.ticket_id} was already accepted")
             o = self._check_open(ticket.round_id)
             if o.agg is not session.agg:
                 raise LateUploadError(f"round {ticket.round_id} was restarted while this upload was in flight")
-            session.staged.sync()
             assert session.reassembler is not None  # finish() only commits after the manifest arrived
             nbytes = session.reassembler.bytes_held
             try:
