@@ -139,14 +139,14 @@ class RoundCoordinator:
             raise NotFoundError(f"device {device_id!r} is not registered", field="device_id")
         with self._lock:
             gate = self.assigner.gate(self._record, self._open, device)
-        if isinstance(gate, Wait):
+        if isinstance(gate, (Wait, Assignment)):
             return gate
         plan = self.assigner.choose_spec(device, gate)  # outside the lock: the planner may be a remote call
         if isinstance(plan, Wait):
             return plan
         with self._lock:
             still = self.assigner.gate(self._record, self._open, device)
-            if isinstance(still, Wait):
+            if isinstance(still, (Wait, Assignment)):  # an assignment: a concurrent poll of this device got it
                 return still
             return self.assigner.issue(device, gate, plan, self._slice_bytes(plan.spec), self._open)
 
@@ -198,6 +198,7 @@ class RoundCoordinator:
                 raise DuplicateUploadError(f"an update for ticket {ticket.ticket_id} was already accepted") from None
             # Durable from here on: a crash after this line re-folds the update at restart.
             o.fold(delta, session.plan, update, self.wire_dtype)
+            o.issued.pop(ticket.device_id, None)
             assignment = replace(session.assignment, state=UPLOADED)
             self.rounds.save_assignment(assignment)
             down = downloaded_bytes(assignment, session.metrics.get("download_bytes", 0.0))
