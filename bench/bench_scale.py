@@ -118,7 +118,7 @@ class Stack:
                 "extractor", "serve", "--store", self.store_url, "--registry", self.address("registry"),
                 "--port", str(self.ports["extractor"]), "--metrics-port", str(self.metrics_ports["extractor"]),
                 *common), env)
-            wait_serving(self.group, self.address("extractor"), "extractor")
+            wait_serving(self.group, self.address("extractor"), "extractor", timeout_s=300)  # a loaded machine
         except BaseException:
             self.group.stop(5)
             raise
