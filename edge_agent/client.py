@@ -266,6 +266,9 @@ def channel_options(config: AgentConfig) -> list[tuple[str, Any]]:
         ("grpc.initial_reconnect_backoff_ms", int(config.backoff_initial_s * 1000)),
         ("grpc.min_reconnect_backoff_ms", int(config.backoff_initial_s * 1000)),
         ("grpc.max_reconnect_backoff_ms", int(config.backoff_max_s * 1000)),
+        # Each agent its own connection, also when a simulator runs many agents in one process (gRPC would
+        # otherwise share one subchannel per target, so a fleet behind a load balancer would reach one backend).
+        ("grpc.use_local_subchannel_pool", 1),
     ]
     if config.tls_server_name:
         opts.append(("grpc.ssl_target_name_override", config.tls_server_name))
@@ -295,6 +298,8 @@ class ServiceClient:
         self.faults = faults
         self.token = ""
         self.retries = 0  # transient failures retried so far (for status and tests)
+        # Called after every unary attempt with (what, seconds, ok): a simulator's latency recorder.
+        self.observer: Callable[[str, float, bool], None] | None = None
         self._lock = threading.Lock()
         self._channels: dict[str, grpc.Channel] = {}
 
@@ -345,6 +350,7 @@ class ServiceClient:
         while True:
             self.stopper.check()
             attempt += 1
+            started = time.perf_counter()
             try:
                 future = method.future(  # type: ignore[attr-defined]
                     request, timeout=timeout_s or self.config.rpc_timeout_s,
@@ -352,12 +358,17 @@ class ServiceClient:
                 )
                 handle = self.stopper.on_stop(future.cancel)
                 try:
-                    return future.result()  # type: ignore[no-any-return]
+                    result = future.result()
+                    if self.observer is not None:
+                        self.observer(what, time.perf_counter() - started, True)
+                    return result  # type: ignore[no-any-return]
                 except grpc.FutureCancelledError:
                     raise Stopped(self.stopper.reason) from None
                 finally:
                     self.stopper.remove(handle)
             except grpc.RpcError as err:
+                if self.observer is not None:
+                    self.observer(what, time.perf_counter() - started, False)
                 code = status_of(err)
                 if code == grpc.StatusCode.CANCELLED and self.stopper.stopped:
                     raise Stopped(self.stopper.reason) from None

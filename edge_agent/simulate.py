@@ -2,8 +2,10 @@
 
 Devices are spread over the tiers of a TOML file in proportion to each tier's ``share``; the data set is split over
 the devices with a Dirichlet(alpha) label split (seeded, so a run is reproducible). Agents run as separate processes
-(the default: real isolation, real per-process memory measurements) or as threads in this process (cheap; for
-tests). Each agent gets its own state directory under ``--state-root``, so a re-run keeps every device's identity.
+(the default: real isolation, real per-process memory measurements), as threads in this process (cheap; for
+tests), or as Ray actors over a cluster (:mod:`edge_agent.fleet`, which also has the control-plane mode that fits a
+thousand devices on one machine). Each agent gets its own state directory under ``--state-root``, so a re-run keeps
+every device's identity.
 """
 
 from __future__ import annotations
@@ -99,16 +101,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = AgentConfig(name="x")
     parser.add_argument("--devices", type=int, required=True, help="number of simulated devices")
     parser.add_argument("--tiers", required=True, metavar="TOML", help="resource tiers file (see below)")
-    parser.add_argument("--data", required=True, metavar="PATH",
-                        help="data set to split: CSV/JSON-lines file, image array file, rotten_tomatoes or mnist")
+    parser.add_argument("--data", metavar="PATH",
+                        help="data set to split: CSV/JSON-lines file, image array file, rotten_tomatoes or mnist "
+                             "(required unless --control-plane)")
     parser.add_argument("--alpha", type=float, default=0.5,
                         help="Dirichlet concentration of the label split: small = very non-IID (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data split (default: %(default)s)")
     parser.add_argument("--max-examples", type=int, default=0,
                         help="use only this many examples of --data before splitting (0: all)")
-    parser.add_argument("--mode", choices=("processes", "threads"), default="processes",
-                        help="one process per agent (isolated, realistic memory figures) or threads in this "
-                             "process (default: %(default)s)")
+    parser.add_argument("--mode", choices=("processes", "threads", "ray"), default="processes",
+                        help="one process per agent (isolated, realistic memory figures), threads in this "
+                             "process, or Ray actors spread over a cluster, each running its share of agents as "
+                             "threads (default: %(default)s)")
     parser.add_argument("--state-root", default="runs/simulate", metavar="DIR",
                         help="parent of every device's state directory (default: %(default)s)")
     parser.add_argument("--name-prefix", default="sim", help="devices are named PREFIX-TIER-I (default: %(default)s)")
@@ -123,6 +127,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per agent (default: %(default)s)")
     parser.add_argument("--log-format", choices=("auto", "text", "json"), default="auto",
                         help="agent log format (default: %(default)s)")
+    g = parser.add_argument_group("large fleets (threads and ray modes)")
+    g.add_argument("--control-plane", action="store_true",
+                   help="a tiny synthetic data share per device and one torch thread, no data set needed: with a "
+                        "job on a tiny model and 0-1 local steps, a thousand devices fit on one machine")
+    g.add_argument("--duration-s", type=float, default=0.0,
+                   help="stop every agent after this many seconds (0: when each finished --max-rounds)")
+    g.add_argument("--start-spread-s", type=float, default=0.0,
+                   help="start the agents evenly over this many seconds instead of all at once")
+    g.add_argument("--ray-address", default="",
+                   help="Ray cluster to join (ray://host:10001 or auto); default: start a local Ray instance")
+    g.add_argument("--ray-actors", type=int, default=0,
+                   help="Ray actors the devices are split over (default: one per CPU of the cluster)")
+    g.add_argument("--stats-json", metavar="PATH",
+                   help="write registrations, outcomes and per-call latency percentiles here (JSON)")
 
 
 def split_data(data: Any, devices: int, alpha: float, seed: int) -> list[Any]:
@@ -156,10 +174,18 @@ def plan_devices(args: argparse.Namespace) -> list[tuple[AgentConfig, Any]]:
     if args.devices < 1:
         raise ValueError(f"--devices is {args.devices}; it must be at least 1")
     tiers = spread(load_tiers(args.tiers), args.devices)
-    data = load_local_data(args.data)
-    if args.max_examples:
-        data = data.subset(range(min(args.max_examples, len(data))))
-    shares = split_data(data, args.devices, args.alpha, args.seed)
+    control_plane = getattr(args, "control_plane", False)
+    if control_plane and not args.data:
+        from edge_agent.fleet import control_plane_share
+
+        shares = [control_plane_share(i) for i in range(args.devices)]
+    elif not args.data:
+        raise ValueError("--data is required (or --control-plane, which makes a tiny synthetic share per device)")
+    else:
+        data = load_local_data(args.data)
+        if args.max_examples:
+            data = data.subset(range(min(args.max_examples, len(data))))
+        shares = split_data(data, args.devices, args.alpha, args.seed)
     root = Path(args.state_root)
     out = []
     for i, (tier, share) in enumerate(zip(tiers, shares)):
@@ -168,7 +194,7 @@ def plan_devices(args: argparse.Namespace) -> list[tuple[AgentConfig, Any]]:
             registry=args.registry, aggregator=args.aggregator, extractor=args.extractor, enroll_key=args.enroll_key,
             name=name, state_dir=str(root / name), model=args.model, tier=tier.tier, memory_mb=tier.memory_mb,
             gflops=tier.gflops, up_mbps=tier.up_mbps, down_mbps=tier.down_mbps, max_rounds=args.max_rounds,
-            threads=args.threads, progress="off", log_format=args.log_format,
+            threads=1 if control_plane else args.threads, progress="off", log_format=args.log_format,
         ).validate()
         out.append((config, share))
     return out
@@ -236,16 +262,35 @@ def main(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_format)
     devices = plan_devices(args)
-    for config, share in devices:
-        log.info("%s: %d MiB, %.0f GFLOP/s, %d examples, labels %s", config.name, config.memory_mb, config.gflops,
-                 len(share), _label_counts(share))
-    if args.mode == "threads":
-        agents = run_threads(devices)
-        for a in agents:
-            done = [o.status for o in a.outcomes]
-            print(f"{a.config.name}: {done}")
-        return 0
+    if len(devices) <= 50:
+        for config, share in devices:
+            log.info("%s: %d MiB, %.0f GFLOP/s, %d examples, labels %s", config.name, config.memory_mb, config.gflops,
+                     len(share), _label_counts(share))
+    if args.mode in ("threads", "ray"):
+        return _run_fleet(args, devices)
+    if args.duration_s:
+        raise ValueError("--duration-s needs --mode threads or ray (processes stop on SIGTERM)")
     return run_processes(devices)
+
+
+def _run_fleet(args: argparse.Namespace, devices: list[tuple[AgentConfig, Any]]) -> int:
+    """Threads or Ray actors, with a fleet report (and --stats-json)."""
+    from edge_agent import fleet
+
+    if args.mode == "ray":
+        report = fleet.run_ray(devices, address=args.ray_address, actors=args.ray_actors,
+                               duration_s=args.duration_s, start_spread_s=args.start_spread_s,
+                               control_plane=args.control_plane)
+    else:
+        report = fleet.run_threads_report(devices, duration_s=args.duration_s, start_spread_s=args.start_spread_s,
+                                          control_plane=args.control_plane)
+    if len(report.agents) <= 50:
+        for a in report.agents:
+            print(f"{a.name}: {a.outcomes}")
+    fleet.print_report(report)
+    if args.stats_json:
+        Path(args.stats_json).write_text(json.dumps(report.to_dict(), indent=1))
+    return 1 if any(a.error for a in report.agents) else 0
 
 
 def _label_counts(share: Any) -> dict[int, int]:

@@ -69,8 +69,10 @@ class Assigner:
         base = self.job.poll_wait_s
         return Wait(seconds=base * (1 + self._rng.uniform(-self.job.poll_jitter, self.job.poll_jitter)), reason=reason)
 
-    def gate(self, record: JobRecord | None, o: OpenRound | None, device: DeviceInfo) -> Wait | RoundRecord:
-        """The open round this device may join now, or why it must wait."""
+    def gate(self, record: JobRecord | None, o: OpenRound | None,
+             device: DeviceInfo) -> Wait | Assignment | RoundRecord:
+        """The open round this device may join now, its assignment again when it holds one and has not uploaded
+        (polls are idempotent), or why it must wait."""
         if record is None or record.state != "running":
             return self.wait(f"job {self.job.job_id} is {record.state if record else 'not started'}")
         if o is None or o.record.state != OPEN or self._clock() > o.record.deadline:
@@ -80,13 +82,22 @@ class Assigner:
         if not device.online:
             return self.wait(f"device {device.device_id} is {device.state} in the registry (no heartbeat within its "
                              "liveness window); send a heartbeat, then poll again")
-        mine = [a for a in self.rounds.assignments(o.record.round_id) if a.device_id == device.device_id]
-        if mine:
+        roster = self.roster(o)
+        if device.device_id in roster:
+            again = o.issued.get(device.device_id)
+            if again is not None and not roster[device.device_id]:
+                self.metrics.repeated_polls.inc()
+                return again
             return self.wait("already assigned in this round")
-        active = [a for a in self.rounds.assignments(o.record.round_id) if a.state != DROPPED]
-        if len(active) >= self.job.clients_per_round:
+        if sum(not dropped for dropped in roster.values()) >= self.job.clients_per_round:
             return self.wait("round is full")
         return o.record
+
+    def roster(self, o: OpenRound) -> dict[str, bool]:
+        """Device id -> dropped?, for every assignment of the open round (read from the round store once)."""
+        if o.roster is None:
+            o.roster = {a.device_id: a.state == DROPPED for a in self.rounds.assignments(o.record.round_id)}
+        return o.roster
 
     def choose_spec(self, device: DeviceInfo, rnd: RoundRecord) -> PlanResult | Wait:
         """Which sub-model ``device`` trains in ``rnd``, and how: the job strategy's plan for its profile, the job and
@@ -100,10 +111,11 @@ class Assigner:
         except NoFitError as exc:
             return self.wait(f"no sub-model fits this device: {exc}")
 
-    def issue(self, device: DeviceInfo, rnd: RoundRecord, plan: PlanResult, wire_bytes: int) -> Assignment:
-        """Sign the ticket and record the assignment. ``wire_bytes``: exactly the bytes of the slice's tensors in the
-        wire dtype, what one complete download streams (a resumed download only streams the rest, so a device moves
-        this much however often its link breaks)."""
+    def issue(self, device: DeviceInfo, rnd: RoundRecord, plan: PlanResult, wire_bytes: int,
+              o: OpenRound | None = None) -> Assignment:
+        """Sign the ticket and record the assignment (in the open round ``o``'s roster too). ``wire_bytes``: exactly
+        the bytes of the slice's tensors in the wire dtype, what one complete download streams (a resumed download
+        only streams the rest, so a device moves this much however often its link breaks)."""
         job = self.job
         now = self._clock()
         ticket = Ticket.create(device_id=device.device_id, job_id=job.job_id, round_id=rnd.round_id,
@@ -113,11 +125,15 @@ class Assigner:
         self.rounds.add_assignment(AssignmentRecord(
             ticket_id=ticket.ticket_id, round_id=rnd.round_id, device_id=device.device_id, tier=device.tier,
             spec=plan.spec.to_dict(), state=ASSIGNED, created_at=now, download_bytes=wire_bytes))
+        assignment = Assignment(round_id=rnd.round_id, round_index=rnd.index, job_id=job.job_id,
+                                model_version=rnd.model_version, spec=plan.spec, ticket=self.signer.sign(ticket),
+                                deadline=rnd.deadline, predicted=dict(plan.cost), job=job, recipe=plan.recipe)
+        if o is not None and o.record.round_id == rnd.round_id:
+            self.roster(o)[device.device_id] = False
+            o.issued[device.device_id] = assignment
         self.metrics.assignments.labels(device.tier).inc()
         self.metrics.bytes_down_assigned.labels(device.tier, job.wire_dtype).inc(wire_bytes)
-        return Assignment(round_id=rnd.round_id, round_index=rnd.index, job_id=job.job_id,
-                          model_version=rnd.model_version, spec=plan.spec, ticket=self.signer.sign(ticket),
-                          deadline=rnd.deadline, predicted=dict(plan.cost), job=job, recipe=plan.recipe)
+        return assignment
 
     def verify(self, ticket_bytes: bytes, caller: Principal | None, *, check_expiry: bool = True) -> Ticket:
         """The ticket, if this aggregator signed it for this job and ``caller`` is its device (or an operator)."""
@@ -138,6 +154,10 @@ class Assigner:
         if a is None or a.state != ASSIGNED:
             return
         self.rounds.save_assignment(replace(a, state=DROPPED))
+        if o is not None and o.record.round_id == a.round_id:
+            o.issued.pop(a.device_id, None)
+            if o.roster is not None:
+                o.roster[a.device_id] = True
         self.metrics.dropouts.labels(reason).inc()
         rnd = self.rounds.get_round(a.round_id)
         if rnd is not None:

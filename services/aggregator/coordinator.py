@@ -140,16 +140,16 @@ class RoundCoordinator:
             raise NotFoundError(f"device {device_id!r} is not registered", field="device_id")
         with self._lock:
             gate = self.assigner.gate(self._record, self._open, device)
-        if isinstance(gate, Wait):
+        if isinstance(gate, (Wait, Assignment)):
             return gate
         plan = self.assigner.choose_spec(device, gate)  # outside the lock: the planner may be a remote call
         if isinstance(plan, Wait):
             return plan
         with self._lock:
             still = self.assigner.gate(self._record, self._open, device)
-            if isinstance(still, Wait):
+            if isinstance(still, (Wait, Assignment)):  # an assignment: a concurrent poll of this device got it
                 return still
-            return self.assigner.issue(device, gate, plan, self._slice_bytes(plan.spec))
+            return self.assigner.issue(device, gate, plan, self._slice_bytes(plan.spec), self._open)
 
     # -- UploadUpdate -------------------------------------------------------------------------------------------------
 
@@ -179,13 +179,15 @@ class RoundCoordinator:
                                  dtype=self.wire_dtype)
         except UpdateRejected as exc:
             raise UploadRejectedError(exc.reason, str(exc)) from None
+        # The staged files are this upload's own: make them durable before taking the lock, so that the fsyncs of
+        # many concurrent uploads never hold up the polls of a large fleet (they wait for this lock).
+        session.staged.sync()
         with self._lock:
             if self.rounds.update_for_ticket(ticket.ticket_id) is not None:
                 raise DuplicateUploadError(f"an update for ticket {ticket.ticket_id} was already accepted")
             o = self._check_open(ticket.round_id)
             if o.agg is not session.agg:
                 raise LateUploadError(f"round {ticket.round_id} was restarted while this upload was in flight")
-            session.staged.sync()
             assert session.reassembler is not None  # finish() only commits after the manifest arrived
             nbytes = session.reassembler.bytes_held
             try:
@@ -197,6 +199,7 @@ class RoundCoordinator:
                 raise DuplicateUploadError(f"an update for ticket {ticket.ticket_id} was already accepted") from None
             # Durable from here on: a crash after this line re-folds the update at restart.
             o.fold(delta, session.plan, update, self.wire_dtype)
+            o.issued.pop(ticket.device_id, None)
             assignment = replace(session.assignment, state=UPLOADED)
             self.rounds.save_assignment(assignment)
             down = downloaded_bytes(assignment, session.metrics.get("download_bytes", 0.0))
@@ -240,15 +243,18 @@ class RoundCoordinator:
     def close_round(self) -> RoundRecord | None:
         """Aggregate the round (if it is AGGREGATING), write the new version, evaluate, open the next round.
 
-        Evaluation runs outside the lock: meanwhile polls are told to wait (no round is open) and late uploads are
-        refused, exactly as while aggregating; a crash during it re-aggregates to the same version at restart.
+        The new version is computed and written, and evaluated, outside the lock: an AGGREGATING round folds nothing
+        more, polls meanwhile are told to wait (no round is open) and late uploads are refused, without waiting for
+        the lock while a large version is written to the store; a crash meanwhile re-aggregates to the same version
+        at restart (the store's put is idempotent).
         """
         with self._lock:
             o = self._open
             if o is None or o.record.state != AGGREGATING:
                 return None
             rnd = o.record
-            result = self.versions.publish(rnd.index, self.model, o.agg, o.accepted)
+            previous, accepted = self.model, o.accepted
+        result = self.versions.publish(rnd.index, previous, o.agg, accepted)
         evaluation = self.versions.evaluate(result)
         with self._lock:
             if self._open is not o:

@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -28,6 +28,9 @@ from services.aggregator.store import (
     AGGREGATING, ASSIGNED, DROPPED, OPEN, JobRecord, RoundRecord, RoundStore, UpdateRecord,
 )
 from services.aggregator.versions import GlobalModel
+
+if TYPE_CHECKING:
+    from services.aggregator.assignments import Assignment
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,14 @@ class OpenRound:
     loss_weighted: float = 0.0
     weight: float = 0.0
     plans: dict[str, SlicePlan] = field(default_factory=dict)
+    # Who holds an assignment in this round (device id -> dropped?): loaded from the round store on first use, then
+    # kept current by the Assigner (every change happens under the coordinator's lock), so a poll reads no rows.
+    roster: dict[str, bool] | None = None
+    # The assignments issued in this round whose update has not arrived (device id -> the assignment, ticket
+    # included): a device that lost the reply to its poll (a deadline, a broken link) polls again and gets the same
+    # assignment, so the round never waits for a device that never saw its ticket. Memory only: after a restart a
+    # repeated poll waits, as the ticket's signature cannot be rebuilt from the store.
+    issued: dict[str, Assignment] = field(default_factory=dict)
 
     def plan(self, model: GlobalModel, spec: ElasticSpec) -> SlicePlan:
         """The slice plan of ``spec`` (cached for the round)."""

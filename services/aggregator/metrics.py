@@ -19,6 +19,7 @@ class AggregatorMetrics:
     rounds: Counter
     participants: Gauge
     assignments: Counter
+    repeated_polls: Counter
     accepted: Counter
     dropouts: Counter
     rejected: Counter
@@ -55,6 +56,10 @@ def build_aggregator_metrics(registry: CollectorRegistry) -> AggregatorMetrics:
                            registry=registry),
         assignments=Counter("raffm_aggregator_assignments", "Assignments handed out, by device tier.", ("tier",),
                             registry=registry),
+        # A device polled again before uploading (it lost the reply): it got the same assignment, not a new one.
+        repeated_polls=Counter("raffm_aggregator_assignments_redelivered",
+                               "Polls answered with an assignment the device already held (its earlier reply was lost).",
+                               registry=registry),
         accepted=Counter("raffm_aggregator_updates_accepted", "Updates accepted, by device tier.", ("tier",),
                          registry=registry),
         dropouts=Counter("raffm_aggregator_dropouts",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -70,11 +71,14 @@ def assignment_to_proto(a: Assignment, extractor_target: str) -> aggregator_pb2.
 
 class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
     def __init__(self, coordinator: RoundCoordinator, devices: DeviceDirectory, *, extractor_target: str = "",
-                 on_change: Callable[[], None] = lambda: None) -> None:
+                 on_change: Callable[[], None] = lambda: None, poll_executor: Executor | None = None) -> None:
         self.c = coordinator
         self.devices = devices
         self.extractor_target = extractor_target
         self.on_change = on_change
+        # Polls run on threads of their own: behind the uploads' blocking steps (staging writes, fsync, SQL commits)
+        # in the shared default executor, a thousand devices' polls waited seconds when a round's uploads arrived.
+        self.poll_executor = poll_executor
 
     async def PollRound(self, request: aggregator_pb2.PollRequest, context: Any) -> aggregator_pb2.PollReply:
         caller = current_principal()
@@ -83,7 +87,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
             raise ValidationError("device_id is required for operator calls", field="device_id")
         authorize_device(caller, device_id)
         info = await self.devices.get(device_id)
-        result = await asyncio.to_thread(self.c.poll, info, device_id)
+        result = await asyncio.get_running_loop().run_in_executor(self.poll_executor, self.c.poll, info, device_id)
         if isinstance(result, Wait):
             return aggregator_pb2.PollReply(wait=aggregator_pb2.Wait(seconds=result.seconds, reason=result.reason))
         return aggregator_pb2.PollReply(assignment=assignment_to_proto(result, self.extractor_target))
