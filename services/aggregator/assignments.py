@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from raffm.errors import AuthenticationError, PermissionDeniedError
+from raffm.errors import AuthenticationError, PermissionDeniedError, excerpt
 from raffm.planning import NoFitError, Planner, PlanJob, PlanResult
 from raffm.recipe import Recipe
 from raffm.spec import ElasticSpec
@@ -126,9 +126,9 @@ class Assigner:
         except TicketError as exc:
             raise TicketRejectedError(str(exc), field="ticket") from None
         if ticket.job_id != self.job.job_id:
-            raise TicketRejectedError(f"ticket is for job {ticket.job_id!r}, this server runs {self.job.job_id!r}")
+            raise TicketRejectedError(f"ticket is for job {excerpt(ticket.job_id)}, this server runs {self.job.job_id!r}")
         if caller is not None and not caller.is_operator and caller.subject != ticket.device_id:
-            raise WrongDeviceError(f"ticket belongs to device {ticket.device_id!r}, not {caller.subject!r}",
+            raise WrongDeviceError(f"ticket belongs to device {excerpt(ticket.device_id)}, not {excerpt(caller.subject)}",
                                    field="ticket")
         return ticket
 

@@ -28,7 +28,7 @@ import torch
 
 from raffm.aggregation import UpdateRejected
 from raffm.checkpoints import CheckpointStore
-from raffm.errors import NotFoundError
+from raffm.errors import NotFoundError, excerpt
 from raffm.planning import Planner
 from raffm.slicing import SlicePlan
 from raffm.spec import ElasticSpec
@@ -136,7 +136,7 @@ class RoundCoordinator:
 
     def poll(self, device: DeviceInfo | None, device_id: str) -> Wait | Assignment:
         if device is None:
-            raise NotFoundError(f"device {device_id!r} is not registered", field="device_id")
+            raise NotFoundError(f"device {excerpt(device_id)} is not registered", field="device_id")
         with self._lock:
             gate = self.assigner.gate(self._record, self._open, device)
         if isinstance(gate, Wait):
@@ -281,7 +281,7 @@ class RoundCoordinator:
                 return replace(self._open.record, evaluation=dict(self._open.record.evaluation))
         rnd = self.rounds.get_round(round_id)
         if rnd is None:
-            raise NotFoundError(f"round {round_id!r} does not exist", field="round_id")
+            raise NotFoundError(f"round {excerpt(round_id)} does not exist", field="round_id")
         return rnd
 
     def accepted_count(self, round_id: str) -> int:
@@ -292,7 +292,7 @@ class RoundCoordinator:
 
     def list_rounds(self, job_id: str = "") -> list[RoundRecord]:
         if job_id and job_id != self.job.job_id:
-            raise NotFoundError(f"job {job_id!r} does not exist", field="job_id")
+            raise NotFoundError(f"job {excerpt(job_id)} does not exist", field="job_id")
         with self._lock:
             rounds = self.rounds.list_rounds(self.job.job_id)
             if self._open is not None:

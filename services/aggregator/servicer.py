@@ -9,7 +9,7 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from raffm.errors import ValidationError
+from raffm.errors import ValidationError, excerpt
 from raffm.proto import (
     cost_to_proto, manifest_from_proto, recipe_to_proto, resume_to_proto, spec_to_proto, wire_dtype_to_proto,
 )
@@ -150,7 +150,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
         if request.job_id and request.job_id != rec.job_id:
             from raffm.errors import NotFoundError
 
-            raise NotFoundError(f"job {request.job_id!r} does not exist", field="job_id")
+            raise NotFoundError(f"job {excerpt(request.job_id)} does not exist", field="job_id")
         j = self.c.job
         state: Any = JOB_STATES.get(rec.state, aggregator_pb2.JOB_STATE_UNSPECIFIED)
         return aggregator_pb2.Job(

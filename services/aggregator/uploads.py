@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from raffm.aggregation import SlicedFedAvg
-from raffm.errors import AlreadyExistsError, PreconditionError, ValidationError
+from raffm.errors import AlreadyExistsError, PreconditionError, ValidationError, excerpt
 from raffm.reassembly import Reassembler
 from raffm.slicing import SlicePlan
 from raffm.tickets import Ticket
@@ -78,16 +78,22 @@ def check_manifest(manifest: Manifest, plan: SlicePlan, wire_dtype: str) -> None
     if got != expected:
         missing, extra = sorted(expected - got), sorted(got - expected)
         raise UploadRejectedError(
-            "bad_manifest", f"manifest tensors differ from the assigned slice: missing {missing[:5]}, "
-            f"unexpected {extra[:5]}", field="manifest")
+            "bad_manifest", f"manifest tensors differ from the assigned slice: missing {_names(missing)}, "
+            f"unexpected {_names(extra)}", field="manifest")
     for meta in manifest.tensors:
         want = plan[meta.name].sub_shape
         if meta.shape != want:
-            raise UploadRejectedError("bad_manifest", f"tensor {meta.name!r} has shape {meta.shape}; the "
+            raise UploadRejectedError("bad_manifest", f"tensor {excerpt(meta.name)} has shape {meta.shape}; the "
                                       f"assigned slice has {want}", field="manifest")
         if meta.dtype != wire_dtype:
-            raise UploadRejectedError("bad_manifest", f"tensor {meta.name!r} is {meta.dtype}; the job's wire "
+            raise UploadRejectedError("bad_manifest", f"tensor {excerpt(meta.name)} is {meta.dtype}; the job's wire "
                                       f"dtype is {wire_dtype}", field="manifest")
+
+
+def _names(names: list[str], most: int = 5) -> str:
+    """The first few of ``names``, each cut short, and how many more there are."""
+    shown = ", ".join(excerpt(n) for n in names[:most])
+    return f"[{shown}{f', ... {len(names) - most} more' if len(names) > most else ''}]"
 
 
 def downloaded_bytes(assignment: AssignmentRecord, reported: float) -> int:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from raffm.errors import AuthenticationError, PermissionDeniedError
+from raffm.errors import AuthenticationError, PermissionDeniedError, excerpt
 
 TOKEN_PREFIX = "rfm_"
 AUTH_HEADER = "authorization"
@@ -204,7 +204,7 @@ def authorize_device(principal: Principal, device_id: str) -> None:
     """Allow operators, and a device acting on itself; anything else is PERMISSION_DENIED."""
     if principal.is_operator or principal.subject == device_id:
         return
-    raise PermissionDeniedError(f"this token belongs to device {principal.subject!r}, not {device_id!r}",
+    raise PermissionDeniedError(f"this token belongs to device {excerpt(principal.subject)}, not {excerpt(device_id)}",
                                 field="device_id")
 
 
