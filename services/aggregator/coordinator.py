@@ -45,7 +45,8 @@ from services.aggregator.store import (
     UpdateRecord,
 )
 from services.aggregator.uploads import (
-    DuplicateUploadError, LateUploadError, UploadRejectedError, UploadResult, UploadSession, UploadState,
+    DuplicateUploadError, LateUploadError, UploadInProgressError, UploadRejectedError, UploadResult, UploadSession,
+    UploadState,
     count_accepted_bytes, downloaded_bytes, upload_state,
 )
 from services.aggregator.versions import Evaluator, GlobalModel, InitialModel, Versions
@@ -80,6 +81,7 @@ class RoundCoordinator:
         self._record: JobRecord | None = None
         self._model: GlobalModel | None = None
         self._open: OpenRound | None = None
+        self._uploading: set[str] = set()  # tickets with an upload stream in progress (one stream per ticket)
         self.wire_dtype: torch.dtype = WIRE_DTYPES[job.wire_dtype]
 
     # -- start-up and recovery ------------------------------------------------------------------------------------------
@@ -165,9 +167,22 @@ class RoundCoordinator:
             if self.rounds.update_for_ticket(ticket.ticket_id) is not None:
                 raise DuplicateUploadError(f"an update for ticket {ticket.ticket_id} was already accepted")
             o = self._check_open(ticket.round_id)
+            if ticket.ticket_id in self._uploading:
+                raise UploadInProgressError(f"another upload stream for ticket {ticket.ticket_id} is in progress")
             plan = o.strategy.upload_plan(self._plan(ticket.elastic_spec), ticket.training_recipe)
-        return UploadSession(ticket, assignment, plan, self.staging.upload(ticket.round_id, ticket.ticket_id),
-                             sample_count, dict(metrics), o.agg, wire_dtype=self.job.wire_dtype, commit=self.commit)
+            self._uploading.add(ticket.ticket_id)
+        try:
+            staged = self.staging.upload(ticket.round_id, ticket.ticket_id)
+        except BaseException:
+            self._release_upload(ticket.ticket_id)
+            raise
+        return UploadSession(ticket, assignment, plan, staged, sample_count, dict(metrics), o.agg,
+                             wire_dtype=self.job.wire_dtype, commit=self.commit,
+                             release=lambda: self._release_upload(ticket.ticket_id))
+
+    def _release_upload(self, ticket_id: str) -> None:
+        with self._lock:
+            self._uploading.discard(ticket_id)
 
     def commit(self, session: UploadSession, delta: dict[str, torch.Tensor]) -> UploadResult:
         """Validate, make durable, record, fold. Called by UploadSession.finish once every tensor is verified."""

@@ -92,6 +92,15 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
                            context: Any) -> aggregator_pb2.UploadAck:
         caller = current_principal()
         session: UploadSession | None = None
+        work: asyncio.Future[Any] | None = None
+
+        async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+            # Shielded: a cancelled call does not stop work already running in a thread (a commit, a manifest write),
+            # and the session keeps its ticket's claim until that work is over (see _end_session).
+            nonlocal work
+            work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+            return await asyncio.shield(work)
+
         try:
             first = await anext(aiter(request_iterator), None)
             if first is None or first.WhichOneof("body") != "header":
@@ -100,7 +109,8 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
             metrics = {"loss": h.metrics.loss, "steps": h.metrics.steps, "seconds": h.metrics.seconds,
                        "peak_memory_mb": h.metrics.peak_memory_mb, "accuracy": h.metrics.accuracy,
                        "download_bytes": h.metrics.download_bytes}
-            session = await asyncio.to_thread(self.c.begin_upload, h.ticket, caller, int(h.sample_count), metrics)
+            session = await in_thread(self.c.begin_upload, h.ticket, caller, int(h.sample_count), metrics)
+            assert session is not None
             async for msg in request_iterator:
                 kind = msg.WhichOneof("body")
                 if kind == "chunk":
@@ -112,21 +122,19 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
                         manifest = manifest_from_proto(msg.manifest)
                     except WireError as exc:
                         raise _rejected("bad_manifest", str(exc)) from None
-                    await asyncio.to_thread(session.set_manifest, manifest)
+                    await in_thread(session.set_manifest, manifest)
                 else:
                     raise _rejected("protocol", f"unexpected {kind or 'empty'} message after the header")
-            result = await asyncio.to_thread(session.finish)
+            result = await in_thread(session.finish)
         except asyncio.CancelledError:
-            if session is not None:
-                session.interrupted()
             raise
         except Exception as exc:
             reason = getattr(exc, "reason", None)
-            if session is not None:
-                session.interrupted()
             if reason is not None:
                 self.c.record_rejection(reason, session.round_id if session is not None else None)
             raise
+        finally:
+            _end_session(work, session)
         self.on_change()
         return aggregator_pb2.UploadAck(accepted=True, bytes_received=result.bytes_received, round_id=result.round_id,
                                         tensors_received=result.tensors)
@@ -192,6 +200,25 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
                         for r in page], next_page_token=nxt)
 
         return await asyncio.to_thread(load)
+
+
+def _end_session(work: asyncio.Future[Any] | None, session: UploadSession | None) -> None:
+    """Keep what an interrupted upload sent (for a resume) and release its ticket's claim, once no thread works on it
+    any more (a session that ``begin_upload`` returns after the call was cancelled included)."""
+
+    def end(_: object = None) -> None:
+        s = session
+        if s is None and work is not None and not work.cancelled() and work.exception() is None:
+            result = work.result()
+            s = result if isinstance(result, UploadSession) else None
+        if s is not None:
+            s.interrupted()
+            s.close()
+
+    if work is not None and not work.done():
+        work.add_done_callback(end)
+    else:
+        end()
 
 
 def _rejected(reason: str, message: str) -> Exception:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from raffm.aggregation import SlicedFedAvg
-from raffm.errors import AlreadyExistsError, PreconditionError, ValidationError, excerpt
+from raffm.errors import AlreadyExistsError, ConflictError, PreconditionError, ValidationError, excerpt
 from raffm.reassembly import Reassembler
 from raffm.slicing import SlicePlan
 from raffm.tickets import Ticket
@@ -41,6 +41,14 @@ class LateUploadError(PreconditionError):
 class DuplicateUploadError(AlreadyExistsError):
     reason = "duplicate"
     default_hint = "this ticket's update was already accepted; nothing to resend"
+
+
+class UploadInProgressError(ConflictError):
+    """A second UploadUpdate stream on a ticket whose upload is being received (ABORTED)."""
+
+    reason = "concurrent_upload"
+    default_hint = ("one upload stream per ticket at a time: wait for the other one to end, then ask QueryUpload "
+                    "what is held and resume")
 
 
 @dataclass(frozen=True)
@@ -119,16 +127,27 @@ Commit = Callable[["UploadSession", dict[str, torch.Tensor]], UploadResult]
 
 
 class UploadSession:
-    """One UploadUpdate stream: manifest check, chunk reassembly into staging, then ``commit``."""
+    """One UploadUpdate stream: manifest check, chunk reassembly into staging, then ``commit``.
+
+    A session holds its ticket's claim (only one stream per ticket writes its staging directory, so what is folded is
+    exactly the bytes the acknowledged stream sent) until :meth:`close`.
+    """
 
     def __init__(self, ticket: Ticket, assignment: AssignmentRecord, plan: SlicePlan, staged: StagedUpload,
                  sample_count: int, metrics: dict[str, float], agg: SlicedFedAvg, *, wire_dtype: str,
-                 commit: Commit) -> None:
+                 commit: Commit, release: Callable[[], None] = lambda: None) -> None:
         self.ticket, self.assignment, self.plan = ticket, assignment, plan
         self.staged, self.sample_count, self.metrics, self.agg = staged, sample_count, metrics, agg
-        self.wire_dtype, self._commit = wire_dtype, commit
+        self.wire_dtype, self._commit, self._release = wire_dtype, commit, release
         self.reassembler: Reassembler | None = None
         self.received = 0
+        self.closed = False
+
+    def close(self) -> None:
+        """Release the ticket's claim (idempotent): another stream may now upload for it."""
+        if not self.closed:
+            self.closed = True
+            self._release()
 
     @property
     def round_id(self) -> str:
