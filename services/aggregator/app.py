@@ -142,7 +142,7 @@ async def build_aggregator(
     await asyncio.to_thread(coordinator.start)
     driver = RoundDriver(coordinator, config.tick_s)
     servicer = AggregatorServicer(coordinator, devices, extractor_target=config.extractor_target,
-                                  on_change=driver.poke)
+                                  on_change=driver.poke, verifier=verifier)
     binding = ServiceBinding(SERVICE_NAME,
                              lambda server: aggregator_pb2_grpc.add_AggregatorServiceServicer_to_server(servicer, server))
     server = build_server(config.server, [binding], verifier=verifier, registry=registry)

@@ -20,7 +20,7 @@ from services.aggregator.coordinator import RoundCoordinator
 from services.aggregator.devices import DeviceDirectory
 from services.aggregator.store import AGGREGATING, CLOSED, FAILED, OPEN, RoundRecord
 from services.aggregator.uploads import UploadRejectedError, UploadSession
-from services.common.auth import authorize_device, current_principal
+from services.common.auth import TokenVerifier, authorize_device, current_principal, reverify
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "raffm.v1.AggregatorService"
@@ -70,9 +70,10 @@ def assignment_to_proto(a: Assignment, extractor_target: str) -> aggregator_pb2.
 
 class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
     def __init__(self, coordinator: RoundCoordinator, devices: DeviceDirectory, *, extractor_target: str = "",
-                 on_change: Callable[[], None] = lambda: None) -> None:
+                 on_change: Callable[[], None] = lambda: None, verifier: TokenVerifier | None = None) -> None:
         self.c = coordinator
         self.devices = devices
+        self.verifier = verifier  # asked again before an upload commits: a device revoked meanwhile is refused
         self.extractor_target = extractor_target
         self.on_change = on_change
 
@@ -125,6 +126,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
                     await in_thread(session.set_manifest, manifest)
                 else:
                     raise _rejected("protocol", f"unexpected {kind or 'empty'} message after the header")
+            await reverify(self.verifier)
             result = await in_thread(session.finish)
         except asyncio.CancelledError:
             raise
