@@ -239,7 +239,7 @@ class Agent:
 
     def _run_assignment(self, a: aggregator_pb2.Assignment, outcome: Outcome) -> None:
         from edge_agent import submodel, trainer
-        from edge_agent.transfer import TransferError, UploadRejected, download_slice, upload_update
+        from edge_agent.transfer import TransferError, download_slice, upload_update
         from raffm.proto import recipe_from_proto, spec_from_proto
         from raffm.training import LocalConfig
         from raffm.wire import tensor_bytes
@@ -363,14 +363,9 @@ class Agent:
         metrics = {"loss": result.loss, "steps": result.steps, "seconds": result.seconds, "peak_memory_mb": peak,
                    "download_bytes": download_bytes}
         try:
+            # A rejected upload raises ServiceError with the status: FAILED_PRECONDITION (late) ends this assignment
+            # as "late" in handle(); any other is reported to the aggregator as a failure.
             uploaded = upload_update(self.client, a, result.delta, names, result.samples, metrics, self.progress)
-        except UploadRejected as exc:
-            if exc.ack.reject_reason == aggregator_pb2.REJECT_REASON_LATE:
-                outcome.status, outcome.detail = "late", exc.ack.detail
-                log.warning("upload for round %s refused as late: %s", a.round_id, exc.ack.detail,
-                            extra={"event": "late", "round": a.round_id})
-                return
-            raise AssignmentRefused(FR.FAILURE_REASON_OTHER, str(exc)) from None
         except TransferError as exc:
             raise AssignmentRefused(FR.FAILURE_REASON_OTHER, f"upload failed: {exc}") from None
         outcome.upload_resumes, outcome.upload_resumed_at = uploaded.resumes, uploaded.resumed_at

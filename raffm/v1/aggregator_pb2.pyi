@@ -18,16 +18,6 @@ class TaskKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_KIND_TEXT_CLASSIFICATION: _ClassVar[TaskKind]
     TASK_KIND_IMAGE_CLASSIFICATION: _ClassVar[TaskKind]
 
-class RejectReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
-    __slots__ = ()
-    REJECT_REASON_UNSPECIFIED: _ClassVar[RejectReason]
-    REJECT_REASON_LATE: _ClassVar[RejectReason]
-    REJECT_REASON_BAD_MANIFEST: _ClassVar[RejectReason]
-    REJECT_REASON_CHECKSUM: _ClassVar[RejectReason]
-    REJECT_REASON_DUPLICATE: _ClassVar[RejectReason]
-    REJECT_REASON_NON_FINITE: _ClassVar[RejectReason]
-    REJECT_REASON_INVALID_HEADER: _ClassVar[RejectReason]
-
 class FailureReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FAILURE_REASON_UNSPECIFIED: _ClassVar[FailureReason]
@@ -64,13 +54,6 @@ class RoundState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 TASK_KIND_UNSPECIFIED: TaskKind
 TASK_KIND_TEXT_CLASSIFICATION: TaskKind
 TASK_KIND_IMAGE_CLASSIFICATION: TaskKind
-REJECT_REASON_UNSPECIFIED: RejectReason
-REJECT_REASON_LATE: RejectReason
-REJECT_REASON_BAD_MANIFEST: RejectReason
-REJECT_REASON_CHECKSUM: RejectReason
-REJECT_REASON_DUPLICATE: RejectReason
-REJECT_REASON_NON_FINITE: RejectReason
-REJECT_REASON_INVALID_HEADER: RejectReason
 FAILURE_REASON_UNSPECIFIED: FailureReason
 FAILURE_REASON_REFUSED: FailureReason
 FAILURE_REASON_OUT_OF_MEMORY: FailureReason
@@ -219,20 +202,16 @@ class UploadMessage(_message.Message):
     def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., manifest: _Optional[_Union[_common_pb2.Manifest, _Mapping]] = ..., chunk: _Optional[_Union[_common_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
 
 class UploadAck(_message.Message):
-    __slots__ = ("accepted", "bytes_received", "round_id", "reject_reason", "detail", "tensors_received")
+    __slots__ = ("accepted", "bytes_received", "round_id", "tensors_received")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
-    REJECT_REASON_FIELD_NUMBER: _ClassVar[int]
-    DETAIL_FIELD_NUMBER: _ClassVar[int]
     TENSORS_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     bytes_received: int
     round_id: str
-    reject_reason: RejectReason
-    detail: str
     tensors_received: int
-    def __init__(self, accepted: _Optional[bool] = ..., bytes_received: _Optional[int] = ..., round_id: _Optional[str] = ..., reject_reason: _Optional[_Union[RejectReason, str]] = ..., detail: _Optional[str] = ..., tensors_received: _Optional[int] = ...) -> None: ...
+    def __init__(self, accepted: _Optional[bool] = ..., bytes_received: _Optional[int] = ..., round_id: _Optional[str] = ..., tensors_received: _Optional[int] = ...) -> None: ...
 
 class QueryUploadRequest(_message.Message):
     __slots__ = ("ticket",)

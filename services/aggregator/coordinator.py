@@ -32,7 +32,7 @@ from raffm.errors import NotFoundError, excerpt
 from raffm.planning import Planner
 from raffm.slicing import SlicePlan
 from raffm.spec import ElasticSpec
-from raffm.tickets import TicketSigner
+from raffm.tickets import TicketError, TicketSigner
 from raffm.wire import WIRE_DTYPES, itemsize
 from services.aggregator.assignments import Assigner, Assignment, TicketRejectedError, Wait
 from services.aggregator.config import JobConfig
@@ -51,6 +51,7 @@ from services.aggregator.uploads import (
 )
 from services.aggregator.versions import Evaluator, GlobalModel, InitialModel, Versions
 from services.common.auth import Principal
+from services.common.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class RoundCoordinator:
         self._model: GlobalModel | None = None
         self._open: OpenRound | None = None
         self._uploading: set[str] = set()  # tickets with an upload stream in progress (one stream per ticket)
+        self._rejections = RateLimitedLog(log)  # per reason: a client can cause rejections at will
         self.wire_dtype: torch.dtype = WIRE_DTYPES[job.wire_dtype]
 
     # -- start-up and recovery ------------------------------------------------------------------------------------------
@@ -222,13 +224,40 @@ class RoundCoordinator:
         self.metrics.fold_seconds.observe(time.perf_counter() - t0)
         return UploadResult(round_id=ticket.round_id, bytes_received=nbytes, tensors=len(delta), seq=update.seq)
 
-    def record_rejection(self, reason: str, round_id: str | None = None) -> None:
-        self.metrics.rejected.labels(reason).inc()
+    def record_rejection(self, reason: str, message: str, *, ticket: bytes = b"", round_id: str | None = None,
+                         device: str = "") -> None:
+        """Count one rejected upload in the metrics and in a round, and log it (rate-limited per reason).
+
+        The round is the one the ticket names when this aggregator signed the ticket (a late or duplicate upload
+        counts in its own, closed, round), else the open round: every rejection is counted once, also those that
+        happen before an upload session exists (bad ticket, wrong device, bad header, ...)."""
+        round_id = round_id or self._ticket_round(ticket)
+        counted = ""
         with self._lock:
             o = self._open
-            if o is not None and round_id == o.record.round_id:
+            if o is not None and round_id in (None, o.record.round_id):
                 o.record.rejected += 1
                 self.rounds.save_round(o.record)
+                counted = o.record.round_id
+            elif round_id is not None:
+                rnd = self.rounds.get_round(round_id)
+                if rnd is not None:
+                    rnd.rejected += 1
+                    self.rounds.save_round(rnd)
+                    counted = rnd.round_id
+        self.metrics.rejected.labels(reason).inc()
+        self._rejections.log(reason, "rejected an upload (%s) from %s for round %s: %s", reason, device or "?",
+                             counted or "-", excerpt(message, 300))
+
+    def _ticket_round(self, ticket: bytes) -> str | None:
+        """The round a ticket of this job names (expired tickets too), or None when it is not one we signed."""
+        if not ticket:
+            return None
+        try:
+            t = self.assigner.signer.verify(ticket, check_expiry=False)
+        except (TicketError, ValueError):
+            return None
+        return t.round_id if t.job_id == self.job.job_id else None
 
     def query_upload(self, ticket_bytes: bytes, caller: Principal | None) -> UploadState:
         return upload_state(self.rounds, self.staging, self.assigner.verify(ticket_bytes, caller, check_expiry=False))

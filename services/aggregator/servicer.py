@@ -9,7 +9,7 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from raffm.errors import ValidationError, excerpt
+from raffm.errors import DomainError, ValidationError, excerpt
 from raffm.proto import (
     cost_to_proto, manifest_from_proto, recipe_to_proto, resume_to_proto, spec_to_proto, wire_dtype_to_proto,
 )
@@ -93,6 +93,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
                            context: Any) -> aggregator_pb2.UploadAck:
         caller = current_principal()
         session: UploadSession | None = None
+        h: aggregator_pb2.UpdateHeader | None = None
         work: asyncio.Future[Any] | None = None
 
         async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
@@ -131,9 +132,11 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            reason = getattr(exc, "reason", None)
-            if reason is not None:
-                self.c.record_rejection(reason, session.round_id if session is not None else None)
+            reason = getattr(exc, "reason", None) or ("other" if isinstance(exc, DomainError | ValueError) else None)
+            if reason is not None:  # anything else is a server bug: INTERNAL, logged by the chassis
+                await asyncio.to_thread(
+                    self.c.record_rejection, reason, str(exc), ticket=h.ticket if h is not None else b"",
+                    round_id=session.round_id if session is not None else None, device=caller.subject)
             raise
         finally:
             _end_session(work, session)

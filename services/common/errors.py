@@ -76,7 +76,14 @@ def error_detail_bytes(exc: BaseException) -> bytes:
         message=bounded(str(exc)),
         field=bounded(getattr(exc, "field", ""), MAX_FIELD_CHARS),
         hint=bounded(getattr(exc, "hint", ""), MAX_MESSAGE_CHARS // 4),
+        reject_reason=reject_reason(exc),
     ).SerializeToString()
+
+
+def reject_reason(exc: BaseException) -> str:
+    """The one-word reason a refused update or ticket carries (its ``reason`` attribute), or ""."""
+    reason = getattr(exc, "reason", "")
+    return bounded(reason, MAX_FIELD_CHARS) if isinstance(reason, str) else ""
 
 
 def parse_error_detail(trailing_metadata: object) -> object | None:

@@ -84,6 +84,8 @@ def test_a_second_stream_on_a_ticket_in_flight_is_aborted_and_only_the_first_is_
                           metadata=dev.md, timeout=60)
     assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
     _assert_folded_exactly(fleet, a, first)
+    rnd = stub.GetRound(aggregator_pb2.GetRoundRequest(round_id=a.round_id), metadata=fleet.operator, timeout=10)
+    assert rnd.rejected == 3  # the two refused streams and the one after the acceptance, each counted once
 
 
 def test_two_streams_racing_on_one_ticket_fold_exactly_the_acknowledged_one(fleet: Fleet) -> None:
