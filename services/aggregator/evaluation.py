@@ -35,6 +35,22 @@ def size_label(fraction: float) -> str:
     return f"{fraction:g}"
 
 
+def describe(evaluation: Mapping[str, float]) -> str:
+    """One log-line phrase for a round's evaluation: the global model's accuracy, then each evaluated size's."""
+    if not evaluation:
+        return "no held-out evaluation"
+    parts = []
+    if "accuracy" in evaluation:
+        parts.append(f"held-out accuracy {evaluation['accuracy']:.1%}")
+    sizes = sorted((float(k.partition("@")[2]), k) for k in evaluation if k.startswith("accuracy@"))
+    if sizes:
+        parts.append("by share of the compute " + ", ".join(
+            f"{size_label(fraction)}: {evaluation[key]:.1%}" for fraction, key in sizes))
+    others = sorted(k for k in evaluation if "@" not in k and k != "accuracy")
+    parts += [f"{k} {evaluation[k]:.4g}" for k in others]
+    return "; ".join(parts)
+
+
 def heldout_split(data: Dataset) -> tuple[list[int], list[int]]:
     """(train indices, test indices) of a built-in corpus: the test part is what the server evaluates on."""
     return train_test_split(len(data), BUILTIN_TEST_FRACTION, BUILTIN_SPLIT_SEED)

@@ -22,6 +22,7 @@ from raffm.slicing import SlicePlan
 from raffm.spec import ElasticSpec
 from raffm.strategy import Strategy
 from services.aggregator.config import JobConfig
+from services.aggregator.evaluation import describe
 from services.aggregator.metrics import AggregatorMetrics
 from services.aggregator.staging import Staging
 from services.aggregator.store import (
@@ -150,5 +151,6 @@ class Lifecycle:
             record.state = "completed"
         self.rounds.save_job(record)
         self.staging.drop_round(rnd.round_id)
-        log.info("round %s %s: %d update(s), version %s", rnd.round_id, state, o.accepted, record.model_version)
+        log.info("round %s %s: %d update(s), version %s; %s", rnd.round_id, state, o.accepted, record.model_version,
+                 describe(rnd.evaluation))
         return rnd
