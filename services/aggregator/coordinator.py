@@ -34,14 +34,14 @@ from raffm.slicing import SlicePlan
 from raffm.spec import ElasticSpec
 from raffm.tickets import TicketError, TicketSigner
 from raffm.wire import WIRE_DTYPES, itemsize
-from services.aggregator.assignments import Assigner, Assignment, TicketRejectedError, Wait
+from services.aggregator.assignments import Assigner, Assignment, TicketRejectedError, Wait, describe_failures
 from services.aggregator.config import JobConfig
 from services.aggregator.devices import DeviceInfo
 from services.aggregator.lifecycle import Lifecycle, OpenRound
 from services.aggregator.metrics import AggregatorMetrics
 from services.aggregator.staging import Staging
 from services.aggregator.store import (
-    AGGREGATING, CLOSED, FAILED, OPEN, UPLOADED, DuplicateUpdateError, JobRecord, RoundRecord, RoundStore,
+    AGGREGATING, ASSIGNED, CLOSED, FAILED, OPEN, UPLOADED, DuplicateUpdateError, JobRecord, RoundRecord, RoundStore,
     UpdateRecord,
 )
 from services.aggregator.uploads import (
@@ -147,6 +147,9 @@ class RoundCoordinator:
             return gate
         plan = self.assigner.choose_spec(device, gate)  # outside the lock: the planner may be a remote call
         if isinstance(plan, Wait):
+            with self._lock:  # no sub-model fits this device: it cannot take part in this round
+                if self._open is not None and self._open.record.round_id == gate.round_id:
+                    self._open.unfit.add(device_id)
             return plan
         with self._lock:
             still = self.assigner.gate(self._record, self._open, device)
@@ -262,10 +265,51 @@ class RoundCoordinator:
     def query_upload(self, ticket_bytes: bytes, caller: Principal | None) -> UploadState:
         return upload_state(self.rounds, self.staging, self.assigner.verify(ticket_bytes, caller, check_expiry=False))
 
-    def report_failure(self, ticket_bytes: bytes, caller: Principal | None, reason: str) -> None:
+    def report_failure(self, ticket_bytes: bytes, caller: Principal | None, reason: str, detail: str = "") -> None:
         ticket = self.assigner.verify(ticket_bytes, caller, check_expiry=False)
         with self._lock:
-            self.assigner.drop(ticket, reason, self._open)
+            self.assigner.drop(ticket, reason, self._open, detail)
+        log.info("device %s gave up its assignment in round %s (%s): %s", ticket.device_id, ticket.round_id, reason,
+                 excerpt(detail, 300))
+
+    def stalled(self) -> bool:
+        """True when the open round has assignments, none of them outstanding, and fewer updates than its quorum:
+        whether any other device can still take part decides (see :meth:`settle`)."""
+        with self._lock:
+            o = self._open
+            if o is None or o.record.state != OPEN or o.accepted >= o.record.quorum:
+                return False
+            assignments = self.rounds.assignments(o.record.round_id)
+            return bool(assignments) and all(a.state != ASSIGNED for a in assignments)
+
+    def settle(self, online: set[str] | None) -> str:
+        """Close the open round early when no progress is possible: every assignment ended (uploaded or failed) and
+        every online device (``online``; None = unknown) was assigned in it or fits no sub-model. With at least
+        ``min_updates`` the round is aggregated now ("aggregate"), with fewer it fails now ("fail") instead of
+        waiting for its deadline and extensions; otherwise "wait"."""
+        if online is None:
+            return "wait"
+        with self._lock:
+            o = self._open
+            if o is None or not self.stalled():
+                return "wait"
+            rnd = o.record
+            assignments = self.rounds.assignments(rnd.round_id)
+            left = online - {a.device_id for a in assignments} - o.unfit
+            if left:
+                return "wait"
+            failed = describe_failures(rnd.failures)
+            if o.accepted >= self.job.min_updates:
+                rnd.state = AGGREGATING
+                self.rounds.save_round(rnd)
+                log.warning("round %s: every device that can take part is done (%d update(s)%s); aggregating now "
+                            "instead of waiting for the deadline", rnd.round_id, o.accepted,
+                            f"; failed: {failed}" if rnd.failures else "")
+                return "aggregate"
+            log.warning("round %s: every assigned device failed and no other device can take part; failing the round "
+                        "now. The devices said: %s", rnd.round_id, failed)
+            self._finish(o, FAILED)
+            return "fail"
 
     # -- closing ------------------------------------------------------------------------------------------------------
 
@@ -283,15 +327,17 @@ class RoundCoordinator:
     def close_round(self) -> RoundRecord | None:
         """Aggregate the round (if it is AGGREGATING), write the new version, evaluate, open the next round.
 
-        Evaluation runs outside the lock: meanwhile polls are told to wait (no round is open) and late uploads are
-        refused, exactly as while aggregating; a crash during it re-aggregates to the same version at restart.
+        Aggregation and evaluation run outside the lock (status calls stay quick while a large model is written): an
+        AGGREGATING round's sums no longer change, since uploads are refused as late and polls are told to wait. A
+        crash meanwhile re-aggregates to the same version at restart.
         """
         with self._lock:
             o = self._open
             if o is None or o.record.state != AGGREGATING:
                 return None
             rnd = o.record
-            result = self.versions.publish(rnd.index, rnd.model_version, o.agg, self.model.config, o.accepted)
+            config = self.model.config
+        result = self.versions.publish(rnd.index, rnd.model_version, o.agg, config, o.accepted)
         evaluation = self.versions.evaluate(result)
         with self._lock:
             if self._open is not o:

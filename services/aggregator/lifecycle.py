@@ -52,6 +52,7 @@ class OpenRound:
     loss_weighted: float = 0.0
     weight: float = 0.0
     plans: dict[str, SlicePlan] = field(default_factory=dict)
+    unfit: set[str] = field(default_factory=set)  # devices that polled and fit no sub-model of this round
 
     def plan(self, model: GlobalModel, spec: ElasticSpec) -> SlicePlan:
         """The slice plan of ``spec`` (cached for the round)."""

@@ -47,6 +47,9 @@ def round_to_proto(r: RoundRecord, assigned: int = 0, accepted: int = 0) -> aggr
         rejected=r.rejected, dropped=r.dropped, bytes_down=r.bytes_down, bytes_up=r.bytes_up,
         mean_train_loss=r.mean_train_loss, full_model_bytes=r.full_model_bytes,
         evaluation=dict(r.evaluation), extensions=r.extensions,
+        failures=[aggregator_pb2.RoundFailures(reason=reason, devices=int(f.get("devices", 0)),
+                                               detail=str(f.get("detail", "")))
+                  for reason, f in sorted(r.failures.items())],
     )
 
 
@@ -86,6 +89,8 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
         info = await self.devices.get(device_id)
         result = await asyncio.to_thread(self.c.poll, info, device_id)
         if isinstance(result, Wait):
+            if result.unfit:
+                await self._settle()
             return aggregator_pb2.PollReply(wait=aggregator_pb2.Wait(seconds=result.seconds, reason=result.reason))
         return aggregator_pb2.PollReply(assignment=assignment_to_proto(result, self.extractor_target))
 
@@ -141,6 +146,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
         finally:
             _end_session(work, session)
         self.on_change()
+        await self._settle()
         return aggregator_pb2.UploadAck(accepted=True, bytes_received=result.bytes_received, round_id=result.round_id,
                                         tensors_received=result.tensors)
 
@@ -154,8 +160,18 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
     async def ReportFailure(self, request: aggregator_pb2.ReportFailureRequest,
                             context: Any) -> aggregator_pb2.ReportFailureReply:
         reason = FAILURE_REASONS.get(request.reason, "other")
-        await asyncio.to_thread(self.c.report_failure, request.ticket, current_principal(), reason)
+        await asyncio.to_thread(self.c.report_failure, request.ticket, current_principal(), reason, request.detail)
+        await self._settle()
         return aggregator_pb2.ReportFailureReply()
+
+    async def _settle(self) -> None:
+        """When every assignment of the open round has ended, ask the registry who else is online: nobody means no
+        progress is possible, and the round is aggregated or failed now instead of at its deadline."""
+        if not await asyncio.to_thread(self.c.stalled):
+            return
+        online = await self.devices.online_ids()
+        if await asyncio.to_thread(self.c.settle, online) != "wait":
+            self.on_change()
 
     async def GetJob(self, request: aggregator_pb2.GetJobRequest, context: Any) -> aggregator_pb2.Job:
         current_principal()

@@ -52,6 +52,8 @@ class RoundRecord:
     dropped: int = 0
     mean_train_loss: float = 0.0
     evaluation: dict[str, Any] = field(default_factory=dict)
+    # Why assigned devices gave up (ReportFailure), by reason: {"data": {"devices": 2, "detail": "<latest>"}}.
+    failures: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -208,6 +210,7 @@ _rounds = sa.Table(
     sa.Column("dropped", sa.Integer, nullable=False),
     sa.Column("mean_train_loss", sa.Float, nullable=False),
     sa.Column("evaluation", sa.JSON, nullable=False),
+    sa.Column("failures", sa.JSON, nullable=False),
     sa.UniqueConstraint("job_id", "index"),
 )
 _assignments = sa.Table(
