@@ -133,15 +133,11 @@ def split_data(data: Any, devices: int, alpha: float, seed: int) -> list[Any]:
 
 def write_share(share: Any, path: Path) -> Path:
     """A device's share as a file its agent process can load (JSON lines for text, .pt for images)."""
-    from raffm.data import ImageDataset
+    from raffm.data import ImageDataset, save_image_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(share, ImageDataset):
-        import torch
-
-        out = path.with_suffix(".pt")
-        torch.save({"images": share.images, "labels": torch.tensor(share.labels)}, out)
-        return out
+        return save_image_file(share, path.with_suffix(".pt"))
     out = path.with_suffix(".jsonl")
     with out.open("w", encoding="utf-8") as f:
         for text, label in zip(share.texts, share.labels):

@@ -60,7 +60,8 @@ def default_initial_model(job: JobConfig) -> InitialModel:
     def load() -> tuple[dict[str, Any], dict[str, Any]]:
         from raffm.models import load_global_model
 
-        model = load_global_model(job.model, task=job.task, num_labels=job.num_labels)  # type: ignore[arg-type]
+        model = load_global_model(job.model, task=job.task, num_labels=job.num_labels,  # type: ignore[arg-type]
+                                  label_names=job.labels)
         return {k: v.detach().clone() for k, v in model.state_dict().items()}, model.config.to_dict()
 
     return load

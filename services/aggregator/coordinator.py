@@ -34,7 +34,9 @@ from raffm.slicing import SlicePlan
 from raffm.spec import ElasticSpec
 from raffm.tickets import TicketError, TicketSigner
 from raffm.wire import WIRE_DTYPES, itemsize
-from services.aggregator.assignments import Assigner, Assignment, TicketRejectedError, Wait, describe_failures
+from services.aggregator.assignments import (
+    MAX_FAILURE_DETAIL, Assigner, Assignment, TicketRejectedError, Wait, describe_failures,
+)
 from services.aggregator.config import JobConfig
 from services.aggregator.devices import DeviceInfo
 from services.aggregator.lifecycle import Lifecycle, OpenRound
@@ -148,8 +150,13 @@ class RoundCoordinator:
         plan = self.assigner.choose_spec(device, gate)  # outside the lock: the planner may be a remote call
         if isinstance(plan, Wait):
             with self._lock:  # no sub-model fits this device: it cannot take part in this round
-                if self._open is not None and self._open.record.round_id == gate.round_id:
-                    self._open.unfit.add(device_id)
+                o = self._open
+                if o is not None and o.record.round_id == gate.round_id and device_id not in o.unfit:
+                    o.unfit.add(device_id)
+                    entry = o.record.failures.setdefault("no_fit", {"devices": 0, "detail": ""})
+                    entry["devices"] += 1
+                    entry["detail"] = plan.reason[:MAX_FAILURE_DETAIL]
+                    self.rounds.save_round(o.record)
             return plan
         with self._lock:
             still = self.assigner.gate(self._record, self._open, device)
@@ -183,7 +190,8 @@ class RoundCoordinator:
             raise
         return UploadSession(ticket, assignment, plan, staged, sample_count, dict(metrics), o.agg,
                              wire_dtype=self.job.wire_dtype, commit=self.commit,
-                             release=lambda: self._release_upload(ticket.ticket_id))
+                             release=lambda: self._release_upload(ticket.ticket_id),
+                             on_bytes=self.metrics.bytes_received.labels(assignment.tier).inc)
 
     def _release_upload(self, ticket_id: str) -> None:
         with self._lock:
@@ -273,14 +281,15 @@ class RoundCoordinator:
                  excerpt(detail, 300))
 
     def stalled(self) -> bool:
-        """True when the open round has assignments, none of them outstanding, and fewer updates than its quorum:
-        whether any other device can still take part decides (see :meth:`settle`)."""
+        """True when the open round has fewer updates than its quorum, no outstanding assignment, and has seen a
+        device: one that was assigned (and uploaded or gave up) or that fits no sub-model. Whether any other device
+        can still take part decides (see :meth:`settle`)."""
         with self._lock:
             o = self._open
             if o is None or o.record.state != OPEN or o.accepted >= o.record.quorum:
                 return False
             assignments = self.rounds.assignments(o.record.round_id)
-            return bool(assignments) and all(a.state != ASSIGNED for a in assignments)
+            return bool(assignments or o.unfit) and all(a.state != ASSIGNED for a in assignments)
 
     def settle(self, online: set[str] | None) -> str:
         """Close the open round early when no progress is possible: every assignment ended (uploaded or failed) and
@@ -306,8 +315,9 @@ class RoundCoordinator:
                             "instead of waiting for the deadline", rnd.round_id, o.accepted,
                             f"; failed: {failed}" if rnd.failures else "")
                 return "aggregate"
-            log.warning("round %s: every assigned device failed and no other device can take part; failing the round "
-                        "now. The devices said: %s", rnd.round_id, failed)
+            log.warning("round %s: no device that can take part is left (%d assigned, all gave up; %d fit no "
+                        "sub-model); failing the round now. The devices said: %s", rnd.round_id, len(assignments),
+                        len(o.unfit), failed)
             self._finish(o, FAILED)
             return "fail"
 

@@ -52,7 +52,8 @@ class RoundRecord:
     dropped: int = 0
     mean_train_loss: float = 0.0
     evaluation: dict[str, Any] = field(default_factory=dict)
-    # Why assigned devices gave up (ReportFailure), by reason: {"data": {"devices": 2, "detail": "<latest>"}}.
+    # Why devices could not take part, by reason (ReportFailure's, or "no_fit"): {"data": {"devices": 2,
+    # "detail": "<latest>"}}.
     failures: dict[str, Any] = field(default_factory=dict)
 
 

@@ -135,10 +135,11 @@ class UploadSession:
 
     def __init__(self, ticket: Ticket, assignment: AssignmentRecord, plan: SlicePlan, staged: StagedUpload,
                  sample_count: int, metrics: dict[str, float], agg: SlicedFedAvg, *, wire_dtype: str,
-                 commit: Commit, release: Callable[[], None] = lambda: None) -> None:
+                 commit: Commit, release: Callable[[], None] = lambda: None,
+                 on_bytes: Callable[[int], None] = lambda n: None) -> None:
         self.ticket, self.assignment, self.plan = ticket, assignment, plan
         self.staged, self.sample_count, self.metrics, self.agg = staged, sample_count, metrics, agg
-        self.wire_dtype, self._commit, self._release = wire_dtype, commit, release
+        self.wire_dtype, self._commit, self._release, self._on_bytes = wire_dtype, commit, release, on_bytes
         self.reassembler: Reassembler | None = None
         self.received = 0
         self.closed = False
@@ -176,6 +177,7 @@ class UploadSession:
             raise UploadRejectedError("checksum" if isinstance(exc, ChecksumError) else "protocol", str(exc),
                                       field="chunk") from None
         self.received += len(data)
+        self._on_bytes(len(data))
 
     def interrupted(self) -> None:
         """The stream broke: keep what arrived (flushed to the OS) for a resume."""

@@ -119,6 +119,11 @@ class Fleet:
     initial_model: Any = None
     db_url: str = ""  # the aggregator's round store; default SQLite under root/agg
     device_cache_s: float = 2.0
+    serve_metrics: bool = False  # /metrics over HTTP on free ports (server.metrics_port), as the services' CLIs do
+
+    @property
+    def server_config(self) -> ServerConfig:
+        return ServerConfig(grace_s=1.0, metrics_port=0 if self.serve_metrics else None)
 
     def start(self, *, aggregator: bool = True) -> Fleet:
         self.registry = RegistryHarness(f"sqlite:///{self.root / 'registry.db'}").start()
@@ -130,7 +135,7 @@ class Fleet:
 
     async def _start_extractor(self) -> None:
         cfg = ExtractorConfig(store_url=f"file://{self.root / 'agg' / 'checkpoints'}", ticket_secret=SECRET,
-                              server=ServerConfig(grace_s=1.0))
+                              server=self.server_config)
         self.extractor = await build_extractor(
             cfg, verifier=fleet_verifier(self.registry.address, OPERATOR_TOKEN), registry=CollectorRegistry())
         await self.extractor.server.start()
@@ -140,7 +145,7 @@ class Fleet:
             cfg = AggregatorConfig(job=self.job, data_dir=str(self.root / "agg"), ticket_secret=SECRET,
                                    registry_target=self.registry.address, operator_token=OPERATOR_TOKEN,
                                    extractor_target=self.extractor.address, tick_s=0.05, db_url=self.db_url,
-                                   device_cache_s=self.device_cache_s, server=ServerConfig(grace_s=1.0))
+                                   device_cache_s=self.device_cache_s, server=self.server_config)
             app = await build_aggregator(cfg, verifier=fleet_verifier(self.registry.address, OPERATOR_TOKEN),
                                          evaluator=self.evaluator, registry=self.metrics,
                                          initial_model=self.initial_model)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from edge_agent.transfer import upload_once
-from raffm.v1 import aggregator_pb2
+from raffm.v1 import aggregator_pb2, registry_pb2
 from tests.integration.fedloop import Fleet, download, payload, scripted_delta, tiny_bert_folder, tiny_job
 
 DATA = aggregator_pb2.FAILURE_REASON_DATA
@@ -89,3 +89,21 @@ def test_a_device_no_sub_model_fits_does_not_keep_a_round_waiting(fleet: Fleet) 
     reply = fleet.poll(stub, tiny)
     assert reply.WhichOneof("action") == "wait" and "no sub-model fits" in reply.wait.reason
     assert _round(fleet, a.round_id).state == aggregator_pb2.ROUND_STATE_FAILED
+
+
+def test_a_round_no_online_device_fits_fails_once_each_has_polled(fleet: Fleet) -> None:
+    stub = fleet.agg_stub()
+    for name in ("a", "b"):  # deregistered: only the two tiny devices below are online
+        dev = fleet.devices[name]
+        fleet.registry.stub.Deregister(registry_pb2.DeregisterRequest(device_id=dev.device_id), metadata=dev.md,
+                                       timeout=10)
+    tiny = [fleet.register(f"tiny{i}", train_memory_mb=1, tier="phone") for i in range(2)]
+    first = fleet.poll(stub, tiny[0])
+    assert first.WhichOneof("action") == "wait" and "no sub-model fits" in first.wait.reason
+    [rnd] = stub.ListRounds(aggregator_pb2.ListRoundsRequest(), metadata=fleet.operator, timeout=10).rounds
+    assert rnd.state == aggregator_pb2.ROUND_STATE_OPEN  # the other one may fit
+    fleet.poll(stub, tiny[1])
+    rnd = _round(fleet, rnd.round_id)
+    assert rnd.state == aggregator_pb2.ROUND_STATE_FAILED and rnd.assigned == 0, rnd
+    assert [(f.reason, f.devices) for f in rnd.failures] == [("no_fit", 2)]
+    assert "no sub-model fits" in rnd.failures[0].detail
