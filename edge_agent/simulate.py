@@ -4,6 +4,9 @@ Devices are spread over the tiers of a TOML file in proportion to each tier's ``
 the devices with a Dirichlet(alpha) label split (seeded, so a run is reproducible). Agents run as separate processes
 (the default: real isolation, real per-process memory measurements) or as threads in this process (cheap; for
 tests). Each agent gets its own state directory under ``--state-root``, so a re-run keeps every device's identity.
+SIGTERM, SIGINT and SIGHUP stop every agent (they finish their training step and report the abandoned round); agent
+processes also stop by themselves when this process dies, and this one when the process that started it dies
+(:mod:`raffm.lifeline`).
 """
 
 from __future__ import annotations
@@ -170,7 +173,21 @@ def plan_devices(args: argparse.Namespace) -> list[tuple[AgentConfig, Any]]:
     return out
 
 
-def run_threads(devices: list[tuple[AgentConfig, Any]], stop: threading.Event | None = None) -> list[Any]:
+class StopFlag:
+    """A stop request that a signal handler may set: unlike ``threading.Event.set`` it takes no lock, so a second
+    signal arriving inside the first one's handler cannot deadlock."""
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+
+def run_threads(devices: list[tuple[AgentConfig, Any]], stop: StopFlag | threading.Event | None = None) -> list[Any]:
     """Agents as threads of this process (signals handled here); returns the agents after they finish."""
     from edge_agent.agent import Agent
 
@@ -193,38 +210,67 @@ def run_threads(devices: list[tuple[AgentConfig, Any]], stop: threading.Event | 
     return agents
 
 
-def run_processes(devices: list[tuple[AgentConfig, Any]]) -> int:
-    """One agent process per device (``python -m edge_agent run``, i.e. ``raffm agent run``); SIGTERM/SIGINT are
-    forwarded. Returns the worst exit status."""
-    procs: list[subprocess.Popen[bytes]] = []
-    for config, share in devices:
-        data_path = write_share(share, Path(config.state_dir) / "data")
-        cmd = [sys.executable, "-m", "edge_agent", "run"]
-        for key, value in {
-            "registry": config.registry, "aggregator": config.aggregator, "extractor": config.extractor,
-            "name": config.name, "state-dir": config.state_dir, "data": str(data_path), "model": config.model,
-            "tier": config.tier, "memory-mb": config.memory_mb, "gflops": config.gflops, "up-mbps": config.up_mbps,
-            "down-mbps": config.down_mbps, "max-rounds": config.max_rounds, "threads": config.threads,
-            "progress": "off", "log-format": config.log_format,
-        }.items():
-            cmd += [f"--{key}", str(value)]
-        env = dict(os.environ, RAFFM_AGENT_ENROLL_KEY=config.enroll_key)
-        procs.append(subprocess.Popen(cmd, env=env))
-        log.info("started %s (pid %d)", config.name, procs[-1].pid)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# After a stop request, how long agents get to finish a step and report before SIGKILL: a step of a many-agent
+# simulation sharing a few cores takes seconds, and a busy machine multiplies that.
+AGENT_GRACE_S = 60.0
 
-    def forward(signum: int, _frame: Any) -> None:
+
+def run_processes(devices: list[tuple[AgentConfig, Any]]) -> int:
+    """One agent process per device (``python -m edge_agent run``, i.e. ``raffm agent run``). SIGTERM, SIGINT and
+    SIGHUP are forwarded (as SIGTERM); so is the death of the process that started this one (see
+    :mod:`raffm.lifeline`). Each agent watches this process the same way, so none outlives it. Agents that have not
+    exited ``AGENT_GRACE_S`` after a stop request are killed. Returns the worst exit status."""
+    from raffm.lifeline import child_env, watch_parent
+
+    procs: list[subprocess.Popen[bytes]] = []
+    stop = StopFlag()
+
+    def forward(signum: int = signal.SIGTERM, _frame: Any = None) -> None:
+        stop.set()
         for p in procs:
             if p.poll() is None:
-                p.send_signal(signum)
+                p.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
 
-    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    old = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
     try:
+        for config, share in devices:
+            if stop.is_set():
+                break
+            data_path = write_share(share, Path(config.state_dir) / "data")
+            cmd = [sys.executable, "-m", "edge_agent", "run"]
+            for key, value in {
+                "registry": config.registry, "aggregator": config.aggregator, "extractor": config.extractor,
+                "name": config.name, "state-dir": config.state_dir, "data": str(data_path), "model": config.model,
+                "tier": config.tier, "memory-mb": config.memory_mb, "gflops": config.gflops,
+                "up-mbps": config.up_mbps, "down-mbps": config.down_mbps, "max-rounds": config.max_rounds,
+                "threads": config.threads, "progress": "off", "log-format": config.log_format,
+            }.items():
+                cmd += [f"--{key}", str(value)]
+            env = child_env({**os.environ, "RAFFM_AGENT_ENROLL_KEY": config.enroll_key})
+            procs.append(subprocess.Popen(cmd, env=env))
+            log.info("started %s (pid %d)", config.name, procs[-1].pid)
+        if stop.is_set():  # a signal between a start and its record above: make sure every agent has it
+            forward()
+        watch_parent(lambda: forward(signal.SIGTERM))
+        deadline: float | None = None
+        killed = False
         while any(p.poll() is None for p in procs):
-            time.sleep(0.5)
+            if stop.is_set() and not killed:
+                deadline = deadline or time.monotonic() + AGENT_GRACE_S
+                if time.monotonic() > deadline:
+                    killed = True
+                    for p in procs:
+                        if p.poll() is None:
+                            log.warning("agent pid %d did not stop within %.0f s; killing it", p.pid, AGENT_GRACE_S)
+                            p.kill()
+            time.sleep(0.2)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    return max((p.returncode or 0) for p in procs)
+    for p in procs:
+        p.wait()
+    return max((p.returncode or 0) for p in procs) if procs else 0
 
 
 def main(args: argparse.Namespace) -> int:
@@ -236,7 +282,13 @@ def main(args: argparse.Namespace) -> int:
         log.info("%s: %d MiB, %.0f GFLOP/s, %d examples, labels %s", config.name, config.memory_mb, config.gflops,
                  len(share), _label_counts(share))
     if args.mode == "threads":
-        agents = run_threads(devices)
+        from raffm.lifeline import watch_parent
+
+        stop = StopFlag()
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, lambda _signum, _frame: stop.set())
+        watch_parent(stop.set)
+        agents = run_threads(devices, stop)
         for a in agents:
             done = [o.status for o in a.outcomes]
             print(f"{a.config.name}: {done}")
