@@ -23,10 +23,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from edge_agent.simulate import Tier, load_tiers, tiers_toml
+from edge_agent.simulate import AGENT_GRACE_S, Tier, load_tiers, tiers_toml
 from raffm_app.cli import wire_dtype_arg
 from raffm_app.follow import RoundFailed, final_version, follow_job, scaling
-from raffm_app.processes import ProcessFailed, ProcessGroup, free_port, print_tail, raffm_command, wait_serving
+from raffm_app.processes import (
+    Interrupted, ProcessFailed, ProcessGroup, SignalGuard, free_port, print_tail, raffm_command, wait_serving,
+)
 from raffm.strategy import STRATEGIES
 
 # Device tiers of the default fleet: training memory (MiB) is what one training step may use on top of the runtime.
@@ -142,14 +144,36 @@ def effective_tiers(settings: DemoSettings) -> list[Tier]:
     return [replace(t, memory_mb=max(t.memory_mb, FULL_MODEL_MEMORY_MB)) for t in settings.tiers]
 
 
-def run_demo(settings: DemoSettings) -> Path:
-    """Run the demo end to end and return the run directory (its report is written there)."""
-    from raffm.report import RunReport, write_report
+class DemoStopped(Exception):
+    """A stop signal ended the demo; everything it started has stopped."""
 
+    def __init__(self, signal_name: str, signum: int, run_dir: Path) -> None:
+        super().__init__(f"stopped by {signal_name}; every process it started has exited; run directory: {run_dir}")
+        self.signum, self.run_dir = signum, run_dir
+
+
+def run_demo(settings: DemoSettings) -> Path:
+    """Run the demo end to end and return the run directory (its report is written there).
+
+    SIGTERM, SIGINT and SIGHUP stop it: every process it started is stopped, the last started first, and
+    :class:`DemoStopped` says where the run directory is. Its children also stop by themselves if it dies.
+    """
     run_id = dt.datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{secrets.token_hex(2)}"
     run_dir = (settings.out or Path("runs") / run_id).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    print(f"RaFFM demo: run directory {run_dir}")
+    print(f"RaFFM demo: run directory {run_dir}", flush=True)
+    guard = SignalGuard()
+    try:
+        with guard.installed():
+            _run_demo(settings, run_dir, guard)
+    except Interrupted as exc:
+        raise DemoStopped(exc.name, exc.signum, run_dir) from None
+    return run_dir
+
+
+def _run_demo(settings: DemoSettings, run_dir: Path, guard: SignalGuard) -> None:
+    from raffm.report import RunReport, write_report
+
     data = prepare_data(settings, run_dir / "data")
     test = data.test
     settings = replace(settings, model=demo_model(settings, data, run_dir / "model"))
@@ -170,7 +194,7 @@ def run_demo(settings: DemoSettings) -> Path:
     addr = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
     store = run_dir / "checkpoints"
 
-    group = ProcessGroup(run_dir / "logs")
+    group = ProcessGroup(run_dir / "logs", guard)
     report = RunReport(
         run_id=run_dir.name,
         command="raffm demo " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["demo"] else "raffm demo",
@@ -215,7 +239,8 @@ def run_demo(settings: DemoSettings) -> Path:
             "--data", str(data.train_path), "--alpha", str(settings.alpha), "--seed", str(settings.seed),
             "--state-root", str(run_dir / "agents"), "--registry", addr["registry"],
             "--aggregator", addr["aggregator"], "--extractor", addr["extractor"], "--model", settings.model,
-            "--max-rounds", str(settings.rounds), "--log-format", "json"), env)
+            "--max-rounds", str(settings.rounds), "--log-format", "json"), env,
+            grace_s=AGENT_GRACE_S + 15.0)  # it gives its agents AGENT_GRACE_S to finish a step and report
         follow_job(settings, group, addr["aggregator"], secrets_env["RAFFM_OPERATOR_TOKEN"], store, test, report,
                     metrics)
         final = final_version(addr["aggregator"], secrets_env["RAFFM_OPERATOR_TOKEN"])
@@ -238,12 +263,12 @@ def run_demo(settings: DemoSettings) -> Path:
     except RoundFailed as exc:
         print(f"raffm demo: {exc}\nraffm demo: stopping; the logs are in {group.log_dir}", file=sys.stderr)
         raise
-    except KeyboardInterrupt:
-        print("\ninterrupted: stopping services and agents ...", file=sys.stderr)
+    except Interrupted:
+        if sys.stderr.isatty():
+            print("\nstopping services and agents ...", file=sys.stderr)
         raise
     finally:
         group.stop()
-    return run_dir
 
 
 def _write_prometheus_targets(path: Path, metrics: dict[str, int]) -> None:
@@ -311,6 +336,9 @@ def _main(args: argparse.Namespace) -> int:
         run_demo(settings)
     except (ProcessFailed, RoundFailed):
         return 1
+    except DemoStopped as exc:
+        print(f"raffm demo: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         return 130
     return 0
