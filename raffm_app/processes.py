@@ -162,7 +162,8 @@ class ProcessGroup:
                 if proc.poll() is None:
                     _signal_group(proc, signal.SIGKILL)
                     proc.wait()
-                    how = "killed: it did not stop in time"
+                    how = "killed: " + ("a further stop signal" if len(guard.received) != seen
+                                        else f"not stopped within {self.graces[name]:.0f} s")
                 # The log says how its process ended, with a time to set beside the other logs'.
                 stamp = datetime.now().strftime("%Y-%m-%d %H:%M:%S,%f")[:23]
                 handle.write(f"{stamp} {name} exited with code {proc.returncode} ({how})\n")
