@@ -232,7 +232,7 @@ def _run_demo(settings: DemoSettings, run_dir: Path, guard: SignalGuard) -> None
             # The aggregator scores every new version on the held-out split (its log says how the model is doing).
             "--eval-data", str(data.test_path), "--eval-max-samples", "0"), env)
         wait_serving(group, addr["extractor"], "extractor")
-        wait_serving(group, addr["aggregator"], "aggregator", timeout_s=180)
+        wait_serving(group, addr["aggregator"], "aggregator")
         print("services up: " + ", ".join(f"{n} {a} (metrics :{metrics[n]})" for n, a in addr.items()))
         group.start("fleet", raffm_command(
             "agent", "simulate", "--devices", str(settings.devices), "--tiers", str(run_dir / "tiers.toml"),
@@ -335,6 +335,9 @@ def _main(args: argparse.Namespace) -> int:
     try:
         run_demo(settings)
     except (ProcessFailed, RoundFailed):
+        return 1
+    except TimeoutError as exc:  # a service that never came up (everything started was stopped)
+        print(f"raffm demo: {exc}", file=sys.stderr)
         return 1
     except DemoStopped as exc:
         print(f"raffm demo: {exc}", file=sys.stderr)

@@ -191,8 +191,10 @@ def print_tail(log: Path, lines: int = 15) -> None:
     print("\n".join("  | " + line for line in tail), file=sys.stderr)
 
 
-def wait_serving(group: ProcessGroup, address: str, name: str, timeout_s: float = 60.0) -> None:
-    """Block until the gRPC health service at ``address`` says SERVING (raising if the process died)."""
+def wait_serving(group: ProcessGroup, address: str, name: str, timeout_s: float = 180.0) -> None:
+    """Block until the gRPC health service at ``address`` says SERVING (raising if the process died). A process that
+    dies is reported at once; the timeout is only for one that hangs, so it is roomy: a start imports torch, which
+    takes a minute and more on a small, busy machine."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -207,5 +209,7 @@ def wait_serving(group: ProcessGroup, address: str, name: str, timeout_s: float 
             except grpc.RpcError:
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{name} did not become healthy at {address} within {timeout_s:.0f} s")
+                log = group.procs[name][1] if name in group.procs else None
+                raise TimeoutError(f"{name} did not become healthy at {address} within {timeout_s:.0f} s"
+                                   + (f"; its log is {log}" if log else ""))
             time.sleep(0.3)
