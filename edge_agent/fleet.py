@@ -20,9 +20,16 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from edge_agent.config import AgentConfig
+
+
+class Stop(Protocol):
+    """A stop request the fleet polls (a ``threading.Event``, or a flag a signal handler sets)."""
+
+    def is_set(self) -> bool: ...
+
 
 log = logging.getLogger("edge_agent.fleet")
 
@@ -122,7 +129,7 @@ def control_plane_share(index: int, examples: int = 8) -> Any:
 
 
 def run_agent_threads(devices: Sequence[tuple[AgentConfig, Any]], *, duration_s: float = 0.0,
-                      stop: threading.Event | None = None, recorder: LatencyRecorder | None = None,
+                      stop: Stop | None = None, recorder: LatencyRecorder | None = None,
                       start_spread_s: float = 0.0, control_plane: bool = False) -> list[AgentReport]:
     """Run one agent thread per device until each finishes (``max_rounds``), ``duration_s`` passes (0: no limit)
     or ``stop`` is set; every agent's unary-call latencies go to ``recorder``. ``start_spread_s`` staggers the
@@ -227,7 +234,7 @@ def run_ray(devices: Sequence[tuple[AgentConfig, Any]], *, address: str = "", ac
 
 
 def run_threads_report(devices: Sequence[tuple[AgentConfig, Any]], *, duration_s: float = 0.0,
-                       start_spread_s: float = 0.0, stop: threading.Event | None = None,
+                       start_spread_s: float = 0.0, stop: Stop | None = None,
                        control_plane: bool = False) -> FleetReport:
     """The fleet as threads of this process, with a :class:`FleetReport`."""
     recorder = LatencyRecorder()

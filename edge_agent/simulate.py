@@ -5,7 +5,9 @@ the devices with a Dirichlet(alpha) label split (seeded, so a run is reproducibl
 (the default: real isolation, real per-process memory measurements), as threads in this process (cheap; for
 tests), or as Ray actors over a cluster (:mod:`edge_agent.fleet`, which also has the control-plane mode that fits a
 thousand devices on one machine). Each agent gets its own state directory under ``--state-root``, so a re-run keeps
-every device's identity.
+every device's identity. SIGTERM, SIGINT and SIGHUP stop every agent (they finish their training step and report the
+abandoned round); agent processes also stop by themselves when this process dies, and this one when the process that
+started it dies (:mod:`raffm.lifeline`).
 """
 
 from __future__ import annotations
@@ -151,15 +153,11 @@ def split_data(data: Any, devices: int, alpha: float, seed: int) -> list[Any]:
 
 def write_share(share: Any, path: Path) -> Path:
     """A device's share as a file its agent process can load (JSON lines for text, .pt for images)."""
-    from raffm.data import ImageDataset
+    from raffm.data import ImageDataset, save_image_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(share, ImageDataset):
-        import torch
-
-        out = path.with_suffix(".pt")
-        torch.save({"images": share.images, "labels": torch.tensor(share.labels)}, out)
-        return out
+        return save_image_file(share, path.with_suffix(".pt"))
     out = path.with_suffix(".jsonl")
     with out.open("w", encoding="utf-8") as f:
         for text, label in zip(share.texts, share.labels):
@@ -200,7 +198,21 @@ def plan_devices(args: argparse.Namespace) -> list[tuple[AgentConfig, Any]]:
     return out
 
 
-def run_threads(devices: list[tuple[AgentConfig, Any]], stop: threading.Event | None = None) -> list[Any]:
+class StopFlag:
+    """A stop request that a signal handler may set: unlike ``threading.Event.set`` it takes no lock, so a second
+    signal arriving inside the first one's handler cannot deadlock."""
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+
+def run_threads(devices: list[tuple[AgentConfig, Any]], stop: StopFlag | threading.Event | None = None) -> list[Any]:
     """Agents as threads of this process (signals handled here); returns the agents after they finish."""
     from edge_agent.agent import Agent
 
@@ -223,38 +235,67 @@ def run_threads(devices: list[tuple[AgentConfig, Any]], stop: threading.Event | 
     return agents
 
 
-def run_processes(devices: list[tuple[AgentConfig, Any]]) -> int:
-    """One agent process per device (``python -m edge_agent run``, i.e. ``raffm agent run``); SIGTERM/SIGINT are
-    forwarded. Returns the worst exit status."""
-    procs: list[subprocess.Popen[bytes]] = []
-    for config, share in devices:
-        data_path = write_share(share, Path(config.state_dir) / "data")
-        cmd = [sys.executable, "-m", "edge_agent", "run"]
-        for key, value in {
-            "registry": config.registry, "aggregator": config.aggregator, "extractor": config.extractor,
-            "name": config.name, "state-dir": config.state_dir, "data": str(data_path), "model": config.model,
-            "tier": config.tier, "memory-mb": config.memory_mb, "gflops": config.gflops, "up-mbps": config.up_mbps,
-            "down-mbps": config.down_mbps, "max-rounds": config.max_rounds, "threads": config.threads,
-            "progress": "off", "log-format": config.log_format,
-        }.items():
-            cmd += [f"--{key}", str(value)]
-        env = dict(os.environ, RAFFM_AGENT_ENROLL_KEY=config.enroll_key)
-        procs.append(subprocess.Popen(cmd, env=env))
-        log.info("started %s (pid %d)", config.name, procs[-1].pid)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# After a stop request, how long agents get to finish a step and report before SIGKILL: a step of a many-agent
+# simulation sharing a few cores takes seconds, and a busy machine multiplies that.
+AGENT_GRACE_S = 60.0
 
-    def forward(signum: int, _frame: Any) -> None:
+
+def run_processes(devices: list[tuple[AgentConfig, Any]]) -> int:
+    """One agent process per device (``python -m edge_agent run``, i.e. ``raffm agent run``). SIGTERM, SIGINT and
+    SIGHUP are forwarded (as SIGTERM); so is the death of the process that started this one (see
+    :mod:`raffm.lifeline`). Each agent watches this process the same way, so none outlives it. Agents that have not
+    exited ``AGENT_GRACE_S`` after a stop request are killed. Returns the worst exit status."""
+    from raffm.lifeline import child_env, watch_parent
+
+    procs: list[subprocess.Popen[bytes]] = []
+    stop = StopFlag()
+
+    def forward(signum: int = signal.SIGTERM, _frame: Any = None) -> None:
+        stop.set()
         for p in procs:
             if p.poll() is None:
-                p.send_signal(signum)
+                p.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
 
-    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    old = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
     try:
+        for config, share in devices:
+            if stop.is_set():
+                break
+            data_path = write_share(share, Path(config.state_dir) / "data")
+            cmd = [sys.executable, "-m", "edge_agent", "run"]
+            for key, value in {
+                "registry": config.registry, "aggregator": config.aggregator, "extractor": config.extractor,
+                "name": config.name, "state-dir": config.state_dir, "data": str(data_path), "model": config.model,
+                "tier": config.tier, "memory-mb": config.memory_mb, "gflops": config.gflops,
+                "up-mbps": config.up_mbps, "down-mbps": config.down_mbps, "max-rounds": config.max_rounds,
+                "threads": config.threads, "progress": "off", "log-format": config.log_format,
+            }.items():
+                cmd += [f"--{key}", str(value)]
+            env = child_env({**os.environ, "RAFFM_AGENT_ENROLL_KEY": config.enroll_key})
+            procs.append(subprocess.Popen(cmd, env=env))
+            log.info("started %s (pid %d)", config.name, procs[-1].pid)
+        if stop.is_set():  # a signal between a start and its record above: make sure every agent has it
+            forward()
+        watch_parent(lambda: forward(signal.SIGTERM))
+        deadline: float | None = None
+        killed = False
         while any(p.poll() is None for p in procs):
-            time.sleep(0.5)
+            if stop.is_set() and not killed:
+                deadline = deadline or time.monotonic() + AGENT_GRACE_S
+                if time.monotonic() > deadline:
+                    killed = True
+                    for p in procs:
+                        if p.poll() is None:
+                            log.warning("agent pid %d did not stop within %.0f s; killing it", p.pid, AGENT_GRACE_S)
+                            p.kill()
+            time.sleep(0.2)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    return max((p.returncode or 0) for p in procs)
+    for p in procs:
+        p.wait()
+    return max((p.returncode or 0) for p in procs) if procs else 0
 
 
 def main(args: argparse.Namespace) -> int:
@@ -282,8 +323,14 @@ def _run_fleet(args: argparse.Namespace, devices: list[tuple[AgentConfig, Any]])
                                duration_s=args.duration_s, start_spread_s=args.start_spread_s,
                                control_plane=args.control_plane)
     else:
+        from raffm.lifeline import watch_parent
+
+        stop = StopFlag()
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, lambda _signum, _frame: stop.set())
+        watch_parent(stop.set)
         report = fleet.run_threads_report(devices, duration_s=args.duration_s, start_spread_s=args.start_spread_s,
-                                          control_plane=args.control_plane)
+                                          control_plane=args.control_plane, stop=stop)
     if len(report.agents) <= 50:
         for a in report.agents:
             print(f"{a.name}: {a.outcomes}")

@@ -64,7 +64,8 @@ def default_initial_model(job: JobConfig) -> InitialModel:
     def load() -> tuple[dict[str, Any], dict[str, Any]]:
         from raffm.models import load_global_model
 
-        model = load_global_model(job.model, task=job.task, num_labels=job.num_labels)  # type: ignore[arg-type]
+        model = load_global_model(job.model, task=job.task, num_labels=job.num_labels,  # type: ignore[arg-type]
+                                  label_names=job.labels)
         return {k: v.detach().clone() for k, v in model.state_dict().items()}, model.config.to_dict()
 
     return load
@@ -148,7 +149,7 @@ async def build_aggregator(
     driver = RoundDriver(coordinator, config.tick_s)
     poll_executor = ThreadPoolExecutor(config.poll_threads, thread_name_prefix="agg-poll")
     servicer = AggregatorServicer(coordinator, devices, extractor_target=config.extractor_target,
-                                  on_change=driver.poke, poll_executor=poll_executor)
+                                  on_change=driver.poke, poll_executor=poll_executor, verifier=verifier)
     binding = ServiceBinding(SERVICE_NAME,
                              lambda server: aggregator_pb2_grpc.add_AggregatorServiceServicer_to_server(servicer, server))
     server = build_server(config.server, [binding], verifier=verifier, registry=registry)

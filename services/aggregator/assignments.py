@@ -11,8 +11,9 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
-from raffm.errors import AuthenticationError, PermissionDeniedError
+from raffm.errors import AuthenticationError, PermissionDeniedError, excerpt
 from raffm.planning import NoFitError, Planner, PlanJob, PlanResult
 from raffm.recipe import Recipe
 from raffm.spec import ElasticSpec
@@ -23,6 +24,17 @@ from services.aggregator.lifecycle import OpenRound
 from services.aggregator.metrics import AggregatorMetrics
 from services.aggregator.store import ASSIGNED, DROPPED, OPEN, AssignmentRecord, JobRecord, RoundRecord, RoundStore
 from services.common.auth import Principal
+
+
+MAX_FAILURE_DETAIL = 300  # characters of a device's failure detail kept in its round
+
+
+def describe_failures(failures: dict[str, Any]) -> str:
+    """``2 x data: 'the local data has 3 labels; ...'; 1 x out_of_memory: '...'`` for logs and messages."""
+    if not failures:
+        return "no device reported a failure"
+    return "; ".join(f"{f.get('devices', 0)} x {reason}: {f.get('detail', '')!r}" for reason, f in sorted(
+        failures.items(), key=lambda kv: -int(kv[1].get("devices", 0))))
 
 
 class TicketRejectedError(AuthenticationError):
@@ -38,6 +50,7 @@ class WrongDeviceError(PermissionDeniedError):
 class Wait:
     seconds: float
     reason: str
+    unfit: bool = False  # no sub-model of the round fits the device: it cannot take part
 
 
 @dataclass(frozen=True)
@@ -109,7 +122,7 @@ class Assigner:
         try:
             return self.planner.plan(device.profile, plan_job, rnd.model_version)
         except NoFitError as exc:
-            return self.wait(f"no sub-model fits this device: {exc}")
+            return replace(self.wait(f"no sub-model fits this device: {exc}"), unfit=True)
 
     def issue(self, device: DeviceInfo, rnd: RoundRecord, plan: PlanResult, wire_bytes: int,
               o: OpenRound | None = None) -> Assignment:
@@ -142,14 +155,15 @@ class Assigner:
         except TicketError as exc:
             raise TicketRejectedError(str(exc), field="ticket") from None
         if ticket.job_id != self.job.job_id:
-            raise TicketRejectedError(f"ticket is for job {ticket.job_id!r}, this server runs {self.job.job_id!r}")
+            raise TicketRejectedError(f"ticket is for job {excerpt(ticket.job_id)}, this server runs {self.job.job_id!r}")
         if caller is not None and not caller.is_operator and caller.subject != ticket.device_id:
-            raise WrongDeviceError(f"ticket belongs to device {ticket.device_id!r}, not {caller.subject!r}",
+            raise WrongDeviceError(f"ticket belongs to device {excerpt(ticket.device_id)}, not {excerpt(caller.subject)}",
                                    field="ticket")
         return ticket
 
-    def drop(self, ticket: Ticket, reason: str, o: OpenRound | None) -> None:
-        """The device gave up its assignment: a dropout of its round (nothing when it already uploaded or dropped)."""
+    def drop(self, ticket: Ticket, reason: str, o: OpenRound | None, detail: str = "") -> None:
+        """The device gave up its assignment: a dropout of its round, with its reason and (the latest) detail in the
+        round's failures (nothing when it already uploaded or dropped)."""
         a = self.rounds.get_assignment(ticket.ticket_id)
         if a is None or a.state != ASSIGNED:
             return
@@ -164,4 +178,8 @@ class Assigner:
             if o is not None and o.record.round_id == rnd.round_id:
                 rnd = o.record
             rnd.dropped += 1
+            entry = rnd.failures.setdefault(reason, {"devices": 0, "detail": ""})
+            entry["devices"] += 1
+            entry["detail"] = " ".join(detail.split())[:MAX_FAILURE_DETAIL]
+            rnd.failures = dict(rnd.failures)
             self.rounds.save_round(rnd)

@@ -22,6 +22,7 @@ from raffm.slicing import SlicePlan
 from raffm.spec import ElasticSpec
 from raffm.strategy import Strategy
 from services.aggregator.config import JobConfig
+from services.aggregator.evaluation import describe
 from services.aggregator.metrics import AggregatorMetrics
 from services.aggregator.staging import Staging
 from services.aggregator.store import (
@@ -62,6 +63,7 @@ class OpenRound:
     # assignment, so the round never waits for a device that never saw its ticket. Memory only: after a restart a
     # repeated poll waits, as the ticket's signature cannot be rebuilt from the store.
     issued: dict[str, Assignment] = field(default_factory=dict)
+    unfit: set[str] = field(default_factory=set)  # devices that polled and fit no sub-model of this round
 
     def plan(self, model: GlobalModel, spec: ElasticSpec) -> SlicePlan:
         """The slice plan of ``spec`` (cached for the round)."""
@@ -161,5 +163,6 @@ class Lifecycle:
             record.state = "completed"
         self.rounds.save_job(record)
         self.staging.drop_round(rnd.round_id)
-        log.info("round %s %s: %d update(s), version %s", rnd.round_id, state, o.accepted, record.model_version)
+        log.info("round %s %s: %d update(s), version %s; %s", rnd.round_id, state, o.accepted, record.model_version,
+                 describe(rnd.evaluation))
         return rnd

@@ -12,6 +12,7 @@ ROUND_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 @dataclass(frozen=True)
 class AggregatorMetrics:
     bytes_up: Counter
+    bytes_received: Counter
     bytes_down: Counter
     bytes_down_assigned: Counter
     full_model_bytes: Counter
@@ -32,6 +33,10 @@ def build_aggregator_metrics(registry: CollectorRegistry) -> AggregatorMetrics:
     return AggregatorMetrics(
         bytes_up=Counter("raffm_aggregator_upload_bytes", "Update bytes received on the wire, by device tier and wire dtype.",
                          ("tier", "wire_dtype"), registry=registry),
+        # Counted per chunk as it arrives (accepted or not): what a round in flight has moved up so far.
+        bytes_received=Counter("raffm_aggregator_upload_received_bytes",
+                               "Update bytes received as chunks arrive, before any acceptance, by device tier.",
+                               ("tier",), registry=registry),
         # Bytes down, three views: raffm_extractor_download_bytes counts what the extractor actually streamed
         # (dropouts and aborted streams included); this one counts the slices of the devices whose update was
         # accepted (each downloaded its slice in full); the assigned one below what every assignment entailed.

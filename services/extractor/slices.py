@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from raffm.checkpoints import CheckpointStore, VersionNotFoundError
-from raffm.errors import AuthenticationError, NotFoundError, PermissionDeniedError
+from raffm.errors import AuthenticationError, NotFoundError, PermissionDeniedError, excerpt
 from raffm.planning import LocalPlanner, NoFitError, Planner, PlanJob, PlanResult, adapter_and_dims
 from raffm.profile import DeviceProfile
 from raffm.slicing import slice_plan
@@ -107,7 +107,7 @@ class SliceService:
             raise AuthenticationError(str(exc), field="ticket",
                                       hint="present the ticket of your latest assignment, unmodified") from None
         if caller is not None and not caller.is_operator and caller.subject != ticket.device_id:
-            raise PermissionDeniedError(f"ticket belongs to device {ticket.device_id!r}, not {caller.subject!r}",
+            raise PermissionDeniedError(f"ticket belongs to device {excerpt(ticket.device_id)}, not {excerpt(caller.subject)}",
                                         field="ticket")
         return ticket
 

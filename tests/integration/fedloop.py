@@ -123,10 +123,15 @@ class Fleet:
     store_url: str = ""  # the checkpoint store; default a directory under root/agg
     liveness_window_s: float = 60.0  # the registry's (devices heartbeat every third of it)
     replicas: list[ExtractorApp] = field(default_factory=list)  # extractors started by add_extractor()
+    serve_metrics: bool = False  # /metrics over HTTP on free ports (server.metrics_port), as the services' CLIs do
 
     @property
     def resolved_store_url(self) -> str:
         return self.store_url or f"file://{self.root / 'agg' / 'checkpoints'}"
+
+    @property
+    def server_config(self) -> ServerConfig:
+        return ServerConfig(grace_s=1.0, metrics_port=0 if self.serve_metrics else None)
 
     def start(self, *, aggregator: bool = True) -> Fleet:
         self.registry = RegistryHarness(f"sqlite:///{self.root / 'registry.db'}",
@@ -141,7 +146,7 @@ class Fleet:
         self.extractor = await self._new_extractor()
 
     async def _new_extractor(self) -> ExtractorApp:
-        cfg = ExtractorConfig(store_url=self.resolved_store_url, ticket_secret=SECRET, server=ServerConfig(grace_s=1.0))
+        cfg = ExtractorConfig(store_url=self.resolved_store_url, ticket_secret=SECRET, server=self.server_config)
         app = await build_extractor(
             cfg, verifier=fleet_verifier(self.registry.address, OPERATOR_TOKEN), registry=CollectorRegistry())
         await app.server.start()
@@ -159,7 +164,7 @@ class Fleet:
                                    registry_target=self.registry.address, operator_token=OPERATOR_TOKEN,
                                    extractor_target=self.extractor.address, tick_s=0.05, db_url=self.db_url,
                                    store_url=self.store_url,
-                                   device_cache_s=self.device_cache_s, server=ServerConfig(grace_s=1.0))
+                                   device_cache_s=self.device_cache_s, server=self.server_config)
             app = await build_aggregator(cfg, verifier=fleet_verifier(self.registry.address, OPERATOR_TOKEN),
                                          evaluator=self.evaluator, registry=self.metrics,
                                          initial_model=self.initial_model)

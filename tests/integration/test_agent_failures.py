@@ -27,8 +27,8 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_model(tmp_path_factory.mktemp("model"))
 
 
-def _round(fleet: Fleet) -> aggregator_pb2.Round:
-    [rnd] = rounds(fleet)
+def _round(fleet: Fleet, index: int = 1) -> aggregator_pb2.Round:
+    rnd = next(r for r in rounds(fleet) if r.index == index)
     return fleet.agg_stub().GetRound(aggregator_pb2.GetRoundRequest(round_id=rnd.round_id), metadata=fleet.operator,
                                      timeout=10)
 
@@ -65,7 +65,10 @@ def test_training_error_is_reported_and_the_agent_keeps_polling(tmp_path: Path, 
         o = runner.agent.outcomes[0]
         assert o.status == "failed" and "local data" in o.detail, o
         wait_for(lambda: _round(fleet).dropped == 1, "the failure to be counted")
-        # still alive and polling (the round waits for no one: it is not assigned again)
+        # Its only device gave up and no other is online: the round fails at once, with the device's reason.
+        rnd = wait_for(lambda: (r := _round(fleet)).state == aggregator_pb2.ROUND_STATE_FAILED and r, "round 1 failed")
+        assert [(f.reason, f.devices) for f in rnd.failures] == [("data", 1)] and "local data" in rnd.failures[0].detail
+        # still alive and polling
         polls = runner.agent.client.retries
         assert runner.thread.is_alive() and polls == runner.agent.client.retries
         assert runner.stop() == 0
