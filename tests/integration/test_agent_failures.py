@@ -34,7 +34,9 @@ def _round(fleet: Fleet, index: int = 1) -> aggregator_pb2.Round:
 
 
 def test_over_budget_assignment_is_refused_and_reported(tmp_path: Path, model: Path) -> None:
-    fleet = Fleet(tmp_path, job(model)).start()
+    # Until the profile edit reaches the aggregator (no device cache here), nothing fits this device: every round it
+    # polls fails at once, so the job has rounds to spare.
+    fleet = Fleet(tmp_path, job(model, rounds=100), device_cache_s=0.0).start()
     try:
         # The device declares 8 MiB: nothing fits, so the aggregator makes it wait ...
         runner = AgentThread(agent_config(fleet, "tiny-phone", tmp_path / "state", model, memory_mb=8)).start()
@@ -49,7 +51,7 @@ def test_over_budget_assignment_is_refused_and_reported(tmp_path: Path, model: P
         assert o.status == "refused", o
         assert "exceeds this device's declared budget 8 MiB" in o.detail
         assert o.predicted_mb > 8 and o.peak_memory_mb == 0  # refused before downloading or training
-        rnd = wait_for(lambda: (r := _round(fleet)).dropped == 1 and r, "the refusal to be counted")
+        rnd = wait_for(lambda: next((r for r in rounds(fleet) if r.dropped == 1), None), "the refusal to be counted")
         assert rnd.accepted == 0
     finally:
         fleet.stop()
