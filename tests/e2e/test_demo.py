@@ -12,10 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from raffm.checkpoints import checkpoint_store_from_url
-from raffm.models import default_model_path
 
 TIERS = """
 [tiers.sbc]
@@ -36,17 +34,6 @@ gflops = 100
 up_mbps = 1000
 down_mbps = 1000
 """
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=64, num_labels=2)
-    BertForSequenceClassification(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(folder)
-    return folder
 
 
 @pytest.mark.slow
@@ -161,6 +148,7 @@ def test_demo_says_why_and_stops_when_no_device_can_take_part(tiny_model: Path, 
     proc = _run(["--model", str(tiny_model), "--devices", "2", "--rounds", "1", "--test-size", "50",
                  "--max-train", "100", "--tiers", str(tiers), "--round-deadline-s", "3600", "--out", str(out)])
     assert proc.returncode == 1, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    assert "round 1 failed: no update arrived" in proc.stderr and "2 x no_fit: 'no sub-model fits" in proc.stderr, \
+    # The round fails as soon as every device that polled fits nothing: one device or both, by the timing of polls.
+    assert "round 1 failed: no update arrived" in proc.stderr and "x no_fit: 'no sub-model fits" in proc.stderr, \
         proc.stderr[-3000:]
     assert str(out / "logs") in proc.stderr

@@ -24,7 +24,7 @@ import grpc
 import psutil
 import pytest
 
-from tests.e2e.test_demo import TIERS, tiny_model  # noqa: F401 - the fixture
+from tests.e2e.test_demo import TIERS
 
 WAIT_S = 300.0  # an upper bound for slow, shared machines; no assertion is about time
 
@@ -156,7 +156,7 @@ def _started(model: Path, tmp_path: Path) -> Demo:
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_a_stop_signal_stops_everything_in_order_and_names_the_run_directory(
-        tiny_model: Path, tmp_path: Path, sig: signal.Signals) -> None:  # noqa: F811 - the fixture
+        tiny_model: Path, tmp_path: Path, sig: signal.Signals) -> None:
     demo = _started(tiny_model, tmp_path)
     try:
         ports = demo.ports()
@@ -187,7 +187,7 @@ def test_a_stop_signal_stops_everything_in_order_and_names_the_run_directory(
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_after_sigkill_the_demos_children_exit_on_their_own(tiny_model: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_after_sigkill_the_demos_children_exit_on_their_own(tiny_model: Path, tmp_path: Path) -> None:
     demo = _started(tiny_model, tmp_path)
     try:
         ports = demo.ports()

@@ -17,10 +17,7 @@ from typing import Any
 
 import grpc
 import pytest
-import torch
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-from raffm.models import default_model_path
 from raffm.v1 import aggregator_pb2, aggregator_pb2_grpc
 from raffm_app.processes import free_port
 from tests.e2e.balancer import TcpBalancer
@@ -43,17 +40,6 @@ down_mbps = 200
 tier = "laptop"
 """
 ROUNDS, DEVICES = 3, 3
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=64, num_labels=2)
-    BertForSequenceClassification(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(folder)
-    return folder
 
 
 class Hosts:
