@@ -79,6 +79,12 @@ def _render_transfer(d: dict[str, Any]) -> str:
     ])
 
 
+def _render_scale(data: dict[str, Any]) -> str:
+    import bench_scale
+
+    return bench_scale.render(data)
+
+
 SUITE: tuple[Bench, ...] = (
     Bench("bench_fl", "Accuracy per byte (RaFFM vs FedAvg, capable-only FedAvg, paper rule, HeteroFL) and inference "
           "scaling", json=True, timeout_s=4 * 3600, render=_render_fl),
@@ -92,6 +98,8 @@ SUITE: tuple[Bench, ...] = (
           "16"), timeout_s=900),
     Bench("bench_agent_memory", "Edge agent: predicted vs measured peak training memory",
           quick=("--budgets", "250", "600", "--steps", "2"), timeout_s=1800),
+    Bench("bench_scale", "A thousand devices (SQLite vs PostgreSQL), object store vs directory store, aggregator "
+          "memory and round close vs participants", json=True, timeout_s=3600, render=_render_scale),
 )
 
 

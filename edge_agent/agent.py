@@ -118,6 +118,7 @@ class Agent:
                 if self.heartbeat is not None:
                     self.heartbeat.stop()
                 self.client.close()
+                self.stopper.close()
         log.info("agent stopped (%s)", self.stopper.reason or "done", extra={"event": "stopped"})
         return 0
 
@@ -241,7 +242,7 @@ class Agent:
 
     def _run_assignment(self, a: aggregator_pb2.Assignment, outcome: Outcome) -> None:
         from edge_agent import submodel, trainer
-        from edge_agent.transfer import TransferError, UploadRejected, download_slice, upload_update
+        from edge_agent.transfer import TransferError, download_slice, upload_update
         from raffm.proto import recipe_from_proto, spec_from_proto
         from raffm.training import LocalConfig
         from raffm.wire import tensor_bytes
@@ -273,11 +274,15 @@ class Agent:
         outcome.predicted_mb = predicted
         self._check_budget(predicted, budget)
 
+        # Loading data, the tokenizer and the runtime take seconds each (more on a busy machine): a stop request
+        # between them ends the round there, instead of after a download and a training step nobody will use.
         data = self._data()
+        self.stopper.check()
         if data.num_labels > max(a.task.num_labels, 1) and a.task.num_labels:
             raise AssignmentRefused(FR.FAILURE_REASON_DATA, f"the local data has {data.num_labels} labels; the job's "
                                                             f"model has {a.task.num_labels}")
         tokenizer = None if image else self._get_tokenizer()
+        self.stopper.check()
 
         # 2. Download (memory measured from here: the downloaded weights are part of the round's footprint).
         if not self._warmed_up and not image:
@@ -289,6 +294,7 @@ class Agent:
 
             warm_up_runtime(self._last_config or BertConfig(), local.batch_size, local.seq_len)
             self._warmed_up = True
+            self.stopper.check()
         meter = trainer.MemoryMeter()
         meter.start()
         cfg = self.config
@@ -324,6 +330,7 @@ class Agent:
         predicted = max(float(a.predicted.train_memory_mb), mine.total_mb)
         outcome.predicted_mb = predicted
         self._check_budget(predicted, budget)
+        self.stopper.check()
 
         # 4. Train.
         tensors = download.tensors
@@ -378,17 +385,12 @@ class Agent:
                    "upload_mbps": self._last_upload_mbps}
         up_pace = Pace(cfg.true_up_mbps * 1e6 / 8, wait=self.stopper.wait)
         try:
+            # A rejected upload raises ServiceError with the status: FAILED_PRECONDITION (late) ends this assignment
+            # as "late" in handle(); any other is reported to the aggregator as a failure.
             uploaded = upload_update(self.client, a, result.delta, names, result.samples, metrics, self.progress,
                                      on_chunk=up_pace.done if cfg.true_up_mbps > 0 else None)
             if up_pace.elapsed > 0 and uploaded.ack.bytes_received:
                 self._last_upload_mbps = 8 * uploaded.ack.bytes_received / up_pace.elapsed / 1e6
-        except UploadRejected as exc:
-            if exc.ack.reject_reason == aggregator_pb2.REJECT_REASON_LATE:
-                outcome.status, outcome.detail = "late", exc.ack.detail
-                log.warning("upload for round %s refused as late: %s", a.round_id, exc.ack.detail,
-                            extra={"event": "late", "round": a.round_id})
-                return
-            raise AssignmentRefused(FR.FAILURE_REASON_OTHER, str(exc)) from None
         except TransferError as exc:
             raise AssignmentRefused(FR.FAILURE_REASON_OTHER, f"upload failed: {exc}") from None
         outcome.upload_resumes, outcome.upload_resumed_at = uploaded.resumes, uploaded.resumed_at

@@ -15,8 +15,9 @@ variable RAFFM_AGENT_<FLAG> (e.g. RAFFM_AGENT_MEMORY_MB=900). Precedence: flags,
 
 The agent registers once and keeps its device id and token in --state-dir (mode 0600); a restart re-uses them.
 It polls for rounds, backs off with jitter while services are unreachable, refuses assignments predicted to need
-more than --memory-mb, and reports every failure to the aggregator instead of exiting. SIGTERM/SIGINT finish the
-current training step, report the abandoned round, and exit 0.
+more than --memory-mb, and reports every failure to the aggregator instead of exiting. SIGTERM/SIGINT/SIGHUP finish
+the current training step, report the abandoned round, and exit 0; so does the death of the process that started
+the agent, when that one named itself in $RAFFM_PARENT_PID (as `raffm agent simulate` does).
 
 example:
   raffm agent run --enroll-key $KEY --name pi-kitchen --data reviews.csv \\
@@ -81,6 +82,7 @@ def _run(args: argparse.Namespace) -> int:
     from edge_agent.agent import Agent
     from edge_agent.config import resolve
     from edge_agent.progress import setup_logging
+    from raffm.lifeline import watch_parent
 
     flags = {k: v for k, v in vars(args).items() if k not in ("func", "command", "agent_command", "config")}
     config = resolve(flags, config_file=args.config)
@@ -90,8 +92,9 @@ def _run(args: argparse.Namespace) -> int:
     def on_signal(signum: int, _frame: Any) -> None:
         agent.stop(signal.Signals(signum).name)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    watch_parent(lambda: agent.stop("parent process exited"))  # started by `raffm agent simulate`, which died
     return agent.run()
 
 

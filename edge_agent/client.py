@@ -117,8 +117,13 @@ class Backoff:
 
 
 class Stopper:
-    """The agent's stop flag. Signal handlers only set the flag; a watcher thread runs the registered cancel
-    callbacks (cancelling an in-flight RPC from inside a signal handler could deadlock the interrupted code)."""
+    """The agent's stop flag. :meth:`stop` takes no lock, so a signal handler may call it, also one that interrupts
+    another handler or code holding a lock (``threading.Event.set`` takes one: a second SIGTERM arriving inside the
+    first one's ``set()`` used to deadlock the agent). A watcher thread turns the flag into the event that sleepers
+    wait on, and runs the registered cancel callbacks (cancelling an in-flight RPC from inside a signal handler could
+    deadlock the interrupted code)."""
+
+    WATCH_INTERVAL_S = 0.05  # how soon after a signal sleepers wake and in-flight calls are cancelled
 
     def __init__(self) -> None:
         self.event = threading.Event()
@@ -126,25 +131,40 @@ class Stopper:
         self._callbacks: dict[int, Callable[[], None]] = {}
         self._next = 0
         self.reason = ""
+        self._requested = False
+        self._closed = False
         self._watcher: threading.Thread | None = None
 
     @property
     def stopped(self) -> bool:
-        return self.event.is_set()
+        return self._requested
 
     def stop(self, reason: str = "stop requested") -> None:
-        """Safe from a signal handler: sets the flag and wakes the watcher."""
-        if not self.event.is_set():
-            self.reason = reason
-        self.event.set()
+        """Safe from a signal handler: sets a flag (no lock); the watcher does the rest. From any other thread than
+        the main one (no handler can interrupt it there), the event is set at once as well."""
+        if self._requested:
+            return
+        self.reason = reason
+        self._requested = True
+        if threading.current_thread() is not threading.main_thread():
+            self.event.set()
 
     def start_watcher(self) -> None:
-        if self._watcher is None:
+        if self._watcher is None or not self._watcher.is_alive():
+            self._closed = False
             self._watcher = threading.Thread(target=self._watch, name="agent-stopper", daemon=True)
             self._watcher.start()
 
+    def close(self) -> None:
+        """End the watcher (the agent has finished); a later :meth:`start_watcher` starts a new one."""
+        self._closed = True
+
     def _watch(self) -> None:
-        self.event.wait()
+        while not self._requested:
+            if self._closed:
+                return
+            time.sleep(self.WATCH_INTERVAL_S)
+        self.event.set()
         self._run_callbacks()
 
     def _run_callbacks(self) -> None:
@@ -162,7 +182,7 @@ class Stopper:
             handle = self._next
             self._next += 1
             self._callbacks[handle] = callback
-        if self.event.is_set():
+        if self._requested:
             callback()  # cancellation is idempotent, so a second call from the watcher is harmless
         return handle
 
@@ -172,11 +192,12 @@ class Stopper:
 
     def wait(self, seconds: float) -> None:
         """Sleep up to ``seconds``; raise :class:`Stopped` if the agent is stopped meanwhile."""
-        if self.event.wait(max(0.0, seconds)):
+        self.check()
+        if self.event.wait(max(0.0, seconds)) or self._requested:
             raise Stopped(self.reason)
 
     def check(self) -> None:
-        if self.event.is_set():
+        if self._requested:
             raise Stopped(self.reason)
 
 
@@ -266,6 +287,9 @@ def channel_options(config: AgentConfig) -> list[tuple[str, Any]]:
         ("grpc.initial_reconnect_backoff_ms", int(config.backoff_initial_s * 1000)),
         ("grpc.min_reconnect_backoff_ms", int(config.backoff_initial_s * 1000)),
         ("grpc.max_reconnect_backoff_ms", int(config.backoff_max_s * 1000)),
+        # Each agent its own connection, also when a simulator runs many agents in one process (gRPC would
+        # otherwise share one subchannel per target, so a fleet behind a load balancer would reach one backend).
+        ("grpc.use_local_subchannel_pool", 1),
     ]
     if config.tls_server_name:
         opts.append(("grpc.ssl_target_name_override", config.tls_server_name))
@@ -295,6 +319,8 @@ class ServiceClient:
         self.faults = faults
         self.token = ""
         self.retries = 0  # transient failures retried so far (for status and tests)
+        # Called after every unary attempt with (what, seconds, ok): a simulator's latency recorder.
+        self.observer: Callable[[str, float, bool], None] | None = None
         self._lock = threading.Lock()
         self._channels: dict[str, grpc.Channel] = {}
 
@@ -345,6 +371,7 @@ class ServiceClient:
         while True:
             self.stopper.check()
             attempt += 1
+            started = time.perf_counter()
             try:
                 future = method.future(  # type: ignore[attr-defined]
                     request, timeout=timeout_s or self.config.rpc_timeout_s,
@@ -352,12 +379,17 @@ class ServiceClient:
                 )
                 handle = self.stopper.on_stop(future.cancel)
                 try:
-                    return future.result()  # type: ignore[no-any-return]
+                    result = future.result()
+                    if self.observer is not None:
+                        self.observer(what, time.perf_counter() - started, True)
+                    return result  # type: ignore[no-any-return]
                 except grpc.FutureCancelledError:
                     raise Stopped(self.stopper.reason) from None
                 finally:
                     self.stopper.remove(handle)
             except grpc.RpcError as err:
+                if self.observer is not None:
+                    self.observer(what, time.perf_counter() - started, False)
                 code = status_of(err)
                 if code == grpc.StatusCode.CANCELLED and self.stopper.stopped:
                     raise Stopped(self.stopper.reason) from None

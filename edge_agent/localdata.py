@@ -11,9 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from raffm.data import ImageDataset, TextDataset, load_text_file, mnist_5k, rotten_tomatoes
+from raffm.data import ImageDataset, TextDataset, load_image_file, load_text_file, mnist_5k, rotten_tomatoes
 
 Dataset = TextDataset | ImageDataset
 BUILTIN = ("rotten_tomatoes", "mnist")
@@ -29,28 +27,5 @@ def load_local_data(spec: str, *, text_column: str = "text", label_column: str =
         return mnist_5k()
     path = Path(spec).expanduser()
     if path.suffix in (".pt", ".npz"):
-        return _load_images(path)
+        return load_image_file(path)
     return load_text_file(path, text_column=text_column, label_column=label_column)
-
-
-def _load_images(path: Path) -> ImageDataset:
-    if not path.is_file():
-        raise ValueError(f"data file {path} does not exist")
-    if path.suffix == ".npz":
-        import numpy as np
-
-        with np.load(path) as arrays:
-            raw = {k: torch.from_numpy(arrays[k]) for k in arrays.files}
-    else:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(raw, dict) or "images" not in raw or "labels" not in raw:
-        raise ValueError(f"{path} must hold 'images' [N, C, H, W] and 'labels' [N]")
-    images = torch.as_tensor(raw["images"]).float()
-    labels = torch.as_tensor(raw["labels"]).long()
-    if images.dim() != 4 or labels.dim() != 1 or images.shape[0] != labels.shape[0]:
-        raise ValueError(f"{path}: images must be [N, C, H, W] and labels [N]; got {tuple(images.shape)} and "
-                         f"{tuple(labels.shape)}")
-    if labels.numel() and int(labels.min()) < 0:
-        raise ValueError(f"{path}: labels must be >= 0")
-    n_labels = int(labels.max()) + 1 if labels.numel() else 0
-    return ImageDataset(images, labels.tolist(), tuple(str(i) for i in range(n_labels)))

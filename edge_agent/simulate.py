@@ -2,8 +2,12 @@
 
 Devices are spread over the tiers of a TOML file in proportion to each tier's ``share``; the data set is split over
 the devices with a Dirichlet(alpha) label split (seeded, so a run is reproducible). Agents run as separate processes
-(the default: real isolation, real per-process memory measurements) or as threads in this process (cheap; for
-tests). Each agent gets its own state directory under ``--state-root``, so a re-run keeps every device's identity.
+(the default: real isolation, real per-process memory measurements), as threads in this process (cheap; for
+tests), or as Ray actors over a cluster (:mod:`edge_agent.fleet`, which also has the control-plane mode that fits a
+thousand devices on one machine). Each agent gets its own state directory under ``--state-root``, so a re-run keeps
+every device's identity. SIGTERM, SIGINT and SIGHUP stop every agent (they finish their training step and report the
+abandoned round); agent processes also stop by themselves when this process dies, and this one when the process that
+started it dies (:mod:`raffm.lifeline`).
 """
 
 from __future__ import annotations
@@ -112,16 +116,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = AgentConfig(name="x")
     parser.add_argument("--devices", type=int, required=True, help="number of simulated devices")
     parser.add_argument("--tiers", required=True, metavar="TOML", help="resource tiers file (see below)")
-    parser.add_argument("--data", required=True, metavar="PATH",
-                        help="data set to split: CSV/JSON-lines file, image array file, rotten_tomatoes or mnist")
+    parser.add_argument("--data", metavar="PATH",
+                        help="data set to split: CSV/JSON-lines file, image array file, rotten_tomatoes or mnist "
+                             "(required unless --control-plane)")
     parser.add_argument("--alpha", type=float, default=0.5,
                         help="Dirichlet concentration of the label split: small = very non-IID (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data split (default: %(default)s)")
     parser.add_argument("--max-examples", type=int, default=0,
                         help="use only this many examples of --data before splitting (0: all)")
-    parser.add_argument("--mode", choices=("processes", "threads"), default="processes",
-                        help="one process per agent (isolated, realistic memory figures) or threads in this "
-                             "process (default: %(default)s)")
+    parser.add_argument("--mode", choices=("processes", "threads", "ray"), default="processes",
+                        help="one process per agent (isolated, realistic memory figures), threads in this "
+                             "process, or Ray actors spread over a cluster, each running its share of agents as "
+                             "threads (default: %(default)s)")
     parser.add_argument("--state-root", default="runs/simulate", metavar="DIR",
                         help="parent of every device's state directory (default: %(default)s)")
     parser.add_argument("--name-prefix", default="sim", help="devices are named PREFIX-TIER-I (default: %(default)s)")
@@ -136,6 +142,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per agent (default: %(default)s)")
     parser.add_argument("--log-format", choices=("auto", "text", "json"), default="auto",
                         help="agent log format (default: %(default)s)")
+    g = parser.add_argument_group("large fleets (threads and ray modes)")
+    g.add_argument("--control-plane", action="store_true",
+                   help="a tiny synthetic data share per device and one torch thread, no data set needed: with a "
+                        "job on a tiny model and 0-1 local steps, a thousand devices fit on one machine")
+    g.add_argument("--duration-s", type=float, default=0.0,
+                   help="stop every agent after this many seconds (0: when each finished --max-rounds)")
+    g.add_argument("--start-spread-s", type=float, default=0.0,
+                   help="start the agents evenly over this many seconds instead of all at once")
+    g.add_argument("--ray-address", default="",
+                   help="Ray cluster to join (ray://host:10001 or auto); default: start a local Ray instance")
+    g.add_argument("--ray-actors", type=int, default=0,
+                   help="Ray actors the devices are split over (default: one per CPU of the cluster)")
+    g.add_argument("--stats-json", metavar="PATH",
+                   help="write registrations, outcomes and per-call latency percentiles here (JSON)")
 
 
 def split_data(data: Any, devices: int, alpha: float, seed: int) -> list[Any]:
@@ -146,15 +166,11 @@ def split_data(data: Any, devices: int, alpha: float, seed: int) -> list[Any]:
 
 def write_share(share: Any, path: Path) -> Path:
     """A device's share as a file its agent process can load (JSON lines for text, .pt for images)."""
-    from raffm.data import ImageDataset
+    from raffm.data import ImageDataset, save_image_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(share, ImageDataset):
-        import torch
-
-        out = path.with_suffix(".pt")
-        torch.save({"images": share.images, "labels": torch.tensor(share.labels)}, out)
-        return out
+        return save_image_file(share, path.with_suffix(".pt"))
     out = path.with_suffix(".jsonl")
     with out.open("w", encoding="utf-8") as f:
         for text, label in zip(share.texts, share.labels):
@@ -169,10 +185,18 @@ def plan_devices(args: argparse.Namespace) -> list[tuple[AgentConfig, Any]]:
     if args.devices < 1:
         raise ValueError(f"--devices is {args.devices}; it must be at least 1")
     tiers = spread(load_tiers(args.tiers), args.devices)
-    data = load_local_data(args.data)
-    if args.max_examples:
-        data = data.subset(range(min(args.max_examples, len(data))))
-    shares = split_data(data, args.devices, args.alpha, args.seed)
+    control_plane = getattr(args, "control_plane", False)
+    if control_plane and not args.data:
+        from edge_agent.fleet import control_plane_share
+
+        shares = [control_plane_share(i) for i in range(args.devices)]
+    elif not args.data:
+        raise ValueError("--data is required (or --control-plane, which makes a tiny synthetic share per device)")
+    else:
+        data = load_local_data(args.data)
+        if args.max_examples:
+            data = data.subset(range(min(args.max_examples, len(data))))
+        shares = split_data(data, args.devices, args.alpha, args.seed)
     root = Path(args.state_root)
     out = []
     for i, (tier, share) in enumerate(zip(tiers, shares)):
@@ -182,13 +206,27 @@ def plan_devices(args: argparse.Namespace) -> list[tuple[AgentConfig, Any]]:
             name=name, state_dir=str(root / name), model=args.model, tier=tier.tier, memory_mb=tier.memory_mb,
             gflops=tier.gflops, up_mbps=tier.up_mbps, down_mbps=tier.down_mbps, true_gflops=tier.true_gflops,
             true_up_mbps=tier.true_up_mbps, true_down_mbps=tier.true_down_mbps, max_rounds=args.max_rounds,
-            threads=args.threads, progress="off", log_format=args.log_format,
+            threads=1 if control_plane else args.threads, progress="off", log_format=args.log_format,
         ).validate()
         out.append((config, share))
     return out
 
 
-def run_threads(devices: list[tuple[AgentConfig, Any]], stop: threading.Event | None = None) -> list[Any]:
+class StopFlag:
+    """A stop request that a signal handler may set: unlike ``threading.Event.set`` it takes no lock, so a second
+    signal arriving inside the first one's handler cannot deadlock."""
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+
+def run_threads(devices: list[tuple[AgentConfig, Any]], stop: StopFlag | threading.Event | None = None) -> list[Any]:
     """Agents as threads of this process (signals handled here); returns the agents after they finish."""
     from edge_agent.agent import Agent
 
@@ -211,39 +249,69 @@ def run_threads(devices: list[tuple[AgentConfig, Any]], stop: threading.Event | 
     return agents
 
 
-def run_processes(devices: list[tuple[AgentConfig, Any]]) -> int:
-    """One agent process per device (``python -m edge_agent run``, i.e. ``raffm agent run``); SIGTERM/SIGINT are
-    forwarded. Returns the worst exit status."""
-    procs: list[subprocess.Popen[bytes]] = []
-    for config, share in devices:
-        data_path = write_share(share, Path(config.state_dir) / "data")
-        cmd = [sys.executable, "-m", "edge_agent", "run"]
-        for key, value in {
-            "registry": config.registry, "aggregator": config.aggregator, "extractor": config.extractor,
-            "name": config.name, "state-dir": config.state_dir, "data": str(data_path), "model": config.model,
-            "tier": config.tier, "memory-mb": config.memory_mb, "gflops": config.gflops, "up-mbps": config.up_mbps,
-            "down-mbps": config.down_mbps, "true-gflops": config.true_gflops, "true-up-mbps": config.true_up_mbps,
-            "true-down-mbps": config.true_down_mbps, "max-rounds": config.max_rounds, "threads": config.threads,
-            "progress": "off", "log-format": config.log_format,
-        }.items():
-            cmd += [f"--{key}", str(value)]
-        env = dict(os.environ, RAFFM_AGENT_ENROLL_KEY=config.enroll_key)
-        procs.append(subprocess.Popen(cmd, env=env))
-        log.info("started %s (pid %d)", config.name, procs[-1].pid)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# After a stop request, how long agents get to finish a step and report before SIGKILL: a step of a many-agent
+# simulation sharing a few cores takes seconds, and a busy machine multiplies that.
+AGENT_GRACE_S = 60.0
 
-    def forward(signum: int, _frame: Any) -> None:
+
+def run_processes(devices: list[tuple[AgentConfig, Any]]) -> int:
+    """One agent process per device (``python -m edge_agent run``, i.e. ``raffm agent run``). SIGTERM, SIGINT and
+    SIGHUP are forwarded (as SIGTERM); so is the death of the process that started this one (see
+    :mod:`raffm.lifeline`). Each agent watches this process the same way, so none outlives it. Agents that have not
+    exited ``AGENT_GRACE_S`` after a stop request are killed. Returns the worst exit status."""
+    from raffm.lifeline import child_env, watch_parent
+
+    procs: list[subprocess.Popen[bytes]] = []
+    stop = StopFlag()
+
+    def forward(signum: int = signal.SIGTERM, _frame: Any = None) -> None:
+        stop.set()
         for p in procs:
             if p.poll() is None:
-                p.send_signal(signum)
+                p.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
 
-    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    old = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
     try:
+        for config, share in devices:
+            if stop.is_set():
+                break
+            data_path = write_share(share, Path(config.state_dir) / "data")
+            cmd = [sys.executable, "-m", "edge_agent", "run"]
+            for key, value in {
+                "registry": config.registry, "aggregator": config.aggregator, "extractor": config.extractor,
+                "name": config.name, "state-dir": config.state_dir, "data": str(data_path), "model": config.model,
+                "tier": config.tier, "memory-mb": config.memory_mb, "gflops": config.gflops,
+                "up-mbps": config.up_mbps, "down-mbps": config.down_mbps, "true-gflops": config.true_gflops,
+                "true-up-mbps": config.true_up_mbps, "true-down-mbps": config.true_down_mbps,
+                "max-rounds": config.max_rounds, "threads": config.threads, "progress": "off",
+                "log-format": config.log_format,
+            }.items():
+                cmd += [f"--{key}", str(value)]
+            env = child_env({**os.environ, "RAFFM_AGENT_ENROLL_KEY": config.enroll_key})
+            procs.append(subprocess.Popen(cmd, env=env))
+            log.info("started %s (pid %d)", config.name, procs[-1].pid)
+        if stop.is_set():  # a signal between a start and its record above: make sure every agent has it
+            forward()
+        watch_parent(lambda: forward(signal.SIGTERM))
+        deadline: float | None = None
+        killed = False
         while any(p.poll() is None for p in procs):
-            time.sleep(0.5)
+            if stop.is_set() and not killed:
+                deadline = deadline or time.monotonic() + AGENT_GRACE_S
+                if time.monotonic() > deadline:
+                    killed = True
+                    for p in procs:
+                        if p.poll() is None:
+                            log.warning("agent pid %d did not stop within %.0f s; killing it", p.pid, AGENT_GRACE_S)
+                            p.kill()
+            time.sleep(0.2)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    return max((p.returncode or 0) for p in procs)
+    for p in procs:
+        p.wait()
+    return max((p.returncode or 0) for p in procs) if procs else 0
 
 
 def main(args: argparse.Namespace) -> int:
@@ -251,16 +319,41 @@ def main(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_format)
     devices = plan_devices(args)
-    for config, share in devices:
-        log.info("%s: %d MiB, %.0f GFLOP/s, %d examples, labels %s", config.name, config.memory_mb, config.gflops,
-                 len(share), _label_counts(share))
-    if args.mode == "threads":
-        agents = run_threads(devices)
-        for a in agents:
-            done = [o.status for o in a.outcomes]
-            print(f"{a.config.name}: {done}")
-        return 0
+    if len(devices) <= 50:
+        for config, share in devices:
+            log.info("%s: %d MiB, %.0f GFLOP/s, %d examples, labels %s", config.name, config.memory_mb, config.gflops,
+                     len(share), _label_counts(share))
+    if args.mode in ("threads", "ray"):
+        return _run_fleet(args, devices)
+    if args.duration_s:
+        raise ValueError("--duration-s needs --mode threads or ray (processes stop on SIGTERM)")
     return run_processes(devices)
+
+
+def _run_fleet(args: argparse.Namespace, devices: list[tuple[AgentConfig, Any]]) -> int:
+    """Threads or Ray actors, with a fleet report (and --stats-json)."""
+    from edge_agent import fleet
+
+    if args.mode == "ray":
+        report = fleet.run_ray(devices, address=args.ray_address, actors=args.ray_actors,
+                               duration_s=args.duration_s, start_spread_s=args.start_spread_s,
+                               control_plane=args.control_plane)
+    else:
+        from raffm.lifeline import watch_parent
+
+        stop = StopFlag()
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, lambda _signum, _frame: stop.set())
+        watch_parent(stop.set)
+        report = fleet.run_threads_report(devices, duration_s=args.duration_s, start_spread_s=args.start_spread_s,
+                                          control_plane=args.control_plane, stop=stop)
+    if len(report.agents) <= 50:
+        for a in report.agents:
+            print(f"{a.name}: {a.outcomes}")
+    fleet.print_report(report)
+    if args.stats_json:
+        Path(args.stats_json).write_text(json.dumps(report.to_dict(), indent=1))
+    return 1 if any(a.error for a in report.agents) else 0
 
 
 def _label_counts(share: Any) -> dict[int, int]:

@@ -56,14 +56,6 @@ class TransferError(Exception):
     """A transfer could not be completed (retries exhausted, protocol violation, rejected upload)."""
 
 
-class UploadRejected(TransferError):
-    def __init__(self, ack: aggregator_pb2.UploadAck) -> None:
-        reason = aggregator_pb2.RejectReason.Name(ack.reject_reason)
-        super().__init__(f"upload rejected: {reason}: {ack.detail}")
-        self.ack = ack
-        self.reason = reason
-
-
 @dataclass
 class UploadResult:
     ack: aggregator_pb2.UploadAck
@@ -442,13 +434,11 @@ def upload_update(
                 continue
             finally:
                 client.stopper.remove(handle)
-            if ack.accepted:
-                log.info("upload accepted: %d bytes, %d tensors", payload.nbytes, len(payload.manifest),
-                         extra={"event": "upload_done", "bytes": payload.nbytes, "round": assignment.round_id})
-                return UploadResult(ack, failures, tuple(resumed_at))
-            if ack.reject_reason == aggregator_pb2.REJECT_REASON_DUPLICATE:
-                return UploadResult(ack, failures, tuple(resumed_at))  # an earlier attempt already got through
-            raise UploadRejected(ack)
+            if not ack.accepted:  # the contract never sends this: a rejection is an error status
+                raise TransferError(f"the aggregator answered the upload with accepted=false: {ack}")
+            log.info("upload accepted: %d bytes, %d tensors", payload.nbytes, len(payload.manifest),
+                     extra={"event": "upload_done", "bytes": payload.nbytes, "round": assignment.round_id})
+            return UploadResult(ack, failures, tuple(resumed_at))
     finally:
         bar.close()
 

@@ -1,12 +1,14 @@
-"""Model-version checkpoint stores: content-addressed safetensors files in a directory, or memory for tests.
+"""Model-version checkpoint stores: content-addressed safetensors blobs in a directory, in an S3-compatible object
+store (:mod:`raffm.objectstore`), or in memory for tests; chosen by URL (:func:`checkpoint_store_from_url`).
 
 A *version* (e.g. ``job-v3``) names one global model state plus the HF config it belongs to. The file store keeps
 ``blobs/<sha256 of the file>.safetensors`` and an ``index.json`` mapping versions to blobs; both are written with
 write-to-temp, fsync, rename, so a crash leaves either the old or the new index, never a torn one. The aggregator
-writes versions; the extractor (maybe another process) reads them, re-reading the index when it changes.
+writes versions; the extractor (maybe another process, on another host with the object store) reads them.
 
-Safetensors files are written here tensor by tensor (the format is an 8-byte header length, a JSON header, and the
-raw little-endian bytes), so a multi-GB state is never serialised into one in-memory buffer.
+Safetensors files are written tensor by tensor (:mod:`raffm.stformat`), so a multi-GB state is never serialised into
+one in-memory buffer, and read through :meth:`CheckpointStore.reader`, which fetches only the tensors, or the leading
+prefixes of tensors, that a caller asks for (a sub-model's slice needs no more).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 import tempfile
 import threading
 import time
@@ -22,15 +23,11 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 import torch
 
-_ST_DTYPES = {
-    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+from raffm.stformat import SafetensorsReader, TensorEntry, serialize
 
 
 class VersionNotFoundError(LookupError):
@@ -48,6 +45,17 @@ class VersionInfo:
     nbytes: int = 0
 
 
+class CheckpointReader(Protocol):
+    """One stored version's tensors, read on demand."""
+
+    @property
+    def entries(self) -> Mapping[str, TensorEntry]:
+        """Every tensor's name, dtype and shape (and where its bytes are)."""
+
+    def read(self, wanted: Mapping[str, int | None]) -> dict[str, torch.Tensor]:
+        """``name -> n``: the first ``n`` elements (row-major) of each tensor, ``None`` for all, as 1-D tensors."""
+
+
 class CheckpointStore(Protocol):
     def put(
         self, version: str, state: Mapping[str, torch.Tensor], config: Mapping[str, Any], *,
@@ -59,50 +67,46 @@ class CheckpointStore(Protocol):
 
     def load(self, version: str) -> dict[str, torch.Tensor]: ...
 
+    def reader(self, version: str) -> CheckpointReader:
+        """Read parts of a version without loading the rest (see :class:`CheckpointReader`)."""
+
     def versions(self) -> list[VersionInfo]:
         """Every version, oldest first."""
 
     def has(self, version: str) -> bool: ...
 
 
-def _raw(tensor: torch.Tensor) -> memoryview:
-    t = tensor.detach().to("cpu").contiguous()
-    if t.numel() == 0:
-        return memoryview(b"")
-    return t.reshape(-1).view(torch.uint8).numpy().data
-
-
 def write_safetensors(path: Path, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> str:
     """Write a safetensors file tensor by tensor, fsync it, and return the sha256 (hex) of its bytes."""
-    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
-    offset = 0
-    for name, t in state.items():
-        if t.dtype not in _ST_DTYPES:
-            raise ValueError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    head += b" " * (-len(head) % 8)  # the data section starts 8-byte aligned
+    layout = serialize(state, metadata)
     digest = hashlib.sha256()
     with open(path, "wb") as f:
-        for piece in (struct.pack("<Q", len(head)), head):
+        for piece in layout.pieces():
             f.write(piece)
             digest.update(piece)
-        for t in state.values():
-            data = _raw(t)
-            f.write(data)
-            digest.update(data)
-            del data
         f.flush()
         os.fsync(f.fileno())
     return digest.hexdigest()
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def file_range_reader(path: Path) -> Any:
+    """A :data:`raffm.stformat.RangeReader` over a local file."""
 
-    return load_file(str(path))
+    def read(start: int, out: memoryview) -> None:
+        with open(path, "rb", buffering=0) as f:
+            f.seek(start)
+            view, done = out, 0
+            while done < len(out):
+                n = f.readinto(view[done:])
+                if not n:
+                    raise EOFError(f"{path} ends before byte {start + len(out)}")
+                done += n
+
+    return read
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    return SafetensorsReader(file_range_reader(path)).tensors()
 
 
 def fsync_dir(path: Path) -> None:
@@ -200,6 +204,9 @@ class FileCheckpointStore:
         info = self.info(version)
         return read_safetensors(self.blob_path(info.digest))
 
+    def reader(self, version: str) -> CheckpointReader:
+        return SafetensorsReader(file_range_reader(self.blob_path(self.info(version).digest)))
+
     def versions(self) -> list[VersionInfo]:
         return sorted(self._index().values(), key=lambda v: v.created_at)
 
@@ -237,18 +244,47 @@ class MemoryCheckpointStore:
         self.info(version)
         return {k: v.clone() for k, v in self._items[version][1].items()}
 
+    def reader(self, version: str) -> CheckpointReader:
+        self.info(version)
+        return _StateReader(self._items[version][1])
+
     def versions(self) -> list[VersionInfo]:
         return sorted((i for i, _ in self._items.values()), key=lambda v: v.created_at)
 
 
-def checkpoint_store_from_url(url: str) -> CheckpointStore:
-    """``memory://`` or ``file:///abs/dir`` (a bare path means a directory too)."""
+class _StateReader:
+    """A :class:`CheckpointReader` over tensors in memory."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor]) -> None:
+        self._state = state
+        self.entries = {n: TensorEntry(n, t.dtype, tuple(t.shape), 0, t.numel() * t.element_size())
+                        for n, t in state.items()}
+
+    def read(self, wanted: Mapping[str, int | None]) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, n in wanted.items():
+            flat = self._state[name].reshape(-1)
+            out[name] = (flat if n is None else flat[:n]).clone()
+        return out
+
+
+def checkpoint_store_from_url(url: str, *, endpoint: str = "") -> CheckpointStore:
+    """``file:///abs/dir`` (a bare path means a directory too), ``s3://bucket/prefix`` (an S3-compatible object
+    store; ``endpoint``, or ``?endpoint=URL`` in the URL, names a MinIO / Ceph / other server instead of AWS), or
+    ``memory://``."""
     parsed = urlparse(url)
+    if parsed.scheme == "s3":
+        from raffm.objectstore import S3CheckpointStore
+
+        query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
+        return S3CheckpointStore(parsed.netloc, parsed.path.strip("/"), endpoint_url=endpoint or query.get("endpoint", ""),
+                                 region=query.get("region", ""))
     if parsed.scheme == "memory":
         return MemoryCheckpointStore()
     if parsed.scheme == "file":
         return FileCheckpointStore(Path(parsed.netloc + parsed.path) if parsed.netloc else Path(parsed.path))
     if parsed.scheme == "":
         return FileCheckpointStore(Path(url))
-    raise ValueError(f"checkpoint store URL {url!r} is not supported; use file:///path/to/dir or memory://")
+    raise ValueError(f"checkpoint store URL {url!r} is not supported; use file:///path/to/dir, s3://bucket/prefix "
+                     "or memory://")
 

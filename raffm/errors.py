@@ -6,6 +6,20 @@ chassis maps them to gRPC status codes with the one table in ``services/common/e
 
 from __future__ import annotations
 
+# Error messages quote what they reject, but never more than this many characters of it: a status message travels in
+# HTTP/2 trailers (a few KiB at most), and a log line that echoes a 10 MB field helps nobody.
+EXCERPT_CHARS = 80
+
+
+def excerpt(value: object, limit: int = EXCERPT_CHARS) -> str:
+    """``repr(value)``, cut to ``limit`` characters with the full length said, for error messages and logs."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value)} characters" if isinstance(value, str) else (
+        f"{len(value)} bytes" if isinstance(value, bytes | bytearray) else f"{len(text)} characters as text")
+    return f"{text[:limit]}... ({size})"
+
 
 class DomainError(Exception):
     """Base of every error a caller can fix; ``field`` names the request field at fault, ``hint`` the fix."""
@@ -52,6 +66,12 @@ class PreconditionError(DomainError):
     """The system is not in a state that allows the call (e.g. a round already closed)."""
 
     default_hint = "re-read the resource's state before retrying"
+
+
+class ConflictError(DomainError):
+    """Another call is working on the same resource right now (e.g. a second upload stream on one ticket)."""
+
+    default_hint = "wait for the other call to end, then retry"
 
 
 class ResourceExhaustedError(DomainError):

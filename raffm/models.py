@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -50,20 +51,40 @@ def _auto_for(task: Task) -> Any:
 
 
 def load_global_model(
-    model: str | os.PathLike[str] | None = None, *, task: Task = "sequence-classification", num_labels: int = 2
+    model: str | os.PathLike[str] | None = None, *, task: Task = "sequence-classification", num_labels: int = 2,
+    label_names: Sequence[str] = (),
 ) -> PreTrainedModel:
-    """A pretrained model with a fresh task head of ``num_labels`` outputs, in eval mode.
+    """A pretrained model with a task head of ``num_labels`` outputs (named ``label_names`` when given), in eval mode.
 
-    Without network access an HF id only loads when it is in the local cache; the error then says so.
+    A checkpoint's own head is kept when it has ``num_labels`` outputs, else a fresh one replaces it. Without network
+    access an HF id only loads when it is in the local cache; the error then says so.
     """
     path = resolve_model(model)
+    names: dict[str, Any] = {}
+    if label_names:
+        if len(label_names) != num_labels:
+            raise ValueError(f"{len(label_names)} label names for {num_labels} labels")
+        names = {"id2label": dict(enumerate(label_names)), "label2id": {n: i for i, n in enumerate(label_names)}}
     try:
-        loaded = _auto_for(task).from_pretrained(path, num_labels=num_labels)
+        loaded = _auto_for(task).from_pretrained(path, num_labels=num_labels, ignore_mismatched_sizes=True, **names)
     except OSError as exc:
         raise ValueError(
             f"cannot load model {path!r}: {exc}. Pass a local HF model folder, or run where the hub is reachable."
         ) from exc
     return loaded.eval()
+
+
+def small_vit_config(*, num_labels: int, image_size: int = 28, num_channels: int = 1, **overrides: Any) -> PretrainedConfig:
+    """A small ViT for images like MNIST's (28 x 28, one channel): 16 patches of 7 x 7, hidden 384, 6 layers of 6
+    heads and FFN 1536, about 10.7 M parameters: MiniLM's encoder shape, so the device tiers sized for MiniLM make the
+    smallest train a sub-model. Randomly initialised (no pretrained ViT ships offline)."""
+    from transformers import ViTConfig
+
+    values: dict[str, Any] = dict(image_size=image_size, patch_size=7 if image_size % 7 == 0 else 4,
+                                  num_channels=num_channels, hidden_size=384, num_hidden_layers=6,
+                                  num_attention_heads=6, intermediate_size=1536, num_labels=num_labels)
+    values.update(overrides)
+    return ViTConfig(**values)
 
 
 def model_from_config(config: PretrainedConfig, *, task: Task = "sequence-classification") -> PreTrainedModel:

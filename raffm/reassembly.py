@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import torch
 
+from raffm.errors import excerpt
 from raffm.wire import (
     END, START, ChecksumError, IncompleteError, Manifest, OutOfOrderError, OverlongError, ResumePoint, TensorMeta,
     WireError, from_wire,
@@ -132,19 +133,19 @@ class Reassembler:
     def accept(self, tensor: str, offset: int, data: bytes) -> TensorMeta | None:
         """Take one chunk; returns the tensor's meta when this chunk completed (and verified) it."""
         if self.done:
-            raise OverlongError(f"chunk for tensor {tensor!r} arrived after the transfer was complete")
+            raise OverlongError(f"chunk for tensor {excerpt(tensor)} arrived after the transfer was complete")
         pos = self.manifest.position(tensor)  # UnknownTensorError
         meta = self.manifest.tensors[self._i]
         if pos != self._i or offset != self._offset:
             raise OutOfOrderError(
-                f"chunk ({tensor!r}, offset {offset}) is out of order; expected ({meta.name!r}, offset {self._offset})"
+                f"chunk ({excerpt(tensor)}, offset {offset}) is out of order; expected ({excerpt(meta.name)}, offset {self._offset})"
             )
         if not data:
-            raise WireError(f"empty chunk for tensor {tensor!r} at offset {offset}")
+            raise WireError(f"empty chunk for tensor {excerpt(tensor)} at offset {offset}")
         end = offset + len(data)
         if end > meta.nbytes:
             raise OverlongError(
-                f"chunk for tensor {tensor!r} ends at byte {end}, past the tensor's {meta.nbytes} bytes"
+                f"chunk for tensor {excerpt(tensor)} ends at byte {end}, past the tensor's {meta.nbytes} bytes"
             )
         self.sink.write(meta, offset, data)
         self._hash.update(data)
@@ -159,7 +160,7 @@ class Reassembler:
         if not self.done:
             point = self.resume_point
             raise IncompleteError(
-                f"transfer ended at tensor {point.tensor!r} offset {point.offset}; "
+                f"transfer ended at tensor {excerpt(point.tensor)} offset {point.offset}; "
                 f"{self.manifest.total_bytes - self.bytes_held} bytes missing"
             )
 
@@ -175,7 +176,7 @@ class Reassembler:
                 self._offset = 0
                 self._hash = hashlib.sha256()
                 raise ChecksumError(
-                    f"tensor {meta.name!r}: sha256 of the {meta.nbytes} received bytes does not match the manifest;"
+                    f"tensor {excerpt(meta.name)}: sha256 of the {meta.nbytes} received bytes does not match the manifest;"
                     " resend it from offset 0"
                 )
             self.sink.complete(meta)

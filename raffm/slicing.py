@@ -52,12 +52,37 @@ class TensorSlice:
         """A contiguous copy of the kept block, shaped like the sub-model tensor."""
         return self.block(tensor).reshape(self.sub_shape).clone()
 
+    @property
+    def prefix_numel(self) -> int:
+        """How many leading elements (row-major) of the global tensor hold the whole kept block: a reader of a stored
+        tensor needs only that prefix (the kept block's last element is the prefix's last)."""
+        if self.numel == 0:
+            return 0
+        return 1 + sum((k - 1) * s for k, s in zip(self.keep, _row_major_strides(self.view)))
+
+    def take_prefix(self, flat: torch.Tensor) -> torch.Tensor:
+        """:meth:`take` from the leading ``prefix_numel`` elements of the global tensor (a 1-D tensor); a full-extent
+        slice reuses ``flat`` without a copy."""
+        if flat.numel() < self.prefix_numel:
+            raise ValueError(f"a prefix of {flat.numel()} elements does not hold this slice ({self.prefix_numel})")
+        if self.keep == self.view:
+            return flat[: self.numel].reshape(self.sub_shape)
+        block = torch.as_strided(flat, self.keep, _row_major_strides(self.view))
+        return block.reshape(self.sub_shape).clone()
+
     def put(self, tensor: torch.Tensor, sub: torch.Tensor) -> None:
         """Write ``sub`` into its place in the global-shaped ``tensor`` (in place)."""
         self.block(tensor).copy_(sub.reshape(self.keep))
 
 
 SlicePlan = dict[str, TensorSlice]
+
+
+def _row_major_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides = [1] * len(shape)
+    for i in range(len(shape) - 2, -1, -1):
+        strides[i] = strides[i + 1] * shape[i + 1]
+    return tuple(strides)
 
 
 def _axis_view(

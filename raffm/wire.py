@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from raffm.errors import excerpt
+
 MiB = 1 << 20
 DEFAULT_CHUNK_BYTES = MiB
 # Chunks are capped well below the chassis' 64 MiB message limit (framing counts against the limit).
@@ -80,7 +82,7 @@ def wire_dtype_name(value: str | torch.dtype | None) -> str:
         raise WireError(f"torch dtype {value} is not a wire dtype; use one of {', '.join(WIRE_DTYPES)}")
     name = _ALIASES.get(value.lower(), value.lower())
     if name not in WIRE_DTYPES:
-        raise WireError(f"wire dtype {value!r} is unknown; use one of {', '.join(WIRE_DTYPES)} (or fp32, fp16, bf16)")
+        raise WireError(f"wire dtype {excerpt(value)} is unknown; use one of {', '.join(WIRE_DTYPES)} (or fp32, fp16, bf16)")
     return name
 
 
@@ -109,16 +111,16 @@ class TensorMeta:
         if not self.name:
             raise ManifestError("a manifest tensor has an empty name")
         if self.dtype not in WIRE_DTYPES:
-            raise ManifestError(f"tensor {self.name!r} has dtype {self.dtype!r}; expected one of {list(WIRE_DTYPES)}")
+            raise ManifestError(f"tensor {excerpt(self.name)} has dtype {excerpt(self.dtype)}; expected one of {list(WIRE_DTYPES)}")
         if any(d < 0 for d in self.shape):
-            raise ManifestError(f"tensor {self.name!r} has a negative dimension in shape {self.shape}")
+            raise ManifestError(f"tensor {excerpt(self.name)} has a negative dimension in shape {self.shape}")
         expected = math.prod(self.shape) * itemsize(self.dtype)
         if self.nbytes != expected:
             raise ManifestError(
-                f"tensor {self.name!r}: nbytes is {self.nbytes} but shape {self.shape} in {self.dtype} is {expected}"
+                f"tensor {excerpt(self.name)}: nbytes is {self.nbytes} but shape {self.shape} in {self.dtype} is {expected}"
             )
         if len(self.sha256) != 32:
-            raise ManifestError(f"tensor {self.name!r}: sha256 must be 32 bytes, got {len(self.sha256)}")
+            raise ManifestError(f"tensor {excerpt(self.name)}: sha256 must be 32 bytes, got {len(self.sha256)}")
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,7 @@ class Manifest:
         for i, meta in enumerate(self.tensors):
             meta.check()
             if meta.name in index:
-                raise ManifestError(f"tensor {meta.name!r} appears twice in the manifest")
+                raise ManifestError(f"tensor {excerpt(meta.name)} appears twice in the manifest")
             index[meta.name] = i
         object.__setattr__(self, "_index", index)
 
@@ -149,7 +151,7 @@ class Manifest:
         try:
             return self._index[name]
         except KeyError:
-            raise UnknownTensorError(f"tensor {name!r} is not in the manifest") from None
+            raise UnknownTensorError(f"tensor {excerpt(name)} is not in the manifest") from None
 
     def __getitem__(self, name: str) -> TensorMeta:
         return self.tensors[self.position(name)]
@@ -166,7 +168,7 @@ class Manifest:
         i = self.position(point.tensor)
         meta = self.tensors[i]
         if not 0 <= point.offset <= meta.nbytes:
-            raise WireError(f"resume offset {point.offset} is outside tensor {meta.name!r} of {meta.nbytes} bytes")
+            raise WireError(f"resume offset {point.offset} is outside tensor {excerpt(meta.name)} of {meta.nbytes} bytes")
         return i, point.offset
 
     def bytes_before(self, point: ResumePoint) -> int:
@@ -235,7 +237,7 @@ def from_wire(data: Any, meta: TensorMeta) -> torch.Tensor:
     """A tensor of ``meta``'s dtype and shape over ``data`` (a writable buffer: shared, not copied)."""
     dtype = WIRE_DTYPES[meta.dtype]
     if len(memoryview(data)) != meta.nbytes:
-        raise WireError(f"tensor {meta.name!r}: got {len(memoryview(data))} bytes, manifest says {meta.nbytes}")
+        raise WireError(f"tensor {excerpt(meta.name)}: got {len(memoryview(data))} bytes, manifest says {meta.nbytes}")
     if meta.nbytes == 0:
         return torch.empty(meta.shape, dtype=dtype)
     return torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(meta.shape)
@@ -307,7 +309,7 @@ def iter_chunks(
         if meta.nbytes > offset and meta.sha256 not in skip:
             buf = memoryview(source(meta)).cast("B")
             if len(buf) != meta.nbytes:
-                raise WireError(f"tensor {meta.name!r}: source gave {len(buf)} bytes, manifest says {meta.nbytes}")
+                raise WireError(f"tensor {excerpt(meta.name)}: source gave {len(buf)} bytes, manifest says {meta.nbytes}")
             for pos in range(offset, meta.nbytes, chunk_bytes):
                 yield Chunk(meta.name, pos, bytes(buf[pos : pos + chunk_bytes]))
             del buf

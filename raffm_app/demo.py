@@ -2,17 +2,19 @@
 
 It starts the registry, extractor and aggregator as separate processes on free loopback ports (SQLite and a
 checkpoint directory under ``runs/<id>/``), then a simulated fleet of edge agents in device tiers from a
-Raspberry-Pi-like budget to a full-model server, each with a non-IID share of the Rotten Tomatoes reviews. The server
-keeps a held-out test split. Every round it prints the global test accuracy and the bytes moved; at the end it cuts
-sub-models of several sizes from the final global model (no retraining) and writes ``report.json``, ``report.md`` and
-plots. Everything talks over the same gRPC protocol a real deployment uses; only the processes are local.
+Raspberry-Pi-like budget to a full-model server, each with a non-IID share of the Rotten Tomatoes reviews (or of any
+data set the agent takes: --data FILE.csv/.jsonl/.pt/.npz or mnist, which trains a small ViT). The server keeps a
+held-out test split. While a round runs it shows the devices done and the bytes moved; after each round, the global
+test accuracy; at the end it cuts sub-models of several sizes from the final global model (no retraining) and writes
+``report.json``, ``report.md`` and plots. Everything talks over the same gRPC protocol a real deployment uses; only
+the processes are local.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
+import json
 import os
 import secrets
 import sys
@@ -21,10 +23,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from edge_agent.simulate import Tier, load_tiers, tiers_toml
+from edge_agent.simulate import AGENT_GRACE_S, Tier, load_tiers, tiers_toml
 from raffm_app.cli import wire_dtype_arg
-from raffm_app.follow import final_version, follow_job, scaling
-from raffm_app.processes import ProcessFailed, ProcessGroup, free_port, print_tail, raffm_command, wait_serving
+from raffm_app.follow import RoundFailed, final_version, follow_job, scaling
+from raffm_app.processes import (
+    Interrupted, ProcessFailed, ProcessGroup, SignalGuard, free_port, print_tail, raffm_command, wait_serving,
+)
 from raffm.strategy import STRATEGIES
 
 # Device tiers of the default fleet: training memory (MiB) is what one training step may use on top of the runtime.
@@ -61,29 +65,71 @@ class DemoSettings:
     round_deadline_s: float = 300.0
     keep_running: bool = False
     tiers: list[Tier] = field(default_factory=lambda: list(DEFAULT_TIERS))
+    progress_s: float = 15.0  # without a terminal, a progress line of the round in flight this often
 
 
-def prepare_data(settings: DemoSettings, data_dir: Path) -> tuple[Path, Any]:
-    """Split the data: the server keeps ``test_size`` examples; the rest is written for the fleet to share."""
-    from raffm.data import load_text_file, rotten_tomatoes
+@dataclass(frozen=True)
+class DemoData:
+    """The demo's data: the fleet's share and the server's held-out split, in memory and as files."""
 
-    data = rotten_tomatoes() if settings.data == "rotten_tomatoes" else load_text_file(settings.data)
-    if settings.test_size >= len(data):
-        raise ValueError(f"--test-size {settings.test_size} leaves no training data ({len(data)} examples)")
+    train: Any  # raffm.data.TextDataset | ImageDataset
+    test: Any
+    train_path: Path
+    test_path: Path
+
+    @property
+    def image(self) -> bool:
+        from raffm.data import ImageDataset
+
+        return isinstance(self.test, ImageDataset)
+
+    @property
+    def task(self) -> str:
+        return "image-classification" if self.image else "sequence-classification"
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        return tuple(self.test.label_names)
+
+
+def prepare_data(settings: DemoSettings, data_dir: Path) -> DemoData:
+    """Load ``--data`` as an agent would (``rotten_tomatoes``, ``mnist``, CSV/JSON-lines text or ``.pt``/``.npz``
+    images) and split it: the server keeps ``test_size`` examples; the rest is written for the fleet to share."""
     import random
 
+    from edge_agent.localdata import load_local_data
+    from edge_agent.simulate import write_share
+
+    data = load_local_data(settings.data)
+    if settings.test_size >= len(data):
+        raise ValueError(f"--test-size {settings.test_size} leaves no training data ({len(data)} examples)")
     order = list(range(len(data)))
     random.Random(settings.seed).shuffle(order)
     test, train = data.subset(order[: settings.test_size]), data.subset(order[settings.test_size :])
     if settings.max_train:
         train = train.subset(range(min(settings.max_train, len(train))))
     data_dir.mkdir(parents=True, exist_ok=True)
-    train_path = data_dir / "train.csv"
-    with train_path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["text", "label"])
-        writer.writerows(zip(train.texts, train.labels))
-    return train_path, test
+    # Labels travel as numbers (the data's label ids); their names go to the job.
+    return DemoData(train, test, write_share(train, data_dir / "train"), write_share(test, data_dir / "test"))
+
+
+def demo_model(settings: DemoSettings, data: DemoData, model_dir: Path) -> str:
+    """The model the job trains: ``--model``, or for image data given no ``--model``, a small ViT for its images
+    (random init, seeded; :func:`raffm.models.small_vit_config`) written to ``model_dir``."""
+    from raffm.models import DEFAULT_MODEL
+
+    if not data.image or settings.model != DEFAULT_MODEL:
+        return settings.model
+    import torch
+
+    from raffm.models import model_from_config, small_vit_config
+
+    _, channels, height, _ = data.test.images.shape
+    torch.manual_seed(settings.seed)
+    config = small_vit_config(num_labels=len(data.label_names), image_size=int(height), num_channels=int(channels),
+                              id2label=dict(enumerate(data.label_names)))
+    model_from_config(config, task="image-classification").save_pretrained(model_dir)
+    return str(model_dir)
 
 
 def job_strategy(settings: DemoSettings) -> str:
@@ -98,15 +144,41 @@ def effective_tiers(settings: DemoSettings) -> list[Tier]:
     return [replace(t, memory_mb=max(t.memory_mb, FULL_MODEL_MEMORY_MB)) for t in settings.tiers]
 
 
-def run_demo(settings: DemoSettings) -> Path:
-    """Run the demo end to end and return the run directory (its report is written there)."""
-    from raffm.report import RunReport, write_report
+class DemoStopped(Exception):
+    """A stop signal ended the demo; everything it started has stopped."""
 
+    def __init__(self, signal_name: str, signum: int, run_dir: Path) -> None:
+        super().__init__(f"stopped by {signal_name}; every process it started has exited; run directory: {run_dir}")
+        self.signum, self.run_dir = signum, run_dir
+
+
+def run_demo(settings: DemoSettings) -> Path:
+    """Run the demo end to end and return the run directory (its report is written there).
+
+    SIGTERM, SIGINT and SIGHUP stop it: every process it started is stopped, the last started first, and
+    :class:`DemoStopped` says where the run directory is. Its children also stop by themselves if it dies.
+    """
     run_id = dt.datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{secrets.token_hex(2)}"
     run_dir = (settings.out or Path("runs") / run_id).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    print(f"RaFFM demo: run directory {run_dir}")
-    train_path, test = prepare_data(settings, run_dir / "data")
+    print(f"RaFFM demo: run directory {run_dir}", flush=True)
+    guard = SignalGuard()
+    try:
+        with guard.installed():
+            _run_demo(settings, run_dir, guard)
+    except Interrupted as exc:
+        raise DemoStopped(exc.name, exc.signum, run_dir) from None
+    return run_dir
+
+
+def _run_demo(settings: DemoSettings, run_dir: Path, guard: SignalGuard) -> None:
+    from raffm.report import RunReport, write_report
+
+    data = prepare_data(settings, run_dir / "data")
+    test = data.test
+    settings = replace(settings, model=demo_model(settings, data, run_dir / "model"))
+    print(f"data: {len(data.train)} training and {len(test)} held-out examples, {len(data.label_names)} labels "
+          f"({', '.join(data.label_names[:10])}{', ...' if len(data.label_names) > 10 else ''}); model {settings.model}")
     tiers = effective_tiers(settings)
     (run_dir / "tiers.toml").write_text(tiers_toml(tiers))
 
@@ -122,7 +194,7 @@ def run_demo(settings: DemoSettings) -> Path:
     addr = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
     store = run_dir / "checkpoints"
 
-    group = ProcessGroup(run_dir / "logs")
+    group = ProcessGroup(run_dir / "logs", guard)
     report = RunReport(
         run_id=run_dir.name,
         command="raffm demo " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["demo"] else "raffm demo",
@@ -133,6 +205,7 @@ def run_demo(settings: DemoSettings) -> Path:
     report.settings["tiers"] = {t.name: {"memory_mb": t.memory_mb, "gflops": t.gflops, "up_mbps": t.up_mbps,
                                           "down_mbps": t.down_mbps, "share": t.share} for t in tiers}
     report.settings["metrics_ports"] = metrics
+    report.settings["task"], report.settings["labels"] = data.task, list(data.label_names)
     _write_prometheus_targets(run_dir / "prometheus-targets.json", metrics)
     try:
         group.start("registry", raffm_command(
@@ -146,23 +219,28 @@ def run_demo(settings: DemoSettings) -> Path:
             "aggregator", "serve", "--data-dir", str(run_dir / "aggregator"), "--store", str(store),
             "--registry", addr["registry"], "--port", str(ports["aggregator"]),
             "--metrics-port", str(metrics["aggregator"]),
-            "--model", settings.model, "--rounds", str(settings.rounds),
+            "--model", settings.model, "--task", data.task, "--num-labels", str(len(data.label_names)),
+            "--labels", json.dumps(list(data.label_names)), "--dataset", Path(settings.data).name,
+            "--rounds", str(settings.rounds),
             "--clients-per-round", str(settings.devices), "--quorum", str(settings.devices),
             "--min-updates", "1", "--round-deadline-s", str(settings.round_deadline_s),
             "--local-steps", str(settings.local_steps), "--batch-size", str(settings.batch_size),
             "--seq-len", str(settings.seq_len), "--lr", str(settings.lr), "--warmup-steps", str(settings.warmup_steps),
             "--wire-dtype", settings.wire_dtype,
             "--strategy", job_strategy(settings), *(["--aggregation", settings.aggregation] if settings.aggregation else []),
-            "--seed", str(settings.seed), "--poll-wait-s", "1", "--no-evaluate"), env)
+            "--seed", str(settings.seed), "--poll-wait-s", "1",
+            # The aggregator scores every new version on the held-out split (its log says how the model is doing).
+            "--eval-data", str(data.test_path), "--eval-max-samples", "0"), env)
         wait_serving(group, addr["extractor"], "extractor")
-        wait_serving(group, addr["aggregator"], "aggregator", timeout_s=180)
+        wait_serving(group, addr["aggregator"], "aggregator")
         print("services up: " + ", ".join(f"{n} {a} (metrics :{metrics[n]})" for n, a in addr.items()))
         group.start("fleet", raffm_command(
             "agent", "simulate", "--devices", str(settings.devices), "--tiers", str(run_dir / "tiers.toml"),
-            "--data", str(train_path), "--alpha", str(settings.alpha), "--seed", str(settings.seed),
+            "--data", str(data.train_path), "--alpha", str(settings.alpha), "--seed", str(settings.seed),
             "--state-root", str(run_dir / "agents"), "--registry", addr["registry"],
             "--aggregator", addr["aggregator"], "--extractor", addr["extractor"], "--model", settings.model,
-            "--max-rounds", str(settings.rounds), "--log-format", "json"), env)
+            "--max-rounds", str(settings.rounds), "--log-format", "json"), env,
+            grace_s=AGENT_GRACE_S + 15.0)  # it gives its agents AGENT_GRACE_S to finish a step and report
         follow_job(settings, group, addr["aggregator"], secrets_env["RAFFM_OPERATOR_TOKEN"], store, test, report,
                     metrics)
         final = final_version(addr["aggregator"], secrets_env["RAFFM_OPERATOR_TOKEN"])
@@ -182,18 +260,19 @@ def run_demo(settings: DemoSettings) -> Path:
         print(f"raffm demo: {exc}", file=sys.stderr)
         print_tail(exc.log)
         raise
-    except KeyboardInterrupt:
-        print("\ninterrupted: stopping services and agents ...", file=sys.stderr)
+    except RoundFailed as exc:
+        print(f"raffm demo: {exc}\nraffm demo: stopping; the logs are in {group.log_dir}", file=sys.stderr)
+        raise
+    except Interrupted:
+        if sys.stderr.isatty():
+            print("\nstopping services and agents ...", file=sys.stderr)
         raise
     finally:
         group.stop()
-    return run_dir
 
 
 def _write_prometheus_targets(path: Path, metrics: dict[str, int]) -> None:
     """A Prometheus ``file_sd_configs`` file for this run's metrics ports (see deploy/README.md)."""
-    import json
-
     targets = [{"targets": [f"127.0.0.1:{port}"], "labels": {"job": f"raffm-{name}"}} for name, port in metrics.items()]
     path.write_text(json.dumps(targets, indent=2) + "\n")
 
@@ -209,9 +288,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--devices", type=int, default=d.devices, help=f"simulated devices (default: {d.devices})")
     parser.add_argument("--rounds", type=int, default=d.rounds, help=f"federated rounds (default: {d.rounds})")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of the data split and training (default: 0)")
-    parser.add_argument("--model", default=d.model, help="HF model id or folder (default: the shipped MiniLM)")
+    parser.add_argument("--model", default=d.model, help="HF model id or folder (default: the shipped MiniLM for "
+                        "text, a small ViT built for the images for image data)")
     parser.add_argument("--data", default=d.data,
-                        help="rotten_tomatoes (shipped) or a CSV/JSON-lines file with text,label (default: rotten_tomatoes)")
+                        help="what the agent takes: rotten_tomatoes or mnist (shipped), a CSV/JSON-lines file with "
+                             "text,label, or a .pt/.npz file with images and labels; the labels and the task come "
+                             "from the data (default: rotten_tomatoes)")
     parser.add_argument("--out", type=Path, help="run directory (default: runs/<timestamp>)")
     parser.add_argument("--baseline", choices=("none", "fedavg"), default=d.baseline,
                         help="fedavg: every device trains the full model with plain FedAvg, for comparison")
@@ -236,6 +318,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--tiers", type=Path, help="device tiers TOML ([tiers.NAME] memory_mb, gflops, up_mbps, "
                         "down_mbps, share); default: sbc, phone, jetson and server tiers sized for MiniLM")
     parser.add_argument("--keep-running", action="store_true", help="leave the services up after the report")
+    parser.add_argument("--progress-s", type=float, default=d.progress_s,
+                        help="without a terminal, print the round in flight's progress this often (default: "
+                             "%(default)s s; a terminal gets a live bar)")
     parser.set_defaults(func=_main)
 
 
@@ -249,8 +334,14 @@ def _main(args: argparse.Namespace) -> int:
         raise ValueError("--devices and --rounds must be at least 1")
     try:
         run_demo(settings)
-    except ProcessFailed:
+    except (ProcessFailed, RoundFailed):
         return 1
+    except TimeoutError as exc:  # a service that never came up (everything started was stopped)
+        print(f"raffm demo: {exc}", file=sys.stderr)
+        return 1
+    except DemoStopped as exc:
+        print(f"raffm demo: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         return 130
     return 0

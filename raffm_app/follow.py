@@ -1,5 +1,6 @@
-"""Following a running job from outside, as an operator would: the aggregator's status RPCs and /metrics, and the
-accuracy of every new global model on the demo's held-out split (read from the checkpoint store)."""
+"""Following a running job from outside, as an operator would: the aggregator's status RPCs and /metrics (progress
+inside a round, the held-out accuracy the aggregator measured after it), and the accuracy of a model version on the
+demo's held-out split (read from the checkpoint store) where the aggregator gives none."""
 
 from __future__ import annotations
 
@@ -32,22 +33,100 @@ def final_version(address: str, token: str) -> str:
 
 # Counted by the aggregator when it accepts an update: the slice bytes each participant moved, by device tier.
 _TIER_COUNTERS = {"raffm_aggregator_download_bytes_total": "down", "raffm_aggregator_upload_bytes_total": "up"}
+# Counted as the bytes move (accepted or not): the extractor's streamed slices, the aggregator's received chunks.
+LIVE_DOWN, LIVE_UP = "raffm_extractor_download_bytes_total", "raffm_aggregator_upload_received_bytes_total"
 
 
-def scrape_tier_bytes(port: int) -> dict[tuple[str, str], float]:
-    """``(direction, tier) -> bytes`` from the aggregator's /metrics."""
+def _scrape(port: int) -> list[Any]:
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+
+
+def scrape_tier_bytes(port: int) -> dict[tuple[str, str], float]:
+    """``(direction, tier) -> bytes`` from the aggregator's /metrics."""
     values: dict[tuple[str, str], float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name in _TIER_COUNTERS:
-                key = (_TIER_COUNTERS[sample.name], sample.labels["tier"])
-                values[key] = values.get(key, 0.0) + sample.value
+    for sample in _scrape(port):
+        if sample.name in _TIER_COUNTERS:
+            key = (_TIER_COUNTERS[sample.name], sample.labels["tier"])
+            values[key] = values.get(key, 0.0) + sample.value
     return values
+
+
+def scrape_moved_bytes(extractor_port: int, aggregator_port: int) -> int:
+    """Bytes moved so far, down (streamed by the extractor) plus up (received by the aggregator), failed and
+    unfinished transfers included; 0 for an endpoint that does not answer."""
+    total = 0.0
+    for port, name in ((extractor_port, LIVE_DOWN), (aggregator_port, LIVE_UP)):
+        try:
+            total += sum(s.value for s in _scrape(port) if s.name == name)
+        except OSError:
+            pass
+    return int(total)
+
+
+class RoundProgress:
+    """What the round in flight has done: devices done of those expected, bytes moved, elapsed time. A live bar on a
+    terminal; otherwise a line when the round is first seen and then every ``every_s`` seconds."""
+
+    def __init__(self, expected: int, rounds: int, ports: dict[str, int], *, every_s: float = 15.0,
+                 live: bool | None = None, out: Any = None) -> None:
+        self.expected, self.rounds, self.ports, self.every_s = expected, rounds, ports, every_s
+        self.live = sys.stderr.isatty() if live is None else live
+        self.out = out if out is not None else sys.stdout
+        self._round = -1
+        self._start_bytes = 0
+        self._last_line = 0.0
+        self._bar: Any = None
+
+    def moved(self) -> int:
+        return scrape_moved_bytes(self.ports["extractor"], self.ports["aggregator"])
+
+    def line(self, r: Any, moved: int, now: float) -> str:
+        """``round 2: 3/8 devices done (1 failed), 120.5 MiB moved, 45 s``."""
+        expected = max(self.expected, r.assigned)
+        failed = f" ({r.dropped} failed)" if r.dropped else ""
+        elapsed = max(0.0, now - r.opened_at.ToMicroseconds() / 1e6) if r.opened_at.seconds else 0.0
+        state = ", aggregating" if r.state == aggregator_pb2.ROUND_STATE_AGGREGATING else ""
+        return (f"round {r.index}: {r.accepted + r.dropped}/{expected} devices done{failed}, "
+                f"{moved / 2**20:.1f} MiB moved, {elapsed:.0f} s{state}")
+
+    def update(self, r: Any) -> None:
+        """Show the progress of ``r``, a round that is open or aggregating."""
+        from tqdm import tqdm
+
+        now = time.time()
+        if r.index != self._round:
+            self.close()
+            self._round, self._start_bytes, self._last_line = r.index, self._safe_moved(), 0.0
+            if self.live:
+                self._bar = tqdm(total=max(self.expected, r.assigned), desc=f"round {r.index}/{self.rounds}",
+                                 unit="device", leave=False, bar_format="{desc}: {n}/{total} devices done |{bar}| "
+                                 "{postfix}")
+        moved = self._safe_moved() - self._start_bytes
+        if self._bar is not None:
+            self._bar.total = max(self.expected, r.assigned)
+            self._bar.n = r.accepted + r.dropped
+            elapsed = now - r.opened_at.ToMicroseconds() / 1e6 if r.opened_at.seconds else 0.0
+            self._bar.set_postfix_str(f"{moved / 2**20:.1f} MiB moved, {elapsed:.0f} s"
+                                      + (f", {r.dropped} failed" if r.dropped else ""))
+        elif now - self._last_line >= self.every_s:
+            print(self.line(r, moved, now), file=self.out, flush=True)
+            self._last_line = now
+
+    def _safe_moved(self) -> int:
+        try:
+            return self.moved()
+        except Exception:  # noqa: BLE001 - progress is best effort; the round's figures come from the aggregator
+            return 0
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 def tier_bytes(before: dict[tuple[str, str], float], after: dict[tuple[str, str], float]) -> dict[str, dict[str, int]]:
@@ -58,14 +137,27 @@ def tier_bytes(before: dict[tuple[str, str], float], after: dict[tuple[str, str]
     return out
 
 
-def _model_and_tokenizer(settings: DemoSettings, store: Path, version: str) -> tuple[Any, Any]:
-    from transformers import AutoTokenizer
+class RoundFailed(RuntimeError):
+    """A round failed: no update arrived. The message says what its devices reported."""
 
+
+def _task(test: Any) -> str:
+    from raffm.data import ImageDataset
+
+    return "image-classification" if isinstance(test, ImageDataset) else "sequence-classification"
+
+
+def _model_and_tokenizer(settings: DemoSettings, store: Path, version: str, test: Any) -> tuple[Any, Any]:
     from raffm.checkpoints import checkpoint_store_from_url
     from raffm.models import model_from_state, resolve_model
 
     checkpoints = checkpoint_store_from_url(str(store))
-    model = model_from_state(checkpoints.info(version).config, checkpoints.load(version))
+    task = _task(test)
+    model = model_from_state(checkpoints.info(version).config, checkpoints.load(version), task=task)  # type: ignore[arg-type]
+    if task == "image-classification":
+        return model, None
+    from transformers import AutoTokenizer
+
     return model, AutoTokenizer.from_pretrained(resolve_model(settings.model))
 
 
@@ -73,7 +165,7 @@ def evaluate_version(settings: DemoSettings, store: Path, version: str, test: An
     """Test accuracy of a model version of the checkpoint store on the held-out split."""
     from raffm.training import evaluate
 
-    model, tokenizer = _model_and_tokenizer(settings, store, version)
+    model, tokenizer = _model_and_tokenizer(settings, store, version, test)
     return evaluate(model, test, tokenizer, seq_len=settings.seq_len)
 
 
@@ -81,17 +173,23 @@ def scaling(settings: DemoSettings, store: Path, version: str, test: Any) -> lis
     """The inference-scaling table of a version: sub-models cut to several sizes, each evaluated."""
     from raffm.scaling import scaling_table
 
-    model, tokenizer = _model_and_tokenizer(settings, store, version)
+    model, tokenizer = _model_and_tokenizer(settings, store, version, test)
     return scaling_table(model, test, tokenizer, seq_len=settings.seq_len)
+
+
+def failure_summary(r: Any) -> str:
+    """What a round's devices reported when they gave up: ``2 x data: 'the local data has 3 labels; ...'``."""
+    if not r.failures:
+        return "no device reported why"
+    return "; ".join(f"{f.devices} x {f.reason}: {f.detail!r}" for f in sorted(r.failures, key=lambda f: -f.devices))
 
 
 def follow_job(
     settings: DemoSettings, group: ProcessGroup, address: str, token: str, store: Path, test: Any, report: RunReport,
     metrics: dict[str, int],
 ) -> None:
-    """Print a line per closed round until the job ends; fill ``report.rounds``."""
-    from tqdm import tqdm
-
+    """Print a line per closed round (and the progress of the round in flight) until the job ends; fill
+    ``report.rounds``. A failed round stops the job's follower with :class:`RoundFailed` (its devices' reasons)."""
     from raffm.report import RoundRecord
 
     stub = operator_stub(address)
@@ -103,42 +201,56 @@ def follow_job(
     # The aggregator's counters start at zero and the fleet was started before this evaluation: counting from zero
     # (not from a scrape now) keeps bytes that a fast first round moved meanwhile.
     before: dict[tuple[str, str], float] = {}
-    bar = tqdm(total=settings.rounds, desc="rounds", unit="round", disable=not sys.stderr.isatty())
+    progress = RoundProgress(settings.devices, settings.rounds, metrics, every_s=getattr(settings, "progress_s", 15.0))
     done_states = (aggregator_pb2.JOB_STATE_COMPLETED, aggregator_pb2.JOB_STATE_FAILED, aggregator_pb2.JOB_STATE_CANCELLED)
-    while True:
-        group.check(allow_exit=("fleet",))
-        try:
-            job = stub.GetJob(aggregator_pb2.GetJobRequest(), metadata=auth, timeout=10)
-            rounds = stub.ListRounds(aggregator_pb2.ListRoundsRequest(page_size=1000), metadata=auth, timeout=10).rounds
-        except grpc.RpcError as exc:
-            print(f"(aggregator not answering: {exc.code().name}; retrying)", file=sys.stderr)
-            time.sleep(2)
-            continue
-        for r in sorted(rounds, key=lambda r: r.index):
-            if r.round_id in seen or r.state not in (aggregator_pb2.ROUND_STATE_CLOSED, aggregator_pb2.ROUND_STATE_FAILED):
+    finished = (aggregator_pb2.ROUND_STATE_CLOSED, aggregator_pb2.ROUND_STATE_FAILED)
+    try:
+        while True:
+            group.check(allow_exit=("fleet",))
+            try:
+                job = stub.GetJob(aggregator_pb2.GetJobRequest(), metadata=auth, timeout=10)
+                rounds = stub.ListRounds(aggregator_pb2.ListRoundsRequest(page_size=1000), metadata=auth,
+                                         timeout=10).rounds
+            except grpc.RpcError as exc:
+                print(f"(aggregator not answering: {exc.code().name}; retrying)", file=sys.stderr)
+                time.sleep(2)
                 continue
-            seen.add(r.round_id)
-            after = scrape_tier_bytes(metrics["aggregator"])
-            accuracy = (evaluate_version(settings, store, r.result_model_version, test)
-                        if r.result_model_version else None)
-            duration = (r.closed_at.ToDatetime() - r.opened_at.ToDatetime()).total_seconds()
-            record = RoundRecord(
-                index=r.index, accuracy=accuracy, participants=r.accepted, assigned=r.assigned, dropouts=r.dropped,
-                bytes_down=r.bytes_down, bytes_up=r.bytes_up, full_fedavg_bytes=r.full_model_bytes,
-                duration_s=duration, mean_train_loss=r.mean_train_loss or None, bytes_by_tier=tier_bytes(before, after),
-            )
-            before = after
-            report.rounds.append(record)
-            bar.update(1)
-            acc = "n/a" if accuracy is None else f"{accuracy:.1%}"
-            tqdm.write(
-                f"round {r.index}: global test accuracy {acc}, participants {r.accepted}/{r.assigned}, "
-                f"dropouts {r.dropped}, down {r.bytes_down / 2**20:.1f} MiB, up {r.bytes_up / 2**20:.1f} MiB, "
-                f"full-model FedAvg would move {r.full_model_bytes / 2**20:.1f} MiB, {duration:.0f} s"
-            )
-        if job.state in done_states:
-            break
-        time.sleep(1.0)
-    bar.close()
+            for r in sorted(rounds, key=lambda r: r.index):
+                if r.round_id in seen:
+                    continue
+                if r.state not in finished:
+                    progress.update(r)
+                    continue
+                seen.add(r.round_id)
+                progress.close()
+                if r.state == aggregator_pb2.ROUND_STATE_FAILED:
+                    raise RoundFailed(f"round {r.index} failed: no update arrived ({r.assigned} assigned, "
+                                      f"{r.dropped} gave up). The devices said: {failure_summary(r)}")
+                after = scrape_tier_bytes(metrics["aggregator"])
+                if "accuracy" in r.evaluation:  # measured by the aggregator on the same held-out split
+                    accuracy: float | None = float(r.evaluation["accuracy"])
+                else:
+                    accuracy = (evaluate_version(settings, store, r.result_model_version, test)
+                                if r.result_model_version else None)
+                duration = (r.closed_at.ToDatetime() - r.opened_at.ToDatetime()).total_seconds()
+                record = RoundRecord(
+                    index=r.index, accuracy=accuracy, participants=r.accepted, assigned=r.assigned,
+                    dropouts=r.dropped, bytes_down=r.bytes_down, bytes_up=r.bytes_up,
+                    full_fedavg_bytes=r.full_model_bytes, duration_s=duration,
+                    mean_train_loss=r.mean_train_loss or None, bytes_by_tier=tier_bytes(before, after),
+                )
+                before = after
+                report.rounds.append(record)
+                acc = "n/a" if accuracy is None else f"{accuracy:.1%}"
+                failed = f" ({failure_summary(r)})" if r.failures else ""
+                print(f"round {r.index}: global test accuracy {acc}, participants {r.accepted}/{r.assigned}, "
+                      f"dropouts {r.dropped}{failed}, down {r.bytes_down / 2**20:.1f} MiB, "
+                      f"up {r.bytes_up / 2**20:.1f} MiB, full-model FedAvg would move "
+                      f"{r.full_model_bytes / 2**20:.1f} MiB, {duration:.0f} s", flush=True)
+            if job.state in done_states:
+                break
+            time.sleep(1.0)
+    finally:
+        progress.close()
     if job.state != aggregator_pb2.JOB_STATE_COMPLETED:
         raise RuntimeError(f"the job ended as {aggregator_pb2.JobState.Name(job.state)}; see {group.log_dir}")

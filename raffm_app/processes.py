@@ -1,7 +1,10 @@
-"""Child processes of the `raffm` command: start them with their logs, wait until they serve, stop them together.
+"""Child processes of the `raffm` command: start them with their logs, wait until they serve, stop them in order.
 
 What ``raffm demo`` (and the e2e tests) use to run the registry, extractor, aggregator and a fleet of agents as real
-processes on one machine, each started as ``python -m raffm_app ...``.
+processes on one machine, each started as ``python -m raffm_app ...``. Nothing it starts outlives it:
+- SIGTERM, SIGINT and SIGHUP become :class:`Interrupted` (a ``KeyboardInterrupt``) in the main thread while a
+  :class:`SignalGuard` is installed, so the caller's ``finally`` stops every child, last started first;
+- every child watches this process (:mod:`raffm.lifeline`) and stops itself if it dies without cleaning up.
 """
 
 from __future__ import annotations
@@ -12,10 +15,80 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
+
+from raffm.lifeline import child_env
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal arrived (SIGTERM, SIGINT or SIGHUP)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+class SignalGuard:
+    """While installed (main thread only), the first stop signal raises :class:`Interrupted`; later ones are only
+    counted (a second one while children are being stopped means: hurry). Inside :meth:`deferred`, the first one is
+    held until the section ends, so a child is never started without being recorded."""
+
+    def __init__(self, signals: Sequence[int] = STOP_SIGNALS) -> None:
+        self.signals = tuple(signals)
+        self.received: list[int] = []
+        self._defer = 0
+        self._raised = False
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.received.append(signum)
+        if self._defer or self._raised:
+            return
+        self._raised = True
+        raise Interrupted(signum)
+
+    @contextmanager
+    def installed(self) -> Iterator[SignalGuard]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        old = {sig: signal.signal(sig, self._handle) for sig in self.signals}
+        try:
+            yield self
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+
+    @contextmanager
+    def quiet(self) -> Iterator[None]:
+        """Inside, signals are only counted (e.g. while the children are being stopped anyway)."""
+        raised, self._raised = self._raised, True
+        try:
+            yield
+        finally:
+            self._raised = raised
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        self._defer += 1
+        try:
+            yield
+        finally:
+            self._defer -= 1
+            if not self._defer and self.received and not self._raised:
+                self._raised = True
+                raise Interrupted(self.received[0])
 
 
 def raffm_command(*args: str) -> list[str]:
@@ -39,20 +112,29 @@ class ProcessFailed(RuntimeError):
 
 
 class ProcessGroup:
-    """Child processes with their logs; stopped together (SIGTERM, then SIGKILL after a grace period)."""
+    """Child processes with their logs, each in its own session and watching this process; stopped in the reverse
+    order of their start (SIGTERM, then SIGKILL after its grace period, or at once on a second stop signal)."""
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, guard: SignalGuard | None = None, grace_s: float = 15.0) -> None:
         self.log_dir = log_dir
+        self.guard = guard
+        self.grace_s = grace_s
         self.procs: dict[str, tuple[subprocess.Popen[bytes], Path, TextIO]] = {}
+        self.graces: dict[str, float] = {}
         log_dir.mkdir(parents=True, exist_ok=True)
 
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None, *,
+              grace_s: float | None = None) -> None:
+        """Start ``argv`` as ``name``; ``grace_s`` (default: the group's) is how long it may take to stop after
+        SIGTERM before it is killed: a process that stops children of its own needs their grace plus its own."""
+        self.graces[name] = self.grace_s if grace_s is None else grace_s
         log = self.log_dir / f"{name}.log"
-        handle = log.open("w")
-        handle.write("$ " + shlex.join(argv) + "\n")
-        handle.flush()
-        proc = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        self.procs[name] = (proc, log, handle)
+        log.write_text("$ " + shlex.join(argv) + "\n")
+        handle = log.open("a")  # O_APPEND: the child's lines and ours (how it ended) never overwrite each other
+        with self.guard.deferred() if self.guard is not None else _nothing():
+            proc = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=child_env(env),
+                                    start_new_session=True)
+            self.procs[name] = (proc, log, handle)
 
     def check(self, *, allow_exit: Sequence[str] = ()) -> None:
         """Raise :class:`ProcessFailed` for the first process that died (a clean exit is fine for ``allow_exit``)."""
@@ -61,18 +143,36 @@ class ProcessGroup:
             if code is not None and not (code == 0 and name in allow_exit):
                 raise ProcessFailed(name, code, log)
 
-    def stop(self, grace_s: float = 15.0) -> None:
-        for proc, _, _ in self.procs.values():
-            if proc.poll() is None:
-                _signal_group(proc, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        for proc, _, handle in self.procs.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _signal_group(proc, signal.SIGKILL)
-                proc.wait()
-            handle.close()
+    def stop(self) -> None:
+        """Stop every child, the last started first (the fleet reports to the services before they go), each within
+        its grace period; a further stop signal meanwhile kills what is left at once. Safe to call more than once."""
+        guard = self.guard or SignalGuard()
+        with guard.installed(), guard.quiet():
+            seen = len(guard.received)
+            for name, (proc, _, handle) in reversed(list(self.procs.items())):
+                if handle.closed:
+                    continue  # stopped by an earlier call
+                how = "by itself"
+                if proc.poll() is None:
+                    _signal_group(proc, signal.SIGTERM)
+                    how = "after SIGTERM"
+                deadline = time.monotonic() + self.graces[name]
+                while proc.poll() is None and time.monotonic() < deadline and len(guard.received) == seen:
+                    time.sleep(0.05)
+                if proc.poll() is None:
+                    _signal_group(proc, signal.SIGKILL)
+                    proc.wait()
+                    how = "killed: " + ("a further stop signal" if len(guard.received) != seen
+                                        else f"not stopped within {self.graces[name]:.0f} s")
+                # The log says how its process ended, with a time to set beside the other logs'.
+                stamp = datetime.now().strftime("%Y-%m-%d %H:%M:%S,%f")[:23]
+                handle.write(f"{stamp} {name} exited with code {proc.returncode} ({how})\n")
+                handle.close()
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
@@ -91,8 +191,10 @@ def print_tail(log: Path, lines: int = 15) -> None:
     print("\n".join("  | " + line for line in tail), file=sys.stderr)
 
 
-def wait_serving(group: ProcessGroup, address: str, name: str, timeout_s: float = 60.0) -> None:
-    """Block until the gRPC health service at ``address`` says SERVING (raising if the process died)."""
+def wait_serving(group: ProcessGroup, address: str, name: str, timeout_s: float = 180.0) -> None:
+    """Block until the gRPC health service at ``address`` says SERVING (raising if the process died). A process that
+    dies is reported at once; the timeout is only for one that hangs, so it is roomy: a start imports torch, which
+    takes a minute and more on a small, busy machine."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -107,5 +209,7 @@ def wait_serving(group: ProcessGroup, address: str, name: str, timeout_s: float 
             except grpc.RpcError:
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{name} did not become healthy at {address} within {timeout_s:.0f} s")
+                log = group.procs[name][1] if name in group.procs else None
+                raise TimeoutError(f"{name} did not become healthy at {address} within {timeout_s:.0f} s"
+                                   + (f"; its log is {log}" if log else ""))
             time.sleep(0.3)

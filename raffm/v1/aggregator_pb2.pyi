@@ -18,16 +18,6 @@ class TaskKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_KIND_TEXT_CLASSIFICATION: _ClassVar[TaskKind]
     TASK_KIND_IMAGE_CLASSIFICATION: _ClassVar[TaskKind]
 
-class RejectReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
-    __slots__ = ()
-    REJECT_REASON_UNSPECIFIED: _ClassVar[RejectReason]
-    REJECT_REASON_LATE: _ClassVar[RejectReason]
-    REJECT_REASON_BAD_MANIFEST: _ClassVar[RejectReason]
-    REJECT_REASON_CHECKSUM: _ClassVar[RejectReason]
-    REJECT_REASON_DUPLICATE: _ClassVar[RejectReason]
-    REJECT_REASON_NON_FINITE: _ClassVar[RejectReason]
-    REJECT_REASON_INVALID_HEADER: _ClassVar[RejectReason]
-
 class FailureReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FAILURE_REASON_UNSPECIFIED: _ClassVar[FailureReason]
@@ -64,13 +54,6 @@ class RoundState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 TASK_KIND_UNSPECIFIED: TaskKind
 TASK_KIND_TEXT_CLASSIFICATION: TaskKind
 TASK_KIND_IMAGE_CLASSIFICATION: TaskKind
-REJECT_REASON_UNSPECIFIED: RejectReason
-REJECT_REASON_LATE: RejectReason
-REJECT_REASON_BAD_MANIFEST: RejectReason
-REJECT_REASON_CHECKSUM: RejectReason
-REJECT_REASON_DUPLICATE: RejectReason
-REJECT_REASON_NON_FINITE: RejectReason
-REJECT_REASON_INVALID_HEADER: RejectReason
 FAILURE_REASON_UNSPECIFIED: FailureReason
 FAILURE_REASON_REFUSED: FailureReason
 FAILURE_REASON_OUT_OF_MEMORY: FailureReason
@@ -229,20 +212,16 @@ class UploadMessage(_message.Message):
     def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., manifest: _Optional[_Union[_common_pb2.Manifest, _Mapping]] = ..., chunk: _Optional[_Union[_common_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
 
 class UploadAck(_message.Message):
-    __slots__ = ("accepted", "bytes_received", "round_id", "reject_reason", "detail", "tensors_received")
+    __slots__ = ("accepted", "bytes_received", "round_id", "tensors_received")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
-    REJECT_REASON_FIELD_NUMBER: _ClassVar[int]
-    DETAIL_FIELD_NUMBER: _ClassVar[int]
     TENSORS_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     bytes_received: int
     round_id: str
-    reject_reason: RejectReason
-    detail: str
     tensors_received: int
-    def __init__(self, accepted: _Optional[bool] = ..., bytes_received: _Optional[int] = ..., round_id: _Optional[str] = ..., reject_reason: _Optional[_Union[RejectReason, str]] = ..., detail: _Optional[str] = ..., tensors_received: _Optional[int] = ...) -> None: ...
+    def __init__(self, accepted: _Optional[bool] = ..., bytes_received: _Optional[int] = ..., round_id: _Optional[str] = ..., tensors_received: _Optional[int] = ...) -> None: ...
 
 class QueryUploadRequest(_message.Message):
     __slots__ = ("ticket",)
@@ -311,7 +290,7 @@ class Job(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., model: _Optional[str] = ..., task: _Optional[_Union[TaskInfo, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., num_rounds: _Optional[int] = ..., clients_per_round: _Optional[int] = ..., quorum: _Optional[int] = ..., round_deadline_s: _Optional[float] = ..., hparams: _Optional[_Union[HyperParams, _Mapping]] = ..., aggregation: _Optional[_Union[AggregationMode, str]] = ..., server_lr: _Optional[float] = ..., server_optimizer: _Optional[str] = ..., current_round: _Optional[int] = ..., model_version: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Round(_message.Message):
-    __slots__ = ("round_id", "job_id", "index", "state", "model_version", "result_model_version", "opened_at", "deadline", "closed_at", "quorum", "assigned", "accepted", "rejected", "dropped", "bytes_down", "bytes_up", "mean_train_loss", "full_model_bytes", "evaluation", "extensions")
+    __slots__ = ("round_id", "job_id", "index", "state", "model_version", "result_model_version", "opened_at", "deadline", "closed_at", "quorum", "assigned", "accepted", "rejected", "dropped", "bytes_down", "bytes_up", "mean_train_loss", "full_model_bytes", "evaluation", "extensions", "failures")
     class EvaluationEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -339,6 +318,7 @@ class Round(_message.Message):
     FULL_MODEL_BYTES_FIELD_NUMBER: _ClassVar[int]
     EVALUATION_FIELD_NUMBER: _ClassVar[int]
     EXTENSIONS_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     job_id: str
     index: int
@@ -359,7 +339,18 @@ class Round(_message.Message):
     full_model_bytes: int
     evaluation: _containers.ScalarMap[str, float]
     extensions: int
-    def __init__(self, round_id: _Optional[str] = ..., job_id: _Optional[str] = ..., index: _Optional[int] = ..., state: _Optional[_Union[RoundState, str]] = ..., model_version: _Optional[str] = ..., result_model_version: _Optional[str] = ..., opened_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., closed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., quorum: _Optional[int] = ..., assigned: _Optional[int] = ..., accepted: _Optional[int] = ..., rejected: _Optional[int] = ..., dropped: _Optional[int] = ..., bytes_down: _Optional[int] = ..., bytes_up: _Optional[int] = ..., mean_train_loss: _Optional[float] = ..., full_model_bytes: _Optional[int] = ..., evaluation: _Optional[_Mapping[str, float]] = ..., extensions: _Optional[int] = ...) -> None: ...
+    failures: _containers.RepeatedCompositeFieldContainer[RoundFailures]
+    def __init__(self, round_id: _Optional[str] = ..., job_id: _Optional[str] = ..., index: _Optional[int] = ..., state: _Optional[_Union[RoundState, str]] = ..., model_version: _Optional[str] = ..., result_model_version: _Optional[str] = ..., opened_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., closed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., quorum: _Optional[int] = ..., assigned: _Optional[int] = ..., accepted: _Optional[int] = ..., rejected: _Optional[int] = ..., dropped: _Optional[int] = ..., bytes_down: _Optional[int] = ..., bytes_up: _Optional[int] = ..., mean_train_loss: _Optional[float] = ..., full_model_bytes: _Optional[int] = ..., evaluation: _Optional[_Mapping[str, float]] = ..., extensions: _Optional[int] = ..., failures: _Optional[_Iterable[_Union[RoundFailures, _Mapping]]] = ...) -> None: ...
+
+class RoundFailures(_message.Message):
+    __slots__ = ("reason", "devices", "detail")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    devices: int
+    detail: str
+    def __init__(self, reason: _Optional[str] = ..., devices: _Optional[int] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("job_id",)

@@ -86,9 +86,11 @@ class AggregatorServiceServicer:
 
     def UploadUpdate(self, request_iterator, context):
         """Client stream: exactly one UploadMessage.header first, then one manifest, then chunks in manifest order.
-        The ack is sent once every tensor is complete and verified (sha256), or the upload is rejected. Late uploads
-        (after the round deadline or close) are refused with FAILED_PRECONDITION. When resuming (see QueryUpload), send
-        the header and the full manifest again, then chunks from the resume point.
+        The ack is sent once every tensor is complete and verified (sha256) and the update is durable; a rejected upload
+        ends with an error status instead (see UploadAck). Late uploads (after the round deadline or close) are refused
+        with FAILED_PRECONDITION. One stream per ticket at a time: a second one is refused with ABORTED while the first
+        runs. When resuming (see QueryUpload), send the header and the full manifest again, then chunks from the resume
+        point.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -135,13 +135,15 @@ class ResumePoint(_message.Message):
     def __init__(self, tensor: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class ErrorDetail(_message.Message):
-    __slots__ = ("reason", "message", "field", "hint")
+    __slots__ = ("reason", "message", "field", "hint", "reject_reason")
     REASON_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     FIELD_FIELD_NUMBER: _ClassVar[int]
     HINT_FIELD_NUMBER: _ClassVar[int]
+    REJECT_REASON_FIELD_NUMBER: _ClassVar[int]
     reason: str
     message: str
     field: str
     hint: str
-    def __init__(self, reason: _Optional[str] = ..., message: _Optional[str] = ..., field: _Optional[str] = ..., hint: _Optional[str] = ...) -> None: ...
+    reject_reason: str
+    def __init__(self, reason: _Optional[str] = ..., message: _Optional[str] = ..., field: _Optional[str] = ..., hint: _Optional[str] = ..., reject_reason: _Optional[str] = ...) -> None: ...

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,12 +38,15 @@ class AggregatorConfig:
     ticket_secret: str
     db_url: str = ""  # default: sqlite under data_dir
     store_url: str = ""  # default: file://<data_dir>/checkpoints
+    store_endpoint: str = ""  # S3 API endpoint of an s3:// store (empty: AWS, or AWS_ENDPOINT_URL_S3)
     registry_target: str = ""
     extractor_target: str = ""  # what devices are told (empty: the extractor they are configured with)
     operator_token: str = ""
     tick_s: float = 0.5
     # How long the registry's answer about a device (profile, online/offline) is reused by PollRound.
     device_cache_s: float = 2.0
+    # Threads that answer PollRound (apart from the uploads' and the round driver's).
+    poll_threads: int = 8
     server: ServerConfig = field(default_factory=ServerConfig)
 
     @property
@@ -60,7 +64,8 @@ def default_initial_model(job: JobConfig) -> InitialModel:
     def load() -> tuple[dict[str, Any], dict[str, Any]]:
         from raffm.models import load_global_model
 
-        model = load_global_model(job.model, task=job.task, num_labels=job.num_labels)  # type: ignore[arg-type]
+        model = load_global_model(job.model, task=job.task, num_labels=job.num_labels,  # type: ignore[arg-type]
+                                  label_names=job.labels)
         return {k: v.detach().clone() for k, v in model.state_dict().items()}, model.config.to_dict()
 
     return load
@@ -122,7 +127,8 @@ async def build_aggregator(
     registry = registry if registry is not None else CollectorRegistry()
     os.makedirs(config.data_dir, exist_ok=True)
     rounds = await asyncio.to_thread(round_store_from_url, config.resolved_db_url)
-    checkpoints = checkpoint_store_from_url(config.resolved_store_url)
+    checkpoints = await asyncio.to_thread(checkpoint_store_from_url, config.resolved_store_url,
+                                          endpoint=config.store_endpoint)
     if planner is None:  # the job's strategy plans in-process: pure, cached, no network hop on every poll
         planner = LocalPlanner(checkpoints, config.job.method())
     if devices is None:
@@ -141,8 +147,9 @@ async def build_aggregator(
         initial_model=initial_model or default_initial_model(config.job), evaluator=evaluator)
     await asyncio.to_thread(coordinator.start)
     driver = RoundDriver(coordinator, config.tick_s)
+    poll_executor = ThreadPoolExecutor(config.poll_threads, thread_name_prefix="agg-poll")
     servicer = AggregatorServicer(coordinator, devices, extractor_target=config.extractor_target,
-                                  on_change=driver.poke)
+                                  on_change=driver.poke, poll_executor=poll_executor, verifier=verifier)
     binding = ServiceBinding(SERVICE_NAME,
                              lambda server: aggregator_pb2_grpc.add_AggregatorServiceServicer_to_server(servicer, server))
     server = build_server(config.server, [binding], verifier=verifier, registry=registry)
@@ -150,6 +157,7 @@ async def build_aggregator(
     server.on_stop(driver.stop)
 
     async def close_store() -> None:
+        poll_executor.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(rounds.close)
 
     server.on_stop(close_store)

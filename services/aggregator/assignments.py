@@ -17,9 +17,10 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 from raffm.calibration import Calibration, CalibrationBook, CalibrationPolicy, corrected_profile, replayed
-from raffm.errors import AuthenticationError, PermissionDeniedError
+from raffm.errors import AuthenticationError, PermissionDeniedError, excerpt
 from raffm.planning import NoFitError, Planner, PlanJob, PlanResult
 from raffm.recipe import Recipe
 from raffm.spec import ElasticSpec
@@ -43,6 +44,17 @@ DEFAULT_STEPS = 10  # optimizer steps assumed for a device in epoch mode before 
 DEADLINE_SLACK = 0.15
 
 
+MAX_FAILURE_DETAIL = 300  # characters of a device's failure detail kept in its round
+
+
+def describe_failures(failures: dict[str, Any]) -> str:
+    """``2 x data: 'the local data has 3 labels; ...'; 1 x out_of_memory: '...'`` for logs and messages."""
+    if not failures:
+        return "no device reported a failure"
+    return "; ".join(f"{f.get('devices', 0)} x {reason}: {f.get('detail', '')!r}" for reason, f in sorted(
+        failures.items(), key=lambda kv: -int(kv[1].get("devices", 0))))
+
+
 class TicketRejectedError(AuthenticationError):
     reason = "bad_ticket"
     default_hint = "present the ticket from your latest assignment, unmodified"
@@ -56,6 +68,7 @@ class WrongDeviceError(PermissionDeniedError):
 class Wait:
     seconds: float
     reason: str
+    unfit: bool = False  # no sub-model of the round fits the device: it cannot take part
 
 
 @dataclass(frozen=True)
@@ -90,8 +103,10 @@ class Assigner:
         base = self.job.poll_wait_s
         return Wait(seconds=base * (1 + self._rng.uniform(-self.job.poll_jitter, self.job.poll_jitter)), reason=reason)
 
-    def gate(self, record: JobRecord | None, o: OpenRound | None, device: DeviceInfo) -> Wait | RoundRecord:
-        """The open round this device may join now, or why it must wait."""
+    def gate(self, record: JobRecord | None, o: OpenRound | None,
+             device: DeviceInfo) -> Wait | Assignment | RoundRecord:
+        """The open round this device may join now, its assignment again when it holds one and has not uploaded
+        (polls are idempotent), or why it must wait."""
         if record is None or record.state != "running":
             return self.wait(f"job {self.job.job_id} is {record.state if record else 'not started'}")
         if o is None or o.record.state != OPEN or self._clock() > o.record.deadline:
@@ -101,13 +116,22 @@ class Assigner:
         if not device.online:
             return self.wait(f"device {device.device_id} is {device.state} in the registry (no heartbeat within its "
                              "liveness window); send a heartbeat, then poll again")
-        mine = [a for a in self.rounds.assignments(o.record.round_id) if a.device_id == device.device_id]
-        if mine:
+        roster = self.roster(o)
+        if device.device_id in roster:
+            again = o.issued.get(device.device_id)
+            if again is not None and not roster[device.device_id]:
+                self.metrics.repeated_polls.inc()
+                return again
             return self.wait("already assigned in this round")
-        active = [a for a in self.rounds.assignments(o.record.round_id) if a.state != DROPPED]
-        if len(active) >= self.job.clients_per_round:
+        if sum(not dropped for dropped in roster.values()) >= self.job.clients_per_round:
             return self.wait("round is full")
         return o.record
+
+    def roster(self, o: OpenRound) -> dict[str, bool]:
+        """Device id -> dropped?, for every assignment of the open round (read from the round store once)."""
+        if o.roster is None:
+            o.roster = {a.device_id: a.state == DROPPED for a in self.rounds.assignments(o.record.round_id)}
+        return o.roster
 
     def calibration(self, device_id: str) -> Calibration:
         """What this device's reports have taught so far (rebuilt from the round store after a restart)."""
@@ -143,17 +167,18 @@ class Assigner:
             self.metrics.unfit.labels(device.tier, reason).inc()
             log.info("no assignment for %s in round %d: nothing fits in %.0f s left (%d steps, calibration %s): %s",
                      device.device_id, rnd.index, left, steps, _factors(cal), exc)
-            return self.wait(f"no sub-model fits this device: {exc}")
+            return replace(self.wait(f"no sub-model fits this device: {exc}"), unfit=True)
         p = device.profile
         basis = {"declared_gflops": p.gflops, "declared_up_mbps": p.up_mbps, "declared_down_mbps": p.down_mbps,
                  "declared_memory_mb": float(p.train_memory_mb), "planned_steps": float(steps),
                  "time_left_s": left, "time_budget_s": budget_s, **{f"calibration_{k}": v for k, v in cal.to_dict().items()}}
         return replace(plan, basis=basis)
 
-    def issue(self, device: DeviceInfo, rnd: RoundRecord, plan: PlanResult, wire_bytes: int) -> Assignment:
-        """Sign the ticket and record the assignment. ``wire_bytes``: exactly the bytes of the slice's tensors in the
-        wire dtype, what one complete download streams (a resumed download only streams the rest, so a device moves
-        this much however often its link breaks)."""
+    def issue(self, device: DeviceInfo, rnd: RoundRecord, plan: PlanResult, wire_bytes: int,
+              o: OpenRound | None = None) -> Assignment:
+        """Sign the ticket and record the assignment (in the open round ``o``'s roster too). ``wire_bytes``: exactly
+        the bytes of the slice's tensors in the wire dtype, what one complete download streams (a resumed download
+        only streams the rest, so a device moves this much however often its link breaks)."""
         job = self.job
         now = self._clock()
         ticket = Ticket.create(device_id=device.device_id, job_id=job.job_id, round_id=rnd.round_id,
@@ -164,11 +189,15 @@ class Assigner:
             ticket_id=ticket.ticket_id, round_id=rnd.round_id, device_id=device.device_id, tier=device.tier,
             spec=plan.spec.to_dict(), state=ASSIGNED, created_at=now, download_bytes=wire_bytes,
             predicted={**plan.cost, **plan.basis}))
+        assignment = Assignment(round_id=rnd.round_id, round_index=rnd.index, job_id=job.job_id,
+                                model_version=rnd.model_version, spec=plan.spec, ticket=self.signer.sign(ticket),
+                                deadline=rnd.deadline, predicted=dict(plan.cost), job=job, recipe=plan.recipe)
+        if o is not None and o.record.round_id == rnd.round_id:
+            self.roster(o)[device.device_id] = False
+            o.issued[device.device_id] = assignment
         self.metrics.assignments.labels(device.tier).inc()
         self.metrics.bytes_down_assigned.labels(device.tier, job.wire_dtype).inc(wire_bytes)
-        return Assignment(round_id=rnd.round_id, round_index=rnd.index, job_id=job.job_id,
-                          model_version=rnd.model_version, spec=plan.spec, ticket=self.signer.sign(ticket),
-                          deadline=rnd.deadline, predicted=dict(plan.cost), job=job, recipe=plan.recipe)
+        return assignment
 
     def reported(self, session: UploadSession, upload_bytes: int) -> AssignmentRecord:
         """The assignment of an accepted update, uploaded, with its device's report; the report is exported as
@@ -222,24 +251,33 @@ class Assigner:
         except TicketError as exc:
             raise TicketRejectedError(str(exc), field="ticket") from None
         if ticket.job_id != self.job.job_id:
-            raise TicketRejectedError(f"ticket is for job {ticket.job_id!r}, this server runs {self.job.job_id!r}")
+            raise TicketRejectedError(f"ticket is for job {excerpt(ticket.job_id)}, this server runs {self.job.job_id!r}")
         if caller is not None and not caller.is_operator and caller.subject != ticket.device_id:
-            raise WrongDeviceError(f"ticket belongs to device {ticket.device_id!r}, not {caller.subject!r}",
+            raise WrongDeviceError(f"ticket belongs to device {excerpt(ticket.device_id)}, not {excerpt(caller.subject)}",
                                    field="ticket")
         return ticket
 
-    def drop(self, ticket: Ticket, reason: str, o: OpenRound | None) -> None:
-        """The device gave up its assignment: a dropout of its round (nothing when it already uploaded or dropped)."""
+    def drop(self, ticket: Ticket, reason: str, o: OpenRound | None, detail: str = "") -> None:
+        """The device gave up its assignment: a dropout of its round, with its reason and (the latest) detail in the
+        round's failures (nothing when it already uploaded or dropped)."""
         a = self.rounds.get_assignment(ticket.ticket_id)
         if a is None or a.state != ASSIGNED:
             return
         self.rounds.save_assignment(replace(a, state=DROPPED))
+        if o is not None and o.record.round_id == a.round_id:
+            o.issued.pop(a.device_id, None)
+            if o.roster is not None:
+                o.roster[a.device_id] = True
         self.metrics.dropouts.labels(reason).inc()
         rnd = self.rounds.get_round(a.round_id)
         if rnd is not None:
             if o is not None and o.record.round_id == rnd.round_id:
                 rnd = o.record
             rnd.dropped += 1
+            entry = rnd.failures.setdefault(reason, {"devices": 0, "detail": ""})
+            entry["devices"] += 1
+            entry["detail"] = " ".join(detail.split())[:MAX_FAILURE_DETAIL]
+            rnd.failures = dict(rnd.failures)
             self.rounds.save_round(rnd)
 
 

@@ -14,7 +14,7 @@ DEFAULT_METRICS_PORT = 9103
 
 def register(subparsers: Any) -> None:
     from services.aggregator.config import add_job_arguments
-    from services.common.cli_args import add_server_arguments
+    from services.common.cli_args import add_server_arguments, add_store_endpoint_argument
 
     parser = subparsers.add_parser("aggregator", help="rounds, uploads and sliced FedAvg",
                                    description="The aggregator: runs one federated job as rounds.")
@@ -24,7 +24,9 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--data-dir", default=os.path.join("runs", "aggregator"),
                        help="SQLite database, staging and checkpoints live here (default: %(default)s)")
     serve.add_argument("--db", default="", help="round store URL (default: sqlite under --data-dir)")
-    serve.add_argument("--store", default="", help="checkpoint store URL, e.g. file:///srv/ckpt (default: --data-dir)")
+    serve.add_argument("--store", default="", help="checkpoint store URL: s3://bucket/prefix (extractors on other hosts "
+                                                   "read it), file:///srv/ckpt or a path (default: --data-dir)")
+    add_store_endpoint_argument(serve)
     serve.add_argument("--registry", default="127.0.0.1:50051", help="registry host:port (default: %(default)s)")
     serve.add_argument("--extractor", default="",
                        help="extractor host:port that devices are told to download from (default: the one "
@@ -66,7 +68,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--ticket-secret (or ${SECRET_ENV}) is required; the extractor needs the same one")
     config = AggregatorConfig(
         job=job_from_args(args), data_dir=args.data_dir, ticket_secret=args.ticket_secret, db_url=args.db,
-        store_url=args.store, registry_target=args.registry, extractor_target=args.extractor,
+        store_url=args.store, store_endpoint=args.store_endpoint, registry_target=args.registry, extractor_target=args.extractor,
         operator_token=args.operator_token, server=server_config_from_args(args))
 
     async def main() -> None:

@@ -40,6 +40,9 @@ class JobConfig:
     model: str = "minilm"
     task: str = "sequence-classification"
     num_labels: int = 2
+    # The labels' names, label id = position (from the data); empty: 0 .. num_labels - 1. On the command line a JSON
+    # list or comma-separated names.
+    labels: tuple[str, ...] = ()
     dataset: str = "rotten_tomatoes"
     rounds: int = 10
     clients_per_round: int = 4
@@ -77,8 +80,8 @@ class JobConfig:
     ticket_grace_s: float = 60.0
     # Evaluate the global model after every round on the server's held-out split (if an evaluator is configured).
     evaluate: bool = True
-    # The default evaluator's held-out data: "" (off), a CSV/JSON-lines file with text,label columns,
-    # "rotten_tomatoes" (the built-in corpus's test split) or "mnist"; at most eval_max_samples examples.
+    # The default evaluator's held-out data: "" (off), a CSV/JSON-lines file with text,label columns, a .pt/.npz image
+    # file, "rotten_tomatoes" (the built-in corpus's test split) or "mnist"; at most eval_max_samples examples.
     eval_data: str = ""
     # Cuts (shares of the forward compute) evaluated besides the global model, e.g. [0.25, 0.5, 1.0].
     eval_fractions: tuple[float, ...] = ()
@@ -103,6 +106,18 @@ class JobConfig:
             raise bad("eval_fractions", "give numbers in (0, 1], e.g. [0.25, 0.5, 1.0]") from None
         if any(not 0 < f <= 1 for f in self.eval_fractions):
             raise bad("eval_fractions", "every fraction must be in (0, 1]")
+        labels = self.labels
+        if isinstance(labels, str):  # from a CLI flag
+            text = labels.strip()
+            try:
+                labels = json.loads(text) if text.startswith("[") else [n for n in text.split(",") if n]
+            except json.JSONDecodeError as exc:
+                raise bad("labels", f"not a JSON list: {exc}") from None
+        object.__setattr__(self, "labels", tuple(str(n) for n in labels))
+        if self.labels and len(self.labels) != int(self.num_labels):
+            raise bad("labels", f"names {len(self.labels)} labels; num_labels is {self.num_labels}")
+        if len(set(self.labels)) != len(self.labels):
+            raise bad("labels", "label names must be distinct")
         if self.eval_max_samples < 0:
             raise bad("eval_max_samples", "must be >= 0 (0 = the whole split)")
         if not self.job_id or len(self.job_id) > 64 or not self.job_id.replace("-", "").replace("_", "").isalnum():

@@ -28,28 +28,32 @@ import torch
 
 from raffm.aggregation import UpdateRejected
 from raffm.checkpoints import CheckpointStore
-from raffm.errors import NotFoundError
+from raffm.errors import NotFoundError, excerpt
 from raffm.planning import Planner
 from raffm.slicing import SlicePlan
 from raffm.spec import ElasticSpec
-from raffm.tickets import TicketSigner
+from raffm.tickets import TicketError, TicketSigner
 from raffm.wire import WIRE_DTYPES, itemsize
-from services.aggregator.assignments import Assigner, Assignment, TicketRejectedError, Wait
+from services.aggregator.assignments import (
+    MAX_FAILURE_DETAIL, Assigner, Assignment, TicketRejectedError, Wait, describe_failures,
+)
 from services.aggregator.config import JobConfig
 from services.aggregator.devices import DeviceInfo
 from services.aggregator.lifecycle import Lifecycle, OpenRound
 from services.aggregator.metrics import AggregatorMetrics
 from services.aggregator.staging import Staging
 from services.aggregator.store import (
-    AGGREGATING, CLOSED, FAILED, OPEN, DuplicateUpdateError, JobRecord, RoundRecord, RoundStore,
+    AGGREGATING, ASSIGNED, CLOSED, FAILED, OPEN, DuplicateUpdateError, JobRecord, RoundRecord, RoundStore,
     UpdateRecord,
 )
 from services.aggregator.uploads import (
-    DuplicateUploadError, LateUploadError, UploadRejectedError, UploadResult, UploadSession, UploadState,
+    DuplicateUploadError, LateUploadError, UploadInProgressError, UploadRejectedError, UploadResult, UploadSession,
+    UploadState,
     count_accepted_bytes, downloaded_bytes, upload_state,
 )
 from services.aggregator.versions import Evaluator, GlobalModel, InitialModel, Versions
 from services.common.auth import Principal
+from services.common.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +85,8 @@ class RoundCoordinator:
         self._record: JobRecord | None = None
         self._model: GlobalModel | None = None
         self._open: OpenRound | None = None
+        self._uploading: set[str] = set()  # tickets with an upload stream in progress (one stream per ticket)
+        self._rejections = RateLimitedLog(log)  # per reason: a client can cause rejections at will
         self.wire_dtype: torch.dtype = WIRE_DTYPES[job.wire_dtype]
 
     # -- start-up and recovery ------------------------------------------------------------------------------------------
@@ -137,19 +143,27 @@ class RoundCoordinator:
 
     def poll(self, device: DeviceInfo | None, device_id: str) -> Wait | Assignment:
         if device is None:
-            raise NotFoundError(f"device {device_id!r} is not registered", field="device_id")
+            raise NotFoundError(f"device {excerpt(device_id)} is not registered", field="device_id")
         with self._lock:
             gate = self.assigner.gate(self._record, self._open, device)
-        if isinstance(gate, Wait):
+        if isinstance(gate, (Wait, Assignment)):
             return gate
         plan = self.assigner.choose_spec(device, gate)  # outside the lock: the planner may be a remote call
         if isinstance(plan, Wait):
+            with self._lock:  # no sub-model fits this device: it cannot take part in this round
+                o = self._open
+                if o is not None and o.record.round_id == gate.round_id and device_id not in o.unfit:
+                    o.unfit.add(device_id)
+                    entry = o.record.failures.setdefault("no_fit", {"devices": 0, "detail": ""})
+                    entry["devices"] += 1
+                    entry["detail"] = plan.reason[:MAX_FAILURE_DETAIL]
+                    self.rounds.save_round(o.record)
             return plan
         with self._lock:
             still = self.assigner.gate(self._record, self._open, device)
-            if isinstance(still, Wait):
+            if isinstance(still, (Wait, Assignment)):  # an assignment: a concurrent poll of this device got it
                 return still
-            return self.assigner.issue(device, gate, plan, self._slice_bytes(plan.spec))
+            return self.assigner.issue(device, gate, plan, self._slice_bytes(plan.spec), self._open)
 
     # -- UploadUpdate -------------------------------------------------------------------------------------------------
 
@@ -175,9 +189,23 @@ class RoundCoordinator:
             except LateUploadError:
                 self.assigner.late(assignment, sample_count, dict(metrics))  # a late report still calibrates
                 raise
+            if ticket.ticket_id in self._uploading:
+                raise UploadInProgressError(f"another upload stream for ticket {ticket.ticket_id} is in progress")
             plan = o.strategy.upload_plan(self._plan(ticket.elastic_spec), ticket.training_recipe)
-        return UploadSession(ticket, assignment, plan, self.staging.upload(ticket.round_id, ticket.ticket_id),
-                             sample_count, dict(metrics), o.agg, wire_dtype=self.job.wire_dtype, commit=self.commit)
+            self._uploading.add(ticket.ticket_id)
+        try:
+            staged = self.staging.upload(ticket.round_id, ticket.ticket_id)
+        except BaseException:
+            self._release_upload(ticket.ticket_id)
+            raise
+        return UploadSession(ticket, assignment, plan, staged, sample_count, dict(metrics), o.agg,
+                             wire_dtype=self.job.wire_dtype, commit=self.commit,
+                             release=lambda: self._release_upload(ticket.ticket_id),
+                             on_bytes=self.metrics.bytes_received.labels(assignment.tier).inc)
+
+    def _release_upload(self, ticket_id: str) -> None:
+        with self._lock:
+            self._uploading.discard(ticket_id)
 
     def commit(self, session: UploadSession, delta: dict[str, torch.Tensor]) -> UploadResult:
         """Validate, make durable, record, fold. Called by UploadSession.finish once every tensor is verified."""
@@ -188,13 +216,15 @@ class RoundCoordinator:
                                  dtype=self.wire_dtype)
         except UpdateRejected as exc:
             raise UploadRejectedError(exc.reason, str(exc)) from None
+        # The staged files are this upload's own: make them durable before taking the lock, so that the fsyncs of
+        # many concurrent uploads never hold up the polls of a large fleet (they wait for this lock).
+        session.staged.sync()
         with self._lock:
             if self.rounds.update_for_ticket(ticket.ticket_id) is not None:
                 raise DuplicateUploadError(f"an update for ticket {ticket.ticket_id} was already accepted")
             o = self._check_open(ticket.round_id)
             if o.agg is not session.agg:
                 raise LateUploadError(f"round {ticket.round_id} was restarted while this upload was in flight")
-            session.staged.sync()
             assert session.reassembler is not None  # finish() only commits after the manifest arrived
             nbytes = session.reassembler.bytes_held
             try:
@@ -206,6 +236,7 @@ class RoundCoordinator:
                 raise DuplicateUploadError(f"an update for ticket {ticket.ticket_id} was already accepted") from None
             # Durable from here on: a crash after this line re-folds the update at restart.
             o.fold(delta, session.plan, update, self.wire_dtype)
+            o.issued.pop(ticket.device_id, None)
             assignment = self.assigner.reported(session, nbytes)
             self.rounds.save_assignment(assignment)
             down = downloaded_bytes(assignment, session.metrics.get("download_bytes", 0.0))
@@ -217,21 +248,91 @@ class RoundCoordinator:
         self.metrics.fold_seconds.observe(time.perf_counter() - t0)
         return UploadResult(round_id=ticket.round_id, bytes_received=nbytes, tensors=len(delta), seq=update.seq)
 
-    def record_rejection(self, reason: str, round_id: str | None = None) -> None:
-        self.metrics.rejected.labels(reason).inc()
+    def record_rejection(self, reason: str, message: str, *, ticket: bytes = b"", round_id: str | None = None,
+                         device: str = "") -> None:
+        """Count one rejected upload in the metrics and in a round, and log it (rate-limited per reason).
+
+        The round is the one the ticket names when this aggregator signed the ticket (a late or duplicate upload
+        counts in its own, closed, round), else the open round: every rejection is counted once, also those that
+        happen before an upload session exists (bad ticket, wrong device, bad header, ...)."""
+        round_id = round_id or self._ticket_round(ticket)
+        counted = ""
         with self._lock:
             o = self._open
-            if o is not None and round_id == o.record.round_id:
+            if o is not None and round_id in (None, o.record.round_id):
                 o.record.rejected += 1
                 self.rounds.save_round(o.record)
+                counted = o.record.round_id
+            elif round_id is not None:
+                rnd = self.rounds.get_round(round_id)
+                if rnd is not None:
+                    rnd.rejected += 1
+                    self.rounds.save_round(rnd)
+                    counted = rnd.round_id
+        self.metrics.rejected.labels(reason).inc()
+        self._rejections.log(reason, "rejected an upload (%s) from %s for round %s: %s", reason, device or "?",
+                             counted or "-", excerpt(message, 300))
+
+    def _ticket_round(self, ticket: bytes) -> str | None:
+        """The round a ticket of this job names (expired tickets too), or None when it is not one we signed."""
+        if not ticket:
+            return None
+        try:
+            t = self.assigner.signer.verify(ticket, check_expiry=False)
+        except (TicketError, ValueError):
+            return None
+        return t.round_id if t.job_id == self.job.job_id else None
 
     def query_upload(self, ticket_bytes: bytes, caller: Principal | None) -> UploadState:
         return upload_state(self.rounds, self.staging, self.assigner.verify(ticket_bytes, caller, check_expiry=False))
 
-    def report_failure(self, ticket_bytes: bytes, caller: Principal | None, reason: str) -> None:
+    def report_failure(self, ticket_bytes: bytes, caller: Principal | None, reason: str, detail: str = "") -> None:
         ticket = self.assigner.verify(ticket_bytes, caller, check_expiry=False)
         with self._lock:
-            self.assigner.drop(ticket, reason, self._open)
+            self.assigner.drop(ticket, reason, self._open, detail)
+        log.info("device %s gave up its assignment in round %s (%s): %s", ticket.device_id, ticket.round_id, reason,
+                 excerpt(detail, 300))
+
+    def stalled(self) -> bool:
+        """True when the open round has fewer updates than its quorum, no outstanding assignment, and has seen a
+        device: one that was assigned (and uploaded or gave up) or that fits no sub-model. Whether any other device
+        can still take part decides (see :meth:`settle`)."""
+        with self._lock:
+            o = self._open
+            if o is None or o.record.state != OPEN or o.accepted >= o.record.quorum:
+                return False
+            assignments = self.rounds.assignments(o.record.round_id)
+            return bool(assignments or o.unfit) and all(a.state != ASSIGNED for a in assignments)
+
+    def settle(self, online: set[str] | None) -> str:
+        """Close the open round early when no progress is possible: every assignment ended (uploaded or failed) and
+        every online device (``online``; None = unknown) was assigned in it or fits no sub-model. With at least
+        ``min_updates`` the round is aggregated now ("aggregate"), with fewer it fails now ("fail") instead of
+        waiting for its deadline and extensions; otherwise "wait"."""
+        if online is None:
+            return "wait"
+        with self._lock:
+            o = self._open
+            if o is None or not self.stalled():
+                return "wait"
+            rnd = o.record
+            assignments = self.rounds.assignments(rnd.round_id)
+            left = online - {a.device_id for a in assignments} - o.unfit
+            if left:
+                return "wait"
+            failed = describe_failures(rnd.failures)
+            if o.accepted >= self.job.min_updates:
+                rnd.state = AGGREGATING
+                self.rounds.save_round(rnd)
+                log.warning("round %s: every device that can take part is done (%d update(s)%s); aggregating now "
+                            "instead of waiting for the deadline", rnd.round_id, o.accepted,
+                            f"; failed: {failed}" if rnd.failures else "")
+                return "aggregate"
+            log.warning("round %s: no device that can take part is left (%d assigned, all gave up; %d fit no "
+                        "sub-model); failing the round now. The devices said: %s", rnd.round_id, len(assignments),
+                        len(o.unfit), failed)
+            self._finish(o, FAILED)
+            return "fail"
 
     # -- closing ------------------------------------------------------------------------------------------------------
 
@@ -249,15 +350,18 @@ class RoundCoordinator:
     def close_round(self) -> RoundRecord | None:
         """Aggregate the round (if it is AGGREGATING), write the new version, evaluate, open the next round.
 
-        Evaluation runs outside the lock: meanwhile polls are told to wait (no round is open) and late uploads are
-        refused, exactly as while aggregating; a crash during it re-aggregates to the same version at restart.
+        The new version is computed and written, and evaluated, outside the lock: an AGGREGATING round folds nothing
+        more, polls meanwhile are told to wait (no round is open) and late uploads are refused, without waiting for
+        the lock while a large version is written to the store; a crash meanwhile re-aggregates to the same version
+        at restart (the store's put is idempotent).
         """
         with self._lock:
             o = self._open
             if o is None or o.record.state != AGGREGATING:
                 return None
             rnd = o.record
-            result = self.versions.publish(rnd.index, self.model, o.agg, o.accepted)
+            previous, accepted = self.model, o.accepted
+        result = self.versions.publish(rnd.index, previous, o.agg, accepted)
         evaluation = self.versions.evaluate(result)
         with self._lock:
             if self._open is not o:
@@ -291,7 +395,7 @@ class RoundCoordinator:
                 return replace(self._open.record, evaluation=dict(self._open.record.evaluation))
         rnd = self.rounds.get_round(round_id)
         if rnd is None:
-            raise NotFoundError(f"round {round_id!r} does not exist", field="round_id")
+            raise NotFoundError(f"round {excerpt(round_id)} does not exist", field="round_id")
         return rnd
 
     def accepted_count(self, round_id: str) -> int:
@@ -302,7 +406,7 @@ class RoundCoordinator:
 
     def list_rounds(self, job_id: str = "") -> list[RoundRecord]:
         if job_id and job_id != self.job.job_id:
-            raise NotFoundError(f"job {job_id!r} does not exist", field="job_id")
+            raise NotFoundError(f"job {excerpt(job_id)} does not exist", field="job_id")
         with self._lock:
             rounds = self.rounds.list_rounds(self.job.job_id)
             if self._open is not None:

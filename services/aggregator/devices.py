@@ -8,6 +8,7 @@ assignments within that TTL.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -41,6 +42,9 @@ class DeviceDirectory(Protocol):
     async def get(self, device_id: str) -> DeviceInfo | None:
         """None when the registry does not know the device."""
 
+    async def online_ids(self) -> set[str] | None:
+        """Every device online now (None when that cannot be known): who may still take part in a round."""
+
 
 class StaticDirectory:
     """A fixed table of devices."""
@@ -53,6 +57,9 @@ class StaticDirectory:
 
     def set(self, info: DeviceInfo) -> None:
         self._devices[info.device_id] = info
+
+    async def online_ids(self) -> builtins.set[str] | None:  # (the method `set` shadows the builtin here)
+        return {d.device_id for d in self._devices.values() if d.online}
 
 
 class RegistryDirectory:
@@ -84,6 +91,25 @@ class RegistryDirectory:
         state = {registry_pb2.DEVICE_STATE_ONLINE: ONLINE,
                  registry_pb2.DEVICE_STATE_DEREGISTERED: DEREGISTERED}.get(d.state, OFFLINE)
         return DeviceInfo(device_id=d.device_id, profile=profile, state=state)
+
+    async def online_ids(self) -> set[str] | None:
+        import grpc
+
+        from raffm.v1 import registry_pb2
+
+        ids: set[str] = set()
+        token = ""
+        try:
+            while True:
+                reply = await self._stub.ListDevices(
+                    registry_pb2.ListDevicesRequest(state=registry_pb2.DEVICE_STATE_ONLINE, page_size=1000,
+                                                    page_token=token), metadata=self._metadata, timeout=self._timeout)
+                ids.update(d.device_id for d in reply.devices)
+                token = reply.next_page_token
+                if not token:
+                    return ids
+        except grpc.aio.AioRpcError:
+            return None  # unknown: rounds then wait for their deadline, as without this answer
 
 
 class CachingDirectory:
@@ -121,6 +147,9 @@ class CachingDirectory:
         while len(self._cache) > self.max_entries:
             self._cache.popitem(last=False)
         return info
+
+    async def online_ids(self) -> set[str] | None:
+        return await self.inner.online_ids()  # asked rarely (when a round may be stalled): never cached
 
     def invalidate(self, device_id: str | None = None) -> None:
         if device_id is None:

@@ -2,7 +2,7 @@
 the server owns.
 
 Enabled by the job's ``eval_data``: a CSV/JSON-lines file with ``text,label`` columns
-(:func:`raffm.data.load_text_file`), ``rotten_tomatoes`` (the built-in corpus's test split: a seeded 10% that
+(:func:`raffm.data.load_text_file`), a ``.pt``/``.npz`` image file (:func:`raffm.data.load_image_file`), ``rotten_tomatoes`` (the built-in corpus's test split: a seeded 10% that
 ``heldout_split`` also tells devices to leave out) or ``mnist`` for image models. Text is tokenized with the
 tokenizer in the job's model folder. ``eval_fractions`` adds cuts keeping those shares of the forward compute
 (:func:`raffm.scaling.spec_for_fraction`, cut with :func:`raffm.elastic.extract`), so a run shows how every
@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from raffm.data import ImageDataset, TextDataset, load_text_file, mnist_5k, rotten_tomatoes, train_test_split
+from raffm.data import (
+    ImageDataset, TextDataset, load_image_file, load_text_file, mnist_5k, rotten_tomatoes, train_test_split,
+)
 from raffm.training import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -35,6 +38,22 @@ def size_label(fraction: float) -> str:
     return f"{fraction:g}"
 
 
+def describe(evaluation: Mapping[str, float]) -> str:
+    """One log-line phrase for a round's evaluation: the global model's accuracy, then each evaluated size's."""
+    if not evaluation:
+        return "no held-out evaluation"
+    parts = []
+    if "accuracy" in evaluation:
+        parts.append(f"held-out accuracy {evaluation['accuracy']:.1%}")
+    sizes = sorted((float(k.partition("@")[2]), k) for k in evaluation if k.startswith("accuracy@"))
+    if sizes:
+        parts.append("by share of the compute " + ", ".join(
+            f"{size_label(fraction)}: {evaluation[key]:.1%}" for fraction, key in sizes))
+    others = sorted(k for k in evaluation if "@" not in k and k != "accuracy")
+    parts += [f"{k} {evaluation[k]:.4g}" for k in others]
+    return "; ".join(parts)
+
+
 def heldout_split(data: Dataset) -> tuple[list[int], list[int]]:
     """(train indices, test indices) of a built-in corpus: the test part is what the server evaluates on."""
     return train_test_split(len(data), BUILTIN_TEST_FRACTION, BUILTIN_SPLIT_SEED)
@@ -45,6 +64,8 @@ def load_eval_data(spec: str, *, max_samples: int = 0) -> Dataset:
     if spec in ("rotten_tomatoes", "mnist"):
         full: Dataset = rotten_tomatoes() if spec == "rotten_tomatoes" else mnist_5k()
         data = full.subset(heldout_split(full)[1])
+    elif Path(spec).suffix in (".pt", ".npz"):
+        data = load_image_file(spec)
     else:
         data = load_text_file(spec)
     if max_samples and len(data) > max_samples:

@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -22,12 +22,16 @@ from raffm.slicing import SlicePlan
 from raffm.spec import ElasticSpec
 from raffm.strategy import Strategy
 from services.aggregator.config import JobConfig
+from services.aggregator.evaluation import describe
 from services.aggregator.metrics import AggregatorMetrics
 from services.aggregator.staging import Staging
 from services.aggregator.store import (
     AGGREGATING, ASSIGNED, DROPPED, OPEN, JobRecord, RoundRecord, RoundStore, UpdateRecord,
 )
 from services.aggregator.versions import GlobalModel
+
+if TYPE_CHECKING:
+    from services.aggregator.assignments import Assignment
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,15 @@ class OpenRound:
     loss_weighted: float = 0.0
     weight: float = 0.0
     plans: dict[str, SlicePlan] = field(default_factory=dict)
+    # Who holds an assignment in this round (device id -> dropped?): loaded from the round store on first use, then
+    # kept current by the Assigner (every change happens under the coordinator's lock), so a poll reads no rows.
+    roster: dict[str, bool] | None = None
+    # The assignments issued in this round whose update has not arrived (device id -> the assignment, ticket
+    # included): a device that lost the reply to its poll (a deadline, a broken link) polls again and gets the same
+    # assignment, so the round never waits for a device that never saw its ticket. Memory only: after a restart a
+    # repeated poll waits, as the ticket's signature cannot be rebuilt from the store.
+    issued: dict[str, Assignment] = field(default_factory=dict)
+    unfit: set[str] = field(default_factory=set)  # devices that polled and fit no sub-model of this round
 
     def plan(self, model: GlobalModel, spec: ElasticSpec) -> SlicePlan:
         """The slice plan of ``spec`` (cached for the round)."""
@@ -150,5 +163,6 @@ class Lifecycle:
             record.state = "completed"
         self.rounds.save_job(record)
         self.staging.drop_round(rnd.round_id)
-        log.info("round %s %s: %d update(s), version %s", rnd.round_id, state, o.accepted, record.model_version)
+        log.info("round %s %s: %d update(s), version %s; %s", rnd.round_id, state, o.accepted, record.model_version,
+                 describe(rnd.evaluation))
         return rnd

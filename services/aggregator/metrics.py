@@ -14,6 +14,7 @@ RATIO_BUCKETS = (0.125, 0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0
 @dataclass(frozen=True)
 class AggregatorMetrics:
     bytes_up: Counter
+    bytes_received: Counter
     bytes_down: Counter
     bytes_down_assigned: Counter
     full_model_bytes: Counter
@@ -21,6 +22,7 @@ class AggregatorMetrics:
     rounds: Counter
     participants: Gauge
     assignments: Counter
+    repeated_polls: Counter
     accepted: Counter
     dropouts: Counter
     rejected: Counter
@@ -35,6 +37,10 @@ def build_aggregator_metrics(registry: CollectorRegistry) -> AggregatorMetrics:
     return AggregatorMetrics(
         bytes_up=Counter("raffm_aggregator_upload_bytes", "Update bytes received on the wire, by device tier and wire dtype.",
                          ("tier", "wire_dtype"), registry=registry),
+        # Counted per chunk as it arrives (accepted or not): what a round in flight has moved up so far.
+        bytes_received=Counter("raffm_aggregator_upload_received_bytes",
+                               "Update bytes received as chunks arrive, before any acceptance, by device tier.",
+                               ("tier",), registry=registry),
         # Bytes down, three views: raffm_extractor_download_bytes counts what the extractor actually streamed
         # (dropouts and aborted streams included); this one counts the slices of the devices whose update was
         # accepted (each downloaded its slice in full); the assigned one below what every assignment entailed.
@@ -59,6 +65,10 @@ def build_aggregator_metrics(registry: CollectorRegistry) -> AggregatorMetrics:
                            registry=registry),
         assignments=Counter("raffm_aggregator_assignments", "Assignments handed out, by device tier.", ("tier",),
                             registry=registry),
+        # A device polled again before uploading (it lost the reply): it got the same assignment, not a new one.
+        repeated_polls=Counter("raffm_aggregator_assignments_redelivered",
+                               "Polls answered with an assignment the device already held (its earlier reply was lost).",
+                               registry=registry),
         accepted=Counter("raffm_aggregator_updates_accepted", "Updates accepted, by device tier.", ("tier",),
                          registry=registry),
         dropouts=Counter("raffm_aggregator_dropouts",

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from raffm.errors import ValidationError
+from raffm.errors import DomainError, ValidationError, excerpt
 from raffm.proto import (
     cost_to_proto, manifest_from_proto, recipe_to_proto, resume_to_proto, spec_to_proto, wire_dtype_to_proto,
 )
@@ -21,7 +22,7 @@ from services.aggregator.devices import DeviceDirectory
 from services.aggregator.reports import header_metrics
 from services.aggregator.store import AGGREGATING, CLOSED, FAILED, OPEN, RoundRecord
 from services.aggregator.uploads import UploadRejectedError, UploadSession
-from services.common.auth import authorize_device, current_principal
+from services.common.auth import TokenVerifier, authorize_device, current_principal, reverify
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "raffm.v1.AggregatorService"
@@ -48,6 +49,9 @@ def round_to_proto(r: RoundRecord, assigned: int = 0, accepted: int = 0) -> aggr
         rejected=r.rejected, dropped=r.dropped, bytes_down=r.bytes_down, bytes_up=r.bytes_up,
         mean_train_loss=r.mean_train_loss, full_model_bytes=r.full_model_bytes,
         evaluation=dict(r.evaluation), extensions=r.extensions,
+        failures=[aggregator_pb2.RoundFailures(reason=reason, devices=int(f.get("devices", 0)),
+                                               detail=str(f.get("detail", "")))
+                  for reason, f in sorted(r.failures.items())],
     )
 
 
@@ -71,11 +75,16 @@ def assignment_to_proto(a: Assignment, extractor_target: str) -> aggregator_pb2.
 
 class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
     def __init__(self, coordinator: RoundCoordinator, devices: DeviceDirectory, *, extractor_target: str = "",
-                 on_change: Callable[[], None] = lambda: None) -> None:
+                 on_change: Callable[[], None] = lambda: None, poll_executor: Executor | None = None,
+                 verifier: TokenVerifier | None = None) -> None:
         self.c = coordinator
         self.devices = devices
+        self.verifier = verifier  # asked again before an upload commits: a device revoked meanwhile is refused
         self.extractor_target = extractor_target
         self.on_change = on_change
+        # Polls run on threads of their own: behind the uploads' blocking steps (staging writes, fsync, SQL commits)
+        # in the shared default executor, a thousand devices' polls waited seconds when a round's uploads arrived.
+        self.poll_executor = poll_executor
 
     async def PollRound(self, request: aggregator_pb2.PollRequest, context: Any) -> aggregator_pb2.PollReply:
         caller = current_principal()
@@ -84,8 +93,10 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
             raise ValidationError("device_id is required for operator calls", field="device_id")
         authorize_device(caller, device_id)
         info = await self.devices.get(device_id)
-        result = await asyncio.to_thread(self.c.poll, info, device_id)
+        result = await asyncio.get_running_loop().run_in_executor(self.poll_executor, self.c.poll, info, device_id)
         if isinstance(result, Wait):
+            if result.unfit:
+                await self._settle()
             return aggregator_pb2.PollReply(wait=aggregator_pb2.Wait(seconds=result.seconds, reason=result.reason))
         return aggregator_pb2.PollReply(assignment=assignment_to_proto(result, self.extractor_target))
 
@@ -93,13 +104,24 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
                            context: Any) -> aggregator_pb2.UploadAck:
         caller = current_principal()
         session: UploadSession | None = None
+        h: aggregator_pb2.UpdateHeader | None = None
+        work: asyncio.Future[Any] | None = None
+
+        async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+            # Shielded: a cancelled call does not stop work already running in a thread (a commit, a manifest write),
+            # and the session keeps its ticket's claim until that work is over (see _end_session).
+            nonlocal work
+            work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+            return await asyncio.shield(work)
+
         try:
             first = await anext(aiter(request_iterator), None)
             if first is None or first.WhichOneof("body") != "header":
                 raise _rejected("invalid_header", "the first upload message must be the header")
             h = first.header
             metrics = header_metrics(h.metrics)
-            session = await asyncio.to_thread(self.c.begin_upload, h.ticket, caller, int(h.sample_count), metrics)
+            session = await in_thread(self.c.begin_upload, h.ticket, caller, int(h.sample_count), metrics)
+            assert session is not None
             async for msg in request_iterator:
                 kind = msg.WhichOneof("body")
                 if kind == "chunk":
@@ -111,22 +133,24 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
                         manifest = manifest_from_proto(msg.manifest)
                     except WireError as exc:
                         raise _rejected("bad_manifest", str(exc)) from None
-                    await asyncio.to_thread(session.set_manifest, manifest)
+                    await in_thread(session.set_manifest, manifest)
                 else:
                     raise _rejected("protocol", f"unexpected {kind or 'empty'} message after the header")
-            result = await asyncio.to_thread(session.finish)
+            await reverify(self.verifier)
+            result = await in_thread(session.finish)
         except asyncio.CancelledError:
-            if session is not None:
-                session.interrupted()
             raise
         except Exception as exc:
-            reason = getattr(exc, "reason", None)
-            if session is not None:
-                session.interrupted()
-            if reason is not None:
-                self.c.record_rejection(reason, session.round_id if session is not None else None)
+            reason = getattr(exc, "reason", None) or ("other" if isinstance(exc, DomainError | ValueError) else None)
+            if reason is not None:  # anything else is a server bug: INTERNAL, logged by the chassis
+                await asyncio.to_thread(
+                    self.c.record_rejection, reason, str(exc), ticket=h.ticket if h is not None else b"",
+                    round_id=session.round_id if session is not None else None, device=caller.subject)
             raise
+        finally:
+            _end_session(work, session)
         self.on_change()
+        await self._settle()
         return aggregator_pb2.UploadAck(accepted=True, bytes_received=result.bytes_received, round_id=result.round_id,
                                         tensors_received=result.tensors)
 
@@ -140,8 +164,18 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
     async def ReportFailure(self, request: aggregator_pb2.ReportFailureRequest,
                             context: Any) -> aggregator_pb2.ReportFailureReply:
         reason = FAILURE_REASONS.get(request.reason, "other")
-        await asyncio.to_thread(self.c.report_failure, request.ticket, current_principal(), reason)
+        await asyncio.to_thread(self.c.report_failure, request.ticket, current_principal(), reason, request.detail)
+        await self._settle()
         return aggregator_pb2.ReportFailureReply()
+
+    async def _settle(self) -> None:
+        """When every assignment of the open round has ended, ask the registry who else is online: nobody means no
+        progress is possible, and the round is aggregated or failed now instead of at its deadline."""
+        if not await asyncio.to_thread(self.c.stalled):
+            return
+        online = await self.devices.online_ids()
+        if await asyncio.to_thread(self.c.settle, online) != "wait":
+            self.on_change()
 
     async def GetJob(self, request: aggregator_pb2.GetJobRequest, context: Any) -> aggregator_pb2.Job:
         current_principal()
@@ -149,7 +183,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
         if request.job_id and request.job_id != rec.job_id:
             from raffm.errors import NotFoundError
 
-            raise NotFoundError(f"job {request.job_id!r} does not exist", field="job_id")
+            raise NotFoundError(f"job {excerpt(request.job_id)} does not exist", field="job_id")
         j = self.c.job
         state: Any = JOB_STATES.get(rec.state, aggregator_pb2.JOB_STATE_UNSPECIFIED)
         return aggregator_pb2.Job(
@@ -192,6 +226,25 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
                         for r in page], next_page_token=nxt)
 
         return await asyncio.to_thread(load)
+
+
+def _end_session(work: asyncio.Future[Any] | None, session: UploadSession | None) -> None:
+    """Keep what an interrupted upload sent (for a resume) and release its ticket's claim, once no thread works on it
+    any more (a session that ``begin_upload`` returns after the call was cancelled included)."""
+
+    def end(_: object = None) -> None:
+        s = session
+        if s is None and work is not None and not work.cancelled() and work.exception() is None:
+            result = work.result()
+            s = result if isinstance(result, UploadSession) else None
+        if s is not None:
+            s.interrupted()
+            s.close()
+
+    if work is not None and not work.done():
+        work.add_done_callback(end)
+    else:
+        end()
 
 
 def _rejected(reason: str, message: str) -> Exception:

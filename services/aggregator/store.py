@@ -52,6 +52,9 @@ class RoundRecord:
     dropped: int = 0
     mean_train_loss: float = 0.0
     evaluation: dict[str, Any] = field(default_factory=dict)
+    # Why devices could not take part, by reason (ReportFailure's, or "no_fit"): {"data": {"devices": 2,
+    # "detail": "<latest>"}}.
+    failures: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -212,6 +215,7 @@ _rounds = sa.Table(
     sa.Column("dropped", sa.Integer, nullable=False),
     sa.Column("mean_train_loss", sa.Float, nullable=False),
     sa.Column("evaluation", sa.JSON, nullable=False),
+    sa.Column("failures", sa.JSON, nullable=False),
     sa.UniqueConstraint("job_id", "index"),
 )
 _assignments = sa.Table(

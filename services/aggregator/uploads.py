@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from raffm.aggregation import SlicedFedAvg
-from raffm.errors import AlreadyExistsError, PreconditionError, ValidationError
+from raffm.errors import AlreadyExistsError, ConflictError, PreconditionError, ValidationError, excerpt
 from raffm.reassembly import Reassembler
 from raffm.slicing import SlicePlan
 from raffm.tickets import Ticket
@@ -42,6 +42,14 @@ class LateUploadError(PreconditionError):
 class DuplicateUploadError(AlreadyExistsError):
     reason = "duplicate"
     default_hint = "this ticket's update was already accepted; nothing to resend"
+
+
+class UploadInProgressError(ConflictError):
+    """A second UploadUpdate stream on a ticket whose upload is being received (ABORTED)."""
+
+    reason = "concurrent_upload"
+    default_hint = ("one upload stream per ticket at a time: wait for the other one to end, then ask QueryUpload "
+                    "what is held and resume")
 
 
 @dataclass(frozen=True)
@@ -79,16 +87,22 @@ def check_manifest(manifest: Manifest, plan: SlicePlan, wire_dtype: str) -> None
     if got != expected:
         missing, extra = sorted(expected - got), sorted(got - expected)
         raise UploadRejectedError(
-            "bad_manifest", f"manifest tensors differ from the assigned slice: missing {missing[:5]}, "
-            f"unexpected {extra[:5]}", field="manifest")
+            "bad_manifest", f"manifest tensors differ from the assigned slice: missing {_names(missing)}, "
+            f"unexpected {_names(extra)}", field="manifest")
     for meta in manifest.tensors:
         want = plan[meta.name].sub_shape
         if meta.shape != want:
-            raise UploadRejectedError("bad_manifest", f"tensor {meta.name!r} has shape {meta.shape}; the "
+            raise UploadRejectedError("bad_manifest", f"tensor {excerpt(meta.name)} has shape {meta.shape}; the "
                                       f"assigned slice has {want}", field="manifest")
         if meta.dtype != wire_dtype:
-            raise UploadRejectedError("bad_manifest", f"tensor {meta.name!r} is {meta.dtype}; the job's wire "
+            raise UploadRejectedError("bad_manifest", f"tensor {excerpt(meta.name)} is {meta.dtype}; the job's wire "
                                       f"dtype is {wire_dtype}", field="manifest")
+
+
+def _names(names: list[str], most: int = 5) -> str:
+    """The first few of ``names``, each cut short, and how many more there are."""
+    shown = ", ".join(excerpt(n) for n in names[:most])
+    return f"[{shown}{f', ... {len(names) - most} more' if len(names) > most else ''}]"
 
 
 def downloaded_bytes(assignment: AssignmentRecord, reported: float) -> int:
@@ -114,22 +128,34 @@ Commit = Callable[["UploadSession", dict[str, torch.Tensor]], UploadResult]
 
 
 class UploadSession:
-    """One UploadUpdate stream: manifest check, chunk reassembly into staging, then ``commit``."""
+    """One UploadUpdate stream: manifest check, chunk reassembly into staging, then ``commit``.
+
+    A session holds its ticket's claim (only one stream per ticket writes its staging directory, so what is folded is
+    exactly the bytes the acknowledged stream sent) until :meth:`close`.
+    """
 
     def __init__(self, ticket: Ticket, assignment: AssignmentRecord, plan: SlicePlan, staged: StagedUpload,
                  sample_count: int, metrics: dict[str, float], agg: SlicedFedAvg, *, wire_dtype: str,
-                 commit: Commit) -> None:
+                 commit: Commit, release: Callable[[], None] = lambda: None,
+                 on_bytes: Callable[[int], None] = lambda n: None) -> None:
         self.ticket, self.assignment, self.plan = ticket, assignment, plan
         self.staged, self.sample_count, self.metrics, self.agg = staged, sample_count, metrics, agg
-        self.wire_dtype, self._commit = wire_dtype, commit
+        self.wire_dtype, self._commit, self._release, self._on_bytes = wire_dtype, commit, release, on_bytes
         self.reassembler: Reassembler | None = None
         self.received = 0
         self._started = time.monotonic()  # the header arrived: the aggregator's view of the upload's duration
+        self.closed = False
 
     @property
     def seconds(self) -> float:
         """Seconds since the upload's header arrived."""
         return time.monotonic() - self._started
+
+    def close(self) -> None:
+        """Release the ticket's claim (idempotent): another stream may now upload for it."""
+        if not self.closed:
+            self.closed = True
+            self._release()
 
     @property
     def round_id(self) -> str:
@@ -158,6 +184,7 @@ class UploadSession:
             raise UploadRejectedError("checksum" if isinstance(exc, ChecksumError) else "protocol", str(exc),
                                       field="chunk") from None
         self.received += len(data)
+        self._on_bytes(len(data))
 
     def interrupted(self) -> None:
         """The stream broke: keep what arrived (flushed to the OS) for a resume."""

@@ -2,8 +2,10 @@
 
 A ``TokenVerifier`` turns a bearer token into a ``Principal`` (or None). The registry verifies device tokens against
 its own database; the aggregator and extractor use ``RemoteRegistryVerifier`` (the registry's VerifyToken RPC, with a
-short cache) chained with a ``StaticTokenVerifier`` for operator/service tokens. The chassis interceptor calls the
-verifier and makes the principal available to servicers through ``current_principal()``.
+cache of at most ``REMOTE_TOKEN_CACHE_S``, so a revoked device is refused everywhere within that time) chained with a
+``StaticTokenVerifier`` for operator/service tokens. The chassis interceptor calls the verifier and makes the
+principal available to servicers through ``current_principal()``; a long call can ask again before it commits
+(``reverify``).
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from raffm.errors import AuthenticationError, PermissionDeniedError
+from raffm.errors import AuthenticationError, PermissionDeniedError, excerpt
 
 TOKEN_PREFIX = "rfm_"
 AUTH_HEADER = "authorization"
+# How long the aggregator and extractor reuse the registry's answer about a device token: the bound on how long a
+# deregistered (revoked) device keeps access to them. One VerifyToken per device per second is cheap for the registry.
+REMOTE_TOKEN_CACHE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -166,19 +171,27 @@ class RemoteRegistryVerifier:
         return Principal(subject=reply.device_id, fleet=reply.fleet)
 
 
-def fleet_verifier(registry_target: str, operator_token: str) -> TokenVerifier:
+def fleet_verifier(registry_target: str, operator_token: str, cache_s: float = REMOTE_TOKEN_CACHE_S) -> TokenVerifier:
     """What the aggregator and extractor accept: the operator/service token, then device tokens checked by the
-    registry (cached 30 s). Call inside the event loop (it opens a ``grpc.aio`` channel)."""
+    registry (each answer reused for ``cache_s``). Call inside the event loop (it opens a ``grpc.aio`` channel)."""
     import grpc
 
     verifiers: list[TokenVerifier] = [StaticTokenVerifier({"operator": operator_token})]
     if registry_target:
         channel = grpc.aio.insecure_channel(registry_target)
-        verifiers.append(CachingTokenVerifier(RemoteRegistryVerifier(channel, operator_token)))
+        verifiers.append(CachingTokenVerifier(RemoteRegistryVerifier(channel, operator_token), ttl_s=cache_s))
     return ChainedTokenVerifier(verifiers)
 
 
+class RevokedError(AuthenticationError):
+    """The caller's token was revoked (its device deregistered) while the call was in progress."""
+
+    reason = "revoked"
+    default_hint = "the device was deregistered; register again to take part"
+
+
 _current: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("raffm_principal", default=None)
+_current_token: contextvars.ContextVar[str | None] = contextvars.ContextVar("raffm_token", default=None)
 
 
 def current_principal() -> Principal:
@@ -189,8 +202,19 @@ def current_principal() -> Principal:
     return principal
 
 
-def set_principal(principal: Principal | None) -> contextvars.Token[Principal | None]:
+def set_principal(principal: Principal | None, token: str | None = None) -> contextvars.Token[Principal | None]:
+    _current_token.set(token)
     return _current.set(principal)
+
+
+async def reverify(verifier: TokenVerifier | None) -> None:
+    """Check the current call's token again (e.g. before committing what a long stream sent): RevokedError when it
+    was revoked since the call began. Nothing to check without a verifier or a token (authentication is off)."""
+    token = _current_token.get()
+    if verifier is None or token is None:
+        return
+    if await verifier.verify(token) is None:
+        raise RevokedError("this device's token was revoked while the call was in progress")
 
 
 def reset_principal(token: contextvars.Token[Principal | None]) -> None:
@@ -204,7 +228,7 @@ def authorize_device(principal: Principal, device_id: str) -> None:
     """Allow operators, and a device acting on itself; anything else is PERMISSION_DENIED."""
     if principal.is_operator or principal.subject == device_id:
         return
-    raise PermissionDeniedError(f"this token belongs to device {principal.subject!r}, not {device_id!r}",
+    raise PermissionDeniedError(f"this token belongs to device {excerpt(principal.subject)}, not {excerpt(device_id)}",
                                 field="device_id")
 
 
@@ -227,7 +251,8 @@ async def verify_or_raise(verifier: TokenVerifier, token: str | None) -> Princip
 
 
 __all__ = [
-    "AUTH_HEADER", "CachingTokenVerifier", "ChainedTokenVerifier", "Principal", "RemoteRegistryVerifier",
-    "StaticTokenVerifier", "TokenVerifier", "auth_metadata", "authorize_device", "bearer_token", "current_principal",
-    "hash_token", "new_token", "require_operator", "verify_or_raise",
+    "AUTH_HEADER", "CachingTokenVerifier", "ChainedTokenVerifier", "Principal", "REMOTE_TOKEN_CACHE_S",
+    "RemoteRegistryVerifier", "RevokedError", "StaticTokenVerifier", "TokenVerifier", "auth_metadata",
+    "authorize_device", "bearer_token", "current_principal", "hash_token", "new_token", "require_operator", "reverify",
+    "verify_or_raise",
 ]

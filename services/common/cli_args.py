@@ -10,6 +10,15 @@ from services.common.server import DEFAULT_MAX_MESSAGE_BYTES, MiB, ServerConfig
 from services.common.tls import tls_from_flags
 
 OPERATOR_TOKEN_ENV = "RAFFM_OPERATOR_TOKEN"
+STORE_ENDPOINT_ENV = "RAFFM_STORE_ENDPOINT"
+
+
+def add_store_endpoint_argument(parser: argparse.ArgumentParser) -> None:
+    """``--store-endpoint``: the S3 API endpoint of an ``s3://`` checkpoint store (MinIO, Ceph RGW, ...)."""
+    parser.add_argument("--store-endpoint", default=os.environ.get(STORE_ENDPOINT_ENV, ""),
+                        help="endpoint URL of an s3:// --store that is not AWS S3, e.g. http://minio:9000 "
+                             f"(default: ${STORE_ENDPOINT_ENV}; credentials from AWS_ACCESS_KEY_ID/"
+                             "AWS_SECRET_ACCESS_KEY)")
 
 
 def add_server_arguments(parser: argparse.ArgumentParser, *, default_port: int, default_metrics_port: int) -> None:

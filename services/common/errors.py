@@ -1,7 +1,9 @@
 """The one table that maps domain errors (:mod:`raffm.errors`) to gRPC status codes, and the error detail codec.
 
 The chassis interceptor turns a raised domain error into a status code, a status message that says what to fix, and a
-``raffm.v1.ErrorDetail`` in trailing metadata.
+``raffm.v1.ErrorDetail`` in trailing metadata. Both travel in HTTP/2 trailers, which clients cap at a few KiB (a longer
+status reaches the client as RESOURCE_EXHAUSTED instead of the real code), so every text is bounded here, whatever
+the code that raised it quoted.
 """
 
 from __future__ import annotations
@@ -11,12 +13,23 @@ from dataclasses import dataclass
 import grpc
 
 from raffm.errors import (
-    AlreadyExistsError, AuthenticationError, ConfigError, NotFoundError, PermissionDeniedError, PreconditionError,
+    AlreadyExistsError, AuthenticationError, ConfigError, ConflictError, NotFoundError, PermissionDeniedError, PreconditionError,
     ResourceExhaustedError, UnavailableError, ValidationError,
 )
 
 # Trailing-metadata key carrying a serialized raffm.v1.ErrorDetail (binary keys must end in "-bin").
 ERROR_DETAIL_KEY = "raffm-error-bin"
+# Bounds of what an error sends back: message and hint, and the field path. The status message plus the base64 of the
+# detail stay well under the 8 KiB of metadata gRPC clients accept by default.
+MAX_MESSAGE_CHARS = 1024
+MAX_FIELD_CHARS = 128
+
+
+def bounded(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... [{len(text) - limit} more characters cut]"
 
 
 @dataclass(frozen=True)
@@ -33,6 +46,7 @@ ERROR_TABLE: tuple[ErrorMapping, ...] = (
     ErrorMapping(PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     ErrorMapping(NotFoundError, grpc.StatusCode.NOT_FOUND),
     ErrorMapping(AlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),
+    ErrorMapping(ConflictError, grpc.StatusCode.ABORTED),
     ErrorMapping(PreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
     ErrorMapping(ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     ErrorMapping(UnavailableError, grpc.StatusCode.UNAVAILABLE),
@@ -47,8 +61,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     """(code, message) for a mapped exception, or None when it is unexpected (a bug: INTERNAL)."""
     for entry in ERROR_TABLE:
         if isinstance(entry.exception, type) and isinstance(exc, entry.exception):
-            hint = getattr(exc, "hint", "")
-            message = str(exc) or type(exc).__name__
+            hint = bounded(getattr(exc, "hint", ""), MAX_MESSAGE_CHARS // 4)
+            message = bounded(str(exc) or type(exc).__name__)
             return entry.code, f"{message} ({hint})" if hint else message
     return None
 
@@ -59,10 +73,17 @@ def error_detail_bytes(exc: BaseException) -> bytes:
 
     return common_pb2.ErrorDetail(
         reason=type(exc).__name__,
-        message=str(exc),
-        field=getattr(exc, "field", ""),
-        hint=getattr(exc, "hint", ""),
+        message=bounded(str(exc)),
+        field=bounded(getattr(exc, "field", ""), MAX_FIELD_CHARS),
+        hint=bounded(getattr(exc, "hint", ""), MAX_MESSAGE_CHARS // 4),
+        reject_reason=reject_reason(exc),
     ).SerializeToString()
+
+
+def reject_reason(exc: BaseException) -> str:
+    """The one-word reason a refused update or ticket carries (its ``reason`` attribute), or ""."""
+    reason = getattr(exc, "reason", "")
+    return bounded(reason, MAX_FIELD_CHARS) if isinstance(reason, str) else ""
 
 
 def parse_error_detail(trailing_metadata: object) -> object | None:

@@ -83,7 +83,7 @@ class ChassisInterceptor(grpc.aio.ServerInterceptor):
         try:
             if needs_auth:
                 assert self._verifier is not None
-                principal_token = set_principal(await verify_or_raise(self._verifier, token))
+                principal_token = set_principal(await verify_or_raise(self._verifier, token), token)
             yield
             record(_context_code(context) or grpc.StatusCode.OK)
         except grpc.aio.AbortError:  # the servicer aborted itself; its code is on the context

@@ -14,6 +14,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
+from raffm.lifeline import watch_parent
 from services.common.auth import TokenVerifier
 from services.common.interceptors import ChassisInterceptor
 from services.common.metrics import MetricsServer, RpcMetrics, build_rpc_metrics, start_metrics_server
@@ -22,6 +23,9 @@ from services.common.tls import TlsFiles, check_transport, server_credentials
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
+# What stops a service gracefully: SIGTERM (schedulers, `timeout`, containers), SIGINT (Ctrl-C), SIGHUP (its terminal
+# went away).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # Weight chunks are ~1 MiB; the default 4 MiB limit counts protobuf framing, so set it explicitly and roomy.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * MiB
 
@@ -131,16 +135,25 @@ class ChassisServer:
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
-    async def serve_until_signal(self, signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT)) -> None:
-        """Start, block until SIGTERM/SIGINT, then stop gracefully."""
+    async def serve_until_signal(self, signals: Sequence[signal.Signals] = STOP_SIGNALS) -> None:
+        """Start, block until SIGTERM/SIGINT/SIGHUP (or until the parent process that started this one is gone, see
+        :mod:`raffm.lifeline`), then stop gracefully."""
         loop = asyncio.get_running_loop()
         requested = asyncio.Event()
         for sig in signals:
             loop.add_signal_handler(sig, requested.set)
+
+        def parent_lost() -> None:
+            try:
+                loop.call_soon_threadsafe(requested.set)
+            except RuntimeError:  # the loop is closed: this server has stopped already
+                pass
+
+        watch_parent(parent_lost)
         try:
             await self.start()
             await requested.wait()
-            log.info("signal received; draining for up to %.1f s", self.config.grace_s)
+            log.info("stop requested; draining for up to %.1f s", self.config.grace_s)
             await self.stop()
         finally:
             for sig in signals:

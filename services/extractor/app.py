@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
@@ -21,6 +22,7 @@ from services.extractor.slices import SliceCache, SliceService
 class ExtractorConfig:
     store_url: str
     ticket_secret: str
+    store_endpoint: str = ""  # S3 API endpoint of an s3:// store (empty: AWS, or AWS_ENDPOINT_URL_S3)
     cache_entries: int = 8
     cache_mb: int = 4096
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -40,7 +42,7 @@ async def build_extractor(config: ExtractorConfig, *, verifier: TokenVerifier | 
                           registry: CollectorRegistry | None = None) -> ExtractorApp:
     """Assemble the extractor inside a running event loop (nothing is built at import time)."""
     registry = registry if registry is not None else CollectorRegistry()
-    store = checkpoint_store_from_url(config.store_url)
+    store = await asyncio.to_thread(checkpoint_store_from_url, config.store_url, endpoint=config.store_endpoint)
     service = SliceService(store, TicketSigner(config.ticket_secret), LocalPlanner(store),
                            build_extractor_metrics(registry),
                            SliceCache(config.cache_entries, config.cache_mb << 20))

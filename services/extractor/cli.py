@@ -13,7 +13,7 @@ DEFAULT_METRICS_PORT = 9102
 
 
 def register(subparsers: Any) -> None:
-    from services.common.cli_args import add_server_arguments
+    from services.common.cli_args import add_server_arguments, add_store_endpoint_argument
 
     parser = subparsers.add_parser("extractor", help="sub-model plans and streamed weight slices",
                                    description="The extractor: fits sub-models to devices and streams their slices.")
@@ -21,7 +21,9 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
     serve = commands.add_parser("serve", help="run the extractor gRPC server")
     serve.add_argument("--store", default=os.path.join("runs", "aggregator", "checkpoints"),
-                       help="checkpoint store the aggregator writes, file:///dir or a path (default: %(default)s)")
+                       help="checkpoint store the aggregator writes: s3://bucket/prefix (replicas on any hosts), "
+                            "file:///dir or a path (default: %(default)s)")
+    add_store_endpoint_argument(serve)
     serve.add_argument("--registry", default="127.0.0.1:50051", help="registry host:port (default: %(default)s)")
     serve.add_argument("--ticket-secret", default=os.environ.get(SECRET_ENV, ""),
                        help=f"HMAC secret shared with the aggregator (default: ${SECRET_ENV})")
@@ -43,7 +45,7 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     if not args.ticket_secret:
         raise ValueError(f"--ticket-secret (or ${SECRET_ENV}) is required; the aggregator signs with the same one")
-    config = ExtractorConfig(store_url=args.store, ticket_secret=args.ticket_secret, cache_entries=args.cache_entries,
+    config = ExtractorConfig(store_url=args.store, store_endpoint=args.store_endpoint, ticket_secret=args.ticket_secret, cache_entries=args.cache_entries,
                              cache_mb=args.cache_mb, server=server_config_from_args(args))
 
     async def main() -> None:

@@ -1,9 +1,10 @@
 """The extractor's use cases: plan a sub-model for a profile, and serve the wire payload of a ticket's slice.
 
-Slices are cut from a model version read from the checkpoint store, converted to the job's wire dtype, hashed, and
-kept in a bounded LRU cache keyed by (version, spec key, wire dtype); concurrent requests for the same slice build it
-once. The most recently used global state is kept too (one version), so cutting many specs of the current version
-reads the checkpoint once.
+Slices are cut from a model version in the checkpoint store, converted to the job's wire dtype, hashed, and kept in a
+bounded LRU cache keyed by (version, spec key, wire dtype); concurrent requests for the same slice build it once.
+A slice reads from the store only the tensors its sub-model keeps, and of each only the leading prefix that holds the
+kept block, never the whole model: so the extractor holds no global state and needs no local copy of the store, and
+any number of replicas on any hosts serve the same tickets.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from raffm.checkpoints import CheckpointStore, VersionNotFoundError
-from raffm.errors import AuthenticationError, NotFoundError, PermissionDeniedError
+from raffm.errors import AuthenticationError, NotFoundError, PermissionDeniedError, excerpt
 from raffm.planning import LocalPlanner, NoFitError, Planner, PlanJob, PlanResult, adapter_and_dims
 from raffm.profile import DeviceProfile
 from raffm.slicing import slice_plan
@@ -71,8 +72,6 @@ class SliceService:
         self.cache = cache or SliceCache()
         self._build_locks: dict[SliceKey, threading.Lock] = {}
         self._locks_lock = threading.Lock()
-        self._global: tuple[str, dict[str, torch.Tensor]] | None = None
-        self._global_lock = threading.Lock()
 
     # -- Plan ---------------------------------------------------------------------------------------------------------
 
@@ -108,7 +107,7 @@ class SliceService:
             raise AuthenticationError(str(exc), field="ticket",
                                       hint="present the ticket of your latest assignment, unmodified") from None
         if caller is not None and not caller.is_operator and caller.subject != ticket.device_id:
-            raise PermissionDeniedError(f"ticket belongs to device {ticket.device_id!r}, not {caller.subject!r}",
+            raise PermissionDeniedError(f"ticket belongs to device {excerpt(ticket.device_id)}, not {excerpt(caller.subject)}",
                                         field="ticket")
         return ticket
 
@@ -134,24 +133,17 @@ class SliceService:
             self._build_locks.pop(key, None)
         return item
 
-    def _state(self, version: str) -> dict[str, torch.Tensor]:
-        with self._global_lock:
-            if self._global is None or self._global[0] != version:
-                self._global = None  # drop the old version before loading the new one (peak memory)
-                try:
-                    self._global = (version, self.store.load(version))
-                except VersionNotFoundError as exc:
-                    raise NotFoundError(str(exc)) from None
-            return self._global[1]
-
     def _build(self, ticket: Ticket, key: SliceKey) -> Slice:
-        state = self._state(ticket.model_version)
-        config = self.store.info(ticket.model_version).config
+        try:
+            config = self.store.info(ticket.model_version).config
+            reader = self.store.reader(ticket.model_version)
+        except VersionNotFoundError as exc:
+            raise NotFoundError(str(exc)) from None
         adapter, dims = adapter_and_dims(config)
-        plan = slice_plan(adapter, dims, ticket.elastic_spec, {n: tuple(t.shape) for n, t in state.items()})
-        sub = {}
+        plan = slice_plan(adapter, dims, ticket.elastic_spec, {n: e.shape for n, e in reader.entries.items()})
+        prefixes = reader.read({name: s.prefix_numel for name, s in plan.items()})
+        sub: dict[str, torch.Tensor] = {}
         for name, s in plan.items():
-            # The full extent of a tensor needs no copy: the wire conversion reads the global tensor directly.
-            sub[name] = state[name] if s.sub_shape == s.shape else s.take(state[name])
+            sub[name] = s.take_prefix(prefixes.pop(name))
         payload = WirePayload.from_state(sub, ticket.wire_dtype, names=list(plan))
         return Slice(key=key, payload=payload, architecture=adapter.name)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum
 
-from raffm.errors import ValidationError
+from raffm.errors import ValidationError, excerpt
 from raffm.profile import TIERS, DeviceProfile
 
 MAX_NAME_LEN = 128
@@ -53,7 +53,7 @@ class ProfileRecord:
 
 def _finite(value: float, field: str) -> float:
     if not math.isfinite(value):
-        raise ValidationError(f"{field} must be a finite number, got {value!r}", field=field)
+        raise ValidationError(f"{field} must be a finite number, got {excerpt(value)}", field=field)
     return float(value)
 
 
@@ -74,7 +74,7 @@ def validate_profile(profile: DeviceProfile) -> DeviceProfile:
     _in_range(_finite(profile.up_mbps, f + "up_mbps"), 0, MAX_MBPS, f + "up_mbps", "Mbit/s", lo_open=True)
     _in_range(_finite(profile.down_mbps, f + "down_mbps"), 0, MAX_MBPS, f + "down_mbps", "Mbit/s", lo_open=True)
     if profile.tier not in TIERS:
-        raise ValidationError(f"{f}tier {profile.tier!r} is unknown; use one of {', '.join(TIERS)}",
+        raise ValidationError(f"{f}tier {excerpt(profile.tier)} is unknown; use one of {', '.join(TIERS)}",
                               field=f + "tier")
     if profile.battery_pct is not None:
         _in_range(_finite(profile.battery_pct, f + "battery_pct"), 0, 100, f + "battery_pct", "%", lo_open=False)
@@ -96,7 +96,7 @@ def validate_name(name: str, field: str = "name", max_len: int = MAX_NAME_LEN) -
     if len(name) > max_len:
         raise ValidationError(f"{field} is {len(name)} characters long; the limit is {max_len}", field=field)
     if name != name.strip() or not _NAME_RE.match(name):
-        raise ValidationError(f"{field} {name!r} has control characters or surrounding whitespace", field=field)
+        raise ValidationError(f"{field} {excerpt(name)} has control characters or surrounding whitespace", field=field)
     return name
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Protocol
 
-from raffm.errors import AlreadyExistsError
+from raffm.errors import AlreadyExistsError, excerpt
 from raffm.profile import DeviceProfile
 from services.registry.domain import Device, DeviceState, ProfileRecord, effective_state
 
@@ -111,7 +111,7 @@ class InMemoryDeviceRepository:
     def create_device(self, device: Device, token_hash: str) -> None:
         with self._lock:
             if self._active_by_name(device.fleet, device.name) is not None:
-                raise AlreadyExistsError(f"device name {device.name!r} is taken in fleet {device.fleet!r}",
+                raise AlreadyExistsError(f"device name {excerpt(device.name)} is taken in fleet {excerpt(device.fleet)}",
                                          field="name")
             record = ProfileRecord(1, device.profile, device.created_at)
             self._devices[device.device_id] = _Stored(replace(device, profile_version=1), [record], {token_hash})

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
-from raffm.errors import AlreadyExistsError, AuthenticationError, NotFoundError, ValidationError
+from raffm.errors import AlreadyExistsError, AuthenticationError, NotFoundError, ValidationError, excerpt
 from raffm.profile import TIERS, DeviceProfile
 from services.common.auth import Principal, authorize_device, hash_token, new_token, require_operator
 from services.registry.domain import (
@@ -75,7 +75,7 @@ class RegistryService:
     def _require(self, device_id: str) -> Device:
         device = self.repo.get(validate_device_id(device_id))
         if device is None:
-            raise NotFoundError(f"device {device_id!r} is not registered", field="device_id")
+            raise NotFoundError(f"device {excerpt(device_id)} is not registered", field="device_id")
         return device
 
     # --- fleet set-up -------------------------------------------------------------------------------------------
@@ -105,7 +105,7 @@ class RegistryService:
         if existing is not None:
             owner = self.repo.token_owner(hash_token(device_token)) if device_token else None
             if owner is None or owner.device_id != existing.device_id:
-                raise AlreadyExistsError(f"device name {name!r} is already registered in fleet {fleet!r}",
+                raise AlreadyExistsError(f"device name {excerpt(name)} is already registered in fleet {excerpt(fleet)}",
                                          field="name")
             version, _ = self.repo.update_profile(existing.device_id, profile, now)
             self.repo.touch(existing.device_id, now)
@@ -126,7 +126,7 @@ class RegistryService:
         now = self.clock()
         state = self.repo.touch(device_id, now)
         if state is None:
-            raise NotFoundError(f"device {device_id!r} is not registered", field="device_id")
+            raise NotFoundError(f"device {excerpt(device_id)} is not registered", field="device_id")
         return state, now
 
     def update_profile(self, principal: Principal, device_id: str, profile: DeviceProfile) -> tuple[int, bool]:
@@ -134,7 +134,7 @@ class RegistryService:
         validate_profile(profile)
         device = self._require(device_id)
         if device.state is DeviceState.DEREGISTERED:
-            raise NotFoundError(f"device {device_id!r} is deregistered", field="device_id")
+            raise NotFoundError(f"device {excerpt(device_id)} is deregistered", field="device_id")
         return self.repo.update_profile(device_id, profile, self.clock())
 
     def get_device(
@@ -150,7 +150,7 @@ class RegistryService:
     ) -> DevicePage:
         require_operator(principal, "ListDevices")
         if tier and tier not in TIERS:
-            raise ValidationError(f"tier {tier!r} is unknown; use one of {', '.join(TIERS)}", field="tier")
+            raise ValidationError(f"tier {excerpt(tier)} is unknown; use one of {', '.join(TIERS)}", field="tier")
         limit = clamp_page_size(page_size)
         after = decode_page_token(page_token)
         now = self.clock()
@@ -163,7 +163,7 @@ class RegistryService:
     def deregister(self, principal: Principal, device_id: str) -> None:
         authorize_device(principal, validate_device_id(device_id))
         if not self.repo.deregister(device_id, self.clock()):
-            raise NotFoundError(f"device {device_id!r} is not registered (or already deregistered)",
+            raise NotFoundError(f"device {excerpt(device_id)} is not registered (or already deregistered)",
                                 field="device_id")
         log.info("deregistered device %s", device_id)
 

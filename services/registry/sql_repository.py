@@ -13,7 +13,7 @@ from sqlalchemy import Engine, Select, and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from raffm.errors import AlreadyExistsError
+from raffm.errors import AlreadyExistsError, excerpt
 from raffm.profile import DeviceProfile
 from services.registry.db import DATABASE
 from services.registry.domain import Device, DeviceState, ProfileRecord
@@ -113,7 +113,7 @@ class SqlDeviceRepository:
             with self._write() as s:
                 fleet_id = s.scalar(select(FleetRow.id).where(FleetRow.name == device.fleet))
                 if fleet_id is None:
-                    raise LookupError(f"fleet {device.fleet!r} does not exist")
+                    raise LookupError(f"fleet {excerpt(device.fleet)} does not exist")
                 s.add(DeviceRow(
                     id=device.device_id, fleet_id=fleet_id, name=device.name, tier=device.profile.tier,
                     state=device.state.value, profile_version=1, created_at=device.created_at,
@@ -123,7 +123,7 @@ class SqlDeviceRepository:
                 s.add(_profile_row(device.device_id, 1, device.profile, device.created_at))
                 s.add(TokenRow(device_id=device.device_id, token_hash=token_hash, created_at=device.created_at))
         except IntegrityError as exc:  # lost a race for the name: the partial unique index said no
-            raise AlreadyExistsError(f"device name {device.name!r} is taken in fleet {device.fleet!r}",
+            raise AlreadyExistsError(f"device name {excerpt(device.name)} is taken in fleet {excerpt(device.fleet)}",
                                      field="name") from exc
 
     def token_owner(self, token_hash: str) -> TokenOwner | None:

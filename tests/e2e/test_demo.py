@@ -1,18 +1,19 @@
-"""End to end: `raffm demo` as a real process tree (three services + simulated agents) on a tiny random BERT."""
+"""End to end: `raffm demo` as a real process tree (three services + simulated agents) on a tiny random BERT, on a
+three-label data file, on MNIST with the built-in ViT, and when no device can take part."""
 
 from __future__ import annotations
 
+import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from raffm.checkpoints import checkpoint_store_from_url
-from raffm.models import default_model_path
 
 TIERS = """
 [tiers.sbc]
@@ -35,17 +36,6 @@ down_mbps = 1000
 """
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=64, num_labels=2)
-    BertForSequenceClassification(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(folder)
-    return folder
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_demo_runs_three_agents_for_two_rounds(tiny_model: Path, tmp_path: Path) -> None:
@@ -54,9 +44,16 @@ def test_demo_runs_three_agents_for_two_rounds(tiny_model: Path, tmp_path: Path)
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "raffm_app", "demo", "--model", str(tiny_model), "--devices", "3", "--rounds", "2",
            "--local-steps", "3", "--seq-len", "64", "--test-size", "120", "--max-train", "600", "--tiers", str(tiers),
-           "--round-deadline-s", "120", "--out", str(out)]
+           "--round-deadline-s", "120", "--progress-s", "1", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=560)
     assert proc.returncode == 0, f"demo failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    # Progress inside a round (not a terminal here: periodic lines), issue 12 item 6.
+    assert re.search(r"^round [12]: [0-3]/3 devices done.*, [\d.]+ MiB moved, \d+ s", proc.stdout, re.M), proc.stdout
+    # The aggregator's log says how the model is doing, round by round (item 8); the demo reports the same figure.
+    agg_log = (out / "logs" / "aggregator.log").read_text()
+    for r in json.loads((out / "report.json").read_text())["rounds"]:
+        assert f"round job-r{r['index']} closed: 3 update(s), version job-v{r['index']}; held-out accuracy " \
+               f"{r['accuracy']:.1%}" in agg_log
 
     report = json.loads((out / "report.json").read_text())
     assert [r["index"] for r in report["rounds"]] == [1, 2]
@@ -85,3 +82,73 @@ def test_demo_runs_three_agents_for_two_rounds(tiny_model: Path, tmp_path: Path)
     assert len(versions) == 3, versions
     first, last = store.load(versions[0]), store.load(versions[-1])
     assert any(not torch.equal(first[k], last[k]) for k in first)
+
+
+def _run(args: list[str], timeout: float = 560) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "raffm_app", "demo", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_demo_takes_a_data_file_with_three_labels(tiny_model: Path, tmp_path: Path) -> None:
+    """Issue 12 item 5: the job's labels (count and names) come from the data, so every device takes part."""
+    data = tmp_path / "sentiment.csv"
+    words = {"negative": "awful dull boring mess", "neutral": "fine average plain okay", "positive": "great moving fun"}
+    with data.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        for i in range(150):
+            label = ("negative", "neutral", "positive")[i % 3]
+            w.writerow([f"{words[label]} film number {i}", label])
+    tiers = tmp_path / "tiers.toml"
+    tiers.write_text(TIERS)
+    out = tmp_path / "run"
+    proc = _run(["--model", str(tiny_model), "--data", str(data), "--devices", "2", "--rounds", "1",
+                 "--local-steps", "2", "--seq-len", "16", "--test-size", "30", "--tiers", str(tiers),
+                 "--round-deadline-s", "300", "--out", str(out)])
+    assert proc.returncode == 0, f"demo failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["labels"] == ["negative", "neutral", "positive"]
+    [rnd] = report["rounds"]
+    assert rnd["participants"] == 2 and rnd["dropouts"] == 0
+    store = checkpoint_store_from_url(str(out / "checkpoints"))
+    config = store.info("job-v1").config
+    assert config["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"} or \
+        config["id2label"] == {0: "negative", 1: "neutral", 2: "positive"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_demo_trains_a_vit_on_mnist(tmp_path: Path) -> None:
+    """Issue 12 item 7: every data set the agent accepts works in the main job; mnist trains the built-in ViT."""
+    out = tmp_path / "run"
+    proc = _run(["--data", "mnist", "--devices", "2", "--rounds", "1", "--local-steps", "2", "--test-size", "100",
+                 "--max-train", "300", "--round-deadline-s", "300", "--out", str(out)])
+    assert proc.returncode == 0, f"demo failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["task"] == "image-classification"
+    assert report["settings"]["labels"] == [str(d) for d in range(10)]
+    [rnd] = report["rounds"]
+    assert rnd["participants"] == 2 and 0.0 <= rnd["accuracy"] <= 1.0
+    assert [p["target_fraction"] for p in report["scaling"]] == [0.25, 0.5, 0.75, 1.0]
+    config = checkpoint_store_from_url(str(out / "checkpoints")).info("job-v1").config
+    assert config["model_type"] == "vit" and config["num_channels"] == 1
+    assert "round 1: global test accuracy" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_demo_says_why_and_stops_when_no_device_can_take_part(tiny_model: Path, tmp_path: Path) -> None:
+    """Issue 12 item 5: no progress is possible (no sub-model fits any device): the demo says so, with the reason,
+    instead of waiting out the round's deadline and its extensions."""
+    tiers = tmp_path / "tiers.toml"
+    tiers.write_text("[tiers.toaster]\nmemory_mb = 1\ngflops = 1\nup_mbps = 1\ndown_mbps = 1\n")
+    out = tmp_path / "run"
+    proc = _run(["--model", str(tiny_model), "--devices", "2", "--rounds", "1", "--test-size", "50",
+                 "--max-train", "100", "--tiers", str(tiers), "--round-deadline-s", "3600", "--out", str(out)])
+    assert proc.returncode == 1, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    # The round fails as soon as every device that polled fits nothing: one device or both, by the timing of polls.
+    assert "round 1 failed: no update arrived" in proc.stderr and "x no_fit: 'no sub-model fits" in proc.stderr, \
+        proc.stderr[-3000:]
+    assert str(out / "logs") in proc.stderr

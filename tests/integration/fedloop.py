@@ -1,12 +1,12 @@
 """Harness for the federated-loop integration tests: registry + extractor + aggregator on 127.0.0.1 port 0.
 
 The registry is the real service (SQLite file); the extractor and aggregator run in one background event loop with
-real SQLite and a file checkpoint store; scripted devices use sync gRPC stubs with their own registry tokens.
+real SQLite and a file checkpoint store (or the ``store_url`` given, e.g. an s3:// bucket); more extractor replicas
+can be started on the same store; scripted devices use sync gRPC stubs with their own registry tokens.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,8 +17,8 @@ import torch
 from prometheus_client import CollectorRegistry
 from transformers import BertConfig, BertForSequenceClassification
 
-from raffm.checkpoints import FileCheckpointStore
-from raffm.fitting import FitResult, RoundBudget, ladder
+from raffm.checkpoints import CheckpointStore, checkpoint_store_from_url
+from raffm.fitting import FitResult, RoundBudget
 from raffm.planning import cost_model_for, slice_plan_for
 from raffm.proto import spec_from_proto
 from raffm.reassembly import MemorySink
@@ -119,9 +119,22 @@ class Fleet:
     initial_model: Any = None
     db_url: str = ""  # the aggregator's round store; default SQLite under root/agg
     device_cache_s: float = 2.0
+    store_url: str = ""  # the checkpoint store; default a directory under root/agg
+    liveness_window_s: float = 60.0  # the registry's (devices heartbeat every third of it)
+    replicas: list[ExtractorApp] = field(default_factory=list)  # extractors started by add_extractor()
+    serve_metrics: bool = False  # /metrics over HTTP on free ports (server.metrics_port), as the services' CLIs do
+
+    @property
+    def resolved_store_url(self) -> str:
+        return self.store_url or f"file://{self.root / 'agg' / 'checkpoints'}"
+
+    @property
+    def server_config(self) -> ServerConfig:
+        return ServerConfig(grace_s=1.0, metrics_port=0 if self.serve_metrics else None)
 
     def start(self, *, aggregator: bool = True) -> Fleet:
-        self.registry = RegistryHarness(f"sqlite:///{self.root / 'registry.db'}").start()
+        self.registry = RegistryHarness(f"sqlite:///{self.root / 'registry.db'}",
+                                        liveness_window_s=self.liveness_window_s).start()
         self.loop = LoopThread()
         self.loop.run(self._start_extractor())
         if aggregator:
@@ -129,18 +142,28 @@ class Fleet:
         return self
 
     async def _start_extractor(self) -> None:
-        cfg = ExtractorConfig(store_url=f"file://{self.root / 'agg' / 'checkpoints'}", ticket_secret=SECRET,
-                              server=ServerConfig(grace_s=1.0))
-        self.extractor = await build_extractor(
+        self.extractor = await self._new_extractor()
+
+    async def _new_extractor(self) -> ExtractorApp:
+        cfg = ExtractorConfig(store_url=self.resolved_store_url, ticket_secret=SECRET, server=self.server_config)
+        app = await build_extractor(
             cfg, verifier=fleet_verifier(self.registry.address, OPERATOR_TOKEN), registry=CollectorRegistry())
-        await self.extractor.server.start()
+        await app.server.start()
+        return app
+
+    def add_extractor(self) -> ExtractorApp:
+        """Another extractor replica on the same checkpoint store (its own port, cache and metrics)."""
+        app = self.loop.run(self._new_extractor())
+        self.replicas.append(app)
+        return app
 
     def start_aggregator(self) -> AggregatorApp:
         async def go() -> AggregatorApp:
             cfg = AggregatorConfig(job=self.job, data_dir=str(self.root / "agg"), ticket_secret=SECRET,
                                    registry_target=self.registry.address, operator_token=OPERATOR_TOKEN,
                                    extractor_target=self.extractor.address, tick_s=0.05, db_url=self.db_url,
-                                   device_cache_s=self.device_cache_s, server=ServerConfig(grace_s=1.0))
+                                   store_url=self.store_url,
+                                   device_cache_s=self.device_cache_s, server=self.server_config)
             app = await build_aggregator(cfg, verifier=fleet_verifier(self.registry.address, OPERATOR_TOKEN),
                                          evaluator=self.evaluator, registry=self.metrics,
                                          initial_model=self.initial_model)
@@ -157,8 +180,9 @@ class Fleet:
 
     def stop(self) -> None:
         self.stop_aggregator()
-        if self.extractor is not None:
-            self.loop.run(self.extractor.server.stop(0.5))
+        for app in [self.extractor, *self.replicas]:
+            if app is not None:
+                self.loop.run(app.server.stop(0.5))
         if self.loop is not None:
             self.loop.close()
         if self.registry is not None:
@@ -173,16 +197,16 @@ class Fleet:
         return dev
 
     @property
-    def store(self) -> FileCheckpointStore:
-        return FileCheckpointStore(self.root / "agg" / "checkpoints")
+    def store(self) -> CheckpointStore:
+        return checkpoint_store_from_url(self.resolved_store_url)
 
     def agg_stub(self, target: str | None = None) -> Any:
         target = target or f"127.0.0.1:{self.aggregator.server.port}"
         return aggregator_pb2_grpc.AggregatorServiceStub(grpc.insecure_channel(target, options=GRPC_OPTIONS))
 
-    def ext_stub(self) -> Any:
-        return extractor_pb2_grpc.ExtractorServiceStub(
-            grpc.insecure_channel(f"127.0.0.1:{self.extractor.server.port}", options=GRPC_OPTIONS))
+    def ext_stub(self, app: ExtractorApp | None = None) -> Any:
+        port = (app or self.extractor).server.port
+        return extractor_pb2_grpc.ExtractorServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS))
 
     @property
     def operator(self) -> tuple[tuple[str, str], ...]:

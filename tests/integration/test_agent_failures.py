@@ -27,14 +27,16 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_model(tmp_path_factory.mktemp("model"))
 
 
-def _round(fleet: Fleet) -> aggregator_pb2.Round:
-    [rnd] = rounds(fleet)
+def _round(fleet: Fleet, index: int = 1) -> aggregator_pb2.Round:
+    rnd = next(r for r in rounds(fleet) if r.index == index)
     return fleet.agg_stub().GetRound(aggregator_pb2.GetRoundRequest(round_id=rnd.round_id), metadata=fleet.operator,
                                      timeout=10)
 
 
 def test_over_budget_assignment_is_refused_and_reported(tmp_path: Path, model: Path) -> None:
-    fleet = Fleet(tmp_path, job(model)).start()
+    # Until the profile edit reaches the aggregator (no device cache here), nothing fits this device: every round it
+    # polls fails at once, so the job has rounds to spare.
+    fleet = Fleet(tmp_path, job(model, rounds=100), device_cache_s=0.0).start()
     try:
         # The device declares 8 MiB: nothing fits, so the aggregator makes it wait ...
         runner = AgentThread(agent_config(fleet, "tiny-phone", tmp_path / "state", model, memory_mb=8)).start()
@@ -49,7 +51,7 @@ def test_over_budget_assignment_is_refused_and_reported(tmp_path: Path, model: P
         assert o.status == "refused", o
         assert "exceeds this device's declared budget 8 MiB" in o.detail
         assert o.predicted_mb > 8 and o.peak_memory_mb == 0  # refused before downloading or training
-        rnd = wait_for(lambda: (r := _round(fleet)).dropped == 1 and r, "the refusal to be counted")
+        rnd = wait_for(lambda: next((r for r in rounds(fleet) if r.dropped == 1), None), "the refusal to be counted")
         assert rnd.accepted == 0
     finally:
         fleet.stop()
@@ -65,7 +67,10 @@ def test_training_error_is_reported_and_the_agent_keeps_polling(tmp_path: Path, 
         o = runner.agent.outcomes[0]
         assert o.status == "failed" and "local data" in o.detail, o
         wait_for(lambda: _round(fleet).dropped == 1, "the failure to be counted")
-        # still alive and polling (the round waits for no one: it is not assigned again)
+        # Its only device gave up and no other is online: the round fails at once, with the device's reason.
+        rnd = wait_for(lambda: (r := _round(fleet)).state == aggregator_pb2.ROUND_STATE_FAILED and r, "round 1 failed")
+        assert [(f.reason, f.devices) for f in rnd.failures] == [("data", 1)] and "local data" in rnd.failures[0].detail
+        # still alive and polling
         polls = runner.agent.client.retries
         assert runner.thread.is_alive() and polls == runner.agent.client.retries
         assert runner.stop() == 0

@@ -93,7 +93,8 @@ def test_every_bad_upload_is_rejected_and_the_model_stays_bit_identical(fleet: F
     _expect(stub, msgs[:2] + [unknown], dev_a.md, StatusCode.INVALID_ARGUMENT, "not in the manifest")
 
     rnd = stub.GetRound(aggregator_pb2.GetRoundRequest(round_id=a.round_id), metadata=fleet.operator, timeout=10)
-    assert rnd.state == aggregator_pb2.ROUND_STATE_OPEN and rnd.accepted == 0 and rnd.rejected >= 10
+    # Every rejection counted once in the round, those refused before an upload session began included.
+    assert rnd.state == aggregator_pb2.ROUND_STATE_OPEN and rnd.accepted == 0 and rnd.rejected == 15
 
     # The good update closes the round (quorum 1); its result is exactly the good update alone.
     ack = upload_once(stub, a.ticket, 5, pl, metadata=dev_a.md, chunk_bytes=1024)
@@ -104,6 +105,8 @@ def test_every_bad_upload_is_rejected_and_the_model_stays_bit_identical(fleet: F
     received_b = download(fleet, dev_b, b)
     late = payload(scripted_delta(received_b, seed=2, assignment=b), "fp32")
     _expect(stub, _messages(b.ticket, late), dev_b.md, StatusCode.FAILED_PRECONDITION, "closed")
+    rnd = stub.GetRound(aggregator_pb2.GetRoundRequest(round_id=a.round_id), metadata=fleet.operator, timeout=10)
+    assert rnd.rejected == 17  # the duplicate and the late upload count in the round their tickets name
 
     for name, t in fleet.store.load("job-v0").items():
         assert torch.equal(t, v0[name]), name  # version 0 untouched

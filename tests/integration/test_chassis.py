@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from raffm.errors import (
-    AuthenticationError, ConfigError, NotFoundError, PermissionDeniedError, PreconditionError, ValidationError,
+    AuthenticationError, ConfigError, ConflictError, NotFoundError, PermissionDeniedError, PreconditionError, ValidationError,
 )
 from services.common.auth import Principal, StaticTokenVerifier, auth_metadata, current_principal
 from services.common.errors import ERROR_DETAIL_KEY, parse_error_detail
@@ -27,13 +27,15 @@ ERRORS = {
     b"denied": PermissionDeniedError("not yours"),
     b"missing": NotFoundError("no such thing"),
     b"precondition": PreconditionError("round closed"),
+    b"conflict": ConflictError("another upload of this ticket is in progress"),
     b"value": ValueError("plain library validation"),
     b"bug": RuntimeError("oops"),
 }
 EXPECTED = {
     b"validation": grpc.StatusCode.INVALID_ARGUMENT, b"auth": grpc.StatusCode.UNAUTHENTICATED,
     b"denied": grpc.StatusCode.PERMISSION_DENIED, b"missing": grpc.StatusCode.NOT_FOUND,
-    b"precondition": grpc.StatusCode.FAILED_PRECONDITION, b"value": grpc.StatusCode.INVALID_ARGUMENT,
+    b"precondition": grpc.StatusCode.FAILED_PRECONDITION, b"conflict": grpc.StatusCode.ABORTED,
+    b"value": grpc.StatusCode.INVALID_ARGUMENT,
     b"bug": grpc.StatusCode.INTERNAL,
 }
 
@@ -57,6 +59,9 @@ class EchoService:
         return current_principal().subject.encode()
 
     async def fail(self, request: bytes, context) -> bytes:
+        if request == b"huge":  # an error that quotes a 10 MB field in its message, hint and field path
+            raise ValidationError("value " + "v" * (10 << 20) + " is bad", field="f" * (10 << 20),
+                                  hint="h" * (10 << 20))
         raise ERRORS[request]
 
     async def slow(self, request: bytes, context) -> bytes:
@@ -148,6 +153,17 @@ def test_error_table_maps_domain_errors(chassis, kind):
     if kind == b"validation":
         assert detail.field == "x" and "correct the named field" in err.value.details()
     assert ERROR_DETAIL_KEY.endswith("-bin")
+
+
+def test_an_error_quoting_a_huge_value_keeps_its_code_and_a_short_message(chassis):
+    """A status message travels in HTTP/2 trailers: unbounded, the client sees RESOURCE_EXHAUSTED instead."""
+    with pytest.raises(grpc.RpcError) as err:
+        chassis.call("Fail", b"huge")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()[:200]
+    assert err.value.details().startswith("value vvv") and len(err.value.details()) < 2000
+    assert "more characters cut" in err.value.details()
+    detail = parse_error_detail(err.value.trailing_metadata())
+    assert detail is not None and len(detail.message) + len(detail.field) + len(detail.hint) < 2000
 
 
 def test_streaming_handlers_are_wrapped(chassis):

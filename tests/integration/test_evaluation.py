@@ -4,6 +4,7 @@ server's held-out file, reported in Round.evaluation and as metrics."""
 from __future__ import annotations
 
 import csv
+import logging
 import random
 from pathlib import Path
 
@@ -45,7 +46,9 @@ def _eval_file(path: Path) -> Path:
     return path
 
 
-def test_global_model_and_sub_models_are_evaluated_after_each_round(tmp_path: Path) -> None:
+def test_global_model_and_sub_models_are_evaluated_after_each_round(tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="services.aggregator")
     model = _model_with_tokenizer(tmp_path / "model")
     data_path = _eval_file(tmp_path / "heldout.csv")
     job = tiny_job(model, rounds=1, clients_per_round=1, quorum=1, eval_data=str(data_path),
@@ -79,6 +82,11 @@ def test_global_model_and_sub_models_are_evaluated_after_each_round(tmp_path: Pa
         text = generate_latest(fleet.metrics).decode()
         assert f'raffm_aggregator_eval{{metric="accuracy",size="full"}} {ev["accuracy"]}' in text
         assert f'raffm_aggregator_eval{{metric="accuracy",size="0.25"}} {ev["accuracy@0.25"]}' in text
+
+        # The aggregator's log says how the model is doing, next to the update count (issue 12, item 8).
+        closed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("round job-r1 closed")]
+        assert closed == [f"round job-r1 closed: 1 update(s), version job-v1; held-out accuracy {ev['accuracy']:.1%}; "
+                          f"by share of the compute 0.25: {ev['accuracy@0.25']:.1%}, 1: {ev['accuracy@1']:.1%}"]
     finally:
         fleet.stop()
 

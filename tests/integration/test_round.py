@@ -66,8 +66,9 @@ def _three_device_round(tmp_path: Path, wire_dtype: str, db_url: str = "") -> No
         specs = [spec_of(a) for a in assignments]
         assert len({s.key() for s in specs}) == 3, [s.key() for s in specs]  # heterogeneous slices
         assert all(a.round_id == "job-r1" and a.model_version == "job-v0" for a in assignments)
-        # A fourth poll (already assigned) waits.
-        assert fleet.poll(stub, devs[0]).WhichOneof("action") == "wait"
+        # A fourth poll before uploading (its reply was lost, say) gets the same assignment again.
+        again = fleet.poll(stub, devs[0])
+        assert again.WhichOneof("action") == "assignment" and again.assignment.ticket == assignments[0].ticket
 
         updates = []
         down: dict[str, int] = {}
@@ -84,6 +85,8 @@ def _three_device_round(tmp_path: Path, wire_dtype: str, db_url: str = "") -> No
                               metrics={"loss": 1.0 + i})
             assert ack.accepted and ack.round_id == "job-r1"
             updates.append((delta, spec, 10 * (i + 1)))
+            if i == 0:  # it took part: polling again in this round waits, and never gets its ticket back
+                assert fleet.poll(stub, dev).WhichOneof("action") == "wait"
 
         rnd = fleet.wait_round(stub, "job-r1")
         assert rnd.state == aggregator_pb2.ROUND_STATE_CLOSED, rnd
@@ -108,6 +111,7 @@ def _three_device_round(tmp_path: Path, wire_dtype: str, db_url: str = "") -> No
         assert [r.round_id for r in listed.rounds] == ["job-r2", "job-r1"]
         text = _metrics_text(fleet)
         assert 'raffm_aggregator_updates_accepted_total{tier="phone"} 1.0' in text
+        assert "raffm_aggregator_assignments_redelivered_total 1.0" in text
         dtype = WIRE_DTYPES[job.wire_dtype]
         name = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
         assert f'raffm_aggregator_full_model_fedavg_bytes_total{{wire_dtype="{name}"}} {float(6 * full_model)}' in text

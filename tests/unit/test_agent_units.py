@@ -138,6 +138,23 @@ def test_stopper_wait_raises_once_stopped_and_runs_cancel_callbacks() -> None:
     assert cancelled == ["call"] and s.reason == "SIGTERM"
 
 
+@pytest.mark.timeout(60)
+def test_stopper_stop_takes_no_lock_so_a_second_signal_cannot_deadlock_the_first() -> None:
+    """A second SIGTERM (the demo signals the fleet's process group, and `raffm agent simulate` forwards the signal
+    too) runs its handler inside the first one's. ``Event.set`` holds a non-reentrant lock, so a handler calling it
+    while interrupted code holds that lock hung the agent for good."""
+    s = Stopper()
+    s.start_watcher()
+    with s.event._cond:  # type: ignore[attr-defined]  # what the interrupted Event.set() was holding
+        s.stop("SIGTERM")
+        s.stop("SIGTERM")  # the second signal
+        with pytest.raises(Stopped):
+            s.check()
+    with pytest.raises(Stopped):
+        s.wait(30)
+    assert s.event.wait(30) and s.reason == "SIGTERM"
+
+
 # ------------------------------------------------------------------------------------------------------ faults
 
 

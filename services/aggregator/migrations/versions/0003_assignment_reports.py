@@ -1,8 +1,8 @@
 """Closed-loop sizing: each assignment keeps the plan's predictions (with the declared profile they assumed) and the
 device's report of what the round really cost (issue 14).
 
-Revision ID: a0002
-Revises: a0001
+Revision ID: a0003
+Revises: a0002
 Create Date: 2026-11-30
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "a0002"
-down_revision = "a0001"
+revision = "a0003"
+down_revision = "a0002"
 branch_labels = None
 depends_on = None
 
