@@ -71,6 +71,7 @@ class Costs:
     trained_params: int  # params minus the recipe's frozen tensors: what has gradients, moments and a delta
     wire_dtype: str
     wire_bytes: int  # the slice down (every tensor of the sub-model)
+    cached_bytes: int  # the recipe's frozen tensors in wire_bytes: a device that kept them skips their download
     upload_bytes: int  # its delta up (the trained tensors only)
     forward_flops_per_sample: float
     flops_per_sample: float  # training: forward + backward ~ 3x forward, per pass of the recipe
@@ -326,6 +327,7 @@ class CostModel:
             trained_params=sum(trained),
             wire_dtype=wire_dtype_name(wire_dtype),
             wire_bytes=params * nbytes,
+            cached_bytes=frozen * nbytes,
             upload_bytes=sum(trained) * nbytes,
             forward_flops_per_sample=fwd,
             flops_per_sample=(4.0 if recipe.checkpointing else 3.0) * (fwd + nested_flops),

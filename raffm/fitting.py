@@ -73,11 +73,13 @@ class RoundBudget:
     seq_len: int = 64
     local_steps: int = 1  # optimizer steps per round; samples per round = local_steps * batch_size
     infer_memory_mb: float | None = None
+    # The device holds the recipe's frozen tensors from an earlier round: their download is not priced again.
+    holds_frozen: bool = False
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is None and f.name == "infer_memory_mb":
+            if (value is None and f.name == "infer_memory_mb") or f.name == "holds_frozen":
                 continue
             low, high = _BOUNDS[f.name]
             integer = f.name in _INTEGER_FIELDS
@@ -116,9 +118,11 @@ RecipesFor = Callable[[ElasticSpec], Sequence[Recipe]]
 
 
 def round_time(costs: Costs, profile: RoundBudget) -> RoundTime:
-    """The slice down, ``samples_per_round`` training samples of compute, the delta of the trained tensors up."""
+    """The slice down (less the frozen tensors the device holds), ``samples_per_round`` training samples of compute,
+    the delta of the trained tensors up."""
+    down = costs.wire_bytes - (costs.cached_bytes if profile.holds_frozen else 0)
     return RoundTime(
-        download_s=8.0 * costs.wire_bytes / (profile.down_mbps * 1e6),
+        download_s=8.0 * down / (profile.down_mbps * 1e6),
         compute_s=profile.samples_per_round * costs.flops_per_sample / (profile.gflops * 1e9),
         upload_s=8.0 * costs.upload_bytes / (profile.up_mbps * 1e6),
     )

@@ -97,6 +97,7 @@ class PlanJob:
     deadline_s: float = 600.0
     local_steps: int = 10
     optimizer: str = "adamw"
+    holds_frozen: bool = False  # the device kept the frozen tensors of an earlier round (see RoundBudget)
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,8 @@ def round_budget(profile: DeviceProfile, job: PlanJob, cost_model: CostModel) ->
         return RoundBudget(
             train_memory_mb=profile.train_memory_mb, gflops=profile.gflops, up_mbps=profile.up_mbps,
             down_mbps=profile.down_mbps, deadline_s=job.deadline_s, batch_size=job.batch_size, seq_len=seq_len,
-            local_steps=max(job.local_steps, 1), infer_memory_mb=profile.infer_memory_mb or None)
+            local_steps=max(job.local_steps, 1), infer_memory_mb=profile.infer_memory_mb or None,
+            holds_frozen=job.holds_frozen)
     except ValueError as exc:
         raise ValidationError(str(exc), field="profile") from None
 

@@ -25,27 +25,27 @@ _sym_db = _symbol_database.Default()
 from raffm.v1 import common_pb2 as raffm_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18raffm/v1/extractor.proto\x12\x08raffm.v1\x1a\x15raffm/v1/common.proto\"\x95\x01\n\tJobParams\x12\x12\n\nbatch_size\x18\x01 \x01(\r\x12\x0f\n\x07seq_len\x18\x02 \x01(\r\x12\'\n\nwire_dtype\x18\x03 \x01(\x0e\x32\x13.raffm.v1.WireDtype\x12\x12\n\ndeadline_s\x18\x04 \x01(\x01\x12\x13\n\x0blocal_steps\x18\x05 \x01(\r\x12\x11\n\toptimizer\x18\x06 \x01(\t\"\xaa\x01\n\x0bPlanRequest\x12(\n\x07profile\x18\x01 \x01(\x0b\x32\x17.raffm.v1.DeviceProfile\x12 \n\x03job\x18\x02 \x01(\x0b\x32\x13.raffm.v1.JobParams\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12&\n\x07purpose\x18\x04 \x01(\x0e\x32\x15.raffm.v1.PlanPurpose\x12\x10\n\x08strategy\x18\x05 \x01(\t\"\xfa\x01\n\x0c\x43ostEstimate\x12\x0e\n\x06params\x18\x01 \x01(\x04\x12\x12\n\nwire_bytes\x18\x02 \x01(\x04\x12\x18\n\x10\x66lops_per_sample\x18\x03 \x01(\x04\x12\x17\n\x0ftrain_memory_mb\x18\x04 \x01(\x01\x12\x17\n\x0finfer_memory_mb\x18\x05 \x01(\x01\x12\x12\n\ndownload_s\x18\x06 \x01(\x01\x12\x11\n\tcompute_s\x18\x07 \x01(\x01\x12\x10\n\x08upload_s\x18\x08 \x01(\x01\x12\x13\n\x0b\x65st_seconds\x18\t \x01(\x01\x12\x14\n\x0cupload_bytes\x18\n \x01(\x04\x12\x16\n\x0etrained_params\x18\x0b \x01(\x04\"\xd9\x01\n\tPlanReply\x12#\n\x04spec\x18\x01 \x01(\x0b\x32\x15.raffm.v1.ElasticSpec\x12$\n\x04\x63ost\x18\x02 \x01(\x0b\x32\x16.raffm.v1.CostEstimate\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x16\n\x0eparam_fraction\x18\x04 \x01(\x01\x12(\n\tfull_spec\x18\x05 \x01(\x0b\x32\x15.raffm.v1.ElasticSpec\x12(\n\x06recipe\x18\x06 \x01(\x0b\x32\x18.raffm.v1.TrainingRecipe\"w\n\x0f\x44ownloadRequest\x12\x0e\n\x06ticket\x18\x01 \x01(\x0c\x12*\n\x0bresume_from\x18\x02 \x01(\x0b\x32\x15.raffm.v1.ResumePoint\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\r\x12\x13\n\x0bhave_sha256\x18\x04 \x03(\x0c\"f\n\x0cSliceMessage\x12&\n\x08manifest\x18\x01 \x01(\x0b\x32\x12.raffm.v1.ManifestH\x00\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.raffm.v1.TensorChunkH\x00\x42\x06\n\x04\x62ody*[\n\x0bPlanPurpose\x12\x1c\n\x18PLAN_PURPOSE_UNSPECIFIED\x10\x00\x12\x16\n\x12PLAN_PURPOSE_TRAIN\x10\x01\x12\x16\n\x12PLAN_PURPOSE_INFER\x10\x02\x32\x8c\x01\n\x10\x45xtractorService\x12\x32\n\x04Plan\x12\x15.raffm.v1.PlanRequest\x1a\x13.raffm.v1.PlanReply\x12\x44\n\rDownloadSlice\x12\x19.raffm.v1.DownloadRequest\x1a\x16.raffm.v1.SliceMessage0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18raffm/v1/extractor.proto\x12\x08raffm.v1\x1a\x15raffm/v1/common.proto\"\xab\x01\n\tJobParams\x12\x12\n\nbatch_size\x18\x01 \x01(\r\x12\x0f\n\x07seq_len\x18\x02 \x01(\r\x12\'\n\nwire_dtype\x18\x03 \x01(\x0e\x32\x13.raffm.v1.WireDtype\x12\x12\n\ndeadline_s\x18\x04 \x01(\x01\x12\x13\n\x0blocal_steps\x18\x05 \x01(\r\x12\x11\n\toptimizer\x18\x06 \x01(\t\x12\x14\n\x0cholds_frozen\x18\x07 \x01(\x08\"\xaa\x01\n\x0bPlanRequest\x12(\n\x07profile\x18\x01 \x01(\x0b\x32\x17.raffm.v1.DeviceProfile\x12 \n\x03job\x18\x02 \x01(\x0b\x32\x13.raffm.v1.JobParams\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12&\n\x07purpose\x18\x04 \x01(\x0e\x32\x15.raffm.v1.PlanPurpose\x12\x10\n\x08strategy\x18\x05 \x01(\t\"\xfa\x01\n\x0c\x43ostEstimate\x12\x0e\n\x06params\x18\x01 \x01(\x04\x12\x12\n\nwire_bytes\x18\x02 \x01(\x04\x12\x18\n\x10\x66lops_per_sample\x18\x03 \x01(\x04\x12\x17\n\x0ftrain_memory_mb\x18\x04 \x01(\x01\x12\x17\n\x0finfer_memory_mb\x18\x05 \x01(\x01\x12\x12\n\ndownload_s\x18\x06 \x01(\x01\x12\x11\n\tcompute_s\x18\x07 \x01(\x01\x12\x10\n\x08upload_s\x18\x08 \x01(\x01\x12\x13\n\x0b\x65st_seconds\x18\t \x01(\x01\x12\x14\n\x0cupload_bytes\x18\n \x01(\x04\x12\x16\n\x0etrained_params\x18\x0b \x01(\x04\"\xd9\x01\n\tPlanReply\x12#\n\x04spec\x18\x01 \x01(\x0b\x32\x15.raffm.v1.ElasticSpec\x12$\n\x04\x63ost\x18\x02 \x01(\x0b\x32\x16.raffm.v1.CostEstimate\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x16\n\x0eparam_fraction\x18\x04 \x01(\x01\x12(\n\tfull_spec\x18\x05 \x01(\x0b\x32\x15.raffm.v1.ElasticSpec\x12(\n\x06recipe\x18\x06 \x01(\x0b\x32\x18.raffm.v1.TrainingRecipe\"w\n\x0f\x44ownloadRequest\x12\x0e\n\x06ticket\x18\x01 \x01(\x0c\x12*\n\x0bresume_from\x18\x02 \x01(\x0b\x32\x15.raffm.v1.ResumePoint\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\r\x12\x13\n\x0bhave_sha256\x18\x04 \x03(\x0c\"f\n\x0cSliceMessage\x12&\n\x08manifest\x18\x01 \x01(\x0b\x32\x12.raffm.v1.ManifestH\x00\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.raffm.v1.TensorChunkH\x00\x42\x06\n\x04\x62ody*[\n\x0bPlanPurpose\x12\x1c\n\x18PLAN_PURPOSE_UNSPECIFIED\x10\x00\x12\x16\n\x12PLAN_PURPOSE_TRAIN\x10\x01\x12\x16\n\x12PLAN_PURPOSE_INFER\x10\x02\x32\x8c\x01\n\x10\x45xtractorService\x12\x32\n\x04Plan\x12\x15.raffm.v1.PlanRequest\x1a\x13.raffm.v1.PlanReply\x12\x44\n\rDownloadSlice\x12\x19.raffm.v1.DownloadRequest\x1a\x16.raffm.v1.SliceMessage0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'raffm.v1.extractor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PLANPURPOSE']._serialized_start=1084
-  _globals['_PLANPURPOSE']._serialized_end=1175
+  _globals['_PLANPURPOSE']._serialized_start=1106
+  _globals['_PLANPURPOSE']._serialized_end=1197
   _globals['_JOBPARAMS']._serialized_start=62
-  _globals['_JOBPARAMS']._serialized_end=211
-  _globals['_PLANREQUEST']._serialized_start=214
-  _globals['_PLANREQUEST']._serialized_end=384
-  _globals['_COSTESTIMATE']._serialized_start=387
-  _globals['_COSTESTIMATE']._serialized_end=637
-  _globals['_PLANREPLY']._serialized_start=640
-  _globals['_PLANREPLY']._serialized_end=857
-  _globals['_DOWNLOADREQUEST']._serialized_start=859
-  _globals['_DOWNLOADREQUEST']._serialized_end=978
-  _globals['_SLICEMESSAGE']._serialized_start=980
-  _globals['_SLICEMESSAGE']._serialized_end=1082
-  _globals['_EXTRACTORSERVICE']._serialized_start=1178
-  _globals['_EXTRACTORSERVICE']._serialized_end=1318
+  _globals['_JOBPARAMS']._serialized_end=233
+  _globals['_PLANREQUEST']._serialized_start=236
+  _globals['_PLANREQUEST']._serialized_end=406
+  _globals['_COSTESTIMATE']._serialized_start=409
+  _globals['_COSTESTIMATE']._serialized_end=659
+  _globals['_PLANREPLY']._serialized_start=662
+  _globals['_PLANREPLY']._serialized_end=879
+  _globals['_DOWNLOADREQUEST']._serialized_start=881
+  _globals['_DOWNLOADREQUEST']._serialized_end=1000
+  _globals['_SLICEMESSAGE']._serialized_start=1002
+  _globals['_SLICEMESSAGE']._serialized_end=1104
+  _globals['_EXTRACTORSERVICE']._serialized_start=1200
+  _globals['_EXTRACTORSERVICE']._serialized_end=1340
 # @@protoc_insertion_point(module_scope)

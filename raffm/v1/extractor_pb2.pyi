@@ -18,20 +18,22 @@ PLAN_PURPOSE_TRAIN: PlanPurpose
 PLAN_PURPOSE_INFER: PlanPurpose
 
 class JobParams(_message.Message):
-    __slots__ = ("batch_size", "seq_len", "wire_dtype", "deadline_s", "local_steps", "optimizer")
+    __slots__ = ("batch_size", "seq_len", "wire_dtype", "deadline_s", "local_steps", "optimizer", "holds_frozen")
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    HOLDS_FROZEN_FIELD_NUMBER: _ClassVar[int]
     batch_size: int
     seq_len: int
     wire_dtype: _common_pb2.WireDtype
     deadline_s: float
     local_steps: int
     optimizer: str
-    def __init__(self, batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., wire_dtype: _Optional[_Union[_common_pb2.WireDtype, str]] = ..., deadline_s: _Optional[float] = ..., local_steps: _Optional[int] = ..., optimizer: _Optional[str] = ...) -> None: ...
+    holds_frozen: bool
+    def __init__(self, batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., wire_dtype: _Optional[_Union[_common_pb2.WireDtype, str]] = ..., deadline_s: _Optional[float] = ..., local_steps: _Optional[int] = ..., optimizer: _Optional[str] = ..., holds_frozen: _Optional[bool] = ...) -> None: ...
 
 class PlanRequest(_message.Message):
     __slots__ = ("profile", "job", "model_version", "purpose", "strategy")

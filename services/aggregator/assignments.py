@@ -157,8 +157,10 @@ class Assigner:
         left = rnd.deadline - self._clock()
         # download + compute + upload must fit in what is left once the device's fixed cost of a round is paid
         budget_s = (left - cal.overhead_s) * (1 - DEADLINE_SLACK)
+        # A device that has reported a round keeps the frozen tensors in its cache: they are not downloaded again.
         plan_job = PlanJob(batch_size=job.batch_size, seq_len=job.seq_len, wire_dtype=job.wire_dtype,
-                           deadline_s=max(budget_s, 0.01), local_steps=steps, optimizer=job.optimizer)
+                           deadline_s=max(budget_s, 0.01), local_steps=steps, optimizer=job.optimizer,
+                           holds_frozen=cal.observations > 0)
         profile = corrected_profile(device.profile, cal)
         try:
             plan = self.planner.plan(profile, plan_job, rnd.model_version)

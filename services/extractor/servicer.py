@@ -34,7 +34,8 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServiceServicer):
         # Unset fields take the protocol's defaults; the wire dtype enum becomes the core's name in the planner.
         plan_job = PlanJob(batch_size=job.batch_size or 16, seq_len=job.seq_len,
                            wire_dtype=wire_dtype_from_proto(job.wire_dtype), deadline_s=job.deadline_s or 600.0,
-                           local_steps=job.local_steps or 1, optimizer=job.optimizer or "adamw")
+                           local_steps=job.local_steps or 1, optimizer=job.optimizer or "adamw",
+                           holds_frozen=job.holds_frozen)
         infer = request.purpose == extractor_pb2.PLAN_PURPOSE_INFER
         try:
             strategy = strategy_named(request.strategy or "raffm")

@@ -133,6 +133,24 @@ def test_round_time_adds_download_compute_upload() -> None:
     assert t.total_s == pytest.approx(t.upload_s + t.download_s + t.compute_s)
 
 
+def test_a_device_that_holds_the_frozen_tensors_is_not_priced_for_their_download() -> None:
+    cm = minilm_costs()
+    spec = ladder(cm.dims)[-1]
+    recipe = STRATEGIES["raffm"].recipe_for(spec, cm)
+    costs = cm.estimate(spec, batch_size=16, seq_len=64, wire_dtype="fp32", recipe=recipe)
+    frozen = sum(cm.plan(spec)[name].numel for name in recipe.frozen)
+    assert recipe.frozen and costs.cached_bytes == 4 * frozen < costs.wire_bytes
+    first = round_time(costs, profile(down_mbps=8))
+    again = round_time(costs, profile(down_mbps=8, holds_frozen=True))
+    assert first.download_s == pytest.approx(costs.wire_bytes / 1e6)
+    assert again.download_s == pytest.approx((costs.wire_bytes - costs.cached_bytes) / 1e6)
+    assert (again.compute_s, again.upload_s) == (first.compute_s, first.upload_s)
+    # With nothing frozen there is nothing cached to leave out.
+    plain = cm.estimate(spec, batch_size=16, seq_len=64, wire_dtype="fp32")
+    assert plain.cached_bytes == 0
+    assert round_time(plain, profile(holds_frozen=True)) == round_time(plain, profile())
+
+
 def test_too_small_memory_is_a_clear_error() -> None:
     with pytest.raises(ValueError) as err:
         fit(minilm_costs(), profile(train_memory_mb=10))
