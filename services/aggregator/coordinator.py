@@ -129,6 +129,11 @@ class RoundCoordinator:
     def _slice_bytes(self, spec: ElasticSpec) -> int:
         return sum(s.numel for s in self._plan(spec).values()) * itemsize(self.job.wire_dtype)
 
+    def check_open(self, round_id: str) -> None:
+        """LateUploadError unless ``round_id`` is the open round and before its deadline."""
+        with self._lock:
+            self._check_open(round_id)
+
     def _check_open(self, round_id: str) -> OpenRound:
         o = self._open
         if o is None or o.record.round_id != round_id or o.record.state != OPEN:

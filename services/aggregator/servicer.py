@@ -21,7 +21,7 @@ from services.aggregator.coordinator import RoundCoordinator
 from services.aggregator.devices import DeviceDirectory
 from services.aggregator.reports import header_metrics
 from services.aggregator.store import AGGREGATING, CLOSED, FAILED, OPEN, RoundRecord
-from services.aggregator.uploads import UploadRejectedError, UploadSession
+from services.aggregator.uploads import LateUploadError, UploadRejectedError, UploadSession
 from services.common.auth import TokenVerifier, authorize_device, current_principal, reverify
 
 log = logging.getLogger(__name__)
@@ -141,11 +141,20 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            cause: Exception = exc
+            if isinstance(exc, OSError) and session is not None:
+                # The round ended under this stream and took its staging directory along: late, not a server bug.
+                try:
+                    await asyncio.to_thread(self.c.check_open, session.round_id)
+                except LateUploadError as late:
+                    exc = late
             reason = getattr(exc, "reason", None) or ("other" if isinstance(exc, DomainError | ValueError) else None)
             if reason is not None:  # anything else is a server bug: INTERNAL, logged by the chassis
                 await asyncio.to_thread(
                     self.c.record_rejection, reason, str(exc), ticket=h.ticket if h is not None else b"",
                     round_id=session.round_id if session is not None else None, device=caller.subject)
+            if exc is not cause:
+                raise exc from None
             raise
         finally:
             _end_session(work, session)

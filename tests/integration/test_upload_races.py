@@ -113,3 +113,34 @@ def test_two_streams_racing_on_one_ticket_fold_exactly_the_acknowledged_one(flee
     assert len(acked) == 1, outcomes
     assert set(refused.values()) <= {grpc.StatusCode.ABORTED, grpc.StatusCode.ALREADY_EXISTS}, outcomes
     _assert_folded_exactly(fleet, a, (first, second)[acked[0]])
+
+
+def test_a_stream_whose_round_closes_under_it_is_told_late_not_internal(tmp_path: Path) -> None:
+    """The round ends (its deadline passes with no quorum) while a stream is between chunks: its staging directory
+    goes with the round, and the rest of the stream must be refused as late (FAILED_PRECONDITION), never INTERNAL."""
+    job = tiny_job(tiny_bert_folder(tmp_path / "model"), clients_per_round=1, quorum=1, rounds=1,
+                   round_deadline_s=4.0, ticket_grace_s=60.0)
+    fleet = Fleet(tmp_path, job).start()
+    try:
+        fleet.register("a", train_memory_mb=64, tier="laptop")
+        stub, dev = fleet.agg_stub(), fleet.devices["a"]
+        a, delta, _ = _assignment_and_deltas(fleet)
+        release = threading.Event()
+
+        def held(msgs: list[aggregator_pb2.UploadMessage]) -> Iterator[aggregator_pb2.UploadMessage]:
+            for i, m in enumerate(msgs):
+                if i == 4:  # header, manifest and 2 chunks are in; the rest comes after the round ended
+                    release.wait(60)
+                yield m
+
+        msgs = list(upload_messages(a.ticket, 5, payload(delta, "fp32"), chunk_bytes=CHUNK))
+        call = stub.UploadUpdate.future(held(msgs), metadata=dev.md, timeout=120)
+        rnd = fleet.wait_round(stub, a.round_id)  # the deadline passes with nothing accepted
+        assert rnd.state == aggregator_pb2.ROUND_STATE_FAILED, rnd
+        release.set()
+        with pytest.raises(grpc.RpcError) as err:
+            call.result(timeout=60)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, err.value.details()
+    finally:
+        release.set()
+        fleet.stop()
