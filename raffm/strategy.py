@@ -106,7 +106,10 @@ class Strategy:
                 if momentum is not None:
                     step = step + self.server_momentum * momentum[name]
                 buffer[name] = step
-                state[name] = (previous[name].double() + step).to(new.dtype)
+                # Where nothing moves, the previous value bit for bit (x + 0.0 turns -0.0 into +0.0, and a frozen
+                # tensor that changes its bits is downloaded again by every device).
+                old = previous[name]
+                state[name] = torch.where(step != 0, (old.double() + step).to(new.dtype), old)
         if self.ordering == "every_round":
             state = prioritize_state(state, cost_model.adapter, cost_model.dims)
         return state, buffer

@@ -101,6 +101,11 @@ def test_server_momentum_accumulates_the_rounds_steps() -> None:
     step2 = {n: t + 1.0 if n == name else t for n, t in w1.items()}
     w2, _ = m.next_version(step2, cm, previous=w1, momentum=b1)
     torch.testing.assert_close(w2[name], w1[name] + 1.5)  # round 2: this step plus half of the last
+    # What did not move keeps its bits (-0.0 included: a frozen tensor whose bits change is downloaded again).
+    word = "bert.embeddings.word_embeddings.weight"
+    w0[word][0, :4] = -0.0
+    same, _ = m.next_version(dict(w0), cm, previous=w0)
+    assert all(torch.equal(same[n].view(torch.uint8), w0[n].view(torch.uint8)) for n in w0 if w0[n].is_floating_point())
     with pytest.raises(ValueError, match="stable channel order"):
         Strategy(ordering="every_round", server_momentum=0.9)
 
