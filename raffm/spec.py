@@ -15,13 +15,20 @@ from typing import Any
 
 @dataclass(frozen=True)
 class ModelDims:
-    """The shape of a global transformer: what every spec is validated against."""
+    """The shape of a global transformer: what every spec is validated against.
+
+    ``heads`` counts the units a cut keeps or drops: attention heads, or with grouped-query attention (GQA) whole KV
+    groups, each of one key/value head and its ``group`` query heads. ``fixed_head_dim``: the head dimension cannot be
+    cut (rotary position embeddings rotate fixed pairs of head dimensions at fixed frequencies).
+    """
 
     hidden: int
     layers: int
     heads: int
     head_dim: int
     ffn: int
+    group: int = 1  # query heads per KV head (1 without GQA)
+    fixed_head_dim: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,11 @@ class ElasticSpec:
         for i, layer in enumerate(self.layers):
             _check_range(f"layer {i} heads", layer.heads, dims.heads)
             _check_range(f"layer {i} head_dim", layer.head_dim, dims.head_dim)
+            if dims.fixed_head_dim and layer.head_dim != dims.head_dim:
+                raise ValueError(
+                    f"layer {i} head_dim is {layer.head_dim}; this model's rotary position embeddings need every head's"
+                    f" full {dims.head_dim} dimensions (cut heads, not head dimensions)"
+                )
             _check_range(f"layer {i} ffn", layer.ffn, dims.ffn)
         return self
 
