@@ -19,6 +19,7 @@ from transformers import (
 )
 
 from raffm.arch import LLAMA, adapter_for, tied_aliases
+from raffm.costs import MIB, CostModel
 from raffm.elastic import extract, plan_for, stock_config
 from raffm.fitting import ladder
 from raffm.slicing import slice_state
@@ -244,3 +245,57 @@ def test_the_fitter_ladder_cuts_kv_groups_and_every_rung_extracts() -> None:
     for rung in rungs:
         assert all(l.head_dim == dims.head_dim for l in rung.layers)
         assert torch.isfinite(logits(extract(ordered, rung))).all()
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_cost_model_params_equal_the_real_models(variant: str) -> None:
+    model = make(variant)
+    cm = CostModel.from_model(model)
+    full = ElasticSpec.full(cm.dims)
+    assert cm.params(full) == sum(p.numel() for p in model.parameters())  # a tied head counts once
+    for spec in (ElasticSpec.uniform(cm.dims, heads=1, ffn=40),
+                 ElasticSpec(hidden=64, layers=(LayerSpec(cm.dims.heads, cm.dims.head_dim, 8),))):
+        sub = extract(model, spec)
+        assert cm.params(spec) == sum(p.numel() for p in sub.parameters())
+        assert cm.estimate(spec, batch_size=1, seq_len=8).wire_bytes == 4 * cm.params(spec)
+
+
+def test_flops_count_swiglu_gqa_and_the_lm_head() -> None:
+    model = make("gqa4")  # 2 KV groups of 4 query heads, head_dim 16, hidden 64
+    cm = CostModel.from_model(model)
+    spec = ElasticSpec(hidden=64, layers=(LayerSpec(1, 16, 24), LayerSpec(2, 16, 128)))
+    L, h = 10, 64
+    macs = 0
+    for groups, f in ((1, 24), (2, 128)):
+        a, c = groups * 4 * 16, groups * 16
+        macs += 2 * L * h * a + 2 * L * h * c + 3 * L * h * f + 2 * L * L * a  # q+o, k+v, SwiGLU, attention
+    macs += L * h * VOCAB  # logits at every position
+    assert cm.estimate(spec, batch_size=1, seq_len=L).forward_flops_per_sample == 2.0 * macs
+
+
+def _saved_activation_bytes(model: torch.nn.Module, **inputs: torch.Tensor) -> int:
+    """Bytes of the distinct non-parameter storages autograd saves during one forward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**inputs)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("variant", ["gqa", "tied", "mha"])
+def test_activation_formula_matches_what_autograd_saves_llama(variant: str) -> None:
+    model = make(variant)
+    cm = CostModel.from_model(model)
+    for spec in (ElasticSpec.full(cm.dims), ElasticSpec(hidden=64, layers=(LayerSpec(1, 16, 40), LayerSpec(cm.dims.heads, 16, 96)))):
+        sub = extract(model, spec).train()
+        ids = torch.randint(0, VOCAB, (4, 24), generator=torch.Generator().manual_seed(0))
+        saved = _saved_activation_bytes(sub, input_ids=ids, labels=ids)  # an unpadded batch (see raffm.costs)
+        predicted = cm.estimate(spec, batch_size=4, seq_len=24).activations_mb * MIB
+        assert predicted == pytest.approx(saved, rel=0.02), (predicted, saved)
