@@ -3,7 +3,8 @@
 A sub-model keeps, after salience ordering, the *leading* channels of the global model:
 the first ``hidden`` residual channels, the first ``len(layers)`` layers, and per layer the first ``heads``
 attention heads, the first ``head_dim`` dimensions of every kept head (Q, K and V alike) and the first ``ffn``
-feed-forward neurons.
+feed-forward neurons. With grouped-query attention (Llama family) ``heads`` counts KV groups, each kept with all of
+its query heads, and ``head_dim`` is always the full one (rotary position embeddings; see ``ModelDims``).
 """
 
 from __future__ import annotations
