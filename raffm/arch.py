@@ -8,8 +8,19 @@ Axis kinds:
 - ``hidden``: the residual-stream width, shared by the whole model;
 - ``qk``: the query/key output rows of one layer, viewed as ``[heads, head_dim]``;
 - ``v``: the value rows of one layer and the matching input columns of the attention output, ``[heads, head_dim]``;
-- ``ffn``: the feed-forward neurons of one layer (W_in rows, b_in, W_out columns);
+- ``q``: with grouped-query attention, the query rows of one layer and the matching input columns of the attention
+  output, ``[kv_heads, group, head_dim]``: the query heads of KV head ``j`` are ``j*group ... (j+1)*group - 1``
+  (how ``transformers``' ``repeat_kv`` pairs them), so a KV group and its query heads move and are cut together;
+- ``kv``: with grouped-query attention, the key and value rows of one layer, ``[kv_heads, head_dim]``;
+- ``ffn``: the feed-forward neurons of one layer (W_in rows, b_in, W_out columns; SwiGLU: gate and up rows, down
+  columns);
 - ``full``: anything never sliced (vocabulary, positions, labels, image channels, patch pixels).
+
+Decoder LLMs (Llama, Qwen2, Mistral): their ``heads`` are KV groups and their head dimensions are never permuted or
+cut (rotary position embeddings rotate fixed pairs of dimensions at fixed frequencies; tests/unit/test_llama_adapter.py
+shows a within-head permutation changing the logits). Tied embeddings: the LM head is the same parameter as the input
+embedding, so a tied model's canonical tensors (:func:`canonical_shapes`) hold it once, under the embedding's name;
+the sub-model re-ties its head on load.
 """
 
 from __future__ import annotations
@@ -23,14 +34,15 @@ from torch import nn
 
 from raffm.spec import ModelDims
 
-AxisKind = Literal["hidden", "qk", "v", "ffn", "full"]
-HEAD_KINDS: tuple[AxisKind, ...] = ("qk", "v")
+AxisKind = Literal["hidden", "qk", "v", "q", "kv", "ffn", "full"]
+HEAD_KINDS: tuple[AxisKind, ...] = ("qk", "v", "q", "kv")
+_LAYER_KINDS: tuple[AxisKind, ...] = (*HEAD_KINDS, "ffn")
 
 
 @dataclass(frozen=True)
 class Axis:
     kind: AxisKind
-    layer: int | None = None  # set for qk, v and ffn axes
+    layer: int | None = None  # set for head and ffn axes
 
 
 @dataclass(frozen=True)
@@ -49,7 +61,12 @@ class Adapter:
 
     ``layer_pattern`` captures the layer index of per-layer tensors; ``layers_attr`` is the dotted path (below the
     base model) of the ``nn.ModuleList`` of layers; ``attention_attrs`` names the attention module (relative to a
-    layer) and its head-size attribute, patched when a sub-model keeps fewer head dimensions.
+    layer) and its head-size attribute, patched when a sub-model keeps fewer head dimensions; ``heads_attr`` the
+    attention module's head-count attribute (None where ``forward`` infers it from the weights).
+
+    ``grouped``: heads are KV groups (``q``/``kv`` axes; dims read ``num_key_value_heads``); ``rope``: rotary
+    position embeddings, so SPP never permutes dimensions inside a head and specs keep every head dimension.
+    ``causal_lm``: the model predicts the vocabulary at every position (cost model).
     """
 
     name: str
@@ -61,15 +78,33 @@ class Adapter:
     head_dim_attr: str
     # Vocabulary-sized embedding tensors (the strategy may freeze them: on MiniLM they are half the parameters).
     vocab_embeddings: re.Pattern[str] | None = None
+    heads_attr: str | None = "num_attention_heads"
+    grouped: bool = False
+    rope: bool = False
+    causal_lm: bool = False
 
     def dims(self, config: Any) -> ModelDims:
         heads = int(config.num_attention_heads)
+        if not self.grouped:
+            return ModelDims(
+                hidden=int(config.hidden_size),
+                layers=int(config.num_hidden_layers),
+                heads=heads,
+                head_dim=int(config.hidden_size) // heads,
+                ffn=int(config.intermediate_size),
+                fixed_head_dim=self.rope,
+            )
+        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        if heads % kv_heads:
+            raise ValueError(f"{heads} attention heads do not split into {kv_heads} key/value heads")
         return ModelDims(
             hidden=int(config.hidden_size),
             layers=int(config.num_hidden_layers),
-            heads=heads,
-            head_dim=int(config.hidden_size) // heads,
+            heads=kv_heads,
+            head_dim=int(getattr(config, "head_dim", None) or int(config.hidden_size) // heads),
             ffn=int(config.intermediate_size),
+            group=heads // kv_heads,
+            fixed_head_dim=self.rope,
         )
 
     def layout(self, name: str) -> tuple[Axis, ...]:
@@ -78,7 +113,7 @@ class Adapter:
             if rule.pattern.search(name):
                 match = self.layer_pattern.search(name)
                 layer = int(match.group(1)) if match else None
-                return tuple(Axis(k, layer if k in ("qk", "v", "ffn") else None) for k in rule.kinds)
+                return tuple(Axis(k, layer if k in _LAYER_KINDS else None) for k in rule.kinds)
         raise ValueError(f"{self.name} adapter does not know tensor {name!r}; add a rule for it in raffm/arch.py")
 
     def vocab_tensors(self, names: Iterable[str]) -> frozenset[str]:
@@ -145,7 +180,37 @@ VIT = Adapter(
     head_dim_attr="head_dim",
 )
 
-ADAPTERS = (BERT, VIT)
+# Llama and the decoders that share its layout (Qwen2 adds q/k/v biases; Mistral an explicit head_dim).
+LLAMA = Adapter(
+    name="llama",
+    model_types=("llama", "qwen2", "mistral", "raffm_llama", "raffm_qwen2", "raffm_mistral"),
+    rules=_rules(
+        [
+            (r"embed_tokens\.weight$", ("full", "hidden")),
+            (r"^lm_head\.weight$", ("full", "hidden")),
+            (r"self_attn\.q_proj\.weight$", ("q", "hidden")),
+            (r"self_attn\.q_proj\.bias$", ("q",)),
+            (r"self_attn\.(k_proj|v_proj)\.weight$", ("kv", "hidden")),
+            (r"self_attn\.(k_proj|v_proj)\.bias$", ("kv",)),
+            (r"self_attn\.o_proj\.weight$", ("hidden", "q")),
+            (r"mlp\.(gate_proj|up_proj)\.weight$", ("ffn", "hidden")),
+            (r"mlp\.(gate_proj|up_proj)\.bias$", ("ffn",)),
+            (r"mlp\.down_proj\.weight$", ("hidden", "ffn")),
+            (r"(layernorm\.weight|norm\.weight|o_proj\.bias|down_proj\.bias)$", ("hidden",)),
+        ]
+    ),
+    layer_pattern=re.compile(r"layers\.(\d+)\."),
+    layers_attr="layers",
+    attention_module="self_attn",
+    head_dim_attr="head_dim",
+    vocab_embeddings=re.compile(r"embed_tokens\.weight$"),
+    heads_attr=None,  # LlamaAttention reshapes to (-1, head_dim): cutting whole KV groups keeps num_key_value_groups
+    grouped=True,
+    rope=True,
+    causal_lm=True,
+)
+
+ADAPTERS = (BERT, VIT, LLAMA)
 
 
 def adapter_for(config_or_model: Any) -> Adapter:
@@ -157,6 +222,20 @@ def adapter_for(config_or_model: Any) -> Adapter:
             return adapter
     supported = sorted(t for a in ADAPTERS for t in a.model_types if not t.startswith("raffm_"))
     raise ValueError(f"model type {model_type!r} is not supported; supported: {', '.join(supported)}")
+
+
+def tied_aliases(model: nn.Module) -> frozenset[str]:
+    """Names under which ``model.state_dict()`` repeats a parameter it already holds under an earlier name (a tied
+    LM head: ``lm_head.weight`` is ``model.embed_tokens.weight``). Works on meta-device models too."""
+    every = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    return frozenset(every - {name for name, _ in model.named_parameters()})
+
+
+def canonical_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The shapes of ``model``'s state dict without tied aliases: what slice plans and the cost model count, so a
+    tied matrix is priced, sliced and shipped once."""
+    aliases = tied_aliases(model)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in aliases}
 
 
 def base_model(model: nn.Module) -> nn.Module:

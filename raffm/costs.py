@@ -31,6 +31,13 @@ Activations ``A``: what autograd saves in torch 2.13 (CPU, ``attn_implementation
   log-sum-exp of the flash kernel) without attention dropout.
 - ViT (pre-LN): the same per-layer terms; embeddings keep the pixels ``B * 3 * H * W`` and the final LayerNorm
   ``2 T h``; ``L`` is the number of patches + 1, read from the position embeddings.
+- Llama family (pre-RMSNorm, SwiGLU, grouped-query attention, no dropout), with ``a`` the query width (KV groups x
+  query heads per group x head_dim) and ``c`` the key/value width (KV groups x head_dim): per layer
+  ``T (6h + 2a + 2c + 4f) + 2T + B * heads * L`` (each RMSNorm keeps its input, 1/rms, the normalised input and its
+  output; q, k, v, the attention output and the flash kernel's log-sum-exp; SwiGLU's gate, SiLU output, up and
+  product); outside the layers the final RMSNorm ``3 T h + T``, cos/sin ``2 L head_dim``, the logits ``T V`` the loss
+  keeps, and token ids and labels. This is an unpadded (packed or equal-length) batch: a padding mask makes SDPA
+  repeat K/V to the query heads (``2 T (a - c)`` more per layer) and materialise the mask (``~B L^2``).
 
 Measured against RSS (``raffm.memory``, glibc allocator configured by ``configure_allocator``): within 2% for
 MiniLM at batch 16 x 64 tokens across hidden widths 96-384. MB means MiB (2**20 bytes) throughout.
@@ -44,7 +51,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from raffm.arch import Adapter, adapter_for
+from raffm.arch import Adapter, adapter_for, canonical_shapes
 from raffm.recipe import Recipe
 from raffm.slicing import SlicePlan, slice_plan
 from raffm.spec import ElasticSpec, ModelDims
@@ -97,29 +104,40 @@ class _Widths:
     """Per-layer kept widths of a spec: ``a`` = heads * head_dim, ``f`` = FFN neurons."""
 
     hidden: int
-    heads: tuple[int, ...]
-    a: tuple[int, ...]
+    heads: tuple[int, ...]  # query heads
+    a: tuple[int, ...]  # query (and attention output) width
     f: tuple[int, ...]
+    kv: tuple[int, ...]  # key/value width: ``a`` without grouped-query attention
 
 
-def _widths(spec: ElasticSpec) -> _Widths:
+def _widths(spec: ElasticSpec, group: int = 1) -> _Widths:
+    """Kept widths; ``group`` query heads per KV group when the spec's heads count KV groups (GQA)."""
     return _Widths(
         hidden=spec.hidden,
-        heads=tuple(l.heads for l in spec.layers),
-        a=tuple(l.heads * l.head_dim for l in spec.layers),
+        heads=tuple(l.heads * group for l in spec.layers),
+        a=tuple(l.heads * group * l.head_dim for l in spec.layers),
         f=tuple(l.ffn for l in spec.layers),
+        kv=tuple(l.heads * l.head_dim for l in spec.layers),
     )
 
 
-def forward_flops(w: _Widths, seq_len: int, *, num_labels: int, patch_inputs: int = 0) -> float:
+def forward_flops(
+    w: _Widths, seq_len: int, *, num_labels: int, patch_inputs: int = 0, ffn_matrices: int = 2, lm_vocab: int = 0
+) -> float:
     """Forward FLOPs of one sample of ``seq_len`` tokens (2 per multiply-add).
 
-    Per layer: Q, K, V and output projections ``4 L h a``, FFN ``2 L h f``, attention scores and their product with
-    V ``2 L^2 a``; then the pooler/head ``h^2 + h * labels``; ViT's patch projection ``L h * patch_inputs``.
+    Per layer: Q and output projections ``2 L h a``, K and V ``2 L h c`` (``c = a`` without GQA), FFN
+    ``ffn_matrices * L h f`` (2 matrices; SwiGLU: 3), attention scores and their product with V ``2 L^2 a``; then
+    the pooler/head ``h^2 + h * labels``, or a causal LM's head ``L h * lm_vocab`` (logits at every position); ViT's
+    patch projection ``L h * patch_inputs``.
     """
     h, length = w.hidden, seq_len
-    macs = sum(4 * length * h * a + 2 * length * h * f + 2 * length * length * a for a, f in zip(w.a, w.f))
-    macs += h * h + h * num_labels + (length - 1) * h * patch_inputs
+    macs = sum(
+        2 * length * h * (a + c) + ffn_matrices * length * h * f + 2 * length * length * a
+        for a, c, f in zip(w.a, w.kv, w.f)
+    )
+    macs += length * h * lm_vocab if lm_vocab else h * h + h * num_labels
+    macs += (length - 1) * h * patch_inputs
     return 2.0 * macs
 
 
@@ -156,6 +174,26 @@ def activation_elements(
     total += 4 * b * h  # pooler / classification head on the first token
     if arch != "vit":
         total += 3 * tokens  # int64 input ids and token types (2 elements' worth each / 2)
+    return total
+
+
+def decoder_layer_activation_elements(w: _Widths, *, batch_size: int, seq_len: int) -> list[int]:
+    """fp32 elements autograd saves in each Llama-family layer of one training forward (module docstring)."""
+    tokens = batch_size * seq_len
+    return [
+        tokens * (6 * w.hidden + 2 * a + 2 * c + 4 * f) + 2 * tokens + batch_size * heads * seq_len
+        for heads, a, c, f in zip(w.heads, w.a, w.kv, w.f)
+    ]
+
+
+def decoder_activation_elements(w: _Widths, *, batch_size: int, seq_len: int, head_dim: int, vocab: int) -> int:
+    """fp32 elements autograd saves for one Llama-family training forward with labels (module docstring)."""
+    tokens = batch_size * seq_len
+    total = sum(decoder_layer_activation_elements(w, batch_size=batch_size, seq_len=seq_len))
+    total += 3 * tokens * w.hidden + tokens  # final RMSNorm
+    total += 2 * seq_len * head_dim  # rotary cos and sin, shared by the layers
+    total += tokens * vocab  # the logits (the loss's log-softmax)
+    total += 4 * tokens + 1  # int64 token ids and labels, the loss's normaliser
     return total
 
 
@@ -208,14 +246,15 @@ def peak_train_bytes(
     return max(backward, step, cut)
 
 
-def peak_infer_bytes(w: _Widths, *, params: int, batch_size: int, seq_len: int) -> int:
-    """A no-grad forward: weights plus the widest layer's live tensors (residual, q/k/v, scores; or the FFN)."""
+def peak_infer_bytes(w: _Widths, *, params: int, batch_size: int, seq_len: int, logits: int = 0) -> int:
+    """A no-grad forward: weights plus the widest layer's live tensors (residual, q/k/v, scores; or the FFN), and
+    ``logits`` elements per token of a causal LM's output."""
     tokens = batch_size * seq_len
     live = max(
         max(3 * tokens * a + 3 * batch_size * heads * seq_len * seq_len, 2 * tokens * f)
         for heads, a, f in zip(w.heads, w.a, w.f)
     )
-    return TRAIN_BYTES * (params + 3 * tokens * w.hidden + live)
+    return TRAIN_BYTES * (params + 3 * tokens * w.hidden + live + tokens * logits)
 
 
 class CostModel:
@@ -237,23 +276,27 @@ class CostModel:
         self.adapter = adapter
         self.dims = dims
         self.shapes = {name: tuple(shape) for name, shape in shapes.items()}
-        default = adapter.name != "vit"  # BERT-family configs default to 0.1, ViT to 0.0
+        default = adapter.name == "bert"  # BERT-family configs default to 0.1, ViT and Llama to 0.0
         self.hidden_dropout = default if hidden_dropout is None else hidden_dropout
         self.attention_dropout = default if attention_dropout is None else attention_dropout
         self.num_labels = self._num_labels()
         self.image_tokens, self.patch_inputs = self._vit_geometry()
+        self.lm_vocab = self._lm_vocab()
 
     @classmethod
     def from_model(cls, model: Any) -> CostModel:
         """From a global ``transformers`` model (its config gives the dropout settings)."""
         adapter = adapter_for(model)
         config = model.config
+        attention_dropout = getattr(config, "attention_probs_dropout_prob", None)
+        if attention_dropout is None:
+            attention_dropout = getattr(config, "attention_dropout", 0.0)  # Llama family
         return cls(
             adapter,
             adapter.dims(config),
-            {name: tuple(t.shape) for name, t in model.state_dict().items()},
+            canonical_shapes(model),  # a tied LM head counts once
             hidden_dropout=float(getattr(config, "hidden_dropout_prob", 0.0)) > 0,
-            attention_dropout=float(getattr(config, "attention_probs_dropout_prob", 0.0)) > 0,
+            attention_dropout=float(attention_dropout or 0.0) > 0,
         )
 
     def _num_labels(self) -> int:
@@ -261,6 +304,15 @@ class CostModel:
             if name.endswith(("classifier.weight", "classifier.out_proj.weight")):
                 return int(shape[0])
         return 0
+
+    def _lm_vocab(self) -> int:
+        """The vocabulary a causal LM predicts at every position (0 for classifiers)."""
+        if not self.adapter.causal_lm:
+            return 0
+        names = sorted(self.adapter.vocab_tensors(self.shapes))
+        if not names:
+            raise ValueError(f"a {self.adapter.name} cost model needs the shape of the token embedding")
+        return int(self.shapes[names[0]][0])
 
     def _vit_geometry(self) -> tuple[int | None, int]:
         """(tokens per image, inputs per patch) for ViT; (None, 0) otherwise."""
@@ -303,9 +355,9 @@ class CostModel:
         trained = [s.numel for name, s in plan.items() if name not in recipe.frozen]
         frozen = params - sum(trained)
         weights = TRAIN_BYTES * sum(trained) + dtype_bytes(recipe.frozen_dtype) * frozen
-        w = _widths(spec)
+        w = _widths(spec, self.dims.group)
         fwd = self._forward_flops(w, seq_len)
-        cuts = [_widths(cut) for cut in recipe.nested]
+        cuts = [_widths(cut, self.dims.group) for cut in recipe.nested]
         nested_flops = 0.0
         if cuts:  # the smallest every step, plus ``sampled`` of the others: their mean on average
             others = [self._forward_flops(c, seq_len) for c in cuts[1:]]
@@ -339,31 +391,39 @@ class CostModel:
             activations_mb=TRAIN_BYTES * main.activations / MIB,
             overhead_mb=OVERHEAD_MB,
             train_memory_mb=OVERHEAD_MB + peak / MIB,
-            infer_memory_mb=OVERHEAD_MB + peak_infer_bytes(w, params=params, batch_size=batch_size, seq_len=seq_len) / MIB,
+            infer_memory_mb=OVERHEAD_MB
+            + peak_infer_bytes(w, params=params, batch_size=batch_size, seq_len=seq_len, logits=self.lm_vocab) / MIB,
         )
 
     def _forward_flops(self, w: _Widths, seq_len: int) -> float:
-        return forward_flops(w, seq_len, num_labels=self.num_labels, patch_inputs=self.patch_inputs)
+        return forward_flops(w, seq_len, num_labels=self.num_labels, patch_inputs=self.patch_inputs,
+                             ffn_matrices=3 if self.adapter.causal_lm else 2, lm_vocab=self.lm_vocab)
 
     def _pass(self, spec: ElasticSpec, batch_size: int, seq_len: int, recipe: Recipe) -> Pass:
-        w = _widths(spec)
+        w = _widths(spec, self.dims.group)
         pixels = (seq_len - 1) * self.patch_inputs if self.image_tokens else 0
         options = dict(batch_size=batch_size, seq_len=seq_len, hidden_dropout=self.hidden_dropout,
                        attention_dropout=self.attention_dropout)
-        layers = layer_activation_elements(w, **options)  # type: ignore[arg-type]
         tokens = batch_size * seq_len
+        if self.adapter.causal_lm:
+            layers = decoder_layer_activation_elements(w, batch_size=batch_size, seq_len=seq_len)
+            activations = decoder_activation_elements(w, batch_size=batch_size, seq_len=seq_len,
+                                                      head_dim=self.dims.head_dim, vocab=self.lm_vocab)
+        else:
+            layers = layer_activation_elements(w, **options)  # type: ignore[arg-type]
+            activations = activation_elements(w, arch=self.adapter.name, pixels=pixels, **options)  # type: ignore[arg-type]
         by_layer: dict[int, int] = {}
         for name, s in self.plan(spec).items():
             layer = self.adapter.layer_of(name)
             if layer is not None and name not in recipe.frozen:
                 by_layer[layer] = by_layer.get(layer, 0) + s.numel
-        activations = activation_elements(w, arch=self.adapter.name, pixels=pixels, **options)  # type: ignore[arg-type]
         return Pass(
             activations=activations,
             largest_layer=max(layers),
             outside_layers=activations - sum(layers),
             checkpoints=len(layers) * tokens * w.hidden,
-            temporaries=tokens * (max(w.f) + w.hidden),
+            # a causal LM starts backward with the logits' gradient (T x V): an estimate, not yet measured against RSS
+            temporaries=tokens * (max(max(w.f), self.lm_vocab) + w.hidden),
             layer_params=max(by_layer.values(), default=0),
         )
 

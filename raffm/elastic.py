@@ -20,13 +20,20 @@ from torch import nn
 from transformers import (
     AutoConfig,
     AutoModel,
+    AutoModelForCausalLM,
     AutoModelForImageClassification,
     AutoModelForSequenceClassification,
     BertConfig,
     BertForSequenceClassification,
     BertModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
     RobertaConfig,
     RobertaForSequenceClassification,
     RobertaModel,
@@ -35,8 +42,8 @@ from transformers import (
     ViTModel,
 )
 
-from raffm.arch import Adapter, adapter_for, base_model
-from raffm.slicing import SlicePlan, shapes_of, slice_plan, slice_state
+from raffm.arch import Adapter, adapter_for, base_model, canonical_shapes, tied_aliases
+from raffm.slicing import SlicePlan, slice_plan, slice_state
 from raffm.spec import ElasticSpec
 
 
@@ -74,7 +81,8 @@ def _sync_module_attributes(model: nn.Module, adapter: Adapter, spec: ElasticSpe
     for layer, layer_spec in zip(layers, spec.layers):
         attention = layer.get_submodule(adapter.attention_module)
         setattr(attention, adapter.head_dim_attr, layer_spec.head_dim)
-        setattr(attention, "num_attention_heads", layer_spec.heads)
+        if adapter.heads_attr is not None:
+            setattr(attention, adapter.heads_attr, layer_spec.heads)
         if hasattr(attention, "all_head_size"):
             setattr(attention, "all_head_size", layer_spec.heads * layer_spec.head_dim)
 
@@ -104,6 +112,9 @@ def _elastic_config(base: type[PretrainedConfig], model_type: str) -> type[Pretr
 ElasticBertConfig = _elastic_config(BertConfig, "raffm_bert")
 ElasticRobertaConfig = _elastic_config(RobertaConfig, "raffm_roberta")
 ElasticViTConfig = _elastic_config(ViTConfig, "raffm_vit")
+ElasticLlamaConfig = _elastic_config(LlamaConfig, "raffm_llama")
+ElasticQwen2Config = _elastic_config(Qwen2Config, "raffm_qwen2")
+ElasticMistralConfig = _elastic_config(MistralConfig, "raffm_mistral")
 
 # stock class -> (elastic config class, Auto factory that should load it)
 _FAMILY: dict[type[PreTrainedModel], tuple[type[PretrainedConfig], Any]] = {
@@ -113,6 +124,9 @@ _FAMILY: dict[type[PreTrainedModel], tuple[type[PretrainedConfig], Any]] = {
     RobertaForSequenceClassification: (ElasticRobertaConfig, AutoModelForSequenceClassification),
     ViTModel: (ElasticViTConfig, AutoModel),
     ViTForImageClassification: (ElasticViTConfig, AutoModelForImageClassification),
+    LlamaForCausalLM: (ElasticLlamaConfig, AutoModelForCausalLM),
+    Qwen2ForCausalLM: (ElasticQwen2Config, AutoModelForCausalLM),
+    MistralForCausalLM: (ElasticMistralConfig, AutoModelForCausalLM),
 }
 ELASTIC_CLASSES: dict[type[PreTrainedModel], type[PreTrainedModel]] = {}  # stock -> elastic
 _STOCK_OF: dict[type[PreTrainedModel], type[PreTrainedModel]] = {}  # stock or elastic -> stock
@@ -121,7 +135,8 @@ for _stock, (_config_cls, _auto) in _FAMILY.items():
     ELASTIC_CLASSES[_stock] = _elastic
     _STOCK_OF[_stock] = _STOCK_OF[_elastic] = _stock
     _auto.register(_config_cls, _elastic, exist_ok=True)
-for _config_cls in (ElasticBertConfig, ElasticRobertaConfig, ElasticViTConfig):
+for _config_cls in (ElasticBertConfig, ElasticRobertaConfig, ElasticViTConfig, ElasticLlamaConfig, ElasticQwen2Config,
+                    ElasticMistralConfig):
     AutoConfig.register(_config_cls.model_type, _config_cls, exist_ok=True)
 
 
@@ -147,7 +162,8 @@ def elastic_config(config: PretrainedConfig, spec: ElasticSpec, stock: type[PreT
 def extract(model: PreTrainedModel, spec: ElasticSpec) -> PreTrainedModel:
     """The sub-model of ``model`` (a salience-ordered global model) kept by ``spec``, as a new HF model.
 
-    The global model is not modified; the sub-model owns copies of its weights.
+    The global model is not modified; the sub-model owns copies of its weights. A tied LM head is sliced once (as
+    the input embedding) and tied again in the sub-model.
     """
     if getattr(model.config, "raffm_spec", None) is not None:
         raise ValueError("extract() takes a global model; this one is already a sub-model")
@@ -155,7 +171,15 @@ def extract(model: PreTrainedModel, spec: ElasticSpec) -> PreTrainedModel:
     config = elastic_config(model.config, spec, stock)
     with torch.device("meta"):  # skip random init: every parameter is overwritten below
         sub = ELASTIC_CLASSES[stock](config)
-    sub.load_state_dict(slice_state(model.state_dict(), plan_for(model, spec)), assign=True, strict=True)
+    result = sub.load_state_dict(slice_state(model.state_dict(), plan_for(model, spec)), assign=True, strict=False)
+    aliases = tied_aliases(model)
+    missing = set(result.missing_keys) - aliases
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"sub-model state mismatch: missing {sorted(missing)}, unexpected {result.unexpected_keys}")
+    if aliases:
+        sub.tie_weights()  # the tied head is still the meta tensor: point it at the loaded embedding
+        if tied_aliases(sub) != aliases:
+            raise RuntimeError(f"the sub-model did not tie {sorted(aliases)} again")
     global_buffers = dict(model.named_buffers())
     for name, buffer in list(sub.named_buffers()):  # non-persistent buffers (position ids) are not in state_dict
         if buffer.is_meta:
@@ -168,4 +192,35 @@ def extract(model: PreTrainedModel, spec: ElasticSpec) -> PreTrainedModel:
 def plan_for(model: PreTrainedModel, spec: ElasticSpec) -> SlicePlan:
     """The slice plan of a global model's state dict for ``spec``."""
     adapter = adapter_for(model)
-    return slice_plan(adapter, adapter.dims(model.config), spec, shapes_of(model.state_dict()))
+    return slice_plan(adapter, adapter.dims(model.config), spec, canonical_shapes(model))
+
+
+def stock_config(config: PretrainedConfig, spec: ElasticSpec) -> PretrainedConfig:
+    """A plain ``transformers`` config of the decoder sub-model ``spec`` (grouped adapters: Llama, Qwen2, Mistral), so
+    its sliced weights load into the stock class (``LlamaForCausalLM(stock_config(...))``) with no RaFFM code.
+
+    Only uniform specs (every layer the same width) fit a stock config; the elastic classes hold any spec.
+    """
+    adapter = adapter_for(config)
+    if not adapter.grouped:
+        raise ValueError(f"a stock config of a cut {adapter.name} model cannot express its head sizes; use extract()")
+    dims = adapter.dims(config)
+    spec.validate(dims)
+    if len(set(spec.layers)) != 1:
+        raise ValueError(f"spec {spec.key()} has layers of different widths; a stock config needs uniform ones")
+    layer = spec.layers[0]
+    values = config.to_dict()
+    for key in ("raffm_spec", "transformers_version"):
+        values.pop(key, None)
+    values.update(
+        hidden_size=spec.hidden,
+        num_hidden_layers=spec.depth,
+        num_attention_heads=layer.heads * dims.group,
+        num_key_value_heads=layer.heads,
+        head_dim=layer.head_dim,  # explicit: hidden // num_attention_heads no longer gives it
+        intermediate_size=layer.ffn,
+    )
+    if isinstance(values.get("layer_types"), list):  # Qwen2: one attention type per layer
+        values["layer_types"] = values["layer_types"][: spec.depth]
+    model_type = str(values.pop("model_type")).removeprefix("raffm_")
+    return AutoConfig.for_model(model_type, **values)

@@ -86,7 +86,7 @@ def _row_major_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _axis_view(
-    axis: Axis, size: int, container: ElasticSpec, spec: ElasticSpec
+    axis: Axis, size: int, dims: ModelDims, container: ElasticSpec, spec: ElasticSpec
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(view sizes, kept sizes) for one tensor axis of a ``container``-shaped tensor that ``spec`` cuts."""
     if axis.kind == "hidden":
@@ -97,7 +97,9 @@ def _axis_view(
     layer = spec.layers[axis.layer]
     if axis.kind == "ffn":
         return (size,), (layer.ffn,)
-    outer = container.layers[axis.layer]  # qk / v: [heads, head_dim] of the container
+    outer = container.layers[axis.layer]  # qk / v / kv: [heads, head_dim] of the container
+    if axis.kind == "q":  # grouped queries: [kv_heads, group, head_dim]; a cut keeps every query head of a kept group
+        return (outer.heads, dims.group, outer.head_dim), (layer.heads, dims.group, layer.head_dim)
     return (outer.heads, outer.head_dim), (layer.heads, layer.head_dim)
 
 
@@ -131,7 +133,7 @@ def slice_plan(
         keep: list[int] = []
         sub_shape: list[int] = []
         for axis, size in zip(axes, shape):
-            v, k = _axis_view(axis, size, container, spec)
+            v, k = _axis_view(axis, size, dims, container, spec)
             if math.prod(v) != size:
                 raise ValueError(f"tensor {name!r} axis of size {size} does not match the model's {axis.kind} width")
             view.extend(v)

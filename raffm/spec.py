@@ -3,7 +3,8 @@
 A sub-model keeps, after salience ordering, the *leading* channels of the global model:
 the first ``hidden`` residual channels, the first ``len(layers)`` layers, and per layer the first ``heads``
 attention heads, the first ``head_dim`` dimensions of every kept head (Q, K and V alike) and the first ``ffn``
-feed-forward neurons.
+feed-forward neurons. With grouped-query attention (Llama family) ``heads`` counts KV groups, each kept with all of
+its query heads, and ``head_dim`` is always the full one (rotary position embeddings; see ``ModelDims``).
 """
 
 from __future__ import annotations
@@ -15,13 +16,20 @@ from typing import Any
 
 @dataclass(frozen=True)
 class ModelDims:
-    """The shape of a global transformer: what every spec is validated against."""
+    """The shape of a global transformer: what every spec is validated against.
+
+    ``heads`` counts the units a cut keeps or drops: attention heads, or with grouped-query attention (GQA) whole KV
+    groups, each of one key/value head and its ``group`` query heads. ``fixed_head_dim``: the head dimension cannot be
+    cut (rotary position embeddings rotate fixed pairs of head dimensions at fixed frequencies).
+    """
 
     hidden: int
     layers: int
     heads: int
     head_dim: int
     ffn: int
+    group: int = 1  # query heads per KV head (1 without GQA)
+    fixed_head_dim: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,11 @@ class ElasticSpec:
         for i, layer in enumerate(self.layers):
             _check_range(f"layer {i} heads", layer.heads, dims.heads)
             _check_range(f"layer {i} head_dim", layer.head_dim, dims.head_dim)
+            if dims.fixed_head_dim and layer.head_dim != dims.head_dim:
+                raise ValueError(
+                    f"layer {i} head_dim is {layer.head_dim}; this model's rotary position embeddings need every head's"
+                    f" full {dims.head_dim} dimensions (cut heads, not head dimensions)"
+                )
             _check_range(f"layer {i} ffn", layer.ffn, dims.ffn)
         return self
 

@@ -3,11 +3,13 @@
 Every reordering is a permutation applied to all coupled axes at once (declared by the architecture adapter), so
 the network computes exactly the same function; only which channels are *leading* changes. Steps, per layer:
 
-1. whole heads, ranked by the L1 mass of their Q/K/V rows and attention-output columns;
+1. whole heads (with grouped-query attention: whole KV groups with their query heads), ranked by the L1 mass of
+   their Q/K/V rows and attention-output columns;
 2. within every head, query/key dimensions ranked by (|q_j|_1 + |k_j|_1) / 2 with ONE permutation shared by W_q
    and W_k (scores are unchanged: x W_q P (x W_k P)^T = x W_q W_k^T x^T);
 3. within every head, value dimensions ranked by their V rows plus the matching attention-output columns;
-4. feed-forward neurons ranked by their W_in row plus W_out column.
+4. feed-forward neurons ranked by their W_in row plus W_out column (SwiGLU: gate row + up row + down column).
+Steps 2 and 3 are skipped for models with rotary position embeddings (see :func:`prioritize_state`).
 The residual (hidden) channels are never reordered: sub-models keep the full hidden width (see raffm.fitting).
 
 Scores come from the weight matrices (L1 norm); biases and vectors follow the permutation.
@@ -22,7 +24,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from raffm.arch import Adapter, Axis, adapter_for
+from raffm.arch import HEAD_KINDS, Adapter, Axis, adapter_for
 from raffm.spec import ModelDims
 
 Layouts = dict[str, tuple[Axis, ...]]
@@ -37,8 +39,15 @@ def l1_score(tensor: torch.Tensor, axis: int) -> torch.Tensor:
 
 
 def _axis_scores(
-    state: Mapping[str, torch.Tensor], layouts: Layouts, matches: Callable[[Axis], bool], score: ScoreFn
+    state: Mapping[str, torch.Tensor],
+    layouts: Layouts,
+    matches: Callable[[Axis], bool],
+    score: ScoreFn,
+    units: int | None = None,
 ) -> torch.Tensor:
+    """The summed score of every index of the matching axes; with ``units``, of every unit (head or KV group) of
+    them: each axis is viewed as ``[units, -1]``, so axes of different widths (grouped queries and their KV rows)
+    add up per group."""
     total: torch.Tensor | None = None
     for name, axes in layouts.items():
         tensor = state[name]
@@ -47,17 +56,28 @@ def _axis_scores(
         for pos, axis in enumerate(axes):
             if matches(axis):
                 s = score(tensor, pos)
+                if units is not None:
+                    s = s.view(units, -1).sum(dim=1)
                 total = s if total is None else total + s
     if total is None:
         raise ValueError("no weight matrix carries this axis; the adapter's rules are incomplete")
     return total
 
 
-def _apply(state: dict[str, torch.Tensor], layouts: Layouts, matches: Callable[[Axis], bool], index: torch.Tensor) -> None:
+def _apply(
+    state: dict[str, torch.Tensor], layouts: Layouts, matches: Callable[[Axis], bool], index: torch.Tensor,
+    units: int | None = None,
+) -> None:
+    """Permute every matching axis by ``index``; with ``units``, ``index`` orders whole units and moves each unit's
+    block of ``size // units`` contiguous indices together (never permuting inside it)."""
     for name, axes in layouts.items():
         for pos, axis in enumerate(axes):
             if matches(axis):
-                state[name] = state[name].index_select(pos, index)
+                flat = index
+                if units is not None:
+                    unit = state[name].shape[pos] // units
+                    flat = (index[:, None] * unit + torch.arange(unit)).reshape(-1)
+                state[name] = state[name].index_select(pos, flat)
 
 
 def _descending(score: torch.Tensor) -> torch.Tensor:
@@ -71,20 +91,24 @@ def prioritize_state(
     *,
     score: ScoreFn = l1_score,
 ) -> dict[str, torch.Tensor]:
-    """A salience-ordered copy of ``state`` (the input is not modified)."""
+    """A salience-ordered copy of ``state`` (the input is not modified).
+
+    With grouped-query attention the units ranked in step 1 are KV groups: a group's score sums its key and value
+    rows, the query rows of all its query heads and their attention-output columns. With rotary position
+    embeddings (``adapter.rope``) steps 2 and 3 are skipped: RoPE rotates fixed pairs of a head's dimensions at fixed
+    frequencies, so permuting them changes the function (and such models never cut head dimensions anyway).
+    """
     out = dict(state)
     layouts: Layouts = {name: adapter.layout(name) for name in state}
     H, D = dims.heads, dims.head_dim
     for layer in range(dims.layers):
         def heads_of(axis: Axis, layer: int = layer) -> bool:
-            return axis.layer == layer and axis.kind in ("qk", "v")
+            return axis.layer == layer and axis.kind in HEAD_KINDS
 
-        head_score = _axis_scores(out, layouts, heads_of, score).view(H, D).sum(dim=1)
-        head_order = _descending(head_score)
-        flat = (head_order[:, None] * D + torch.arange(D)).reshape(-1)
-        _apply(out, layouts, heads_of, flat)
+        head_order = _descending(_axis_scores(out, layouts, heads_of, score, units=H))
+        _apply(out, layouts, heads_of, head_order, units=H)
 
-        for kind in ("qk", "v"):
+        for kind in () if adapter.rope else ("qk", "v"):
             def within(axis: Axis, layer: int = layer, kind: str = kind) -> bool:
                 return axis.layer == layer and axis.kind == kind
 
