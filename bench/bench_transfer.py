@@ -116,12 +116,13 @@ class CountingRelay:
 class ZeroPayload:
     """An update of zeros in the download's manifest shapes, produced tensor by tensor."""
 
-    def __init__(self, manifest: Any) -> None:
+    def __init__(self, manifest: Any, frozen: frozenset[str] = frozenset()) -> None:
         from raffm.wire import Manifest, TensorMeta
 
+        # Frozen tensors (the recipe's vocabulary) are downloaded but never uploaded.
         self.manifest = Manifest(tuple(
             TensorMeta(m.name, m.dtype, m.shape, m.nbytes, hashlib.sha256(bytes(m.nbytes)).digest())
-            for m in manifest.tensors))
+            for m in manifest.tensors if m.name not in frozen))
         self.nbytes = self.manifest.total_bytes
 
     def source(self, meta: Any) -> bytes:
@@ -147,6 +148,7 @@ def main() -> int:
 
     from edge_agent.transfer import download_once, upload_once
     from raffm.planning import cost_model_for
+    from raffm.proto import recipe_from_proto
     from raffm.reassembly import HashOnlySink
     from raffm.v1 import aggregator_pb2, aggregator_pb2_grpc, extractor_pb2_grpc
     from services.aggregator.app import AggregatorConfig, build_aggregator
@@ -195,19 +197,26 @@ def main() -> int:
             ext_port, agg_port = ext.server.port, agg.server.port
             relay_ext, relay_agg = CountingRelay(ext_port), CountingRelay(agg_port)
             chunk = args.chunk_kib * 1024
-            downs, ups, tensor_bytes = [], [], 0
+            downs, ups, tensor_bytes, upload_bytes = [], [], 0, 0
             overhead_down = overhead_up = 0.0
+            # Every device registers and polls before any transfer: the round then stays open until all of them
+            # have uploaded (a round whose every assigned device is done closes at once).
+            devices = []
             for i in range(args.repeat + 1):
                 reply = registry.register(f"bench{i}", train_memory_mb=1 << 20, gflops=1e5, up_mbps=1e5,
                                           down_mbps=1e5, tier="server")
-                md = auth_metadata(reply.token)
+                devices.append((reply.device_id, auth_metadata(reply.token)))
+            plain = aggregator_pb2_grpc.AggregatorServiceStub(grpc.insecure_channel(f"127.0.0.1:{agg_port}",
+                                                                                    options=options))
+            assignments = [plain.PollRound(aggregator_pb2.PollRequest(device_id=dev), metadata=md,
+                                           timeout=60).assignment for dev, md in devices]
+            for i, ((_, md), a) in enumerate(zip(devices, assignments, strict=True)):
+                assert a.ticket, "a device got no assignment"
                 via_relay = i == args.repeat  # last iteration: through the counting relay, not timed
                 ext_target = f"127.0.0.1:{relay_ext.port if via_relay else ext_port}"
                 agg_target = f"127.0.0.1:{relay_agg.port if via_relay else agg_port}"
                 astub = aggregator_pb2_grpc.AggregatorServiceStub(grpc.insecure_channel(agg_target, options=options))
                 estub = extractor_pb2_grpc.ExtractorServiceStub(grpc.insecure_channel(ext_target, options=options))
-                a = astub.PollRound(aggregator_pb2.PollRequest(device_id=reply.device_id), metadata=md,
-                                    timeout=60).assignment
                 relay_ext.reset()
                 relay_agg.reset()
                 t0 = time.perf_counter()
@@ -215,17 +224,18 @@ def main() -> int:
                 d.reassembler.finish()
                 down_s = time.perf_counter() - t0
                 tensor_bytes = d.manifest.total_bytes
-                payload = ZeroPayload(d.manifest)
+                payload = ZeroPayload(d.manifest, recipe_from_proto(a.recipe).frozen)
+                upload_bytes = payload.nbytes
                 t0 = time.perf_counter()
                 ack = upload_once(astub, a.ticket, 1, payload, metadata=md, chunk_bytes=chunk)  # type: ignore[arg-type]
                 up_s = time.perf_counter() - t0
                 assert ack.accepted
                 if via_relay:
                     overhead_down = (relay_ext.down + relay_ext.up) / tensor_bytes
-                    overhead_up = (relay_agg.up + relay_agg.down) / tensor_bytes
+                    overhead_up = (relay_agg.up + relay_agg.down) / upload_bytes
                 elif i > 0:  # the first pass warms the slice cache and the page cache
                     downs.append(tensor_bytes / down_s / 1e6)
-                    ups.append(tensor_bytes / up_s / 1e6)
+                    ups.append(upload_bytes / up_s / 1e6)
             raw = max(raw_socket_mb_s(tensor_bytes) for _ in range(2))
             relay_ext.close()
             relay_agg.close()
@@ -237,7 +247,8 @@ def main() -> int:
 
     down, up = max(downs), max(ups)
     print(f"model: BERT hidden={args.hidden} layers={args.layers}, slice = full model, "
-          f"{tensor_bytes / 1e6:.1f} MB in {args.wire_dtype}, chunk {args.chunk_kib} KiB")
+          f"{tensor_bytes / 1e6:.1f} MB in {args.wire_dtype} down, {upload_bytes / 1e6:.1f} MB up (frozen tensors "
+          f"are not uploaded), chunk {args.chunk_kib} KiB")
     print(f"raw loopback socket          : {raw:8.0f} MB/s  (baseline, same bytes, same run)")
     print(f"DownloadSlice (verify sha256): {down:8.0f} MB/s  ratio {down / raw:.2f} of raw socket")
     print(f"UploadUpdate  (stage+fsync+fold): {up:5.0f} MB/s  ratio {up / raw:.2f} of raw socket")
@@ -247,7 +258,7 @@ def main() -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "bench": "bench_transfer", "hidden": args.hidden, "layers": args.layers, "wire_dtype": args.wire_dtype,
-            "chunk_kib": args.chunk_kib, "tensor_bytes": tensor_bytes, "raw_socket_mb_s": raw,
+            "chunk_kib": args.chunk_kib, "tensor_bytes": tensor_bytes, "upload_bytes": upload_bytes, "raw_socket_mb_s": raw,
             "download_mb_s": down, "upload_mb_s": up, "download_ratio": down / raw, "upload_ratio": up / raw,
             "wire_overhead_download": overhead_down, "wire_overhead_upload": overhead_up,
             "download_runs_mb_s": downs, "upload_runs_mb_s": ups}, indent=2))
