@@ -171,12 +171,13 @@ def main() -> int:
         return {n: torch.empty(s).uniform_(-0.05, 0.05, generator=g) for n, s in shapes.items()}, config
 
     options = [("grpc.max_send_message_length", 64 * MiB), ("grpc.max_receive_message_length", 64 * MiB)]
-    with tempfile.TemporaryDirectory() as tmp:
+    raw_before = max(raw_socket_mb_s(1 << 28) for _ in range(2))  # before any service starts: a quiet process
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
         root = Path(tmp)
         registry = RegistryHarness(f"sqlite:///{root / 'registry.db'}").start()
         loop = LoopThread()
-        job = JobConfig(job_id="bench", model="synthetic", rounds=1, clients_per_round=args.repeat + 1,
-                        quorum=args.repeat + 1, wire_dtype=args.wire_dtype, ordering="never",
+        job = JobConfig(job_id="bench", model="synthetic", rounds=1, clients_per_round=args.repeat + 2,
+                        quorum=args.repeat + 2, wire_dtype=args.wire_dtype, ordering="never",
                         accum_dtype="float32", round_deadline_s=3600)
 
         async def start() -> tuple[Any, Any]:
@@ -199,10 +200,11 @@ def main() -> int:
             chunk = args.chunk_kib * 1024
             downs, ups, tensor_bytes, upload_bytes = [], [], 0, 0
             overhead_down = overhead_up = 0.0
-            # Every device registers and polls before any transfer: the round then stays open until all of them
-            # have uploaded (a round whose every assigned device is done closes at once).
+            # Every device registers and polls before any transfer, one more than upload: the round stays open
+            # (a round whose every assigned device is done closes at once, and its aggregation would compete with
+            # the timed transfers for the CPU).
             devices = []
-            for i in range(args.repeat + 1):
+            for i in range(args.repeat + 2):
                 reply = registry.register(f"bench{i}", train_memory_mb=1 << 20, gflops=1e5, up_mbps=1e5,
                                           down_mbps=1e5, tier="server")
                 devices.append((reply.device_id, auth_metadata(reply.token)))
@@ -210,7 +212,7 @@ def main() -> int:
                                                                                     options=options))
             assignments = [plain.PollRound(aggregator_pb2.PollRequest(device_id=dev), metadata=md,
                                            timeout=60).assignment for dev, md in devices]
-            for i, ((_, md), a) in enumerate(zip(devices, assignments, strict=True)):
+            for i, ((_, md), a) in enumerate(zip(devices[:-1], assignments[:-1], strict=True)):
                 assert a.ticket, "a device got no assignment"
                 via_relay = i == args.repeat  # last iteration: through the counting relay, not timed
                 ext_target = f"127.0.0.1:{relay_ext.port if via_relay else ext_port}"
@@ -236,7 +238,7 @@ def main() -> int:
                 elif i > 0:  # the first pass warms the slice cache and the page cache
                     downs.append(tensor_bytes / down_s / 1e6)
                     ups.append(upload_bytes / up_s / 1e6)
-            raw = max(raw_socket_mb_s(tensor_bytes) for _ in range(2))
+            raw = max(raw_before, *(raw_socket_mb_s(tensor_bytes) for _ in range(2)))
             relay_ext.close()
             relay_agg.close()
         finally:
