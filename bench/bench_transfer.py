@@ -129,6 +129,75 @@ class ZeroPayload:
         return bytes(meta.nbytes)
 
 
+def breakdown(state: dict[str, Any], frozen: frozenset[str], chunk: int, repeat: int) -> list[tuple[str, float]]:
+    """Each stage of the two paths alone, on the upload's tensors (best of ``repeat``): MB/s of tensor bytes.
+
+    The stages run one after another in the real paths (the upload's writes and hashes overlap its receiving), so
+    the slowest ones bound the throughput; gRPC's transport itself is what the end-to-end figures add on top.
+    """
+    import os
+
+    import torch
+
+    from raffm.aggregation import SlicedFedAvg
+    from raffm.reassembly import Reassembler
+    from raffm.slicing import TensorSlice
+    from raffm.v1 import aggregator_pb2, common_pb2
+    from raffm.wire import WirePayload, iter_chunks
+    from services.aggregator.staging import Staging
+
+    tensors = {n: t for n, t in state.items() if n not in frozen and t.is_floating_point()}
+    payload = WirePayload.from_state(tensors, "float32")
+    nbytes = payload.nbytes
+    plan = {n: TensorSlice(tuple(t.shape), tuple(t.shape), tuple(t.shape), tuple(t.shape)) for n, t in tensors.items()}
+    results: list[tuple[str, float]] = []
+
+    def best(name: str, fn: Any) -> Any:
+        out, fastest = None, float("inf")
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            out = fn()
+            fastest = min(fastest, time.perf_counter() - t0)
+        results.append((name, nbytes / fastest / 1e6))
+        return out
+
+    def encode() -> list[bytes]:
+        return [aggregator_pb2.UploadMessage(chunk=common_pb2.TensorChunk(tensor=c.tensor, offset=c.offset,
+                                                                          data=c.data)).SerializeToString()
+                for c in iter_chunks(payload.manifest, payload.source, chunk_bytes=chunk)]
+
+    wire = best("chunk + protobuf encode (sender)", encode)
+    parsed = best("protobuf decode (receiver)",
+                  lambda: [aggregator_pb2.UploadMessage.FromString(m).chunk for m in wire])
+    best("sha256 (verify)", lambda: [hashlib.sha256(payload.source(m)).digest() for m in payload.manifest.tensors])
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
+        staging, count = Staging(tmp), iter(range(1 << 30))
+
+        def stage(sync: bool) -> Any:
+            staged = staging.upload("r", f"t{next(count)}")
+            staged.save_manifest(payload.manifest)
+            r = Reassembler(payload.manifest, staged)
+            for c in parsed:
+                r.accept(c.tensor, c.offset, c.data)
+            if sync:
+                staged.sync()
+            return staged
+
+        def raw_disk() -> None:  # the floor of a durable upload: the same bytes, 1 MiB writes, one fsync
+            with open(Path(tmp) / f"raw{next(count)}", "wb", buffering=0) as f:
+                for c in parsed:
+                    f.write(c.data)
+                os.fsync(f.fileno())
+
+        best("raw disk: write + fsync, one file (floor)", raw_disk)
+        best("stage: write + sha256, no fsync", lambda: stage(False))
+        staged = best("stage: write + sha256 + fsync (commit)", lambda: stage(True))
+        agg = SlicedFedAvg(tensors, accum_dtype=torch.float32)
+        best("validate (finite) from staged mmap", lambda: agg.validate(staged.tensors(), plan, 1.0))
+        best("validate + fold from staged mmap", lambda: agg.fold(staged.tensors(), plan, 1.0))
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=768)
@@ -138,6 +207,9 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="a small model (hidden 256, 2 layers), 2 repeats")
     parser.add_argument("--json", type=Path, help="also write the measured figures to this JSON file")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time each stage alone (encode, decode, sha256, staging, fsync, fold) on the same "
+                             "tensors, to see where the time goes")
     args = parser.parse_args()
     if args.quick:
         args.hidden, args.layers, args.repeat = 256, 2, 2
@@ -164,6 +236,8 @@ def main() -> int:
                         num_attention_heads=max(1, args.hidden // 64), intermediate_size=4 * args.hidden,
                         num_labels=2).to_dict()
     config["model_type"] = "bert"
+
+    torch.set_num_threads(1)  # like the services' folds on a small machine; keeps the figures comparable
 
     def initial() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         g = torch.Generator().manual_seed(0)
@@ -226,7 +300,8 @@ def main() -> int:
                 d.reassembler.finish()
                 down_s = time.perf_counter() - t0
                 tensor_bytes = d.manifest.total_bytes
-                payload = ZeroPayload(d.manifest, recipe_from_proto(a.recipe).frozen)
+                frozen = recipe_from_proto(a.recipe).frozen
+                payload = ZeroPayload(d.manifest, frozen)
                 upload_bytes = payload.nbytes
                 t0 = time.perf_counter()
                 ack = upload_once(astub, a.ticket, 1, payload, metadata=md, chunk_bytes=chunk)  # type: ignore[arg-type]
@@ -256,6 +331,13 @@ def main() -> int:
     print(f"UploadUpdate  (stage+fsync+fold): {up:5.0f} MB/s  ratio {up / raw:.2f} of raw socket")
     print(f"wire overhead download: {overhead_down:.4f} (bytes on socket / tensor bytes, both directions)")
     print(f"wire overhead upload  : {overhead_up:.4f}")
+    stages: list[tuple[str, float]] = []
+    if args.breakdown:
+        state, _ = initial()
+        stages = breakdown(state, frozen, args.chunk_kib * 1024, max(2, args.repeat))
+        print("where the time goes (each stage alone on the upload's tensors, best of the repeats):")
+        for name, mb_s in stages:
+            print(f"  {name:42s}: {mb_s:8.0f} MB/s  ratio {mb_s / raw:.2f} of raw socket")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
@@ -263,7 +345,8 @@ def main() -> int:
             "chunk_kib": args.chunk_kib, "tensor_bytes": tensor_bytes, "upload_bytes": upload_bytes, "raw_socket_mb_s": raw,
             "download_mb_s": down, "upload_mb_s": up, "download_ratio": down / raw, "upload_ratio": up / raw,
             "wire_overhead_download": overhead_down, "wire_overhead_upload": overhead_up,
-            "download_runs_mb_s": downs, "upload_runs_mb_s": ups}, indent=2))
+            "download_runs_mb_s": downs, "upload_runs_mb_s": ups,
+            "breakdown_mb_s": dict(stages)}, indent=2))
     return 0
 
 
