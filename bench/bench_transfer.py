@@ -116,16 +116,86 @@ class CountingRelay:
 class ZeroPayload:
     """An update of zeros in the download's manifest shapes, produced tensor by tensor."""
 
-    def __init__(self, manifest: Any) -> None:
+    def __init__(self, manifest: Any, frozen: frozenset[str] = frozenset()) -> None:
         from raffm.wire import Manifest, TensorMeta
 
+        # Frozen tensors (the recipe's vocabulary) are downloaded but never uploaded.
         self.manifest = Manifest(tuple(
             TensorMeta(m.name, m.dtype, m.shape, m.nbytes, hashlib.sha256(bytes(m.nbytes)).digest())
-            for m in manifest.tensors))
+            for m in manifest.tensors if m.name not in frozen))
         self.nbytes = self.manifest.total_bytes
 
     def source(self, meta: Any) -> bytes:
         return bytes(meta.nbytes)
+
+
+def breakdown(state: dict[str, Any], frozen: frozenset[str], chunk: int, repeat: int) -> list[tuple[str, float]]:
+    """Each stage of the two paths alone, on the upload's tensors (best of ``repeat``): MB/s of tensor bytes.
+
+    The stages run one after another in the real paths (the upload's writes and hashes overlap its receiving), so
+    the slowest ones bound the throughput; gRPC's transport itself is what the end-to-end figures add on top.
+    """
+    import os
+
+    import torch
+
+    from raffm.aggregation import SlicedFedAvg
+    from raffm.reassembly import Reassembler
+    from raffm.slicing import TensorSlice
+    from raffm.v1 import aggregator_pb2, common_pb2
+    from raffm.wire import WirePayload, iter_chunks
+    from services.aggregator.staging import Staging
+
+    tensors = {n: t for n, t in state.items() if n not in frozen and t.is_floating_point()}
+    payload = WirePayload.from_state(tensors, "float32")
+    nbytes = payload.nbytes
+    plan = {n: TensorSlice(tuple(t.shape), tuple(t.shape), tuple(t.shape), tuple(t.shape)) for n, t in tensors.items()}
+    results: list[tuple[str, float]] = []
+
+    def best(name: str, fn: Any) -> Any:
+        out, fastest = None, float("inf")
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            out = fn()
+            fastest = min(fastest, time.perf_counter() - t0)
+        results.append((name, nbytes / fastest / 1e6))
+        return out
+
+    def encode() -> list[bytes]:
+        return [aggregator_pb2.UploadMessage(chunk=common_pb2.TensorChunk(tensor=c.tensor, offset=c.offset,
+                                                                          data=c.data)).SerializeToString()
+                for c in iter_chunks(payload.manifest, payload.source, chunk_bytes=chunk)]
+
+    wire = best("chunk + protobuf encode (sender)", encode)
+    parsed = best("protobuf decode (receiver)",
+                  lambda: [aggregator_pb2.UploadMessage.FromString(m).chunk for m in wire])
+    best("sha256 (verify)", lambda: [hashlib.sha256(payload.source(m)).digest() for m in payload.manifest.tensors])
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
+        staging, count = Staging(tmp), iter(range(1 << 30))
+
+        def stage(sync: bool) -> Any:
+            staged = staging.upload("r", f"t{next(count)}")
+            staged.save_manifest(payload.manifest)
+            r = Reassembler(payload.manifest, staged)
+            for c in parsed:
+                r.accept(c.tensor, c.offset, c.data)
+            if sync:
+                staged.sync()
+            return staged
+
+        def raw_disk() -> None:  # the floor of a durable upload: the same bytes, 1 MiB writes, one fsync
+            with open(Path(tmp) / f"raw{next(count)}", "wb", buffering=0) as f:
+                for c in parsed:
+                    f.write(c.data)
+                os.fsync(f.fileno())
+
+        best("raw disk: write + fsync, one file (floor)", raw_disk)
+        best("stage: write + sha256, no fsync", lambda: stage(False))
+        staged = best("stage: write + sha256 + fsync (commit)", lambda: stage(True))
+        agg = SlicedFedAvg(tensors, accum_dtype=torch.float32)
+        best("validate (finite) from staged mmap", lambda: agg.validate(staged.tensors(), plan, 1.0))
+        best("validate + fold from staged mmap", lambda: agg.fold(staged.tensors(), plan, 1.0))
+    return results
 
 
 def main() -> int:
@@ -137,6 +207,9 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="a small model (hidden 256, 2 layers), 2 repeats")
     parser.add_argument("--json", type=Path, help="also write the measured figures to this JSON file")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time each stage alone (encode, decode, sha256, staging, fsync, fold) on the same "
+                             "tensors, to see where the time goes")
     args = parser.parse_args()
     if args.quick:
         args.hidden, args.layers, args.repeat = 256, 2, 2
@@ -147,6 +220,7 @@ def main() -> int:
 
     from edge_agent.transfer import download_once, upload_once
     from raffm.planning import cost_model_for
+    from raffm.proto import recipe_from_proto
     from raffm.reassembly import HashOnlySink
     from raffm.v1 import aggregator_pb2, aggregator_pb2_grpc, extractor_pb2_grpc
     from services.aggregator.app import AggregatorConfig, build_aggregator
@@ -163,18 +237,21 @@ def main() -> int:
                         num_labels=2).to_dict()
     config["model_type"] = "bert"
 
+    torch.set_num_threads(1)  # like the services' folds on a small machine; keeps the figures comparable
+
     def initial() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         g = torch.Generator().manual_seed(0)
         shapes = cost_model_for(config).shapes
         return {n: torch.empty(s).uniform_(-0.05, 0.05, generator=g) for n, s in shapes.items()}, config
 
     options = [("grpc.max_send_message_length", 64 * MiB), ("grpc.max_receive_message_length", 64 * MiB)]
-    with tempfile.TemporaryDirectory() as tmp:
+    raw_before = max(raw_socket_mb_s(1 << 28) for _ in range(2))  # before any service starts: a quiet process
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
         root = Path(tmp)
         registry = RegistryHarness(f"sqlite:///{root / 'registry.db'}").start()
         loop = LoopThread()
-        job = JobConfig(job_id="bench", model="synthetic", rounds=1, clients_per_round=args.repeat + 1,
-                        quorum=args.repeat + 1, wire_dtype=args.wire_dtype, ordering="never",
+        job = JobConfig(job_id="bench", model="synthetic", rounds=1, clients_per_round=args.repeat + 2,
+                        quorum=args.repeat + 2, wire_dtype=args.wire_dtype, ordering="never",
                         accum_dtype="float32", round_deadline_s=3600)
 
         async def start() -> tuple[Any, Any]:
@@ -195,19 +272,27 @@ def main() -> int:
             ext_port, agg_port = ext.server.port, agg.server.port
             relay_ext, relay_agg = CountingRelay(ext_port), CountingRelay(agg_port)
             chunk = args.chunk_kib * 1024
-            downs, ups, tensor_bytes = [], [], 0
+            downs, ups, tensor_bytes, upload_bytes = [], [], 0, 0
             overhead_down = overhead_up = 0.0
-            for i in range(args.repeat + 1):
+            # Every device registers and polls before any transfer, one more than upload: the round stays open
+            # (a round whose every assigned device is done closes at once, and its aggregation would compete with
+            # the timed transfers for the CPU).
+            devices = []
+            for i in range(args.repeat + 2):
                 reply = registry.register(f"bench{i}", train_memory_mb=1 << 20, gflops=1e5, up_mbps=1e5,
                                           down_mbps=1e5, tier="server")
-                md = auth_metadata(reply.token)
+                devices.append((reply.device_id, auth_metadata(reply.token)))
+            plain = aggregator_pb2_grpc.AggregatorServiceStub(grpc.insecure_channel(f"127.0.0.1:{agg_port}",
+                                                                                    options=options))
+            assignments = [plain.PollRound(aggregator_pb2.PollRequest(device_id=dev), metadata=md,
+                                           timeout=60).assignment for dev, md in devices]
+            for i, ((_, md), a) in enumerate(zip(devices[:-1], assignments[:-1], strict=True)):
+                assert a.ticket, "a device got no assignment"
                 via_relay = i == args.repeat  # last iteration: through the counting relay, not timed
                 ext_target = f"127.0.0.1:{relay_ext.port if via_relay else ext_port}"
                 agg_target = f"127.0.0.1:{relay_agg.port if via_relay else agg_port}"
                 astub = aggregator_pb2_grpc.AggregatorServiceStub(grpc.insecure_channel(agg_target, options=options))
                 estub = extractor_pb2_grpc.ExtractorServiceStub(grpc.insecure_channel(ext_target, options=options))
-                a = astub.PollRound(aggregator_pb2.PollRequest(device_id=reply.device_id), metadata=md,
-                                    timeout=60).assignment
                 relay_ext.reset()
                 relay_agg.reset()
                 t0 = time.perf_counter()
@@ -215,18 +300,20 @@ def main() -> int:
                 d.reassembler.finish()
                 down_s = time.perf_counter() - t0
                 tensor_bytes = d.manifest.total_bytes
-                payload = ZeroPayload(d.manifest)
+                frozen = recipe_from_proto(a.recipe).frozen
+                payload = ZeroPayload(d.manifest, frozen)
+                upload_bytes = payload.nbytes
                 t0 = time.perf_counter()
                 ack = upload_once(astub, a.ticket, 1, payload, metadata=md, chunk_bytes=chunk)  # type: ignore[arg-type]
                 up_s = time.perf_counter() - t0
                 assert ack.accepted
                 if via_relay:
                     overhead_down = (relay_ext.down + relay_ext.up) / tensor_bytes
-                    overhead_up = (relay_agg.up + relay_agg.down) / tensor_bytes
+                    overhead_up = (relay_agg.up + relay_agg.down) / upload_bytes
                 elif i > 0:  # the first pass warms the slice cache and the page cache
                     downs.append(tensor_bytes / down_s / 1e6)
-                    ups.append(tensor_bytes / up_s / 1e6)
-            raw = max(raw_socket_mb_s(tensor_bytes) for _ in range(2))
+                    ups.append(upload_bytes / up_s / 1e6)
+            raw = max(raw_before, *(raw_socket_mb_s(tensor_bytes) for _ in range(2)))
             relay_ext.close()
             relay_agg.close()
         finally:
@@ -237,20 +324,29 @@ def main() -> int:
 
     down, up = max(downs), max(ups)
     print(f"model: BERT hidden={args.hidden} layers={args.layers}, slice = full model, "
-          f"{tensor_bytes / 1e6:.1f} MB in {args.wire_dtype}, chunk {args.chunk_kib} KiB")
+          f"{tensor_bytes / 1e6:.1f} MB in {args.wire_dtype} down, {upload_bytes / 1e6:.1f} MB up (frozen tensors "
+          f"are not uploaded), chunk {args.chunk_kib} KiB")
     print(f"raw loopback socket          : {raw:8.0f} MB/s  (baseline, same bytes, same run)")
     print(f"DownloadSlice (verify sha256): {down:8.0f} MB/s  ratio {down / raw:.2f} of raw socket")
     print(f"UploadUpdate  (stage+fsync+fold): {up:5.0f} MB/s  ratio {up / raw:.2f} of raw socket")
     print(f"wire overhead download: {overhead_down:.4f} (bytes on socket / tensor bytes, both directions)")
     print(f"wire overhead upload  : {overhead_up:.4f}")
+    stages: list[tuple[str, float]] = []
+    if args.breakdown:
+        state, _ = initial()
+        stages = breakdown(state, frozen, args.chunk_kib * 1024, max(2, args.repeat))
+        print("where the time goes (each stage alone on the upload's tensors, best of the repeats):")
+        for name, mb_s in stages:
+            print(f"  {name:42s}: {mb_s:8.0f} MB/s  ratio {mb_s / raw:.2f} of raw socket")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "bench": "bench_transfer", "hidden": args.hidden, "layers": args.layers, "wire_dtype": args.wire_dtype,
-            "chunk_kib": args.chunk_kib, "tensor_bytes": tensor_bytes, "raw_socket_mb_s": raw,
+            "chunk_kib": args.chunk_kib, "tensor_bytes": tensor_bytes, "upload_bytes": upload_bytes, "raw_socket_mb_s": raw,
             "download_mb_s": down, "upload_mb_s": up, "download_ratio": down / raw, "upload_ratio": up / raw,
             "wire_overhead_download": overhead_down, "wire_overhead_upload": overhead_up,
-            "download_runs_mb_s": downs, "upload_runs_mb_s": ups}, indent=2))
+            "download_runs_mb_s": downs, "upload_runs_mb_s": ups,
+            "breakdown_mb_s": dict(stages)}, indent=2))
     return 0
 
 

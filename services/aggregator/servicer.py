@@ -107,12 +107,24 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
         h: aggregator_pb2.UpdateHeader | None = None
         work: asyncio.Future[Any] | None = None
 
-        async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
-            # Shielded: a cancelled call does not stop work already running in a thread (a commit, a manifest write),
-            # and the session keeps its ticket's claim until that work is over (see _end_session).
+        def start_in_thread(fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+            # The session's blocking steps (staging writes, sha256, fsync, the commit) run in a thread, one at a time
+            # and in order: the event loop keeps receiving (and serving other streams) meanwhile. The session keeps
+            # its ticket's claim until the last of them is over (see _end_session).
             nonlocal work
             work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-            return await asyncio.shield(work)
+            return work
+
+        async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+            # Shielded: a cancelled call does not stop work already running in a thread (a commit, a manifest write).
+            return await asyncio.shield(start_in_thread(fn, *args))
+
+        async def drain() -> None:
+            # The previous chunk's write and hash (errors surface here: a rejection names its chunk).
+            if work is not None and not work.done():
+                await asyncio.shield(work)
+            elif work is not None:
+                work.result()
 
         try:
             first = await anext(aiter(request_iterator), None)
@@ -125,7 +137,10 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
             async for msg in request_iterator:
                 kind = msg.WhichOneof("body")
                 if kind == "chunk":
-                    session.accept(msg.chunk.tensor, msg.chunk.offset, msg.chunk.data)
+                    # Pipelined: this chunk is written and hashed in a thread while the next one is received.
+                    await drain()
+                    chunk = msg.chunk
+                    start_in_thread(session.accept, chunk.tensor, chunk.offset, chunk.data)
                 elif kind == "manifest":
                     if session.reassembler is not None:
                         raise _rejected("protocol", "a second manifest arrived")
@@ -133,9 +148,11 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
                         manifest = manifest_from_proto(msg.manifest)
                     except WireError as exc:
                         raise _rejected("bad_manifest", str(exc)) from None
+                    await drain()
                     await in_thread(session.set_manifest, manifest)
                 else:
                     raise _rejected("protocol", f"unexpected {kind or 'empty'} message after the header")
+            await drain()
             await reverify(self.verifier)
             result = await in_thread(session.finish)
         except asyncio.CancelledError:
@@ -242,6 +259,8 @@ def _end_session(work: asyncio.Future[Any] | None, session: UploadSession | None
     any more (a session that ``begin_upload`` returns after the call was cancelled included)."""
 
     def end(_: object = None) -> None:
+        if work is not None and work.done() and not work.cancelled():
+            work.exception()  # retrieved: a pipelined chunk that failed after the call was cancelled is not logged
         s = session
         if s is None and work is not None and not work.cancelled() and work.exception() is None:
             result = work.result()
