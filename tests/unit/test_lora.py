@@ -9,6 +9,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from raffm.arch import adapter_for
+from raffm.costs import MIB, CostModel
 from raffm.elastic import extract
 from raffm.lora import (
     DEFAULT_TARGETS,
@@ -21,6 +22,7 @@ from raffm.lora import (
     merge_lora,
     trainable_parameters,
 )
+from raffm.recipe import Recipe
 from raffm.spec import ElasticSpec, LayerSpec, ModelDims
 
 VOCAB = 128
@@ -130,3 +132,29 @@ def test_adapters_round_trip_and_bad_inputs_say_what_is_wrong() -> None:
         load_adapters(other, bad)
     with pytest.raises(ValueError, match="missing"):
         load_adapters(other, {n: t for n, t in state.items() if n != name})
+
+
+# -- the cost model ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make,targets", [(llama, LLAMA_T), (bert, DEFAULT_TARGETS["bert"])])
+def test_cost_model_prices_the_real_wrapped_model(make, targets) -> None:  # type: ignore[no-untyped-def]
+    model = make()
+    cm = CostModel.from_model(model)
+    spec = SMALL if make is llama else ElasticSpec.uniform(cm.dims, heads=2, ffn=24)
+    recipe = Recipe(lora_rank=3, lora_targets=targets, lora_alpha=6.0)
+    assert Recipe.from_dict(recipe.to_dict()) == recipe and recipe.lora == LoRAConfig(3, targets, 6.0)
+    wrapped = apply_lora(extract(model, spec), recipe.lora)  # type: ignore[arg-type]
+    lora, plain = cm.estimate(spec, batch_size=2, seq_len=8, recipe=recipe), cm.estimate(spec, batch_size=2, seq_len=8)
+    adapters = trainable_parameters(wrapped)
+    assert lora.trained_params == adapters and lora.params == plain.params == cm.params(spec)
+    assert lora.upload_bytes == 4 * adapters  # a round's upload: the adapters
+    assert lora.wire_bytes - lora.cached_bytes == 4 * adapters  # a round's download once the slice is cached
+    assert lora.gradients_mb * MIB == 4 * adapters and lora.optimizer_mb == 2 * lora.gradients_mb
+    assert lora.train_memory_mb < plain.train_memory_mb and lora.upload_bytes < 0.2 * plain.upload_bytes
+    with pytest.raises(ValueError, match="lora_rank"):
+        Recipe(lora_rank=-1)
+    with pytest.raises(ValueError, match="targets"):
+        Recipe(lora_rank=2)
+    with pytest.raises(ValueError, match="match no weight"):
+        cm.estimate(spec, batch_size=2, seq_len=8, recipe=Recipe(lora_rank=2, lora_targets=("nope",)))
