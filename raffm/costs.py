@@ -42,6 +42,16 @@ Activations ``A``: what autograd saves in torch 2.13 (CPU, ``attn_implementation
 Measured against RSS (``raffm.memory``, glibc allocator configured by ``configure_allocator``): within 2% for
 MiniLM at batch 16 x 64 tokens across hidden widths 96-384. MB means MiB (2**20 bytes) throughout.
 FedProx (a frozen copy of the received weights and its proximal term) adds about 2 W; it is not included.
+
+LoRA recipes (``recipe.lora_rank > 0``, :mod:`raffm.lora`): the trained tensors are the adapters (``r (out + in)``
+per target weight of the slice), so ``G``, the moments, ``P`` and the upload are theirs; ``W`` adds them to the
+frozen slice; the slice itself is ``cached_bytes`` (downloaded once per model version, never re-sent), so a round
+moves ``wire_bytes - cached_bytes`` = the adapters down and ``upload_bytes`` = the adapters up. Activations add
+``T r`` per target (``x A^T``, saved for ``B``'s gradient); every other saved tensor is still needed for ``A``'s
+gradients or the input gradients when every linear layer is a target (the default). Measured with
+``saved_tensors_hooks`` on a tiny Llama (h 64, vocab 128, batch 4 x 24), this over-predicts by 20-29%: with the
+LM head frozen autograd keeps less around the head and the loss than the full fine-tuning formula counts (not yet
+modelled); not yet measured against RSS.
 """
 
 from __future__ import annotations
@@ -52,6 +62,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from raffm.arch import Adapter, adapter_for, canonical_shapes
+from raffm.lora import adapter_shapes, target_weight_names
 from raffm.recipe import Recipe
 from raffm.slicing import SlicePlan, slice_plan
 from raffm.spec import ElasticSpec, ModelDims
@@ -352,9 +363,12 @@ class CostModel:
         if unknown:
             raise ValueError(f"the recipe freezes tensors the sub-model does not have: {unknown[:5]}")
         params = sum(s.numel for s in plan.values())
-        trained = [s.numel for name, s in plan.items() if name not in recipe.frozen]
-        frozen = params - sum(trained)
-        weights = TRAIN_BYTES * sum(trained) + dtype_bytes(recipe.frozen_dtype) * frozen
+        trained_by_name = self._trained(plan, recipe)
+        trained = list(trained_by_name.values())
+        adapters = sum(trained) if recipe.lora_rank else 0  # added to the slice's weights, not part of it
+        frozen = params + adapters - sum(trained)
+        frozen_elsewhere = sum(plan[n].numel for n in recipe.frozen)  # stored at recipe.frozen_dtype
+        weights = TRAIN_BYTES * (params + adapters - frozen_elsewhere) + dtype_bytes(recipe.frozen_dtype) * frozen_elsewhere
         w = _widths(spec, self.dims.group)
         fwd = self._forward_flops(w, seq_len)
         cuts = [_widths(cut, self.dims.group) for cut in recipe.nested]
@@ -364,8 +378,9 @@ class CostModel:
             nested_flops = self._forward_flops(cuts[0], seq_len)
             if others:
                 nested_flops += min(recipe.sampled, len(others)) * sum(others) / len(others)
-        main = self._pass(spec, batch_size, seq_len, recipe)
-        passes: list[Pass | None] = [self._pass(cut, batch_size, seq_len, recipe) for cut in recipe.nested]
+        main = self._pass(spec, batch_size, seq_len, recipe, trained_by_name)
+        passes: list[Pass | None] = [self._pass(cut, batch_size, seq_len, recipe, trained_by_name)
+                                     for cut in recipe.nested]
         peak = max(
             peak_train_bytes(weights=weights, trained=sum(trained), largest=max(trained, default=0), main=main,
                              nested=cut, checkpointing=recipe.checkpointing,
@@ -378,7 +393,7 @@ class CostModel:
             params=params,
             trained_params=sum(trained),
             wire_dtype=wire_dtype_name(wire_dtype),
-            wire_bytes=params * nbytes,
+            wire_bytes=(params + adapters) * nbytes,
             cached_bytes=frozen * nbytes,
             upload_bytes=sum(trained) * nbytes,
             forward_flops_per_sample=fwd,
@@ -399,7 +414,16 @@ class CostModel:
         return forward_flops(w, seq_len, num_labels=self.num_labels, patch_inputs=self.patch_inputs,
                              ffn_matrices=3 if self.adapter.causal_lm else 2, lm_vocab=self.lm_vocab)
 
-    def _pass(self, spec: ElasticSpec, batch_size: int, seq_len: int, recipe: Recipe) -> Pass:
+    def _trained(self, plan: SlicePlan, recipe: Recipe) -> dict[str, int]:
+        """Name -> elements of every trained tensor: the slice's unfrozen tensors, or a LoRA recipe's adapters."""
+        if not recipe.lora_rank:
+            return {name: s.numel for name, s in plan.items() if name not in recipe.frozen}
+        targets = target_weight_names(plan, recipe.lora_targets)
+        shapes = adapter_shapes({name: plan[name].sub_shape for name in targets}, recipe.lora_rank)
+        return {name: math.prod(shape) for name, shape in shapes.items()}
+
+    def _pass(self, spec: ElasticSpec, batch_size: int, seq_len: int, recipe: Recipe,
+              trained: Mapping[str, int]) -> Pass:
         w = _widths(spec, self.dims.group)
         pixels = (seq_len - 1) * self.patch_inputs if self.image_tokens else 0
         options = dict(batch_size=batch_size, seq_len=seq_len, hidden_dropout=self.hidden_dropout,
@@ -412,11 +436,21 @@ class CostModel:
         else:
             layers = layer_activation_elements(w, **options)  # type: ignore[arg-type]
             activations = activation_elements(w, arch=self.adapter.name, pixels=pixels, **options)  # type: ignore[arg-type]
+        if recipe.lora_rank:  # x A^T per target weight, saved for B's gradient
+            per_layer = [0] * len(layers)
+            for name in target_weight_names(self.plan(spec), recipe.lora_targets):
+                layer = self.adapter.layer_of(name)
+                extra = tokens * recipe.lora_rank
+                activations += extra
+                if layer is not None:
+                    per_layer[layer] += extra
+            layers = [a + b for a, b in zip(layers, per_layer)]
         by_layer: dict[int, int] = {}
-        for name, s in self.plan(spec).items():
+        kept = self.plan(spec)  # this pass's (maybe nested) cut: its own sizes of the trained tensors
+        for name, numel in trained.items():
             layer = self.adapter.layer_of(name)
-            if layer is not None and name not in recipe.frozen:
-                by_layer[layer] = by_layer.get(layer, 0) + s.numel
+            if layer is not None and (recipe.lora_rank or name in kept):
+                by_layer[layer] = by_layer.get(layer, 0) + (numel if recipe.lora_rank else kept[name].numel)
         return Pass(
             activations=activations,
             largest_layer=max(layers),

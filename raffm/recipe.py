@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from raffm.lora import LoRAConfig
 from raffm.spec import ElasticSpec
 
 
@@ -27,6 +28,10 @@ class Recipe:
     ``frozen_dtype``: the precision the device stores frozen embedding tables at ("float16" halves them; their
     lookups are cast back to float32). ``checkpointing``: activation checkpointing (each layer's activations are
     recomputed in the backward pass: about a third more compute for a fraction of the activation memory).
+
+    ``lora_rank`` > 0: parameter-efficient training (:mod:`raffm.lora`): rank-``lora_rank`` adapters on the
+    ``lora_targets`` modules (scaling ``lora_alpha / lora_rank``), every base tensor frozen; a round then moves
+    adapters, not the slice (:mod:`raffm.lora_fed`). 0: plain fine-tuning.
     """
 
     frozen: frozenset[str] = frozenset()
@@ -36,8 +41,17 @@ class Recipe:
     frozen_dtype: str = "float32"
     checkpointing: bool = False
     distill_hidden: float = 0.0
+    lora_rank: int = 0
+    lora_targets: tuple[str, ...] = ()
+    lora_alpha: float = 16.0
 
     def __post_init__(self) -> None:
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ValueError(f"recipe lora_rank is {self.lora_rank!r}; it must be an integer >= 0 (0: no LoRA)")
+        if self.lora_rank:
+            LoRAConfig(rank=self.lora_rank, targets=self.lora_targets, alpha=self.lora_alpha)  # validates them
+            if self.nested:
+                raise ValueError("a LoRA recipe cannot train nested cuts (not supported yet)")
         if self.sampled < 0:
             raise ValueError(f"recipe sampled is {self.sampled}; it must be >= 0")
         if not 0.0 <= self.distill <= 1.0:
@@ -48,6 +62,13 @@ class Recipe:
             raise ValueError(f"recipe frozen_dtype is {self.frozen_dtype!r}; it must be float32, float16 or bfloat16")
 
     @property
+    def lora(self) -> LoRAConfig | None:
+        """The LoRA settings, or None for plain fine-tuning."""
+        if not self.lora_rank:
+            return None
+        return LoRAConfig(rank=self.lora_rank, targets=tuple(self.lora_targets), alpha=self.lora_alpha)
+
+    @property
     def nested_per_step(self) -> int:
         """Nested cuts trained in every step besides the device's own spec."""
         return min(len(self.nested), 1 + self.sampled)
@@ -55,7 +76,8 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return {"frozen": sorted(self.frozen), "nested": [s.to_dict() for s in self.nested], "sampled": self.sampled,
                 "distill": self.distill, "frozen_dtype": self.frozen_dtype, "checkpointing": self.checkpointing,
-                "distill_hidden": self.distill_hidden}
+                "distill_hidden": self.distill_hidden, "lora_rank": self.lora_rank,
+                "lora_targets": list(self.lora_targets), "lora_alpha": self.lora_alpha}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
@@ -64,4 +86,6 @@ class Recipe:
                    sampled=int(data.get("sampled", 1)), distill=float(data.get("distill", 1.0)),
                    frozen_dtype=str(data.get("frozen_dtype", "float32")),
                    checkpointing=bool(data.get("checkpointing", False)),
-                   distill_hidden=float(data.get("distill_hidden", 0.0)))
+                   distill_hidden=float(data.get("distill_hidden", 0.0)),
+                   lora_rank=int(data.get("lora_rank", 0)), lora_targets=tuple(data.get("lora_targets", ())),
+                   lora_alpha=float(data.get("lora_alpha", 16.0)))

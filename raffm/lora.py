@@ -1,0 +1,220 @@
+"""LoRA on a device's slice: low-rank adapters wrapped around the sub-model's linear layers, everything else frozen.
+
+A target ``nn.Linear`` of weight ``W [out, in]`` becomes a :class:`LoRALinear` computing
+``y = x W^T + b + s * (x A^T) B^T`` with ``A [r, in]``, ``B [out, r]`` and ``s = alpha / r``. ``B`` starts at zero
+(so the adapted model is the base model until the first step) and ``A`` at PyTorch's default ``nn.Linear`` init
+(uniform in ``+-1/sqrt(in)``), as in the LoRA paper and ``peft``. Only ``A`` and ``B`` are trained: the base weights
+stay frozen on the device and are never re-sent (a round moves adapters, see :mod:`raffm.lora_fed`).
+
+Names are stable and tied to the base tensor they adapt: the adapters of module ``model.layers.0.self_attn.q_proj``
+are ``model.layers.0.self_attn.q_proj.lora_A`` / ``.lora_B``, and they adapt ``model.layers.0.self_attn.q_proj.weight``
+(:func:`base_weight_name`). The base weight and bias keep their own names and :class:`LoRALinear` *is* an
+``nn.Linear``, so slicing, SPP tables and ``isinstance`` checks see the same parameters as before wrapping.
+
+Target modules are given by name, peft-style: a target ``t`` matches a module named ``t`` or ending in ``.t``
+(``DEFAULT_TARGETS`` per architecture: Llama ``q/k/v/o_proj, gate/up/down_proj``; BERT ``query/key/value/dense``).
+A target that matches nothing, or matches a module that is not an ``nn.Linear``, is a ``ValueError``.
+
+:func:`apply_lora` and :func:`merge_lora` change the model in place (like ``torch.nn.utils.prune``); the
+adapter-state functions never mutate their inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Architecture adapter name -> default target modules (every linear layer of every transformer block).
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "bert": ("query", "key", "value", "dense"),
+    "vit": ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"),
+}
+A_SUFFIX, B_SUFFIX = ".lora_A", ".lora_B"
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """``rank`` r >= 1; ``alpha`` > 0 (scaling ``alpha / rank``); ``targets``: module names (see module doc);
+    ``dropout``: on the adapter's input only, in training mode."""
+
+    rank: int
+    targets: tuple[str, ...]
+    alpha: float = 16.0
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"LoRA rank is {self.rank!r}; it must be an integer >= 1")
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"LoRA alpha is {self.alpha!r}; it must be a finite number > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout is {self.dropout!r}; it must be in [0, 1)")
+        if isinstance(self.targets, str) or not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+            raise ValueError(f"LoRA targets are {self.targets!r}; give a non-empty tuple of module names")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+class LoRALinear(nn.Linear):
+    """An ``nn.Linear`` with a low-rank residual; it shares (does not copy) the wrapped layer's weight and bias.
+
+    ``weight [out, in]`` and ``bias`` are frozen; ``lora_A [r, in]``, ``lora_B [out, r]`` are trained.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, scaling: float, dropout: float = 0.0,
+                 generator: torch.Generator | None = None) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.rank, self.scaling = rank, float(scaling)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        dtype, device = base.weight.dtype, base.weight.device
+        bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)), nn.Linear's and peft's default
+        a = torch.empty(rank, self.in_features, dtype=dtype, device=device).uniform_(-bound, bound, generator=generator)
+        self.lora_A = nn.Parameter(a)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=dtype, device=device))
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s * B @ A`` [out, in]: what this adapter adds to ``weight``."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = F.linear(x, self.weight, self.bias)
+        return base + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.rank}, scaling={self.scaling:g}"
+
+
+def base_weight_name(adapter_name: str) -> str:
+    """``...q_proj.lora_A`` (or ``.lora_B``) -> ``...q_proj.weight``, the base tensor it adapts."""
+    for suffix in (A_SUFFIX, B_SUFFIX):
+        if adapter_name.endswith(suffix):
+            return adapter_name[: -len(suffix)] + ".weight"
+    raise ValueError(f"{adapter_name!r} is not a LoRA adapter tensor name (it must end in {A_SUFFIX} or {B_SUFFIX})")
+
+
+def module_name(weight_name: str) -> str:
+    """``...q_proj.weight`` -> ``...q_proj``."""
+    if not weight_name.endswith(".weight"):
+        raise ValueError(f"{weight_name!r} is not a weight tensor name (it must end in .weight)")
+    return weight_name[: -len(".weight")]
+
+
+def matches(name: str, targets: Iterable[str]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def target_weight_names(names: Iterable[str], targets: Iterable[str]) -> list[str]:
+    """The ``.weight`` tensors among state-dict ``names`` whose module a target matches (shape-only planning: the
+    cost model and the server use this without building a model). Raises for a target matching nothing."""
+    targets = tuple(targets)
+    found = [n for n in names if n.endswith(".weight") and matches(module_name(n), targets)]
+    unused = [t for t in targets if not any(matches(module_name(n), (t,)) for n in found)]
+    if unused:
+        raise ValueError(f"LoRA target module(s) {unused} match no weight tensor of the model")
+    return found
+
+
+def apply_lora(model: nn.Module, config: LoRAConfig, *, generator: torch.Generator | None = None) -> nn.Module:
+    """Wrap every target ``nn.Linear`` of ``model`` in a :class:`LoRALinear` and freeze every other parameter
+    (in place; returns ``model``). ``generator`` seeds the ``A`` init."""
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("the model already has LoRA adapters; merge_lora() it first")
+    chosen = {name: m for name, m in model.named_modules() if name and matches(name, config.targets)}
+    unused = [t for t in config.targets if not any(matches(name, (t,)) for name in chosen)]
+    if unused:
+        raise ValueError(f"LoRA target module(s) {unused} match no module of {type(model).__name__}")
+    wrong = {name: type(m).__name__ for name, m in chosen.items() if not isinstance(m, nn.Linear)}
+    if wrong:
+        raise ValueError(f"LoRA targets must be nn.Linear layers; these are not: {wrong}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, linear in chosen.items():
+        parent, _, attr = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, attr, LoRALinear(linear, config.rank, config.scaling, config.dropout, generator))  # type: ignore[arg-type]
+    return model
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """Module name -> :class:`LoRALinear`, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors (detached copies): ``<module>.lora_A [r, in]`` and ``<module>.lora_B [out, r]``."""
+    out: dict[str, torch.Tensor] = {}
+    for name, m in lora_modules(model).items():
+        out[name + A_SUFFIX] = m.lora_A.detach().clone()
+        out[name + B_SUFFIX] = m.lora_B.detach().clone()
+    return out
+
+
+def adapter_shapes(weight_shapes: Mapping[str, tuple[int, ...]], rank: int) -> dict[str, tuple[int, ...]]:
+    """Adapter tensor name -> shape for rank-``rank`` adapters on the given target weights ``[out, in]``."""
+    out: dict[str, tuple[int, ...]] = {}
+    for name, shape in weight_shapes.items():
+        if len(shape) != 2:
+            raise ValueError(f"LoRA adapts 2-D weights; {name!r} has shape {tuple(shape)}")
+        out[module_name(name) + A_SUFFIX] = (rank, shape[1])
+        out[module_name(name) + B_SUFFIX] = (shape[0], rank)
+    return out
+
+
+@torch.no_grad()
+def load_adapters(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy adapter tensors into the model's :class:`LoRALinear` layers. ``state`` must name exactly the model's
+    adapters, each pair of one rank (which may differ from the one the model was wrapped with: the layer takes the
+    rank of what it is given, as when the server sends factors of another rank)."""
+    modules = lora_modules(model)
+    expected = {n + s for n in modules for s in (A_SUFFIX, B_SUFFIX)}
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(f"adapter state does not match the model's adapters: missing {missing[:5]}, unknown {extra[:5]}")
+    for name, m in modules.items():
+        a, b = state[name + A_SUFFIX], state[name + B_SUFFIX]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != m.in_features or b.shape[0] != m.out_features \
+                or a.shape[0] != b.shape[1] or a.shape[0] < 1:
+            raise ValueError(
+                f"adapters of {name!r} have shapes A {tuple(a.shape)}, B {tuple(b.shape)}; expected "
+                f"A [r, {m.in_features}] and B [{m.out_features}, r] with the same r >= 1"
+            )
+        rank = a.shape[0]
+        if rank != m.rank:  # the scaling alpha / r stays the layer's: the factors carry the product, see lora_fed
+            m.lora_A = nn.Parameter(torch.empty(rank, m.in_features, dtype=m.weight.dtype, device=m.weight.device))
+            m.lora_B = nn.Parameter(torch.empty(m.out_features, rank, dtype=m.weight.dtype, device=m.weight.device))
+            m.rank = rank
+        m.lora_A.copy_(a)
+        m.lora_B.copy_(b)
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight (``W + s B A``) and put back plain ``nn.Linear`` layers, in place;
+    returns ``model``. The merged model computes what the adapted one did (inference: no adapter overhead)."""
+    for name, m in lora_modules(model).items():
+        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        linear.weight = nn.Parameter(m.weight + m.delta_weight().to(m.weight.dtype), requires_grad=False)
+        if m.bias is not None:
+            linear.bias = m.bias
+        parent, _, attr = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, attr, linear)
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
