@@ -5,9 +5,12 @@ registers one device whose profile fits the whole model, then times:
   - DownloadSlice (server stream, manifest + ~1 MiB chunks, sha256 verified on receipt);
   - UploadUpdate (client stream, staged to disk with fsync, validated and folded);
   - a raw TCP socket on 127.0.0.1 moving the same number of bytes in 1 MiB sendall() calls (the baseline);
+  - the raw disk under the aggregator's data directory: the upload's bytes written to one file in 1 MiB writes and
+    fsynced once (the floor of a durable upload, which cannot beat its disk);
 and, through a byte-counting TCP relay, the wire overhead = bytes on the socket / tensor bytes.
 
     .venv/bin/python bench/bench_transfer.py [--hidden 768 --layers 6] [--wire-dtype fp32] [--chunk-kib 1024]
+        [--repeat 3] [--breakdown] [--json out.json]
 """
 
 from __future__ import annotations
@@ -64,6 +67,27 @@ def raw_socket_mb_s(nbytes: int, block: int = MiB) -> float:
     client.close()
     server.close()
     t.join()
+    return nbytes / elapsed / 1e6
+
+
+def raw_disk_mb_s(nbytes: int, directory: Path, block: int = MiB) -> float:
+    """Bytes/s of writing ``nbytes`` to one new file in ``directory`` in ``block``-sized writes, then one fsync."""
+    import os
+
+    payload = memoryview(bytes(block))
+    path = directory / f"raw-disk-{time.monotonic_ns()}"
+    try:
+        start = time.perf_counter()
+        with open(path, "wb", buffering=0) as f:
+            left = nbytes
+            while left:
+                n = min(block, left)
+                f.write(payload[:n])
+                left -= n
+            os.fsync(f.fileno())
+        elapsed = time.perf_counter() - start
+    finally:
+        path.unlink(missing_ok=True)
     return nbytes / elapsed / 1e6
 
 
@@ -314,6 +338,7 @@ def main() -> int:
                     downs.append(tensor_bytes / down_s / 1e6)
                     ups.append(upload_bytes / up_s / 1e6)
             raw = max(raw_before, *(raw_socket_mb_s(tensor_bytes) for _ in range(2)))
+            disk = max(raw_disk_mb_s(upload_bytes, root / "agg") for _ in range(2))  # the staging's file system
             relay_ext.close()
             relay_agg.close()
         finally:
@@ -327,8 +352,10 @@ def main() -> int:
           f"{tensor_bytes / 1e6:.1f} MB in {args.wire_dtype} down, {upload_bytes / 1e6:.1f} MB up (frozen tensors "
           f"are not uploaded), chunk {args.chunk_kib} KiB")
     print(f"raw loopback socket          : {raw:8.0f} MB/s  (baseline, same bytes, same run)")
+    print(f"raw disk (1 file, 1 fsync)   : {disk:8.0f} MB/s  (floor of a durable upload, upload bytes, same run)")
     print(f"DownloadSlice (verify sha256): {down:8.0f} MB/s  ratio {down / raw:.2f} of raw socket")
-    print(f"UploadUpdate  (stage+fsync+fold): {up:5.0f} MB/s  ratio {up / raw:.2f} of raw socket")
+    print(f"UploadUpdate  (stage+fsync+fold): {up:5.0f} MB/s  ratio {up / raw:.2f} of raw socket, "
+          f"{up / min(raw, disk):.2f} of the slower of socket and disk")
     print(f"wire overhead download: {overhead_down:.4f} (bytes on socket / tensor bytes, both directions)")
     print(f"wire overhead upload  : {overhead_up:.4f}")
     stages: list[tuple[str, float]] = []
@@ -343,6 +370,7 @@ def main() -> int:
         args.json.write_text(json.dumps({
             "bench": "bench_transfer", "hidden": args.hidden, "layers": args.layers, "wire_dtype": args.wire_dtype,
             "chunk_kib": args.chunk_kib, "tensor_bytes": tensor_bytes, "upload_bytes": upload_bytes, "raw_socket_mb_s": raw,
+            "raw_disk_mb_s": disk, "upload_ratio_of_floor": up / min(raw, disk),
             "download_mb_s": down, "upload_mb_s": up, "download_ratio": down / raw, "upload_ratio": up / raw,
             "wire_overhead_download": overhead_down, "wire_overhead_upload": overhead_up,
             "download_runs_mb_s": downs, "upload_runs_mb_s": ups,
