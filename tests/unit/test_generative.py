@@ -24,6 +24,8 @@ from raffm.generative import (
     rotten_tomatoes_instructions,
     with_chat_template,
 )
+from raffm.models import load_global_model, model_from_config, model_from_state
+from raffm.planning import cost_model_for, default_task
 from raffm.recipe import Recipe
 from raffm.spec import ElasticSpec
 from raffm.spp import prioritize
@@ -270,3 +272,30 @@ def test_nested_cuts_train_on_the_response_tokens_of_a_causal_lm() -> None:
 def test_accuracy_evaluation_refuses_generative_data() -> None:
     with pytest.raises(ValueError, match="evaluate_generative"):
         evaluate(tiny_llama(), toy_task(4, seed=0), word_tokenizer())
+
+
+# ----------------------------------------------------------------------------------------------------- plumbing
+
+
+def test_decoder_llms_default_to_the_causal_lm_task() -> None:
+    assert [default_task(t) for t in ("llama", "qwen2", "mistral", "raffm_llama")] == ["causal-lm"] * 4
+    assert (default_task("bert"), default_task("vit")) == ("sequence-classification", "image-classification")
+    config = tiny_llama().config
+    assert isinstance(model_from_config(config, task="causal-lm"), LlamaForCausalLM)
+    cm = cost_model_for(config.to_dict())  # the default task: the LM head is priced, not a classifier
+    assert "lm_head.weight" in cm.shapes and not any(n.startswith("score.") for n in cm.shapes)
+
+
+def test_a_causal_lm_loads_from_a_folder_and_from_its_state(tmp_path: Path) -> None:
+    model = tiny_llama()
+    model.save_pretrained(tmp_path)
+    loaded = load_global_model(tmp_path, task="causal-lm")
+    assert isinstance(loaded, LlamaForCausalLM) and not loaded.training
+    ids = collate(word_tokenizer(), ["Review: great\nSentiment:"], [" positive"], 12)
+    del ids["labels"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**ids).logits, model(**ids).logits, rtol=0, atol=0)
+        rebuilt = model_from_state(model.config.to_dict(), model.state_dict(), task="causal-lm")
+        torch.testing.assert_close(rebuilt(**ids).logits, model(**ids).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no label names"):
+        load_global_model(tmp_path, task="causal-lm", label_names=("a", "b"))
