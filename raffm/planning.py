@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from raffm.arch import Adapter, adapter_for
+from raffm.arch import ADAPTERS, Adapter, adapter_for
 from raffm.checkpoints import CheckpointStore
 from raffm.costs import CostModel
 from raffm.errors import PreconditionError, ValidationError
@@ -50,8 +50,13 @@ def slice_plan_for(config: Mapping[str, Any], spec: ElasticSpec, shapes: Mapping
 
 
 def default_task(model_type: str) -> Task:
-    """The task a global model of ``model_type`` is trained for when nobody says: ViT classifies images."""
-    return "image-classification" if model_type == "vit" else "sequence-classification"
+    """The task a global model of ``model_type`` is trained for when nobody says: ViT classifies images, a decoder
+    LLM (an adapter with ``causal_lm``: Llama, Qwen2, Mistral) generates text, an encoder classifies text."""
+    if model_type == "vit":
+        return "image-classification"
+    if any(a.causal_lm and model_type in a.model_types for a in ADAPTERS):
+        return "causal-lm"
+    return "sequence-classification"
 
 
 @functools.lru_cache(maxsize=16)

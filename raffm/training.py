@@ -1,7 +1,9 @@
 """Local training and evaluation of (sub-)models: what a device runs, and what the server evaluates with.
 
-Text batches are tokenized to a fixed ``seq_len``; image batches are ``[B, C, H, W]`` float tensors. The result of
-local training is the *delta* of the trained weights against the received ones, in float32.
+Text batches are tokenized to a fixed ``seq_len``; image batches are ``[B, C, H, W]`` float tensors; generative
+(causal-LM) batches carry per-token ``labels`` that are -100 outside the response (:mod:`raffm.generative`). The result
+of local training is the *delta* of the trained weights against the received ones, in float32 (with a LoRA recipe, of
+the adapters).
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from raffm.data import ImageDataset, TextDataset
+from raffm.generative import IGNORE_INDEX, InstructionDataset, causal_batches
+from raffm.lora import A_SUFFIX, B_SUFFIX, apply_lora, lora_modules
 from raffm.memory import PeakMemory
 from raffm.recipe import Recipe
 from raffm.slicing import TensorSlice
 from raffm.spec import ElasticSpec
 from raffm.wire import WIRE_DTYPES
 
-Dataset = TextDataset | ImageDataset
+Dataset = TextDataset | ImageDataset | InstructionDataset
 Tokenizer = Callable[..., Any]
 
 
@@ -66,7 +70,10 @@ class LocalResult:
 def batches(
     data: Dataset, tokenizer: Tokenizer | None, batch_size: int, seq_len: int, *, shuffle: bool, seed: int = 0
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Model-ready batches with ``labels``."""
+    """Model-ready batches with ``labels`` (``[B]`` classes, or ``[B, seq_len]`` tokens for generative data)."""
+    if isinstance(data, InstructionDataset):
+        yield from causal_batches(data, tokenizer, batch_size, seq_len, shuffle=shuffle, seed=seed)
+        return
     order = list(range(len(data)))
     if shuffle:
         random.Random(seed).shuffle(order)
@@ -153,12 +160,17 @@ class NestedCut:
                  recipe: Recipe) -> None:
         """Accumulate the gradients of the cut's loss: ``distill`` x KL to the teacher's logits, ``1 - distill`` x
         cross-entropy on the ``labels``, plus ``distill_hidden`` x the mean squared error of every layer's output
-        against the teacher's."""
+        against the teacher's. Per-token ``labels`` ``[B, T]`` (a causal LM): both terms are over the next-token
+        predictions of the labelled (response) tokens only."""
         with self.bound() as skeleton:
             out = skeleton(**inputs, output_hidden_states=bool(recipe.distill_hidden))
-            loss = recipe.distill * _distill_loss(out.logits, teacher.logits)
+            student, target = out.logits, teacher.logits
+            if labels.dim() == 2:  # position t predicts token t + 1; -100 marks prompt and padding
+                keep = labels[:, 1:] != IGNORE_INDEX
+                student, target, labels = student[:, :-1][keep], target[:, :-1][keep], labels[:, 1:][keep]
+            loss = recipe.distill * _distill_loss(student, target)
             if recipe.distill < 1.0:
-                loss = loss + (1 - recipe.distill) * torch.nn.functional.cross_entropy(out.logits, labels)
+                loss = loss + (1 - recipe.distill) * torch.nn.functional.cross_entropy(student, labels)
             if recipe.distill_hidden:
                 loss = loss + recipe.distill_hidden * _hidden_loss(out.hidden_states, teacher.hidden)
             loss.backward()
@@ -185,18 +197,23 @@ def _distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _apply_recipe(model: PreTrainedModel, recipe: Recipe) -> dict[str, torch.nn.Parameter]:
+def _apply_recipe(model: PreTrainedModel, recipe: Recipe, seed: int = 0) -> dict[str, torch.nn.Parameter]:
     """Freeze (and store at ``recipe.frozen_dtype``) the recipe's frozen tensors, switch activation checkpointing on;
-    returns the trained parameters."""
+    with a LoRA recipe, wrap the targets in adapters (unless the model already has them, e.g. loaded from the
+    server's factors) and train those only; returns the trained parameters."""
     unknown = sorted(recipe.frozen - {n for n, _ in model.named_parameters()})
     if unknown:
         raise ValueError(f"the recipe freezes tensors the model does not have: {unknown[:5]}")
+    lora = recipe.lora
+    if lora is not None and not lora_modules(model):
+        apply_lora(model, lora, generator=torch.Generator().manual_seed(seed))
     trained = {}
     for name, p in model.named_parameters():
-        p.requires_grad_(name not in recipe.frozen)
-        if name not in recipe.frozen:
+        train = name not in recipe.frozen and (lora is None or name.endswith((A_SUFFIX, B_SUFFIX)))
+        p.requires_grad_(train)
+        if train:
             trained[name] = p
-        elif recipe.frozen_dtype != "float32":
+        elif name in recipe.frozen and recipe.frozen_dtype != "float32":
             module = model.get_submodule(name.rpartition(".")[0])
             if not isinstance(module, torch.nn.Embedding):
                 raise ValueError(f"only embedding tables can be stored at {recipe.frozen_dtype}; {name!r} is not one")
@@ -228,7 +245,7 @@ def train_local(
     """
     if len(data) == 0:
         raise ValueError("the local data set is empty")
-    trained = _apply_recipe(model, recipe)
+    trained = _apply_recipe(model, recipe, config.seed)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     if reference is not None:
@@ -306,9 +323,12 @@ def _cuts_this_step(cuts: list[NestedCut], sampled: int, rng: random.Random) -> 
 def evaluate(
     model: nn.Module, data: Dataset, tokenizer: Tokenizer | None, *, batch_size: int = 64, seq_len: int = 64
 ) -> float:
-    """Accuracy of ``model`` on ``data`` (0..1)."""
+    """Accuracy of ``model`` on ``data`` (0..1); generative data: :func:`raffm.generative.evaluate_generative`."""
     if len(data) == 0:
         raise ValueError("the evaluation data set is empty")
+    if isinstance(data, InstructionDataset):
+        raise ValueError("accuracy is for classification data; score generative data with "
+                         "raffm.generative.evaluate_generative (exact match and response loss)")
     was_training = model.training
     model.eval()
     correct = 0
