@@ -21,6 +21,7 @@ import torch
 from transformers import PretrainedConfig
 
 from raffm.data import ImageDataset, TextDataset
+from raffm.generative import InstructionDataset
 from raffm.memory import peak_rss_mb, reset_peak, rss_mb
 from raffm.planning import cost_model_for
 from raffm.recipe import Recipe
@@ -43,9 +44,11 @@ class MemoryPrediction:
 
 def predict_memory(
     config: PretrainedConfig, spec: ElasticSpec, *, batch_size: int, seq_len: int, fedprox: bool, image: bool,
-    recipe: Recipe = Recipe(),
+    recipe: Recipe = Recipe(), task: str | None = None,
 ) -> MemoryPrediction:
-    model = cost_model_for(config, task="image-classification" if image else "sequence-classification")
+    from edge_agent.submodel import task_name
+
+    model = cost_model_for(config, task=task_name(image, task))  # type: ignore[arg-type]
     costs = model.estimate(spec, batch_size=batch_size, seq_len=None if image else seq_len, recipe=recipe)
     extra = 2 * costs.gradients_mb if fedprox else 0.0  # mapped reference pages + the saved (w - w0) of the term
     return MemoryPrediction(costs.train_memory_mb, extra, costs.params)
@@ -88,7 +91,7 @@ def run_local_round(
     *,
     global_config: PretrainedConfig,
     spec: ElasticSpec,
-    data: TextDataset | ImageDataset,
+    data: TextDataset | ImageDataset | InstructionDataset,
     tokenizer: Any,
     local: LocalConfig,
     spill_path: Path,
@@ -96,6 +99,7 @@ def run_local_round(
     on_step: Callable[[int, int, float], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     recipe: Recipe = Recipe(),
+    task: str | None = None,
 ) -> LocalResult:
     """Build the sub-model from ``tensors`` (taken over: the dict is emptied) and train it as ``recipe`` says; the
     delta (of the trained tensors) is float32.
@@ -107,7 +111,7 @@ def run_local_round(
     image = isinstance(data, ImageDataset)
     reference = spill({n: t for n, t in tensors.items() if n not in recipe.frozen}, spill_path)
     try:
-        model = build_submodel(global_config, spec, tensors, image=image, recipe=recipe)
+        model = build_submodel(global_config, spec, tensors, image=image, recipe=recipe, task=task)
         tensors.clear()  # the model owns the weights now; wire-dtype copies (fp16/bf16) can go
         gc.collect()
         meter.checkpoint()
