@@ -322,9 +322,12 @@ class Agent:
         config = submodel.global_config(download.manifest_proto, fallback_model=self.config.model,
                                         num_labels=a.task.num_labels)
         self._last_config = config
-        names = [n for n in download.manifest.names if n not in recipe.frozen]  # what the upload carries
+        lora = recipe.lora is not None
+        # With LoRA the whole base slice is frozen and only adapters travel up.
+        names = [n for n in download.manifest.names if n not in recipe.frozen and (not lora or trainer.is_adapter(n))]
         # Keep the frozen tensors for the next round (their sha256 tells the extractor not to send them again).
-        frozen = [m for m in download.manifest.tensors if m.name in recipe.frozen]
+        frozen = [m for m in download.manifest.tensors
+                  if m.name in recipe.frozen or (lora and not trainer.is_adapter(m.name))]
         for meta in frozen:
             self.cache.put(meta.sha256, tensor_bytes(download.tensors[meta.name]))
         self.cache.keep(m.sha256 for m in frozen)
@@ -383,6 +386,9 @@ class Agent:
                  extra={"event": "trained", "round": a.round_id, "steps": result.steps, "loss": result.loss,
                         "peak_memory_mb": round(peak, 1), "predicted_mb": round(predicted, 1),
                         "budget_mb": budget})
+
+        if lora and not names:  # no adapters came down: the device started fresh ones
+            names = sorted(result.delta)
 
         # 5. Upload.
         # What the round really cost (closed-loop sizing: the aggregator corrects this device's profile with it).

@@ -22,6 +22,7 @@ from transformers import PretrainedConfig
 
 from raffm.data import ImageDataset, TextDataset
 from raffm.generative import InstructionDataset
+from raffm.lora import A_SUFFIX, B_SUFFIX
 from raffm.memory import peak_rss_mb, reset_peak, rss_mb
 from raffm.planning import cost_model_for
 from raffm.recipe import Recipe
@@ -61,6 +62,11 @@ def spill(tensors: Mapping[str, torch.Tensor], path: Path) -> dict[str, torch.Te
     torch.save(dict(tensors), tmp)
     os.replace(tmp, path)
     return torch.load(path, map_location="cpu", mmap=True, weights_only=True)  # type: ignore[no-any-return]
+
+
+def is_adapter(name: str) -> bool:
+    """A LoRA adapter tensor (``<module>.lora_A`` / ``.lora_B``), as opposed to a base weight of the slice."""
+    return name.endswith((A_SUFFIX, B_SUFFIX))
 
 
 class MemoryMeter:
@@ -109,9 +115,21 @@ def run_local_round(
     from edge_agent.submodel import build_submodel
 
     image = isinstance(data, ImageDataset)
-    reference = spill({n: t for n, t in tensors.items() if n not in recipe.frozen}, spill_path)
+    adapters = {n: tensors.pop(n) for n in [n for n in tensors if is_adapter(n)]}
+    if adapters and recipe.lora is None:
+        raise ValueError(f"the download holds LoRA adapters ({sorted(adapters)[:3]}) but the recipe has no LoRA rank")
+    # The delta's reference: the trained tensors as received (with LoRA, the adapters the server sent; without any,
+    # train_local starts fresh adapters and keeps its own copy of them).
+    trained = adapters if recipe.lora is not None else {n: t for n, t in tensors.items() if n not in recipe.frozen}
+    reference = spill(trained, spill_path) if trained else None
     try:
         model = build_submodel(global_config, spec, tensors, image=image, recipe=recipe, task=task)
+        if adapters:
+            from raffm.lora import apply_lora, load_adapters
+
+            assert recipe.lora is not None
+            apply_lora(model, recipe.lora)
+            load_adapters(model, {n: t.float() for n, t in adapters.items()})
         tensors.clear()  # the model owns the weights now; wire-dtype copies (fp16/bf16) can go
         gc.collect()
         meter.checkpoint()
