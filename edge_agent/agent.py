@@ -33,6 +33,9 @@ from raffm.v1 import aggregator_pb2
 log = logging.getLogger("edge_agent.agent")
 
 FR = aggregator_pb2  # FailureReason values live in the aggregator module
+TASKS = {aggregator_pb2.TASK_KIND_TEXT_CLASSIFICATION: "sequence-classification",
+         aggregator_pb2.TASK_KIND_IMAGE_CLASSIFICATION: "image-classification",
+         aggregator_pb2.TASK_KIND_CAUSAL_LM: "causal-lm"}
 MAX_WAIT_S = 300.0
 
 
@@ -243,6 +246,7 @@ class Agent:
     def _run_assignment(self, a: aggregator_pb2.Assignment, outcome: Outcome) -> None:
         from edge_agent import submodel, trainer
         from edge_agent.transfer import TransferError, download_slice, upload_update
+        from raffm.generative import InstructionDataset
         from raffm.proto import recipe_from_proto, spec_from_proto
         from raffm.training import LocalConfig
         from raffm.wire import tensor_bytes
@@ -252,7 +256,8 @@ class Agent:
         spec = spec_from_proto(a.spec)
         recipe = recipe_from_proto(a.recipe)
         hp = a.hparams
-        image = a.task.kind == aggregator_pb2.TASK_KIND_IMAGE_CLASSIFICATION
+        task = TASKS.get(a.task.kind, "sequence-classification")  # unspecified (an older server): text
+        image = task == "image-classification"
         local = LocalConfig(
             batch_size=hp.batch_size or 16, seq_len=hp.seq_len or 64, lr=hp.lr or 5e-5,
             local_epochs=hp.local_epochs or 1, local_steps=hp.local_steps, fedprox_mu=hp.fedprox_mu,
@@ -267,7 +272,7 @@ class Agent:
             try:
                 mine = trainer.predict_memory(self._last_config, spec, batch_size=local.batch_size,
                                               seq_len=local.seq_len, fedprox=local.fedprox_mu > 0, image=image,
-                                              recipe=recipe)
+                                              recipe=recipe, task=task)
                 predicted = max(predicted, mine.total_mb)
             except ValueError:
                 pass  # the spec belongs to another model than the last one: checked again after the download
@@ -276,9 +281,12 @@ class Agent:
 
         # Loading data, the tokenizer and the runtime take seconds each (more on a busy machine): a stop request
         # between them ends the round there, instead of after a download and a training step nobody will use.
-        data = self._data()
+        data = self._data(task)
         self.stopper.check()
-        if data.num_labels > max(a.task.num_labels, 1) and a.task.num_labels:
+        if isinstance(data, InstructionDataset) != (task == "causal-lm"):
+            have = "prompt -> response pairs" if isinstance(data, InstructionDataset) else "labelled examples"
+            raise AssignmentRefused(FR.FAILURE_REASON_DATA, f"the local data are {have}; the job's task is {task}")
+        if task != "causal-lm" and data.num_labels > max(a.task.num_labels, 1) and a.task.num_labels:
             raise AssignmentRefused(FR.FAILURE_REASON_DATA, f"the local data has {data.num_labels} labels; the job's "
                                                             f"model has {a.task.num_labels}")
         tokenizer = None if image else self._get_tokenizer()
@@ -314,9 +322,12 @@ class Agent:
         config = submodel.global_config(download.manifest_proto, fallback_model=self.config.model,
                                         num_labels=a.task.num_labels)
         self._last_config = config
-        names = [n for n in download.manifest.names if n not in recipe.frozen]  # what the upload carries
+        lora = recipe.lora is not None
+        # With LoRA the whole base slice is frozen and only adapters travel up.
+        names = [n for n in download.manifest.names if n not in recipe.frozen and (not lora or trainer.is_adapter(n))]
         # Keep the frozen tensors for the next round (their sha256 tells the extractor not to send them again).
-        frozen = [m for m in download.manifest.tensors if m.name in recipe.frozen]
+        frozen = [m for m in download.manifest.tensors
+                  if m.name in recipe.frozen or (lora and not trainer.is_adapter(m.name))]
         for meta in frozen:
             self.cache.put(meta.sha256, tensor_bytes(download.tensors[meta.name]))
         self.cache.keep(m.sha256 for m in frozen)
@@ -324,7 +335,7 @@ class Agent:
         # 3. Budget again, with the real model config.
         try:
             mine = trainer.predict_memory(config, spec, batch_size=local.batch_size, seq_len=local.seq_len,
-                                          fedprox=local.fedprox_mu > 0, image=image, recipe=recipe)
+                                          fedprox=local.fedprox_mu > 0, image=image, recipe=recipe, task=task)
         except ValueError as exc:
             raise AssignmentRefused(FR.FAILURE_REASON_OTHER, f"cannot cost the assigned spec: {exc}") from None
         predicted = max(float(a.predicted.train_memory_mb), mine.total_mb)
@@ -352,7 +363,7 @@ class Agent:
                 result = trainer.run_local_round(
                     tensors, global_config=config, spec=spec, data=data, tokenizer=tokenizer, local=local,
                     spill_path=spill_path, meter=meter, on_step=on_step, should_stop=lambda: self.stopper.stopped,
-                    recipe=recipe,
+                    recipe=recipe, task=task,
                 )
         except InterruptedError:
             raise Stopped(self.stopper.reason) from None
@@ -375,6 +386,9 @@ class Agent:
                  extra={"event": "trained", "round": a.round_id, "steps": result.steps, "loss": result.loss,
                         "peak_memory_mb": round(peak, 1), "predicted_mb": round(predicted, 1),
                         "budget_mb": budget})
+
+        if lora and not names:  # no adapters came down: the device started fresh ones
+            names = sorted(result.delta)
 
         # 5. Upload.
         # What the round really cost (closed-loop sizing: the aggregator corrects this device's profile with it).
@@ -404,16 +418,19 @@ class Agent:
                 f"{budget_mb:.0f} MiB (--memory-mb)",
             )
 
-    def _data(self) -> Any:
+    def _data(self, task: str) -> Any:
         if self._dataset is None:
             from edge_agent.localdata import load_local_data
+            from raffm.generative import InstructionDataset
 
             try:
                 self._dataset = load_local_data(self.config.data, text_column=self.config.text_column,
-                                                label_column=self.config.label_column)
+                                                label_column=self.config.label_column, task=task)
             except ValueError as exc:
                 raise AssignmentRefused(FR.FAILURE_REASON_DATA, str(exc)) from None
-            log.info("local data: %d examples, %d labels", len(self._dataset), self._dataset.num_labels,
+            log.info("local data: %d examples, %s", len(self._dataset),
+                     "prompt -> response pairs" if isinstance(self._dataset, InstructionDataset)
+                     else f"{self._dataset.num_labels} labels",
                      extra={"event": "data", "examples": len(self._dataset)})
         return self._dataset
 

@@ -40,18 +40,24 @@ def global_config(manifest_proto: Any, *, fallback_model: str, num_labels: int) 
     return config
 
 
-def _stock_class(config: PretrainedConfig, image: bool) -> type[PreTrainedModel]:
+def _stock_class(config: PretrainedConfig, task: str) -> type[PreTrainedModel]:
     from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING,
         MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING,
         MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
     )
 
-    mapping = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING if image else MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+    mapping = {"image-classification": MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING,
+               "causal-lm": MODEL_FOR_CAUSAL_LM_MAPPING}.get(task, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING)
     try:
         return mapping[type(config)]  # type: ignore[no-any-return,return-value]
     except KeyError:
-        raise ValueError(f"model type {config.model_type!r} has no {'image' if image else 'sequence'} "
-                         "classification class") from None
+        raise ValueError(f"model type {config.model_type!r} has no {task} class") from None
+
+
+def task_name(image: bool, task: str | None) -> str:
+    """The task of a sub-model: ``task`` when given, else image or sequence classification."""
+    return task or ("image-classification" if image else "sequence-classification")
 
 
 def _buffer_value(name: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
@@ -64,9 +70,18 @@ def _buffer_value(name: str, shape: torch.Size, dtype: torch.dtype) -> torch.Ten
                      "add it to edge_agent.submodel._buffer_value")
 
 
+def _rebuild_rotary(model: PreTrainedModel) -> None:
+    """Rebuild rotary position embeddings off the meta device: their frequency buffers are computed from the config
+    (the full head dim, which every sub-model keeps), never sent."""
+    for name, module in list(model.named_modules()):
+        if name.rpartition(".")[2] == "rotary_emb" and any(b.is_meta for b in module.buffers(recurse=False)):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, type(module)(module.config))
+
+
 def build_submodel(
     config: PretrainedConfig, spec: ElasticSpec, tensors: Mapping[str, torch.Tensor], *, image: bool = False,
-    recipe: Recipe = Recipe(),
+    recipe: Recipe = Recipe(), task: str | None = None,
 ) -> PreTrainedModel:
     """An elastic HF model of ``spec`` whose parameters are ``tensors`` (any float dtype; stored as fp32, except the
     recipe's frozen tensors, stored at its ``frozen_dtype``).
@@ -78,7 +93,7 @@ def build_submodel(
     from raffm.elastic import ELASTIC_CLASSES, elastic_config
 
     spec.validate(adapter_for(config).dims(config))
-    stock = _stock_class(config, image)
+    stock = _stock_class(config, task_name(image, task))
     if stock not in ELASTIC_CLASSES:
         raise ValueError(f"{stock.__name__} has no elastic variant; supported: "
                          f"{', '.join(c.__name__ for c in ELASTIC_CLASSES)}")
@@ -99,6 +114,7 @@ def build_submodel(
         dtype = WIRE_DTYPES[recipe.frozen_dtype] if name in recipe.frozen else torch.float32
         state[name] = t.to(dtype) if t.dtype != dtype else t
     model.load_state_dict(state, strict=False, assign=True)
+    _rebuild_rotary(model)
     for name, buf in list(model.named_buffers()):
         if buf.is_meta:
             module_name, _, bname = name.rpartition(".")

@@ -21,6 +21,8 @@ import torch
 from transformers import PretrainedConfig
 
 from raffm.data import ImageDataset, TextDataset
+from raffm.generative import InstructionDataset
+from raffm.lora import A_SUFFIX, B_SUFFIX
 from raffm.memory import peak_rss_mb, reset_peak, rss_mb
 from raffm.planning import cost_model_for
 from raffm.recipe import Recipe
@@ -43,9 +45,11 @@ class MemoryPrediction:
 
 def predict_memory(
     config: PretrainedConfig, spec: ElasticSpec, *, batch_size: int, seq_len: int, fedprox: bool, image: bool,
-    recipe: Recipe = Recipe(),
+    recipe: Recipe = Recipe(), task: str | None = None,
 ) -> MemoryPrediction:
-    model = cost_model_for(config, task="image-classification" if image else "sequence-classification")
+    from edge_agent.submodel import task_name
+
+    model = cost_model_for(config, task=task_name(image, task))  # type: ignore[arg-type]
     costs = model.estimate(spec, batch_size=batch_size, seq_len=None if image else seq_len, recipe=recipe)
     extra = 2 * costs.gradients_mb if fedprox else 0.0  # mapped reference pages + the saved (w - w0) of the term
     return MemoryPrediction(costs.train_memory_mb, extra, costs.params)
@@ -58,6 +62,11 @@ def spill(tensors: Mapping[str, torch.Tensor], path: Path) -> dict[str, torch.Te
     torch.save(dict(tensors), tmp)
     os.replace(tmp, path)
     return torch.load(path, map_location="cpu", mmap=True, weights_only=True)  # type: ignore[no-any-return]
+
+
+def is_adapter(name: str) -> bool:
+    """A LoRA adapter tensor (``<module>.lora_A`` / ``.lora_B``), as opposed to a base weight of the slice."""
+    return name.endswith((A_SUFFIX, B_SUFFIX))
 
 
 class MemoryMeter:
@@ -88,7 +97,7 @@ def run_local_round(
     *,
     global_config: PretrainedConfig,
     spec: ElasticSpec,
-    data: TextDataset | ImageDataset,
+    data: TextDataset | ImageDataset | InstructionDataset,
     tokenizer: Any,
     local: LocalConfig,
     spill_path: Path,
@@ -96,6 +105,7 @@ def run_local_round(
     on_step: Callable[[int, int, float], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     recipe: Recipe = Recipe(),
+    task: str | None = None,
 ) -> LocalResult:
     """Build the sub-model from ``tensors`` (taken over: the dict is emptied) and train it as ``recipe`` says; the
     delta (of the trained tensors) is float32.
@@ -105,9 +115,21 @@ def run_local_round(
     from edge_agent.submodel import build_submodel
 
     image = isinstance(data, ImageDataset)
-    reference = spill({n: t for n, t in tensors.items() if n not in recipe.frozen}, spill_path)
+    adapters = {n: tensors.pop(n) for n in [n for n in tensors if is_adapter(n)]}
+    if adapters and recipe.lora is None:
+        raise ValueError(f"the download holds LoRA adapters ({sorted(adapters)[:3]}) but the recipe has no LoRA rank")
+    # The delta's reference: the trained tensors as received (with LoRA, the adapters the server sent; without any,
+    # train_local starts fresh adapters and keeps its own copy of them).
+    trained = adapters if recipe.lora is not None else {n: t for n, t in tensors.items() if n not in recipe.frozen}
+    reference = spill(trained, spill_path) if trained else None
     try:
-        model = build_submodel(global_config, spec, tensors, image=image, recipe=recipe)
+        model = build_submodel(global_config, spec, tensors, image=image, recipe=recipe, task=task)
+        if adapters:
+            from raffm.lora import apply_lora, load_adapters
+
+            assert recipe.lora is not None
+            apply_lora(model, recipe.lora)
+            load_adapters(model, {n: t.float() for n, t in adapters.items()})
         tensors.clear()  # the model owns the weights now; wire-dtype copies (fp16/bf16) can go
         gc.collect()
         meter.checkpoint()

@@ -17,6 +17,7 @@ class TaskKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_KIND_UNSPECIFIED: _ClassVar[TaskKind]
     TASK_KIND_TEXT_CLASSIFICATION: _ClassVar[TaskKind]
     TASK_KIND_IMAGE_CLASSIFICATION: _ClassVar[TaskKind]
+    TASK_KIND_CAUSAL_LM: _ClassVar[TaskKind]
 
 class FailureReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -54,6 +55,7 @@ class RoundState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 TASK_KIND_UNSPECIFIED: TaskKind
 TASK_KIND_TEXT_CLASSIFICATION: TaskKind
 TASK_KIND_IMAGE_CLASSIFICATION: TaskKind
+TASK_KIND_CAUSAL_LM: TaskKind
 FAILURE_REASON_UNSPECIFIED: FailureReason
 FAILURE_REASON_REFUSED: FailureReason
 FAILURE_REASON_OUT_OF_MEMORY: FailureReason

@@ -4,6 +4,7 @@ Example ``job.toml``::
 
     job_id = "minilm-rt"
     model = "minilm"          # HF id, local folder, or "minilm" (the shipped all-MiniLM-L6-v2)
+    task = "sequence-classification"   # | image-classification | causal-lm (a decoder LLM on prompt -> response)
     num_labels = 2
     rounds = 10
     clients_per_round = 8
@@ -31,7 +32,7 @@ from raffm.wire import wire_dtype_name
 
 AGGREGATIONS = ("coverage", "paper")
 ON_DEADLINE = ("extend", "fail")
-TASKS = ("sequence-classification", "image-classification")
+TASKS = ("sequence-classification", "image-classification", "causal-lm")
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,8 @@ class JobConfig:
             raise bad("job_id", "use 1-64 letters, digits, '-' or '_'")
         if self.task not in TASKS:
             raise bad("task", f"choose one of {', '.join(TASKS)}")
+        if self.task == "causal-lm" and self.labels:
+            raise bad("labels", "a causal-lm job predicts tokens; it has no label names")
         if isinstance(self.strategy_options, str):  # from a CLI flag: JSON
             try:
                 object.__setattr__(self, "strategy_options", json.loads(self.strategy_options or "{}"))

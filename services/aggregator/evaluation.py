@@ -11,6 +11,12 @@ deployable size improves, not only the full model.
 Result keys: ``accuracy`` (the global model) and ``accuracy@<fraction>``, ``flops@<fraction>`` and
 ``params@<fraction>`` (the shares the cut keeps) per size; the aggregator publishes them as
 ``raffm_aggregator_eval{metric, size}``.
+
+A ``causal-lm`` job evaluates prompt -> response pairs instead (:func:`raffm.generative.evaluate_generative`):
+``eval_data`` is a JSON-lines file of ``{"prompt": ..., "response": ...}`` objects or ``rotten_tomatoes`` (the same
+held-out reviews as instructions, :func:`raffm.generative.rotten_tomatoes_instructions`), and the keys are
+``exact_match`` (greedy answers equal to the reference) and ``loss`` (mean response-token cross-entropy, nats), with
+``@<fraction>`` per cut.
 """
 
 from __future__ import annotations
@@ -25,10 +31,11 @@ import torch
 from raffm.data import (
     ImageDataset, TextDataset, load_image_file, load_text_file, mnist_5k, rotten_tomatoes, train_test_split,
 )
+from raffm.generative import InstructionDataset, load_instruction_file, rotten_tomatoes_instructions
 from raffm.training import Tokenizer
 
 log = logging.getLogger(__name__)
-Dataset = TextDataset | ImageDataset
+Dataset = TextDataset | ImageDataset | InstructionDataset
 BUILTIN_TEST_FRACTION = 0.1
 BUILTIN_SPLIT_SEED = 0
 
@@ -45,11 +52,13 @@ def describe(evaluation: Mapping[str, float]) -> str:
     parts = []
     if "accuracy" in evaluation:
         parts.append(f"held-out accuracy {evaluation['accuracy']:.1%}")
+    if "exact_match" in evaluation:
+        parts.append(f"held-out exact match {evaluation['exact_match']:.1%}")
     sizes = sorted((float(k.partition("@")[2]), k) for k in evaluation if k.startswith("accuracy@"))
     if sizes:
         parts.append("by share of the compute " + ", ".join(
             f"{size_label(fraction)}: {evaluation[key]:.1%}" for fraction, key in sizes))
-    others = sorted(k for k in evaluation if "@" not in k and k != "accuracy")
+    others = sorted(k for k in evaluation if "@" not in k and k not in ("accuracy", "exact_match"))
     parts += [f"{k} {evaluation[k]:.4g}" for k in others]
     return "; ".join(parts)
 
@@ -59,8 +68,21 @@ def heldout_split(data: Dataset) -> tuple[list[int], list[int]]:
     return train_test_split(len(data), BUILTIN_TEST_FRACTION, BUILTIN_SPLIT_SEED)
 
 
-def load_eval_data(spec: str, *, max_samples: int = 0) -> Dataset:
-    """The held-out data named by a job's ``eval_data`` (at most ``max_samples`` examples when > 0)."""
+def load_eval_data(spec: str, *, max_samples: int = 0, task: str = "sequence-classification") -> Dataset:
+    """The held-out data named by a job's ``eval_data`` (at most ``max_samples`` examples when > 0); prompt ->
+    response pairs for a ``causal-lm`` task."""
+    if task == "causal-lm":
+        if spec == "rotten_tomatoes":
+            pairs = rotten_tomatoes_instructions()
+            data: Dataset = pairs.subset(heldout_split(pairs)[1])
+        elif spec == "mnist" or Path(spec).suffix in (".pt", ".npz"):
+            raise ValueError(f"eval_data {spec!r} is image data; a causal-lm job evaluates prompt -> response pairs "
+                             "(a JSON-lines file or rotten_tomatoes)")
+        else:
+            data = load_instruction_file(spec)
+        if max_samples and len(data) > max_samples:
+            data = data.subset(range(max_samples))
+        return data
     if spec in ("rotten_tomatoes", "mnist"):
         full: Dataset = rotten_tomatoes() if spec == "rotten_tomatoes" else mnist_5k()
         data = full.subset(heldout_split(full)[1])
@@ -80,7 +102,7 @@ class HeldOutEvaluator:
                  fractions: Sequence[float] = (), seq_len: int = 64, batch_size: int = 64) -> None:
         if len(data) == 0:
             raise ValueError("the held-out evaluation data is empty")
-        if isinstance(data, TextDataset) and tokenizer is None:
+        if isinstance(data, (TextDataset, InstructionDataset)) and tokenizer is None:
             raise ValueError("text evaluation data needs a tokenizer (the model folder has none)")
         bad = [f for f in fractions if not 0 < f <= 1]
         if bad:
@@ -94,31 +116,39 @@ class HeldOutEvaluator:
         from raffm.models import model_from_state
         from raffm.scaling import flops_fraction, spec_for_fraction
         from raffm.spec import ElasticSpec
-        from raffm.training import evaluate
 
         model = model_from_state(dict(config), dict(state), task=self.task)  # type: ignore[arg-type]
-        out = {"accuracy": evaluate(model, self.data, self.tokenizer, batch_size=self.batch_size,
-                                    seq_len=self.seq_len)}
+        out = self._scores(model, "")
         if self.fractions:
             cm = CostModel.from_model(model)
             total = cm.params(ElasticSpec.full(cm.dims))
             for fraction in self.fractions:
                 spec = spec_for_fraction(cm, fraction, seq_len=self.seq_len)
                 label = size_label(fraction)
-                out[f"accuracy@{label}"] = evaluate(extract(model, spec), self.data, self.tokenizer,
-                                                    batch_size=self.batch_size, seq_len=self.seq_len)
+                out.update(self._scores(extract(model, spec), f"@{label}"))
                 out[f"params@{label}"] = cm.params(spec) / total
                 out[f"flops@{label}"] = flops_fraction(cm, spec, seq_len=self.seq_len)
         return out
+
+    def _scores(self, model: Any, suffix: str) -> dict[str, float]:
+        from raffm.generative import evaluate_generative
+        from raffm.training import evaluate
+
+        if isinstance(self.data, InstructionDataset):
+            scores = evaluate_generative(model, self.data, self.tokenizer, batch_size=self.batch_size,
+                                         seq_len=self.seq_len)
+            return {f"exact_match{suffix}": scores.exact_match, f"loss{suffix}": scores.loss}
+        return {f"accuracy{suffix}": evaluate(model, self.data, self.tokenizer, batch_size=self.batch_size,
+                                              seq_len=self.seq_len)}
 
 
 def default_evaluator(job: Any) -> HeldOutEvaluator | None:
     """The job's held-out evaluator, or None when ``eval_data`` is empty (evaluation off)."""
     if not job.eval_data:
         return None
-    data = load_eval_data(job.eval_data, max_samples=job.eval_max_samples)
+    data = load_eval_data(job.eval_data, max_samples=job.eval_max_samples, task=job.task)
     tokenizer = None
-    if job.task == "sequence-classification":
+    if job.task in ("sequence-classification", "causal-lm"):
         from transformers import AutoTokenizer
 
         from raffm.models import resolve_model
@@ -132,7 +162,7 @@ def default_evaluator(job: Any) -> HeldOutEvaluator | None:
         if len(tokenizer.get_vocab()) <= len(tokenizer.all_special_tokens):
             raise ValueError(f"eval_data needs a tokenizer, but model folder {path!r} has none (no vocabulary "
                              "files); save the model's tokenizer next to it")
-    if data.num_labels > job.num_labels:
+    if not isinstance(data, InstructionDataset) and data.num_labels > job.num_labels:
         raise ValueError(f"eval_data {job.eval_data!r} has {data.num_labels} labels; the job's model has "
                          f"{job.num_labels} (num_labels)")
     log.info("held-out evaluation on %d examples of %s, sizes %s", len(data), job.eval_data,

@@ -55,6 +55,14 @@ def round_to_proto(r: RoundRecord, assigned: int = 0, accepted: int = 0) -> aggr
     )
 
 
+# job task -> (TaskKind, the architecture family devices are told; informational)
+TASK_KINDS: dict[str, tuple[aggregator_pb2.TaskKind, str]] = {
+    "sequence-classification": (aggregator_pb2.TASK_KIND_TEXT_CLASSIFICATION, "bert"),
+    "image-classification": (aggregator_pb2.TASK_KIND_IMAGE_CLASSIFICATION, "vit"),
+    "causal-lm": (aggregator_pb2.TASK_KIND_CAUSAL_LM, "llama"),
+}
+
+
 def assignment_to_proto(a: Assignment, extractor_target: str) -> aggregator_pb2.Assignment:
     job = a.job
     hp = aggregator_pb2.HyperParams(
@@ -62,13 +70,12 @@ def assignment_to_proto(a: Assignment, extractor_target: str) -> aggregator_pb2.
         lr=job.lr, fedprox_mu=job.fedprox_mu, wire_dtype=wire_dtype_to_proto(job.wire_dtype),
         weight_decay=job.weight_decay, seed=job.seed + a.round_index, optimizer=job.optimizer,
         warmup_steps=job.warmup_steps)
-    kind = (aggregator_pb2.TASK_KIND_IMAGE_CLASSIFICATION if job.task == "image-classification"
-            else aggregator_pb2.TASK_KIND_TEXT_CLASSIFICATION)
+    kind, architecture = TASK_KINDS[job.task]
     return aggregator_pb2.Assignment(
         round_id=a.round_id, job_id=a.job_id, model_version=a.model_version, spec=spec_to_proto(a.spec), hparams=hp,
         deadline=_ts(a.deadline), ticket=a.ticket,
-        task=aggregator_pb2.TaskInfo(kind=kind, num_labels=job.num_labels, dataset=job.dataset,
-                                     architecture="vit" if job.task == "image-classification" else "bert"),
+        task=aggregator_pb2.TaskInfo(kind=kind, num_labels=0 if job.task == "causal-lm" else job.num_labels,
+                                     dataset=job.dataset, architecture=architecture),
         extractor_target=extractor_target, predicted=cost_to_proto(a.predicted), round_index=a.round_index,
         recipe=recipe_to_proto(a.recipe))
 

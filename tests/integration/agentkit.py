@@ -69,8 +69,20 @@ def agent_config(fleet: Fleet | None, name: str, state_dir: Path, model: Path, *
 class AgentThread:
     """An Agent running in a thread; ``join`` is bounded and fails loudly instead of hanging."""
 
-    def __init__(self, config: AgentConfig, *, data: Any = None, faults: FaultInjector | None = None) -> None:
-        self.agent = Agent(config, dataset=data if data is not None else toy_data(), faults=faults)
+    def __init__(self, config: AgentConfig, *, data: Any = None, faults: FaultInjector | None = None,
+                 load_data: bool = False) -> None:
+        """``data``: the agent's local data set (default :func:`toy_data`); ``load_data``: none, the agent loads its
+        ``--data`` itself."""
+        dataset = None if load_data else data if data is not None else toy_data()
+        self.agent = Agent(config, dataset=dataset, faults=faults)
+        self.assignments: list[Any] = []  # every assignment the agent received, in order
+        handle = self.agent.handle
+
+        def recording(a: Any) -> Any:
+            self.assignments.append(a)
+            return handle(a)
+
+        self.agent.handle = recording  # type: ignore[method-assign]
         self.rc: int | None = None
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True, name=f"agent-{config.name}")

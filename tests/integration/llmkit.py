@@ -1,0 +1,64 @@
+"""Harness for causal-LM jobs through the services: a tiny random-init Llama saved as an HF folder with a real fast
+tokenizer over a 27-word vocabulary (BOS, EOS and pad like a Llama tokenizer's), and toy prompt -> response pairs
+(two sentiment words among fillers -> " positive" / " negative")."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raffm.generative import InstructionDataset
+
+GOOD = ["great", "lovely", "superb", "bright", "moving", "warm"]
+BAD = ["dull", "boring", "weak", "flat", "tired", "messy"]
+FILLER = ["film", "plot", "cast", "the", "a", "and"]
+WORDS = ["<pad>", "<s>", "</s>", "<unk>", "Review", ":", "Sentiment", "positive", "negative", *GOOD, *BAD, *FILLER]
+
+
+def word_tokenizer() -> Any:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def tiny_llama_folder(path: Path, seed: int = 0, **overrides: Any) -> Path:
+    """A random-init LlamaForCausalLM (2 layers, hidden 128, 4 heads over 2 KV groups, FFN 512, untied head; about
+    0.6 M parameters: large enough that device budgets in whole MiB pick different sub-models) and its tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (path / "config.json").is_file():
+        return path
+    values: dict[str, Any] = dict(vocab_size=len(WORDS), hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, intermediate_size=512, max_position_embeddings=64,
+                                  bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    values.update(overrides)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(LlamaConfig(**values)).save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    return path
+
+
+def toy_pairs(n: int, seed: int) -> InstructionDataset:
+    rng = random.Random(seed)
+    prompts, responses = [], []
+    for _ in range(n):
+        fresh = rng.random() < 0.5
+        words = rng.sample(GOOD if fresh else BAD, 2) + rng.sample(FILLER, 2)
+        rng.shuffle(words)
+        prompts.append(f"Review : {' '.join(words)} Sentiment :")
+        responses.append(" positive" if fresh else " negative")
+    return InstructionDataset(prompts, responses)
+
+
+def write_jsonl(data: InstructionDataset, path: Path) -> Path:
+    path.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n"
+                            for p, r in zip(data.prompts, data.responses)), encoding="utf-8")
+    return path
