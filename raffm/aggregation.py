@@ -82,6 +82,7 @@ def _all_finite(tensors: Iterable[torch.Tensor]) -> bool:
 
 
 _CHUNK = 1 << 18  # elements converted per step when the delta's dtype differs from the sums' (2 MiB of float64)
+_SMALL = 1 << 14  # deltas up to this many elements are added by the multi-tensor add_ even when the dtypes differ
 
 
 def _add_converted(block: torch.Tensor, src: torch.Tensor, alpha: float, scratch: torch.Tensor) -> None:
@@ -258,8 +259,8 @@ class SlicedFedAvg:
             s = plan[name]
             block = self._block(name, s)
             src = tensor.reshape(s.keep)  # a view for a contiguous delta
-            if src.dtype == self.accum_dtype:
-                blocks.append(block)
+            if src.dtype == self.accum_dtype or src.numel() <= _SMALL:
+                blocks.append(block)  # a small converting add_ casts through a small temporary: cheap
                 srcs.append(src)
             else:
                 if self._scratch is None:
@@ -267,7 +268,7 @@ class SlicedFedAvg:
                 _add_converted(block, src, alpha, self._scratch)
             cover = self._cover[name]
             cover[s] = cover.get(s, 0.0) + alpha
-        if blocks:  # same dtype: one multi-tensor call instead of one Python-level add_ per tensor
+        if blocks:  # one multi-tensor call instead of one Python-level add_ per tensor
             torch._foreach_add_(blocks, srcs, alpha=alpha)
         self._participants += 1
         self._total_weight += float(weight)

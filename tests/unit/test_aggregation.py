@@ -522,3 +522,20 @@ def test_fold_after_load_state_dict_goes_into_the_restored_sums() -> None:
     for delta, plan, weight in updates[1:]:
         agg.fold(delta, plan, weight)
     assert states_bits_equal(agg.result(), fold_all(GLOBAL, updates).result())
+
+
+@pytest.mark.parametrize("wire", [torch.float32, torch.float16])
+def test_multi_tensor_and_chunked_converting_folds_agree_bit_for_bit(wire: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Small deltas go through one multi-tensor add_ (converting through a temporary when the dtypes differ), big ones
+    # through the chunked conversion: both must build the same float64 sums, so the split point changes nothing.
+    plans = [plan_for(BERT, s) for s in SPECS]
+    updates = [(random_delta(p, seed=i, dtype=wire), p, float(3 * i + 1)) for i, p in enumerate(plans)]
+    sums = []
+    for small, chunk in ((0, 1000), (1 << 30, 1000), (1 << 14, 1 << 18)):
+        monkeypatch.setattr("raffm.aggregation._SMALL", small)
+        monkeypatch.setattr("raffm.aggregation._CHUNK", chunk)
+        agg = SlicedFedAvg(GLOBAL)
+        for delta, plan, weight in updates:
+            agg.fold(delta, plan, weight, dtype=wire)
+        sums.append(agg.state_dict()["sums"])
+    assert states_bits_equal(sums[0], sums[1]) and states_bits_equal(sums[0], sums[2])
