@@ -14,9 +14,10 @@ global shape, the deltas are summed unweighted and divided by the number of part
 
 Memory is O(model): one running sum per floating-point global tensor, plus, per tensor, the total weight of every
 *distinct* slice folded into it (slices are leading blocks, so a per-element coverage count is rebuilt from these
-few boxes when the round closes instead of being updated on every fold). A fold is one strided in-place
-``add_`` per tensor into the kept block of the running sum (no index tensors, no full-size temporaries), after a
-validation pass over the whole update: a rejected update never touches the sums.
+few boxes when the round closes instead of being updated on every fold). A fold is one multi-tensor in-place
+``add_`` into cached strided views of the running sums' kept blocks (no index tensors, no full-size temporaries; big
+deltas of another dtype convert in chunks), after a validation pass over the whole update (one norm per tensor for
+finiteness): a rejected update never touches the sums.
 
 Accumulation is float64 by default. With integer sample counts whose round total stays below 2**29, every product
 ``weight * delta`` and every partial sum of identical deltas is exact in float64, so a single covering client gives
