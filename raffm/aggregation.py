@@ -14,9 +14,10 @@ global shape, the deltas are summed unweighted and divided by the number of part
 
 Memory is O(model): one running sum per floating-point global tensor, plus, per tensor, the total weight of every
 *distinct* slice folded into it (slices are leading blocks, so a per-element coverage count is rebuilt from these
-few boxes when the round closes instead of being updated on every fold). A fold is one strided in-place
-``add_`` per tensor into the kept block of the running sum (no index tensors, no full-size temporaries), after a
-validation pass over the whole update: a rejected update never touches the sums.
+few boxes when the round closes instead of being updated on every fold). A fold is one multi-tensor in-place
+``add_`` into cached strided views of the running sums' kept blocks (no index tensors, no full-size temporaries; big
+deltas of another dtype convert in chunks), after a validation pass over the whole update (one norm per tensor for
+finiteness): a rejected update never touches the sums.
 
 Accumulation is float64 by default. With integer sample counts whose round total stays below 2**29, every product
 ``weight * delta`` and every partial sum of identical deltas is exact in float64, so a single covering client gives
@@ -64,15 +65,25 @@ def _names(names: Iterable[str], limit: int = 5) -> str:
 
 def _all_finite(tensors: Iterable[torch.Tensor]) -> bool:
     """True iff every element of every tensor is finite: one read-only reduction pass per tensor, no full-size
-    temporary, one host sync for the lot.
+    temporary, one C++ call and one host sync for the lot.
 
-    ``aminmax`` propagates NaN, and an infinity is the minimum or the maximum, so both are finite iff all are.
+    The L2 norm is NaN or infinite if any element is (NaN and infinities propagate through the sum of squares).
+    A norm in the tensor's own dtype can also overflow for finite values (float32: elements above about 1e19);
+    only then is every tensor checked element by element, so a false alarm costs time, never a wrong answer.
     """
-    extremes = [torch.stack(torch.aminmax(t)).to(torch.float64) for t in tensors if t.numel()]
-    return not extremes or bool(torch.isfinite(torch.cat(extremes)).all().item())
+    nonempty = [t for t in tensors if t.numel()]
+    if not nonempty:
+        return True
+    norms = list(torch._foreach_norm(nonempty, 2))
+    if len({n.dtype for n in norms}) > 1:
+        norms = [n.to(torch.float64) for n in norms]
+    if bool(torch.isfinite(torch.stack(norms)).all()):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in nonempty)
 
 
 _CHUNK = 1 << 18  # elements converted per step when the delta's dtype differs from the sums' (2 MiB of float64)
+_SMALL = 1 << 14  # deltas up to this many elements are added by the multi-tensor add_ even when the dtypes differ
 
 
 def _add_converted(block: torch.Tensor, src: torch.Tensor, alpha: float, scratch: torch.Tensor) -> None:
@@ -114,6 +125,7 @@ class SlicedFedAvg:
     _participants: int
     _total_weight: float
     _scratch: torch.Tensor | None
+    _blocks: dict[tuple[str, TensorSlice], torch.Tensor]
 
     def __init__(
         self,
@@ -144,6 +156,7 @@ class SlicedFedAvg:
         self._participants = 0
         self._total_weight = 0.0
         self._scratch = None  # conversion buffer for deltas whose dtype differs from the sums'
+        self._blocks = {}  # (name, slice) -> the kept block of the running sum, a view built once per distinct slice
 
     @property
     def participants(self) -> int:
@@ -241,19 +254,33 @@ class SlicedFedAvg:
         """
         self.validate(delta, plan, weight, dtype=dtype)
         alpha = float(weight) if self.mode == "coverage" else 1.0
+        blocks: list[torch.Tensor] = []
+        srcs: list[torch.Tensor] = []
         for name, tensor in delta.items():
             s = plan[name]
-            block, src = s.block(self._sums[name]), tensor.reshape(s.keep)
-            if src.dtype == self.accum_dtype:
-                block.add_(src, alpha=alpha)
+            block = self._block(name, s)
+            src = tensor.reshape(s.keep)  # a view for a contiguous delta
+            if src.dtype == self.accum_dtype or src.numel() <= _SMALL:
+                blocks.append(block)  # a small converting add_ casts through a small temporary: cheap
+                srcs.append(src)
             else:
                 if self._scratch is None:
                     self._scratch = torch.empty(_CHUNK, dtype=self.accum_dtype, device=block.device)
                 _add_converted(block, src, alpha, self._scratch)
             cover = self._cover[name]
             cover[s] = cover.get(s, 0.0) + alpha
+        if blocks:  # one multi-tensor call instead of one Python-level add_ per tensor
+            torch._foreach_add_(blocks, srcs, alpha=alpha)
         self._participants += 1
         self._total_weight += float(weight)
+
+    def _block(self, name: str, s: TensorSlice) -> torch.Tensor:
+        """The kept block of ``name``'s running sum for slice ``s`` (a cached strided view of ``self._sums``)."""
+        key = (name, s)
+        block = self._blocks.get(key)
+        if block is None:
+            block = self._blocks[key] = s.block(self._sums[name])
+        return block
 
     # -- closing ----------------------------------------------------------------------------------------------------
 
@@ -338,6 +365,7 @@ class SlicedFedAvg:
             for name, entries in state["cover"].items()
         }
         self._sums = {name: t.clone().to(self._sums[name].device) for name, t in sums.items()}
+        self._blocks = {}  # the cached views point into the replaced sums
         self._cover = {name: cover.get(name, {}) for name in self._sums}
         self._participants = int(state["participants"])
         self._total_weight = float(state["total_weight"])

@@ -487,3 +487,55 @@ def test_converting_fold_in_small_chunks_matches_the_formula(chunk: int, monkeyp
     for delta, plan, weight in updates:
         agg.fold(delta, plan, weight, dtype=torch.float16)
     assert_close_states(agg.result(), reference(GLOBAL, updates, mode="coverage"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, "huge"])
+def test_finiteness_check_is_exact_at_any_position(dtype: torch.dtype, value: float | str) -> None:
+    # validate() checks finiteness with one norm per tensor; a norm that overflows on finite values (elements
+    # near the dtype's maximum) must fall back to an exact check and accept, and a NaN or infinity anywhere
+    # (first element, inside a vector lane, the scalar tail) must be rejected.
+    plan = plan_for(BERT, SPECS[1])
+    agg = SlicedFedAvg(GLOBAL)
+    name = max(plan, key=lambda n: plan[n].numel)
+    for position in (0, 5, 17, 1000, -3, -1):
+        bad = random_delta(plan, seed=4, dtype=dtype)
+        tensor = bad[name].clone()
+        huge = torch.finfo(dtype).max / 2
+        tensor.view(-1)[position] = huge if isinstance(value, str) else value
+        bad[name] = tensor
+        if value == "huge":
+            agg.validate(bad, plan, 2.0, dtype=dtype)
+        else:
+            with pytest.raises(UpdateRejected, match=name) as info:
+                agg.validate(bad, plan, 2.0, dtype=dtype)
+            assert info.value.reason == "non_finite"
+
+
+def test_fold_after_load_state_dict_goes_into_the_restored_sums() -> None:
+    # The fold caches views of the running sums per slice; restoring a checkpoint replaces the sums.
+    plans = [plan_for(BERT, s) for s in SPECS]
+    updates = [(random_delta(p, seed=i), p, float(i + 2)) for i, p in enumerate(plans)]
+    saved = fold_all(GLOBAL, updates[:1]).state_dict()
+    agg = fold_all(GLOBAL, updates[:3])  # its views of the sums are cached now
+    agg.load_state_dict(saved)
+    for delta, plan, weight in updates[1:]:
+        agg.fold(delta, plan, weight)
+    assert states_bits_equal(agg.result(), fold_all(GLOBAL, updates).result())
+
+
+@pytest.mark.parametrize("wire", [torch.float32, torch.float16])
+def test_multi_tensor_and_chunked_converting_folds_agree_bit_for_bit(wire: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Small deltas go through one multi-tensor add_ (converting through a temporary when the dtypes differ), big ones
+    # through the chunked conversion: both must build the same float64 sums, so the split point changes nothing.
+    plans = [plan_for(BERT, s) for s in SPECS]
+    updates = [(random_delta(p, seed=i, dtype=wire), p, float(3 * i + 1)) for i, p in enumerate(plans)]
+    sums = []
+    for small, chunk in ((0, 1000), (1 << 30, 1000), (1 << 14, 1 << 18)):
+        monkeypatch.setattr("raffm.aggregation._SMALL", small)
+        monkeypatch.setattr("raffm.aggregation._CHUNK", chunk)
+        agg = SlicedFedAvg(GLOBAL)
+        for delta, plan, weight in updates:
+            agg.fold(delta, plan, weight, dtype=wire)
+        sums.append(agg.state_dict()["sums"])
+    assert states_bits_equal(sums[0], sums[1]) and states_bits_equal(sums[0], sums[2])
