@@ -205,6 +205,12 @@ def adapter_seed(*parts: str) -> int:
     return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
 
 
+def download_seed(model_version: str, base_version: str, spec_key: str, rank: int, targets: Iterable[str],
+                  alpha: float) -> int:
+    """The seed of one LoRA download's spare rows (:func:`adapter_seed` of everything that names the download)."""
+    return adapter_seed(model_version, base_version, spec_key, str(rank), ",".join(targets), repr(float(alpha)))
+
+
 @torch.no_grad()
 def start_adapters(
     current: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor], rank: int, scaling: float, seed: int,
