@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 import torch
 
-from edge_agent.transfer import upload_once
+from edge_agent.transfer import download_once, upload_once
 from raffm.lora_fed import lora_update
 from raffm.planning import cost_model_for
 from raffm.proto import recipe_from_proto
+from raffm.reassembly import MemorySink
 from raffm.v1 import aggregator_pb2
 from tests.integration.agentkit import AgentThread, agent_config, rounds
 from tests.integration.fedloop import Fleet, download, expected_fit, payload, plan_of, spec_of, tiny_job
@@ -121,6 +122,8 @@ def test_lora_uploads_fold_as_dense_products_also_after_a_restart_mid_round(tmp_
                     received_bases.append(base)
                 else:  # the same base bytes again (the agent's cache skips them), adapters carrying v1 - v0
                     assert all(torch.equal(base[n], received_bases[i][n]) for n in base)
+                    other = download_from(fleet, fleet.add_extractor(), dev, a)  # another replica: the same bytes
+                    assert other.keys() == got.keys() and all(torch.equal(other[n], got[n]) for n in got)
                     scaling = recipe.lora.scaling  # type: ignore[union-attr]
                     v0 = fleet.store.load("job-v0")
                     for name in [n for n in plan if n.endswith("q_proj.weight")]:
@@ -151,3 +154,10 @@ def test_lora_uploads_fold_as_dense_products_also_after_a_restart_mid_round(tmp_
                 torch.testing.assert_close(new[name], want, rtol=1e-5, atol=1e-6, msg=name)
     finally:
         fleet.stop()
+
+
+def download_from(fleet: Fleet, app: Any, dev: Any, assignment: Any) -> dict[str, torch.Tensor]:
+    """A download from one extractor replica ``app``."""
+    sink = MemorySink()
+    download_once(fleet.ext_stub(app), assignment.ticket, sink, metadata=dev.md).reassembler.finish()
+    return sink.tensors
