@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import torch
 
@@ -132,6 +133,13 @@ def test_lora_uploads_fold_as_dense_products_also_after_a_restart_mid_round(tmp_
                         block = plan[name].take(previous[name]).double() - plan[name].take(v0[name]).double()
                         rel = (product - block).norm() / block.norm()
                         assert rel < (1e-4 if RANKS[i] >= min(block.shape) else 1.0), (name, float(rel))
+                if r == 1 and i == 0:  # a full-parameter delta, or adapters of another rank, are refused
+                    for bad in ({n: torch.zeros(t.shape) for n, t in base.items()},
+                                {n: torch.zeros(t.shape[0], 3) if n.endswith("lora_B") else torch.zeros(3, t.shape[1])
+                                 for n, t in adapters.items()}):
+                        with pytest.raises(grpc.RpcError) as err:
+                            upload_once(stub, a.ticket, 4, payload(bad, fleet.job.wire_dtype), metadata=dev.md)
+                        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
                 g = torch.Generator().manual_seed(10 * r + i)
                 delta = {n: torch.randn(t.shape, generator=g) * 1e-2 for n, t in adapters.items()}
                 samples = 4 + 4 * i
