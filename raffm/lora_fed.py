@@ -41,6 +41,7 @@ sub-model is extracted as usual; on a device, :func:`raffm.lora.merge_lora` fold
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable, Mapping
 
@@ -164,14 +165,23 @@ def redistribute(
     ``.lora_B [out, r]``). Singular values <= ``rtol * S_max`` count as zero: their directions are replaced by fresh
     random ``A`` rows with zero ``B`` columns (so the product is unchanged and training can start there).
     """
+    blocks = {name: plan[name].take(u) for name, u in global_update.items() if name in plan}  # else a dropped layer
+    return redistribute_blocks(blocks, rank, scaling, generator=generator, rtol=rtol)
+
+
+@torch.no_grad()
+def redistribute_blocks(
+    blocks: Mapping[str, torch.Tensor], rank: int, scaling: float,
+    *, generator: torch.Generator | None = None, rtol: float = 1e-6,
+) -> dict[str, torch.Tensor]:
+    """:func:`redistribute` of a device's blocks of ``U`` (target weight name -> block ``[out_i, in_i]``), taken in
+    name order (so a seeded ``generator`` draws the same spare rows whatever order the blocks came in)."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"LoRA rank is {rank!r}; it must be an integer >= 1")
     scaling = _check_scaling(scaling)
     out: dict[str, torch.Tensor] = {}
-    for name, u in global_update.items():
-        if name not in plan:
-            continue  # a dropped layer
-        block = plan[name].take(u).to(torch.float64)
+    for name in sorted(blocks):
+        block = blocks[name].to(torch.float64)
         rows, cols = block.shape
         left, sv, right_t = torch.linalg.svd(block, full_matrices=False)
         kept = min(rank, sv.numel())
@@ -186,6 +196,41 @@ def redistribute(
         out[module_name(name) + A_SUFFIX] = a.to(torch.float32)
         out[module_name(name) + B_SUFFIX] = b.to(torch.float32)
     return out
+
+
+def adapter_seed(*parts: str) -> int:
+    """A generator seed from strings that name a download (model version, base version, spec key, rank, ...): every
+    server that computes the same download's starting adapters draws the same spare rows."""
+    digest = hashlib.sha256("\x1f".join(parts).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+
+
+def download_seed(model_version: str, base_version: str, spec_key: str, rank: int, targets: Iterable[str],
+                  alpha: float) -> int:
+    """The seed of one LoRA download's spare rows (:func:`adapter_seed` of everything that names the download)."""
+    return adapter_seed(model_version, base_version, spec_key, str(rank), ",".join(targets), repr(float(alpha)))
+
+
+@torch.no_grad()
+def start_adapters(
+    current: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor], rank: int, scaling: float, seed: int,
+) -> dict[str, torch.Tensor]:
+    """The adapters a device starts a round from when the server keeps merged versions: :func:`redistribute_blocks`
+    of ``current - base`` per target block (both ``name -> [out_i, in_i]``, the device's blocks of the current version
+    and of the base version ``W0``; the difference is taken in float32, as stored), drawing spare rows from a
+    generator seeded with ``seed`` (:func:`adapter_seed`). The extractor (what it sends) and the aggregator (what it
+    compares the upload with) call this with the same inputs and get the same adapters."""
+    missing = sorted(set(current) ^ set(base))
+    if missing:
+        raise ValueError(f"target blocks {missing[:5]} are in only one of the current and base versions")
+    blocks = {}
+    for name, w in current.items():
+        if tuple(w.shape) != tuple(base[name].shape):
+            raise ValueError(f"{name!r} is {tuple(w.shape)} in the current version and {tuple(base[name].shape)} in "
+                             "the base")
+        blocks[name] = w.to(torch.float32) - base[name].to(torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    return redistribute_blocks(blocks, rank, scaling, generator=generator)
 
 
 def truncation_error(global_update: Mapping[str, torch.Tensor], plan: SlicePlan, rank: int) -> dict[str, float]:

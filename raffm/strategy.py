@@ -15,6 +15,10 @@ ships. RaFFM's defaults, each chosen by measurement (bench/results, README "The 
   the labels and, in the same step, the smallest of the strategy's cuts plus one other, each learning from its own
   spec's logits. Every cut of the final model has been trained, so it can be deployed without retraining.
 - **Updates weighted by the samples trained this round**, folded with coverage-weighted sliced FedAvg.
+
+``lora_ranks`` (off by default) turns rounds into federated LoRA (:mod:`raffm.lora_fed`): every device trains
+low-rank adapters on its frozen slice, at the largest rank of the ladder that fits its budget, and the server folds
+the adapters' products into the merged global model.
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ import torch
 from raffm.aggregation import MODES, Mode, SlicedFedAvg
 from raffm.costs import CostModel
 from raffm.fitting import DEFAULT_HEADROOM, FitResult, RoundBudget, fit, ladder, width_spec
+from raffm.lora import DEFAULT_TARGETS, adapter_shapes, target_weight_names
 from raffm.recipe import Recipe
-from raffm.slicing import SlicePlan, nested
+from raffm.slicing import SlicePlan, TensorSlice, nested
 from raffm.spec import ElasticSpec
 from raffm.spp import prioritize_state
 
@@ -62,8 +67,22 @@ class Strategy:
     aggregation: Mode = "coverage"
     server_lr: float = 1.0
     server_momentum: float = 0.0
+    # Federated LoRA: the rank ladder (empty: plain fine-tuning), the target modules (empty: the architecture's
+    # defaults, raffm.lora.DEFAULT_TARGETS) and alpha (scaling alpha / rank).
+    lora_ranks: tuple[int, ...] = ()
+    lora_targets: tuple[str, ...] = ()
+    lora_alpha: float = 16.0
 
     def __post_init__(self) -> None:
+        if any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in self.lora_ranks):
+            raise ValueError(f"lora_ranks {self.lora_ranks!r}: every rank must be an integer >= 1")
+        if self.lora_ranks:
+            # The server keeps version 0 as every device's base and sends the rest of the model as adapters; a
+            # re-ordered version would no longer line up with version 0's channels.
+            if self.ordering == "every_round":
+                raise ValueError("LoRA rounds need a stable channel order: use ordering 'once' or 'never'")
+            Recipe(lora_rank=max(self.lora_ranks), lora_targets=self.lora_targets or ("x",),
+                   lora_alpha=self.lora_alpha)  # validates alpha and targets
         if self.ordering not in ORDERINGS:
             raise ValueError(f"ordering is {self.ordering!r}; choose one of {', '.join(ORDERINGS)}")
         if self.aggregation not in MODES:
@@ -133,11 +152,30 @@ class Strategy:
 
     def recipes_for(self, spec: ElasticSpec, cost_model: CostModel) -> tuple[Recipe, ...]:
         """The recipes a device may train ``spec`` with, preferred first: without activation checkpointing (less
-        compute), then with it (less memory) when the strategy allows."""
+        compute), then with it (less memory) when the strategy allows. With ``lora_ranks``: LoRA recipes, the largest
+        rank first, every rank without checkpointing before any with it (the fitter takes the first that fits, so a
+        device gets the largest rank its budget allows on the largest slice it can train)."""
+        if self.lora_ranks:
+            targets = self.lora_targets_for(cost_model)
+            ranks = sorted(set(self.lora_ranks), reverse=True)
+            modes = (False, True) if self.checkpointing else (False,)
+            return tuple(replace(self.recipe_for(spec, cost_model, checkpointing=c), nested=(), distill_hidden=0.0,
+                                 lora_rank=r, lora_targets=targets, lora_alpha=self.lora_alpha)
+                         for c in modes for r in ranks)
         plain = self.recipe_for(spec, cost_model)
         if not self.checkpointing:
             return (plain,)
         return plain, self.recipe_for(spec, cost_model, checkpointing=True)
+
+    def lora_targets_for(self, cost_model: CostModel) -> tuple[str, ...]:
+        """The LoRA target modules: the strategy's, or the architecture's defaults."""
+        if self.lora_targets:
+            return tuple(self.lora_targets)
+        try:
+            return DEFAULT_TARGETS[cost_model.adapter.name]
+        except KeyError:
+            raise ValueError(f"no default LoRA targets for architecture {cost_model.adapter.name!r}; "
+                             "set the strategy option lora_targets") from None
 
     def plan(
         self, cost_model: CostModel, budget: RoundBudget, *, wire_dtype: str = "float32",
@@ -152,7 +190,14 @@ class Strategy:
 
     @staticmethod
     def upload_plan(plan: SlicePlan, recipe: Recipe) -> SlicePlan:
-        """The part of a slice plan a device uploads: its trained tensors."""
+        """The part of a slice plan a device uploads: its trained tensors. With a LoRA recipe, its adapters
+        (``<module>.lora_A [r, in]``, ``.lora_B [out, r]`` for every target weight of the slice; each a whole tensor,
+        not a block of a global one)."""
+        if recipe.lora_rank:
+            names = target_weight_names(plan, recipe.lora_targets)
+            shapes = adapter_shapes({n: plan[n].sub_shape for n in names}, recipe.lora_rank)
+            return {name: TensorSlice(shape=shape, view=shape, keep=shape, sub_shape=shape)
+                    for name, shape in shapes.items()}
         return {name: s for name, s in plan.items() if name not in recipe.frozen}
 
     # -- merging ------------------------------------------------------------------------------------------------------

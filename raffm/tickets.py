@@ -1,4 +1,5 @@
-"""Signed assignment tickets: HMAC-SHA256 over the device, round, model version, spec and recipe (pure; no IO).
+"""Signed assignment tickets: HMAC-SHA256 over the device, round, model version (and a LoRA round's base version),
+spec and recipe (pure; no IO).
 
 The aggregator signs a ticket when it hands out an assignment; the extractor verifies it before streaming a slice and
 the aggregator verifies it again on upload. Both share the secret. A ticket is opaque bytes:
@@ -61,6 +62,9 @@ class Ticket:
     expires_at: float
     tier: str = ""  # device class, for metrics labels only
     recipe: dict[str, Any] = field(default_factory=dict)  # Recipe.to_dict(): what the device trains in the slice
+    # LoRA rounds: the version whose slice is the device's frozen base (the job's version 0); the download adds the
+    # adapters that carry ``model_version - base_version``. Empty: plain fine-tuning.
+    base_version: str = ""
 
     @property
     def elastic_spec(self) -> ElasticSpec:
@@ -74,13 +78,14 @@ class Ticket:
     def create(
         cls, *, device_id: str, job_id: str, round_id: str, model_version: str, spec: ElasticSpec, wire_dtype: str,
         ttl_s: float, now: float | None = None, ticket_id: str | None = None, tier: str = "",
-        recipe: Recipe | None = None,
+        recipe: Recipe | None = None, base_version: str = "",
     ) -> Ticket:
         issued = time.time() if now is None else now
         return cls(
             ticket_id=ticket_id or secrets.token_hex(12), device_id=device_id, job_id=job_id, round_id=round_id,
             model_version=model_version, spec_key=spec.key(), spec=spec.to_dict(), wire_dtype=wire_dtype,
             issued_at=issued, expires_at=issued + ttl_s, tier=tier, recipe=(recipe or Recipe()).to_dict(),
+            base_version=base_version,
         )
 
 

@@ -177,16 +177,17 @@ class Assigner:
         return replace(plan, basis=basis)
 
     def issue(self, device: DeviceInfo, rnd: RoundRecord, plan: PlanResult, wire_bytes: int,
-              o: OpenRound | None = None) -> Assignment:
+              o: OpenRound | None = None, *, base_version: str = "") -> Assignment:
         """Sign the ticket and record the assignment (in the open round ``o``'s roster too). ``wire_bytes``: exactly
         the bytes of the slice's tensors in the wire dtype, what one complete download streams (a resumed download
-        only streams the rest, so a device moves this much however often its link breaks)."""
+        only streams the rest, so a device moves this much however often its link breaks). ``base_version``: a LoRA
+        assignment's frozen base (the ticket tells the extractor)."""
         job = self.job
         now = self._clock()
         ticket = Ticket.create(device_id=device.device_id, job_id=job.job_id, round_id=rnd.round_id,
                                model_version=rnd.model_version, spec=plan.spec, wire_dtype=job.wire_dtype,
                                ttl_s=rnd.deadline - now + job.ticket_grace_s, now=now, tier=device.tier,
-                               recipe=plan.recipe)
+                               recipe=plan.recipe, base_version=base_version)
         self.rounds.add_assignment(AssignmentRecord(
             ticket_id=ticket.ticket_id, round_id=rnd.round_id, device_id=device.device_id, tier=device.tier,
             spec=plan.spec.to_dict(), state=ASSIGNED, created_at=now, download_bytes=wire_bytes,

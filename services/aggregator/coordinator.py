@@ -21,6 +21,7 @@ import logging
 import random
 import threading
 import time
+from functools import partial
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 
@@ -29,7 +30,9 @@ import torch
 from raffm.aggregation import UpdateRejected
 from raffm.checkpoints import CheckpointStore
 from raffm.errors import NotFoundError, excerpt
+from raffm.lora_fed import adapter_numel
 from raffm.planning import Planner
+from raffm.recipe import Recipe
 from raffm.slicing import SlicePlan
 from raffm.spec import ElasticSpec
 from raffm.tickets import TicketError, TicketSigner
@@ -49,9 +52,9 @@ from services.aggregator.store import (
 from services.aggregator.uploads import (
     DuplicateUploadError, LateUploadError, UploadInProgressError, UploadRejectedError, UploadResult, UploadSession,
     UploadState,
-    count_accepted_bytes, downloaded_bytes, upload_state,
+    Dense, count_accepted_bytes, downloaded_bytes, upload_state,
 )
-from services.aggregator.versions import Evaluator, GlobalModel, InitialModel, Versions
+from services.aggregator.versions import Evaluator, GlobalModel, InitialModel, Versions, version_name
 from services.common.auth import Principal
 from services.common.ratelog import RateLimitedLog
 
@@ -107,6 +110,9 @@ class RoundCoordinator:
                     record.config = self.job.to_dict()
                     self.rounds.save_job(record)
             self._record, self._model = record, model
+            if self.lifecycle.strategy.lora_ranks:  # LoRA rounds: version 0 is every device's frozen base
+                base = version_name(self.job.job_id, 0)
+                self.lifecycle.base = model if model.version == base else self.versions.load(base, config=model.config)
             last = self.rounds.list_rounds(record.job_id)
             current = last[-1] if last else None
             if current is not None and current.state in (OPEN, AGGREGATING):
@@ -126,8 +132,13 @@ class RoundCoordinator:
     def _plan(self, spec: ElasticSpec) -> SlicePlan:
         return self._open.plan(self.model, spec) if self._open is not None else self.model.slice_plan(spec)
 
-    def _slice_bytes(self, spec: ElasticSpec) -> int:
-        return sum(s.numel for s in self._plan(spec).values()) * itemsize(self.job.wire_dtype)
+    def _slice_bytes(self, spec: ElasticSpec, recipe: Recipe | None = None) -> int:
+        """Bytes of a complete download: the slice, and a LoRA recipe's adapters."""
+        plan = self._plan(spec)
+        numel = sum(s.numel for s in plan.values())
+        if recipe is not None and recipe.lora_rank:
+            numel += adapter_numel(plan, recipe.lora_targets, recipe.lora_rank)
+        return numel * itemsize(self.job.wire_dtype)
 
     def check_open(self, round_id: str) -> None:
         """LateUploadError unless ``round_id`` is the open round and before its deadline."""
@@ -168,7 +179,9 @@ class RoundCoordinator:
             still = self.assigner.gate(self._record, self._open, device)
             if isinstance(still, (Wait, Assignment)):  # an assignment: a concurrent poll of this device got it
                 return still
-            return self.assigner.issue(device, gate, plan, self._slice_bytes(plan.spec), self._open)
+            base = self.lifecycle.base.version if self.lifecycle.base is not None and plan.recipe.lora_rank else ""
+            return self.assigner.issue(device, gate, plan, self._slice_bytes(plan.spec, plan.recipe), self._open,
+                                       base_version=base)
 
     # -- UploadUpdate -------------------------------------------------------------------------------------------------
 
@@ -196,7 +209,14 @@ class RoundCoordinator:
                 raise
             if ticket.ticket_id in self._uploading:
                 raise UploadInProgressError(f"another upload stream for ticket {ticket.ticket_id} is in progress")
-            plan = o.strategy.upload_plan(self._plan(ticket.elastic_spec), ticket.training_recipe)
+            recipe = ticket.training_recipe
+            plan = o.strategy.upload_plan(self._plan(ticket.elastic_spec), recipe)
+            dense: Dense | None = None
+            if recipe.lora_rank:
+                if o.base is None:
+                    raise UploadRejectedError("bad_manifest", "a LoRA ticket for a job that does not run LoRA rounds",
+                                              field="ticket")
+                dense = partial(o.lora_dense, self.model, ticket.elastic_spec, recipe, wire_dtype=self.wire_dtype)
             self._uploading.add(ticket.ticket_id)
         try:
             staged = self.staging.upload(ticket.round_id, ticket.ticket_id)
@@ -206,7 +226,7 @@ class RoundCoordinator:
         return UploadSession(ticket, assignment, plan, staged, sample_count, dict(metrics), o.agg,
                              wire_dtype=self.job.wire_dtype, commit=self.commit,
                              release=lambda: self._release_upload(ticket.ticket_id),
-                             on_bytes=self.metrics.bytes_received.labels(assignment.tier).inc)
+                             on_bytes=self.metrics.bytes_received.labels(assignment.tier).inc, dense=dense)
 
     def _release_upload(self, ticket_id: str) -> None:
         with self._lock:
@@ -216,9 +236,13 @@ class RoundCoordinator:
         """Validate, make durable, record, fold. Called by UploadSession.finish once every tensor is verified."""
         t0 = time.perf_counter()
         ticket = session.ticket
+        update_tensors, plan, dtype = delta, session.plan, self.wire_dtype
         try:
-            session.agg.validate(delta, session.plan, self.lifecycle.strategy.weight(session.sample_count),
-                                 dtype=self.wire_dtype)
+            if session.dense is not None:  # LoRA: fold the dense update the adapters made
+                update_tensors, plan = session.dense(delta)
+                dtype = torch.float32
+            session.agg.validate(update_tensors, plan, self.lifecycle.strategy.weight(session.sample_count),
+                                 dtype=dtype)
         except UpdateRejected as exc:
             raise UploadRejectedError(exc.reason, str(exc)) from None
         # The staged files are this upload's own: make them durable before taking the lock, so that the fsyncs of
@@ -240,7 +264,7 @@ class RoundCoordinator:
             except DuplicateUpdateError:
                 raise DuplicateUploadError(f"an update for ticket {ticket.ticket_id} was already accepted") from None
             # Durable from here on: a crash after this line re-folds the update at restart.
-            o.fold(delta, session.plan, update, self.wire_dtype)
+            o.fold(update_tensors, plan, update, dtype)
             o.issued.pop(ticket.device_id, None)
             assignment = self.assigner.reported(session, nbytes)
             self.rounds.save_assignment(assignment)

@@ -2,6 +2,11 @@
 restart; plus the open round's running sums and how an accepted update is folded into them (as the job's strategy
 weights and merges updates).
 
+LoRA rounds (the strategy has ``lora_ranks``): versions stay merged (``W0 + U``, ``W0`` = version 0), a device uploads
+the delta of its adapters, and :meth:`OpenRound.lora_dense` turns it into the dense update of its slice's target
+weights, ``s (B' A' - B A)`` (:func:`raffm.lora_fed.lora_update`), against the adapters the extractor sent it (computed
+again here, bit for bit, from the same seed); that dense update is folded like any other.
+
 Only :class:`OpenRound` lives in memory. Rounds, assignments and accepted updates are in the round store and the
 updates' tensors in staging, so :meth:`Lifecycle.rebuild` re-folds the committed updates in commit order and a
 restarted aggregator resumes with bit-identical sums.
@@ -17,7 +22,11 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from raffm.aggregation import SlicedFedAvg
+from raffm.aggregation import SlicedFedAvg, UpdateRejected
+from raffm.lora import A_SUFFIX, target_weight_names
+from raffm.lora_fed import download_seed, lora_update, start_adapters
+from raffm.planning import cost_model_for
+from raffm.recipe import Recipe
 from raffm.slicing import SlicePlan
 from raffm.spec import ElasticSpec
 from raffm.strategy import Strategy
@@ -64,6 +73,9 @@ class OpenRound:
     # repeated poll waits, as the ticket's signature cannot be rebuilt from the store.
     issued: dict[str, Assignment] = field(default_factory=dict)
     unfit: set[str] = field(default_factory=set)  # devices that polled and fit no sub-model of this round
+    base: GlobalModel | None = None  # LoRA rounds: version 0, every device's frozen base
+    # LoRA: (spec key, rank) -> the adapters the extractor sends for it this round (as the device received them)
+    starts: dict[tuple[str, int], dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def plan(self, model: GlobalModel, spec: ElasticSpec) -> SlicePlan:
         """The slice plan of ``spec`` (cached for the round)."""
@@ -71,6 +83,40 @@ class OpenRound:
         if key not in self.plans:
             self.plans[key] = model.slice_plan(spec)
         return self.plans[key]
+
+    def start_adapters(self, model: GlobalModel, spec: ElasticSpec, recipe: Recipe,
+                       wire_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The adapters a LoRA device of ``spec`` and ``recipe`` downloaded this round: what the extractor computes
+        (:func:`raffm.lora_fed.start_adapters` of its blocks of ``model - base``, from the download's seed), rounded
+        to the wire dtype as it was sent (cached for the round)."""
+        assert self.base is not None and recipe.lora is not None, "a LoRA round and a LoRA recipe"
+        key = (spec.key(), recipe.lora.rank)
+        if key not in self.starts:
+            plan = self.plan(model, spec)
+            targets = target_weight_names(plan, recipe.lora.targets)
+            current = {n: plan[n].take(model.state[n]) for n in targets}
+            base = {n: plan[n].take(self.base.state[n]) for n in targets}
+            seed = download_seed(model.version, self.base.version, spec.key(), recipe.lora.rank, recipe.lora.targets,
+                                 recipe.lora.alpha)
+            adapters = start_adapters(current, base, recipe.lora.rank, recipe.lora.scaling, seed)
+            self.starts[key] = {n: a.to(wire_dtype).to(torch.float32) for n, a in adapters.items()}
+        return self.starts[key]
+
+    def lora_dense(self, model: GlobalModel, spec: ElasticSpec, recipe: Recipe, delta: Mapping[str, torch.Tensor],
+                   wire_dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], SlicePlan]:
+        """A LoRA upload (the delta of the device's adapters) as the dense float32 update of its slice's target
+        weights, with the plan of those weights. :class:`UpdateRejected` when the adapters are not the ones sent."""
+        assert recipe.lora is not None
+        start = self.start_adapters(model, spec, recipe, wire_dtype)
+        if set(delta) != set(start):
+            missing, extra = sorted(set(start) - set(delta)), sorted(set(delta) - set(start))
+            raise UpdateRejected("missing_tensor" if missing else "unknown_tensor",
+                                 f"the uploaded adapters differ from the ones sent: missing {missing[:5]}, "
+                                 f"unexpected {extra[:5]}")
+        trained = {n: start[n] + d.to(torch.float32) for n, d in delta.items()}
+        dense = lora_update(start, trained, self.plan(model, spec), recipe.lora.scaling)
+        plan = self.plan(model, spec)
+        return dense, {n: plan[n] for n in dense}
 
     def fold(self, tensors: Mapping[str, torch.Tensor], plan: SlicePlan, update: UpdateRecord,
              wire_dtype: torch.dtype) -> None:
@@ -93,6 +139,12 @@ class Lifecycle:
                  clock: Callable[[], float] = time.time) -> None:
         self.job, self.rounds, self.staging, self.metrics, self._clock = job, rounds, staging, metrics, clock
         self.strategy = job.method()
+        self.base: GlobalModel | None = None  # LoRA rounds: version 0 (set by the coordinator at start)
+
+    def lora_recipe(self, model: GlobalModel, rank: int) -> Recipe:
+        """The LoRA recipe of a rank-``rank`` device of this job (what its ticket said; rebuilt from an upload)."""
+        targets = self.strategy.lora_targets_for(cost_model_for(model.config))
+        return Recipe(lora_rank=rank, lora_targets=targets, lora_alpha=self.strategy.lora_alpha)
 
     def open_next(self, record: JobRecord, model: GlobalModel) -> OpenRound:
         """Open the job's next round on its current version."""
@@ -106,17 +158,26 @@ class Lifecycle:
         self.rounds.save_job(record)
         self.metrics.current_round.set(index)
         log.info("opened round %s from %s", rnd.round_id, rnd.model_version)
-        return OpenRound(record=rnd, agg=running_sums(model, self.job, self.strategy), strategy=self.strategy)
+        return OpenRound(record=rnd, agg=running_sums(model, self.job, self.strategy), strategy=self.strategy,
+                         base=self.base)
 
     def rebuild(self, rnd: RoundRecord, model: GlobalModel, wire_dtype: torch.dtype) -> OpenRound:
         """Re-fold the round's committed updates from staging in commit order (same order = bit-identical sums)."""
-        o = OpenRound(record=rnd, agg=running_sums(model, self.job, self.strategy), strategy=self.strategy)
+        o = OpenRound(record=rnd, agg=running_sums(model, self.job, self.strategy), strategy=self.strategy,
+                      base=self.base)
         for update in self.rounds.updates(rnd.round_id):
             assignment = self.rounds.get_assignment(update.ticket_id)
             if assignment is None:
                 raise RuntimeError(f"committed update {update.ticket_id} has no assignment; the round store is damaged")
             tensors = self.staging.upload(rnd.round_id, update.ticket_id).tensors()
-            plan = o.plan(model, ElasticSpec.from_dict(assignment.spec))
+            spec = ElasticSpec.from_dict(assignment.spec)
+            plan = o.plan(model, spec)
+            ranks = {t.shape[0] for n, t in tensors.items() if n.endswith(A_SUFFIX)}
+            if ranks and o.base is not None:  # a LoRA upload: its rank is its adapters' (one per upload)
+                dense, dense_plan = o.lora_dense(model, spec, self.lora_recipe(model, ranks.pop()), tensors,
+                                                 wire_dtype)
+                o.fold(dense, dense_plan, update, torch.float32)
+                continue
             o.fold(tensors, {name: plan[name] for name in tensors}, update, wire_dtype)  # what was accepted
         log.info("resumed round %s with %d committed update(s)", rnd.round_id, o.accepted)
         self.metrics.current_round.set(rnd.index)

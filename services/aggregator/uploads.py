@@ -125,6 +125,8 @@ def count_accepted_bytes(rnd: RoundRecord, metrics: AggregatorMetrics, assignmen
 
 
 Commit = Callable[["UploadSession", dict[str, torch.Tensor]], UploadResult]
+# A LoRA upload as the dense update that is folded: (update, its slice plan); raises UpdateRejected.
+Dense = Callable[[dict[str, torch.Tensor]], tuple[dict[str, torch.Tensor], SlicePlan]]
 
 
 class UploadSession:
@@ -137,8 +139,10 @@ class UploadSession:
     def __init__(self, ticket: Ticket, assignment: AssignmentRecord, plan: SlicePlan, staged: StagedUpload,
                  sample_count: int, metrics: dict[str, float], agg: SlicedFedAvg, *, wire_dtype: str,
                  commit: Commit, release: Callable[[], None] = lambda: None,
-                 on_bytes: Callable[[int], None] = lambda n: None) -> None:
-        self.ticket, self.assignment, self.plan = ticket, assignment, plan
+                 on_bytes: Callable[[int], None] = lambda n: None, dense: Dense | None = None) -> None:
+        """``plan``: what the upload must hold (for LoRA, the adapters); ``dense``: for a LoRA upload, how it becomes
+        the dense update that is folded."""
+        self.ticket, self.assignment, self.plan, self.dense = ticket, assignment, plan, dense
         self.staged, self.sample_count, self.metrics, self.agg = staged, sample_count, metrics, agg
         self.wire_dtype, self._commit, self._release, self._on_bytes = wire_dtype, commit, release, on_bytes
         self.reassembler: Reassembler | None = None

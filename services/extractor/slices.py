@@ -1,7 +1,13 @@
 """The extractor's use cases: plan a sub-model for a profile, and serve the wire payload of a ticket's slice.
 
 Slices are cut from a model version in the checkpoint store, converted to the job's wire dtype, hashed, and kept in a
-bounded LRU cache keyed by (version, spec key, wire dtype); concurrent requests for the same slice build it once.
+bounded LRU cache keyed by (version, spec key, wire dtype, LoRA settings); concurrent requests for the same slice build
+it once.
+
+A LoRA ticket (its recipe has a rank) gets the slice of its *base* version (the job's version 0: the same bytes, so the
+same sha256, every round, and a device's tensor cache skips them after its first round) plus the adapters that carry
+its slice of ``model_version - base_version`` (:func:`raffm.lora_fed.start_adapters`, seeded by the download's own
+names, so every replica, and the aggregator that checks the upload, computes the same adapters).
 A slice reads from the store only the tensors its sub-model keeps, and of each only the leading prefix that holds the
 kept block, never the whole model: so the extractor holds no global state and needs no local copy of the store, and
 any number of replicas on any hosts serve the same tickets.
@@ -16,18 +22,20 @@ from dataclasses import dataclass
 
 import torch
 
-from raffm.checkpoints import CheckpointStore, VersionNotFoundError
+from raffm.checkpoints import CheckpointReader, CheckpointStore, VersionNotFoundError
 from raffm.errors import AuthenticationError, NotFoundError, PermissionDeniedError, excerpt
 from raffm.planning import LocalPlanner, NoFitError, Planner, PlanJob, PlanResult, adapter_and_dims
 from raffm.profile import DeviceProfile
-from raffm.slicing import slice_plan
+from raffm.lora import target_weight_names
+from raffm.lora_fed import download_seed, start_adapters
+from raffm.slicing import SlicePlan, slice_plan
 from raffm.strategy import Strategy
 from raffm.tickets import Ticket, TicketError, TicketSigner
 from raffm.wire import WirePayload
 from services.common.auth import Principal
 from services.extractor.metrics import ExtractorMetrics
 
-SliceKey = tuple[str, str, str]
+SliceKey = tuple[str, str, str, str]
 
 
 @dataclass(frozen=True)
@@ -112,7 +120,9 @@ class SliceService:
         return ticket
 
     def slice_for(self, ticket: Ticket) -> Slice:
-        key: SliceKey = (ticket.model_version, ticket.spec_key, ticket.wire_dtype)
+        recipe = ticket.training_recipe
+        lora = f"lora:{ticket.base_version}:{recipe.lora_rank}:{','.join(recipe.lora_targets)}:{recipe.lora_alpha!r}"
+        key: SliceKey = (ticket.model_version, ticket.spec_key, ticket.wire_dtype, lora if recipe.lora_rank else "")
         hit = self.cache.get(key)
         if hit is not None:
             self.metrics.cache_hits.inc()
@@ -134,16 +144,36 @@ class SliceService:
         return item
 
     def _build(self, ticket: Ticket, key: SliceKey) -> Slice:
+        recipe = ticket.training_recipe
+        base_version = (ticket.base_version or ticket.model_version) if recipe.lora_rank else ticket.model_version
         try:
             config = self.store.info(ticket.model_version).config
-            reader = self.store.reader(ticket.model_version)
+            reader = self.store.reader(base_version)
         except VersionNotFoundError as exc:
             raise NotFoundError(str(exc)) from None
         adapter, dims = adapter_and_dims(config)
         plan = slice_plan(adapter, dims, ticket.elastic_spec, {n: e.shape for n, e in reader.entries.items()})
-        prefixes = reader.read({name: s.prefix_numel for name, s in plan.items()})
-        sub: dict[str, torch.Tensor] = {}
-        for name, s in plan.items():
-            sub[name] = s.take_prefix(prefixes.pop(name))
-        payload = WirePayload.from_state(sub, ticket.wire_dtype, names=list(plan))
+        sub = self._read(reader, plan)
+        names = list(plan)
+        if recipe.lora is not None:
+            targets = target_weight_names(plan, recipe.lora.targets)
+            base = {n: sub[n] for n in targets}
+            current = base
+            if base_version != ticket.model_version:
+                try:
+                    current = self._read(self.store.reader(ticket.model_version), {n: plan[n] for n in targets})
+                except VersionNotFoundError as exc:
+                    raise NotFoundError(str(exc)) from None
+            seed = download_seed(ticket.model_version, base_version, ticket.spec_key, recipe.lora.rank,
+                                 recipe.lora.targets, recipe.lora.alpha)
+            adapters = start_adapters(current, base, recipe.lora.rank, recipe.lora.scaling, seed)
+            sub.update(adapters)
+            names += sorted(adapters)
+        payload = WirePayload.from_state(sub, ticket.wire_dtype, names=names)
         return Slice(key=key, payload=payload, architecture=adapter.name)
+
+    @staticmethod
+    def _read(reader: CheckpointReader, plan: SlicePlan) -> dict[str, torch.Tensor]:
+        """The plan's blocks, reading of each stored tensor only the prefix that holds its block."""
+        prefixes = reader.read({name: s.prefix_numel for name, s in plan.items()})
+        return {name: s.take_prefix(prefixes.pop(name)) for name, s in plan.items()}

@@ -223,3 +223,22 @@ def test_a_round_moves_adapters_far_smaller_than_the_model() -> None:
     with pytest.raises(ValueError, match="match no weight"):
         round_bytes(plan, ("query",), rank=4)
     assert canonical_shapes(big)  # built without memory
+
+
+def test_start_adapters_are_the_same_for_every_server_and_carry_current_minus_base() -> None:
+    from raffm.lora_fed import adapter_seed, start_adapters
+
+    torch.manual_seed(3)
+    base = {"l.q.weight": torch.randn(8, 6), "l.v.weight": torch.randn(4, 6)}
+    current = {n: w + 0.1 * torch.randn(w.shape) for n, w in base.items()}
+    seed = adapter_seed("job-v2", "job-v0", "spec", "8")
+    one = start_adapters(current, base, 8, 2.0, seed)
+    two = start_adapters(dict(reversed(list(current.items()))), base, 8, 2.0, seed)
+    assert one.keys() == two.keys() and all(torch.equal(one[n], two[n]) for n in one)
+    for name in base:
+        m = name[: -len(".weight")]
+        product = one[m + ".lora_B"].double() @ one[m + ".lora_A"].double() * 2.0
+        assert torch.allclose(product, (current[name] - base[name]).double(), atol=1e-5)
+    fresh = start_adapters(base, base, 4, 1.0, seed)  # round one: zero B, seeded random A
+    assert all(fresh[n].abs().sum() == 0 for n in fresh if n.endswith(".lora_B"))
+    assert adapter_seed("a", "b") != adapter_seed("ab") and adapter_seed("a") == adapter_seed("a")

@@ -128,3 +128,30 @@ def test_a_planned_slice_is_a_real_model() -> None:
     plan = STRATEGIES["raffm"].plan(cm, budget(memory_budget_mb(9.1)))
     sub = extract(model, plan.spec)
     assert sum(p.numel() for p in sub.parameters()) == plan.costs.params
+
+
+def test_lora_ranks_give_each_device_the_largest_rank_that_fits_and_upload_adapters() -> None:
+    from raffm.lora import DEFAULT_TARGETS
+
+    cm = CostModel.from_model(make("bert"))
+    lora = STRATEGIES["raffm"].with_options(lora_ranks=(2, 8), checkpointing=False)
+    full = ElasticSpec.full(cm.dims)
+    ranks = [r.lora_rank for r in lora.recipes_for(full, cm)]
+    assert ranks == [8, 2]
+    assert all(r.lora_targets == DEFAULT_TARGETS["bert"] and not r.nested for r in lora.recipes_for(full, cm))
+    need = {r.lora_rank: r for r in lora.recipes_for(full, cm)}
+    mb = {rank: cm.estimate(full, batch_size=8, seq_len=12, recipe=recipe).train_memory_mb
+          for rank, recipe in need.items()}
+    assert mb[2] < mb[8]
+    assert lora.plan(cm, budget(1e5)).recipe.lora_rank == 8
+    between = lora.plan(cm, budget(memory_budget_mb((mb[2] + mb[8]) / 2)))
+    assert between.spec == full and between.recipe.lora_rank == 2
+    plan = cm.plan(full)
+    upload = Strategy.upload_plan(plan, between.recipe)
+    assert upload and all(n.endswith((".lora_A", ".lora_B")) for n in upload)
+    a = next(n for n in upload if n.endswith("query.lora_A"))
+    assert upload[a].sub_shape == (2, plan[a[: -len(".lora_A")] + ".weight"].sub_shape[1])
+    with pytest.raises(ValueError, match="stable channel order"):
+        STRATEGIES["paper"].with_options(lora_ranks=(4,))
+    with pytest.raises(ValueError, match="rank must be an integer"):
+        Strategy(lora_ranks=(0,))

@@ -31,10 +31,16 @@ def test_sign_verify_round_trip() -> None:
     back = signer.verify(signer.sign(ticket))
     assert back == ticket
     assert back.elastic_spec == ElasticSpec.uniform(DIMS, heads=2, ffn=32)
+    assert back.base_version == ""  # plain fine-tuning
+    lora = Ticket.create(device_id="dev-1", job_id="job", round_id="job-r2", model_version="job-v1",
+                         spec=ElasticSpec.uniform(DIMS, heads=2, ffn=32), wire_dtype="float32", ttl_s=60, now=1000.0,
+                         base_version="job-v0")
+    assert signer.verify(signer.sign(lora)).base_version == "job-v0"
 
 
 @pytest.mark.parametrize("field,value", [
     ("device_id", "dev-2"), ("round_id", "job-r2"), ("model_version", "job-v9"), ("expires_at", 10 ** 10),
+    ("base_version", "job-v3"),
 ])
 def test_any_changed_field_breaks_the_signature(field: str, value: object) -> None:
     signer = TicketSigner(SECRET, clock=lambda: 1010.0)
