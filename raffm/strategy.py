@@ -15,6 +15,8 @@ ships. RaFFM's defaults, each chosen by measurement (bench/results, README "The 
   the labels and, in the same step, the smallest of the strategy's cuts plus one other, each learning from its own
   spec's logits. Every cut of the final model has been trained, so it can be deployed without retraining.
 - **Updates weighted by the samples trained this round**, folded with coverage-weighted sliced FedAvg.
+- **Server momentum 0.5** (FedAvgM): the server steps along the running sum of the rounds' merged updates, which
+  damps the round-to-round swings that a non-IID fleet of slices gives the model.
 
 ``lora_ranks`` (off by default) turns rounds into federated LoRA (:mod:`raffm.lora_fed`): every device trains
 low-rank adapters on its frozen slice, at the largest rank of the ladder that fits its budget, and the server folds
@@ -219,7 +221,9 @@ class Strategy:
 
 
 STRATEGIES: dict[str, Strategy] = {
-    "raffm": Strategy(),
+    # Server momentum 0.5 (FedAvgM): over 4 seeds of bench_fl it cut the spread of the final accuracy from 5.2 to 1.2
+    # pts and lifted the 25/50/75% cuts by 5/4/2.5 pts (bench/results/2026-11-30-fl.md).
+    "raffm": Strategy(server_momentum=0.5),
     # Full-model FedAvg; devices that cannot train the whole model wait.
     "fedavg": Strategy(name="fedavg", heterogeneous=False, freeze_vocab=False, nested_fractions=(), checkpointing=False),
     # The official research code's recipe: SPP on every version, zero-filled deltas divided by the participants.

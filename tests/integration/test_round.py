@@ -29,7 +29,7 @@ def _expected(fleet: Fleet, version: str, updates: list[tuple[dict, object, int]
     for delta, spec, weight in updates:
         plan = plan_of(config, {n: tuple(t.shape) for n, t in state.items()}, spec)
         agg.fold(delta, {n: plan[n] for n in delta}, strategy.weight(weight), dtype=WIRE_DTYPES[job.wire_dtype])
-    return strategy.next_version(agg.result(), cost_model_for(config))[0]
+    return strategy.next_version(agg.result(), cost_model_for(config), previous=state)[0]
 
 
 @pytest.mark.parametrize("wire_dtype", ["fp32", "fp16"])
