@@ -118,7 +118,9 @@ async def build_registry(
                           field="--heartbeat-flush-s")
     repo = repository if repository is not None else await asyncio.to_thread(open_repository, config.db_url)
     # The use cases read and write through the heartbeat buffer; ``RegistryApp.repo`` stays the storage itself.
-    liveness = LivenessBuffer(repo, confirm_s=config.token_cache_ttl_s) if config.heartbeat_flush_s > 0 else None
+    # Confirmations last one liveness window: longer than a device's heartbeat interval (window / 3), so a steady
+    # device's heartbeat never writes, and its token verification (every token-cache TTL) renews it.
+    liveness = (LivenessBuffer(repo, confirm_s=config.liveness_window_s) if config.heartbeat_flush_s > 0 else None)
     executor = ThreadPoolExecutor(config.db_threads, thread_name_prefix="registry-db")
     try:
         service = RegistryService(liveness or repo, RegistrySettings(config.liveness_window_s), clock=clock)

@@ -3,10 +3,13 @@ batches.
 
 A heartbeat was one SQL transaction (UPDATE + COMMIT under SQLite's single-writer lock) in a worker thread; at a
 few thousand devices per second the writers queue behind each other. Here a heartbeat of a device this process has
-confirmed recently (not deregistered, per the database, within ``confirm_s``) is a dict update on the event loop;
-:meth:`LivenessBuffer.flush` writes every pending last-seen time in one transaction (``touch_many``). The first
-heartbeat of a device, and one after ``confirm_s``, still goes to the database, so an unknown device is NOT_FOUND
-at once and a device deregistered through another registry process is noticed within ``confirm_s``.
+confirmed recently (active, per the database, within ``confirm_s``) is a dict update on the event loop;
+:meth:`LivenessBuffer.flush` writes every pending last-seen time in one transaction (``touch_many``). A device is
+confirmed by a heartbeat written through, or by the verification of one of its tokens (``token_owner``: only active
+devices have live tokens), which is what a device's heartbeat after a token-cache miss costs: one read, no write.
+An unconfirmed device's heartbeat goes to the database, so an unknown device is NOT_FOUND at once. A device
+deregistered through another registry process: its own tokens are refused there within the token-cache TTL; an
+operator's heartbeat for it may still answer ONLINE for up to ``confirm_s`` (the row is never changed).
 
 What the buffer guarantees:
 - Reads see fresh data: ``get`` and ``token_owner`` overlay the pending times; ``list``, ``count_by_state_tier``
@@ -65,11 +68,17 @@ class LivenessBuffer:
         with self._lock:
             confirmed_at, forgotten = self._monotonic(), self._forgotten
         state = self.inner.touch(device_id, now)  # written through: this also confirms the device exists
-        if state is DeviceState.ONLINE and self._confirm_s > 0:
+        if state is DeviceState.ONLINE:
+            self._confirm(device_id, confirmed_at, forgotten)
+        return state
+
+    def _confirm(self, device_id: str, confirmed_at: float, forgotten: int) -> None:
+        """The database said the device is active at ``confirmed_at``, unless a deregistration came in since."""
+        if self._confirm_s > 0:
             with self._lock:
                 if self._forgotten == forgotten:
-                    self._confirmed[device_id] = confirmed_at + self._confirm_s
-        return state
+                    self._confirmed[device_id] = max(self._confirmed.get(device_id, 0.0),
+                                                     confirmed_at + self._confirm_s)
 
     def touch_many(self, seen: Mapping[str, datetime]) -> None:
         self.inner.touch_many(seen)
@@ -123,8 +132,14 @@ class LivenessBuffer:
         return self.inner.history(device_id)
 
     def token_owner(self, token_hash: str) -> TokenOwner | None:
+        with self._lock:
+            confirmed_at, forgotten = self._monotonic(), self._forgotten
         owner = self.inner.token_owner(token_hash)
-        if owner is None or (seen := self._overlay(owner.device_id)) is None or seen <= owner.last_seen:
+        if owner is None:
+            return None
+        # A live token is a live device: the heartbeat this token verification is usually for needs no write.
+        self._confirm(owner.device_id, confirmed_at, forgotten)
+        if (seen := self._overlay(owner.device_id)) is None or seen <= owner.last_seen:
             return owner
         return replace(owner, last_seen=seen, state=DeviceState.ONLINE)
 

@@ -76,6 +76,18 @@ def test_first_heartbeat_writes_through_then_later_ones_wait_for_the_flush(rig: 
     assert rig.buffer.flush() == 0
 
 
+def test_a_verified_token_confirms_its_device(rig: Rig) -> None:
+    reg = rig.service.register(KEY, "d1", PROFILE)
+    me = rig.service.principal_for_token(reg.token)  # what the interceptor does on a token-cache miss
+    assert me is not None
+    rig.clock.advance(2)
+    beat = rig.service.heartbeat_nowait(me, reg.device_id)  # no write-through needed
+    assert beat is not None and rig.buffer.pending() == 1
+    rig.service.deregister(me, reg.device_id)
+    assert rig.service.principal_for_token(reg.token) is None
+    assert rig.service.heartbeat_nowait(me, reg.device_id) is None
+
+
 def test_verify_token_and_listings_see_pending_heartbeats(rig: Rig) -> None:
     reg = rig.service.register(KEY, "d1", PROFILE)
     me = Principal(subject=reg.device_id, fleet="default")
