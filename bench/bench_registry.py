@@ -56,13 +56,13 @@ class Result:
 
 
 @contextmanager
-def registry_process(db_url: str, log_dir: Path) -> Iterator[int]:
+def registry_process(db_url: str, log_dir: Path, extra_args: tuple[str, ...] = ()) -> Iterator[int]:
     """A `raffm registry serve` child on a free loopback port; yields the port."""
     log_path = log_dir / f"registry-{uuid.uuid4().hex[:6]}.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "raffm_app", "registry", "serve", "--db", db_url, "--port", "0",
-             "--metrics-port", "-1", "--enroll-key", KEY, "--operator-token", OPERATOR, "--grace-s", "1"],
+             "--metrics-port", "-1", "--enroll-key", KEY, "--operator-token", OPERATOR, "--grace-s", "1", *extra_args],
             stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
         )
         try:
@@ -151,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="duration of each measurement (default: 3)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="interleaved rounds of the three measurements; rates are over all rounds (default: 3)")
+    parser.add_argument("--token-cache-ttl-s", type=float, default=None,
+                        help="the registry's --token-cache-ttl-s (default: the server's, 5 s); 0 verifies every "
+                             "token in the database, as a real fleet's heartbeats (every 30 s) do")
     parser.add_argument("--devices", type=int, default=64, help="registered devices the calls rotate over")
     parser.add_argument("--postgres-url", default=os.environ.get("RAFFM_TEST_POSTGRES_URL", ""),
                         help="PostgreSQL server URL (default: $RAFFM_TEST_POSTGRES_URL; empty skips PostgreSQL)")
@@ -164,13 +167,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.postgres_url:
             backends.append(("postgresql", postgres_database(args.postgres_url, prefix="raffm_bench")))
         for backend, database in backends:
-            with database as db_url, registry_process(db_url, Path(tmp)) as port:
+            server_args = () if args.token_cache_ttl_s is None else (
+                "--token-cache-ttl-s", str(args.token_cache_ttl_s))
+            with database as db_url, registry_process(db_url, Path(tmp), server_args) as port:
                 results += asyncio.run(measure(backend, port, args.devices, args.concurrency, args.seconds,
                                                args.rounds))
 
     print(f"registry RPC throughput: {os.cpu_count()} CPU(s), concurrency {args.concurrency}, "
           f"{args.seconds:g} s per measurement x {args.rounds} interleaved round(s), {args.devices} devices, "
-          f"server and client in separate processes")
+          f"server and client in separate processes"
+          + ("" if args.token_cache_ttl_s is None else f", registry token cache {args.token_cache_ttl_s:g} s"))
     print(f"{'backend':<11} {'rpc':<24} {'calls':>7} {'RPC/s':>8} {'vs baseline':>11} {'p50 ms':>7} {'p99 ms':>7}")
     for r in results:
         baseline = next(b.rate for b in results if b.backend == r.backend and b.rpc.startswith("health"))

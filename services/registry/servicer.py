@@ -53,7 +53,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def Heartbeat(self, request: registry_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
                         ) -> registry_pb2.HeartbeatReply:
         principal = current_principal()
-        # A device heartbeating steadily is a dict update on the event loop (see liveness.LivenessBuffer): no thread hop.
+        # A confirmed device's heartbeat is a dict update on the event loop (liveness.LivenessBuffer): no thread hop.
         beat = self._service.heartbeat_nowait(principal, request.device_id)
         state, now = beat if beat is not None else await self._run(self._service.heartbeat, principal,
                                                                    request.device_id)
