@@ -5,7 +5,7 @@ The registry runs as its own process (`raffm registry serve`) on loopback; this 
 run against the same server, is the grpc.health.v1 Check RPC (same chassis, no token, no database), so the ratio
 shows what authentication plus the database cost.
 
-    .venv/bin/python bench/bench_registry.py [--concurrency 16] [--seconds 3] [--postgres-url URL]
+    .venv/bin/python bench/bench_registry.py [--concurrency 16] [--seconds 3] [--rounds 3] [--postgres-url URL]
 
 PostgreSQL is measured when --postgres-url or RAFFM_TEST_POSTGRES_URL is given (a throw-away database is created
 on that server and dropped afterwards).
@@ -56,13 +56,13 @@ class Result:
 
 
 @contextmanager
-def registry_process(db_url: str, log_dir: Path) -> Iterator[int]:
+def registry_process(db_url: str, log_dir: Path, extra_args: tuple[str, ...] = ()) -> Iterator[int]:
     """A `raffm registry serve` child on a free loopback port; yields the port."""
     log_path = log_dir / f"registry-{uuid.uuid4().hex[:6]}.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "raffm_app", "registry", "serve", "--db", db_url, "--port", "0",
-             "--metrics-port", "-1", "--enroll-key", KEY, "--operator-token", OPERATOR, "--grace-s", "1"],
+             "--metrics-port", "-1", "--enroll-key", KEY, "--operator-token", OPERATOR, "--grace-s", "1", *extra_args],
             stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
         )
         try:
@@ -108,7 +108,9 @@ def summarize(backend: str, rpc: str, calls: int, latencies: list[float], second
     return Result(backend, rpc, calls, seconds, qs[49] * 1000, qs[98] * 1000)
 
 
-async def measure(backend: str, port: int, devices: int, concurrency: int, seconds: float) -> list[Result]:
+async def measure(
+    backend: str, port: int, devices: int, concurrency: int, seconds: float, rounds: int = 1
+) -> list[Result]:
     options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
         stub = registry_pb2_grpc.RegistryServiceStub(channel)
@@ -129,24 +131,35 @@ async def measure(backend: str, port: int, devices: int, concurrency: int, secon
             device_id, md = creds[i % devices]
             return await stub.GetDevice(registry_pb2.GetDeviceRequest(device_id=device_id), metadata=md, timeout=30)
 
-        results = []
-        for name, call in (("health.Check (baseline)", check), ("Heartbeat", heartbeat), ("GetDevice", get_device)):
+        rpcs = (("health.Check (baseline)", check), ("Heartbeat", heartbeat), ("GetDevice", get_device))
+        for _, call in rpcs:
             await drive(call, concurrency, min(0.5, seconds))  # warm-up: connections, caches, JIT-free but fair
-            calls, latencies = await drive(call, concurrency, seconds)
-            results.append(summarize(backend, name, calls, latencies, seconds))
-        return results
+        # Rounds interleave the RPCs, so load from other processes on a shared machine falls on all of them alike.
+        totals: dict[str, tuple[int, list[float]]] = {name: (0, []) for name, _ in rpcs}
+        for _ in range(rounds):
+            for name, call in rpcs:
+                calls, latencies = await drive(call, concurrency, seconds)
+                total, all_latencies = totals[name]
+                totals[name] = (total + calls, all_latencies + latencies)
+        return [summarize(backend, name, calls, latencies, seconds * rounds)
+                for name, (calls, latencies) in totals.items()]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", type=int, default=16, help="concurrent in-flight RPCs (default: 16)")
     parser.add_argument("--seconds", type=float, default=3.0, help="duration of each measurement (default: 3)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds of the three measurements; rates are over all rounds (default: 3)")
+    parser.add_argument("--token-cache-ttl-s", type=float, default=None,
+                        help="the registry's --token-cache-ttl-s (default: the server's, 5 s); 0 verifies every "
+                             "token in the database, as a real fleet's heartbeats (every 30 s) do")
     parser.add_argument("--devices", type=int, default=64, help="registered devices the calls rotate over")
     parser.add_argument("--postgres-url", default=os.environ.get("RAFFM_TEST_POSTGRES_URL", ""),
                         help="PostgreSQL server URL (default: $RAFFM_TEST_POSTGRES_URL; empty skips PostgreSQL)")
     args = parser.parse_args(argv)
-    if args.concurrency < 1 or args.seconds <= 0 or args.devices < 1:
-        parser.error("--concurrency, --seconds and --devices must be positive")
+    if args.concurrency < 1 or args.seconds <= 0 or args.devices < 1 or args.rounds < 1:
+        parser.error("--concurrency, --seconds, --devices and --rounds must be positive")
 
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="raffm-bench-") as tmp:
@@ -154,11 +167,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.postgres_url:
             backends.append(("postgresql", postgres_database(args.postgres_url, prefix="raffm_bench")))
         for backend, database in backends:
-            with database as db_url, registry_process(db_url, Path(tmp)) as port:
-                results += asyncio.run(measure(backend, port, args.devices, args.concurrency, args.seconds))
+            server_args = () if args.token_cache_ttl_s is None else (
+                "--token-cache-ttl-s", str(args.token_cache_ttl_s))
+            with database as db_url, registry_process(db_url, Path(tmp), server_args) as port:
+                results += asyncio.run(measure(backend, port, args.devices, args.concurrency, args.seconds,
+                                               args.rounds))
 
     print(f"registry RPC throughput: {os.cpu_count()} CPU(s), concurrency {args.concurrency}, "
-          f"{args.seconds:g} s per measurement, {args.devices} devices, server and client in separate processes")
+          f"{args.seconds:g} s per measurement x {args.rounds} interleaved round(s), {args.devices} devices, "
+          f"server and client in separate processes"
+          + ("" if args.token_cache_ttl_s is None else f", registry token cache {args.token_cache_ttl_s:g} s"))
     print(f"{'backend':<11} {'rpc':<24} {'calls':>7} {'RPC/s':>8} {'vs baseline':>11} {'p50 ms':>7} {'p99 ms':>7}")
     for r in results:
         baseline = next(b.rate for b in results if b.backend == r.backend and b.rpc.startswith("health"))

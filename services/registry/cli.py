@@ -29,6 +29,12 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--fleet", default="default", help="fleet the enrollment key admits to (default: %(default)s)")
     serve.add_argument("--liveness-window-s", type=float, default=90.0,
                        help="devices silent this long are marked offline (default: %(default)s)")
+    serve.add_argument("--heartbeat-flush-s", type=float, default=0.5,
+                       help="write heartbeats to the database in one batch this often; a crash loses at most this "
+                            "much of last-seen times (0: one transaction per heartbeat; default: %(default)s)")
+    serve.add_argument("--token-cache-ttl-s", type=float, default=5.0,
+                       help="reuse a verified device token this long without reading the database; deregistration "
+                            "evicts it at once (0: verify every call; default: %(default)s)")
     serve.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
     add_server_arguments(serve, default_port=DEFAULT_PORT, default_metrics_port=DEFAULT_METRICS_PORT)
     serve.set_defaults(func=_with_hints(_serve))
@@ -78,7 +84,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--enroll-key (or ${ENROLL_KEY_ENV}) is required: devices register with it")
     config = RegistryConfig(
         db_url=_db_url(args), enroll_key=args.enroll_key, fleet=args.fleet, operator_token=args.operator_token,
-        liveness_window_s=args.liveness_window_s, server=server_config_from_args(args),
+        liveness_window_s=args.liveness_window_s, heartbeat_flush_s=args.heartbeat_flush_s,
+        token_cache_ttl_s=args.token_cache_ttl_s, server=server_config_from_args(args),
     )
 
     async def main() -> None:

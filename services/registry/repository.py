@@ -54,6 +54,12 @@ class DeviceRepository(Protocol):
     def touch(self, device_id: str, now: datetime) -> DeviceState | None:
         """Heartbeat: last_seen = now and state online (unless deregistered). None if the device is unknown."""
 
+    def touch_nowait(self, device_id: str, now: datetime) -> DeviceState | None:
+        """``touch`` if it can be done without blocking IO (on the event loop); None: call ``touch`` instead."""
+
+    def touch_many(self, seen: Mapping[str, datetime]) -> None:
+        """Batched heartbeats in one transaction: last_seen and state online for each device not deregistered."""
+
     def list(
         self, *, fleet: str | None, state: DeviceState | None, tier: str | None, stale_before: datetime,
         after_id: str | None, limit: int,
@@ -158,6 +164,13 @@ class InMemoryDeviceRepository:
                 return d.state
             stored.device = replace(d, last_seen=now, state=DeviceState.ONLINE)
             return DeviceState.ONLINE
+
+    def touch_nowait(self, device_id: str, now: datetime) -> DeviceState | None:
+        return self.touch(device_id, now)  # a dict update (None for an unknown device: touch says so again)
+
+    def touch_many(self, seen: Mapping[str, datetime]) -> None:
+        for device_id, now in seen.items():
+            self.touch(device_id, now)
 
     def list(
         self, *, fleet: str | None, state: DeviceState | None, tier: str | None, stale_before: datetime,

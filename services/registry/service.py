@@ -129,6 +129,16 @@ class RegistryService:
             raise NotFoundError(f"device {excerpt(device_id)} is not registered", field="device_id")
         return state, now
 
+    def heartbeat_nowait(self, principal: Principal, device_id: str) -> tuple[DeviceState, datetime] | None:
+        """``heartbeat`` if the repository can record it without blocking IO (safe on the event loop); None: call
+        ``heartbeat`` in a worker thread."""
+        authorize_device(principal, validate_device_id(device_id))
+        now = self.clock()
+        state = self.repo.touch_nowait(device_id, now)
+        if state is None:
+            return None
+        return state, now
+
     def update_profile(self, principal: Principal, device_id: str, profile: DeviceProfile) -> tuple[int, bool]:
         authorize_device(principal, validate_device_id(device_id))
         validate_profile(profile)

@@ -52,7 +52,11 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     async def Heartbeat(self, request: registry_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
                         ) -> registry_pb2.HeartbeatReply:
-        state, now = await self._run(self._service.heartbeat, current_principal(), request.device_id)
+        principal = current_principal()
+        # A confirmed device's heartbeat is a dict update on the event loop (liveness.LivenessBuffer): no thread hop.
+        beat = self._service.heartbeat_nowait(principal, request.device_id)
+        state, now = beat if beat is not None else await self._run(self._service.heartbeat, principal,
+                                                                   request.device_id)
         return registry_pb2.HeartbeatReply(state=codec.state_to_proto(state), server_time=codec.timestamp(now),
                                            next_heartbeat_s=self._service.settings.heartbeat_interval_s)
 

@@ -7,9 +7,9 @@ import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Engine, Select, and_, func, or_, select, update
+from sqlalchemy import Engine, Select, Table, and_, bindparam, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -49,6 +49,13 @@ def _device_of(result: Any) -> Device:
         profile=_profile_of(profile), profile_version=row.profile_version, created_at=row.created_at,
         last_seen=row.last_seen,
     )
+
+
+_DEVICES = cast(Table, DeviceRow.__table__)
+_TOUCH = (
+    update(_DEVICES).where(_DEVICES.c.id == bindparam("b_id"), _DEVICES.c.state != _GONE)
+    .values(last_seen=bindparam("b_seen"), state=_ONLINE)
+)
 
 
 def _device_query() -> Select[DeviceRow, str, ProfileRow]:
@@ -172,6 +179,15 @@ class SqlDeviceRepository:
                 return DeviceState.ONLINE
             state = s.scalar(select(DeviceRow.state).where(DeviceRow.id == device_id))
             return DeviceState(state) if state else None
+
+    def touch_nowait(self, device_id: str, now: datetime) -> DeviceState | None:
+        return None  # every touch is a transaction; wrap in LivenessBuffer to batch them
+
+    def touch_many(self, seen: Mapping[str, datetime]) -> None:
+        if not seen:
+            return
+        with self._write() as s:  # one executemany: a Core UPDATE per device, one commit for all
+            s.connection().execute(_TOUCH, [{"b_id": d, "b_seen": t} for d, t in seen.items()])
 
     def list(
         self, *, fleet: str | None, state: DeviceState | None, tier: str | None, stale_before: datetime,

@@ -11,6 +11,7 @@ from raffm.profile import DeviceProfile
 from services.common.auth import Principal
 from services.common.testing import FakeClock
 from services.registry.domain import DeviceState
+from services.registry.liveness import LivenessBuffer
 from services.registry.repository import InMemoryDeviceRepository, open_repository
 from services.registry.service import RegistryService, RegistrySettings
 
@@ -19,10 +20,12 @@ OPERATOR = Principal(subject="ops", is_operator=True)
 PROFILE = DeviceProfile(train_memory_mb=1024, infer_memory_mb=0, gflops=5.0, up_mbps=5.0, down_mbps=10.0, tier="phone")
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "sqlite-buffered"])
 def service(request, tmp_path):
     repo = InMemoryDeviceRepository() if request.param == "memory" else open_repository(
         f"sqlite:///{tmp_path / 'unit.db'}")
+    if request.param == "sqlite-buffered":  # heartbeats write-behind, as the server runs them
+        repo = LivenessBuffer(repo)
     svc = RegistryService(repo, RegistrySettings(liveness_window_s=30), clock=FakeClock())
     svc.enroll("default", KEY)
     yield svc
