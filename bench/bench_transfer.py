@@ -16,7 +16,6 @@ and, through a byte-counting TCP relay, the wire overhead = bytes on the socket 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import hashlib
 import json
 import socket
