@@ -25,6 +25,7 @@ from raffm.fitting import ladder
 from raffm.slicing import slice_state
 from raffm.spec import ElasticSpec, LayerSpec
 from raffm.spp import l1_score, prioritize
+from tests.unit.test_costs import _saved_activation_bytes
 
 VOCAB = 128
 TOL = 1e-4  # the issue's bar for fp32 logits
@@ -283,22 +284,6 @@ def test_flops_count_swiglu_gqa_and_the_lm_head() -> None:
         macs += 2 * L * h * a + 2 * L * h * c + 3 * L * h * f + 2 * L * L * a  # q+o, k+v, SwiGLU, attention
     macs += L * h * VOCAB  # logits at every position
     assert cm.estimate(spec, batch_size=1, seq_len=L).forward_flops_per_sample == 2.0 * macs
-
-
-def _saved_activation_bytes(model: torch.nn.Module, **inputs: torch.Tensor) -> int:
-    """Bytes of the distinct non-parameter storages autograd saves during one forward."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(**inputs)
-    return sum(storages.values())
 
 
 @pytest.mark.parametrize("variant", ["gqa", "tied", "mha"])
