@@ -8,14 +8,18 @@ registers one device whose profile fits the whole model, then times:
   - the raw disk under the aggregator's data directory: the upload's bytes written to one file in 1 MiB writes and
     fsynced once (the floor of a durable upload, which cannot beat its disk);
 and, through a byte-counting TCP relay, the wire overhead = bytes on the socket / tensor bytes.
+With ``--concurrency 1,8,32``, N devices also download and then upload at once (one thread and channel each): the
+aggregate MB/s and the peak memory of the process over its level before the transfers (the client side holds no
+tensors: its payload is one shared buffer of zeros), which must stay O(model), not O(model x devices).
 
     .venv/bin/python bench/bench_transfer.py [--hidden 768 --layers 6] [--wire-dtype fp32] [--chunk-kib 1024]
-        [--repeat 3] [--breakdown] [--json out.json]
+        [--repeat 3] [--breakdown] [--concurrency 1,8,32] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import socket
@@ -149,7 +153,76 @@ class ZeroPayload:
         self.nbytes = self.manifest.total_bytes
 
     def source(self, meta: Any) -> bytes:
-        return bytes(meta.nbytes)
+        return _zeros(meta.nbytes)
+
+
+@functools.lru_cache(maxsize=None)
+def _zeros(nbytes: int) -> bytes:
+    """One immutable buffer of zeros per size, shared by every concurrent upload."""
+    return bytes(nbytes)
+
+
+class PeakMemory:
+    """Samples this process's resident memory every 10 ms in a thread: the peak of VmRSS (everything resident,
+    file pages of mmapped staging files included) and of RssAnon (heap and anonymous memory: what would grow if
+    the aggregator held every upload) above their level at the start, in MB."""
+
+    FIELDS = ("VmRSS", "RssAnon")
+
+    def __init__(self) -> None:
+        self.base = self._read()
+        self.peak = dict(self.base)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @classmethod
+    def _read(cls) -> dict[str, int]:
+        values = {}
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in cls.FIELDS:
+                values[key] = int(rest.split()[0]) * 1024
+        return values
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            for key, value in self._read().items():
+                self.peak[key] = max(self.peak[key], value)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def growth_mb(self) -> dict[str, float]:
+        return {key: (self.peak[key] - self.base[key]) / 1e6 for key in self.FIELDS}
+
+
+def concurrently(jobs: list[Any]) -> float:
+    """Run every callable in its own thread at once; the wall time in seconds. Re-raises the first error."""
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(jobs) + 1)
+
+    def run(job: Any) -> None:
+        start.wait()
+        try:
+            job()
+        except BaseException as e:  # noqa: BLE001 - reported in the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return time.perf_counter() - t0
 
 
 def breakdown(state: dict[str, Any], frozen: frozenset[str], chunk: int, repeat: int) -> list[tuple[str, float]]:
@@ -221,6 +294,42 @@ def breakdown(state: dict[str, Any], frozen: frozenset[str], chunk: int, repeat:
     return results
 
 
+def concurrent_transfers(group: list[Any], ext_port: int, agg_port: int, options: list[Any], chunk: int,
+                         payload: ZeroPayload) -> dict[str, float]:
+    """``len(group)`` devices download their slices at once, then upload ``payload`` at once, each on its own
+    channel: aggregate tensor MB/s of each phase and the process's peak memory growth during it."""
+    import grpc
+
+    from edge_agent.transfer import download_once, upload_once
+    from raffm.reassembly import HashOnlySink
+    from raffm.v1 import aggregator_pb2_grpc, extractor_pb2_grpc
+
+    n = len(group)
+    down_bytes = 0
+
+    def download(md: Any, a: Any) -> None:
+        nonlocal down_bytes
+        stub = extractor_pb2_grpc.ExtractorServiceStub(grpc.insecure_channel(f"127.0.0.1:{ext_port}", options=options))
+        d = download_once(stub, a.ticket, HashOnlySink(), metadata=md, chunk_bytes=chunk)
+        d.reassembler.finish()
+        down_bytes = d.manifest.total_bytes
+
+    def upload(md: Any, a: Any) -> None:
+        stub = aggregator_pb2_grpc.AggregatorServiceStub(grpc.insecure_channel(f"127.0.0.1:{agg_port}",
+                                                                               options=options))
+        assert upload_once(stub, a.ticket, 1, payload, metadata=md, chunk_bytes=chunk).accepted  # type: ignore[arg-type]
+
+    row: dict[str, float] = {"devices": n}
+    for phase, fn in (("download", download), ("upload", upload)):
+        with PeakMemory() as memory:
+            seconds = concurrently([functools.partial(fn, md, a) for (_, md), a in group])
+        nbytes = down_bytes if phase == "download" else payload.nbytes
+        growth = memory.growth_mb()
+        row |= {f"{phase}_mb_s": n * nbytes / seconds / 1e6, f"{phase}_rss_mb": growth["VmRSS"],
+                f"{phase}_anon_mb": growth["RssAnon"]}
+    return row
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=768)
@@ -230,12 +339,19 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="a small model (hidden 256, 2 layers), 2 repeats")
     parser.add_argument("--json", type=Path, help="also write the measured figures to this JSON file")
+    parser.add_argument("--concurrency", default="",
+                        help="comma-separated device counts (e.g. 1,8,32) that also download and then upload at once: "
+                             "aggregate MB/s and peak memory per count")
     parser.add_argument("--breakdown", action="store_true",
                         help="also time each stage alone (encode, decode, sha256, staging, fsync, fold) on the same "
                              "tensors, to see where the time goes")
     args = parser.parse_args()
     if args.quick:
         args.hidden, args.layers, args.repeat = 256, 2, 2
+    levels = [int(n) for n in args.concurrency.split(",") if n.strip()]
+    if any(n < 1 for n in levels):
+        parser.error(f"--concurrency {args.concurrency!r}: every device count must be >= 1")
+    devices_needed = args.repeat + 2 + sum(levels)
 
     import grpc
     import torch
@@ -273,8 +389,8 @@ def main() -> int:
         root = Path(tmp)
         registry = RegistryHarness(f"sqlite:///{root / 'registry.db'}").start()
         loop = LoopThread()
-        job = JobConfig(job_id="bench", model="synthetic", rounds=1, clients_per_round=args.repeat + 2,
-                        quorum=args.repeat + 2, wire_dtype=args.wire_dtype, ordering="never",
+        job = JobConfig(job_id="bench", model="synthetic", rounds=1, clients_per_round=devices_needed,
+                        quorum=devices_needed, wire_dtype=args.wire_dtype, ordering="never",
                         accum_dtype="float32", round_deadline_s=3600)
 
         async def start() -> tuple[Any, Any]:
@@ -301,7 +417,7 @@ def main() -> int:
             # (a round whose every assigned device is done closes at once, and its aggregation would compete with
             # the timed transfers for the CPU).
             devices = []
-            for i in range(args.repeat + 2):
+            for i in range(devices_needed):
                 reply = registry.register(f"bench{i}", train_memory_mb=1 << 20, gflops=1e5, up_mbps=1e5,
                                           down_mbps=1e5, tier="server")
                 devices.append((reply.device_id, auth_metadata(reply.token)))
@@ -309,7 +425,8 @@ def main() -> int:
                                                                                     options=options))
             assignments = [plain.PollRound(aggregator_pb2.PollRequest(device_id=dev), metadata=md,
                                            timeout=60).assignment for dev, md in devices]
-            for i, ((_, md), a) in enumerate(zip(devices[:-1], assignments[:-1], strict=True)):
+            timed = args.repeat + 1
+            for i, ((_, md), a) in enumerate(zip(devices[:timed], assignments[:timed], strict=True)):
                 assert a.ticket, "a device got no assignment"
                 via_relay = i == args.repeat  # last iteration: through the counting relay, not timed
                 ext_target = f"127.0.0.1:{relay_ext.port if via_relay else ext_port}"
@@ -336,6 +453,12 @@ def main() -> int:
                 elif i > 0:  # the first pass warms the slice cache and the page cache
                     downs.append(tensor_bytes / down_s / 1e6)
                     ups.append(upload_bytes / up_s / 1e6)
+            concurrent = []
+            first = timed
+            for n in levels:  # the last device stays idle: the round stays open
+                group = list(zip(devices[first:first + n], assignments[first:first + n], strict=True))
+                first += n
+                concurrent.append(concurrent_transfers(group, ext_port, agg_port, options, chunk, payload))
             raw = max(raw_before, *(raw_socket_mb_s(tensor_bytes) for _ in range(2)))
             disk = max(raw_disk_mb_s(upload_bytes, root / "agg") for _ in range(2))  # the staging's file system
             relay_ext.close()
@@ -357,6 +480,12 @@ def main() -> int:
           f"{up / min(raw, disk):.2f} of the slower of socket and disk")
     print(f"wire overhead download: {overhead_down:.4f} (bytes on socket / tensor bytes, both directions)")
     print(f"wire overhead upload  : {overhead_up:.4f}")
+    for row in concurrent:
+        print(f"{row['devices']:3d} devices at once: download {row['download_mb_s']:6.0f} MB/s "
+              f"({row['download_mb_s'] / raw:.2f} of raw socket), peak +{row['download_rss_mb']:.0f} MB RSS "
+              f"(+{row['download_anon_mb']:.0f} MB anonymous); upload {row['upload_mb_s']:6.0f} MB/s "
+              f"({row['upload_mb_s'] / raw:.2f}), peak +{row['upload_rss_mb']:.0f} MB RSS "
+              f"(+{row['upload_anon_mb']:.0f} MB anonymous); aggregate of all devices' tensor bytes")
     stages: list[tuple[str, float]] = []
     if args.breakdown:
         state, _ = initial()
@@ -373,7 +502,7 @@ def main() -> int:
             "download_mb_s": down, "upload_mb_s": up, "download_ratio": down / raw, "upload_ratio": up / raw,
             "wire_overhead_download": overhead_down, "wire_overhead_upload": overhead_up,
             "download_runs_mb_s": downs, "upload_runs_mb_s": ups,
-            "breakdown_mb_s": dict(stages)}, indent=2))
+            "breakdown_mb_s": dict(stages), "concurrent": concurrent}, indent=2))
     return 0
 
 
