@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 
-from services.common.server import DEFAULT_MAX_MESSAGE_BYTES, MiB, ServerConfig
+from services.common.server import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_STREAM_WINDOW_BYTES, MiB, ServerConfig
 from services.common.tls import tls_from_flags
 
 OPERATOR_TOKEN_ENV = "RAFFM_OPERATOR_TOKEN"
@@ -22,7 +22,8 @@ def add_store_endpoint_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_server_arguments(parser: argparse.ArgumentParser, *, default_port: int, default_metrics_port: int) -> None:
-    """Add --host/--port/--metrics-port/--tls-*/--insecure/--grace-s/--max-message-mb/--operator-token."""
+    """Add --host/--port/--metrics-port/--tls-*/--insecure/--grace-s/--max-message-mb/--stream-window-kib/
+    --operator-token."""
     group = parser.add_argument_group("transport")
     group.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
     group.add_argument("--port", type=int, default=default_port, help="gRPC port; 0 picks one (default: %(default)s)")
@@ -38,6 +39,10 @@ def add_server_arguments(parser: argparse.ArgumentParser, *, default_port: int, 
                        help="on SIGTERM/SIGINT, let in-flight calls finish for this long (default: %(default)s)")
     group.add_argument("--max-message-mb", type=int, default=DEFAULT_MAX_MESSAGE_BYTES // MiB,
                        help="gRPC send/receive message limit, MiB (default: %(default)s)")
+    group.add_argument("--stream-window-kib", type=int, default=DEFAULT_STREAM_WINDOW_BYTES // 1024,
+                       help="data one stream may have in flight before the service reads it, KiB: bounds the memory "
+                            "of concurrent uploads (about streams x window); a stream moves at most window / "
+                            "round-trip time (default: %(default)s)")
     group.add_argument("--operator-token", default=os.environ.get(OPERATOR_TOKEN_ENV, ""),
                        help=f"token for operators and other services (default: ${OPERATOR_TOKEN_ENV})")
 
@@ -50,6 +55,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         tls=tls_from_flags(args.tls_cert, args.tls_key, args.tls_ca),
         insecure=args.insecure,
         max_message_bytes=args.max_message_mb * MiB,
+        stream_window_bytes=args.stream_window_kib * 1024,
         grace_s=args.grace_s,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         metrics_host=args.metrics_host,

@@ -14,6 +14,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
+from raffm.errors import ConfigError
 from raffm.lifeline import watch_parent
 from services.common.auth import TokenVerifier
 from services.common.interceptors import ChassisInterceptor
@@ -28,6 +29,13 @@ MiB = 1 << 20
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # Weight chunks are ~1 MiB; the default 4 MiB limit counts protobuf framing, so set it explicitly and roomy.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * MiB
+# How much of one stream's data the transport may buffer before the service reads it. gRPC's default grows this
+# window with its bandwidth-delay estimate, without bound in practice: 32 concurrent BERT-base uploads held 1.9 GB
+# of receive buffers in the aggregator (bench/results/2026-11-30-transfer.md). A fixed window bounds the memory of
+# N concurrent uploads to about N x window, whatever the model's size; one stream's throughput is at most
+# window / round-trip time (4 MiB at 50 ms: 80 MB/s, above the links of the devices it serves).
+DEFAULT_STREAM_WINDOW_BYTES = 4 * MiB
+MIN_STREAM_WINDOW_BYTES = 65_535  # HTTP/2's initial window
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,7 @@ class ServerConfig:
     tls: TlsFiles | None = None
     insecure: bool = False
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    stream_window_bytes: int = DEFAULT_STREAM_WINDOW_BYTES
     grace_s: float = 10.0
     keepalive_time_s: float = 60.0
     keepalive_timeout_s: float = 20.0
@@ -57,10 +66,13 @@ class ServiceBinding:
 
 
 def server_options(config: ServerConfig) -> list[tuple[str, int]]:
-    """Channel arguments: explicit message limits, keepalive, and no silent port sharing."""
+    """Channel arguments: explicit message limits, a fixed receive window per stream, keepalive, and no silent port
+    sharing."""
     return [
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", config.stream_window_bytes),
         ("grpc.keepalive_time_ms", int(config.keepalive_time_s * 1000)),
         ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
@@ -169,9 +181,13 @@ def build_server(
 ) -> ChassisServer:
     """Assemble a grpc.aio server with the chassis interceptor, health, reflection and the bound port.
 
-    Must be called inside a running event loop. Raises ConfigError for plaintext on a non-loopback host.
+    Must be called inside a running event loop. Raises ConfigError for plaintext on a non-loopback host or a
+    stream window below HTTP/2's minimum.
     """
     check_transport(config.host, config.tls, config.insecure)
+    if config.stream_window_bytes < MIN_STREAM_WINDOW_BYTES:
+        raise ConfigError(f"the stream window is {config.stream_window_bytes} bytes; HTTP/2 needs at least "
+                          f"{MIN_STREAM_WINDOW_BYTES} (--stream-window-kib 64 or more)", field="--stream-window-kib")
     registry = registry if registry is not None else CollectorRegistry()
     rpc_metrics = build_rpc_metrics(registry)
     public = frozenset().union(*(b.public_methods for b in bindings))

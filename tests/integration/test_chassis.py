@@ -79,6 +79,15 @@ class EchoService:
     async def total(self, request_iterator, context) -> bytes:
         return str(sum([len(chunk) async for chunk in request_iterator])).encode()
 
+    async def hold(self, request_iterator, context) -> bytes:
+        """Read the first message, then nothing until released: what the client got to send meanwhile is what the
+        transport buffered for this stream."""
+        self.release = asyncio.Event()
+        received = len(await anext(aiter(request_iterator)))
+        self.entered.set()
+        await self.release.wait()
+        return str(received + sum([len(chunk) async for chunk in request_iterator])).encode()
+
     def binding(self) -> ServiceBinding:
         handlers = {
             "Echo": grpc.unary_unary_rpc_method_handler(self.echo),
@@ -87,6 +96,7 @@ class EchoService:
             "Slow": grpc.unary_unary_rpc_method_handler(self.slow),
             "Count": grpc.unary_stream_rpc_method_handler(self.count),
             "Total": grpc.stream_unary_rpc_method_handler(self.total),
+            "Hold": grpc.stream_unary_rpc_method_handler(self.hold),
         }
         generic = grpc.method_handlers_generic_handler(SERVICE, handlers)
         return ServiceBinding(SERVICE, lambda server: server.add_generic_rpc_handlers((generic,)),
@@ -237,6 +247,51 @@ def test_grace_period_bounds_shutdown():
     finally:
         c.channel.close()
         c.loop.close()
+
+
+@pytest.mark.parametrize("window_kib", [128, 16 * 1024])
+def test_stream_window_bounds_what_a_stream_buffers_before_the_service_reads_it(window_kib):
+    """A service that does not read its stream holds about one window of it, not the whole upload: the memory of N
+    concurrent uploads is about N x window (gRPC's default grows the window without a useful bound)."""
+    c = Chassis(ServerConfig(stream_window_bytes=window_kib * 1024))
+    message, total, sent = 64 * 1024, 64 * MiB, []
+
+    def chunks():
+        for _ in range(total // message):
+            sent.append(message)
+            yield bytes(message)
+
+    try:
+        hold = c.channel.stream_unary(f"/{SERVICE}/Hold")
+        future = hold.future(chunks(), metadata=auth_metadata(DEVICE_TOKEN), timeout=60)
+        assert c.service.entered.wait(10)
+        before = -1
+        while before != sum(sent):  # until the client can send no more
+            before = sum(sent)
+            threading.Event().wait(0.3)
+        buffered = sum(sent)
+        c.loop.loop.call_soon_threadsafe(c.service.release.set)
+        assert future.result(timeout=60) == str(total).encode()  # nothing lost while held
+    finally:
+        c.stop()
+    if window_kib == 128:
+        assert buffered <= 1 * MiB, f"the client sent {buffered} bytes the service had not read"
+    else:
+        assert buffered >= 8 * MiB, f"a 16 MiB window let only {buffered} bytes through"
+
+
+@pytest.mark.parametrize("window", [0, 65_534])
+def test_a_stream_window_below_http2s_minimum_is_refused(window):
+    loop = LoopThread()
+    try:
+        async def build():
+            return build_server(ServerConfig(stream_window_bytes=window), [], verifier=None)
+
+        with pytest.raises(ConfigError) as err:
+            loop.run(build())
+        assert "--stream-window-kib" in str(err.value)
+    finally:
+        loop.close()
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "example.org"])
