@@ -1,33 +1,51 @@
-"""A FedAvg round through Flower's transport and through ours, on loopback: bytes on the wire and framework time.
+"""A FedAvg round through Flower (two ways) and through ours, on loopback: bytes on the wire and framework time.
 
 The same model (MiniLM with a 2-label head, fp32; ``--quick``: a small random BERT), the same number of clients, the
-same rounds, and clients that train for **zero** steps (Flower's client returns the received parameters, ours
-uploads a zero delta), so what remains of a round is serialization, transport both ways and aggregation.
+same rounds, and clients that train for **zero** steps, so what remains of a round is serialization, transport both
+ways and aggregation. Three frameworks, one run:
 
-- Flower 1.42, legacy gRPC transport (``start_server`` / ``start_client``; deprecated since 1.13 in favour of the
-  SuperLink/SuperNode deployment engine, which adds a hop) in its own virtual environment (``bench/flower_env.sh``;
-  Flower's side needs numpy only). Server and clients are separate processes. Round time: from the end of client
-  sampling to the end of ``FedAvg.aggregate_fit`` (measured in the server by a strategy subclass).
+- Flower 1.42, legacy gRPC transport (``start_server`` / ``start_client``, deprecated since 1.13), in its own virtual
+  environment (``bench/flower_env.sh``; Flower's side needs numpy only, ``_flower_side.py``). Server and clients are
+  separate processes; a client returns the parameters it received. Round time: from the end of client sampling to
+  the end of ``FedAvg.aggregate_fit`` (measured in the server by a strategy subclass).
+- Flower 1.42, deployment runtime (its default): ``flower-superlink`` and one ``flower-supernode`` per client, all
+  ``--insecure`` on 127.0.0.1, the Flower App of ``_flower_app.py`` (Message API: a ``ServerApp`` running the
+  message-based ``FedAvg`` on a ``Grid``, a ``ClientApp`` with ``@app.train()``) started by ``flwr run`` against a
+  SuperLink connection in a private ``FLWR_HOME``. Each SuperLink and SuperNode runs the apps through its own
+  ``flower-superexec``, which starts a ``flwr-serverapp`` / ``flwr-clientapp`` process per task. In 1.42 every API
+  (Fleet, Control, Runtime) is protobuf over HTTP. A reply carries the received arrays with a per-node mark in the
+  lowest mantissa bits (``_flower_app.py`` says why: the object store is content-addressed). Round time: from the
+  end of node sampling to the end of ``FedAvg.aggregate_train``, measured in the ServerApp.
 - RaFFM: registry, extractor and aggregator in this process on 127.0.0.1 (real SQLite, a checkpoint directory,
   durable staging with fsync), clients as threads with sync gRPC stubs: PollRound, DownloadSlice (full spec),
   UploadUpdate (zero delta). Round time: from releasing the clients to the round's state becoming CLOSED (the new
   model version committed). Salience reordering of the new version is off unless ``--reorder`` (FedAvg has none).
 
 Bytes: a second pass of every framework runs through a byte-counting TCP relay on 127.0.0.1 (the same relay class
-for both), counting both directions of every client connection; registration traffic of ours is excluded (it
-happens once per device, before the rounds). Reported per round and against the model's tensor bytes.
+for all), counting both directions of every client connection: legacy Flower's client-server streams; every HTTP
+connection between the SuperNodes and the SuperLink from the nodes' start to the end of the run (registration,
+heartbeats, polls, the FAB, messages and array chunks; ``flwr run`` and the ServerApp reach the SuperLink directly);
+ours without registration (once per device, before the rounds). Reported per round and against the tensor bytes.
+
+Baseline: one raw TCP socket on 127.0.0.1 moving a round's tensor bytes (2 x clients x tensor bytes: every download
+and upload) in 1 MiB ``sendall`` calls (``bench_transfer.raw_socket_mb_s``, best of 3); each framework's median
+round time is reported as a multiple of that time.
 
     .venv/bin/python bench/bench_flower.py [--clients 8 --rounds 3] [--quick] [--json out.json]
 
-If Flower's environment cannot be created or Flower cannot run, the bench prints ``skipped: <why>`` and exits 0.
+If Flower's environment cannot be created, or one of Flower's modes cannot run, the bench prints why
+(``<framework> skipped: <why>``), still reports the others and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import os
+import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -35,6 +53,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +63,7 @@ if str(REPO) not in sys.path:
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from bench_transfer import CountingRelay  # noqa: E402
+from bench_transfer import CountingRelay, raw_socket_mb_s  # noqa: E402
 
 from raffm_app.processes import free_port  # noqa: E402
 
@@ -56,17 +75,48 @@ class Skip(Exception):
     """Flower cannot be benchmarked here; the message says why."""
 
 
-def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+def wait_port(port: int, proc: subprocess.Popen[bytes], name: str, timeout: float = 60.0) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if proc.poll() is not None:
-            raise Skip(f"the Flower server exited with code {proc.returncode} before listening")
+            raise Skip(f"{name} exited with code {proc.returncode} before listening")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.2)
-    raise Skip(f"the Flower server did not listen on port {port} within {timeout:.0f} s")
+    raise Skip(f"{name} did not listen on port {port} within {timeout:.0f} s")
+
+
+class Children:
+    """Flower's processes of one run, each in its own session with a log in ``work``; ``close`` ends them all."""
+
+    def __init__(self, work: Path, env: dict[str, str]) -> None:
+        self.work, self.env = work, env
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, args: list[str], name: str) -> subprocess.Popen[bytes]:
+        with (self.work / f"{name}.log").open("wb") as log:
+            p = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def tail(self, name: str) -> str:
+        return (self.work / f"{name}.log").read_text(errors="replace")[-600:]
+
+    def close(self) -> None:
+        """SIGTERM to each session (a SuperLink or SuperNode starts its own SuperExec and app processes), then KILL."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for p in reversed(self.procs):  # clients before their server
+                try:
+                    os.killpg(p.pid, sig)
+                except ProcessLookupError:
+                    pass
+            for p in self.procs:
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass
 
 
 def flower_python(install: bool) -> Path:
@@ -112,57 +162,119 @@ def float_state(model: Any) -> dict[str, Any]:
 # -- Flower ------------------------------------------------------------------------------------------------------------
 
 
+def flower_env(python: Path, home: Path) -> dict[str, str]:
+    """Flower's venv first on PATH (SuperLink and SuperNode start ``flower-superexec`` from it), state under ``home``."""
+    return {**os.environ, "PATH": f"{python.parent}{os.pathsep}{os.environ['PATH']}", "FLWR_HOME": str(home),
+            "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def counted(result: dict[str, Any], counter: CountingRelay | None) -> dict[str, Any]:
+    if counter is not None:
+        time.sleep(0.5)  # let the relay pumps drain
+        result["bytes_up"], result["bytes_down"] = counter.up, counter.down
+    return result
+
+
 def run_flower(python: Path, weights: Path, clients: int, rounds: int, *, relay: bool, work: Path) -> dict[str, Any]:
+    """Legacy transport: ``start_server`` and ``start_client`` processes; the relay sits between them."""
     port = free_port()
     out = work / f"flower-{'relay' if relay else 'direct'}.json"
-    side = str(BENCH / "_flower_side.py")
-    logs: list[Any] = []
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def spawn(args: list[str], name: str) -> subprocess.Popen[bytes]:
-        log = (work / f"{name}.log").open("wb")
-        logs.append(log)
-        p = subprocess.Popen([str(python), side, *args], stdout=log, stderr=subprocess.STDOUT,
-                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
-        procs.append(p)
-        return p
-
+    side = [str(python), str(BENCH / "_flower_side.py")]
+    children = Children(work, flower_env(python, work / "flwr-home"))
     counter: CountingRelay | None = None
     try:
-        server = spawn(["server", "--port", str(port), "--rounds", str(rounds), "--clients", str(clients),
-                        "--weights", str(weights), "--out", str(out)], "flower-server")
-        wait_port(port, server)
-        target = port
+        server = children.spawn([*side, "server", "--port", str(port), "--rounds", str(rounds), "--clients",
+                                 str(clients), "--weights", str(weights), "--out", str(out)], "flower-server")
+        wait_port(port, server, "the Flower server")
         if relay:
             counter = CountingRelay(port)
-            target = counter.port
+        target = counter.port if counter else port
         for i in range(clients):
-            spawn(["client", "--server", f"127.0.0.1:{target}", "--weights", str(weights)], f"flower-client{i}")
+            children.spawn([*side, "client", "--server", f"127.0.0.1:{target}", "--weights", str(weights)],
+                           f"flower-client{i}")
         try:
             server.wait(timeout=600)
         except subprocess.TimeoutExpired as exc:
             raise Skip("the Flower server did not finish its rounds within 600 s") from exc
         if server.returncode != 0 or not out.exists():
-            tail = (work / "flower-server.log").read_text(errors="replace")[-600:]
-            raise Skip(f"the Flower server failed (exit {server.returncode}): {tail}")
-        result: dict[str, Any] = json.loads(out.read_text())
-        if relay and counter is not None:
-            time.sleep(0.5)  # let the relay pumps drain
-            result["bytes_up"], result["bytes_down"] = counter.up, counter.down
-        return result
+            raise Skip(f"the Flower server failed (exit {server.returncode}): {children.tail('flower-server')}")
+        return counted(json.loads(out.read_text()), counter)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        for log in logs:
-            log.close()
         if counter is not None:
             counter.close()
+        children.close()
+
+
+APP_TOML = """[project]
+name = "bench-flower"
+version = "1.0.0"
+
+[tool.flwr.app]
+publisher = "raffm"
+
+[tool.flwr.app.components]
+serverapp = "_flower_app:server_app"
+clientapp = "_flower_app:client_app"
+
+[tool.flwr.app.config]
+weights = ""
+out = ""
+clients = 2
+rounds = 1
+"""
+
+
+def run_superlink(python: Path, weights: Path, clients: int, rounds: int, *, relay: bool,
+                  work: Path) -> dict[str, Any]:
+    """Deployment runtime: ``flower-superlink``, one ``flower-supernode`` per client, the app started by ``flwr run``.
+
+    The relay sits between the SuperNodes and the SuperLink only; ``flwr run`` and the ServerApp reach the SuperLink
+    directly (in 1.42 its Fleet, Control and Runtime APIs share one HTTP port).
+    """
+    name = f"superlink-{'relay' if relay else 'direct'}"
+    port = free_port()
+    out = work / f"{name}.json"
+    app = work / f"{name}-app"
+    app.mkdir()
+    (app / "pyproject.toml").write_text(APP_TOML)
+    shutil.copy(BENCH / "_flower_app.py", app)
+    home = work / f"{name}-home"
+    home.mkdir()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\n'
+                                      f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+    bin_ = python.parent
+    children = Children(work, flower_env(python, home))
+    counter: CountingRelay | None = None
+    try:
+        link = children.spawn([str(bin_ / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
+                               "--disable-runtime-dependency-installation"], name)
+        wait_port(port, link, "flower-superlink")
+        if relay:
+            counter = CountingRelay(port)
+        target = counter.port if counter else port
+        for i in range(clients):
+            children.spawn([str(bin_ / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{target}",
+                            "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", f"index={i}"],
+                           f"{name}-node{i}")
+        config = f'weights="{weights}" out="{out}" clients={clients} rounds={rounds}'
+        try:
+            started = subprocess.run([str(bin_ / "flwr"), "run", str(app), "bench", "--run-config", config],
+                                     capture_output=True, text=True, env=children.env, timeout=120)
+        except subprocess.TimeoutExpired as exc:
+            raise Skip("flwr run did not start the run within 120 s") from exc
+        if started.returncode != 0:
+            raise Skip(f"flwr run failed (exit {started.returncode}): {(started.stderr or started.stdout)[-600:]}")
+        end = time.monotonic() + 600
+        while not out.exists():
+            if link.poll() is not None or time.monotonic() > end:
+                raise Skip(f"the ServerApp did not finish its rounds (SuperLink exit {link.returncode}): "
+                           f"{children.tail(name)}")
+            time.sleep(0.2)
+        return counted(json.loads(out.read_text()), counter)
+    finally:
+        if counter is not None:
+            counter.close()
+        children.close()
 
 
 # -- ours --------------------------------------------------------------------------------------------------------------
@@ -306,27 +418,44 @@ def run_ours(model: Any, clients: int, rounds: int, *, relay: bool, reorder: boo
 # -- main --------------------------------------------------------------------------------------------------------------
 
 
+FRAMEWORKS = {"flower": "Flower legacy gRPC", "superlink": "Flower SuperLink", "ours": "RaFFM"}
+
+
 def render(result: dict[str, Any]) -> str:
-    if "skipped" in result:
-        return f"skipped: {result['skipped']}"
-    f, o = result["flower"], result["ours"]
-    mb = result["tensor_bytes"] / 1e6
+    parts = {name: result[name] for name in FRAMEWORKS if name in result}
+    ran = {name: part for name, part in parts.items() if "skipped" not in part}
+    raw_s = result["raw_socket_s"]
+
+    def row(label: str, cell: Any) -> str:
+        return f"| {label} | " + " | ".join(cell(part) for part in ran.values()) + " |"
+
     lines = [
-        f"{result['model']}: {mb:.1f} MB of fp32 tensors; {result['clients']} clients, {result['rounds']} rounds, "
-        f"zero local steps; Flower {result['flower_version']} (legacy gRPC transport) vs RaFFM services "
-        f"(reorder {'on' if result['reorder'] else 'off'}); loopback.",
+        f"{result['model']}: {result['tensor_bytes'] / 1e6:.1f} MB of fp32 tensors; {result['clients']} clients, "
+        f"{result['rounds']} rounds, zero local steps; Flower {result.get('flower_version') or '-'}; RaFFM reorder "
+        f"{'on' if result['reorder'] else 'off'}; loopback. Raw socket: {result['round_payload_bytes'] / 1e6:.0f} MB "
+        f"(2 x clients x tensor bytes) in {raw_s:.3f} s ({result['raw_socket_mb_s']:.0f} MB/s, best of 3).",
         "",
-        "| | Flower | RaFFM | RaFFM / Flower |",
-        "|---|---|---|---|",
-        f"| framework time per round, median (s) | {f['median_s']:.3f} | {o['median_s']:.3f} | "
-        f"{o['median_s'] / f['median_s']:.2f} |",
-        f"| rounds (s) | {', '.join(f'{x:.3f}' for x in f['round_seconds'])} | "
-        f"{', '.join(f'{x:.3f}' for x in o['round_seconds'])} | |",
-        f"| bytes on the wire per round (MB) | {f['bytes_per_round'] / 1e6:.1f} | {o['bytes_per_round'] / 1e6:.1f} | "
-        f"{o['bytes_per_round'] / f['bytes_per_round']:.3f} |",
-        f"| wire bytes / (2 x clients x tensor bytes) | {f['overhead']:.4f} | {o['overhead']:.4f} | |",
+        "| | " + " | ".join(FRAMEWORKS[name] for name in ran) + " |",
+        "|---" * (len(ran) + 1) + "|",
+        row("framework time per round, median (s)", lambda p: f"{p['median_s']:.3f}"),
+        row("rounds (s)", lambda p: ", ".join(f"{x:.3f}" for x in p["round_seconds"])),
+        row("x raw-socket time for the round's bytes", lambda p: f"{p['median_s'] / raw_s:.1f}"),
+        row("bytes on the wire per round (MB)", lambda p: f"{p['bytes_per_round'] / 1e6:.1f}"),
+        row("wire bytes / (2 x clients x tensor bytes)", lambda p: f"{p['overhead']:.4f}"),
     ]
-    return "\n".join(lines)
+    lines += ["", *(f"{FRAMEWORKS[name]} skipped: {part['skipped']}" for name, part in parts.items()
+                    if "skipped" in part)]
+    return "\n".join(lines).rstrip()
+
+
+def measure(run: Callable[[bool], dict[str, Any]], clients: int, rounds: int, tensor_bytes: int) -> dict[str, Any]:
+    """One timed pass and one pass through the counting relay (``run(relay)``) of one framework."""
+    timed, counted = run(False), run(True)
+    per_round = (counted["bytes_up"] + counted["bytes_down"]) / rounds
+    return {"round_seconds": timed["round_seconds"], "median_s": statistics.median(timed["round_seconds"]),
+            "relay_round_seconds": counted["round_seconds"], "bytes_up": counted["bytes_up"],
+            "bytes_down": counted["bytes_down"], "bytes_per_round": per_round,
+            "overhead": per_round / (2 * clients * tensor_bytes)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -343,50 +472,51 @@ def main(argv: list[str] | None = None) -> int:
     clients = args.clients or (2 if args.quick else 8)
     rounds = args.rounds or (2 if args.quick else 3)
 
+    import numpy as np
+
     from raffm.report import machine_info
 
     result: dict[str, Any] = {"bench": "bench_flower", "command": " ".join([Path(sys.executable).name, *sys.argv]),
                               "machine": machine_info(), "clients": clients, "rounds": rounds,
                               "reorder": args.reorder,
                               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    python: Path | None = None
+    no_flower = ""
     try:
         python = flower_python(install=not args.no_install)
         result["flower_version"] = flower_version(python)
-        import numpy as np
-
-        model, label = build_model(args.quick)
-        result["model"] = label
-        state = float_state(model)
-        result["tensor_bytes"] = sum(t.numel() * 4 for t in state.values())
-        with tempfile.TemporaryDirectory(prefix="bench_flower_") as tmp:
-            work = Path(tmp)
-            weights = work / "weights.npz"
-            np.savez(weights, **{f"{i:04d}": t.numpy() for i, t in enumerate(state.values())})
-            print(f"bench_flower: {label}, {clients} clients, {rounds} rounds", flush=True)
-            parts: dict[str, dict[str, Any]] = {}
-            for name in ("flower", "ours"):
-                if name == "flower":
-                    timed = run_flower(python, weights, clients, rounds, relay=False, work=work)
-                    counted = run_flower(python, weights, clients, rounds, relay=True, work=work)
-                else:
-                    timed = run_ours(model, clients, rounds, relay=False, reorder=args.reorder, work=work)
-                    counted = run_ours(model, clients, rounds, relay=True, reorder=args.reorder, work=work)
-                per_round = (counted["bytes_up"] + counted["bytes_down"]) / rounds
-                parts[name] = {
-                    "round_seconds": timed["round_seconds"],
-                    "median_s": statistics.median(timed["round_seconds"]),
-                    "relay_round_seconds": counted["round_seconds"],
-                    "bytes_up": counted["bytes_up"], "bytes_down": counted["bytes_down"],
-                    "bytes_per_round": per_round,
-                    "overhead": per_round / (2 * clients * result["tensor_bytes"]),
-                }
-                print(f"  {name}: rounds {['%.3f' % x for x in timed['round_seconds']]} s, "
-                      f"{per_round / 1e6:.1f} MB per round", flush=True)
-            result.update(parts)
-            result["time_ratio_ours_over_flower"] = parts["ours"]["median_s"] / parts["flower"]["median_s"]
-            result["bytes_ratio_ours_over_flower"] = parts["ours"]["bytes_per_round"] / parts["flower"]["bytes_per_round"]
     except Skip as exc:
-        result["skipped"] = str(exc)
+        no_flower = str(exc)
+    model, label = build_model(args.quick)
+    result["model"] = label
+    state = float_state(model)
+    tensor_bytes = result["tensor_bytes"] = sum(t.numel() * 4 for t in state.values())
+    payload = result["round_payload_bytes"] = 2 * clients * tensor_bytes
+    result["raw_socket_mb_s"] = max(raw_socket_mb_s(payload) for _ in range(3))
+    result["raw_socket_s"] = payload / (result["raw_socket_mb_s"] * 1e6)
+    with tempfile.TemporaryDirectory(prefix="bench_flower_") as tmp:
+        work = Path(tmp)
+        weights = work / "weights.npz"
+        np.savez(weights, **{f"{i:04d}": t.numpy() for i, t in enumerate(state.values())})
+        print(f"bench_flower: {label}, {clients} clients, {rounds} rounds; raw socket "
+              f"{result['raw_socket_s']:.3f} s per round's bytes", flush=True)
+
+        def run(name: str, relay: bool) -> dict[str, Any]:
+            if name == "ours":
+                return run_ours(model, clients, rounds, relay=relay, reorder=args.reorder, work=work)
+            if python is None:
+                raise Skip(no_flower)
+            flower = run_flower if name == "flower" else run_superlink
+            return flower(python, weights, clients, rounds, relay=relay, work=work)
+
+        for name in FRAMEWORKS:
+            try:
+                result[name] = measure(functools.partial(run, name), clients, rounds, tensor_bytes)
+                print(f"  {name}: rounds {['%.3f' % x for x in result[name]['round_seconds']]} s, "
+                      f"{result[name]['bytes_per_round'] / 1e6:.1f} MB per round", flush=True)
+            except Skip as exc:
+                result[name] = {"skipped": str(exc)}
+                print(f"  {name}: skipped: {exc}", flush=True)
     text = render(result)
     print()
     print(text)

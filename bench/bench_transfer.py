@@ -112,7 +112,11 @@ class CountingRelay:
                 client, _ = self.server.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(self.target)
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:  # the target has gone (a client reconnecting during teardown): refuse it too
+                client.close()
+                continue
             threading.Thread(target=self._pump, args=(client, upstream, "up"), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client, "down"), daemon=True).start()
 
@@ -137,6 +141,11 @@ class CountingRelay:
             self.up = self.down = 0
 
     def close(self) -> None:
+        """Stop accepting (``shutdown`` wakes the blocked ``accept``, which a plain ``close`` does not)."""
+        try:
+            self.server.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.server.close()
 
 
