@@ -29,6 +29,11 @@ class Recipe:
     lookups are cast back to float32). ``checkpointing``: activation checkpointing (each layer's activations are
     recomputed in the backward pass: about a third more compute for a fraction of the activation memory).
 
+    ``prior_correction`` tau > 0 (classification only): the label loss of the device's spec sees its logits plus
+    tau x the log of the device's own label prior (logit adjustment, as in FedLC), so a device whose data is mostly
+    one label does not teach the shared model that label's prior; the logits themselves, used at inference and as
+    the nested cuts' teacher, are left as they are. 0: plain cross-entropy.
+
     ``lora_rank`` > 0: parameter-efficient training (:mod:`raffm.lora`): rank-``lora_rank`` adapters on the
     ``lora_targets`` modules (scaling ``lora_alpha / lora_rank``), every base tensor frozen; a round then moves
     adapters, not the slice (:mod:`raffm.lora_fed`). 0: plain fine-tuning.
@@ -41,6 +46,7 @@ class Recipe:
     frozen_dtype: str = "float32"
     checkpointing: bool = False
     distill_hidden: float = 0.0
+    prior_correction: float = 0.0
     lora_rank: int = 0
     lora_targets: tuple[str, ...] = ()
     lora_alpha: float = 16.0
@@ -58,6 +64,8 @@ class Recipe:
             raise ValueError(f"recipe distill is {self.distill}; it must be between 0 and 1")
         if not self.distill_hidden >= 0.0:
             raise ValueError(f"recipe distill_hidden is {self.distill_hidden}; it must be >= 0")
+        if not self.prior_correction >= 0.0:
+            raise ValueError(f"recipe prior_correction is {self.prior_correction}; it must be >= 0")
         if self.frozen_dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"recipe frozen_dtype is {self.frozen_dtype!r}; it must be float32, float16 or bfloat16")
 
@@ -76,7 +84,8 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return {"frozen": sorted(self.frozen), "nested": [s.to_dict() for s in self.nested], "sampled": self.sampled,
                 "distill": self.distill, "frozen_dtype": self.frozen_dtype, "checkpointing": self.checkpointing,
-                "distill_hidden": self.distill_hidden, "lora_rank": self.lora_rank,
+                "distill_hidden": self.distill_hidden, "prior_correction": self.prior_correction,
+                "lora_rank": self.lora_rank,
                 "lora_targets": list(self.lora_targets), "lora_alpha": self.lora_alpha}
 
     @classmethod
@@ -87,5 +96,6 @@ class Recipe:
                    frozen_dtype=str(data.get("frozen_dtype", "float32")),
                    checkpointing=bool(data.get("checkpointing", False)),
                    distill_hidden=float(data.get("distill_hidden", 0.0)),
+                   prior_correction=float(data.get("prior_correction", 0.0)),
                    lora_rank=int(data.get("lora_rank", 0)), lora_targets=tuple(data.get("lora_targets", ())),
                    lora_alpha=float(data.get("lora_alpha", 16.0)))

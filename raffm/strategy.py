@@ -52,7 +52,8 @@ class Strategy:
 
     ``ordering``: SPP on version 0 only (``once``), on every new version (``every_round``), or not at all (``never``,
     HeteroFL's static slices). ``nested_fractions``: the width fractions (of the heads; FFN in proportion) trained as
-    nested cuts by every device whose own spec is wider. ``sampled`` and ``distill``: see :class:`Recipe`.
+    nested cuts by every device whose own spec is wider. ``sampled``, ``distill`` and ``prior_correction``: see
+    :class:`Recipe`.
     ``checkpointing``: a device may trade compute for memory with activation checkpointing when that lets it
     train a larger spec.
     """
@@ -65,6 +66,7 @@ class Strategy:
     sampled: int = 1
     distill: float = 1.0
     distill_hidden: float = 0.0
+    prior_correction: float = 0.0
     checkpointing: bool = True
     aggregation: Mode = "coverage"
     server_lr: float = 1.0
@@ -95,7 +97,8 @@ class Strategy:
             raise ValueError("server momentum needs a stable channel order: use ordering 'once' or 'never'")
         if any(not 0 < f < 1 for f in self.nested_fractions):
             raise ValueError(f"nested_fractions {self.nested_fractions}: every fraction must be in (0, 1)")
-        Recipe(sampled=self.sampled, distill=self.distill, distill_hidden=self.distill_hidden)  # validates them
+        Recipe(sampled=self.sampled, distill=self.distill, distill_hidden=self.distill_hidden,
+               prior_correction=self.prior_correction)  # validates them
 
     # -- versions -----------------------------------------------------------------------------------------------------
 
@@ -150,7 +153,7 @@ class Strategy:
         inner = tuple(c for c in self.cuts(cost_model) if nested(c, spec) and c != spec and c.depth == spec.depth)
         return Recipe(frozen=frozen, nested=inner, sampled=self.sampled, distill=self.distill,
                       frozen_dtype="float16" if frozen else "float32", checkpointing=checkpointing,
-                      distill_hidden=self.distill_hidden if inner else 0.0)
+                      distill_hidden=self.distill_hidden if inner else 0.0, prior_correction=self.prior_correction)
 
     def recipes_for(self, spec: ElasticSpec, cost_model: CostModel) -> tuple[Recipe, ...]:
         """The recipes a device may train ``spec`` with, preferred first: without activation checkpointing (less

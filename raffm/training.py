@@ -256,6 +256,7 @@ def train_local(
     else:
         received = {n: p.detach().clone() for n, p in trained.items()}
     cuts = [NestedCut(model, spec, checkpointing=recipe.checkpointing) for spec in recipe.nested]
+    prior = _log_prior(data, model.config, recipe.prior_correction)
     per_epoch = math.ceil(len(data) / config.batch_size)
     total = per_epoch * config.local_epochs
     if config.local_steps:
@@ -276,7 +277,8 @@ def train_local(
                 if should_stop():
                     raise InterruptedError("local training stopped by request")
                 out = model(**batch, output_hidden_states=bool(cuts and recipe.distill_hidden))
-                loss = out.loss
+                loss = out.loss if prior is None else torch.nn.functional.cross_entropy(out.logits + prior,
+                                                                                        batch["labels"])
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower the lr")
                 if config.fedprox_mu > 0:
@@ -309,6 +311,19 @@ def train_local(
         seconds=time.perf_counter() - started,
         peak_memory_mb=peak.peak_mb,
     )
+
+
+def _log_prior(data: Any, config: Any, tau: float) -> torch.Tensor | None:
+    """``tau`` x the log of the data's label distribution (add-one smoothed) over the model's labels: the logit
+    adjustment of :attr:`Recipe.prior_correction`. None when off or when the data has no class labels (a causal LM's
+    answers are tokens)."""
+    labels = getattr(data, "labels", None)
+    if not tau or labels is None:
+        return None
+    counts = torch.bincount(torch.as_tensor(list(labels), dtype=torch.long), minlength=config.num_labels).double()
+    if counts.numel() != config.num_labels:
+        raise ValueError(f"the data has labels up to {counts.numel() - 1}; the model has {config.num_labels} labels")
+    return (tau * torch.log((counts + 1) / (counts.sum() + counts.numel()))).float()
 
 
 def _cuts_this_step(cuts: list[NestedCut], sampled: int, rng: random.Random) -> list[NestedCut]:

@@ -7,6 +7,7 @@ import torch
 
 from raffm.arch import adapter_for
 from raffm.elastic import extract
+from raffm.proto import recipe_from_proto, recipe_to_proto
 from raffm.recipe import Recipe
 from raffm.slicing import slice_plan
 from raffm.spec import ElasticSpec
@@ -99,5 +100,35 @@ def test_a_recipe_naming_unknown_tensors_is_refused() -> None:
 def test_a_recipe_round_trips_through_a_dict() -> None:
     dims = adapter_for(tiny_model(0)).dims(tiny_model(0).config)
     recipe = Recipe(frozen=frozenset({VOCAB}), nested=(ElasticSpec.uniform(dims, heads=2, ffn=128),), sampled=0,
-                    distill=0.5)
+                    distill=0.5, prior_correction=0.5)
     assert Recipe.from_dict(recipe.to_dict()) == recipe
+    assert recipe_from_proto(recipe_to_proto(recipe)) == recipe
+
+
+def test_prior_correction_keeps_a_one_sided_device_from_teaching_its_label_prior() -> None:
+    """A device whose data is nearly all one label: with plain cross-entropy its update moves the classifier's bias
+    toward that label; with the logit adjustment (tau = 1) the bias barely moves, so averaging such updates does not
+    drag the shared model toward whichever labels the skewed devices hold."""
+    data = toy_data(200)
+    skewed = data.subset([i for i, y in enumerate(data.labels) if y == 1] + [i for i, y in enumerate(data.labels)
+                                                                             if y == 0][:5])
+
+    def bias_shift(tau: float) -> float:
+        local = LocalConfig(batch_size=8, seq_len=16, lr=1e-3, local_steps=10)
+        result = train_local(tiny_model(0), skewed, WordHashTokenizer(64), local, recipe=Recipe(prior_correction=tau))
+        bias = result.delta["classifier.bias"]
+        return float(bias[1] - bias[0])
+
+    plain, adjusted = bias_shift(0.0), bias_shift(1.0)
+    assert plain > 0.005, "plain cross-entropy should push the bias toward the device's label"
+    assert abs(adjusted) < plain / 2, (plain, adjusted)
+
+
+def test_prior_correction_must_be_non_negative_and_labels_must_fit_the_model() -> None:
+    with pytest.raises(ValueError, match="prior_correction is -1"):
+        Recipe(prior_correction=-1.0)
+    data = toy_data(20)
+    three = type(data)(data.texts, [2] * len(data.labels), ("a", "b", "c"))
+    with pytest.raises(ValueError, match="labels up to 2; the model has 2 labels"):
+        train_local(tiny_model(0), three, WordHashTokenizer(64), LocalConfig(batch_size=8, seq_len=16, local_steps=1),
+                    recipe=Recipe(prior_correction=1.0))
