@@ -116,12 +116,18 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     as a plain HF folder. transformers marks a model read from GGUF as quantised and refuses to save it, so the
     weights move into a fresh model of the same config (without the quantisation entry)."""
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a bar per tensor batch: noise in every service's log
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except ImportError as exc:
         raise ValueError(f"reading {gguf.name} needs the gguf package: `pip install gguf accelerate` ({exc})") from exc
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     values = loaded.config.to_dict()
     values.pop("quantization_config", None)
     values.pop("_name_or_path", None)
