@@ -340,7 +340,7 @@ def _run_demo(settings: DemoSettings, run_dir: Path, guard: SignalGuard) -> None
             "--strategy", job_strategy(settings), *(["--aggregation", settings.aggregation] if settings.aggregation else []),
             "--seed", str(settings.seed), "--poll-wait-s", "1",
             # The aggregator scores every new version on the held-out split (its log says how the model is doing).
-            "--eval-data", str(data.test_path), "--eval-max-samples", "0"), env)
+            "--eval-data", str(data.test_path), "--eval-max-samples", "0"), aggregator_env(env, data))
         wait_serving(group, addr["extractor"], "extractor")
         wait_serving(group, addr["aggregator"], "aggregator")
         print("services up: " + ", ".join(f"{n} {a} (metrics :{metrics[n]})" for n, a in addr.items()))
@@ -385,6 +385,14 @@ def _run_demo(settings: DemoSettings, run_dir: Path, guard: SignalGuard) -> None
         raise
     finally:
         group.stop()
+
+
+def aggregator_env(env: dict[str, str], data: DemoData) -> dict[str, str]:
+    """The aggregator's environment: an LLM's held-out evaluation (a forward pass per answer token over the test
+    split) runs at round close while the agents wait, so it gets every core (up to 4); other jobs keep one thread."""
+    if not data.causal:
+        return env
+    return {**env, "OMP_NUM_THREADS": str(max(1, min(4, os.cpu_count() or 1)))}
 
 
 def job_task_args(settings: DemoSettings, data: DemoData) -> list[str]:
