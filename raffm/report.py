@@ -70,15 +70,14 @@ class RunReport:
                 "bytes_saved": full - (down + up)}
 
     def memory_by_tier(self) -> dict[str, dict[str, float]]:
-        """Per device tier over the run: the largest slice and trained parameters, and the largest predicted and
-        measured training memory (MiB) of any of its devices in any round."""
+        """Per device tier: its round with the largest measured peak training memory (MiB), with what that round
+        planned (slice, trained parameters, predicted memory), so the prediction and the measurement belong together
+        when the planner gave the tier different sub-models in different rounds."""
         out: dict[str, dict[str, float]] = {}
         for r in self.rounds:
             for tier, t in r.tiers.items():
-                acc = out.setdefault(tier, {k: 0 for k in ("devices", "params", "trained_params",
-                                                          "predicted_memory_mb", "peak_memory_mb")})
-                for key in acc:
-                    acc[key] = max(acc[key], t.get(key, 0))
+                if tier not in out or t.get("peak_memory_mb", 0) > out[tier].get("peak_memory_mb", 0):
+                    out[tier] = {**t, "round": r.index}
         return dict(sorted(out.items()))
 
     def to_dict(self) -> dict[str, Any]:
@@ -150,13 +149,14 @@ def render_markdown(report: RunReport) -> str:
         )
     memory = report.memory_by_tier()
     if memory:
-        lines += ["", "## Training memory by device tier (largest over the rounds)", "",
-                  "| tier | devices | slice parameters | trained parameters | predicted MiB | measured peak MiB "
-                  "| measured / predicted |", "|:--|---:|---:|---:|---:|---:|---:|"]
+        lines += ["", "## Training memory by device tier (the round with the largest measured peak)", "",
+                  "| tier | round | devices | slice parameters | trained parameters | predicted MiB | measured peak MiB "
+                  "| measured / predicted |", "|:--|---:|---:|---:|---:|---:|---:|---:|"]
         for tier, m in memory.items():
-            ratio = m["peak_memory_mb"] / m["predicted_memory_mb"] if m["predicted_memory_mb"] else float("nan")
-            lines.append(f"| {tier} | {int(m['devices'])} | {int(m['params']):,} | {int(m['trained_params']):,} | "
-                         f"{m['predicted_memory_mb']:,.0f} | {m['peak_memory_mb']:,.0f} | {ratio:.2f} |")
+            ratio = m["peak_memory_mb"] / m["predicted_memory_mb"] if m.get("predicted_memory_mb") else float("nan")
+            lines.append(f"| {tier} | {int(m['round'])} | {int(m.get('devices', 0))} | {int(m.get('params', 0)):,} | "
+                         f"{int(m.get('trained_params', 0)):,} | {m.get('predicted_memory_mb', 0):,.0f} | "
+                         f"{m['peak_memory_mb']:,.0f} | {ratio:.2f} |")
     tiers = s.get("tiers")
     if isinstance(tiers, dict) and tiers:
         fields = sorted({k for values in tiers.values() for k in values})
