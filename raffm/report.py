@@ -198,7 +198,8 @@ def write_plots(report: RunReport, out: Path) -> list[Path]:
     ]
     ax.plot(xs, [100 * y for y in ys], marker="o", label="global model")
     ax.axhline(100 * report.majority_rate, color="grey", linestyle="--", label=majority)
-    ax.set(xlabel="round", ylabel=f"test {report.metric} (%)", title=f"Global test {report.metric} per round", xticks=xs)
+    ax.set(xlabel="round", ylabel=f"test {report.metric} (%)", title=f"Global test {report.metric} per round",
+           xticks=xs)
     ax.legend()
     written.append(_save(fig, out / "accuracy.png"))
 

@@ -357,7 +357,8 @@ def _run_demo(settings: DemoSettings, run_dir: Path, guard: SignalGuard) -> None
         final = final_version(addr["aggregator"], secrets_env["RAFFM_OPERATOR_TOKEN"])
         print("inference scaling: cutting sub-models from the final global model ...")
         report.scaling = scaling(settings, store, final, test, max_samples=settings.scaling_samples)
-        scored = f" (first {settings.scaling_samples} test examples)" if 0 < settings.scaling_samples < len(test) else ""
+        cap = settings.scaling_samples
+        scored = f" (first {cap} test examples)" if 0 < cap < len(test) else ""
         for p in report.scaling:
             print(f"  {p.flops_fraction:6.1%} of the compute, {p.param_fraction:6.1%} of the parameters "
                   f"({p.params:>11,}): test {report.metric} {p.accuracy:.1%}{scored}")
