@@ -284,7 +284,7 @@ def _run_demo(settings: DemoSettings, run_dir: Path, guard: SignalGuard) -> None
     if llm:
         print(f"data: {len(data.train)} training and {len(test)} held-out prompt -> response pairs, answers "
               f"{', '.join(repr(a) for a in data.label_names[:10])}; model {settings.model}; federated LoRA, ranks "
-              f"{', '.join(map(str, settings.lora_ranks)) or 'none (full-parameter slices)'}")
+              f"{', '.join(map(str, job_lora_ranks(settings))) or 'none (full-parameter slices)'}")
     else:
         print(f"data: {len(data.train)} training and {len(test)} held-out examples, {len(data.label_names)} labels "
               f"({', '.join(data.label_names[:10])}{', ...' if len(data.label_names) > 10 else ''}); "
@@ -400,11 +400,16 @@ def job_task_args(settings: DemoSettings, data: DemoData) -> list[str]:
     """The aggregator's task flags: labels for a classifier; the LoRA ranks for a decoder LLM."""
     if not data.causal:
         return ["--num-labels", str(len(data.label_names)), "--labels", json.dumps(list(data.label_names))]
+    ranks = job_lora_ranks(settings)
+    return ["--strategy-options", json.dumps({"lora_ranks": ranks})] if ranks else []
+
+
+def job_lora_ranks(settings: DemoSettings) -> list[int]:
+    """A decoder LLM job's LoRA ranks: ``--lora-ranks``; with ``--baseline fedavg`` the top one only (every device
+    trains the same full-model LoRA)."""
     if not settings.lora_ranks:
         return []
-    # --baseline fedavg: every device trains the full model with the top rank (the same LoRA everywhere).
-    ranks = [max(settings.lora_ranks)] if settings.baseline == "fedavg" else list(settings.lora_ranks)
-    return ["--strategy-options", json.dumps({"lora_ranks": ranks})]
+    return [max(settings.lora_ranks)] if settings.baseline == "fedavg" else list(settings.lora_ranks)
 
 
 def _write_prometheus_targets(path: Path, metrics: dict[str, int]) -> None:
