@@ -441,8 +441,8 @@ def register(subparsers: Any) -> None:
                              "federated LoRA on the Rotten Tomatoes reviews as chat-template sentiment instructions, "
                              "scored by greedy exact match and loss on the held-out split; a decoder LLM gets "
                              "the LLM defaults below and tiers sized for SmolLM2 (phone 680, laptop 800, server "
-                             "2000 MiB). On 2 cores its default run takes about 40 min (the first use also converts "
-                             "the GGUF, ~30 s)")
+                             "2000 MiB). On 2 cores its default run takes about 30-40 min (the first use also "
+                             "converts the GGUF, ~30 s)")
     parser.add_argument("--data", default=d.data,
                         help="what the agent takes: rotten_tomatoes or mnist (shipped), a CSV/JSON-lines file with "
                              "text,label, or a .pt/.npz file with images and labels; the labels and the task come "
