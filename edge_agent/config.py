@@ -227,7 +227,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--label-column", help=f"label column of --data (default: {d.label_column})")
     g.add_argument("--model", metavar="ID_OR_PATH",
                    help="HF model id or folder for the tokenizer (and the model config when the server does not send "
-                        f"one); 'minilm' is the shipped all-MiniLM-L6-v2 (default: {d.model})")
+                        "one); 'minilm' is the shipped all-MiniLM-L6-v2, 'smollm2' the shipped SmolLM2-135M-Instruct "
+                        f"(default: {d.model})")
     g = parser.add_argument_group("TLS (plaintext when none is given)")
     g.add_argument("--tls-ca", metavar="PEM", help="CA bundle that signed the servers' certificates (enables TLS)")
     g.add_argument("--tls-cert", metavar="PEM", help="client certificate for mutual TLS (with --tls-key)")

@@ -119,6 +119,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", metavar="PATH",
                         help="data set to split: CSV/JSON-lines file, image array file, rotten_tomatoes or mnist "
                              "(required unless --control-plane)")
+    parser.add_argument("--task", choices=("auto", "sequence-classification", "image-classification", "causal-lm"),
+                        default="auto", help="how to read --data: auto (the default) reads a JSON-lines file of "
+                                             "{prompt, response} objects as causal-LM pairs, anything else as the "
+                                             "agent does for a classification job")
     parser.add_argument("--alpha", type=float, default=0.5,
                         help="Dirichlet concentration of the label split: small = very non-IID (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data split (default: %(default)s)")
@@ -158,23 +162,66 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="write registrations, outcomes and per-call latency percentiles here (JSON)")
 
 
+MAX_ANSWER_CLASSES = 64  # prompt -> response pairs with at most this many distinct responses split like labels
+
+
+def split_keys(data: Any) -> list[int]:
+    """What the Dirichlet split skews: the labels; for prompt -> response pairs, the response when there are few
+    distinct ones (a classification posed as generation, like the sentiment instructions: its answers are its
+    labels), else nothing (one key for all: the shares differ in size only)."""
+    from raffm.generative import InstructionDataset
+
+    if not isinstance(data, InstructionDataset):
+        return list(data.labels)
+    answers = sorted(set(data.responses))
+    if len(answers) > MAX_ANSWER_CLASSES:
+        return [0] * len(data)
+    index = {a: i for i, a in enumerate(answers)}
+    return [index[r] for r in data.responses]
+
+
 def split_data(data: Any, devices: int, alpha: float, seed: int) -> list[Any]:
     from raffm.data import dirichlet_split
 
-    return [data.subset(idx) for idx in dirichlet_split(data.labels, devices, alpha, seed)]
+    return [data.subset(idx) for idx in dirichlet_split(split_keys(data), devices, alpha, seed)]
+
+
+def sniff_task(spec: str) -> str:
+    """``causal-lm`` for a JSON-lines file whose first record has ``prompt`` and ``response``, else
+    ``sequence-classification`` (the agent's loader tells text from image data itself)."""
+    path = Path(spec)
+    if path.suffix not in (".jsonl", ".json") or not path.is_file():
+        return "sequence-classification"
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    break
+                if isinstance(row, dict) and "prompt" in row and "response" in row:
+                    return "causal-lm"
+                break
+    return "sequence-classification"
 
 
 def write_share(share: Any, path: Path) -> Path:
-    """A device's share as a file its agent process can load (JSON lines for text, .pt for images)."""
+    """A device's share as a file its agent process can load (JSON lines for text and prompt -> response pairs,
+    .pt for images)."""
     from raffm.data import ImageDataset, save_image_file
+    from raffm.generative import InstructionDataset
 
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(share, ImageDataset):
         return save_image_file(share, path.with_suffix(".pt"))
     out = path.with_suffix(".jsonl")
     with out.open("w", encoding="utf-8") as f:
-        for text, label in zip(share.texts, share.labels):
-            f.write(json.dumps({"text": text, "label": label}) + "\n")
+        if isinstance(share, InstructionDataset):
+            for prompt, response in zip(share.prompts, share.responses):
+                f.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
+        else:
+            for text, label in zip(share.texts, share.labels):
+                f.write(json.dumps({"text": text, "label": label}) + "\n")
     return out
 
 
@@ -193,7 +240,8 @@ def plan_devices(args: argparse.Namespace) -> list[tuple[AgentConfig, Any]]:
     elif not args.data:
         raise ValueError("--data is required (or --control-plane, which makes a tiny synthetic share per device)")
     else:
-        data = load_local_data(args.data)
+        task = getattr(args, "task", "auto")
+        data = load_local_data(args.data, task=sniff_task(args.data) if task == "auto" else task)
         if args.max_examples:
             data = data.subset(range(min(args.max_examples, len(data))))
         shares = split_data(data, args.devices, args.alpha, args.seed)
@@ -358,7 +406,7 @@ def _run_fleet(args: argparse.Namespace, devices: list[tuple[AgentConfig, Any]])
 
 def _label_counts(share: Any) -> dict[int, int]:
     counts: dict[int, int] = {}
-    for y in share.labels:
+    for y in split_keys(share):
         counts[y] = counts.get(y, 0) + 1
     return dict(sorted(counts.items()))
 

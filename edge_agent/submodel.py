@@ -89,7 +89,7 @@ def build_submodel(
     Tensors already in their storage dtype become the model's parameters without a copy, so the caller must not use
     them afterwards. ``ValueError`` names missing, unexpected or mis-shaped tensors.
     """
-    from raffm.arch import adapter_for
+    from raffm.arch import adapter_for, tied_aliases
     from raffm.elastic import ELASTIC_CLASSES, elastic_config
 
     spec.validate(adapter_for(config).dims(config))
@@ -113,7 +113,10 @@ def build_submodel(
         # tensors in their storage dtype are adopted as they are (the caller hands them over): no second copy
         dtype = WIRE_DTYPES[recipe.frozen_dtype] if name in recipe.frozen else torch.float32
         state[name] = t.to(dtype) if t.dtype != dtype else t
+    tied = tied_aliases(model)  # before loading: assigning the embedding unties it
     model.load_state_dict(state, strict=False, assign=True)
+    if tied:  # the tied LM head still holds the meta tensor: point it at the loaded embedding
+        model.tie_weights()
     _rebuild_rotary(model)
     for name, buf in list(model.named_buffers()):
         if buf.is_meta:

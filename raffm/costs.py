@@ -293,6 +293,8 @@ class CostModel:
         self.num_labels = self._num_labels()
         self.image_tokens, self.patch_inputs = self._vit_geometry()
         self.lm_vocab = self._lm_vocab()
+        # A causal LM whose canonical tensors have no LM head of their own: the head is the embedding (SmolLM2).
+        self.tied_head = bool(self.adapter.causal_lm and not any(n.endswith("lm_head.weight") for n in self.shapes))
 
     @classmethod
     def from_model(cls, model: Any) -> CostModel:

@@ -27,6 +27,9 @@ class RoundRecord:
     duration_s: float
     mean_train_loss: float | None = None
     bytes_by_tier: dict[str, dict[str, int]] = field(default_factory=dict)  # tier -> {"down": n, "up": n}
+    eval_loss: float | None = None  # causal-LM jobs: mean response-token loss on the held-out split (nats)
+    # Per device tier: devices, params, trained_params, predicted_memory_mb, peak_memory_mb (raffm.v1.TierCosts)
+    tiers: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -47,6 +50,9 @@ class RunReport:
     settings: dict[str, Any]
     majority_rate: float  # accuracy of always predicting the most frequent test label
     initial_accuracy: float | None = None
+    # What "accuracy" measures: "accuracy" (classification) or "exact match" (causal LM: greedy answer = reference)
+    metric: str = "accuracy"
+    initial_loss: float | None = None  # causal LM: held-out response-token loss of the initial model
     rounds: list[RoundRecord] = field(default_factory=list)
     scaling: list[ScalingPoint] = field(default_factory=list)
     machine: dict[str, Any] = field(default_factory=lambda: machine_info())
@@ -63,10 +69,22 @@ class RunReport:
         return {"bytes_down": down, "bytes_up": up, "bytes_moved": down + up, "full_fedavg_bytes": full,
                 "bytes_saved": full - (down + up)}
 
+    def memory_by_tier(self) -> dict[str, dict[str, float]]:
+        """Per device tier: its round with the largest measured peak training memory (MiB), with what that round
+        planned (slice, trained parameters, predicted memory), so the prediction and the measurement belong together
+        when the planner gave the tier different sub-models in different rounds."""
+        out: dict[str, dict[str, float]] = {}
+        for r in self.rounds:
+            for tier, t in r.tiers.items():
+                if tier not in out or t.get("peak_memory_mb", 0) > out[tier].get("peak_memory_mb", 0):
+                    out[tier] = {**t, "round": r.index}
+        return dict(sorted(out.items()))
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["final_accuracy"] = self.final_accuracy
         data["totals"] = self.totals()
+        data["memory_by_tier"] = self.memory_by_tier()
         return data
 
 
@@ -89,32 +107,56 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
 def render_markdown(report: RunReport) -> str:
     s = report.settings
     t = report.totals()
+    metric = report.metric
+    held_out_loss = report.initial_loss is not None or any(r.eval_loss is not None for r in report.rounds)
+    baseline = "majority-class rate" if metric == "accuracy" else "most frequent answer's rate"
     lines = [
         f"# RaFFM run {report.run_id}",
         "",
         f"- command: `{report.command}`",
         f"- date: {report.date}; machine: {report.machine['cores']} cores, {report.machine['memory_gib']} GiB",
         "- settings: " + ", ".join(f"{k}={v}" for k, v in s.items() if not isinstance(v, dict)),
-        f"- majority-class rate on the test split: {_pct(report.majority_rate)}; "
-        f"initial global accuracy: {_pct(report.initial_accuracy)}; final: {_pct(report.final_accuracy)}",
+        f"- {baseline} on the test split: {_pct(report.majority_rate)}; "
+        f"initial global {metric}: {_pct(report.initial_accuracy)}; final: {_pct(report.final_accuracy)}",
         f"- bytes moved: {_mib(t['bytes_moved'])} MiB (down {_mib(t['bytes_down'])}, up {_mib(t['bytes_up'])}); "
         f"full-model FedAvg with the same participants: {_mib(t['full_fedavg_bytes'])} MiB "
         f"(saved {_mib(t['bytes_saved'])} MiB)",
+    ]
+    if held_out_loss:
+        lines.append(f"- held-out response-token loss (nats): initial {_num(report.initial_loss)}, final "
+                     f"{_num(next((r.eval_loss for r in reversed(report.rounds) if r.eval_loss is not None), None))}")
+    lines += [
         "",
         "## Rounds",
         "",
-        "| round | test accuracy | participants | dropouts | MiB down | MiB up | MiB full FedAvg | seconds | train loss |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| round | test {metric} |" + (" held-out loss |" if held_out_loss else "")
+        + " participants | dropouts | MiB down | MiB up | MiB full FedAvg | seconds | train loss |",
+        "|---:|---:|" + ("---:|" if held_out_loss else "") + "---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report.rounds:
         loss = "n/a" if r.mean_train_loss is None else f"{r.mean_train_loss:.3f}"
         lines.append(
-            f"| {r.index} | {_pct(r.accuracy)} | {r.participants}/{r.assigned} | {r.dropouts} | {_mib(r.bytes_down)} "
+            f"| {r.index} | {_pct(r.accuracy)} |" + (f" {_num(r.eval_loss)} |" if held_out_loss else "")
+            + f" {r.participants}/{r.assigned} | {r.dropouts} | {_mib(r.bytes_down)} "
             f"| {_mib(r.bytes_up)} | {_mib(r.full_fedavg_bytes)} | {r.duration_s:.1f} | {loss} |"
         )
+    memory = report.memory_by_tier()
+    if memory:
+        lines += ["", "## Training memory by device tier (the round with the largest measured peak)", "",
+                  "| tier | round | devices | slice parameters | trained parameters | predicted MiB | measured peak MiB "
+                  "| measured / predicted |", "|:--|---:|---:|---:|---:|---:|---:|---:|"]
+        for tier, m in memory.items():
+            ratio = m["peak_memory_mb"] / m["predicted_memory_mb"] if m.get("predicted_memory_mb") else float("nan")
+            lines.append(f"| {tier} | {int(m['round'])} | {int(m.get('devices', 0))} | {int(m.get('params', 0)):,} | "
+                         f"{int(m.get('trained_params', 0)):,} | {m.get('predicted_memory_mb', 0):,.0f} | "
+                         f"{m['peak_memory_mb']:,.0f} | {ratio:.2f} |")
     tiers = s.get("tiers")
     if isinstance(tiers, dict) and tiers:
         fields = sorted({k for values in tiers.values() for k in values})
@@ -127,7 +169,7 @@ def render_markdown(report: RunReport) -> str:
             "",
             "## Inference scaling (sub-models cut from the final global model, no retraining)",
             "",
-            "| target share of compute | kept compute | kept parameters | share of parameters | test accuracy | spec |",
+            f"| target share of compute | kept compute | kept parameters | share of parameters | test {metric} | spec |",
             "|---:|---:|---:|---:|---:|:--|",
         ]
         for p in report.scaling:
@@ -147,6 +189,7 @@ def write_plots(report: RunReport, out: Path) -> list[Path]:
 
     written: list[Path] = []
     rounds = [r.index for r in report.rounds]
+    majority = "majority class" if report.metric == "accuracy" else "most frequent answer"
 
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = [0] + rounds if report.initial_accuracy is not None else rounds
@@ -154,8 +197,9 @@ def write_plots(report: RunReport, out: Path) -> list[Path]:
         r.accuracy if r.accuracy is not None else float("nan") for r in report.rounds
     ]
     ax.plot(xs, [100 * y for y in ys], marker="o", label="global model")
-    ax.axhline(100 * report.majority_rate, color="grey", linestyle="--", label="majority class")
-    ax.set(xlabel="round", ylabel="test accuracy (%)", title="Global test accuracy per round", xticks=xs)
+    ax.axhline(100 * report.majority_rate, color="grey", linestyle="--", label=majority)
+    ax.set(xlabel="round", ylabel=f"test {report.metric} (%)", title=f"Global test {report.metric} per round",
+           xticks=xs)
     ax.legend()
     written.append(_save(fig, out / "accuracy.png"))
 
@@ -180,8 +224,8 @@ def write_plots(report: RunReport, out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot([100 * p.flops_fraction for p in report.scaling], [100 * p.accuracy for p in report.scaling],
                 marker="o", label="cut of the final global model")
-        ax.axhline(100 * report.majority_rate, color="grey", linestyle="--", label="majority class")
-        ax.set(xlabel="forward compute kept (%)", ylabel="test accuracy (%)",
+        ax.axhline(100 * report.majority_rate, color="grey", linestyle="--", label=majority)
+        ax.set(xlabel="forward compute kept (%)", ylabel=f"test {report.metric} (%)",
                title="Inference scaling without retraining")
         ax.legend()
         written.append(_save(fig, out / "scaling.png"))

@@ -6,7 +6,7 @@ vocabulary, so their share of the parameters is larger than their share of the c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from transformers import PreTrainedModel
@@ -44,16 +44,24 @@ def scaling_table(
     *,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     seq_len: int = 64,
+    score: Callable[[torch.nn.Module], float] | None = None,
 ) -> list[ScalingPoint]:
-    """Accuracy on ``data`` of the cut at every share of compute in ``fractions`` (``model``: salience-ordered)."""
+    """Accuracy on ``data`` of the cut at every share of compute in ``fractions`` (``model``: salience-ordered).
+
+    ``score(cut)`` replaces the classification accuracy (e.g. a causal LM's exact match). Fractions that land on
+    the same rung of the ladder share one evaluation.
+    """
     cost_model = CostModel.from_model(model)
     total = cost_model.params(ElasticSpec.full(cost_model.dims))
+    measure = score or (lambda cut: evaluate(cut, data, tokenizer, seq_len=seq_len))
+    scored: dict[str, float] = {}
     points = []
     for fraction in fractions:
         spec = spec_for_fraction(cost_model, fraction, seq_len=seq_len)
         params = cost_model.params(spec)
-        accuracy = evaluate(extract(model, spec), data, tokenizer, seq_len=seq_len)
-        points.append(ScalingPoint(fraction, params / total, params, accuracy, spec.key(),
+        if spec.key() not in scored:
+            scored[spec.key()] = measure(extract(model, spec))
+        points.append(ScalingPoint(fraction, params / total, params, scored[spec.key()], spec.key(),
                                    flops_fraction(cost_model, spec, seq_len=seq_len)))
     return points
 

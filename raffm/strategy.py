@@ -150,9 +150,11 @@ class Strategy:
         """The recipe of a device training ``spec``: frozen vocabulary (stored at half precision), and the strategy's
         cuts nested in ``spec``."""
         frozen = cost_model.adapter.vocab_tensors(cost_model.plan(spec)) if self.freeze_vocab else frozenset()
+        # Half precision only for a table that is looked up: a tied LM head multiplies fp32 activations by it.
+        half = bool(frozen) and not cost_model.tied_head
         inner = tuple(c for c in self.cuts(cost_model) if nested(c, spec) and c != spec and c.depth == spec.depth)
         return Recipe(frozen=frozen, nested=inner, sampled=self.sampled, distill=self.distill,
-                      frozen_dtype="float16" if frozen else "float32", checkpointing=checkpointing,
+                      frozen_dtype="float16" if half else "float32", checkpointing=checkpointing,
                       distill_hidden=self.distill_hidden if inner else 0.0, prior_correction=self.prior_correction)
 
     def recipes_for(self, spec: ElasticSpec, cost_model: CostModel) -> tuple[Recipe, ...]:

@@ -41,6 +41,26 @@ DEFAULT_TIERS = (
 )
 FULL_MODEL_MEMORY_MB = 4000  # --baseline fedavg gives every tier this budget, so every device trains the whole model
 
+# A decoder LLM (--model smollm2, the shipped SmolLM2-135M-Instruct, or any Llama-family folder) runs federated LoRA
+# on prompt -> response pairs instead. Its tiers, sized with the cost model for SmolLM2 at 8 x 64 tokens and LoRA
+# ranks 4/8/16 on every linear layer (predicted training memory, the fitter's choice; the tied embedding, frozen,
+# stays fp32 because it is also the LM head):
+#   phone   680 MiB: 2 of 3 KV groups (6 of 9 query heads, FFN 1024; 99 M parameters), checkpointing, rank 16: 596 MiB
+#   laptop  800 MiB: the full model, checkpointing, rank 8 (rank 16 needs an 807 MiB budget): 713 MiB
+#   server 2000 MiB: the full model, no checkpointing, rank 16: 1433 MiB
+# (the full model needs a 748 MiB budget even at rank 4 with checkpointing). The budgets leave about 8% for the
+# closed-loop correction: measured peaks ran 4-8% above the predictions, and the planner then plans with a budget
+# cut by that ratio (the phone keeps a slice, the laptop the full model at a lower rank).
+LLM_TIERS = (
+    Tier("phone", memory_mb=680, gflops=15, up_mbps=20, down_mbps=100, share=1, tier="phone"),
+    Tier("laptop", memory_mb=800, gflops=40, up_mbps=50, down_mbps=200, share=1, tier="laptop"),
+    Tier("server", memory_mb=2000, gflops=200, up_mbps=1000, down_mbps=1000, share=1, tier="server"),
+)
+LLM_LORA_RANKS = (4, 8, 16)
+# What a decoder LLM's demo changes from the defaults (each still overridable by its flag): small enough for 2 cores.
+LLM_DEFAULTS: dict[str, Any] = dict(devices=3, rounds=3, local_steps=8, batch_size=8, seq_len=64, lr=1e-3,
+                                    test_size=200, round_deadline_s=3600.0, scaling_samples=100)
+
 
 @dataclass
 class DemoSettings:
@@ -66,6 +86,33 @@ class DemoSettings:
     keep_running: bool = False
     tiers: list[Tier] = field(default_factory=lambda: list(DEFAULT_TIERS))
     progress_s: float = 15.0  # without a terminal, a progress line of the round in flight this often
+    # Decoder LLMs: the LoRA ranks devices are fitted to ((): full-parameter slices), the chat template (for a
+    # tokenizer that has one), and how many test examples each cut of the inference-scaling table is scored on.
+    lora_ranks: tuple[int, ...] = LLM_LORA_RANKS
+    chat_template: bool = True
+    scaling_samples: int = 0  # 0: the whole test split
+
+
+def is_llm(model: str) -> bool:
+    """Whether ``--model`` names a decoder LLM (the ``smollm2`` alias, or a folder/id of a Llama-family model)."""
+    from raffm.models import DEFAULT_MODEL, SMOLLM2
+
+    if model == SMOLLM2:
+        return True
+    if model == DEFAULT_MODEL:
+        return False
+    from raffm.models import load_config
+    from raffm.planning import default_task
+
+    try:
+        return default_task(load_config(model).model_type) == "causal-lm"
+    except (OSError, ValueError):
+        return False  # not loadable here: the services say why
+
+
+def llm_settings(**values: Any) -> DemoSettings:
+    """Settings for a decoder LLM: :data:`LLM_DEFAULTS` and :data:`LLM_TIERS`, then ``values``."""
+    return DemoSettings(**{"tiers": list(LLM_TIERS), **LLM_DEFAULTS, **values})
 
 
 @dataclass(frozen=True)
@@ -84,12 +131,28 @@ class DemoData:
         return isinstance(self.test, ImageDataset)
 
     @property
+    def causal(self) -> bool:
+        from raffm.generative import InstructionDataset
+
+        return isinstance(self.test, InstructionDataset)
+
+    @property
     def task(self) -> str:
+        if self.causal:
+            return "causal-lm"
         return "image-classification" if self.image else "sequence-classification"
 
     @property
     def label_names(self) -> tuple[str, ...]:
+        if self.causal:  # the distinct answers (a sentiment task's two words); informational
+            return tuple(sorted(set(self.test.responses)))
         return tuple(self.test.label_names)
+
+    @property
+    def majority_rate(self) -> float:
+        """The share of the most frequent label (for pairs: answer) in the test split."""
+        keys = list(self.test.responses) if self.causal else list(self.test.labels)
+        return max(keys.count(y) for y in set(keys)) / len(keys)
 
 
 def prepare_data(settings: DemoSettings, data_dir: Path) -> DemoData:
@@ -110,6 +173,36 @@ def prepare_data(settings: DemoSettings, data_dir: Path) -> DemoData:
         train = train.subset(range(min(settings.max_train, len(train))))
     data_dir.mkdir(parents=True, exist_ok=True)
     # Labels travel as numbers (the data's label ids); their names go to the job.
+    return DemoData(train, test, write_share(train, data_dir / "train"), write_share(test, data_dir / "test"))
+
+
+def prepare_llm_data(settings: DemoSettings, model_path: str, data_dir: Path) -> DemoData:
+    """Prompt -> response pairs for a decoder LLM: ``rotten_tomatoes`` as sentiment instructions
+    (:func:`raffm.generative.rotten_tomatoes_instructions`) or a JSON-lines file of pairs, rendered with the
+    tokenizer's chat template when it has one (an instruct model such as SmolLM2-Instruct); split like
+    :func:`prepare_data` and written as JSON lines, so the agents and the aggregator read the same rendered text."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from edge_agent.simulate import write_share
+    from raffm.generative import (
+        has_chat_template, load_instruction_file, rotten_tomatoes_instructions, with_chat_template,
+    )
+
+    data = (rotten_tomatoes_instructions() if settings.data == "rotten_tomatoes"
+            else load_instruction_file(settings.data))
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if settings.chat_template and has_chat_template(tokenizer):
+        data = with_chat_template(data, tokenizer)
+    if settings.test_size >= len(data):
+        raise ValueError(f"--test-size {settings.test_size} leaves no training data ({len(data)} examples)")
+    order = list(range(len(data)))
+    random.Random(settings.seed).shuffle(order)
+    test, train = data.subset(order[: settings.test_size]), data.subset(order[settings.test_size :])
+    if settings.max_train:
+        train = train.subset(range(min(settings.max_train, len(train))))
+    data_dir.mkdir(parents=True, exist_ok=True)
     return DemoData(train, test, write_share(train, data_dir / "train"), write_share(test, data_dir / "test"))
 
 
@@ -174,11 +267,28 @@ def run_demo(settings: DemoSettings) -> Path:
 def _run_demo(settings: DemoSettings, run_dir: Path, guard: SignalGuard) -> None:
     from raffm.report import RunReport, write_report
 
-    data = prepare_data(settings, run_dir / "data")
+    llm = is_llm(settings.model)
+    if llm:
+        from raffm.models import SMOLLM2, resolve_model
+
+        if settings.model == SMOLLM2 or settings.model.endswith(".gguf"):
+            print(f"model {settings.model}: a GGUF file, converted once into the model cache (~30 s the first "
+                  "time) ...", flush=True)
+        # Every service and agent loads the same HF folder by path: no process converts it again.
+        settings = replace(settings, model=resolve_model(settings.model))
+        data = prepare_llm_data(settings, settings.model, run_dir / "data")
+    else:
+        data = prepare_data(settings, run_dir / "data")
+        settings = replace(settings, model=demo_model(settings, data, run_dir / "model"))
     test = data.test
-    settings = replace(settings, model=demo_model(settings, data, run_dir / "model"))
-    print(f"data: {len(data.train)} training and {len(test)} held-out examples, {len(data.label_names)} labels "
-          f"({', '.join(data.label_names[:10])}{', ...' if len(data.label_names) > 10 else ''}); model {settings.model}")
+    if llm:
+        print(f"data: {len(data.train)} training and {len(test)} held-out prompt -> response pairs, answers "
+              f"{', '.join(repr(a) for a in data.label_names[:10])}; model {settings.model}; federated LoRA, ranks "
+              f"{', '.join(map(str, job_lora_ranks(settings))) or 'none (full-parameter slices)'}")
+    else:
+        print(f"data: {len(data.train)} training and {len(test)} held-out examples, {len(data.label_names)} labels "
+              f"({', '.join(data.label_names[:10])}{', ...' if len(data.label_names) > 10 else ''}); "
+              f"model {settings.model}")
     tiers = effective_tiers(settings)
     (run_dir / "tiers.toml").write_text(tiers_toml(tiers))
 
@@ -200,7 +310,7 @@ def _run_demo(settings: DemoSettings, run_dir: Path, guard: SignalGuard) -> None
         command="raffm demo " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["demo"] else "raffm demo",
         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         settings={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items() if k != "tiers"},
-        majority_rate=max(test.labels.count(y) for y in set(test.labels)) / len(test),
+        majority_rate=data.majority_rate, metric="exact match" if data.causal else "accuracy",
     )
     report.settings["tiers"] = {t.name: {"memory_mb": t.memory_mb, "gflops": t.gflops, "up_mbps": t.up_mbps,
                                           "down_mbps": t.down_mbps, "share": t.share} for t in tiers}
@@ -219,8 +329,8 @@ def _run_demo(settings: DemoSettings, run_dir: Path, guard: SignalGuard) -> None
             "aggregator", "serve", "--data-dir", str(run_dir / "aggregator"), "--store", str(store),
             "--registry", addr["registry"], "--port", str(ports["aggregator"]),
             "--metrics-port", str(metrics["aggregator"]),
-            "--model", settings.model, "--task", data.task, "--num-labels", str(len(data.label_names)),
-            "--labels", json.dumps(list(data.label_names)), "--dataset", Path(settings.data).name,
+            "--model", settings.model, "--task", data.task, *job_task_args(settings, data),
+            "--dataset", Path(settings.data).name,
             "--rounds", str(settings.rounds),
             "--clients-per-round", str(settings.devices), "--quorum", str(settings.devices),
             "--min-updates", "1", "--round-deadline-s", str(settings.round_deadline_s),
@@ -230,13 +340,14 @@ def _run_demo(settings: DemoSettings, run_dir: Path, guard: SignalGuard) -> None
             "--strategy", job_strategy(settings), *(["--aggregation", settings.aggregation] if settings.aggregation else []),
             "--seed", str(settings.seed), "--poll-wait-s", "1",
             # The aggregator scores every new version on the held-out split (its log says how the model is doing).
-            "--eval-data", str(data.test_path), "--eval-max-samples", "0"), env)
+            "--eval-data", str(data.test_path), "--eval-max-samples", "0"), aggregator_env(env, data))
         wait_serving(group, addr["extractor"], "extractor")
         wait_serving(group, addr["aggregator"], "aggregator")
         print("services up: " + ", ".join(f"{n} {a} (metrics :{metrics[n]})" for n, a in addr.items()))
         group.start("fleet", raffm_command(
             "agent", "simulate", "--devices", str(settings.devices), "--tiers", str(run_dir / "tiers.toml"),
-            "--data", str(data.train_path), "--alpha", str(settings.alpha), "--seed", str(settings.seed),
+            "--data", str(data.train_path), "--task", data.task, "--alpha", str(settings.alpha),
+            "--seed", str(settings.seed),
             "--state-root", str(run_dir / "agents"), "--registry", addr["registry"],
             "--aggregator", addr["aggregator"], "--extractor", addr["extractor"], "--model", settings.model,
             "--max-rounds", str(settings.rounds), "--log-format", "json"), env,
@@ -245,10 +356,16 @@ def _run_demo(settings: DemoSettings, run_dir: Path, guard: SignalGuard) -> None
                     metrics)
         final = final_version(addr["aggregator"], secrets_env["RAFFM_OPERATOR_TOKEN"])
         print("inference scaling: cutting sub-models from the final global model ...")
-        report.scaling = scaling(settings, store, final, test)
+        report.scaling = scaling(settings, store, final, test, max_samples=settings.scaling_samples)
+        cap = settings.scaling_samples
+        scored = f" (first {cap} test examples)" if 0 < cap < len(test) else ""
         for p in report.scaling:
             print(f"  {p.flops_fraction:6.1%} of the compute, {p.param_fraction:6.1%} of the parameters "
-                  f"({p.params:>11,}): test accuracy {p.accuracy:.1%}")
+                  f"({p.params:>11,}): test {report.metric} {p.accuracy:.1%}{scored}")
+        for tier, m in report.memory_by_tier().items():
+            print(f"  tier {tier}: slice of {m['params']:,.0f} parameters ({m['trained_params']:,.0f} trained), "
+                  f"training memory predicted {m['predicted_memory_mb']:.0f} MiB, measured peak "
+                  f"{m['peak_memory_mb']:.0f} MiB")
         paths = write_report(report, run_dir)
         print(f"report: {', '.join(str(p) for p in paths)}")
         if settings.keep_running:
@@ -271,6 +388,30 @@ def _run_demo(settings: DemoSettings, run_dir: Path, guard: SignalGuard) -> None
         group.stop()
 
 
+def aggregator_env(env: dict[str, str], data: DemoData) -> dict[str, str]:
+    """The aggregator's environment: an LLM's held-out evaluation (a forward pass per answer token over the test
+    split) runs at round close while the agents wait, so it gets every core (up to 4); other jobs keep one thread."""
+    if not data.causal:
+        return env
+    return {**env, "OMP_NUM_THREADS": str(max(1, min(4, os.cpu_count() or 1)))}
+
+
+def job_task_args(settings: DemoSettings, data: DemoData) -> list[str]:
+    """The aggregator's task flags: labels for a classifier; the LoRA ranks for a decoder LLM."""
+    if not data.causal:
+        return ["--num-labels", str(len(data.label_names)), "--labels", json.dumps(list(data.label_names))]
+    ranks = job_lora_ranks(settings)
+    return ["--strategy-options", json.dumps({"lora_ranks": ranks})] if ranks else []
+
+
+def job_lora_ranks(settings: DemoSettings) -> list[int]:
+    """A decoder LLM job's LoRA ranks: ``--lora-ranks``; with ``--baseline fedavg`` the top one only (every device
+    trains the same full-model LoRA)."""
+    if not settings.lora_ranks:
+        return []
+    return [max(settings.lora_ranks)] if settings.baseline == "fedavg" else list(settings.lora_ranks)
+
+
 def _write_prometheus_targets(path: Path, metrics: dict[str, int]) -> None:
     """A Prometheus ``file_sd_configs`` file for this run's metrics ports (see deploy/README.md)."""
     targets = [{"targets": [f"127.0.0.1:{port}"], "labels": {"job": f"raffm-{name}"}} for name, port in metrics.items()]
@@ -284,39 +425,64 @@ def register(subparsers: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    d = DemoSettings()
-    parser.add_argument("--devices", type=int, default=d.devices, help=f"simulated devices (default: {d.devices})")
-    parser.add_argument("--rounds", type=int, default=d.rounds, help=f"federated rounds (default: {d.rounds})")
+    d, llm = DemoSettings(), llm_settings()
+
+    def both(name: str, unit: str = "") -> str:
+        """``8 (smollm2: 3)``: the default, and a decoder LLM's where it differs."""
+        mine, theirs = getattr(d, name), getattr(llm, name)
+        return f"{mine:g}{unit}" + ("" if mine == theirs else f"; an LLM: {theirs:g}{unit}")
+
+    parser.add_argument("--devices", type=int, default=None, help=f"simulated devices (default: {both('devices')})")
+    parser.add_argument("--rounds", type=int, default=None, help=f"federated rounds (default: {both('rounds')})")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of the data split and training (default: 0)")
-    parser.add_argument("--model", default=d.model, help="HF model id or folder (default: the shipped MiniLM for "
-                        "text, a small ViT built for the images for image data)")
+    parser.add_argument("--model", default=d.model,
+                        help="HF model id or folder (default: the shipped MiniLM for text, a small ViT built for the "
+                             "images for image data). smollm2: the shipped SmolLM2-135M-Instruct (a decoder LLM): "
+                             "federated LoRA on the Rotten Tomatoes reviews as chat-template sentiment instructions, "
+                             "scored by greedy exact match and loss on the held-out split; a decoder LLM gets "
+                             "the LLM defaults below and tiers sized for SmolLM2 (phone 680, laptop 800, server "
+                             "2000 MiB). On 2 cores its default run takes about 30-40 min (the first use also "
+                             "converts the GGUF, ~30 s)")
     parser.add_argument("--data", default=d.data,
                         help="what the agent takes: rotten_tomatoes or mnist (shipped), a CSV/JSON-lines file with "
                              "text,label, or a .pt/.npz file with images and labels; the labels and the task come "
-                             "from the data (default: rotten_tomatoes)")
+                             "from the data; for a decoder LLM rotten_tomatoes or a JSON-lines file of "
+                             "{prompt, response} pairs (default: rotten_tomatoes)")
     parser.add_argument("--out", type=Path, help="run directory (default: runs/<timestamp>)")
     parser.add_argument("--baseline", choices=("none", "fedavg"), default=d.baseline,
-                        help="fedavg: every device trains the full model with plain FedAvg, for comparison")
+                        help="fedavg: every device trains the full model with plain FedAvg, for comparison (a "
+                             "decoder LLM: every device trains the full model with the top LoRA rank)")
     parser.add_argument("--strategy", choices=tuple(STRATEGIES), default=d.strategy,
                         help="the federated method: raffm (default), fedavg (devices that cannot train the whole "
                              "model wait), paper (the research code's recipe), heterofl (static slices)")
     parser.add_argument("--aggregation", choices=("coverage", "paper"), default=None,
                         help="override the strategy's aggregation: coverage-weighted sliced FedAvg or the paper "
                              "code's rule")
-    parser.add_argument("--local-steps", type=int, default=d.local_steps, help=f"optimizer steps per device per round ({d.local_steps})")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument("--seq-len", type=int, default=d.seq_len)
-    parser.add_argument("--lr", type=float, default=d.lr, help="local learning rate (default: %(default)s)")
+    parser.add_argument("--local-steps", type=int, default=None,
+                        help=f"optimizer steps per device per round ({both('local_steps')})")
+    parser.add_argument("--batch-size", type=int, default=None, help=f"({both('batch_size')})")
+    parser.add_argument("--seq-len", type=int, default=None, help=f"tokens per example ({both('seq_len')})")
+    parser.add_argument("--lr", type=float, default=None, help=f"local learning rate (default: {both('lr')})")
+    parser.add_argument("--lora-ranks", type=_ranks, default=None, metavar="R,R,...",
+                        help="a decoder LLM's LoRA ranks; each device gets the largest its budget allows "
+                             f"(default: {','.join(map(str, LLM_LORA_RANKS))}; 0: full-parameter slices)")
+    parser.add_argument("--no-chat-template", dest="chat_template", action="store_false", default=None,
+                        help="a decoder LLM: use the prompts as written, without the tokenizer's chat template")
     parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
                         help="local steps over which the lr rises from 0 at the start of every round (%(default)s)")
     parser.add_argument("--alpha", type=float, default=d.alpha, help="Dirichlet label skew of the split; small = non-IID")
-    parser.add_argument("--test-size", type=int, default=d.test_size, help="held-out examples the server keeps")
+    parser.add_argument("--test-size", type=int, default=None,
+                        help=f"held-out examples the server keeps ({both('test_size')})")
+    parser.add_argument("--scaling-samples", type=int, default=None,
+                        help="test examples each cut of the inference-scaling table is scored on (default: all; "
+                             f"an LLM: {llm.scaling_samples})")
     parser.add_argument("--max-train", type=int, default=0, help="cap on training examples shared by the fleet (0: all)")
     parser.add_argument("--wire-dtype", type=wire_dtype_arg, default=d.wire_dtype, metavar="DTYPE",
                         help="float32, float16 or bfloat16 (fp32/fp16/bf16 too); default: %(default)s")
-    parser.add_argument("--round-deadline-s", type=float, default=d.round_deadline_s)
+    parser.add_argument("--round-deadline-s", type=float, default=None, help=f"({both('round_deadline_s', ' s')})")
     parser.add_argument("--tiers", type=Path, help="device tiers TOML ([tiers.NAME] memory_mb, gflops, up_mbps, "
-                        "down_mbps, share); default: sbc, phone, jetson and server tiers sized for MiniLM")
+                        "down_mbps, share); default: sbc, phone, jetson and server tiers sized for MiniLM (for an "
+                        "LLM: phone, laptop and server sized for SmolLM2)")
     parser.add_argument("--keep-running", action="store_true", help="leave the services up after the report")
     parser.add_argument("--progress-s", type=float, default=d.progress_s,
                         help="without a terminal, print the round in flight's progress this often (default: "
@@ -324,10 +490,20 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=_main)
 
 
+def _ranks(text: str) -> tuple[int, ...]:
+    try:
+        ranks = tuple(int(r) for r in text.replace(" ", "").split(",") if r)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give ranks as integers, e.g. 4,8,16") from None
+    if any(r < 0 for r in ranks):
+        raise argparse.ArgumentTypeError(f"{text!r}: ranks must be >= 1 (0 alone: no LoRA)")
+    return tuple(r for r in ranks if r)
+
+
 def _main(args: argparse.Namespace) -> int:
     values = {k: v for k, v in vars(args).items()
               if k in DemoSettings.__dataclass_fields__ and k != "tiers" and v is not None}
-    settings = DemoSettings(**values)
+    settings = llm_settings(**values) if is_llm(args.model) else DemoSettings(**values)
     if args.tiers is not None:
         settings.tiers = load_tiers(args.tiers)
     if settings.devices < 1 or settings.rounds < 1:

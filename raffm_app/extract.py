@@ -21,7 +21,8 @@ def register(subparsers: Any) -> None:
             "spec.json, recipe.json (how the device trains it) and costs.json."
         ),
     )
-    extract.add_argument("--model", default="minilm", help="HF model id or local folder (default: the shipped MiniLM)")
+    extract.add_argument("--model", default="minilm", help="HF model id or local folder, minilm or smollm2 (the shipped models; "
+                         "default: minilm)")
     extract.add_argument("--out", required=True, type=Path, help="output folder (created)")
     budget = extract.add_mutually_exclusive_group(required=True)
     budget.add_argument("--memory-mb", type=float, help="training memory budget of the target device, MiB")

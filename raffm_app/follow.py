@@ -143,7 +143,10 @@ class RoundFailed(RuntimeError):
 
 def _task(test: Any) -> str:
     from raffm.data import ImageDataset
+    from raffm.generative import InstructionDataset
 
+    if isinstance(test, InstructionDataset):
+        return "causal-lm"
     return "image-classification" if isinstance(test, ImageDataset) else "sequence-classification"
 
 
@@ -161,20 +164,33 @@ def _model_and_tokenizer(settings: DemoSettings, store: Path, version: str, test
     return model, AutoTokenizer.from_pretrained(resolve_model(settings.model))
 
 
-def evaluate_version(settings: DemoSettings, store: Path, version: str, test: Any) -> float:
-    """Test accuracy of a model version of the checkpoint store on the held-out split."""
+def evaluate_version(settings: DemoSettings, store: Path, version: str, test: Any) -> tuple[float, float | None]:
+    """(test accuracy, None) of a model version of the checkpoint store on the held-out split; for prompt ->
+    response pairs (exact match, mean response-token loss)."""
+    from raffm.generative import evaluate_generative
     from raffm.training import evaluate
 
     model, tokenizer = _model_and_tokenizer(settings, store, version, test)
-    return evaluate(model, test, tokenizer, seq_len=settings.seq_len)
+    if _task(test) == "causal-lm":
+        scores = evaluate_generative(model, test, tokenizer, batch_size=32, seq_len=settings.seq_len)
+        return scores.exact_match, scores.loss
+    return evaluate(model, test, tokenizer, seq_len=settings.seq_len), None
 
 
-def scaling(settings: DemoSettings, store: Path, version: str, test: Any) -> list[Any]:
-    """The inference-scaling table of a version: sub-models cut to several sizes, each evaluated."""
+def scaling(settings: DemoSettings, store: Path, version: str, test: Any, *, max_samples: int = 0) -> list[Any]:
+    """The inference-scaling table of a version: sub-models cut to several sizes, each evaluated (on the first
+    ``max_samples`` test examples when > 0; exact match for prompt -> response pairs)."""
+    from raffm.generative import evaluate_generative
     from raffm.scaling import scaling_table
 
     model, tokenizer = _model_and_tokenizer(settings, store, version, test)
-    return scaling_table(model, test, tokenizer, seq_len=settings.seq_len)
+    if max_samples and len(test) > max_samples:
+        test = test.subset(range(max_samples))
+    score = None
+    if _task(test) == "causal-lm":
+        def score(cut: Any) -> float:
+            return evaluate_generative(cut, test, tokenizer, batch_size=32, seq_len=settings.seq_len).exact_match
+    return scaling_table(model, test, tokenizer, seq_len=settings.seq_len, score=score)
 
 
 def failure_summary(r: Any) -> str:
@@ -195,8 +211,13 @@ def follow_job(
     stub = operator_stub(address)
     auth = [("authorization", f"Bearer {token}")]
     job = stub.GetJob(aggregator_pb2.GetJobRequest(), metadata=auth, timeout=10)
-    report.initial_accuracy = evaluate_version(settings, store, job.model_version, test)
-    print(f"round 0: global test accuracy {report.initial_accuracy:.1%} (majority class {report.majority_rate:.1%})")
+    report.initial_accuracy, report.initial_loss = evaluate_version(settings, store, job.model_version, test)
+    if report.initial_loss is None:
+        print(f"round 0: global test accuracy {report.initial_accuracy:.1%} (majority class "
+              f"{report.majority_rate:.1%})")
+    else:
+        print(f"round 0: held-out exact match {report.initial_accuracy:.1%}, loss {report.initial_loss:.3f} "
+              f"(most frequent answer {report.majority_rate:.1%})", flush=True)
     seen: set[str] = set()
     # The aggregator's counters start at zero and the fleet was started before this evaluation: counting from zero
     # (not from a scrape now) keeps bytes that a fast first round moved meanwhile.
@@ -227,23 +248,33 @@ def follow_job(
                     raise RoundFailed(f"round {r.index} failed: no update arrived ({r.assigned} assigned, "
                                       f"{r.dropped} gave up). The devices said: {failure_summary(r)}")
                 after = scrape_tier_bytes(metrics["aggregator"])
-                if "accuracy" in r.evaluation:  # measured by the aggregator on the same held-out split
-                    accuracy: float | None = float(r.evaluation["accuracy"])
+                eval_loss: float | None = None
+                # measured by the aggregator on the same held-out split
+                if "accuracy" in r.evaluation or "exact_match" in r.evaluation:
+                    accuracy: float | None = float(r.evaluation.get("accuracy", r.evaluation.get("exact_match", 0)))
+                    eval_loss = float(r.evaluation["loss"]) if "loss" in r.evaluation else None
+                elif r.result_model_version:
+                    accuracy, eval_loss = evaluate_version(settings, store, r.result_model_version, test)
                 else:
-                    accuracy = (evaluate_version(settings, store, r.result_model_version, test)
-                                if r.result_model_version else None)
+                    accuracy = None
                 duration = (r.closed_at.ToDatetime() - r.opened_at.ToDatetime()).total_seconds()
                 record = RoundRecord(
                     index=r.index, accuracy=accuracy, participants=r.accepted, assigned=r.assigned,
                     dropouts=r.dropped, bytes_down=r.bytes_down, bytes_up=r.bytes_up,
                     full_fedavg_bytes=r.full_model_bytes, duration_s=duration,
                     mean_train_loss=r.mean_train_loss or None, bytes_by_tier=tier_bytes(before, after),
+                    eval_loss=eval_loss,
+                    tiers={t.tier: {"devices": t.devices, "params": t.params, "trained_params": t.trained_params,
+                                    "predicted_memory_mb": round(t.predicted_memory_mb, 1),
+                                    "peak_memory_mb": round(t.peak_memory_mb, 1)} for t in r.tiers},
                 )
                 before = after
                 report.rounds.append(record)
                 acc = "n/a" if accuracy is None else f"{accuracy:.1%}"
                 failed = f" ({failure_summary(r)})" if r.failures else ""
-                print(f"round {r.index}: global test accuracy {acc}, participants {r.accepted}/{r.assigned}, "
+                score = (f"global test accuracy {acc}" if report.metric == "accuracy" else
+                         f"held-out {report.metric} {acc}" + ("" if eval_loss is None else f", loss {eval_loss:.3f}"))
+                print(f"round {r.index}: {score}, participants {r.accepted}/{r.assigned}, "
                       f"dropouts {r.dropped}{failed}, down {r.bytes_down / 2**20:.1f} MiB, "
                       f"up {r.bytes_up / 2**20:.1f} MiB, full-model FedAvg would move "
                       f"{r.full_model_bytes / 2**20:.1f} MiB, {duration:.0f} s", flush=True)

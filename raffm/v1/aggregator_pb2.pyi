@@ -292,7 +292,7 @@ class Job(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., model: _Optional[str] = ..., task: _Optional[_Union[TaskInfo, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., num_rounds: _Optional[int] = ..., clients_per_round: _Optional[int] = ..., quorum: _Optional[int] = ..., round_deadline_s: _Optional[float] = ..., hparams: _Optional[_Union[HyperParams, _Mapping]] = ..., aggregation: _Optional[_Union[AggregationMode, str]] = ..., server_lr: _Optional[float] = ..., server_optimizer: _Optional[str] = ..., current_round: _Optional[int] = ..., model_version: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Round(_message.Message):
-    __slots__ = ("round_id", "job_id", "index", "state", "model_version", "result_model_version", "opened_at", "deadline", "closed_at", "quorum", "assigned", "accepted", "rejected", "dropped", "bytes_down", "bytes_up", "mean_train_loss", "full_model_bytes", "evaluation", "extensions", "failures")
+    __slots__ = ("round_id", "job_id", "index", "state", "model_version", "result_model_version", "opened_at", "deadline", "closed_at", "quorum", "assigned", "accepted", "rejected", "dropped", "bytes_down", "bytes_up", "mean_train_loss", "full_model_bytes", "evaluation", "extensions", "failures", "tiers")
     class EvaluationEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -321,6 +321,7 @@ class Round(_message.Message):
     EVALUATION_FIELD_NUMBER: _ClassVar[int]
     EXTENSIONS_FIELD_NUMBER: _ClassVar[int]
     FAILURES_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     job_id: str
     index: int
@@ -342,7 +343,24 @@ class Round(_message.Message):
     evaluation: _containers.ScalarMap[str, float]
     extensions: int
     failures: _containers.RepeatedCompositeFieldContainer[RoundFailures]
-    def __init__(self, round_id: _Optional[str] = ..., job_id: _Optional[str] = ..., index: _Optional[int] = ..., state: _Optional[_Union[RoundState, str]] = ..., model_version: _Optional[str] = ..., result_model_version: _Optional[str] = ..., opened_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., closed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., quorum: _Optional[int] = ..., assigned: _Optional[int] = ..., accepted: _Optional[int] = ..., rejected: _Optional[int] = ..., dropped: _Optional[int] = ..., bytes_down: _Optional[int] = ..., bytes_up: _Optional[int] = ..., mean_train_loss: _Optional[float] = ..., full_model_bytes: _Optional[int] = ..., evaluation: _Optional[_Mapping[str, float]] = ..., extensions: _Optional[int] = ..., failures: _Optional[_Iterable[_Union[RoundFailures, _Mapping]]] = ...) -> None: ...
+    tiers: _containers.RepeatedCompositeFieldContainer[TierCosts]
+    def __init__(self, round_id: _Optional[str] = ..., job_id: _Optional[str] = ..., index: _Optional[int] = ..., state: _Optional[_Union[RoundState, str]] = ..., model_version: _Optional[str] = ..., result_model_version: _Optional[str] = ..., opened_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., closed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., quorum: _Optional[int] = ..., assigned: _Optional[int] = ..., accepted: _Optional[int] = ..., rejected: _Optional[int] = ..., dropped: _Optional[int] = ..., bytes_down: _Optional[int] = ..., bytes_up: _Optional[int] = ..., mean_train_loss: _Optional[float] = ..., full_model_bytes: _Optional[int] = ..., evaluation: _Optional[_Mapping[str, float]] = ..., extensions: _Optional[int] = ..., failures: _Optional[_Iterable[_Union[RoundFailures, _Mapping]]] = ..., tiers: _Optional[_Iterable[_Union[TierCosts, _Mapping]]] = ...) -> None: ...
+
+class TierCosts(_message.Message):
+    __slots__ = ("tier", "devices", "params", "trained_params", "predicted_memory_mb", "peak_memory_mb")
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_MEMORY_MB_FIELD_NUMBER: _ClassVar[int]
+    PEAK_MEMORY_MB_FIELD_NUMBER: _ClassVar[int]
+    tier: str
+    devices: int
+    params: int
+    trained_params: int
+    predicted_memory_mb: float
+    peak_memory_mb: float
+    def __init__(self, tier: _Optional[str] = ..., devices: _Optional[int] = ..., params: _Optional[int] = ..., trained_params: _Optional[int] = ..., predicted_memory_mb: _Optional[float] = ..., peak_memory_mb: _Optional[float] = ...) -> None: ...
 
 class RoundFailures(_message.Message):
     __slots__ = ("reason", "devices", "detail")

@@ -62,11 +62,16 @@ def default_initial_model(job: JobConfig) -> InitialModel:
     """Version 0 from the job's model (HF id, local folder, or the shipped MiniLM)."""
 
     def load() -> tuple[dict[str, Any], dict[str, Any]]:
+        from raffm.arch import tied_aliases
         from raffm.models import load_global_model
 
         model = load_global_model(job.model, task=job.task, num_labels=job.num_labels,  # type: ignore[arg-type]
                                   label_names=job.labels)
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}, model.config.to_dict()
+        # A tied LM head (SmolLM2's) is the embedding under a second name: versions hold it once, as slice plans
+        # and sub-models expect (raffm.arch.canonical_shapes); model_from_state ties it again.
+        aliases = tied_aliases(model)
+        state = {k: v.detach().clone() for k, v in model.state_dict().items() if k not in aliases}
+        return state, model.config.to_dict()
 
     return load
 

@@ -3,7 +3,7 @@
 Example ``job.toml``::
 
     job_id = "minilm-rt"
-    model = "minilm"          # HF id, local folder, or "minilm" (the shipped all-MiniLM-L6-v2)
+    model = "minilm"          # HF id, local folder, "minilm" (all-MiniLM-L6-v2) or "smollm2" (SmolLM2-135M-Instruct)
     task = "sequence-classification"   # | image-classification | causal-lm (a decoder LLM on prompt -> response)
     num_labels = 2
     rounds = 10

@@ -22,6 +22,7 @@ import random
 import threading
 import time
 from functools import partial
+from typing import Any
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 
@@ -44,6 +45,7 @@ from services.aggregator.config import JobConfig
 from services.aggregator.devices import DeviceInfo
 from services.aggregator.lifecycle import Lifecycle, OpenRound
 from services.aggregator.metrics import AggregatorMetrics
+from services.aggregator.reports import tier_costs
 from services.aggregator.staging import Staging
 from services.aggregator.store import (
     AGGREGATING, ASSIGNED, CLOSED, FAILED, OPEN, DuplicateUpdateError, JobRecord, RoundRecord, RoundStore,
@@ -432,6 +434,10 @@ class RoundCoordinator:
 
     def assigned_count(self, round_id: str) -> int:
         return len(self.rounds.assignments(round_id))
+
+    def tier_costs(self, round_id: str) -> list[dict[str, Any]]:
+        """Per device tier: the planned slice and memory against the measured peak (:func:`reports.tier_costs`)."""
+        return tier_costs(self.rounds.assignments(round_id))
 
     def list_rounds(self, job_id: str = "") -> list[RoundRecord]:
         if job_id and job_id != self.job.job_id:

@@ -43,6 +43,23 @@ def build_report(device: Mapping[str, float], *, sample_count: int, upload_bytes
     return report
 
 
+def tier_costs(assignments: list[AssignmentRecord]) -> list[dict[str, Any]]:
+    """Per device tier (sorted by name), over the assignments that reported an upload: devices, and the largest
+    slice (``params``), trained parameters, predicted training memory and measured peak memory (MiB)."""
+    out: dict[str, dict[str, Any]] = {}
+    for a in assignments:
+        if not a.report:
+            continue
+        t = out.setdefault(a.tier, {"tier": a.tier, "devices": 0, "params": 0, "trained_params": 0,
+                                    "predicted_memory_mb": 0.0, "peak_memory_mb": 0.0})
+        t["devices"] += 1
+        for key, source, value in (("params", a.predicted, "params"), ("trained_params", a.predicted, "trained_params"),
+                                   ("predicted_memory_mb", a.predicted, "train_memory_mb"),
+                                   ("peak_memory_mb", a.report, "peak_memory_mb")):
+            t[key] = max(t[key], type(t[key])(_finite(source.get(value, 0) or 0)))
+    return [out[k] for k in sorted(out)]
+
+
 def observation(a: AssignmentRecord) -> Observation | None:
     """The calibration observation of an assignment's report (None when it has none or predates reports)."""
     if not a.report or not a.predicted:

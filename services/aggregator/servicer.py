@@ -41,7 +41,8 @@ def _ts(epoch: float) -> Timestamp:
     return ts
 
 
-def round_to_proto(r: RoundRecord, assigned: int = 0, accepted: int = 0) -> aggregator_pb2.Round:
+def round_to_proto(r: RoundRecord, assigned: int = 0, accepted: int = 0,
+                   tiers: list[dict[str, Any]] | None = None) -> aggregator_pb2.Round:
     return aggregator_pb2.Round(
         round_id=r.round_id, job_id=r.job_id, index=r.index, state=ROUND_STATES[r.state],
         model_version=r.model_version, result_model_version=r.result_version, opened_at=_ts(r.opened_at),
@@ -52,6 +53,7 @@ def round_to_proto(r: RoundRecord, assigned: int = 0, accepted: int = 0) -> aggr
         failures=[aggregator_pb2.RoundFailures(reason=reason, devices=int(f.get("devices", 0)),
                                                detail=str(f.get("detail", "")))
                   for reason, f in sorted(r.failures.items())],
+        tiers=[aggregator_pb2.TierCosts(**t) for t in tiers or ()],
     )
 
 
@@ -234,7 +236,8 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
 
         def load() -> aggregator_pb2.Round:
             r = self.c.round_record(request.round_id)
-            return round_to_proto(r, self.c.assigned_count(r.round_id), self.c.accepted_count(r.round_id))
+            return round_to_proto(r, self.c.assigned_count(r.round_id), self.c.accepted_count(r.round_id),
+                                  self.c.tier_costs(r.round_id))
 
         return await asyncio.to_thread(load)
 
@@ -255,8 +258,8 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
             page = rounds[offset : offset + size]
             nxt = str(offset + size) if offset + size < len(rounds) else ""
             return aggregator_pb2.ListRoundsReply(
-                rounds=[round_to_proto(r, self.c.assigned_count(r.round_id), self.c.accepted_count(r.round_id))
-                        for r in page], next_page_token=nxt)
+                rounds=[round_to_proto(r, self.c.assigned_count(r.round_id), self.c.accepted_count(r.round_id),
+                                       self.c.tier_costs(r.round_id)) for r in page], next_page_token=nxt)
 
         return await asyncio.to_thread(load)
 

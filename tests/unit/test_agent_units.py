@@ -253,3 +253,31 @@ def test_json_logs_carry_event_fields() -> None:
     logging.getLogger("edge_agent.test").info("hello %s", "x", extra={"event": "wait", "seconds": 1.5})
     line = json.loads(buf.getvalue().strip())
     assert line["msg"] == "hello x" and line["event"] == "wait" and line["seconds"] == 1.5 and line["level"] == "info"
+
+
+# ------------------------------------------------------------- simulate: prompt -> response pairs (issue 15)
+
+
+def test_simulate_splits_and_writes_prompt_response_pairs(tmp_path: Path) -> None:
+    from edge_agent.localdata import load_local_data
+    from edge_agent.simulate import sniff_task, split_data, split_keys, write_share
+    from raffm.generative import InstructionDataset
+
+    rng = random.Random(0)
+    answers = [rng.choice([" positive", " negative"]) for _ in range(200)]
+    data = InstructionDataset([f"Review: {i}\nSentiment:" for i in range(200)], answers)
+    # Few distinct answers: they are the labels the Dirichlet split skews; open-ended answers: one key.
+    assert set(split_keys(data)) == {0, 1}
+    assert set(split_keys(InstructionDataset([str(i) for i in range(100)], [f"a{i}" for i in range(100)]))) == {0}
+    shares = split_data(data, 4, alpha=0.1, seed=0)
+    assert sorted(p for s in shares for p in s.prompts) == sorted(data.prompts)
+    skews = [sum(r == " positive" for r in s.responses) / len(s) for s in shares]
+    assert max(skews) - min(skews) > 0.3  # alpha 0.1: very different answer mixes
+    path = write_share(shares[0], tmp_path / "share")
+    assert path.suffix == ".jsonl" and sniff_task(str(path)) == "causal-lm"
+    again = load_local_data(str(path), task="causal-lm")
+    assert (again.prompts, again.responses) == (shares[0].prompts, shares[0].responses)
+    text = tmp_path / "text.jsonl"
+    text.write_text(json.dumps({"text": "fine", "label": 1}) + "\n")
+    assert sniff_task(str(text)) == "sequence-classification" and sniff_task("rotten_tomatoes") == \
+        "sequence-classification"

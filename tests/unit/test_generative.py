@@ -208,6 +208,32 @@ def test_evaluation_scores_a_perfect_oracle_and_a_random_model() -> None:
     assert perfect.exact_match == 1.0 and perfect.loss < 1e-3
 
 
+def test_teacher_forced_hits_score_as_greedy_decoding_would(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast path (rows whose teacher-forced argmax spells the reference skip decoding) gives the same exact match
+    as decoding every row, on a half-trained model where some rows hit and some miss."""
+    import raffm.generative as generative
+
+    tokenizer, data = word_tokenizer(), toy_task(48, seed=5)
+    model = tiny_llama()
+    train_local(model, toy_task(256, seed=2), tokenizer,
+                LocalConfig(batch_size=16, seq_len=16, lr=3e-3, local_steps=10, weight_decay=0.0))  # measured: 0.35
+    fast = evaluate_generative(model, data, tokenizer, seq_len=16, batch_size=8)
+    decoded: list[int] = []
+    real = generative.greedy_answers
+
+    def count(model: object, tokenizer: object, prompts: list[str], **kw: int) -> list[list[int]]:
+        decoded.append(len(prompts))
+        return real(model, tokenizer, prompts, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(generative, "greedy_answers", count)
+    fast_again = evaluate_generative(model, data, tokenizer, seq_len=16, batch_size=8)
+    answers = real(model, tokenizer, data.prompts, max_new_tokens=2, seq_len=16)
+    slow = sum(tokenizer.decode(a, skip_special_tokens=True).strip() == r.strip()
+               for a, r in zip(answers, data.responses)) / len(data)
+    assert fast.exact_match == fast_again.exact_match == slow
+    assert 0 < slow < 1 and sum(decoded) < len(data)  # some rows hit by teacher forcing, some decoded
+
+
 # ----------------------------------------------------------------------------------------------------- training
 
 

@@ -1,0 +1,63 @@
+"""`raffm demo --model smollm2` (issue 15): a decoder LLM gets LoRA settings and device tiers sized for SmolLM2, and
+the cost model really gives those tiers the sub-models the demo's comments say (one of them a slice)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from raffm.costs import CostModel
+from raffm.fitting import RoundBudget
+from raffm.spec import ElasticSpec
+from raffm.strategy import strategy_named
+from raffm_app import demo
+
+
+def smollm2_shapes() -> LlamaForCausalLM:
+    """SmolLM2-135M's shapes (no weights): 30 layers, hidden 576, 9 query / 3 KV heads, FFN 1536, tied head."""
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, intermediate_size=1536, tie_word_embeddings=True)
+    with torch.device("meta"):
+        return LlamaForCausalLM(config)
+
+
+def test_llm_tiers_get_a_slice_a_low_rank_and_the_full_model() -> None:
+    s = demo.llm_settings()
+    cm = CostModel.from_model(smollm2_shapes())
+    assert cm.params(ElasticSpec.full(cm.dims)) == 134_515_008
+    strategy = strategy_named(s.strategy).with_options(lora_ranks=s.lora_ranks)
+    plans = {}
+    for t in s.tiers:
+        budget = RoundBudget(train_memory_mb=t.memory_mb, gflops=t.gflops, up_mbps=t.up_mbps, down_mbps=t.down_mbps,
+                             deadline_s=s.round_deadline_s, batch_size=s.batch_size, seq_len=s.seq_len,
+                             local_steps=s.local_steps)
+        plans[t.name] = strategy.plan(cm, budget)
+    full = ElasticSpec.full(cm.dims)
+    phone, laptop, server = plans["phone"], plans["laptop"], plans["server"]
+    assert phone.spec != full and phone.costs.params < 0.8 * cm.params(full)  # 99.1 M of 134.5 M
+    assert (phone.recipe.lora_rank, phone.recipe.checkpointing) == (16, True)
+    assert laptop.spec == full and (laptop.recipe.lora_rank, laptop.recipe.checkpointing) == (8, True)
+    assert server.spec == full and (server.recipe.lora_rank, server.recipe.checkpointing) == (16, False)
+    # The full model cannot train in the phone's budget, even at the smallest rank with checkpointing.
+    assert min(r.costs.train_memory_mb for r in [laptop]) > phone.costs.train_memory_mb
+    assert [round(p.costs.train_memory_mb) for p in (phone, laptop, server)] == [596, 713, 1433]
+
+
+def test_llm_defaults_apply_unless_a_flag_says_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[demo.DemoSettings] = []
+    monkeypatch.setattr(demo, "run_demo", lambda settings: seen.append(settings))
+    parser = argparse.ArgumentParser()
+    demo.register(parser.add_subparsers())
+    args = parser.parse_args(["demo", "--model", "smollm2", "--rounds", "5", "--lora-ranks", "8"])
+    assert args.func(args) == 0
+    s = seen[-1]
+    assert (s.rounds, s.lora_ranks, s.local_steps, s.devices, s.chat_template) == (5, (8,), 8, 3, True)
+    assert [t.name for t in s.tiers] == ["phone", "laptop", "server"]
+    args = parser.parse_args(["demo", "--rounds", "2"])
+    assert args.func(args) == 0
+    s = seen[-1]
+    assert (s.model, s.rounds, s.local_steps) == ("minilm", 2, 20) and s.tiers == list(demo.DEFAULT_TIERS)
+    assert demo.is_llm("smollm2") and not demo.is_llm("minilm")
