@@ -158,12 +158,19 @@ class DemoData:
 def prepare_data(settings: DemoSettings, data_dir: Path) -> DemoData:
     """Load ``--data`` as an agent would (``rotten_tomatoes``, ``mnist``, CSV/JSON-lines text or ``.pt``/``.npz``
     images) and split it: the server keeps ``test_size`` examples; the rest is written for the fleet to share."""
+    from edge_agent.localdata import load_local_data
+
+    # Labels travel as numbers (the data's label ids); their names go to the job.
+    return split_and_write(settings, load_local_data(settings.data), data_dir)
+
+
+def split_and_write(settings: DemoSettings, data: Any, data_dir: Path) -> DemoData:
+    """Hold out ``test_size`` examples (seeded), keep at most ``max_train`` of the rest, and write both for the
+    agents and the aggregator to read."""
     import random
 
-    from edge_agent.localdata import load_local_data
     from edge_agent.simulate import write_share
 
-    data = load_local_data(settings.data)
     if settings.test_size >= len(data):
         raise ValueError(f"--test-size {settings.test_size} leaves no training data ({len(data)} examples)")
     order = list(range(len(data)))
@@ -172,7 +179,6 @@ def prepare_data(settings: DemoSettings, data_dir: Path) -> DemoData:
     if settings.max_train:
         train = train.subset(range(min(settings.max_train, len(train))))
     data_dir.mkdir(parents=True, exist_ok=True)
-    # Labels travel as numbers (the data's label ids); their names go to the job.
     return DemoData(train, test, write_share(train, data_dir / "train"), write_share(test, data_dir / "test"))
 
 
@@ -181,11 +187,8 @@ def prepare_llm_data(settings: DemoSettings, model_path: str, data_dir: Path) ->
     (:func:`raffm.generative.rotten_tomatoes_instructions`) or a JSON-lines file of pairs, rendered with the
     tokenizer's chat template when it has one (an instruct model such as SmolLM2-Instruct); split like
     :func:`prepare_data` and written as JSON lines, so the agents and the aggregator read the same rendered text."""
-    import random
-
     from transformers import AutoTokenizer
 
-    from edge_agent.simulate import write_share
     from raffm.generative import (
         has_chat_template, load_instruction_file, rotten_tomatoes_instructions, with_chat_template,
     )
@@ -195,15 +198,7 @@ def prepare_llm_data(settings: DemoSettings, model_path: str, data_dir: Path) ->
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if settings.chat_template and has_chat_template(tokenizer):
         data = with_chat_template(data, tokenizer)
-    if settings.test_size >= len(data):
-        raise ValueError(f"--test-size {settings.test_size} leaves no training data ({len(data)} examples)")
-    order = list(range(len(data)))
-    random.Random(settings.seed).shuffle(order)
-    test, train = data.subset(order[: settings.test_size]), data.subset(order[settings.test_size :])
-    if settings.max_train:
-        train = train.subset(range(min(settings.max_train, len(train))))
-    data_dir.mkdir(parents=True, exist_ok=True)
-    return DemoData(train, test, write_share(train, data_dir / "train"), write_share(test, data_dir / "test"))
+    return split_and_write(settings, data, data_dir)
 
 
 def demo_model(settings: DemoSettings, data: DemoData, model_dir: Path) -> str:
