@@ -73,6 +73,7 @@ class DemoSettings:
     baseline: str = "none"  # or "fedavg"
     strategy: str = "raffm"
     aggregation: str = ""  # "" = the strategy's
+    strategy_options: str = ""  # JSON object of strategy settings, e.g. {"prior_correction": 1.0}
     local_steps: int = 20
     batch_size: int = 16
     seq_len: int = 48  # covers most review snippets (about 26 words on average)
@@ -392,11 +393,28 @@ def aggregator_env(env: dict[str, str], data: DemoData) -> dict[str, str]:
 
 
 def job_task_args(settings: DemoSettings, data: DemoData) -> list[str]:
-    """The aggregator's task flags: labels for a classifier; the LoRA ranks for a decoder LLM."""
-    if not data.causal:
-        return ["--num-labels", str(len(data.label_names)), "--labels", json.dumps(list(data.label_names))]
-    ranks = job_lora_ranks(settings)
-    return ["--strategy-options", json.dumps({"lora_ranks": ranks})] if ranks else []
+    """The aggregator's task and strategy flags: labels for a classifier; the LoRA ranks for a decoder LLM; the
+    ``--strategy-options`` the user gave."""
+    options = strategy_options(settings)
+    if data.causal and (ranks := job_lora_ranks(settings)):
+        options["lora_ranks"] = ranks
+    flags = ["--strategy-options", json.dumps(options)] if options else []
+    if data.causal:
+        return flags
+    return ["--num-labels", str(len(data.label_names)), "--labels", json.dumps(list(data.label_names)), *flags]
+
+
+def strategy_options(settings: DemoSettings) -> dict[str, Any]:
+    """``--strategy-options`` as a dict; ``ValueError`` unless it is a JSON object."""
+    try:
+        options = json.loads(settings.strategy_options or "{}")
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--strategy-options is not JSON ({exc}); give an object, e.g. "
+                         "'{\"prior_correction\": 1.0}'") from None
+    if not isinstance(options, dict):
+        raise ValueError("--strategy-options must be a JSON object of strategy settings, e.g. "
+                         "'{\"prior_correction\": 1.0}'")
+    return options
 
 
 def job_lora_ranks(settings: DemoSettings) -> list[int]:
@@ -450,6 +468,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--strategy", choices=tuple(STRATEGIES), default=d.strategy,
                         help="the federated method: raffm (default), fedavg (devices that cannot train the whole "
                              "model wait), paper (the research code's recipe), heterofl (static slices)")
+    parser.add_argument("--strategy-options", default="",
+                        help="JSON object of strategy settings (raffm.strategy.Strategy's fields), e.g. "
+                             "'{\"prior_correction\": 1.0}' or '{\"server_momentum\": 0}'")
     parser.add_argument("--aggregation", choices=("coverage", "paper"), default=None,
                         help="override the strategy's aggregation: coverage-weighted sliced FedAvg or the paper "
                              "code's rule")
@@ -503,6 +524,7 @@ def _main(args: argparse.Namespace) -> int:
         settings.tiers = load_tiers(args.tiers)
     if settings.devices < 1 or settings.rounds < 1:
         raise ValueError("--devices and --rounds must be at least 1")
+    strategy_options(settings)  # a typo fails here, before any service starts
     try:
         run_demo(settings)
     except (ProcessFailed, RoundFailed):

@@ -4,6 +4,7 @@ the cost model really gives those tiers the sub-models the demo's comments say (
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 import torch
@@ -61,3 +62,23 @@ def test_llm_defaults_apply_unless_a_flag_says_otherwise(monkeypatch: pytest.Mon
     s = seen[-1]
     assert (s.model, s.rounds, s.local_steps) == ("minilm", 2, 20) and s.tiers == list(demo.DEFAULT_TIERS)
     assert demo.is_llm("smollm2") and not demo.is_llm("minilm")
+
+
+def test_strategy_options_reach_the_aggregator_beside_the_llms_lora_ranks(tmp_path) -> None:
+    from raffm.data import TextDataset
+    from raffm.generative import InstructionDataset
+
+    text = TextDataset(["good", "bad"], [1, 0], ("rotten", "fresh"))
+    classifier = demo.DemoData(text, text, tmp_path / "a", tmp_path / "b")
+    flags = demo.job_task_args(demo.DemoSettings(strategy_options='{"prior_correction": 1.0}'), classifier)
+    assert flags[flags.index("--strategy-options") + 1] == '{"prior_correction": 1.0}' and "--num-labels" in flags
+    assert "--strategy-options" not in demo.job_task_args(demo.DemoSettings(), classifier)
+    pairs = InstructionDataset(("p",), (" positive",))
+    llm = demo.DemoData(pairs, pairs, tmp_path / "a", tmp_path / "b")
+    settings = demo.llm_settings(strategy_options='{"server_momentum": 0}')
+    flags = demo.job_task_args(settings, llm)
+    assert json.loads(flags[flags.index("--strategy-options") + 1]) == {"server_momentum": 0,
+                                                                       "lora_ranks": list(settings.lora_ranks)}
+    for bad in ("[1]", "{x"):
+        with pytest.raises(ValueError, match="--strategy-options"):
+            demo.strategy_options(demo.DemoSettings(strategy_options=bad))
