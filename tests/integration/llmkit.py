@@ -46,14 +46,15 @@ def tiny_llama_folder(path: Path, seed: int = 0, **overrides: Any) -> Path:
     return path
 
 
-def toy_pairs(n: int, seed: int) -> InstructionDataset:
+def toy_pairs(n: int, seed: int, template: str = "Review : {} Sentiment :") -> InstructionDataset:
+    """Two sentiment words among two fillers, in ``template`` -> " positive" / " negative"."""
     rng = random.Random(seed)
     prompts, responses = [], []
     for _ in range(n):
         fresh = rng.random() < 0.5
         words = rng.sample(GOOD if fresh else BAD, 2) + rng.sample(FILLER, 2)
         rng.shuffle(words)
-        prompts.append(f"Review : {' '.join(words)} Sentiment :")
+        prompts.append(template.format(" ".join(words)))
         responses.append(" positive" if fresh else " negative")
     return InstructionDataset(prompts, responses)
 

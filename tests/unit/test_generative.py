@@ -4,13 +4,11 @@ random-init Llama that learns a toy prompt -> response task (exact match from 0 
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from raffm.arch import adapter_for
 from raffm.elastic import extract
@@ -30,37 +28,16 @@ from raffm.recipe import Recipe
 from raffm.spec import ElasticSpec
 from raffm.spp import prioritize
 from raffm.training import LocalConfig, LocalResult, NestedCut, evaluate, train_local
-
-GOOD = ["great", "lovely", "superb", "bright", "moving", "warm"]
-BAD = ["dull", "boring", "weak", "flat", "tired", "messy"]
-FILLER = ["film", "plot", "cast", "the", "a", "and"]
-WORDS = ["<pad>", "<s>", "</s>", "<unk>", "Review", ":", "Sentiment", "positive", "negative", *GOOD, *BAD, *FILLER]
-
+from tests.integration.llmkit import GOOD, WORDS, toy_pairs, word_tokenizer
 
 @pytest.fixture(autouse=True)
 def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def word_tokenizer() -> PreTrainedTokenizerFast:
-    """A real HF fast tokenizer over a 27-word vocabulary, with BOS, EOS and pad tokens like a Llama tokenizer's."""
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
-
-
 def toy_task(n: int, seed: int) -> InstructionDataset:
     """Two sentiment words among two fillers -> " positive" / " negative"."""
-    rng = random.Random(seed)
-    prompts, responses = [], []
-    for _ in range(n):
-        fresh = rng.random() < 0.5
-        words = rng.sample(GOOD if fresh else BAD, 2) + rng.sample(FILLER, 2)
-        rng.shuffle(words)
-        prompts.append(f"Review: {' '.join(words)}\nSentiment:")
-        responses.append(" positive" if fresh else " negative")
-    return InstructionDataset(prompts, responses)
+    return toy_pairs(n, seed, template="Review: {}\nSentiment:")
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
