@@ -183,9 +183,10 @@ class _RandomTokens:
 def training_peak(
     model_dir: str | Path, *, batch_size: int, seq_len: int, steps: int = 3, recipe: dict[str, Any] | None = None
 ) -> TrainingPeak:
-    """Load a saved sequence-classification model from ``model_dir`` and train it the way a device does
-    (:func:`raffm.training.train_local` with ``recipe``, the received weights spilled to disk and memory-mapped),
-    measuring peak memory.
+    """Load a saved model from ``model_dir`` and train it the way a device does (:func:`raffm.training.train_local`
+    with ``recipe``, the received weights spilled to disk and memory-mapped), measuring peak memory. A sequence
+    classifier trains on random tokens; a causal LM (``*ForCausalLM`` in its config) on prompt -> response pairs
+    through the folder's own tokenizer, of every length up to ``seq_len`` (so most rows are padded, as real data is).
 
     Run this in a fresh process (:func:`measure_training_peak`): the interpreter's earlier allocations then neither
     pollute the baseline nor hide in freed heap that the training would reuse. At least 2 steps are needed to see
@@ -194,10 +195,11 @@ def training_peak(
     import tempfile
 
     import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     import raffm.elastic  # noqa: F401  (registers the elastic classes with the Auto factories)
     from raffm.data import TextDataset
+    from raffm.generative import InstructionDataset
     from raffm.recipe import Recipe
     from raffm.training import LocalConfig, train_local
 
@@ -207,18 +209,29 @@ def training_peak(
     config = AutoConfig.from_pretrained(model_dir)
     warm_up_runtime(config, batch_size, seq_len)
     plan = Recipe.from_dict(recipe or {})
-    data = TextDataset(["x"] * batch_size * steps, [i % int(config.num_labels) for i in range(batch_size * steps)],
-                       tuple(str(i) for i in range(int(config.num_labels))))
+    rows = batch_size * steps
+    tokenizer: Any
+    if any(name.endswith("ForCausalLM") for name in config.architectures or ()):
+        auto: Any = AutoModelForCausalLM
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        data: Any = InstructionDataset([" ".join(["a"] * (1 + i * 7 % seq_len)) for i in range(rows)], [" a"] * rows)
+    else:
+        auto = AutoModelForSequenceClassification
+        tokenizer = _RandomTokens(int(config.vocab_size))
+        data = TextDataset(["x"] * rows, [i % int(config.num_labels) for i in range(rows)],
+                           tuple(str(i) for i in range(int(config.num_labels))))
     with tempfile.TemporaryDirectory() as tmp, PeakMemory() as pm:
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+        model = auto.from_pretrained(model_dir)
         for p in model.parameters():  # off the memory-mapped file into anonymous memory, as a device's download is
             p.data = p.data.clone()
         gc.collect()
         params = sum(p.numel() for p in model.parameters())
-        spill = Path(tmp) / "received.pt"
-        torch.save({n: p.detach() for n, p in model.named_parameters() if n not in plan.frozen}, spill)
-        reference = torch.load(spill, mmap=True, weights_only=True)
-        train_local(model, data, _RandomTokens(int(config.vocab_size)),
+        reference = None  # LoRA: train_local keeps its own copy of the fresh adapters
+        if not plan.lora_rank:
+            spill = Path(tmp) / "received.pt"
+            torch.save({n: p.detach() for n, p in model.named_parameters() if n not in plan.frozen}, spill)
+            reference = torch.load(spill, mmap=True, weights_only=True)
+        train_local(model, data, tokenizer,
                     LocalConfig(batch_size=batch_size, seq_len=seq_len, lr=1e-5, local_steps=steps, weight_decay=0.0),
                     recipe=plan, reference=reference)
         del model, reference

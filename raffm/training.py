@@ -284,13 +284,15 @@ def train_local(
                 if config.fedprox_mu > 0:
                     prox = sum(((p - received[n]) ** 2).sum() for n, p in trained.items())
                     loss = loss + 0.5 * config.fedprox_mu * prox
-                teacher = Teacher(out.logits.detach(), tuple(h.detach() for h in out.hidden_states or ()))
-                loss.backward()
                 losses.append(float(out.loss.detach()))
-                del out, loss
+                teacher = Teacher(out.logits.detach(), tuple(h.detach() for h in out.hidden_states or ())) if cuts else None
+                del out  # a causal LM's logits (tokens x vocab) must not stay alive through backward
+                loss.backward()
+                del loss
                 labels = batch.pop("labels")
-                for cut in _cuts_this_step(cuts, recipe.sampled, rng):
-                    cut.backward(batch, labels, teacher, recipe)
+                if teacher is not None:
+                    for cut in _cuts_this_step(cuts, recipe.sampled, rng):
+                        cut.backward(batch, labels, teacher, recipe)
                 optimizer.step()
                 warmup.step()
                 # Free the gradients now, not before the next backward: otherwise they stay alive through the next

@@ -45,15 +45,15 @@ FULL_MODEL_MEMORY_MB = 4000  # --baseline fedavg gives every tier this budget, s
 # on prompt -> response pairs instead. Its tiers, sized with the cost model for SmolLM2 at 8 x 64 tokens and LoRA
 # ranks 4/8/16 on every linear layer (predicted training memory, the fitter's choice; the tied embedding, frozen,
 # stays fp32 because it is also the LM head):
-#   phone   680 MiB: 2 of 3 KV groups (6 of 9 query heads, FFN 1024; 99 M parameters), checkpointing, rank 16: 596 MiB
-#   laptop  800 MiB: the full model, checkpointing, rank 8 (rank 16 needs an 807 MiB budget): 713 MiB
-#   server 2000 MiB: the full model, no checkpointing, rank 16: 1433 MiB
-# (the full model needs a 748 MiB budget even at rank 4 with checkpointing). The budgets leave about 8% for the
-# closed-loop correction: measured peaks ran 4-8% above the predictions, and the planner then plans with a budget
+#   phone   840 MiB: 2 of 3 KV groups (6 of 9 query heads, FFN 1024; 99 M parameters), checkpointing, rank 16: 772 MiB
+#   laptop  960 MiB: the full model, checkpointing, rank 8 (rank 16 needs a 988 MiB budget): 885 MiB
+#   server 2000 MiB: the full model, no checkpointing, rank 16: 1529 MiB
+# (the full model needs a 929 MiB budget even at rank 4 with checkpointing). The budgets leave about 8% for the
+# closed-loop correction: should a measured peak run above its prediction, the planner plans with a budget
 # cut by that ratio (the phone keeps a slice, the laptop the full model at a lower rank).
 LLM_TIERS = (
-    Tier("phone", memory_mb=680, gflops=15, up_mbps=20, down_mbps=100, share=1, tier="phone"),
-    Tier("laptop", memory_mb=800, gflops=40, up_mbps=50, down_mbps=200, share=1, tier="laptop"),
+    Tier("phone", memory_mb=840, gflops=15, up_mbps=20, down_mbps=100, share=1, tier="phone"),
+    Tier("laptop", memory_mb=960, gflops=40, up_mbps=50, down_mbps=200, share=1, tier="laptop"),
     Tier("server", memory_mb=2000, gflops=200, up_mbps=1000, down_mbps=1000, share=1, tier="server"),
 )
 LLM_LORA_RANKS = (4, 8, 16)
@@ -453,7 +453,7 @@ def register(subparsers: Any) -> None:
                              "images for image data). smollm2: the shipped SmolLM2-135M-Instruct (a decoder LLM): "
                              "federated LoRA on the Rotten Tomatoes reviews as chat-template sentiment instructions, "
                              "scored by greedy exact match and loss on the held-out split; a decoder LLM gets "
-                             "the LLM defaults below and tiers sized for SmolLM2 (phone 680, laptop 800, server "
+                             "the LLM defaults below and tiers sized for SmolLM2 (phone 840, laptop 960, server "
                              "2000 MiB). On 2 cores its default run takes about 30-40 min (the first use also "
                              "converts the GGUF, ~30 s)")
     parser.add_argument("--data", default=d.data,
