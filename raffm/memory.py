@@ -142,6 +142,8 @@ def warm_up_runtime(config: Any, batch_size: int, seq_len: int) -> None:
         values.pop(key, None)
     model_type = values.pop("model_type").removeprefix("raffm_")
     values.update(hidden_size=16, num_attention_heads=2, intermediate_size=32, num_hidden_layers=1, vocab_size=64)
+    if "num_key_value_heads" in values:  # grouped-query attention: the query heads must split over the KV heads
+        values["num_key_value_heads"] = 1
     tiny = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(model_type, **values))
     _train(tiny, batch_size=batch_size, seq_len=seq_len, steps=2, vocab=64)
     del tiny
