@@ -73,7 +73,7 @@ class DemoSettings:
     baseline: str = "none"  # or "fedavg"
     strategy: str = "raffm"
     aggregation: str = ""  # "" = the strategy's
-    strategy_options: str = ""  # JSON object of strategy settings, e.g. {"prior_correction": 1.0}
+    strategy_options: str = ""  # JSON object of strategy settings, e.g. {"prior_correction": 0}
     local_steps: int = 20
     batch_size: int = 16
     seq_len: int = 48  # covers most review snippets (about 26 words on average)
@@ -410,10 +410,10 @@ def strategy_options(settings: DemoSettings) -> dict[str, Any]:
         options = json.loads(settings.strategy_options or "{}")
     except json.JSONDecodeError as exc:
         raise ValueError(f"--strategy-options is not JSON ({exc}); give an object, e.g. "
-                         "'{\"prior_correction\": 1.0}'") from None
+                         "'{\"prior_correction\": 0}'") from None
     if not isinstance(options, dict):
         raise ValueError("--strategy-options must be a JSON object of strategy settings, e.g. "
-                         "'{\"prior_correction\": 1.0}'")
+                         "'{\"prior_correction\": 0}'")
     return options
 
 
@@ -470,7 +470,7 @@ def register(subparsers: Any) -> None:
                              "model wait), paper (the research code's recipe), heterofl (static slices)")
     parser.add_argument("--strategy-options", default="",
                         help="JSON object of strategy settings (raffm.strategy.Strategy's fields), e.g. "
-                             "'{\"prior_correction\": 1.0}' or '{\"server_momentum\": 0}'")
+                             "'{\"prior_correction\": 0}' or '{\"server_momentum\": 0.8}'")
     parser.add_argument("--aggregation", choices=("coverage", "paper"), default=None,
                         help="override the strategy's aggregation: coverage-weighted sliced FedAvg or the paper "
                              "code's rule")

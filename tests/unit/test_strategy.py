@@ -30,9 +30,9 @@ def test_raffm_freezes_the_vocabulary_and_nests_its_cuts_inside_the_spec() -> No
     assert raffm.recipe_for(width_spec(cm.dims, 1), cm).nested == ()
     plain = STRATEGIES["fedavg"].recipe_for(ElasticSpec.full(cm.dims), cm)
     assert not plain.frozen and not plain.nested and plain.frozen_dtype == "float32"
-    assert recipe.prior_correction == plain.prior_correction == 0.0
-    corrected = raffm.with_options(prior_correction=1.0)
-    assert all(r.prior_correction == 1.0 for r in corrected.recipes_for(width_spec(cm.dims, 3), cm))
+    assert recipe.prior_correction == 1.0 and plain.prior_correction == 0.0
+    plain_loss = raffm.with_options(prior_correction=0.0)
+    assert all(r.prior_correction == 0.0 for r in plain_loss.recipes_for(width_spec(cm.dims, 3), cm))
     with pytest.raises(ValueError, match="prior_correction is -0.5"):
         raffm.with_options(prior_correction=-0.5)
 
