@@ -65,7 +65,9 @@ LLM_DEFAULTS: dict[str, Any] = dict(devices=3, rounds=3, local_steps=8, batch_si
 @dataclass
 class DemoSettings:
     devices: int = 8
-    rounds: int = 5
+    # 4 rounds x 15 steps: bench_fl's default size (its 4-seed figures describe this run) and 11 min on 2 cores
+    # (5 x 20 took 16-17 min and swung as much from round to round: bench/results/2026-11-30-fl.md)
+    rounds: int = 4
     seed: int = 0
     model: str = "minilm"
     data: str = "rotten_tomatoes"
@@ -74,7 +76,7 @@ class DemoSettings:
     strategy: str = "raffm"
     aggregation: str = ""  # "" = the strategy's
     strategy_options: str = ""  # JSON object of strategy settings, e.g. {"prior_correction": 0}
-    local_steps: int = 20
+    local_steps: int = 15
     batch_size: int = 16
     seq_len: int = 48  # covers most review snippets (about 26 words on average)
     lr: float = 2e-4

@@ -60,7 +60,7 @@ def test_llm_defaults_apply_unless_a_flag_says_otherwise(monkeypatch: pytest.Mon
     args = parser.parse_args(["demo", "--rounds", "2"])
     assert args.func(args) == 0
     s = seen[-1]
-    assert (s.model, s.rounds, s.local_steps) == ("minilm", 2, 20) and s.tiers == list(demo.DEFAULT_TIERS)
+    assert (s.model, s.rounds, s.local_steps) == ("minilm", 2, demo.DemoSettings.local_steps) and s.tiers == list(demo.DEFAULT_TIERS)
     assert demo.is_llm("smollm2") and not demo.is_llm("minilm")
 
 
