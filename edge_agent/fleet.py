@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import statistics
 import threading
 import time
@@ -211,6 +212,9 @@ def run_ray(devices: Sequence[tuple[AgentConfig, Any]], *, address: str = "", ac
 
     started_here = not ray.is_initialized()
     if started_here:
+        # A local head's GCS may need more than Ray's default 30 s to publish its port on a busy machine (the simulator
+        # shares it with the services and the fleet); the operator's own setting wins.
+        os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
         ray.init(address=address or None, include_dashboard=False, log_to_driver=True,
                  logging_level=logging.WARNING)
     t0 = time.monotonic()
