@@ -15,8 +15,9 @@ version. The bench runs it in process with the product's local training loop (``
 Bytes are the tensor payload each round moves at the wire dtype: the slice down (minus the tensors the device
 already holds with the same content, as the edge agent's cache skips them) and the trained tensors' delta up;
 protobuf framing adds about 0.1% (see ``bench_transfer.py``). After the last round, cuts at 25/50/75/100% of the
-forward compute are evaluated from the final models of ``--scaling-methods`` (SPP applied before cutting), and the
-fidelity of each tier's slice of version 0 (hidden-state cosine and prediction agreement with the full model).
+forward compute are evaluated from the final models of ``--scaling-methods`` (cut as they are, as the product cuts
+them), and the fidelity of each tier's slice of version 0 (hidden-state cosine and prediction agreement with the full
+model).
 
     .venv/bin/python bench/bench_fl.py                  # default size: about an hour per seed... see README
     .venv/bin/python bench/bench_fl.py --quick          # CI smoke: a few minutes
@@ -36,7 +37,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -52,7 +53,6 @@ from raffm.fitting import RoundBudget, memory_budget_mb  # noqa: E402
 from raffm.report import machine_info  # noqa: E402
 from raffm.scaling import DEFAULT_FRACTIONS, fidelity, scaling_table  # noqa: E402
 from raffm.spec import ElasticSpec  # noqa: E402
-from raffm.spp import prioritize  # noqa: E402
 from raffm.strategy import Strategy, strategy_named  # noqa: E402
 from raffm.training import LocalConfig, Tokenizer, evaluate, train_local  # noqa: E402
 from raffm.wire import describe, to_wire  # noqa: E402
@@ -312,10 +312,11 @@ def run_bench(
             if not any(s != "-" for s in run.specs):
                 raise ValueError(f"no client can train what {method} offers: it has no participants")
             if method in settings.scaling_methods:
-                # SPP before cutting, for every method alike (RaFFM's versions are already ordered; FedAvg's are not).
-                cut_from = cast(PreTrainedModel, prioritize(final))
+                # Cut the final version as it is, as the aggregator's evaluation and `raffm demo` do: every strategy
+                # salience-orders version 0, and re-ordering a trained version would swap near-tied channels across
+                # the very boundaries the nested cuts were trained at.
                 run.scaling = [asdict(p) for p in
-                               scaling_table(cut_from, test, tokenizer, fractions=settings.fractions,
+                               scaling_table(final, test, tokenizer, fractions=settings.fractions,
                                              seq_len=settings.seq_len)]
                 log(f"  seed {seed} {method:<15} scaling: " + ", ".join(
                     f"{p['flops_fraction']:.2f}->{p['accuracy']:.4f}" for p in run.scaling))
@@ -399,7 +400,7 @@ def render(result: dict[str, Any]) -> str:
                      f"{_pm(e['total_bytes'], 1e-6, 1)} | {ratio} | {_pm(e['gain_per_gb'], 1.0, 3)} |")
     scaled = [(m, e["scaling"]) for m, e in summ.items() if "scaling" in e]
     if scaled:
-        lines += ["", "Inference scaling (cuts of the final global model after SPP, no retraining; kept share of the "
+        lines += ["", "Inference scaling (cuts of the final global model as it is, no retraining; kept share of the "
                   "forward compute / of the parameters):", "",
                   "| target % compute | " + " | ".join(f"{m} kept % compute / params | {m} acc" for m, _ in scaled)
                   + " |", "|---|" + "---|---|" * len(scaled)]
