@@ -84,7 +84,7 @@ def build_submodel(
     recipe: Recipe = Recipe(), task: str | None = None,
 ) -> PreTrainedModel:
     """An elastic HF model of ``spec`` whose parameters are ``tensors`` (any float dtype; stored as fp32, except the
-    recipe's frozen tensors, stored at its ``frozen_dtype``).
+    recipe's frozen vocabulary, stored at its ``frozen_dtype``).
 
     Tensors already in their storage dtype become the model's parameters without a copy, so the caller must not use
     them afterwards. ``ValueError`` names missing, unexpected or mis-shaped tensors.
@@ -106,12 +106,13 @@ def build_submodel(
     if missing or extra:
         raise ValueError(f"downloaded tensors do not match the sub-model: missing {missing[:5]}, unexpected {extra[:5]}")
     state: dict[str, torch.Tensor] = {}
+    half = adapter_for(config).vocab_tensors(recipe.frozen)
     for name, shape in expected.items():
         t = tensors[name]
         if tuple(t.shape) != shape:
             raise ValueError(f"tensor {name!r} has shape {tuple(t.shape)}; the spec needs {shape}")
         # tensors in their storage dtype are adopted as they are (the caller hands them over): no second copy
-        dtype = WIRE_DTYPES[recipe.frozen_dtype] if name in recipe.frozen else torch.float32
+        dtype = WIRE_DTYPES[recipe.frozen_dtype] if name in half else torch.float32
         state[name] = t.to(dtype) if t.dtype != dtype else t
     tied = tied_aliases(model)  # before loading: assigning the embedding unties it
     model.load_state_dict(state, strict=False, assign=True)

@@ -125,6 +125,22 @@ class Adapter:
         match = self.layer_pattern.search(name)
         return int(match.group(1)) if match else None
 
+    def below(self, name: str, layers: int) -> bool:
+        """Whether ``name`` feeds the first ``layers`` layers only: a tensor of one of them, or an input embedding."""
+        layer = self.layer_of(name)
+        return layer < layers if layer is not None else layers > 0 and "embed" in name.rpartition(".")[0]
+
+    def frozen_layers(self, names: Iterable[str], frozen: Iterable[str]) -> int:
+        """How many leading layers of a model with tensors ``names`` are frozen together with every input embedding
+        (so no gradient flows below the first trained layer and autograd saves nothing there); 0 when any input
+        embedding is trained."""
+        names, frozen = list(names), set(frozen)
+        layers = 1 + max((i for i in map(self.layer_of, names) if i is not None), default=-1)
+        k = 0
+        while k < layers and all(n in frozen for n in names if self.below(n, k + 1)):
+            k += 1
+        return k
+
 
 _BERT_RULES: list[tuple[str, tuple[AxisKind, ...]]] = [
     (r"embeddings\.(word|position|token_type)_embeddings\.weight$", ("full", "hidden")),

@@ -94,7 +94,7 @@ class Costs:
     cached_bytes: int  # the recipe's frozen tensors in wire_bytes: a device that kept them skips their download
     upload_bytes: int  # its delta up (the trained tensors only)
     forward_flops_per_sample: float
-    flops_per_sample: float  # training: forward + backward ~ 3x forward, per pass of the recipe
+    flops_per_sample: float  # training: every pass forward, and backward (2x forward; 3x checkpointed) above frozen layers
     batch_size: int
     seq_len: int
     weights_mb: float
@@ -371,17 +371,25 @@ class CostModel:
         trained = list(trained_by_name.values())
         adapters = sum(trained) if recipe.lora_rank else 0  # added to the slice's weights, not part of it
         frozen = params + adapters - sum(trained)
-        frozen_elsewhere = sum(plan[n].numel for n in recipe.frozen)  # stored at recipe.frozen_dtype
-        weights = TRAIN_BYTES * (params + adapters - frozen_elsewhere) + dtype_bytes(recipe.frozen_dtype) * frozen_elsewhere
+        stored = sum(plan[n].numel for n in self.adapter.vocab_tensors(recipe.frozen))  # at recipe.frozen_dtype
+        weights = TRAIN_BYTES * (params + adapters - stored) + dtype_bytes(recipe.frozen_dtype) * stored
         w = _widths(spec, self.dims.group)
         fwd = self._forward_flops(w, seq_len)
+        # Training: every pass's forward, and its backward (2x; 3x checkpointed: the forward again) above the frozen
+        # layers. Per step: the spec, its smallest nested cut, and ``sampled`` of the others (their mean on average).
+        frozen_layers = self.adapter.frozen_layers(plan, recipe.frozen)
+        backward = 3.0 if recipe.checkpointing else 2.0
+
+        def train_flops(c: _Widths) -> float:
+            return self._forward_flops(c, seq_len) + backward * self._forward_flops(c, seq_len, above=frozen_layers)
+
+        flops = train_flops(w)
         cuts = [_widths(cut, self.dims.group) for cut in recipe.nested]
-        nested_flops = 0.0
-        if cuts:  # the smallest every step, plus ``sampled`` of the others: their mean on average
-            others = [self._forward_flops(c, seq_len) for c in cuts[1:]]
-            nested_flops = self._forward_flops(cuts[0], seq_len)
+        if cuts:
+            others = [train_flops(c) for c in cuts[1:]]
+            flops += train_flops(cuts[0])
             if others:
-                nested_flops += min(recipe.sampled, len(others)) * sum(others) / len(others)
+                flops += min(recipe.sampled, len(others)) * sum(others) / len(others)
         main = self._pass(spec, batch_size, seq_len, recipe, trained_by_name)
         passes: list[Pass | None] = [self._pass(cut, batch_size, seq_len, recipe, trained_by_name)
                                      for cut in recipe.nested]
@@ -401,7 +409,7 @@ class CostModel:
             cached_bytes=frozen * nbytes,
             upload_bytes=sum(trained) * nbytes,
             forward_flops_per_sample=fwd,
-            flops_per_sample=(4.0 if recipe.checkpointing else 3.0) * (fwd + nested_flops),
+            flops_per_sample=flops,
             batch_size=batch_size,
             seq_len=seq_len,
             weights_mb=weights_mb,
@@ -414,8 +422,12 @@ class CostModel:
             + peak_infer_bytes(w, params=params, batch_size=batch_size, seq_len=seq_len, logits=self.lm_vocab) / MIB,
         )
 
-    def _forward_flops(self, w: _Widths, seq_len: int) -> float:
-        return forward_flops(w, seq_len, num_labels=self.num_labels, patch_inputs=self.patch_inputs,
+    def _forward_flops(self, w: _Widths, seq_len: int, *, above: int = 0) -> float:
+        """Forward FLOPs per sample; ``above`` k: of the layers from k on and the head only (what a backward pass
+        runs through when the input embeddings and the first k layers are frozen)."""
+        if above:
+            w = _Widths(w.hidden, w.heads[above:], w.a[above:], w.f[above:], w.kv[above:])
+        return forward_flops(w, seq_len, num_labels=self.num_labels, patch_inputs=0 if above else self.patch_inputs,
                              ffn_matrices=3 if self.adapter.causal_lm else 2, lm_vocab=self.lm_vocab)
 
     def _trained(self, plan: SlicePlan, recipe: Recipe) -> dict[str, int]:
@@ -433,6 +445,8 @@ class CostModel:
         options = dict(batch_size=batch_size, seq_len=seq_len, hidden_dropout=self.hidden_dropout,
                        attention_dropout=self.attention_dropout)
         tokens = batch_size * seq_len
+        plan = self.plan(spec)  # this pass's (maybe nested) cut: its own sizes of the trained tensors
+        frozen_layers = self.adapter.frozen_layers(plan, recipe.frozen)
         if self.adapter.causal_lm:
             layers = decoder_layer_activation_elements(w, batch_size=batch_size, seq_len=seq_len)
             activations = decoder_activation_elements(w, batch_size=batch_size, seq_len=seq_len,
@@ -442,19 +456,21 @@ class CostModel:
             activations = activation_elements(w, arch=self.adapter.name, pixels=pixels, **options)  # type: ignore[arg-type]
         if recipe.lora_rank:  # x A^T per target weight, saved for B's gradient
             per_layer = [0] * len(layers)
-            for name in target_weight_names(self.plan(spec), recipe.lora_targets):
+            for name in target_weight_names(plan, recipe.lora_targets):
                 layer = self.adapter.layer_of(name)
                 extra = tokens * recipe.lora_rank
                 activations += extra
                 if layer is not None:
                     per_layer[layer] += extra
             layers = [a + b for a, b in zip(layers, per_layer)]
+        if frozen_layers:  # below the first trained layer nothing needs a gradient, so autograd saves nothing there
+            activations -= sum(layers[:frozen_layers]) + self._embedding_activations(w, batch_size, seq_len, pixels)
+            layers = layers[frozen_layers:]
         by_layer: dict[int, int] = {}
-        kept = self.plan(spec)  # this pass's (maybe nested) cut: its own sizes of the trained tensors
         for name, numel in trained.items():
             layer = self.adapter.layer_of(name)
-            if layer is not None and (recipe.lora_rank or name in kept):
-                by_layer[layer] = by_layer.get(layer, 0) + (numel if recipe.lora_rank else kept[name].numel)
+            if layer is not None and (recipe.lora_rank or name in plan):
+                by_layer[layer] = by_layer.get(layer, 0) + (numel if recipe.lora_rank else plan[name].numel)
         return Pass(
             activations=activations,
             largest_layer=max(layers),
@@ -464,6 +480,17 @@ class CostModel:
             temporaries=tokens * (max(max(w.f), 2 * self.lm_vocab) + w.hidden),
             layer_params=max(by_layer.values(), default=0),
         )
+
+    def _embedding_activations(self, w: _Widths, batch_size: int, seq_len: int, pixels: int) -> int:
+        """What the input embeddings save for their backward (module docstring): BERT's LayerNorm input, output and
+        statistics, ViT's pixels; both a dropout mask with hidden dropout. A Llama's lookup saves only the token ids."""
+        tokens = batch_size * seq_len
+        saved = tokens * w.hidden if self.hidden_dropout else 0
+        if self.adapter.name == "bert":
+            saved += 2 * tokens * w.hidden + 2 * tokens
+        elif self.adapter.name == "vit":
+            saved += batch_size * pixels
+        return saved
 
     def _seq_len(self, seq_len: int | None) -> int:
         if self.image_tokens is not None:

@@ -55,7 +55,9 @@ class Strategy:
     nested cuts by every device whose own spec is wider. ``sampled``, ``distill`` and ``prior_correction``: see
     :class:`Recipe`.
     ``checkpointing``: a device may trade compute for memory with activation checkpointing when that lets it
-    train a larger spec.
+    train a larger spec. ``frozen_layers`` k > 0: the input embeddings and the first k layers stay as pretrained on
+    every device (no gradient flows below layer k, so no activations are kept there; never uploaded, and cached by
+    the device across rounds like the frozen vocabulary).
     """
 
     name: str = "raffm"
@@ -68,6 +70,7 @@ class Strategy:
     distill_hidden: float = 0.0
     prior_correction: float = 0.0
     checkpointing: bool = True
+    frozen_layers: int = 0
     aggregation: Mode = "coverage"
     server_lr: float = 1.0
     server_momentum: float = 0.0
@@ -95,6 +98,8 @@ class Strategy:
             raise ValueError(f"server_momentum is {self.server_momentum}; it must be in [0, 1)")
         if self.server_momentum and self.ordering == "every_round":
             raise ValueError("server momentum needs a stable channel order: use ordering 'once' or 'never'")
+        if isinstance(self.frozen_layers, bool) or not isinstance(self.frozen_layers, int) or self.frozen_layers < 0:
+            raise ValueError(f"frozen_layers is {self.frozen_layers!r}; it must be an integer >= 0")
         if any(not 0 < f < 1 for f in self.nested_fractions):
             raise ValueError(f"nested_fractions {self.nested_fractions}: every fraction must be in (0, 1)")
         Recipe(sampled=self.sampled, distill=self.distill, distill_hidden=self.distill_hidden,
@@ -104,6 +109,7 @@ class Strategy:
 
     def initial(self, state: Mapping[str, torch.Tensor], cost_model: CostModel) -> State:
         """Version 0 from the pretrained model: salience-ordered unless ``ordering`` is ``never``."""
+        self._check_layers(cost_model)
         if self.ordering == "never":
             return dict(state)
         return prioritize_state(state, cost_model.adapter, cost_model.dims)
@@ -140,6 +146,11 @@ class Strategy:
 
     # -- assignments --------------------------------------------------------------------------------------------------
 
+    def _check_layers(self, cost_model: CostModel) -> None:
+        if self.frozen_layers >= cost_model.dims.layers:
+            raise ValueError(f"frozen_layers is {self.frozen_layers}, but the model has {cost_model.dims.layers} "
+                             "layers: nothing would be trained")
+
     def cuts(self, cost_model: CostModel) -> tuple[ElasticSpec, ...]:
         """The nested cuts of the global model this strategy trains, smallest first (whole heads, at least one)."""
         heads = cost_model.dims.heads
@@ -147,11 +158,14 @@ class Strategy:
         return tuple(width_spec(cost_model.dims, h) for h in counts)
 
     def recipe_for(self, spec: ElasticSpec, cost_model: CostModel, *, checkpointing: bool = False) -> Recipe:
-        """The recipe of a device training ``spec``: frozen vocabulary (stored at half precision), and the strategy's
-        cuts nested in ``spec``."""
-        frozen = cost_model.adapter.vocab_tensors(cost_model.plan(spec)) if self.freeze_vocab else frozenset()
+        """The recipe of a device training ``spec``: frozen vocabulary (stored at half precision) and ``frozen_layers``,
+        and the strategy's cuts nested in ``spec``."""
+        self._check_layers(cost_model)
+        plan = cost_model.plan(spec)
+        frozen = cost_model.adapter.vocab_tensors(plan) if self.freeze_vocab else frozenset()
+        frozen |= {n for n in plan if cost_model.adapter.below(n, self.frozen_layers)}
         # Half precision only for a table that is looked up: a tied LM head multiplies fp32 activations by it.
-        half = bool(frozen) and not cost_model.tied_head
+        half = bool(cost_model.adapter.vocab_tensors(frozen)) and not cost_model.tied_head
         inner = tuple(c for c in self.cuts(cost_model) if nested(c, spec) and c != spec and c.depth == spec.depth)
         return Recipe(frozen=frozen, nested=inner, sampled=self.sampled, distill=self.distill,
                       frozen_dtype="float16" if half else "float32", checkpointing=checkpointing,

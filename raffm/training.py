@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from raffm.arch import adapter_for
 from raffm.data import ImageDataset, TextDataset
 from raffm.generative import IGNORE_INDEX, InstructionDataset, causal_batches
 from raffm.lora import A_SUFFIX, B_SUFFIX, apply_lora, lora_modules
@@ -120,8 +121,8 @@ class NestedCut:
     during backward), so gradients flow into the model's own ``.grad`` and an optimizer step moves the cut with it.
     """
 
-    def __init__(self, model: PreTrainedModel, spec: ElasticSpec, *, checkpointing: bool = False) -> None:
-        from raffm.arch import adapter_for
+    def __init__(self, model: PreTrainedModel, spec: ElasticSpec, *, checkpointing: bool = False,
+                 frozen: frozenset[str] = frozenset()) -> None:
         from raffm.elastic import ELASTIC_CLASSES, elastic_config, stock_class
         from raffm.slicing import slice_plan
 
@@ -134,7 +135,7 @@ class NestedCut:
         with torch.device("meta"):
             self.skeleton = ELASTIC_CLASSES[stock](elastic_config(model.config, spec, stock))
         if checkpointing:
-            self.skeleton.activation_checkpointing_enable()
+            _enable_checkpointing(self.skeleton, frozen)
         self._model = model
 
     @contextmanager
@@ -208,20 +209,30 @@ def _apply_recipe(model: PreTrainedModel, recipe: Recipe, seed: int = 0) -> dict
     if lora is not None and not lora_modules(model):
         apply_lora(model, lora, generator=torch.Generator().manual_seed(seed))
     trained = {}
+    half = adapter_for(model).vocab_tensors(recipe.frozen) if recipe.frozen_dtype != "float32" else frozenset()
     for name, p in model.named_parameters():
         train = name not in recipe.frozen and (lora is None or name.endswith((A_SUFFIX, B_SUFFIX)))
         p.requires_grad_(train)
         if train:
             trained[name] = p
-        elif name in recipe.frozen and recipe.frozen_dtype != "float32":
+        elif name in half:
             module = model.get_submodule(name.rpartition(".")[0])
             if not isinstance(module, torch.nn.Embedding):
                 raise ValueError(f"only embedding tables can be stored at {recipe.frozen_dtype}; {name!r} is not one")
             p.data = p.data.to(WIRE_DTYPES[recipe.frozen_dtype])
             module.register_forward_hook(lambda _m, _i, out: out.float())  # the rest of the model computes in fp32
     if recipe.checkpointing:
-        model.activation_checkpointing_enable()
+        _enable_checkpointing(model, recipe.frozen)
     return trained
+
+
+def _enable_checkpointing(model: PreTrainedModel, frozen: frozenset[str]) -> None:
+    """Activation checkpointing. transformers also makes the input embeddings' output require grad (for adapters on
+    a frozen model); when the embeddings and the first layers are frozen that would run backward through those
+    layers for nothing, so it is undone."""
+    model.activation_checkpointing_enable()
+    if adapter_for(model).frozen_layers([n for n, _ in model.named_parameters()], frozen):
+        model.disable_input_require_grads()
 
 
 def train_local(
@@ -255,7 +266,7 @@ def train_local(
                 raise ValueError(f"reference tensor {n!r} is missing or not shaped {tuple(p.shape)}")
     else:
         received = {n: p.detach().clone() for n, p in trained.items()}
-    cuts = [NestedCut(model, spec, checkpointing=recipe.checkpointing) for spec in recipe.nested]
+    cuts = [NestedCut(model, spec, checkpointing=recipe.checkpointing, frozen=recipe.frozen) for spec in recipe.nested]
     prior = _log_prior(data, model.config, recipe.prior_correction)
     per_epoch = math.ceil(len(data) / config.batch_size)
     total = per_epoch * config.local_epochs

@@ -37,6 +37,24 @@ def test_raffm_freezes_the_vocabulary_and_nests_its_cuts_inside_the_spec() -> No
         raffm.with_options(prior_correction=-0.5)
 
 
+def test_frozen_layers_freeze_the_input_embeddings_and_the_first_layers_and_cost_less() -> None:
+    cm = CostModel.from_model(make("bert"))  # 3 layers
+    full = ElasticSpec.full(cm.dims)
+    plain = STRATEGIES["raffm"].recipe_for(full, cm)
+    recipe = STRATEGIES["raffm"].with_options(frozen_layers=1).recipe_for(full, cm)
+    assert recipe.frozen == {n for n in cm.shapes if ".embeddings." in n or ".layer.0." in n}
+    assert recipe.frozen_dtype == plain.frozen_dtype == "float16" and recipe.nested == plain.nested
+    before, after = (cm.estimate(full, batch_size=8, seq_len=12, recipe=r) for r in (plain, recipe))
+    assert after.upload_bytes < before.upload_bytes and after.cached_bytes > before.cached_bytes
+    assert after.activations_mb < before.activations_mb and after.train_memory_mb < before.train_memory_mb
+    assert after.forward_flops_per_sample == before.forward_flops_per_sample  # no backward below the frozen layers:
+    assert after.flops_per_sample < before.flops_per_sample
+    with pytest.raises(ValueError, match="frozen_layers is -1"):
+        STRATEGIES["raffm"].with_options(frozen_layers=-1)
+    with pytest.raises(ValueError, match="model has 3 layers: nothing would be trained"):
+        STRATEGIES["raffm"].with_options(frozen_layers=3).recipe_for(full, cm)
+
+
 def test_fedavg_plans_the_whole_model_or_nothing_and_raffm_a_slice() -> None:
     cm = CostModel.from_model(make("bert"))
     full = ElasticSpec.full(cm.dims)

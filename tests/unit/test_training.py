@@ -56,8 +56,9 @@ def test_a_nested_cut_must_fit_inside_the_model() -> None:
         NestedCut(small, ElasticSpec.uniform(dims, heads=3, ffn=40))
 
 
-def _train(recipe: Recipe, **config: object) -> tuple[torch.nn.Module, dict[str, torch.Tensor], object]:
-    model = tiny_model(0)
+def _train(recipe: Recipe, model: torch.nn.Module | None = None,
+           **config: object) -> tuple[torch.nn.Module, dict[str, torch.Tensor], object]:
+    model = model or tiny_model(0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     local = LocalConfig(**{"batch_size": 8, "seq_len": 16, "lr": 1e-3, "local_steps": 3, **config})  # type: ignore[arg-type]
     result = train_local(model, toy_data(40), WordHashTokenizer(64), local, recipe=recipe)
@@ -70,6 +71,25 @@ def test_frozen_tensors_do_not_move_and_have_no_delta() -> None:
     assert torch.equal(model.get_parameter(VOCAB), before[VOCAB])
     moved = {n for n, d in result.delta.items() if d.abs().sum() > 0}  # type: ignore[attr-defined]
     assert "classifier.weight" in moved and "bert.encoder.layer.0.intermediate.dense.weight" in moved
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # layer 1's hook: its inputs need no gradient
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_frozen_first_layers_do_not_move_and_the_layers_above_them_train(checkpointing: bool) -> None:
+    model = tiny_model(0)
+    below = frozenset(n for n, _ in model.named_parameters() if ".embeddings." in n or ".layer.0." in n)
+    backward_through = []  # no gradient flows below the first trained layer, checkpointed or not
+    model.bert.encoder.layer[0].register_full_backward_hook(lambda *_: backward_through.append(0))
+    model.bert.encoder.layer[1].register_full_backward_hook(lambda *_: backward_through.append(1))
+    model, before, result = _train(Recipe(frozen=below, frozen_dtype="float16", checkpointing=checkpointing),
+                                   model=model)
+    assert set(backward_through) == {1}
+    assert not below & set(result.delta)  # type: ignore[attr-defined]
+    assert all(torch.equal(model.get_parameter(n), before[n].to(model.get_parameter(n).dtype)) for n in below)
+    # only the vocabulary is stored at half precision; the frozen layer keeps its float32 weights
+    assert model.get_parameter(VOCAB).dtype == torch.float16
+    assert model.get_parameter("bert.encoder.layer.0.intermediate.dense.weight").dtype == torch.float32
+    assert result.delta["bert.encoder.layer.1.attention.self.query.weight"].abs().sum() > 0  # type: ignore[attr-defined]
 
 
 def test_the_update_weight_is_the_samples_trained_this_round() -> None:
