@@ -130,16 +130,18 @@ class Adapter:
         layer = self.layer_of(name)
         return layer < layers if layer is not None else layers > 0 and "embed" in name.rpartition(".")[0]
 
-    def frozen_layers(self, names: Iterable[str], frozen: Iterable[str]) -> int:
-        """How many leading layers of a model with tensors ``names`` are frozen together with every input embedding
-        (so no gradient flows below the first trained layer and autograd saves nothing there); 0 when any input
-        embedding is trained."""
-        names, frozen = list(names), set(frozen)
-        layers = 1 + max((i for i in map(self.layer_of, names) if i is not None), default=-1)
-        k = 0
-        while k < layers and all(n in frozen for n in names if self.below(n, k + 1)):
-            k += 1
-        return k
+    def frozen_layers(self, trained: Iterable[str]) -> int:
+        """How many leading layers no gradient reaches when the tensors ``trained`` are (adapters included): those
+        below the first layer with a trained tensor, if no input embedding is trained (0 otherwise). Autograd saves
+        nothing there and the backward pass stops above them."""
+        layers = []
+        for name in trained:
+            layer = self.layer_of(name)
+            if layer is not None:
+                layers.append(layer)
+            elif self.below(name, 1):
+                return 0
+        return min(layers, default=0)
 
 
 _BERT_RULES: list[tuple[str, tuple[AxisKind, ...]]] = [

@@ -94,7 +94,7 @@ class Costs:
     cached_bytes: int  # the recipe's frozen tensors in wire_bytes: a device that kept them skips their download
     upload_bytes: int  # its delta up (the trained tensors only)
     forward_flops_per_sample: float
-    flops_per_sample: float  # training: every pass forward, and backward (2x forward; 3x checkpointed) above frozen layers
+    flops_per_sample: float  # training: each pass's forward, and its backward (2x; 3x checkpointed) above frozen layers
     batch_size: int
     seq_len: int
     weights_mb: float
@@ -377,7 +377,7 @@ class CostModel:
         fwd = self._forward_flops(w, seq_len)
         # Training: every pass's forward, and its backward (2x; 3x checkpointed: the forward again) above the frozen
         # layers. Per step: the spec, its smallest nested cut, and ``sampled`` of the others (their mean on average).
-        frozen_layers = self.adapter.frozen_layers(plan, recipe.frozen)
+        frozen_layers = self.adapter.frozen_layers(trained_by_name)
         backward = 3.0 if recipe.checkpointing else 2.0
 
         def train_flops(c: _Widths) -> float:
@@ -446,7 +446,7 @@ class CostModel:
                        attention_dropout=self.attention_dropout)
         tokens = batch_size * seq_len
         plan = self.plan(spec)  # this pass's (maybe nested) cut: its own sizes of the trained tensors
-        frozen_layers = self.adapter.frozen_layers(plan, recipe.frozen)
+        frozen_layers = self.adapter.frozen_layers(trained)
         if self.adapter.causal_lm:
             layers = decoder_layer_activation_elements(w, batch_size=batch_size, seq_len=seq_len)
             activations = decoder_activation_elements(w, batch_size=batch_size, seq_len=seq_len,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -121,8 +121,7 @@ class NestedCut:
     during backward), so gradients flow into the model's own ``.grad`` and an optimizer step moves the cut with it.
     """
 
-    def __init__(self, model: PreTrainedModel, spec: ElasticSpec, *, checkpointing: bool = False,
-                 frozen: frozenset[str] = frozenset()) -> None:
+    def __init__(self, model: PreTrainedModel, spec: ElasticSpec, *, checkpointing: bool = False) -> None:
         from raffm.elastic import ELASTIC_CLASSES, elastic_config, stock_class
         from raffm.slicing import slice_plan
 
@@ -135,7 +134,7 @@ class NestedCut:
         with torch.device("meta"):
             self.skeleton = ELASTIC_CLASSES[stock](elastic_config(model.config, spec, stock))
         if checkpointing:
-            _enable_checkpointing(self.skeleton, frozen)
+            _enable_checkpointing(self.skeleton, [n for n, p in model.named_parameters() if p.requires_grad])
         self._model = model
 
     @contextmanager
@@ -222,16 +221,16 @@ def _apply_recipe(model: PreTrainedModel, recipe: Recipe, seed: int = 0) -> dict
             p.data = p.data.to(WIRE_DTYPES[recipe.frozen_dtype])
             module.register_forward_hook(lambda _m, _i, out: out.float())  # the rest of the model computes in fp32
     if recipe.checkpointing:
-        _enable_checkpointing(model, recipe.frozen)
+        _enable_checkpointing(model, trained)
     return trained
 
 
-def _enable_checkpointing(model: PreTrainedModel, frozen: frozenset[str]) -> None:
+def _enable_checkpointing(model: PreTrainedModel, trained: Iterable[str]) -> None:
     """Activation checkpointing. transformers also makes the input embeddings' output require grad (for adapters on
-    a frozen model); when the embeddings and the first layers are frozen that would run backward through those
-    layers for nothing, so it is undone."""
+    a frozen model); when the ``trained`` tensors leave the embeddings and the first layers frozen, that would run
+    backward through those layers for nothing, so it is undone."""
     model.activation_checkpointing_enable()
-    if adapter_for(model).frozen_layers([n for n, _ in model.named_parameters()], frozen):
+    if adapter_for(model).frozen_layers(trained):
         model.disable_input_require_grads()
 
 
@@ -266,7 +265,7 @@ def train_local(
                 raise ValueError(f"reference tensor {n!r} is missing or not shaped {tuple(p.shape)}")
     else:
         received = {n: p.detach().clone() for n, p in trained.items()}
-    cuts = [NestedCut(model, spec, checkpointing=recipe.checkpointing, frozen=recipe.frozen) for spec in recipe.nested]
+    cuts = [NestedCut(model, spec, checkpointing=recipe.checkpointing) for spec in recipe.nested]
     prior = _log_prior(data, model.config, recipe.prior_correction)
     per_epoch = math.ceil(len(data) / config.batch_size)
     total = per_epoch * config.local_epochs

@@ -76,16 +76,19 @@ def test_bytes_follow_the_specs_and_the_recipe(result: dict[str, Any]) -> None:
     for method in ("raffm_paper", "heterofl"):  # every tensor trained: the delta is as big as the slice
         sliced = 4 * sum(by_method[method]["params"])
         assert by_method[method]["bytes_down"] == by_method[method]["bytes_up"] == [sliced]
-    # raffm freezes the vocabulary: it is downloaded (once) but never uploaded
-    sliced, vocab = 4 * sum(by_method["raffm"]["params"]), 4 * 64 * 32
+    # raffm freezes the input embeddings and the first layer: downloaded (once) but never uploaded
+    fleet = result["fleets"]["0"]
+    above = sum(p.numel() for n, p in tiny_model(0).named_parameters() if ".embeddings." not in n and ".layer.0." not in n)
+    assert fleet[-1]["full_model"] and fleet[-1]["trained_params"] == above
+    sliced, trained = 4 * sum(by_method["raffm"]["params"]), 4 * sum(c["trained_params"] for c in fleet)
     assert by_method["raffm"]["bytes_down"] == [sliced]
-    assert by_method["raffm"]["bytes_up"] == [sliced - 4 * vocab]
+    assert by_method["raffm"]["bytes_up"] == [trained]
     ratio = result["summary"]["raffm"]["bytes_vs_fedavg_all"]
-    assert ratio == pytest.approx((2 * sliced - 4 * vocab) / (8 * full_bytes)) and ratio < 1
+    assert ratio == pytest.approx((sliced + trained) / (8 * full_bytes)) and ratio < 1
 
 
 def test_a_device_downloads_only_what_changed(bench: Any) -> None:
-    """The frozen vocabulary crosses the wire once: round 2 downloads only the trained tensors."""
+    """The frozen tensors cross the wire once: round 2 downloads only the trained tensors."""
     settings = bench.Settings(clients=2, rounds=2, seeds=(0,), local_steps=1, batch_size=8, seq_len=16, test_size=40,
                               max_train=0, methods=("raffm",), scaling_methods=())
     data = toy_data()
