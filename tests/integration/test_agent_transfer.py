@@ -58,15 +58,15 @@ def test_corrupted_chunk_is_detected_and_its_tensor_fetched_again(tmp_path: Path
 
 
 def test_interrupted_upload_resumes_from_what_the_aggregator_holds(tmp_path: Path, model: Path) -> None:
-    faults = FaultInjector(break_upload_after=20)
+    faults = FaultInjector(break_upload_after=10)
     fleet, outcomes = _run(tmp_path, model, faults)
     try:
         [o] = outcomes
-        assert faults.events == ["broke upload after 20 chunks"]
+        assert faults.events == ["broke upload after 10 chunks"]
         assert o.status == "uploaded" and o.upload_resumes == 1
         # QueryUpload said the aggregator kept part of the stream: the resume did not start from zero
         [held] = o.upload_resumed_at
-        assert 0 < held <= 20 * CHUNK
+        assert 0 < held <= 10 * CHUNK
         _closed_with_one_update(fleet)
     finally:
         fleet.stop()

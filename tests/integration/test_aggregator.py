@@ -24,7 +24,7 @@ StatusCode = grpc.StatusCode
 def fleet(tmp_path: Path):
     # Every tensor trained (nothing frozen), so an upload starts with the vocabulary, whose bytes the resume test counts.
     job = tiny_job(tiny_bert_folder(tmp_path / "model"), clients_per_round=2, quorum=1, rounds=1,
-                   strategy_options={"freeze_vocab": False})
+                   strategy_options={"freeze_vocab": False, "frozen_layers": 0})
     f = Fleet(tmp_path, job).start()
     # "a" gets the smallest sub-model.
     small = budget_ladder(job, f.store.info("job-v0").config)[0][0]
