@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 
 class TensorCache:
@@ -32,10 +33,11 @@ class TensorCache:
                 found.append(digest)
         return sorted(found)
 
-    def get(self, sha256: bytes) -> bytes | None:
-        """The cached bytes of the tensor with this sha256, or None."""
+    def open(self, sha256: bytes) -> BinaryIO | None:
+        """The cached wire bytes of the tensor with this sha256 as an open file (read it in pieces: a whole vocabulary
+        read at once would sit in memory beside its copy in the model), or None."""
         try:
-            return (self.dir / sha256.hex()).read_bytes()
+            return (self.dir / sha256.hex()).open("rb")
         except FileNotFoundError:
             return None
 

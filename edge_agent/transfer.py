@@ -40,6 +40,7 @@ from raffm.wire import (
 log = logging.getLogger("edge_agent.transfer")
 
 MAX_REFETCH_PER_TENSOR = 3
+CACHE_PIECE_BYTES = 1 << 20  # cached tensors are read into the model in pieces this large, like network chunks
 
 
 class _Cancelled(grpc.RpcError):
@@ -149,15 +150,19 @@ class SliceReceiver:
             return
         while not r.done and r.resume_point.offset == 0:
             meta = r.manifest.tensors[r.manifest.position(r.resume_point.tensor)]
-            data = self._cache.get(meta.sha256) if meta.nbytes else None
-            if data is None:
+            file = self._cache.open(meta.sha256) if meta.nbytes else None
+            if file is None:
                 return
-            try:
-                r.accept(meta.name, 0, data)
-            except ChecksumError:
-                self._cache.drop(meta.sha256)  # a damaged file: fetch the tensor from the extractor instead
-                raise
-            self.cached_bytes += len(data)
+            with file:
+                offset = 0
+                try:
+                    while piece := file.read(CACHE_PIECE_BYTES):
+                        r.accept(meta.name, offset, piece)
+                        offset += len(piece)
+                except ChecksumError:
+                    self._cache.drop(meta.sha256)  # a damaged file: fetch the tensor from the extractor instead
+                    raise
+            self.cached_bytes += offset
 
 
 def update_header(ticket: bytes, sample_count: int, metrics: Mapping[str, float] | None = None

@@ -281,3 +281,40 @@ def test_simulate_splits_and_writes_prompt_response_pairs(tmp_path: Path) -> Non
     text.write_text(json.dumps({"text": "fine", "label": 1}) + "\n")
     assert sniff_task(str(text)) == "sequence-classification" and sniff_task("rotten_tomatoes") == \
         "sequence-classification"
+
+
+# ------------------------------------------------------------------------------------------------------ tensor cache
+
+
+def test_cached_tensors_are_read_in_pieces_and_a_damaged_file_is_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edge_agent import transfer
+    from edge_agent.cache import TensorCache
+    from raffm.proto import manifest_to_proto
+    from raffm.reassembly import MemorySink
+    from raffm.wire import ChecksumError, WirePayload
+
+    payload = WirePayload.from_state({"vocab": torch.randn(64, 32), "bias": torch.randn(5)}, "float32")
+    cache = TensorCache(tmp_path / "cache")
+    for meta in payload.manifest.tensors:
+        cache.put(meta.sha256, payload.source(meta))
+    monkeypatch.setattr(transfer, "CACHE_PIECE_BYTES", 1000)  # the 8 KiB table arrives in 9 pieces
+    written: list[int] = []
+    sink = MemorySink()
+    original = sink.write
+    monkeypatch.setattr(sink, "write",
+                        lambda meta, offset, data: (written.append(len(data)), original(meta, offset, data)))
+    receiver = transfer.SliceReceiver(sink, cache=cache)
+    receiver.receive(extractor_pb2.SliceMessage(manifest=manifest_to_proto(payload.manifest)))
+    assert receiver.reassembler.done and receiver.cached_bytes == payload.nbytes
+    assert max(written) == 1000 and len(written) == 9 + 1
+    for name, tensor in payload.tensors.items():
+        assert torch.equal(sink.tensors[name], tensor)
+
+    vocab = payload.manifest.tensors[0]
+    (cache.dir / vocab.sha256.hex()).write_bytes(b"\0" * vocab.nbytes)  # damaged on disk
+    with pytest.raises(ChecksumError):
+        transfer.SliceReceiver(MemorySink(), cache=cache).receive(
+            extractor_pb2.SliceMessage(manifest=manifest_to_proto(payload.manifest)))
+    assert vocab.sha256 not in cache.digests()  # the next download fetches it from the extractor
