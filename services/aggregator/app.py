@@ -59,14 +59,19 @@ class AggregatorConfig:
 
 
 def default_initial_model(job: JobConfig) -> InitialModel:
-    """Version 0 from the job's model (HF id, local folder, or the shipped MiniLM)."""
+    """Version 0 from the job's model (HF id, local folder, or the shipped MiniLM); a head the model lacks is
+    initialised from the job's seed."""
 
     def load() -> tuple[dict[str, Any], dict[str, Any]]:
+        import torch
+
         from raffm.arch import tied_aliases
         from raffm.models import load_global_model
 
-        model = load_global_model(job.model, task=job.task, num_labels=job.num_labels,  # type: ignore[arg-type]
-                                  label_names=job.labels)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(job.seed)  # a new task head's init: the same seed gives the same version 0
+            model = load_global_model(job.model, task=job.task, num_labels=job.num_labels,  # type: ignore[arg-type]
+                                      label_names=job.labels)
         # A tied LM head (SmolLM2's) is the embedding under a second name: versions hold it once, as slice plans
         # and sub-models expect (raffm.arch.canonical_shapes); model_from_state ties it again.
         aliases = tied_aliases(model)
