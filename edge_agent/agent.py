@@ -294,8 +294,8 @@ class Agent:
 
         # 2. Download (memory measured from here: the downloaded weights are part of the round's footprint).
         if not self._warmed_up and not image:
-            # One tiny training step first, so the runtime's one-off lazy init (thread pools, kernel caches) is not
-            # charged to the first round's measured peak.
+            # A one-layer model of the same width trains first, so the runtime's one-off lazy init (thread pools,
+            # kernel caches, BLAS buffers) is not charged to the first round's measured peak.
             from transformers import BertConfig
 
             from raffm.memory import warm_up_runtime

@@ -98,7 +98,9 @@ def test_predicted_lora_training_memory_of_a_causal_lm(tmp_path: Path, checkpoin
 @pytest.mark.parametrize("budget", [172, 264])
 def test_predicted_memory_with_frozen_first_layers(minilm, tmp_path: Path, budget: float) -> None:
     """Frozen embeddings and first layers: no activations, gradients or moments below the first trained layer. At
-    172 MiB the slice is checkpointed with nested cuts; at 264 MiB the whole model is."""
+    172 MiB the slice is checkpointed with nested cuts; at 264 MiB the whole model is. A prediction that charged the
+    two frozen layers as trained would be 24-28% high, so 10% tells the two apart and leaves room for the CPU (a
+    different BLAS code path measured 7-10% above the prediction before the warm-up took the model's width)."""
     cm = CostModel.from_model(minilm)
     profile = RoundBudget(train_memory_mb=budget, gflops=100, up_mbps=100, down_mbps=100, deadline_s=3600,
                           batch_size=BATCH, seq_len=SEQ)
@@ -106,5 +108,5 @@ def test_predicted_memory_with_frozen_first_layers(minilm, tmp_path: Path, budge
     extract(minilm, picked.spec).save_pretrained(tmp_path)
     result = measure_training_peak(tmp_path, batch_size=BATCH, seq_len=SEQ, steps=3, recipe=picked.recipe.to_dict())
     assert result.exact
-    assert picked.costs.train_memory_mb == pytest.approx(result.peak_mb, rel=0.05), picked.spec.key()
+    assert picked.costs.train_memory_mb == pytest.approx(result.peak_mb, rel=0.10), picked.spec.key()
     assert result.peak_mb <= budget
