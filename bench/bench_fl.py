@@ -55,7 +55,7 @@ from raffm.scaling import DEFAULT_FRACTIONS, fidelity, scaling_table  # noqa: E4
 from raffm.spec import ElasticSpec  # noqa: E402
 from raffm.strategy import Strategy, strategy_named  # noqa: E402
 from raffm.training import LocalConfig, Tokenizer, evaluate, train_local  # noqa: E402
-from raffm.wire import describe, to_wire  # noqa: E402
+from raffm.wire import WirePayload  # noqa: E402
 
 # method -> (strategy preset, whether budgets are real: False gives every device an unlimited budget)
 METHODS: dict[str, tuple[str, bool]] = {
@@ -170,19 +170,14 @@ def build_fleet(model: PreTrainedModel, train: TextDataset, settings: Settings, 
                    train.subset(part)) for i, part in enumerate(parts)]
 
 
-def download_bytes(client: Client, sub_state: dict[str, torch.Tensor], wire_dtype: str) -> int:
-    """Bytes of the slice the device must download: tensors whose content it does not hold already (the edge agent
-    keeps the tensors of its last slice and skips those whose sha256 the manifest repeats). Updates its cache."""
-    total = 0
-    held: dict[str, bytes] = {}
-    for name, tensor in sub_state.items():
-        if not tensor.is_floating_point():
-            continue
-        meta = describe(name, to_wire(tensor, wire_dtype))
-        held[name] = meta.sha256
-        if client.cache.get(name) != meta.sha256:
-            total += meta.nbytes
-    client.cache = held
+def download_bytes(client: Client, sub_state: dict[str, torch.Tensor], wire_dtype: str, dtypes: dict[str, str]) -> int:
+    """Bytes of the slice the device must download, as the extractor sends it (``dtypes``: the tensors not at
+    ``wire_dtype``): tensors whose content it does not hold already (the edge agent keeps the tensors of its last
+    slice and skips those whose sha256 the manifest repeats). Updates its cache."""
+    floats = {name: t for name, t in sub_state.items() if t.is_floating_point()}
+    metas = WirePayload.from_state(floats, wire_dtype, dtypes=dtypes).manifest.tensors
+    total = sum(m.nbytes for m in metas if client.cache.get(m.name) != m.sha256)
+    client.cache = {m.name: m.sha256 for m in metas}
     return total
 
 
@@ -224,7 +219,9 @@ def run_method(
                 continue
             fit = plans[client.index]
             sub = extract(model, fit.spec)
-            down += download_bytes(client, sub.state_dict(), settings.wire_dtype)
+            state = sub.state_dict()
+            down += download_bytes(client, state, settings.wire_dtype,
+                                   fit.recipe.download_dtypes(cm.adapter.vocab_tensors(state)))
             config = LocalConfig(batch_size=settings.batch_size, seq_len=settings.seq_len, lr=settings.lr,
                                  local_steps=settings.local_steps, weight_decay=0.0, warmup_steps=settings.warmup_steps,
                                  seed=seed * 100_003 + rnd * 1009 + client.index)

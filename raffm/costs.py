@@ -90,7 +90,7 @@ class Costs:
     params: int
     trained_params: int  # params minus the recipe's frozen tensors: what has gradients, moments and a delta
     wire_dtype: str
-    wire_bytes: int  # the slice down (every tensor of the sub-model)
+    wire_bytes: int  # the slice down (every tensor of the sub-model; frozen vocabulary at the recipe's frozen_dtype)
     cached_bytes: int  # the recipe's frozen tensors in wire_bytes: a device that kept them skips their download
     upload_bytes: int  # its delta up (the trained tensors only)
     forward_flops_per_sample: float
@@ -104,9 +104,6 @@ class Costs:
     overhead_mb: float
     train_memory_mb: float  # predicted peak; see the module docstring
     infer_memory_mb: float  # predicted peak of a no-grad forward at the same batch and sequence length
-
-    def wire_bytes_as(self, wire_dtype: str) -> int:
-        return self.params * dtype_bytes(wire_dtype)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -370,7 +367,8 @@ class CostModel:
         trained_by_name = self._trained(plan, recipe)
         trained = list(trained_by_name.values())
         adapters = sum(trained) if recipe.lora_rank else 0  # added to the slice's weights, not part of it
-        frozen = params + adapters - sum(trained)
+        narrow = recipe.download_dtypes(self.adapter.vocab_tensors(plan))
+        wire = adapters * nbytes + sum(s.numel * dtype_bytes(narrow.get(n, wire_dtype)) for n, s in plan.items())
         stored = sum(plan[n].numel for n in self.adapter.vocab_tensors(recipe.frozen))  # at recipe.frozen_dtype
         weights = TRAIN_BYTES * (params + adapters - stored) + dtype_bytes(recipe.frozen_dtype) * stored
         w = _widths(spec, self.dims.group)
@@ -405,8 +403,8 @@ class CostModel:
             params=params,
             trained_params=sum(trained),
             wire_dtype=wire_dtype_name(wire_dtype),
-            wire_bytes=(params + adapters) * nbytes,
-            cached_bytes=frozen * nbytes,
+            wire_bytes=wire,
+            cached_bytes=wire - sum(trained) * nbytes,
             upload_bytes=sum(trained) * nbytes,
             forward_flops_per_sample=fwd,
             flops_per_sample=flops,

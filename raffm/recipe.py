@@ -6,6 +6,7 @@ Pure data, shared by the strategy that chooses it (:mod:`raffm.strategy`), the c
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,8 @@ class Recipe:
     spec (the cut learns to compute the spec's representations, not only its prediction).
 
     ``frozen_dtype``: the precision the device stores the frozen vocabulary tables at ("float16" halves them; their
-    lookups are cast back to float32); every other frozen tensor stays float32. ``checkpointing``: activation
+    lookups are cast back to float32), and sent at (:meth:`download_dtypes`); every other frozen tensor stays
+    float32. ``checkpointing``: activation
     checkpointing (each layer's activations are recomputed in the backward pass: about a third more compute for a
     fraction of the activation memory).
 
@@ -76,6 +78,15 @@ class Recipe:
         if not self.lora_rank:
             return None
         return LoRAConfig(rank=self.lora_rank, targets=tuple(self.lora_targets), alpha=self.lora_alpha)
+
+    def download_dtypes(self, vocab: Iterable[str]) -> dict[str, str]:
+        """The slice's tensors that travel down at a dtype other than the job's wire dtype: the frozen ones among
+        ``vocab`` (the slice's vocabulary tables, :meth:`raffm.arch.Adapter.vocab_tensors`) at ``frozen_dtype`` when
+        that is not float32. The device stores them at that precision anyway, so the narrower download loses
+        nothing and moves half their bytes."""
+        if self.frozen_dtype == "float32":
+            return {}
+        return {name: self.frozen_dtype for name in vocab if name in self.frozen}
 
     @property
     def nested_per_step(self) -> int:

@@ -270,12 +270,14 @@ class WirePayload:
     tensors: Mapping[str, torch.Tensor]
 
     @classmethod
-    def from_state(cls, state: Mapping[str, torch.Tensor], dtype: str, names: Sequence[str] | None = None) -> WirePayload:
-        """Convert ``state`` (any float dtype) to ``dtype``, tensor by tensor, and describe it."""
+    def from_state(cls, state: Mapping[str, torch.Tensor], dtype: str, names: Sequence[str] | None = None, *,
+                   dtypes: Mapping[str, str] | None = None) -> WirePayload:
+        """Convert ``state`` (any float dtype) to ``dtype`` (``dtypes[name]`` where given), tensor by tensor, and
+        describe it."""
         wire: dict[str, torch.Tensor] = {}
         metas = []
         for name in names if names is not None else list(state):
-            t = to_wire(state[name], dtype)
+            t = to_wire(state[name], (dtypes or {}).get(name, dtype))
             wire[name] = t
             metas.append(describe(name, t))
         return cls(Manifest(tuple(metas)), wire)

@@ -32,7 +32,7 @@ from raffm.aggregation import UpdateRejected
 from raffm.checkpoints import CheckpointStore
 from raffm.errors import NotFoundError, excerpt
 from raffm.lora_fed import adapter_numel
-from raffm.planning import Planner
+from raffm.planning import Planner, adapter_and_dims
 from raffm.recipe import Recipe
 from raffm.slicing import SlicePlan
 from raffm.spec import ElasticSpec
@@ -134,13 +134,16 @@ class RoundCoordinator:
     def _plan(self, spec: ElasticSpec) -> SlicePlan:
         return self._open.plan(self.model, spec) if self._open is not None else self.model.slice_plan(spec)
 
-    def _slice_bytes(self, spec: ElasticSpec, recipe: Recipe | None = None) -> int:
-        """Bytes of a complete download: the slice, and a LoRA recipe's adapters."""
+    def _slice_bytes(self, spec: ElasticSpec, recipe: Recipe = Recipe()) -> int:
+        """Bytes of a complete download: the slice (its frozen vocabulary at the recipe's precision), and a LoRA
+        recipe's adapters."""
         plan = self._plan(spec)
-        numel = sum(s.numel for s in plan.values())
-        if recipe is not None and recipe.lora_rank:
-            numel += adapter_numel(plan, recipe.lora_targets, recipe.lora_rank)
-        return numel * itemsize(self.job.wire_dtype)
+        size = itemsize(self.job.wire_dtype)
+        narrow = recipe.download_dtypes(adapter_and_dims(self.model.config)[0].vocab_tensors(plan))
+        total = sum(s.numel * (itemsize(narrow[n]) if n in narrow else size) for n, s in plan.items())
+        if recipe.lora_rank:
+            total += adapter_numel(plan, recipe.lora_targets, recipe.lora_rank) * size
+        return total
 
     def check_open(self, round_id: str) -> None:
         """LateUploadError unless ``round_id`` is the open round and before its deadline."""

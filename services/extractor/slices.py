@@ -1,8 +1,9 @@
 """The extractor's use cases: plan a sub-model for a profile, and serve the wire payload of a ticket's slice.
 
-Slices are cut from a model version in the checkpoint store, converted to the job's wire dtype, hashed, and kept in a
-bounded LRU cache keyed by (version, spec key, wire dtype, LoRA settings); concurrent requests for the same slice build
-it once.
+Slices are cut from a model version in the checkpoint store, converted to the job's wire dtype (the recipe's frozen
+vocabulary tables to the precision the device stores them at, :meth:`raffm.recipe.Recipe.download_dtypes`), hashed,
+and kept in a bounded LRU cache keyed by (version, spec key, wire dtype, LoRA settings, stored precision); concurrent
+requests for the same slice build it once.
 
 A LoRA ticket (its recipe has a rank) gets the slice of its *base* version (the job's version 0: the same bytes, so the
 same sha256, every round, and a device's tensor cache skips them after its first round) plus the adapters that carry
@@ -15,6 +16,7 @@ any number of replicas on any hosts serve the same tickets.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections import OrderedDict
@@ -35,7 +37,7 @@ from raffm.wire import WirePayload
 from services.common.auth import Principal
 from services.extractor.metrics import ExtractorMetrics
 
-SliceKey = tuple[str, str, str, str]
+SliceKey = tuple[str, str, str, str, str]
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,11 @@ class SliceService:
     def slice_for(self, ticket: Ticket) -> Slice:
         recipe = ticket.training_recipe
         lora = f"lora:{ticket.base_version}:{recipe.lora_rank}:{','.join(recipe.lora_targets)}:{recipe.lora_alpha!r}"
-        key: SliceKey = (ticket.model_version, ticket.spec_key, ticket.wire_dtype, lora if recipe.lora_rank else "")
+        stored = ""
+        if recipe.frozen_dtype != "float32":  # which tensors travel narrower depends on the frozen set
+            stored = recipe.frozen_dtype + ":" + hashlib.sha256("\n".join(sorted(recipe.frozen)).encode()).hexdigest()
+        key: SliceKey = (ticket.model_version, ticket.spec_key, ticket.wire_dtype, lora if recipe.lora_rank else "",
+                         stored)
         hit = self.cache.get(key)
         if hit is not None:
             self.metrics.cache_hits.inc()
@@ -169,7 +175,8 @@ class SliceService:
             adapters = start_adapters(current, base, recipe.lora.rank, recipe.lora.scaling, seed)
             sub.update(adapters)
             names += sorted(adapters)
-        payload = WirePayload.from_state(sub, ticket.wire_dtype, names=names)
+        payload = WirePayload.from_state(sub, ticket.wire_dtype, names=names,
+                                         dtypes=recipe.download_dtypes(adapter.vocab_tensors(names)))
         return Slice(key=key, payload=payload, architecture=adapter.name)
 
     @staticmethod

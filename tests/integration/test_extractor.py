@@ -47,8 +47,11 @@ def test_slice_matches_the_global_model_and_resumes_after_a_break(fleet: Fleet) 
     state = fleet.store.load("job-v0")
     plan = plan_of(fleet.store.info("job-v0").config, {n: tuple(t.shape) for n, t in state.items()}, spec_of(a))
     assert list(full) == list(plan)
+    # The job's wire dtype, but the frozen vocabulary at the half precision the device stores it at.
+    assert recipe_from_proto(a.recipe).frozen_dtype == "float16"
     for name, s in plan.items():
-        assert torch.equal(full[name], s.take(state[name]).to(torch.bfloat16)), name
+        dtype = torch.float16 if name == "bert.embeddings.word_embeddings.weight" else torch.bfloat16
+        assert full[name].dtype == dtype and torch.equal(full[name], s.take(state[name]).to(dtype)), name
 
     # Break after 5 chunks, resume from the reassembler's point into the same sink.
     sink = MemorySink()
@@ -58,6 +61,7 @@ def test_slice_matches_the_global_model_and_resumes_after_a_break(fleet: Fleet) 
     second = download_once(fleet.ext_stub(), a.ticket, sink, metadata=dev.md, chunk_bytes=1024, resume=point)
     second.reassembler.finish()
     assert second.reassembler.bytes_received == first.manifest.total_bytes - first.reassembler.bytes_held
+    assert a.predicted.wire_bytes == first.manifest.total_bytes  # the cost model prices what the extractor sends
     for name in full:
         assert torch.equal(sink.tensors[name], full[name]), name
 

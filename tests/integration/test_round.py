@@ -78,6 +78,7 @@ def _three_device_round(tmp_path: Path, wire_dtype: str, db_url: str = "") -> No
             down[("laptop", "jetson", "phone")[i]] = sum(t.numel() * t.element_size() for t in received.values())
             delta = scripted_delta(received, seed=i, assignment=a)
             assert "bert.embeddings.word_embeddings.weight" in received  # frozen: downloaded, not uploaded
+            assert received["bert.embeddings.word_embeddings.weight"].dtype == torch.float16  # as the device stores it
             assert "bert.embeddings.word_embeddings.weight" not in delta
             up += payload(delta, job.wire_dtype).nbytes
             assert received["classifier.weight"].dtype == WIRE_DTYPES[job.wire_dtype]
