@@ -27,10 +27,9 @@ class Recipe:
     spec (the cut learns to compute the spec's representations, not only its prediction).
 
     ``frozen_dtype``: the precision the device stores the frozen vocabulary tables at ("float16" halves them; their
-    lookups are cast back to float32), and sent at (:meth:`download_dtypes`); every other frozen tensor stays
-    float32. ``checkpointing``: activation
-    checkpointing (each layer's activations are recomputed in the backward pass: about a third more compute for a
-    fraction of the activation memory).
+    lookups are cast back to float32), and receives them at (:meth:`download_dtypes`); every other frozen tensor
+    stays float32. ``checkpointing``: activation checkpointing (each layer's activations are recomputed in the
+    backward pass: about a third more compute for a fraction of the activation memory).
 
     ``prior_correction`` tau > 0 (classification only): the label loss of the device's spec sees its logits plus
     tau x the log of the device's own label prior (logit adjustment, as in FedLC), so a device whose data is mostly
