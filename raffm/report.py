@@ -28,6 +28,7 @@ class RoundRecord:
     mean_train_loss: float | None = None
     bytes_by_tier: dict[str, dict[str, int]] = field(default_factory=dict)  # tier -> {"down": n, "up": n}
     eval_loss: float | None = None  # causal-LM jobs: mean response-token loss on the held-out split (nats)
+    balanced_accuracy: float | None = None  # classification: mean recall of the labels (raffm.training.Scores)
     # Per device tier: devices, params, trained_params, predicted_memory_mb, peak_memory_mb (raffm.v1.TierCosts)
     tiers: dict[str, dict[str, float]] = field(default_factory=dict)
 

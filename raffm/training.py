@@ -346,11 +346,21 @@ def _cuts_this_step(cuts: list[NestedCut], sampled: int, rng: random.Random) -> 
     return [smallest, *rng.sample(others, min(sampled, len(others)))]
 
 
+@dataclass(frozen=True)
+class Scores:
+    """A classifier on labelled data: ``accuracy``, and ``balanced_accuracy``, the mean over the labels present of
+    the share of their examples predicted right: a model that predicts one label for everything scores 1 / labels
+    whatever the labels' shares, so a swing of the decision threshold shows as one beside the accuracy."""
+
+    accuracy: float
+    balanced_accuracy: float
+
+
 @torch.no_grad()
-def evaluate(
+def classification_scores(
     model: nn.Module, data: Dataset, tokenizer: Tokenizer | None, *, batch_size: int = 64, seq_len: int = 64
-) -> float:
-    """Accuracy of ``model`` on ``data`` (0..1); generative data: :func:`raffm.generative.evaluate_generative`."""
+) -> Scores:
+    """:class:`Scores` of ``model`` on ``data``; generative data: :func:`raffm.generative.evaluate_generative`."""
     if len(data) == 0:
         raise ValueError("the evaluation data set is empty")
     if isinstance(data, InstructionDataset):
@@ -358,9 +368,18 @@ def evaluate(
                          "raffm.generative.evaluate_generative (exact match and response loss)")
     was_training = model.training
     model.eval()
-    correct = 0
+    predicted, gold = [], []
     for batch in batches(data, tokenizer, batch_size, seq_len, shuffle=False):
-        labels = batch.pop("labels")
-        correct += int((model(**batch).logits.argmax(-1) == labels).sum())
+        gold.append(batch.pop("labels"))
+        predicted.append(model(**batch).logits.argmax(-1))
     model.train(was_training)
-    return correct / len(data)
+    right, labels = torch.cat(predicted) == torch.cat(gold), torch.cat(gold)
+    recalls = [right[labels == label].float().mean() for label in labels.unique()]
+    return Scores(float(right.float().mean()), float(torch.stack(recalls).mean()))
+
+
+def evaluate(
+    model: nn.Module, data: Dataset, tokenizer: Tokenizer | None, *, batch_size: int = 64, seq_len: int = 64
+) -> float:
+    """Accuracy of ``model`` on ``data`` (0..1); see :func:`classification_scores`."""
+    return classification_scores(model, data, tokenizer, batch_size=batch_size, seq_len=seq_len).accuracy

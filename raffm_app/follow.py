@@ -263,7 +263,7 @@ def follow_job(
                     dropouts=r.dropped, bytes_down=r.bytes_down, bytes_up=r.bytes_up,
                     full_fedavg_bytes=r.full_model_bytes, duration_s=duration,
                     mean_train_loss=r.mean_train_loss or None, bytes_by_tier=tier_bytes(before, after),
-                    eval_loss=eval_loss,
+                    eval_loss=eval_loss, balanced_accuracy=r.evaluation.get("balanced_accuracy"),
                     tiers={t.tier: {"devices": t.devices, "params": t.params, "trained_params": t.trained_params,
                                     "predicted_memory_mb": round(t.predicted_memory_mb, 1),
                                     "peak_memory_mb": round(t.peak_memory_mb, 1)} for t in r.tiers},
@@ -272,7 +272,8 @@ def follow_job(
                 report.rounds.append(record)
                 acc = "n/a" if accuracy is None else f"{accuracy:.1%}"
                 failed = f" ({failure_summary(r)})" if r.failures else ""
-                score = (f"global test accuracy {acc}" if report.metric == "accuracy" else
+                balanced = "" if record.balanced_accuracy is None else f" (balanced {record.balanced_accuracy:.1%})"
+                score = (f"global test accuracy {acc}{balanced}" if report.metric == "accuracy" else
                          f"held-out {report.metric} {acc}" + ("" if eval_loss is None else f", loss {eval_loss:.3f}"))
                 print(f"round {r.index}: {score}, participants {r.accepted}/{r.assigned}, "
                       f"dropouts {r.dropped}{failed}, down {r.bytes_down / 2**20:.1f} MiB, "

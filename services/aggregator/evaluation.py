@@ -8,8 +8,9 @@ tokenizer in the job's model folder. ``eval_fractions`` adds cuts keeping those 
 (:func:`raffm.scaling.spec_for_fraction`, cut with :func:`raffm.elastic.extract`), so a run shows how every
 deployable size improves, not only the full model.
 
-Result keys: ``accuracy`` (the global model) and ``accuracy@<fraction>``, ``flops@<fraction>`` and
-``params@<fraction>`` (the shares the cut keeps) per size; the aggregator publishes them as
+Result keys: ``accuracy`` and ``balanced_accuracy`` (the global model; :class:`raffm.training.Scores`), and
+``accuracy@<fraction>``, ``balanced_accuracy@<fraction>``, ``flops@<fraction>`` and ``params@<fraction>`` (the shares
+the cut keeps) per size; the aggregator publishes them as
 ``raffm_aggregator_eval{metric, size}``.
 
 A ``causal-lm`` job evaluates prompt -> response pairs instead (:func:`raffm.generative.evaluate_generative`):
@@ -51,14 +52,15 @@ def describe(evaluation: Mapping[str, float]) -> str:
         return "no held-out evaluation"
     parts = []
     if "accuracy" in evaluation:
-        parts.append(f"held-out accuracy {evaluation['accuracy']:.1%}")
+        balanced = f" (balanced {evaluation['balanced_accuracy']:.1%})" if "balanced_accuracy" in evaluation else ""
+        parts.append(f"held-out accuracy {evaluation['accuracy']:.1%}{balanced}")
     if "exact_match" in evaluation:
         parts.append(f"held-out exact match {evaluation['exact_match']:.1%}")
     sizes = sorted((float(k.partition("@")[2]), k) for k in evaluation if k.startswith("accuracy@"))
     if sizes:
         parts.append("by share of the compute " + ", ".join(
             f"{size_label(fraction)}: {evaluation[key]:.1%}" for fraction, key in sizes))
-    others = sorted(k for k in evaluation if "@" not in k and k not in ("accuracy", "exact_match"))
+    others = sorted(k for k in evaluation if "@" not in k and k not in ("accuracy", "balanced_accuracy", "exact_match"))
     parts += [f"{k} {evaluation[k]:.4g}" for k in others]
     return "; ".join(parts)
 
@@ -132,14 +134,15 @@ class HeldOutEvaluator:
 
     def _scores(self, model: Any, suffix: str) -> dict[str, float]:
         from raffm.generative import evaluate_generative
-        from raffm.training import evaluate
+        from raffm.training import classification_scores
 
         if isinstance(self.data, InstructionDataset):
             scores = evaluate_generative(model, self.data, self.tokenizer, batch_size=self.batch_size,
                                          seq_len=self.seq_len)
             return {f"exact_match{suffix}": scores.exact_match, f"loss{suffix}": scores.loss}
-        return {f"accuracy{suffix}": evaluate(model, self.data, self.tokenizer, batch_size=self.batch_size,
-                                              seq_len=self.seq_len)}
+        labelled = classification_scores(model, self.data, self.tokenizer, batch_size=self.batch_size,
+                                         seq_len=self.seq_len)
+        return {f"accuracy{suffix}": labelled.accuracy, f"balanced_accuracy{suffix}": labelled.balanced_accuracy}
 
 
 def default_evaluator(job: Any) -> HeldOutEvaluator | None:

@@ -17,7 +17,7 @@ from raffm.data import load_text_file
 from raffm.elastic import extract
 from raffm.models import model_from_state
 from raffm.scaling import spec_for_fraction
-from raffm.training import evaluate
+from raffm.training import classification_scores, evaluate
 from raffm.v1 import aggregator_pb2
 from services.aggregator.config import JobConfig
 from tests.integration.fedloop import Fleet, download, payload, scripted_delta, tiny_bert_folder, tiny_job
@@ -63,8 +63,8 @@ def test_global_model_and_sub_models_are_evaluated_after_each_round(tmp_path: Pa
         rnd = fleet.wait_round(stub, a.round_id)
         assert rnd.state == aggregator_pb2.ROUND_STATE_CLOSED, rnd
         ev = dict(rnd.evaluation)
-        assert set(ev) == {"accuracy", "accuracy@0.25", "params@0.25", "flops@0.25", "accuracy@1", "params@1",
-                           "flops@1"}, ev
+        assert set(ev) == {"accuracy", "balanced_accuracy", "accuracy@0.25", "balanced_accuracy@0.25", "params@0.25",
+                           "flops@0.25", "accuracy@1", "balanced_accuracy@1", "params@1", "flops@1"}, ev
 
         # The same numbers, computed directly from the stored version.
         from transformers import AutoTokenizer
@@ -72,6 +72,8 @@ def test_global_model_and_sub_models_are_evaluated_after_each_round(tmp_path: Pa
         data, tok = load_text_file(data_path), AutoTokenizer.from_pretrained(model)
         global_model = model_from_state(fleet.store.info("job-v1").config, fleet.store.load("job-v1"))
         assert ev["accuracy"] == evaluate(global_model, data, tok, seq_len=job.seq_len)
+        scores = classification_scores(global_model, data, tok, seq_len=job.seq_len)
+        assert ev["balanced_accuracy"] == scores.balanced_accuracy
         cm = CostModel.from_model(global_model)
         quarter = spec_for_fraction(cm, 0.25, seq_len=job.seq_len)
         assert ev["accuracy@0.25"] == evaluate(extract(global_model, quarter), data, tok, seq_len=job.seq_len)
@@ -85,7 +87,8 @@ def test_global_model_and_sub_models_are_evaluated_after_each_round(tmp_path: Pa
 
         # The aggregator's log says how the model is doing, next to the update count (issue 12, item 8).
         closed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("round job-r1 closed")]
-        assert closed == [f"round job-r1 closed: 1 update(s), version job-v1; held-out accuracy {ev['accuracy']:.1%}; "
+        assert closed == [f"round job-r1 closed: 1 update(s), version job-v1; held-out accuracy {ev['accuracy']:.1%} "
+                          f"(balanced {ev['balanced_accuracy']:.1%}); "
                           f"by share of the compute 0.25: {ev['accuracy@0.25']:.1%}, 1: {ev['accuracy@1']:.1%}"]
     finally:
         fleet.stop()

@@ -12,7 +12,8 @@ from raffm.recipe import Recipe
 from raffm.slicing import slice_plan
 from raffm.spec import ElasticSpec
 from raffm.spp import prioritize
-from raffm.training import LocalConfig, NestedCut, train_local
+from raffm.data import TextDataset
+from raffm.training import LocalConfig, NestedCut, Scores, classification_scores, evaluate, train_local
 from tests.unit.models_fixtures import inputs, make
 from tests.unit.toys import WordHashTokenizer, tiny_model, toy_data
 
@@ -152,3 +153,28 @@ def test_prior_correction_must_be_non_negative_and_labels_must_fit_the_model() -
     with pytest.raises(ValueError, match="labels up to 2; the model has 2 labels"):
         train_local(tiny_model(0), three, WordHashTokenizer(64), LocalConfig(batch_size=8, seq_len=16, local_steps=1),
                     recipe=Recipe(prior_correction=1.0))
+
+
+class _Constant(torch.nn.Module):
+    """Predicts ``label`` for every input (logits of two classes)."""
+
+    def __init__(self, label: int) -> None:
+        super().__init__()
+        self.label = label
+
+    def forward(self, input_ids: torch.Tensor, **_: object) -> object:
+        logits = torch.zeros(input_ids.shape[0], 2)
+        logits[:, self.label] = 1.0
+        return type("Out", (), {"logits": logits})()
+
+
+def test_balanced_accuracy_sees_a_one_label_model_for_what_it_is() -> None:
+    data = TextDataset([f"review {i}" for i in range(10)], [1] * 7 + [0] * 3, ("rotten", "fresh"))
+    scores = classification_scores(_Constant(1), data, WordHashTokenizer(64), seq_len=8)
+    assert scores == Scores(accuracy=pytest.approx(0.7), balanced_accuracy=pytest.approx(0.5))
+    assert classification_scores(_Constant(0), data, WordHashTokenizer(64), seq_len=8).accuracy == pytest.approx(0.3)
+    # A real model: the accuracy is evaluate()'s.
+    model = tiny_model(0)
+    scores = classification_scores(model, toy_data(40), WordHashTokenizer(64), seq_len=16)
+    assert 0.0 <= scores.balanced_accuracy <= 1.0 and scores.accuracy == evaluate(model, toy_data(40),
+                                                                                   WordHashTokenizer(64), seq_len=16)
