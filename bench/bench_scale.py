@@ -97,7 +97,7 @@ class Stack:
         env = dict(os.environ, RAFFM_OPERATOR_TOKEN=OPERATOR, RAFFM_TICKET_SECRET=SECRET, RAFFM_ENROLL_KEY=KEY,
                    RAFFM_AGENT_ENROLL_KEY=KEY, **self.env)
         self.env = env
-        self.group = ProcessGroup(self.root / "logs")
+        self.group = ProcessGroup(self.root / "logs", grace_s=10)
         names = ("registry", "aggregator", "extractor")
         self.ports = {n: free_port() for n in names}
         self.metrics_ports = {n: free_port() for n in names}
@@ -119,13 +119,13 @@ class Stack:
                 *common), env)
             wait_serving(self.group, self.address("extractor"), "extractor", timeout_s=300)  # a loaded machine
         except BaseException:
-            self.group.stop(5)
+            self.group.stop()
             raise
         return self
 
     def __exit__(self, *exc: object) -> None:
         assert self.group is not None
-        self.group.stop(10)
+        self.group.stop()
 
     def pid(self, name: str) -> int:
         assert self.group is not None
@@ -221,7 +221,7 @@ def part_control(backend: str, db_url: str, root: Path, args: argparse.Namespace
     (root / "tiers.toml").write_text(TIERS)
     job = job_args(str(model), args.participants, poll_wait_s=args.poll_wait_s)
     with Stack(root, db_url, f"file://{root / 'checkpoints'}", job, liveness_s=args.liveness_s) as stack:
-        group = ProcessGroup(root / "fleet-logs")
+        group = ProcessGroup(root / "fleet-logs", grace_s=30)
         per = [args.devices // args.fleet_procs + (i < args.devices % args.fleet_procs) for i in range(args.fleet_procs)]
         for i, n in enumerate(per):
             # The simulator runs at a lower CPU priority than the services: on one machine it stands in for devices
@@ -246,7 +246,7 @@ def part_control(backend: str, db_url: str, root: Path, args: argparse.Namespace
                 break
             load.append(os.getloadavg()[0])
             time.sleep(1.0)
-        group.stop(30)
+        group.stop()
         server = {"registry": stack.metrics("registry"), "aggregator": stack.metrics("aggregator")}
         rounds = stack.rounds()
     missing = [i for i in range(len(per)) if not (root / f"fleet{i}.json").exists()]

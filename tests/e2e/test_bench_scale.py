@@ -1,0 +1,26 @@
+"""bench/bench_scale.py's control part at its CI size, as a user runs it: 60 devices register and poll real services
+(SQLite), and a round of 20 participants closes. The bench drives the product's process group and CLIs, so a change
+there that the bench does not follow fails here rather than in the next person's measurement."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_quick_control_part_registers_every_device_and_closes_a_round(tmp_path: Path) -> None:
+    out = tmp_path / "scale.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_scale.py"), "--quick", "--parts", "control",
+                           "--postgres-url", "", "--json", str(out), "--work-dir", str(tmp_path / "work")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (control,) = json.loads(out.read_text())["control"]
+    assert control["backend"] == "sqlite"
+    assert control["registered"] == control["devices"] == 60
+    assert control["round"]["state"] == "ROUND_STATE_CLOSED"
+    assert control["round"]["accepted"] == 20
+    assert control["latency_ms"]["aggregator.PollRound"]["count"] > 0
