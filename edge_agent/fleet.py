@@ -203,6 +203,22 @@ class AgentGroup:
         return {"agents": reports, "samples": recorder.samples, "errors": recorder.errors}
 
 
+def _start_ray(ray: Any, address: str, attempts: int = 3) -> None:
+    """``ray.init``, tried again when a local node misses Ray's fixed 30 s wait for its raylet to register (a busy
+    machine: Ray then raises a bare ``Exception`` saying the node "timed out during startup")."""
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address=address or None, include_dashboard=False, log_to_driver=True,
+                     logging_level=logging.WARNING)
+            return
+        except Exception as exc:
+            if attempt == attempts or "timed out during startup" not in str(exc):
+                raise
+            log.warning("Ray's local node did not start in time (attempt %d of %d); starting it again", attempt,
+                        attempts)
+            ray.shutdown()
+
+
 def run_ray(devices: Sequence[tuple[AgentConfig, Any]], *, address: str = "", actors: int = 0,
             duration_s: float = 0.0, start_spread_s: float = 0.0, log_level: str = "WARNING",
             control_plane: bool = False) -> FleetReport:
@@ -215,8 +231,7 @@ def run_ray(devices: Sequence[tuple[AgentConfig, Any]], *, address: str = "", ac
         # A local head's GCS may need more than Ray's default 30 s to publish its port on a busy machine (the simulator
         # shares it with the services and the fleet); the operator's own setting wins.
         os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
-        ray.init(address=address or None, include_dashboard=False, log_to_driver=True,
-                 logging_level=logging.WARNING)
+        _start_ray(ray, address)
     t0 = time.monotonic()
     try:
         n = actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
