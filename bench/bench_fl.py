@@ -221,7 +221,7 @@ def run_method(
             sub = extract(model, fit.spec)
             state = sub.state_dict()
             down += download_bytes(client, state, settings.wire_dtype,
-                                   fit.recipe.download_dtypes(cm.adapter.vocab_tensors(state)))
+                                   fit.recipe.download_dtypes(state, cm.adapter.vocab_tensors(state)))
             config = LocalConfig(batch_size=settings.batch_size, seq_len=settings.seq_len, lr=settings.lr,
                                  local_steps=settings.local_steps, weight_decay=0.0, warmup_steps=settings.warmup_steps,
                                  seed=seed * 100_003 + rnd * 1009 + client.index)

@@ -90,7 +90,7 @@ class Costs:
     params: int
     trained_params: int  # params minus the recipe's frozen tensors: what has gradients, moments and a delta
     wire_dtype: str
-    wire_bytes: int  # the slice down (every tensor of the sub-model; frozen vocabulary at the recipe's frozen_dtype)
+    wire_bytes: int  # the slice down (every tensor of the sub-model; frozen ones at the recipe's download_dtypes)
     cached_bytes: int  # the recipe's frozen tensors in wire_bytes: a device that kept them skips their download
     upload_bytes: int  # its delta up (the trained tensors only)
     forward_flops_per_sample: float
@@ -367,7 +367,7 @@ class CostModel:
         trained_by_name = self._trained(plan, recipe)
         trained = list(trained_by_name.values())
         adapters = sum(trained) if recipe.lora_rank else 0  # added to the slice's weights, not part of it
-        narrow = recipe.download_dtypes(self.adapter.vocab_tensors(plan))
+        narrow = recipe.download_dtypes(plan, self.adapter.vocab_tensors(plan))
         wire = adapters * nbytes + sum(s.numel * dtype_bytes(narrow.get(n, wire_dtype)) for n, s in plan.items())
         stored = sum(plan[n].numel for n in self.adapter.vocab_tensors(recipe.frozen))  # at recipe.frozen_dtype
         weights = TRAIN_BYTES * (params + adapters - stored) + dtype_bytes(recipe.frozen_dtype) * stored

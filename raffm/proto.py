@@ -99,7 +99,7 @@ def recipe_to_proto(recipe: Recipe) -> common_pb2.TrainingRecipe:
     return common_pb2.TrainingRecipe(
         frozen_tensors=sorted(recipe.frozen), nested=[spec_to_proto(s) for s in recipe.nested],
         nested_sampled=recipe.sampled, distill=recipe.distill, frozen_dtype=recipe.frozen_dtype,
-        activation_checkpointing=recipe.checkpointing, distill_hidden=recipe.distill_hidden,
+        base_dtype=recipe.base_dtype, activation_checkpointing=recipe.checkpointing, distill_hidden=recipe.distill_hidden,
         prior_correction=recipe.prior_correction, lora_rank=recipe.lora_rank, lora_targets=list(recipe.lora_targets) if recipe.lora_rank else [],
         lora_alpha=recipe.lora_alpha if recipe.lora_rank else 0.0,
     )
@@ -110,7 +110,8 @@ def recipe_from_proto(msg: common_pb2.TrainingRecipe) -> Recipe:
     return Recipe(
         frozen=frozenset(msg.frozen_tensors), nested=tuple(spec_from_proto(s) for s in msg.nested),
         sampled=int(msg.nested_sampled), distill=float(msg.distill) if msg.nested else 1.0,
-        frozen_dtype=wire_dtype_name(msg.frozen_dtype or "float32"), checkpointing=bool(msg.activation_checkpointing),
+        frozen_dtype=wire_dtype_name(msg.frozen_dtype or "float32"),
+        base_dtype=wire_dtype_name(msg.base_dtype or "float32"), checkpointing=bool(msg.activation_checkpointing),
         distill_hidden=float(msg.distill_hidden), prior_correction=float(msg.prior_correction),
         lora_rank=int(msg.lora_rank),
         lora_targets=tuple(msg.lora_targets) if msg.lora_rank else (),

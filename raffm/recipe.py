@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from raffm.lora import LoRAConfig
+from raffm.lora import A_SUFFIX, B_SUFFIX, LoRAConfig
 from raffm.spec import ElasticSpec
 
 
@@ -28,7 +28,9 @@ class Recipe:
 
     ``frozen_dtype``: the precision the device stores the frozen vocabulary tables at ("float16" halves them; their
     lookups are cast back to float32), and receives them at (:meth:`download_dtypes`); every other frozen tensor
-    stays float32. ``checkpointing``: activation checkpointing (each layer's activations are recomputed in the
+    stays float32 on the device. ``base_dtype``: the precision every other frozen tensor travels down at when it is
+    narrower than the job's wire dtype; the device computes with it in float32 (a LoRA round's frozen base slice, most
+    of its bytes: rounding to float16 is a relative error of at most 2^-11). ``checkpointing``: activation checkpointing (each layer's activations are recomputed in the
     backward pass: about a third more compute for a fraction of the activation memory).
 
     ``prior_correction`` tau > 0 (classification only): the label loss of the device's spec sees its logits plus
@@ -46,6 +48,7 @@ class Recipe:
     sampled: int = 1
     distill: float = 1.0
     frozen_dtype: str = "float32"
+    base_dtype: str = "float32"
     checkpointing: bool = False
     distill_hidden: float = 0.0
     prior_correction: float = 0.0
@@ -68,8 +71,9 @@ class Recipe:
             raise ValueError(f"recipe distill_hidden is {self.distill_hidden}; it must be >= 0")
         if not self.prior_correction >= 0.0:
             raise ValueError(f"recipe prior_correction is {self.prior_correction}; it must be >= 0")
-        if self.frozen_dtype not in ("float32", "float16", "bfloat16"):
-            raise ValueError(f"recipe frozen_dtype is {self.frozen_dtype!r}; it must be float32, float16 or bfloat16")
+        for name in ("frozen_dtype", "base_dtype"):
+            if getattr(self, name) not in ("float32", "float16", "bfloat16"):
+                raise ValueError(f"recipe {name} is {getattr(self, name)!r}; it must be float32, float16 or bfloat16")
 
     @property
     def lora(self) -> LoRAConfig | None:
@@ -78,14 +82,19 @@ class Recipe:
             return None
         return LoRAConfig(rank=self.lora_rank, targets=tuple(self.lora_targets), alpha=self.lora_alpha)
 
-    def download_dtypes(self, vocab: Iterable[str]) -> dict[str, str]:
-        """The slice's tensors that travel down at a dtype other than the job's wire dtype: the frozen ones among
-        ``vocab`` (the slice's vocabulary tables, :meth:`raffm.arch.Adapter.vocab_tensors`) at ``frozen_dtype`` when
-        that is not float32. The device stores them at that precision anyway, so the narrower download loses
-        nothing and moves half their bytes."""
-        if self.frozen_dtype == "float32":
-            return {}
-        return {name: self.frozen_dtype for name in vocab if name in self.frozen}
+    def download_dtypes(self, names: Iterable[str], vocab: Iterable[str]) -> dict[str, str]:
+        """Of a download's tensors ``names``, those that travel at a dtype other than the job's wire dtype: the frozen
+        ones among ``vocab`` (the slice's vocabulary tables, :meth:`raffm.arch.Adapter.vocab_tensors`) at
+        ``frozen_dtype`` when that is not float32 (the device stores them at that precision anyway, so the narrower
+        download loses nothing), every other frozen tensor (with LoRA: every base tensor) at ``base_dtype`` when that
+        is not float32."""
+        dtypes = {}
+        if self.base_dtype != "float32":
+            dtypes = {n: self.base_dtype for n in names
+                      if n in self.frozen or (self.lora_rank and not n.endswith((A_SUFFIX, B_SUFFIX)))}
+        if self.frozen_dtype != "float32":
+            dtypes.update({name: self.frozen_dtype for name in vocab if name in self.frozen})
+        return dtypes
 
     @property
     def nested_per_step(self) -> int:
@@ -94,7 +103,8 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         return {"frozen": sorted(self.frozen), "nested": [s.to_dict() for s in self.nested], "sampled": self.sampled,
-                "distill": self.distill, "frozen_dtype": self.frozen_dtype, "checkpointing": self.checkpointing,
+                "distill": self.distill, "frozen_dtype": self.frozen_dtype, "base_dtype": self.base_dtype,
+                "checkpointing": self.checkpointing,
                 "distill_hidden": self.distill_hidden, "prior_correction": self.prior_correction,
                 "lora_rank": self.lora_rank,
                 "lora_targets": list(self.lora_targets), "lora_alpha": self.lora_alpha}
@@ -105,6 +115,7 @@ class Recipe:
                    nested=tuple(ElasticSpec.from_dict(s) for s in data.get("nested", ())),
                    sampled=int(data.get("sampled", 1)), distill=float(data.get("distill", 1.0)),
                    frozen_dtype=str(data.get("frozen_dtype", "float32")),
+                   base_dtype=str(data.get("base_dtype", "float32")),
                    checkpointing=bool(data.get("checkpointing", False)),
                    distill_hidden=float(data.get("distill_hidden", 0.0)),
                    prior_correction=float(data.get("prior_correction", 0.0)),

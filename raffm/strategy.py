@@ -82,6 +82,9 @@ class Strategy:
     lora_ranks: tuple[int, ...] = ()
     lora_targets: tuple[str, ...] = ()
     lora_alpha: float = 16.0
+    # The precision a LoRA round's frozen base slice travels down at (the device computes with it in float32): the
+    # base is nearly all of a LoRA job's bytes, and it crosses the wire in the device's first round.
+    lora_base_dtype: str = "float16"
 
     def __post_init__(self) -> None:
         if any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in self.lora_ranks):
@@ -92,7 +95,7 @@ class Strategy:
             if self.ordering == "every_round":
                 raise ValueError("LoRA rounds need a stable channel order: use ordering 'once' or 'never'")
             Recipe(lora_rank=max(self.lora_ranks), lora_targets=self.lora_targets or ("x",),
-                   lora_alpha=self.lora_alpha)  # validates alpha and targets
+                   lora_alpha=self.lora_alpha, base_dtype=self.lora_base_dtype)  # validates them
         if self.ordering not in ORDERINGS:
             raise ValueError(f"ordering is {self.ordering!r}; choose one of {', '.join(ORDERINGS)}")
         if self.aggregation not in MODES:
@@ -178,7 +181,8 @@ class Strategy:
             ranks = sorted(set(self.lora_ranks), reverse=True)
             modes = (False, True) if self.checkpointing else (False,)
             return tuple(replace(self.recipe_for(spec, cost_model, checkpointing=c), nested=(), distill_hidden=0.0,
-                                 lora_rank=r, lora_targets=targets, lora_alpha=self.lora_alpha)
+                                 lora_rank=r, lora_targets=targets, lora_alpha=self.lora_alpha,
+                                 base_dtype=self.lora_base_dtype)
                          for c in modes for r in ranks)
         plain = self.recipe_for(spec, cost_model)
         if not self.checkpointing:

@@ -135,11 +135,11 @@ class RoundCoordinator:
         return self._open.plan(self.model, spec) if self._open is not None else self.model.slice_plan(spec)
 
     def _slice_bytes(self, spec: ElasticSpec, recipe: Recipe = Recipe()) -> int:
-        """Bytes of a complete download: the slice (its frozen vocabulary at the recipe's precision), and a LoRA
-        recipe's adapters."""
+        """Bytes of a complete download: the slice (its frozen tensors at the recipe's precision), and a LoRA recipe's
+        adapters."""
         plan = self._plan(spec)
         size = itemsize(self.job.wire_dtype)
-        narrow = recipe.download_dtypes(adapter_and_dims(self.model.config)[0].vocab_tensors(plan))
+        narrow = recipe.download_dtypes(plan, adapter_and_dims(self.model.config)[0].vocab_tensors(plan))
         total = sum(s.numel * (itemsize(narrow[n]) if n in narrow else size) for n, s in plan.items())
         if recipe.lora_rank:
             total += adapter_numel(plan, recipe.lora_targets, recipe.lora_rank) * size

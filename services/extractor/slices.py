@@ -1,8 +1,8 @@
 """The extractor's use cases: plan a sub-model for a profile, and serve the wire payload of a ticket's slice.
 
 Slices are cut from a model version in the checkpoint store, converted to the job's wire dtype (the recipe's frozen
-vocabulary tables to the precision the device stores them at, :meth:`raffm.recipe.Recipe.download_dtypes`), hashed,
-and kept in a bounded LRU cache keyed by (version, spec key, wire dtype, LoRA settings, stored precision); concurrent
+tensors narrower where it says so, :meth:`raffm.recipe.Recipe.download_dtypes`), hashed, and kept in a bounded LRU
+cache keyed by (version, spec key, wire dtype, LoRA settings, frozen tensors' precision); concurrent
 requests for the same slice build it once.
 
 A LoRA ticket (its recipe has a rank) gets the slice of its *base* version (the job's version 0: the same bytes, so the
@@ -125,8 +125,9 @@ class SliceService:
         recipe = ticket.training_recipe
         lora = f"lora:{ticket.base_version}:{recipe.lora_rank}:{','.join(recipe.lora_targets)}:{recipe.lora_alpha!r}"
         stored = ""
-        if recipe.frozen_dtype != "float32":  # which tensors travel narrower depends on the frozen set
-            stored = recipe.frozen_dtype + ":" + hashlib.sha256("\n".join(sorted(recipe.frozen)).encode()).hexdigest()
+        if {recipe.frozen_dtype, recipe.base_dtype} != {"float32"}:  # which tensors travel narrower: the frozen set
+            stored = (f"{recipe.frozen_dtype}:{recipe.base_dtype}:"
+                      + hashlib.sha256("\n".join(sorted(recipe.frozen)).encode()).hexdigest())
         key: SliceKey = (ticket.model_version, ticket.spec_key, ticket.wire_dtype, lora if recipe.lora_rank else "",
                          stored)
         hit = self.cache.get(key)
@@ -176,7 +177,7 @@ class SliceService:
             sub.update(adapters)
             names += sorted(adapters)
         payload = WirePayload.from_state(sub, ticket.wire_dtype, names=names,
-                                         dtypes=recipe.download_dtypes(adapter.vocab_tensors(names)))
+                                         dtypes=recipe.download_dtypes(names, adapter.vocab_tensors(names)))
         return Slice(key=key, payload=payload, architecture=adapter.name)
 
     @staticmethod

@@ -122,7 +122,10 @@ def test_lora_uploads_fold_as_dense_products_also_after_a_restart_mid_round(tmp_
                 adapters = {n: t for n, t in got.items() if n.endswith((".lora_A", ".lora_B"))}
                 base = {n: t for n, t in got.items() if n not in adapters}
                 plan = plan_of(config, shapes, spec_of(a))
-                if r == 1:
+                if r == 1:  # the frozen base at the strategy's lora_base_dtype, the adapters at the job's wire dtype
+                    v0 = fleet.store.load("job-v0")
+                    assert all(torch.equal(t, plan[n].take(v0[n]).to(torch.float16)) for n, t in base.items())
+                    assert all(t.dtype == torch.float32 for t in adapters.values())
                     received_bases.append(base)
                 else:  # the same base bytes again (the agent's cache skips them), adapters carrying v1 - v0
                     assert all(torch.equal(base[n], received_bases[i][n]) for n in base)

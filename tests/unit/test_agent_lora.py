@@ -32,13 +32,15 @@ def _one_thread() -> None:
 
 
 def test_recipe_lora_fields_round_trip_and_default_to_plain_fine_tuning() -> None:
-    recipe = Recipe(lora_rank=4, lora_targets=TARGETS, lora_alpha=8.0)
+    recipe = Recipe(lora_rank=4, lora_targets=TARGETS, lora_alpha=8.0, base_dtype="float16")
     assert recipe_from_proto(recipe_to_proto(recipe)) == recipe
-    assert recipe_from_proto(common_pb2.TrainingRecipe()).lora is None  # an older server's message
+    older = recipe_from_proto(common_pb2.TrainingRecipe())  # an older server's message
+    assert older.lora is None and older.base_dtype == "float32"
     assert recipe_from_proto(common_pb2.TrainingRecipe(lora_rank=2, lora_targets=["q_proj"])).lora_alpha == 16.0
 
 
-def test_a_lora_round_trains_the_servers_adapters_on_the_cached_base(tmp_path: Path) -> None:
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.float16])
+def test_a_lora_round_trains_the_servers_adapters_on_the_cached_base(tmp_path: Path, base_dtype: torch.dtype) -> None:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(WORDS), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64, bos_token_id=1,
@@ -52,7 +54,8 @@ def test_a_lora_round_trains_the_servers_adapters_on_the_cached_base(tmp_path: P
     recipe = Recipe(lora_rank=2, lora_targets=TARGETS, lora_alpha=4.0)
     adapters = redistribute(update, plan, 2, recipe.lora.scaling)  # type: ignore[union-attr]
     data: InstructionDataset = toy_pairs(16, seed=0)
-    tensors = {**{n: t.clone() for n, t in base.items()}, **{n: t.clone() for n, t in adapters.items()}}
+    # the base as the extractor sends it (a LoRA recipe's base_dtype), the adapters at the job's wire dtype
+    tensors = {**{n: t.to(base_dtype) for n, t in base.items()}, **{n: t.clone() for n, t in adapters.items()}}
     meter = MemoryMeter()
     meter.start()
     result = run_local_round(tensors, global_config=config, spec=spec, data=data, tokenizer=word_tokenizer(),

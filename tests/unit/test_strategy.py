@@ -180,3 +180,28 @@ def test_lora_ranks_give_each_device_the_largest_rank_that_fits_and_upload_adapt
         STRATEGIES["paper"].with_options(lora_ranks=(4,))
     with pytest.raises(ValueError, match="rank must be an integer"):
         Strategy(lora_ranks=(0,))
+
+
+def test_a_lora_rounds_frozen_base_travels_at_half_precision_and_its_adapters_at_the_wire_dtype() -> None:
+    cm = CostModel.from_model(make("bert"))
+    full = ElasticSpec.full(cm.dims)
+    plan = cm.plan(full)
+    vocab = cm.adapter.vocab_tensors(plan)
+    wire = {}
+    for base in ("float16", "float32"):
+        lora = STRATEGIES["raffm"].with_options(lora_ranks=(4,), checkpointing=False, lora_base_dtype=base)
+        (recipe,) = lora.recipes_for(full, cm)
+        narrow = recipe.download_dtypes([*plan, "bert.encoder.layer.0.attention.self.query.lora_A"], vocab)
+        assert "bert.encoder.layer.0.attention.self.query.lora_A" not in narrow  # adapters: the job's wire dtype
+        if base == "float16":
+            assert set(narrow) == set(plan) and set(narrow.values()) == {"float16"}
+        else:
+            assert set(narrow) == set(vocab)  # the frozen vocabulary only, at the precision the device stores it
+        wire[base] = cm.estimate(full, batch_size=8, seq_len=12, recipe=recipe)
+    params, adapters = wire["float16"].params, wire["float16"].trained_params
+    assert wire["float16"].wire_bytes == 2 * params + 4 * adapters
+    assert wire["float16"].wire_bytes < wire["float32"].wire_bytes
+    assert wire["float16"].upload_bytes == wire["float32"].upload_bytes == 4 * adapters
+    assert wire["float16"].train_memory_mb == wire["float32"].train_memory_mb  # the device computes in float32
+    with pytest.raises(ValueError, match="base_dtype is 'int8'"):
+        STRATEGIES["raffm"].with_options(lora_ranks=(4,), lora_base_dtype="int8")
