@@ -95,7 +95,9 @@ class Strategy:
             if self.ordering == "every_round":
                 raise ValueError("LoRA rounds need a stable channel order: use ordering 'once' or 'never'")
             Recipe(lora_rank=max(self.lora_ranks), lora_targets=self.lora_targets or ("x",),
-                   lora_alpha=self.lora_alpha, base_dtype=self.lora_base_dtype)  # validates them
+                   lora_alpha=self.lora_alpha)  # validates alpha and targets
+        if self.lora_base_dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"lora_base_dtype is {self.lora_base_dtype!r}; choose float32, float16 or bfloat16")
         if self.ordering not in ORDERINGS:
             raise ValueError(f"ordering is {self.ordering!r}; choose one of {', '.join(ORDERINGS)}")
         if self.aggregation not in MODES:
