@@ -99,7 +99,8 @@ def recipe_to_proto(recipe: Recipe) -> common_pb2.TrainingRecipe:
     return common_pb2.TrainingRecipe(
         frozen_tensors=sorted(recipe.frozen), nested=[spec_to_proto(s) for s in recipe.nested],
         nested_sampled=recipe.sampled, distill=recipe.distill, frozen_dtype=recipe.frozen_dtype,
-        base_dtype=recipe.base_dtype, activation_checkpointing=recipe.checkpointing, distill_hidden=recipe.distill_hidden,
+        base_dtype=recipe.base_dtype, activation_checkpointing=recipe.checkpointing,
+        distill_hidden=recipe.distill_hidden,
         prior_correction=recipe.prior_correction, lora_rank=recipe.lora_rank, lora_targets=list(recipe.lora_targets) if recipe.lora_rank else [],
         lora_alpha=recipe.lora_alpha if recipe.lora_rank else 0.0,
     )

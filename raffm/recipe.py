@@ -28,10 +28,10 @@ class Recipe:
 
     ``frozen_dtype``: the precision the device stores the frozen vocabulary tables at ("float16" halves them; their
     lookups are cast back to float32), and receives them at (:meth:`download_dtypes`); every other frozen tensor
-    stays float32 on the device. ``base_dtype``: the precision every other frozen tensor travels down at when it is
-    narrower than the job's wire dtype; the device computes with it in float32 (a LoRA round's frozen base slice, most
-    of its bytes: rounding to float16 is a relative error of at most 2^-11). ``checkpointing``: activation checkpointing (each layer's activations are recomputed in the
-    backward pass: about a third more compute for a fraction of the activation memory).
+    stays float32 on the device. ``base_dtype``: the precision every other frozen tensor (with LoRA: every base tensor)
+    travels down at, float32 meaning the job's wire dtype; the device computes with it in float32 (rounding to float16
+    is a relative error of at most 2^-11). ``checkpointing``: activation checkpointing (each layer's activations are
+    recomputed in the backward pass: about a third more compute for a fraction of the activation memory).
 
     ``prior_correction`` tau > 0 (classification only): the label loss of the device's spec sees its logits plus
     tau x the log of the device's own label prior (logit adjustment, as in FedLC), so a device whose data is mostly
