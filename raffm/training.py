@@ -1,6 +1,7 @@
 """Local training and evaluation of (sub-)models: what a device runs, and what the server evaluates with.
 
-Text batches are tokenized to a fixed ``seq_len``; image batches are ``[B, C, H, W]`` float tensors; generative
+Text batches are padded to their longest text, at most ``seq_len`` tokens (padding is masked out, so the model
+computes the same; a batch of short reviews costs less); image batches are ``[B, C, H, W]`` float tensors; generative
 (causal-LM) batches carry per-token ``labels`` that are -100 outside the response (:mod:`raffm.generative`). The result
 of local training is the *delta* of the trained weights against the received ones, in float32 (with a LoRA recipe, of
 the adapters).
@@ -87,7 +88,7 @@ def batches(
             if tokenizer is None:
                 raise ValueError("text data needs a tokenizer")
             enc = tokenizer(
-                [data.texts[i] for i in idx], padding="max_length", truncation=True, max_length=seq_len,
+                [data.texts[i] for i in idx], padding="longest", truncation=True, max_length=seq_len,
                 return_tensors="pt",
             )
             yield {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
@@ -230,7 +231,7 @@ def _enable_checkpointing(model: PreTrainedModel, trained: Iterable[str]) -> Non
     a frozen model); when the ``trained`` tensors leave the embeddings and the first layers frozen, that would run
     backward through those layers for nothing, so it is undone."""
     model.activation_checkpointing_enable()
-    if adapter_for(model).frozen_layers(trained):
+    if adapter_for(model).frozen_layers(trained, int(model.config.num_hidden_layers)):
         model.disable_input_require_grads()
 
 
@@ -276,7 +277,7 @@ def train_local(
     losses: list[float] = []
     samples = 0
     with PeakMemory() as peak:
-        optimizer = torch.optim.AdamW(trained.values(), lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = torch.optim.AdamW(trained.values(), lr=config.lr * recipe.lr_scale, weight_decay=config.weight_decay)
         warmup = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda i: min(1.0, (i + 1) / config.warmup_steps) if config.warmup_steps else 1.0)
         step = 0
