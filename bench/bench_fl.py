@@ -217,7 +217,9 @@ def run_method(
         for client in fleet:
             if client.index not in plans:
                 continue
-            fit = plans[client.index]
+            # the round's plan: the same spec every round, the recipe may differ (a probe round trains the head only)
+            fit = strategy.plan(cm, client.profile(settings, real_budget=real_budget), wire_dtype=settings.wire_dtype,
+                                round_index=rnd + 1)
             sub = extract(model, fit.spec)
             state = sub.state_dict()
             down += download_bytes(client, state, settings.wire_dtype,

@@ -130,10 +130,23 @@ class Adapter:
         layer = self.layer_of(name)
         return layer < layers if layer is not None else layers > 0 and "embed" in name.rpartition(".")[0]
 
-    def frozen_layers(self, trained: Iterable[str]) -> int:
-        """How many leading layers no gradient reaches when the tensors ``trained`` are (adapters included): those
-        below the first layer with a trained tensor, if no input embedding is trained (0 otherwise). Autograd saves
-        nothing there and the backward pass stops above them."""
+    def task_head(self, names: Iterable[str]) -> frozenset[str]:
+        """The task head among ``names``: the tensors outside the module that holds the layers, i.e. what a task model
+        adds on top of its pretrained body (BERT's and ViT's ``classifier``, RoBERTa's classification head). None for
+        a bare body, whose layers are not inside a module of their own."""
+        names = list(names)
+        bodies = set()
+        for name in names:
+            match = self.layer_pattern.search(name)
+            if match and match.start() > 0:
+                bodies.add(name.split(".", 1)[0])
+        return frozenset(n for n in names if bodies and n.split(".", 1)[0] not in bodies)
+
+    def frozen_layers(self, trained: Iterable[str], depth: int) -> int:
+        """How many of a model's ``depth`` leading layers no gradient reaches when the tensors ``trained`` are
+        (adapters included): those below the first layer with a trained tensor (all of them when only a task head
+        trains), if no input embedding is trained (0 otherwise). Autograd saves nothing there and the backward pass
+        stops above them."""
         layers = []
         for name in trained:
             layer = self.layer_of(name)
@@ -141,7 +154,7 @@ class Adapter:
                 layers.append(layer)
             elif self.below(name, 1):
                 return 0
-        return min(layers, default=0)
+        return min(layers, default=depth)
 
 
 _BERT_RULES: list[tuple[str, tuple[AxisKind, ...]]] = [

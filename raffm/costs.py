@@ -40,7 +40,8 @@ Activations ``A``: what autograd saves in torch 2.13 (CPU, ``attn_implementation
   repeat K/V to the query heads (``2 T (a - c)`` more per layer) and materialise the mask (``~B L^2``).
 
 Measured against RSS (``raffm.memory``, glibc allocator configured by ``configure_allocator``): within 2% for
-MiniLM at batch 16 x 64 tokens across hidden widths 96-384. MB means MiB (2**20 bytes) throughout.
+MiniLM at batch 16 x 64 tokens across hidden widths 96-384. Text batches are padded to their longest text only
+(:func:`raffm.training.batches`), so ``seq_len`` is a bound: the costs are those of a batch of full-length texts. MB means MiB (2**20 bytes) throughout.
 FedProx (a frozen copy of the received weights and its proximal term) adds about 2 W; it is not included.
 
 LoRA recipes (``recipe.lora_rank > 0``, :mod:`raffm.lora`): the trained tensors are the adapters (``r (out + in)``
@@ -257,14 +258,19 @@ def peak_train_bytes(
 
 
 def peak_infer_bytes(w: _Widths, *, params: int, batch_size: int, seq_len: int, logits: int = 0) -> int:
-    """A no-grad forward: weights plus the widest layer's live tensors (residual, q/k/v, scores; or the FFN), and
-    ``logits`` elements per token of a causal LM's output."""
+    """A no-grad forward: weights plus :func:`forward_live_elements`."""
+    return TRAIN_BYTES * (params + forward_live_elements(w, batch_size=batch_size, seq_len=seq_len, logits=logits))
+
+
+def forward_live_elements(w: _Widths, *, batch_size: int, seq_len: int, logits: int = 0) -> int:
+    """What a no-grad forward holds besides the weights, in fp32 elements: the widest layer's live tensors (residual,
+    q/k/v, scores; or the FFN), and ``logits`` elements per token of a causal LM's output."""
     tokens = batch_size * seq_len
     live = max(
         max(3 * tokens * a + 3 * batch_size * heads * seq_len * seq_len, 2 * tokens * f)
         for heads, a, f in zip(w.heads, w.a, w.f)
     )
-    return TRAIN_BYTES * (params + 3 * tokens * w.hidden + live + tokens * logits)
+    return 3 * tokens * w.hidden + live + tokens * logits
 
 
 class CostModel:
@@ -375,7 +381,7 @@ class CostModel:
         fwd = self._forward_flops(w, seq_len)
         # Training: every pass's forward, and its backward (2x; 3x checkpointed: the forward again) above the frozen
         # layers. Per step: the spec, its smallest nested cut, and ``sampled`` of the others (their mean on average).
-        frozen_layers = self.adapter.frozen_layers(trained_by_name)
+        frozen_layers = self.adapter.frozen_layers(trained_by_name, spec.depth)
         backward = 3.0 if recipe.checkpointing else 2.0
 
         def train_flops(c: _Widths) -> float:
@@ -397,6 +403,9 @@ class CostModel:
                              teacher=(spec.depth + 1) * batch_size * seq_len * spec.hidden if recipe.distill_hidden else 0)
             for cut in passes or [None]
         )
+        # The forward itself: where no layer trains (a probe round's head), its live tensors are the peak.
+        live = forward_live_elements(w, batch_size=batch_size, seq_len=seq_len, logits=self.lm_vocab)
+        peak = max(peak, weights + TRAIN_BYTES * (3 * sum(trained) + live))
         weights_mb = weights / MIB
         trained_mb = TRAIN_BYTES * sum(trained) / MIB
         return Costs(
@@ -444,7 +453,7 @@ class CostModel:
                        attention_dropout=self.attention_dropout)
         tokens = batch_size * seq_len
         plan = self.plan(spec)  # this pass's (maybe nested) cut: its own sizes of the trained tensors
-        frozen_layers = self.adapter.frozen_layers(trained)
+        frozen_layers = self.adapter.frozen_layers(trained, spec.depth)
         if self.adapter.causal_lm:
             layers = decoder_layer_activation_elements(w, batch_size=batch_size, seq_len=seq_len)
             activations = decoder_activation_elements(w, batch_size=batch_size, seq_len=seq_len,
@@ -471,7 +480,7 @@ class CostModel:
                 by_layer[layer] = by_layer.get(layer, 0) + (numel if recipe.lora_rank else plan[name].numel)
         return Pass(
             activations=activations,
-            largest_layer=max(layers),
+            largest_layer=max(layers, default=0),
             outside_layers=activations - sum(layers),
             checkpoints=len(layers) * tokens * w.hidden,
             # a causal LM starts backward in the log-softmax, beside its saved output: its gradient and the logits'

@@ -103,6 +103,7 @@ class PlanJob:
     local_steps: int = 10
     optimizer: str = "adamw"
     holds_frozen: bool = False  # the device kept the frozen tensors of an earlier round (see RoundBudget)
+    round_index: int = 0  # the round planned for (1 is the first; 0: none in particular), see Strategy.plan
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,8 @@ class LocalPlanner:
                 result = fit_inference(cm, budget, batch_size=job.batch_size,
                                        seq_len=None if cm.image_tokens is not None else job.seq_len)
             else:
-                result = self.strategy.plan(cm, round_budget(profile, job, cm), wire_dtype=job.wire_dtype)
+                result = self.strategy.plan(cm, round_budget(profile, job, cm), wire_dtype=job.wire_dtype,
+                                            round_index=job.round_index)
         except ValidationError:
             raise
         except ValueError as exc:

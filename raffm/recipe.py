@@ -6,6 +6,7 @@ Pure data, shared by the strategy that chooses it (:mod:`raffm.strategy`), the c
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,9 @@ class Recipe:
     one label does not teach the shared model that label's prior; the logits themselves, used at inference and as
     the nested cuts' teacher, are left as they are. 0: plain cross-entropy.
 
+    ``lr_scale``: the device trains at this multiple of the job's learning rate (a probe round's freshly initialised
+    task head learns at a larger step than a pretrained body can take).
+
     ``lora_rank`` > 0: parameter-efficient training (:mod:`raffm.lora`): rank-``lora_rank`` adapters on the
     ``lora_targets`` modules (scaling ``lora_alpha / lora_rank``), every base tensor frozen; a round then moves
     adapters, not the slice (:mod:`raffm.lora_fed`). 0: plain fine-tuning.
@@ -55,6 +59,7 @@ class Recipe:
     lora_rank: int = 0
     lora_targets: tuple[str, ...] = ()
     lora_alpha: float = 16.0
+    lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
@@ -63,6 +68,8 @@ class Recipe:
             LoRAConfig(rank=self.lora_rank, targets=self.lora_targets, alpha=self.lora_alpha)  # validates them
             if self.nested:
                 raise ValueError("a LoRA recipe cannot train nested cuts (not supported yet)")
+        if not (self.lr_scale > 0 and math.isfinite(self.lr_scale)):
+            raise ValueError(f"recipe lr_scale is {self.lr_scale}; it must be a positive number")
         if self.sampled < 0:
             raise ValueError(f"recipe sampled is {self.sampled}; it must be >= 0")
         if not 0.0 <= self.distill <= 1.0:
@@ -107,7 +114,7 @@ class Recipe:
                 "checkpointing": self.checkpointing,
                 "distill_hidden": self.distill_hidden, "prior_correction": self.prior_correction,
                 "lora_rank": self.lora_rank,
-                "lora_targets": list(self.lora_targets), "lora_alpha": self.lora_alpha}
+                "lora_targets": list(self.lora_targets), "lora_alpha": self.lora_alpha, "lr_scale": self.lr_scale}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
@@ -120,4 +127,4 @@ class Recipe:
                    distill_hidden=float(data.get("distill_hidden", 0.0)),
                    prior_correction=float(data.get("prior_correction", 0.0)),
                    lora_rank=int(data.get("lora_rank", 0)), lora_targets=tuple(data.get("lora_targets", ())),
-                   lora_alpha=float(data.get("lora_alpha", 16.0)))
+                   lora_alpha=float(data.get("lora_alpha", 16.0)), lr_scale=float(data.get("lr_scale", 1.0)))

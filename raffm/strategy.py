@@ -20,6 +20,12 @@ ships. RaFFM's defaults, each chosen by measurement (bench/results, README "The 
 - **Server momentum 0.5** (FedAvgM): the server steps along the running sum of the rounds' merged updates, which
   damps the round-to-round swings that a non-IID fleet of slices gives the model.
 
+``probe_rounds`` (off by default: over 4 seeds of bench_fl, a probe round in place of a fine-tuning round ended 4 pts
+lower) makes the first rounds linear-probe rounds, as LP-FT (Kumar et al. 2022) and FedNCM (Legate et al. 2023) fit
+the head before fine-tuning: every device trains only the freshly initialised task head on its slice's frozen
+features (forward passes and a head-sized upload), so no random head's gradients reach the pretrained body. The
+body does not change in such a round, so a device keeps it and does not download it again.
+
 ``lora_ranks`` (off by default) turns rounds into federated LoRA (:mod:`raffm.lora_fed`): every device trains
 low-rank adapters on its frozen slice, at the largest rank of the ladder that fits its budget, and the server folds
 the adapters' products into the merged global model.
@@ -35,7 +41,7 @@ import torch
 
 from raffm.aggregation import MODES, Mode, SlicedFedAvg
 from raffm.costs import CostModel
-from raffm.fitting import DEFAULT_HEADROOM, FitResult, RoundBudget, fit, ladder, width_spec
+from raffm.fitting import DEFAULT_HEADROOM, FitResult, RoundBudget, fit, ladder, round_time, width_spec
 from raffm.lora import DEFAULT_TARGETS, adapter_shapes, target_weight_names
 from raffm.recipe import Recipe
 from raffm.slicing import SlicePlan, TensorSlice, nested
@@ -60,7 +66,8 @@ class Strategy:
     train a larger spec. ``frozen_layers`` k > 0: the input embeddings and the first k layers (at most all but the
     last) stay as pretrained on every device: no gradient flows below layer k, so no activations are kept there;
     never uploaded, and cached by the device across rounds like the frozen vocabulary. LoRA recipes put adapters on
-    every target layer.
+    every target layer. ``probe_rounds`` k: rounds 1..k of a classification job train the task head only
+    (:meth:`probe_recipe`), at ``probe_lr_scale`` x the job's learning rate.
     """
 
     name: str = "raffm"
@@ -74,6 +81,8 @@ class Strategy:
     prior_correction: float = 0.0
     checkpointing: bool = True
     frozen_layers: int = 0
+    probe_rounds: int = 0
+    probe_lr_scale: float = 10.0
     aggregation: Mode = "coverage"
     server_lr: float = 1.0
     server_momentum: float = 0.0
@@ -108,10 +117,12 @@ class Strategy:
             raise ValueError("server momentum needs a stable channel order: use ordering 'once' or 'never'")
         if isinstance(self.frozen_layers, bool) or not isinstance(self.frozen_layers, int) or self.frozen_layers < 0:
             raise ValueError(f"frozen_layers is {self.frozen_layers!r}; it must be an integer >= 0")
+        if isinstance(self.probe_rounds, bool) or not isinstance(self.probe_rounds, int) or self.probe_rounds < 0:
+            raise ValueError(f"probe_rounds is {self.probe_rounds!r}; it must be an integer >= 0")
         if any(not 0 < f < 1 for f in self.nested_fractions):
             raise ValueError(f"nested_fractions {self.nested_fractions}: every fraction must be in (0, 1)")
         Recipe(sampled=self.sampled, distill=self.distill, distill_hidden=self.distill_hidden,
-               prior_correction=self.prior_correction)  # validates them
+               prior_correction=self.prior_correction, lr_scale=self.probe_lr_scale)  # validates them
 
     # -- versions -----------------------------------------------------------------------------------------------------
 
@@ -191,6 +202,19 @@ class Strategy:
             return (plain,)
         return plain, self.recipe_for(spec, cost_model, checkpointing=True)
 
+    def probe_recipe(self, spec: ElasticSpec, cost_model: CostModel) -> Recipe | None:
+        """The recipe of a probe round for a device training ``spec``: everything but the task head frozen (no nested
+        cut: the cuts share the head), at ``probe_lr_scale`` x the learning rate. None where there is no head to
+        probe: a causal LM (its head is pretrained), LoRA jobs, a model without a task head."""
+        if self.lora_ranks or cost_model.adapter.causal_lm:
+            return None
+        plan = cost_model.plan(spec)
+        head = cost_model.adapter.task_head(plan)
+        if not head:
+            return None
+        return replace(self.recipe_for(spec, cost_model), frozen=frozenset(plan) - head, nested=(), distill_hidden=0.0,
+                       lr_scale=self.probe_lr_scale)
+
     def lora_targets_for(self, cost_model: CostModel) -> tuple[str, ...]:
         """The LoRA target modules: the strategy's, or the architecture's defaults."""
         if self.lora_targets:
@@ -203,14 +227,22 @@ class Strategy:
 
     def plan(
         self, cost_model: CostModel, budget: RoundBudget, *, wire_dtype: str = "float32",
-        headroom: float = DEFAULT_HEADROOM,
+        headroom: float = DEFAULT_HEADROOM, round_index: int = 0,
     ) -> FitResult:
         """The largest spec (with its recipe and predicted costs) that a device can train within its ``budget``
-        (memory and round deadline); ``ValueError`` saying what is missing when nothing fits."""
+        (memory and round deadline) in round ``round_index`` (1 is the first; 0: no round in particular);
+        ``ValueError`` saying what is missing when nothing fits. In a probe round the device trains the spec it will
+        fine-tune afterwards, with the probe recipe (so the body it downloads now is the one it keeps)."""
         full = ElasticSpec.full(cost_model.dims)
         rungs = ladder(cost_model.dims) if self.heterogeneous else [full]
-        return fit(cost_model, budget, wire_dtype=wire_dtype, headroom=headroom, rungs=rungs,
-                   recipes_for=lambda spec: self.recipes_for(spec, cost_model))
+        result = fit(cost_model, budget, wire_dtype=wire_dtype, headroom=headroom, rungs=rungs,
+                     recipes_for=lambda spec: self.recipes_for(spec, cost_model))
+        probe = self.probe_recipe(result.spec, cost_model) if 0 < round_index <= self.probe_rounds else None
+        if probe is None:
+            return result
+        costs = cost_model.estimate(result.spec, batch_size=budget.batch_size, seq_len=budget.seq_len,
+                                    wire_dtype=wire_dtype, recipe=probe)
+        return FitResult(result.spec, costs, round_time(costs, budget), probe)
 
     @staticmethod
     def upload_plan(plan: SlicePlan, recipe: Recipe) -> SlicePlan:

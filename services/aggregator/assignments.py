@@ -160,7 +160,7 @@ class Assigner:
         # A device that has reported a round keeps the frozen tensors in its cache: they are not downloaded again.
         plan_job = PlanJob(batch_size=job.batch_size, seq_len=job.seq_len, wire_dtype=job.wire_dtype,
                            deadline_s=max(budget_s, 0.01), local_steps=steps, optimizer=job.optimizer,
-                           holds_frozen=cal.observations > 0)
+                           holds_frozen=cal.observations > 0, round_index=rnd.index)
         profile = corrected_profile(device.profile, cal)
         try:
             plan = self.planner.plan(profile, plan_job, rnd.model_version)

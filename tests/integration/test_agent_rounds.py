@@ -9,8 +9,10 @@ import stat
 from pathlib import Path
 
 import pytest
+import torch
 
 from edge_agent.state import STATE_FILE
+from raffm.proto import recipe_from_proto
 from raffm.v1 import aggregator_pb2
 from tests.integration.agentkit import (
     AgentThread, Fleet, FixedPortFleet, agent_config, job, list_devices, rounds, tiny_model, wait_for,
@@ -41,6 +43,30 @@ def test_agent_completes_a_round_and_reports_its_measurements(tmp_path: Path, mo
         assert stat.S_IMODE(os.stat(state_file).st_mode) == 0o600
         assert saved["rounds_done"] == 1
         assert not list((tmp_path / "state").glob(".agent-state-*"))
+    finally:
+        fleet.stop()
+
+
+def test_a_probe_round_moves_only_the_head_and_the_next_round_does_not_download_the_body_again(
+    tmp_path: Path, model: Path
+) -> None:
+    fleet = Fleet(tmp_path, job(model, rounds=2, strategy_options={"probe_rounds": 1})).start()
+    try:
+        runner = AgentThread(agent_config(fleet, "pi-probe", tmp_path / "state", model, max_rounds=2)).start()
+        assert runner.join() == 0
+        assert [o.status for o in runner.agent.outcomes] == ["uploaded", "uploaded"]
+        probe, tune = (recipe_from_proto(a.recipe) for a in runner.assignments)
+        first, second = sorted((fleet.wait_round(fleet.agg_stub(), r.round_id) for r in rounds(fleet)),
+                               key=lambda r: r.index)
+        v0, v1, v2 = (fleet.store.load(v) for v in ("job-v0", first.result_model_version,
+                                                      second.result_model_version))
+        head = {"classifier.weight", "classifier.bias"}
+        assert set(v0) - probe.frozen == head and probe.lr_scale == 10.0 and not head & tune.frozen
+        assert {n for n in v0 if not torch.equal(v0[n], v1[n])} == head  # the body is version 0's, bit for bit
+        assert {n for n in v0 if not torch.equal(v1[n], v2[n])} == set(v0) - tune.frozen
+        # round 1 uploads a head; round 2 downloads little more than one, since the device kept the body
+        assert first.bytes_up < second.bytes_up / 100
+        assert second.bytes_down < first.bytes_down / 100
     finally:
         fleet.stop()
 

@@ -110,3 +110,20 @@ def test_predicted_memory_with_frozen_first_layers(minilm, tmp_path: Path, budge
     assert result.exact
     assert picked.costs.train_memory_mb == pytest.approx(result.peak_mb, rel=0.10), picked.spec.key()
     assert result.peak_mb <= budget
+
+
+def test_predicted_memory_of_a_probe_round(minilm, tmp_path: Path) -> None:
+    """A probe round trains the task head on frozen features: the whole body runs forward without autograd, so the
+    peak is the weights and one layer's transient activations; a prediction that still charged the body's activations
+    would be about twice the measurement."""
+    cm = CostModel.from_model(minilm)
+    profile = RoundBudget(train_memory_mb=264, gflops=100, up_mbps=100, down_mbps=100, deadline_s=3600,
+                          batch_size=BATCH, seq_len=SEQ)
+    raffm = STRATEGIES["raffm"].with_options(probe_rounds=1)
+    probe, tune = (raffm.plan(cm, profile, round_index=r) for r in (1, 2))
+    assert probe.spec == tune.spec and probe.costs.train_memory_mb < tune.costs.train_memory_mb / 2
+    extract(minilm, probe.spec).save_pretrained(tmp_path)
+    result = measure_training_peak(tmp_path, batch_size=BATCH, seq_len=SEQ, steps=3, recipe=probe.recipe.to_dict())
+    print(f"\nprobe round: predicted {probe.costs.train_memory_mb:.1f} MB, measured {result.peak_mb:.1f} MB")
+    assert result.exact
+    assert probe.costs.train_memory_mb == pytest.approx(result.peak_mb, rel=0.10), probe.spec.key()

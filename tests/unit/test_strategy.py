@@ -56,6 +56,43 @@ def test_frozen_layers_freeze_the_input_embeddings_and_the_first_layers_and_cost
     assert {n for n in cm.shapes if ".layer." in n} - deepest.frozen == {n for n in cm.shapes if ".layer.2." in n}
 
 
+def test_a_probe_round_trains_the_task_head_of_the_spec_the_device_fine_tunes_afterwards() -> None:
+    cm = CostModel.from_model(make("bert"))
+    raffm = STRATEGIES["raffm"].with_options(probe_rounds=1, probe_lr_scale=5.0)
+    small = budget(memory_budget_mb(9.1))
+    probe, first, unplanned = (raffm.plan(cm, small, round_index=r) for r in (1, 2, 0))
+    assert probe.spec == first.spec == unplanned.spec and first.recipe == unplanned.recipe
+    assert probe.spec != ElasticSpec.full(cm.dims)  # a slice: the device keeps its body for round 2
+    plan = cm.plan(probe.spec)
+    assert set(plan) - probe.recipe.frozen == {"classifier.weight", "classifier.bias"}
+    assert probe.recipe.lr_scale == 5.0 and not probe.recipe.nested and first.recipe.lr_scale == 1.0
+    assert probe.recipe.frozen_dtype == "float16"  # the vocabulary still travels and is stored at half precision
+    # forward passes and a head: far less memory, compute and upload than fine-tuning the same spec
+    assert probe.costs.train_memory_mb < first.costs.train_memory_mb
+    assert probe.costs.activations_mb < first.costs.activations_mb / 4
+    assert probe.costs.flops_per_sample < first.costs.flops_per_sample / 2
+    assert probe.costs.upload_bytes == 4 * (plan["classifier.weight"].numel + plan["classifier.bias"].numel)
+    assert raffm.upload_plan(plan, probe.recipe).keys() == {"classifier.weight", "classifier.bias"}
+    with pytest.raises(ValueError, match="probe_rounds is -1"):
+        raffm.with_options(probe_rounds=-1)
+    with pytest.raises(ValueError, match="lr_scale is 0"):
+        raffm.with_options(probe_lr_scale=0.0)
+
+
+@pytest.mark.parametrize("kind", ["roberta", "vit", "bert-base"])
+def test_the_task_head_is_what_the_task_model_adds_to_its_body(kind: str) -> None:
+    cm = CostModel.from_model(make(kind))
+    head = cm.adapter.task_head(cm.shapes)
+    expected = {n for n in cm.shapes if n.startswith("classifier.")}
+    assert head == expected and (head or kind == "bert-base")  # RoBERTa's head has its own dense layer
+    full = ElasticSpec.full(cm.dims)
+    probe = STRATEGIES["raffm"].probe_recipe(full, cm)
+    if head:
+        assert probe is not None and set(cm.plan(full)) - probe.frozen == expected
+    else:
+        assert probe is None  # a bare body has no head to probe: its rounds fine-tune from the start
+
+
 def test_fedavg_plans_the_whole_model_or_nothing_and_raffm_a_slice() -> None:
     cm = CostModel.from_model(make("bert"))
     full = ElasticSpec.full(cm.dims)
@@ -169,6 +206,8 @@ def test_lora_ranks_give_each_device_the_largest_rank_that_fits_and_upload_adapt
           for rank, recipe in need.items()}
     assert mb[2] < mb[8]
     assert lora.plan(cm, budget(1e5)).recipe.lora_rank == 8
+    probing = lora.with_options(probe_rounds=1)  # a LoRA job's first round trains its adapters, not a head
+    assert probing.plan(cm, budget(1e5), round_index=1).recipe == lora.plan(cm, budget(1e5)).recipe
     between = lora.plan(cm, budget(memory_budget_mb((mb[2] + mb[8]) / 2)))
     assert between.spec == full and between.recipe.lora_rank == 2
     plan = cm.plan(full)

@@ -93,6 +93,22 @@ def test_frozen_first_layers_do_not_move_and_the_layers_above_them_train(checkpo
     assert result.delta["bert.encoder.layer.1.attention.self.query.weight"].abs().sum() > 0  # type: ignore[attr-defined]
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_a_head_only_recipe_trains_the_head_at_its_scaled_lr_and_runs_no_backward_through_the_body() -> None:
+    model = tiny_model(0)
+    head = {"classifier.weight", "classifier.bias"}
+    body = frozenset(n for n, _ in model.named_parameters()) - head
+    backward_through = []
+    model.bert.encoder.layer[-1].register_full_backward_hook(lambda *_: backward_through.append(1))
+    model, before, result = _train(Recipe(frozen=body, lr_scale=4.0), model=model, local_steps=1)
+    assert not backward_through and set(result.delta) == head  # type: ignore[attr-defined]
+    # AdamW's first step moves every weight by about lr (its gradient over its own magnitude): 4 x 1e-3 here
+    step = result.delta["classifier.weight"].abs()  # type: ignore[attr-defined]
+    assert step.max().item() == pytest.approx(4e-3, rel=1e-3)
+    with pytest.raises(ValueError, match="lr_scale is 0"):
+        Recipe(lr_scale=0.0)
+
+
 def test_the_update_weight_is_the_samples_trained_this_round() -> None:
     _, _, result = _train(Recipe(), local_steps=3)
     assert result.samples == 24 and result.steps == 3  # type: ignore[attr-defined]
@@ -121,7 +137,7 @@ def test_a_recipe_naming_unknown_tensors_is_refused() -> None:
 def test_a_recipe_round_trips_through_a_dict() -> None:
     dims = adapter_for(tiny_model(0)).dims(tiny_model(0).config)
     recipe = Recipe(frozen=frozenset({VOCAB}), nested=(ElasticSpec.uniform(dims, heads=2, ffn=128),), sampled=0,
-                    distill=0.5, prior_correction=0.5)
+                    distill=0.5, prior_correction=0.5, lr_scale=4.0)
     assert Recipe.from_dict(recipe.to_dict()) == recipe
     assert recipe_from_proto(recipe_to_proto(recipe)) == recipe
 
