@@ -3,7 +3,8 @@
 For each budget the RaFFM strategy (:meth:`raffm.strategy.Strategy.plan`) picks the spec and its recipe (frozen
 vocabulary at half precision, nested cuts, activation checkpointing when needed), as the aggregator does. A fresh
 subprocess per budget then runs exactly the agent's local round (:func:`edge_agent.trainer.run_local_round`:
-received tensors -> spill -> sub-model -> the recipe's steps on Rotten Tomatoes -> delta) and measures the peak RSS
+received tensors -> spill -> sub-model -> the recipe's steps on Rotten Tomatoes reviews, four to a row so that every
+batch fills its tokens -> delta) and measures the peak RSS
 growth from *before the downloaded tensors exist* to the end of training, after a warm-up step of a tiny model
 (interpreter, torch and tokenizer runtime are the process's fixed cost, not the model's). Exit status 1 if any
 measured peak exceeds its budget.
@@ -38,7 +39,7 @@ def child(budget: int, steps: int, batch: int, seq: int) -> dict[str, object]:
 
     from edge_agent.trainer import MemoryMeter, predict_memory, run_local_round
     from raffm.costs import CostModel
-    from raffm.data import rotten_tomatoes
+    from raffm.data import TextDataset, rotten_tomatoes
     from raffm.elastic import extract
     from raffm.fitting import RoundBudget
     from raffm.models import default_model_path, load_global_model
@@ -46,7 +47,12 @@ def child(budget: int, steps: int, batch: int, seq: int) -> dict[str, object]:
     from raffm.training import LocalConfig, train_local
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_path())
-    data = rotten_tomatoes().subset(range(batch * steps))
+    # Batches are padded to their longest text only, so the prediction (full-length batches) is a bound that short
+    # reviews stay under: rows of four reviews each fill all ``seq`` tokens, the case the budget must hold for.
+    reviews = rotten_tomatoes()
+    rows = range(batch * steps)
+    data = TextDataset([" ".join(reviews.texts[4 * i : 4 * i + 4]) for i in rows],
+                       [reviews.labels[4 * i] for i in rows], reviews.label_names)
     local = LocalConfig(batch_size=batch, seq_len=seq, local_steps=steps, lr=5e-5)
 
     with tempfile.TemporaryDirectory() as tmp:
