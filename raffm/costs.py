@@ -41,7 +41,8 @@ Activations ``A``: what autograd saves in torch 2.13 (CPU, ``attn_implementation
 
 Measured against RSS (``raffm.memory``, glibc allocator configured by ``configure_allocator``): within 2% for
 MiniLM at batch 16 x 64 tokens across hidden widths 96-384. Text batches are padded to their longest text only
-(:func:`raffm.training.batches`), so ``seq_len`` is a bound: the costs are those of a batch of full-length texts. MB means MiB (2**20 bytes) throughout.
+(:func:`raffm.training.batches`), so ``seq_len`` is a bound: the costs are those of a batch of full-length texts.
+MB means MiB (2**20 bytes) throughout.
 FedProx (a frozen copy of the received weights and its proximal term) adds about 2 W; it is not included.
 
 LoRA recipes (``recipe.lora_rank > 0``, :mod:`raffm.lora`): the trained tensors are the adapters (``r (out + in)``
