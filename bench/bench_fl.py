@@ -233,7 +233,8 @@ def run_method(
             up += fit.costs.upload_bytes
             del sub, result
         previous = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        state, momentum = strategy.next_version(agg.result(), cm, previous=previous, momentum=momentum)
+        state, momentum = strategy.next_version(agg.result(), cm, previous=previous, momentum=momentum,
+                                                round_index=rnd + 1)
         model.load_state_dict(state)
         run.train_seconds += time.perf_counter() - started
         run.accuracy.append(evaluate(model, test, tokenizer, seq_len=settings.seq_len))

@@ -134,16 +134,18 @@ class Strategy:
 
     def next_version(
         self, merged: Mapping[str, torch.Tensor], cost_model: CostModel, *, previous: Mapping[str, torch.Tensor]
-        | None = None, momentum: Mapping[str, torch.Tensor] | None = None,
+        | None = None, momentum: Mapping[str, torch.Tensor] | None = None, round_index: int = 0,
     ) -> tuple[State, State | None]:
-        """The next version from a round's merged state, and the server's momentum after it.
+        """The next version from round ``round_index``'s merged state, and the server's momentum after it.
 
         With ``server_momentum`` m > 0 (FedAvgM) the round's step ``merged - previous`` feeds a momentum buffer
-        ``b = m * b + step`` and the version is ``previous + b``; then re-ordered only with ``every_round``.
+        ``b = m * b + step`` and the version is ``previous + b``; then re-ordered only with ``every_round``. A probe
+        round's step (the head alone, at a larger learning rate) is taken as it is and starts no momentum: fine-tuning
+        starts its own, as LP-FT starts a fresh optimizer.
         """
         state = dict(merged)
         buffer: State | None = None
-        if self.server_momentum:
+        if self.server_momentum and not self.is_probe_round(round_index):
             if previous is None:
                 raise ValueError("server momentum needs the previous version")
             buffer = {}
@@ -202,6 +204,10 @@ class Strategy:
             return (plain,)
         return plain, self.recipe_for(spec, cost_model, checkpointing=True)
 
+    def is_probe_round(self, round_index: int) -> bool:
+        """Whether round ``round_index`` (1 is the first; 0: no round in particular) is a probe round."""
+        return 0 < round_index <= self.probe_rounds
+
     def probe_recipe(self, spec: ElasticSpec, cost_model: CostModel) -> Recipe | None:
         """The recipe of a probe round for a device training ``spec``: everything but the task head frozen (no nested
         cut: the cuts share the head), at ``probe_lr_scale`` x the learning rate. None where there is no head to
@@ -237,7 +243,7 @@ class Strategy:
         rungs = ladder(cost_model.dims) if self.heterogeneous else [full]
         result = fit(cost_model, budget, wire_dtype=wire_dtype, headroom=headroom, rungs=rungs,
                      recipes_for=lambda spec: self.recipes_for(spec, cost_model))
-        probe = self.probe_recipe(result.spec, cost_model) if 0 < round_index <= self.probe_rounds else None
+        probe = self.probe_recipe(result.spec, cost_model) if self.is_probe_round(round_index) else None
         if probe is None:
             return result
         costs = cost_model.estimate(result.spec, batch_size=budget.batch_size, seq_len=budget.seq_len,

@@ -80,7 +80,8 @@ class Versions:
         server's momentum, when the strategy keeps one, is stored beside it (the aggregator's own state)."""
         cm = cost_model_for(previous.config)
         momentum = self._momentum(previous.version) if self.strategy.server_momentum else None
-        state, buffer = self.strategy.next_version(agg.result(), cm, previous=previous.state, momentum=momentum)
+        state, buffer = self.strategy.next_version(agg.result(), cm, previous=previous.state, momentum=momentum,
+                                                   round_index=round_index)
         version = version_name(self.job.job_id, round_index)
         self.checkpoints.put(version, state, previous.config, parent=previous.version,
                              meta={"job": self.job.job_id, "round": round_index, "participants": participants})

@@ -64,6 +64,9 @@ def test_a_probe_round_moves_only_the_head_and_the_next_round_does_not_download_
         assert set(v0) - probe.frozen == head and probe.lr_scale == 10.0 and not head & tune.frozen
         assert {n for n in v0 if not torch.equal(v0[n], v1[n])} == head  # the body is version 0's, bit for bit
         assert {n for n in v0 if not torch.equal(v1[n], v2[n])} == set(v0) - tune.frozen
+        # the server's momentum starts with fine-tuning: the probe round's head step is not carried into round 2
+        assert sorted(p.name for p in (tmp_path / "agg" / "server_state").glob("*.momentum.*")) == [
+            f"{second.result_model_version}.momentum.safetensors"]
         # round 1 uploads a head; round 2 downloads little more than one, since the device kept the body
         assert first.bytes_up < second.bytes_up / 100
         assert second.bytes_down < first.bytes_down / 100

@@ -172,6 +172,21 @@ def test_server_momentum_accumulates_the_rounds_steps() -> None:
         Strategy(ordering="every_round", server_momentum=0.9)
 
 
+def test_a_probe_rounds_step_starts_no_server_momentum() -> None:
+    model = make("bert")
+    cm = CostModel.from_model(model)
+    m = STRATEGIES["raffm"].with_options(server_momentum=0.5, probe_rounds=1)
+    w0 = {n: t.clone() for n, t in model.state_dict().items()}
+    name = "classifier.weight"
+    probed = {n: t + 4.0 if n == name else t for n, t in w0.items()}
+    w1, b1 = m.next_version(probed, cm, previous=w0, round_index=1)
+    assert b1 is None and all(torch.equal(w1[n], probed[n]) for n in probed)
+    step2 = {n: t + 1.0 if n == name else t for n, t in w1.items()}
+    w2, b2 = m.next_version(step2, cm, previous=w1, momentum=b1, round_index=2)
+    torch.testing.assert_close(w2[name], w1[name] + 1.0)  # the probe's step is not carried into fine-tuning
+    assert b2 is not None
+
+
 def test_an_update_weighs_the_samples_it_trained_and_bad_settings_are_named() -> None:
     assert STRATEGIES["raffm"].weight(48) == 48.0
     with pytest.raises(ValueError, match="trained on 0 samples"):
