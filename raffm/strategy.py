@@ -21,11 +21,11 @@ ships. RaFFM's defaults, each chosen by measurement (bench/results, README "The 
   damps the round-to-round swings that a non-IID fleet of slices gives the model.
 
 ``probe_rounds`` (off by default: over 4 seeds of bench_fl, a probe round in place of a fine-tuning round ended 4 pts
-lower, and one added before the four gained nothing steady on two seeds) makes the first rounds linear-probe rounds, as LP-FT (Kumar et al. 2022) and FedNCM (Legate et al. 2023) fit
-the head before fine-tuning: every device trains only the freshly initialised task head on its slice's frozen
-features (forward passes and a head-sized upload), so no random head's gradients reach the pretrained body. The
-body does not change in such a round, so a device keeps it and does not download it again; the server's momentum
-starts with the first fine-tuning round.
+lower, and one added before the four 1.6 pts lower) makes the first rounds linear-probe rounds, as LP-FT (Kumar et al.
+2022) and FedNCM (Legate et al. 2023) fit the head before fine-tuning: every device trains only the freshly initialised
+task head on its slice's frozen features (forward passes and a head-sized upload), so no random head's gradients reach
+the pretrained body. The body does not change in such a round, so a device keeps it and does not download it again; the
+server's momentum starts with the first fine-tuning round.
 
 ``lora_ranks`` (off by default) turns rounds into federated LoRA (:mod:`raffm.lora_fed`): every device trains
 low-rank adapters on its frozen slice, at the largest rank of the ladder that fits its budget, and the server folds
