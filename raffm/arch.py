@@ -132,7 +132,7 @@ class Adapter:
 
     def task_head(self, names: Iterable[str]) -> frozenset[str]:
         """The task head among ``names``: the tensors outside the module that holds the layers, i.e. what a task model
-        adds on top of its pretrained body (BERT's and ViT's ``classifier``, RoBERTa's classification head). None for
+        adds on top of its pretrained body (BERT's and ViT's ``classifier``, RoBERTa's classification head). Empty for
         a bare body, whose layers are not inside a module of their own."""
         names = list(names)
         bodies = set()
