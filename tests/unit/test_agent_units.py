@@ -7,6 +7,8 @@ import json
 import os
 import random
 import stat
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -132,8 +134,6 @@ def test_stopper_wait_raises_once_stopped_and_runs_cancel_callbacks() -> None:
     for _ in range(100):
         if cancelled:
             break
-        import time
-
         time.sleep(0.01)
     assert cancelled == ["call"] and s.reason == "SIGTERM"
 
@@ -153,6 +153,29 @@ def test_stopper_stop_takes_no_lock_so_a_second_signal_cannot_deadlock_the_first
     with pytest.raises(Stopped):
         s.wait(30)
     assert s.event.wait(30) and s.reason == "SIGTERM"
+
+
+@pytest.mark.timeout(60)
+def test_stoppers_share_one_sleeping_watcher_and_a_stop_wakes_only_its_own_agent() -> None:
+    """A simulator runs hundreds of agents in one process: their stoppers share one watcher thread (a thread each,
+    polling its flag, kept the idle fleet's process busy), and a stop still wakes that agent's sleepers and cancels
+    its calls, and no other agent's."""
+    before = threading.active_count()
+    stoppers = [Stopper() for _ in range(50)]
+    cancelled: list[int] = []
+    for i, s in enumerate(stoppers):
+        s.start_watcher()
+        s.on_stop(lambda i=i: cancelled.append(i))  # type: ignore[misc]
+    assert threading.active_count() <= before + 1
+    stoppers[7].stop("SIGTERM")  # on the main thread, as a signal handler would: only the watcher sets the event
+    assert stoppers[7].event.wait(10)
+    deadline = time.monotonic() + 10
+    while not cancelled and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert cancelled == [7]
+    assert not any(s.event.is_set() or s.stopped for i, s in enumerate(stoppers) if i != 7)
+    for s in stoppers:
+        s.close()
 
 
 # ------------------------------------------------------------------------------------------------------ faults
