@@ -9,7 +9,6 @@ agent goes back to polling. Only a stop request (SIGTERM/SIGINT) or a configurat
 
 from __future__ import annotations
 
-import gc
 import logging
 import random
 import re
@@ -27,6 +26,7 @@ from edge_agent.profile import resolve_profile
 from edge_agent.progress import Progress
 from edge_agent.state import AgentState, StateLock, clean_temporaries, load_state
 from edge_agent.throttle import Pace
+from raffm.memory import collect_garbage, process_shared
 from raffm.profile import DeviceProfile
 from raffm.v1 import aggregator_pb2
 
@@ -222,7 +222,7 @@ class Agent:
             self._report(a, FR.FAILURE_REASON_CRASH, outcome.detail)
             return outcome
         finally:
-            gc.collect()
+            collect_garbage()
 
     def _report(self, a: aggregator_pb2.Assignment, reason: int, detail: str, *, force: bool = False) -> None:
         """ReportFailure, best effort (a few attempts; also while stopping, so the round does not wait for us)."""
@@ -293,9 +293,10 @@ class Agent:
         self.stopper.check()
 
         # 2. Download (memory measured from here: the downloaded weights are part of the round's footprint).
-        if not self._warmed_up and not image:
+        if not self._warmed_up and not image and not process_shared():
             # A one-layer model of the same width trains first, so the runtime's one-off lazy init (thread pools,
-            # kernel caches, BLAS buffers) is not charged to the first round's measured peak.
+            # kernel caches, BLAS buffers) is not charged to the first round's measured peak (in a process that
+            # many agents share, no agent's peak is its own: nothing to calibrate).
             from transformers import BertConfig
 
             from raffm.memory import warm_up_runtime

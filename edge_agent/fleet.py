@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from edge_agent.config import AgentConfig
+from raffm.memory import share_process
 
 
 class Stop(Protocol):
@@ -136,11 +137,11 @@ def run_agent_threads(devices: Sequence[tuple[AgentConfig, Any]], *, duration_s:
     or ``stop`` is set; every agent's unary-call latencies go to ``recorder``. ``start_spread_s`` staggers the
     starts evenly (a fleet does not boot in one millisecond).
 
-    ``control_plane``: many agents share this process, so what makes one agent's memory figures exact costs the
-    whole fleet CPU: the runtime warm-up before the first measured round is skipped (the figures are meaningless
-    with hundreds of agents in one process anyway), and everything alive after start-up (the agents, torch,
-    transformers) is frozen out of the garbage collector, so each agent's per-round ``gc.collect()`` scans only that
-    round's objects instead of the whole fleet's heap."""
+    ``control_plane``: many agents share this process, so what makes one agent's memory figures exact would cost
+    the whole fleet CPU; the process is declared shared (:func:`raffm.memory.share_process`: no runtime warm-up, no
+    full garbage collections or high-water-mark resets around the rounds; the figures are meaningless with hundreds
+    of agents in one process anyway), and everything alive after start-up (the agents, torch, transformers) is
+    frozen out of the garbage collector, so the collector's own full collections scan only the rounds' objects."""
     import gc
 
     from edge_agent.agent import Agent
@@ -149,9 +150,8 @@ def run_agent_threads(devices: Sequence[tuple[AgentConfig, Any]], *, duration_s:
     for a in agents:
         if recorder is not None:
             a.client.observer = recorder
-        if control_plane:
-            a._warmed_up = True  # noqa: SLF001 - the warm-up only calibrates the memory figures (see above)
     if control_plane:
+        share_process()
         import transformers  # noqa: F401 - imported (and frozen) once, before the agents import it per round
         from transformers import AutoTokenizer, BertForSequenceClassification  # noqa: F401
 

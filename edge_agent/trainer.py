@@ -9,7 +9,6 @@ memory-mapped, so the round holds one copy of the weights in RAM, as the cost mo
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -23,7 +22,7 @@ from transformers import PretrainedConfig
 from raffm.data import ImageDataset, TextDataset
 from raffm.generative import InstructionDataset
 from raffm.lora import A_SUFFIX, B_SUFFIX
-from raffm.memory import peak_rss_mb, reset_peak, rss_mb
+from raffm.memory import collect_garbage, peak_rss_mb, rss_mb, start_measuring
 from raffm.planning import cost_model_for
 from raffm.recipe import Recipe
 from raffm.spec import ElasticSpec
@@ -78,8 +77,7 @@ class MemoryMeter:
         self._peak_mb = 0.0
 
     def start(self) -> None:
-        gc.collect()
-        reset_peak()
+        start_measuring()
         self.baseline_mb = rss_mb()
         self._peak_mb = self.baseline_mb
 
@@ -131,7 +129,7 @@ def run_local_round(
             apply_lora(model, recipe.lora)
             load_adapters(model, {n: t.float() for n, t in adapters.items()})
         tensors.clear()  # the model owns the weights now; wire-dtype copies (fp16/bf16) can go
-        gc.collect()
+        collect_garbage()
         meter.checkpoint()
         result = train_local(model, data, tokenizer, local, recipe=recipe, on_step=on_step, should_stop=should_stop,
                              reference=reference)
@@ -140,7 +138,7 @@ def run_local_round(
         return result
     finally:
         del reference
-        gc.collect()
+        collect_garbage()
         try:
             spill_path.unlink()
         except OSError:

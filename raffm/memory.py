@@ -87,6 +87,42 @@ def peak_rss_mb() -> float:
     return kib / 1024 if kib is not None else _maxrss_mb()
 
 
+_shared = False
+
+
+def share_process() -> None:
+    """Declare that from now on many workloads share this process (a simulator's agents, as threads).
+
+    RSS and its high-water mark are the process's, so none of them can measure its own peak. Measurements then skip
+    what makes a lone workload's peak exact, the full garbage collection and the high-water-mark reset (a full
+    collection scans every agent's objects: with 250 agents in one process, the three per round took about half the
+    fleet's CPU time), and :class:`PeakMemory` reports ``exact=False``.
+    """
+    global _shared
+    _shared = True
+
+
+def process_shared() -> bool:
+    """Whether :func:`share_process` declared this process shared."""
+    return _shared
+
+
+def collect_garbage() -> None:
+    """``gc.collect()``, so that freed-but-unreachable objects leave RSS before a measurement; nothing in a process
+    that :func:`share_process` declared shared."""
+    if not _shared:
+        gc.collect()
+
+
+def start_measuring() -> bool:
+    """Collect garbage and reset the RSS high-water mark, so that the peak from here on is the coming block's; False
+    where that cannot be (no ``clear_refs``, or a shared process, where nothing is done)."""
+    if _shared:
+        return False
+    gc.collect()
+    return reset_peak()
+
+
 def reset_peak() -> bool:
     """Reset the kernel's RSS high-water mark to the current RSS; False where that is not possible."""
     try:
@@ -109,8 +145,7 @@ class PeakMemory:
         self.exact = False
 
     def __enter__(self) -> PeakMemory:
-        gc.collect()  # freed-but-uncollected garbage of earlier work should not count as baseline
-        self.exact = reset_peak()
+        self.exact = start_measuring()  # freed-but-uncollected garbage of earlier work should not count as baseline
         self.baseline_mb = rss_mb()
         return self
 

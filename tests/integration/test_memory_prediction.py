@@ -8,6 +8,9 @@ prediction must be within 25% of the measurement and the measurement within the 
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,6 +41,39 @@ def test_peak_memory_context_sees_an_allocation() -> None:
         del block
     assert pm.exact, "the RSS high-water mark could not be reset on this machine"
     assert 60 <= pm.peak_mb <= 80
+
+
+_SHARED_PROBE = """
+import gc, json, sys, weakref
+from raffm import memory
+
+class Node: pass
+
+def cycle():
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    return weakref.ref(a)
+
+gc.disable()  # only an explicit collection may free the cycles
+if sys.argv[1] == "shared":
+    memory.share_process()
+before = cycle()
+with memory.PeakMemory() as pm:
+    pass
+inside = cycle()
+memory.collect_garbage()
+print(json.dumps({"exact": pm.exact, "freed_by_measuring": before() is None, "freed_by_collect": inside() is None}))
+"""
+
+
+@pytest.mark.parametrize("mode", ["alone", "shared"])
+def test_a_shared_process_skips_the_collections_that_make_a_lone_peak_exact(mode: str) -> None:
+    """A simulator's agents share one process: there a full garbage collection per measurement scans every agent's
+    objects (O(agents) each, O(agents^2) a round) to make a peak exact that is not any one agent's anyway."""
+    out = subprocess.run([sys.executable, "-c", _SHARED_PROBE, mode], capture_output=True, text=True, check=True)
+    got = json.loads(out.stdout)
+    alone = mode == "alone"
+    assert got == {"exact": alone, "freed_by_measuring": alone, "freed_by_collect": alone}
 
 
 def test_predicted_peak_training_memory_matches_measured(minilm, tmp_path: Path) -> None:
