@@ -26,7 +26,7 @@ the sub-model re-ties its head on load.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -82,6 +82,10 @@ class Adapter:
     grouped: bool = False
     rope: bool = False
     causal_lm: bool = False
+    # Tensor name -> its axes (None: unknown) and its layer: they never change, and fitting one device asks for them
+    # thousands of times (the aggregator does it while a round's devices poll).
+    _layouts: dict[str, tuple[Axis, ...] | None] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _layers: dict[str, int | None] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def dims(self, config: Any) -> ModelDims:
         heads = int(config.num_attention_heads)
@@ -109,12 +113,20 @@ class Adapter:
 
     def layout(self, name: str) -> tuple[Axis, ...]:
         """The axes of parameter ``name``; ``ValueError`` for a tensor this adapter does not know."""
+        try:
+            axes = self._layouts[name]
+        except KeyError:
+            axes = self._layouts[name] = self._match(name)
+        if axes is None:
+            raise ValueError(f"{self.name} adapter does not know tensor {name!r}; add a rule for it in raffm/arch.py")
+        return axes
+
+    def _match(self, name: str) -> tuple[Axis, ...] | None:
+        layer = self.layer_of(name)
         for rule in self.rules:
             if rule.pattern.search(name):
-                match = self.layer_pattern.search(name)
-                layer = int(match.group(1)) if match else None
                 return tuple(Axis(k, layer if k in _LAYER_KINDS else None) for k in rule.kinds)
-        raise ValueError(f"{self.name} adapter does not know tensor {name!r}; add a rule for it in raffm/arch.py")
+        return None
 
     def vocab_tensors(self, names: Iterable[str]) -> frozenset[str]:
         """The vocabulary embedding tensors among ``names`` (none for architectures without a vocabulary)."""
@@ -122,8 +134,12 @@ class Adapter:
         return frozenset(n for n in names if pattern is not None and pattern.search(n))
 
     def layer_of(self, name: str) -> int | None:
-        match = self.layer_pattern.search(name)
-        return int(match.group(1)) if match else None
+        try:
+            return self._layers[name]
+        except KeyError:
+            match = self.layer_pattern.search(name)
+            layer = self._layers[name] = int(match.group(1)) if match else None
+            return layer
 
     def below(self, name: str, layers: int) -> bool:
         """Whether ``name`` feeds the first ``layers`` layers only: a tensor of one of them, or an input embedding."""

@@ -301,6 +301,7 @@ class CostModel:
         self.lm_vocab = self._lm_vocab()
         # A causal LM whose canonical tensors have no LM head of their own: the head is the embedding (SmolLM2).
         self.tied_head = bool(self.adapter.causal_lm and not any(n.endswith("lm_head.weight") for n in self.shapes))
+        self._plans: dict[ElasticSpec, SlicePlan] = {}
 
     @classmethod
     def from_model(cls, model: Any) -> CostModel:
@@ -344,7 +345,13 @@ class CostModel:
         return int(pos[1]), math.prod(proj[1:])
 
     def plan(self, spec: ElasticSpec) -> SlicePlan:
-        return slice_plan(self.adapter, self.dims, spec, self.shapes)
+        """The slice plan of ``spec``; computed once per spec (fitting a device estimates every rung of the ladder with
+        every recipe), so the plan returned is shared: read it, do not modify it."""
+        try:
+            return self._plans[spec]
+        except KeyError:
+            plan = self._plans[spec] = slice_plan(self.adapter, self.dims, spec, self.shapes)
+            return plan
 
     def params(self, spec: ElasticSpec) -> int:
         """Exact parameter count of the sub-model (sum of its tensors' sizes)."""

@@ -93,7 +93,7 @@ def torch_dtype(value: str | torch.dtype | None) -> torch.dtype:
 
 def itemsize(dtype_name: str) -> int:
     """Bytes per element of a wire dtype name or alias."""
-    return torch.empty((), dtype=torch_dtype(dtype_name)).element_size()
+    return torch_dtype(dtype_name).itemsize
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from transformers import (
 
 from raffm.costs import MIB, CostModel
 from raffm.elastic import extract
+from raffm.slicing import slice_plan
 from raffm.spec import ElasticSpec, LayerSpec
 
 
@@ -120,6 +121,18 @@ def test_bad_inputs_name_the_value() -> None:
         cm.estimate(spec, batch_size=1, seq_len=513)
     with pytest.raises(ValueError, match="layer 0 heads"):
         cm.estimate(ElasticSpec.uniform(cm.dims, heads=13, ffn=8), batch_size=1, seq_len=8)
+
+
+def test_a_spec_is_planned_once_and_an_unknown_tensor_is_refused_every_time() -> None:
+    """Fitting one device estimates every rung of the ladder with every recipe, while a round's devices poll: plans
+    and tensor layouts are cached, and the cache must neither change a plan nor turn an error into a pass."""
+    cm = CostModel.from_model(_minilm_meta())
+    spec = ElasticSpec.uniform(cm.dims, heads=6, ffn=768)
+    assert cm.plan(spec) is cm.plan(ElasticSpec.uniform(cm.dims, heads=6, ffn=768))
+    assert cm.plan(spec) == slice_plan(cm.adapter, cm.dims, spec, cm.shapes)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="does not know tensor 'bert.mystery.weight'"):
+            cm.adapter.layout("bert.mystery.weight")
 
 
 def _saved_activation_bytes(model: torch.nn.Module, **inputs: torch.Tensor) -> int:
