@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from raffm.errors import AuthenticationError, PermissionDeniedError, excerpt
+from raffm.errors import AuthenticationError, PermissionDeniedError, UnavailableError, excerpt
 
 TOKEN_PREFIX = "rfm_"
 AUTH_HEADER = "authorization"
@@ -167,8 +167,14 @@ class RemoteRegistryVerifier:
         except grpc.aio.AioRpcError as exc:
             if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.NOT_FOUND):
                 return None
+            if exc.code().name in _REGISTRY_BUSY:  # the device's call may succeed in a moment: tell it to retry
+                raise UnavailableError(f"the registry could not check this token: {exc.code().name} "
+                                       f"({(exc.details() or '')[:200]})") from None
             raise
         return Principal(subject=reply.device_id, fleet=reply.fleet)
+
+
+_REGISTRY_BUSY = frozenset({"DEADLINE_EXCEEDED", "UNAVAILABLE", "RESOURCE_EXHAUSTED"})
 
 
 def fleet_verifier(registry_target: str, operator_token: str, cache_s: float = REMOTE_TOKEN_CACHE_S) -> TokenVerifier:

@@ -180,6 +180,29 @@ def test_remote_verifier_resolves_device_tokens_through_the_registry(registry):
     assert principal.device_id == r.device_id and principal.fleet == "default" and unknown is None
 
 
+@pytest.mark.parametrize("registry_state", ["down", "silent"])
+def test_remote_verifier_asks_for_a_retry_when_the_registry_does_not_answer(registry, registry_state):
+    """A registry that is down, or too busy to answer within the deadline, is a transient state: the device's call
+    fails UNAVAILABLE (its agent retries with backoff), not INTERNAL (which it takes for a server bug)."""
+    import socket
+
+    from raffm.errors import UnavailableError
+    from services.common.auth import RemoteRegistryVerifier
+    from services.registry.testing import OPERATOR_TOKEN
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        if registry_state == "silent":
+            sock.listen()  # connections complete in the kernel's backlog; nothing ever answers them
+
+        async def scenario():
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{sock.getsockname()[1]}") as channel:
+                await RemoteRegistryVerifier(channel, OPERATOR_TOKEN, timeout_s=1.0).verify("rfm_any")
+
+        with pytest.raises(UnavailableError, match="registry could not check this token"):
+            registry.loop.run(scenario())
+
+
 def test_error_detail_names_the_field(registry):
     with pytest.raises(grpc.RpcError) as err:
         registry.register("bad", train_memory_mb=-5)
