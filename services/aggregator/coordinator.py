@@ -335,8 +335,8 @@ class RoundCoordinator:
             o = self._open
             if o is None or o.record.state != OPEN or o.accepted >= o.record.quorum:
                 return False
-            assignments = self.rounds.assignments(o.record.round_id)
-            return bool(assignments or o.unfit) and all(a.state != ASSIGNED for a in assignments)
+            states = self.rounds.assignment_states(o.record.round_id)
+            return bool(states or o.unfit) and all(state != ASSIGNED for _, state in states)
 
     def settle(self, online: set[str] | None) -> str:
         """Close the open round early when no progress is possible: every assignment ended (uploaded or failed) and
@@ -350,8 +350,8 @@ class RoundCoordinator:
             if o is None or not self.stalled():
                 return "wait"
             rnd = o.record
-            assignments = self.rounds.assignments(rnd.round_id)
-            left = online - {a.device_id for a in assignments} - o.unfit
+            assigned = {device for device, _ in self.rounds.assignment_states(rnd.round_id)}
+            left = online - assigned - o.unfit
             if left:
                 return "wait"
             failed = describe_failures(rnd.failures)
@@ -363,7 +363,7 @@ class RoundCoordinator:
                             f"; failed: {failed}" if rnd.failures else "")
                 return "aggregate"
             log.warning("round %s: no device that can take part is left (%d assigned, all gave up; %d fit no "
-                        "sub-model); failing the round now. The devices said: %s", rnd.round_id, len(assignments),
+                        "sub-model); failing the round now. The devices said: %s", rnd.round_id, len(assigned),
                         len(o.unfit), failed)
             self._finish(o, FAILED)
             return "fail"
@@ -436,7 +436,7 @@ class RoundCoordinator:
         return len(self.rounds.updates(round_id))
 
     def assigned_count(self, round_id: str) -> int:
-        return len(self.rounds.assignments(round_id))
+        return len(self.rounds.assignment_states(round_id))
 
     def tier_costs(self, round_id: str) -> list[dict[str, Any]]:
         """Per device tier: the planned slice and memory against the measured peak (:func:`reports.tier_costs`)."""

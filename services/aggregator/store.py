@@ -98,6 +98,9 @@ class RoundStore(Protocol):
     def get_assignment(self, ticket_id: str) -> AssignmentRecord | None: ...
     def save_assignment(self, a: AssignmentRecord) -> None: ...
     def assignments(self, round_id: str) -> list[AssignmentRecord]: ...
+    def assignment_states(self, round_id: str) -> list[tuple[str, str]]:
+        """(device_id, state) of every assignment of the round: what counting and settling a round need, without
+        decoding every assignment's spec and plan (a round of hundreds is settled after every upload)."""
     def add_update(self, u: UpdateRecord) -> UpdateRecord:
         """Commit an accepted update; returns it with its ``seq``. A second update for one ticket is refused."""
     def updates(self, round_id: str) -> list[UpdateRecord]:
@@ -158,6 +161,10 @@ class MemoryRoundStore:
     def assignments(self, round_id: str) -> list[AssignmentRecord]:
         with self._lock:
             return [copy.deepcopy(a) for a in self._assignments.values() if a.round_id == round_id]
+
+    def assignment_states(self, round_id: str) -> list[tuple[str, str]]:
+        with self._lock:
+            return [(a.device_id, a.state) for a in self._assignments.values() if a.round_id == round_id]
 
     def add_update(self, u: UpdateRecord) -> UpdateRecord:
         with self._lock:
@@ -311,6 +318,12 @@ class SqlRoundStore:
             rows = conn.execute(_assignments.select().where(_assignments.c.round_id == round_id)
                                 .order_by(_assignments.c.created_at)).all()
         return [_row(AssignmentRecord, r) for r in rows]
+
+    def assignment_states(self, round_id: str) -> list[tuple[str, str]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(_assignments.c.device_id, _assignments.c.state)
+                                .where(_assignments.c.round_id == round_id)).all()
+        return [(str(device), str(state)) for device, state in rows]
 
     def add_update(self, u: UpdateRecord) -> UpdateRecord:
         try:

@@ -98,6 +98,8 @@ def test_round_store_round_trip(store: RoundStore) -> None:
     store.save_assignment(AssignmentRecord("t1", "job-r2", "dev-a", "phone", {"hidden": 8}, UPLOADED, 81.0, 1234))
     assert store.get_assignment("t1").state == UPLOADED
     assert [x.ticket_id for x in store.assignments("job-r2")] == ["t1", "t2"]
+    assert sorted(store.assignment_states("job-r2")) == [("dev-a", UPLOADED), ("dev-b", ASSIGNED)]
+    assert store.assignment_states("job-r1") == []
 
     u1 = store.add_update(UpdateRecord("job-r2", "t2", "dev-b", 7, "/s/t2", 3 << 30, {"loss": 0.5}, 90.0))
     u2 = store.add_update(UpdateRecord("job-r2", "t1", "dev-a", 3, "/s/t1", 10, {}, 91.0))
