@@ -137,7 +137,7 @@ class _StopWatcher:
             if self._pid != os.getpid():  # first use, or a forked child: the parent's thread is not ours
                 self._read_fd, self._write_fd = os.pipe()
                 os.set_blocking(self._write_fd, False)
-                self._pid, self._thread = os.getpid(), None
+                self._pid, self._thread, self._stoppers = os.getpid(), None, set()
             self._stoppers.add(stopper)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, args=(self._read_fd,), name="agent-stopper",

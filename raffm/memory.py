@@ -94,9 +94,9 @@ def share_process() -> None:
     """Declare that from now on many workloads share this process (a simulator's agents, as threads).
 
     RSS and its high-water mark are the process's, so none of them can measure its own peak. Measurements then skip
-    what makes a lone workload's peak exact, the full garbage collection and the high-water-mark reset (a full
-    collection scans every agent's objects: with 250 agents in one process, the three per round took about half the
-    fleet's CPU time), and :class:`PeakMemory` reports ``exact=False``.
+    what makes a lone workload's peak exact, the full garbage collections and the high-water-mark reset (a full
+    collection scans every agent's objects: with 250 agents in one process, the five around each agent's round took
+    about half of the fleet's CPU time), and :class:`PeakMemory` reports ``exact=False``.
     """
     global _shared
     _shared = True
