@@ -20,11 +20,12 @@ import statistics
 import threading
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from edge_agent.config import AgentConfig
-from raffm.memory import share_process
+from raffm.memory import shared_process
 
 
 class Stop(Protocol):
@@ -138,7 +139,7 @@ def run_agent_threads(devices: Sequence[tuple[AgentConfig, Any]], *, duration_s:
     starts evenly (a fleet does not boot in one millisecond).
 
     ``control_plane``: many agents share this process, so what makes one agent's memory figures exact would cost
-    the whole fleet CPU; the process is declared shared (:func:`raffm.memory.share_process`: no runtime warm-up, no
+    the whole fleet CPU; the fleet runs in a :func:`raffm.memory.shared_process` block (no runtime warm-up, no
     full garbage collections or high-water-mark resets around the rounds; the figures are meaningless with hundreds
     of agents in one process anyway), and everything alive after start-up (the agents, torch, transformers) is
     frozen out of the garbage collector, so the collector's own full collections scan only the rounds' objects."""
@@ -151,7 +152,6 @@ def run_agent_threads(devices: Sequence[tuple[AgentConfig, Any]], *, duration_s:
         if recorder is not None:
             a.client.observer = recorder
     if control_plane:
-        share_process()
         import transformers  # noqa: F401 - imported (and frozen) once, before the agents import it per round
         from transformers import AutoTokenizer, BertForSequenceClassification  # noqa: F401
 
@@ -165,25 +165,27 @@ def run_agent_threads(devices: Sequence[tuple[AgentConfig, Any]], *, duration_s:
         except Exception as exc:  # noqa: BLE001 - one device's crash is a report, not the fleet's end
             errors[agent.config.name] = f"{type(exc).__name__}: {exc}"
 
-    threads = [threading.Thread(target=run, args=(a,), name=f"agent-{a.config.name}", daemon=True) for a in agents]
-    started = time.monotonic()
-    for i, t in enumerate(threads):
-        if start_spread_s and len(threads) > 1:
-            delay = started + start_spread_s * i / (len(threads) - 1) - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-        t.start()
-    deadline = started + duration_s if duration_s > 0 else None
-    try:
-        while any(t.is_alive() for t in threads):
-            if (stop is not None and stop.is_set()) or (deadline is not None and time.monotonic() > deadline):
-                break
-            time.sleep(0.2)
-    finally:
-        for a in agents:
-            a.stop("simulation over")
-        for t in threads:
-            t.join(timeout=30)
+    with shared_process() if control_plane else nullcontext():
+        threads = [threading.Thread(target=run, args=(a,), name=f"agent-{a.config.name}", daemon=True)
+                   for a in agents]
+        started = time.monotonic()
+        for i, t in enumerate(threads):
+            if start_spread_s and len(threads) > 1:
+                delay = started + start_spread_s * i / (len(threads) - 1) - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            t.start()
+        deadline = started + duration_s if duration_s > 0 else None
+        try:
+            while any(t.is_alive() for t in threads):
+                if (stop is not None and stop.is_set()) or (deadline is not None and time.monotonic() > deadline):
+                    break
+                time.sleep(0.2)
+        finally:
+            for a in agents:
+                a.stop("simulation over")
+            for t in threads:
+                t.join(timeout=30)
     return [AgentReport(a.config.name, a.identity.device_id if a.identity is not None else "",
                         [o.status for o in a.outcomes], errors.get(a.config.name, "")) for a in agents]
 

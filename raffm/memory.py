@@ -26,6 +26,8 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import TracebackType
 from typing import Any
 
@@ -87,11 +89,12 @@ def peak_rss_mb() -> float:
     return kib / 1024 if kib is not None else _maxrss_mb()
 
 
-_shared = False
+_shared = 0  # depth of shared_process() blocks open in this process
 
 
-def share_process() -> None:
-    """Declare that from now on many workloads share this process (a simulator's agents, as threads).
+@contextmanager
+def shared_process() -> Iterator[None]:
+    """While the block runs, many workloads share this process (a simulator's agents, as threads).
 
     RSS and its high-water mark are the process's, so none of them can measure its own peak. Measurements then skip
     what makes a lone workload's peak exact, the full garbage collections and the high-water-mark reset (a full
@@ -99,17 +102,21 @@ def share_process() -> None:
     about half of the fleet's CPU time), and :class:`PeakMemory` reports ``exact=False``.
     """
     global _shared
-    _shared = True
+    _shared += 1
+    try:
+        yield
+    finally:
+        _shared -= 1
 
 
 def process_shared() -> bool:
-    """Whether :func:`share_process` declared this process shared."""
-    return _shared
+    """Whether a :func:`shared_process` block is running."""
+    return _shared > 0
 
 
 def collect_garbage() -> None:
     """``gc.collect()``, so that freed-but-unreachable objects leave RSS before a measurement; nothing in a process
-    that :func:`share_process` declared shared."""
+    while a :func:`shared_process` block runs."""
     if not _shared:
         gc.collect()
 
