@@ -24,10 +24,10 @@ import os
 import resource
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
-from pathlib import Path
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -115,8 +115,8 @@ def process_shared() -> bool:
 
 
 def collect_garbage() -> None:
-    """``gc.collect()``, so that freed-but-unreachable objects leave RSS before a measurement; nothing in a process
-    while a :func:`shared_process` block runs."""
+    """``gc.collect()``, so that freed-but-unreachable objects leave RSS before a measurement; nothing while a
+    :func:`shared_process` block runs."""
     if not _shared:
         gc.collect()
 
