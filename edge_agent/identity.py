@@ -2,13 +2,16 @@
 
 The device id and token are saved in the state directory the moment the registry hands them out. A restarted agent
 re-registers *with its token* (same device id, profile updated) or, without an enrollment key, just updates its
-profile; it never creates a second device. Only when the registry no longer knows the token (the device was
-deregistered, or the registry's database was reset) does it register afresh, and it says so.
+profile; it never creates a second device. A first registration proposes a random token, saved before the request,
+so a retry after a lost reply (or after a crash) gets the device that request created instead of ALREADY_EXISTS.
+Only when the registry no longer knows the token (the device was deregistered, or the registry's database was reset)
+does it register afresh, and it says so.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from dataclasses import replace
@@ -79,9 +82,13 @@ class Identity:
         if not config.enroll_key:
             raise ValueError("first registration needs the fleet's enrollment key: pass --enroll-key "
                              "(or RAFFM_AGENT_ENROLL_KEY)")
+        if not state.token:
+            # Propose our own token, saved before the first request: a retry (or a restart) after a lost reply then
+            # proves it is the same registration, and the registry returns the device it created.
+            state = replace(state, token=secrets.token_urlsafe(32), name=name)
+            self.save(state)
         request = registry_pb2.RegisterRequest(enroll_key=config.enroll_key, name=name,
-                                               profile=profile_to_proto(profile),
-                                               device_token=state.token if state.registered else "")
+                                               profile=profile_to_proto(profile), device_token=state.token)
         reply = self.client.call("registry.Register", self.client.registry.Register, request,
                                  target=config.registry, authenticated=False)
         if reply.heartbeat_interval_s > 0:

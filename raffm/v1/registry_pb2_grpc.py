@@ -78,7 +78,8 @@ class RegistryServiceServicer:
 
     def Register(self, request, context):
         """Join the fleet named by the enrollment key. Public (no token needed). Registering an existing name again with
-        that device's token (RegisterRequest.device_token) updates its profile and returns the same device id.
+        that device's token (RegisterRequest.device_token) updates its profile and returns the same device id. A device
+        that proposes its own token on its first registration can repeat the request safely when a reply is lost.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

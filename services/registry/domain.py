@@ -23,6 +23,9 @@ MINUTES_PER_DAY = 24 * 60
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 _NAME_RE = re.compile(r"^[^\x00-\x1f\x7f]+$")
+# A token a device proposes for itself: what fits an "authorization: Bearer" header, long enough to be a secret.
+MIN_PROPOSED_TOKEN_LEN, MAX_PROPOSED_TOKEN_LEN = 32, 256
+_TOKEN_RE = re.compile(r"^[\x21-\x7e]+$")
 
 
 class DeviceState(str, Enum):
@@ -98,6 +101,17 @@ def validate_name(name: str, field: str = "name", max_len: int = MAX_NAME_LEN) -
     if name != name.strip() or not _NAME_RE.match(name):
         raise ValidationError(f"{field} {excerpt(name)} has control characters or surrounding whitespace", field=field)
     return name
+
+
+def validate_proposed_token(token: str) -> str:
+    """A device-chosen token: 32 to 256 printable ASCII characters without spaces (its randomness is the device's
+    responsibility; the length bound only rules out passwords)."""
+    if not MIN_PROPOSED_TOKEN_LEN <= len(token) <= MAX_PROPOSED_TOKEN_LEN or not _TOKEN_RE.match(token):
+        raise ValidationError(
+            f"device_token for a new device must be {MIN_PROPOSED_TOKEN_LEN} to {MAX_PROPOSED_TOKEN_LEN} printable "
+            f"ASCII characters without spaces; this one has {len(token)} characters",
+            field="device_token", hint="generate it with a secure random source, e.g. secrets.token_urlsafe(32)")
+    return token
 
 
 def validate_device_id(device_id: str) -> str:

@@ -143,6 +143,9 @@ class LivenessBuffer:
             return owner
         return replace(owner, last_seen=seen, state=DeviceState.ONLINE)
 
+    def token_used(self, token_hash: str) -> bool:
+        return self.inner.token_used(token_hash)
+
     def list(
         self, *, fleet: str | None, state: DeviceState | None, tier: str | None, stale_before: datetime,
         after_id: str | None, limit: int,

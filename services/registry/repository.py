@@ -44,6 +44,9 @@ class DeviceRepository(Protocol):
     def token_owner(self, token_hash: str) -> TokenOwner | None:
         """Owner of a live (unrevoked, not deregistered) token."""
 
+    def token_used(self, token_hash: str) -> bool:
+        """Whether any device ever held this token, revoked ones included (a token is never issued twice)."""
+
     def get(self, device_id: str) -> Device | None: ...
 
     def history(self, device_id: str) -> list[ProfileRecord]: ...
@@ -94,6 +97,7 @@ class InMemoryDeviceRepository:
         self._fleets: dict[str, str] = {}  # fleet -> enroll key hash
         self._devices: dict[str, _Stored] = {}
         self._token_index: dict[str, str] = {}  # token hash -> device id
+        self._revoked: set[str] = set()  # hashes of tokens of deregistered devices
 
     def ensure_fleet(self, fleet: str, enroll_key_hash: str, now: datetime) -> None:
         with self._lock:
@@ -132,6 +136,10 @@ class InMemoryDeviceRepository:
             if d.state is DeviceState.DEREGISTERED:
                 return None
             return TokenOwner(d.device_id, d.fleet, d.state, d.tier, d.last_seen)
+
+    def token_used(self, token_hash: str) -> bool:
+        with self._lock:
+            return token_hash in self._token_index or token_hash in self._revoked
 
     def get(self, device_id: str) -> Device | None:
         with self._lock:
@@ -201,6 +209,7 @@ class InMemoryDeviceRepository:
             stored.device = replace(stored.device, state=DeviceState.DEREGISTERED)
             for token in stored.tokens:
                 self._token_index.pop(token, None)
+            self._revoked |= stored.tokens
             stored.tokens.clear()
             return True
 

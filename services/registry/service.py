@@ -13,7 +13,7 @@ from raffm.profile import TIERS, DeviceProfile
 from services.common.auth import Principal, authorize_device, hash_token, new_token, require_operator
 from services.registry.domain import (
     MAX_FLEET_LEN, Device, DeviceState, ProfileRecord, clamp_page_size, decode_page_token, effective_state,
-    encode_page_token, stale_cutoff, validate_device_id, validate_name, validate_profile,
+    encode_page_token, stale_cutoff, validate_device_id, validate_name, validate_profile, validate_proposed_token,
 )
 from services.registry.metrics import RegistryMetrics
 from services.registry.repository import DeviceRepository, TokenOwner
@@ -90,7 +90,12 @@ class RegistryService:
     # --- device calls ---------------------------------------------------------------------------------------------
 
     def register(self, enroll_key: str, name: str, profile: DeviceProfile, device_token: str = "") -> Registration:
-        """Create a device, or update an existing one when its own token comes with the request."""
+        """Create a device, or update an existing one when its own token comes with the request.
+
+        A new device gets ``device_token`` as its token when the device proposed one no device ever held (see
+        ``RegisterRequest.device_token``), so repeating a registration whose reply was lost returns the same device
+        instead of ALREADY_EXISTS, even while the first request is still being processed.
+        """
         if not enroll_key:
             raise AuthenticationError("enroll_key is missing", field="enroll_key",
                                       hint="ask the fleet operator for the enrollment key")
@@ -102,24 +107,38 @@ class RegistryService:
         validate_profile(profile)
         now = self.clock()
         existing = self.repo.find_active_by_name(fleet, name)
-        if existing is not None:
-            owner = self.repo.token_owner(hash_token(device_token)) if device_token else None
-            if owner is None or owner.device_id != existing.device_id:
-                raise AlreadyExistsError(f"device name {excerpt(name)} is already registered in fleet {excerpt(fleet)}",
-                                         field="name")
-            version, _ = self.repo.update_profile(existing.device_id, profile, now)
-            self.repo.touch(existing.device_id, now)
-            self._count("updated")
-            return Registration(existing.device_id, device_token, False, version)
-        token = new_token()
-        device = Device(
-            device_id=uuid.uuid4().hex, name=name, fleet=fleet, state=DeviceState.ONLINE, tier=profile.tier,
-            profile=profile, profile_version=1, created_at=now, last_seen=now,
-        )
-        self.repo.create_device(device, hash_token(token))
-        self._count("created")
-        log.info("registered device %s (%s, tier %s) in fleet %s", device.device_id, name, profile.tier, fleet)
-        return Registration(device.device_id, token, True, 1)
+        if existing is None:
+            token = self._token_for_new_device(device_token)
+            device = Device(
+                device_id=uuid.uuid4().hex, name=name, fleet=fleet, state=DeviceState.ONLINE, tier=profile.tier,
+                profile=profile, profile_version=1, created_at=now, last_seen=now,
+            )
+            try:
+                self.repo.create_device(device, hash_token(token))
+            except AlreadyExistsError:  # lost a race for the name, perhaps to this same request sent twice
+                existing = self.repo.find_active_by_name(fleet, name)
+                if existing is None:
+                    raise
+            else:
+                self._count("created")
+                log.info("registered device %s (%s, tier %s) in fleet %s", device.device_id, name, profile.tier, fleet)
+                return Registration(device.device_id, token, True, 1)
+        owner = self.repo.token_owner(hash_token(device_token)) if device_token else None
+        if owner is None or owner.device_id != existing.device_id:
+            raise AlreadyExistsError(f"device name {excerpt(name)} is already registered in fleet {excerpt(fleet)}",
+                                     field="name")
+        version, _ = self.repo.update_profile(existing.device_id, profile, now)
+        self.repo.touch(existing.device_id, now)
+        self._count("updated")
+        return Registration(existing.device_id, device_token, False, version)
+
+    def _token_for_new_device(self, proposed: str) -> str:
+        """The proposed token if it is well-formed and was never issued; otherwise a fresh one (a device
+        re-registering after deregistration sends its old, revoked token: it gets a new one)."""
+        if not proposed:
+            return new_token()
+        validate_proposed_token(proposed)
+        return new_token() if self.repo.token_used(hash_token(proposed)) else proposed
 
     def heartbeat(self, principal: Principal, device_id: str) -> tuple[DeviceState, datetime]:
         authorize_device(principal, validate_device_id(device_id))

@@ -129,7 +129,7 @@ class SqlDeviceRepository:
                 s.flush()  # the device row must exist before rows that reference it
                 s.add(_profile_row(device.device_id, 1, device.profile, device.created_at))
                 s.add(TokenRow(device_id=device.device_id, token_hash=token_hash, created_at=device.created_at))
-        except IntegrityError as exc:  # lost a race for the name: the partial unique index said no
+        except IntegrityError as exc:  # lost a race for the name (or a proposed token): a unique index said no
             raise AlreadyExistsError(f"device name {excerpt(device.name)} is taken in fleet {excerpt(device.fleet)}",
                                      field="name") from exc
 
@@ -144,6 +144,10 @@ class SqlDeviceRepository:
             if row is None:
                 return None
             return TokenOwner(row[0], row[1], DeviceState(row[2]), row[3], row[4])
+
+    def token_used(self, token_hash: str) -> bool:
+        with self._read() as s:
+            return s.scalar(select(TokenRow.id).where(TokenRow.token_hash == token_hash)) is not None
 
     def get(self, device_id: str) -> Device | None:
         with self._read() as s:

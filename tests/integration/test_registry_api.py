@@ -151,6 +151,37 @@ def test_deregister_revokes_token_and_frees_the_name(registry):
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_an_agent_whose_registration_reply_is_lost_retries_into_the_same_device(registry, tmp_path, monkeypatch):
+    """The registry commits the device, then answers after the agent's deadline; the agent's retry must get that
+    device (it proposed its own token), not ALREADY_EXISTS."""
+    import time
+
+    from edge_agent.client import ServiceClient, Stopper
+    from edge_agent.config import AgentConfig
+    from edge_agent.identity import Identity
+    from edge_agent.state import AgentState, load_state
+    from raffm.profile import DeviceProfile
+
+    create = registry.app.service.repo.create_device
+
+    def commit_then_answer_late(*args, **kwargs):
+        create(*args, **kwargs)
+        time.sleep(1.0)
+
+    monkeypatch.setattr(registry.app.service.repo, "create_device", commit_then_answer_late)
+    config = AgentConfig(enroll_key=ENROLL_KEY, name="slow-reply", state_dir=str(tmp_path), registry=registry.address,
+                         memory_mb=1024, gflops=5.0, up_mbps=5.0, down_mbps=10.0, rpc_timeout_s=0.4,
+                         backoff_initial_s=0.05, backoff_max_s=0.2).validate()
+    client = ServiceClient(config, Stopper())
+    profile = DeviceProfile(train_memory_mb=1024, infer_memory_mb=0, gflops=5.0, up_mbps=5.0, down_mbps=10.0,
+                            tier="phone")
+    state = Identity(client, AgentState()).ensure_registered(profile)
+    assert client.retries >= 1  # the first attempt did time out
+    devices = list_all(registry)[0]
+    assert [(d.device_id, d.name) for d in devices] == [(state.device_id, "slow-reply")]
+    assert load_state(tmp_path) == state and get(registry, state.device_id, state.token).device.name == "slow-reply"
+
+
 def test_verify_token_for_other_services(registry):
     r = registry.register("verify-me", tier="server")
     reply = registry.stub.VerifyToken(pb.VerifyTokenRequest(token=r.token), metadata=registry.operator)

@@ -70,6 +70,48 @@ def test_reregistration_rules(service):
     assert len(service.list_devices(OPERATOR).devices) == 1
 
 
+def test_a_proposed_token_makes_a_first_registration_safe_to_repeat(service):
+    token = "t" * 32  # the device's own choice (the agent draws it from secrets.token_urlsafe)
+    first = service.register(KEY, "d1", PROFILE, device_token=token)
+    assert (first.token, first.created) == (token, True)
+    assert service.principal_for_token(token) == me(first)
+    retry = service.register(KEY, "d1", PROFILE, device_token=token)  # the first reply was lost
+    assert (retry.device_id, retry.token, retry.created) == (first.device_id, token, False)
+    assert len(service.list_devices(OPERATOR).devices) == 1
+    for weak in ("short", "s" * 31, "with space " * 4, "x" * 257, "é" * 40):
+        with pytest.raises(ValidationError, match="device_token"):
+            service.register(KEY, "d2", PROFILE, device_token=weak)
+    assert len(service.list_devices(OPERATOR).devices) == 1
+    # A token some device ever held is never issued again: after deregistration, the old token gets a fresh one.
+    service.deregister(me(first), first.device_id)
+    again = service.register(KEY, "d1", PROFILE, device_token=token)
+    assert again.created and again.device_id != first.device_id and again.token != token
+    assert service.principal_for_token(token) is None and service.principal_for_token(again.token) == me(again)
+
+
+def test_a_repeated_registration_that_races_its_first_attempt_gets_the_same_device(service, monkeypatch):
+    """The retry's name lookup runs before the first attempt commits; its insert then finds the name taken."""
+    token = "r" * 40
+    find = service.repo.find_active_by_name
+    attempts: list = []
+
+    def first_attempt_commits_after_lookup(fleet, name):
+        found = find(fleet, name)
+        if not attempts:
+            monkeypatch.setattr(service.repo, "find_active_by_name", find)
+            attempts.append(service.register(KEY, name, PROFILE, device_token=token))
+        return found
+
+    monkeypatch.setattr(service.repo, "find_active_by_name", first_attempt_commits_after_lookup)
+    retry = service.register(KEY, "d1", PROFILE, device_token=token)
+    assert attempts[0].created and not retry.created
+    assert (retry.device_id, retry.token) == (attempts[0].device_id, token)
+    with pytest.raises(AlreadyExistsError):  # a different device racing for the name still loses
+        monkeypatch.setattr(service.repo, "find_active_by_name", lambda fleet, name: None)
+        service.register(KEY, "d1", PROFILE, device_token="o" * 40)
+    assert len(service.list_devices(OPERATOR).devices) == 1
+
+
 def test_authorization_rules(service):
     a, b = service.register(KEY, "a", PROFILE), service.register(KEY, "b", PROFILE)
     with pytest.raises(PermissionDeniedError):
