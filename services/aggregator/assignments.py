@@ -107,25 +107,36 @@ class Assigner:
              device: DeviceInfo) -> Wait | Assignment | RoundRecord:
         """The open round this device may join now, its assignment again when it holds one and has not uploaded
         (polls are idempotent), or why it must wait."""
-        if record is None or record.state != "running":
-            return self.wait(f"job {self.job.job_id} is {record.state if record else 'not started'}")
-        if o is None or o.record.state != OPEN or self._clock() > o.record.deadline:
-            return self.wait("no open round")
+        idle = self.idle(record, o, device.device_id)
+        if idle is not None:
+            return idle
+        assert o is not None
         if device.state == DEREGISTERED:
             return self.wait(f"device {device.device_id} is deregistered from the fleet; register again to take part")
         if not device.online:
             return self.wait(f"device {device.device_id} is {device.state} in the registry (no heartbeat within its "
                              "liveness window); send a heartbeat, then poll again")
         roster = self.roster(o)
-        if device.device_id in roster:
-            again = o.issued.get(device.device_id)
-            if again is not None and not roster[device.device_id]:
-                self.metrics.repeated_polls.inc()
-                return again
-            return self.wait("already assigned in this round")
+        if device.device_id in roster:  # past idle(): it holds an assignment it has not uploaded
+            if roster[device.device_id]:
+                return self.wait("already assigned in this round")
+            self.metrics.repeated_polls.inc()
+            return o.issued[device.device_id]
+        return o.record
+
+    def idle(self, record: JobRecord | None, o: OpenRound | None, device_id: str) -> Wait | None:
+        """Why this device must wait whatever the registry says about it (no open round, the round is full, or it
+        holds no assignment to repeat in it), else None: the reasons :meth:`gate` can give without the device."""
+        if record is None or record.state != "running":
+            return self.wait(f"job {self.job.job_id} is {record.state if record else 'not started'}")
+        if o is None or o.record.state != OPEN or self._clock() > o.record.deadline:
+            return self.wait("no open round")
+        roster = self.roster(o)
+        if device_id in roster:
+            return self.wait("already assigned in this round") if device_id not in o.issued else None
         if sum(not dropped for dropped in roster.values()) >= self.job.clients_per_round:
             return self.wait("round is full")
-        return o.record
+        return None
 
     def roster(self, o: OpenRound) -> dict[str, bool]:
         """Device id -> dropped?, for every assignment of the open round (read from the round store once)."""

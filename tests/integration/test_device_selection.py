@@ -19,6 +19,12 @@ def _poll_as_operator(fleet: Fleet, device_id: str) -> aggregator_pb2.PollReply:
                                       timeout=30)
 
 
+def _registry_calls(fleet: Fleet, method: str) -> float:
+    return fleet.registry.metrics.get_sample_value(
+        "raffm_grpc_server_handled_total",
+        {"grpc_service": "raffm.v1.RegistryService", "grpc_method": method, "grpc_code": "OK"}) or 0.0
+
+
 def test_only_online_registered_devices_get_assignments(tmp_path: Path) -> None:
     job = tiny_job(tiny_bert_folder(tmp_path / "model"), clients_per_round=2, quorum=1, rounds=1)
     fleet = Fleet(tmp_path, job, device_cache_s=0.0).start()
@@ -44,8 +50,12 @@ def test_only_online_registered_devices_get_assignments(tmp_path: Path) -> None:
         again = fleet.poll(stub, devs["a"])
         assert again.WhichOneof("action") == "assignment" and again.assignment.ticket == first.assignment.ticket
         assert fleet.poll(stub, devs["b"]).WhichOneof("action") == "assignment"
-        full = fleet.poll(stub, devs["late"])  # devices-per-round is 2
-        assert full.WhichOneof("action") == "wait" and "full" in full.wait.reason
+        lookups = _registry_calls(fleet, "GetDevice")
+        for _ in range(3):
+            full = fleet.poll(stub, devs["late"])  # devices-per-round is 2
+            assert full.WhichOneof("action") == "wait" and "full" in full.wait.reason
+        # A wait that does not depend on the device costs the registry no lookup (the device cache is off here).
+        assert _registry_calls(fleet, "GetDevice") == lookups
 
         # The quiet device heartbeats again: it is online, but the round is full; nobody got two assignments.
         reg.stub.Heartbeat(registry_pb2.HeartbeatRequest(device_id=devs["quiet"].device_id), metadata=devs["quiet"].md)
