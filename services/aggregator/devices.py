@@ -76,6 +76,7 @@ class RegistryDirectory:
         import grpc
 
         from raffm.v1 import registry_pb2
+        from services.common.errors import busy
 
         try:
             reply = await self._stub.GetDevice(registry_pb2.GetDeviceRequest(device_id=device_id),
@@ -83,6 +84,8 @@ class RegistryDirectory:
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return None
+            if (error := busy(exc, "the registry could not look this device up")) is not None:
+                raise error from None  # the device polls again
             raise
         d = reply.device
         profile = profile_from_proto(d.profile)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from raffm.errors import AuthenticationError, PermissionDeniedError, UnavailableError, excerpt
+from raffm.errors import AuthenticationError, PermissionDeniedError, excerpt
 
 TOKEN_PREFIX = "rfm_"
 AUTH_HEADER = "authorization"
@@ -159,6 +159,7 @@ class RemoteRegistryVerifier:
         import grpc
 
         from raffm.v1 import registry_pb2
+        from services.common.errors import busy
 
         try:
             reply = await self._stub.VerifyToken(
@@ -167,14 +168,10 @@ class RemoteRegistryVerifier:
         except grpc.aio.AioRpcError as exc:
             if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.NOT_FOUND):
                 return None
-            if exc.code().name in _REGISTRY_BUSY:  # the device's call may succeed in a moment: tell it to retry
-                raise UnavailableError(f"the registry could not check this token: {exc.code().name} "
-                                       f"({(exc.details() or '')[:200]})") from None
+            if (error := busy(exc, "the registry could not check this token")) is not None:
+                raise error from None
             raise
         return Principal(subject=reply.device_id, fleet=reply.fleet)
-
-
-_REGISTRY_BUSY = frozenset({"DEADLINE_EXCEEDED", "UNAVAILABLE", "RESOURCE_EXHAUSTED"})
 
 
 def fleet_verifier(registry_target: str, operator_token: str, cache_s: float = REMOTE_TOKEN_CACHE_S) -> TokenVerifier:

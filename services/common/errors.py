@@ -57,6 +57,21 @@ ERROR_TABLE: tuple[ErrorMapping, ...] = (
 )
 
 
+# A dependency that answered one of these could answer in a moment: the caller's call fails UNAVAILABLE (which clients
+# retry with backoff), not INTERNAL (which says the server has a bug).
+BUSY_CODES = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE,
+                        grpc.StatusCode.RESOURCE_EXHAUSTED})
+
+
+def busy(exc: grpc.RpcError, what: str) -> UnavailableError | None:
+    """An UnavailableError saying that ``what`` failed, when ``exc`` (a call to another service) has a BUSY_CODES
+    code; None otherwise (the caller re-raises)."""
+    code = exc.code()  # type: ignore[attr-defined]
+    if code not in BUSY_CODES:
+        return None
+    return UnavailableError(f"{what}: {code.name} ({(exc.details() or '')[:200]})")  # type: ignore[attr-defined]
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     """(code, message) for a mapped exception, or None when it is unexpected (a bug: INTERNAL)."""
     for entry in ERROR_TABLE:

@@ -212,12 +212,15 @@ def test_remote_verifier_resolves_device_tokens_through_the_registry(registry):
 
 
 @pytest.mark.parametrize("registry_state", ["down", "silent"])
-def test_remote_verifier_asks_for_a_retry_when_the_registry_does_not_answer(registry, registry_state):
+@pytest.mark.parametrize("lookup", ["token", "device"])
+def test_registry_clients_ask_for_a_retry_when_the_registry_does_not_answer(registry, registry_state, lookup):
     """A registry that is down, or too busy to answer within the deadline, is a transient state: the device's call
-    fails UNAVAILABLE (its agent retries with backoff), not INTERNAL (which it takes for a server bug)."""
+    (a token check, or the aggregator's lookup of the polling device) fails UNAVAILABLE (its agent retries with
+    backoff), not INTERNAL (which it takes for a server bug)."""
     import socket
 
     from raffm.errors import UnavailableError
+    from services.aggregator.devices import RegistryDirectory
     from services.common.auth import RemoteRegistryVerifier
     from services.registry.testing import OPERATOR_TOKEN
 
@@ -228,9 +231,13 @@ def test_remote_verifier_asks_for_a_retry_when_the_registry_does_not_answer(regi
 
         async def scenario():
             async with grpc.aio.insecure_channel(f"127.0.0.1:{sock.getsockname()[1]}") as channel:
-                await RemoteRegistryVerifier(channel, OPERATOR_TOKEN, timeout_s=1.0).verify("rfm_any")
+                if lookup == "token":
+                    await RemoteRegistryVerifier(channel, OPERATOR_TOKEN, timeout_s=1.0).verify("rfm_any")
+                else:
+                    await RegistryDirectory(channel, OPERATOR_TOKEN, timeout_s=1.0).get("any-device")
 
-        with pytest.raises(UnavailableError, match="registry could not check this token"):
+        what = "check this token" if lookup == "token" else "look this device up"
+        with pytest.raises(UnavailableError, match=f"registry could not {what}"):
             registry.loop.run(scenario())
 
 
