@@ -27,7 +27,7 @@ from raffm.spec import ElasticSpec
 from raffm.tickets import Ticket, TicketError, TicketSigner
 from services.aggregator.config import JobConfig
 from services.aggregator.devices import DEREGISTERED, DeviceInfo
-from services.aggregator.lifecycle import OpenRound
+from services.aggregator.lifecycle import OpenRound, Roster
 from services.aggregator.metrics import AggregatorMetrics
 from services.aggregator.reports import build_report, export, observation, stored_observations
 from services.aggregator.store import (
@@ -107,41 +107,50 @@ class Assigner:
              device: DeviceInfo) -> Wait | Assignment | RoundRecord:
         """The open round this device may join now, its assignment again when it holds one and has not uploaded
         (polls are idempotent), or why it must wait."""
-        idle = self.idle(record, o, device.device_id)
+        idle = self.idle(record, o, device.device_id, load=True)
         if idle is not None:
             return idle
-        assert o is not None
+        assert o is not None and o.roster is not None
         if device.state == DEREGISTERED:
             return self.wait(f"device {device.device_id} is deregistered from the fleet; register again to take part")
         if not device.online:
             return self.wait(f"device {device.device_id} is {device.state} in the registry (no heartbeat within its "
                              "liveness window); send a heartbeat, then poll again")
-        roster = self.roster(o)
-        if device.device_id in roster:  # past idle(): it holds an assignment it has not uploaded
-            if roster[device.device_id]:
+        if device.device_id in o.roster:  # past idle(): it holds an assignment it has not uploaded
+            if o.roster.dropped[device.device_id]:
                 return self.wait("already assigned in this round")
             self.metrics.repeated_polls.inc()
             return o.issued[device.device_id]
         return o.record
 
-    def idle(self, record: JobRecord | None, o: OpenRound | None, device_id: str) -> Wait | None:
+    def idle(self, record: JobRecord | None, o: OpenRound | None, device_id: str, *, load: bool = False) -> Wait | None:
         """Why this device must wait whatever the registry says about it (no open round, the round is full, or it
-        holds no assignment to repeat in it), else None: the reasons :meth:`gate` can give without the device."""
+        holds no assignment to repeat in it), else None: the reasons :meth:`gate` can give without the device.
+
+        Safe without the coordinator's lock when ``load`` is false: it only reads (a roster not loaded yet gives
+        None), and an answer one change behind costs the device one poll interval or the locked path's recheck."""
         if record is None or record.state != "running":
             return self.wait(f"job {self.job.job_id} is {record.state if record else 'not started'}")
         if o is None or o.record.state != OPEN or self._clock() > o.record.deadline:
             return self.wait("no open round")
-        roster = self.roster(o)
+        roster = self.roster(o) if load else o.roster
+        if roster is None:
+            return None
         if device_id in roster:
             return self.wait("already assigned in this round") if device_id not in o.issued else None
-        if sum(not dropped for dropped in roster.values()) >= self.job.clients_per_round:
+        if roster.active >= self.job.clients_per_round:
             return self.wait("round is full")
         return None
 
-    def roster(self, o: OpenRound) -> dict[str, bool]:
-        """Device id -> dropped?, for every assignment of the open round (read from the round store once)."""
+    def roster(self, o: OpenRound) -> Roster:
+        """Who holds an assignment in the open round (read from the round store once; call under the lock)."""
         if o.roster is None:
-            o.roster = {a.device_id: a.state == DROPPED for a in self.rounds.assignments(o.record.round_id)}
+            roster = Roster()
+            for a in self.rounds.assignments(o.record.round_id):
+                roster.add(a.device_id)
+                if a.state == DROPPED:
+                    roster.drop(a.device_id)
+            o.roster = roster
         return o.roster
 
     def calibration(self, device_id: str) -> Calibration:
@@ -207,7 +216,7 @@ class Assigner:
                                 model_version=rnd.model_version, spec=plan.spec, ticket=self.signer.sign(ticket),
                                 deadline=rnd.deadline, predicted=dict(plan.cost), job=job, recipe=plan.recipe)
         if o is not None and o.record.round_id == rnd.round_id:
-            self.roster(o)[device.device_id] = False
+            self.roster(o).add(device.device_id)
             o.issued[device.device_id] = assignment
         self.metrics.assignments.labels(device.tier).inc()
         self.metrics.bytes_down_assigned.labels(device.tier, job.wire_dtype).inc(wire_bytes)
@@ -281,7 +290,7 @@ class Assigner:
         if o is not None and o.record.round_id == a.round_id:
             o.issued.pop(a.device_id, None)
             if o.roster is not None:
-                o.roster[a.device_id] = True
+                o.roster.drop(a.device_id)
         self.metrics.dropouts.labels(reason).inc()
         rnd = self.rounds.get_round(a.round_id)
         if rnd is not None:

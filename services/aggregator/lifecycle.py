@@ -54,6 +54,30 @@ def running_sums(model: GlobalModel, job: JobConfig, strategy: Strategy) -> Slic
 
 
 @dataclass
+class Roster:
+    """Who holds an assignment in a round (device id -> dropped?) and how many of them have not dropped.
+
+    Changed only under the coordinator's lock; a poll may read it without the lock (``Assigner.idle``): a membership
+    test and the count are each read whole, at worst one change behind."""
+
+    dropped: dict[str, bool] = field(default_factory=dict)
+    active: int = 0
+
+    def add(self, device_id: str) -> None:
+        if self.dropped.get(device_id) is not False:
+            self.active += 1
+        self.dropped[device_id] = False
+
+    def drop(self, device_id: str) -> None:
+        if self.dropped.get(device_id) is False:
+            self.active -= 1
+        self.dropped[device_id] = True
+
+    def __contains__(self, device_id: object) -> bool:
+        return device_id in self.dropped
+
+
+@dataclass
 class OpenRound:
     """The round that takes updates: its record, the running sums, what its report needs, and its slice plans."""
 
@@ -64,9 +88,9 @@ class OpenRound:
     loss_weighted: float = 0.0
     weight: float = 0.0
     plans: dict[str, SlicePlan] = field(default_factory=dict)
-    # Who holds an assignment in this round (device id -> dropped?): loaded from the round store on first use, then
-    # kept current by the Assigner (every change happens under the coordinator's lock), so a poll reads no rows.
-    roster: dict[str, bool] | None = None
+    # Who holds an assignment in this round: loaded from the round store on first use, then kept current by the
+    # Assigner (every change happens under the coordinator's lock), so a poll reads no rows.
+    roster: Roster | None = None
     # The assignments issued in this round whose update has not arrived (device id -> the assignment, ticket
     # included): a device that lost the reply to its poll (a deadline, a broken link) polls again and gets the same
     # assignment, so the round never waits for a device that never saw its ticket. Memory only: after a restart a

@@ -56,6 +56,12 @@ def test_only_online_registered_devices_get_assignments(tmp_path: Path) -> None:
             assert full.WhichOneof("action") == "wait" and "full" in full.wait.reason
         # A wait that does not depend on the device costs the registry no lookup (the device cache is off here).
         assert _registry_calls(fleet, "GetDevice") == lookups
+        # ... nor waits for the coordinator's lock, which a round's uploads hold while they commit.
+        assert fleet.aggregator is not None
+        with fleet.aggregator.coordinator._lock:
+            held = stub.PollRound(aggregator_pb2.PollRequest(device_id=devs["late"].device_id),
+                                  metadata=devs["late"].md, timeout=5)
+        assert held.WhichOneof("action") == "wait" and "full" in held.wait.reason
 
         # The quiet device heartbeats again: it is online, but the round is full; nobody got two assignments.
         reg.stub.Heartbeat(registry_pb2.HeartbeatRequest(device_id=devs["quiet"].device_id), metadata=devs["quiet"].md)
