@@ -39,9 +39,10 @@ def test_render_reports_every_part() -> None:
     data = {
         "cores": 2, "command": "bench/bench_scale.py",
         "settings": {"participants": 200, "poll_wait_s": 5.0, "liveness_s": 90.0, "fleet_procs": 4,
-                     "store_model": "minilm"},
+                     "probe_devices": 10, "store_model": "minilm"},
         "control": [{"backend": "sqlite", "devices": 1000, "registered": 1000,
                      "latency_ms": {"aggregator.PollRound": lat, "registry.Heartbeat": lat},
+                     "probe_latency_ms": {"aggregator.PollRound": {"count": 7, "p50": 4.0, "p99": 8.0, "max": 9.0}},
                      "server_bound_ms": {"PollRound": {"p50": 5.0, "p99": 50.0}, "Heartbeat": {"p50": 5.0, "p99": 25.0}},
                      "round": {"state": "ROUND_STATE_CLOSED", "accepted": 200, "assigned": 200, "seconds": 60.0},
                      "load_avg_1m": {"mean": 3.0, "max": 5.0}}],
@@ -52,4 +53,5 @@ def test_render_reports_every_part() -> None:
     }
     text = bench.render(data)
     assert "| sqlite | 1000/1000 |" in text and "200, 60.0 s" in text
+    assert "(10 probe devices)" in text and "| 4.0 / 8.0 (7 calls) |" in text
     assert "| directory | 100" in text and "| 10 | 500 | 600 | 0.10 | 5.0 |" in text
