@@ -16,7 +16,7 @@ Memory is O(model): one running sum per floating-point global tensor, plus, per 
 *distinct* slice folded into it (slices are leading blocks, so a per-element coverage count is rebuilt from these
 few boxes when the round closes instead of being updated on every fold). A fold is one multi-tensor in-place
 ``add_`` into cached strided views of the running sums' kept blocks (no index tensors, no full-size temporaries; big
-deltas of another dtype convert in chunks), after a validation pass over the whole update (one norm per tensor for
+deltas of another dtype convert in chunks), after a validation pass over the whole update (one sum per tensor for
 finiteness): a rejected update never touches the sums.
 
 Accumulation is float64 by default. With integer sample counts whose round total stays below 2**29, every product
@@ -65,19 +65,17 @@ def _names(names: Iterable[str], limit: int = 5) -> str:
 
 def _all_finite(tensors: Iterable[torch.Tensor]) -> bool:
     """True iff every element of every tensor is finite: one read-only reduction pass per tensor, no full-size
-    temporary, one C++ call and one host sync for the lot.
+    temporary, one host sync for the lot.
 
-    The L2 norm is NaN or infinite if any element is (NaN and infinities propagate through the sum of squares).
-    A norm in the tensor's own dtype can also overflow for finite values (float32: elements above about 1e19);
-    only then is every tensor checked element by element, so a false alarm costs time, never a wrong answer.
+    The sum is NaN or infinite if any element is (NaN propagates, an infinity stays one or meets its opposite and
+    makes NaN). A sum in the tensor's own dtype can also overflow for finite values (float32: a total above about
+    3e38); only then is every tensor checked element by element, so a false alarm costs time, never a wrong answer.
+    A plain sum reads as fast as the memory allows: 20% less time than the L2 norm this used before (bench_core).
     """
     nonempty = [t for t in tensors if t.numel()]
     if not nonempty:
         return True
-    norms = list(torch._foreach_norm(nonempty, 2))
-    if len({n.dtype for n in norms}) > 1:
-        norms = [n.to(torch.float64) for n in norms]
-    if bool(torch.isfinite(torch.stack(norms)).all()):
+    if bool(torch.isfinite(torch.stack([t.sum().double() for t in nonempty])).all()):
         return True
     return all(bool(torch.isfinite(t).all()) for t in nonempty)
 

@@ -492,8 +492,8 @@ def test_converting_fold_in_small_chunks_matches_the_formula(chunk: int, monkeyp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, "huge"])
 def test_finiteness_check_is_exact_at_any_position(dtype: torch.dtype, value: float | str) -> None:
-    # validate() checks finiteness with one norm per tensor; a norm that overflows on finite values (elements
-    # near the dtype's maximum) must fall back to an exact check and accept, and a NaN or infinity anywhere
+    # validate() checks finiteness with one sum per tensor; a sum that overflows on finite values (two elements at
+    # 3/4 of the dtype's maximum) must fall back to an exact check and accept, and a NaN or infinity anywhere
     # (first element, inside a vector lane, the scalar tail) must be rejected.
     plan = plan_for(BERT, SPECS[1])
     agg = SlicedFedAvg(GLOBAL)
@@ -501,8 +501,11 @@ def test_finiteness_check_is_exact_at_any_position(dtype: torch.dtype, value: fl
     for position in (0, 5, 17, 1000, -3, -1):
         bad = random_delta(plan, seed=4, dtype=dtype)
         tensor = bad[name].clone()
-        huge = torch.finfo(dtype).max / 2
-        tensor.view(-1)[position] = huge if isinstance(value, str) else value
+        flat = tensor.view(-1)
+        if value == "huge":
+            flat[position] = flat[(position + 1) % flat.numel()] = torch.finfo(dtype).max * 0.75
+        else:
+            flat[position] = value
         bad[name] = tensor
         if value == "huge":
             agg.validate(bad, plan, 2.0, dtype=dtype)
