@@ -138,7 +138,7 @@ class Assigner:
             return None
         if device_id in roster:
             return self.wait("already assigned in this round") if device_id not in o.issued else None
-        if roster.active >= self.job.clients_per_round:
+        if roster.taken >= self.job.clients_per_round:
             return self.wait("round is full")
         return None
 

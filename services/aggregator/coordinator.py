@@ -173,11 +173,20 @@ class RoundCoordinator:
             raise NotFoundError(f"device {excerpt(device_id)} is not registered", field="device_id")
         with self._lock:
             gate = self.assigner.gate(self._record, self._open, device)
-        if isinstance(gate, (Wait, Assignment)):
-            return gate
-        plan = self.assigner.choose_spec(device, gate)  # outside the lock: the planner may be a remote call
-        if isinstance(plan, Wait):
-            with self._lock:  # no sub-model fits this device: it cannot take part in this round
+            if isinstance(gate, (Wait, Assignment)):
+                return gate
+            assert self._open is not None and self._open.roster is not None
+            seats = self._open.roster
+            seats.fitting.add(device_id)  # a seat held while the fit runs
+        try:
+            plan = self.assigner.choose_spec(device, gate)  # outside the lock: the planner may be a remote call
+        except BaseException:
+            with self._lock:
+                seats.fitting.discard(device_id)
+            raise
+        with self._lock:
+            seats.fitting.discard(device_id)
+            if isinstance(plan, Wait):  # no sub-model fits this device: it cannot take part in this round
                 o = self._open
                 if o is not None and o.record.round_id == gate.round_id and device_id not in o.unfit:
                     o.unfit.add(device_id)
@@ -185,8 +194,7 @@ class RoundCoordinator:
                     entry["devices"] += 1
                     entry["detail"] = plan.reason[:MAX_FAILURE_DETAIL]
                     self.rounds.save_round(o.record)
-            return plan
-        with self._lock:
+                return plan
             still = self.assigner.gate(self._record, self._open, device)
             if isinstance(still, (Wait, Assignment)):  # an assignment: a concurrent poll of this device got it
                 return still

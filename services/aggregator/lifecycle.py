@@ -55,13 +55,20 @@ def running_sums(model: GlobalModel, job: JobConfig, strategy: Strategy) -> Slic
 
 @dataclass
 class Roster:
-    """Who holds an assignment in a round (device id -> dropped?) and how many of them have not dropped.
+    """Who holds an assignment in a round (device id -> dropped?), how many of them have not dropped, and who is
+    being fitted for one right now (a seat each: while a round fills, a thousand polling devices do not all run the
+    fit for the last few seats).
 
     Changed only under the coordinator's lock; a poll may read it without the lock (``Assigner.idle``): a membership
-    test and the count are each read whole, at worst one change behind."""
+    test and the counts are each read whole, at worst one change behind."""
 
     dropped: dict[str, bool] = field(default_factory=dict)
     active: int = 0
+    fitting: set[str] = field(default_factory=set)
+
+    @property
+    def taken(self) -> int:
+        return self.active + len(self.fitting)
 
     def add(self, device_id: str) -> None:
         if self.dropped.get(device_id) is not False:

@@ -103,3 +103,42 @@ def test_the_registry_answer_is_cached_briefly() -> None:
         assert calls.count("nobody") == 1  # unknown devices are cached too
 
     asyncio.run(scenario())
+
+
+def test_a_device_being_fitted_holds_its_seat(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a device is fitted for the round's last seat, the others are told the round is full instead of all
+    running the fit for it (at round start a thousand polls did), and a failed fit gives the seat back."""
+    import threading
+
+    job = tiny_job(tiny_bert_folder(tmp_path / "model"), clients_per_round=1, quorum=1, rounds=1)
+    fleet = Fleet(tmp_path, job).start()
+    try:
+        a, b = (fleet.register(n, train_memory_mb=1000, tier="laptop") for n in ("a", "b"))
+        assert fleet.aggregator is not None
+        planner = fleet.aggregator.coordinator.assigner.planner
+        real, fits = planner.plan, []
+        entered, release = threading.Event(), threading.Event()
+
+        def held_fit(profile, plan_job, version):
+            fits.append(profile)
+            entered.set()
+            assert release.wait(30)
+            if len(fits) == 1:
+                raise RuntimeError("the first fit fails")
+            return real(profile, plan_job, version)
+
+        monkeypatch.setattr(planner, "plan", held_fit)
+        stub = fleet.agg_stub()
+        first = threading.Thread(target=lambda: pytest.raises(grpc.RpcError, fleet.poll, stub, a))
+        first.start()
+        assert entered.wait(30)
+        full = fleet.poll(stub, b)  # a holds the only seat while it is fitted
+        assert full.WhichOneof("action") == "wait" and "full" in full.wait.reason and len(fits) == 1
+        release.set()
+        first.join(30)
+        assert not first.is_alive()
+        again = fleet.poll(stub, b)  # a's fit failed: its seat is free again
+        assert again.WhichOneof("action") == "assignment" and len(fits) == 2
+    finally:
+        release.set()
+        fleet.stop()
