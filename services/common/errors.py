@@ -63,13 +63,12 @@ BUSY_CODES = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVA
                         grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 
-def busy(exc: grpc.RpcError, what: str) -> UnavailableError | None:
+def busy(exc: grpc.aio.AioRpcError, what: str) -> UnavailableError | None:
     """An UnavailableError saying that ``what`` failed, when ``exc`` (a call to another service) has a BUSY_CODES
     code; None otherwise (the caller re-raises)."""
-    code = exc.code()  # type: ignore[attr-defined]
-    if code not in BUSY_CODES:
+    if exc.code() not in BUSY_CODES:
         return None
-    return UnavailableError(f"{what}: {code.name} ({(exc.details() or '')[:200]})")  # type: ignore[attr-defined]
+    return UnavailableError(f"{what}: {exc.code().name} ({(exc.details() or '')[:200]})")
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
