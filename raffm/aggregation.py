@@ -70,7 +70,7 @@ def _all_finite(tensors: Iterable[torch.Tensor]) -> bool:
     The sum is NaN or infinite if any element is (NaN propagates, an infinity stays one or meets its opposite and
     makes NaN). A sum in the tensor's own dtype can also overflow for finite values (float32: a total above about
     3e38); only then is every tensor checked element by element, so a false alarm costs time, never a wrong answer.
-    A plain sum reads as fast as the memory allows: 20% less time than the L2 norm this used before (bench_core).
+    A plain sum is the cheapest reduction that does this (the L2 norm used before took about a quarter longer).
     """
     nonempty = [t for t in tensors if t.numel()]
     if not nonempty:
