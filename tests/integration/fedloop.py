@@ -215,8 +215,11 @@ class Fleet:
     def poll(self, stub: Any, dev: Device) -> aggregator_pb2.PollReply:
         return stub.PollRound(aggregator_pb2.PollRequest(device_id=dev.device_id), metadata=dev.md, timeout=30)
 
-    def wait_round(self, stub: Any, round_id: str, states: tuple[int, ...] = (aggregator_pb2.ROUND_STATE_CLOSED,),
+    def wait_round(self, stub: Any, round_id: str,
+                   states: tuple[int, ...] = (aggregator_pb2.ROUND_STATE_CLOSED, aggregator_pb2.ROUND_STATE_FAILED),
                    timeout: float = 60) -> aggregator_pb2.Round:
+        """The round once it is in one of ``states`` (by default: once it has ended, either way), or as it is at the
+        timeout; the caller asserts the state it expects."""
         end = time.monotonic() + timeout
         while True:
             r = stub.GetRound(aggregator_pb2.GetRoundRequest(round_id=round_id), metadata=self.operator, timeout=10)

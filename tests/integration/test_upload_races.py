@@ -119,7 +119,7 @@ def test_a_stream_whose_round_closes_under_it_is_told_late_not_internal(tmp_path
     """The round ends (its deadline passes with no quorum) while a stream is between chunks: its staging directory
     goes with the round, and the rest of the stream must be refused as late (FAILED_PRECONDITION), never INTERNAL."""
     job = tiny_job(tiny_bert_folder(tmp_path / "model"), clients_per_round=1, quorum=1, rounds=1,
-                   round_deadline_s=4.0, ticket_grace_s=60.0)
+                   round_deadline_s=4.0, on_deadline="fail", ticket_grace_s=60.0)
     fleet = Fleet(tmp_path, job).start()
     try:
         fleet.register("a", train_memory_mb=64, tier="laptop")

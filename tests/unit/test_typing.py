@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.unit.conftest import MYPY_RUN, start_mypy
 
 
 @pytest.mark.timeout(600)
-def test_mypy_is_clean() -> None:
+def test_mypy_is_clean(request: pytest.FixtureRequest) -> None:
     pytest.importorskip("mypy")
-    proc = subprocess.run(
-        [sys.executable, "-m", "mypy", "raffm", "raffm_app", "services", "edge_agent"], cwd=ROOT, capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    # Usually started in the background when the session's tests were collected (see the conftest).
+    proc = request.config.stash.get(MYPY_RUN, None) or start_mypy()
+    stdout, stderr = proc.communicate()
+    assert proc.returncode == 0, stdout[-4000:] + stderr[-2000:]
