@@ -20,8 +20,7 @@ import grpc
 
 from edge_agent.client import ServiceClient, ServiceError, Stopped
 from edge_agent.state import AgentState, save_state
-from raffm.profile import DeviceProfile
-from raffm.proto import profile_to_proto
+from raffm.profile import DeviceProfile, profile_to_proto
 from raffm.v1 import registry_pb2
 
 log = logging.getLogger("edge_agent.identity")

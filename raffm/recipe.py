@@ -9,10 +9,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from raffm.lora import A_SUFFIX, B_SUFFIX, LoRAConfig
 from raffm.spec import ElasticSpec
+
+# raffm.lora is imported where a LoRA recipe needs it: it imports torch, and tickets (hence every service's command
+# line) carry recipes without training anything.
+if TYPE_CHECKING:
+    from raffm.lora import LoRAConfig
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,8 @@ class Recipe:
         if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
             raise ValueError(f"recipe lora_rank is {self.lora_rank!r}; it must be an integer >= 0 (0: no LoRA)")
         if self.lora_rank:
+            from raffm.lora import LoRAConfig
+
             LoRAConfig(rank=self.lora_rank, targets=self.lora_targets, alpha=self.lora_alpha)  # validates them
             if self.nested:
                 raise ValueError("a LoRA recipe cannot train nested cuts (not supported yet)")
@@ -87,6 +93,8 @@ class Recipe:
         """The LoRA settings, or None for plain fine-tuning."""
         if not self.lora_rank:
             return None
+        from raffm.lora import LoRAConfig
+
         return LoRAConfig(rank=self.lora_rank, targets=tuple(self.lora_targets), alpha=self.lora_alpha)
 
     def download_dtypes(self, names: Iterable[str], vocab: Iterable[str]) -> dict[str, str]:
@@ -97,6 +105,8 @@ class Recipe:
         is not float32."""
         dtypes = {}
         if self.base_dtype != "float32":
+            from raffm.lora import A_SUFFIX, B_SUFFIX
+
             dtypes = {n: self.base_dtype for n in names
                       if n in self.frozen or (self.lora_rank and not n.endswith((A_SUFFIX, B_SUFFIX)))}
         if self.frozen_dtype != "float32":

@@ -31,6 +31,18 @@ def wire_dtype_arg(value: str) -> str:
     return wire_dtype_name(value)
 
 
+def strategy_arg(value: str) -> str:
+    """An argparse ``type``: the name of a :mod:`raffm.strategy` preset (imported, with torch, only when the flag is
+    parsed: building the parser must stay cheap, every `raffm` command builds all of it)."""
+    from raffm.strategy import strategy_named
+
+    try:
+        strategy_named(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raffm",

@@ -24,12 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.simulate import AGENT_GRACE_S, Tier, load_tiers, tiers_toml
-from raffm_app.cli import wire_dtype_arg
+from raffm_app.cli import strategy_arg, wire_dtype_arg
 from raffm_app.follow import RoundFailed, final_version, follow_job, scaling
 from raffm_app.processes import (
     Interrupted, ProcessFailed, ProcessGroup, SignalGuard, free_port, print_tail, raffm_command, wait_serving,
 )
-from raffm.strategy import STRATEGIES
 
 # Device tiers of the default fleet: training memory (MiB) is what one training step may use on top of the runtime.
 # The smallest tiers cannot hold the whole MiniLM (about 500 MiB at batch 16 x 64 tokens) and train a sub-model.
@@ -319,7 +318,7 @@ def _run_demo(settings: DemoSettings, run_dir: Path, guard: SignalGuard) -> None
         group.start("registry", raffm_command(
             "registry", "serve", "--db", f"sqlite:///{run_dir / 'registry.db'}", "--port", str(ports["registry"]),
             "--metrics-port", str(metrics["registry"]), "--liveness-window-s", "600"), env)
-        wait_serving(group, addr["registry"], "registry")
+        # All three start at once (their addresses are chosen above; each connects to the others on first use).
         group.start("extractor", raffm_command(
             "extractor", "serve", "--store", str(store), "--registry", addr["registry"],
             "--port", str(ports["extractor"]), "--metrics-port", str(metrics["extractor"])), env)
@@ -339,8 +338,8 @@ def _run_demo(settings: DemoSettings, run_dir: Path, guard: SignalGuard) -> None
             "--seed", str(settings.seed), "--poll-wait-s", "1",
             # The aggregator scores every new version on the held-out split (its log says how the model is doing).
             "--eval-data", str(data.test_path), "--eval-max-samples", "0"), aggregator_env(env, data))
-        wait_serving(group, addr["extractor"], "extractor")
-        wait_serving(group, addr["aggregator"], "aggregator")
+        for name, address in addr.items():
+            wait_serving(group, address, name)
         print("services up: " + ", ".join(f"{n} {a} (metrics :{metrics[n]})" for n, a in addr.items()))
         group.start("fleet", raffm_command(
             "agent", "simulate", "--devices", str(settings.devices), "--tiers", str(run_dir / "tiers.toml"),
@@ -467,7 +466,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--baseline", choices=("none", "fedavg"), default=d.baseline,
                         help="fedavg: every device trains the full model with plain FedAvg, for comparison (a "
                              "decoder LLM: every device trains the full model with the top LoRA rank)")
-    parser.add_argument("--strategy", choices=tuple(STRATEGIES), default=d.strategy,
+    parser.add_argument("--strategy", type=strategy_arg, default=d.strategy,
                         help="the federated method: raffm (default), fedavg (devices that cannot train the whole "
                              "model wait), paper (the research code's recipe), heterofl (static slices)")
     parser.add_argument("--strategy-options", default="",

@@ -25,10 +25,12 @@ import json
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from raffm.strategy import Strategy, strategy_named
-from raffm.wire import wire_dtype_name
+# raffm.strategy and raffm.wire import torch: they are imported where a job is built, not when the command line's
+# parser is (every `raffm` command, the registry's too, builds the aggregator's flags from this module).
+if TYPE_CHECKING:
+    from raffm.strategy import Strategy
 
 AGGREGATIONS = ("coverage", "paper")
 ON_DEADLINE = ("extend", "fail")
@@ -97,6 +99,8 @@ class JobConfig:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"job setting {name} = {getattr(self, name)!r}: {why}")
 
+        from raffm.wire import wire_dtype_name
+
         object.__setattr__(self, "wire_dtype", wire_dtype_name(self.wire_dtype))
         fractions = self.eval_fractions
         if isinstance(fractions, str):  # from a CLI flag: "0.25,0.5,1"
@@ -160,6 +164,8 @@ class JobConfig:
 
     def method(self) -> Strategy:
         """The job's :class:`~raffm.strategy.Strategy`: the preset, its options, then the shortcuts."""
+        from raffm.strategy import Strategy, strategy_named
+
         options = dict(self.strategy_options)
         if self.aggregation:
             options["aggregation"] = self.aggregation

@@ -15,8 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from raffm.profile import UNKNOWN_TIER, DeviceProfile
-from raffm.proto import profile_from_proto
+from raffm.profile import UNKNOWN_TIER, DeviceProfile, profile_from_proto
 
 ONLINE, OFFLINE, DEREGISTERED = "online", "offline", "deregistered"
 

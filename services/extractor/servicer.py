@@ -8,9 +8,10 @@ from typing import Any
 
 from raffm.errors import ValidationError
 from raffm.planning import PlanJob, PlanResult
+from raffm.profile import profile_from_proto
 from raffm.proto import (
-    cost_to_proto, manifest_to_proto, profile_from_proto, recipe_to_proto, resume_from_proto, spec_to_proto,
-    wire_dtype_from_proto, wire_dtype_to_proto,
+    cost_to_proto, manifest_to_proto, recipe_to_proto, resume_from_proto, spec_to_proto, wire_dtype_from_proto,
+    wire_dtype_to_proto,
 )
 from raffm.strategy import strategy_named
 from raffm.v1 import common_pb2, extractor_pb2, extractor_pb2_grpc

@@ -7,7 +7,7 @@ from datetime import datetime
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from raffm.errors import ValidationError
-from raffm.proto import profile_to_proto
+from raffm.profile import profile_to_proto
 from raffm.v1 import registry_pb2
 from services.registry.domain import Device, DeviceState, ProfileRecord
 

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from raffm.proto import profile_from_proto
+from raffm.profile import profile_from_proto
 from raffm.v1 import registry_pb2, registry_pb2_grpc
 from services.common.auth import Principal, current_principal
 from services.registry import codec

@@ -61,6 +61,19 @@ def test_sigterm_drains_and_exits_cleanly(served):
     assert "draining" in log_path.read_text() and "stopped" in log_path.read_text()
 
 
+def test_the_registry_process_never_loads_torch(served):
+    """The registry needs no tensors: a process that maps libtorch starts several times slower and holds several
+    times the memory (a thousand-device fleet's registry replicas, a pod's cold start)."""
+    proc, port, _, _ = served
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:  # past start-up, one request served
+        stub = registry_pb2_grpc.RegistryServiceStub(channel)
+        stub.Register(registry_pb2.RegisterRequest(enroll_key=KEY, name="t1", profile=make_profile()), timeout=10)
+    maps = Path(f"/proc/{proc.pid}/maps")
+    if not maps.exists():
+        pytest.skip("needs /proc (Linux) to list the libraries a process has mapped")
+    assert "libtorch" not in maps.read_text()
+
+
 def test_metrics_endpoint_serves_rpc_and_device_metrics(served):
     _, port, metrics_port, _ = served
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
