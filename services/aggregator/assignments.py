@@ -222,20 +222,21 @@ class Assigner:
         self.metrics.bytes_down_assigned.labels(device.tier, job.wire_dtype).inc(wire_bytes)
         return assignment
 
-    def reported(self, session: UploadSession, upload_bytes: int) -> AssignmentRecord:
-        """The assignment of an accepted update, uploaded, with its device's report; the report is exported as
-        metrics and teaches the device's calibration."""
+    def uploaded(self, session: UploadSession, upload_bytes: int) -> AssignmentRecord:
+        """The assignment of an accepted update, uploaded, with its device's report (to commit, then :meth:`learn`)."""
         now = self._clock()
         a = session.assignment
         report = build_report(session.metrics, sample_count=session.sample_count, upload_bytes=upload_bytes,
                               upload_seconds=session.seconds, round_seconds=now - a.created_at, at=now)
-        done = replace(a, state=UPLOADED, report=report)
-        obs = observation(done)
+        return replace(a, state=UPLOADED, report=report)
+
+    def learn(self, a: AssignmentRecord) -> None:
+        """A committed assignment's report, if it has one, teaches its device's calibration and goes to the metrics."""
+        obs = observation(a)
         if obs is not None:
             self.calibration(a.device_id)  # restore first, so this observation lands after the stored ones
             self.calibrations.add(a.device_id, obs)
-            export(self.metrics, done, obs)
-        return done
+            export(self.metrics, a, obs)
 
     def late(self, a: AssignmentRecord, sample_count: int, metrics: dict[str, float]) -> None:
         """A device's upload came too late: its update is refused, but its report is kept and teaches its
@@ -249,11 +250,7 @@ class Assigner:
         report["late"] = 1.0
         a = replace(a, report=report)
         self.rounds.save_assignment(a)
-        obs = observation(a)
-        if obs is not None:
-            self.calibration(a.device_id)
-            self.calibrations.add(a.device_id, obs)
-            export(self.metrics, a, obs)
+        self.learn(a)
 
     def expired(self, ticket_bytes: bytes, caller: Principal | None, sample_count: int,
                 metrics: dict[str, float]) -> None:

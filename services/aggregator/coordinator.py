@@ -54,7 +54,7 @@ from services.aggregator.store import (
 from services.aggregator.uploads import (
     DuplicateUploadError, LateUploadError, UploadInProgressError, UploadRejectedError, UploadResult, UploadSession,
     UploadState,
-    Dense, count_accepted_bytes, downloaded_bytes, upload_state,
+    Dense, downloaded_bytes, export_accepted_bytes, upload_state, with_accepted_bytes,
 )
 from services.aggregator.versions import Evaluator, GlobalModel, InitialModel, Versions, version_name
 from services.common.auth import Principal
@@ -275,24 +275,25 @@ class RoundCoordinator:
                 raise LateUploadError(f"round {ticket.round_id} was restarted while this upload was in flight")
             assert session.reassembler is not None  # finish() only commits after the manifest arrived
             nbytes = session.reassembler.bytes_held
+            assignment = self.assigner.uploaded(session, nbytes)
+            down = downloaded_bytes(assignment, session.metrics.get("download_bytes", 0.0))
+            full = self.model.wire_bytes(self.job.wire_dtype)
+            record = with_accepted_bytes(o.record, nbytes, down, full)
+            if o.accepted + 1 >= record.quorum:
+                record.state = AGGREGATING
             try:
-                update = self.rounds.add_update(UpdateRecord(
+                update = self.rounds.commit_update(UpdateRecord(
                     round_id=ticket.round_id, ticket_id=ticket.ticket_id, device_id=ticket.device_id,
                     sample_count=session.sample_count, path=str(session.staged.dir), nbytes=nbytes,
-                    metrics=session.metrics, accepted_at=self._clock()))
+                    metrics=session.metrics, accepted_at=self._clock()), assignment, record)
             except DuplicateUpdateError:
                 raise DuplicateUploadError(f"an update for ticket {ticket.ticket_id} was already accepted") from None
             # Durable from here on: a crash after this line re-folds the update at restart.
+            o.record = record
             o.fold(update_tensors, plan, update, dtype)
             o.issued.pop(ticket.device_id, None)
-            assignment = self.assigner.reported(session, nbytes)
-            self.rounds.save_assignment(assignment)
-            down = downloaded_bytes(assignment, session.metrics.get("download_bytes", 0.0))
-            count_accepted_bytes(o.record, self.metrics, assignment, nbytes, down,
-                                 self.model.wire_bytes(self.job.wire_dtype), self.job.wire_dtype)
-            if o.accepted >= o.record.quorum:
-                o.record.state = AGGREGATING
-            self.rounds.save_round(o.record)
+            self.assigner.learn(assignment)
+            export_accepted_bytes(self.metrics, assignment.tier, nbytes, down, full, self.job.wire_dtype)
         self.metrics.fold_seconds.observe(time.perf_counter() - t0)
         return UploadResult(round_id=ticket.round_id, bytes_received=nbytes, tensors=len(delta), seq=update.seq)
 

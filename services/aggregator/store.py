@@ -101,8 +101,11 @@ class RoundStore(Protocol):
     def assignment_states(self, round_id: str) -> list[tuple[str, str]]:
         """(device_id, state) of every assignment of the round: what counting and settling a round need, without
         decoding every assignment's spec and plan (a round of hundreds is settled after every upload)."""
-    def add_update(self, u: UpdateRecord) -> UpdateRecord:
-        """Commit an accepted update; returns it with its ``seq``. A second update for one ticket is refused."""
+    def commit_update(self, u: UpdateRecord, assignment: AssignmentRecord, rnd: RoundRecord) -> UpdateRecord:
+        """Commit an accepted update together with its assignment and its round as they are with it (uploaded,
+        counted): one transaction, so a crash never leaves an update folded at restart whose device the round
+        still counts as owing it. Returns the update with its ``seq``; a second update for one ticket is refused
+        (``DuplicateUpdateError``, nothing written)."""
     def updates(self, round_id: str) -> list[UpdateRecord]:
         """In commit (``seq``) order."""
     def update_for_ticket(self, ticket_id: str) -> UpdateRecord | None: ...
@@ -166,13 +169,15 @@ class MemoryRoundStore:
         with self._lock:
             return [(a.device_id, a.state) for a in self._assignments.values() if a.round_id == round_id]
 
-    def add_update(self, u: UpdateRecord) -> UpdateRecord:
+    def commit_update(self, u: UpdateRecord, assignment: AssignmentRecord, rnd: RoundRecord) -> UpdateRecord:
         with self._lock:
             if u.ticket_id in self._updates:
                 raise DuplicateUpdateError(u.ticket_id)
             self._seq += 1
             rec = replace(u, seq=self._seq)
             self._updates[u.ticket_id] = rec
+            self._assignments[assignment.ticket_id] = copy.deepcopy(assignment)
+            self._rounds[rnd.round_id] = copy.deepcopy(rnd)
             return copy.deepcopy(rec)
 
     def updates(self, round_id: str) -> list[UpdateRecord]:
@@ -273,9 +278,7 @@ class SqlRoundStore:
 
     def _upsert(self, table: sa.Table, key: str, values: dict[str, Any]) -> None:
         with self.engine.begin() as conn:
-            res = conn.execute(table.update().where(table.c[key] == values[key]).values(**values))
-            if res.rowcount == 0:
-                conn.execute(table.insert().values(**values))
+            _upsert(conn, table, key, values)
 
     def _one(self, table: sa.Table, cls: type, key: str, value: str) -> Any:
         with self.engine.connect() as conn:
@@ -325,16 +328,17 @@ class SqlRoundStore:
                                 .where(_assignments.c.round_id == round_id)).all()
         return [(str(device), str(state)) for device, state in rows]
 
-    def add_update(self, u: UpdateRecord) -> UpdateRecord:
-        try:
-            with self.engine.begin() as conn:
+    def commit_update(self, u: UpdateRecord, assignment: AssignmentRecord, rnd: RoundRecord) -> UpdateRecord:
+        with self.engine.begin() as conn:
+            try:
                 res = conn.execute(_updates.insert().values(**_values(u, skip=("seq",))))
-                key = res.inserted_primary_key
-                assert key is not None  # an INSERT into a table with an autoincrement primary key
-                seq = int(key[0])
-        except sa.exc.IntegrityError as exc:
-            raise DuplicateUpdateError(u.ticket_id) from exc
-        return replace(u, seq=seq)
+            except sa.exc.IntegrityError as exc:  # the ticket's unique key: raising rolls the transaction back
+                raise DuplicateUpdateError(u.ticket_id) from exc
+            key = res.inserted_primary_key
+            assert key is not None  # an INSERT into a table with an autoincrement primary key
+            _upsert(conn, _assignments, "ticket_id", _values(assignment))
+            _upsert(conn, _rounds, "round_id", _values(rnd))
+        return replace(u, seq=int(key[0]))
 
     def updates(self, round_id: str) -> list[UpdateRecord]:
         with self.engine.connect() as conn:
@@ -346,6 +350,12 @@ class SqlRoundStore:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _upsert(conn: sa.Connection, table: sa.Table, key: str, values: dict[str, Any]) -> None:
+    res = conn.execute(table.update().where(table.c[key] == values[key]).values(**values))
+    if res.rowcount == 0:
+        conn.execute(table.insert().values(**values))
 
 
 def round_store_from_url(url: str) -> RoundStore:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -111,16 +111,19 @@ def downloaded_bytes(assignment: AssignmentRecord, reported: float) -> int:
     return min(int(reported), assignment.download_bytes) if reported > 0 else assignment.download_bytes
 
 
-def count_accepted_bytes(rnd: RoundRecord, metrics: AggregatorMetrics, assignment: AssignmentRecord, nbytes: int,
-                         down: int, full_model_bytes: int, wire_dtype: str) -> None:
-    """An accepted update's bytes in its round's figures and in the metrics, by device tier: its upload, what its
-    device downloaded (``down``), and what full-model FedAvg would have moved for the same device (down plus up)."""
-    rnd.bytes_up += nbytes
-    rnd.bytes_down += down
-    rnd.full_model_bytes += 2 * full_model_bytes
-    metrics.accepted.labels(assignment.tier).inc()
-    metrics.bytes_up.labels(assignment.tier, wire_dtype).inc(nbytes)
-    metrics.bytes_down.labels(assignment.tier, wire_dtype).inc(down)
+def with_accepted_bytes(rnd: RoundRecord, nbytes: int, down: int, full_model_bytes: int) -> RoundRecord:
+    """The round's figures with one more accepted update: its upload, what its device downloaded (``down``), and
+    what full-model FedAvg would have moved for the same device (down plus up)."""
+    return replace(rnd, bytes_up=rnd.bytes_up + nbytes, bytes_down=rnd.bytes_down + down,
+                   full_model_bytes=rnd.full_model_bytes + 2 * full_model_bytes)
+
+
+def export_accepted_bytes(metrics: AggregatorMetrics, tier: str, nbytes: int, down: int, full_model_bytes: int,
+                          wire_dtype: str) -> None:
+    """The same bytes in the metrics, by device tier."""
+    metrics.accepted.labels(tier).inc()
+    metrics.bytes_up.labels(tier, wire_dtype).inc(nbytes)
+    metrics.bytes_down.labels(tier, wire_dtype).inc(down)
     metrics.full_model_bytes.labels(wire_dtype).inc(2 * full_model_bytes)
 
 

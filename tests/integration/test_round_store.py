@@ -6,6 +6,8 @@ version table so the registry's migrations can live in the same database.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import sqlalchemy as sa
 
@@ -101,11 +103,20 @@ def test_round_store_round_trip(store: RoundStore) -> None:
     assert sorted(store.assignment_states("job-r2")) == [("dev-a", UPLOADED), ("dev-b", ASSIGNED)]
     assert store.assignment_states("job-r1") == []
 
-    u1 = store.add_update(UpdateRecord("job-r2", "t2", "dev-b", 7, "/s/t2", 3 << 30, {"loss": 0.5}, 90.0))
-    u2 = store.add_update(UpdateRecord("job-r2", "t1", "dev-a", 3, "/s/t1", 10, {}, 91.0))
+    # An update commits with its assignment and its round as they are with it, or not at all.
+    r2 = store.get_round("job-r2")
+    b_done = replace(store.get_assignment("t2"), state=UPLOADED, report={"peak_mb": 12.0})
+    u1 = store.commit_update(UpdateRecord("job-r2", "t2", "dev-b", 7, "/s/t2", 3 << 30, {"loss": 0.5}, 90.0),
+                             b_done, replace(r2, bytes_up=3 << 30))
+    assert store.get_assignment("t2") == b_done and store.get_round("job-r2").bytes_up == 3 << 30
+    u2 = store.commit_update(UpdateRecord("job-r2", "t1", "dev-a", 3, "/s/t1", 10, {}, 91.0),
+                             store.get_assignment("t1"), replace(r2, bytes_up=(3 << 30) + 10))
     assert 0 < u1.seq < u2.seq
     with pytest.raises(DuplicateUpdateError):
-        store.add_update(UpdateRecord("job-r2", "t1", "dev-a", 3, "/s/t1", 10, {}, 92.0))
+        store.commit_update(UpdateRecord("job-r2", "t1", "dev-a", 3, "/s/t1", 10, {}, 92.0),
+                            replace(b_done, report={}), replace(r2, bytes_up=1, state=CLOSED))
+    assert store.get_assignment("t2") == b_done  # the refused commit wrote nothing
+    assert store.get_round("job-r2") == replace(r2, bytes_up=(3 << 30) + 10)
     assert [u.ticket_id for u in store.updates("job-r2")] == ["t2", "t1"]  # commit order
     assert store.update_for_ticket("t2") == u1 and store.update_for_ticket("t3") is None
 
