@@ -244,13 +244,17 @@ class SlicedFedAvg:
         weight: float,
         *,
         dtype: torch.dtype = torch.float32,
+        validated: bool = False,
     ) -> None:
         """Validate the update fully, then add it into the running sums (the update itself is not modified).
 
         Raises :class:`UpdateRejected` (sums untouched) for a bad update. Cost: one read pass for validation and
-        one strided ``sums_block += weight * delta`` per tensor.
+        one strided ``sums_block += weight * delta`` per tensor. ``validated``: the caller has already run
+        :meth:`validate` on these very arguments (the aggregator does, before it takes its lock), so the read pass
+        is skipped and the fold is the adds alone.
         """
-        self.validate(delta, plan, weight, dtype=dtype)
+        if not validated:
+            self.validate(delta, plan, weight, dtype=dtype)
         alpha = float(weight) if self.mode == "coverage" else 1.0
         blocks: list[torch.Tensor] = []
         srcs: list[torch.Tensor] = []

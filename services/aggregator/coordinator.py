@@ -290,7 +290,7 @@ class RoundCoordinator:
                 raise DuplicateUploadError(f"an update for ticket {ticket.ticket_id} was already accepted") from None
             # Durable from here on: a crash after this line re-folds the update at restart.
             o.record = record
-            o.fold(update_tensors, plan, update, dtype)
+            o.fold(update_tensors, plan, update, dtype, validated=True)  # validated above, outside the lock
             o.issued.pop(ticket.device_id, None)
             self.assigner.learn(assignment)
             export_accepted_bytes(self.metrics, assignment.tier, nbytes, down, full, self.job.wire_dtype)

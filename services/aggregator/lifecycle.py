@@ -150,10 +150,11 @@ class OpenRound:
         return dense, {n: plan[n] for n in dense}
 
     def fold(self, tensors: Mapping[str, torch.Tensor], plan: SlicePlan, update: UpdateRecord,
-             wire_dtype: torch.dtype) -> None:
+             wire_dtype: torch.dtype, *, validated: bool = False) -> None:
         """Fold one committed update into the running sums (weighted as the strategy says) and count it: the same
-        call live and when re-folding."""
-        self.agg.fold(tensors, plan, self.strategy.weight(update.sample_count), dtype=wire_dtype)
+        call live and when re-folding. ``validated``: :meth:`SlicedFedAvg.validate` already passed on these
+        tensors (a live commit validates before it takes the coordinator's lock; a re-fold validates here)."""
+        self.agg.fold(tensors, plan, self.strategy.weight(update.sample_count), dtype=wire_dtype, validated=validated)
         self.accepted += 1
         self.loss_weighted += float(update.metrics.get("loss", 0.0)) * update.sample_count
         self.weight += update.sample_count

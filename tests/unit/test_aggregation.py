@@ -542,3 +542,21 @@ def test_multi_tensor_and_chunked_converting_folds_agree_bit_for_bit(wire: torch
             agg.fold(delta, plan, weight, dtype=wire)
         sums.append(agg.state_dict()["sums"])
     assert states_bits_equal(sums[0], sums[1]) and states_bits_equal(sums[0], sums[2])
+
+
+def test_a_fold_told_its_update_is_validated_adds_the_same_bits_without_a_second_check() -> None:
+    """The aggregator validates an upload before it takes its lock and folds it under the lock with
+    ``validated=True``: the sums must be exactly those of a validating fold, and that fold must not check again
+    (a NaN goes in, which is why only a caller that ran validate may say so)."""
+    plan = plan_for(BERT, SPECS[1])
+    deltas = [random_delta(plan, seed=s) for s in (1, 2)]
+    checked, unchecked = SlicedFedAvg(GLOBAL), SlicedFedAvg(GLOBAL)
+    for weight, delta in zip((3.0, 5.0), deltas):
+        checked.validate(delta, plan, weight)
+        checked.fold(delta, plan, weight, validated=True)
+        unchecked.fold(delta, plan, weight)
+    assert states_bits_equal(checked.state_dict()["sums"], unchecked.state_dict()["sums"])
+    assert states_bits_equal(checked.result(), unchecked.result())
+    poisoned = {n: torch.full_like(t, float("nan")) for n, t in deltas[0].items()}
+    checked.fold(poisoned, plan, 1.0, validated=True)
+    assert checked.participants == 3
