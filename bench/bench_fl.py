@@ -11,6 +11,10 @@ version. The bench runs it in process with the product's local training loop (``
   fedavg_capable   the ``fedavg`` strategy on the real budgets: only the devices that can train the whole model
   raffm_paper      the ``paper`` strategy (the official code: SPP every round, zero-fill aggregation)
   heterofl         the ``heterofl`` strategy (static leading slices of a model that is never salience-ordered)
+  central          not federated: the fleet's pooled data on one device that trains the whole model as many steps
+                   per round as the whole fleet does (the ``fedavg`` recipe, a fresh AdamW every round as on a
+                   device); the ceiling of this model, data and number of gradient steps, with no heterogeneity,
+                   no label skew and no averaging
 
 Bytes are the tensor payload each round moves at the wire dtype: the slice down (minus the tensors the device
 already holds with the same content, as the edge agent's cache skips them) and the trained tensors' delta up;
@@ -64,6 +68,7 @@ METHODS: dict[str, tuple[str, bool]] = {
     "fedavg_capable": ("fedavg", True),
     "raffm_paper": ("paper", True),
     "heterofl": ("heterofl", True),
+    "central": ("fedavg", False),
 }
 SCALING_METHODS = ("raffm", "fedavg_all")
 
@@ -191,8 +196,18 @@ def run_method(
     seed: int,
     *,
     log: Callable[[str], None] = print,
+    name: str = "",
 ) -> tuple[MethodRun, PreTrainedModel]:
     """``settings.rounds`` rounds of ``method`` from ``initial`` (not modified); returns the run and the final model."""
+    if method == "central":
+        data = [c.data for c in fleet]
+        pooled = TextDataset([t for d in data for t in d.texts], [y for d in data for y in d.labels], data[0].label_names)
+        one = Client(0, "central", UNLIMITED_MB, pooled)
+        run, final = run_method("fedavg_all", initial, [one], test, tokenizer,
+                                replace(settings, local_steps=settings.local_steps * len(fleet)), seed, log=log,
+                                name=method)
+        run.bytes_down = run.bytes_up = [0] * settings.rounds  # nothing crosses a network
+        return run, final
     strategy = settings.strategy(method)
     real_budget = METHODS[method][1]
     model = copy.deepcopy(initial).eval()
@@ -207,7 +222,8 @@ def run_method(
         except ValueError:
             pass  # this device cannot train anything this strategy offers: it sits out
     momentum = None  # the server's (FedAvgM), when the strategy keeps one
-    run = MethodRun(method, seed, initial_accuracy=evaluate(model, test, tokenizer, seq_len=settings.seq_len),
+    name = name or method
+    run = MethodRun(name, seed, initial_accuracy=evaluate(model, test, tokenizer, seq_len=settings.seq_len),
                     specs=[plans[c.index].spec.key() if c.index in plans else "-" for c in fleet],
                     params=[plans[c.index].costs.params if c.index in plans else 0 for c in fleet])
     for rnd in range(settings.rounds):
@@ -241,7 +257,7 @@ def run_method(
         run.bytes_down.append(down)
         run.bytes_up.append(up)
         run.participants.append(len(plans))
-        log(f"  seed {seed} {method:<15} round {rnd + 1}/{settings.rounds}: accuracy {run.accuracy[-1]:.4f}, "
+        log(f"  seed {seed} {name:<15} round {rnd + 1}/{settings.rounds}: accuracy {run.accuracy[-1]:.4f}, "
             f"{(down + up) / 1e6:.1f} MB, {len(plans)} clients, {time.perf_counter() - started:.0f} s")
     return run, model
 
@@ -356,7 +372,8 @@ def summary(runs: Sequence[MethodRun], settings: Settings) -> dict[str, Any]:
             "round_accuracy": [summarize([r.accuracy[i] for r in mine]) for i in range(settings.rounds)],
             "total_bytes": total,
             "bytes_vs_fedavg_all": total["mean"] / statistics.fmean(reference) if reference else None,
-            "gain_per_gb": summarize([(r.accuracy[-1] - r.initial_accuracy) / (r.total_bytes / 1e9) for r in mine]),
+            "gain_per_gb": summarize([(r.accuracy[-1] - r.initial_accuracy) / (r.total_bytes / 1e9) for r in mine])
+            if all(r.total_bytes for r in mine) else None,
         }
         if method in settings.scaling_methods:
             def at(f: float, key: str) -> list[float]:
@@ -397,7 +414,7 @@ def render(result: dict[str, Any]) -> str:
         rounds = " → ".join(f"{r['mean']:.3f}" for r in e["round_accuracy"])
         ratio = "-" if e["bytes_vs_fedavg_all"] is None else f"{e['bytes_vs_fedavg_all']:.3f}"
         lines.append(f"| {method} | {_pm(e['initial_accuracy'])} | {_pm(e['final_accuracy'])} | {rounds} | "
-                     f"{_pm(e['total_bytes'], 1e-6, 1)} | {ratio} | {_pm(e['gain_per_gb'], 1.0, 3)} |")
+                     f"{_pm(e['total_bytes'], 1e-6, 1)} | {ratio} | {'-' if e['gain_per_gb'] is None else _pm(e['gain_per_gb'], 1.0, 3)} |")
     scaled = [(m, e["scaling"]) for m, e in summ.items() if "scaling" in e]
     if scaled:
         lines += ["", "Inference scaling (cuts of the final global model as it is, no retraining; kept share of the "

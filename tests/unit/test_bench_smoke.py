@@ -48,8 +48,18 @@ def test_every_method_runs_every_seed_and_round(bench: Any, result: dict[str, An
     for run in runs:
         assert len(run["accuracy"]) == len(run["bytes_down"]) == len(run["bytes_up"]) == 1
         assert all(0.0 <= a <= 1.0 for a in run["accuracy"] + [run["initial_accuracy"]])
-        assert run["total_bytes"] == sum(run["bytes_down"]) + sum(run["bytes_up"]) > 0
+        moved = sum(run["bytes_down"]) + sum(run["bytes_up"])
+        assert run["total_bytes"] == moved and (moved == 0) == (run["method"] == "central")
     json.dumps(result)  # the JSON the bench writes
+
+
+def test_the_central_reference_trains_the_full_model_on_the_pooled_data(result: dict[str, Any]) -> None:
+    """`central` is one device with every client's data, the whole model, and no network."""
+    by_method = {r["method"]: r for r in result["runs"]}
+    central = by_method["central"]
+    assert central["participants"] == [1] and central["specs"] == by_method["fedavg_all"]["specs"][:1]
+    assert central["params"] == by_method["fedavg_all"]["params"][:1]
+    assert result["summary"]["central"]["gain_per_gb"] is None and result["summary"]["central"]["bytes_vs_fedavg_all"] == 0
 
 
 def test_fleet_is_heterogeneous_and_the_small_tiers_train_slices(result: dict[str, Any]) -> None:
