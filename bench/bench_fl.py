@@ -197,17 +197,17 @@ def run_method(
     *,
     log: Callable[[str], None] = print,
     name: str = "",
+    network: bool = True,
 ) -> tuple[MethodRun, PreTrainedModel]:
-    """``settings.rounds`` rounds of ``method`` from ``initial`` (not modified); returns the run and the final model."""
+    """``settings.rounds`` rounds of ``method`` from ``initial`` (not modified); returns the run and the final model.
+    ``name``: the run's name (default ``method``); ``network=False``: no bytes are counted (the central reference)."""
     if method == "central":
         data = [c.data for c in fleet]
         pooled = TextDataset([t for d in data for t in d.texts], [y for d in data for y in d.labels], data[0].label_names)
         one = Client(0, "central", UNLIMITED_MB, pooled)
-        run, final = run_method("fedavg_all", initial, [one], test, tokenizer,
-                                replace(settings, local_steps=settings.local_steps * len(fleet)), seed, log=log,
-                                name=method)
-        run.bytes_down = run.bytes_up = [0] * settings.rounds  # nothing crosses a network
-        return run, final
+        return run_method("fedavg_all", initial, [one], test, tokenizer,
+                          replace(settings, local_steps=settings.local_steps * len(fleet)), seed, log=log,
+                          name=method, network=False)
     strategy = settings.strategy(method)
     real_budget = METHODS[method][1]
     model = copy.deepcopy(initial).eval()
@@ -238,15 +238,16 @@ def run_method(
                                 round_index=rnd + 1)
             sub = extract(model, fit.spec)
             state = sub.state_dict()
-            down += download_bytes(client, state, settings.wire_dtype,
-                                   fit.recipe.download_dtypes(state, cm.adapter.vocab_tensors(state)))
+            if network:
+                down += download_bytes(client, state, settings.wire_dtype,
+                                       fit.recipe.download_dtypes(state, cm.adapter.vocab_tensors(state)))
             config = LocalConfig(batch_size=settings.batch_size, seq_len=settings.seq_len, lr=settings.lr,
                                  local_steps=settings.local_steps, weight_decay=0.0, warmup_steps=settings.warmup_steps,
                                  seed=seed * 100_003 + rnd * 1009 + client.index)
             result = train_local(sub, client.data, tokenizer, config, recipe=fit.recipe)
             agg.fold(result.delta, strategy.upload_plan(plan_for(model, fit.spec), fit.recipe),
                      strategy.weight(result.samples))
-            up += fit.costs.upload_bytes
+            up += fit.costs.upload_bytes if network else 0
             del sub, result
         previous = {k: v.detach().clone() for k, v in model.state_dict().items()}
         state, momentum = strategy.next_version(agg.result(), cm, previous=previous, momentum=momentum,
