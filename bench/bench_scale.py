@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from contextlib import nullcontext
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ from raffm_app.processes import ProcessGroup, free_port, raffm_command, wait_ser
 from services.common.testing import postgres_database, s3_server  # noqa: E402
 
 KEY, OPERATOR, SECRET = "bench-enroll-key", "bench-operator-token", "bench-ticket-secret-0123456789"
+SERVICES = ("registry", "aggregator", "extractor")
 OPTIONS = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
 TIERS = """
 [tiers.phone]
@@ -98,9 +99,8 @@ class Stack:
                    RAFFM_AGENT_ENROLL_KEY=KEY, **self.env)
         self.env = env
         self.group = ProcessGroup(self.root / "logs", grace_s=10)
-        names = ("registry", "aggregator", "extractor")
-        self.ports = {n: free_port() for n in names}
-        self.metrics_ports = {n: free_port() for n in names}
+        self.ports = {n: free_port() for n in SERVICES}
+        self.metrics_ports = {n: free_port() for n in SERVICES}
         common = ["--grace-s", "1", "--log-level", "WARNING"]
         try:
             self.group.start("registry", raffm_command(
@@ -241,16 +241,20 @@ def part_control(backend: str, db_url: str, root: Path, args: argparse.Namespace
         t0 = time.monotonic()
         load: list[float] = []
         closed = None
-        while time.monotonic() - t0 < args.duration_s + 120:
-            assert stack.group is not None
-            stack.group.check()  # the services must stay up; a fleet process's exit status is in its stats
-            rounds = stack.rounds()
-            if rounds and rounds[0].state == aggregator_pb2.ROUND_STATE_CLOSED and closed is None:
-                closed = rounds[0]
-            if all(p.poll() is not None for p, _, _ in group.procs.values()):
-                break
-            load.append(os.getloadavg()[0])
-            time.sleep(1.0)
+        samplers = {name: RssSampler(stack.pid(name)) for name in SERVICES}  # what each service's pod must request
+        with contextlib.ExitStack() as sampling:
+            for sampler in samplers.values():
+                sampling.enter_context(sampler)
+            while time.monotonic() - t0 < args.duration_s + 120:
+                assert stack.group is not None
+                stack.group.check()  # the services must stay up; a fleet process's exit status is in its stats
+                rounds = stack.rounds()
+                if rounds and rounds[0].state == aggregator_pb2.ROUND_STATE_CLOSED and closed is None:
+                    closed = rounds[0]
+                if all(p.poll() is not None for p, _, _ in group.procs.values()):
+                    break
+                load.append(os.getloadavg()[0])
+                time.sleep(1.0)
         group.stop()
         server = {"registry": stack.metrics("registry"), "aggregator": stack.metrics("aggregator")}
         rounds = stack.rounds()
@@ -274,6 +278,7 @@ def part_control(backend: str, db_url: str, root: Path, args: argparse.Namespace
                      for k in s["outcomes"]},
         "agent_errors": [e for s in stats.values() for e in s["errors"]][:10],
         "load_avg_1m": {"mean": statistics.fmean(load) if load else 0.0, "max": max(load, default=0.0)},
+        "peak_rss_mb": {name: sampler.peak for name, sampler in samplers.items()},
         "latency_ms": latency(list(stats)), "probe_latency_ms": latency(["probe"] if args.probe_devices else []),
         "server_bound_ms": {},
         "round": None if rnd is None else {
@@ -469,8 +474,8 @@ def render(data: dict[str, Any]) -> str:
                 "| database | registered | PollRound p50 / p99 ms (devices) | Heartbeat p50 / p99 ms (devices) | "
                 f"PollRound p50 / p99 ms ({data['settings'].get('probe_devices', 0)} probe devices) | "
                 "PollRound p50 / p99 bound, server ms | Heartbeat p50 / p99 bound, server ms | round: accepted, open to "
-                "close | machine load (1-min avg: mean, max) |",
-                "|---|---|---|---|---|---|---|---|---|"]
+                "close | machine load (1-min avg: mean, max) | peak RSS MiB: " + ", ".join(SERVICES) + " |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
 
         def cell(lat: dict[str, float]) -> str:
             return f"{lat.get('p50', 0):.1f} / {lat.get('p99', 0):.1f} ({lat.get('count', 0)} calls)"
@@ -483,7 +488,8 @@ def render(data: dict[str, Any]) -> str:
             out.append(f"| {c['backend']} | {c['registered']}/{c['devices']} | {cell(poll)} | {cell(hb)} | {cell(probe)} | "
                        f"<= {c['server_bound_ms']['PollRound']['p50']} / {c['server_bound_ms']['PollRound']['p99']} | "
                        f"<= {c['server_bound_ms']['Heartbeat']['p50']} / {c['server_bound_ms']['Heartbeat']['p99']} | "
-                       f"{close} | {c['load_avg_1m']['mean']:.1f}, {c['load_avg_1m']['max']:.1f} |")
+                       f"{close} | {c['load_avg_1m']['mean']:.1f}, {c['load_avg_1m']['max']:.1f} | "
+                       + ", ".join(f"{c['peak_rss_mb'][n]:.0f}" for n in SERVICES) + " |")
         out.append("")
     if data.get("store"):
         out += [f"### Object store vs directory store ({data['settings']['store_model']}, "
@@ -543,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
                             "cores": os.cpu_count(), "command": command.strip(), "settings": vars(args) | {},
                             "control": [], "store": [], "memory": []}
     t_start = time.perf_counter()
-    work = nullcontext(args.work_dir) if args.work_dir else tempfile.TemporaryDirectory(prefix="raffm-bench-scale-")
+    work = contextlib.nullcontext(args.work_dir) if args.work_dir else tempfile.TemporaryDirectory(prefix="raffm-bench-scale-")
     with work as tmp:
         root = Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
@@ -551,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
             args.store_model = str(medium_model(root / "medium-model"))
         data["settings"]["store_model"] = args.store_model
         if "control" in parts:
-            backends: list[tuple[str, Any]] = [("sqlite", nullcontext(f"sqlite:///{root / 'control.db'}"))]
+            backends: list[tuple[str, Any]] = [("sqlite", contextlib.nullcontext(f"sqlite:///{root / 'control.db'}"))]
             if args.postgres_url:
                 backends.append(("postgresql", postgres_database(args.postgres_url, prefix="raffm_bench_scale")))
             for backend, database in backends:

@@ -24,3 +24,7 @@ def test_quick_control_part_registers_every_device_and_closes_a_round(tmp_path: 
     assert control["round"]["state"] == "ROUND_STATE_CLOSED"
     assert control["round"]["accepted"] == 20
     assert control["latency_ms"]["aggregator.PollRound"]["count"] > 0
+    # every service's peak resident memory, sampled while the fleet ran (the registry never loads torch)
+    peak = control["peak_rss_mb"]
+    assert set(peak) == {"registry", "aggregator", "extractor"} and all(v > 20 for v in peak.values())
+    assert peak["registry"] < peak["aggregator"]
