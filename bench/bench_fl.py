@@ -11,10 +11,10 @@ version. The bench runs it in process with the product's local training loop (``
   fedavg_capable   the ``fedavg`` strategy on the real budgets: only the devices that can train the whole model
   raffm_paper      the ``paper`` strategy (the official code: SPP every round, zero-fill aggregation)
   heterofl         the ``heterofl`` strategy (static leading slices of a model that is never salience-ordered)
-  central          not federated: the fleet's pooled data on one device that trains the whole model as many steps
-                   per round as the whole fleet does (the ``fedavg`` recipe, a fresh AdamW every round as on a
-                   device); the ceiling of this model, data and number of gradient steps, with no heterogeneity,
-                   no label skew and no averaging
+  central          not federated: the ``raffm`` strategy on one device that holds the fleet's pooled data, has no
+                   memory limit (the whole model, its nested cuts) and trains as many steps per round as the whole
+                   fleet does (a fresh AdamW every round, as on a device): what this recipe reaches with this data
+                   and this number of gradient steps when there is no heterogeneity, no label skew and no averaging
 
 Bytes are the tensor payload each round moves at the wire dtype: the slice down (minus the tensors the device
 already holds with the same content, as the edge agent's cache skips them) and the trained tensors' delta up;
@@ -68,9 +68,9 @@ METHODS: dict[str, tuple[str, bool]] = {
     "fedavg_capable": ("fedavg", True),
     "raffm_paper": ("paper", True),
     "heterofl": ("heterofl", True),
-    "central": ("fedavg", False),
+    "central": ("raffm", False),
 }
-SCALING_METHODS = ("raffm", "fedavg_all")
+SCALING_METHODS = ("raffm", "fedavg_all", "central")
 
 # Device tiers: training memory as a multiple of the *full model's* plain fine-tuning memory (every tensor trained)
 # above the fixed overhead, so the same fleet shape applies to any model and to every method (for MiniLM at 16 x 48
@@ -205,7 +205,7 @@ def run_method(
         data = [c.data for c in fleet]
         pooled = TextDataset([t for d in data for t in d.texts], [y for d in data for y in d.labels], data[0].label_names)
         one = Client(0, "central", UNLIMITED_MB, pooled)
-        return run_method("fedavg_all", initial, [one], test, tokenizer,
+        return run_method("raffm", initial, [one], test, tokenizer,
                           replace(settings, local_steps=settings.local_steps * len(fleet)), seed, log=log,
                           name=method, network=False)
     strategy = settings.strategy(method)
