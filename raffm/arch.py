@@ -89,6 +89,11 @@ class Adapter:
 
     def dims(self, config: Any) -> ModelDims:
         heads = int(config.num_attention_heads)
+        embedding = getattr(config, "embedding_size", None)  # ELECTRA's, when narrower than its layers
+        if embedding not in (None, config.hidden_size):
+            raise ValueError(f"{config.model_type} with embedding_size {embedding} != hidden_size {config.hidden_size} is "
+                             "not supported: its embedding projection has no elastic rule (a model whose embeddings "
+                             "are as wide as its layers is)")
         if not self.grouped:
             return ModelDims(
                 hidden=int(config.hidden_size),
@@ -191,7 +196,8 @@ _BERT_RULES: list[tuple[str, tuple[AxisKind, ...]]] = [
 
 BERT = Adapter(
     name="bert",
-    model_types=("bert", "roberta", "raffm_bert", "raffm_roberta"),
+    model_types=("bert", "roberta", "xlm-roberta", "camembert", "electra",
+                 "raffm_bert", "raffm_roberta", "raffm_xlm-roberta", "raffm_camembert", "raffm_electra"),
     rules=_rules(_BERT_RULES),
     layer_pattern=re.compile(r"encoder\.layer\.(\d+)\."),
     layers_attr="encoder.layer",

@@ -175,12 +175,19 @@ def activation_elements(
     hidden_dropout: bool,
     attention_dropout: bool,
     pixels: int = 0,
+    token_head: bool = False,
 ) -> int:
-    """fp32 elements autograd saves for one training forward (see the module docstring for the terms)."""
+    """fp32 elements autograd saves for one training forward (see the module docstring for the terms).
+
+    ``token_head``: the classification head drops out the first token before its dense layer (RoBERTa's and
+    ELECTRA's heads), so with hidden dropout it keeps that token (``B h``) and its mask instead of the last layer's
+    output, which BERT's pooler keeps through its first-token view."""
     b, h, tokens = batch_size, w.hidden, batch_size * seq_len
     total = 2 * tokens * h + 2 * tokens + b * pixels  # embeddings LN input/output (BERT), or final LN (ViT)
     if hidden_dropout:
         total += tokens * h
+        if token_head:
+            total += 2 * b * h - tokens * h
     total += sum(layer_activation_elements(w, batch_size=batch_size, seq_len=seq_len, hidden_dropout=hidden_dropout,
                                            attention_dropout=attention_dropout))
     total += 4 * b * h  # pooler / classification head on the first token
@@ -297,6 +304,7 @@ class CostModel:
         self.hidden_dropout = default if hidden_dropout is None else hidden_dropout
         self.attention_dropout = default if attention_dropout is None else attention_dropout
         self.num_labels = self._num_labels()
+        self.token_head = any(n.endswith("classifier.out_proj.weight") for n in self.shapes)  # RoBERTa's, ELECTRA's
         self.image_tokens, self.patch_inputs = self._vit_geometry()
         self.lm_vocab = self._lm_vocab()
         # A causal LM whose canonical tensors have no LM head of their own: the head is the embedding (SmolLM2).
@@ -457,8 +465,8 @@ class CostModel:
               trained: Mapping[str, int]) -> Pass:
         w = _widths(spec, self.dims.group)
         pixels = (seq_len - 1) * self.patch_inputs if self.image_tokens else 0
-        options = dict(batch_size=batch_size, seq_len=seq_len, hidden_dropout=self.hidden_dropout,
-                       attention_dropout=self.attention_dropout)
+        options: dict[str, Any] = dict(batch_size=batch_size, seq_len=seq_len, hidden_dropout=self.hidden_dropout,
+                                       attention_dropout=self.attention_dropout)
         tokens = batch_size * seq_len
         plan = self.plan(spec)  # this pass's (maybe nested) cut: its own sizes of the trained tensors
         frozen_layers = self.adapter.frozen_layers(trained, spec.depth)
@@ -467,8 +475,9 @@ class CostModel:
             activations = decoder_activation_elements(w, batch_size=batch_size, seq_len=seq_len,
                                                       head_dim=self.dims.head_dim, vocab=self.lm_vocab)
         else:
-            layers = layer_activation_elements(w, **options)  # type: ignore[arg-type]
-            activations = activation_elements(w, arch=self.adapter.name, pixels=pixels, **options)  # type: ignore[arg-type]
+            layers = layer_activation_elements(w, **options)
+            activations = activation_elements(w, arch=self.adapter.name, pixels=pixels, token_head=self.token_head,
+                                              **options)
         if recipe.lora_rank:  # x A^T per target weight, saved for B's gradient
             per_layer = [0] * len(layers)
             for name in target_weight_names(plan, recipe.lora_targets):

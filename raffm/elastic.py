@@ -26,6 +26,12 @@ from transformers import (
     BertConfig,
     BertForSequenceClassification,
     BertModel,
+    CamembertConfig,
+    CamembertForSequenceClassification,
+    CamembertModel,
+    ElectraConfig,
+    ElectraForSequenceClassification,
+    ElectraModel,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -40,6 +46,9 @@ from transformers import (
     ViTConfig,
     ViTForImageClassification,
     ViTModel,
+    XLMRobertaConfig,
+    XLMRobertaForSequenceClassification,
+    XLMRobertaModel,
 )
 
 from raffm.arch import Adapter, adapter_for, base_model, canonical_shapes, tied_aliases
@@ -109,25 +118,29 @@ def _elastic_config(base: type[PretrainedConfig], model_type: str) -> type[Pretr
     return type(f"Elastic{base.__name__}", (base,), {"model_type": model_type, "__init__": __init__})
 
 
-ElasticBertConfig = _elastic_config(BertConfig, "raffm_bert")
-ElasticRobertaConfig = _elastic_config(RobertaConfig, "raffm_roberta")
-ElasticViTConfig = _elastic_config(ViTConfig, "raffm_vit")
-ElasticLlamaConfig = _elastic_config(LlamaConfig, "raffm_llama")
-ElasticQwen2Config = _elastic_config(Qwen2Config, "raffm_qwen2")
-ElasticMistralConfig = _elastic_config(MistralConfig, "raffm_mistral")
-
-# stock class -> (elastic config class, Auto factory that should load it)
-_FAMILY: dict[type[PreTrainedModel], tuple[type[PretrainedConfig], Any]] = {
-    BertModel: (ElasticBertConfig, AutoModel),
-    BertForSequenceClassification: (ElasticBertConfig, AutoModelForSequenceClassification),
-    RobertaModel: (ElasticRobertaConfig, AutoModel),
-    RobertaForSequenceClassification: (ElasticRobertaConfig, AutoModelForSequenceClassification),
-    ViTModel: (ElasticViTConfig, AutoModel),
-    ViTForImageClassification: (ElasticViTConfig, AutoModelForImageClassification),
-    LlamaForCausalLM: (ElasticLlamaConfig, AutoModelForCausalLM),
-    Qwen2ForCausalLM: (ElasticQwen2Config, AutoModelForCausalLM),
-    MistralForCausalLM: (ElasticMistralConfig, AutoModelForCausalLM),
+# stock config -> the stock model classes built on it, each with the Auto factory that should load its elastic twin.
+# Every encoder here has BERT's module layout (RoBERTa, XLM-R and CamemBERT copy it; ELECTRA too, when its embeddings
+# are as wide as its layers).
+_STOCK: dict[type[PretrainedConfig], tuple[tuple[type[PreTrainedModel], Any], ...]] = {
+    BertConfig: ((BertModel, AutoModel), (BertForSequenceClassification, AutoModelForSequenceClassification)),
+    RobertaConfig: ((RobertaModel, AutoModel), (RobertaForSequenceClassification, AutoModelForSequenceClassification)),
+    XLMRobertaConfig: ((XLMRobertaModel, AutoModel),
+                       (XLMRobertaForSequenceClassification, AutoModelForSequenceClassification)),
+    CamembertConfig: ((CamembertModel, AutoModel),
+                      (CamembertForSequenceClassification, AutoModelForSequenceClassification)),
+    ElectraConfig: ((ElectraModel, AutoModel), (ElectraForSequenceClassification, AutoModelForSequenceClassification)),
+    ViTConfig: ((ViTModel, AutoModel), (ViTForImageClassification, AutoModelForImageClassification)),
+    LlamaConfig: ((LlamaForCausalLM, AutoModelForCausalLM),),
+    Qwen2Config: ((Qwen2ForCausalLM, AutoModelForCausalLM),),
+    MistralConfig: ((MistralForCausalLM, AutoModelForCausalLM),),
 }
+# stock class -> (elastic config class, Auto factory that should load it)
+_FAMILY: dict[type[PreTrainedModel], tuple[type[PretrainedConfig], Any]] = {}
+for _stock_config, _classes in _STOCK.items():
+    _config_cls = _elastic_config(_stock_config, f"raffm_{_stock_config.model_type}")
+    AutoConfig.register(_config_cls.model_type, _config_cls, exist_ok=True)
+    for _stock, _auto in _classes:
+        _FAMILY[_stock] = (_config_cls, _auto)
 ELASTIC_CLASSES: dict[type[PreTrainedModel], type[PreTrainedModel]] = {}  # stock -> elastic
 _STOCK_OF: dict[type[PreTrainedModel], type[PreTrainedModel]] = {}  # stock or elastic -> stock
 for _stock, (_config_cls, _auto) in _FAMILY.items():
@@ -135,9 +148,6 @@ for _stock, (_config_cls, _auto) in _FAMILY.items():
     ELASTIC_CLASSES[_stock] = _elastic
     _STOCK_OF[_stock] = _STOCK_OF[_elastic] = _stock
     _auto.register(_config_cls, _elastic, exist_ok=True)
-for _config_cls in (ElasticBertConfig, ElasticRobertaConfig, ElasticViTConfig, ElasticLlamaConfig, ElasticQwen2Config,
-                    ElasticMistralConfig):
-    AutoConfig.register(_config_cls.model_type, _config_cls, exist_ok=True)
 
 
 def stock_class(model: PreTrainedModel) -> type[PreTrainedModel]:

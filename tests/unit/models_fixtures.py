@@ -7,12 +7,18 @@ from transformers import (
     BertConfig,
     BertForSequenceClassification,
     BertModel,
+    CamembertConfig,
+    CamembertForSequenceClassification,
+    ElectraConfig,
+    ElectraModel,
     PreTrainedModel,
     RobertaConfig,
     RobertaForSequenceClassification,
     ViTConfig,
     ViTForImageClassification,
     ViTModel,
+    XLMRobertaConfig,
+    XLMRobertaForSequenceClassification,
 )
 
 SMALL = dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96)
@@ -38,6 +44,16 @@ def make(kind: str, seed: int = 0) -> PreTrainedModel:
         model = RobertaForSequenceClassification(
             RobertaConfig(vocab_size=120, max_position_embeddings=64, num_labels=3, **SMALL)
         )
+    elif kind == "xlm-roberta":  # RoBERTa's layout under other class names (as CamemBERT)
+        model = XLMRobertaForSequenceClassification(
+            XLMRobertaConfig(vocab_size=120, max_position_embeddings=64, num_labels=3, **SMALL)
+        )
+    elif kind == "camembert":
+        model = CamembertForSequenceClassification(
+            CamembertConfig(vocab_size=120, max_position_embeddings=64, num_labels=3, **SMALL)
+        )
+    elif kind == "electra-base":  # embeddings as wide as the layers (ELECTRA-base/large), no projection
+        model = ElectraModel(ElectraConfig(vocab_size=120, embedding_size=SMALL["hidden_size"], **SMALL))
     elif kind == "vit":
         model = ViTForImageClassification(
             ViTConfig(image_size=28, patch_size=7, num_channels=1, num_labels=10, **SMALL)

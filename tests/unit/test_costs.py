@@ -160,13 +160,20 @@ def _saved_activation_bytes(model: torch.nn.Module, **inputs: torch.Tensor) -> i
         ElasticSpec(hidden=64, layers=(LayerSpec(2, 16, 96),)),
     ],
 )
-def test_activation_formula_matches_what_autograd_saves_bert(spec, dropout) -> None:
+@pytest.mark.parametrize("family", ["bert", "roberta", "electra"])
+def test_activation_formula_matches_what_autograd_saves_bert(spec, dropout, family) -> None:
+    """BERT's layout: BERT (a pooler), RoBERTa and ELECTRA (a head that drops out the first token first)."""
+    from transformers import ElectraConfig, ElectraForSequenceClassification
+
     torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=500, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96,
-        num_labels=2, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
-    )
-    model = BertForSequenceClassification(config)
+    sizes = dict(vocab_size=500, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96,
+                 num_labels=2, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    if family == "bert":
+        model = BertForSequenceClassification(BertConfig(**sizes))
+    elif family == "roberta":
+        model = RobertaForSequenceClassification(RobertaConfig(max_position_embeddings=64, **sizes))
+    else:
+        model = ElectraForSequenceClassification(ElectraConfig(embedding_size=64, **sizes))
     cm = CostModel.from_model(model)
     spec = spec or ElasticSpec.full(cm.dims)
     sub = extract(model, spec).train()

@@ -17,9 +17,10 @@ from raffm.spec import ElasticSpec, LayerSpec, ModelDims
 from raffm.spp import prioritize
 from tests.unit.models_fixtures import inputs, make, output
 
-KINDS = ["bert", "bert-base", "roberta", "vit", "vit-base"]
+KINDS = ["bert", "bert-base", "roberta", "xlm-roberta", "camembert", "electra-base", "vit", "vit-base"]
 AUTO = {"bert": AutoModelForSequenceClassification, "roberta": AutoModelForSequenceClassification,
-        "vit": AutoModelForImageClassification, "bert-base": AutoModel, "vit-base": AutoModel}
+        "xlm-roberta": AutoModelForSequenceClassification, "camembert": AutoModelForSequenceClassification,
+        "vit": AutoModelForImageClassification, "bert-base": AutoModel, "vit-base": AutoModel, "electra-base": AutoModel}
 
 
 def small_spec(dims: ModelDims) -> ElasticSpec:
@@ -143,3 +144,14 @@ def test_scatter_of_slice_is_identity_on_kept_elements(spec: ElasticSpec) -> Non
     # And slicing the scattered state gives the sub-model tensors back.
     again = slice_state(back, plan)
     assert all(torch.equal(again[k], sub[k]) for k in sub)
+
+
+def test_an_electra_with_narrower_embeddings_is_refused_with_the_reason() -> None:
+    """ELECTRA-small projects 128-wide embeddings into 256-wide layers: that projection has no elastic rule."""
+    from transformers import ElectraConfig, ElectraForSequenceClassification
+
+    model = ElectraForSequenceClassification(ElectraConfig(vocab_size=120, embedding_size=16, hidden_size=48,
+                                                           num_hidden_layers=2, num_attention_heads=4,
+                                                           intermediate_size=96))
+    with pytest.raises(ValueError, match="embedding_size 16 != hidden_size 48"):
+        plan_for(model, ElasticSpec(hidden=48, layers=(LayerSpec(2, 12, 50),) * 2))
