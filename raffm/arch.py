@@ -79,6 +79,10 @@ class Adapter:
     # Vocabulary-sized embedding tensors (the strategy may freeze them: on MiniLM they are half the parameters).
     vocab_embeddings: re.Pattern[str] | None = None
     heads_attr: str | None = "num_attention_heads"
+    ffn_attr: str = "intermediate_size"  # the config attribute of the FFN width
+    # Post-LN encoders (BERT, DistilBERT): LayerNormed input embeddings, and dropout by default (cost model).
+    post_ln: bool = False
+    layer_dropouts: int = 2  # hidden dropouts per layer (after attention and after the FFN; DistilBERT: the FFN only)
     grouped: bool = False
     rope: bool = False
     causal_lm: bool = False
@@ -100,7 +104,7 @@ class Adapter:
                 layers=int(config.num_hidden_layers),
                 heads=heads,
                 head_dim=int(config.hidden_size) // heads,
-                ffn=int(config.intermediate_size),
+                ffn=int(getattr(config, self.ffn_attr)),
                 fixed_head_dim=self.rope,
             )
         kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
@@ -204,6 +208,38 @@ BERT = Adapter(
     attention_module="attention.self",
     head_dim_attr="attention_head_size",
     vocab_embeddings=re.compile(r"embeddings\.word_embeddings\.weight$"),
+    post_ln=True,
+)
+
+DISTILBERT = Adapter(
+    name="distilbert",
+    model_types=("distilbert", "raffm_distilbert"),
+    rules=_rules(
+        [
+            (r"embeddings\.(word|position)_embeddings\.weight$", ("full", "hidden")),
+            (r"attention\.(q_lin|k_lin)\.weight$", ("qk", "hidden")),
+            (r"attention\.(q_lin|k_lin)\.bias$", ("qk",)),
+            (r"attention\.v_lin\.weight$", ("v", "hidden")),
+            (r"attention\.v_lin\.bias$", ("v",)),
+            (r"attention\.out_lin\.weight$", ("hidden", "v")),
+            (r"ffn\.lin1\.weight$", ("ffn", "hidden")),
+            (r"ffn\.lin1\.bias$", ("ffn",)),
+            (r"ffn\.lin2\.weight$", ("hidden", "ffn")),
+            (r"^pre_classifier\.weight$", ("hidden", "hidden")),
+            (r"^classifier\.weight$", ("full", "hidden")),
+            (r"^classifier\.bias$", ("full",)),
+            (r"(LayerNorm|layer_norm)\.(weight|bias)$|(out_lin|lin2|pre_classifier)\.bias$", ("hidden",)),
+        ]
+    ),
+    layer_pattern=re.compile(r"transformer\.layer\.(\d+)\."),
+    layers_attr="transformer.layer",
+    attention_module="attention",
+    head_dim_attr="attention_head_size",
+    vocab_embeddings=re.compile(r"embeddings\.word_embeddings\.weight$"),
+    heads_attr="n_heads",
+    ffn_attr="hidden_dim",
+    post_ln=True,
+    layer_dropouts=1,
 )
 
 VIT = Adapter(
@@ -263,7 +299,7 @@ LLAMA = Adapter(
     causal_lm=True,
 )
 
-ADAPTERS = (BERT, VIT, LLAMA)
+ADAPTERS = (BERT, DISTILBERT, VIT, LLAMA)
 
 
 def adapter_for(config_or_model: Any) -> Adapter:

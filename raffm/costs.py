@@ -154,13 +154,14 @@ def forward_flops(
 
 
 def layer_activation_elements(
-    w: _Widths, *, batch_size: int, seq_len: int, hidden_dropout: bool, attention_dropout: bool
+    w: _Widths, *, batch_size: int, seq_len: int, hidden_dropout: bool, attention_dropout: bool, layer_dropouts: int = 2
 ) -> list[int]:
-    """fp32 elements autograd saves in each transformer layer of one training forward (module docstring)."""
+    """fp32 elements autograd saves in each transformer layer of one training forward (module docstring);
+    ``layer_dropouts``: the hidden dropouts of a layer (DistilBERT has only the FFN's)."""
     b, h, tokens = batch_size, w.hidden, batch_size * seq_len
     per_layer = []
     for heads, a, f in zip(w.heads, w.a, w.f):
-        saved = tokens * (4 * h + 4 * a + 2 * f) + 4 * tokens + (2 * tokens * h if hidden_dropout else 0)
+        saved = tokens * (4 * h + 4 * a + 2 * f) + 4 * tokens + (layer_dropouts * tokens * h if hidden_dropout else 0)
         saved += 3 * b * heads * seq_len * seq_len if attention_dropout else b * heads * seq_len
         per_layer.append(saved)
     return per_layer
@@ -176,6 +177,7 @@ def activation_elements(
     attention_dropout: bool,
     pixels: int = 0,
     token_head: bool = False,
+    layer_dropouts: int = 2,
 ) -> int:
     """fp32 elements autograd saves for one training forward (see the module docstring for the terms).
 
@@ -189,7 +191,7 @@ def activation_elements(
         if token_head:
             total += 2 * b * h - tokens * h
     total += sum(layer_activation_elements(w, batch_size=batch_size, seq_len=seq_len, hidden_dropout=hidden_dropout,
-                                           attention_dropout=attention_dropout))
+                                           attention_dropout=attention_dropout, layer_dropouts=layer_dropouts))
     total += 4 * b * h  # pooler / classification head on the first token
     if arch != "vit":
         total += 3 * tokens  # int64 input ids and token types (2 elements' worth each / 2)
@@ -300,7 +302,7 @@ class CostModel:
         self.adapter = adapter
         self.dims = dims
         self.shapes = {name: tuple(shape) for name, shape in shapes.items()}
-        default = adapter.name == "bert"  # BERT-family configs default to 0.1, ViT and Llama to 0.0
+        default = adapter.post_ln  # BERT-family configs default to 0.1, ViT and Llama to 0.0
         self.hidden_dropout = default if hidden_dropout is None else hidden_dropout
         self.attention_dropout = default if attention_dropout is None else attention_dropout
         self.num_labels = self._num_labels()
@@ -323,7 +325,7 @@ class CostModel:
             adapter,
             adapter.dims(config),
             canonical_shapes(model),  # a tied LM head counts once
-            hidden_dropout=float(getattr(config, "hidden_dropout_prob", 0.0)) > 0,
+            hidden_dropout=float(getattr(config, "hidden_dropout_prob", getattr(config, "dropout", 0.0)) or 0.0) > 0,
             attention_dropout=float(attention_dropout or 0.0) > 0,
         )
 
@@ -466,7 +468,8 @@ class CostModel:
         w = _widths(spec, self.dims.group)
         pixels = (seq_len - 1) * self.patch_inputs if self.image_tokens else 0
         options: dict[str, Any] = dict(batch_size=batch_size, seq_len=seq_len, hidden_dropout=self.hidden_dropout,
-                                       attention_dropout=self.attention_dropout)
+                                       attention_dropout=self.attention_dropout,
+                                       layer_dropouts=self.adapter.layer_dropouts)
         tokens = batch_size * seq_len
         plan = self.plan(spec)  # this pass's (maybe nested) cut: its own sizes of the trained tensors
         frozen_layers = self.adapter.frozen_layers(trained, spec.depth)
@@ -510,7 +513,7 @@ class CostModel:
         statistics, ViT's pixels; both a dropout mask with hidden dropout. A Llama's lookup saves only the token ids."""
         tokens = batch_size * seq_len
         saved = tokens * w.hidden if self.hidden_dropout else 0
-        if self.adapter.name == "bert":
+        if self.adapter.post_ln:
             saved += 2 * tokens * w.hidden + 2 * tokens
         elif self.adapter.name == "vit":
             saved += batch_size * pixels

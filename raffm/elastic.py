@@ -29,6 +29,9 @@ from transformers import (
     CamembertConfig,
     CamembertForSequenceClassification,
     CamembertModel,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    DistilBertModel,
     ElectraConfig,
     ElectraForSequenceClassification,
     ElectraModel,
@@ -119,8 +122,8 @@ def _elastic_config(base: type[PretrainedConfig], model_type: str) -> type[Pretr
 
 
 # stock config -> the stock model classes built on it, each with the Auto factory that should load its elastic twin.
-# Every encoder here has BERT's module layout (RoBERTa, XLM-R and CamemBERT copy it; ELECTRA too, when its embeddings
-# are as wide as its layers).
+# RoBERTa, XLM-R and CamemBERT copy BERT's module layout, and so does ELECTRA when its embeddings are as wide as its
+# layers; DistilBERT has an adapter of its own (raffm.arch).
 _STOCK: dict[type[PretrainedConfig], tuple[tuple[type[PreTrainedModel], Any], ...]] = {
     BertConfig: ((BertModel, AutoModel), (BertForSequenceClassification, AutoModelForSequenceClassification)),
     RobertaConfig: ((RobertaModel, AutoModel), (RobertaForSequenceClassification, AutoModelForSequenceClassification)),
@@ -129,6 +132,8 @@ _STOCK: dict[type[PretrainedConfig], tuple[tuple[type[PreTrainedModel], Any], ..
     CamembertConfig: ((CamembertModel, AutoModel),
                       (CamembertForSequenceClassification, AutoModelForSequenceClassification)),
     ElectraConfig: ((ElectraModel, AutoModel), (ElectraForSequenceClassification, AutoModelForSequenceClassification)),
+    DistilBertConfig: ((DistilBertModel, AutoModel),
+                       (DistilBertForSequenceClassification, AutoModelForSequenceClassification)),
     ViTConfig: ((ViTModel, AutoModel), (ViTForImageClassification, AutoModelForImageClassification)),
     LlamaConfig: ((LlamaForCausalLM, AutoModelForCausalLM),),
     Qwen2Config: ((Qwen2ForCausalLM, AutoModelForCausalLM),),

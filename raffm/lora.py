@@ -33,6 +33,7 @@ from torch import nn
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     "bert": ("query", "key", "value", "dense"),
+    "distilbert": ("q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"),
     "vit": ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"),
 }
 A_SUFFIX, B_SUFFIX = ".lora_A", ".lora_B"

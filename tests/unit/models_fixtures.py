@@ -9,6 +9,8 @@ from transformers import (
     BertModel,
     CamembertConfig,
     CamembertForSequenceClassification,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
     ElectraConfig,
     ElectraModel,
     PreTrainedModel,
@@ -52,6 +54,11 @@ def make(kind: str, seed: int = 0) -> PreTrainedModel:
         model = CamembertForSequenceClassification(
             CamembertConfig(vocab_size=120, max_position_embeddings=64, num_labels=3, **SMALL)
         )
+    elif kind == "distilbert":  # its own module names, one hidden dropout per layer
+        model = DistilBertForSequenceClassification(DistilBertConfig(
+            vocab_size=120, max_position_embeddings=64, num_labels=3, dim=SMALL["hidden_size"],
+            n_layers=SMALL["num_hidden_layers"], n_heads=SMALL["num_attention_heads"],
+            hidden_dim=SMALL["intermediate_size"]))
     elif kind == "electra-base":  # embeddings as wide as the layers (ELECTRA-base/large), no projection
         model = ElectraModel(ElectraConfig(vocab_size=120, embedding_size=SMALL["hidden_size"], **SMALL))
     elif kind == "vit":

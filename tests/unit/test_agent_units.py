@@ -341,3 +341,25 @@ def test_cached_tensors_are_read_in_pieces_and_a_damaged_file_is_dropped(
         transfer.SliceReceiver(MemorySink(), cache=cache).receive(
             extractor_pb2.SliceMessage(manifest=manifest_to_proto(payload.manifest)))
     assert vocab.sha256 not in cache.digests()  # the next download fetches it from the extractor
+
+
+@pytest.mark.parametrize("kind", ["roberta", "xlm-roberta", "camembert", "distilbert"])
+def test_a_device_builds_the_slice_of_every_encoder_family_from_the_manifest_alone(kind: str) -> None:
+    """What a device receives (the global config as JSON, the slice's tensors) rebuilds the extracted sub-model, with
+    the buffers each family keeps out of the download (position ids, token types)."""
+    from edge_agent.submodel import build_submodel, global_config
+    from raffm.arch import adapter_for
+    from raffm.elastic import extract
+    from raffm.spec import ElasticSpec, LayerSpec
+    from raffm.spp import prioritize
+    from tests.unit.models_fixtures import inputs, make, output
+
+    model = prioritize(make(kind))
+    dims = adapter_for(model).dims(model.config)
+    spec = ElasticSpec(hidden=dims.hidden, layers=(LayerSpec(3, dims.head_dim, 50),) * dims.layers)
+    ref = extract(model, spec).eval()
+    config = global_config(common_pb2.Manifest(model_config_json=model.config.to_json_string()),
+                           fallback_model="unused", num_labels=3)
+    sub = build_submodel(config, spec, {n: p.detach().clone() for n, p in ref.named_parameters()}).eval()
+    batch = inputs(kind)
+    assert torch.equal(output(sub, batch), output(ref, batch))

@@ -160,16 +160,21 @@ def _saved_activation_bytes(model: torch.nn.Module, **inputs: torch.Tensor) -> i
         ElasticSpec(hidden=64, layers=(LayerSpec(2, 16, 96),)),
     ],
 )
-@pytest.mark.parametrize("family", ["bert", "roberta", "electra"])
+@pytest.mark.parametrize("family", ["bert", "roberta", "electra", "distilbert"])
 def test_activation_formula_matches_what_autograd_saves_bert(spec, dropout, family) -> None:
-    """BERT's layout: BERT (a pooler), RoBERTa and ELECTRA (a head that drops out the first token first)."""
-    from transformers import ElectraConfig, ElectraForSequenceClassification
+    """The post-LN encoders: BERT (a pooler), RoBERTa and ELECTRA (a head that drops out the first token first),
+    DistilBERT (its own names, one hidden dropout per layer)."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification, ElectraConfig, ElectraForSequenceClassification
 
     torch.manual_seed(0)
     sizes = dict(vocab_size=500, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96,
                  num_labels=2, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     if family == "bert":
         model = BertForSequenceClassification(BertConfig(**sizes))
+    elif family == "distilbert":
+        model = DistilBertForSequenceClassification(DistilBertConfig(
+            vocab_size=500, dim=64, n_layers=3, n_heads=4, hidden_dim=96, num_labels=2, dropout=dropout,
+            attention_dropout=dropout, seq_classif_dropout=dropout))
     elif family == "roberta":
         model = RobertaForSequenceClassification(RobertaConfig(max_position_embeddings=64, **sizes))
     else:

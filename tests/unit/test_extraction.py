@@ -17,9 +17,10 @@ from raffm.spec import ElasticSpec, LayerSpec, ModelDims
 from raffm.spp import prioritize
 from tests.unit.models_fixtures import inputs, make, output
 
-KINDS = ["bert", "bert-base", "roberta", "xlm-roberta", "camembert", "electra-base", "vit", "vit-base"]
+KINDS = ["bert", "bert-base", "roberta", "xlm-roberta", "camembert", "electra-base", "distilbert", "vit", "vit-base"]
 AUTO = {"bert": AutoModelForSequenceClassification, "roberta": AutoModelForSequenceClassification,
         "xlm-roberta": AutoModelForSequenceClassification, "camembert": AutoModelForSequenceClassification,
+        "distilbert": AutoModelForSequenceClassification,
         "vit": AutoModelForImageClassification, "bert-base": AutoModel, "vit-base": AutoModel, "electra-base": AutoModel}
 
 

@@ -20,7 +20,7 @@ from tests.unit.toys import WordHashTokenizer, tiny_model, toy_data
 VOCAB = "bert.embeddings.word_embeddings.weight"
 
 
-@pytest.mark.parametrize("kind", ["bert", "roberta", "camembert", "vit"])
+@pytest.mark.parametrize("kind", ["bert", "roberta", "camembert", "distilbert", "vit"])
 def test_a_nested_cut_computes_exactly_the_extracted_cut(kind: str) -> None:
     model = prioritize(make(kind))
     dims = adapter_for(model).dims(model.config)
