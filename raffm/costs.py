@@ -24,9 +24,10 @@ Activations ``A``: what autograd saves in torch 2.13 (CPU, ``attn_implementation
 ``h`` the kept hidden width and, per layer, ``a = heads * head_dim``, ``f`` its FFN width and ``S = B * heads * L^2``
 (all in fp32 elements, ``T = B * L``):
 
-- BERT / RoBERTa (post-LN): embeddings ``2 T h`` (+``T h`` dropout mask); per layer ``T (4h + 4a + 2f) + 4T``
-  (input, LayerNorm inputs/outputs; q, k, v, context; GELU input/output; LN statistics), plus ``2 T h`` dropout
-  masks when hidden dropout > 0 (CPU dropout saves a float mask), plus ``3 S`` (softmax output, its dropout mask and
+- BERT-family encoders (post-LN: BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA, DistilBERT): embeddings ``2 T h``
+  (+``T h`` dropout mask); per layer ``T (4h + 4a + 2f) + 4T`` (input, LayerNorm inputs/outputs; q, k, v, context;
+  GELU input/output; LN statistics), plus ``2 T h`` dropout masks when hidden dropout > 0 (CPU dropout saves a float
+  mask; DistilBERT, with dropout after its FFN only, ``T h``), plus ``3 S`` (softmax output, its dropout mask and
   the dropped probabilities: SDPA falls back to the math kernel with attention dropout) or ``B * heads * L`` (the
   log-sum-exp of the flash kernel) without attention dropout.
 - ViT (pre-LN): the same per-layer terms; embeddings keep the pixels ``B * 3 * H * W`` and the final LayerNorm
