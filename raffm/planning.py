@@ -15,7 +15,6 @@ import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any, Protocol
 
 import torch
@@ -38,9 +37,17 @@ from raffm.strategy import STRATEGIES, Strategy
 
 def adapter_and_dims(config: Mapping[str, Any]) -> tuple[Adapter, ModelDims]:
     """The architecture adapter and dims of a global model's HF config dict (e.g. a checkpoint version's)."""
-    view = SimpleNamespace(**config)  # adapters read config attributes
-    adapter = adapter_for(view)
-    return adapter, adapter.dims(view)
+    return _adapter_and_dims(json.dumps(dict(config), sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=16)
+def _adapter_and_dims(config_json: str) -> tuple[Adapter, ModelDims]:
+    values = json.loads(config_json)
+    # The config class, not the bare dict: adapters read the standard names, which some families only alias
+    # (DistilBERT's hidden_size is its dim, num_attention_heads its n_heads).
+    config = AutoConfig.for_model(str(values.pop("model_type")), **values)
+    adapter = adapter_for(config)
+    return adapter, adapter.dims(config)
 
 
 def slice_plan_for(config: Mapping[str, Any], spec: ElasticSpec, shapes: Mapping[str, tuple[int, ...]]) -> SlicePlan:

@@ -156,3 +156,15 @@ def test_an_electra_with_narrower_embeddings_is_refused_with_the_reason() -> Non
                                                            intermediate_size=96))
     with pytest.raises(ValueError, match="embedding_size 16 != hidden_size 48"):
         plan_for(model, ElasticSpec(hidden=48, layers=(LayerSpec(2, 12, 50),) * 2))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_services_read_the_same_dims_from_a_config_dict(kind: str) -> None:
+    """The aggregator and extractor know a version by its config dict (a checkpoint's): the dims must be the
+    model's, also for a family whose config only aliases the standard names (DistilBERT's dim, n_heads)."""
+    from raffm.planning import adapter_and_dims
+
+    model = make(kind)
+    adapter, dims = adapter_and_dims(model.config.to_dict())
+    assert adapter is adapter_for(model) and dims == adapter.dims(model.config)
+    assert dims.hidden == model.config.hidden_size and dims.layers == model.config.num_hidden_layers
