@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-import contextlib
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,7 +242,7 @@ def part_control(backend: str, db_url: str, root: Path, args: argparse.Namespace
         load: list[float] = []
         closed = None
         samplers = {name: RssSampler(stack.pid(name)) for name in SERVICES}  # what each service's pod must request
-        with contextlib.ExitStack() as sampling:
+        with ExitStack() as sampling:
             for sampler in samplers.values():
                 sampling.enter_context(sampler)
             while time.monotonic() - t0 < args.duration_s + 120:
@@ -549,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
                             "cores": os.cpu_count(), "command": command.strip(), "settings": vars(args) | {},
                             "control": [], "store": [], "memory": []}
     t_start = time.perf_counter()
-    work = contextlib.nullcontext(args.work_dir) if args.work_dir else tempfile.TemporaryDirectory(prefix="raffm-bench-scale-")
+    work = nullcontext(args.work_dir) if args.work_dir else tempfile.TemporaryDirectory(prefix="raffm-bench-scale-")
     with work as tmp:
         root = Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
@@ -557,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
             args.store_model = str(medium_model(root / "medium-model"))
         data["settings"]["store_model"] = args.store_model
         if "control" in parts:
-            backends: list[tuple[str, Any]] = [("sqlite", contextlib.nullcontext(f"sqlite:///{root / 'control.db'}"))]
+            backends: list[tuple[str, Any]] = [("sqlite", nullcontext(f"sqlite:///{root / 'control.db'}"))]
             if args.postgres_url:
                 backends.append(("postgresql", postgres_database(args.postgres_url, prefix="raffm_bench_scale")))
             for backend, database in backends:
