@@ -10,6 +10,7 @@ processes on one machine, each started as ``python -m raffm_app ...``. Nothing i
 from __future__ import annotations
 
 import os
+import random
 import shlex
 import signal
 import socket
@@ -96,11 +97,28 @@ def raffm_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "raffm_app", *args]
 
 
+_EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
 def free_port() -> int:
-    """A loopback TCP port nobody listens on right now (for services started on chosen ports)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback TCP port nobody listens on right now (for services started on chosen ports).
+
+    Chosen below the kernel's ephemeral range where the kernel says what it is: the service binds it only later, and
+    meanwhile any outgoing connection on the machine (a fleet's thousands) may be given an ephemeral port, which once
+    took a port chosen here and stopped a service with "Address already in use"."""
+    try:
+        low = int(_EPHEMERAL.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 0
+    candidates = random.sample(range(10_000, low), k=min(20, max(0, low - 10_000)))
+    for port in [*candidates, 0]:  # port 0: the kernel's choice, when no candidate is free
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise OSError("no free loopback port")
 
 
 class ProcessFailed(RuntimeError):
