@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from raffm.costs import CostModel
 from raffm.elastic import extract
-from raffm.fitting import FitResult, RoundBudget
+from raffm.fitting import RoundBudget
 from raffm.memory import PeakMemory, measure_training_peak
 from raffm.strategy import STRATEGIES
 
@@ -85,28 +84,21 @@ def test_a_shared_process_skips_the_collections_that_make_a_lone_peak_exact(mode
 
 def test_predicted_peak_training_memory_matches_measured(minilm, tmp_path: Path) -> None:
     cm = CostModel.from_model(minilm)
-    picks = []
-    folders: dict[str, Path] = {}  # one measurement per distinct spec and recipe
+    rows = []
+    measured_by_key: dict[str, float] = {}
     for budget in TIERS_MB:
         profile = RoundBudget(train_memory_mb=budget, gflops=100, up_mbps=100, down_mbps=100, deadline_s=3600,
                               batch_size=BATCH, seq_len=SEQ)
         picked = STRATEGIES["raffm"].plan(cm, profile)
         key = picked.spec.key() + str(picked.recipe)
-        if key not in folders:
-            folders[key] = tmp_path / f"tier{budget}"
-            extract(minilm, picked.spec).save_pretrained(folders[key])
-        picks.append((budget, picked, key))
-
-    def measure(picked: FitResult, folder: Path) -> float:
-        result = measure_training_peak(folder, batch_size=BATCH, seq_len=SEQ, steps=3, recipe=picked.recipe.to_dict())
-        assert result.exact and result.params == picked.costs.params
-        return result.peak_mb
-
-    with ThreadPoolExecutor(max_workers=2) as pool:  # each in its own process: their peaks do not mix
-        distinct = {key: picked for _, picked, key in picks}  # the same key: the same spec and recipe
-        futures = {key: pool.submit(measure, picked, folders[key]) for key, picked in distinct.items()}
-        measured_by_key = {key: f.result() for key, f in futures.items()}
-    rows = [(budget, picked, measured_by_key[key]) for budget, picked, key in picks]
+        if key not in measured_by_key:
+            folder = tmp_path / f"tier{budget}"
+            extract(minilm, picked.spec).save_pretrained(folder)
+            result = measure_training_peak(folder, batch_size=BATCH, seq_len=SEQ, steps=3,
+                                           recipe=picked.recipe.to_dict())
+            assert result.exact and result.params == picked.costs.params
+            measured_by_key[key] = result.peak_mb
+        rows.append((budget, picked, measured_by_key[key]))
 
     print(f"\n{'budget MB':>9} {'params':>10} {'hidden':>6} {'heads':>5} {'ffn':>5} {'predicted MB':>12} "
           f"{'measured MB':>11} {'error':>6}")
