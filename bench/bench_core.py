@@ -6,7 +6,8 @@
     ``torch.add_`` of exactly the same delta tensors into contiguous float32 buffers, measured in the same run and
     printed as a ratio (fold time / add_ time). The fold includes its validation pass (names, shapes, dtypes,
     finiteness); the split is printed too, and so is the fold without it: the aggregator validates an upload before
-    it takes its lock, so the adds alone are what a round's other uploads and polls wait for. Times are the best of ``--repeats`` runs.
+    it takes its lock, so the adds alone are what a round's other uploads and polls wait for. Times are the best of
+    ``--repeats`` runs.
 
     .venv/bin/python bench/bench_core.py            # BERT-base size, about a minute on 2 cores
     .venv/bin/python bench/bench_core.py --quick    # a small model, a few seconds
@@ -108,7 +109,7 @@ def bench_fold(
             agg = SlicedFedAvg(global_state, mode=mode, accum_dtype=accum)  # type: ignore[arg-type]
             record(f"fold {mode} {accum}", best_of(1, lambda: [agg.fold(d, p, w) for _, p, d, w in clients]))
             record(f"validate {mode} {accum}", best_of(1, lambda: [agg.validate(d, p, w) for _, p, d, w in clients]))
-            record(f"add {mode} {accum}",  # what the aggregator does under its lock, having validated before
+            record(f"locked {mode} {accum}",  # what the aggregator does under its lock, having validated before
                    best_of(1, lambda: [agg.fold(d, p, w, validated=True) for _, p, d, w in clients]))
             record(f"result {mode} {accum}", best_of(1, agg.result))
             del agg
@@ -116,7 +117,7 @@ def bench_fold(
     rows = [["torch.add_ (baseline)", "-", f"{t_add * 1e3:.1f}", f"{delta_bytes / t_add / 1e9:.2f}", "1.00", "-", "-"]]
     for mode, accum in configs:
         t_fold, t_valid, t_locked, t_result = (best[f"{k} {mode} {accum}"]
-                                               for k in ("fold", "validate", "add", "result"))
+                                               for k in ("fold", "validate", "locked", "result"))
         sums_mb = sum(t.numel() * (8 if accum == torch.float64 else 4) for t in global_state.values()) / 1e6
         label = f"fold {mode} ({str(accum).removeprefix('torch.')} sums)"
         rows.append([label, f"{t_valid * 1e3:.1f}", f"{t_fold * 1e3:.1f}", f"{delta_bytes / t_fold / 1e9:.2f}",
