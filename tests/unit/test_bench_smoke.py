@@ -53,8 +53,8 @@ def test_every_method_runs_every_seed_and_round(bench: Any, result: dict[str, An
     json.dumps(result)  # the JSON the bench writes
 
 
-def test_the_central_reference_trains_the_full_model_on_the_pooled_data(result: dict[str, Any]) -> None:
-    """`central` is one device with every client's data, the whole model, and no network."""
+def test_the_central_reference_is_one_full_model_device_that_moves_no_bytes(result: dict[str, Any]) -> None:
+    """`central` is one device (it holds every client's data) training the whole model, with no network."""
     by_method = {r["method"]: r for r in result["runs"]}
     central = by_method["central"]
     assert central["participants"] == [1] and central["specs"] == by_method["fedavg_all"]["specs"][:1]
