@@ -284,9 +284,10 @@ def run_ours(model: Any, clients: int, rounds: int, *, relay: bool, reorder: boo
     import grpc
     import torch
 
+    from edge_agent.client import aggregator_stub, extractor_stub
     from edge_agent.transfer import download_once, upload_once
     from raffm.reassembly import MemorySink
-    from raffm.v1 import aggregator_pb2, aggregator_pb2_grpc, extractor_pb2_grpc
+    from raffm.v1 import aggregator_pb2, aggregator_pb2_grpc
     from raffm.wire import WirePayload
     from services.aggregator.app import AggregatorConfig, build_aggregator
     from services.aggregator.config import JobConfig
@@ -346,10 +347,8 @@ def run_ours(model: Any, clients: int, rounds: int, *, relay: bool, reorder: boo
         errors: list[BaseException] = []
 
         def device(index: int, device_id: str, md: Any) -> None:
-            astub = aggregator_pb2_grpc.AggregatorServiceStub(
-                grpc.insecure_channel(f"127.0.0.1:{agg_port}", options=options))
-            estub = extractor_pb2_grpc.ExtractorServiceStub(
-                grpc.insecure_channel(f"127.0.0.1:{ext_port}", options=options))
+            astub = aggregator_stub(grpc.insecure_channel(f"127.0.0.1:{agg_port}", options=options))  # the agent's
+            estub = extractor_stub(grpc.insecure_channel(f"127.0.0.1:{ext_port}", options=options))
             try:
                 for r in range(rounds):
                     barrier.wait()

@@ -41,7 +41,8 @@ import grpc
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from raffm.v1 import aggregator_pb2, aggregator_pb2_grpc, common_pb2, registry_pb2, registry_pb2_grpc  # noqa: E402
+from edge_agent.client import aggregator_stub, extractor_stub  # noqa: E402
+from raffm.v1 import aggregator_pb2, common_pb2, registry_pb2, registry_pb2_grpc  # noqa: E402
 from raffm_app.processes import ProcessGroup, free_port, raffm_command, wait_serving  # noqa: E402
 from services.common.testing import postgres_database, s3_server  # noqa: E402
 
@@ -136,7 +137,7 @@ class Stack:
         return urllib.request.urlopen(url, timeout=10).read().decode()
 
     def aggregator(self) -> Any:
-        return aggregator_pb2_grpc.AggregatorServiceStub(grpc.insecure_channel(self.address("aggregator"), OPTIONS))
+        return aggregator_stub(grpc.insecure_channel(self.address("aggregator"), OPTIONS))  # the agent's
 
     def rounds(self) -> list[Any]:
         for attempt in range(10):  # an overloaded machine may miss a deadline; the bench must not stop for it
@@ -334,9 +335,8 @@ def download(stack: Stack, d: Scripted, assignment: Any) -> tuple[dict[str, Any]
     """The slice's tensors, its bytes and the seconds the stream took."""
     from edge_agent.transfer import download_once
     from raffm.reassembly import MemorySink
-    from raffm.v1 import extractor_pb2_grpc
 
-    stub = extractor_pb2_grpc.ExtractorServiceStub(grpc.insecure_channel(stack.address("extractor"), OPTIONS))
+    stub = extractor_stub(grpc.insecure_channel(stack.address("extractor"), OPTIONS))  # the agent's
     sink = MemorySink()
     t0 = time.perf_counter()
     receiver = download_once(stub, assignment.ticket, sink, metadata=d.md)

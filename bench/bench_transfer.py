@@ -245,6 +245,7 @@ def breakdown(state: dict[str, Any], frozen: frozenset[str], chunk: int, repeat:
     import torch
 
     from raffm.aggregation import SlicedFedAvg
+    from raffm.chunkwire import UPLOAD
     from raffm.reassembly import Reassembler
     from raffm.slicing import TensorSlice
     from raffm.v1 import aggregator_pb2, common_pb2
@@ -267,13 +268,13 @@ def breakdown(state: dict[str, Any], frozen: frozenset[str], chunk: int, repeat:
         return out
 
     def encode() -> list[bytes]:
-        return [aggregator_pb2.UploadMessage(chunk=common_pb2.TensorChunk(tensor=c.tensor, offset=c.offset,
-                                                                          data=c.data)).SerializeToString()
-                for c in iter_chunks(payload.manifest, payload.source, chunk_bytes=chunk)]
+        return [UPLOAD.encode(c) for c in iter_chunks(payload.manifest, payload.source, chunk_bytes=chunk)]
 
-    wire = best("chunk + protobuf encode (sender)", encode)
-    parsed = best("protobuf decode (receiver)",
-                  lambda: [aggregator_pb2.UploadMessage.FromString(m).chunk for m in wire])
+    wire = best("chunk + encode (sender, raffm.chunkwire)", encode)
+    best("protobuf encode instead (3 copies more)", lambda: [aggregator_pb2.UploadMessage(chunk=common_pb2.TensorChunk(
+        tensor=c.tensor, offset=c.offset, data=bytes(c.data))).SerializeToString()
+        for c in iter_chunks(payload.manifest, payload.source, chunk_bytes=chunk)])
+    parsed = best("decode (receiver, views)", lambda: [UPLOAD.deserialize(m).chunk for m in wire])
     best("sha256 (verify)", lambda: [hashlib.sha256(payload.source(m)).digest() for m in payload.manifest.tensors])
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
         staging, count = Staging(tmp), iter(range(1 << 30))
@@ -309,23 +310,22 @@ def concurrent_transfers(group: list[Any], ext_port: int, agg_port: int, options
     channel: aggregate tensor MB/s of each phase and the process's peak memory growth during it."""
     import grpc
 
+    from edge_agent.client import aggregator_stub, extractor_stub
     from edge_agent.transfer import download_once, upload_once
     from raffm.reassembly import HashOnlySink
-    from raffm.v1 import aggregator_pb2_grpc, extractor_pb2_grpc
 
     n = len(group)
     down_bytes = 0
 
     def download(md: Any, a: Any) -> None:
         nonlocal down_bytes
-        stub = extractor_pb2_grpc.ExtractorServiceStub(grpc.insecure_channel(f"127.0.0.1:{ext_port}", options=options))
+        stub = extractor_stub(grpc.insecure_channel(f"127.0.0.1:{ext_port}", options=options))
         d = download_once(stub, a.ticket, HashOnlySink(), metadata=md, chunk_bytes=chunk)
         d.reassembler.finish()
         down_bytes = d.manifest.total_bytes
 
     def upload(md: Any, a: Any) -> None:
-        stub = aggregator_pb2_grpc.AggregatorServiceStub(grpc.insecure_channel(f"127.0.0.1:{agg_port}",
-                                                                               options=options))
+        stub = aggregator_stub(grpc.insecure_channel(f"127.0.0.1:{agg_port}", options=options))
         assert upload_once(stub, a.ticket, 1, payload, metadata=md, chunk_bytes=chunk).accepted  # type: ignore[arg-type]
 
     row: dict[str, float] = {"devices": n}
@@ -366,11 +366,12 @@ def main() -> int:
     import torch
     from transformers import BertConfig
 
+    from edge_agent.client import aggregator_stub, extractor_stub
     from edge_agent.transfer import download_once, upload_once
     from raffm.planning import cost_model_for
     from raffm.proto import recipe_from_proto
     from raffm.reassembly import HashOnlySink
-    from raffm.v1 import aggregator_pb2, aggregator_pb2_grpc, extractor_pb2_grpc
+    from raffm.v1 import aggregator_pb2, aggregator_pb2_grpc
     from services.aggregator.app import AggregatorConfig, build_aggregator
     from services.aggregator.config import JobConfig
     from services.common.auth import auth_metadata, fleet_verifier
@@ -440,8 +441,8 @@ def main() -> int:
                 via_relay = i == args.repeat  # last iteration: through the counting relay, not timed
                 ext_target = f"127.0.0.1:{relay_ext.port if via_relay else ext_port}"
                 agg_target = f"127.0.0.1:{relay_agg.port if via_relay else agg_port}"
-                astub = aggregator_pb2_grpc.AggregatorServiceStub(grpc.insecure_channel(agg_target, options=options))
-                estub = extractor_pb2_grpc.ExtractorServiceStub(grpc.insecure_channel(ext_target, options=options))
+                astub = aggregator_stub(grpc.insecure_channel(agg_target, options=options))
+                estub = extractor_stub(grpc.insecure_channel(ext_target, options=options))  # the agent's
                 relay_ext.reset()
                 relay_agg.reset()
                 t0 = time.perf_counter()

@@ -25,7 +25,8 @@ from typing import Any, TypeVar
 import grpc
 
 from edge_agent.config import AgentConfig
-from raffm.v1 import aggregator_pb2_grpc, extractor_pb2_grpc, registry_pb2_grpc
+from raffm.chunkwire import DOWNLOAD, UPLOAD
+from raffm.v1 import aggregator_pb2, aggregator_pb2_grpc, extractor_pb2, extractor_pb2_grpc, registry_pb2_grpc
 
 log = logging.getLogger("edge_agent.client")
 
@@ -337,6 +338,27 @@ def channel_options(config: AgentConfig) -> list[tuple[str, Any]]:
     return opts
 
 
+# The agent's stubs are the generated ones, except that the chunk streams go through raffm.chunkwire: a slice's
+# chunks arrive as views of the received bytes, and an update's chunks (ChunkMessage, from upload_messages) are
+# encoded with one copy. The bytes on the wire are protobuf's.
+
+
+def extractor_stub(channel: grpc.Channel) -> extractor_pb2_grpc.ExtractorServiceStub:
+    stub = extractor_pb2_grpc.ExtractorServiceStub(channel)
+    stub.DownloadSlice = channel.unary_stream(  # type: ignore[method-assign]
+        "/raffm.v1.ExtractorService/DownloadSlice", request_serializer=extractor_pb2.DownloadRequest.SerializeToString,
+        response_deserializer=DOWNLOAD.deserialize)
+    return stub
+
+
+def aggregator_stub(channel: grpc.Channel) -> aggregator_pb2_grpc.AggregatorServiceStub:
+    stub = aggregator_pb2_grpc.AggregatorServiceStub(channel)
+    stub.UploadUpdate = channel.stream_unary(  # type: ignore[method-assign]
+        "/raffm.v1.AggregatorService/UploadUpdate", request_serializer=UPLOAD.serialize,
+        response_deserializer=aggregator_pb2.UploadAck.FromString)
+    return stub
+
+
 def make_channel(target: str, config: AgentConfig) -> grpc.Channel:
     """A channel to ``target``: TLS when a CA or client certificate is configured, plaintext otherwise."""
     if config.tls:
@@ -377,10 +399,10 @@ class ServiceClient:
 
     @property
     def aggregator(self) -> aggregator_pb2_grpc.AggregatorServiceStub:
-        return aggregator_pb2_grpc.AggregatorServiceStub(self.channel(self.config.aggregator))
+        return aggregator_stub(self.channel(self.config.aggregator))
 
     def extractor(self, target: str = "") -> extractor_pb2_grpc.ExtractorServiceStub:
-        return extractor_pb2_grpc.ExtractorServiceStub(self.channel(target or self.config.extractor))
+        return extractor_stub(self.channel(target or self.config.extractor))
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()

@@ -26,6 +26,7 @@ import torch
 from edge_agent.cache import TensorCache
 from edge_agent.client import STREAM_BROKEN, Backoff, ServiceClient, ServiceError, Stopped, details_of, status_of
 from edge_agent.progress import Progress
+from raffm.chunkwire import ChunkMessage
 from raffm.proto import (
     manifest_from_proto, manifest_to_proto, resume_from_proto, resume_to_proto, wire_dtype_from_proto,
     wire_dtype_to_proto,
@@ -122,8 +123,9 @@ class SliceReceiver:
     def resume_point(self) -> ResumePoint:
         return self._reassembler.resume_point if self._reassembler is not None else self._start
 
-    def receive(self, msg: extractor_pb2.SliceMessage) -> int:
-        """Take one message of a slice stream; returns the bytes of the chunk it carried (0 for a manifest)."""
+    def receive(self, msg: Any) -> int:
+        """Take one message of a slice stream (a ``SliceMessage`` or a :class:`ChunkMessage`); returns the bytes of the
+        chunk it carried (0 for a manifest)."""
         body = msg.WhichOneof("body")
         if body == "manifest":
             manifest = manifest_from_proto(msg.manifest)
@@ -138,9 +140,10 @@ class SliceReceiver:
             if self._reassembler is None:
                 raise TransferError("the extractor sent a chunk before the manifest")
             chunk = msg.chunk
-            if self._reassembler.accept(chunk.tensor, int(chunk.offset), bytes(chunk.data)) is not None:
+            data = chunk.data  # a protobuf message copies its bytes on every read
+            if self._reassembler.accept(chunk.tensor, int(chunk.offset), data) is not None:
                 self._take_cached()
-            return len(chunk.data)
+            return len(data)
         raise TransferError(f"unexpected message {body!r} in the slice stream")
 
     def _take_cached(self) -> None:
@@ -185,8 +188,10 @@ def upload_messages(
     ticket: bytes, sample_count: int, payload: WirePayload, *, metrics: Mapping[str, float] | None = None,
     manifest: common_pb2.Manifest | None = None, resume: ResumePoint = START, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     on_chunk: Callable[[int], None] | None = None, max_chunks: int | None = None,
-) -> Iterator[aggregator_pb2.UploadMessage]:
-    """Header, manifest (``manifest``, or the payload's bare one), then chunks from ``resume``.
+) -> Iterator[aggregator_pb2.UploadMessage | ChunkMessage]:
+    """Header, manifest (``manifest``, or the payload's bare one), then chunks from ``resume`` (as
+    :class:`ChunkMessage` views of the payload: send them through a stub from
+    :func:`edge_agent.client.aggregator_stub`).
 
     ``on_chunk(nbytes)`` runs after each chunk is handed over; ``max_chunks`` raises ``ConnectionAbortedError`` after
     that many chunks (a simulated broken link).
@@ -198,7 +203,7 @@ def upload_messages(
     for i, c in enumerate(iter_chunks(payload.manifest, payload.source, resume, chunk_bytes)):
         if max_chunks is not None and i >= max_chunks:
             raise ConnectionAbortedError("simulated broken upload")
-        yield aggregator_pb2.UploadMessage(chunk=common_pb2.TensorChunk(tensor=c.tensor, offset=c.offset, data=c.data))
+        yield ChunkMessage(c)
         if on_chunk is not None:
             on_chunk(len(c.data))
 

@@ -26,7 +26,7 @@ from raffm.wire import (
 class TensorSink(Protocol):
     """Where a Reassembler puts bytes. Offsets arrive in increasing order within a tensor."""
 
-    def write(self, meta: TensorMeta, offset: int, data: bytes) -> None: ...
+    def write(self, meta: TensorMeta, offset: int, data: bytes | memoryview) -> None: ...
 
     def complete(self, meta: TensorMeta) -> None:
         """The tensor's bytes are all written and their sha256 verified."""
@@ -46,7 +46,7 @@ class MemorySink:
         self.filled: dict[str, int] = {}
         self.tensors: dict[str, torch.Tensor] = {}
 
-    def write(self, meta: TensorMeta, offset: int, data: bytes) -> None:
+    def write(self, meta: TensorMeta, offset: int, data: bytes | memoryview) -> None:
         buf = self.buffers.get(meta.name)
         if buf is None:
             buf = self.buffers[meta.name] = bytearray(meta.nbytes)
@@ -76,7 +76,7 @@ class HashOnlySink:
         self.completed: list[str] = []
         self.partial: dict[str, hashlib._Hash] = {}
 
-    def write(self, meta: TensorMeta, offset: int, data: bytes) -> None:
+    def write(self, meta: TensorMeta, offset: int, data: bytes | memoryview) -> None:
         pass
 
     def complete(self, meta: TensorMeta) -> None:
@@ -130,7 +130,7 @@ class Reassembler:
         """Bytes accepted by this reassembler."""
         return self._received
 
-    def accept(self, tensor: str, offset: int, data: bytes) -> TensorMeta | None:
+    def accept(self, tensor: str, offset: int, data: bytes | memoryview) -> TensorMeta | None:
         """Take one chunk; returns the tensor's meta when this chunk completed (and verified) it."""
         if self.done:
             raise OverlongError(f"chunk for tensor {excerpt(tensor)} arrived after the transfer was complete")

@@ -205,11 +205,14 @@ START = ResumePoint()
 END = ResumePoint(_END_NAME, 0)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Chunk:
+    """A piece of one tensor's wire bytes: ``data`` starts at byte ``offset`` of tensor ``tensor``; a view of the
+    sender's or the received buffer, not a copy."""
+
     tensor: str
     offset: int
-    data: bytes
+    data: bytes | memoryview
 
 
 # ----------------------------------------------------------------------------------------------------- encoding
@@ -313,6 +316,6 @@ def iter_chunks(
             if len(buf) != meta.nbytes:
                 raise WireError(f"tensor {excerpt(meta.name)}: source gave {len(buf)} bytes, manifest says {meta.nbytes}")
             for pos in range(offset, meta.nbytes, chunk_bytes):
-                yield Chunk(meta.name, pos, bytes(buf[pos : pos + chunk_bytes]))
+                yield Chunk(meta.name, pos, buf[pos : pos + chunk_bytes])
             del buf
         offset = 0

@@ -15,18 +15,18 @@ from prometheus_client import CollectorRegistry
 from raffm.checkpoints import checkpoint_store_from_url
 from raffm.planning import LocalPlanner, Planner
 from raffm.tickets import TicketSigner
-from raffm.v1 import aggregator_pb2_grpc
+from raffm.chunkwire import UPLOAD
 from services.aggregator.config import JobConfig
 from services.aggregator.coordinator import RoundCoordinator
 from services.aggregator.db import DATABASE
 from services.aggregator.devices import CachingDirectory, DeviceDirectory, RegistryDirectory
 from services.aggregator.metrics import build_aggregator_metrics
-from services.aggregator.servicer import SERVICE_NAME, AggregatorServicer
+from services.aggregator.servicer import SERVICE, AggregatorServicer
 from services.aggregator.staging import Staging
 from services.aggregator.store import round_store_from_url
 from services.aggregator.versions import Evaluator, InitialModel
 from services.common.auth import TokenVerifier
-from services.common.server import ChassisServer, ServerConfig, ServiceBinding, build_server
+from services.common.server import ChassisServer, ServerConfig, bind, build_server
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +160,7 @@ async def build_aggregator(
     poll_executor = ThreadPoolExecutor(config.poll_threads, thread_name_prefix="agg-poll")
     servicer = AggregatorServicer(coordinator, devices, extractor_target=config.extractor_target,
                                   on_change=driver.poke, poll_executor=poll_executor, verifier=verifier)
-    binding = ServiceBinding(SERVICE_NAME,
-                             lambda server: aggregator_pb2_grpc.add_AggregatorServiceServicer_to_server(servicer, server))
+    binding = bind(SERVICE, servicer, codecs={"UploadUpdate": UPLOAD})
     server = build_server(config.server, [binding], verifier=verifier, registry=registry)
     server.on_start(driver.start)
     server.on_stop(driver.stop)

@@ -25,7 +25,7 @@ from services.aggregator.uploads import LateUploadError, UploadRejectedError, Up
 from services.common.auth import TokenVerifier, authorize_device, current_principal, reverify
 
 log = logging.getLogger(__name__)
-SERVICE_NAME = "raffm.v1.AggregatorService"
+SERVICE = aggregator_pb2.DESCRIPTOR.services_by_name["AggregatorService"]
 
 ROUND_STATES = {OPEN: aggregator_pb2.ROUND_STATE_OPEN, AGGREGATING: aggregator_pb2.ROUND_STATE_AGGREGATING,
                 CLOSED: aggregator_pb2.ROUND_STATE_CLOSED, FAILED: aggregator_pb2.ROUND_STATE_FAILED}

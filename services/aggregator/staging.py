@@ -175,7 +175,7 @@ class StagedUpload:
 
     # -- TensorSink ---------------------------------------------------------------------------------------------------
 
-    def write(self, meta: TensorMeta, offset: int, data: bytes) -> None:
+    def write(self, meta: TensorMeta, offset: int, data: bytes | memoryview) -> None:
         i = self.manifest.position(meta.name)
         _pwrite_all(self._data(), data, self._offsets[i] + offset)
         self._write_record(i, offset + len(data))  # after the bytes: the record never claims what is not written
@@ -314,7 +314,7 @@ class StagedUpload:
         return complete, partial
 
 
-def _pwrite_all(fd: int, data: bytes, at: int) -> None:
+def _pwrite_all(fd: int, data: bytes | memoryview, at: int) -> None:
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, at)

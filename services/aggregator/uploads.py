@@ -176,7 +176,7 @@ class UploadSession:
         self.reassembler = Reassembler(manifest, self.staged, start)
         return start
 
-    def accept(self, tensor: str, offset: int, data: bytes) -> None:
+    def accept(self, tensor: str, offset: int, data: bytes | memoryview) -> None:
         if self.reassembler is None:
             raise UploadRejectedError("protocol", "a chunk arrived before the manifest", field="chunk")
         r = self.reassembler

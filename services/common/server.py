@@ -5,15 +5,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message_factory import GetMessageClass
 from prometheus_client import CollectorRegistry
 
+from raffm.chunkwire import ChunkCodec
 from raffm.errors import ConfigError
 from raffm.lifeline import watch_parent
 from services.common.auth import TokenVerifier
@@ -63,6 +67,34 @@ class ServiceBinding:
     name: str
     add_to_server: Callable[[grpc.aio.Server], None]
     public_methods: frozenset[str] = field(default_factory=frozenset)
+
+
+_HANDLERS = {  # (client streaming, server streaming) -> grpc's handler constructor
+    (False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def bind(service: ServiceDescriptor, servicer: Any, *, codecs: Mapping[str, ChunkCodec] = {},
+         public_methods: frozenset[str] = frozenset()) -> ServiceBinding:
+    """``servicer``'s methods as the generated ``add_*Servicer_to_server`` mounts them, except that a method named in
+    ``codecs`` reads or writes its chunk messages through that codec (:mod:`raffm.chunkwire`: the same bytes,
+    fewer copies)."""
+    handlers = {}
+    for method in service.methods:
+        request, response = GetMessageClass(method.input_type), GetMessageClass(method.output_type)
+        codec = codecs.get(method.name)
+        handlers[method.name] = _HANDLERS[method.client_streaming, method.server_streaming](
+            getattr(servicer, method.name),
+            request_deserializer=codec.deserialize if codec and codec.message_type is request else request.FromString,
+            response_serializer=(codec.serialize if codec and codec.message_type is response
+                                 else response.SerializeToString))
+
+    def add(server: grpc.aio.Server) -> None:
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+        server.add_registered_method_handlers(service.full_name, handlers)
+
+    return ServiceBinding(service.full_name, add, public_methods)
 
 
 def server_options(config: ServerConfig) -> list[tuple[str, int]]:

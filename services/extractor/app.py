@@ -10,11 +10,11 @@ from prometheus_client import CollectorRegistry
 from raffm.checkpoints import checkpoint_store_from_url
 from raffm.planning import LocalPlanner
 from raffm.tickets import TicketSigner
-from raffm.v1 import extractor_pb2_grpc
+from raffm.chunkwire import DOWNLOAD
 from services.common.auth import TokenVerifier
-from services.common.server import ChassisServer, ServerConfig, ServiceBinding, build_server
+from services.common.server import ChassisServer, ServerConfig, bind, build_server
 from services.extractor.metrics import build_extractor_metrics
-from services.extractor.servicer import SERVICE_NAME, ExtractorServicer
+from services.extractor.servicer import SERVICE, ExtractorServicer
 from services.extractor.slices import SliceCache, SliceService
 
 
@@ -47,7 +47,6 @@ async def build_extractor(config: ExtractorConfig, *, verifier: TokenVerifier | 
                            build_extractor_metrics(registry),
                            SliceCache(config.cache_entries, config.cache_mb << 20))
     servicer = ExtractorServicer(service)
-    binding = ServiceBinding(SERVICE_NAME,
-                             lambda server: extractor_pb2_grpc.add_ExtractorServiceServicer_to_server(servicer, server))
+    binding = bind(SERVICE, servicer, codecs={"DownloadSlice": DOWNLOAD})
     server = build_server(config.server, [binding], verifier=verifier, registry=registry)
     return ExtractorApp(server, service)

@@ -10,16 +10,15 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
 
-from raffm.v1 import registry_pb2_grpc
 from raffm.errors import ConfigError
 from services.common.auth import CachingTokenVerifier, ChainedTokenVerifier, StaticTokenVerifier
-from services.common.server import ChassisServer, ServerConfig, ServiceBinding, build_server
+from services.common.server import ChassisServer, ServerConfig, bind, build_server
 from services.common.tls import check_transport
 from services.registry.liveness import LivenessBuffer
 from services.registry.metrics import build_registry_metrics
 from services.registry.repository import DeviceRepository, open_repository
 from services.registry.service import Clock, RegistryService, RegistrySettings, utc_now
-from services.registry.servicer import PUBLIC_METHODS, SERVICE_NAME, LocalTokenVerifier, RegistryServicer
+from services.registry.servicer import PUBLIC_METHODS, SERVICE, LocalTokenVerifier, RegistryServicer
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +128,7 @@ async def build_registry(
         device_tokens = CachingTokenVerifier(LocalTokenVerifier(service, executor), ttl_s=config.token_cache_ttl_s)
         servicer = RegistryServicer(service, executor, on_revoke=device_tokens.invalidate_subject)
         verifier = ChainedTokenVerifier([StaticTokenVerifier({"operator": config.operator_token}), device_tokens])
-        binding = ServiceBinding(
-            SERVICE_NAME, lambda server: registry_pb2_grpc.add_RegistryServiceServicer_to_server(servicer, server),
-            PUBLIC_METHODS,
-        )
+        binding = bind(SERVICE, servicer, public_methods=PUBLIC_METHODS)
         server = build_server(config.server, [binding], verifier=verifier, registry=registry)
     except BaseException:
         executor.shutdown(wait=False)

@@ -22,8 +22,8 @@ from services.registry.service import RegistryService
 
 T = TypeVar("T")
 
-SERVICE_NAME = registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name
-PUBLIC_METHODS = frozenset({f"/{SERVICE_NAME}/Register"})
+SERVICE = registry_pb2.DESCRIPTOR.services_by_name["RegistryService"]
+PUBLIC_METHODS = frozenset({f"/{SERVICE.full_name}/Register"})
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):

@@ -17,6 +17,7 @@ import torch
 from prometheus_client import CollectorRegistry
 from transformers import BertConfig, BertForSequenceClassification
 
+from edge_agent.client import aggregator_stub
 from raffm.checkpoints import CheckpointStore, checkpoint_store_from_url
 from raffm.fitting import FitResult, RoundBudget
 from raffm.planning import cost_model_for, slice_plan_for
@@ -24,7 +25,7 @@ from raffm.proto import spec_from_proto
 from raffm.reassembly import MemorySink
 from raffm.slicing import SlicePlan
 from raffm.spec import ElasticSpec
-from raffm.v1 import aggregator_pb2, aggregator_pb2_grpc, extractor_pb2_grpc
+from raffm.v1 import aggregator_pb2, extractor_pb2_grpc
 from raffm.wire import WIRE_DTYPES, WirePayload
 from services.aggregator.app import AggregatorApp, AggregatorConfig, build_aggregator
 from services.aggregator.config import JobConfig
@@ -202,7 +203,7 @@ class Fleet:
 
     def agg_stub(self, target: str | None = None) -> Any:
         target = target or f"127.0.0.1:{self.aggregator.server.port}"
-        return aggregator_pb2_grpc.AggregatorServiceStub(grpc.insecure_channel(target, options=GRPC_OPTIONS))
+        return aggregator_stub(grpc.insecure_channel(target, options=GRPC_OPTIONS))
 
     def ext_stub(self, app: ExtractorApp | None = None) -> Any:
         port = (app or self.extractor).server.port

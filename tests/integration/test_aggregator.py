@@ -81,9 +81,9 @@ def test_every_bad_upload_is_rejected_and_the_model_stays_bit_identical(fleet: F
     _expect(stub, _messages(a.ticket, payload(inf, "fp32")), dev_a.md, StatusCode.INVALID_ARGUMENT, "non-finite")
 
     msgs = _messages(a.ticket, pl)
-    corrupt = aggregator_pb2.UploadMessage()
-    corrupt.CopyFrom(msgs[2])
-    corrupt.chunk.data = bytes([corrupt.chunk.data[0] ^ 0xFF]) + corrupt.chunk.data[1:]
+    c = msgs[2].chunk
+    corrupt = aggregator_pb2.UploadMessage(chunk=common_pb2.TensorChunk(
+        tensor=c.tensor, offset=c.offset, data=bytes([c.data[0] ^ 0xFF]) + bytes(c.data[1:])))
     # The first tensor is small (one chunk), so flipping a byte fails its sha256.
     _expect(stub, [msgs[0], msgs[1], corrupt, *msgs[3:]], dev_a.md, StatusCode.INVALID_ARGUMENT, "sha256")
     _expect(stub, msgs[:3] + msgs[4:], dev_a.md, StatusCode.INVALID_ARGUMENT, "out of order")

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import grpc
 import pytest
 import torch
 
-from edge_agent.transfer import download_once
+from edge_agent.client import aggregator_stub, extractor_stub
+from edge_agent.transfer import SliceReceiver, download_once, download_request, upload_messages
+from raffm.chunkwire import ChunkMessage
 from raffm.fitting import RoundBudget, fit_inference
 from raffm.planning import cost_model_for
 from raffm.proto import recipe_from_proto, spec_from_proto
 from raffm.reassembly import MemorySink
 from raffm.strategy import STRATEGIES
-from raffm.v1 import common_pb2, extractor_pb2
+from raffm.v1 import aggregator_pb2, aggregator_pb2_grpc, common_pb2, extractor_pb2
 from raffm.wire import START
 from tests.integration.fedloop import (
-    Fleet, budget_ladder, download, plan_of, spec_of, tiny_bert_folder, tiny_job,
+    Fleet, budget_ladder, download, payload, plan_of, scripted_delta, spec_of, tiny_bert_folder, tiny_job,
 )
 
 RAFFM = STRATEGIES["raffm"]
@@ -34,9 +37,12 @@ def fleet(tmp_path: Path):
     f.stop()
 
 
-def _assign(fleet: Fleet, name: str):
-    reply = fleet.poll(fleet.agg_stub(), fleet.devices[name])
-    assert reply.WhichOneof("action") == "assignment", reply
+def _assign(fleet: Fleet, name: str, timeout_s: float = 30):
+    """The device's assignment, once a round is open for it."""
+    end = time.monotonic() + timeout_s
+    while (reply := fleet.poll(fleet.agg_stub(), fleet.devices[name])).WhichOneof("action") != "assignment":
+        assert time.monotonic() < end, reply
+        time.sleep(0.05)
     return reply.assignment
 
 
@@ -69,6 +75,37 @@ def test_slice_matches_the_global_model_and_resumes_after_a_break(fleet: Fleet) 
     assert "raffm_extractor_slice_cache_hits_total 2.0" in text
     assert "raffm_extractor_slice_cache_misses_total 1.0" in text
     assert 'raffm_extractor_download_bytes_total{tier="phone",wire_dtype="bfloat16"}' in text
+
+
+def test_a_client_built_from_the_protos_alone_moves_the_same_bytes_as_the_agent(fleet: Fleet) -> None:
+    """The agent's stubs read and write chunks without protobuf's copies (raffm.chunkwire); the generated stubs, all
+    an independent client has, must receive the same slice and have their update accepted, and so must the agent's."""
+    channel = grpc.insecure_channel(f"127.0.0.1:{fleet.extractor.server.port}")
+    agg_channel = grpc.insecure_channel(f"127.0.0.1:{fleet.aggregator.server.port}")
+    for name, generated in [("a", True), ("b", False)]:  # one round each (the job's quorum is one device)
+        dev, a = fleet.devices[name], _assign(fleet, name)
+        reference = download(fleet, dev, a, chunk_bytes=1024)  # generated stub: protobuf messages
+        stream = list(extractor_stub(channel).DownloadSlice(download_request(a.ticket, chunk_bytes=1024),
+                                                            metadata=dev.md, timeout=30))
+        assert all(isinstance(m, ChunkMessage) for m in stream[1:]) and len(stream) > 2
+        receiver = SliceReceiver(MemorySink())
+        for msg in stream:
+            receiver.receive(msg)
+        receiver.reassembler.finish()
+        assert list(receiver.sink.tensors) == list(reference)
+        assert all(torch.equal(receiver.sink.tensors[n], t) for n, t in reference.items())
+
+        messages = list(upload_messages(a.ticket, 5, payload(scripted_delta(reference, seed=1, assignment=a), "bf16"),
+                                        chunk_bytes=1024))
+        if generated:  # what a client written from the protos sends: protobuf messages, the generated stub
+            messages = [aggregator_pb2.UploadMessage(chunk=common_pb2.TensorChunk(
+                tensor=m.chunk.tensor, offset=m.chunk.offset, data=bytes(m.chunk.data)))
+                if isinstance(m, ChunkMessage) else m for m in messages]
+            stub = aggregator_pb2_grpc.AggregatorServiceStub(agg_channel)
+        else:
+            stub = aggregator_stub(agg_channel)
+        assert stub.UploadUpdate(iter(messages), metadata=dev.md, timeout=30).accepted, name
+        assert fleet.wait_round(fleet.agg_stub(), a.round_id).state == aggregator_pb2.ROUND_STATE_CLOSED
 
 
 def test_tickets_are_checked(fleet: Fleet) -> None:
