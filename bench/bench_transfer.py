@@ -1,7 +1,7 @@
 """Slice download and update upload throughput over the real services, against a raw loopback socket.
 
-Starts a registry, an extractor and an aggregator on 127.0.0.1 (one process, real SQLite and a checkpoint directory),
-registers one device whose profile fits the whole model, then times:
+Starts a registry, an extractor and an aggregator on 127.0.0.1 (in the bench's process, real SQLite and a checkpoint
+directory; with ``--extractor-process`` the extractor runs as its own process, as deployed), registers one device whose profile fits the whole model, then times:
   - DownloadSlice (server stream, manifest + ~1 MiB chunks, sha256 verified on receipt);
   - UploadUpdate (client stream, staged to disk with fsync, validated and folded);
   - a raw TCP socket on 127.0.0.1 moving the same number of bytes in 1 MiB sendall() calls (the baseline);
@@ -13,7 +13,7 @@ aggregate MB/s and the peak memory of the process over its level before the tran
 tensors: its payload is one shared buffer of zeros), which must stay O(model), not O(model x devices).
 
     .venv/bin/python bench/bench_transfer.py [--hidden 768 --layers 6] [--wire-dtype fp32] [--chunk-kib 1024]
-        [--repeat 3] [--breakdown] [--concurrency 1,8,32] [--json out.json]
+        [--repeat 3] [--breakdown] [--concurrency 1,8,32] [--extractor-process] [--json out.json]
 """
 
 from __future__ import annotations
@@ -351,6 +351,9 @@ def main() -> int:
     parser.add_argument("--concurrency", default="",
                         help="comma-separated device counts (e.g. 1,8,32) that also download and then upload at once: "
                              "aggregate MB/s and peak memory per count")
+    parser.add_argument("--extractor-process", action="store_true",
+                        help="run the extractor as its own process (`raffm extractor serve`), as deployed, instead of "
+                             "in the bench's process beside the client; the memory figures then leave it out")
     parser.add_argument("--breakdown", action="store_true",
                         help="also time each stage alone (encode, decode, sha256, staging, fsync, fold) on the same "
                              "tensors, to see where the time goes")
@@ -369,6 +372,7 @@ def main() -> int:
     from edge_agent.client import aggregator_stub, extractor_stub
     from edge_agent.transfer import download_once, upload_once
     from raffm.planning import cost_model_for
+    from raffm_app.processes import ProcessGroup, free_port, raffm_command, wait_serving
     from raffm.proto import recipe_from_proto
     from raffm.reassembly import HashOnlySink
     from raffm.v1 import aggregator_pb2, aggregator_pb2_grpc
@@ -403,11 +407,15 @@ def main() -> int:
                         quorum=devices_needed, wire_dtype=args.wire_dtype, ordering="never",
                         accum_dtype="float32", round_deadline_s=3600)
 
+        store = f"file://{root / 'agg' / 'checkpoints'}"
+        processes = ProcessGroup(root / "logs", grace_s=5)
+
         async def start() -> tuple[Any, Any]:
             verifier = fleet_verifier(registry.address, OPERATOR_TOKEN)
-            ext = await build_extractor(ExtractorConfig(f"file://{root / 'agg' / 'checkpoints'}", secret),
-                                        verifier=verifier)
-            await ext.server.start()
+            ext = None
+            if not args.extractor_process:
+                ext = await build_extractor(ExtractorConfig(store, secret), verifier=verifier)
+                await ext.server.start()
             agg = await build_aggregator(AggregatorConfig(job=job, data_dir=str(root / "agg"), ticket_secret=secret,
                                                           registry_target=registry.address,
                                                           operator_token=OPERATOR_TOKEN,
@@ -418,7 +426,16 @@ def main() -> int:
 
         ext, agg = loop.run(start(), timeout=600)
         try:
-            ext_port, agg_port = ext.server.port, agg.server.port
+            if ext is None:  # as deployed: its own process and interpreter
+                ext_port = free_port()
+                processes.start("extractor", raffm_command(
+                    "extractor", "serve", "--store", store, "--registry", registry.address, "--port", str(ext_port),
+                    "--metrics-port", "-1", "--operator-token", OPERATOR_TOKEN, "--ticket-secret", secret,
+                    "--log-level", "WARNING"))
+                wait_serving(processes, f"127.0.0.1:{ext_port}", "extractor")
+            else:
+                ext_port = ext.server.port
+            agg_port = agg.server.port
             relay_ext, relay_agg = CountingRelay(ext_port), CountingRelay(agg_port)
             chunk = args.chunk_kib * 1024
             downs, ups, tensor_bytes, upload_bytes = [], [], 0, 0
@@ -474,15 +491,18 @@ def main() -> int:
             relay_ext.close()
             relay_agg.close()
         finally:
+            processes.stop()
             loop.run(agg.server.stop(1.0))
-            loop.run(ext.server.stop(1.0))
+            if ext is not None:
+                loop.run(ext.server.stop(1.0))
             loop.close()
             registry.stop()
 
     down, up = max(downs), max(ups)
     print(f"model: BERT hidden={args.hidden} layers={args.layers}, slice = full model, "
           f"{tensor_bytes / 1e6:.1f} MB in {args.wire_dtype} down, {upload_bytes / 1e6:.1f} MB up (frozen tensors "
-          f"are not uploaded), chunk {args.chunk_kib} KiB")
+          f"are not uploaded), chunk {args.chunk_kib} KiB, extractor "
+          f"{'in its own process' if args.extractor_process else 'in the bench process'}")
     print(f"raw loopback socket          : {raw:8.0f} MB/s  (baseline, same bytes, same run)")
     print(f"raw disk (1 file, 1 fsync)   : {disk:8.0f} MB/s  (floor of a durable upload, upload bytes, same run)")
     print(f"DownloadSlice (verify sha256): {down:8.0f} MB/s  ratio {down / raw:.2f} of raw socket")
@@ -507,7 +527,8 @@ def main() -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "bench": "bench_transfer", "hidden": args.hidden, "layers": args.layers, "wire_dtype": args.wire_dtype,
-            "chunk_kib": args.chunk_kib, "tensor_bytes": tensor_bytes, "upload_bytes": upload_bytes, "raw_socket_mb_s": raw,
+            "chunk_kib": args.chunk_kib, "extractor_process": args.extractor_process, "tensor_bytes": tensor_bytes,
+            "upload_bytes": upload_bytes, "raw_socket_mb_s": raw,
             "raw_disk_mb_s": disk, "upload_ratio_of_floor": up / min(raw, disk),
             "download_mb_s": down, "upload_mb_s": up, "download_ratio": down / raw, "upload_ratio": up / raw,
             "wire_overhead_download": overhead_down, "wire_overhead_upload": overhead_up,
