@@ -75,7 +75,7 @@ _HANDLERS = {  # (client streaming, server streaming) -> grpc's handler construc
 }
 
 
-def bind(service: ServiceDescriptor, servicer: Any, *, codecs: Mapping[str, ChunkCodec] = {},
+def bind(service: ServiceDescriptor, servicer: Any, *, codecs: Mapping[str, ChunkCodec] | None = None,
          public_methods: frozenset[str] = frozenset()) -> ServiceBinding:
     """``servicer``'s methods as the generated ``add_*Servicer_to_server`` mounts them, except that a method named in
     ``codecs`` reads or writes its chunk messages through that codec (:mod:`raffm.chunkwire`: the same bytes,
@@ -83,7 +83,7 @@ def bind(service: ServiceDescriptor, servicer: Any, *, codecs: Mapping[str, Chun
     handlers = {}
     for method in service.methods:
         request, response = GetMessageClass(method.input_type), GetMessageClass(method.output_type)
-        codec = codecs.get(method.name)
+        codec = (codecs or {}).get(method.name)
         handlers[method.name] = _HANDLERS[method.client_streaming, method.server_streaming](
             getattr(servicer, method.name),
             request_deserializer=codec.deserialize if codec and codec.message_type is request else request.FromString,

@@ -21,6 +21,8 @@ from services.common.auth import current_principal
 from services.extractor.slices import SliceService
 
 SERVICE = extractor_pb2.DESCRIPTOR.services_by_name["ExtractorService"]
+
+
 def plan_to_proto(result: PlanResult) -> extractor_pb2.PlanReply:
     return extractor_pb2.PlanReply(spec=spec_to_proto(result.spec), cost=cost_to_proto(result.cost),
                                    model_version=result.model_version, param_fraction=result.param_fraction,
