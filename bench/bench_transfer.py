@@ -1,7 +1,8 @@
 """Slice download and update upload throughput over the real services, against a raw loopback socket.
 
 Starts a registry, an extractor and an aggregator on 127.0.0.1 (in the bench's process, real SQLite and a checkpoint
-directory; with ``--extractor-process`` the extractor runs as its own process, as deployed), registers one device whose profile fits the whole model, then times:
+directory; with ``--extractor-process`` the extractor runs as its own process, as deployed), registers one device
+whose profile fits the whole model, then times:
   - DownloadSlice (server stream, manifest + ~1 MiB chunks, sha256 verified on receipt);
   - UploadUpdate (client stream, staged to disk with fsync, validated and folded);
   - a raw TCP socket on 127.0.0.1 moving the same number of bytes in 1 MiB sendall() calls (the baseline);
@@ -372,10 +373,10 @@ def main() -> int:
     from edge_agent.client import aggregator_stub, extractor_stub
     from edge_agent.transfer import download_once, upload_once
     from raffm.planning import cost_model_for
-    from raffm_app.processes import ProcessGroup, free_port, raffm_command, wait_serving
     from raffm.proto import recipe_from_proto
     from raffm.reassembly import HashOnlySink
     from raffm.v1 import aggregator_pb2, aggregator_pb2_grpc
+    from raffm_app.processes import ProcessGroup, free_port, raffm_command, wait_serving
     from services.aggregator.app import AggregatorConfig, build_aggregator
     from services.aggregator.config import JobConfig
     from services.common.auth import auth_metadata, fleet_verifier

@@ -13,9 +13,9 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from raffm.checkpoints import checkpoint_store_from_url
+from raffm.chunkwire import UPLOAD
 from raffm.planning import LocalPlanner, Planner
 from raffm.tickets import TicketSigner
-from raffm.chunkwire import UPLOAD
 from services.aggregator.config import JobConfig
 from services.aggregator.coordinator import RoundCoordinator
 from services.aggregator.db import DATABASE

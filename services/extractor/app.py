@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry
 
 from raffm.checkpoints import checkpoint_store_from_url
+from raffm.chunkwire import DOWNLOAD
 from raffm.planning import LocalPlanner
 from raffm.tickets import TicketSigner
-from raffm.chunkwire import DOWNLOAD
 from services.common.auth import TokenVerifier
 from services.common.server import ChassisServer, ServerConfig, bind, build_server
 from services.extractor.metrics import build_extractor_metrics
