@@ -356,8 +356,11 @@ class RoundCoordinator:
     def settle(self, online: set[str] | None) -> str:
         """Close the open round early when no progress is possible: every assignment ended (uploaded or failed) and
         every online device (``online``; None = unknown) was assigned in it or fits no sub-model. With at least
-        ``min_updates`` the round is aggregated now ("aggregate"), with fewer it fails now ("fail") instead of
-        waiting for its deadline and extensions; otherwise "wait"."""
+        ``min_updates`` the round is aggregated now ("aggregate"); with no update at all (every device gave up or
+        fits nothing) it fails now ("fail") instead of waiting for its deadline and extensions; otherwise "wait".
+        A round holding some updates but fewer than ``min_updates`` waits: failing it would discard them, and a
+        device that comes online later (a fleet still registering at the job's start) may complete it; its
+        deadline decides."""
         if online is None:
             return "wait"
         with self._lock:
@@ -377,6 +380,8 @@ class RoundCoordinator:
                             "instead of waiting for the deadline", rnd.round_id, o.accepted,
                             f"; failed: {failed}" if rnd.failures else "")
                 return "aggregate"
+            if o.accepted:
+                return "wait"
             log.warning("round %s: no device that can take part is left (%d assigned, all gave up; %d fit no "
                         "sub-model); failing the round now. The devices said: %s", rnd.round_id, len(assigned),
                         len(o.unfit), failed)

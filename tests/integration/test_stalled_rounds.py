@@ -107,3 +107,24 @@ def test_a_round_no_online_device_fits_fails_once_each_has_polled(fleet: Fleet) 
     assert rnd.state == aggregator_pb2.ROUND_STATE_FAILED and rnd.assigned == 0, rnd
     assert [(f.reason, f.devices) for f in rnd.failures] == [("no_fit", 2)]
     assert "no sub-model fits" in rnd.failures[0].detail
+
+
+def test_a_round_with_too_few_updates_waits_for_devices_that_come_online_later(tmp_path: Path) -> None:
+    """At a job's start the fleet registers over seconds: the first device may finish while it is the only one
+    online. Its update is kept and the round waits (its deadline decides), rather than failing at once."""
+    job = tiny_job(tiny_bert_folder(tmp_path / "model"), clients_per_round=2, quorum=2, min_updates=2, rounds=1,
+                   round_deadline_s=3600.0)
+    fleet = Fleet(tmp_path, job).start()
+    try:
+        stub = fleet.agg_stub()
+        for name in ("a", "b"):  # b registers only once a has uploaded
+            dev = fleet.register(name, train_memory_mb=64, tier="laptop")
+            a = fleet.poll(stub, dev).assignment
+            delta = scripted_delta(download(fleet, dev, a), seed=1, assignment=a)
+            assert upload_once(stub, a.ticket, 5, payload(delta, "fp32"), metadata=dev.md).accepted
+            if name == "a":
+                assert _round(fleet, a.round_id).state == aggregator_pb2.ROUND_STATE_OPEN
+        rnd = fleet.wait_round(stub, a.round_id, timeout=120)
+        assert rnd.state == aggregator_pb2.ROUND_STATE_CLOSED and rnd.accepted == 2, rnd
+    finally:
+        fleet.stop()
