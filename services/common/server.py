@@ -7,7 +7,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
@@ -17,13 +17,15 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from raffm.chunkwire import ChunkCodec
 from raffm.errors import ConfigError
 from raffm.lifeline import watch_parent
 from services.common.auth import TokenVerifier
 from services.common.interceptors import ChassisInterceptor
 from services.common.metrics import MetricsServer, RpcMetrics, build_rpc_metrics, start_metrics_server
 from services.common.tls import TlsFiles, check_transport, server_credentials
+
+if TYPE_CHECKING:  # the registry serves through this module and never loads torch, which raffm.chunkwire's wire does
+    from raffm.chunkwire import ChunkCodec
 
 log = logging.getLogger(__name__)
 
