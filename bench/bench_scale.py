@@ -206,6 +206,18 @@ def histogram_quantile(text: str, metric: str, method: str, q: float) -> float |
     return None
 
 
+def handled(text: str, method: str) -> int:
+    """How many calls of ``method`` a service completed, any status (its ``raffm_grpc_server_handled`` counter)."""
+    return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("raffm_grpc_server_handled_total{") and f'method="{method}"' in line))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     import math
@@ -243,6 +255,7 @@ def part_control(backend: str, db_url: str, root: Path, args: argparse.Namespace
         load: list[float] = []
         closed = None
         samplers = {name: RssSampler(stack.pid(name)) for name in SERVICES}  # what each service's pod must request
+        cpu_before = {name: cpu_seconds(stack.pid(name)) for name in SERVICES}
         with ExitStack() as sampling:
             for sampler in samplers.values():
                 sampling.enter_context(sampler)
@@ -256,6 +269,8 @@ def part_control(backend: str, db_url: str, root: Path, args: argparse.Namespace
                     break
                 load.append(os.getloadavg()[0])
                 time.sleep(1.0)
+        cpu = {name: cpu_seconds(stack.pid(name)) - cpu_before[name] for name in SERVICES}
+        fleet_s = time.monotonic() - t0
         group.stop()
         server = {"registry": stack.metrics("registry"), "aggregator": stack.metrics("aggregator")}
         rounds = stack.rounds()
@@ -280,6 +295,9 @@ def part_control(backend: str, db_url: str, root: Path, args: argparse.Namespace
         "agent_errors": [e for s in stats.values() for e in s["errors"]][:10],
         "load_avg_1m": {"mean": statistics.fmean(load) if load else 0.0, "max": max(load, default=0.0)},
         "peak_rss_mb": {name: sampler.peak for name, sampler in samplers.items()},
+        "cpu_s": cpu, "fleet_s": fleet_s,
+        "registry_calls": {m: handled(server["registry"], m) for m in ("VerifyToken", "Heartbeat", "GetDevice",
+                                                                        "Register", "WatchRevocations")},
         "latency_ms": latency(list(stats)), "probe_latency_ms": latency(["probe"] if args.probe_devices else []),
         "server_bound_ms": {},
         "round": None if rnd is None else {
@@ -474,8 +492,9 @@ def render(data: dict[str, Any]) -> str:
                 "| database | registered | PollRound p50 / p99 ms (devices) | Heartbeat p50 / p99 ms (devices) | "
                 f"PollRound p50 / p99 ms ({data['settings'].get('probe_devices', 0)} probe devices) | "
                 "PollRound p50 / p99 bound, server ms | Heartbeat p50 / p99 bound, server ms | round: accepted, open to "
-                "close | machine load (1-min avg: mean, max) | peak RSS MiB: " + ", ".join(SERVICES) + " |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
+                "close | machine load (1-min avg: mean, max) | peak RSS MiB: " + ", ".join(SERVICES) + " | CPU s: "
+                + ", ".join(SERVICES) + " | registry calls: VerifyToken, Heartbeat, GetDevice |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
         def cell(lat: dict[str, float]) -> str:
             return f"{lat.get('p50', 0):.1f} / {lat.get('p99', 0):.1f} ({lat.get('count', 0)} calls)"
@@ -489,7 +508,10 @@ def render(data: dict[str, Any]) -> str:
                        f"<= {c['server_bound_ms']['PollRound']['p50']} / {c['server_bound_ms']['PollRound']['p99']} | "
                        f"<= {c['server_bound_ms']['Heartbeat']['p50']} / {c['server_bound_ms']['Heartbeat']['p99']} | "
                        f"{close} | {c['load_avg_1m']['mean']:.1f}, {c['load_avg_1m']['max']:.1f} | "
-                       + ", ".join(f"{c['peak_rss_mb'][n]:.0f}" for n in SERVICES) + " |")
+                       + ", ".join(f"{c['peak_rss_mb'][n]:.0f}" for n in SERVICES) + " | "
+                       + ", ".join(f"{c['cpu_s'][n]:.0f}" for n in SERVICES) + " | "
+                       + ", ".join(f"{c['registry_calls'][m]:,}" for m in ("VerifyToken", "Heartbeat", "GetDevice"))
+                       + " |")
         out.append("")
     if data.get("store"):
         out += [f"### Object store vs directory store ({data['settings']['store_model']}, "

@@ -179,3 +179,15 @@ class VerifyTokenReply(_message.Message):
     state: DeviceState
     tier: str
     def __init__(self, device_id: _Optional[str] = ..., fleet: _Optional[str] = ..., state: _Optional[_Union[DeviceState, str]] = ..., tier: _Optional[str] = ...) -> None: ...
+
+class WatchRevocationsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RevocationEvent(_message.Message):
+    __slots__ = ("synced", "device_id")
+    SYNCED_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    synced: bool
+    device_id: str
+    def __init__(self, synced: _Optional[bool] = ..., device_id: _Optional[str] = ...) -> None: ...

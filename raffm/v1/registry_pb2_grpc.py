@@ -70,6 +70,11 @@ class RegistryServiceStub:
                 request_serializer=raffm_dot_v1_dot_registry__pb2.VerifyTokenRequest.SerializeToString,
                 response_deserializer=raffm_dot_v1_dot_registry__pb2.VerifyTokenReply.FromString,
                 _registered_method=True)
+        self.WatchRevocations = channel.unary_stream(
+                '/raffm.v1.RegistryService/WatchRevocations',
+                request_serializer=raffm_dot_v1_dot_registry__pb2.WatchRevocationsRequest.SerializeToString,
+                response_deserializer=raffm_dot_v1_dot_registry__pb2.RevocationEvent.FromString,
+                _registered_method=True)
 
 
 class RegistryServiceServicer:
@@ -128,6 +133,17 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchRevocations(self, request, context):
+        """For other services that reuse VerifyToken's answers: the devices whose tokens this registry revokes, as it
+        revokes them. Operator/service token only. The first message has synced = true: from then on every revocation
+        is sent, each naming its device. A watcher must forget what it reused for a named device at once, and must not
+        rely on the feed (reuse answers only briefly, and forget them all) while the stream is not open and synced: it
+        may have missed revocations. A watcher too slow to keep up has its stream ended with RESOURCE_EXHAUSTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -165,6 +181,11 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.VerifyToken,
                     request_deserializer=raffm_dot_v1_dot_registry__pb2.VerifyTokenRequest.FromString,
                     response_serializer=raffm_dot_v1_dot_registry__pb2.VerifyTokenReply.SerializeToString,
+            ),
+            'WatchRevocations': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRevocations,
+                    request_deserializer=raffm_dot_v1_dot_registry__pb2.WatchRevocationsRequest.FromString,
+                    response_serializer=raffm_dot_v1_dot_registry__pb2.RevocationEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -357,6 +378,33 @@ class RegistryService:
             '/raffm.v1.RegistryService/VerifyToken',
             raffm_dot_v1_dot_registry__pb2.VerifyTokenRequest.SerializeToString,
             raffm_dot_v1_dot_registry__pb2.VerifyTokenReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchRevocations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/raffm.v1.RegistryService/WatchRevocations',
+            raffm_dot_v1_dot_registry__pb2.WatchRevocationsRequest.SerializeToString,
+            raffm_dot_v1_dot_registry__pb2.RevocationEvent.FromString,
             options,
             channel_credentials,
             insecure,

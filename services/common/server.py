@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from raffm.errors import ConfigError
 from raffm.lifeline import watch_parent
-from services.common.auth import TokenVerifier
+from services.common.auth import FleetVerifier, TokenVerifier
 from services.common.interceptors import ChassisInterceptor
 from services.common.metrics import MetricsServer, RpcMetrics, build_rpc_metrics, start_metrics_server
 from services.common.tls import TlsFiles, check_transport, server_credentials
@@ -130,6 +130,7 @@ class ChassisServer:
         self.metrics_server: MetricsServer | None = None
         self._on_start: list[Callable[[], Awaitable[None]]] = []
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
+        self._on_drain: list[Callable[[], None]] = []
         self._stopped = asyncio.Event()
 
     @property
@@ -149,6 +150,11 @@ class ChassisServer:
         """Run ``hook`` after the server drained (e.g. stop background tasks, dispose the database engine)."""
         self._on_stop.append(hook)
 
+    def on_drain(self, hook: Callable[[], None]) -> None:
+        """Run ``hook`` when stopping, before in-flight calls are waited for (e.g. end streams that never end by
+        themselves, which would otherwise hold the stop for the whole grace period)."""
+        self._on_drain.append(hook)
+
     async def start(self) -> None:
         await self.server.start()
         for hook in self._on_start:
@@ -167,7 +173,11 @@ class ChassisServer:
             return
         grace = self.config.grace_s if grace_s is None else grace_s
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        stopping = asyncio.ensure_future(self.server.stop(grace))  # new calls are refused from here on
+        await asyncio.sleep(0)
+        for drain in self._on_drain:
+            drain()
+        await stopping
         for hook in reversed(self._on_stop):
             try:
                 await hook()
@@ -241,4 +251,8 @@ def build_server(
         port = server.add_secure_port(target, server_credentials(config.tls))
     else:
         port = server.add_insecure_port(target)
-    return ChassisServer(server, port, health, names, config, registry, rpc_metrics)
+    chassis = ChassisServer(server, port, health, names, config, registry, rpc_metrics)
+    if isinstance(verifier, FleetVerifier):  # its revocation feed runs while the server does
+        chassis.on_start(verifier.start)
+        chassis.on_stop(verifier.close)
+    return chassis

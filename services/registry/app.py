@@ -144,6 +144,7 @@ async def build_registry(
     # Stop hooks run in reverse order: the background tasks stop first, then closing the repository flushes what
     # heartbeats are still pending.
     server.on_stop(close_resources)
+    server.on_drain(servicer.revocations.close)
     server.on_start(sweeper.start)
     server.on_stop(sweeper.stop)
     flusher = None

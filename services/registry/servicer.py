@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
@@ -16,8 +16,9 @@ import grpc
 
 from raffm.profile import profile_from_proto
 from raffm.v1 import registry_pb2, registry_pb2_grpc
-from services.common.auth import Principal, current_principal
+from services.common.auth import Principal, current_principal, require_operator
 from services.registry import codec
+from services.registry.revocations import RevocationFeed
 from services.registry.service import RegistryService
 
 T = TypeVar("T")
@@ -34,6 +35,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self._service = service
         self._executor = executor
         self._on_revoke = on_revoke  # drops cached credentials of a deregistered device
+        self.revocations = RevocationFeed()  # tells the other services
 
     async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Database work runs off the event loop."""
@@ -84,8 +86,16 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     async def Deregister(self, request: registry_pb2.DeregisterRequest, context: grpc.aio.ServicerContext
                          ) -> registry_pb2.DeregisterReply:
-        await self._run(self._service.deregister, current_principal(), request.device_id)
-        self._on_revoke(request.device_id)
+        work = asyncio.ensure_future(self._run(self._service.deregister, current_principal(), request.device_id))
+
+        def revoked(done: asyncio.Future[None]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                self._on_revoke(request.device_id)
+                self.revocations.publish(request.device_id)
+
+        # Shielded: a caller that gives up does not stop the revocation, nor its news to the caches and watchers.
+        work.add_done_callback(revoked)
+        await asyncio.shield(work)
         return registry_pb2.DeregisterReply()
 
     async def VerifyToken(self, request: registry_pb2.VerifyTokenRequest, context: grpc.aio.ServicerContext
@@ -93,6 +103,12 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         owner = await self._run(self._service.verify_token, current_principal(), request.token)
         return registry_pb2.VerifyTokenReply(device_id=owner.device_id, fleet=owner.fleet,
                                              state=codec.state_to_proto(owner.state), tier=owner.tier)
+
+    async def WatchRevocations(self, request: registry_pb2.WatchRevocationsRequest, context: grpc.aio.ServicerContext
+                               ) -> AsyncIterator[registry_pb2.RevocationEvent]:
+        require_operator(current_principal(), "WatchRevocations")
+        async for device_id in self.revocations.watch():
+            yield registry_pb2.RevocationEvent(synced=device_id is None, device_id=device_id or "")
 
 
 class LocalTokenVerifier:

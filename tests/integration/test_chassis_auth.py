@@ -61,3 +61,30 @@ def test_cache_hits_expire_and_can_be_evicted():
         assert inner.calls == 8
 
     asyncio.run(scenario())
+
+
+def test_an_answer_fetched_across_a_revocation_is_not_kept():
+    """The registry may have read the token before the revocation that invalidated the cache mid-call: returning it
+    once is unavoidable, keeping it for the TTL would serve a revoked device."""
+    release = asyncio.Event()
+
+    class SlowVerifier(CountingVerifier):
+        async def verify(self, token: str) -> Principal | None:
+            await release.wait()
+            return await super().verify(token)
+
+    inner = SlowVerifier()
+    cache = CachingTokenVerifier(inner, ttl_s=60)
+
+    async def scenario():
+        call = asyncio.ensure_future(cache.verify("good1"))
+        await asyncio.sleep(0)
+        cache.invalidate_subject("dev-good1")
+        release.set()
+        assert (await call).subject == "dev-good1"
+        await cache.verify("good1")
+        assert inner.calls == 2  # asked again: the first answer was not kept
+        await cache.verify("good1")
+        assert inner.calls == 2  # an answer fetched without an invalidation is kept
+
+    asyncio.run(scenario())

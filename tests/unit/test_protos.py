@@ -39,6 +39,7 @@ def test_registry_service_shape():
         "ListDevices": (False, False, "ListDevicesRequest", "ListDevicesReply"),
         "Deregister": (False, False, "DeregisterRequest", "DeregisterReply"),
         "VerifyToken": (False, False, "VerifyTokenRequest", "VerifyTokenReply"),
+        "WatchRevocations": (False, True, "WatchRevocationsRequest", "RevocationEvent"),
     }
 
 
