@@ -297,7 +297,7 @@ def part_control(backend: str, db_url: str, root: Path, args: argparse.Namespace
         "peak_rss_mb": {name: sampler.peak for name, sampler in samplers.items()},
         "cpu_s": cpu, "fleet_s": fleet_s,
         "registry_calls": {m: handled(server["registry"], m) for m in ("VerifyToken", "Heartbeat", "GetDevice",
-                                                                        "Register", "WatchRevocations")},
+                                                                        "Register")},
         "latency_ms": latency(list(stats)), "probe_latency_ms": latency(["probe"] if args.probe_devices else []),
         "server_bound_ms": {},
         "round": None if rnd is None else {

@@ -138,7 +138,7 @@ class RegistryServiceServicer:
         revokes them. Operator/service token only. The first message has synced = true: from then on every revocation
         is sent, each naming its device. A watcher must forget what it reused for a named device at once, and must not
         rely on the feed (reuse answers only briefly, and forget them all) while the stream is not open and synced: it
-        may have missed revocations. A watcher too slow to keep up has its stream ended with RESOURCE_EXHAUSTED.
+        may have missed revocations. The stream ends when the registry stops or the watcher falls too far behind.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -46,7 +46,9 @@ def test_render_reports_every_part() -> None:
                      "server_bound_ms": {"PollRound": {"p50": 5.0, "p99": 50.0}, "Heartbeat": {"p50": 5.0, "p99": 25.0}},
                      "round": {"state": "ROUND_STATE_CLOSED", "accepted": 200, "assigned": 200, "seconds": 60.0},
                      "load_avg_1m": {"mean": 3.0, "max": 5.0},
-                     "peak_rss_mb": {"registry": 81.4, "aggregator": 620.0, "extractor": 450.6}}],
+                     "peak_rss_mb": {"registry": 81.4, "aggregator": 620.0, "extractor": 450.6},
+                     "cpu_s": {"registry": 57.2, "aggregator": 81.0, "extractor": 2.6},
+                     "registry_calls": {"VerifyToken": 4386, "Heartbeat": 6362, "GetDevice": 609, "Register": 1016}}],
         "store": [{"store": "directory", "devices": 8, "round_s": [3.0, 2.0], "cold_mb_s": [100.0],
                    "warm_mb_s": [200.0], "extractor_rss_mb": 500.0}],
         "memory": [{"participants": 10, "model_mb": 21.0, "rss_before_mb": 500.0, "rss_peak_mb": 600.0,
@@ -54,6 +56,6 @@ def test_render_reports_every_part() -> None:
     }
     text = bench.render(data)
     assert "| sqlite | 1000/1000 |" in text and "200, 60.0 s" in text
-    assert "| 3.0, 5.0 | 81, 620, 451 |" in text
+    assert "| 3.0, 5.0 | 81, 620, 451 | 57, 81, 3 | 4,386, 6,362, 609 |" in text
     assert "(10 probe devices)" in text and "| 4.0 / 8.0 (7 calls) |" in text
     assert "| directory | 100" in text and "| 10 | 500 | 600 | 0.10 | 5.0 |" in text
