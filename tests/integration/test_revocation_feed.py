@@ -8,6 +8,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -58,12 +59,19 @@ def watching(registry: RegistryHarness) -> Iterator[tuple[LoopThread, FleetVerif
     loop.close()
 
 
-def test_a_deregistered_device_is_refused_at_once_though_answers_are_reused_for_a_minute(registry, watching):
-    loop, verifier = watching
-    assert verifier.watcher is not None
-    wait_for(lambda: verifier.watcher.live)
+def checked_device(registry: RegistryHarness, loop: LoopThread, verifier: FleetVerifier) -> Any:
+    """A new device whose token the verifier checked while the feed was live."""
+    watcher = verifier.watcher
+    assert watcher is not None
+    wait_for(lambda: watcher.live)
     device = registry.register("phone-1")
     assert loop.run(verifier.verify(device.token)).subject == device.device_id
+    return device
+
+
+def test_a_deregistered_device_is_refused_at_once_though_answers_are_reused_for_a_minute(registry, watching):
+    loop, verifier = watching
+    device = checked_device(registry, loop, verifier)
     asked = verify_token_calls(registry)
     for _ in range(5):
         assert loop.run(verifier.verify(device.token)).subject == device.device_id
@@ -77,10 +85,8 @@ def test_a_deregistered_device_is_refused_at_once_though_answers_are_reused_for_
 
 def test_without_the_feed_nothing_is_reused_for_long(registry, watching):
     loop, verifier = watching
+    device = checked_device(registry, loop, verifier)
     assert verifier.watcher is not None
-    wait_for(lambda: verifier.watcher.live)
-    device = registry.register("phone-1")
-    assert loop.run(verifier.verify(device.token)).subject == device.device_id
 
     registry.stop()
     wait_for(lambda: not verifier.watcher.live)
