@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Gauge
 
 from raffm.errors import ConfigError
 from services.common.auth import CachingTokenVerifier, ChainedTokenVerifier, StaticTokenVerifier
@@ -127,6 +127,9 @@ async def build_registry(
         await asyncio.to_thread(service.enroll, config.fleet, config.enroll_key)
         device_tokens = CachingTokenVerifier(LocalTokenVerifier(service, executor), ttl_s=config.token_cache_ttl_s)
         servicer = RegistryServicer(service, executor, on_revoke=device_tokens.invalidate_subject)
+        Gauge("raffm_registry_revocation_watchers", "Services holding the revocation feed open (the aggregator and "
+              "each extractor; one missing re-checks device tokens every second).",
+              registry=registry).set_function(lambda: servicer.revocations.watchers)
         verifier = ChainedTokenVerifier([StaticTokenVerifier({"operator": config.operator_token}), device_tokens])
         binding = bind(SERVICE, servicer, public_methods=PUBLIC_METHODS)
         server = build_server(config.server, [binding], verifier=verifier, registry=registry)

@@ -72,6 +72,7 @@ def checked_device(registry: RegistryHarness, loop: LoopThread, verifier: FleetV
 def test_a_deregistered_device_is_refused_at_once_though_answers_are_reused_for_a_minute(registry, watching):
     loop, verifier = watching
     device = checked_device(registry, loop, verifier)
+    assert registry.metrics.get_sample_value("raffm_registry_revocation_watchers") == 1  # what ops see
     asked = verify_token_calls(registry)
     for _ in range(5):
         assert loop.run(verifier.verify(device.token)).subject == device.device_id
@@ -83,10 +84,17 @@ def test_a_deregistered_device_is_refused_at_once_though_answers_are_reused_for_
     wait_for(lambda: loop.run(verifier.verify(device.token)) is None, timeout_s=FEED_TOKEN_CACHE_S / 10)
 
 
-def test_without_the_feed_nothing_is_reused_for_long(registry, watching):
+def test_a_watcher_stops_and_starts_with_its_server_and_without_the_feed_nothing_is_reused(registry, watching):
     loop, verifier = watching
     device = checked_device(registry, loop, verifier)
     assert verifier.watcher is not None
+
+    loop.run(verifier.close())  # as when its server stops
+    assert not verifier.watcher.live
+    wait_for(lambda: registry.metrics.get_sample_value("raffm_registry_revocation_watchers") == 0)
+    loop.run(verifier.start())
+    wait_for(lambda: verifier.watcher is not None and verifier.watcher.live)  # back when it starts again
+    assert loop.run(verifier.verify(device.token)).subject == device.device_id  # kept for a minute from here
 
     registry.stop()
     wait_for(lambda: not verifier.watcher.live)
