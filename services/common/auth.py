@@ -358,7 +358,8 @@ async def verify_or_raise(verifier: TokenVerifier, token: str | None) -> Princip
 
 __all__ = [
     "AUTH_HEADER", "CachingTokenVerifier", "ChainedTokenVerifier", "FEED_TOKEN_CACHE_S", "FleetVerifier", "Principal",
-    "REMOTE_TOKEN_CACHE_S", "RemoteRegistryVerifier", "RevocationWatcher", "RevokedError", "StaticTokenVerifier", "TokenVerifier", "auth_metadata",
+    "REMOTE_TOKEN_CACHE_S", "RemoteRegistryVerifier", "RevocationWatcher", "RevokedError", "StaticTokenVerifier",
+    "TokenVerifier", "auth_metadata",
     "authorize_device", "bearer_token", "current_principal", "hash_token", "new_token", "require_operator", "reverify",
     "verify_or_raise",
 ]
