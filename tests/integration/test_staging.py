@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 
 from raffm.reassembly import Reassembler
 from raffm.wire import END, START, ResumePoint, WirePayload, iter_chunks
+from services.aggregator import staging as staging_module
 from services.aggregator.staging import Staging
 
 
@@ -66,6 +68,32 @@ def test_one_data_file_and_a_bounded_number_of_fsyncs(tmp_path: Path, monkeypatc
     staging.upload("r", "k").sync()
     assert len(calls) <= 5  # data file, progress record, manifest, two directories
     assert sorted(p.name for p in (tmp_path / "r" / "k").iterdir()) == ["data", "manifest.json", "progress"]
+
+
+def test_writeback_starts_in_the_background_while_the_upload_is_received(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a syncer the disk starts writing before the commit: the data file is fsynced in the syncer's thread, off
+    the receiving thread, as the bytes come in."""
+    monkeypatch.setattr(staging_module, "_WRITEBACK_BYTES", 4096)
+    payload = _payload(40)  # 2 KiB a tensor
+    staging = Staging(tmp_path, fsync_threads=1)
+    synced, threads = threading.Event(), []
+    real = os.fsync
+
+    def counted(fd: int) -> None:
+        threads.append(threading.get_ident())
+        synced.set()
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", counted)
+    _receive(staging, payload, 20)  # half of it: the commit has not been reached
+    assert synced.wait(10)
+    _receive(staging, payload, 40)
+    assert threading.get_ident() not in threads
+    staged = staging.upload("r", "k")
+    staged.sync()
+    back = staged.tensors()
+    assert all(torch.equal(back[n], payload.tensors[n]) for n in payload.manifest.names)
 
 
 def test_resume_inside_a_tensor_after_a_restart(tmp_path: Path) -> None:
