@@ -345,6 +345,11 @@ def concurrent_transfers(group: list[Any], ext_port: int, agg_port: int, options
     return row
 
 
+# The in-process job's settings an aggregator process gets as flags (the rest are its defaults either way).
+_PROCESS_JOB_FLAGS = ("job_id", "rounds", "clients_per_round", "quorum", "wire_dtype", "ordering", "accum_dtype",
+                      "round_deadline_s")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=768)
@@ -360,6 +365,10 @@ def main() -> int:
     parser.add_argument("--extractor-process", action="store_true",
                         help="run the extractor as its own process (`raffm extractor serve`), as deployed, instead of "
                              "in the bench's process beside the client; the memory figures then leave it out")
+    parser.add_argument("--aggregator-process", action="store_true",
+                        help="run the aggregator as its own process too (`raffm aggregator serve`, the model saved as "
+                             "a folder), so an upload measures the service without the client in its interpreter; "
+                             "the memory figures then leave it out")
     parser.add_argument("--breakdown", action="store_true",
                         help="also time each stage alone (encode, decode, sha256, staging, fsync, fold) on the same "
                              "tensors, to see where the time goes")
@@ -373,7 +382,7 @@ def main() -> int:
 
     import grpc
     import torch
-    from transformers import BertConfig
+    from transformers import BertConfig, BertForSequenceClassification
 
     from edge_agent.client import aggregator_stub, extractor_stub
     from edge_agent.transfer import download_once, upload_once
@@ -422,16 +431,30 @@ def main() -> int:
             if not args.extractor_process:
                 ext = await build_extractor(ExtractorConfig(store, secret), verifier=verifier)
                 await ext.server.start()
-            agg = await build_aggregator(AggregatorConfig(job=job, data_dir=str(root / "agg"), ticket_secret=secret,
-                                                          registry_target=registry.address,
-                                                          operator_token=OPERATOR_TOKEN,
-                                                          server=ServerConfig(grace_s=1.0)),
-                                         verifier=verifier, initial_model=initial)
-            await agg.server.start()
+            agg = None
+            if not args.aggregator_process:
+                agg = await build_aggregator(AggregatorConfig(job=job, data_dir=str(root / "agg"),
+                                                              ticket_secret=secret, registry_target=registry.address,
+                                                              operator_token=OPERATOR_TOKEN,
+                                                              server=ServerConfig(grace_s=1.0)),
+                                             verifier=verifier, initial_model=initial)
+                await agg.server.start()
             return ext, agg
 
         ext, agg = loop.run(start(), timeout=600)
         try:
+            if agg is None:  # as deployed: the job's model from a folder, the same job settings as flags
+                agg_port, model_dir = free_port(), root / "model"
+                BertForSequenceClassification(BertConfig(**config)).save_pretrained(model_dir)
+                processes.start("aggregator", raffm_command(
+                    "aggregator", "serve", "--data-dir", str(root / "agg"), "--store", store, "--registry",
+                    registry.address, "--port", str(agg_port), "--metrics-port", "-1", "--operator-token",
+                    OPERATOR_TOKEN, "--ticket-secret", secret, "--log-level", "WARNING", "--grace-s", "1",
+                    "--model", str(model_dir), *(f"--{k.replace('_', '-')}={v}" for k, v in job.to_dict().items()
+                                                 if k in _PROCESS_JOB_FLAGS)))
+                wait_serving(processes, f"127.0.0.1:{agg_port}", "aggregator")
+            else:
+                agg_port = agg.server.port
             if ext is None:  # as deployed: its own process and interpreter
                 ext_port = free_port()
                 processes.start("extractor", raffm_command(
@@ -441,7 +464,6 @@ def main() -> int:
                 wait_serving(processes, f"127.0.0.1:{ext_port}", "extractor")
             else:
                 ext_port = ext.server.port
-            agg_port = agg.server.port
             relay_ext, relay_agg = CountingRelay(ext_port), CountingRelay(agg_port)
             chunk = args.chunk_kib * 1024
             downs, ups, disks, tensor_bytes, upload_bytes = [], [], [], 0, 0
@@ -499,7 +521,8 @@ def main() -> int:
             relay_agg.close()
         finally:
             processes.stop()
-            loop.run(agg.server.stop(1.0))
+            if agg is not None:
+                loop.run(agg.server.stop(1.0))
             if ext is not None:
                 loop.run(ext.server.stop(1.0))
             loop.close()
@@ -509,7 +532,8 @@ def main() -> int:
     print(f"model: BERT hidden={args.hidden} layers={args.layers}, slice = full model, "
           f"{tensor_bytes / 1e6:.1f} MB in {args.wire_dtype} down, {upload_bytes / 1e6:.1f} MB up (frozen tensors "
           f"are not uploaded), chunk {args.chunk_kib} KiB, extractor "
-          f"{'in its own process' if args.extractor_process else 'in the bench process'}")
+          f"{'in its own process' if args.extractor_process else 'in the bench process'}, aggregator "
+          f"{'in its own process' if args.aggregator_process else 'in the bench process'}")
     print(f"raw loopback socket          : {raw:8.0f} MB/s  (baseline, same bytes, same run)")
     print(f"raw disk (1 file, 1 fsync)   : {disk:8.0f} MB/s  (floor of a durable upload: its bytes, after each upload)")
     print(f"DownloadSlice (verify sha256): {down:8.0f} MB/s  ratio {down / raw:.2f} of raw socket")
@@ -534,7 +558,8 @@ def main() -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "bench": "bench_transfer", "hidden": args.hidden, "layers": args.layers, "wire_dtype": args.wire_dtype,
-            "chunk_kib": args.chunk_kib, "extractor_process": args.extractor_process, "tensor_bytes": tensor_bytes,
+            "chunk_kib": args.chunk_kib, "extractor_process": args.extractor_process,
+            "aggregator_process": args.aggregator_process, "tensor_bytes": tensor_bytes,
             "upload_bytes": upload_bytes, "raw_socket_mb_s": raw,
             "raw_disk_mb_s": disk, "upload_ratio_of_floor": up / min(raw, disk),
             "download_mb_s": down, "upload_mb_s": up, "download_ratio": down / raw, "upload_ratio": up / raw,
