@@ -1,8 +1,7 @@
 """bench/bench_transfer.py at its quick size, as a user runs it: slices down and updates up through the real services
 with the agent's stubs, the raw socket and disk beside them; the stage breakdown and two devices at once, or the
-extractor and the aggregator as processes of their own. The bench
-drives the product's transfer code, so a change there that the bench does not follow fails here rather than in the
-next person's measurement."""
+extractor and the aggregator as processes of their own. The bench drives the product's transfer code, so a change
+there that the bench does not follow fails here rather than in the next person's measurement."""
 
 from __future__ import annotations
 
