@@ -10,14 +10,13 @@ validating and folding a multi-GB update does not copy it into anonymous memory.
 Durability: the chunks are written to the OS as they arrive (a process kill loses nothing written) and the progress
 record is updated after each write, never ahead of the bytes. With a background syncer the data file's writeback is
 started every ``_WRITEBACK_BYTES`` (an fsync in the syncer's thread, one at a time per upload, never on the receiving
-thread), so the disk writes while the network delivers and the commit's fsync finds little left (staging alone
-1.1-1.4x as fast, bench/results/2026-12-02.md). The durability point is the commit: :meth:`StagedUpload.sync` makes
-the data file, the record, the manifest and the directory durable, once per upload. Staging a BERT-sized update as
-one file per tensor with one fsync each ran at a quarter of the disk's speed; the number of fsyncs, not the bytes, was
-the cost. After a restart (or a power loss before the commit) the
-record may claim tensors whose bytes never reached the disk, so the complete tensors a process did not verify itself
-are hashed again against the manifest the first time the upload is looked at, and the first that does not match is
-received again.
+thread), so the disk writes while the network delivers and the commit's fsync finds little left (staging alone 1.1-1.4x
+as fast, bench/results/2026-12-02.md). The durability point is the commit: :meth:`StagedUpload.sync` makes the data
+file, the record, the manifest and the directory durable, once per upload. Staging a BERT-sized update as one file per
+tensor with one fsync each ran at a quarter of the disk's speed; the number of fsyncs, not the bytes, was the cost.
+After a restart (or a power loss before the commit) the record may claim tensors whose bytes never reached the disk, so
+the complete tensors a process did not verify itself are hashed again against the manifest the first time the upload is
+looked at, and the first that does not match is received again.
 
 An upload staged by the previous layout (one ``NNNNN.part``/``NNNNN.bin`` file per tensor) is read back when it was
 committed (its files were fsynced then); an uncommitted one is dropped when first looked at, so its device sends it
