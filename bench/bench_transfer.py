@@ -508,7 +508,7 @@ def main() -> int:
                 elif i > 0:  # the first pass warms the slice cache and the page cache
                     downs.append(tensor_bytes / down_s / 1e6)
                     ups.append(upload_bytes / up_s / 1e6)
-                    # The disk alone, right after, on new blocks as the upload's were (its file kept as they are).
+                    # The disk alone, right after, in the upload's conditions (its file kept, as staged uploads are).
                     disks.append(raw_disk_mb_s(upload_bytes, root / "agg", keep=True))
             concurrent = []
             first = timed
