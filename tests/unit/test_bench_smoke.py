@@ -38,7 +38,7 @@ def bench() -> Any:
 @pytest.fixture(scope="module")
 def result(bench: Any) -> dict[str, Any]:
     settings = bench.Settings(clients=4, rounds=1, seeds=(0,), local_steps=1, batch_size=8, seq_len=16, test_size=40,
-                              max_train=0, fractions=(0.5, 1.0), threads=1)
+                              max_train=0, holdout=20, fractions=(0.5, 1.0), threads=1)
     return bench.run_bench(settings, tiny_model, toy_data(), WordHashTokenizer(64), log=lambda _: None)
 
 
@@ -68,7 +68,7 @@ def test_fleet_is_heterogeneous_and_the_small_tiers_train_slices(result: dict[st
     assert [c["full_model"] for c in fleet[:2]] == [False, False] and fleet[-1]["full_model"]
     params = [c["params"] for c in fleet]
     assert params == sorted(params) and params[0] < params[-1]
-    assert sum(c["examples"] for c in fleet) == 160 - 40
+    assert sum(c["examples"] for c in fleet) == 160 - 40 - 20  # the test and holdout reviews are never trained on
     for c in fleet:  # the fidelity of each slice to the full model at version 0
         assert 0.0 <= c["prediction_agreement"] <= 1.0 and -1.0 <= c["hidden_cosine"] <= 1.0 + 1e-6
     assert fleet[-1]["hidden_cosine"] == pytest.approx(1.0) and fleet[-1]["prediction_agreement"] == 1.0
@@ -124,6 +124,11 @@ def test_summary_and_scaling_structure(bench: Any, result: dict[str, Any]) -> No
         assert points[-1]["param_fraction"] == pytest.approx(1.0) == points[-1]["flops_fraction"]
         assert 0 < points[0]["flops_fraction"] < 0.75 and points[0]["param_fraction"] < 1
     assert "scaling" not in summary["heterofl"]
+    for run in result["runs"]:  # the final model scored once more, on the test and holdout reviews together
+        assert 0.0 <= run["holdout_accuracy"] <= 1.0
+        if run["scaling"]:
+            assert run["holdout_accuracy"] == run["scaling"][-1]["holdout_accuracy"]
+            assert all(0.0 <= p["holdout_accuracy"] <= 1.0 for p in run["scaling"])
     text = bench.render(result)
     assert "| raffm |" in text and "Inference scaling" in text
 
@@ -141,3 +146,10 @@ def test_full_fedavg_of_one_client_with_zero_lr_keeps_the_model(bench: Any) -> N
     for name, tensor in ordered.items():
         torch.testing.assert_close(final.state_dict()[name], tensor, rtol=0, atol=1e-6)
     assert run.accuracy[0] == run.initial_accuracy
+
+
+def test_a_holdout_that_leaves_no_training_data_is_refused(bench: Any) -> None:
+    settings = bench.Settings(clients=2, rounds=1, seeds=(0,), test_size=40, max_train=100, holdout=40,
+                              methods=("raffm",), scaling_methods=())
+    with pytest.raises(ValueError, match="--holdout 40; lower one of them"):
+        bench.run_bench(settings, tiny_model, toy_data(), WordHashTokenizer(64), log=lambda _: None)

@@ -35,7 +35,7 @@ def pretrained(seed: int) -> Any:
 def test_a_heterogeneous_fleet_learns_and_every_cut_works() -> None:
     bench = _load_bench()
     settings = bench.Settings(clients=8, rounds=3, seeds=(0,), local_steps=10, batch_size=16, seq_len=12, lr=1e-3,
-                              warmup_steps=3, test_size=200, max_train=0, methods=("raffm",),
+                              warmup_steps=3, test_size=200, max_train=0, holdout=0, methods=("raffm",),
                               scaling_methods=("raffm",), fractions=(0.25, 0.5, 1.0), threads=1)
     result = bench.run_bench(settings, pretrained, toy_data(1000), TOKENIZER, log=lambda _: None)
     run = result["runs"][0]
