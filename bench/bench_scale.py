@@ -371,7 +371,8 @@ def upload_zero(stack: Stack, d: Scripted, assignment: Any, tensors: dict[str, A
 
     frozen = set(assignment.recipe.frozen_tensors)
     delta = {n: torch.zeros_like(t) for n, t in tensors.items() if n not in frozen}
-    dtype = wire_dtype_name(next(iter(tensors.values())).dtype)
+    # the trained tensors come down at the job's wire dtype (a frozen vocabulary may come at half precision)
+    dtype = wire_dtype_name(next(iter(delta.values())).dtype)
     ack = upload_once(stack.aggregator(), assignment.ticket, 8, WirePayload.from_state(delta, dtype), metadata=d.md)
     if not ack.accepted:
         raise RuntimeError(f"upload of {d.name} refused: {ack}")
