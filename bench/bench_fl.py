@@ -327,7 +327,12 @@ def run_bench(
         if len(rest) < max(1, settings.max_train):
             raise ValueError(f"{len(data)} examples leave {len(rest)} for training after --test-size "
                              f"{settings.test_size} and --holdout {settings.holdout}; lower one of them")
-        scored = data.subset(order[: settings.test_size] + order[len(order) - settings.holdout :])
+        held = data.subset(order[len(order) - settings.holdout :])
+
+        def with_held(test_accuracy: float, held_accuracy: float) -> float:
+            """The accuracy on the test and holdout reviews together (the test part is already scored)."""
+            return (test_accuracy * len(test) + held_accuracy * len(held)) / (len(test) + len(held))
+
         train = data.subset(rest[: settings.max_train] if settings.max_train else rest)
         initial = model_factory(seed)
         fleet = build_fleet(initial, train, settings, seed)
@@ -346,16 +351,17 @@ def run_bench(
                                scaling_table(final, test, tokenizer, fractions=settings.fractions,
                                              seq_len=settings.seq_len)]
                 if settings.holdout:
-                    for point, more in zip(run.scaling, scaling_table(final, scored, tokenizer,
+                    for point, more in zip(run.scaling, scaling_table(final, held, tokenizer,
                                                                       fractions=settings.fractions,
                                                                       seq_len=settings.seq_len)):
-                        point["holdout_accuracy"] = more.accuracy
+                        point["holdout_accuracy"] = with_held(point["accuracy"], more.accuracy)
                 log(f"  seed {seed} {method:<15} scaling: " + ", ".join(
                     f"{p['flops_fraction']:.2f}->{p['accuracy']:.4f}" for p in run.scaling))
             if settings.holdout:
                 full = [p["holdout_accuracy"] for p in run.scaling if p["target_fraction"] == 1.0]
-                run.holdout_accuracy = full[0] if full else evaluate(final, scored, tokenizer, seq_len=settings.seq_len)
-                log(f"  seed {seed} {method:<15} final accuracy on {len(scored)} test + holdout reviews: "
+                run.holdout_accuracy = full[0] if full else with_held(
+                    run.accuracy[-1], evaluate(final, held, tokenizer, seq_len=settings.seq_len))
+                log(f"  seed {seed} {method:<15} final accuracy on {len(test) + len(held)} test + holdout reviews: "
                     f"{run.holdout_accuracy:.4f}")
             runs.append(run)
             del final

@@ -126,6 +126,7 @@ def test_summary_and_scaling_structure(bench: Any, result: dict[str, Any]) -> No
     assert "scaling" not in summary["heterofl"]
     for run in result["runs"]:  # the final model scored once more, on the test and holdout reviews together
         assert 0.0 <= run["holdout_accuracy"] <= 1.0
+        assert run["holdout_accuracy"] * 60 == pytest.approx(round(run["holdout_accuracy"] * 60))  # of 40 + 20 reviews
         if run["scaling"]:
             assert run["holdout_accuracy"] == run["scaling"][-1]["holdout_accuracy"]
             assert all(0.0 <= p["holdout_accuracy"] <= 1.0 for p in run["scaling"])
