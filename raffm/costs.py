@@ -29,7 +29,7 @@ Activations ``A``: what autograd saves in torch 2.13 (CPU, ``attn_implementation
   GELU input/output; LN statistics), plus ``2 T h`` dropout masks when hidden dropout > 0 (CPU dropout saves a float
   mask; DistilBERT, with dropout after its FFN only, ``T h``), plus ``3 S`` (softmax output, its dropout mask and
   the dropped probabilities: SDPA falls back to the math kernel with attention dropout) or ``B * heads * L`` (the
-  log-sum-exp of the flash kernel) without attention dropout.
+  log-sum-exp of the flash kernel) without attention dropout, plus the padding mask it keeps, ``B L^2``, for text.
 - ViT (pre-LN): the same per-layer terms; embeddings keep the pixels ``B * 3 * H * W`` and the final LayerNorm
   ``2 T h``; ``L`` is the number of patches + 1, read from the position embeddings.
 - Llama family (pre-RMSNorm, SwiGLU, grouped-query attention, no dropout), with ``a`` the query width (KV groups x
@@ -155,15 +155,20 @@ def forward_flops(
 
 
 def layer_activation_elements(
-    w: _Widths, *, batch_size: int, seq_len: int, hidden_dropout: bool, attention_dropout: bool, layer_dropouts: int = 2
+    w: _Widths, *, batch_size: int, seq_len: int, hidden_dropout: bool, attention_dropout: bool, layer_dropouts: int = 2,
+    padded: bool = False,
 ) -> list[int]:
     """fp32 elements autograd saves in each transformer layer of one training forward (module docstring);
-    ``layer_dropouts``: the hidden dropouts of a layer (DistilBERT has only the FFN's)."""
+    ``layer_dropouts``: the hidden dropouts of a layer (DistilBERT has only the FFN's); ``padded``: a text batch,
+    whose padding mask the flash kernel keeps in every layer."""
     b, h, tokens = batch_size, w.hidden, batch_size * seq_len
     per_layer = []
     for heads, a, f in zip(w.heads, w.a, w.f):
         saved = tokens * (4 * h + 4 * a + 2 * f) + 4 * tokens + (layer_dropouts * tokens * h if hidden_dropout else 0)
-        saved += 3 * b * heads * seq_len * seq_len if attention_dropout else b * heads * seq_len
+        if attention_dropout:
+            saved += 3 * b * heads * seq_len * seq_len
+        else:
+            saved += b * heads * seq_len + (b * seq_len * seq_len if padded else 0)
         per_layer.append(saved)
     return per_layer
 
@@ -179,6 +184,7 @@ def activation_elements(
     pixels: int = 0,
     token_head: bool = False,
     layer_dropouts: int = 2,
+    padded: bool = False,
 ) -> int:
     """fp32 elements autograd saves for one training forward (see the module docstring for the terms).
 
@@ -192,7 +198,8 @@ def activation_elements(
         if token_head:
             total += 2 * b * h - tokens * h
     total += sum(layer_activation_elements(w, batch_size=batch_size, seq_len=seq_len, hidden_dropout=hidden_dropout,
-                                           attention_dropout=attention_dropout, layer_dropouts=layer_dropouts))
+                                           attention_dropout=attention_dropout, layer_dropouts=layer_dropouts,
+                                           padded=padded))
     total += 4 * b * h  # pooler / classification head on the first token
     if arch != "vit":
         total += 3 * tokens  # int64 input ids and token types (2 elements' worth each / 2)
@@ -468,9 +475,10 @@ class CostModel:
               trained: Mapping[str, int]) -> Pass:
         w = _widths(spec, self.dims.group)
         pixels = (seq_len - 1) * self.patch_inputs if self.image_tokens else 0
-        options: dict[str, Any] = dict(batch_size=batch_size, seq_len=seq_len, hidden_dropout=self.hidden_dropout,
-                                       attention_dropout=self.attention_dropout,
-                                       layer_dropouts=self.adapter.layer_dropouts)
+        hidden_dropout = self.hidden_dropout and recipe.dropout  # a recipe may switch dropout off (no masks saved)
+        options: dict[str, Any] = dict(batch_size=batch_size, seq_len=seq_len, hidden_dropout=hidden_dropout,
+                                       attention_dropout=self.attention_dropout and recipe.dropout,
+                                       layer_dropouts=self.adapter.layer_dropouts, padded=self.image_tokens is None)
         tokens = batch_size * seq_len
         plan = self.plan(spec)  # this pass's (maybe nested) cut: its own sizes of the trained tensors
         frozen_layers = self.adapter.frozen_layers(trained, spec.depth)
@@ -492,7 +500,8 @@ class CostModel:
                     per_layer[layer] += extra
             layers = [a + b for a, b in zip(layers, per_layer)]
         if frozen_layers:  # below the first trained layer nothing needs a gradient, so autograd saves nothing there
-            activations -= sum(layers[:frozen_layers]) + self._embedding_activations(w, batch_size, seq_len, pixels)
+            below = self._embedding_activations(w, batch_size, seq_len, pixels, hidden_dropout)
+            activations -= sum(layers[:frozen_layers]) + below
             layers = layers[frozen_layers:]
         by_layer: dict[int, int] = {}
         for name, numel in trained.items():
@@ -509,11 +518,12 @@ class CostModel:
             layer_params=max(by_layer.values(), default=0),
         )
 
-    def _embedding_activations(self, w: _Widths, batch_size: int, seq_len: int, pixels: int) -> int:
+    def _embedding_activations(self, w: _Widths, batch_size: int, seq_len: int, pixels: int,
+                               hidden_dropout: bool) -> int:
         """What the input embeddings save for their backward (module docstring): BERT's LayerNorm input, output and
         statistics, ViT's pixels; both a dropout mask with hidden dropout. A Llama's lookup saves only the token ids."""
         tokens = batch_size * seq_len
-        saved = tokens * w.hidden if self.hidden_dropout else 0
+        saved = tokens * w.hidden if hidden_dropout else 0
         if self.adapter.post_ln:
             saved += 2 * tokens * w.hidden + 2 * tokens
         elif self.adapter.name == "vit":

@@ -104,6 +104,7 @@ def recipe_to_proto(recipe: Recipe) -> common_pb2.TrainingRecipe:
         distill_hidden=recipe.distill_hidden,
         prior_correction=recipe.prior_correction, lora_rank=recipe.lora_rank, lora_targets=list(recipe.lora_targets) if recipe.lora_rank else [],
         lora_alpha=recipe.lora_alpha if recipe.lora_rank else 0.0, lr_scale=recipe.lr_scale,
+        dropout_off=not recipe.dropout,
     )
 
 
@@ -118,7 +119,7 @@ def recipe_from_proto(msg: common_pb2.TrainingRecipe) -> Recipe:
         lora_rank=int(msg.lora_rank),
         lora_targets=tuple(msg.lora_targets) if msg.lora_rank else (),
         lora_alpha=float(msg.lora_alpha) if msg.lora_rank and msg.lora_alpha else 16.0,
-        lr_scale=float(msg.lr_scale) or 1.0,
+        lr_scale=float(msg.lr_scale) or 1.0, dropout=not msg.dropout_off,
     )
 
 

@@ -43,6 +43,9 @@ class Recipe:
     one label does not teach the shared model that label's prior; the logits themselves, used at inference and as
     the nested cuts' teacher, are left as they are. 0: plain cross-entropy.
 
+    ``dropout``: False switches every dropout of the sub-model off for local training (True: the model's own rates).
+    Without dropout autograd keeps no masks, so a step needs less memory (the cost model prices it) and less time.
+
     ``lr_scale``: the device trains at this multiple of the job's learning rate (a probe round's freshly initialised
     task head learns at a larger step than a pretrained body can take).
 
@@ -64,6 +67,7 @@ class Recipe:
     lora_targets: tuple[str, ...] = ()
     lora_alpha: float = 16.0
     lr_scale: float = 1.0
+    dropout: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
@@ -124,7 +128,8 @@ class Recipe:
                 "checkpointing": self.checkpointing,
                 "distill_hidden": self.distill_hidden, "prior_correction": self.prior_correction,
                 "lora_rank": self.lora_rank,
-                "lora_targets": list(self.lora_targets), "lora_alpha": self.lora_alpha, "lr_scale": self.lr_scale}
+                "lora_targets": list(self.lora_targets), "lora_alpha": self.lora_alpha, "lr_scale": self.lr_scale,
+                "dropout": self.dropout}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
@@ -137,4 +142,5 @@ class Recipe:
                    distill_hidden=float(data.get("distill_hidden", 0.0)),
                    prior_correction=float(data.get("prior_correction", 0.0)),
                    lora_rank=int(data.get("lora_rank", 0)), lora_targets=tuple(data.get("lora_targets", ())),
-                   lora_alpha=float(data.get("lora_alpha", 16.0)), lr_scale=float(data.get("lr_scale", 1.0)))
+                   lora_alpha=float(data.get("lora_alpha", 16.0)), lr_scale=float(data.get("lr_scale", 1.0)),
+                   dropout=bool(data.get("dropout", True)))

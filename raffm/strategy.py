@@ -61,8 +61,8 @@ class Strategy:
 
     ``ordering``: SPP on version 0 only (``once``), on every new version (``every_round``), or not at all (``never``,
     HeteroFL's static slices). ``nested_fractions``: the width fractions (of the heads; FFN in proportion) trained as
-    nested cuts by every device whose own spec is wider. ``sampled``, ``distill`` and ``prior_correction``: see
-    :class:`Recipe`.
+    nested cuts by every device whose own spec is wider. ``sampled``, ``distill``, ``prior_correction`` and
+    ``dropout``: see :class:`Recipe`.
     ``checkpointing``: a device may trade compute for memory with activation checkpointing when that lets it
     train a larger spec. ``frozen_layers`` k > 0: the input embeddings and the first k layers (at most all but the
     last) stay as pretrained on every device: no gradient flows below layer k, so no activations are kept there;
@@ -80,6 +80,7 @@ class Strategy:
     distill: float = 1.0
     distill_hidden: float = 0.0
     prior_correction: float = 0.0
+    dropout: bool = True
     checkpointing: bool = True
     frozen_layers: int = 0
     probe_rounds: int = 0
@@ -185,7 +186,8 @@ class Strategy:
         inner = tuple(c for c in self.cuts(cost_model) if nested(c, spec) and c != spec and c.depth == spec.depth)
         return Recipe(frozen=frozen, nested=inner, sampled=self.sampled, distill=self.distill,
                       frozen_dtype="float16" if half else "float32", checkpointing=checkpointing,
-                      distill_hidden=self.distill_hidden if inner else 0.0, prior_correction=self.prior_correction)
+                      distill_hidden=self.distill_hidden if inner else 0.0, prior_correction=self.prior_correction,
+                      dropout=self.dropout)
 
     def recipes_for(self, spec: ElasticSpec, cost_model: CostModel) -> tuple[Recipe, ...]:
         """The recipes a device may train ``spec`` with, preferred first: without activation checkpointing (less

@@ -65,7 +65,7 @@ class ElasticSpec(_message.Message):
     def __init__(self, hidden: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerSpec, _Mapping]]] = ...) -> None: ...
 
 class TrainingRecipe(_message.Message):
-    __slots__ = ("frozen_tensors", "nested", "nested_sampled", "distill", "frozen_dtype", "activation_checkpointing", "distill_hidden", "lora_rank", "lora_targets", "lora_alpha", "prior_correction", "base_dtype", "lr_scale")
+    __slots__ = ("frozen_tensors", "nested", "nested_sampled", "distill", "frozen_dtype", "activation_checkpointing", "distill_hidden", "lora_rank", "lora_targets", "lora_alpha", "prior_correction", "base_dtype", "lr_scale", "dropout_off")
     FROZEN_TENSORS_FIELD_NUMBER: _ClassVar[int]
     NESTED_FIELD_NUMBER: _ClassVar[int]
     NESTED_SAMPLED_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,7 @@ class TrainingRecipe(_message.Message):
     PRIOR_CORRECTION_FIELD_NUMBER: _ClassVar[int]
     BASE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     LR_SCALE_FIELD_NUMBER: _ClassVar[int]
+    DROPOUT_OFF_FIELD_NUMBER: _ClassVar[int]
     frozen_tensors: _containers.RepeatedScalarFieldContainer[str]
     nested: _containers.RepeatedCompositeFieldContainer[ElasticSpec]
     nested_sampled: int
@@ -92,7 +93,8 @@ class TrainingRecipe(_message.Message):
     prior_correction: float
     base_dtype: str
     lr_scale: float
-    def __init__(self, frozen_tensors: _Optional[_Iterable[str]] = ..., nested: _Optional[_Iterable[_Union[ElasticSpec, _Mapping]]] = ..., nested_sampled: _Optional[int] = ..., distill: _Optional[float] = ..., frozen_dtype: _Optional[str] = ..., activation_checkpointing: _Optional[bool] = ..., distill_hidden: _Optional[float] = ..., lora_rank: _Optional[int] = ..., lora_targets: _Optional[_Iterable[str]] = ..., lora_alpha: _Optional[float] = ..., prior_correction: _Optional[float] = ..., base_dtype: _Optional[str] = ..., lr_scale: _Optional[float] = ...) -> None: ...
+    dropout_off: bool
+    def __init__(self, frozen_tensors: _Optional[_Iterable[str]] = ..., nested: _Optional[_Iterable[_Union[ElasticSpec, _Mapping]]] = ..., nested_sampled: _Optional[int] = ..., distill: _Optional[float] = ..., frozen_dtype: _Optional[str] = ..., activation_checkpointing: _Optional[bool] = ..., distill_hidden: _Optional[float] = ..., lora_rank: _Optional[int] = ..., lora_targets: _Optional[_Iterable[str]] = ..., lora_alpha: _Optional[float] = ..., prior_correction: _Optional[float] = ..., base_dtype: _Optional[str] = ..., lr_scale: _Optional[float] = ..., dropout_off: _Optional[bool] = ...) -> None: ...
 
 class TensorInfo(_message.Message):
     __slots__ = ("name", "dtype", "shape", "nbytes", "sha256")

@@ -17,8 +17,10 @@ from transformers import (
 
 from raffm.costs import MIB, CostModel
 from raffm.elastic import extract
+from raffm.recipe import Recipe
 from raffm.slicing import slice_plan
 from raffm.spec import ElasticSpec, LayerSpec
+from raffm.training import _apply_recipe
 
 
 def _minilm_meta() -> BertForSequenceClassification:
@@ -151,6 +153,14 @@ def _saved_activation_bytes(model: torch.nn.Module, **inputs: torch.Tensor) -> i
     return sum(storages.values())
 
 
+def _padded_batch(batch: int, seq: int) -> dict[str, torch.Tensor]:
+    """A batch padded to its longest text, as training pads it: every other text is shorter (the costs' bound)."""
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[::2, seq // 2:] = 0
+    return {"input_ids": torch.randint(0, 500, (batch, seq)), "attention_mask": mask,
+            "labels": torch.zeros(batch, dtype=torch.long)}
+
+
 @pytest.mark.parametrize("dropout", [0.1, 0.0])
 @pytest.mark.parametrize(
     "spec",
@@ -183,12 +193,25 @@ def test_activation_formula_matches_what_autograd_saves_bert(spec, dropout, fami
     spec = spec or ElasticSpec.full(cm.dims)
     sub = extract(model, spec).train()
     batch, seq = 8, 48
-    saved = _saved_activation_bytes(
-        sub, input_ids=torch.randint(0, 500, (batch, seq)), attention_mask=torch.ones(batch, seq, dtype=torch.long),
-        labels=torch.zeros(batch, dtype=torch.long),
-    )
+    saved = _saved_activation_bytes(sub, **_padded_batch(batch, seq))
     predicted = cm.estimate(spec, batch_size=batch, seq_len=seq).activations_mb * MIB
     assert predicted == pytest.approx(saved, rel=0.02), (predicted / MIB, saved / MIB)
+
+
+def test_a_recipe_without_dropout_is_priced_as_what_autograd_saves_without_masks() -> None:
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=500, hidden_size=64, num_hidden_layers=3,
+                                                     num_attention_heads=4, intermediate_size=96, num_labels=2))
+    cm = CostModel.from_model(model)  # the config's dropout: 0.1
+    spec = ElasticSpec(hidden=64, layers=(LayerSpec(3, 16, 50), LayerSpec(1, 16, 96), LayerSpec(4, 16, 8)))
+    recipe = Recipe(dropout=False)
+    sub = extract(model, spec).train()
+    _apply_recipe(sub, recipe)
+    batch, seq = 8, 48
+    saved = _saved_activation_bytes(sub, **_padded_batch(batch, seq))
+    without = cm.estimate(spec, batch_size=batch, seq_len=seq, recipe=recipe)
+    assert without.activations_mb * MIB == pytest.approx(saved, rel=0.02), (without.activations_mb, saved / MIB)
+    assert without.train_memory_mb < cm.estimate(spec, batch_size=batch, seq_len=seq).train_memory_mb
 
 
 def test_activation_formula_matches_what_autograd_saves_vit() -> None:

@@ -127,6 +127,24 @@ def test_nested_cuts_change_the_update_and_stay_deterministic() -> None:
     assert torch.equal(sandwich.delta[ffn], again.delta[ffn])  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("dropout", [True, False])
+def test_a_recipe_without_dropout_drops_nothing_in_the_spec_or_its_nested_cuts(dropout: bool) -> None:
+    dims = adapter_for(tiny_model(0)).dims(tiny_model(0).config)
+    cuts = (ElasticSpec.uniform(dims, heads=2, ffn=128),)
+    dropped = []  # every dropout call in training that changed its input, seen from a hook on every module
+
+    def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        if isinstance(module, torch.nn.Dropout) and not torch.equal(args[0], out):
+            dropped.append(module)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        _train(Recipe(nested=cuts, dropout=dropout), model=tiny_model(0, hidden_dropout_prob=0.3))
+    finally:
+        handle.remove()
+    assert bool(dropped) == dropout
+
+
 def test_a_recipe_naming_unknown_tensors_is_refused() -> None:
     with pytest.raises(ValueError, match="freezes tensors the model does not have"):
         _train(Recipe(frozen=frozenset({"no.such.weight"})))
@@ -137,7 +155,7 @@ def test_a_recipe_naming_unknown_tensors_is_refused() -> None:
 def test_a_recipe_round_trips_through_a_dict() -> None:
     dims = adapter_for(tiny_model(0)).dims(tiny_model(0).config)
     recipe = Recipe(frozen=frozenset({VOCAB}), nested=(ElasticSpec.uniform(dims, heads=2, ffn=128),), sampled=0,
-                    distill=0.5, prior_correction=0.5, lr_scale=4.0)
+                    distill=0.5, prior_correction=0.5, lr_scale=4.0, dropout=False)
     assert Recipe.from_dict(recipe.to_dict()) == recipe
     assert recipe_from_proto(recipe_to_proto(recipe)) == recipe
 
