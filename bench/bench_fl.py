@@ -90,6 +90,7 @@ class Settings:
     seq_len: int = 48
     lr: float = 2e-4
     warmup_steps: int = 0  # local lr warmup at the start of every round (every method alike)
+    fedprox_mu: float = 0.0  # FedProx's proximal term in local training (every method alike)
     alpha: float = 2.0  # Dirichlet concentration of the label split (raffm demo's default)
     test_size: int = 400
     max_train: int = 4000  # examples shared by the fleet (0: all the rest)
@@ -249,6 +250,7 @@ def run_method(
                                        fit.recipe.download_dtypes(state, cm.adapter.vocab_tensors(state)))
             config = LocalConfig(batch_size=settings.batch_size, seq_len=settings.seq_len, lr=settings.lr,
                                  local_steps=settings.local_steps, weight_decay=0.0, warmup_steps=settings.warmup_steps,
+                                 fedprox_mu=settings.fedprox_mu,
                                  seed=seed * 100_003 + rnd * 1009 + client.index)
             result = train_local(sub, client.data, tokenizer, config, recipe=fit.recipe)
             agg.fold(result.delta, strategy.upload_plan(plan_for(model, fit.spec), fit.recipe),
@@ -430,6 +432,7 @@ def render(result: dict[str, Any]) -> str:
     summ = result["summary"]
     majority = statistics.fmean(result["majority"].values())
     options = f", raffm options {dict(s['raffm_options'])}" if s["raffm_options"] else ""
+    options += f", FedProx mu {s['fedprox_mu']}" if s.get("fedprox_mu") else ""
     lines = [
         f"In-process (product strategies and training loop, no gRPC): {s['clients']} clients, {s['rounds']} rounds x "
         f"{s['local_steps']} local steps of {s['batch_size']} x {s['seq_len']} tokens, lr {s['lr']} (warmup "
@@ -499,6 +502,7 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
                  "holdout", "threads"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int)
     parser.add_argument("--lr", type=float)
+    parser.add_argument("--fedprox-mu", type=float)
     parser.add_argument("--alpha", type=float)
     parser.add_argument("--seeds", type=lambda s: tuple(int(x) for x in s.split(",")), help="e.g. 0,1,2")
     parser.add_argument("--methods", type=lambda s: tuple(s.split(",")), help=f"subset of {','.join(METHODS)}")
