@@ -221,8 +221,6 @@ def _apply_recipe(model: PreTrainedModel, recipe: Recipe, seed: int = 0) -> dict
                 raise ValueError(f"only embedding tables can be stored at {recipe.frozen_dtype}; {name!r} is not one")
             p.data = p.data.to(WIRE_DTYPES[recipe.frozen_dtype])
             module.register_forward_hook(lambda _m, _i, out: out.float())  # the rest of the model computes in fp32
-    if not recipe.dropout:
-        _dropout_off(model)
     if recipe.checkpointing:
         _enable_checkpointing(model, trained)
     return trained
@@ -277,8 +275,8 @@ def train_local(
         received = {n: p.detach().clone() for n, p in trained.items()}
     cuts = [NestedCut(model, spec, checkpointing=recipe.checkpointing) for spec in recipe.nested]
     if not recipe.dropout:
-        for cut in cuts:
-            _dropout_off(cut.skeleton)
+        for module in (model, *(cut.skeleton for cut in cuts)):
+            _dropout_off(module)
     prior = _log_prior(data, model.config, recipe.prior_correction)
     per_epoch = math.ceil(len(data) / config.batch_size)
     total = per_epoch * config.local_epochs
