@@ -58,7 +58,7 @@ from raffm.report import machine_info  # noqa: E402
 from raffm.scaling import DEFAULT_FRACTIONS, fidelity, scaling_table  # noqa: E402
 from raffm.spec import ElasticSpec  # noqa: E402
 from raffm.strategy import Strategy, strategy_named  # noqa: E402
-from raffm.training import LocalConfig, Tokenizer, evaluate, train_local  # noqa: E402
+from raffm.training import LocalConfig, Tokenizer, distill_cuts, evaluate, train_local, with_delta  # noqa: E402
 from raffm.wire import WirePayload  # noqa: E402
 
 # method -> (strategy preset, whether budgets are real: False gives every device an unlimited budget)
@@ -99,6 +99,9 @@ class Settings:
     # as the spread across seeds the methods are judged by; on 400 + 2,000 it is under 1 pt. The per-round test
     # figures and the training data stay as they were without it.
     holdout: int = 2000
+    # Unlabelled reviews for the server's distillation step (strategy option server_distill_steps), taken after the
+    # fleet's share: no device holds them, and their labels are never read.
+    distill_pool: int = 1000
     wire_dtype: str = "float32"
     methods: tuple[str, ...] = tuple(METHODS)
     scaling_methods: tuple[str, ...] = SCALING_METHODS
@@ -205,16 +208,18 @@ def run_method(
     log: Callable[[str], None] = print,
     name: str = "",
     network: bool = True,
+    unlabelled: TextDataset | None = None,
 ) -> tuple[MethodRun, PreTrainedModel]:
     """``settings.rounds`` rounds of ``method`` from ``initial`` (not modified); returns the run and the final model.
-    ``name``: the run's name (default ``method``); ``network=False``: no bytes are counted (the central reference)."""
+    ``name``: the run's name (default ``method``); ``network=False``: no bytes are counted (the central reference);
+    ``unlabelled``: the server's data for a strategy with ``server_distill_steps``."""
     if method == "central":
         data = [c.data for c in fleet]
         pooled = TextDataset([t for d in data for t in d.texts], [y for d in data for y in d.labels], data[0].label_names)
         one = Client(0, "central", UNLIMITED_MB, pooled)
         return run_method("raffm", initial, [one], test, tokenizer,
                           replace(settings, local_steps=settings.local_steps * len(fleet)), seed, log=log,
-                          name=method, network=False)
+                          name=method, network=False, unlabelled=unlabelled)
     strategy = settings.strategy(method)
     real_budget = METHODS[method][1]
     model = copy.deepcopy(initial).eval()
@@ -261,6 +266,14 @@ def run_method(
         state, momentum = strategy.next_version(agg.result(), cm, previous=previous, momentum=momentum,
                                                 round_index=rnd + 1)
         model.load_state_dict(state)
+        if strategy.server_distill_steps:
+            if unlabelled is None:
+                raise ValueError("server_distill_steps needs unlabelled server data (--distill-pool)")
+            config = LocalConfig(batch_size=settings.batch_size, seq_len=settings.seq_len, lr=settings.lr,
+                                 local_steps=strategy.server_distill_steps, weight_decay=0.0, seed=seed * 7 + rnd)
+            result = distill_cuts(copy.deepcopy(model), unlabelled, tokenizer, config,
+                                  recipe=strategy.server_distill_recipe(cm))
+            model.load_state_dict(with_delta(model.state_dict(), result.delta))
         run.train_seconds += time.perf_counter() - started
         run.accuracy.append(evaluate(model, test, tokenizer, seq_len=settings.seq_len))
         run.bytes_down.append(down)
@@ -336,13 +349,16 @@ def run_bench(
             return (test_accuracy * len(test) + held_accuracy * len(held)) / (len(test) + len(held))
 
         train = data.subset(rest[: settings.max_train] if settings.max_train else rest)
+        pool = rest[settings.max_train : settings.max_train + settings.distill_pool] if settings.max_train else []
+        unlabelled = data.subset(pool) if pool else None
         initial = model_factory(seed)
         fleet = build_fleet(initial, train, settings, seed)
         fleets[seed] = fleet_record(initial, fleet, test, tokenizer, settings)
         log(f"seed {seed}: {len(fleet)} clients, " + ", ".join(
             f"{r['tier']}:{r['train_memory_mb']:.0f}MiB:{r['examples']}ex:{r['spec'][:16]}" for r in fleets[seed]))
         for method in settings.methods:
-            run, final = run_method(method, initial, fleet, test, tokenizer, settings, seed, log=log)
+            run, final = run_method(method, initial, fleet, test, tokenizer, settings, seed, log=log,
+                                    unlabelled=unlabelled)
             if not any(s != "-" for s in run.specs):
                 raise ValueError(f"no client can train what {method} offers: it has no participants")
             if method in settings.scaling_methods:
@@ -499,7 +515,7 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
     parser.add_argument("--json", type=Path, help="write every figure to this JSON file")
     parser.add_argument("--markdown", type=Path, help="write the tables to this Markdown file")
     for name in ("clients", "rounds", "local_steps", "warmup_steps", "batch_size", "seq_len", "test_size", "max_train",
-                 "holdout", "threads"):
+                 "holdout", "distill_pool", "threads"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int)
     parser.add_argument("--lr", type=float)
     parser.add_argument("--fedprox-mu", type=float)

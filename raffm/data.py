@@ -91,8 +91,9 @@ def mnist_5k() -> ImageDataset:
     return ImageDataset(images, data[:, -1].long().tolist(), tuple(str(d) for d in range(10)))
 
 
-def load_text_file(path: str | Path, *, text_column: str = "text", label_column: str = "label") -> TextDataset:
-    """A CSV or JSON-lines file with a text and a label column; labels may be names or integers."""
+def load_text_file(path: str | Path, *, text_column: str = "text", label_column: str | None = "label") -> TextDataset:
+    """A CSV or JSON-lines file with a text and a label column; labels may be names or integers. ``label_column``
+    None: unlabelled text (any label column is ignored; every label is 0 and there are no label names)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"data file {path} does not exist")
@@ -106,8 +107,11 @@ def load_text_file(path: str | Path, *, text_column: str = "text", label_column:
     if not rows:
         raise ValueError(f"data file {path} has no rows")
     for i, row in enumerate(rows):
-        if text_column not in row or label_column not in row:
-            raise ValueError(f"{path} row {i + 1} lacks column {text_column!r} or {label_column!r}: has {sorted(row)}")
+        if text_column not in row or (label_column is not None and label_column not in row):
+            wanted = repr(text_column) if label_column is None else f"{text_column!r} or {label_column!r}"
+            raise ValueError(f"{path} row {i + 1} lacks column {wanted}: has {sorted(row)}")
+    if label_column is None:
+        return TextDataset([str(r[text_column]) for r in rows], [0] * len(rows), ())
     raw = [str(r[label_column]) for r in rows]
     if all(v.lstrip("-").isdigit() for v in raw):
         labels = [int(v) for v in raw]

@@ -34,8 +34,9 @@ the adapters' products into the merged global model.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Literal
 
 import torch
@@ -68,7 +69,10 @@ class Strategy:
     last) stay as pretrained on every device: no gradient flows below layer k, so no activations are kept there;
     never uploaded, and cached by the device across rounds like the frozen vocabulary. LoRA recipes put adapters on
     every target layer. ``probe_rounds`` k: rounds 1..k of a classification job train the task head only
-    (:meth:`probe_recipe`), at ``probe_lr_scale`` x the job's learning rate.
+    (:meth:`probe_recipe`), at ``probe_lr_scale`` x the job's learning rate. ``server_distill_steps`` n > 0: after
+    every merge the server trains the new version's cuts for n steps to match its logits on unlabelled server data
+    (:func:`raffm.training.distill_cuts`; the job's ``distill_data``), at ``server_distill_lr_scale`` x the job's
+    learning rate, with its batch size.
     """
 
     name: str = "raffm"
@@ -88,6 +92,8 @@ class Strategy:
     aggregation: Mode = "coverage"
     server_lr: float = 1.0
     server_momentum: float = 0.0
+    server_distill_steps: int = 0
+    server_distill_lr_scale: float = 0.5
     # Federated LoRA: the rank ladder (empty: plain fine-tuning), the target modules (empty: the architecture's
     # defaults, raffm.lora.DEFAULT_TARGETS) and alpha (scaling alpha / rank).
     lora_ranks: tuple[int, ...] = ()
@@ -123,8 +129,16 @@ class Strategy:
             raise ValueError(f"probe_rounds is {self.probe_rounds!r}; it must be an integer >= 0")
         if any(not 0 < f < 1 for f in self.nested_fractions):
             raise ValueError(f"nested_fractions {self.nested_fractions}: every fraction must be in (0, 1)")
+        steps = self.server_distill_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"server_distill_steps is {steps!r}; it must be an integer >= 0")
+        if steps and (not self.nested_fractions or self.lora_ranks):
+            raise ValueError("server_distill_steps distils the nested cuts: it needs nested_fractions and no "
+                             "lora_ranks")
         Recipe(sampled=self.sampled, distill=self.distill, distill_hidden=self.distill_hidden,
                prior_correction=self.prior_correction, lr_scale=self.probe_lr_scale)  # validates them
+        if not (self.server_distill_lr_scale > 0 and math.isfinite(self.server_distill_lr_scale)):
+            raise ValueError(f"server_distill_lr_scale is {self.server_distill_lr_scale}; it must be a positive number")
 
     # -- versions -----------------------------------------------------------------------------------------------------
 
@@ -188,6 +202,16 @@ class Strategy:
                       frozen_dtype="float16" if half else "float32", checkpointing=checkpointing,
                       distill_hidden=self.distill_hidden if inner else 0.0, prior_correction=self.prior_correction,
                       dropout=self.dropout)
+
+    def server_distill_recipe(self, cost_model: CostModel) -> Recipe:
+        """The recipe of the server's distillation step (:func:`raffm.training.distill_cuts`): the whole model with
+        every cut of the strategy, frozen where the devices' recipes freeze and above the last layer (the pooler and
+        the task head, which every cut shares whole: a step on them moves every size's decision threshold)."""
+        full = ElasticSpec.full(cost_model.dims)
+        recipe = self.recipe_for(full, cost_model)
+        adapter = cost_model.adapter
+        above = {n for n in cost_model.plan(full) if adapter.layer_of(n) is None and not adapter.below(n, 1)}
+        return replace(recipe, frozen=recipe.frozen | above, prior_correction=0.0, lr_scale=self.server_distill_lr_scale)
 
     def recipes_for(self, spec: ElasticSpec, cost_model: CostModel) -> tuple[Recipe, ...]:
         """The recipes a device may train ``spec`` with, preferred first: without activation checkpointing (less
@@ -279,8 +303,13 @@ class Strategy:
         return SlicedFedAvg(global_state, mode=self.aggregation, server_lr=self.server_lr, accum_dtype=accum_dtype)
 
     def with_options(self, **changes: object) -> Strategy:
-        """A copy with some settings changed (validated)."""
-        return replace(self, **changes)  # type: ignore[arg-type]
+        """A copy with some settings changed (validated; lists, as a job file gives them, become tuples)."""
+        known = {f.name for f in fields(Strategy)} - {"name"}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"unknown strategy setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()}
+        return replace(self, **values)  # type: ignore[arg-type]
 
 
 STRATEGIES: dict[str, Strategy] = {

@@ -14,7 +14,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -334,6 +334,70 @@ def train_local(
         seconds=time.perf_counter() - started,
         peak_memory_mb=peak.peak_mb,
     )
+
+
+def distill_cuts(
+    model: PreTrainedModel, data: Dataset, tokenizer: Tokenizer | None, config: LocalConfig, *, recipe: Recipe
+) -> LocalResult:
+    """The server's distillation step (strategy option ``server_distill_steps``): after a round's merge, every cut in
+    ``recipe.nested`` learns the logits ``model`` computes (eval mode, before any step) on unlabelled ``data`` (its
+    labels, if any, are never read), as FedDF and ScaleFL distil on the server: the average of a round's models is a
+    better model than the cuts of it that the devices trained, and the step aims that gain at the cuts. The model
+    itself is held to the same logits (the cuts share its leading weights) with as much weight as all its cuts
+    together, so that its function stays put.
+
+    Trains ``model`` in place for ``config.local_steps`` steps of AdamW (``config.lr`` x ``recipe.lr_scale``) and
+    returns the delta of its trained tensors (those ``recipe`` does not freeze); ``loss`` is the cuts' mean
+    distillation loss."""
+    if len(data) == 0:
+        raise ValueError("the distillation data set is empty")
+    if isinstance(data, InstructionDataset):
+        raise ValueError("server distillation is for classification; a causal LM's cuts are not distilled")
+    if not recipe.nested:
+        raise ValueError("the recipe has no nested cuts to distil")
+    if config.local_steps < 1:
+        raise ValueError("server distillation needs local_steps >= 1")
+    trained = _apply_recipe(model, replace(recipe, frozen_dtype="float32", checkpointing=False), config.seed)
+    received = {n: p.detach().clone() for n, p in trained.items()}
+    cuts = [NestedCut(model, spec) for spec in recipe.nested]
+    epochs = math.ceil(config.local_steps / math.ceil(len(data) / config.batch_size))
+    stream = (b for e in range(epochs)
+              for b in batches(data, tokenizer, config.batch_size, config.seq_len, shuffle=True, seed=config.seed + e))
+    inputs = [{k: v for k, v in b.items() if k != "labels"} for b, _ in zip(stream, range(config.local_steps))]
+    model.eval()
+    with torch.no_grad():  # the teacher: the merged model as it is, without dropout
+        targets = [model(**batch).logits for batch in inputs]
+    started, losses = time.perf_counter(), []
+    optimizer = torch.optim.AdamW(trained.values(), lr=config.lr * recipe.lr_scale, weight_decay=config.weight_decay)
+    model.train()
+    with PeakMemory() as peak, torch.random.fork_rng(devices=[]):  # seeded dropout; the caller's RNG left as it was
+        torch.manual_seed(config.seed)
+        for batch, target in zip(inputs, targets):
+            (len(cuts) * _distill_loss(model(**batch).logits, target)).backward()
+            for cut in cuts:
+                with cut.bound() as skeleton:
+                    loss = _distill_loss(skeleton(**batch).logits, target)
+                    loss.backward()
+                losses.append(float(loss.detach()))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    return LocalResult(
+        delta={n: (p.detach() - received[n]).float() for n, p in trained.items()},
+        samples=sum(len(t) for t in targets),
+        loss=sum(losses) / max(1, len(losses)),
+        steps=len(targets),
+        seconds=time.perf_counter() - started,
+        peak_memory_mb=peak.peak_mb,
+    )
+
+
+def with_delta(state: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with ``delta`` added to the tensors it names (each kept at its own dtype)."""
+    unknown = sorted(set(delta) - set(state))
+    if unknown:
+        raise ValueError(f"the delta names tensors the state does not have: {unknown[:5]}")
+    return {n: (t + delta[n]).to(t.dtype) if n in delta else t for n, t in state.items()}
 
 
 def _log_prior(data: Any, config: Any, tau: float) -> torch.Tensor | None:

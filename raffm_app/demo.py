@@ -82,6 +82,9 @@ class DemoSettings:
     warmup_steps: int = 0
     alpha: float = 2.0
     test_size: int = 600
+    # Examples the server keeps, without their labels, for the strategy's distillation step (server_distill_steps);
+    # taken before the fleet's share, and only when the strategy distils.
+    distill_size: int = 1000
     max_train: int = 0  # 0 = all training examples
     wire_dtype: str = "float32"
     # A round closes as soon as every device is done; the deadline only cuts off a device that stalls. Eight devices
@@ -128,6 +131,7 @@ class DemoData:
     test: Any
     train_path: Path
     test_path: Path
+    distill_path: Path | None = None  # the server's unlabelled data, when the strategy distils
 
     @property
     def image(self) -> bool:
@@ -170,21 +174,35 @@ def prepare_data(settings: DemoSettings, data_dir: Path) -> DemoData:
 
 
 def split_and_write(settings: DemoSettings, data: Any, data_dir: Path) -> DemoData:
-    """Hold out ``test_size`` examples (seeded), keep at most ``max_train`` of the rest, and write both for the
-    agents and the aggregator to read."""
+    """Hold out ``test_size`` examples (seeded), then ``distill_size`` for the server's distillation step when the
+    strategy distils (written without labels), keep at most ``max_train`` of the rest, and write them for the agents
+    and the aggregator to read."""
     import random
 
     from edge_agent.simulate import write_share
+    from raffm.data import TextDataset
 
-    if settings.test_size >= len(data):
-        raise ValueError(f"--test-size {settings.test_size} leaves no training data ({len(data)} examples)")
+    pool = settings.distill_size if distils(settings) else 0
+    if settings.test_size + pool >= len(data):
+        raise ValueError(f"--test-size {settings.test_size} and --distill-size {pool} leave no training data "
+                         f"({len(data)} examples)")
     order = list(range(len(data)))
     random.Random(settings.seed).shuffle(order)
-    test, train = data.subset(order[: settings.test_size]), data.subset(order[settings.test_size :])
+    test, train = data.subset(order[: settings.test_size]), data.subset(order[settings.test_size + pool :])
     if settings.max_train:
         train = train.subset(range(min(settings.max_train, len(train))))
     data_dir.mkdir(parents=True, exist_ok=True)
-    return DemoData(train, test, write_share(train, data_dir / "train"), write_share(test, data_dir / "test"))
+    distill_path = None
+    if pool:
+        unlabelled = data.subset(order[settings.test_size : settings.test_size + pool])
+        if isinstance(unlabelled, TextDataset):
+            distill_path = data_dir / "server_unlabelled.jsonl"
+            distill_path.write_text("".join(json.dumps({"text": t}) + "\n" for t in unlabelled.texts),
+                                    encoding="utf-8")
+        else:  # images: the file format carries labels; the server never reads them
+            distill_path = write_share(unlabelled, data_dir / "server_unlabelled")
+    return DemoData(train, test, write_share(train, data_dir / "train"), write_share(test, data_dir / "test"),
+                    distill_path)
 
 
 def prepare_llm_data(settings: DemoSettings, model_path: str, data_dir: Path) -> DemoData:
@@ -340,7 +358,8 @@ def _run_demo(settings: DemoSettings, run_dir: Path, guard: SignalGuard) -> None
             "--strategy", job_strategy(settings), *(["--aggregation", settings.aggregation] if settings.aggregation else []),
             "--seed", str(settings.seed), "--poll-wait-s", "1",
             # The aggregator scores every new version on the held-out split (its log says how the model is doing).
-            "--eval-data", str(data.test_path), "--eval-max-samples", "0"), aggregator_env(env, data))
+            "--eval-data", str(data.test_path), "--eval-max-samples", "0",
+            *(["--distill-data", str(data.distill_path)] if data.distill_path else [])), aggregator_env(env, data))
         for name, address in addr.items():
             wait_serving(group, address, name)
         print("services up: " + ", ".join(f"{n} {a} (metrics :{metrics[n]})" for n, a in addr.items()))
@@ -421,6 +440,15 @@ def strategy_options(settings: DemoSettings) -> dict[str, Any]:
     return options
 
 
+def distils(settings: DemoSettings) -> bool:
+    """Whether the job's strategy has a server distillation step (a decoder LLM's LoRA jobs never do)."""
+    from raffm.strategy import strategy_named
+
+    if is_llm(settings.model):
+        return False
+    return bool(strategy_named(job_strategy(settings)).with_options(**strategy_options(settings)).server_distill_steps)
+
+
 def job_lora_ranks(settings: DemoSettings) -> list[int]:
     """A decoder LLM job's LoRA ranks: ``--lora-ranks``; with ``--baseline fedavg`` the top one only (every device
     trains the same full-model LoRA)."""
@@ -496,6 +524,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--scaling-samples", type=int, default=None,
                         help="test examples each cut of the inference-scaling table is scored on (default: all; "
                              f"an LLM: {llm.scaling_samples})")
+    parser.add_argument("--distill-size", type=int, default=d.distill_size,
+                        help="examples the server keeps without labels for the strategy's distillation step, when it "
+                             "has one (strategy option server_distill_steps; default: %(default)s)")
     parser.add_argument("--max-train", type=int, default=0, help="cap on training examples shared by the fleet (0: all)")
     parser.add_argument("--wire-dtype", type=wire_dtype_arg, default=d.wire_dtype, metavar="DTYPE",
                         help="float32, float16 or bfloat16 (fp32/fp16/bf16 too); default: %(default)s")
@@ -528,7 +559,7 @@ def _main(args: argparse.Namespace) -> int:
         settings.tiers = load_tiers(args.tiers)
     if settings.devices < 1 or settings.rounds < 1:
         raise ValueError("--devices and --rounds must be at least 1")
-    strategy_options(settings)  # a typo fails here, before any service starts
+    distils(settings)  # a typo in --strategy-options or a bad setting fails here, before any service starts
     try:
         run_demo(settings)
     except (ProcessFailed, RoundFailed):

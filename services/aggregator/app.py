@@ -151,10 +151,13 @@ async def build_aggregator(
         from services.aggregator.evaluation import default_evaluator
 
         evaluator = await asyncio.to_thread(default_evaluator, config.job)
+    from services.aggregator.distillation import default_distiller
+
+    distiller = await asyncio.to_thread(default_distiller, config.job)
     coordinator = RoundCoordinator(
         config.job, rounds=rounds, checkpoints=checkpoints, staging=Staging(Path(config.data_dir) / "staging"),
         planner=planner, signer=TicketSigner(config.ticket_secret), metrics=build_aggregator_metrics(registry),
-        initial_model=initial_model or default_initial_model(config.job), evaluator=evaluator)
+        initial_model=initial_model or default_initial_model(config.job), evaluator=evaluator, distiller=distiller)
     await asyncio.to_thread(coordinator.start)
     driver = RoundDriver(coordinator, config.tick_s)
     poll_executor = ThreadPoolExecutor(config.poll_threads, thread_name_prefix="agg-poll")

@@ -89,6 +89,10 @@ class JobConfig:
     # Cuts (shares of the forward compute) evaluated besides the global model, e.g. [0.25, 0.5, 1.0].
     eval_fractions: tuple[float, ...] = ()
     eval_max_samples: int = 1000
+    # Unlabelled data for the strategy's server distillation step (strategy option server_distill_steps): a CSV/JSON-
+    # lines file with a text column (a label column is never read), a .pt/.npz image file, or "rotten_tomatoes" /
+    # "mnist" (the built-in corpus's training part, never its test split).
+    distill_data: str = ""
     # Closed-loop sizing: plan each device with its declared profile corrected by what its recent rounds really cost
     # (raffm.calibration); off: plan with the declared profile as is. A quiet device's correction halves every
     # calibration_half_life_s.
@@ -141,9 +145,14 @@ class JobConfig:
         if self.aggregation not in ("", *AGGREGATIONS):
             raise bad("aggregation", f"choose one of {', '.join(AGGREGATIONS)}")
         try:
-            self.method()
+            method = self.method()
         except (TypeError, ValueError) as exc:
             raise bad("strategy", str(exc)) from None
+        if method.server_distill_steps and not self.distill_data:
+            raise bad("distill_data", "the strategy's server_distill_steps needs unlabelled server data: a text file, "
+                      "an image file or a built-in corpus")
+        if method.server_distill_steps and self.task == "causal-lm":
+            raise bad("strategy", "server_distill_steps distils a classifier's cuts; a causal-lm job has none")
         if self.on_deadline not in ON_DEADLINE:
             raise bad("on_deadline", f"choose one of {', '.join(ON_DEADLINE)}")
         if self.accum_dtype not in ("float32", "float64"):
@@ -164,7 +173,7 @@ class JobConfig:
 
     def method(self) -> Strategy:
         """The job's :class:`~raffm.strategy.Strategy`: the preset, its options, then the shortcuts."""
-        from raffm.strategy import Strategy, strategy_named
+        from raffm.strategy import strategy_named
 
         options = dict(self.strategy_options)
         if self.aggregation:
@@ -172,12 +181,7 @@ class JobConfig:
         if self.ordering:
             options["ordering"] = self.ordering
         options["server_lr"] = self.server_lr
-        known = {f.name for f in fields(Strategy)} - {"name"}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(f"unknown strategy setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        lists = {k: tuple(v) for k, v in options.items() if isinstance(v, list)}
-        return strategy_named(self.strategy).with_options(**{**options, **lists})
+        return strategy_named(self.strategy).with_options(**options)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready settings (tuples become lists, so a stored copy compares equal after a round trip)."""

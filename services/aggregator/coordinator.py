@@ -56,7 +56,7 @@ from services.aggregator.uploads import (
     UploadState,
     Dense, downloaded_bytes, export_accepted_bytes, upload_state, with_accepted_bytes,
 )
-from services.aggregator.versions import Evaluator, GlobalModel, InitialModel, Versions, version_name
+from services.aggregator.versions import Distiller, Evaluator, GlobalModel, InitialModel, Versions, version_name
 from services.common.auth import Principal
 from services.common.ratelog import RateLimitedLog
 
@@ -76,13 +76,14 @@ class RoundCoordinator:
         metrics: AggregatorMetrics,
         initial_model: InitialModel,
         evaluator: Evaluator | None = None,
+        distiller: Distiller | None = None,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
     ) -> None:
         self.job = job
         self.rounds, self.staging, self.metrics = rounds, staging, metrics
         self.versions = Versions(job, checkpoints, metrics, initial_model, evaluator,
-                                 state_dir=staging.root.parent / "server_state")
+                                 state_dir=staging.root.parent / "server_state", distiller=distiller)
         self.lifecycle = Lifecycle(job, rounds, staging, metrics, clock)
         self.assigner = Assigner(job, rounds, planner, signer, metrics, clock, rng)
         self._clock = clock

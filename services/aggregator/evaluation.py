@@ -145,26 +145,33 @@ class HeldOutEvaluator:
         return {f"accuracy{suffix}": labelled.accuracy, f"balanced_accuracy{suffix}": labelled.balanced_accuracy}
 
 
+def job_tokenizer(job: Any, setting: str) -> Tokenizer | None:
+    """The tokenizer in the job's model folder (None for an image model); ``setting`` names the job setting that
+    needs it, in the error."""
+    if job.task not in ("sequence-classification", "causal-lm"):
+        return None
+    from transformers import AutoTokenizer
+
+    from raffm.models import resolve_model
+
+    path = resolve_model(job.model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{setting} needs the tokenizer of model {path!r}, which could not be loaded: {exc}") from exc
+    # A folder without tokenizer files still yields a tokenizer (only special tokens): every word is unknown.
+    if len(tokenizer.get_vocab()) <= len(tokenizer.all_special_tokens):
+        raise ValueError(f"{setting} needs a tokenizer, but model folder {path!r} has none (no vocabulary "
+                         "files); save the model's tokenizer next to it")
+    return tokenizer
+
+
 def default_evaluator(job: Any) -> HeldOutEvaluator | None:
     """The job's held-out evaluator, or None when ``eval_data`` is empty (evaluation off)."""
     if not job.eval_data:
         return None
     data = load_eval_data(job.eval_data, max_samples=job.eval_max_samples, task=job.task)
-    tokenizer = None
-    if job.task in ("sequence-classification", "causal-lm"):
-        from transformers import AutoTokenizer
-
-        from raffm.models import resolve_model
-
-        path = resolve_model(job.model)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"eval_data needs the tokenizer of model {path!r}, which could not be loaded: {exc}") from exc
-        # A folder without tokenizer files still yields a tokenizer (only special tokens): every word is unknown.
-        if len(tokenizer.get_vocab()) <= len(tokenizer.all_special_tokens):
-            raise ValueError(f"eval_data needs a tokenizer, but model folder {path!r} has none (no vocabulary "
-                             "files); save the model's tokenizer next to it")
+    tokenizer = job_tokenizer(job, "eval_data")
     if not isinstance(data, InstructionDataset) and data.num_labels > job.num_labels:
         raise ValueError(f"eval_data {job.eval_data!r} has {data.num_labels} labels; the job's model has "
                          f"{job.num_labels} (num_labels)")

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 InitialModel = Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]]
 Evaluator = Callable[[Mapping[str, torch.Tensor], Mapping[str, Any]], Mapping[str, float]]
+# (state, config, round) -> the state after the strategy's server distillation step
+Distiller = Callable[[dict[str, torch.Tensor], Mapping[str, Any], int], dict[str, torch.Tensor]]
 
 
 def version_name(job_id: str, round_index: int) -> str:
@@ -56,10 +58,13 @@ class Versions:
     """Creates, stores, loads and evaluates the job's model versions."""
 
     def __init__(self, job: JobConfig, checkpoints: CheckpointStore, metrics: AggregatorMetrics,
-                 initial_model: InitialModel, evaluator: Evaluator | None = None, *, state_dir: Path) -> None:
+                 initial_model: InitialModel, evaluator: Evaluator | None = None, *, state_dir: Path,
+                 distiller: Distiller | None = None) -> None:
         self.job, self.checkpoints, self.metrics, self.state_dir = job, checkpoints, metrics, state_dir
         self.strategy = job.method()
-        self._initial_model, self._evaluator = initial_model, evaluator
+        self._initial_model, self._evaluator, self._distiller = initial_model, evaluator, distiller
+        if self.strategy.server_distill_steps and distiller is None:
+            raise ValueError("the strategy's server_distill_steps needs a distiller (the job's distill_data)")
 
     def create_initial(self) -> GlobalModel:
         """Version 0: the job's initial model as the strategy prepares it (salience-ordered), stored."""
@@ -76,12 +81,15 @@ class Versions:
         return GlobalModel(version, self.checkpoints.load(version), config)
 
     def publish(self, round_index: int, previous: GlobalModel, agg: SlicedFedAvg, participants: int) -> GlobalModel:
-        """A finished round's result as the next version (the strategy's server update and ordering), stored; the
-        server's momentum, when the strategy keeps one, is stored beside it (the aggregator's own state)."""
+        """A finished round's result as the next version (the strategy's server update and ordering, then its
+        distillation step), stored; the server's momentum, when the strategy keeps one, is stored beside it (the
+        aggregator's own state)."""
         cm = cost_model_for(previous.config)
         momentum = self._momentum(previous.version) if self.strategy.server_momentum else None
         state, buffer = self.strategy.next_version(agg.result(), cm, previous=previous.state, momentum=momentum,
                                                    round_index=round_index)
+        if self._distiller is not None and self.strategy.server_distill_steps:
+            state = self._distiller(state, previous.config, round_index)
         version = version_name(self.job.job_id, round_index)
         self.checkpoints.put(version, state, previous.config, parent=previous.version,
                              meta={"job": self.job.job_id, "round": round_index, "participants": participants})

@@ -25,11 +25,11 @@ from tests.integration.fedloop import Fleet, download, payload, scripted_delta, 
 WORDS = ["good", "great", "fine", "bad", "awful", "dull", "movie", "plot", "cast", "story", "very", "not"]
 
 
-def _model_with_tokenizer(path: Path) -> Path:
+def _model_with_tokenizer(path: Path, **overrides: object) -> Path:
     """The tiny BERT plus a word-level BERT tokenizer in the same folder (what the evaluator loads)."""
     from transformers import BertTokenizer
 
-    tiny_bert_folder(path)
+    tiny_bert_folder(path, **overrides)
     vocab = path / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
     BertTokenizer(str(vocab)).save_pretrained(path)

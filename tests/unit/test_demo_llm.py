@@ -82,3 +82,24 @@ def test_strategy_options_reach_the_aggregator_beside_the_llms_lora_ranks(tmp_pa
     for bad in ("[1]", "{x"):
         with pytest.raises(ValueError, match="--strategy-options"):
             demo.strategy_options(demo.DemoSettings(strategy_options=bad))
+
+
+def test_a_distilling_strategy_gets_unlabelled_server_data_that_no_device_and_no_test_holds(tmp_path) -> None:
+    from raffm.data import TextDataset, load_text_file
+
+    data = TextDataset([f"review number {i}" for i in range(100)], [i % 2 for i in range(100)], ("rotten", "fresh"))
+    plain = demo.split_and_write(demo.DemoSettings(test_size=20), data, tmp_path / "plain")
+    assert plain.distill_path is None and len(plain.train) == 80
+    settings = demo.DemoSettings(test_size=20, distill_size=30, strategy_options='{"server_distill_steps": 5}')
+    split = demo.split_and_write(settings, data, tmp_path / "distil")
+    assert split.distill_path is not None and len(split.train) == 50 and len(split.test) == 20
+    rows = [json.loads(line) for line in split.distill_path.read_text().splitlines()]
+    assert len(rows) == 30 and all(set(r) == {"text"} for r in rows)  # no labels leave for the server
+    served = {r["text"] for r in rows}
+    assert not served & (set(split.test.texts) | set(split.train.texts))
+    assert len(load_text_file(split.distill_path, label_column=None)) == 30
+    with pytest.raises(ValueError, match="--distill-size 90 leave no training data"):
+        demo.split_and_write(demo.DemoSettings(test_size=20, distill_size=90,
+                                               strategy_options='{"server_distill_steps": 5}'), data, tmp_path / "x")
+    with pytest.raises(ValueError, match="unknown strategy setting"):
+        demo.distils(demo.DemoSettings(strategy_options='{"server_distil_steps": 5}'))

@@ -259,3 +259,20 @@ def test_a_lora_rounds_frozen_base_travels_at_half_precision_and_its_adapters_at
     assert wire["float16"].train_memory_mb == wire["float32"].train_memory_mb  # the device computes in float32
     with pytest.raises(ValueError, match="lora_base_dtype is 'int8'; choose float32, float16 or bfloat16"):
         STRATEGIES["raffm"].with_options(lora_base_dtype="int8")
+
+
+def test_the_server_distillation_step_distils_every_cut_into_the_whole_model_and_bad_settings_are_named() -> None:
+    cm = CostModel.from_model(make("bert"))
+    raffm = STRATEGIES["raffm"].with_options(server_distill_steps=5)
+    recipe = raffm.server_distill_recipe(cm)
+    assert recipe.nested == raffm.cuts(cm) and recipe.prior_correction == 0.0  # every cut; no labels, no prior
+    assert recipe.lr_scale == 0.5 == raffm.server_distill_lr_scale
+    device = raffm.recipe_for(ElasticSpec.full(cm.dims), cm).frozen  # frozen where devices freeze, and the head
+    assert recipe.frozen - device == {n for n in cm.shapes if n.startswith(("classifier.", "bert.pooler."))}
+    for bad, why in (({"server_distill_steps": -1}, "server_distill_steps is -1"),
+                     ({"server_distill_steps": True}, "server_distill_steps is True"),
+                     ({"server_distill_lr_scale": 0.0}, "server_distill_lr_scale is 0.0")):
+        with pytest.raises(ValueError, match=why):
+            raffm.with_options(**bad)
+    with pytest.raises(ValueError, match="needs nested_fractions"):
+        STRATEGIES["fedavg"].with_options(server_distill_steps=5)

@@ -13,7 +13,9 @@ from raffm.slicing import slice_plan
 from raffm.spec import ElasticSpec
 from raffm.spp import prioritize
 from raffm.data import TextDataset
-from raffm.training import LocalConfig, NestedCut, Scores, classification_scores, evaluate, train_local
+from raffm.training import (
+    LocalConfig, NestedCut, Scores, classification_scores, distill_cuts, evaluate, train_local, with_delta,
+)
 from tests.unit.models_fixtures import inputs, make
 from tests.unit.toys import WordHashTokenizer, tiny_model, toy_data
 
@@ -212,3 +214,55 @@ def test_balanced_accuracy_sees_a_one_label_model_for_what_it_is() -> None:
     scores = classification_scores(model, toy_data(40), WordHashTokenizer(64), seq_len=16)
     assert 0.0 <= scores.balanced_accuracy <= 1.0 and scores.accuracy == evaluate(model, toy_data(40),
                                                                                    WordHashTokenizer(64), seq_len=16)
+
+
+def _cut_divergences(model: torch.nn.Module, cuts: tuple[ElasticSpec, ...], data: TextDataset) -> list[float]:
+    """KL(full || cut) of each cut's predictions on ``data``, with the model in eval mode."""
+    batch = WordHashTokenizer(64)(data.texts, max_length=16)
+    with torch.no_grad():
+        full = torch.log_softmax(model.eval()(**batch).logits, -1)
+        return [float(torch.nn.functional.kl_div(torch.log_softmax(NestedCut(model, c)(**batch).logits, -1), full,
+                                                 reduction="batchmean", log_target=True)) for c in cuts]
+
+
+def test_server_distillation_brings_every_cut_to_the_full_model_without_moving_it_and_reads_no_label() -> None:
+    # A model whose body learned the task, and cuts that have not learned to follow it (at the default initializer
+    # range the tiny model's layers hardly move its residual stream, so every cut computes what the model does).
+    def trained() -> torch.nn.Module:
+        return _train(Recipe(), model=prioritize(tiny_model(0, initializer_range=0.2)), local_steps=40)[0]
+
+    model = trained()
+    dims = adapter_for(model).dims(model.config)
+    cuts = (ElasticSpec.uniform(dims, heads=2, ffn=128), ElasticSpec.uniform(dims, heads=4, ffn=256))
+    unlabelled, probe = toy_data(80, seed=3), toy_data(60, seed=4)
+    config = LocalConfig(batch_size=8, seq_len=16, lr=1e-3, local_steps=30, seed=1)
+    before = _cut_divergences(model, cuts, probe)
+    with torch.no_grad():
+        full_before = model.eval()(**WordHashTokenizer(64)(probe.texts, max_length=16)).logits.argmax(-1)
+    result = distill_cuts(model, unlabelled, WordHashTokenizer(64), config, recipe=Recipe(nested=cuts))
+    after = _cut_divergences(model, cuts, probe)
+    assert all(a < 0.5 * b for a, b in zip(after, before)), (before, after)
+    with torch.no_grad():
+        full_after = model.eval()(**WordHashTokenizer(64)(probe.texts, max_length=16)).logits.argmax(-1)
+    assert (full_after == full_before).float().mean() >= 0.95  # the full model is held to its own predictions
+    assert result.steps == 30 and result.samples == 240 and result.loss > 0
+    # The labels are never read: other labels, the same step.
+    flipped = TextDataset(unlabelled.texts, [1 - y for y in unlabelled.labels], ())
+    copies = [trained() for _ in range(2)]
+    deltas = [distill_cuts(m, d, WordHashTokenizer(64), config, recipe=Recipe(nested=cuts)).delta
+              for m, d in zip(copies, (unlabelled, flipped))]
+    assert all(torch.equal(deltas[0][n], deltas[1][n]) for n in deltas[0])
+
+
+def test_server_distillation_refuses_what_it_cannot_distil() -> None:
+    dims = adapter_for(tiny_model(0)).dims(tiny_model(0).config)
+    cuts = (ElasticSpec.uniform(dims, heads=2, ffn=128),)
+    config = LocalConfig(batch_size=8, seq_len=16, local_steps=2)
+    with pytest.raises(ValueError, match="no nested cuts"):
+        distill_cuts(tiny_model(0), toy_data(8), WordHashTokenizer(64), config, recipe=Recipe())
+    with pytest.raises(ValueError, match="empty"):
+        distill_cuts(tiny_model(0), toy_data(0), WordHashTokenizer(64), config, recipe=Recipe(nested=cuts))
+    with pytest.raises(ValueError, match="local_steps >= 1"):
+        distill_cuts(tiny_model(0), toy_data(8), WordHashTokenizer(64), LocalConfig(), recipe=Recipe(nested=cuts))
+    with pytest.raises(ValueError, match="names tensors the state does not have"):
+        with_delta({"a": torch.zeros(2)}, {"b": torch.ones(2)})
