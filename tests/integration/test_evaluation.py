@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
-from edge_agent.transfer import upload_once
 from raffm.costs import CostModel
 from raffm.data import load_text_file
 from raffm.elastic import extract
@@ -20,7 +19,7 @@ from raffm.scaling import spec_for_fraction
 from raffm.training import classification_scores, evaluate
 from raffm.v1 import aggregator_pb2
 from services.aggregator.config import JobConfig
-from tests.integration.fedloop import Fleet, download, payload, scripted_delta, tiny_bert_folder, tiny_job
+from tests.integration.fedloop import Fleet, tiny_bert_folder, tiny_job
 
 WORDS = ["good", "great", "fine", "bad", "awful", "dull", "movie", "plot", "cast", "story", "very", "not"]
 
@@ -55,12 +54,7 @@ def test_global_model_and_sub_models_are_evaluated_after_each_round(tmp_path: Pa
                    eval_fractions=(0.25, 1.0))
     fleet = Fleet(tmp_path, job).start()
     try:
-        dev = fleet.register("d", train_memory_mb=1000, tier="laptop")
-        stub = fleet.agg_stub()
-        a = fleet.poll(stub, dev).assignment
-        delta = scripted_delta(download(fleet, dev, a), seed=0, scale=0.1, assignment=a)
-        assert upload_once(stub, a.ticket, 5, payload(delta, job.wire_dtype), metadata=dev.md).accepted
-        rnd = fleet.wait_round(stub, a.round_id)
+        rnd = fleet.one_scripted_round()
         assert rnd.state == aggregator_pb2.ROUND_STATE_CLOSED, rnd
         ev = dict(rnd.evaluation)
         assert set(ev) == {"accuracy", "balanced_accuracy", "accuracy@0.25", "balanced_accuracy@0.25", "params@0.25",

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from edge_agent.transfer import upload_once
 from raffm.data import rotten_tomatoes
 from raffm.models import model_from_state
 from raffm.planning import cost_model_for
@@ -19,7 +18,7 @@ from raffm.v1 import aggregator_pb2
 from services.aggregator.config import JobConfig
 from services.aggregator.distillation import load_distill_data
 from services.aggregator.evaluation import heldout_split
-from tests.integration.fedloop import Fleet, download, payload, scripted_delta, tiny_job
+from tests.integration.fedloop import Fleet, tiny_job
 from tests.integration.test_evaluation import WORDS, _model_with_tokenizer
 
 
@@ -34,12 +33,7 @@ def _publish_one_round(root: Path, job: JobConfig) -> tuple[dict[str, torch.Tens
     """Round 1 of ``job`` with one scripted update; the version it published and its config."""
     fleet = Fleet(root, job).start()
     try:
-        dev = fleet.register("d", train_memory_mb=1000, tier="laptop")
-        stub = fleet.agg_stub()
-        a = fleet.poll(stub, dev).assignment
-        delta = scripted_delta(download(fleet, dev, a), seed=0, scale=0.1, assignment=a)
-        assert upload_once(stub, a.ticket, 5, payload(delta, job.wire_dtype), metadata=dev.md).accepted
-        assert fleet.wait_round(stub, a.round_id).state == aggregator_pb2.ROUND_STATE_CLOSED
+        assert fleet.one_scripted_round().state == aggregator_pb2.ROUND_STATE_CLOSED
         return fleet.store.load("job-v1"), fleet.store.info("job-v1").config
     finally:
         fleet.stop()
