@@ -184,8 +184,8 @@ def split_and_write(settings: DemoSettings, data: Any, data_dir: Path) -> DemoDa
 
     pool = settings.distill_size if distils(settings) else 0
     if settings.test_size + pool >= len(data):
-        raise ValueError(f"--test-size {settings.test_size} and --distill-size {pool} leave no training data "
-                         f"({len(data)} examples)")
+        held = f"--test-size {settings.test_size}" + (f" and --distill-size {pool}" if pool else "")
+        raise ValueError(f"{held} leave no training data ({len(data)} examples)")
     order = list(range(len(data)))
     random.Random(settings.seed).shuffle(order)
     test, train = data.subset(order[: settings.test_size]), data.subset(order[settings.test_size + pool :])

@@ -3,9 +3,9 @@ learn its logits on unlabelled data the server holds (:func:`raffm.training.dist
 
 The job's ``distill_data`` names that data: a CSV/JSON-lines file with a ``text`` column (a label column is never
 read), a ``.pt``/``.npz`` image file, or ``rotten_tomatoes`` / ``mnist`` (the built-in corpus's training part: the
-kind of data the devices hold, never the test split the evaluator scores). Steps run at the job's learning rate,
-batch size and sequence length, seeded by the job's seed and the round, so a round re-aggregated after a crash
-publishes the same version.
+kind of data the devices hold, never the test split the evaluator scores). Steps run at the strategy's
+``server_distill_lr_scale`` x the job's learning rate, with its batch size and sequence length, seeded by the job's
+seed and the round, so a round re-aggregated after a crash publishes the same version.
 """
 
 from __future__ import annotations

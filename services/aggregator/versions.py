@@ -88,7 +88,7 @@ class Versions:
         momentum = self._momentum(previous.version) if self.strategy.server_momentum else None
         state, buffer = self.strategy.next_version(agg.result(), cm, previous=previous.state, momentum=momentum,
                                                    round_index=round_index)
-        if self._distiller is not None and self.strategy.server_distill_steps:
+        if self._distiller is not None:
             state = self._distiller(state, previous.config, round_index)
         version = version_name(self.job.job_id, round_index)
         self.checkpoints.put(version, state, previous.config, parent=previous.version,
