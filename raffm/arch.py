@@ -14,7 +14,8 @@ Axis kinds:
 - ``kv``: with grouped-query attention, the key and value rows of one layer, ``[kv_heads, head_dim]``;
 - ``ffn``: the feed-forward neurons of one layer (W_in rows, b_in, W_out columns; SwiGLU: gate and up rows, down
   columns);
-- ``full``: anything never sliced (vocabulary, positions, labels, image channels, patch pixels).
+- ``full``: anything never sliced (vocabulary, positions, labels, image channels, patch pixels, the width of
+  embeddings narrower than the layers, as ELECTRA-small's).
 
 Decoder LLMs (Llama, Qwen2, Mistral): their ``heads`` are KV groups and their head dimensions are never permuted or
 cut (rotary position embeddings rotate fixed pairs of dimensions at fixed frequencies; tests/unit/test_llama_adapter.py
@@ -26,7 +27,7 @@ the sub-model re-ties its head on load.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -93,11 +94,6 @@ class Adapter:
 
     def dims(self, config: Any) -> ModelDims:
         heads = int(config.num_attention_heads)
-        embedding = getattr(config, "embedding_size", None)  # ELECTRA's, when narrower than its layers
-        if embedding not in (None, config.hidden_size):
-            raise ValueError(f"{config.model_type} with embedding_size {embedding} != hidden_size {config.hidden_size} is "
-                             "not supported: its embedding projection has no elastic rule (a model whose embeddings "
-                             "are as wide as its layers is)")
         if not self.grouped:
             return ModelDims(
                 hidden=int(config.hidden_size),
@@ -211,6 +207,16 @@ BERT = Adapter(
     post_ln=True,
 )
 
+# ELECTRA-small's embeddings are narrower than its layers (embedding_size < hidden_size) and a projection maps them
+# into the residual stream: their width is then an axis of its own, never permuted or cut ("full").
+FACTORIZED_BERT = replace(BERT, rules=_rules([
+    (r"embeddings\.(word|position|token_type)_embeddings\.weight$", ("full", "full")),
+    (r"embeddings\.LayerNorm\.(weight|bias)$", ("full",)),
+    (r"embeddings_project\.weight$", ("hidden", "full")),
+    (r"embeddings_project\.bias$", ("hidden",)),
+    *_BERT_RULES,
+]))
+
 DISTILBERT = Adapter(
     name="distilbert",
     model_types=("distilbert", "raffm_distilbert"),
@@ -308,6 +314,8 @@ def adapter_for(config_or_model: Any) -> Adapter:
     model_type = getattr(config, "model_type", None)
     for adapter in ADAPTERS:
         if model_type in adapter.model_types:
+            if adapter is BERT and getattr(config, "embedding_size", None) not in (None, config.hidden_size):
+                return FACTORIZED_BERT
             return adapter
     supported = sorted(t for a in ADAPTERS for t in a.model_types if not t.startswith("raffm_"))
     raise ValueError(f"model type {model_type!r} is not supported; supported: {', '.join(supported)}")

@@ -24,8 +24,9 @@ Activations ``A``: what autograd saves in torch 2.13 (CPU, ``attn_implementation
 ``h`` the kept hidden width and, per layer, ``a = heads * head_dim``, ``f`` its FFN width and ``S = B * heads * L^2``
 (all in fp32 elements, ``T = B * L``):
 
-- BERT-family encoders (post-LN: BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA, DistilBERT): embeddings ``2 T h``
-  (+``T h`` dropout mask); per layer ``T (4h + 4a + 2f) + 4T`` (input, LayerNorm inputs/outputs; q, k, v, context;
+- BERT-family encoders (post-LN: BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA, DistilBERT): embeddings ``2 T h + 2 T``
+  (+``T h`` dropout mask; embeddings of a narrower width ``e`` projected into the layers, as ELECTRA-small's:
+  ``2 T e + 2 T + T h``, +``T e``); per layer ``T (4h + 4a + 2f) + 4T`` (input, LayerNorm inputs/outputs; q, k, v, context;
   GELU input/output; LN statistics), plus ``2 T h`` dropout masks when hidden dropout > 0 (CPU dropout saves a float
   mask; DistilBERT, with dropout after its FFN only, ``T h``), plus ``3 S`` (softmax output, its dropout mask and
   the dropped probabilities: SDPA falls back to the math kernel with attention dropout) or ``B * heads * L`` (the
@@ -135,14 +136,15 @@ def _widths(spec: ElasticSpec, group: int = 1) -> _Widths:
 
 
 def forward_flops(
-    w: _Widths, seq_len: int, *, num_labels: int, patch_inputs: int = 0, ffn_matrices: int = 2, lm_vocab: int = 0
+    w: _Widths, seq_len: int, *, num_labels: int, patch_inputs: int = 0, ffn_matrices: int = 2, lm_vocab: int = 0,
+    embedding: int = 0,
 ) -> float:
     """Forward FLOPs of one sample of ``seq_len`` tokens (2 per multiply-add).
 
     Per layer: Q and output projections ``2 L h a``, K and V ``2 L h c`` (``c = a`` without GQA), FFN
     ``ffn_matrices * L h f`` (2 matrices; SwiGLU: 3), attention scores and their product with V ``2 L^2 a``; then
     the pooler/head ``h^2 + h * labels``, or a causal LM's head ``L h * lm_vocab`` (logits at every position); ViT's
-    patch projection ``L h * patch_inputs``.
+    patch projection ``L h * patch_inputs``; ELECTRA-small's embedding projection ``L h * embedding``.
     """
     h, length = w.hidden, seq_len
     macs = sum(
@@ -150,7 +152,7 @@ def forward_flops(
         for a, c, f in zip(w.a, w.kv, w.f)
     )
     macs += length * h * lm_vocab if lm_vocab else h * h + h * num_labels
-    macs += (length - 1) * h * patch_inputs
+    macs += (length - 1) * h * patch_inputs + length * h * embedding
     return 2.0 * macs
 
 
@@ -185,18 +187,18 @@ def activation_elements(
     token_head: bool = False,
     layer_dropouts: int = 2,
     padded: bool = False,
+    embedding: int = 0,
 ) -> int:
     """fp32 elements autograd saves for one training forward (see the module docstring for the terms).
 
     ``token_head``: the classification head drops out the first token before its dense layer (RoBERTa's and
     ELECTRA's heads), so with hidden dropout it keeps that token (``B h``) and its mask instead of the last layer's
-    output, which BERT's pooler keeps through its first-token view."""
+    output, which BERT's pooler keeps through its first-token view. ``embedding``: the width of embeddings narrower
+    than the layers (ELECTRA-small), whose projection keeps its output too."""
     b, h, tokens = batch_size, w.hidden, batch_size * seq_len
-    total = 2 * tokens * h + 2 * tokens + b * pixels  # embeddings LN input/output (BERT), or final LN (ViT)
-    if hidden_dropout:
-        total += tokens * h
-        if token_head:
-            total += 2 * b * h - tokens * h
+    total = embedding_activation_elements(tokens, h, embedding, hidden_dropout) + b * pixels  # or ViT's final LN
+    if hidden_dropout and token_head:
+        total += 2 * b * h - tokens * h
     total += sum(layer_activation_elements(w, batch_size=batch_size, seq_len=seq_len, hidden_dropout=hidden_dropout,
                                            attention_dropout=attention_dropout, layer_dropouts=layer_dropouts,
                                            padded=padded))
@@ -204,6 +206,14 @@ def activation_elements(
     if arch != "vit":
         total += 3 * tokens  # int64 input ids and token types (2 elements' worth each / 2)
     return total
+
+
+def embedding_activation_elements(tokens: int, hidden: int, embedding: int, hidden_dropout: bool) -> int:
+    """What a post-LN encoder's input embeddings save (module docstring): the LayerNorm's input, output and statistics
+    and its dropout mask, at the embeddings' own width (``embedding``, 0: the layers'), plus the projection's output
+    where they are narrower than the layers."""
+    width = embedding or hidden
+    return (3 if hidden_dropout else 2) * tokens * width + 2 * tokens + (tokens * hidden if embedding else 0)
 
 
 def decoder_layer_activation_elements(w: _Widths, *, batch_size: int, seq_len: int) -> list[int]:
@@ -315,6 +325,7 @@ class CostModel:
         self.attention_dropout = default if attention_dropout is None else attention_dropout
         self.num_labels = self._num_labels()
         self.token_head = any(n.endswith("classifier.out_proj.weight") for n in self.shapes)  # RoBERTa's, ELECTRA's
+        self.embedding = self._embedding_width()
         self.image_tokens, self.patch_inputs = self._vit_geometry()
         self.lm_vocab = self._lm_vocab()
         # A causal LM whose canonical tensors have no LM head of their own: the head is the embedding (SmolLM2).
@@ -342,6 +353,10 @@ class CostModel:
             if name.endswith(("classifier.weight", "classifier.out_proj.weight")):
                 return int(shape[0])
         return 0
+
+    def _embedding_width(self) -> int:
+        """The width of input embeddings narrower than the layers, projected into them (ELECTRA-small); 0 otherwise."""
+        return next((int(s[1]) for n, s in self.shapes.items() if n.endswith("embeddings_project.weight")), 0)
 
     def _lm_vocab(self) -> int:
         """The vocabulary a causal LM predicts at every position (0 for classifiers)."""
@@ -461,7 +476,8 @@ class CostModel:
         if above:
             w = _Widths(w.hidden, w.heads[above:], w.a[above:], w.f[above:], w.kv[above:])
         return forward_flops(w, seq_len, num_labels=self.num_labels, patch_inputs=0 if above else self.patch_inputs,
-                             ffn_matrices=3 if self.adapter.causal_lm else 2, lm_vocab=self.lm_vocab)
+                             ffn_matrices=3 if self.adapter.causal_lm else 2, lm_vocab=self.lm_vocab,
+                             embedding=0 if above else self.embedding)
 
     def _trained(self, plan: SlicePlan, recipe: Recipe) -> dict[str, int]:
         """Name -> elements of every trained tensor: the slice's unfrozen tensors, or a LoRA recipe's adapters."""
@@ -489,7 +505,7 @@ class CostModel:
         else:
             layers = layer_activation_elements(w, **options)
             activations = activation_elements(w, arch=self.adapter.name, pixels=pixels, token_head=self.token_head,
-                                              **options)
+                                              embedding=self.embedding, **options)
         if recipe.lora_rank:  # x A^T per target weight, saved for B's gradient
             per_layer = [0] * len(layers)
             for name in target_weight_names(plan, recipe.lora_targets):
@@ -523,12 +539,10 @@ class CostModel:
         """What the input embeddings save for their backward (module docstring): BERT's LayerNorm input, output and
         statistics, ViT's pixels; both a dropout mask with hidden dropout. A Llama's lookup saves only the token ids."""
         tokens = batch_size * seq_len
-        saved = tokens * w.hidden if hidden_dropout else 0
         if self.adapter.post_ln:
-            saved += 2 * tokens * w.hidden + 2 * tokens
-        elif self.adapter.name == "vit":
-            saved += batch_size * pixels
-        return saved
+            return embedding_activation_elements(tokens, w.hidden, self.embedding, hidden_dropout)
+        saved = tokens * w.hidden if hidden_dropout else 0
+        return saved + batch_size * pixels if self.adapter.name == "vit" else saved
 
     def _seq_len(self, seq_len: int | None) -> int:
         if self.image_tokens is not None:

@@ -122,8 +122,8 @@ def _elastic_config(base: type[PretrainedConfig], model_type: str) -> type[Pretr
 
 
 # stock config -> the stock model classes built on it, each with the Auto factory that should load its elastic twin.
-# RoBERTa, XLM-R and CamemBERT copy BERT's module layout, and so does ELECTRA when its embeddings are as wide as its
-# layers; DistilBERT has an adapter of its own (raffm.arch).
+# RoBERTa, XLM-R, CamemBERT and ELECTRA copy BERT's module layout (ELECTRA-small adds an embedding projection);
+# DistilBERT has an adapter of its own (raffm.arch).
 _STOCK: dict[type[PretrainedConfig], tuple[tuple[type[PreTrainedModel], Any], ...]] = {
     BertConfig: ((BertModel, AutoModel), (BertForSequenceClassification, AutoModelForSequenceClassification)),
     RobertaConfig: ((RobertaModel, AutoModel), (RobertaForSequenceClassification, AutoModelForSequenceClassification)),

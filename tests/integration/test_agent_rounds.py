@@ -74,6 +74,36 @@ def test_a_probe_round_moves_only_the_head_and_the_next_round_does_not_download_
         fleet.stop()
 
 
+def test_an_electra_whose_embeddings_are_narrower_than_its_layers_trains_a_round(tmp_path: Path) -> None:
+    """ELECTRA-small's layout: 16-wide embeddings projected into 32-wide layers. The device builds its slice from the
+    manifest's config, trains above its frozen embeddings and projection, and the merged version keeps every shape."""
+    from transformers import AutoTokenizer, ElectraConfig, ElectraForSequenceClassification
+
+    from raffm.models import default_model_path
+
+    model = tmp_path / "tiny-electra"
+    torch.manual_seed(0)
+    ElectraForSequenceClassification(ElectraConfig(
+        vocab_size=30522, embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64, num_labels=2)).save_pretrained(model)
+    AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(model)
+    fleet = Fleet(tmp_path, job(model)).start()
+    try:
+        runner = AgentThread(agent_config(fleet, "pi-electra", tmp_path / "state", model)).start()
+        assert runner.join() == 0
+        assert [o.status for o in runner.agent.outcomes] == ["uploaded"]
+        [assignment] = runner.assignments
+        assert "electra.embeddings_project.weight" in recipe_from_proto(assignment.recipe).frozen
+        [rnd] = rounds(fleet)
+        rnd = fleet.wait_round(fleet.agg_stub(), rnd.round_id)
+        v0, v1 = (fleet.store.load(v) for v in ("job-v0", rnd.result_model_version))
+        assert v1["electra.embeddings.word_embeddings.weight"].shape == (30522, 16)
+        assert {n: t.shape for n, t in v0.items()} == {n: t.shape for n, t in v1.items()}
+        assert not torch.equal(v0["classifier.out_proj.weight"], v1["classifier.out_proj.weight"])
+    finally:
+        fleet.stop()
+
+
 def test_restarted_agent_keeps_its_identity(tmp_path: Path, model: Path) -> None:
     fleet = Fleet(tmp_path, job(model, rounds=2)).start()
     try:

@@ -169,3 +169,28 @@ def test_predicted_memory_of_a_probe_round(minilm, tmp_path: Path) -> None:
     print(f"\nprobe round: predicted {probe.costs.train_memory_mb:.1f} MB, measured {result.peak_mb:.1f} MB")
     assert result.exact
     assert probe.costs.train_memory_mb == pytest.approx(result.peak_mb, rel=0.10), probe.spec.key()
+
+
+def test_predicted_memory_of_an_electra_with_narrower_embeddings(tmp_path: Path) -> None:
+    """ELECTRA-small's shape (128-wide embeddings projected into 256-wide layers, 4 heads, FFN 1024; random weights
+    and half its depth): the strategy's plan for a small device, nested cut and checkpointing included, must be
+    priced as what training it really takes."""
+    import torch
+    from transformers import ElectraConfig, ElectraForSequenceClassification
+
+    torch.manual_seed(0)
+    model = ElectraForSequenceClassification(ElectraConfig(
+        vocab_size=30522, embedding_size=128, hidden_size=256, num_hidden_layers=6, num_attention_heads=4,
+        intermediate_size=1024, num_labels=2))
+    cm = CostModel.from_model(model)
+    profile = RoundBudget(train_memory_mb=100, gflops=100, up_mbps=100, down_mbps=100, deadline_s=3600,
+                          batch_size=BATCH, seq_len=SEQ)
+    picked = STRATEGIES["raffm"].plan(cm, profile)
+    assert picked.recipe.nested and picked.spec.layers[0].heads < 4
+    extract(model, picked.spec).save_pretrained(tmp_path)
+    result = measure_training_peak(tmp_path, batch_size=BATCH, seq_len=SEQ, steps=3, recipe=picked.recipe.to_dict())
+    print(f"\nELECTRA-small shape {picked.spec.key()}: predicted {picked.costs.train_memory_mb:.1f} MB, "
+          f"measured {result.peak_mb:.1f} MB")
+    assert result.exact and result.params == picked.costs.params
+    assert picked.costs.train_memory_mb == pytest.approx(result.peak_mb, rel=0.10), picked.spec.key()
+    assert result.peak_mb <= 100

@@ -170,10 +170,11 @@ def _padded_batch(batch: int, seq: int) -> dict[str, torch.Tensor]:
         ElasticSpec(hidden=64, layers=(LayerSpec(2, 16, 96),)),
     ],
 )
-@pytest.mark.parametrize("family", ["bert", "roberta", "electra", "distilbert"])
+@pytest.mark.parametrize("family", ["bert", "roberta", "electra", "electra-small", "distilbert"])
 def test_activation_formula_matches_what_autograd_saves_bert(spec, dropout, family) -> None:
     """The post-LN encoders: BERT (a pooler), RoBERTa and ELECTRA (a head that drops out the first token first),
-    DistilBERT (its own names, one hidden dropout per layer)."""
+    ELECTRA-small (narrower embeddings and their projection), DistilBERT (its own names, one hidden dropout per
+    layer)."""
     from transformers import DistilBertConfig, DistilBertForSequenceClassification, ElectraConfig, ElectraForSequenceClassification
 
     torch.manual_seed(0)
@@ -188,7 +189,8 @@ def test_activation_formula_matches_what_autograd_saves_bert(spec, dropout, fami
     elif family == "roberta":
         model = RobertaForSequenceClassification(RobertaConfig(max_position_embeddings=64, **sizes))
     else:
-        model = ElectraForSequenceClassification(ElectraConfig(embedding_size=64, **sizes))
+        embedding = 64 if family == "electra" else 24
+        model = ElectraForSequenceClassification(ElectraConfig(embedding_size=embedding, **sizes))
     cm = CostModel.from_model(model)
     spec = spec or ElasticSpec.full(cm.dims)
     sub = extract(model, spec).train()

@@ -17,8 +17,10 @@ from raffm.spec import ElasticSpec, LayerSpec, ModelDims
 from raffm.spp import prioritize
 from tests.unit.models_fixtures import inputs, make, output
 
-KINDS = ["bert", "bert-base", "roberta", "xlm-roberta", "camembert", "electra-base", "distilbert", "vit", "vit-base"]
+KINDS = ["bert", "bert-base", "roberta", "xlm-roberta", "camembert", "electra-base", "electra-small", "distilbert", "vit",
+         "vit-base"]
 AUTO = {"bert": AutoModelForSequenceClassification, "roberta": AutoModelForSequenceClassification,
+        "electra-small": AutoModelForSequenceClassification,
         "xlm-roberta": AutoModelForSequenceClassification, "camembert": AutoModelForSequenceClassification,
         "distilbert": AutoModelForSequenceClassification,
         "vit": AutoModelForImageClassification, "bert-base": AutoModel, "vit-base": AutoModel, "electra-base": AutoModel}
@@ -147,15 +149,19 @@ def test_scatter_of_slice_is_identity_on_kept_elements(spec: ElasticSpec) -> Non
     assert all(torch.equal(again[k], sub[k]) for k in sub)
 
 
-def test_an_electra_with_narrower_embeddings_is_refused_with_the_reason() -> None:
-    """ELECTRA-small projects 128-wide embeddings into 256-wide layers: that projection has no elastic rule."""
-    from transformers import ElectraConfig, ElectraForSequenceClassification
-
-    model = ElectraForSequenceClassification(ElectraConfig(vocab_size=120, embedding_size=16, hidden_size=48,
-                                                           num_hidden_layers=2, num_attention_heads=4,
-                                                           intermediate_size=96))
-    with pytest.raises(ValueError, match="embedding_size 16 != hidden_size 48"):
-        plan_for(model, ElasticSpec(hidden=48, layers=(LayerSpec(2, 12, 50),) * 2))
+def test_narrower_embeddings_keep_their_width_and_their_projection_is_cut_with_hidden() -> None:
+    """ELECTRA-small projects 128-wide embeddings into 256-wide layers: the embeddings are never cut, the projection's
+    rows follow the hidden width."""
+    model = prioritize(make("electra-small"))
+    spec = small_spec(adapter_for(model).dims(model.config))
+    plan = plan_for(model, spec)
+    assert plan["electra.embeddings.word_embeddings.weight"].sub_shape == (120, 16)
+    assert plan["electra.embeddings.LayerNorm.weight"].sub_shape == (16,)
+    assert plan["electra.embeddings_project.weight"].sub_shape == (spec.hidden, 16)
+    assert plan["electra.embeddings_project.bias"].sub_shape == (spec.hidden,)
+    sub = extract(model, spec)
+    assert sub.electra.embeddings_project.weight.shape == (spec.hidden, 16)
+    assert output(sub, inputs("electra-small")).shape == (2, 3)
 
 
 @pytest.mark.parametrize("kind", KINDS)
