@@ -59,7 +59,8 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServiceServicer):
         manifest = item.payload.manifest
         yield extractor_pb2.SliceMessage(manifest=manifest_to_proto(
             manifest, model_version=ticket.model_version, spec=spec_to_proto(ticket.elastic_spec),
-            chunk_bytes=chunk_bytes, architecture=item.architecture, wire_dtype=wire_dtype_to_proto(ticket.wire_dtype)))
+            chunk_bytes=chunk_bytes, architecture=item.architecture, wire_dtype=wire_dtype_to_proto(ticket.wire_dtype),
+            model_config_json=item.config_json))
         counter = self.service.metrics.bytes_down.labels(ticket.tier or "unknown", ticket.wire_dtype)
         sent = 0
         outcome = "aborted"

@@ -17,6 +17,7 @@ any number of replicas on any hosts serve the same tickets.
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import time
 from collections import OrderedDict
@@ -45,6 +46,7 @@ class Slice:
     key: SliceKey
     payload: WirePayload
     architecture: str
+    config_json: str  # the global model's HF config: with the spec, a device builds the sub-model from it
 
 
 class SliceCache:
@@ -178,7 +180,7 @@ class SliceService:
             names += sorted(adapters)
         payload = WirePayload.from_state(sub, ticket.wire_dtype, names=names,
                                          dtypes=recipe.download_dtypes(names, adapter.vocab_tensors(names)))
-        return Slice(key=key, payload=payload, architecture=adapter.name)
+        return Slice(key=key, payload=payload, architecture=adapter.name, config_json=json.dumps(config))
 
     @staticmethod
     def _read(reader: CheckpointReader, plan: SlicePlan) -> dict[str, torch.Tensor]:
