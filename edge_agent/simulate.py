@@ -119,6 +119,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", metavar="PATH",
                         help="data set to split: CSV/JSON-lines file, image array file, rotten_tomatoes or mnist "
                              "(required unless --control-plane)")
+    parser.add_argument("--text-column", default=d.text_column,
+                        help=f"text column of a CSV/JSON-lines --data (default: {d.text_column})")
+    parser.add_argument("--label-column", default=d.label_column,
+                        help=f"label column of a CSV/JSON-lines --data (default: {d.label_column})")
     parser.add_argument("--task", choices=("auto", "sequence-classification", "image-classification", "causal-lm"),
                         default="auto", help="how to read --data: auto (the default) reads a JSON-lines file of "
                                              "{prompt, response} objects as causal-LM pairs, anything else as the "
@@ -241,7 +245,8 @@ def plan_devices(args: argparse.Namespace) -> list[tuple[AgentConfig, Any]]:
         raise ValueError("--data is required (or --control-plane, which makes a tiny synthetic share per device)")
     else:
         task = getattr(args, "task", "auto")
-        data = load_local_data(args.data, task=sniff_task(args.data) if task == "auto" else task)
+        data = load_local_data(args.data, text_column=args.text_column, label_column=args.label_column,
+                               task=sniff_task(args.data) if task == "auto" else task)
         if args.max_examples:
             data = data.subset(range(min(args.max_examples, len(data))))
         shares = split_data(data, args.devices, args.alpha, args.seed)

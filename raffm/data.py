@@ -109,7 +109,8 @@ def load_text_file(path: str | Path, *, text_column: str = "text", label_column:
     for i, row in enumerate(rows):
         if text_column not in row or (label_column is not None and label_column not in row):
             wanted = repr(text_column) if label_column is None else f"{text_column!r} or {label_column!r}"
-            raise ValueError(f"{path} row {i + 1} lacks column {wanted}: has {sorted(row)}")
+            raise ValueError(f"{path} row {i + 1} lacks column {wanted}: has {sorted(row)}; name the columns to read "
+                             "with --text-column and --label-column")
     if label_column is None:
         return TextDataset([str(r[text_column]) for r in rows], [0] * len(rows), ())
     raw = [str(r[label_column]) for r in rows]

@@ -70,6 +70,8 @@ class DemoSettings:
     seed: int = 0
     model: str = "minilm"
     data: str = "rotten_tomatoes"
+    text_column: str = "text"  # of a CSV/JSON-lines --data
+    label_column: str = "label"
     out: Path | None = None
     baseline: str = "none"  # or "fedavg"
     strategy: str = "raffm"
@@ -170,7 +172,8 @@ def prepare_data(settings: DemoSettings, data_dir: Path) -> DemoData:
     from edge_agent.localdata import load_local_data
 
     # Labels travel as numbers (the data's label ids); their names go to the job.
-    return split_and_write(settings, load_local_data(settings.data), data_dir)
+    data = load_local_data(settings.data, text_column=settings.text_column, label_column=settings.label_column)
+    return split_and_write(settings, data, data_dir)
 
 
 def split_and_write(settings: DemoSettings, data: Any, data_dir: Path) -> DemoData:
@@ -493,6 +496,8 @@ def register(subparsers: Any) -> None:
                              "text,label, or a .pt/.npz file with images and labels; the labels and the task come "
                              "from the data; for a decoder LLM rotten_tomatoes or a JSON-lines file of "
                              "{prompt, response} pairs (default: rotten_tomatoes)")
+    parser.add_argument("--text-column", help=f"text column of a CSV/JSON-lines --data (default: {d.text_column})")
+    parser.add_argument("--label-column", help=f"label column of a CSV/JSON-lines --data (default: {d.label_column})")
     parser.add_argument("--out", type=Path, help="run directory (default: runs/<timestamp>)")
     parser.add_argument("--baseline", choices=("none", "fedavg"), default=d.baseline,
                         help="fedavg: every device trains the full model with plain FedAvg, for comparison (a "
