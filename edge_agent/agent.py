@@ -293,15 +293,13 @@ class Agent:
         self.stopper.check()
 
         # 2. Download (memory measured from here: the downloaded weights are part of the round's footprint).
-        if not self._warmed_up and not image and not process_shared():
-            # A one-layer model of the same width trains first, so the runtime's one-off lazy init (thread pools,
+        if not self._warmed_up and not process_shared():
+            # A one-layer model of the same kind trains first, so the runtime's one-off lazy init (thread pools,
             # kernel caches, BLAS buffers) is not charged to the first round's measured peak (in a process that
             # many agents share, no agent's peak is its own: nothing to calibrate).
-            from transformers import BertConfig
+            from raffm.memory import warm_up_config, warm_up_runtime
 
-            from raffm.memory import warm_up_runtime
-
-            warm_up_runtime(self._last_config or BertConfig(), local.batch_size, local.seq_len)
+            warm_up_runtime(self._last_config or warm_up_config(data), local.batch_size, local.seq_len)
             self._warmed_up = True
             self.stopper.check()
         meter = trainer.MemoryMeter()

@@ -179,32 +179,70 @@ def warm_up_runtime(config: Any, batch_size: int, seq_len: int) -> None:
     lazy init is not charged to the model. The width matters: BLAS libraries size their per-thread packing buffers
     by the matrices they first multiply, and keep them (a constant 15 MiB on some CPUs, none on others)."""
     import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSequenceClassification
 
     values = config.to_dict()
     for key in ("raffm_spec", "transformers_version", "architectures", "_name_or_path"):
         values.pop(key, None)
     model_type = values.pop("model_type").removeprefix("raffm_")
     values.update(num_hidden_layers=1, vocab_size=64)
-    tiny = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(model_type, **values))
-    _train(tiny, batch_size=batch_size, seq_len=seq_len, steps=2, vocab=64)
+    image = _is_image(config)
+    auto: Any = AutoModelForImageClassification if image else AutoModelForSequenceClassification
+    tiny = auto.from_config(AutoConfig.for_model(model_type, **values))
+    _train(tiny, batch_size=batch_size, seq_len=seq_len, steps=2, vocab=64, image=image)
     del tiny
     gc.collect()
     torch.manual_seed(0)
 
 
-def _train(model: Any, *, batch_size: int, seq_len: int, steps: int, vocab: int) -> None:
-    """``steps`` plain AdamW steps (forward, backward, step, zero_grad) on random tokens; model in train mode."""
+def warm_up_config(data: Any) -> Any:
+    """What to warm the runtime up with before the job's own config is known (a device's first round, before its
+    download): BERT-base for text; for images, a small ViT of the data's size and channels in 4 x 4 patches."""
+    from transformers import BertConfig
+
+    from raffm.data import ImageDataset
+    from raffm.models import small_vit_config
+
+    if not isinstance(data, ImageDataset):
+        return BertConfig()
+    _, channels, size, _ = data.images.shape
+    return small_vit_config(num_labels=max(data.num_labels, 2), image_size=size, num_channels=channels,
+                            patch_size=max(1, size // 4))
+
+
+def _is_image(config: Any) -> bool:
+    from raffm.arch import adapter_for
+
+    return adapter_for(config).name == "vit"
+
+
+def _random_images(config: Any, n: int) -> Any:
+    """``n`` random images of the size and channels a ViT config takes, their labels spread over its labels."""
+    import torch
+
+    from raffm.data import ImageDataset
+
+    size, channels, labels = int(config.image_size), int(config.num_channels), int(config.num_labels)
+    images = torch.rand(n, channels, size, size, generator=torch.Generator().manual_seed(0))
+    return ImageDataset(images, [i % labels for i in range(n)], tuple(str(i) for i in range(labels)))
+
+
+def _train(model: Any, *, batch_size: int, seq_len: int, steps: int, vocab: int, image: bool = False) -> None:
+    """``steps`` plain AdamW steps (forward, backward, step, zero_grad) on random tokens or images; model in train
+    mode."""
     import torch
 
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (batch_size, seq_len), generator=generator)
-    mask = torch.ones(batch_size, seq_len, dtype=torch.long)
     labels = torch.randint(0, int(model.config.num_labels), (batch_size,), generator=generator)
+    if image:
+        inputs = {"pixel_values": _random_images(model.config, batch_size).images}
+    else:
+        inputs = {"input_ids": torch.randint(0, vocab, (batch_size, seq_len), generator=generator),
+                  "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long)}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     model.train()
     for _ in range(steps):
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss = model(**inputs, labels=labels).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -229,8 +267,9 @@ def training_peak(
 ) -> TrainingPeak:
     """Load a saved model from ``model_dir`` and train it the way a device does (:func:`raffm.training.train_local`
     with ``recipe``, the received weights spilled to disk and memory-mapped), measuring peak memory. A sequence
-    classifier trains on random tokens; a causal LM (``*ForCausalLM`` in its config) on prompt -> response pairs
-    through the folder's own tokenizer, of every length up to ``seq_len`` (so most rows are padded, as real data is).
+    classifier trains on random tokens, an image classifier on random images (``seq_len``: its tokens per image); a
+    causal LM (``*ForCausalLM`` in its config) on prompt -> response pairs through the folder's own tokenizer, of
+    every length up to ``seq_len`` (so most rows are padded, as real data is).
 
     Run this in a fresh process (:func:`measure_training_peak`): the interpreter's earlier allocations then neither
     pollute the baseline nor hide in freed heap that the training would reuse. At least 2 steps are needed to see
@@ -239,7 +278,10 @@ def training_peak(
     import tempfile
 
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoConfig, AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     import raffm.elastic  # noqa: F401  (registers the elastic classes with the Auto factories)
     from raffm.data import TextDataset
@@ -259,6 +301,8 @@ def training_peak(
         auto: Any = AutoModelForCausalLM
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         data: Any = InstructionDataset([" ".join(["a"] * (1 + i * 7 % seq_len)) for i in range(rows)], [" a"] * rows)
+    elif _is_image(config):
+        auto, tokenizer, data = AutoModelForImageClassification, None, _random_images(config, rows)
     else:
         auto = AutoModelForSequenceClassification
         tokenizer = _RandomTokens(int(config.vocab_size))

@@ -194,3 +194,28 @@ def test_predicted_memory_of_an_electra_with_narrower_embeddings(tmp_path: Path)
     assert result.exact and result.params == picked.costs.params
     assert picked.costs.train_memory_mb == pytest.approx(result.peak_mb, rel=0.10), picked.spec.key()
     assert result.peak_mb <= 100
+
+
+def test_predicted_memory_of_a_vit_on_colour_images(tmp_path: Path) -> None:
+    """The demo's small ViT on 32 x 32 colour images (64 patches and a class token, CIFAR's size): the strategy's
+    plan for a small device, checkpointed with nested cuts, priced as what training it really takes."""
+    import torch
+
+    from raffm.models import model_from_config, small_vit_config
+
+    torch.manual_seed(0)
+    model = model_from_config(small_vit_config(num_labels=10, image_size=32, num_channels=3),
+                              task="image-classification")
+    cm = CostModel.from_model(model)
+    profile = RoundBudget(train_memory_mb=172, gflops=100, up_mbps=100, down_mbps=100, deadline_s=3600,
+                          batch_size=BATCH, seq_len=cm.image_tokens)
+    picked = STRATEGIES["raffm"].plan(cm, profile)
+    assert picked.recipe.nested and picked.recipe.checkpointing
+    extract(model, picked.spec).save_pretrained(tmp_path)
+    result = measure_training_peak(tmp_path, batch_size=BATCH, seq_len=cm.image_tokens, steps=3,
+                                   recipe=picked.recipe.to_dict())
+    print(f"\nViT 32 x 32 x 3 {picked.spec.key()}: predicted {picked.costs.train_memory_mb:.1f} MB, "
+          f"measured {result.peak_mb:.1f} MB")
+    assert result.exact and result.params == picked.costs.params
+    assert picked.costs.train_memory_mb == pytest.approx(result.peak_mb, rel=0.10), picked.spec.key()
+    assert result.peak_mb <= 172
