@@ -26,11 +26,12 @@ Activations ``A``: what autograd saves in torch 2.13 (CPU, ``attn_implementation
 
 - BERT-family encoders (post-LN: BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA, DistilBERT): embeddings ``2 T h + 2 T``
   (+``T h`` dropout mask; embeddings of a narrower width ``e`` projected into the layers, as ELECTRA-small's:
-  ``2 T e + 2 T + T h``, +``T e``); per layer ``T (4h + 4a + 2f) + 4T`` (input, LayerNorm inputs/outputs; q, k, v, context;
-  GELU input/output; LN statistics), plus ``2 T h`` dropout masks when hidden dropout > 0 (CPU dropout saves a float
-  mask; DistilBERT, with dropout after its FFN only, ``T h``), plus ``3 S`` (softmax output, its dropout mask and
-  the dropped probabilities: SDPA falls back to the math kernel with attention dropout) or ``B * heads * L`` (the
-  log-sum-exp of the flash kernel) without attention dropout, plus the padding mask it keeps, ``B L^2``, for text.
+  ``2 T e + 2 T + T h``, +``T e``); per layer ``T (4h + 4a + 2f) + 4T`` (input, LayerNorm inputs/outputs; q, k, v,
+  context; GELU input/output; LN statistics), plus ``2 T h`` dropout masks when hidden dropout > 0 (CPU dropout
+  saves a float mask; DistilBERT, with dropout after its FFN only, ``T h``), plus ``3 S`` (softmax output, its
+  dropout mask and the dropped probabilities: SDPA falls back to the math kernel with attention dropout) or
+  ``B * heads * L`` (the log-sum-exp of the flash kernel) without attention dropout, plus the padding mask it keeps,
+  ``B L^2``, for text.
 - ViT (pre-LN): the same per-layer terms; embeddings keep the pixels ``B * 3 * H * W`` and the final LayerNorm
   ``2 T h``; ``L`` is the number of patches + 1, read from the position embeddings.
 - Llama family (pre-RMSNorm, SwiGLU, grouped-query attention, no dropout), with ``a`` the query width (KV groups x

@@ -211,6 +211,7 @@ def warm_up_config(data: Any) -> Any:
 
 
 def _is_image(config: Any) -> bool:
+    """Whether a config is a ViT's (its ``architectures`` may be gone: a device's global config drops them)."""
     from raffm.arch import adapter_for
 
     return adapter_for(config).name == "vit"

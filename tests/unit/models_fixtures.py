@@ -63,7 +63,9 @@ def make(kind: str, seed: int = 0) -> PreTrainedModel:
     elif kind == "electra-base":  # embeddings as wide as the layers (ELECTRA-base/large), no projection
         model = ElectraModel(ElectraConfig(vocab_size=120, embedding_size=SMALL["hidden_size"], **SMALL))
     elif kind == "electra-small":  # narrower embeddings projected into the layers (ELECTRA-small)
-        model = ElectraForSequenceClassification(ElectraConfig(vocab_size=120, embedding_size=16, num_labels=3, **SMALL))
+        model = ElectraForSequenceClassification(
+            ElectraConfig(vocab_size=120, embedding_size=16, num_labels=3, **SMALL)
+        )
     elif kind == "vit":
         model = ViTForImageClassification(
             ViTConfig(image_size=28, patch_size=7, num_channels=1, num_labels=10, **SMALL)

@@ -17,8 +17,8 @@ from raffm.spec import ElasticSpec, LayerSpec, ModelDims
 from raffm.spp import prioritize
 from tests.unit.models_fixtures import inputs, make, output
 
-KINDS = ["bert", "bert-base", "roberta", "xlm-roberta", "camembert", "electra-base", "electra-small", "distilbert", "vit",
-         "vit-base"]
+KINDS = ["bert", "bert-base", "roberta", "xlm-roberta", "camembert", "electra-base", "electra-small", "distilbert",
+         "vit", "vit-base"]
 AUTO = {"bert": AutoModelForSequenceClassification, "roberta": AutoModelForSequenceClassification,
         "electra-small": AutoModelForSequenceClassification,
         "xlm-roberta": AutoModelForSequenceClassification, "camembert": AutoModelForSequenceClassification,
