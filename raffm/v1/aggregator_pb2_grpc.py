@@ -90,7 +90,8 @@ class AggregatorServiceServicer:
         ends with an error status instead (see UploadAck). Late uploads (after the round deadline or close) are refused
         with FAILED_PRECONDITION. One stream per ticket at a time: a second one is refused with ABORTED while the first
         runs. When resuming (see QueryUpload), send the header and the full manifest again, then chunks from the resume
-        point.
+        point. Every message must fit the server's message-size limit (64 MiB unless its --max-message-mb says
+        otherwise): split large tensors into chunks (the agent sends 1 MiB).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
