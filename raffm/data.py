@@ -111,6 +111,10 @@ def load_text_file(path: str | Path, *, text_column: str = "text", label_column:
             wanted = repr(text_column) if label_column is None else f"{text_column!r} or {label_column!r}"
             raise ValueError(f"{path} row {i + 1} lacks column {wanted}: has {sorted(row)}; name the columns to read "
                              "with --text-column and --label-column")
+        empty = [c for c in (text_column, label_column) if c is not None and row[c] in (None, "")]
+        if empty:
+            raise ValueError(f"{path} row {i + 1} has no {' and no '.join(map(repr, empty))}: every example needs "
+                             "them; drop or fill that row")
     if label_column is None:
         return TextDataset([str(r[text_column]) for r in rows], [0] * len(rows), ())
     raw = [str(r[label_column]) for r in rows]
