@@ -28,10 +28,11 @@ def register(subparsers: Any) -> None:
     budget.add_argument("--memory-mb", type=float, help="training memory budget of the target device, MiB")
     budget.add_argument("--spec", type=Path, help="an ElasticSpec JSON file (as written by `raffm extract`)")
     extract.add_argument("--batch-size", type=int, default=16, help="training batch size the budget is for (16)")
-    extract.add_argument("--seq-len", type=int, default=64, help="training sequence length the budget is for (64)")
-    extract.add_argument(
-        "--task", default="sequence-classification", choices=("sequence-classification", "image-classification")
-    )
+    extract.add_argument("--seq-len", type=int, default=64,
+                         help="training sequence length the budget is for (64; a ViT's is its patches + 1)")
+    extract.add_argument("--task", choices=("sequence-classification", "image-classification", "causal-lm"),
+                         help="the task head to cut with (default: the model's own: images for a ViT, generation for "
+                              "a decoder LLM, else text classification)")
     extract.add_argument("--num-labels", type=int, default=2, help="outputs of the task head (2)")
     extract.add_argument("--strategy", default="raffm", help="the method whose recipe the budget is priced with: "
                          "raffm (frozen embeddings and first layer, nested cuts, checkpointing when needed), fedavg, paper, "
@@ -43,7 +44,8 @@ def register(subparsers: Any) -> None:
     inspect = subparsers.add_parser(
         "inspect",
         help="print the spec and predicted costs of a sub-model folder",
-        description="Print the elastic spec a sub-model folder carries in its config, and its predicted costs.",
+        description="Print the elastic spec a sub-model folder carries in its config, and its predicted costs with "
+                    "the recipe it was cut for (its recipe.json).",
     )
     inspect.add_argument("folder", type=Path, help="a folder written by `raffm extract`")
     inspect.add_argument("--batch-size", type=int, default=16)
@@ -55,14 +57,17 @@ def run_extract(args: argparse.Namespace) -> int:
     from raffm.costs import CostModel
     from raffm.elastic import extract
     from raffm.fitting import RoundBudget
-    from raffm.models import load_global_model, resolve_model
+    from raffm.models import load_config, load_global_model, resolve_model
+    from raffm.planning import default_task
     from raffm.spec import ElasticSpec
     from raffm.spp import prioritize
     from raffm.strategy import strategy_named
 
     strategy = strategy_named(args.strategy)
-    model = prioritize(load_global_model(args.model, task=args.task, num_labels=args.num_labels))
+    task = args.task or default_task(load_config(args.model).model_type)
+    model = prioritize(load_global_model(args.model, task=task, num_labels=args.num_labels))
     costs_of = CostModel.from_model(model)
+    seq_len = costs_of.image_tokens or args.seq_len
     if args.spec is not None:
         spec = ElasticSpec.from_json(args.spec.read_text()).validate(costs_of.dims)
         recipe = strategy.recipe_for(spec, costs_of)
@@ -70,11 +75,11 @@ def run_extract(args: argparse.Namespace) -> int:
         # Unbounded compute, links and deadline: `raffm extract --memory-mb` fits memory only.
         profile = RoundBudget(
             train_memory_mb=args.memory_mb, gflops=1e7, up_mbps=1e6, down_mbps=1e6, deadline_s=7 * 86400,
-            batch_size=args.batch_size, seq_len=args.seq_len,
+            batch_size=args.batch_size, seq_len=seq_len,
         )
         planned = strategy.plan(costs_of, profile, wire_dtype=args.wire_dtype)
         spec, recipe = planned.spec, planned.recipe
-    costs = costs_of.estimate(spec, batch_size=args.batch_size, seq_len=args.seq_len, wire_dtype=args.wire_dtype,
+    costs = costs_of.estimate(spec, batch_size=args.batch_size, seq_len=seq_len, wire_dtype=args.wire_dtype,
                               recipe=recipe)
     sub = extract(model, spec)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -97,8 +102,11 @@ def run_inspect(args: argparse.Namespace) -> int:
     from raffm.arch import adapter_for
     from raffm.costs import CostModel
     from raffm.elastic import ELASTIC_CLASSES
+    from raffm.recipe import Recipe
     from raffm.spec import ElasticSpec
 
+    if not (args.folder / "config.json").is_file():
+        raise ValueError(f"{args.folder} has no config.json; pass a folder written by `raffm extract`")
     config = AutoConfig.from_pretrained(args.folder)
     if getattr(config, "raffm_spec", None) is None:
         raise ValueError(f"{args.folder} is not a RaFFM sub-model (its config has no raffm_spec); make one with `raffm extract`")
@@ -109,7 +117,10 @@ def run_inspect(args: argparse.Namespace) -> int:
         global_model = stock(global_config)
     adapter = adapter_for(global_model)
     cost_model = CostModel(adapter, adapter.dims(global_config), {n: tuple(t.shape) for n, t in global_model.state_dict().items()})
-    costs = cost_model.estimate(spec, batch_size=args.batch_size, seq_len=args.seq_len)
+    recipe_file = args.folder / "recipe.json"  # how the device trains it, as `raffm extract` priced it
+    recipe = Recipe.from_dict(json.loads(recipe_file.read_text())) if recipe_file.is_file() else None
+    costs = cost_model.estimate(spec, batch_size=args.batch_size, seq_len=cost_model.image_tokens or args.seq_len,
+                                recipe=recipe)
     print(f"{args.folder}: {stock.__name__} sub-model")
     print(_describe(spec, costs))
     return 0

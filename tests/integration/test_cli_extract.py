@@ -37,6 +37,23 @@ def test_extract_to_memory_budget_then_inspect(tmp_path: Path, capsys: pytest.Ca
     printed = capsys.readouterr().out
     assert f"hidden {spec.hidden}, {spec.depth} layers" in printed
     assert f"{costs['params']:,} parameters" in printed
+    assert f"peak training memory {costs['train_memory_mb']:.0f} MiB" in printed  # priced with its recipe, as cut
+
+
+def test_a_vit_is_cut_for_images_without_being_told(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The task comes from the model (a ViT classifies images) and its sequence from its patches."""
+    from raffm.models import model_from_config, small_vit_config
+
+    vit = tmp_path / "vit"
+    model_from_config(small_vit_config(num_labels=10), task="image-classification").save_pretrained(vit)
+    out = tmp_path / "sub"
+    assert main(["extract", "--model", str(vit), "--out", str(out), "--memory-mb", "150", "--num-labels", "10"]) == 0
+    costs = json.loads((out / "costs.json").read_text())
+    assert costs["seq_len"] == 17 and costs["train_memory_mb"] <= 150  # 16 patches of 7 x 7 and the class token
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["ElasticViTForImageClassification"]
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    assert f"peak training memory {costs['train_memory_mb']:.0f} MiB" in capsys.readouterr().out
 
 
 def test_a_full_budget_extraction_is_the_original_model(tmp_path: Path) -> None:
@@ -71,3 +88,5 @@ def test_bad_inputs_are_clear_errors_and_write_nothing(tmp_path: Path, capsys: p
     assert "raise --memory-mb" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     assert main(["inspect", str(tmp_path)]) != 0
+    assert main(["inspect", str(tmp_path / "missing")]) == 2
+    assert "has no config.json; pass a folder written by `raffm extract`" in capsys.readouterr().err
