@@ -3,7 +3,8 @@
 It does what `protos/raffm/v1/*.proto` tells a client to do (register, poll, download the slice named by the ticket,
 check every tensor's sha256, train, upload the delta of the tensors its recipe does not freeze, with an empty
 TrainMetrics) and the services must take its update into the next version exactly. What it gets wrong must come back
-as a status and an ErrorDetail that say what to fix, and the corrected upload must still be accepted.
+as a status and an ErrorDetail that say what to fix, and the corrected upload must still be accepted; a broken upload
+resumes from where QueryUpload says.
 """
 
 from __future__ import annotations
@@ -83,11 +84,13 @@ def _upload(ticket: bytes, samples: int, assignment: aggregator_pb2.Assignment,
                                                                             data=raw[offset:offset + CHUNK]))
 
 
-def test_a_client_written_from_the_protos_trains_a_round(fleet: Fleet) -> None:
+def _join_and_download(fleet: Fleet, name: str):
+    """Register, heartbeat, poll until assigned and download the slice, as the protos say; returns the aggregator
+    stub, the bearer metadata, the assignment, and the received tensors."""
     registry = registry_pb2_grpc.RegistryServiceStub(grpc.insecure_channel(fleet.registry.address))
     aggregator = aggregator_pb2_grpc.AggregatorServiceStub(
         grpc.insecure_channel(f"127.0.0.1:{fleet.aggregator.server.port}"))
-    reply = registry.Register(registry_pb2.RegisterRequest(enroll_key=ENROLL_KEY, name="from-the-protos", profile=(
+    reply = registry.Register(registry_pb2.RegisterRequest(enroll_key=ENROLL_KEY, name=name, profile=(
         common_pb2.DeviceProfile(train_memory_mb=1024, gflops=50, up_mbps=100, down_mbps=100, tier="laptop"))),
         timeout=30)
     md = (("authorization", f"Bearer {reply.token}"),)
@@ -104,14 +107,44 @@ def test_a_client_written_from_the_protos_trains_a_round(fleet: Fleet) -> None:
     assert manifest.model_version == a.model_version and manifest.spec == a.spec
     # what the device builds its sub-model from: the global model's config, its own copy not needed
     assert json.loads(manifest.model_config_json) == fleet.store.info(a.model_version).config
+    return aggregator, md, a, received
 
-    # "Training": a fixed step on every tensor the recipe trains, sent at the job's wire dtype (fp16).
+
+def _delta(a: aggregator_pb2.Assignment, received: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """"Training": a fixed step on every tensor the recipe trains, at the job's wire dtype (fp16)."""
     frozen = set(a.recipe.frozen_tensors)
     assert frozen and frozen < set(received)
     generator = torch.Generator().manual_seed(0)
-    delta = {n: (torch.randn(t.shape, generator=generator) * 1e-2).to(torch.float16)
-             for n, t in received.items() if n not in frozen}
+    return {n: (torch.randn(t.shape, generator=generator) * 1e-2).to(torch.float16)
+            for n, t in received.items() if n not in frozen}
+
+
+def _closed(aggregator, md, round_id: str) -> aggregator_pb2.Round:
+    end = time.monotonic() + 60
+    while (rnd := aggregator.GetRound(aggregator_pb2.GetRoundRequest(round_id=round_id), metadata=md,
+                                      timeout=30)).state != aggregator_pb2.ROUND_STATE_CLOSED:
+        assert rnd.state != aggregator_pb2.ROUND_STATE_FAILED and time.monotonic() < end, rnd
+        time.sleep(0.1)
+    return rnd
+
+
+def _assert_applied(fleet: Fleet, a: aggregator_pb2.Assignment, rnd: aggregator_pb2.Round,
+                    delta: dict[str, torch.Tensor]) -> None:
+    """The one update is the round's mean delta, applied as it came (server momentum starts from it)."""
+    before, after = fleet.store.load(a.model_version), fleet.store.load(rnd.result_model_version)
+    for name in before:
+        change = after[name] - before[name]
+        if name in delta:
+            assert torch.allclose(change, delta[name].float(), atol=1e-6), name
+        else:
+            assert not change.any(), name
+
+
+def test_a_client_written_from_the_protos_trains_a_round(fleet: Fleet) -> None:
+    aggregator, md, a, received = _join_and_download(fleet, "from-the-protos")
+    delta = _delta(a, received)
     samples = a.hparams.batch_size * a.hparams.local_steps
+    frozen = set(a.recipe.frozen_tensors)
 
     # Mistakes come back with what to fix, and lose nothing: a frozen tensor uploaded, then a corrupted checksum.
     frozen_name = sorted(frozen)[0]
@@ -127,17 +160,33 @@ def test_a_client_written_from_the_protos_trains_a_round(fleet: Fleet) -> None:
 
     ack = aggregator.UploadUpdate(_upload(a.ticket, samples, a, delta), metadata=md, timeout=60)
     assert ack.accepted and ack.tensors_received == len(delta)
-    end = time.monotonic() + 60
-    while (rnd := aggregator.GetRound(aggregator_pb2.GetRoundRequest(round_id=a.round_id), metadata=md,
-                                      timeout=30)).state != aggregator_pb2.ROUND_STATE_CLOSED:
-        assert rnd.state != aggregator_pb2.ROUND_STATE_FAILED and time.monotonic() < end, rnd
-        time.sleep(0.1)
+    rnd = _closed(aggregator, md, a.round_id)
     assert rnd.accepted == 1
-    # The one update is the round's mean delta, applied as it came (server momentum starts from it).
-    before, after = fleet.store.load(a.model_version), fleet.store.load(rnd.result_model_version)
-    for name in before:
-        change = after[name] - before[name]
-        if name in delta:
-            assert torch.allclose(change, delta[name].float(), atol=1e-6), name
-        else:
-            assert not change.any(), name
+    _assert_applied(fleet, a, rnd, delta)
+
+
+def test_a_broken_upload_resumes_where_query_upload_says(fleet: Fleet) -> None:
+    """The stream breaks after some chunks; QueryUpload names the first byte not held, and the header, the manifest
+    and the chunks from there complete the update."""
+    aggregator, md, a, received = _join_and_download(fleet, "resumer")
+    delta = _delta(a, received)
+    messages = list(_upload(a.ticket, 5, a, delta))
+    chunks = len(messages) - 2
+    assert chunks > 4
+
+    def broken() -> Iterator[aggregator_pb2.UploadMessage]:
+        yield from messages[: 2 + chunks // 2]
+        raise ConnectionError("the link went down")
+
+    with pytest.raises(grpc.RpcError):
+        aggregator.UploadUpdate(broken(), metadata=md, timeout=60)
+    held = aggregator.QueryUpload(aggregator_pb2.QueryUploadRequest(ticket=a.ticket), metadata=md, timeout=30)
+    assert not held.committed and held.bytes_received > 0 and held.resume_from.tensor
+    point = held.resume_from
+    names = list(delta)
+    rest = [m for m in messages[2:] if names.index(m.chunk.tensor) > names.index(point.tensor)
+            or (m.chunk.tensor == point.tensor and m.chunk.offset >= point.offset)]
+    assert len(rest) < chunks
+    ack = aggregator.UploadUpdate(iter(messages[:2] + rest), metadata=md, timeout=60)
+    assert ack.accepted
+    _assert_applied(fleet, a, _closed(aggregator, md, a.round_id), delta)
