@@ -17,6 +17,7 @@ from raffm.proto import (
 from raffm.v1 import aggregator_pb2, aggregator_pb2_grpc
 from raffm.wire import WireError
 from services.aggregator.assignments import Assignment, Wait
+from services.aggregator.config import JobConfig
 from services.aggregator.coordinator import RoundCoordinator
 from services.aggregator.devices import DeviceDirectory
 from services.aggregator.reports import header_metrics
@@ -65,21 +66,25 @@ TASK_KINDS: dict[str, tuple[aggregator_pb2.TaskKind, str]] = {
 }
 
 
-def assignment_to_proto(a: Assignment, extractor_target: str) -> aggregator_pb2.Assignment:
-    job = a.job
-    hp = aggregator_pb2.HyperParams(
+def hparams_to_proto(job: JobConfig, seed: int) -> aggregator_pb2.HyperParams:
+    return aggregator_pb2.HyperParams(
         local_epochs=job.local_epochs, local_steps=job.local_steps, batch_size=job.batch_size, seq_len=job.seq_len,
         lr=job.lr, fedprox_mu=job.fedprox_mu, wire_dtype=wire_dtype_to_proto(job.wire_dtype),
-        weight_decay=job.weight_decay, seed=job.seed + a.round_index, optimizer=job.optimizer,
-        warmup_steps=job.warmup_steps)
+        weight_decay=job.weight_decay, seed=seed, optimizer=job.optimizer, warmup_steps=job.warmup_steps)
+
+
+def task_to_proto(job: JobConfig) -> aggregator_pb2.TaskInfo:
     kind, architecture = TASK_KINDS[job.task]
+    return aggregator_pb2.TaskInfo(kind=kind, num_labels=0 if job.task == "causal-lm" else job.num_labels,
+                                   dataset=job.dataset, architecture=architecture)
+
+
+def assignment_to_proto(a: Assignment, extractor_target: str) -> aggregator_pb2.Assignment:
     return aggregator_pb2.Assignment(
-        round_id=a.round_id, job_id=a.job_id, model_version=a.model_version, spec=spec_to_proto(a.spec), hparams=hp,
-        deadline=_ts(a.deadline), ticket=a.ticket,
-        task=aggregator_pb2.TaskInfo(kind=kind, num_labels=0 if job.task == "causal-lm" else job.num_labels,
-                                     dataset=job.dataset, architecture=architecture),
-        extractor_target=extractor_target, predicted=cost_to_proto(a.predicted), round_index=a.round_index,
-        recipe=recipe_to_proto(a.recipe))
+        round_id=a.round_id, job_id=a.job_id, model_version=a.model_version, spec=spec_to_proto(a.spec),
+        hparams=hparams_to_proto(a.job, a.job.seed + a.round_index), deadline=_ts(a.deadline), ticket=a.ticket,
+        task=task_to_proto(a.job), extractor_target=extractor_target, predicted=cost_to_proto(a.predicted),
+        round_index=a.round_index, recipe=recipe_to_proto(a.recipe))
 
 
 class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
@@ -235,8 +240,8 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
                          else aggregator_pb2.AGGREGATION_MODE_SLICED_FEDAVG),
             server_lr=j.server_lr, server_optimizer="fedavgm" if j.method().server_momentum else "none",
             current_round=rec.current_round,
-            model_version=rec.model_version, created_at=_ts(rec.created_at),
-            task=aggregator_pb2.TaskInfo(num_labels=j.num_labels, dataset=j.dataset))
+            model_version=rec.model_version, created_at=_ts(rec.created_at), task=task_to_proto(j),
+            hparams=hparams_to_proto(j, j.seed))
 
     async def GetRound(self, request: aggregator_pb2.GetRoundRequest, context: Any) -> aggregator_pb2.Round:
         current_principal()

@@ -108,6 +108,11 @@ def _three_device_round(tmp_path: Path, wire_dtype: str, db_url: str = "") -> No
 
         job_msg = stub.GetJob(aggregator_pb2.GetJobRequest(), metadata=fleet.operator, timeout=10)
         assert job_msg.model_version == "job-v1" and job_msg.current_round == 2
+        # the job as devices are told it: the same task and hyper-parameters as an assignment (its seed: the job's)
+        assigned = fleet.poll(stub, fleet.devices[next(iter(fleet.devices))]).assignment
+        assert job_msg.task == assigned.task and job_msg.task.kind == aggregator_pb2.TASK_KIND_TEXT_CLASSIFICATION
+        assert job_msg.hparams == aggregator_pb2.HyperParams(**{
+            **{f.name: v for f, v in assigned.hparams.ListFields()}, "seed": job.seed})
         listed = stub.ListRounds(aggregator_pb2.ListRoundsRequest(), metadata=fleet.operator, timeout=10)
         assert [r.round_id for r in listed.rounds] == ["job-r2", "job-r1"]
         text = _metrics_text(fleet)
