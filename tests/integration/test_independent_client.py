@@ -159,7 +159,8 @@ def test_a_client_written_from_the_protos_trains_a_round(fleet: Fleet) -> None:
     assert _error(err.value).reject_reason == "checksum"
 
     ack = aggregator.UploadUpdate(_upload(a.ticket, samples, a, delta), metadata=md, timeout=60)
-    assert ack.accepted and ack.tensors_received == len(delta)
+    assert ack.accepted and ack.round_id == a.round_id and ack.tensors_received == len(delta)
+    assert ack.bytes_received == sum(t.nbytes for t in delta.values())
     rnd = _closed(aggregator, md, a.round_id)
     assert rnd.accepted == 1
     _assert_applied(fleet, a, rnd, delta)
@@ -171,22 +172,22 @@ def test_a_broken_upload_resumes_where_query_upload_says(fleet: Fleet) -> None:
     aggregator, md, a, received = _join_and_download(fleet, "resumer")
     delta = _delta(a, received)
     messages = list(_upload(a.ticket, 5, a, delta))
-    chunks = len(messages) - 2
-    assert chunks > 4
+    assert len(messages) > 6
 
     def broken() -> Iterator[aggregator_pb2.UploadMessage]:
-        yield from messages[: 2 + chunks // 2]
+        yield from messages[: len(messages) // 2]
         raise ConnectionError("the link went down")
 
     with pytest.raises(grpc.RpcError):
         aggregator.UploadUpdate(broken(), metadata=md, timeout=60)
     held = aggregator.QueryUpload(aggregator_pb2.QueryUploadRequest(ticket=a.ticket), metadata=md, timeout=30)
-    assert not held.committed and held.bytes_received > 0 and held.resume_from.tensor
-    point = held.resume_from
-    names = list(delta)
-    rest = [m for m in messages[2:] if names.index(m.chunk.tensor) > names.index(point.tensor)
-            or (m.chunk.tensor == point.tensor and m.chunk.offset >= point.offset)]
-    assert len(rest) < chunks
+    # How much of the first half the server staged before the break depends on the transport; what it says it holds
+    # must be consistent, and resuming from there must complete the update.
+    point, names = held.resume_from, list(delta)
+    at = names.index(point.tensor) if point.tensor else 0  # empty: from the beginning
+    assert not held.committed and list(held.complete_tensors) == names[:at]
+    assert held.bytes_received == sum(delta[n].nbytes for n in names[:at]) + point.offset
+    rest = [m for m in messages[2:] if (names.index(m.chunk.tensor), m.chunk.offset) >= (at, point.offset)]
     ack = aggregator.UploadUpdate(iter(messages[:2] + rest), metadata=md, timeout=60)
     assert ack.accepted
     _assert_applied(fleet, a, _closed(aggregator, md, a.round_id), delta)
