@@ -77,7 +77,10 @@ from raffm.wire import itemsize, wire_dtype_name
 
 MIB = 2**20
 TRAIN_BYTES = 4  # fp32 training: weights, gradients, moments and activations
-OVERHEAD_MB = 8.0  # measured fixed cost of a training loop beyond the formula (6-9 MiB on MiniLM)
+# What a training loop's first run allocates and keeps beyond the formula (BLAS buffers per shape, the loop's code
+# paths): 4-9 MiB on an AMD EPYC after raffm.memory.warm_up_runtime, more on some CPUs. A device's first round pays
+# it; a runtime that has trained before does not (raffm.memory.training_peak measures that steady state).
+OVERHEAD_MB = 8.0
 
 
 def dtype_bytes(wire_dtype: str) -> int:

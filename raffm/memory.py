@@ -272,6 +272,12 @@ def training_peak(
     causal LM (``*ForCausalLM`` in its config) on prompt -> response pairs through the folder's own tokenizer, of
     every length up to ``seq_len`` (so most rows are padded, as real data is).
 
+    The run is done twice and the second measured: what the runtime allocates once and keeps (kernel caches, BLAS
+    buffers per matrix shape and thread, the loop's code paths) is then in the baseline on every CPU, and the peak
+    is the steady state of a device that has trained before. That first-run cost varies by CPU (9 MiB on top of
+    :func:`warm_up_runtime`'s on an AMD EPYC; a CI machine's Intel Xeon charged ELECTRA-small's first run 13 MiB
+    more than that) and is priced separately (:data:`raffm.costs.OVERHEAD_MB`).
+
     Run this in a fresh process (:func:`measure_training_peak`): the interpreter's earlier allocations then neither
     pollute the baseline nor hide in freed heap that the training would reuse. At least 2 steps are needed to see
     the steady state (AdamW state exists from the first ``step()`` on, so step 2's backward is the usual peak).
@@ -294,7 +300,6 @@ def training_peak(
         raise ValueError(f"steps is {steps}; it must be at least 1")
     configure_allocator()
     config = AutoConfig.from_pretrained(model_dir)
-    warm_up_runtime(config, batch_size, seq_len)
     plan = Recipe.from_dict(recipe or {})
     rows = batch_size * steps
     tokenizer: Any
@@ -309,21 +314,29 @@ def training_peak(
         tokenizer = _RandomTokens(int(config.vocab_size))
         data = TextDataset(["x"] * rows, [i % int(config.num_labels) for i in range(rows)],
                            tuple(str(i) for i in range(int(config.num_labels))))
-    with tempfile.TemporaryDirectory() as tmp, PeakMemory() as pm:
-        model = auto.from_pretrained(model_dir)
-        for p in model.parameters():  # off the memory-mapped file into anonymous memory, as a device's download is
-            p.data = p.data.clone()
-        gc.collect()
-        params = sum(p.numel() for p in model.parameters())
-        reference = None  # LoRA: train_local keeps its own copy of the fresh adapters
-        if not plan.lora_rank:
-            spill = Path(tmp) / "received.pt"
-            torch.save({n: p.detach() for n, p in model.named_parameters() if n not in plan.frozen}, spill)
-            reference = torch.load(spill, mmap=True, weights_only=True)
-        train_local(model, data, tokenizer,
-                    LocalConfig(batch_size=batch_size, seq_len=seq_len, lr=1e-5, local_steps=steps, weight_decay=0.0),
-                    recipe=plan, reference=reference)
-        del model, reference
+
+    def run() -> int:
+        with tempfile.TemporaryDirectory() as tmp:
+            model = auto.from_pretrained(model_dir)
+            for p in model.parameters():  # off the memory-mapped file into anonymous memory, as a device's download
+                p.data = p.data.clone()
+            gc.collect()
+            params = sum(p.numel() for p in model.parameters())
+            reference = None  # LoRA: train_local keeps its own copy of the fresh adapters
+            if not plan.lora_rank:
+                spill = Path(tmp) / "received.pt"
+                torch.save({n: p.detach() for n, p in model.named_parameters() if n not in plan.frozen}, spill)
+                reference = torch.load(spill, mmap=True, weights_only=True)
+            train_local(model, data, tokenizer,
+                        LocalConfig(batch_size=batch_size, seq_len=seq_len, lr=1e-5, local_steps=steps,
+                                    weight_decay=0.0),
+                        recipe=plan, reference=reference)
+            del model, reference
+        return params
+
+    run()
+    with PeakMemory() as pm:
+        params = run()
     torch.manual_seed(0)
     return TrainingPeak(pm.peak_mb, pm.baseline_mb, pm.exact, params, steps)
 

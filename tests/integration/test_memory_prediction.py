@@ -2,8 +2,10 @@
 
 For each tier the RaFFM strategy picks a spec and its recipe (frozen vocabulary, nested cuts trained in the same
 steps); the sub-model is extracted from the real all-MiniLM-L6-v2, saved, and trained with the product's training
-loop (3 steps, batch 16 x 64 tokens) in a fresh subprocess that measures its peak RSS (``raffm.memory``). The
-prediction must be within 25% of the measurement and the measurement within the budget.
+loop (3 steps, batch 16 x 64 tokens) in a fresh subprocess that measures its peak RSS (``raffm.memory``) on the
+second of two identical runs. That steady-state peak is the prediction less the first-run allowance
+(``CostModel.overhead_mb``, which varies by CPU): it must be within 25% of the measurement and the measurement within
+the budget.
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ from raffm.strategy import STRATEGIES
 BATCH, SEQ = 16, 64
 # 150 and 200 train narrow slices with no nested cut, 300 one nested cut, 1500 the whole model with three
 TIERS_MB = (150, 200, 300, 1500)
+
+
+def steady_mb(costs) -> float:
+    """The predicted peak of a runtime that has trained before: the first-run allowance left out."""
+    return costs.train_memory_mb - costs.overhead_mb
 
 
 @pytest.fixture(scope="module")
@@ -104,14 +111,14 @@ def test_predicted_peak_training_memory_matches_measured(minilm, tmp_path: Path)
           f"{'measured MB':>11} {'error':>6}")
     for budget, picked, measured in rows:
         layer = picked.spec.layers[0]
-        predicted = picked.costs.train_memory_mb
+        predicted = steady_mb(picked.costs)
         print(f"{budget:>9} {picked.costs.params:>10} {picked.spec.hidden:>6} {layer.heads:>5} {layer.ffn:>5} "
               f"{predicted:>12.1f} {measured:>11.1f} {(predicted - measured) / measured:>+6.1%}")
 
     assert len(measured_by_key) >= 3, "the tiers should exercise at least three different specs"
     assert any(picked.recipe.nested for _, picked, _ in rows) and all(picked.recipe.frozen for _, picked, _ in rows)
     for budget, picked, measured in rows:
-        assert picked.costs.train_memory_mb == pytest.approx(measured, rel=0.25), (budget, picked.spec.key())
+        assert steady_mb(picked.costs) == pytest.approx(measured, rel=0.25), (budget, picked.spec.key())
         assert measured <= budget, f"tier {budget} MB: training measured {measured:.1f} MB"
 
 
@@ -130,7 +137,7 @@ def test_predicted_lora_training_memory_of_a_causal_lm(tmp_path: Path, checkpoin
     folder = tiny_llama_folder(tmp_path / "llama", vocab_size=16384, tie_word_embeddings=True)
     cm = CostModel.from_model(LlamaForCausalLM.from_pretrained(folder))
     recipe = Recipe(lora_rank=8, lora_targets=DEFAULT_TARGETS["llama"], checkpointing=checkpointing)
-    predicted = cm.estimate(ElasticSpec.full(cm.dims), batch_size=8, seq_len=SEQ, recipe=recipe).train_memory_mb
+    predicted = steady_mb(cm.estimate(ElasticSpec.full(cm.dims), batch_size=8, seq_len=SEQ, recipe=recipe))
     result = measure_training_peak(folder, batch_size=8, seq_len=SEQ, steps=3, recipe=recipe.to_dict())
     print(f"\ncheckpointing {checkpointing}: predicted {predicted:.1f} MB, measured {result.peak_mb:.1f} MB")
     assert result.exact
@@ -150,7 +157,7 @@ def test_predicted_memory_with_frozen_first_layers(minilm, tmp_path: Path, budge
     extract(minilm, picked.spec).save_pretrained(tmp_path)
     result = measure_training_peak(tmp_path, batch_size=BATCH, seq_len=SEQ, steps=3, recipe=picked.recipe.to_dict())
     assert result.exact
-    assert picked.costs.train_memory_mb == pytest.approx(result.peak_mb, rel=0.10), picked.spec.key()
+    assert steady_mb(picked.costs) == pytest.approx(result.peak_mb, rel=0.10), picked.spec.key()
     assert result.peak_mb <= budget
 
 
@@ -166,9 +173,9 @@ def test_predicted_memory_of_a_probe_round(minilm, tmp_path: Path) -> None:
     assert probe.spec == tune.spec and probe.costs.train_memory_mb < tune.costs.train_memory_mb / 2
     extract(minilm, probe.spec).save_pretrained(tmp_path)
     result = measure_training_peak(tmp_path, batch_size=BATCH, seq_len=SEQ, steps=3, recipe=probe.recipe.to_dict())
-    print(f"\nprobe round: predicted {probe.costs.train_memory_mb:.1f} MB, measured {result.peak_mb:.1f} MB")
+    print(f"\nprobe round: predicted {steady_mb(probe.costs):.1f} MB, measured {result.peak_mb:.1f} MB")
     assert result.exact
-    assert probe.costs.train_memory_mb == pytest.approx(result.peak_mb, rel=0.10), probe.spec.key()
+    assert steady_mb(probe.costs) == pytest.approx(result.peak_mb, rel=0.10), probe.spec.key()
 
 
 def test_predicted_memory_of_an_electra_with_narrower_embeddings(tmp_path: Path) -> None:
@@ -189,10 +196,10 @@ def test_predicted_memory_of_an_electra_with_narrower_embeddings(tmp_path: Path)
     assert picked.recipe.nested and picked.spec.layers[0].heads < 4
     extract(model, picked.spec).save_pretrained(tmp_path)
     result = measure_training_peak(tmp_path, batch_size=BATCH, seq_len=SEQ, steps=3, recipe=picked.recipe.to_dict())
-    print(f"\nELECTRA-small shape {picked.spec.key()}: predicted {picked.costs.train_memory_mb:.1f} MB, "
+    print(f"\nELECTRA-small shape {picked.spec.key()}: predicted {steady_mb(picked.costs):.1f} MB, "
           f"measured {result.peak_mb:.1f} MB")
     assert result.exact and result.params == picked.costs.params
-    assert picked.costs.train_memory_mb == pytest.approx(result.peak_mb, rel=0.10), picked.spec.key()
+    assert steady_mb(picked.costs) == pytest.approx(result.peak_mb, rel=0.10), picked.spec.key()
     assert result.peak_mb <= 100
 
 
@@ -214,8 +221,8 @@ def test_predicted_memory_of_a_vit_on_colour_images(tmp_path: Path) -> None:
     extract(model, picked.spec).save_pretrained(tmp_path)
     result = measure_training_peak(tmp_path, batch_size=BATCH, seq_len=cm.image_tokens, steps=3,
                                    recipe=picked.recipe.to_dict())
-    print(f"\nViT 32 x 32 x 3 {picked.spec.key()}: predicted {picked.costs.train_memory_mb:.1f} MB, "
+    print(f"\nViT 32 x 32 x 3 {picked.spec.key()}: predicted {steady_mb(picked.costs):.1f} MB, "
           f"measured {result.peak_mb:.1f} MB")
     assert result.exact and result.params == picked.costs.params
-    assert picked.costs.train_memory_mb == pytest.approx(result.peak_mb, rel=0.10), picked.spec.key()
+    assert steady_mb(picked.costs) == pytest.approx(result.peak_mb, rel=0.10), picked.spec.key()
     assert result.peak_mb <= 172
