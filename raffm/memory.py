@@ -275,8 +275,8 @@ def training_peak(
     The run is done twice and the second measured: what the runtime allocates once and keeps (kernel caches, BLAS
     buffers per matrix shape and thread, the loop's code paths) is then in the baseline on every CPU, and the peak
     is the steady state of a device that has trained before. That first-run cost varies by CPU (9 MiB on top of
-    :func:`warm_up_runtime`'s on an AMD EPYC; a CI machine's Intel Xeon charged ELECTRA-small's first run 13 MiB
-    more than that) and is priced separately (:data:`raffm.costs.OVERHEAD_MB`).
+    :func:`warm_up_runtime`'s on an AMD EPYC; a CI machine charged ELECTRA-small's first run about 13 MiB more
+    than that) and is priced separately (:data:`raffm.costs.OVERHEAD_MB`).
 
     Run this in a fresh process (:func:`measure_training_peak`): the interpreter's earlier allocations then neither
     pollute the baseline nor hide in freed heap that the training would reuse. At least 2 steps are needed to see
