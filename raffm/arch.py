@@ -17,11 +17,11 @@ Axis kinds:
 - ``full``: anything never sliced (vocabulary, positions, labels, image channels, patch pixels, the width of
   embeddings narrower than the layers, as ELECTRA-small's).
 
-Decoder LLMs (Llama, Qwen2, Mistral): their ``heads`` are KV groups and their head dimensions are never permuted or
-cut (rotary position embeddings rotate fixed pairs of dimensions at fixed frequencies; tests/unit/test_llama_adapter.py
-shows a within-head permutation changing the logits). Tied embeddings: the LM head is the same parameter as the input
-embedding, so a tied model's canonical tensors (:func:`canonical_shapes`) hold it once, under the embedding's name;
-the sub-model re-ties its head on load.
+Decoder LLMs (Llama, Qwen2, Qwen3, Mistral, Gemma, SmolLM3, Granite): their ``heads`` are KV groups and their head
+dimensions are never permuted or cut (rotary position embeddings rotate fixed pairs of dimensions at fixed frequencies;
+tests/unit/test_llama_adapter.py shows a within-head permutation changing the logits). Tied embeddings: the LM head is
+the same parameter as the input embedding, so a tied model's canonical tensors (:func:`canonical_shapes`) hold it once,
+under the embedding's name; the sub-model re-ties its head on load.
 """
 
 from __future__ import annotations
@@ -275,10 +275,13 @@ VIT = Adapter(
     head_dim_attr="head_dim",
 )
 
-# Llama and the decoders that share its layout (Qwen2 adds q/k/v biases; Mistral an explicit head_dim).
+# Llama and the decoders that share its layout: Qwen2 adds q/k/v biases, Qwen3 an RMSNorm over every query and key
+# head (one weight of head_dim, shared by the heads), Mistral and Gemma an explicit head_dim (Gemma a GELU gate and
+# scaled embeddings), SmolLM3 layers without rotary embeddings, Granite scalar multipliers.
 LLAMA = Adapter(
     name="llama",
-    model_types=("llama", "qwen2", "mistral", "raffm_llama", "raffm_qwen2", "raffm_mistral"),
+    model_types=("llama", "qwen2", "qwen3", "mistral", "gemma", "smollm3", "granite", "raffm_llama", "raffm_qwen2",
+                 "raffm_qwen3", "raffm_mistral", "raffm_gemma", "raffm_smollm3", "raffm_granite"),
     rules=_rules(
         [
             (r"embed_tokens\.weight$", ("full", "hidden")),
@@ -288,6 +291,7 @@ LLAMA = Adapter(
             (r"self_attn\.(k_proj|v_proj)\.weight$", ("kv", "hidden")),
             (r"self_attn\.(k_proj|v_proj)\.bias$", ("kv",)),
             (r"self_attn\.o_proj\.weight$", ("hidden", "q")),
+            (r"self_attn\.(q_norm|k_norm)\.weight$", ("full",)),
             (r"mlp\.(gate_proj|up_proj)\.weight$", ("ffn", "hidden")),
             (r"mlp\.(gate_proj|up_proj)\.bias$", ("ffn",)),
             (r"mlp\.down_proj\.weight$", ("hidden", "ffn")),

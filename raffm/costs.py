@@ -39,7 +39,8 @@ Activations ``A``: what autograd saves in torch 2.13 (CPU, ``attn_implementation
   ``T (6h + 2a + 2c + 4f) + 2T + B * heads * L`` (each RMSNorm keeps its input, 1/rms, the normalised input and its
   output; q, k, v, the attention output and the flash kernel's log-sum-exp; SwiGLU's gate, SiLU output, up and
   product); outside the layers the final RMSNorm ``3 T h + T``, cos/sin ``2 L head_dim``, the logits ``T V`` the loss
-  keeps, and token ids and labels. This is an unpadded (packed or equal-length) batch: a padding mask makes SDPA
+  keeps, and token ids and labels; Qwen3's RMSNorm on every query and key head adds its input, output and 1/rms,
+  ``T (2a + 2c) + T (a + c) / head_dim``. This is an unpadded (packed or equal-length) batch: a padding mask makes SDPA
   repeat K/V to the query heads (``2 T (a - c)`` more per layer) and materialise the mask (``~B L^2``).
 
 Measured against RSS (``raffm.memory``, glibc allocator configured by ``configure_allocator``): within 2% for
@@ -220,19 +221,23 @@ def embedding_activation_elements(tokens: int, hidden: int, embedding: int, hidd
     return (3 if hidden_dropout else 2) * tokens * width + 2 * tokens + (tokens * hidden if embedding else 0)
 
 
-def decoder_layer_activation_elements(w: _Widths, *, batch_size: int, seq_len: int) -> list[int]:
-    """fp32 elements autograd saves in each Llama-family layer of one training forward (module docstring)."""
+def decoder_layer_activation_elements(w: _Widths, *, batch_size: int, seq_len: int, qk_norm_dim: int = 0) -> list[int]:
+    """fp32 elements autograd saves in each Llama-family layer of one training forward (module docstring);
+    ``qk_norm_dim`` > 0: the RMSNorm over every query and key head's ``qk_norm_dim`` dimensions (Qwen3)."""
     tokens = batch_size * seq_len
     return [
         tokens * (6 * w.hidden + 2 * a + 2 * c + 4 * f) + 2 * tokens + batch_size * heads * seq_len
+        + (tokens * (2 * a + 2 * c + (a + c) // qk_norm_dim) if qk_norm_dim else 0)
         for heads, a, c, f in zip(w.heads, w.a, w.kv, w.f)
     ]
 
 
-def decoder_activation_elements(w: _Widths, *, batch_size: int, seq_len: int, head_dim: int, vocab: int) -> int:
+def decoder_activation_elements(w: _Widths, *, batch_size: int, seq_len: int, head_dim: int, vocab: int,
+                                qk_norm: bool = False) -> int:
     """fp32 elements autograd saves for one Llama-family training forward with labels (module docstring)."""
     tokens = batch_size * seq_len
-    total = sum(decoder_layer_activation_elements(w, batch_size=batch_size, seq_len=seq_len))
+    total = sum(decoder_layer_activation_elements(w, batch_size=batch_size, seq_len=seq_len,
+                                                  qk_norm_dim=head_dim if qk_norm else 0))
     total += 3 * tokens * w.hidden + tokens  # final RMSNorm
     total += 2 * seq_len * head_dim  # rotary cos and sin, shared by the layers
     total += tokens * vocab  # the logits (the loss's log-softmax)
@@ -334,6 +339,8 @@ class CostModel:
         self.lm_vocab = self._lm_vocab()
         # A causal LM whose canonical tensors have no LM head of their own: the head is the embedding (SmolLM2).
         self.tied_head = bool(self.adapter.causal_lm and not any(n.endswith("lm_head.weight") for n in self.shapes))
+        # Qwen3 normalises every query and key head (RMSNorm over its head_dim) before the rotary embedding.
+        self.qk_norm = any(n.endswith("self_attn.q_norm.weight") for n in self.shapes)
         self._plans: dict[ElasticSpec, SlicePlan] = {}
 
     @classmethod
@@ -503,9 +510,11 @@ class CostModel:
         plan = self.plan(spec)  # this pass's (maybe nested) cut: its own sizes of the trained tensors
         frozen_layers = self.adapter.frozen_layers(trained, spec.depth)
         if self.adapter.causal_lm:
-            layers = decoder_layer_activation_elements(w, batch_size=batch_size, seq_len=seq_len)
+            layers = decoder_layer_activation_elements(w, batch_size=batch_size, seq_len=seq_len,
+                                                       qk_norm_dim=self.dims.head_dim if self.qk_norm else 0)
             activations = decoder_activation_elements(w, batch_size=batch_size, seq_len=seq_len,
-                                                      head_dim=self.dims.head_dim, vocab=self.lm_vocab)
+                                                      head_dim=self.dims.head_dim, vocab=self.lm_vocab,
+                                                      qk_norm=self.qk_norm)
         else:
             layers = layer_activation_elements(w, **options)
             activations = activation_elements(w, arch=self.adapter.name, pixels=pixels, token_head=self.token_head,

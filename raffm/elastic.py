@@ -35,6 +35,10 @@ from transformers import (
     ElectraConfig,
     ElectraForSequenceClassification,
     ElectraModel,
+    GemmaConfig,
+    GemmaForCausalLM,
+    GraniteConfig,
+    GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -43,9 +47,13 @@ from transformers import (
     PreTrainedModel,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
     RobertaConfig,
     RobertaForSequenceClassification,
     RobertaModel,
+    SmolLM3Config,
+    SmolLM3ForCausalLM,
     ViTConfig,
     ViTForImageClassification,
     ViTModel,
@@ -137,7 +145,11 @@ _STOCK: dict[type[PretrainedConfig], tuple[tuple[type[PreTrainedModel], Any], ..
     ViTConfig: ((ViTModel, AutoModel), (ViTForImageClassification, AutoModelForImageClassification)),
     LlamaConfig: ((LlamaForCausalLM, AutoModelForCausalLM),),
     Qwen2Config: ((Qwen2ForCausalLM, AutoModelForCausalLM),),
+    Qwen3Config: ((Qwen3ForCausalLM, AutoModelForCausalLM),),
     MistralConfig: ((MistralForCausalLM, AutoModelForCausalLM),),
+    GemmaConfig: ((GemmaForCausalLM, AutoModelForCausalLM),),
+    SmolLM3Config: ((SmolLM3ForCausalLM, AutoModelForCausalLM),),
+    GraniteConfig: ((GraniteForCausalLM, AutoModelForCausalLM),),
 }
 # stock class -> (elastic config class, Auto factory that should load it)
 _FAMILY: dict[type[PreTrainedModel], tuple[type[PretrainedConfig], Any]] = {}
@@ -211,7 +223,7 @@ def plan_for(model: PreTrainedModel, spec: ElasticSpec) -> SlicePlan:
 
 
 def stock_config(config: PretrainedConfig, spec: ElasticSpec) -> PretrainedConfig:
-    """A plain ``transformers`` config of the decoder sub-model ``spec`` (grouped adapters: Llama, Qwen2, Mistral), so
+    """A plain ``transformers`` config of the decoder sub-model ``spec`` (grouped adapters: the Llama family), so
     its sliced weights load into the stock class (``LlamaForCausalLM(stock_config(...))``) with no RaFFM code.
 
     Only uniform specs (every layer the same width) fit a stock config; the elastic classes hold any spec.
@@ -235,7 +247,8 @@ def stock_config(config: PretrainedConfig, spec: ElasticSpec) -> PretrainedConfi
         head_dim=layer.head_dim,  # explicit: hidden // num_attention_heads no longer gives it
         intermediate_size=layer.ffn,
     )
-    if isinstance(values.get("layer_types"), list):  # Qwen2: one attention type per layer
-        values["layer_types"] = values["layer_types"][: spec.depth]
+    for key in ("layer_types", "no_rope_layers"):  # one entry per layer (Qwen2's attention types, SmolLM3's NoPE)
+        if isinstance(values.get(key), list):
+            values[key] = values[key][: spec.depth]
     model_type = str(values.pop("model_type")).removeprefix("raffm_")
     return AutoConfig.for_model(model_type, **values)

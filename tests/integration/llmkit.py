@@ -29,19 +29,20 @@ def word_tokenizer() -> Any:
                                    unk_token="<unk>")
 
 
-def tiny_llama_folder(path: Path, seed: int = 0, **overrides: Any) -> Path:
-    """A random-init LlamaForCausalLM (2 layers, hidden 128, 4 heads over 2 KV groups, FFN 512, untied head; about
-    0.6 M parameters: large enough that device budgets in whole MiB pick different sub-models) and its tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama_folder(path: Path, seed: int = 0, model_type: str = "llama", **overrides: Any) -> Path:
+    """A random-init decoder of the Llama family (``model_type``: llama, qwen3, ...; 2 layers, hidden 128, 4 heads of
+    32 dimensions over 2 KV groups, FFN 512, untied head; about 0.6 M parameters: large enough that device budgets in
+    whole MiB pick different sub-models) and its tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if (path / "config.json").is_file():
         return path
     values: dict[str, Any] = dict(vocab_size=len(WORDS), hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                  num_key_value_heads=2, intermediate_size=512, max_position_embeddings=64,
+                                  num_key_value_heads=2, head_dim=32, intermediate_size=512, max_position_embeddings=64,
                                   bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
     values.update(overrides)
     torch.manual_seed(seed)
-    LlamaForCausalLM(LlamaConfig(**values)).save_pretrained(path)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **values)).save_pretrained(path)
     word_tokenizer().save_pretrained(path)
     return path
 

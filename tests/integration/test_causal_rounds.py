@@ -21,9 +21,11 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_llama_folder(tmp_path_factory.mktemp("model") / "tiny-llama")
+# Llama, and Qwen3 (an RMSNorm on every query and key head, which the extractor, the cost model and the slices must
+# carry through a real round).
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_llama_folder(tmp_path_factory.mktemp("model") / request.param, model_type=request.param)
 
 
 def causal_job(model: Path, eval_file: Path, **overrides: object) -> object:
@@ -39,7 +41,7 @@ def test_two_tiers_complete_a_causal_lm_round(tmp_path: Path, model: Path) -> No
     fleet = Fleet(tmp_path, causal_job(model, held_out)).start()
     try:
         config = fleet.store.info("job-v0").config
-        assert config["model_type"] == "llama"
+        assert config["model_type"] == model.name
         small, large = budgets_for(fleet.job, config, ("bottom", "top"))
         runners = [
             AgentThread(agent_config(fleet, "pi", tmp_path / "pi", model, memory_mb=small, tier="sbc",

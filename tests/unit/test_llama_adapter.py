@@ -9,6 +9,10 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    GemmaConfig,
+    GemmaForCausalLM,
+    GraniteConfig,
+    GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -16,6 +20,10 @@ from transformers import (
     PreTrainedModel,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    SmolLM3Config,
+    SmolLM3ForCausalLM,
 )
 
 from raffm.arch import LLAMA, adapter_for, tied_aliases
@@ -37,6 +45,13 @@ VARIANTS: dict[str, tuple[type, type, dict[str, object]]] = {
     "gqa4": (LlamaConfig, LlamaForCausalLM, dict(num_attention_heads=8, num_key_value_heads=2, head_dim=16)),  # q 128 > hidden
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(num_key_value_heads=2)),  # q/k/v biases
     "mistral": (MistralConfig, MistralForCausalLM, dict(num_key_value_heads=2, head_dim=8)),  # heads * head_dim < hidden
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(num_key_value_heads=2)),  # q/k RMSNorm per head; head_dim 128
+    "gemma": (GemmaConfig, GemmaForCausalLM, dict(num_key_value_heads=2, head_dim=32)),  # GELU gate, q 128 > hidden
+    # every second layer without rotary embeddings (NoPE)
+    "smollm3": (SmolLM3Config, SmolLM3ForCausalLM,
+                dict(num_key_value_heads=2, no_rope_layer_interval=2, pad_token_id=0)),
+    "granite": (GraniteConfig, GraniteForCausalLM, dict(num_key_value_heads=2, embedding_multiplier=2.0,
+                                                        residual_multiplier=0.5, logits_scaling=4.0)),
 }
 
 
@@ -195,11 +210,11 @@ def test_full_spec_extraction_is_the_identity(variant: str) -> None:
     assert tied_aliases(sub) == tied_aliases(ordered)
 
 
-@pytest.mark.parametrize("variant", ["gqa", "tied", "mha", "gqa4", "qwen2", "mistral"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_cut_loads_into_a_stock_model_of_the_cut_config_and_runs(variant: str, tmp_path: Path) -> None:
     ordered = prioritize(make(variant))
     dims = LLAMA.dims(ordered.config)
-    spec = ElasticSpec.uniform(dims, heads=1, ffn=40, depth=1 if variant == "gqa4" else None)
+    spec = ElasticSpec.uniform(dims, heads=1, ffn=40, depth=1 if variant in ("gqa4", "smollm3") else None)
     sub = extract(ordered, spec)
     config = stock_config(ordered.config, spec)
     assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (dims.group, 1, dims.head_dim)
@@ -286,11 +301,13 @@ def test_flops_count_swiglu_gqa_and_the_lm_head() -> None:
     assert cm.estimate(spec, batch_size=1, seq_len=L).forward_flops_per_sample == 2.0 * macs
 
 
-@pytest.mark.parametrize("variant", ["gqa", "tied", "mha"])
+@pytest.mark.parametrize("variant", ["gqa", "tied", "mha", "qwen3", "gemma", "smollm3", "granite"])
 def test_activation_formula_matches_what_autograd_saves_llama(variant: str) -> None:
     model = make(variant)
     cm = CostModel.from_model(model)
-    for spec in (ElasticSpec.full(cm.dims), ElasticSpec(hidden=64, layers=(LayerSpec(1, 16, 40), LayerSpec(cm.dims.heads, 16, 96)))):
+    d = cm.dims.head_dim
+    cut = ElasticSpec(hidden=64, layers=(LayerSpec(1, d, 40), LayerSpec(cm.dims.heads, d, 96)))
+    for spec in (ElasticSpec.full(cm.dims), cut):
         sub = extract(model, spec).train()
         ids = torch.randint(0, VOCAB, (4, 24), generator=torch.Generator().manual_seed(0))
         saved = _saved_activation_bytes(sub, input_ids=ids, labels=ids)  # an unpadded batch (see raffm.costs)
