@@ -86,6 +86,7 @@ class Adapter:
     layer_dropouts: int = 2  # hidden dropouts per layer (after attention and after the FFN; DistilBERT: the FFN only)
     grouped: bool = False
     rope: bool = False
+    fixed_head_dim: bool = False  # specs keep every head dimension (always with rope)
     causal_lm: bool = False
     # Tensor name -> its axes (None: unknown) and its layer: they never change, and fitting one device asks for them
     # thousands of times (the aggregator does it while a round's devices poll).
@@ -101,7 +102,7 @@ class Adapter:
                 heads=heads,
                 head_dim=int(config.hidden_size) // heads,
                 ffn=int(getattr(config, self.ffn_attr)),
-                fixed_head_dim=self.rope,
+                fixed_head_dim=self.rope or self.fixed_head_dim,
             )
         kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
         if heads % kv_heads:
@@ -248,6 +249,32 @@ DISTILBERT = Adapter(
     layer_dropouts=1,
 )
 
+# DeBERTa-v2/v3: BERT's post-LN layer with disentangled attention. Every layer projects the shared relative-position
+# embeddings with its own query/key projections (or pos_query/pos_key ones), so they are cut and permuted with that
+# layer's heads; the attention scale is computed from the kept head size, so specs keep every head dimension.
+DEBERTA = Adapter(
+    name="deberta-v2",
+    model_types=("deberta-v2", "raffm_deberta-v2"),
+    rules=_rules(
+        [
+            (r"embeddings\.(word|position|token_type)_embeddings\.weight$", ("full", "hidden")),
+            (r"encoder\.rel_embeddings\.weight$", ("full", "hidden")),
+            (r"attention\.self\.(query_proj|key_proj|pos_query_proj|pos_key_proj)\.weight$", ("qk", "hidden")),
+            (r"attention\.self\.(query_proj|key_proj|pos_query_proj|pos_key_proj)\.bias$", ("qk",)),
+            (r"attention\.self\.value_proj\.weight$", ("v", "hidden")),
+            (r"attention\.self\.value_proj\.bias$", ("v",)),
+            *_BERT_RULES[5:],  # the output projection, the FFN, the pooler, the classifier, LayerNorms and biases
+        ]
+    ),
+    layer_pattern=re.compile(r"encoder\.layer\.(\d+)\."),
+    layers_attr="encoder.layer",
+    attention_module="attention.self",
+    head_dim_attr="attention_head_size",
+    vocab_embeddings=re.compile(r"embeddings\.word_embeddings\.weight$"),
+    post_ln=True,
+    fixed_head_dim=True,
+)
+
 VIT = Adapter(
     name="vit",
     model_types=("vit", "raffm_vit"),
@@ -309,7 +336,7 @@ LLAMA = Adapter(
     causal_lm=True,
 )
 
-ADAPTERS = (BERT, DISTILBERT, VIT, LLAMA)
+ADAPTERS = (BERT, DISTILBERT, DEBERTA, VIT, LLAMA)
 
 
 def adapter_for(config_or_model: Any) -> Adapter:

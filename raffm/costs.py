@@ -34,6 +34,12 @@ Activations ``A``: what autograd saves in torch 2.13 (CPU, ``attn_implementation
   ``B L^2``, for text.
 - ViT (pre-LN): the same per-layer terms; embeddings keep the pixels ``B * 3 * H * W`` and the final LayerNorm
   ``2 T h``; ``L`` is the number of patches + 1, read from the position embeddings.
+- DeBERTa-v2/v3 (post-LN, disentangled attention, always the eager kernel), with ``R`` the rows of the relative
+  position embeddings: BERT's per-layer terms with ``S`` instead of the flash kernel's (the softmax output; ``3 S``
+  with attention dropout), plus ``T a`` (the context copy), the raw content-to-position and position-to-content
+  scores ``2 B heads L R``, the projected relative embeddings repeated over the batch ``2 B R a``, their dropout
+  mask and output ``2 R h``, the boolean attention mask ``B L^2 / 4`` and the two gather indices ``4 L^2`` (int64);
+  once, the LayerNorm of the relative embeddings (DeBERTa-v3): ``2 R``, and ``R h`` without dropout.
 - Llama family (pre-RMSNorm, SwiGLU, grouped-query attention, no dropout), with ``a`` the query width (KV groups x
   query heads per group x head_dim) and ``c`` the key/value width (KV groups x head_dim): per layer
   ``T (6h + 2a + 2c + 4f) + 2T + B * heads * L`` (each RMSNorm keeps its input, 1/rms, the normalised input and its
@@ -142,18 +148,21 @@ def _widths(spec: ElasticSpec, group: int = 1) -> _Widths:
 
 def forward_flops(
     w: _Widths, seq_len: int, *, num_labels: int, patch_inputs: int = 0, ffn_matrices: int = 2, lm_vocab: int = 0,
-    embedding: int = 0,
+    embedding: int = 0, relative: int = 0, batch_size: int = 1,
 ) -> float:
-    """Forward FLOPs of one sample of ``seq_len`` tokens (2 per multiply-add).
+    """Forward FLOPs of one sample of ``seq_len`` tokens (2 per multiply-add), in a batch of ``batch_size``.
 
     Per layer: Q and output projections ``2 L h a``, K and V ``2 L h c`` (``c = a`` without GQA), FFN
     ``ffn_matrices * L h f`` (2 matrices; SwiGLU: 3), attention scores and their product with V ``2 L^2 a``; then
     the pooler/head ``h^2 + h * labels``, or a causal LM's head ``L h * lm_vocab`` (logits at every position); ViT's
-    patch projection ``L h * patch_inputs``; ELECTRA-small's embedding projection ``L h * embedding``.
+    patch projection ``L h * patch_inputs``; ELECTRA-small's embedding projection ``L h * embedding``. DeBERTa's
+    ``relative`` position embeddings (``R`` rows): their query and key projections ``2 R h a`` once per batch, and
+    the content-to-position and position-to-content scores ``2 L R a``.
     """
     h, length = w.hidden, seq_len
     macs = sum(
         2 * length * h * (a + c) + ffn_matrices * length * h * f + 2 * length * length * a
+        + (2 * length * relative * a + 2 * relative * h * a / batch_size if relative else 0)
         for a, c, f in zip(w.a, w.kv, w.f)
     )
     macs += length * h * lm_vocab if lm_vocab else h * h + h * num_labels
@@ -163,17 +172,22 @@ def forward_flops(
 
 def layer_activation_elements(
     w: _Widths, *, batch_size: int, seq_len: int, hidden_dropout: bool, attention_dropout: bool, layer_dropouts: int = 2,
-    padded: bool = False,
+    padded: bool = False, relative: int = 0,
 ) -> list[int]:
     """fp32 elements autograd saves in each transformer layer of one training forward (module docstring);
     ``layer_dropouts``: the hidden dropouts of a layer (DistilBERT has only the FFN's); ``padded``: a text batch,
-    whose padding mask the flash kernel keeps in every layer."""
+    whose padding mask the flash kernel keeps in every layer; ``relative``: the rows of DeBERTa's relative position
+    embeddings (0: not DeBERTa)."""
     b, h, tokens = batch_size, w.hidden, batch_size * seq_len
     per_layer = []
     for heads, a, f in zip(w.heads, w.a, w.f):
         saved = tokens * (4 * h + 4 * a + 2 * f) + 4 * tokens + (layer_dropouts * tokens * h if hidden_dropout else 0)
-        if attention_dropout:
-            saved += 3 * b * heads * seq_len * seq_len
+        scores = b * heads * seq_len * seq_len
+        if relative:  # eager disentangled attention (module docstring)
+            saved += tokens * a + scores * (3 if attention_dropout else 1) + scores // heads // 4 + 4 * seq_len**2
+            saved += 2 * b * relative * (heads * seq_len + a) + (2 * relative * h if hidden_dropout else 0)
+        elif attention_dropout:
+            saved += 3 * scores
         else:
             saved += b * heads * seq_len + (b * seq_len * seq_len if padded else 0)
         per_layer.append(saved)
@@ -193,6 +207,8 @@ def activation_elements(
     layer_dropouts: int = 2,
     padded: bool = False,
     embedding: int = 0,
+    relative: int = 0,
+    relative_norm: bool = False,
 ) -> int:
     """fp32 elements autograd saves for one training forward (see the module docstring for the terms).
 
@@ -206,8 +222,10 @@ def activation_elements(
         total += 2 * b * h - tokens * h
     total += sum(layer_activation_elements(w, batch_size=batch_size, seq_len=seq_len, hidden_dropout=hidden_dropout,
                                            attention_dropout=attention_dropout, layer_dropouts=layer_dropouts,
-                                           padded=padded))
+                                           padded=padded, relative=relative))
     total += 4 * b * h  # pooler / classification head on the first token
+    if relative_norm:  # DeBERTa-v3's LayerNorm of the relative embeddings: statistics, and output without dropout
+        total += 2 * relative + (0 if hidden_dropout else relative * h)
     if arch != "vit":
         total += 3 * tokens  # int64 input ids and token types (2 elements' worth each / 2)
     return total
@@ -335,6 +353,9 @@ class CostModel:
         self.num_labels = self._num_labels()
         self.token_head = any(n.endswith("classifier.out_proj.weight") for n in self.shapes)  # RoBERTa's, ELECTRA's
         self.embedding = self._embedding_width()
+        # DeBERTa's relative position embeddings: every layer projects all their rows with its own query and key.
+        self.relative = next((int(s[0]) for n, s in self.shapes.items() if n.endswith("rel_embeddings.weight")), 0)
+        self.relative_norm = bool(self.relative) and any(n.endswith("encoder.LayerNorm.weight") for n in self.shapes)
         self.image_tokens, self.patch_inputs = self._vit_geometry()
         self.lm_vocab = self._lm_vocab()
         # A causal LM whose canonical tensors have no LM head of their own: the head is the embedding (SmolLM2).
@@ -430,14 +451,15 @@ class CostModel:
         stored = sum(plan[n].numel for n in self.adapter.vocab_tensors(recipe.frozen))  # at recipe.frozen_dtype
         weights = TRAIN_BYTES * (params + adapters - stored) + dtype_bytes(recipe.frozen_dtype) * stored
         w = _widths(spec, self.dims.group)
-        fwd = self._forward_flops(w, seq_len)
+        fwd = self._forward_flops(w, seq_len, batch_size=batch_size)
         # Training: every pass's forward, and its backward (2x; 3x checkpointed: the forward again) above the frozen
         # layers. Per step: the spec, its smallest nested cut, and ``sampled`` of the others (their mean on average).
         frozen_layers = self.adapter.frozen_layers(trained_by_name, spec.depth)
         backward = 3.0 if recipe.checkpointing else 2.0
 
         def train_flops(c: _Widths) -> float:
-            return self._forward_flops(c, seq_len) + backward * self._forward_flops(c, seq_len, above=frozen_layers)
+            return (self._forward_flops(c, seq_len, batch_size=batch_size)
+                    + backward * self._forward_flops(c, seq_len, above=frozen_layers, batch_size=batch_size))
 
         flops = train_flops(w)
         cuts = [_widths(cut, self.dims.group) for cut in recipe.nested]
@@ -481,14 +503,15 @@ class CostModel:
             + peak_infer_bytes(w, params=params, batch_size=batch_size, seq_len=seq_len, logits=self.lm_vocab) / MIB,
         )
 
-    def _forward_flops(self, w: _Widths, seq_len: int, *, above: int = 0) -> float:
+    def _forward_flops(self, w: _Widths, seq_len: int, *, above: int = 0, batch_size: int = 1) -> float:
         """Forward FLOPs per sample; ``above`` k: of the layers from k on and the head only (what a backward pass
         runs through when the input embeddings and the first k layers are frozen)."""
         if above:
             w = _Widths(w.hidden, w.heads[above:], w.a[above:], w.f[above:], w.kv[above:])
         return forward_flops(w, seq_len, num_labels=self.num_labels, patch_inputs=0 if above else self.patch_inputs,
                              ffn_matrices=3 if self.adapter.causal_lm else 2, lm_vocab=self.lm_vocab,
-                             embedding=0 if above else self.embedding)
+                             embedding=0 if above else self.embedding, relative=self.relative,
+                             batch_size=batch_size)
 
     def _trained(self, plan: SlicePlan, recipe: Recipe) -> dict[str, int]:
         """Name -> elements of every trained tensor: the slice's unfrozen tensors, or a LoRA recipe's adapters."""
@@ -505,7 +528,8 @@ class CostModel:
         hidden_dropout = self.hidden_dropout and recipe.dropout  # a recipe may switch dropout off (no masks saved)
         options: dict[str, Any] = dict(batch_size=batch_size, seq_len=seq_len, hidden_dropout=hidden_dropout,
                                        attention_dropout=self.attention_dropout and recipe.dropout,
-                                       layer_dropouts=self.adapter.layer_dropouts, padded=self.image_tokens is None)
+                                       layer_dropouts=self.adapter.layer_dropouts, padded=self.image_tokens is None,
+                                       relative=self.relative)
         tokens = batch_size * seq_len
         plan = self.plan(spec)  # this pass's (maybe nested) cut: its own sizes of the trained tensors
         frozen_layers = self.adapter.frozen_layers(trained, spec.depth)
@@ -518,7 +542,7 @@ class CostModel:
         else:
             layers = layer_activation_elements(w, **options)
             activations = activation_elements(w, arch=self.adapter.name, pixels=pixels, token_head=self.token_head,
-                                              embedding=self.embedding, **options)
+                                              embedding=self.embedding, relative_norm=self.relative_norm, **options)
         if recipe.lora_rank:  # x A^T per target weight, saved for B's gradient
             per_layer = [0] * len(layers)
             for name in target_weight_names(plan, recipe.lora_targets):

@@ -12,7 +12,8 @@ are ``model.layers.0.self_attn.q_proj.lora_A`` / ``.lora_B``, and they adapt ``m
 ``nn.Linear``, so slicing, SPP tables and ``isinstance`` checks see the same parameters as before wrapping.
 
 Target modules are given by name, peft-style: a target ``t`` matches a module named ``t`` or ending in ``.t``
-(``DEFAULT_TARGETS`` per architecture: Llama ``q/k/v/o_proj, gate/up/down_proj``; BERT ``query/key/value/dense``).
+(``DEFAULT_TARGETS`` per architecture: Llama ``q/k/v/o_proj, gate/up/down_proj``; BERT ``query/key/value/dense``;
+DeBERTa ``query_proj/key_proj/value_proj/dense``).
 A target that matches nothing, or matches a module that is not an ``nn.Linear``, is a ``ValueError``.
 
 :func:`apply_lora` and :func:`merge_lora` change the model in place (like ``torch.nn.utils.prune``); the
@@ -33,6 +34,7 @@ from torch import nn
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     "bert": ("query", "key", "value", "dense"),
+    "deberta-v2": ("query_proj", "key_proj", "value_proj", "dense"),
     "distilbert": ("q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"),
     "vit": ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"),
 }

@@ -20,7 +20,8 @@ class ModelDims:
 
     ``heads`` counts the units a cut keeps or drops: attention heads, or with grouped-query attention (GQA) whole KV
     groups, each of one key/value head and its ``group`` query heads. ``fixed_head_dim``: the head dimension cannot be
-    cut (rotary position embeddings rotate fixed pairs of head dimensions at fixed frequencies).
+    cut (rotary position embeddings rotate fixed pairs of head dimensions at fixed frequencies; DeBERTa scales its
+    attention by the kept head size).
     """
 
     hidden: int
@@ -80,8 +81,8 @@ class ElasticSpec:
             _check_range(f"layer {i} head_dim", layer.head_dim, dims.head_dim)
             if dims.fixed_head_dim and layer.head_dim != dims.head_dim:
                 raise ValueError(
-                    f"layer {i} head_dim is {layer.head_dim}; this model's rotary position embeddings need every head's"
-                    f" full {dims.head_dim} dimensions (cut heads, not head dimensions)"
+                    f"layer {i} head_dim is {layer.head_dim}; this model's attention needs every head's full"
+                    f" {dims.head_dim} dimensions (cut heads, not head dimensions)"
                 )
             _check_range(f"layer {i} ffn", layer.ffn, dims.ffn)
         return self

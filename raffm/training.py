@@ -134,6 +134,9 @@ class NestedCut:
                                {n: tuple(p.shape) for n, p in model.named_parameters()}, within=outer)
         with torch.device("meta"):
             self.skeleton = ELASTIC_CLASSES[stock](elastic_config(model.config, spec, stock))
+        for name, p in model.named_parameters():  # tables the recipe stores at half precision: lookups in float32
+            if name in self.plan and p.dtype != torch.float32:
+                _lookups_in_float32(self.skeleton.get_submodule(name.rpartition(".")[0]))
         if checkpointing:
             _enable_checkpointing(self.skeleton, [n for n, p in model.named_parameters() if p.requires_grad])
         self._model = model
@@ -220,10 +223,17 @@ def _apply_recipe(model: PreTrainedModel, recipe: Recipe, seed: int = 0) -> dict
             if not isinstance(module, torch.nn.Embedding):
                 raise ValueError(f"only embedding tables can be stored at {recipe.frozen_dtype}; {name!r} is not one")
             p.data = p.data.to(WIRE_DTYPES[recipe.frozen_dtype])
-            module.register_forward_hook(lambda _m, _i, out: out.float())  # the rest of the model computes in fp32
+            _lookups_in_float32(module)
     if recipe.checkpointing:
         _enable_checkpointing(model, trained)
     return trained
+
+
+def _lookups_in_float32(module: torch.nn.Module) -> None:
+    """An embedding table stored at half precision returns float32 lookups: the rest of the model computes in fp32
+    (where the input embeddings are a sum of tables, type promotion would hide a half-precision one; DeBERTa-v3 and
+    the decoders look up a single table)."""
+    module.register_forward_hook(lambda _m, _i, out: out.float())
 
 
 def _dropout_off(model: torch.nn.Module) -> None:

@@ -104,6 +104,41 @@ def test_an_electra_whose_embeddings_are_narrower_than_its_layers_trains_a_round
         fleet.stop()
 
 
+def test_a_deberta_v3_trains_a_round(tmp_path: Path) -> None:
+    """DeBERTa-v3's disentangled attention: every layer projects the shared relative position embeddings with its own
+    (cut) query and key. The device trains its slice with the nested cuts and uploads; the merged version keeps every
+    shape and moves the layers above the frozen first one."""
+    from transformers import AutoTokenizer, DebertaV2Config, DebertaV2ForSequenceClassification
+
+    from raffm.models import default_model_path
+
+    model = tmp_path / "tiny-deberta"
+    torch.manual_seed(0)
+    DebertaV2ForSequenceClassification(DebertaV2Config(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64, relative_attention=True, position_buckets=16, max_relative_positions=-1,
+        pos_att_type=["p2c", "c2p"], share_att_key=True, norm_rel_ebd="layer_norm", position_biased_input=False,
+        type_vocab_size=0, num_labels=2)).save_pretrained(model)
+    AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(model)
+    fleet = Fleet(tmp_path, job(model)).start()
+    try:
+        runner = AgentThread(agent_config(fleet, "pi-deberta", tmp_path / "state", model)).start()
+        assert runner.join() == 0
+        [outcome] = runner.agent.outcomes
+        assert outcome.status == "uploaded", outcome
+        [assignment] = runner.assignments
+        assert recipe_from_proto(assignment.recipe).nested, "the device should train nested cuts of its slice"
+        [rnd] = rounds(fleet)
+        rnd = fleet.wait_round(fleet.agg_stub(), rnd.round_id)
+        v0, v1 = (fleet.store.load(v) for v in ("job-v0", rnd.result_model_version))
+        assert {n: t.shape for n, t in v0.items()} == {n: t.shape for n, t in v1.items()}
+        changed = {n for n in v0 if not torch.equal(v0[n], v1[n])}
+        assert "deberta.encoder.layer.1.attention.self.query_proj.weight" in changed
+        assert not any(".layer.0." in n or "embeddings" in n for n in changed)
+    finally:
+        fleet.stop()
+
+
 def test_restarted_agent_keeps_its_identity(tmp_path: Path, model: Path) -> None:
     fleet = Fleet(tmp_path, job(model, rounds=2)).start()
     try:

@@ -3,6 +3,8 @@ what autograd actually saves."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import (
@@ -214,6 +216,46 @@ def test_a_recipe_without_dropout_is_priced_as_what_autograd_saves_without_masks
     without = cm.estimate(spec, batch_size=batch, seq_len=seq, recipe=recipe)
     assert without.activations_mb * MIB == pytest.approx(saved, rel=0.02), (without.activations_mb, saved / MIB)
     assert without.train_memory_mb < cm.estimate(spec, batch_size=batch, seq_len=seq).train_memory_mb
+
+
+def _tiny_deberta(v3: bool, dropout: float) -> torch.nn.Module:
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    torch.manual_seed(0)
+    sizes = dict(vocab_size=500, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96,
+                 num_labels=3, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    if v3:  # log-bucketed relative positions projected by each layer's own query and key
+        config = DebertaV2Config(relative_attention=True, position_buckets=64, max_relative_positions=-1,
+                                 pos_att_type=["p2c", "c2p"], share_att_key=True, norm_rel_ebd="layer_norm",
+                                 position_biased_input=False, type_vocab_size=0, **sizes)
+    else:  # DeBERTa-v2's older layout: absolute positions too, separate projections of the relative ones
+        config = DebertaV2Config(relative_attention=True, max_relative_positions=16, pos_att_type=["p2c", "c2p"],
+                                 share_att_key=False, position_biased_input=True, max_position_embeddings=64, **sizes)
+    return DebertaV2ForSequenceClassification(config)
+
+
+@pytest.mark.parametrize("dropout", [0.1, 0.0])
+@pytest.mark.parametrize("v3", [True, False])
+def test_deberta_costs_match_what_autograd_saves_and_what_torch_counts(v3: bool, dropout: float) -> None:
+    """Disentangled attention: eager scores, content-to-position and position-to-content scores against every row of
+    the relative position embeddings, and their projections by each layer (raffm.costs docstring)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = _tiny_deberta(v3, dropout)
+    cm = CostModel.from_model(model)
+    assert cm.relative == (128 if v3 else 32)
+    cut = ElasticSpec(hidden=40, layers=(LayerSpec(3, 16, 50), LayerSpec(1, 16, 96)))
+    for spec in (ElasticSpec.full(cm.dims), cut):
+        sub = extract(model, spec).train()
+        assert cm.params(spec) == sum(p.numel() for p in sub.parameters())
+        for batch, seq in ((8, 48), (2, 20)):
+            saved = _saved_activation_bytes(sub, **_padded_batch(batch, seq))
+            estimate = cm.estimate(spec, batch_size=batch, seq_len=seq)
+            assert estimate.activations_mb * MIB == pytest.approx(saved, rel=0.01), (estimate.activations_mb, saved)
+            inference = copy.deepcopy(sub).requires_grad_(False).eval()  # the counter's module hooks want no grad
+            with FlopCounterMode(display=False) as counter:
+                inference(input_ids=torch.randint(3, 500, (batch, seq)))
+            assert estimate.forward_flops_per_sample * batch == pytest.approx(counter.get_total_flops(), rel=1e-6)
 
 
 def test_activation_formula_matches_what_autograd_saves_vit() -> None:

@@ -18,18 +18,20 @@ from raffm.spp import prioritize
 from tests.unit.models_fixtures import inputs, make, output
 
 KINDS = ["bert", "bert-base", "roberta", "xlm-roberta", "camembert", "electra-base", "electra-small", "distilbert",
-         "vit", "vit-base"]
+         "deberta", "deberta-v2", "vit", "vit-base"]
 AUTO = {"bert": AutoModelForSequenceClassification, "roberta": AutoModelForSequenceClassification,
         "electra-small": AutoModelForSequenceClassification,
         "xlm-roberta": AutoModelForSequenceClassification, "camembert": AutoModelForSequenceClassification,
-        "distilbert": AutoModelForSequenceClassification,
+        "distilbert": AutoModelForSequenceClassification, "deberta": AutoModelForSequenceClassification,
+        "deberta-v2": AutoModelForSequenceClassification,
         "vit": AutoModelForImageClassification, "bert-base": AutoModel, "vit-base": AutoModel, "electra-base": AutoModel}
 
 
 def small_spec(dims: ModelDims) -> ElasticSpec:
     return ElasticSpec(
         hidden=dims.hidden - 8,
-        layers=(LayerSpec(3, dims.head_dim - 4, 50), LayerSpec(1, dims.head_dim, dims.ffn)),
+        layers=(LayerSpec(3, dims.head_dim if dims.fixed_head_dim else dims.head_dim - 4, 50),
+                LayerSpec(1, dims.head_dim, dims.ffn)),
     )
 
 

@@ -48,6 +48,18 @@ def bert(seed: int = 0) -> PreTrainedModel:
     return BertForSequenceClassification(config).eval()
 
 
+def deberta(seed: int = 0) -> PreTrainedModel:
+    """DeBERTa-v3: its query and key projections also project the relative position embeddings."""
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = DebertaV2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             intermediate_size=64, relative_attention=True, position_buckets=8,
+                             max_relative_positions=-1, pos_att_type=["p2c", "c2p"], share_att_key=True,
+                             norm_rel_ebd="layer_norm", position_biased_input=False, type_vocab_size=0, num_labels=3)
+    return DebertaV2ForSequenceClassification(config).eval()
+
+
 def ids(seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(seed))
 
@@ -74,7 +86,8 @@ SMALL = ElasticSpec(hidden=64, layers=(LayerSpec(heads=1, head_dim=16, ffn=40), 
 # -- the wrapper ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("make,targets", [(llama, LLAMA_T), (bert, DEFAULT_TARGETS["bert"])])
+@pytest.mark.parametrize("make,targets", [(llama, LLAMA_T), (bert, DEFAULT_TARGETS["bert"]),
+                                          (deberta, DEFAULT_TARGETS["deberta-v2"])])
 def test_wrapped_model_starts_equal_to_the_base_and_trains_only_adapters(make, targets) -> None:  # type: ignore[no-untyped-def]
     model = make()
     before = logits(model)
@@ -137,7 +150,8 @@ def test_adapters_round_trip_and_bad_inputs_say_what_is_wrong() -> None:
 # -- the cost model ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("make,targets", [(llama, LLAMA_T), (bert, DEFAULT_TARGETS["bert"])])
+@pytest.mark.parametrize("make,targets", [(llama, LLAMA_T), (bert, DEFAULT_TARGETS["bert"]),
+                                          (deberta, DEFAULT_TARGETS["deberta-v2"])])
 def test_cost_model_prices_the_real_wrapped_model(make, targets) -> None:  # type: ignore[no-untyped-def]
     model = make()
     cm = CostModel.from_model(model)

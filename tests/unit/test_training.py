@@ -22,7 +22,7 @@ from tests.unit.toys import WordHashTokenizer, tiny_model, toy_data
 VOCAB = "bert.embeddings.word_embeddings.weight"
 
 
-@pytest.mark.parametrize("kind", ["bert", "roberta", "camembert", "distilbert", "vit"])
+@pytest.mark.parametrize("kind", ["bert", "roberta", "camembert", "distilbert", "deberta", "vit"])
 def test_a_nested_cut_computes_exactly_the_extracted_cut(kind: str) -> None:
     model = prioritize(make(kind))
     dims = adapter_for(model).dims(model.config)
@@ -145,6 +145,22 @@ def test_a_recipe_without_dropout_drops_nothing_in_the_spec_or_its_nested_cuts(d
     finally:
         handle.remove()
     assert bool(dropped) == dropout
+
+
+def test_a_half_precision_vocabulary_is_looked_up_in_float32_by_the_spec_and_its_nested_cuts() -> None:
+    """DeBERTa-v3's input embedding is the word table alone, so no type promotion (a sum with float32 position
+    tables, as in BERT) turns a half-precision lookup back into float32: the spec and every nested cut must."""
+    from raffm.costs import CostModel
+    from raffm.strategy import strategy_named
+
+    model = prioritize(make("deberta")).train()
+    cost_model = CostModel.from_model(model)
+    recipe = strategy_named("raffm").recipe_for(ElasticSpec.full(cost_model.dims), cost_model)
+    assert recipe.frozen_dtype == "float16" and recipe.nested
+    model, before, result = _train(recipe, model)
+    assert model.deberta.embeddings.word_embeddings.weight.dtype == torch.float16
+    assert result.steps == 3 and all(torch.isfinite(d).all() for d in result.delta.values())
+    assert not torch.equal(before["classifier.weight"], model.classifier.weight)
 
 
 def test_a_recipe_naming_unknown_tensors_is_refused() -> None:
