@@ -252,26 +252,18 @@ DISTILBERT = Adapter(
 # DeBERTa-v2/v3: BERT's post-LN layer with disentangled attention. Every layer projects the shared relative-position
 # embeddings with its own query/key projections (or pos_query/pos_key ones), so they are cut and permuted with that
 # layer's heads; the attention scale is computed from the kept head size, so specs keep every head dimension.
-DEBERTA = Adapter(
+DEBERTA = replace(
+    BERT,
     name="deberta-v2",
     model_types=("deberta-v2", "raffm_deberta-v2"),
-    rules=_rules(
-        [
-            (r"embeddings\.(word|position|token_type)_embeddings\.weight$", ("full", "hidden")),
-            (r"encoder\.rel_embeddings\.weight$", ("full", "hidden")),
-            (r"attention\.self\.(query_proj|key_proj|pos_query_proj|pos_key_proj)\.weight$", ("qk", "hidden")),
-            (r"attention\.self\.(query_proj|key_proj|pos_query_proj|pos_key_proj)\.bias$", ("qk",)),
-            (r"attention\.self\.value_proj\.weight$", ("v", "hidden")),
-            (r"attention\.self\.value_proj\.bias$", ("v",)),
-            *_BERT_RULES[5:],  # the output projection, the FFN, the pooler, the classifier, LayerNorms and biases
-        ]
-    ),
-    layer_pattern=re.compile(r"encoder\.layer\.(\d+)\."),
-    layers_attr="encoder.layer",
-    attention_module="attention.self",
-    head_dim_attr="attention_head_size",
-    vocab_embeddings=re.compile(r"embeddings\.word_embeddings\.weight$"),
-    post_ln=True,
+    rules=_rules([
+        (r"encoder\.rel_embeddings\.weight$", ("full", "hidden")),
+        (r"attention\.self\.(query_proj|key_proj|pos_query_proj|pos_key_proj)\.weight$", ("qk", "hidden")),
+        (r"attention\.self\.(query_proj|key_proj|pos_query_proj|pos_key_proj)\.bias$", ("qk",)),
+        (r"attention\.self\.value_proj\.weight$", ("v", "hidden")),
+        (r"attention\.self\.value_proj\.bias$", ("v",)),
+        *_BERT_RULES,
+    ]),
     fixed_head_dim=True,
 )
 
