@@ -135,8 +135,9 @@ class NestedCut:
         with torch.device("meta"):
             self.skeleton = ELASTIC_CLASSES[stock](elastic_config(model.config, spec, stock))
         for name, p in model.named_parameters():  # tables the recipe stores at half precision: lookups in float32
-            if name in self.plan and p.dtype != torch.float32:
-                _lookups_in_float32(self.skeleton.get_submodule(name.rpartition(".")[0]))
+            module = self.skeleton.get_submodule(name.rpartition(".")[0]) if name in self.plan else None
+            if isinstance(module, torch.nn.Embedding) and p.dtype != torch.float32:
+                _lookups_in_float32(module)
         if checkpointing:
             _enable_checkpointing(self.skeleton, [n for n, p in model.named_parameters() if p.requires_grad])
         self._model = model
