@@ -7,9 +7,11 @@ import json
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from transformers import PreTrainedModel
 
 from edge_agent.state import STATE_FILE
 from raffm.proto import recipe_from_proto
@@ -17,6 +19,7 @@ from raffm.v1 import aggregator_pb2
 from tests.integration.agentkit import (
     AgentThread, Fleet, FixedPortFleet, agent_config, job, list_devices, rounds, tiny_model, wait_for,
 )
+from tests.unit.models_fixtures import DEBERTA_V3
 
 
 @pytest.fixture(scope="module")
@@ -74,69 +77,60 @@ def test_a_probe_round_moves_only_the_head_and_the_next_round_does_not_download_
         fleet.stop()
 
 
-def test_an_electra_whose_embeddings_are_narrower_than_its_layers_trains_a_round(tmp_path: Path) -> None:
-    """ELECTRA-small's layout: 16-wide embeddings projected into 32-wide layers. The device builds its slice from the
-    manifest's config, trains above its frozen embeddings and projection, and the merged version keeps every shape."""
-    from transformers import AutoTokenizer, ElectraConfig, ElectraForSequenceClassification
+def _one_round(tmp_path: Path, model: PreTrainedModel) -> tuple[Any, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``model`` (a random-init model of another family, with MiniLM's tokenizer) trained by one agent for one round
+    through the services: the agent's runner, version 0 and the merged version (every shape kept)."""
+    from transformers import AutoTokenizer
 
     from raffm.models import default_model_path
 
-    model = tmp_path / "tiny-electra"
-    torch.manual_seed(0)
-    ElectraForSequenceClassification(ElectraConfig(
-        vocab_size=30522, embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=64, num_labels=2)).save_pretrained(model)
-    AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(model)
-    fleet = Fleet(tmp_path, job(model)).start()
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(folder)
+    fleet = Fleet(tmp_path, job(folder)).start()
     try:
-        runner = AgentThread(agent_config(fleet, "pi-electra", tmp_path / "state", model)).start()
+        runner = AgentThread(agent_config(fleet, "pi", tmp_path / "state", folder)).start()
         assert runner.join() == 0
         assert [o.status for o in runner.agent.outcomes] == ["uploaded"]
-        [assignment] = runner.assignments
-        assert "electra.embeddings_project.weight" in recipe_from_proto(assignment.recipe).frozen
         [rnd] = rounds(fleet)
         rnd = fleet.wait_round(fleet.agg_stub(), rnd.round_id)
         v0, v1 = (fleet.store.load(v) for v in ("job-v0", rnd.result_model_version))
-        assert v1["electra.embeddings.word_embeddings.weight"].shape == (30522, 16)
         assert {n: t.shape for n, t in v0.items()} == {n: t.shape for n, t in v1.items()}
-        assert not torch.equal(v0["classifier.out_proj.weight"], v1["classifier.out_proj.weight"])
+        return runner, v0, v1
     finally:
         fleet.stop()
+
+
+def test_an_electra_whose_embeddings_are_narrower_than_its_layers_trains_a_round(tmp_path: Path) -> None:
+    """ELECTRA-small's layout: 16-wide embeddings projected into 32-wide layers. The device builds its slice from the
+    manifest's config, trains above its frozen embeddings and projection, and the merged version keeps every shape."""
+    from transformers import ElectraConfig, ElectraForSequenceClassification
+
+    torch.manual_seed(0)
+    runner, v0, v1 = _one_round(tmp_path, ElectraForSequenceClassification(ElectraConfig(
+        vocab_size=30522, embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64, num_labels=2)))
+    [assignment] = runner.assignments
+    assert "electra.embeddings_project.weight" in recipe_from_proto(assignment.recipe).frozen
+    assert v1["electra.embeddings.word_embeddings.weight"].shape == (30522, 16)
+    assert not torch.equal(v0["classifier.out_proj.weight"], v1["classifier.out_proj.weight"])
 
 
 def test_a_deberta_v3_trains_a_round(tmp_path: Path) -> None:
     """DeBERTa-v3's disentangled attention: every layer projects the shared relative position embeddings with its own
     (cut) query and key. The device trains its slice with the nested cuts and uploads; the merged version keeps every
     shape and moves the layers above the frozen first one."""
-    from transformers import AutoTokenizer, DebertaV2Config, DebertaV2ForSequenceClassification
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
 
-    from raffm.models import default_model_path
-
-    model = tmp_path / "tiny-deberta"
     torch.manual_seed(0)
-    DebertaV2ForSequenceClassification(DebertaV2Config(
+    runner, v0, v1 = _one_round(tmp_path, DebertaV2ForSequenceClassification(DebertaV2Config(
         vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=64, relative_attention=True, position_buckets=16, max_relative_positions=-1,
-        pos_att_type=["p2c", "c2p"], share_att_key=True, norm_rel_ebd="layer_norm", position_biased_input=False,
-        type_vocab_size=0, num_labels=2)).save_pretrained(model)
-    AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(model)
-    fleet = Fleet(tmp_path, job(model)).start()
-    try:
-        runner = AgentThread(agent_config(fleet, "pi-deberta", tmp_path / "state", model)).start()
-        assert runner.join() == 0
-        [outcome] = runner.agent.outcomes
-        assert outcome.status == "uploaded", outcome
-        [assignment] = runner.assignments
-        assert recipe_from_proto(assignment.recipe).nested, "the device should train nested cuts of its slice"
-        [rnd] = rounds(fleet)
-        rnd = fleet.wait_round(fleet.agg_stub(), rnd.round_id)
-        v0, v1 = (fleet.store.load(v) for v in ("job-v0", rnd.result_model_version))
-        assert {n: t.shape for n, t in v0.items()} == {n: t.shape for n, t in v1.items()}
-        changed = {n for n in v0 if not torch.equal(v0[n], v1[n])}
-        assert "deberta.encoder.layer.1.attention.self.query_proj.weight" in changed
-        assert not any(".layer.0." in n or "embeddings" in n for n in changed)
-    finally:
-        fleet.stop()
+        max_position_embeddings=64, num_labels=2, **{**DEBERTA_V3, "position_buckets": 16})))
+    [assignment] = runner.assignments
+    assert recipe_from_proto(assignment.recipe).nested, "the device should train nested cuts of its slice"
+    changed = {n for n in v0 if not torch.equal(v0[n], v1[n])}
+    assert "deberta.encoder.layer.1.attention.self.query_proj.weight" in changed
+    assert not any(".layer.0." in n or "embeddings" in n for n in changed)
 
 
 def test_restarted_agent_keeps_its_identity(tmp_path: Path, model: Path) -> None:

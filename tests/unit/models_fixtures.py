@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import (
     BertConfig,
@@ -27,6 +29,13 @@ from transformers import (
 )
 
 SMALL = dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96)
+# DeBERTa-v3's layout: log-bucketed relative positions projected by each layer's own query and key, no absolute ones.
+DEBERTA_V3: dict[str, Any] = dict(relative_attention=True, position_buckets=8, max_relative_positions=-1,
+                                  pos_att_type=["p2c", "c2p"], share_att_key=True, norm_rel_ebd="layer_norm",
+                                  position_biased_input=False, type_vocab_size=0)
+# DeBERTa-v2's older layout: absolute positions too, and separate projections of the relative ones.
+DEBERTA_V2: dict[str, Any] = dict(relative_attention=True, max_relative_positions=16, pos_att_type=["p2c", "c2p"],
+                                  share_att_key=False, position_biased_input=True, max_position_embeddings=64)
 
 
 def _randomize_layernorms(model: PreTrainedModel) -> PreTrainedModel:
@@ -68,16 +77,9 @@ def make(kind: str, seed: int = 0) -> PreTrainedModel:
         model = ElectraForSequenceClassification(
             ElectraConfig(vocab_size=120, embedding_size=16, num_labels=3, **SMALL)
         )
-    elif kind == "deberta":  # DeBERTa-v3: relative positions projected by each layer's own query and key
-        model = DebertaV2ForSequenceClassification(DebertaV2Config(
-            vocab_size=120, num_labels=3, relative_attention=True, position_buckets=8, max_relative_positions=-1,
-            pos_att_type=["p2c", "c2p"], share_att_key=True, norm_rel_ebd="layer_norm", position_biased_input=False,
-            type_vocab_size=0, **SMALL))
-    elif kind == "deberta-v2":  # absolute positions too, and separate projections of the relative ones
-        model = DebertaV2ForSequenceClassification(DebertaV2Config(
-            vocab_size=120, num_labels=3, relative_attention=True, max_relative_positions=16,
-            pos_att_type=["p2c", "c2p"], share_att_key=False, position_biased_input=True, max_position_embeddings=64,
-            **SMALL))
+    elif kind in ("deberta", "deberta-v2"):
+        layout = DEBERTA_V3 if kind == "deberta" else DEBERTA_V2
+        model = DebertaV2ForSequenceClassification(DebertaV2Config(vocab_size=120, num_labels=3, **layout, **SMALL))
     elif kind == "vit":
         model = ViTForImageClassification(
             ViTConfig(image_size=28, patch_size=7, num_channels=1, num_labels=10, **SMALL)

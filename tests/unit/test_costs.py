@@ -23,6 +23,7 @@ from raffm.recipe import Recipe
 from raffm.slicing import slice_plan
 from raffm.spec import ElasticSpec, LayerSpec
 from raffm.training import _dropout_off
+from tests.unit.models_fixtures import DEBERTA_V2, DEBERTA_V3
 
 
 def _minilm_meta() -> BertForSequenceClassification:
@@ -224,14 +225,8 @@ def _tiny_deberta(v3: bool, dropout: float) -> torch.nn.Module:
     torch.manual_seed(0)
     sizes = dict(vocab_size=500, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96,
                  num_labels=3, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
-    if v3:  # log-bucketed relative positions projected by each layer's own query and key
-        config = DebertaV2Config(relative_attention=True, position_buckets=64, max_relative_positions=-1,
-                                 pos_att_type=["p2c", "c2p"], share_att_key=True, norm_rel_ebd="layer_norm",
-                                 position_biased_input=False, type_vocab_size=0, **sizes)
-    else:  # DeBERTa-v2's older layout: absolute positions too, separate projections of the relative ones
-        config = DebertaV2Config(relative_attention=True, max_relative_positions=16, pos_att_type=["p2c", "c2p"],
-                                 share_att_key=False, position_biased_input=True, max_position_embeddings=64, **sizes)
-    return DebertaV2ForSequenceClassification(config)
+    layout = {**DEBERTA_V3, "position_buckets": 64} if v3 else DEBERTA_V2
+    return DebertaV2ForSequenceClassification(DebertaV2Config(**layout, **sizes))
 
 
 @pytest.mark.parametrize("dropout", [0.1, 0.0])

@@ -24,6 +24,7 @@ from raffm.lora import (
 )
 from raffm.recipe import Recipe
 from raffm.spec import ElasticSpec, LayerSpec, ModelDims
+from tests.unit.models_fixtures import DEBERTA_V3
 
 VOCAB = 128
 LLAMA_T = DEFAULT_TARGETS["llama"]
@@ -54,9 +55,7 @@ def deberta(seed: int = 0) -> PreTrainedModel:
 
     torch.manual_seed(seed)
     config = DebertaV2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                             intermediate_size=64, relative_attention=True, position_buckets=8,
-                             max_relative_positions=-1, pos_att_type=["p2c", "c2p"], share_att_key=True,
-                             norm_rel_ebd="layer_norm", position_biased_input=False, type_vocab_size=0, num_labels=3)
+                             intermediate_size=64, num_labels=3, **DEBERTA_V3)
     return DebertaV2ForSequenceClassification(config).eval()
 
 
