@@ -113,12 +113,13 @@ class Stack:
                 "aggregator", "serve", "--db", self.database("aggregator"), "--store", self.store_url, "--data-dir",
                 str(self.root / "agg"), "--registry", self.address("registry"), "--port", str(self.ports["aggregator"]),
                 "--metrics-port", str(self.metrics_ports["aggregator"]), *self.job, *common), env)
-            wait_serving(self.group, self.address("aggregator"), "aggregator", timeout_s=300)
             self.group.start("extractor", raffm_command(
                 "extractor", "serve", "--store", self.store_url, "--registry", self.address("registry"),
                 "--port", str(self.ports["extractor"]), "--metrics-port", str(self.metrics_ports["extractor"]),
                 *common), env)
-            wait_serving(self.group, self.address("extractor"), "extractor", timeout_s=300)  # a loaded machine
+            # the aggregator and the extractor load torch side by side; a loaded machine may take minutes
+            for name in ("aggregator", "extractor"):
+                wait_serving(self.group, self.address(name), name, timeout_s=300)
         except BaseException:
             self.group.stop()
             raise
@@ -561,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.devices, args.participants, args.fleet_procs, args.probe_devices = 60, 20, 2, 2
-        args.duration_s, args.spread_s, args.poll_wait_s = 45.0, 5.0, 1.0
+        args.duration_s, args.spread_s, args.poll_wait_s, args.liveness_s = 20.0, 5.0, 1.0, 30.0
         args.sizes, args.store_devices = "4,8", 4
         args.store_model = "" if args.store_model == "minilm" else args.store_model
     if not 0 <= args.probe_devices < args.devices:
