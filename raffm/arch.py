@@ -22,6 +22,12 @@ dimensions are never permuted or cut (rotary position embeddings rotate fixed pa
 tests/unit/test_llama_adapter.py shows a within-head permutation changing the logits). Tied embeddings: the LM head is
 the same parameter as the input embedding, so a tied model's canonical tensors (:func:`canonical_shapes`) hold it once,
 under the embedding's name; the sub-model re-ties its head on load.
+
+OPT decoders: plain multi-head attention with learned positions (BERT's ``qk``/``v`` axes). OPT multiplies the queries
+by the *global* ``head_dim ** -0.5``, fixed when the attention module is built, so a sub-model that keeps fewer head
+dimensions keeps the global scaling, as :mod:`raffm.elastic` does for every family: head dimensions are permuted and
+cut like BERT's. OPT-350m's layout (embeddings narrower than the layers, projected in and out; post-LN layers) is
+refused.
 """
 
 from __future__ import annotations
@@ -67,7 +73,8 @@ class Adapter:
 
     ``grouped``: heads are KV groups (``q``/``kv`` axes; dims read ``num_key_value_heads``); ``rope``: rotary
     position embeddings, so SPP never permutes dimensions inside a head and specs keep every head dimension.
-    ``causal_lm``: the model predicts the vocabulary at every position (cost model).
+    ``causal_lm``: a decoder family, trained as a causal LM unless a job says otherwise; its LM predicts the vocabulary
+    at every position (cost model).
     """
 
     name: str
@@ -84,6 +91,8 @@ class Adapter:
     # Post-LN encoders (BERT, DistilBERT): LayerNormed input embeddings, and dropout by default (cost model).
     post_ln: bool = False
     layer_dropouts: int = 2  # hidden dropouts per layer (after attention and after the FFN; DistilBERT: the FFN only)
+    ffn_matrices: int = 2  # weight matrices of the FFN (SwiGLU: gate, up and down): its FLOPs
+    ffn_saves: int = 2  # FFN activations autograd saves per neuron (GELU: its input and output; ReLU: its output)
     grouped: bool = False
     rope: bool = False
     fixed_head_dim: bool = False  # specs keep every head dimension (always with rope)
@@ -323,12 +332,43 @@ LLAMA = Adapter(
     head_dim_attr="head_dim",
     vocab_embeddings=re.compile(r"embed_tokens\.weight$"),
     heads_attr=None,  # LlamaAttention reshapes to (-1, head_dim): cutting whole KV groups keeps num_key_value_groups
+    ffn_matrices=3,
     grouped=True,
     rope=True,
     causal_lm=True,
 )
 
-ADAPTERS = (BERT, DISTILBERT, DEBERTA, VIT, LLAMA)
+OPT = Adapter(
+    name="opt",
+    model_types=("opt", "raffm_opt"),
+    rules=_rules(
+        [
+            (r"decoder\.(embed_tokens|embed_positions)\.weight$", ("full", "hidden")),
+            (r"^lm_head\.weight$", ("full", "hidden")),
+            (r"^score\.weight$", ("full", "hidden")),  # OPTForSequenceClassification scores every position
+            (r"self_attn\.(q_proj|k_proj)\.weight$", ("qk", "hidden")),
+            (r"self_attn\.(q_proj|k_proj)\.bias$", ("qk",)),
+            (r"self_attn\.v_proj\.weight$", ("v", "hidden")),
+            (r"self_attn\.v_proj\.bias$", ("v",)),
+            (r"self_attn\.out_proj\.weight$", ("hidden", "v")),
+            (r"fc1\.weight$", ("ffn", "hidden")),
+            (r"fc1\.bias$", ("ffn",)),
+            (r"fc2\.weight$", ("hidden", "ffn")),
+            (r"(layer_norm\.(weight|bias)|out_proj\.bias|fc2\.bias)$", ("hidden",)),
+        ]
+    ),
+    layer_pattern=re.compile(r"layers\.(\d+)\."),
+    layers_attr="decoder.layers",
+    attention_module="self_attn",
+    head_dim_attr="head_dim",
+    vocab_embeddings=re.compile(r"embed_tokens\.weight$"),
+    heads_attr="num_heads",
+    ffn_attr="ffn_dim",
+    ffn_saves=1,  # ReLU, every OPT checkpoint's activation_function
+    causal_lm=True,
+)
+
+ADAPTERS = (BERT, DISTILBERT, DEBERTA, VIT, LLAMA, OPT)
 
 
 def adapter_for(config_or_model: Any) -> Adapter:
@@ -339,9 +379,22 @@ def adapter_for(config_or_model: Any) -> Adapter:
         if model_type in adapter.model_types:
             if adapter is BERT and getattr(config, "embedding_size", None) not in (None, config.hidden_size):
                 return FACTORIZED_BERT
+            if adapter is OPT:
+                _check_opt_layout(config)
             return adapter
     supported = sorted(t for a in ADAPTERS for t in a.model_types if not t.startswith("raffm_"))
     raise ValueError(f"model type {model_type!r} is not supported; supported: {', '.join(supported)}")
+
+
+def _check_opt_layout(config: Any) -> None:
+    """Refuse the OPT layouts the adapter and the cost model do not describe (OPT-350m has both)."""
+    if getattr(config, "word_embed_proj_dim", config.hidden_size) != config.hidden_size:
+        raise ValueError(
+            f"OPT with word_embed_proj_dim {config.word_embed_proj_dim} != hidden_size {config.hidden_size} (embeddings"
+            " projected into and out of the layers by project_in/project_out, as OPT-350m's) is not supported"
+        )
+    if not getattr(config, "do_layer_norm_before", True):
+        raise ValueError("OPT with do_layer_norm_before=False (post-LN layers, as OPT-350m's) is not supported")
 
 
 def tied_aliases(model: nn.Module) -> frozenset[str]:

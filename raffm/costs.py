@@ -48,6 +48,16 @@ Activations ``A``: what autograd saves in torch 2.13 (CPU, ``attn_implementation
   keeps, and token ids and labels; Qwen3's RMSNorm on every query and key head adds its input, output and 1/rms,
   ``T (2a + 2c) + T (a + c) / head_dim``. This is an unpadded (packed or equal-length) batch: a padding mask makes SDPA
   repeat K/V to the query heads (``2 T (a - c)`` more per layer) and materialise the mask (``~B L^2``).
+- OPT (pre-LN, biases, ReLU FFN of two matrices, learned positions, dropout after attention and after the FFN, none
+  on the embeddings): the BERT family's per-layer terms with ``T f`` for the FFN instead of ``2 T f`` (ReLU saves
+  only its output, which the second matrix saves as its input), padding mask included; outside the layers the final
+  LayerNorm ``2 T h + 2 T`` (``T h + 2 T`` under a frozen head, which saves no input: a tied LM head with the
+  vocabulary frozen), the int64 token and position ids ``4 T`` and the loss's normaliser; the causal LM adds
+  the logits ``T V`` and its shifted labels ``2 T``, the sequence classifier (it scores every position and keeps
+  the last non-padding one) ``B (labels + 6)``: the kept scores' log-softmax and int64 row, position and label
+  indices. Both exact against autograd, cut or not, with and without dropout, with the vocabulary and first layer
+  frozen or not; their FLOPs equal FlopCounterMode's (counted on eager attention: the counter misses SDPA's CPU
+  kernel). A bare ``OPTModel`` is priced as the causal LM (its logits, which it never computes, included).
 
 Measured against RSS (``raffm.memory``, glibc allocator configured by ``configure_allocator``): within 2% for
 MiniLM at batch 16 x 64 tokens across hidden widths 96-384. Text batches are padded to their longest text only
@@ -147,14 +157,15 @@ def _widths(spec: ElasticSpec, group: int = 1) -> _Widths:
 
 
 def forward_flops(
-    w: _Widths, seq_len: int, *, num_labels: int, patch_inputs: int = 0, ffn_matrices: int = 2, lm_vocab: int = 0,
-    embedding: int = 0, relative: int = 0, batch_size: int = 1,
+    w: _Widths, seq_len: int, *, num_labels: int, patch_inputs: int = 0, ffn_matrices: int = 2,
+    position_outputs: int = 0, embedding: int = 0, relative: int = 0, batch_size: int = 1,
 ) -> float:
     """Forward FLOPs of one sample of ``seq_len`` tokens (2 per multiply-add), in a batch of ``batch_size``.
 
     Per layer: Q and output projections ``2 L h a``, K and V ``2 L h c`` (``c = a`` without GQA), FFN
     ``ffn_matrices * L h f`` (2 matrices; SwiGLU: 3), attention scores and their product with V ``2 L^2 a``; then
-    the pooler/head ``h^2 + h * labels``, or a causal LM's head ``L h * lm_vocab`` (logits at every position); ViT's
+    the pooler/head ``h^2 + h * labels``, or a head applied at every position ``L h * position_outputs`` (a causal
+    LM's vocabulary; OPT's classifier scores every position with its labels and keeps the last); ViT's
     patch projection ``L h * patch_inputs``; ELECTRA-small's embedding projection ``L h * embedding``. DeBERTa's
     ``relative`` position embeddings (``R`` rows): their query and key projections ``2 R h a`` once per batch, and
     the content-to-position and position-to-content scores ``2 L R a``.
@@ -165,23 +176,24 @@ def forward_flops(
         + (2 * length * relative * a + 2 * relative * h * a / batch_size if relative else 0)
         for a, c, f in zip(w.a, w.kv, w.f)
     )
-    macs += length * h * lm_vocab if lm_vocab else h * h + h * num_labels
+    macs += length * h * position_outputs if position_outputs else h * h + h * num_labels
     macs += (length - 1) * h * patch_inputs + length * h * embedding
     return 2.0 * macs
 
 
 def layer_activation_elements(
     w: _Widths, *, batch_size: int, seq_len: int, hidden_dropout: bool, attention_dropout: bool, layer_dropouts: int = 2,
-    padded: bool = False, relative: int = 0,
+    padded: bool = False, relative: int = 0, ffn_saves: int = 2,
 ) -> list[int]:
     """fp32 elements autograd saves in each transformer layer of one training forward (module docstring);
     ``layer_dropouts``: the hidden dropouts of a layer (DistilBERT has only the FFN's); ``padded``: a text batch,
     whose padding mask the flash kernel keeps in every layer; ``relative``: the rows of DeBERTa's relative position
-    embeddings (0: not DeBERTa)."""
+    embeddings (0: not DeBERTa); ``ffn_saves``: FFN activations saved per neuron (GELU 2, ReLU 1: OPT)."""
     b, h, tokens = batch_size, w.hidden, batch_size * seq_len
     per_layer = []
     for heads, a, f in zip(w.heads, w.a, w.f):
-        saved = tokens * (4 * h + 4 * a + 2 * f) + 4 * tokens + (layer_dropouts * tokens * h if hidden_dropout else 0)
+        saved = tokens * (4 * h + 4 * a + ffn_saves * f) + 4 * tokens
+        saved += layer_dropouts * tokens * h if hidden_dropout else 0
         scores = b * heads * seq_len * seq_len
         if relative:  # eager disentangled attention (module docstring)
             saved += tokens * a + scores * (3 if attention_dropout else 1) + scores // heads // 4 + 4 * seq_len**2
@@ -209,6 +221,7 @@ def activation_elements(
     embedding: int = 0,
     relative: int = 0,
     relative_norm: bool = False,
+    ffn_saves: int = 2,
 ) -> int:
     """fp32 elements autograd saves for one training forward (see the module docstring for the terms).
 
@@ -222,7 +235,7 @@ def activation_elements(
         total += 2 * b * h - tokens * h
     total += sum(layer_activation_elements(w, batch_size=batch_size, seq_len=seq_len, hidden_dropout=hidden_dropout,
                                            attention_dropout=attention_dropout, layer_dropouts=layer_dropouts,
-                                           padded=padded, relative=relative))
+                                           padded=padded, relative=relative, ffn_saves=ffn_saves))
     total += 4 * b * h  # pooler / classification head on the first token
     if relative_norm:  # DeBERTa-v3's LayerNorm of the relative embeddings: statistics, and output without dropout
         total += 2 * relative + (0 if hidden_dropout else relative * h)
@@ -261,6 +274,19 @@ def decoder_activation_elements(w: _Widths, *, batch_size: int, seq_len: int, he
     total += tokens * vocab  # the logits (the loss's log-softmax)
     total += 4 * tokens + 1  # int64 token ids and labels, the loss's normaliser
     return total
+
+
+def opt_outside_activation_elements(w: _Widths, *, batch_size: int, seq_len: int, vocab: int, num_labels: int,
+                                    head_trains: bool = True) -> int:
+    """fp32 elements an OPT training forward with labels saves outside its layers (module docstring): the causal LM's
+    when ``vocab`` > 0, else the sequence classifier's; ``head_trains``: the head's weight has a gradient (a frozen
+    linear layer saves no input)."""
+    b, tokens = batch_size, batch_size * seq_len
+    total = (2 if head_trains else 1) * tokens * w.hidden + 2 * tokens  # final LayerNorm: input, statistics, output
+    total += 4 * tokens + 1  # int64 token and position ids, the loss's normaliser
+    if vocab:
+        return total + tokens * vocab + 2 * tokens  # the logits (the loss's log-softmax), the shifted int64 labels
+    return total + b * (num_labels + 6)  # the kept scores' log-softmax; int64 row, position and label indices
 
 
 @dataclass(frozen=True)
@@ -358,8 +384,10 @@ class CostModel:
         self.relative_norm = bool(self.relative) and any(n.endswith("encoder.LayerNorm.weight") for n in self.shapes)
         self.image_tokens, self.patch_inputs = self._vit_geometry()
         self.lm_vocab = self._lm_vocab()
+        # A head applied at every position: a causal LM's, or a decoder classifier's (OPT keeps the last position's).
+        self.position_outputs = self.lm_vocab or (self.num_labels if self.adapter.causal_lm else 0)
         # A causal LM whose canonical tensors have no LM head of their own: the head is the embedding (SmolLM2).
-        self.tied_head = bool(self.adapter.causal_lm and not any(n.endswith("lm_head.weight") for n in self.shapes))
+        self.tied_head = bool(self.lm_vocab and not any(n.endswith("lm_head.weight") for n in self.shapes))
         # Qwen3 normalises every query and key head (RMSNorm over its head_dim) before the rotary embedding.
         self.qk_norm = any(n.endswith("self_attn.q_norm.weight") for n in self.shapes)
         self._plans: dict[ElasticSpec, SlicePlan] = {}
@@ -382,7 +410,7 @@ class CostModel:
 
     def _num_labels(self) -> int:
         for name, shape in self.shapes.items():
-            if name.endswith(("classifier.weight", "classifier.out_proj.weight")):
+            if name.endswith(("classifier.weight", "classifier.out_proj.weight")) or name == "score.weight":
                 return int(shape[0])
         return 0
 
@@ -391,8 +419,8 @@ class CostModel:
         return next((int(s[1]) for n, s in self.shapes.items() if n.endswith("embeddings_project.weight")), 0)
 
     def _lm_vocab(self) -> int:
-        """The vocabulary a causal LM predicts at every position (0 for classifiers)."""
-        if not self.adapter.causal_lm:
+        """The vocabulary a causal LM predicts at every position (0 for classifiers, a decoder's included)."""
+        if not self.adapter.causal_lm or self.num_labels:
             return 0
         names = sorted(self.adapter.vocab_tensors(self.shapes))
         if not names:
@@ -509,7 +537,7 @@ class CostModel:
         if above:
             w = _Widths(w.hidden, w.heads[above:], w.a[above:], w.f[above:], w.kv[above:])
         return forward_flops(w, seq_len, num_labels=self.num_labels, patch_inputs=0 if above else self.patch_inputs,
-                             ffn_matrices=3 if self.adapter.causal_lm else 2, lm_vocab=self.lm_vocab,
+                             ffn_matrices=self.adapter.ffn_matrices, position_outputs=self.position_outputs,
                              embedding=0 if above else self.embedding, relative=self.relative,
                              batch_size=batch_size)
 
@@ -529,11 +557,17 @@ class CostModel:
         options: dict[str, Any] = dict(batch_size=batch_size, seq_len=seq_len, hidden_dropout=hidden_dropout,
                                        attention_dropout=self.attention_dropout and recipe.dropout,
                                        layer_dropouts=self.adapter.layer_dropouts, padded=self.image_tokens is None,
-                                       relative=self.relative)
+                                       relative=self.relative, ffn_saves=self.adapter.ffn_saves)
         tokens = batch_size * seq_len
         plan = self.plan(spec)  # this pass's (maybe nested) cut: its own sizes of the trained tensors
         frozen_layers = self.adapter.frozen_layers(trained, spec.depth)
-        if self.adapter.causal_lm:
+        if self.adapter.name == "opt":  # the encoders' layers (ReLU FFN), then its own final LayerNorm and heads
+            layers = layer_activation_elements(w, **options)
+            head = self.adapter.task_head(plan) or self.adapter.vocab_tensors(plan)  # a tied LM head: the embedding
+            activations = sum(layers) + opt_outside_activation_elements(
+                w, batch_size=batch_size, seq_len=seq_len, vocab=self.lm_vocab, num_labels=self.num_labels,
+                head_trains=not head.isdisjoint(trained))
+        elif self.adapter.causal_lm:
             layers = decoder_layer_activation_elements(w, batch_size=batch_size, seq_len=seq_len,
                                                        qk_norm_dim=self.dims.head_dim if self.qk_norm else 0)
             activations = decoder_activation_elements(w, batch_size=batch_size, seq_len=seq_len,
@@ -574,12 +608,16 @@ class CostModel:
     def _embedding_activations(self, w: _Widths, batch_size: int, seq_len: int, pixels: int,
                                hidden_dropout: bool) -> int:
         """What the input embeddings save for their backward (module docstring): BERT's LayerNorm input, output and
-        statistics, ViT's pixels; both a dropout mask with hidden dropout. A Llama's lookup saves only the token ids."""
+        statistics, ViT's pixels; both a dropout mask with hidden dropout. OPT's lookups save their int64 token and
+        position ids; a Llama's lookup saves only the token ids (counted with the labels)."""
         tokens = batch_size * seq_len
         if self.adapter.post_ln:
             return embedding_activation_elements(tokens, w.hidden, self.embedding, hidden_dropout)
-        saved = tokens * w.hidden if hidden_dropout else 0
-        return saved + batch_size * pixels if self.adapter.name == "vit" else saved
+        if self.adapter.name == "opt":
+            return 4 * tokens
+        if self.adapter.name != "vit":
+            return 0
+        return (tokens * w.hidden if hidden_dropout else 0) + batch_size * pixels
 
     def _seq_len(self, seq_len: int | None) -> int:
         if self.image_tokens is not None:
@@ -595,4 +633,6 @@ class CostModel:
     @property
     def max_positions(self) -> int:
         pos = next((s for n, s in self.shapes.items() if n.endswith("position_embeddings.weight")), None)
+        if pos is None:  # OPT's learned positions start at row 2 of their table
+            pos = next(((s[0] - 2, s[1]) for n, s in self.shapes.items() if n.endswith("embed_positions.weight")), None)
         return int(pos[0]) if pos is not None else 1 << 20

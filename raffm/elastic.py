@@ -46,6 +46,10 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    OPTForSequenceClassification,
+    OPTModel,
     PretrainedConfig,
     PreTrainedModel,
     Qwen2Config,
@@ -86,6 +90,7 @@ def _shrink(model: PreTrainedModel, spec: ElasticSpec) -> None:
         if tuple(param.shape) != plan[name].sub_shape:
             new = torch.empty(plan[name].sub_shape, dtype=param.dtype, device=param.device)
             setattr(module, pname, nn.Parameter(new, requires_grad=param.requires_grad))
+    model.tie_weights()  # a tied LM head shares the resized embedding again (a nested cut's skeleton is never loaded)
     _sync_module_attributes(model, adapter, spec)
 
 
@@ -134,7 +139,7 @@ def _elastic_config(base: type[PretrainedConfig], model_type: str) -> type[Pretr
 
 # stock config -> the stock model classes built on it, each with the Auto factory that should load its elastic twin.
 # RoBERTa, XLM-R, CamemBERT and ELECTRA copy BERT's module layout (ELECTRA-small adds an embedding projection);
-# DistilBERT has an adapter of its own (raffm.arch).
+# DistilBERT has an adapter of its own (raffm.arch). OPT is the one decoder family with a body and a classifier too.
 _STOCK: dict[type[PretrainedConfig], tuple[tuple[type[PreTrainedModel], Any], ...]] = {
     BertConfig: ((BertModel, AutoModel), (BertForSequenceClassification, AutoModelForSequenceClassification)),
     RobertaConfig: ((RobertaModel, AutoModel), (RobertaForSequenceClassification, AutoModelForSequenceClassification)),
@@ -155,6 +160,8 @@ _STOCK: dict[type[PretrainedConfig], tuple[tuple[type[PreTrainedModel], Any], ..
     GemmaConfig: ((GemmaForCausalLM, AutoModelForCausalLM),),
     SmolLM3Config: ((SmolLM3ForCausalLM, AutoModelForCausalLM),),
     GraniteConfig: ((GraniteForCausalLM, AutoModelForCausalLM),),
+    OPTConfig: ((OPTModel, AutoModel), (OPTForCausalLM, AutoModelForCausalLM),
+                (OPTForSequenceClassification, AutoModelForSequenceClassification)),
 }
 # stock class -> (elastic config class, Auto factory that should load it)
 _FAMILY: dict[type[PreTrainedModel], tuple[type[PretrainedConfig], Any]] = {}

@@ -239,7 +239,7 @@ class Strategy:
         """The recipe of a probe round for a device training ``spec``: everything but the task head frozen (no nested
         cut: the cuts share the head), at ``probe_lr_scale`` x the learning rate. None where there is no head to
         probe: a causal LM (its head is pretrained), LoRA jobs, a model without a task head."""
-        if self.lora_ranks or cost_model.adapter.causal_lm:
+        if self.lora_ranks or cost_model.lm_vocab:
             return None
         plan = cost_model.plan(spec)
         head = cost_model.adapter.task_head(plan)

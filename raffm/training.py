@@ -153,7 +153,8 @@ class NestedCut:
         }
         tensors.update(self._model.named_buffers())
         self.skeleton.train(self._model.training)
-        with _reparametrize_module(self.skeleton, tensors):
+        # tie_weights: a tied LM head is bound with the embedding it shares (named_parameters lists it once)
+        with _reparametrize_module(self.skeleton, tensors, tie_weights=True):
             yield self.skeleton
 
     def __call__(self, **inputs: torch.Tensor) -> Any:

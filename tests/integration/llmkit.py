@@ -32,14 +32,18 @@ def word_tokenizer() -> Any:
 def tiny_llama_folder(path: Path, seed: int = 0, model_type: str = "llama", **overrides: Any) -> Path:
     """A random-init decoder of the Llama family (``model_type``: llama, qwen3, ...; 2 layers, hidden 128, 4 heads of
     32 dimensions over 2 KV groups, FFN 512, untied head; about 0.6 M parameters: large enough that device budgets in
-    whole MiB pick different sub-models) and its tokenizer."""
+    whole MiB pick different sub-models) or an OPT of the same sizes (``opt``: 4 plain heads, its head tied to the
+    token embedding as every OPT checkpoint's), and its tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if (path / "config.json").is_file():
         return path
     values: dict[str, Any] = dict(vocab_size=len(WORDS), hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                  num_key_value_heads=2, head_dim=32, intermediate_size=512, max_position_embeddings=64,
-                                  bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+                                  max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if model_type == "opt":  # its own name of the FFN width; embeddings as wide as the layers
+        values.update(ffn_dim=512, word_embed_proj_dim=128)
+    else:
+        values.update(num_key_value_heads=2, head_dim=32, intermediate_size=512, tie_word_embeddings=False)
     values.update(overrides)
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **values)).save_pretrained(path)

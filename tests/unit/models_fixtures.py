@@ -18,6 +18,10 @@ from transformers import (
     ElectraConfig,
     ElectraForSequenceClassification,
     ElectraModel,
+    OPTConfig,
+    OPTForCausalLM,
+    OPTForSequenceClassification,
+    OPTModel,
     PreTrainedModel,
     RobertaConfig,
     RobertaForSequenceClassification,
@@ -37,13 +41,19 @@ DEBERTA_V3: dict[str, Any] = dict(relative_attention=True, position_buckets=8, m
 DEBERTA_V2: dict[str, Any] = dict(relative_attention=True, max_relative_positions=16, pos_att_type=["p2c", "c2p"],
                                   share_att_key=False, position_biased_input=True, max_position_embeddings=64)
 
+# OPT: a pre-LN decoder whose FFN has its own config name; embeddings as wide as the layers (word_embed_proj_dim).
+OPT: dict[str, Any] = dict(hidden_size=SMALL["hidden_size"], word_embed_proj_dim=SMALL["hidden_size"],
+                           num_hidden_layers=SMALL["num_hidden_layers"],
+                           num_attention_heads=SMALL["num_attention_heads"], ffn_dim=SMALL["intermediate_size"],
+                           max_position_embeddings=64, pad_token_id=1)
+
 
 def _randomize_layernorms(model: PreTrainedModel) -> PreTrainedModel:
     """Non-trivial LayerNorm affine params, so a wrong permutation of them would show in the outputs."""
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "LayerNorm" in name or "layernorm" in name or name.endswith("bias"):
+            if "LayerNorm" in name or "layernorm" in name or "layer_norm" in name or name.endswith("bias"):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
     return model.eval()
 
@@ -80,6 +90,12 @@ def make(kind: str, seed: int = 0) -> PreTrainedModel:
     elif kind in ("deberta", "deberta-v2"):
         layout = DEBERTA_V3 if kind == "deberta" else DEBERTA_V2
         model = DebertaV2ForSequenceClassification(DebertaV2Config(vocab_size=120, num_labels=3, **layout, **SMALL))
+    elif kind == "opt":  # the causal LM, its head tied to the token embeddings
+        model = OPTForCausalLM(OPTConfig(vocab_size=120, **OPT))
+    elif kind == "opt-base":
+        model = OPTModel(OPTConfig(vocab_size=120, **OPT))
+    elif kind == "opt-classifier":  # scores every position, keeps the last non-padding one
+        model = OPTForSequenceClassification(OPTConfig(vocab_size=120, num_labels=3, **OPT))
     elif kind == "vit":
         model = ViTForImageClassification(
             ViTConfig(image_size=28, patch_size=7, num_channels=1, num_labels=10, **SMALL)

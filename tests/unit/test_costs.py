@@ -253,6 +253,48 @@ def test_deberta_costs_match_what_autograd_saves_and_what_torch_counts(v3: bool,
             assert estimate.forward_flops_per_sample * batch == pytest.approx(counter.get_total_flops(), rel=1e-6)
 
 
+def _tiny_opt(dropout: float, classifier: bool) -> torch.nn.Module:
+    from transformers import OPTConfig, OPTForCausalLM, OPTForSequenceClassification
+
+    torch.manual_seed(0)
+    config = OPTConfig(vocab_size=500, hidden_size=64, word_embed_proj_dim=64, num_hidden_layers=2,
+                       num_attention_heads=4, ffn_dim=96, max_position_embeddings=64, num_labels=3, dropout=dropout)
+    return (OPTForSequenceClassification if classifier else OPTForCausalLM)(config)
+
+
+@pytest.mark.parametrize("dropout", [0.1, 0.0])
+@pytest.mark.parametrize("classifier", [False, True])
+def test_opt_costs_match_what_autograd_saves_and_what_torch_counts(classifier: bool, dropout: float) -> None:
+    """Pre-LN layers with a ReLU FFN, learned positions, and a tied LM head or a classifier that scores every position
+    (raffm.costs docstring); also with the vocabulary and the first layer frozen (RaFFM's recipe), where nothing saves
+    the ids and the frozen tied head saves no input."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = _tiny_opt(dropout, classifier)
+    cm = CostModel.from_model(model)
+    assert (cm.lm_vocab, cm.num_labels, cm.tied_head) == ((0, 3, False) if classifier else (500, 0, True))
+    assert cm.max_positions == 64  # OPT's position table has 2 more rows
+    batch, seq = 4, 24
+    inputs = _padded_batch(batch, seq)
+    if not classifier:  # next-token labels, none on the padding
+        inputs["labels"] = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    cut = ElasticSpec(hidden=64, layers=(LayerSpec(3, 12, 50), LayerSpec(1, 16, 96)))
+    for spec in (ElasticSpec.full(cm.dims), cut):
+        for frozen in (frozenset(), frozenset(n for n in cm.plan(spec) if cm.adapter.below(n, 1))):
+            sub = extract(model, spec).train()
+            assert cm.params(spec) == sum(p.numel() for p in sub.parameters())  # the tied head once
+            for name, p in sub.named_parameters():
+                p.requires_grad_(name not in frozen)
+            saved = _saved_activation_bytes(sub, **inputs)
+            estimate = cm.estimate(spec, batch_size=batch, seq_len=seq, recipe=Recipe(frozen=frozen))
+            assert estimate.activations_mb * MIB == pytest.approx(saved, rel=0.01), (estimate.activations_mb, saved)
+        inference = copy.deepcopy(sub).requires_grad_(False).eval()
+        inference.set_attn_implementation("eager")  # the same products as SDPA, whose CPU kernel the counter misses
+        with FlopCounterMode(display=False) as counter:
+            inference(input_ids=inputs["input_ids"])
+        assert estimate.forward_flops_per_sample * batch == pytest.approx(counter.get_total_flops(), rel=1e-6)
+
+
 def test_activation_formula_matches_what_autograd_saves_vit() -> None:
     model = _tiny_vit()
     cm = CostModel.from_model(model)

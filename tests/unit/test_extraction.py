@@ -8,22 +8,25 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import AutoModel, AutoModelForImageClassification, AutoModelForSequenceClassification
+from transformers import (
+    AutoModel, AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification, OPTConfig,
+)
 
 from raffm.arch import adapter_for
 from raffm.elastic import extract, plan_for
 from raffm.slicing import coverage_mask, scatter, slice_state
 from raffm.spec import ElasticSpec, LayerSpec, ModelDims
 from raffm.spp import prioritize
-from tests.unit.models_fixtures import inputs, make, output
+from tests.unit.models_fixtures import OPT, inputs, make, output
 
 KINDS = ["bert", "bert-base", "roberta", "xlm-roberta", "camembert", "electra-base", "electra-small", "distilbert",
-         "deberta", "deberta-v2", "vit", "vit-base"]
+         "deberta", "deberta-v2", "opt", "opt-base", "opt-classifier", "vit", "vit-base"]
 AUTO = {"bert": AutoModelForSequenceClassification, "roberta": AutoModelForSequenceClassification,
         "electra-small": AutoModelForSequenceClassification,
         "xlm-roberta": AutoModelForSequenceClassification, "camembert": AutoModelForSequenceClassification,
         "distilbert": AutoModelForSequenceClassification, "deberta": AutoModelForSequenceClassification,
-        "deberta-v2": AutoModelForSequenceClassification,
+        "deberta-v2": AutoModelForSequenceClassification, "opt": AutoModelForCausalLM, "opt-base": AutoModel,
+        "opt-classifier": AutoModelForSequenceClassification,
         "vit": AutoModelForImageClassification, "bert-base": AutoModel, "vit-base": AutoModel, "electra-base": AutoModel}
 
 
@@ -176,3 +179,35 @@ def test_the_services_read_the_same_dims_from_a_config_dict(kind: str) -> None:
     adapter, dims = adapter_and_dims(model.config.to_dict())
     assert adapter is adapter_for(model) and dims == adapter.dims(model.config)
     assert dims.hidden == model.config.hidden_size and dims.layers == model.config.num_hidden_layers
+
+
+def test_opt_cuts_head_dimensions_with_the_global_query_scaling() -> None:
+    """OPT scales its queries by the global head_dim ** -0.5, fixed when the attention is built: a sub-model that keeps
+    the leading 8 of 12 dimensions of every head computes exactly the global model with the other 4 zeroed (their q/k
+    rows add nothing to the scores, their v rows nothing to the output)."""
+    model = prioritize(make("opt"))
+    dims = adapter_for(model).dims(model.config)
+    spec = ElasticSpec.uniform(dims, heads=dims.heads, head_dim=8, ffn=dims.ffn)
+    masked = prioritize(make("opt"))
+    with torch.no_grad():
+        for layer in masked.model.decoder.layers:
+            attn = layer.self_attn
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+                proj.weight.view(dims.heads, dims.head_dim, -1)[:, 8:] = 0
+                proj.bias.view(dims.heads, dims.head_dim)[:, 8:] = 0
+    sub = extract(model, spec)
+    assert sub.model.decoder.layers[0].self_attn.scaling == dims.head_dim**-0.5
+    batch = inputs("opt")
+    cut, reference = output(sub, batch), output(masked, batch)
+    assert (cut - reference).abs().max().item() <= 1e-5
+    assert (cut - output(model, batch)).abs().max().item() > 1e-3  # the cut really changed the model
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(word_embed_proj_dim=32), "word_embed_proj_dim 32 != hidden_size 48"),
+    (dict(do_layer_norm_before=False), "do_layer_norm_before=False"),
+])
+def test_opt_layouts_the_adapter_does_not_describe_are_refused(overrides: dict[str, object], message: str) -> None:
+    """OPT-350m projects narrower embeddings into and out of post-LN layers: refused by name, not mis-sliced."""
+    with pytest.raises(ValueError, match=message):
+        adapter_for(OPTConfig(vocab_size=120, **{**OPT, **overrides}))

@@ -22,7 +22,8 @@ from tests.unit.toys import WordHashTokenizer, tiny_model, toy_data
 VOCAB = "bert.embeddings.word_embeddings.weight"
 
 
-@pytest.mark.parametrize("kind", ["bert", "roberta", "camembert", "distilbert", "deberta", "vit"])
+@pytest.mark.parametrize("kind", ["bert", "roberta", "camembert", "distilbert", "deberta", "opt", "opt-classifier",
+                                  "vit"])
 def test_a_nested_cut_computes_exactly_the_extracted_cut(kind: str) -> None:
     model = prioritize(make(kind))
     dims = adapter_for(model).dims(model.config)
@@ -49,6 +50,20 @@ def test_a_nested_cut_trains_only_its_own_block_of_the_shared_weights() -> None:
     grad = model.get_parameter(ffn_in).grad
     assert grad is not None and grad[:40].abs().sum() > 0 and grad[40:].abs().sum() == 0
     assert plan[ffn_in].sub_shape == (40, 48)
+
+
+def test_a_nested_cut_of_a_tied_causal_lm_computes_its_head_with_the_shared_embedding() -> None:
+    """OPT's LM head is its token embedding: the cut's skeleton must bind it with the embedding's view, also when the
+    cut is narrower than the hidden width (the skeleton's head is re-tied to its resized embedding)."""
+    model = prioritize(make("opt"))
+    dims = adapter_for(model).dims(model.config)
+    device_model = extract(model, ElasticSpec.uniform(dims, heads=3, ffn=72)).eval()
+    inner = ElasticSpec.uniform(dims, heads=2, ffn=40, hidden=dims.hidden - 8)
+    batch = inputs("opt")
+    with torch.no_grad():
+        expected = extract(model, inner).eval()(**batch).logits
+        got = NestedCut(device_model, inner)(**batch).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
 
 def test_a_nested_cut_must_fit_inside_the_model() -> None:
