@@ -18,6 +18,8 @@ from transformers import (
     ElectraConfig,
     ElectraForSequenceClassification,
     ElectraModel,
+    LlamaConfig,
+    LlamaForCausalLM,
     OPTConfig,
     OPTForCausalLM,
     OPTForSequenceClassification,
@@ -96,6 +98,8 @@ def make(kind: str, seed: int = 0) -> PreTrainedModel:
         model = OPTModel(OPTConfig(vocab_size=120, **OPT))
     elif kind == "opt-classifier":  # scores every position, keeps the last non-padding one
         model = OPTForSequenceClassification(OPTConfig(vocab_size=120, num_labels=3, **OPT))
+    elif kind == "llama-tied":  # a Llama whose LM head is its token embedding (SmolLM2's layout)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=120, tie_word_embeddings=True, **SMALL))
     elif kind == "vit":
         model = ViTForImageClassification(
             ViTConfig(image_size=28, patch_size=7, num_channels=1, num_labels=10, **SMALL)

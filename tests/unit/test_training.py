@@ -52,14 +52,15 @@ def test_a_nested_cut_trains_only_its_own_block_of_the_shared_weights() -> None:
     assert plan[ffn_in].sub_shape == (40, 48)
 
 
-def test_a_nested_cut_of_a_tied_causal_lm_computes_its_head_with_the_shared_embedding() -> None:
-    """OPT's LM head is its token embedding: the cut's skeleton must bind it with the embedding's view, also when the
+@pytest.mark.parametrize("kind", ["opt", "llama-tied"])
+def test_a_nested_cut_of_a_tied_causal_lm_computes_its_head_with_the_shared_embedding(kind: str) -> None:
+    """A tied LM head is the token embedding: the cut's skeleton must bind it with the embedding's view, also when the
     cut is narrower than the hidden width (the skeleton's head is re-tied to its resized embedding)."""
-    model = prioritize(make("opt"))
+    model = prioritize(make(kind))
     dims = adapter_for(model).dims(model.config)
     device_model = extract(model, ElasticSpec.uniform(dims, heads=3, ffn=72)).eval()
     inner = ElasticSpec.uniform(dims, heads=2, ffn=40, hidden=dims.hidden - 8)
-    batch = inputs("opt")
+    batch = inputs(kind)
     with torch.no_grad():
         expected = extract(model, inner).eval()(**batch).logits
         got = NestedCut(device_model, inner)(**batch).logits
