@@ -133,6 +133,21 @@ def test_a_deberta_v3_trains_a_round(tmp_path: Path) -> None:
     assert not any(".layer.0." in n or "embeddings" in n for n in changed)
 
 
+def test_an_opt_sequence_classifier_trains_a_round(tmp_path: Path) -> None:
+    """A decoder as a text classifier: OPT scores every position with a fresh head and keeps the last non-padding
+    one. The device trains its slice above the frozen first layer; the merged version moves the second layer and the
+    head, never the first layer or the embeddings."""
+    from transformers import OPTConfig, OPTForSequenceClassification
+
+    torch.manual_seed(0)
+    runner, v0, v1 = _one_round(tmp_path, OPTForSequenceClassification(OPTConfig(
+        vocab_size=30522, hidden_size=32, word_embed_proj_dim=32, num_hidden_layers=2, num_attention_heads=4,
+        ffn_dim=64, max_position_embeddings=64, num_labels=2, pad_token_id=0)))  # MiniLM's tokenizer pads with 0
+    changed = {n for n in v0 if not torch.equal(v0[n], v1[n])}
+    assert {"score.weight", "model.decoder.layers.1.self_attn.q_proj.weight"} <= changed
+    assert not any(".layers.0." in n or "embed_" in n for n in changed)
+
+
 def test_restarted_agent_keeps_its_identity(tmp_path: Path, model: Path) -> None:
     fleet = Fleet(tmp_path, job(model, rounds=2)).start()
     try:
