@@ -11,6 +11,7 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from raffm.errors import DomainError, ValidationError, excerpt
+from raffm.planning import adapter_and_dims
 from raffm.proto import (
     cost_to_proto, manifest_from_proto, recipe_to_proto, resume_to_proto, spec_to_proto, wire_dtype_to_proto,
 )
@@ -58,11 +59,10 @@ def round_to_proto(r: RoundRecord, assigned: int = 0, accepted: int = 0,
     )
 
 
-# job task -> (TaskKind, the architecture family devices are told; informational)
-TASK_KINDS: dict[str, tuple[aggregator_pb2.TaskKind, str]] = {
-    "sequence-classification": (aggregator_pb2.TASK_KIND_TEXT_CLASSIFICATION, "bert"),
-    "image-classification": (aggregator_pb2.TASK_KIND_IMAGE_CLASSIFICATION, "vit"),
-    "causal-lm": (aggregator_pb2.TASK_KIND_CAUSAL_LM, "llama"),
+TASK_KINDS: dict[str, aggregator_pb2.TaskKind] = {
+    "sequence-classification": aggregator_pb2.TASK_KIND_TEXT_CLASSIFICATION,
+    "image-classification": aggregator_pb2.TASK_KIND_IMAGE_CLASSIFICATION,
+    "causal-lm": aggregator_pb2.TASK_KIND_CAUSAL_LM,
 }
 
 
@@ -73,18 +73,18 @@ def hparams_to_proto(job: JobConfig, seed: int) -> aggregator_pb2.HyperParams:
         weight_decay=job.weight_decay, seed=seed, optimizer=job.optimizer, warmup_steps=job.warmup_steps)
 
 
-def task_to_proto(job: JobConfig) -> aggregator_pb2.TaskInfo:
-    kind, architecture = TASK_KINDS[job.task]
-    return aggregator_pb2.TaskInfo(kind=kind, num_labels=0 if job.task == "causal-lm" else job.num_labels,
-                                   dataset=job.dataset, architecture=architecture)
+def task_to_proto(job: JobConfig, architecture: str) -> aggregator_pb2.TaskInfo:
+    """``architecture``: the adapter name of the job's model (raffm.arch: "bert", "deberta-v2", "opt"...)."""
+    return aggregator_pb2.TaskInfo(kind=TASK_KINDS[job.task], dataset=job.dataset, architecture=architecture,
+                                   num_labels=0 if job.task == "causal-lm" else job.num_labels)
 
 
-def assignment_to_proto(a: Assignment, extractor_target: str) -> aggregator_pb2.Assignment:
+def assignment_to_proto(a: Assignment, extractor_target: str, architecture: str) -> aggregator_pb2.Assignment:
     return aggregator_pb2.Assignment(
         round_id=a.round_id, job_id=a.job_id, model_version=a.model_version, spec=spec_to_proto(a.spec),
         hparams=hparams_to_proto(a.job, a.job.seed + a.round_index), deadline=_ts(a.deadline), ticket=a.ticket,
-        task=task_to_proto(a.job), extractor_target=extractor_target, predicted=cost_to_proto(a.predicted),
-        round_index=a.round_index, recipe=recipe_to_proto(a.recipe))
+        task=task_to_proto(a.job, architecture), extractor_target=extractor_target,
+        predicted=cost_to_proto(a.predicted), round_index=a.round_index, recipe=recipe_to_proto(a.recipe))
 
 
 class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
@@ -92,6 +92,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
                  on_change: Callable[[], None] = lambda: None, poll_executor: Executor | None = None,
                  verifier: TokenVerifier | None = None) -> None:
         self.c = coordinator
+        self.architecture = adapter_and_dims(coordinator.model.config)[0].name  # every version shares it
         self.devices = devices
         self.verifier = verifier  # asked again before an upload commits: a device revoked meanwhile is refused
         self.extractor_target = extractor_target
@@ -119,7 +120,8 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
             if result.unfit:
                 await self._settle()
             return aggregator_pb2.PollReply(wait=aggregator_pb2.Wait(seconds=result.seconds, reason=result.reason))
-        return aggregator_pb2.PollReply(assignment=assignment_to_proto(result, self.extractor_target))
+        assignment = assignment_to_proto(result, self.extractor_target, self.architecture)
+        return aggregator_pb2.PollReply(assignment=assignment)
 
     async def UploadUpdate(self, request_iterator: AsyncIterator[aggregator_pb2.UploadMessage],
                            context: Any) -> aggregator_pb2.UploadAck:
@@ -240,7 +242,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
                          else aggregator_pb2.AGGREGATION_MODE_SLICED_FEDAVG),
             server_lr=j.server_lr, server_optimizer="fedavgm" if j.method().server_momentum else "none",
             current_round=rec.current_round,
-            model_version=rec.model_version, created_at=_ts(rec.created_at), task=task_to_proto(j),
+            model_version=rec.model_version, created_at=_ts(rec.created_at), task=task_to_proto(j, self.architecture),
             hparams=hparams_to_proto(j, j.seed))
 
     async def GetRound(self, request: aggregator_pb2.GetRoundRequest, context: Any) -> aggregator_pb2.Round:

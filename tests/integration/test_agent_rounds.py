@@ -127,6 +127,7 @@ def test_a_deberta_v3_trains_a_round(tmp_path: Path) -> None:
         vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
         max_position_embeddings=64, num_labels=2, **{**DEBERTA_V3, "position_buckets": 16})))
     [assignment] = runner.assignments
+    assert assignment.task.architecture == "deberta-v2"  # the model's adapter, not the task's usual family
     assert recipe_from_proto(assignment.recipe).nested, "the device should train nested cuts of its slice"
     changed = {n for n in v0 if not torch.equal(v0[n], v1[n])}
     assert "deberta.encoder.layer.1.attention.self.query_proj.weight" in changed
@@ -143,6 +144,7 @@ def test_an_opt_sequence_classifier_trains_a_round(tmp_path: Path) -> None:
     runner, v0, v1 = _one_round(tmp_path, OPTForSequenceClassification(OPTConfig(
         vocab_size=30522, hidden_size=32, word_embed_proj_dim=32, num_hidden_layers=2, num_attention_heads=4,
         ffn_dim=64, max_position_embeddings=64, num_labels=2, pad_token_id=0)))  # MiniLM's tokenizer pads with 0
+    assert runner.assignments[0].task.architecture == "opt"
     changed = {n for n in v0 if not torch.equal(v0[n], v1[n])}
     assert {"score.weight", "model.decoder.layers.1.self_attn.q_proj.weight"} <= changed
     assert not any(".layers.0." in n or "embed_" in n for n in changed)
