@@ -99,7 +99,6 @@ def run_inspect(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
     import raffm.elastic  # noqa: F401  (registers the elastic config classes)
-    from raffm.arch import adapter_for
     from raffm.costs import CostModel
     from raffm.elastic import ELASTIC_CLASSES
     from raffm.recipe import Recipe
@@ -115,8 +114,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     global_config = type(config).from_dict({k: v for k, v in config.to_dict().items() if k != "raffm_spec"})
     with torch.device("meta"):  # shapes only, no weights
         global_model = stock(global_config)
-    adapter = adapter_for(global_model)
-    cost_model = CostModel(adapter, adapter.dims(global_config), {n: tuple(t.shape) for n, t in global_model.state_dict().items()})
+    cost_model = CostModel.from_model(global_model)  # a tied LM head counted once; the config's dropout
     recipe_file = args.folder / "recipe.json"  # how the device trains it, as `raffm extract` priced it
     recipe = Recipe.from_dict(json.loads(recipe_file.read_text())) if recipe_file.is_file() else None
     costs = cost_model.estimate(spec, batch_size=args.batch_size, seq_len=cost_model.image_tokens or args.seq_len,

@@ -40,6 +40,22 @@ def test_extract_to_memory_budget_then_inspect(tmp_path: Path, capsys: pytest.Ca
     assert f"peak training memory {costs['train_memory_mb']:.0f} MiB" in printed  # priced with its recipe, as cut
 
 
+def test_inspect_prices_a_tied_causal_lm_as_extract_did(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """OPT's LM head is its token embedding: `raffm inspect` must count it once, as `raffm extract` priced it."""
+    from tests.integration.llmkit import tiny_llama_folder
+
+    model = tiny_llama_folder(tmp_path / "opt", model_type="opt")
+    out, shape = tmp_path / "sub", ["--batch-size", "4", "--seq-len", "16"]
+    assert main(["extract", "--model", str(model), "--out", str(out), "--memory-mb", "30", "--task", "causal-lm",
+                 *shape]) == 0
+    costs = json.loads((out / "costs.json").read_text())
+    capsys.readouterr()
+    assert main(["inspect", str(out), *shape]) == 0
+    printed = capsys.readouterr().out
+    assert f"{costs['params']:,} parameters" in printed, printed
+    assert f"peak training memory {costs['train_memory_mb']:.0f} MiB" in printed
+
+
 def test_a_vit_is_cut_for_images_without_being_told(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The task comes from the model (a ViT classifies images) and its sequence from its patches."""
     from raffm.models import model_from_config, small_vit_config
