@@ -198,7 +198,9 @@ def fit(
             f"train_memory_mb {profile.train_memory_mb:g} is too small: training needs at least "
             f"{math.ceil(memory_budget_mb(leanest.costs.train_memory_mb, headroom))} MB for the smallest sub-model "
             f"({rungs[0].key()}, {leanest.costs.params} parameters) at batch size {profile.batch_size} and sequence "
-            f"length {leanest.costs.seq_len}{how}; raise --memory-mb or lower --batch-size/--seq-len"
+            f"length {leanest.costs.seq_len}{how}: a predicted peak of {leanest.costs.train_memory_mb:.0f} MB plus "
+            f"the fitter's margin ({headroom:.0%} and {HEADROOM_MB:g} MB); raise --memory-mb or lower "
+            "--batch-size/--seq-len"
         )
     need = min((r for r in smallest if r.costs.train_memory_mb <= usable_mb), key=lambda r: r.round_time.total_s)
     t = need.round_time

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import pytest
 import torch
@@ -206,6 +207,21 @@ def test_inference_budget_is_separate_and_monotone() -> None:
         fit_inference(cm, 1)
     with pytest.raises(ValueError, match="infer_memory_mb is -3"):
         fit_inference(cm, -3)
+
+
+@pytest.mark.parametrize("strategy", ["raffm", "fedavg"])
+def test_a_budget_too_small_names_one_that_fits_and_why(strategy: str) -> None:
+    """The error names the smallest budget that admits the smallest sub-model, and its predicted peak and the margin,
+    so a user who reads "12 MiB predicted" elsewhere sees why more is asked; that budget then fits."""
+    cm = minilm_costs()
+    with pytest.raises(ValueError, match="too small") as err:
+        STRATEGIES[strategy].plan(cm, profile(train_memory_mb=10))
+    message = str(err.value)
+    assert re.search(r"a predicted peak of \d+ MB plus the fitter's margin \(5% and 16 MB\)", message), message
+    needed = int(re.search(r"needs at least (\d+) MB", message).group(1))  # type: ignore[union-attr]
+    STRATEGIES[strategy].plan(cm, profile(train_memory_mb=needed))
+    with pytest.raises(ValueError, match="too small"):
+        STRATEGIES[strategy].plan(cm, profile(train_memory_mb=needed - 1))
 
 
 def test_bad_wire_dtype_is_rejected_before_fitting() -> None:
