@@ -28,6 +28,13 @@ by the *global* ``head_dim ** -0.5``, fixed when the attention module is built, 
 dimensions keeps the global scaling, as :mod:`raffm.elastic` does for every family: head dimensions are permuted and
 cut like BERT's. OPT-350m's layout (embeddings narrower than the layers, projected in and out; post-LN layers) is
 refused.
+
+Phi decoders (Phi-1, Phi-1.5, Phi-2): the Llama family's axes (``q``/``kv``, KV groups of one query head each unless
+``num_key_value_heads`` says otherwise) with biases everywhere, one LayerNorm per layer feeding attention and a GELU
+FFN in parallel, and *partial* rotary embeddings: only the first ``rotary_ndims`` dimensions of every head rotate, so,
+as with full rotary, dimensions inside a head are never permuted or cut. Per-head LayerNorms on queries and keys
+(``qk_layernorm``, normalising over ``hidden_size // num_attention_heads``, which a hidden cut would change) are
+refused.
 """
 
 from __future__ import annotations
@@ -368,7 +375,38 @@ OPT = Adapter(
     causal_lm=True,
 )
 
-ADAPTERS = (BERT, DISTILBERT, DEBERTA, VIT, LLAMA, OPT)
+PHI = Adapter(
+    name="phi",
+    model_types=("phi", "raffm_phi"),
+    rules=_rules(
+        [
+            (r"embed_tokens\.weight$", ("full", "hidden")),
+            (r"^(lm_head|score)\.weight$", ("full", "hidden")),  # PhiForSequenceClassification scores every position
+            (r"^lm_head\.bias$", ("full",)),
+            (r"self_attn\.q_proj\.weight$", ("q", "hidden")),
+            (r"self_attn\.q_proj\.bias$", ("q",)),
+            (r"self_attn\.(k_proj|v_proj)\.weight$", ("kv", "hidden")),
+            (r"self_attn\.(k_proj|v_proj)\.bias$", ("kv",)),
+            (r"self_attn\.dense\.weight$", ("hidden", "q")),
+            (r"mlp\.fc1\.weight$", ("ffn", "hidden")),
+            (r"mlp\.fc1\.bias$", ("ffn",)),
+            (r"mlp\.fc2\.weight$", ("hidden", "ffn")),
+            (r"(layernorm\.(weight|bias)|dense\.bias|fc2\.bias)$", ("hidden",)),
+        ]
+    ),
+    layer_pattern=re.compile(r"layers\.(\d+)\."),
+    layers_attr="layers",
+    attention_module="self_attn",
+    head_dim_attr="head_dim",
+    vocab_embeddings=re.compile(r"embed_tokens\.weight$"),
+    heads_attr=None,  # PhiAttention reshapes to (-1, head_dim), like Llama's
+    ffn_saves=5,  # gelu_new: its input, tanh output, 0.5 x, 1 + tanh and output
+    grouped=True,
+    rope=True,
+    causal_lm=True,
+)
+
+ADAPTERS = (BERT, DISTILBERT, DEBERTA, VIT, LLAMA, OPT, PHI)
 
 
 def adapter_for(config_or_model: Any) -> Adapter:
@@ -381,6 +419,9 @@ def adapter_for(config_or_model: Any) -> Adapter:
                 return FACTORIZED_BERT
             if adapter is OPT:
                 _check_opt_layout(config)
+            if adapter is PHI and getattr(config, "qk_layernorm", False):
+                raise ValueError("Phi with qk_layernorm=True (a LayerNorm over every query and key head) is not "
+                                 "supported")
             return adapter
     supported = sorted(t for a in ADAPTERS for t in a.model_types if not t.startswith("raffm_"))
     raise ValueError(f"model type {model_type!r} is not supported; supported: {', '.join(supported)}")

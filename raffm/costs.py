@@ -58,6 +58,18 @@ Activations ``A``: what autograd saves in torch 2.13 (CPU, ``attn_implementation
   indices. Both exact against autograd, cut or not, with and without dropout, with the vocabulary and first layer
   frozen or not; their FLOPs equal FlopCounterMode's (counted on eager attention: the counter misses SDPA's CPU
   kernel). A bare ``OPTModel`` is priced as the causal LM (its logits, which it never computes, included).
+- Phi (one LayerNorm per layer feeding attention and a gelu_new FFN in parallel, biases, partial rotary embeddings,
+  an untied LM head with a bias), with ``a``, ``c`` as for the Llama family: per layer
+  ``T (2h + 3a + 2c + 5f) + 2T + B * heads * L`` (the LayerNorm's input, statistics and output; q, k, v, the
+  attention output twice, as SDPA's output and its contiguous copy the output projection keeps, ``2a`` for a single
+  head, whose copy is a view; the flash kernel's log-sum-exp; gelu_new, a composition of elementwise ops, saves 5
+  tensors per neuron: its input, the tanh output, ``0.5 x``, ``1 + tanh`` and its output), plus ``2 T h`` residual
+  dropout masks when ``resid_pdrop`` > 0 (Phi-2's 0.1); outside the layers OPT's terms with the int64 position ids
+  replaced by the rotary cos and sin, priced at ``2 L head_dim`` (exact for full rotary, a bound for partial: they
+  span ``rotary_ndims``). Exact against autograd, cut or not, with the vocabulary and the first layer frozen or not,
+  for the causal LM and the sequence classifier on an unpadded batch, as for the Llama family (a padding mask adds
+  ``B L^2`` per layer, and K/V repeated to the query heads under GQA); FLOPs equal FlopCounterMode's (eager).
+  Embedding and attention dropout (0.0 in every Phi checkpoint) are not priced.
 
 Measured against RSS (``raffm.memory``, glibc allocator configured by ``configure_allocator``): within 2% for
 MiniLM at batch 16 x 64 tokens across hidden widths 96-384. Text batches are padded to their longest text only
@@ -276,14 +288,29 @@ def decoder_activation_elements(w: _Widths, *, batch_size: int, seq_len: int, he
     return total
 
 
-def opt_outside_activation_elements(w: _Widths, *, batch_size: int, seq_len: int, vocab: int, num_labels: int,
-                                    head_trains: bool = True) -> int:
-    """fp32 elements an OPT training forward with labels saves outside its layers (module docstring): the causal LM's
-    when ``vocab`` > 0, else the sequence classifier's; ``head_trains``: the head's weight has a gradient (a frozen
-    linear layer saves no input)."""
+def phi_layer_activation_elements(w: _Widths, *, batch_size: int, seq_len: int, ffn_saves: int,
+                                  hidden_dropout: bool) -> list[int]:
+    """fp32 elements autograd saves in each Phi layer of one training forward (module docstring): one LayerNorm feeds
+    attention and the FFN in parallel; ``ffn_saves`` activations per FFN neuron (gelu_new: 5); ``hidden_dropout``:
+    the residual dropout after each branch (``resid_pdrop`` > 0, as Phi-2's) saves their masks."""
+    tokens = batch_size * seq_len
+    return [  # the attention output is saved twice (by SDPA, and by the output projection as its contiguous copy)
+        tokens * (2 * w.hidden + (3 if heads > 1 else 2) * a + 2 * c + ffn_saves * f) + 2 * tokens
+        + batch_size * heads * seq_len + (2 * tokens * w.hidden if hidden_dropout else 0)
+        for heads, a, c, f in zip(w.heads, w.a, w.kv, w.f)
+    ]
+
+
+def outside_activation_elements(w: _Widths, *, batch_size: int, seq_len: int, vocab: int, num_labels: int,
+                                head_trains: bool = True, rotary: int = 0) -> int:
+    """fp32 elements an OPT or Phi training forward with labels saves outside its layers (module docstring): the
+    causal LM's when ``vocab`` > 0, else the sequence classifier's; ``head_trains``: the head's weight has a gradient
+    (a frozen linear layer saves no input); ``rotary``: the head dimension of Phi's rotary cos and sin, which it saves
+    instead of OPT's learned positions' ids."""
     b, tokens = batch_size, batch_size * seq_len
     total = (2 if head_trains else 1) * tokens * w.hidden + 2 * tokens  # final LayerNorm: input, statistics, output
-    total += 4 * tokens + 1  # int64 token and position ids, the loss's normaliser
+    total += 2 * tokens + 1  # int64 token ids, the loss's normaliser
+    total += 2 * seq_len * rotary if rotary else 2 * tokens  # rotary cos and sin, or int64 position ids
     if vocab:
         return total + tokens * vocab + 2 * tokens  # the logits (the loss's log-softmax), the shifted int64 labels
     return total + b * (num_labels + 6)  # the kept scores' log-softmax; int64 row, position and label indices
@@ -354,6 +381,13 @@ def forward_live_elements(w: _Widths, *, batch_size: int, seq_len: int, logits: 
     return 3 * tokens * w.hidden + live + tokens * logits
 
 
+def _hidden_dropout(config: Any) -> float:
+    """The dropout after attention and the FFN: BERT's ``hidden_dropout_prob``, OPT's ``dropout``, Phi's
+    ``resid_pdrop`` (0 where the config has none: the Llama family)."""
+    name = next((n for n in ("hidden_dropout_prob", "dropout", "resid_pdrop") if hasattr(config, n)), None)
+    return float(getattr(config, name) or 0.0) if name else 0.0
+
+
 class CostModel:
     """Costs of any spec of one global model, from its state-dict shapes.
 
@@ -404,7 +438,7 @@ class CostModel:
             adapter,
             adapter.dims(config),
             canonical_shapes(model),  # a tied LM head counts once
-            hidden_dropout=float(getattr(config, "hidden_dropout_prob", getattr(config, "dropout", 0.0)) or 0.0) > 0,
+            hidden_dropout=_hidden_dropout(config) > 0,
             attention_dropout=float(attention_dropout or 0.0) > 0,
         )
 
@@ -561,12 +595,16 @@ class CostModel:
         tokens = batch_size * seq_len
         plan = self.plan(spec)  # this pass's (maybe nested) cut: its own sizes of the trained tensors
         frozen_layers = self.adapter.frozen_layers(trained, spec.depth)
-        if self.adapter.name == "opt":  # the encoders' layers (ReLU FFN), then its own final LayerNorm and heads
-            layers = layer_activation_elements(w, **options)
+        if self.adapter.name in ("opt", "phi"):  # pre-LN layers with biases, then a final LayerNorm and heads
+            if self.adapter.name == "opt":  # the encoders' layers (ReLU FFN)
+                layers = layer_activation_elements(w, **options)
+            else:
+                layers = phi_layer_activation_elements(w, batch_size=batch_size, seq_len=seq_len,
+                                                       ffn_saves=self.adapter.ffn_saves, hidden_dropout=hidden_dropout)
             head = self.adapter.task_head(plan) or self.adapter.vocab_tensors(plan)  # a tied LM head: the embedding
-            activations = sum(layers) + opt_outside_activation_elements(
+            activations = sum(layers) + outside_activation_elements(
                 w, batch_size=batch_size, seq_len=seq_len, vocab=self.lm_vocab, num_labels=self.num_labels,
-                head_trains=not head.isdisjoint(trained))
+                head_trains=not head.isdisjoint(trained), rotary=self.dims.head_dim if self.adapter.rope else 0)
         elif self.adapter.causal_lm:
             layers = decoder_layer_activation_elements(w, batch_size=batch_size, seq_len=seq_len,
                                                        qk_norm_dim=self.dims.head_dim if self.qk_norm else 0)
@@ -609,12 +647,12 @@ class CostModel:
                                hidden_dropout: bool) -> int:
         """What the input embeddings save for their backward (module docstring): BERT's LayerNorm input, output and
         statistics, ViT's pixels; both a dropout mask with hidden dropout. OPT's lookups save their int64 token and
-        position ids; a Llama's lookup saves only the token ids (counted with the labels)."""
+        position ids, Phi's its token ids; a Llama's lookup saves only the token ids (counted with the labels)."""
         tokens = batch_size * seq_len
         if self.adapter.post_ln:
             return embedding_activation_elements(tokens, w.hidden, self.embedding, hidden_dropout)
-        if self.adapter.name == "opt":
-            return 4 * tokens
+        if self.adapter.name in ("opt", "phi"):  # int64 token ids, and OPT's position ids
+            return (4 if self.adapter.name == "opt" else 2) * tokens
         if self.adapter.name != "vit":
             return 0
         return (tokens * w.hidden if hidden_dropout else 0) + batch_size * pixels

@@ -50,6 +50,10 @@ from transformers import (
     OPTForCausalLM,
     OPTForSequenceClassification,
     OPTModel,
+    PhiConfig,
+    PhiForCausalLM,
+    PhiForSequenceClassification,
+    PhiModel,
     PretrainedConfig,
     PreTrainedModel,
     Qwen2Config,
@@ -83,8 +87,12 @@ def _shrink(model: PreTrainedModel, spec: ElasticSpec) -> None:
     owner = functools.reduce(getattr, parents, body)
     setattr(owner, attr, nn.ModuleList(list(getattr(owner, attr))[: spec.depth]))
 
-    plan = slice_plan(adapter, dims, spec, {n: tuple(p.shape) for n, p in model.named_parameters()})
-    for name, param in list(model.named_parameters()):
+    # A task model that builds its body through an Auto factory (Phi's sequence classifier) got an elastic body that
+    # shrank itself already: only the rest is resized here.
+    shrunk = tuple(f"{n}." for n, m in model.named_modules() if n and isinstance(m, _ElasticMixin))
+    params = [(n, p) for n, p in model.named_parameters() if not n.startswith(shrunk)]
+    plan = slice_plan(adapter, dims, spec, {n: tuple(p.shape) for n, p in params})
+    for name, param in params:
         module_name, _, pname = name.rpartition(".")
         module = model.get_submodule(module_name)
         if tuple(param.shape) != plan[name].sub_shape:
@@ -139,7 +147,8 @@ def _elastic_config(base: type[PretrainedConfig], model_type: str) -> type[Pretr
 
 # stock config -> the stock model classes built on it, each with the Auto factory that should load its elastic twin.
 # RoBERTa, XLM-R, CamemBERT and ELECTRA copy BERT's module layout (ELECTRA-small adds an embedding projection);
-# DistilBERT has an adapter of its own (raffm.arch). OPT is the one decoder family with a body and a classifier too.
+# DistilBERT has an adapter of its own (raffm.arch). OPT and Phi are the decoder families with a body and a classifier
+# too.
 _STOCK: dict[type[PretrainedConfig], tuple[tuple[type[PreTrainedModel], Any], ...]] = {
     BertConfig: ((BertModel, AutoModel), (BertForSequenceClassification, AutoModelForSequenceClassification)),
     RobertaConfig: ((RobertaModel, AutoModel), (RobertaForSequenceClassification, AutoModelForSequenceClassification)),
@@ -162,6 +171,8 @@ _STOCK: dict[type[PretrainedConfig], tuple[tuple[type[PreTrainedModel], Any], ..
     GraniteConfig: ((GraniteForCausalLM, AutoModelForCausalLM),),
     OPTConfig: ((OPTModel, AutoModel), (OPTForCausalLM, AutoModelForCausalLM),
                 (OPTForSequenceClassification, AutoModelForSequenceClassification)),
+    PhiConfig: ((PhiModel, AutoModel), (PhiForCausalLM, AutoModelForCausalLM),
+                (PhiForSequenceClassification, AutoModelForSequenceClassification)),
 }
 # stock class -> (elastic config class, Auto factory that should load it)
 _FAMILY: dict[type[PreTrainedModel], tuple[type[PretrainedConfig], Any]] = {}

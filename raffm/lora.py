@@ -13,7 +13,8 @@ are ``model.layers.0.self_attn.q_proj.lora_A`` / ``.lora_B``, and they adapt ``m
 
 Target modules are given by name, peft-style: a target ``t`` matches a module named ``t`` or ending in ``.t``
 (``DEFAULT_TARGETS`` per architecture: Llama ``q/k/v/o_proj, gate/up/down_proj``; BERT ``query/key/value/dense``;
-DeBERTa ``query_proj/key_proj/value_proj/dense``; OPT ``q/k/v/out_proj, fc1/fc2``).
+DeBERTa ``query_proj/key_proj/value_proj/dense``; OPT ``q/k/v/out_proj, fc1/fc2``; Phi ``q/k/v_proj, dense,
+fc1/fc2``).
 A target that matches nothing, or matches a module that is not an ``nn.Linear``, is a ``ValueError``.
 
 :func:`apply_lora` and :func:`merge_lora` change the model in place (like ``torch.nn.utils.prune``); the
@@ -38,6 +39,7 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "distilbert": ("q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"),
     "vit": ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"),
     "opt": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+    "phi": ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"),
 }
 A_SUFFIX, B_SUFFIX = ".lora_A", ".lora_B"
 

@@ -33,7 +33,8 @@ def tiny_llama_folder(path: Path, seed: int = 0, model_type: str = "llama", **ov
     """A random-init decoder of the Llama family (``model_type``: llama, qwen3, ...; 2 layers, hidden 128, 4 heads of
     32 dimensions over 2 KV groups, FFN 512, untied head; about 0.6 M parameters: large enough that device budgets in
     whole MiB pick different sub-models) or an OPT of the same sizes (``opt``: 4 plain heads, its head tied to the
-    token embedding as every OPT checkpoint's), and its tokenizer."""
+    token embedding as every OPT checkpoint's) or a Phi (``phi``: 4 plain heads as every Phi checkpoint's, half of
+    each rotating, an untied head with a bias), and its tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if (path / "config.json").is_file():
@@ -42,6 +43,8 @@ def tiny_llama_folder(path: Path, seed: int = 0, model_type: str = "llama", **ov
                                   max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if model_type == "opt":  # its own name of the FFN width; embeddings as wide as the layers
         values.update(ffn_dim=512, word_embed_proj_dim=128)
+    elif model_type == "phi":  # PhiConfig's default partial_rotary_factor (0.5)
+        values.update(intermediate_size=512)
     else:
         values.update(num_key_value_heads=2, head_dim=32, intermediate_size=512, tie_word_embeddings=False)
     values.update(overrides)

@@ -22,8 +22,9 @@ def _one_thread() -> None:
 
 
 # Llama, Qwen3 (an RMSNorm on every query and key head, which the extractor, the cost model and the slices must
-# carry through a real round) and OPT (plain multi-head attention, learned positions, a head tied to the embedding).
-@pytest.fixture(scope="module", params=["llama", "qwen3", "opt"])
+# carry through a real round), OPT (plain multi-head attention, learned positions, a head tied to the embedding) and
+# Phi (attention and FFN in parallel, partial rotary embeddings, biases everywhere).
+@pytest.fixture(scope="module", params=["llama", "qwen3", "opt", "phi"])
 def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_llama_folder(tmp_path_factory.mktemp("model") / request.param, model_type=request.param)
 
@@ -56,7 +57,7 @@ def test_two_tiers_complete_a_causal_lm_round(tmp_path: Path, model: Path) -> No
             assert outcome.samples == 8 and outcome.loss > 0  # 2 steps of 4 pairs, a response-token loss
             [a] = runner.assignments
             assert a.task.kind == aggregator_pb2.TASK_KIND_CAUSAL_LM
-            assert a.task.architecture == ("opt" if model.name == "opt" else "llama")  # the model's adapter
+            assert a.task.architecture == (model.name if model.name in ("opt", "phi") else "llama")  # its adapter
         specs = [spec_from_proto(r.assignments[0].spec) for r in runners]
         assert specs[0] != specs[1], "the two tiers trained the same sub-model"
         [rnd] = rounds(fleet)

@@ -24,6 +24,10 @@ from transformers import (
     OPTForCausalLM,
     OPTForSequenceClassification,
     OPTModel,
+    PhiConfig,
+    PhiForCausalLM,
+    PhiForSequenceClassification,
+    PhiModel,
     PreTrainedModel,
     RobertaConfig,
     RobertaForSequenceClassification,
@@ -48,6 +52,10 @@ OPT: dict[str, Any] = dict(hidden_size=SMALL["hidden_size"], word_embed_proj_dim
                            num_hidden_layers=SMALL["num_hidden_layers"],
                            num_attention_heads=SMALL["num_attention_heads"], ffn_dim=SMALL["intermediate_size"],
                            max_position_embeddings=64, pad_token_id=1)
+
+# Phi: half of every head's 12 dimensions rotate (partial rotary); the classifier's body has 2 KV heads of 2 queries.
+PHI: dict[str, Any] = dict(**SMALL, max_position_embeddings=64, pad_token_id=0,
+                           rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5))
 
 
 def _randomize_layernorms(model: PreTrainedModel) -> PreTrainedModel:
@@ -98,6 +106,12 @@ def make(kind: str, seed: int = 0) -> PreTrainedModel:
         model = OPTModel(OPTConfig(vocab_size=120, **OPT))
     elif kind == "opt-classifier":  # scores every position, keeps the last non-padding one
         model = OPTForSequenceClassification(OPTConfig(vocab_size=120, num_labels=3, **OPT))
+    elif kind == "phi":  # the causal LM, an untied head with a bias
+        model = PhiForCausalLM(PhiConfig(vocab_size=120, **PHI))
+    elif kind == "phi-base":
+        model = PhiModel(PhiConfig(vocab_size=120, **PHI))
+    elif kind == "phi-classifier":  # grouped-query attention; scores every position, keeps the last non-padding one
+        model = PhiForSequenceClassification(PhiConfig(vocab_size=120, num_labels=3, num_key_value_heads=2, **PHI))
     elif kind == "llama-tied":  # a Llama whose LM head is its token embedding (SmolLM2's layout)
         model = LlamaForCausalLM(LlamaConfig(vocab_size=120, tie_word_embeddings=True, **SMALL))
     elif kind == "vit":

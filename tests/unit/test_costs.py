@@ -295,6 +295,51 @@ def test_opt_costs_match_what_autograd_saves_and_what_torch_counts(classifier: b
         assert estimate.forward_flops_per_sample * batch == pytest.approx(counter.get_total_flops(), rel=1e-6)
 
 
+def _tiny_phi(kv_heads: int, dropout: float, classifier: bool) -> torch.nn.Module:
+    from transformers import PhiConfig, PhiForCausalLM, PhiForSequenceClassification
+
+    torch.manual_seed(0)
+    config = PhiConfig(vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=kv_heads, intermediate_size=96, max_position_embeddings=64, num_labels=3,
+                       pad_token_id=0, resid_pdrop=dropout, rope_parameters={
+                           "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})
+    return (PhiForSequenceClassification if classifier else PhiForCausalLM)(config)
+
+
+@pytest.mark.parametrize("kv_heads, dropout, classifier", [(4, 0.0, False), (2, 0.0, False), (4, 0.1, False),
+                                                            (2, 0.0, True)])
+def test_phi_costs_match_what_autograd_saves_and_what_torch_counts(kv_heads: int, dropout: float,
+                                                                   classifier: bool) -> None:
+    """One LayerNorm feeding attention and a gelu_new FFN (5 saved tensors per neuron) in parallel, partial rotary
+    embeddings (their cos and sin priced at the full head dimension: a bound), an untied LM head with a bias or a
+    classifier that scores every position; also with the vocabulary and the first layer frozen. An unpadded batch,
+    as for the Llama family (raffm.costs docstring)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = _tiny_phi(kv_heads, dropout, classifier)
+    cm = CostModel.from_model(model)
+    assert (cm.lm_vocab, cm.num_labels, cm.tied_head) == ((0, 3, False) if classifier else (500, 0, False))
+    assert cm.hidden_dropout == (dropout > 0)
+    batch, seq = 4, 24
+    ids = torch.randint(1, 500, (batch, seq), generator=torch.Generator().manual_seed(0))
+    labels = torch.zeros(batch, dtype=torch.long) if classifier else ids
+    cut = ElasticSpec(hidden=48, layers=(LayerSpec(1, 16, 40), LayerSpec(kv_heads, 16, 96)))
+    for spec in (ElasticSpec.full(cm.dims), cut):
+        for frozen in (frozenset(), frozenset(n for n in cm.plan(spec) if cm.adapter.below(n, 1))):
+            sub = extract(model, spec).train()
+            assert cm.params(spec) == sum(p.numel() for p in sub.parameters())
+            for name, p in sub.named_parameters():
+                p.requires_grad_(name not in frozen)
+            saved = _saved_activation_bytes(sub, input_ids=ids, labels=labels)
+            estimate = cm.estimate(spec, batch_size=batch, seq_len=seq, recipe=Recipe(frozen=frozen))
+            assert estimate.activations_mb * MIB == pytest.approx(saved, rel=0.01), (estimate.activations_mb, saved)
+        inference = copy.deepcopy(sub).requires_grad_(False).eval()
+        inference.set_attn_implementation("eager")  # the same products as SDPA, whose CPU kernel the counter misses
+        with FlopCounterMode(display=False) as counter:
+            inference(input_ids=ids)
+        assert estimate.forward_flops_per_sample * batch == pytest.approx(counter.get_total_flops(), rel=1e-6)
+
+
 def test_activation_formula_matches_what_autograd_saves_vit() -> None:
     model = _tiny_vit()
     cm = CostModel.from_model(model)

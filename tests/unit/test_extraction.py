@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import (
     AutoModel, AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification, OPTConfig,
+    PhiConfig,
 )
 
 from raffm.arch import adapter_for
@@ -17,23 +18,25 @@ from raffm.elastic import extract, plan_for
 from raffm.slicing import coverage_mask, scatter, slice_state
 from raffm.spec import ElasticSpec, LayerSpec, ModelDims
 from raffm.spp import prioritize
-from tests.unit.models_fixtures import OPT, inputs, make, output
+from tests.unit.models_fixtures import OPT, PHI, inputs, make, output
 
 KINDS = ["bert", "bert-base", "roberta", "xlm-roberta", "camembert", "electra-base", "electra-small", "distilbert",
-         "deberta", "deberta-v2", "opt", "opt-base", "opt-classifier", "vit", "vit-base"]
+         "deberta", "deberta-v2", "opt", "opt-base", "opt-classifier", "phi", "phi-base", "phi-classifier", "vit",
+         "vit-base"]
 AUTO = {"bert": AutoModelForSequenceClassification, "roberta": AutoModelForSequenceClassification,
         "electra-small": AutoModelForSequenceClassification,
         "xlm-roberta": AutoModelForSequenceClassification, "camembert": AutoModelForSequenceClassification,
         "distilbert": AutoModelForSequenceClassification, "deberta": AutoModelForSequenceClassification,
         "deberta-v2": AutoModelForSequenceClassification, "opt": AutoModelForCausalLM, "opt-base": AutoModel,
-        "opt-classifier": AutoModelForSequenceClassification,
+        "opt-classifier": AutoModelForSequenceClassification, "phi": AutoModelForCausalLM, "phi-base": AutoModel,
+        "phi-classifier": AutoModelForSequenceClassification,
         "vit": AutoModelForImageClassification, "bert-base": AutoModel, "vit-base": AutoModel, "electra-base": AutoModel}
 
 
 def small_spec(dims: ModelDims) -> ElasticSpec:
     return ElasticSpec(
         hidden=dims.hidden - 8,
-        layers=(LayerSpec(3, dims.head_dim if dims.fixed_head_dim else dims.head_dim - 4, 50),
+        layers=(LayerSpec(min(3, dims.heads), dims.head_dim if dims.fixed_head_dim else dims.head_dim - 4, 50),
                 LayerSpec(1, dims.head_dim, dims.ffn)),
     )
 
@@ -211,3 +214,10 @@ def test_opt_layouts_the_adapter_does_not_describe_are_refused(overrides: dict[s
     """OPT-350m projects narrower embeddings into and out of post-LN layers: refused by name, not mis-sliced."""
     with pytest.raises(ValueError, match=message):
         adapter_for(OPTConfig(vocab_size=120, **{**OPT, **overrides}))
+
+
+def test_phi_with_query_and_key_layernorms_is_refused() -> None:
+    """qk_layernorm normalises every query and key head over hidden_size // num_attention_heads: refused by name."""
+    with pytest.raises(ValueError, match="qk_layernorm=True"):
+        adapter_for(PhiConfig(vocab_size=120, qk_layernorm=True, **PHI))
+    assert adapter_for(PhiConfig(vocab_size=120, **PHI)).name == "phi"

@@ -1,5 +1,5 @@
 """LoRA on a device's slice (raffm.lora): init and merge equivalence, frozen base, stable adapter names, clear errors;
-on tiny random-init Llama, BERT, DeBERTa and OPT configs."""
+on tiny random-init Llama, BERT, DeBERTa, OPT and Phi configs."""
 
 from __future__ import annotations
 
@@ -69,6 +69,16 @@ def opt(seed: int = 0) -> PreTrainedModel:
     return OPTForCausalLM(config).eval()
 
 
+def phi(seed: int = 0) -> PreTrainedModel:
+    """Phi: a causal LM with biased projections, attention and FFN in parallel, partial rotary embeddings."""
+    from transformers import PhiConfig, PhiForCausalLM
+
+    torch.manual_seed(seed)
+    config = PhiConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=64, max_position_embeddings=32)
+    return PhiForCausalLM(config).eval()
+
+
 def ids(seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(seed))
 
@@ -96,7 +106,8 @@ SMALL = ElasticSpec(hidden=64, layers=(LayerSpec(heads=1, head_dim=16, ffn=40), 
 
 
 @pytest.mark.parametrize("make,targets", [(llama, LLAMA_T), (bert, DEFAULT_TARGETS["bert"]),
-                                          (deberta, DEFAULT_TARGETS["deberta-v2"]), (opt, DEFAULT_TARGETS["opt"])])
+                                          (deberta, DEFAULT_TARGETS["deberta-v2"]), (opt, DEFAULT_TARGETS["opt"]),
+                                          (phi, DEFAULT_TARGETS["phi"])])
 def test_wrapped_model_starts_equal_to_the_base_and_trains_only_adapters(make, targets) -> None:  # type: ignore[no-untyped-def]
     model = make()
     before = logits(model)
@@ -112,7 +123,7 @@ def test_wrapped_model_starts_equal_to_the_base_and_trains_only_adapters(make, t
     expected = sum(4 * (m.in_features + m.out_features) for m in modules.values())
     assert trainable_parameters(model) == expected == sum(t.numel() for t in state.values())
     model.train()
-    out = model(input_ids=ids(), labels=ids() if make in (llama, opt) else torch.tensor([0, 2]))
+    out = model(input_ids=ids(), labels=ids() if make in (llama, opt, phi) else torch.tensor([0, 2]))
     out.loss.backward()
     grads = {n for n, p in model.named_parameters() if p.grad is not None}
     assert grads == set(state)  # nothing else gets a gradient
@@ -160,7 +171,8 @@ def test_adapters_round_trip_and_bad_inputs_say_what_is_wrong() -> None:
 
 
 @pytest.mark.parametrize("make,targets", [(llama, LLAMA_T), (bert, DEFAULT_TARGETS["bert"]),
-                                          (deberta, DEFAULT_TARGETS["deberta-v2"]), (opt, DEFAULT_TARGETS["opt"])])
+                                          (deberta, DEFAULT_TARGETS["deberta-v2"]), (opt, DEFAULT_TARGETS["opt"]),
+                                          (phi, DEFAULT_TARGETS["phi"])])
 def test_cost_model_prices_the_real_wrapped_model(make, targets) -> None:  # type: ignore[no-untyped-def]
     model = make()
     cm = CostModel.from_model(model)

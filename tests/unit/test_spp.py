@@ -12,7 +12,8 @@ from raffm.spp import l1_score, prioritize, prioritize_state
 from tests.unit.models_fixtures import inputs, make, output
 
 KINDS = ["bert", "bert-base", "roberta", "xlm-roberta", "camembert", "electra-base", "electra-small", "distilbert",
-         "deberta", "deberta-v2", "opt", "opt-base", "opt-classifier", "vit", "vit-base"]
+         "deberta", "deberta-v2", "opt", "opt-base", "opt-classifier", "phi", "phi-base", "phi-classifier", "vit",
+         "vit-base"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
