@@ -8,6 +8,8 @@ Axis kinds:
 - ``hidden``: the residual-stream width, shared by the whole model;
 - ``qk``: the query/key output rows of one layer, viewed as ``[heads, head_dim]``;
 - ``v``: the value rows of one layer and the matching input columns of the attention output, ``[heads, head_dim]``;
+- ``qkv``: one fused projection's query, key and value outputs, ``[3, heads, head_dim]`` (GPT-2's ``c_attn``): a cut
+  keeps the same leading heads in each of the three parts;
 - ``q``: with grouped-query attention, the query rows of one layer and the matching input columns of the attention
   output, ``[kv_heads, group, head_dim]``: the query heads of KV head ``j`` are ``j*group ... (j+1)*group - 1``
   (how ``transformers``' ``repeat_kv`` pairs them), so a KV group and its query heads move and are cut together;
@@ -35,6 +37,15 @@ FFN in parallel, and *partial* rotary embeddings: only the first ``rotary_ndims`
 as with full rotary, dimensions inside a head are never permuted or cut. Per-head LayerNorms on queries and keys
 (``qk_layernorm``, normalising over ``hidden_size // num_attention_heads``, which a hidden cut would change) are
 refused.
+
+GPT-2 (GPT2LMHeadModel, GPT2Model, GPT2ForSequenceClassification): pre-LN layers with biases, learned positions, a
+gelu_new FFN, an LM head tied to the token embedding, and transformers' ``Conv1D`` projections, whose weights are
+stored ``[in, out]`` (``y = x W + b``): its rules name the axes in that stored order. Queries, keys and values come
+from one fused ``c_attn`` (the ``qkv`` axis); the attention output ``c_proj`` takes the ``v`` axis on its input rows.
+Whole heads only (``fixed_head_dim``): the three parts of ``c_attn`` would need one within-head permutation each, and
+GPT2Attention splits ``c_attn``'s output by ``split_size`` and views it per ``head_dim``, both patched per layer by
+:mod:`raffm.elastic` (the scaling stays the global head's). Cross-attention layers (``add_cross_attention``) and the
+eager-only ``reorder_and_upcast_attn`` (other saved tensors) are refused.
 """
 
 from __future__ import annotations
@@ -48,8 +59,9 @@ from torch import nn
 
 from raffm.spec import ModelDims
 
-AxisKind = Literal["hidden", "qk", "v", "q", "kv", "ffn", "full"]
-HEAD_KINDS: tuple[AxisKind, ...] = ("qk", "v", "q", "kv")
+AxisKind = Literal["hidden", "qk", "v", "q", "kv", "qkv", "ffn", "full"]
+HEAD_KINDS: tuple[AxisKind, ...] = ("qk", "v", "q", "kv", "qkv")
+FUSED_PARTS: dict[AxisKind, int] = {"qkv": 3}  # head axes made of parts, each [heads, head_dim] (1 part otherwise)
 _LAYER_KINDS: tuple[AxisKind, ...] = (*HEAD_KINDS, "ffn")
 
 
@@ -94,7 +106,9 @@ class Adapter:
     # Vocabulary-sized embedding tensors (the strategy may freeze them: on MiniLM they are half the parameters).
     vocab_embeddings: re.Pattern[str] | None = None
     heads_attr: str | None = "num_attention_heads"
-    ffn_attr: str = "intermediate_size"  # the config attribute of the FFN width
+    ffn_attr: str = "intermediate_size"  # the config attribute of the FFN width (GPT-2's n_inner: None = 4 x hidden)
+    # What marks an input embedding's module (GPT-2's are ``wte`` and ``wpe``): see :meth:`below`.
+    input_embeddings: re.Pattern[str] = re.compile(r"embed")
     # Post-LN encoders (BERT, DistilBERT): LayerNormed input embeddings, and dropout by default (cost model).
     post_ln: bool = False
     layer_dropouts: int = 2  # hidden dropouts per layer (after attention and after the FFN; DistilBERT: the FFN only)
@@ -117,7 +131,7 @@ class Adapter:
                 layers=int(config.num_hidden_layers),
                 heads=heads,
                 head_dim=int(config.hidden_size) // heads,
-                ffn=int(getattr(config, self.ffn_attr)),
+                ffn=int(getattr(config, self.ffn_attr) or 4 * int(config.hidden_size)),
                 fixed_head_dim=self.rope or self.fixed_head_dim,
             )
         kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
@@ -166,7 +180,9 @@ class Adapter:
     def below(self, name: str, layers: int) -> bool:
         """Whether ``name`` feeds the first ``layers`` layers only: a tensor of one of them, or an input embedding."""
         layer = self.layer_of(name)
-        return layer < layers if layer is not None else layers > 0 and "embed" in name.rpartition(".")[0]
+        if layer is not None:
+            return layer < layers
+        return layers > 0 and self.input_embeddings.search(name.rpartition(".")[0]) is not None
 
     def task_head(self, names: Iterable[str]) -> frozenset[str]:
         """The task head among ``names``: the tensors outside the module that holds the layers, i.e. what a task model
@@ -406,7 +422,36 @@ PHI = Adapter(
     causal_lm=True,
 )
 
-ADAPTERS = (BERT, DISTILBERT, DEBERTA, VIT, LLAMA, OPT, PHI)
+GPT2 = Adapter(
+    name="gpt2",
+    model_types=("gpt2", "raffm_gpt2"),
+    rules=_rules(
+        [  # Conv1D weights are stored [in, out]
+            (r"(^|\.)(wte|wpe)\.weight$", ("full", "hidden")),
+            (r"^(lm_head|score)\.weight$", ("full", "hidden")),  # GPT2ForSequenceClassification scores every position
+            (r"attn\.c_attn\.weight$", ("hidden", "qkv")),
+            (r"attn\.c_attn\.bias$", ("qkv",)),
+            (r"attn\.c_proj\.weight$", ("v", "hidden")),
+            (r"mlp\.c_fc\.weight$", ("hidden", "ffn")),
+            (r"mlp\.c_fc\.bias$", ("ffn",)),
+            (r"mlp\.c_proj\.weight$", ("ffn", "hidden")),
+            (r"(ln_(1|2|f)\.(weight|bias)|c_proj\.bias)$", ("hidden",)),
+        ]
+    ),
+    layer_pattern=re.compile(r"(?:^|\.)h\.(\d+)\."),
+    layers_attr="h",
+    attention_module="attn",
+    head_dim_attr="head_dim",
+    vocab_embeddings=re.compile(r"(^|\.)wte\.weight$"),
+    heads_attr="num_heads",
+    ffn_attr="n_inner",
+    input_embeddings=re.compile(r"(^|\.)(wte|wpe)$"),
+    ffn_saves=5,  # gelu_new, every GPT-2 checkpoint's activation_function: as Phi's
+    fixed_head_dim=True,
+    causal_lm=True,
+)
+
+ADAPTERS = (BERT, DISTILBERT, DEBERTA, VIT, LLAMA, OPT, PHI, GPT2)
 
 
 def adapter_for(config_or_model: Any) -> Adapter:
@@ -422,6 +467,8 @@ def adapter_for(config_or_model: Any) -> Adapter:
             if adapter is PHI and getattr(config, "qk_layernorm", False):
                 raise ValueError("Phi with qk_layernorm=True (a LayerNorm over every query and key head) is not "
                                  "supported")
+            if adapter is GPT2:
+                _check_gpt2_layout(config)
             return adapter
     supported = sorted(t for a in ADAPTERS for t in a.model_types if not t.startswith("raffm_"))
     raise ValueError(f"model type {model_type!r} is not supported; supported: {', '.join(supported)}")
@@ -436,6 +483,16 @@ def _check_opt_layout(config: Any) -> None:
         )
     if not getattr(config, "do_layer_norm_before", True):
         raise ValueError("OPT with do_layer_norm_before=False (post-LN layers, as OPT-350m's) is not supported")
+
+
+def _check_gpt2_layout(config: Any) -> None:
+    """Refuse the GPT-2 options the adapter and the cost model do not describe."""
+    if getattr(config, "add_cross_attention", False):
+        raise ValueError("GPT-2 with add_cross_attention=True (cross-attention layers over an encoder's states) is not "
+                         "supported")
+    if getattr(config, "reorder_and_upcast_attn", False):
+        raise ValueError("GPT-2 with reorder_and_upcast_attn=True (an eager attention kernel that saves other tensors "
+                         "for backward) is not supported")
 
 
 def tied_aliases(model: nn.Module) -> frozenset[str]:

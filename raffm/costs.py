@@ -70,6 +70,18 @@ Activations ``A``: what autograd saves in torch 2.13 (CPU, ``attn_implementation
   for the causal LM and the sequence classifier on an unpadded batch, as for the Llama family (a padding mask adds
   ``B L^2`` per layer, and K/V repeated to the query heads under GQA); FLOPs equal FlopCounterMode's (eager).
   Embedding and attention dropout (0.0 in every Phi checkpoint) are not priced.
+- GPT-2 (pre-LN, biases, one fused q/k/v projection, gelu_new, learned positions, a head tied to the token embedding;
+  dropout on the embeddings' sum, the attention probabilities and after attention and the FFN, all 0.1 by default):
+  OPT's per-layer terms with ``5 T f`` for gelu_new (as Phi's), plus ``2 T a`` where the flash kernel runs: it keeps
+  the fused projection's output ``3 T a`` and copies of the queries and values, ``2 T a``, besides its output (which
+  the output projection keeps, a view), i.e. ``6 T a`` against the encoders' ``4 T a``; with attention dropout the
+  math kernel keeps the scaled queries and keys, the values, the output projection's input and ``3 S``, the
+  encoders' terms. Outside the layers OPT's, with the int64 position ids one row for the batch, ``2 L``, and the
+  embedding dropout mask ``T h`` when ``embd_pdrop`` > 0; the padding mask ``B L^2`` per layer is priced, as OPT's.
+  Exact against autograd (cut or not, a single head or several, every dropout on or off, the vocabulary and the
+  first layer frozen or not) for the causal LM and the sequence classifier on a padded batch; an unpadded batch
+  (no mask: SDPA runs causal) saves ``B L^2`` per layer less. FLOPs equal FlopCounterMode's (eager). Other activation
+  functions than gelu_new (every GPT-2 checkpoint's) are priced as it.
 
 Measured against RSS (``raffm.memory``, glibc allocator configured by ``configure_allocator``): within 2% for
 MiniLM at batch 16 x 64 tokens across hidden widths 96-384. Text batches are padded to their longest text only
@@ -301,16 +313,26 @@ def phi_layer_activation_elements(w: _Widths, *, batch_size: int, seq_len: int, 
     ]
 
 
+def gpt2_layer_activation_elements(w: _Widths, *, batch_size: int, seq_len: int, hidden_dropout: bool,
+                                   attention_dropout: bool, ffn_saves: int) -> list[int]:
+    """fp32 elements autograd saves in each GPT-2 layer of one training forward (module docstring): the encoders'
+    terms with a padded batch's mask, and ``2 T a`` more where the flash kernel keeps the fused q/k/v output and
+    copies of q and v."""
+    layers = layer_activation_elements(w, batch_size=batch_size, seq_len=seq_len, hidden_dropout=hidden_dropout,
+                                       attention_dropout=attention_dropout, ffn_saves=ffn_saves, padded=True)
+    fused = 0 if attention_dropout else 2 * batch_size * seq_len
+    return [saved + fused * a for saved, a in zip(layers, w.a)]
+
+
 def outside_activation_elements(w: _Widths, *, batch_size: int, seq_len: int, vocab: int, num_labels: int,
-                                head_trains: bool = True, rotary: int = 0) -> int:
-    """fp32 elements an OPT or Phi training forward with labels saves outside its layers (module docstring): the
-    causal LM's when ``vocab`` > 0, else the sequence classifier's; ``head_trains``: the head's weight has a gradient
-    (a frozen linear layer saves no input); ``rotary``: the head dimension of Phi's rotary cos and sin, which it saves
-    instead of OPT's learned positions' ids."""
+                                inputs: int, head_trains: bool = True, rotary: int = 0) -> int:
+    """fp32 elements an OPT, Phi or GPT-2 training forward with labels saves outside its layers (module docstring):
+    the causal LM's when ``vocab`` > 0, else the sequence classifier's; ``inputs``: what the input embeddings save
+    (``CostModel._decoder_inputs``); ``head_trains``: the head's weight has a gradient (a frozen linear layer saves no
+    input); ``rotary``: the head dimension of Phi's rotary cos and sin."""
     b, tokens = batch_size, batch_size * seq_len
     total = (2 if head_trains else 1) * tokens * w.hidden + 2 * tokens  # final LayerNorm: input, statistics, output
-    total += 2 * tokens + 1  # int64 token ids, the loss's normaliser
-    total += 2 * seq_len * rotary if rotary else 2 * tokens  # rotary cos and sin, or int64 position ids
+    total += inputs + 1 + 2 * seq_len * rotary  # the embeddings' ids (and masks), the loss's normaliser, cos and sin
     if vocab:
         return total + tokens * vocab + 2 * tokens  # the logits (the loss's log-softmax), the shifted int64 labels
     return total + b * (num_labels + 6)  # the kept scores' log-softmax; int64 row, position and label indices
@@ -382,7 +404,7 @@ def forward_live_elements(w: _Widths, *, batch_size: int, seq_len: int, logits: 
 
 
 def _hidden_dropout(config: Any) -> float:
-    """The dropout after attention and the FFN: BERT's ``hidden_dropout_prob``, OPT's ``dropout``, Phi's
+    """The dropout after attention and the FFN: BERT's ``hidden_dropout_prob``, OPT's ``dropout``, Phi's and GPT-2's
     ``resid_pdrop`` (0 where the config has none: the Llama family)."""
     name = next((n for n in ("hidden_dropout_prob", "dropout", "resid_pdrop") if hasattr(config, n)), None)
     return float(getattr(config, name) or 0.0) if name else 0.0
@@ -392,7 +414,8 @@ class CostModel:
     """Costs of any spec of one global model, from its state-dict shapes.
 
     ``shapes``: global tensor name -> shape (``raffm.slicing.shapes_of(model.state_dict())``); ``hidden_dropout`` /
-    ``attention_dropout``: whether training runs with dropout > 0 there (changes what autograd saves).
+    ``attention_dropout`` / ``embedding_dropout``: whether training runs with dropout > 0 there (changes what autograd
+    saves); ``embedding_dropout`` is GPT-2's on the embeddings' sum (``embd_pdrop``; default: as ``hidden_dropout``).
     """
 
     def __init__(
@@ -403,6 +426,7 @@ class CostModel:
         *,
         hidden_dropout: bool | None = None,
         attention_dropout: bool | None = None,
+        embedding_dropout: bool | None = None,
     ) -> None:
         self.adapter = adapter
         self.dims = dims
@@ -410,6 +434,7 @@ class CostModel:
         default = adapter.post_ln  # BERT-family configs default to 0.1, ViT and Llama to 0.0
         self.hidden_dropout = default if hidden_dropout is None else hidden_dropout
         self.attention_dropout = default if attention_dropout is None else attention_dropout
+        self.embedding_dropout = self.hidden_dropout if embedding_dropout is None else embedding_dropout
         self.num_labels = self._num_labels()
         self.token_head = any(n.endswith("classifier.out_proj.weight") for n in self.shapes)  # RoBERTa's, ELECTRA's
         self.embedding = self._embedding_width()
@@ -431,15 +456,15 @@ class CostModel:
         """From a global ``transformers`` model (its config gives the dropout settings)."""
         adapter = adapter_for(model)
         config = model.config
-        attention_dropout = getattr(config, "attention_probs_dropout_prob", None)
-        if attention_dropout is None:
-            attention_dropout = getattr(config, "attention_dropout", 0.0)  # Llama family
+        attention_dropout = next((getattr(config, n) for n in ("attention_probs_dropout_prob", "attention_dropout",
+                                                               "attn_pdrop") if hasattr(config, n)), 0.0)
         return cls(
             adapter,
             adapter.dims(config),
             canonical_shapes(model),  # a tied LM head counts once
             hidden_dropout=_hidden_dropout(config) > 0,
             attention_dropout=float(attention_dropout or 0.0) > 0,
+            embedding_dropout=float(getattr(config, "embd_pdrop", 0.0) or 0.0) > 0,
         )
 
     def _num_labels(self) -> int:
@@ -588,6 +613,7 @@ class CostModel:
         w = _widths(spec, self.dims.group)
         pixels = (seq_len - 1) * self.patch_inputs if self.image_tokens else 0
         hidden_dropout = self.hidden_dropout and recipe.dropout  # a recipe may switch dropout off (no masks saved)
+        embedding_dropout = self.embedding_dropout and recipe.dropout
         options: dict[str, Any] = dict(batch_size=batch_size, seq_len=seq_len, hidden_dropout=hidden_dropout,
                                        attention_dropout=self.attention_dropout and recipe.dropout,
                                        layer_dropouts=self.adapter.layer_dropouts, padded=self.image_tokens is None,
@@ -595,15 +621,21 @@ class CostModel:
         tokens = batch_size * seq_len
         plan = self.plan(spec)  # this pass's (maybe nested) cut: its own sizes of the trained tensors
         frozen_layers = self.adapter.frozen_layers(trained, spec.depth)
-        if self.adapter.name in ("opt", "phi"):  # pre-LN layers with biases, then a final LayerNorm and heads
+        if self.adapter.name in ("opt", "phi", "gpt2"):  # pre-LN layers with biases, then a final LayerNorm and heads
             if self.adapter.name == "opt":  # the encoders' layers (ReLU FFN)
                 layers = layer_activation_elements(w, **options)
-            else:
+            elif self.adapter.name == "phi":
                 layers = phi_layer_activation_elements(w, batch_size=batch_size, seq_len=seq_len,
                                                        ffn_saves=self.adapter.ffn_saves, hidden_dropout=hidden_dropout)
+            else:
+                layers = gpt2_layer_activation_elements(w, batch_size=batch_size, seq_len=seq_len,
+                                                        hidden_dropout=hidden_dropout,
+                                                        attention_dropout=options["attention_dropout"],
+                                                        ffn_saves=self.adapter.ffn_saves)
             head = self.adapter.task_head(plan) or self.adapter.vocab_tensors(plan)  # a tied LM head: the embedding
             activations = sum(layers) + outside_activation_elements(
                 w, batch_size=batch_size, seq_len=seq_len, vocab=self.lm_vocab, num_labels=self.num_labels,
+                inputs=self._decoder_inputs(w, batch_size, seq_len, embedding_dropout),
                 head_trains=not head.isdisjoint(trained), rotary=self.dims.head_dim if self.adapter.rope else 0)
         elif self.adapter.causal_lm:
             layers = decoder_layer_activation_elements(w, batch_size=batch_size, seq_len=seq_len,
@@ -625,7 +657,7 @@ class CostModel:
                     per_layer[layer] += extra
             layers = [a + b for a, b in zip(layers, per_layer)]
         if frozen_layers:  # below the first trained layer nothing needs a gradient, so autograd saves nothing there
-            below = self._embedding_activations(w, batch_size, seq_len, pixels, hidden_dropout)
+            below = self._embedding_activations(w, batch_size, seq_len, pixels, hidden_dropout, embedding_dropout)
             activations -= sum(layers[:frozen_layers]) + below
             layers = layers[frozen_layers:]
         by_layer: dict[int, int] = {}
@@ -644,18 +676,26 @@ class CostModel:
         )
 
     def _embedding_activations(self, w: _Widths, batch_size: int, seq_len: int, pixels: int,
-                               hidden_dropout: bool) -> int:
+                               hidden_dropout: bool, embedding_dropout: bool) -> int:
         """What the input embeddings save for their backward (module docstring): BERT's LayerNorm input, output and
-        statistics, ViT's pixels; both a dropout mask with hidden dropout. OPT's lookups save their int64 token and
-        position ids, Phi's its token ids; a Llama's lookup saves only the token ids (counted with the labels)."""
+        statistics, ViT's pixels; both a dropout mask with hidden dropout. OPT's, Phi's and GPT-2's: see
+        :meth:`_decoder_inputs`; a Llama's lookup saves only the token ids (counted with the labels)."""
         tokens = batch_size * seq_len
         if self.adapter.post_ln:
             return embedding_activation_elements(tokens, w.hidden, self.embedding, hidden_dropout)
-        if self.adapter.name in ("opt", "phi"):  # int64 token ids, and OPT's position ids
-            return (4 if self.adapter.name == "opt" else 2) * tokens
+        if self.adapter.name in ("opt", "phi", "gpt2"):
+            return self._decoder_inputs(w, batch_size, seq_len, embedding_dropout)
         if self.adapter.name != "vit":
             return 0
         return (tokens * w.hidden if hidden_dropout else 0) + batch_size * pixels
+
+    def _decoder_inputs(self, w: _Widths, batch_size: int, seq_len: int, embedding_dropout: bool) -> int:
+        """What an OPT, Phi or GPT-2 forward saves for its input embeddings' backward: the int64 token ids, OPT's int64
+        position ids (one per token), GPT-2's (one row for the batch) and its embedding dropout mask."""
+        tokens = batch_size * seq_len
+        positions = {"opt": 2 * tokens, "gpt2": 2 * seq_len}.get(self.adapter.name, 0)
+        mask = tokens * w.hidden if embedding_dropout and self.adapter.name == "gpt2" else 0
+        return 2 * tokens + positions + mask
 
     def _seq_len(self, seq_len: int | None) -> int:
         if self.image_tokens is not None:
@@ -670,7 +710,8 @@ class CostModel:
 
     @property
     def max_positions(self) -> int:
-        pos = next((s for n, s in self.shapes.items() if n.endswith("position_embeddings.weight")), None)
+        learned = ("position_embeddings.weight", "wpe.weight")  # BERT's, ViT's; GPT-2's
+        pos = next((s for n, s in self.shapes.items() if n.endswith(learned)), None)
         if pos is None:  # OPT's learned positions start at row 2 of their table
             pos = next(((s[0] - 2, s[1]) for n, s in self.shapes.items() if n.endswith("embed_positions.weight")), None)
         return int(pos[0]) if pos is not None else 1 << 20

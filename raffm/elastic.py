@@ -40,6 +40,10 @@ from transformers import (
     ElectraModel,
     GemmaConfig,
     GemmaForCausalLM,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+    GPT2Model,
     GraniteConfig,
     GraniteForCausalLM,
     LlamaConfig,
@@ -72,6 +76,7 @@ from transformers import (
     XLMRobertaForSequenceClassification,
     XLMRobertaModel,
 )
+from transformers.pytorch_utils import Conv1D
 
 from raffm.arch import Adapter, adapter_for, base_model, canonical_shapes, tied_aliases
 from raffm.slicing import SlicePlan, slice_plan, slice_state
@@ -113,14 +118,17 @@ def _sync_module_attributes(model: nn.Module, adapter: Adapter, spec: ElasticSpe
             module.embedding_dim = module.weight.shape[1]
         elif isinstance(module, nn.Conv2d):
             module.out_channels = module.weight.shape[0]
+        elif isinstance(module, Conv1D):  # GPT-2's projections, weight [in, out]
+            module.nx, module.nf = module.weight.shape
     layers: Any = functools.reduce(getattr, adapter.layers_attr.split("."), base_model(model))
     for layer, layer_spec in zip(layers, spec.layers):
         attention = layer.get_submodule(adapter.attention_module)
         setattr(attention, adapter.head_dim_attr, layer_spec.head_dim)
         if adapter.heads_attr is not None:
             setattr(attention, adapter.heads_attr, layer_spec.heads)
-        if hasattr(attention, "all_head_size"):
-            setattr(attention, "all_head_size", layer_spec.heads * layer_spec.head_dim)
+        for attr in ("all_head_size", "split_size"):  # BERT's context width; where GPT-2 splits its fused q/k/v
+            if hasattr(attention, attr):
+                setattr(attention, attr, layer_spec.heads * layer_spec.head_dim)
 
 
 class _ElasticMixin:
@@ -147,8 +155,8 @@ def _elastic_config(base: type[PretrainedConfig], model_type: str) -> type[Pretr
 
 # stock config -> the stock model classes built on it, each with the Auto factory that should load its elastic twin.
 # RoBERTa, XLM-R, CamemBERT and ELECTRA copy BERT's module layout (ELECTRA-small adds an embedding projection);
-# DistilBERT has an adapter of its own (raffm.arch). OPT and Phi are the decoder families with a body and a classifier
-# too.
+# DistilBERT has an adapter of its own (raffm.arch). OPT, Phi and GPT-2 are the decoder families with a body and a
+# classifier too.
 _STOCK: dict[type[PretrainedConfig], tuple[tuple[type[PreTrainedModel], Any], ...]] = {
     BertConfig: ((BertModel, AutoModel), (BertForSequenceClassification, AutoModelForSequenceClassification)),
     RobertaConfig: ((RobertaModel, AutoModel), (RobertaForSequenceClassification, AutoModelForSequenceClassification)),
@@ -173,6 +181,8 @@ _STOCK: dict[type[PretrainedConfig], tuple[tuple[type[PreTrainedModel], Any], ..
                 (OPTForSequenceClassification, AutoModelForSequenceClassification)),
     PhiConfig: ((PhiModel, AutoModel), (PhiForCausalLM, AutoModelForCausalLM),
                 (PhiForSequenceClassification, AutoModelForSequenceClassification)),
+    GPT2Config: ((GPT2Model, AutoModel), (GPT2LMHeadModel, AutoModelForCausalLM),
+                 (GPT2ForSequenceClassification, AutoModelForSequenceClassification)),
 }
 # stock class -> (elastic config class, Auto factory that should load it)
 _FAMILY: dict[type[PreTrainedModel], tuple[type[PretrainedConfig], Any]] = {}

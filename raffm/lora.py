@@ -6,16 +6,24 @@ A target ``nn.Linear`` of weight ``W [out, in]`` becomes a :class:`LoRALinear` c
 (uniform in ``+-1/sqrt(in)``), as in the LoRA paper and ``peft``. Only ``A`` and ``B`` are trained: the base weights
 stay frozen on the device and are never re-sent (a round moves adapters, see :mod:`raffm.lora_fed`).
 
+Adapters follow the *stored* weight: for a weight stored ``[rows, cols]``, ``B [rows, r]`` and ``A [r, cols]``, so
+``s B A`` is the update of the stored tensor, which is all that :func:`adapter_shapes`, the cost model and
+:mod:`raffm.lora_fed` need to know. transformers' ``Conv1D`` (GPT-2's projections) stores ``W [in, out]`` and computes
+``y = x W + b``; its :class:`LoRAConv1D` computes ``y = x W + b + s (x B) A`` with ``B [in, r]`` (zero at the start)
+and ``A [r, out]`` (uniform in ``+-1/sqrt(out)``, as :func:`raffm.lora_fed.redistribute` draws spare rows).
+
 Names are stable and tied to the base tensor they adapt: the adapters of module ``model.layers.0.self_attn.q_proj``
 are ``model.layers.0.self_attn.q_proj.lora_A`` / ``.lora_B``, and they adapt ``model.layers.0.self_attn.q_proj.weight``
 (:func:`base_weight_name`). The base weight and bias keep their own names and :class:`LoRALinear` *is* an
-``nn.Linear``, so slicing, SPP tables and ``isinstance`` checks see the same parameters as before wrapping.
+``nn.Linear`` (:class:`LoRAConv1D` a ``Conv1D``), so slicing, SPP tables and ``isinstance`` checks see the same
+parameters as before wrapping.
 
 Target modules are given by name, peft-style: a target ``t`` matches a module named ``t`` or ending in ``.t``
 (``DEFAULT_TARGETS`` per architecture: Llama ``q/k/v/o_proj, gate/up/down_proj``; BERT ``query/key/value/dense``;
 DeBERTa ``query_proj/key_proj/value_proj/dense``; OPT ``q/k/v/out_proj, fc1/fc2``; Phi ``q/k/v_proj, dense,
-fc1/fc2``).
-A target that matches nothing, or matches a module that is not an ``nn.Linear``, is a ``ValueError``.
+fc1/fc2``; GPT-2 ``c_attn, c_proj, c_fc``).
+A target that matches nothing, or matches a module that is neither an ``nn.Linear`` nor a ``Conv1D``, is a
+``ValueError``.
 
 :func:`apply_lora` and :func:`merge_lora` change the model in place (like ``torch.nn.utils.prune``); the
 adapter-state functions never mutate their inputs.
@@ -24,12 +32,13 @@ adapter-state functions never mutate their inputs.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 # Architecture adapter name -> default target modules (every linear layer of every transformer block).
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
@@ -40,6 +49,7 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "vit": ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"),
     "opt": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
     "phi": ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"),
+    "gpt2": ("c_attn", "c_proj", "c_fc"),  # c_proj: the attention output's and the FFN's
 }
 A_SUFFIX, B_SUFFIX = ".lora_A", ".lora_B"
 
@@ -69,16 +79,13 @@ class LoRAConfig:
         return self.alpha / self.rank
 
 
-class LoRALinear(nn.Linear):
-    """An ``nn.Linear`` with a low-rank residual; it shares (does not copy) the wrapped layer's weight and bias.
+class _LoRA(nn.Module):
+    """A wrapped layer's shared (not copied) ``weight [rows, cols]`` and ``bias``, frozen, and its trained adapters
+    ``lora_B [rows, r]`` (zeros) and ``lora_A [r, cols]`` (uniform in ``+-1/sqrt(cols)``; kaiming_uniform_(a=sqrt(5)),
+    nn.Linear's and peft's default)."""
 
-    ``weight [out, in]`` and ``bias`` are frozen; ``lora_A [r, in]``, ``lora_B [out, r]`` are trained.
-    """
-
-    def __init__(self, base: nn.Linear, rank: int, scaling: float, dropout: float = 0.0,
-                 generator: torch.Generator | None = None) -> None:
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = base.in_features, base.out_features
+    def _adapt(self, base: nn.Linear | Conv1D, rank: int, scaling: float, dropout: float,
+               generator: torch.Generator | None) -> None:
         self.weight = base.weight
         self.bias = base.bias
         self.weight.requires_grad_(False)
@@ -86,22 +93,50 @@ class LoRALinear(nn.Linear):
             self.bias.requires_grad_(False)
         self.rank, self.scaling = rank, float(scaling)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        dtype, device = base.weight.dtype, base.weight.device
-        bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)), nn.Linear's and peft's default
-        a = torch.empty(rank, self.in_features, dtype=dtype, device=device).uniform_(-bound, bound, generator=generator)
+        rows, cols = self.weight.shape
+        dtype, device = self.weight.dtype, self.weight.device
+        bound = 1.0 / math.sqrt(cols)
+        a = torch.empty(rank, cols, dtype=dtype, device=device).uniform_(-bound, bound, generator=generator)
         self.lora_A = nn.Parameter(a)
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(rows, rank, dtype=dtype, device=device))
 
     def delta_weight(self) -> torch.Tensor:
-        """``s * B @ A`` [out, in]: what this adapter adds to ``weight``."""
+        """``s * B @ A``, the stored weight's shape: what this adapter adds to ``weight``."""
         return (self.lora_B @ self.lora_A) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.rank}, scaling={self.scaling:g}"
+
+
+class LoRALinear(_LoRA, nn.Linear):
+    """An ``nn.Linear`` with a low-rank residual: ``weight [out, in]``, ``lora_A [r, in]``, ``lora_B [out, r]``."""
+
+    def __init__(self, base: nn.Linear, rank: int, scaling: float, dropout: float = 0.0,
+                 generator: torch.Generator | None = None) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self._adapt(base, rank, scaling, dropout, generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = F.linear(x, self.weight, self.bias)
         return base + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, rank={self.rank}, scaling={self.scaling:g}"
+
+class LoRAConv1D(_LoRA, Conv1D):
+    """A transformers ``Conv1D`` with a low-rank residual: ``weight [in, out]``, ``lora_B [in, r]``,
+    ``lora_A [r, out]``; ``y = x W + b + s (x B) A``."""
+
+    def __init__(self, base: Conv1D, rank: int, scaling: float, dropout: float = 0.0,
+                 generator: torch.Generator | None = None) -> None:
+        nn.Module.__init__(self)
+        self.nx, self.nf = base.nx, base.nf
+        self._adapt(base, rank, scaling, dropout, generator)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return Conv1D.forward(self, x) + (self.dropout(x) @ self.lora_B) @ self.lora_A * self.scaling
+
+
+_WRAPPERS: dict[type[nn.Module], Callable[..., _LoRA]] = {nn.Linear: LoRALinear, Conv1D: LoRAConv1D}
 
 
 def base_weight_name(adapter_name: str) -> str:
@@ -143,25 +178,25 @@ def apply_lora(model: nn.Module, config: LoRAConfig, *, generator: torch.Generat
     unused = [t for t in config.targets if not any(matches(name, (t,)) for name in chosen)]
     if unused:
         raise ValueError(f"LoRA target module(s) {unused} match no module of {type(model).__name__}")
-    wrong = {name: type(m).__name__ for name, m in chosen.items() if not isinstance(m, nn.Linear)}
+    wrong = {name: type(m).__name__ for name, m in chosen.items() if type(m) not in _WRAPPERS}
     if wrong:
-        raise ValueError(f"LoRA targets must be nn.Linear layers; these are not: {wrong}")
+        raise ValueError(f"LoRA targets must be nn.Linear or Conv1D layers; these are not: {wrong}")
     for p in model.parameters():
         p.requires_grad_(False)
-    for name, linear in chosen.items():
+    for name, layer in chosen.items():
         parent, _, attr = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
-        setattr(owner, attr, LoRALinear(linear, config.rank, config.scaling, config.dropout, generator))  # type: ignore[arg-type]
+        setattr(owner, attr, _WRAPPERS[type(layer)](layer, config.rank, config.scaling, config.dropout, generator))
     return model
 
 
-def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
-    """Module name -> :class:`LoRALinear`, in module order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+def lora_modules(model: nn.Module) -> dict[str, _LoRA]:
+    """Module name -> :class:`LoRALinear` or :class:`LoRAConv1D`, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, _LoRA)}
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors (detached copies): ``<module>.lora_A [r, in]`` and ``<module>.lora_B [out, r]``."""
+    """The adapter tensors (detached copies): ``<module>.lora_A [r, cols]`` and ``<module>.lora_B [rows, r]``."""
     out: dict[str, torch.Tensor] = {}
     for name, m in lora_modules(model).items():
         out[name + A_SUFFIX] = m.lora_A.detach().clone()
@@ -170,7 +205,8 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def adapter_shapes(weight_shapes: Mapping[str, tuple[int, ...]], rank: int) -> dict[str, tuple[int, ...]]:
-    """Adapter tensor name -> shape for rank-``rank`` adapters on the given target weights ``[out, in]``."""
+    """Adapter tensor name -> shape for rank-``rank`` adapters on the given target weights ``[rows, cols]`` (as
+    stored: ``[out, in]`` for ``nn.Linear``, ``[in, out]`` for ``Conv1D``)."""
     out: dict[str, tuple[int, ...]] = {}
     for name, shape in weight_shapes.items():
         if len(shape) != 2:
@@ -192,16 +228,17 @@ def load_adapters(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
         raise ValueError(f"adapter state does not match the model's adapters: missing {missing[:5]}, unknown {extra[:5]}")
     for name, m in modules.items():
         a, b = state[name + A_SUFFIX], state[name + B_SUFFIX]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != m.in_features or b.shape[0] != m.out_features \
+        rows, cols = m.weight.shape
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != cols or b.shape[0] != rows \
                 or a.shape[0] != b.shape[1] or a.shape[0] < 1:
             raise ValueError(
                 f"adapters of {name!r} have shapes A {tuple(a.shape)}, B {tuple(b.shape)}; expected "
-                f"A [r, {m.in_features}] and B [{m.out_features}, r] with the same r >= 1"
+                f"A [r, {cols}] and B [{rows}, r] with the same r >= 1"
             )
         rank = a.shape[0]
         if rank != m.rank:  # the scaling alpha / r stays the layer's: the factors carry the product, see lora_fed
-            m.lora_A = nn.Parameter(torch.empty(rank, m.in_features, dtype=m.weight.dtype, device=m.weight.device))
-            m.lora_B = nn.Parameter(torch.empty(m.out_features, rank, dtype=m.weight.dtype, device=m.weight.device))
+            m.lora_A = nn.Parameter(torch.empty(rank, cols, dtype=m.weight.dtype, device=m.weight.device))
+            m.lora_B = nn.Parameter(torch.empty(rows, rank, dtype=m.weight.dtype, device=m.weight.device))
             m.rank = rank
         m.lora_A.copy_(a)
         m.lora_B.copy_(b)
@@ -209,16 +246,20 @@ def load_adapters(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
 
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight (``W + s B A``) and put back plain ``nn.Linear`` layers, in place;
-    returns ``model``. The merged model computes what the adapted one did (inference: no adapter overhead)."""
+    """Fold every adapter into its base weight (``W + s B A``) and put back plain ``nn.Linear`` / ``Conv1D`` layers,
+    in place; returns ``model``. The merged model computes what the adapted one did (inference: no adapter overhead)."""
     for name, m in lora_modules(model).items():
-        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
-        linear.weight = nn.Parameter(m.weight + m.delta_weight().to(m.weight.dtype), requires_grad=False)
-        if m.bias is not None:
-            linear.bias = m.bias
+        if isinstance(m, LoRAConv1D):
+            with torch.device("meta"):
+                layer: nn.Linear | Conv1D = Conv1D(m.nf, m.nx)
+        else:
+            assert isinstance(m, LoRALinear)
+            layer = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        layer.weight = nn.Parameter(m.weight + m.delta_weight().to(m.weight.dtype), requires_grad=False)
+        layer.bias = m.bias
         parent, _, attr = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
-        setattr(owner, attr, linear)
+        setattr(owner, attr, layer)
     return model
 
 

@@ -151,7 +151,7 @@ class LoRAFedAvg:
 
 
 def _spare_rows(rank: int, cols: int, generator: torch.Generator | None) -> torch.Tensor:
-    bound = 1.0 / math.sqrt(cols)  # the same init as a fresh LoRALinear's A
+    bound = 1.0 / math.sqrt(cols)  # the same init as a fresh adapter's A (raffm.lora)
     return torch.empty(rank, cols, dtype=torch.float64).uniform_(-bound, bound, generator=generator)
 
 

@@ -21,7 +21,7 @@ class ModelDims:
     ``heads`` counts the units a cut keeps or drops: attention heads, or with grouped-query attention (GQA) whole KV
     groups, each of one key/value head and its ``group`` query heads. ``fixed_head_dim``: the head dimension cannot be
     cut (rotary position embeddings rotate fixed pairs of head dimensions at fixed frequencies; DeBERTa scales its
-    attention by the kept head size).
+    attention by the kept head size; GPT-2's fused q/k/v projection is cut by whole heads).
     """
 
     hidden: int

@@ -9,7 +9,9 @@ the network computes exactly the same function; only which channels are *leading
    and W_k (scores are unchanged: x W_q P (x W_k P)^T = x W_q W_k^T x^T);
 3. within every head, value dimensions ranked by their V rows plus the matching attention-output columns;
 4. feed-forward neurons ranked by their W_in row plus W_out column (SwiGLU: gate row + up row + down column).
-Steps 2 and 3 are skipped for models with rotary position embeddings (see :func:`prioritize_state`).
+Steps 2 and 3 are skipped for models whose specs keep every head dimension (see :func:`prioritize_state`).
+A fused projection (GPT-2's ``c_attn``, ``[q | k | v]``) is ranked and permuted per part: each part is ``[heads,
+head_dim]``, a head's score sums its three parts, and one head order is applied inside every part.
 The residual (hidden) channels are never reordered: sub-models keep the full hidden width (see raffm.fitting).
 
 Scores come from the weight matrices (L1 norm); biases and vectors follow the permutation.
@@ -24,7 +26,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from raffm.arch import HEAD_KINDS, Adapter, Axis, adapter_for
+from raffm.arch import FUSED_PARTS, HEAD_KINDS, Adapter, Axis, adapter_for
 from raffm.spec import ModelDims
 
 Layouts = dict[str, tuple[Axis, ...]]
@@ -46,8 +48,8 @@ def _axis_scores(
     units: int | None = None,
 ) -> torch.Tensor:
     """The summed score of every index of the matching axes; with ``units``, of every unit (head or KV group) of
-    them: each axis is viewed as ``[units, -1]``, so axes of different widths (grouped queries and their KV rows)
-    add up per group."""
+    them: each axis is viewed as ``[parts, units, -1]`` (one part unless fused, :data:`raffm.arch.FUSED_PARTS`), so
+    axes of different widths (grouped queries and their KV rows, a fused q/k/v) add up per unit."""
     total: torch.Tensor | None = None
     for name, axes in layouts.items():
         tensor = state[name]
@@ -57,7 +59,7 @@ def _axis_scores(
             if matches(axis):
                 s = score(tensor, pos)
                 if units is not None:
-                    s = s.view(units, -1).sum(dim=1)
+                    s = s.view(FUSED_PARTS.get(axis.kind, 1), units, -1).sum(dim=(0, 2))
                 total = s if total is None else total + s
     if total is None:
         raise ValueError("no weight matrix carries this axis; the adapter's rules are incomplete")
@@ -69,14 +71,16 @@ def _apply(
     units: int | None = None,
 ) -> None:
     """Permute every matching axis by ``index``; with ``units``, ``index`` orders whole units and moves each unit's
-    block of ``size // units`` contiguous indices together (never permuting inside it)."""
+    block of contiguous indices together (never permuting inside it), in every part of a fused axis."""
     for name, axes in layouts.items():
         for pos, axis in enumerate(axes):
             if matches(axis):
                 flat = index
                 if units is not None:
-                    unit = state[name].shape[pos] // units
-                    flat = (index[:, None] * unit + torch.arange(unit)).reshape(-1)
+                    parts = FUSED_PARTS.get(axis.kind, 1)
+                    part = state[name].shape[pos] // parts
+                    block = (index[:, None] * (part // units) + torch.arange(part // units)).reshape(-1)
+                    flat = (torch.arange(parts)[:, None] * part + block).reshape(-1)
                 state[name] = state[name].index_select(pos, flat)
 
 
@@ -94,9 +98,11 @@ def prioritize_state(
     """A salience-ordered copy of ``state`` (the input is not modified).
 
     With grouped-query attention the units ranked in step 1 are KV groups: a group's score sums its key and value
-    rows, the query rows of all its query heads and their attention-output columns. With rotary position
-    embeddings (``adapter.rope``) steps 2 and 3 are skipped: RoPE rotates fixed pairs of a head's dimensions at fixed
-    frequencies, so permuting them changes the function (and such models never cut head dimensions anyway).
+    rows, the query rows of all its query heads and their attention-output columns. Steps 2 and 3 are skipped where
+    specs keep every head dimension (``dims.fixed_head_dim``): the order inside a head then never decides what a cut
+    keeps, and with rotary position embeddings, which rotate fixed pairs of a head's dimensions at fixed
+    frequencies, or a fused q/k/v projection, whose value dimensions no ``v`` step reaches, permuting them would
+    change the function.
     """
     out = dict(state)
     layouts: Layouts = {name: adapter.layout(name) for name in state}
@@ -108,7 +114,7 @@ def prioritize_state(
         head_order = _descending(_axis_scores(out, layouts, heads_of, score, units=H))
         _apply(out, layouts, heads_of, head_order, units=H)
 
-        for kind in () if adapter.rope else ("qk", "v"):
+        for kind in () if dims.fixed_head_dim else ("qk", "v"):
             def within(axis: Axis, layer: int = layer, kind: str = kind) -> bool:
                 return axis.layer == layer and axis.kind == kind
 

@@ -34,7 +34,8 @@ def tiny_llama_folder(path: Path, seed: int = 0, model_type: str = "llama", **ov
     32 dimensions over 2 KV groups, FFN 512, untied head; about 0.6 M parameters: large enough that device budgets in
     whole MiB pick different sub-models) or an OPT of the same sizes (``opt``: 4 plain heads, its head tied to the
     token embedding as every OPT checkpoint's) or a Phi (``phi``: 4 plain heads as every Phi checkpoint's, half of
-    each rotating, an untied head with a bias), and its tokenizer."""
+    each rotating, an untied head with a bias) or a GPT-2 (``gpt2``: 4 heads from one fused projection, its head tied
+    to the token embedding, dropout on as in every GPT-2 checkpoint), and its tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if (path / "config.json").is_file():
@@ -45,6 +46,8 @@ def tiny_llama_folder(path: Path, seed: int = 0, model_type: str = "llama", **ov
         values.update(ffn_dim=512, word_embed_proj_dim=128)
     elif model_type == "phi":  # PhiConfig's default partial_rotary_factor (0.5)
         values.update(intermediate_size=512)
+    elif model_type == "gpt2":  # its own name of the FFN width; GPT2Config's dropouts (0.1)
+        values.update(n_inner=512)
     else:
         values.update(num_key_value_heads=2, head_dim=32, intermediate_size=512, tie_word_embeddings=False)
     values.update(overrides)

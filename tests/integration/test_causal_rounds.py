@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from raffm.planning import adapter_and_dims
 from raffm.proto import spec_from_proto
 from raffm.v1 import aggregator_pb2
 from tests.integration.agentkit import AgentThread, Fleet, agent_config, job, rounds
@@ -22,9 +23,10 @@ def _one_thread() -> None:
 
 
 # Llama, Qwen3 (an RMSNorm on every query and key head, which the extractor, the cost model and the slices must
-# carry through a real round), OPT (plain multi-head attention, learned positions, a head tied to the embedding) and
-# Phi (attention and FFN in parallel, partial rotary embeddings, biases everywhere).
-@pytest.fixture(scope="module", params=["llama", "qwen3", "opt", "phi"])
+# carry through a real round), OPT (plain multi-head attention, learned positions, a head tied to the embedding),
+# Phi (attention and FFN in parallel, partial rotary embeddings, biases everywhere) and GPT-2 (Conv1D projections, one
+# fused q/k/v projection cut by whole heads, a tied head).
+@pytest.fixture(scope="module", params=["llama", "qwen3", "opt", "phi", "gpt2"])
 def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_llama_folder(tmp_path_factory.mktemp("model") / request.param, model_type=request.param)
 
@@ -57,7 +59,7 @@ def test_two_tiers_complete_a_causal_lm_round(tmp_path: Path, model: Path) -> No
             assert outcome.samples == 8 and outcome.loss > 0  # 2 steps of 4 pairs, a response-token loss
             [a] = runner.assignments
             assert a.task.kind == aggregator_pb2.TASK_KIND_CAUSAL_LM
-            assert a.task.architecture == (model.name if model.name in ("opt", "phi") else "llama")  # its adapter
+            assert a.task.architecture == (model.name if model.name in ("opt", "phi", "gpt2") else "llama")  # adapter
         specs = [spec_from_proto(r.assignments[0].spec) for r in runners]
         assert specs[0] != specs[1], "the two tiers trained the same sub-model"
         [rnd] = rounds(fleet)
@@ -68,10 +70,11 @@ def test_two_tiers_complete_a_causal_lm_round(tmp_path: Path, model: Path) -> No
         before, after = fleet.store.load("job-v0"), fleet.store.load(rnd.result_model_version)
         changed = [n for n in before if not torch.equal(before[n], after[n])]
         # RaFFM keeps the embeddings and the first layer as pretrained (frozen_layers=1); the layer above trains, and
-        # an untied LM head (OPT's is its token embedding, held once under that name)
-        assert any("layers.1.self_attn" in n for n in changed)
+        # an untied LM head (OPT's and GPT-2's is its token embedding, held once under that name)
+        adapter, _ = adapter_and_dims(config)
+        assert any(adapter.layer_of(n) == 1 and f".{adapter.attention_module}." in n for n in changed)
         assert ("lm_head.weight" in changed) == ("lm_head.weight" in before)
-        assert not any("layers.0." in n or "embed_" in n for n in changed)
+        assert not any(adapter.below(n, 1) for n in changed)  # the first layer's tensors and the input embeddings
     finally:
         fleet.stop()
 

@@ -18,6 +18,10 @@ from transformers import (
     ElectraConfig,
     ElectraForSequenceClassification,
     ElectraModel,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+    GPT2Model,
     LlamaConfig,
     LlamaForCausalLM,
     OPTConfig,
@@ -57,13 +61,18 @@ OPT: dict[str, Any] = dict(hidden_size=SMALL["hidden_size"], word_embed_proj_dim
 PHI: dict[str, Any] = dict(**SMALL, max_position_embeddings=64, pad_token_id=0,
                            rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5))
 
+# GPT-2: its own config names, Conv1D projections and one fused q/k/v projection (n_inner None: an FFN of 4 x hidden).
+GPT2: dict[str, Any] = dict(n_embd=SMALL["hidden_size"], n_layer=SMALL["num_hidden_layers"],
+                            n_head=SMALL["num_attention_heads"], n_inner=SMALL["intermediate_size"], n_positions=64,
+                            bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
 
 def _randomize_layernorms(model: PreTrainedModel) -> PreTrainedModel:
     """Non-trivial LayerNorm affine params, so a wrong permutation of them would show in the outputs."""
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "LayerNorm" in name or "layernorm" in name or "layer_norm" in name or name.endswith("bias"):
+            if any(n in name for n in ("LayerNorm", "layernorm", "layer_norm", "ln_")) or name.endswith("bias"):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
     return model.eval()
 
@@ -112,6 +121,12 @@ def make(kind: str, seed: int = 0) -> PreTrainedModel:
         model = PhiModel(PhiConfig(vocab_size=120, **PHI))
     elif kind == "phi-classifier":  # grouped-query attention; scores every position, keeps the last non-padding one
         model = PhiForSequenceClassification(PhiConfig(vocab_size=120, num_labels=3, num_key_value_heads=2, **PHI))
+    elif kind == "gpt2":  # the causal LM, its head tied to the token embedding
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=120, **GPT2))
+    elif kind == "gpt2-base":
+        model = GPT2Model(GPT2Config(vocab_size=120, **{**GPT2, "n_inner": None}))
+    elif kind == "gpt2-classifier":  # scores every position, keeps the last non-padding one
+        model = GPT2ForSequenceClassification(GPT2Config(vocab_size=120, num_labels=3, **GPT2))
     elif kind == "llama-tied":  # a Llama whose LM head is its token embedding (SmolLM2's layout)
         model = LlamaForCausalLM(LlamaConfig(vocab_size=120, tie_word_embeddings=True, **SMALL))
     elif kind == "vit":

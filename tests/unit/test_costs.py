@@ -340,6 +340,53 @@ def test_phi_costs_match_what_autograd_saves_and_what_torch_counts(kv_heads: int
         assert estimate.forward_flops_per_sample * batch == pytest.approx(counter.get_total_flops(), rel=1e-6)
 
 
+def _tiny_gpt2(resid: float, embd: float, attn: float, classifier: bool) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=500, n_embd=64, n_layer=2, n_head=4, n_inner=96, n_positions=64, num_labels=3,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=0, resid_pdrop=resid, embd_pdrop=embd,
+                        attn_pdrop=attn)
+    return (GPT2ForSequenceClassification if classifier else GPT2LMHeadModel)(config)
+
+
+@pytest.mark.parametrize("resid, embd, attn, classifier", [(0.0, 0.0, 0.0, False), (0.1, 0.1, 0.1, False),
+                                                           (0.1, 0.0, 0.0, False), (0.0, 0.1, 0.1, True),
+                                                           (0.0, 0.0, 0.0, True)])
+def test_gpt2_costs_match_what_autograd_saves_and_what_torch_counts(resid: float, embd: float, attn: float,
+                                                                    classifier: bool) -> None:
+    """A fused q/k/v projection (the flash kernel keeps its output and copies of q and v), gelu_new, learned
+    positions, dropout on the embeddings, the attention probabilities and the residual branches, a tied LM head or a
+    classifier that scores every position; cut to a single head or not, with the vocabulary and the first layer
+    frozen or not; a batch padded to its longest text, as training pads it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = _tiny_gpt2(resid, embd, attn, classifier)
+    cm = CostModel.from_model(model)
+    assert (cm.lm_vocab, cm.num_labels, cm.tied_head) == ((0, 3, False) if classifier else (500, 0, True))
+    assert (cm.hidden_dropout, cm.embedding_dropout, cm.attention_dropout) == (resid > 0, embd > 0, attn > 0)
+    assert cm.max_positions == 64
+    batch, seq = 4, 24
+    inputs = _padded_batch(batch, seq)
+    if not classifier:  # next-token labels, none on the padding
+        inputs["labels"] = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    cut = ElasticSpec(hidden=48, layers=(LayerSpec(1, 16, 40), LayerSpec(3, 16, 96)))
+    for spec in (ElasticSpec.full(cm.dims), cut):
+        for frozen in (frozenset(), frozenset(n for n in cm.plan(spec) if cm.adapter.below(n, 1))):
+            sub = extract(model, spec).train()
+            assert cm.params(spec) == sum(p.numel() for p in sub.parameters())  # the tied head once
+            for name, p in sub.named_parameters():
+                p.requires_grad_(name not in frozen)
+            saved = _saved_activation_bytes(sub, **inputs)
+            estimate = cm.estimate(spec, batch_size=batch, seq_len=seq, recipe=Recipe(frozen=frozen))
+            assert estimate.activations_mb * MIB == pytest.approx(saved, rel=1e-6), (estimate.activations_mb, saved)
+        inference = copy.deepcopy(sub).requires_grad_(False).eval()
+        inference.set_attn_implementation("eager")  # the same products as SDPA, whose CPU kernel the counter misses
+        with FlopCounterMode(display=False) as counter:
+            inference(input_ids=inputs["input_ids"])
+        assert estimate.forward_flops_per_sample * batch == pytest.approx(counter.get_total_flops(), rel=1e-6)
+
+
 def test_activation_formula_matches_what_autograd_saves_vit() -> None:
     model = _tiny_vit()
     cm = CostModel.from_model(model)

@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import (
-    AutoModel, AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification, OPTConfig,
-    PhiConfig,
+    AutoModel, AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification, GPT2Config,
+    OPTConfig, PhiConfig,
 )
 
 from raffm.arch import adapter_for
@@ -18,18 +18,19 @@ from raffm.elastic import extract, plan_for
 from raffm.slicing import coverage_mask, scatter, slice_state
 from raffm.spec import ElasticSpec, LayerSpec, ModelDims
 from raffm.spp import prioritize
-from tests.unit.models_fixtures import OPT, PHI, inputs, make, output
+from tests.unit.models_fixtures import GPT2, OPT, PHI, inputs, make, output
 
 KINDS = ["bert", "bert-base", "roberta", "xlm-roberta", "camembert", "electra-base", "electra-small", "distilbert",
-         "deberta", "deberta-v2", "opt", "opt-base", "opt-classifier", "phi", "phi-base", "phi-classifier", "vit",
-         "vit-base"]
+         "deberta", "deberta-v2", "opt", "opt-base", "opt-classifier", "phi", "phi-base", "phi-classifier", "gpt2",
+         "gpt2-base", "gpt2-classifier", "vit", "vit-base"]
 AUTO = {"bert": AutoModelForSequenceClassification, "roberta": AutoModelForSequenceClassification,
         "electra-small": AutoModelForSequenceClassification,
         "xlm-roberta": AutoModelForSequenceClassification, "camembert": AutoModelForSequenceClassification,
         "distilbert": AutoModelForSequenceClassification, "deberta": AutoModelForSequenceClassification,
         "deberta-v2": AutoModelForSequenceClassification, "opt": AutoModelForCausalLM, "opt-base": AutoModel,
         "opt-classifier": AutoModelForSequenceClassification, "phi": AutoModelForCausalLM, "phi-base": AutoModel,
-        "phi-classifier": AutoModelForSequenceClassification,
+        "phi-classifier": AutoModelForSequenceClassification, "gpt2": AutoModelForCausalLM, "gpt2-base": AutoModel,
+        "gpt2-classifier": AutoModelForSequenceClassification,
         "vit": AutoModelForImageClassification, "bert-base": AutoModel, "vit-base": AutoModel, "electra-base": AutoModel}
 
 
@@ -221,3 +222,41 @@ def test_phi_with_query_and_key_layernorms_is_refused() -> None:
     with pytest.raises(ValueError, match="qk_layernorm=True"):
         adapter_for(PhiConfig(vocab_size=120, qk_layernorm=True, **PHI))
     assert adapter_for(PhiConfig(vocab_size=120, **PHI)).name == "phi"
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "gpt2-classifier"])
+def test_gpt2_keeps_whole_heads_of_its_fused_projection(kind: str) -> None:
+    """GPT-2's c_attn computes [q | k | v] in one Conv1D (weight [in, out]): keeping 2 of 4 heads keeps the leading 2
+    heads of each part, so a sub-model with 2 heads and 40 FFN neurons computes exactly the global model with the
+    other heads' value columns and the other neurons' output rows zeroed (they then add nothing), global scaling
+    kept."""
+    model = prioritize(make(kind))
+    dims = adapter_for(model).dims(model.config)
+    assert dims.fixed_head_dim and dims.ffn == 96
+    spec = ElasticSpec.uniform(dims, heads=2, ffn=40)
+    masked = prioritize(make(kind))
+    with torch.no_grad():
+        for block in masked.transformer.h:
+            block.attn.c_attn.weight.view(-1, 3, dims.heads, dims.head_dim)[:, 2, 2:] = 0
+            block.attn.c_attn.bias.view(3, dims.heads, dims.head_dim)[2, 2:] = 0
+            block.mlp.c_proj.weight[40:] = 0
+    sub = extract(model, spec)
+    attn = sub.transformer.h[0].attn
+    assert (attn.num_heads, attn.split_size, attn.scaling) == (2, 2 * dims.head_dim, dims.head_dim**-0.5)
+    assert sub.transformer.h[0].attn.c_attn.weight.shape == (dims.hidden, 3 * 2 * dims.head_dim)
+    batch = inputs(kind)
+    cut = output(sub, batch)
+    assert (cut - output(masked, batch)).abs().max().item() <= 1e-5
+    assert (cut - output(model, batch)).abs().max().item() > 1e-3  # the cut really changed the model
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(add_cross_attention=True), "add_cross_attention=True"),
+    (dict(reorder_and_upcast_attn=True), "reorder_and_upcast_attn=True"),
+])
+def test_gpt2_options_the_adapter_does_not_describe_are_refused(overrides: dict[str, object], message: str) -> None:
+    """Refused by name, not mis-priced; a plain config is described, its FFN 4 x hidden wide where n_inner is None."""
+    with pytest.raises(ValueError, match=message):
+        adapter_for(GPT2Config(vocab_size=120, **{**GPT2, **overrides}))
+    config = GPT2Config(vocab_size=120, **{**GPT2, "n_inner": None})
+    assert adapter_for(config).name == "gpt2" and adapter_for(config).dims(config).ffn == 4 * GPT2["n_embd"]

@@ -1,5 +1,5 @@
 """LoRA on a device's slice (raffm.lora): init and merge equivalence, frozen base, stable adapter names, clear errors;
-on tiny random-init Llama, BERT, DeBERTa, OPT and Phi configs."""
+on tiny random-init Llama, BERT, DeBERTa, OPT, Phi and GPT-2 configs."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 from raffm.arch import adapter_for
 from raffm.costs import MIB, CostModel
@@ -79,6 +80,16 @@ def phi(seed: int = 0) -> PreTrainedModel:
     return PhiForCausalLM(config).eval()
 
 
+def gpt2(seed: int = 0) -> PreTrainedModel:
+    """GPT-2: transformers' Conv1D projections (weights stored [in, out]), one fused q/k/v projection, a tied head."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_inner=96, n_positions=32, bos_token_id=1,
+                        eos_token_id=2)
+    return GPT2LMHeadModel(config).eval()
+
+
 def ids(seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(seed))
 
@@ -107,7 +118,7 @@ SMALL = ElasticSpec(hidden=64, layers=(LayerSpec(heads=1, head_dim=16, ffn=40), 
 
 @pytest.mark.parametrize("make,targets", [(llama, LLAMA_T), (bert, DEFAULT_TARGETS["bert"]),
                                           (deberta, DEFAULT_TARGETS["deberta-v2"]), (opt, DEFAULT_TARGETS["opt"]),
-                                          (phi, DEFAULT_TARGETS["phi"])])
+                                          (phi, DEFAULT_TARGETS["phi"]), (gpt2, DEFAULT_TARGETS["gpt2"])])
 def test_wrapped_model_starts_equal_to_the_base_and_trains_only_adapters(make, targets) -> None:  # type: ignore[no-untyped-def]
     model = make()
     before = logits(model)
@@ -115,15 +126,15 @@ def test_wrapped_model_starts_equal_to_the_base_and_trains_only_adapters(make, t
     apply_lora(model, LoRAConfig(rank=4, targets=targets), generator=torch.Generator().manual_seed(0))
     assert torch.equal(logits(model), before)  # B = 0: exactly the base model
     modules = lora_modules(model)
-    assert modules and all(isinstance(m, torch.nn.Linear) for m in modules.values())
+    assert modules and all(isinstance(m, (torch.nn.Linear, Conv1D)) for m in modules.values())
     # the base tensors keep their names; adapters are named after the module and point at the weight they adapt
     assert names <= set(model.state_dict())
     state = adapter_state(model)
     assert all(base_weight_name(n) in names for n in state)
-    expected = sum(4 * (m.in_features + m.out_features) for m in modules.values())
+    expected = sum(4 * sum(m.weight.shape) for m in modules.values())
     assert trainable_parameters(model) == expected == sum(t.numel() for t in state.values())
     model.train()
-    out = model(input_ids=ids(), labels=ids() if make in (llama, opt, phi) else torch.tensor([0, 2]))
+    out = model(input_ids=ids(), labels=ids() if make in (llama, opt, phi, gpt2) else torch.tensor([0, 2]))
     out.loss.backward()
     grads = {n for n, p in model.named_parameters() if p.grad is not None}
     assert grads == set(state)  # nothing else gets a gradient
@@ -139,6 +150,28 @@ def test_merge_reproduces_the_adapted_model_on_a_sub_model() -> None:
     assert (adapted - logits(extract(llama(), SMALL))).abs().max() > 1e-3  # the adapters really change something
     merge_lora(sub)
     assert not lora_modules(sub) and set(sub.state_dict()) == base_names
+    diff = (logits(sub) - adapted).abs().max().item()
+    assert diff <= 1e-5, diff
+
+
+def test_merge_folds_conv1d_adapters_into_the_stored_weight() -> None:
+    """GPT-2's Conv1D stores W [in, out]: its adapters are B [in, r], A [r, out], and merging adds s B A to W itself
+    (a transposed update would change the merged model's outputs), on a sub-model with one head kept."""
+    spec = ElasticSpec(hidden=64, layers=(LayerSpec(heads=1, head_dim=16, ffn=40), LayerSpec(heads=3, head_dim=16,
+                                                                                                ffn=96)))
+    sub = extract(gpt2(), spec)
+    base_names = set(sub.state_dict())
+    apply_lora(sub, LoRAConfig(rank=3, alpha=6.0, targets=DEFAULT_TARGETS["gpt2"]),
+               generator=torch.Generator().manual_seed(0))
+    state = adapter_state(sub)
+    assert state["transformer.h.0.attn.c_attn.lora_B"].shape == (64, 3)  # [in, r]
+    assert state["transformer.h.0.attn.c_attn.lora_A"].shape == (3, 3 * 16)  # [r, out]: the kept head's q, k, v
+    randomize_b(sub)
+    adapted = logits(sub)
+    assert (adapted - logits(extract(gpt2(), spec))).abs().max() > 1e-3  # the adapters really change something
+    merge_lora(sub)
+    assert not lora_modules(sub) and set(sub.state_dict()) == base_names
+    assert isinstance(sub.transformer.h[0].attn.c_attn, Conv1D)
     diff = (logits(sub) - adapted).abs().max().item()
     assert diff <= 1e-5, diff
 
@@ -172,7 +205,7 @@ def test_adapters_round_trip_and_bad_inputs_say_what_is_wrong() -> None:
 
 @pytest.mark.parametrize("make,targets", [(llama, LLAMA_T), (bert, DEFAULT_TARGETS["bert"]),
                                           (deberta, DEFAULT_TARGETS["deberta-v2"]), (opt, DEFAULT_TARGETS["opt"]),
-                                          (phi, DEFAULT_TARGETS["phi"])])
+                                          (phi, DEFAULT_TARGETS["phi"]), (gpt2, DEFAULT_TARGETS["gpt2"])])
 def test_cost_model_prices_the_real_wrapped_model(make, targets) -> None:  # type: ignore[no-untyped-def]
     model = make()
     cm = CostModel.from_model(model)

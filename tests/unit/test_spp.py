@@ -12,8 +12,8 @@ from raffm.spp import l1_score, prioritize, prioritize_state
 from tests.unit.models_fixtures import inputs, make, output
 
 KINDS = ["bert", "bert-base", "roberta", "xlm-roberta", "camembert", "electra-base", "electra-small", "distilbert",
-         "deberta", "deberta-v2", "opt", "opt-base", "opt-classifier", "phi", "phi-base", "phi-classifier", "vit",
-         "vit-base"]
+         "deberta", "deberta-v2", "opt", "opt-base", "opt-classifier", "phi", "phi-base", "phi-classifier", "gpt2",
+         "gpt2-base", "gpt2-classifier", "vit", "vit-base"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -62,6 +62,25 @@ def test_spp_actually_reorders_and_sorts_salience() -> None:
     assert torch.all(heads[:-1] >= heads[1:])
     # And it is a real change for this random model (else the checks above would be vacuous).
     assert not torch.equal(w_in, model.state_dict()[prefix + "intermediate.dense.weight"])
+
+
+def test_spp_ranks_whole_heads_of_a_fused_projection() -> None:
+    """GPT-2's c_attn ([in, q | k | v]): a head's score sums its columns in the three parts and its c_proj rows; one
+    head order moves inside every part, and dimensions inside a head keep their order (specs never cut them)."""
+    model = make("gpt2")
+    adapter = adapter_for(model)
+    dims = adapter.dims(model.config)
+    before = model.state_dict()
+    state = prioritize_state(before, adapter, dims)
+    prefix = "transformer.h.0."
+    qkv, proj = state[prefix + "attn.c_attn.weight"], state[prefix + "attn.c_proj.weight"]
+    heads = l1_score(qkv, 1).view(3, dims.heads, -1).sum(dim=(0, 2)) + l1_score(proj, 0).view(dims.heads, -1).sum(1)
+    assert torch.all(heads[:-1] >= heads[1:])
+    old = before[prefix + "attn.c_attn.weight"].view(-1, 3, dims.heads, dims.head_dim)
+    new = qkv.view(-1, 3, dims.heads, dims.head_dim)
+    order = [next(j for j in range(dims.heads) if torch.equal(new[:, 0, i], old[:, 0, j])) for i in range(dims.heads)]
+    assert order != sorted(order)  # a real reordering
+    assert torch.equal(new, old[:, :, order])  # the same head order in q, k and v, each head intact
 
 
 def test_spp_is_idempotent() -> None:

@@ -23,7 +23,7 @@ VOCAB = "bert.embeddings.word_embeddings.weight"
 
 
 @pytest.mark.parametrize("kind", ["bert", "roberta", "camembert", "distilbert", "deberta", "opt", "opt-classifier",
-                                  "phi", "phi-classifier", "vit"])
+                                  "phi", "phi-classifier", "gpt2", "gpt2-classifier", "vit"])
 def test_a_nested_cut_computes_exactly_the_extracted_cut(kind: str) -> None:
     model = prioritize(make(kind))
     dims = adapter_for(model).dims(model.config)
@@ -53,7 +53,7 @@ def test_a_nested_cut_trains_only_its_own_block_of_the_shared_weights() -> None:
     assert plan[ffn_in].sub_shape == (40, 48)
 
 
-@pytest.mark.parametrize("kind", ["opt", "llama-tied"])
+@pytest.mark.parametrize("kind", ["opt", "llama-tied", "gpt2"])
 def test_a_nested_cut_of_a_tied_causal_lm_computes_its_head_with_the_shared_embedding(kind: str) -> None:
     """A tied LM head is the token embedding: the cut's skeleton must bind it with the embedding's view, also when the
     cut is narrower than the hidden width (the skeleton's head is re-tied to its resized embedding)."""
