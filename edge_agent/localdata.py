@@ -5,9 +5,9 @@
   ``labels`` ``[N]`` ints, for image models;
 - a built-in offline set: ``rotten_tomatoes`` (text) or ``mnist`` (5,000 digits).
 
-For a ``causal-lm`` job the data are prompt -> response pairs instead: a JSON-lines file of
-``{"prompt": ..., "response": ...}`` objects (:func:`raffm.generative.load_instruction_file`) or ``rotten_tomatoes``
-as instructions (:func:`raffm.generative.rotten_tomatoes_instructions`).
+For a ``causal-lm`` job the data are prompt -> response pairs instead (:func:`raffm.generative.load_instructions`): a
+JSON-lines file of ``{"prompt": ..., "response": ...}`` objects, ``rotten_tomatoes`` as sentiment instructions, or a
+labelled text file whose every text is asked for its label's name.
 Bad or missing data raises ``ValueError`` naming the file; the agent reports it to the aggregator as a data failure.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from raffm.data import ImageDataset, TextDataset, load_image_file, load_text_file, mnist_5k, rotten_tomatoes
-from raffm.generative import InstructionDataset, load_instruction_file, rotten_tomatoes_instructions
+from raffm.generative import InstructionDataset, load_instructions
 
 Dataset = TextDataset | ImageDataset | InstructionDataset
 BUILTIN = ("rotten_tomatoes", "mnist")
@@ -27,14 +27,9 @@ def load_local_data(spec: str, *, text_column: str = "text", label_column: str =
     if not spec:
         raise ValueError("no local data: pass --data with a CSV/JSON-lines file, an image array file, or a built-in "
                          f"set ({', '.join(BUILTIN)})")
-    path = Path(spec).expanduser()
     if task == "causal-lm":
-        if spec == "rotten_tomatoes":
-            return rotten_tomatoes_instructions()
-        if spec == "mnist" or path.suffix in (".pt", ".npz"):
-            raise ValueError(f"--data {spec!r} is image data; a causal-lm job trains on prompt -> response pairs "
-                             "(a JSON-lines file or rotten_tomatoes)")
-        return load_instruction_file(path)
+        return load_instructions(spec, text_column=text_column, label_column=label_column)
+    path = Path(spec).expanduser()
     if spec == "rotten_tomatoes":
         return rotten_tomatoes()
     if spec == "mnist":

@@ -193,20 +193,9 @@ def split_data(data: Any, devices: int, alpha: float, seed: int) -> list[Any]:
 def sniff_task(spec: str) -> str:
     """``causal-lm`` for a JSON-lines file whose first record has ``prompt`` and ``response``, else
     ``sequence-classification`` (the agent's loader tells text from image data itself)."""
-    path = Path(spec)
-    if path.suffix not in (".jsonl", ".json") or not path.is_file():
-        return "sequence-classification"
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    break
-                if isinstance(row, dict) and "prompt" in row and "response" in row:
-                    return "causal-lm"
-                break
-    return "sequence-classification"
+    from raffm.generative import is_pairs_file
+
+    return "causal-lm" if is_pairs_file(spec) else "sequence-classification"
 
 
 def write_share(share: Any, path: Path) -> Path:

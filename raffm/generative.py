@@ -1,10 +1,12 @@
 """Generative (causal-LM) tasks: prompt -> response pairs, batched so the loss sees the response tokens only, and
 evaluated by greedy decoding (exact match) and mean response-token loss.
 
-- :class:`InstructionDataset` holds the pairs; :func:`load_instruction_file` reads them from JSON lines
-  (``{"prompt": ..., "response": ...}``), :func:`rotten_tomatoes_instructions` builds the shipped sentiment task
-  (``"Review: <text>\\nSentiment:"`` -> ``" positive"`` / ``" negative"``) and :func:`with_chat_template` renders the
-  prompts with the tokenizer's chat template (instruction-tuned models such as SmolLM2-Instruct).
+- :class:`InstructionDataset` holds the pairs; :func:`load_instructions` reads what ``--data`` names: a JSON-lines
+  file of pairs (``{"prompt": ..., "response": ...}``, :func:`load_instruction_file`), the shipped sentiment task
+  (:func:`rotten_tomatoes_instructions`: ``"Review: <text>\\nSentiment:"`` -> ``" positive"`` / ``" negative"``), or
+  any labelled text file a classifier would take, each text asked for its label's name
+  (:func:`labelled_instructions`); :func:`with_chat_template` renders the prompts with the tokenizer's chat template
+  (instruction-tuned models such as SmolLM2-Instruct).
 - :func:`causal_batches` tokenizes a pair as ``[start] prompt response [end]`` and sets ``labels`` to -100 on the
   start, the prompt and the padding, so a Hugging Face causal LM's own ``loss`` is the mean cross-entropy of the
   response tokens. The start token is the tokenizer's BOS (else CLS), the end token its EOS (else SEP): with an end
@@ -27,9 +29,12 @@ from typing import Any, Literal
 
 import torch
 
+from raffm.data import TextDataset, load_text_file, rotten_tomatoes
+
 IGNORE_INDEX = -100  # what Hugging Face losses (and torch's cross_entropy) skip
 SENTIMENT_PROMPT = "Review: {text}\nSentiment:"
 SENTIMENT_ANSWERS = (" negative", " positive")  # rotten, fresh (raffm.data.rotten_tomatoes label order)
+LABEL_PROMPT = "Text: {text}\nLabel:"
 PaddingSide = Literal["left", "right"]
 Tokenizer = Callable[..., Any]
 
@@ -91,12 +96,56 @@ def rotten_tomatoes_instructions(*, template: str = SENTIMENT_PROMPT,
                                  answers: tuple[str, str] = SENTIMENT_ANSWERS) -> InstructionDataset:
     """The shipped Rotten Tomatoes reviews (:func:`raffm.data.rotten_tomatoes`) as a generative task: ``template``
     (with ``{text}``) -> ``answers[label]`` (rotten, fresh)."""
-    from raffm.data import rotten_tomatoes
-
     if "{text}" not in template:
         raise ValueError(f"the prompt template {template!r} has no {{text}} field")
     reviews = rotten_tomatoes()
     return InstructionDataset([template.format(text=t) for t in reviews.texts], [answers[y] for y in reviews.labels])
+
+
+def labelled_instructions(data: TextDataset, *, template: str = LABEL_PROMPT) -> InstructionDataset:
+    """A labelled text set as a generative task: ``template`` (with ``{text}``) -> the label's name after a space (the
+    label number where the file's labels are numbers)."""
+    if "{text}" not in template:
+        raise ValueError(f"the prompt template {template!r} has no {{text}} field")
+    return InstructionDataset([template.format(text=t) for t in data.texts],
+                              [f" {data.label_names[y]}" for y in data.labels])
+
+
+def first_record(path: str | Path) -> dict[str, Any] | None:
+    """The first record of a JSON-lines file as an object (None: not a JSON-lines file, or not an object there)."""
+    path = Path(path)
+    if path.suffix not in (".jsonl", ".json") or not path.is_file():
+        return None
+    with path.open(encoding="utf-8") as f:
+        first = next((line for line in f if line.strip()), "")
+    try:
+        row = json.loads(first)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def is_pairs_file(path: str | Path) -> bool:
+    """Whether ``path`` is a JSON-lines file whose first record has ``prompt`` and ``response``."""
+    row = first_record(path)
+    return row is not None and "prompt" in row and "response" in row
+
+
+def load_instructions(spec: str, *, text_column: str = "text", label_column: str = "label") -> InstructionDataset:
+    """The prompt -> response pairs ``--data`` names for a causal-LM job: ``rotten_tomatoes`` as sentiment
+    instructions, a JSON-lines file of pairs, or a CSV/JSON-lines file with a text and a label column
+    (:func:`labelled_instructions`). ``ValueError`` for image data, and names the file and line of a bad record."""
+    path = Path(spec).expanduser()
+    if spec == "rotten_tomatoes":
+        return rotten_tomatoes_instructions()
+    if spec == "mnist" or path.suffix in (".pt", ".npz"):
+        raise ValueError(f"data {spec!r} is image data; a causal-lm job trains on prompt -> response pairs (a "
+                         "JSON-lines file of them, a labelled CSV/JSON-lines text file, or rotten_tomatoes)")
+    row = first_record(path)
+    labelled = row is not None and "prompt" not in row and text_column in row and label_column in row
+    if path.suffix == ".csv" or labelled:
+        return labelled_instructions(load_text_file(path, text_column=text_column, label_column=label_column))
+    return load_instruction_file(path)
 
 
 def has_chat_template(tokenizer: Any) -> bool:

@@ -209,18 +209,15 @@ def split_and_write(settings: DemoSettings, data: Any, data_dir: Path) -> DemoDa
 
 
 def prepare_llm_data(settings: DemoSettings, model_path: str, data_dir: Path) -> DemoData:
-    """Prompt -> response pairs for a decoder LLM: ``rotten_tomatoes`` as sentiment instructions
-    (:func:`raffm.generative.rotten_tomatoes_instructions`) or a JSON-lines file of pairs, rendered with the
+    """Prompt -> response pairs for a decoder LLM (:func:`raffm.generative.load_instructions`: ``rotten_tomatoes`` as
+    sentiment instructions, a JSON-lines file of pairs, or a labelled text file asked for its labels), rendered with the
     tokenizer's chat template when it has one (an instruct model such as SmolLM2-Instruct); split like
     :func:`prepare_data` and written as JSON lines, so the agents and the aggregator read the same rendered text."""
     from transformers import AutoTokenizer
 
-    from raffm.generative import (
-        has_chat_template, load_instruction_file, rotten_tomatoes_instructions, with_chat_template,
-    )
+    from raffm.generative import has_chat_template, load_instructions, with_chat_template
 
-    data = (rotten_tomatoes_instructions() if settings.data == "rotten_tomatoes"
-            else load_instruction_file(settings.data))
+    data = load_instructions(settings.data, text_column=settings.text_column, label_column=settings.label_column)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if settings.chat_template and has_chat_template(tokenizer):
         data = with_chat_template(data, tokenizer)
@@ -494,8 +491,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--data", default=d.data,
                         help="what the agent takes: rotten_tomatoes or mnist (shipped), a CSV/JSON-lines file with "
                              "text,label, or a .pt/.npz file with images and labels; the labels and the task come "
-                             "from the data; for a decoder LLM rotten_tomatoes or a JSON-lines file of "
-                             "{prompt, response} pairs (default: rotten_tomatoes)")
+                             "from the data; for a decoder LLM rotten_tomatoes, a JSON-lines file of "
+                             "{prompt, response} pairs, or a labelled CSV/JSON-lines file, each text asked for its "
+                             "label (\"Text: ...\\nLabel:\" -> \" <label>\") (default: rotten_tomatoes)")
     parser.add_argument("--text-column", help=f"text column of a CSV/JSON-lines --data (default: {d.text_column})")
     parser.add_argument("--label-column", help=f"label column of a CSV/JSON-lines --data (default: {d.label_column})")
     parser.add_argument("--out", type=Path, help="run directory (default: runs/<timestamp>)")

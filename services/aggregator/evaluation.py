@@ -14,8 +14,9 @@ the cut keeps) per size; the aggregator publishes them as
 ``raffm_aggregator_eval{metric, size}``.
 
 A ``causal-lm`` job evaluates prompt -> response pairs instead (:func:`raffm.generative.evaluate_generative`):
-``eval_data`` is a JSON-lines file of ``{"prompt": ..., "response": ...}`` objects or ``rotten_tomatoes`` (the same
-held-out reviews as instructions, :func:`raffm.generative.rotten_tomatoes_instructions`), and the keys are
+``eval_data`` is what :func:`raffm.generative.load_instructions` reads (a JSON-lines file of ``{"prompt": ...,
+"response": ...}`` objects, a labelled text file asked for its labels, or ``rotten_tomatoes``: the same held-out
+reviews as instructions), and the keys are
 ``exact_match`` (greedy answers equal to the reference) and ``loss`` (mean response-token cross-entropy, nats), with
 ``@<fraction>`` per cut.
 """
@@ -32,7 +33,7 @@ import torch
 from raffm.data import (
     ImageDataset, TextDataset, load_image_file, load_text_file, mnist_5k, rotten_tomatoes, train_test_split,
 )
-from raffm.generative import InstructionDataset, load_instruction_file, rotten_tomatoes_instructions
+from raffm.generative import InstructionDataset, load_instructions
 from raffm.training import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -74,14 +75,9 @@ def load_eval_data(spec: str, *, max_samples: int = 0, task: str = "sequence-cla
     """The held-out data named by a job's ``eval_data`` (at most ``max_samples`` examples when > 0); prompt ->
     response pairs for a ``causal-lm`` task."""
     if task == "causal-lm":
+        data: Dataset = load_instructions(spec)
         if spec == "rotten_tomatoes":
-            pairs = rotten_tomatoes_instructions()
-            data: Dataset = pairs.subset(heldout_split(pairs)[1])
-        elif spec == "mnist" or Path(spec).suffix in (".pt", ".npz"):
-            raise ValueError(f"eval_data {spec!r} is image data; a causal-lm job evaluates prompt -> response pairs "
-                             "(a JSON-lines file or rotten_tomatoes)")
-        else:
-            data = load_instruction_file(spec)
+            data = data.subset(heldout_split(data)[1])
         if max_samples and len(data) > max_samples:
             data = data.subset(range(max_samples))
         return data

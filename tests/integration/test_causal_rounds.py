@@ -91,13 +91,16 @@ def test_causal_lm_data_and_job_settings(tmp_path: Path) -> None:
     assert isinstance(load_eval_data(str(pairs), task="causal-lm", max_samples=2), InstructionDataset)
     with pytest.raises(ValueError, match="image data"):
         load_local_data("mnist", task="causal-lm")
+    labelled = load_local_data(str(write_jsonl_rows(tmp_path / "labelled.jsonl", '{"text": "a", "label": 1}')),
+                               task="causal-lm")  # a classifier's file: each text asked for its label
+    assert isinstance(labelled, InstructionDataset) and labelled.responses == [" 1"]
     with pytest.raises(ValueError, match="line 1 lacks field 'prompt'"):
-        load_local_data(str(write_jsonl_rows(tmp_path / "bad.jsonl")), task="causal-lm")
+        load_local_data(str(write_jsonl_rows(tmp_path / "bad.jsonl", '{"text": "a"}')), task="causal-lm")
     assert JobConfig(task="causal-lm").task == "causal-lm"
     with pytest.raises(ValueError, match="no label names"):
         JobConfig(task="causal-lm", num_labels=2, labels=("a", "b"))
 
 
-def write_jsonl_rows(path: Path) -> Path:
-    path.write_text('{"text": "a", "label": 1}\n', encoding="utf-8")
+def write_jsonl_rows(path: Path, row: str) -> Path:
+    path.write_text(row + "\n", encoding="utf-8")
     return path

@@ -19,6 +19,7 @@ from raffm.generative import (
     collate,
     evaluate_generative,
     load_instruction_file,
+    load_instructions,
     rotten_tomatoes_instructions,
     with_chat_template,
 )
@@ -84,6 +85,24 @@ def test_a_missing_or_empty_file_is_refused(tmp_path: Path) -> None:
         load_instruction_file(tmp_path / "nope.jsonl")
     with pytest.raises(ValueError, match="no records"):
         load_instruction_file(_write(tmp_path, [""]))
+
+
+def test_a_labelled_text_file_becomes_questions_about_its_labels(tmp_path: Path) -> None:
+    csv = tmp_path / "topics.csv"
+    csv.write_text("body,topic\ngoal scored late,sports\nnew chip ships,tech\n", encoding="utf-8")
+    data = load_instructions(str(csv), text_column="body", label_column="topic")
+    assert data.prompts == ["Text: goal scored late\nLabel:", "Text: new chip ships\nLabel:"]
+    assert data.responses == [" sports", " tech"]
+    stars = _write(tmp_path, [json.dumps({"text": "great", "label": 5}), json.dumps({"text": "awful", "label": 1})])
+    assert load_instructions(str(stars)).responses == [" 5", " 1"]  # integer labels answer with their number
+    pairs = _write(tmp_path, [json.dumps({"prompt": "Q: 2+2?\nA:", "response": " 4"})])
+    assert load_instructions(str(pairs)).responses == [" 4"]
+    assert load_instructions("rotten_tomatoes").responses[0] in (" positive", " negative")
+    broken = _write(tmp_path, ['{"text": "x", "label": '])  # neither kind: the pairs reader names the line
+    with pytest.raises(ValueError, match="line 1 is not valid JSON"):
+        load_instructions(str(broken))
+    with pytest.raises(ValueError, match="image data"):
+        load_instructions("mnist")
 
 
 def test_rotten_tomatoes_becomes_a_sentiment_prompt_task() -> None:
