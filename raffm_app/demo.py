@@ -379,8 +379,8 @@ def _run_demo(settings: DemoSettings, run_dir: Path, guard: SignalGuard) -> None
         cap = settings.scaling_samples
         scored = f" (first {cap} test examples)" if 0 < cap < len(test) else ""
         for p in report.scaling:
-            print(f"  {p.flops_fraction:6.1%} of the compute, {p.param_fraction:6.1%} of the parameters "
-                  f"({p.params:>11,}): test {report.metric} {p.accuracy:.1%}{scored}")
+            print(f"  cut for {p.target_fraction:4.0%}: {p.flops_fraction:6.1%} of the compute, {p.param_fraction:6.1%} "
+                  f"of the parameters ({p.params:>11,}): test {report.metric} {p.accuracy:.1%}{scored}")
         for tier, m in report.memory_by_tier().items():
             print(f"  tier {tier}: slice of {m['params']:,.0f} parameters ({m['trained_params']:,.0f} trained), "
                   f"training memory predicted {m['predicted_memory_mb']:.0f} MiB, measured peak "
