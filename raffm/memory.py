@@ -303,7 +303,7 @@ def training_peak(
     plan = Recipe.from_dict(recipe or {})
     rows = batch_size * steps
     tokenizer: Any
-    if any(name.endswith("ForCausalLM") for name in config.architectures or ()):
+    if any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in config.architectures or ()):  # GPT-2's
         auto: Any = AutoModelForCausalLM
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         data: Any = InstructionDataset([" ".join(["a"] * (1 + i * 7 % seq_len)) for i in range(rows)], [" a"] * rows)

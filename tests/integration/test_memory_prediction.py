@@ -145,6 +145,23 @@ def test_predicted_lora_training_memory_of_a_causal_lm(tmp_path: Path, checkpoin
     assert predicted == pytest.approx(result.peak_mb, rel=0.15)
 
 
+def test_a_gpt2_lm_head_model_is_measured_as_a_causal_lm(tmp_path: Path) -> None:
+    """GPT-2's causal LM class is ``GPT2LMHeadModel``, not ``...ForCausalLM``: the measurement must still train it as a
+    causal LM (it once loaded it as a sequence classifier, which has no padding token, and failed)."""
+    from transformers import GPT2LMHeadModel
+
+    from raffm.spec import ElasticSpec
+    from tests.integration.llmkit import tiny_llama_folder
+
+    folder = tiny_llama_folder(tmp_path / "gpt2", model_type="gpt2", vocab_size=4096)
+    cm = CostModel.from_model(GPT2LMHeadModel.from_pretrained(folder))
+    predicted = steady_mb(cm.estimate(ElasticSpec.full(cm.dims), batch_size=8, seq_len=SEQ))
+    result = measure_training_peak(folder, batch_size=8, seq_len=SEQ, steps=STEPS)
+    print(f"\nGPT-2: predicted {predicted:.1f} MB, measured {result.peak_mb:.1f} MB")
+    assert result.exact
+    assert predicted == pytest.approx(result.peak_mb, rel=0.15)
+
+
 @pytest.mark.parametrize("budget", [172, 264])
 def test_predicted_memory_with_frozen_first_layers(minilm, tmp_path: Path, budget: float) -> None:
     """Frozen embeddings and first layers: no activations, gradients or moments below the first trained layer. At
