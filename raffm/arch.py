@@ -10,6 +10,8 @@ Axis kinds:
 - ``v``: the value rows of one layer and the matching input columns of the attention output, ``[heads, head_dim]``;
 - ``qkv``: one fused projection's query, key and value outputs, ``[3, heads, head_dim]`` (GPT-2's ``c_attn``): a cut
   keeps the same leading heads in each of the three parts;
+- ``hqkv``: one fused projection whose outputs are grouped per head, ``[heads, 3, head_dim]`` (GPT-NeoX's
+  ``query_key_value``): a head's query, key and value rows are one contiguous block, so a cut keeps leading blocks;
 - ``q``: with grouped-query attention, the query rows of one layer and the matching input columns of the attention
   output, ``[kv_heads, group, head_dim]``: the query heads of KV head ``j`` are ``j*group ... (j+1)*group - 1``
   (how ``transformers``' ``repeat_kv`` pairs them), so a KV group and its query heads move and are cut together;
@@ -46,6 +48,16 @@ Whole heads only (``fixed_head_dim``): the three parts of ``c_attn`` would need 
 GPT2Attention splits ``c_attn``'s output by ``split_size`` and views it per ``head_dim``, both patched per layer by
 :mod:`raffm.elastic` (the scaling stays the global head's). Cross-attention layers (``add_cross_attention``) and the
 eager-only ``reorder_and_upcast_attn`` (other saved tensors) are refused.
+
+GPT-NeoX (Pythia; GPTNeoXForCausalLM, GPTNeoXModel, GPTNeoXForSequenceClassification): pre-LN layers with biases, an
+exact-GELU FFN, an LM head (``lm_head``, which transformers renames from checkpoints' ``embed_out`` on load; untied
+unless ``tie_word_embeddings``, then held once, as a tied Llama's) and *partial* rotary embeddings (``rotary_pct``,
+``partial_rotary_factor`` in ``rope_parameters``), so whole heads only, as Phi's. Queries, keys and
+values come from one fused ``query_key_value`` whose rows are grouped per head (the ``hqkv`` axis); the attention
+output ``dense`` takes the ``v`` axis on its input columns. GPTNeoXAttention infers the head count from its input
+(``view(..., -1, 3 * head_size)``) and scales by the global ``head_size``, so only the head size is patched per
+layer (unchanged). Both residual layouts are supported: ``use_parallel_residual`` (Pythia's: attention and FFN each
+read their own LayerNorm of the layer input) and sequential.
 """
 
 from __future__ import annotations
@@ -59,9 +71,12 @@ from torch import nn
 
 from raffm.spec import ModelDims
 
-AxisKind = Literal["hidden", "qk", "v", "q", "kv", "qkv", "ffn", "full"]
-HEAD_KINDS: tuple[AxisKind, ...] = ("qk", "v", "q", "kv", "qkv")
+AxisKind = Literal["hidden", "qk", "v", "q", "kv", "qkv", "hqkv", "ffn", "full"]
+HEAD_KINDS: tuple[AxisKind, ...] = ("qk", "v", "q", "kv", "qkv", "hqkv")
 FUSED_PARTS: dict[AxisKind, int] = {"qkv": 3}  # head axes made of parts, each [heads, head_dim] (1 part otherwise)
+# Head axes whose every head holds parts, [heads, parts, head_dim]: a head's block is contiguous, so SPP moves it as
+# one unit of a single part (FUSED_PARTS does not list them).
+HEAD_PARTS: dict[AxisKind, int] = {"hqkv": 3}
 _LAYER_KINDS: tuple[AxisKind, ...] = (*HEAD_KINDS, "ffn")
 
 
@@ -451,7 +466,34 @@ GPT2 = Adapter(
     causal_lm=True,
 )
 
-ADAPTERS = (BERT, DISTILBERT, DEBERTA, VIT, LLAMA, OPT, PHI, GPT2)
+GPT_NEOX = Adapter(
+    name="gpt_neox",
+    model_types=("gpt_neox", "raffm_gpt_neox"),
+    rules=_rules(
+        [
+            (r"(^|\.)embed_in\.weight$", ("full", "hidden")),
+            (r"^(lm_head|score)\.weight$", ("full", "hidden")),  # the classifier scores every position
+            (r"attention\.query_key_value\.weight$", ("hqkv", "hidden")),
+            (r"attention\.query_key_value\.bias$", ("hqkv",)),
+            (r"attention\.dense\.weight$", ("hidden", "v")),
+            (r"mlp\.dense_h_to_4h\.weight$", ("ffn", "hidden")),
+            (r"mlp\.dense_h_to_4h\.bias$", ("ffn",)),
+            (r"mlp\.dense_4h_to_h\.weight$", ("hidden", "ffn")),
+            (r"(layer_?norm\.(weight|bias)|dense\.bias|dense_4h_to_h\.bias)$", ("hidden",)),
+        ]
+    ),
+    layer_pattern=re.compile(r"layers\.(\d+)\."),
+    layers_attr="layers",
+    attention_module="attention",
+    head_dim_attr="head_size",
+    vocab_embeddings=re.compile(r"(^|\.)embed_in\.weight$"),
+    heads_attr=None,  # GPTNeoXAttention views its fused output as (..., -1, 3 * head_size)
+    input_embeddings=re.compile(r"(^|\.)embed_in$"),
+    rope=True,
+    causal_lm=True,
+)
+
+ADAPTERS = (BERT, DISTILBERT, DEBERTA, VIT, LLAMA, OPT, PHI, GPT2, GPT_NEOX)
 
 
 def adapter_for(config_or_model: Any) -> Adapter:

@@ -65,10 +65,10 @@ Activations ``A``: what autograd saves in torch 2.13 (CPU, ``attn_implementation
   head, whose copy is a view; the flash kernel's log-sum-exp; gelu_new, a composition of elementwise ops, saves 5
   tensors per neuron: its input, the tanh output, ``0.5 x``, ``1 + tanh`` and its output), plus ``2 T h`` residual
   dropout masks when ``resid_pdrop`` > 0 (Phi-2's 0.1); outside the layers OPT's terms with the int64 position ids
-  replaced by the rotary cos and sin, priced at ``2 L head_dim`` (exact for full rotary, a bound for partial: they
-  span ``rotary_ndims``). Exact against autograd, cut or not, with the vocabulary and the first layer frozen or not,
-  for the causal LM and the sequence classifier on an unpadded batch, as for the Llama family (a padding mask adds
-  ``B L^2`` per layer, and K/V repeated to the query heads under GQA); FLOPs equal FlopCounterMode's (eager).
+  replaced by the rotary cos and sin, ``2 L r`` for the ``r`` rotated dimensions of a head (``rotary_ndims``). Exact
+  against autograd, cut or not, with the vocabulary and the first layer frozen or not, for the causal LM and the
+  sequence classifier on an unpadded batch, as for the Llama family (a padding mask adds ``B L^2`` per layer, and
+  K/V repeated to the query heads under GQA); FLOPs equal FlopCounterMode's (eager).
   Embedding and attention dropout (0.0 in every Phi checkpoint) are not priced.
 - GPT-2 (pre-LN, biases, one fused q/k/v projection, gelu_new, learned positions, a head tied to the token embedding;
   dropout on the embeddings' sum, the attention probabilities and after attention and the FFN, all 0.1 by default):
@@ -82,6 +82,20 @@ Activations ``A``: what autograd saves in torch 2.13 (CPU, ``attn_implementation
   first layer frozen or not) for the causal LM and the sequence classifier on a padded batch; an unpadded batch
   (no mask: SDPA runs causal) saves ``B L^2`` per layer less. FLOPs equal FlopCounterMode's (eager). Other activation
   functions than gelu_new (every GPT-2 checkpoint's) are priced as it.
+- GPT-NeoX (pre-LN, biases, one q/k/v projection fused per head, partial rotary embeddings, an exact-GELU FFN, an LM
+  head untied unless ``tie_word_embeddings``; ``hidden_dropout`` on the embeddings and after attention and the FFN,
+  ``attention_dropout`` on the probabilities, both 0.0 by default): the encoders' per-layer terms (``2 T f`` for GELU,
+  the padding mask ``B L^2``), plus ``T a`` where the flash kernel runs with more than one head: it keeps the rotated
+  queries and keys, the values (a copy: the fused projection's output is not kept) and its output, and the output
+  projection keeps a contiguous copy of that output (a view for a single head), i.e. ``5 T a`` against ``4 T a``;
+  with attention dropout the math kernel keeps the encoders' terms. With ``use_parallel_residual`` (Pythia's) both
+  LayerNorms read the layer input, kept once, and no residual sum sits between attention and the FFN: ``T h`` less
+  per layer. Outside the layers OPT's terms with the token ids only, the rotary cos and sin ``2 L r`` (``r =
+  rotary_pct * head_dim``) and the embedding dropout mask ``T h`` with hidden dropout. Exact against autograd
+  (parallel or sequential, cut or not, a single head or several, every dropout on or off, a tied or untied head, the
+  vocabulary and the first layer frozen or not) for the causal LM and the sequence classifier on a padded batch; an
+  unpadded batch (no mask: SDPA runs causal) saves ``B L^2`` per layer less. FLOPs equal FlopCounterMode's (eager).
+  Activation functions other than exact GELU (Pythia's) are priced as it.
 
 Measured against RSS (``raffm.memory``, glibc allocator configured by ``configure_allocator``): within 2% for
 MiniLM at batch 16 x 64 tokens across hidden widths 96-384. Text batches are padded to their longest text only
@@ -324,12 +338,26 @@ def gpt2_layer_activation_elements(w: _Widths, *, batch_size: int, seq_len: int,
     return [saved + fused * a for saved, a in zip(layers, w.a)]
 
 
+def neox_layer_activation_elements(w: _Widths, *, batch_size: int, seq_len: int, hidden_dropout: bool,
+                                   attention_dropout: bool, parallel_residual: bool) -> list[int]:
+    """fp32 elements autograd saves in each GPT-NeoX layer of one training forward (module docstring): the encoders'
+    terms with a padded batch's mask, ``T a`` more where the flash kernel's output is copied for the output projection
+    (several heads), and ``T h`` less with a parallel residual (one saved input for both LayerNorms, no residual sum
+    between the branches)."""
+    tokens = batch_size * seq_len
+    layers = layer_activation_elements(w, batch_size=batch_size, seq_len=seq_len, hidden_dropout=hidden_dropout,
+                                       attention_dropout=attention_dropout, padded=True)
+    shared = tokens * w.hidden if parallel_residual else 0
+    return [saved + (tokens * a if heads > 1 and not attention_dropout else 0) - shared
+            for saved, heads, a in zip(layers, w.heads, w.a)]
+
+
 def outside_activation_elements(w: _Widths, *, batch_size: int, seq_len: int, vocab: int, num_labels: int,
                                 inputs: int, head_trains: bool = True, rotary: int = 0) -> int:
-    """fp32 elements an OPT, Phi or GPT-2 training forward with labels saves outside its layers (module docstring):
-    the causal LM's when ``vocab`` > 0, else the sequence classifier's; ``inputs``: what the input embeddings save
-    (``CostModel._decoder_inputs``); ``head_trains``: the head's weight has a gradient (a frozen linear layer saves no
-    input); ``rotary``: the head dimension of Phi's rotary cos and sin."""
+    """fp32 elements an OPT, Phi, GPT-2 or GPT-NeoX training forward with labels saves outside its layers (module
+    docstring): the causal LM's when ``vocab`` > 0, else the sequence classifier's; ``inputs``: what the input
+    embeddings save (``CostModel._decoder_inputs``); ``head_trains``: the head's weight has a gradient (a frozen linear
+    layer saves no input); ``rotary``: the rotated dimensions per head of the rotary cos and sin (Phi, GPT-NeoX)."""
     b, tokens = batch_size, batch_size * seq_len
     total = (2 if head_trains else 1) * tokens * w.hidden + 2 * tokens  # final LayerNorm: input, statistics, output
     total += inputs + 1 + 2 * seq_len * rotary  # the embeddings' ids (and masks), the loss's normaliser, cos and sin
@@ -405,8 +433,9 @@ def forward_live_elements(w: _Widths, *, batch_size: int, seq_len: int, logits: 
 
 def _hidden_dropout(config: Any) -> float:
     """The dropout after attention and the FFN: BERT's ``hidden_dropout_prob``, OPT's ``dropout``, Phi's and GPT-2's
-    ``resid_pdrop`` (0 where the config has none: the Llama family)."""
-    name = next((n for n in ("hidden_dropout_prob", "dropout", "resid_pdrop") if hasattr(config, n)), None)
+    ``resid_pdrop``, GPT-NeoX's ``hidden_dropout`` (0 where the config has none: the Llama family)."""
+    names = ("hidden_dropout_prob", "dropout", "resid_pdrop", "hidden_dropout")
+    name = next((n for n in names if hasattr(config, n)), None)
     return float(getattr(config, name) or 0.0) if name else 0.0
 
 
@@ -415,7 +444,9 @@ class CostModel:
 
     ``shapes``: global tensor name -> shape (``raffm.slicing.shapes_of(model.state_dict())``); ``hidden_dropout`` /
     ``attention_dropout`` / ``embedding_dropout``: whether training runs with dropout > 0 there (changes what autograd
-    saves); ``embedding_dropout`` is GPT-2's on the embeddings' sum (``embd_pdrop``; default: as ``hidden_dropout``).
+    saves); ``embedding_dropout`` is GPT-2's on the embeddings' sum (``embd_pdrop``) or GPT-NeoX's on the token
+    embeddings (default: as ``hidden_dropout``); ``parallel_residual``: GPT-NeoX's ``use_parallel_residual``;
+    ``rotary_dims``: the dimensions of every head that rotary embeddings rotate (default: all of them).
     """
 
     def __init__(
@@ -427,6 +458,8 @@ class CostModel:
         hidden_dropout: bool | None = None,
         attention_dropout: bool | None = None,
         embedding_dropout: bool | None = None,
+        parallel_residual: bool = False,
+        rotary_dims: int | None = None,
     ) -> None:
         self.adapter = adapter
         self.dims = dims
@@ -435,6 +468,8 @@ class CostModel:
         self.hidden_dropout = default if hidden_dropout is None else hidden_dropout
         self.attention_dropout = default if attention_dropout is None else attention_dropout
         self.embedding_dropout = self.hidden_dropout if embedding_dropout is None else embedding_dropout
+        self.parallel_residual = parallel_residual
+        self.rotary_dims = dims.head_dim if rotary_dims is None else rotary_dims
         self.num_labels = self._num_labels()
         self.token_head = any(n.endswith("classifier.out_proj.weight") for n in self.shapes)  # RoBERTa's, ELECTRA's
         self.embedding = self._embedding_width()
@@ -458,13 +493,18 @@ class CostModel:
         config = model.config
         attention_dropout = next((getattr(config, n) for n in ("attention_probs_dropout_prob", "attention_dropout",
                                                                "attn_pdrop") if hasattr(config, n)), 0.0)
+        dims = adapter.dims(config)
+        rope = getattr(config, "rope_parameters", None) or {}
         return cls(
             adapter,
-            adapter.dims(config),
+            dims,
             canonical_shapes(model),  # a tied LM head counts once
             hidden_dropout=_hidden_dropout(config) > 0,
             attention_dropout=float(attention_dropout or 0.0) > 0,
-            embedding_dropout=float(getattr(config, "embd_pdrop", 0.0) or 0.0) > 0,
+            # GPT-2's embd_pdrop; GPT-NeoX drops out its token embeddings with its hidden_dropout
+            embedding_dropout=float(getattr(config, "embd_pdrop", _hidden_dropout(config)) or 0.0) > 0,
+            parallel_residual=bool(getattr(config, "use_parallel_residual", False)),
+            rotary_dims=int(dims.head_dim * rope.get("partial_rotary_factor", 1.0)),
         )
 
     def _num_labels(self) -> int:
@@ -621,22 +661,27 @@ class CostModel:
         tokens = batch_size * seq_len
         plan = self.plan(spec)  # this pass's (maybe nested) cut: its own sizes of the trained tensors
         frozen_layers = self.adapter.frozen_layers(trained, spec.depth)
-        if self.adapter.name in ("opt", "phi", "gpt2"):  # pre-LN layers with biases, then a final LayerNorm and heads
+        if self.adapter.name in ("opt", "phi", "gpt2", "gpt_neox"):  # pre-LN layers with biases, a final LayerNorm
             if self.adapter.name == "opt":  # the encoders' layers (ReLU FFN)
                 layers = layer_activation_elements(w, **options)
             elif self.adapter.name == "phi":
                 layers = phi_layer_activation_elements(w, batch_size=batch_size, seq_len=seq_len,
                                                        ffn_saves=self.adapter.ffn_saves, hidden_dropout=hidden_dropout)
-            else:
+            elif self.adapter.name == "gpt2":
                 layers = gpt2_layer_activation_elements(w, batch_size=batch_size, seq_len=seq_len,
                                                         hidden_dropout=hidden_dropout,
                                                         attention_dropout=options["attention_dropout"],
                                                         ffn_saves=self.adapter.ffn_saves)
+            else:
+                layers = neox_layer_activation_elements(w, batch_size=batch_size, seq_len=seq_len,
+                                                        hidden_dropout=hidden_dropout,
+                                                        attention_dropout=options["attention_dropout"],
+                                                        parallel_residual=self.parallel_residual)
             head = self.adapter.task_head(plan) or self.adapter.vocab_tensors(plan)  # a tied LM head: the embedding
             activations = sum(layers) + outside_activation_elements(
                 w, batch_size=batch_size, seq_len=seq_len, vocab=self.lm_vocab, num_labels=self.num_labels,
                 inputs=self._decoder_inputs(w, batch_size, seq_len, embedding_dropout),
-                head_trains=not head.isdisjoint(trained), rotary=self.dims.head_dim if self.adapter.rope else 0)
+                head_trains=not head.isdisjoint(trained), rotary=self.rotary_dims if self.adapter.rope else 0)
         elif self.adapter.causal_lm:
             layers = decoder_layer_activation_elements(w, batch_size=batch_size, seq_len=seq_len,
                                                        qk_norm_dim=self.dims.head_dim if self.qk_norm else 0)
@@ -678,23 +723,24 @@ class CostModel:
     def _embedding_activations(self, w: _Widths, batch_size: int, seq_len: int, pixels: int,
                                hidden_dropout: bool, embedding_dropout: bool) -> int:
         """What the input embeddings save for their backward (module docstring): BERT's LayerNorm input, output and
-        statistics, ViT's pixels; both a dropout mask with hidden dropout. OPT's, Phi's and GPT-2's: see
+        statistics, ViT's pixels; both a dropout mask with hidden dropout. OPT's, Phi's, GPT-2's and GPT-NeoX's: see
         :meth:`_decoder_inputs`; a Llama's lookup saves only the token ids (counted with the labels)."""
         tokens = batch_size * seq_len
         if self.adapter.post_ln:
             return embedding_activation_elements(tokens, w.hidden, self.embedding, hidden_dropout)
-        if self.adapter.name in ("opt", "phi", "gpt2"):
+        if self.adapter.name in ("opt", "phi", "gpt2", "gpt_neox"):
             return self._decoder_inputs(w, batch_size, seq_len, embedding_dropout)
         if self.adapter.name != "vit":
             return 0
         return (tokens * w.hidden if hidden_dropout else 0) + batch_size * pixels
 
     def _decoder_inputs(self, w: _Widths, batch_size: int, seq_len: int, embedding_dropout: bool) -> int:
-        """What an OPT, Phi or GPT-2 forward saves for its input embeddings' backward: the int64 token ids, OPT's int64
-        position ids (one per token), GPT-2's (one row for the batch) and its embedding dropout mask."""
+        """What an OPT, Phi, GPT-2 or GPT-NeoX forward saves for its input embeddings' backward: the int64 token ids,
+        OPT's int64 position ids (one per token), GPT-2's (one row for the batch) and GPT-2's and GPT-NeoX's embedding
+        dropout mask."""
         tokens = batch_size * seq_len
         positions = {"opt": 2 * tokens, "gpt2": 2 * seq_len}.get(self.adapter.name, 0)
-        mask = tokens * w.hidden if embedding_dropout and self.adapter.name == "gpt2" else 0
+        mask = tokens * w.hidden if embedding_dropout and self.adapter.name in ("gpt2", "gpt_neox") else 0
         return 2 * tokens + positions + mask
 
     def _seq_len(self, seq_len: int | None) -> int:

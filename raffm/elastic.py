@@ -44,6 +44,10 @@ from transformers import (
     GPT2ForSequenceClassification,
     GPT2LMHeadModel,
     GPT2Model,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    GPTNeoXForSequenceClassification,
+    GPTNeoXModel,
     GraniteConfig,
     GraniteForCausalLM,
     LlamaConfig,
@@ -155,8 +159,8 @@ def _elastic_config(base: type[PretrainedConfig], model_type: str) -> type[Pretr
 
 # stock config -> the stock model classes built on it, each with the Auto factory that should load its elastic twin.
 # RoBERTa, XLM-R, CamemBERT and ELECTRA copy BERT's module layout (ELECTRA-small adds an embedding projection);
-# DistilBERT has an adapter of its own (raffm.arch). OPT, Phi and GPT-2 are the decoder families with a body and a
-# classifier too.
+# DistilBERT has an adapter of its own (raffm.arch). OPT, Phi, GPT-2 and GPT-NeoX are the decoder families with a body
+# and a classifier too.
 _STOCK: dict[type[PretrainedConfig], tuple[tuple[type[PreTrainedModel], Any], ...]] = {
     BertConfig: ((BertModel, AutoModel), (BertForSequenceClassification, AutoModelForSequenceClassification)),
     RobertaConfig: ((RobertaModel, AutoModel), (RobertaForSequenceClassification, AutoModelForSequenceClassification)),
@@ -183,6 +187,8 @@ _STOCK: dict[type[PretrainedConfig], tuple[tuple[type[PreTrainedModel], Any], ..
                 (PhiForSequenceClassification, AutoModelForSequenceClassification)),
     GPT2Config: ((GPT2Model, AutoModel), (GPT2LMHeadModel, AutoModelForCausalLM),
                  (GPT2ForSequenceClassification, AutoModelForSequenceClassification)),
+    GPTNeoXConfig: ((GPTNeoXModel, AutoModel), (GPTNeoXForCausalLM, AutoModelForCausalLM),
+                    (GPTNeoXForSequenceClassification, AutoModelForSequenceClassification)),
 }
 # stock class -> (elastic config class, Auto factory that should load it)
 _FAMILY: dict[type[PreTrainedModel], tuple[type[PretrainedConfig], Any]] = {}

@@ -50,6 +50,7 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "opt": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
     "phi": ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"),
     "gpt2": ("c_attn", "c_proj", "c_fc"),  # c_proj: the attention output's and the FFN's
+    "gpt_neox": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
 }
 A_SUFFIX, B_SUFFIX = ".lora_A", ".lora_B"
 

@@ -58,8 +58,8 @@ def slice_plan_for(config: Mapping[str, Any], spec: ElasticSpec, shapes: Mapping
 
 def default_task(model_type: str) -> Task:
     """The task a global model of ``model_type`` is trained for when nobody says: ViT classifies images, a decoder
-    LLM (an adapter with ``causal_lm``: the Llama family, OPT, Phi, GPT-2) generates text, an encoder classifies
-    text."""
+    LLM (an adapter with ``causal_lm``: the Llama family, OPT, Phi, GPT-2, GPT-NeoX) generates text, an encoder
+    classifies text."""
     if model_type == "vit":
         return "image-classification"
     if any(a.causal_lm and model_type in a.model_types for a in ADAPTERS):

@@ -3,7 +3,8 @@
 Every kept block is a *leading* block of a reshaped view of the global tensor. A query weight ``[H*D, hidden]``
 is viewed as ``[H, D, hidden]`` and the sub-model keeps ``[:heads, :head_dim, :hidden']``, i.e. the first
 ``head_dim`` dimensions of each of the first ``heads`` heads (never a global truncation re-split into heads); a fused
-query/key/value output ``[3*H*D]`` is viewed as ``[3, H, D]`` and keeps ``[:3, :heads, :head_dim]``.
+query/key/value output ``[3*H*D]`` is viewed as ``[3, H, D]`` and keeps ``[:3, :heads, :head_dim]`` (grouped per
+head, GPT-NeoX's: ``[H, 3, D]``, keeping ``[:heads, :3, :head_dim]``).
 Because each :class:`TensorSlice` is a tuple of leading slices on a view, taking, scattering and folding are
 plain strided tensor operations with no index tensors.
 """
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from raffm.arch import FUSED_PARTS, Adapter, Axis
+from raffm.arch import FUSED_PARTS, HEAD_PARTS, Adapter, Axis
 from raffm.spec import ElasticSpec, ModelDims
 
 
@@ -104,6 +105,9 @@ def _axis_view(
     if axis.kind in FUSED_PARTS:  # fused [q | k | v]: the same leading heads of each part
         parts = FUSED_PARTS[axis.kind]
         return (parts, outer.heads, outer.head_dim), (parts, layer.heads, layer.head_dim)
+    if axis.kind in HEAD_PARTS:  # fused per head [q_h | k_h | v_h]: the leading heads, each with all its parts
+        parts = HEAD_PARTS[axis.kind]
+        return (outer.heads, parts, outer.head_dim), (layer.heads, parts, layer.head_dim)
     return (outer.heads, outer.head_dim), (layer.heads, layer.head_dim)
 
 

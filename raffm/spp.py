@@ -11,7 +11,9 @@ the network computes exactly the same function; only which channels are *leading
 4. feed-forward neurons ranked by their W_in row plus W_out column (SwiGLU: gate row + up row + down column).
 Steps 2 and 3 are skipped for models whose specs keep every head dimension (see :func:`prioritize_state`).
 A fused projection (GPT-2's ``c_attn``, ``[q | k | v]``) is ranked and permuted per part: each part is ``[heads,
-head_dim]``, a head's score sums its three parts, and one head order is applied inside every part.
+head_dim]``, a head's score sums its three parts, and one head order is applied inside every part. One fused per
+head (GPT-NeoX's ``query_key_value``, ``[heads, 3, head_dim]``) needs nothing more: a head's rows are one contiguous
+block, moved as a unit.
 The residual (hidden) channels are never reordered: sub-models keep the full hidden width (see raffm.fitting).
 
 Scores come from the weight matrices (L1 norm); biases and vectors follow the permutation.

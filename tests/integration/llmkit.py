@@ -35,7 +35,9 @@ def tiny_llama_folder(path: Path, seed: int = 0, model_type: str = "llama", **ov
     whole MiB pick different sub-models) or an OPT of the same sizes (``opt``: 4 plain heads, its head tied to the
     token embedding as every OPT checkpoint's) or a Phi (``phi``: 4 plain heads as every Phi checkpoint's, half of
     each rotating, an untied head with a bias) or a GPT-2 (``gpt2``: 4 heads from one fused projection, its head tied
-    to the token embedding, dropout on as in every GPT-2 checkpoint), and its tokenizer."""
+    to the token embedding, dropout on as in every GPT-2 checkpoint) or a GPT-NeoX (``gpt_neox``: Pythia's layout, 4
+    heads from one projection fused per head, a quarter of each rotating, parallel residuals, an untied head), and
+    its tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if (path / "config.json").is_file():
@@ -48,6 +50,8 @@ def tiny_llama_folder(path: Path, seed: int = 0, model_type: str = "llama", **ov
         values.update(intermediate_size=512)
     elif model_type == "gpt2":  # its own name of the FFN width; GPT2Config's dropouts (0.1)
         values.update(n_inner=512)
+    elif model_type == "gpt_neox":  # GPTNeoXConfig's defaults: rotary_pct 0.25, parallel residuals, no dropout
+        values.update(intermediate_size=512)
     else:
         values.update(num_key_value_heads=2, head_dim=32, intermediate_size=512, tie_word_embeddings=False)
     values.update(overrides)

@@ -24,9 +24,9 @@ def _one_thread() -> None:
 
 # Llama, Qwen3 (an RMSNorm on every query and key head, which the extractor, the cost model and the slices must
 # carry through a real round), OPT (plain multi-head attention, learned positions, a head tied to the embedding),
-# Phi (attention and FFN in parallel, partial rotary embeddings, biases everywhere) and GPT-2 (Conv1D projections, one
-# fused q/k/v projection cut by whole heads, a tied head).
-@pytest.fixture(scope="module", params=["llama", "qwen3", "opt", "phi", "gpt2"])
+# Phi (attention and FFN in parallel, partial rotary embeddings, biases everywhere), GPT-2 (Conv1D projections, one
+# fused q/k/v projection cut by whole heads, a tied head) and GPT-NeoX (q/k/v fused per head, parallel residuals).
+@pytest.fixture(scope="module", params=["llama", "qwen3", "opt", "phi", "gpt2", "gpt_neox"])
 def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_llama_folder(tmp_path_factory.mktemp("model") / request.param, model_type=request.param)
 
@@ -59,7 +59,8 @@ def test_two_tiers_complete_a_causal_lm_round(tmp_path: Path, model: Path) -> No
             assert outcome.samples == 8 and outcome.loss > 0  # 2 steps of 4 pairs, a response-token loss
             [a] = runner.assignments
             assert a.task.kind == aggregator_pb2.TASK_KIND_CAUSAL_LM
-            assert a.task.architecture == (model.name if model.name in ("opt", "phi", "gpt2") else "llama")  # adapter
+            decoders = ("opt", "phi", "gpt2", "gpt_neox")  # adapter names; the Llama family's is "llama"
+            assert a.task.architecture == (model.name if model.name in decoders else "llama")
         specs = [spec_from_proto(r.assignments[0].spec) for r in runners]
         assert specs[0] != specs[1], "the two tiers trained the same sub-model"
         [rnd] = rounds(fleet)

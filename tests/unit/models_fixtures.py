@@ -22,6 +22,10 @@ from transformers import (
     GPT2ForSequenceClassification,
     GPT2LMHeadModel,
     GPT2Model,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    GPTNeoXForSequenceClassification,
+    GPTNeoXModel,
     LlamaConfig,
     LlamaForCausalLM,
     OPTConfig,
@@ -65,6 +69,9 @@ PHI: dict[str, Any] = dict(**SMALL, max_position_embeddings=64, pad_token_id=0,
 GPT2: dict[str, Any] = dict(n_embd=SMALL["hidden_size"], n_layer=SMALL["num_hidden_layers"],
                             n_head=SMALL["num_attention_heads"], n_inner=SMALL["intermediate_size"], n_positions=64,
                             bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+# GPT-NeoX (Pythia's layout): q/k/v fused per head, a quarter of every head's 12 dimensions rotating (rotary_pct).
+NEOX: dict[str, Any] = dict(**SMALL, max_position_embeddings=64, pad_token_id=0)
 
 
 def _randomize_layernorms(model: PreTrainedModel) -> PreTrainedModel:
@@ -127,6 +134,12 @@ def make(kind: str, seed: int = 0) -> PreTrainedModel:
         model = GPT2Model(GPT2Config(vocab_size=120, **{**GPT2, "n_inner": None}))
     elif kind == "gpt2-classifier":  # scores every position, keeps the last non-padding one
         model = GPT2ForSequenceClassification(GPT2Config(vocab_size=120, num_labels=3, **GPT2))
+    elif kind == "neox":  # the causal LM, an untied head, parallel residuals (Pythia's)
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=120, **NEOX))
+    elif kind == "neox-base":  # sequential residuals, as GPT-NeoX-20B's
+        model = GPTNeoXModel(GPTNeoXConfig(vocab_size=120, use_parallel_residual=False, **NEOX))
+    elif kind == "neox-classifier":  # scores every position, keeps the last non-padding one
+        model = GPTNeoXForSequenceClassification(GPTNeoXConfig(vocab_size=120, num_labels=3, **NEOX))
     elif kind == "llama-tied":  # a Llama whose LM head is its token embedding (SmolLM2's layout)
         model = LlamaForCausalLM(LlamaConfig(vocab_size=120, tie_word_embeddings=True, **SMALL))
     elif kind == "vit":

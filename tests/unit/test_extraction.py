@@ -22,7 +22,7 @@ from tests.unit.models_fixtures import GPT2, OPT, PHI, inputs, make, output
 
 KINDS = ["bert", "bert-base", "roberta", "xlm-roberta", "camembert", "electra-base", "electra-small", "distilbert",
          "deberta", "deberta-v2", "opt", "opt-base", "opt-classifier", "phi", "phi-base", "phi-classifier", "gpt2",
-         "gpt2-base", "gpt2-classifier", "vit", "vit-base"]
+         "gpt2-base", "gpt2-classifier", "neox", "neox-base", "neox-classifier", "vit", "vit-base"]
 AUTO = {"bert": AutoModelForSequenceClassification, "roberta": AutoModelForSequenceClassification,
         "electra-small": AutoModelForSequenceClassification,
         "xlm-roberta": AutoModelForSequenceClassification, "camembert": AutoModelForSequenceClassification,
@@ -30,7 +30,8 @@ AUTO = {"bert": AutoModelForSequenceClassification, "roberta": AutoModelForSeque
         "deberta-v2": AutoModelForSequenceClassification, "opt": AutoModelForCausalLM, "opt-base": AutoModel,
         "opt-classifier": AutoModelForSequenceClassification, "phi": AutoModelForCausalLM, "phi-base": AutoModel,
         "phi-classifier": AutoModelForSequenceClassification, "gpt2": AutoModelForCausalLM, "gpt2-base": AutoModel,
-        "gpt2-classifier": AutoModelForSequenceClassification,
+        "gpt2-classifier": AutoModelForSequenceClassification, "neox": AutoModelForCausalLM, "neox-base": AutoModel,
+        "neox-classifier": AutoModelForSequenceClassification,
         "vit": AutoModelForImageClassification, "bert-base": AutoModel, "vit-base": AutoModel, "electra-base": AutoModel}
 
 
@@ -244,6 +245,33 @@ def test_gpt2_keeps_whole_heads_of_its_fused_projection(kind: str) -> None:
     attn = sub.transformer.h[0].attn
     assert (attn.num_heads, attn.split_size, attn.scaling) == (2, 2 * dims.head_dim, dims.head_dim**-0.5)
     assert sub.transformer.h[0].attn.c_attn.weight.shape == (dims.hidden, 3 * 2 * dims.head_dim)
+    batch = inputs(kind)
+    cut = output(sub, batch)
+    assert (cut - output(masked, batch)).abs().max().item() <= 1e-5
+    assert (cut - output(model, batch)).abs().max().item() > 1e-3  # the cut really changed the model
+
+
+@pytest.mark.parametrize("kind", ["neox", "neox-base", "neox-classifier"])
+def test_neox_keeps_whole_heads_of_its_per_head_fused_projection(kind: str) -> None:
+    """GPT-NeoX's query_key_value groups its output rows per head ([heads, 3, head_dim]): keeping 2 of 4 heads keeps
+    the leading 2 blocks of 3 * head_dim rows, so a sub-model with 2 heads and 40 FFN neurons computes exactly the
+    global model with the other heads' value rows and the other neurons' output columns zeroed (they then add
+    nothing), with parallel or sequential residuals; the head size and the scaling stay the global head's."""
+    model = prioritize(make(kind))
+    dims = adapter_for(model).dims(model.config)
+    assert dims.fixed_head_dim and (dims.heads, dims.head_dim, dims.ffn) == (4, 12, 96)
+    spec = ElasticSpec.uniform(dims, heads=2, ffn=40)
+    masked = prioritize(make(kind))
+    body = masked.base_model
+    with torch.no_grad():
+        for layer in body.layers:
+            layer.attention.query_key_value.weight.view(dims.heads, 3, dims.head_dim, -1)[2:, 2] = 0
+            layer.attention.query_key_value.bias.view(dims.heads, 3, dims.head_dim)[2:, 2] = 0
+            layer.mlp.dense_4h_to_h.weight[:, 40:] = 0
+    sub = extract(model, spec)
+    attention = sub.base_model.layers[0].attention
+    assert (attention.head_size, attention.scaling) == (dims.head_dim, dims.head_dim**-0.5)
+    assert attention.query_key_value.weight.shape == (3 * 2 * dims.head_dim, dims.hidden)
     batch = inputs(kind)
     cut = output(sub, batch)
     assert (cut - output(masked, batch)).abs().max().item() <= 1e-5

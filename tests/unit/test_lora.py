@@ -90,6 +90,16 @@ def gpt2(seed: int = 0) -> PreTrainedModel:
     return GPT2LMHeadModel(config).eval()
 
 
+def neox(seed: int = 0) -> PreTrainedModel:
+    """GPT-NeoX: one q/k/v projection fused per head, partial rotary embeddings, parallel residuals, an untied head."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)
+    config = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=96, max_position_embeddings=32)
+    return GPTNeoXForCausalLM(config).eval()
+
+
 def ids(seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(seed))
 
@@ -118,7 +128,8 @@ SMALL = ElasticSpec(hidden=64, layers=(LayerSpec(heads=1, head_dim=16, ffn=40), 
 
 @pytest.mark.parametrize("make,targets", [(llama, LLAMA_T), (bert, DEFAULT_TARGETS["bert"]),
                                           (deberta, DEFAULT_TARGETS["deberta-v2"]), (opt, DEFAULT_TARGETS["opt"]),
-                                          (phi, DEFAULT_TARGETS["phi"]), (gpt2, DEFAULT_TARGETS["gpt2"])])
+                                          (phi, DEFAULT_TARGETS["phi"]), (gpt2, DEFAULT_TARGETS["gpt2"]),
+                                          (neox, DEFAULT_TARGETS["gpt_neox"])])
 def test_wrapped_model_starts_equal_to_the_base_and_trains_only_adapters(make, targets) -> None:  # type: ignore[no-untyped-def]
     model = make()
     before = logits(model)
@@ -134,7 +145,7 @@ def test_wrapped_model_starts_equal_to_the_base_and_trains_only_adapters(make, t
     expected = sum(4 * sum(m.weight.shape) for m in modules.values())
     assert trainable_parameters(model) == expected == sum(t.numel() for t in state.values())
     model.train()
-    out = model(input_ids=ids(), labels=ids() if make in (llama, opt, phi, gpt2) else torch.tensor([0, 2]))
+    out = model(input_ids=ids(), labels=ids() if make in (llama, opt, phi, gpt2, neox) else torch.tensor([0, 2]))
     out.loss.backward()
     grads = {n for n, p in model.named_parameters() if p.grad is not None}
     assert grads == set(state)  # nothing else gets a gradient
@@ -205,7 +216,8 @@ def test_adapters_round_trip_and_bad_inputs_say_what_is_wrong() -> None:
 
 @pytest.mark.parametrize("make,targets", [(llama, LLAMA_T), (bert, DEFAULT_TARGETS["bert"]),
                                           (deberta, DEFAULT_TARGETS["deberta-v2"]), (opt, DEFAULT_TARGETS["opt"]),
-                                          (phi, DEFAULT_TARGETS["phi"]), (gpt2, DEFAULT_TARGETS["gpt2"])])
+                                          (phi, DEFAULT_TARGETS["phi"]), (gpt2, DEFAULT_TARGETS["gpt2"]),
+                                          (neox, DEFAULT_TARGETS["gpt_neox"])])
 def test_cost_model_prices_the_real_wrapped_model(make, targets) -> None:  # type: ignore[no-untyped-def]
     model = make()
     cm = CostModel.from_model(model)

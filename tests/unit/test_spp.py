@@ -13,7 +13,7 @@ from tests.unit.models_fixtures import inputs, make, output
 
 KINDS = ["bert", "bert-base", "roberta", "xlm-roberta", "camembert", "electra-base", "electra-small", "distilbert",
          "deberta", "deberta-v2", "opt", "opt-base", "opt-classifier", "phi", "phi-base", "phi-classifier", "gpt2",
-         "gpt2-base", "gpt2-classifier", "vit", "vit-base"]
+         "gpt2-base", "gpt2-classifier", "neox", "neox-base", "neox-classifier", "vit", "vit-base"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -81,6 +81,26 @@ def test_spp_ranks_whole_heads_of_a_fused_projection() -> None:
     order = [next(j for j in range(dims.heads) if torch.equal(new[:, 0, i], old[:, 0, j])) for i in range(dims.heads)]
     assert order != sorted(order)  # a real reordering
     assert torch.equal(new, old[:, :, order])  # the same head order in q, k and v, each head intact
+
+
+def test_spp_ranks_whole_heads_of_a_projection_fused_per_head() -> None:
+    """GPT-NeoX's query_key_value ([heads, q | k | v, in]): a head's score sums its contiguous block of rows and its
+    dense columns; the blocks move whole, in one order with the dense columns."""
+    model = make("neox")
+    adapter = adapter_for(model)
+    dims = adapter.dims(model.config)
+    before = model.state_dict()
+    state = prioritize_state(before, adapter, dims)
+    prefix = "gpt_neox.layers.0.attention."
+    qkv, dense = state[prefix + "query_key_value.weight"], state[prefix + "dense.weight"]
+    heads = l1_score(qkv, 0).view(dims.heads, -1).sum(1) + l1_score(dense, 1).view(dims.heads, -1).sum(1)
+    assert torch.all(heads[:-1] >= heads[1:])
+    old = before[prefix + "query_key_value.weight"].view(dims.heads, 3 * dims.head_dim, -1)
+    new = qkv.view(dims.heads, 3 * dims.head_dim, -1)
+    order = [next(j for j in range(dims.heads) if torch.equal(new[i], old[j])) for i in range(dims.heads)]
+    assert order != sorted(order)  # a real reordering
+    old_dense = before[prefix + "dense.weight"].view(-1, dims.heads, dims.head_dim)
+    assert torch.equal(dense.view(-1, dims.heads, dims.head_dim), old_dense[:, order])
 
 
 def test_spp_is_idempotent() -> None:

@@ -79,7 +79,8 @@ def test_a_probe_round_trains_the_task_head_of_the_spec_the_device_fine_tunes_af
         raffm.with_options(probe_lr_scale=0.0)
 
 
-@pytest.mark.parametrize("kind", ["roberta", "vit", "bert-base", "opt-classifier", "gpt2-classifier"])
+@pytest.mark.parametrize("kind", ["roberta", "vit", "bert-base", "opt-classifier", "gpt2-classifier",
+                                  "neox-classifier"])
 def test_the_task_head_is_what_the_task_model_adds_to_its_body(kind: str) -> None:
     """A decoder's classifier (OPT's ``score``) is a fresh head too: probed like an encoder's."""
     cm = CostModel.from_model(make(kind))
