@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import (
     AutoConfig,
     BertConfig,
@@ -234,8 +235,6 @@ def _tiny_deberta(v3: bool, dropout: float) -> torch.nn.Module:
 def test_deberta_costs_match_what_autograd_saves_and_what_torch_counts(v3: bool, dropout: float) -> None:
     """Disentangled attention: eager scores, content-to-position and position-to-content scores against every row of
     the relative position embeddings, and their projections by each layer (raffm.costs docstring)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     model = _tiny_deberta(v3, dropout)
     cm = CostModel.from_model(model)
     assert cm.relative == (128 if v3 else 32)
@@ -253,6 +252,38 @@ def test_deberta_costs_match_what_autograd_saves_and_what_torch_counts(v3: bool,
             assert estimate.forward_flops_per_sample * batch == pytest.approx(counter.get_total_flops(), rel=1e-6)
 
 
+def _decoder_batch(classifier: bool) -> dict[str, torch.Tensor]:
+    """A padded batch of 4 x 24 tokens, as training pads it, with next-token labels (none on the padding) for a causal
+    LM."""
+    inputs = _padded_batch(4, 24)
+    if not classifier:
+        inputs["labels"] = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    return inputs
+
+
+def _assert_costs_exact(model: torch.nn.Module, cm: CostModel, cut: ElasticSpec, inputs: dict[str, torch.Tensor],
+                        *, rel: float = 1e-6) -> None:
+    """For the full model and ``cut``, each trained whole or with the vocabulary and the first layer frozen (RaFFM's
+    recipe): the predicted activations against what autograd saves on ``inputs``, the parameters against the
+    extracted sub-model's, and the forward FLOPs against FlopCounterMode's (on eager attention: the same products as
+    SDPA, whose CPU kernel the counter misses)."""
+    batch, seq = inputs["input_ids"].shape
+    for spec in (ElasticSpec.full(cm.dims), cut):
+        for frozen in (frozenset(), frozenset(n for n in cm.plan(spec) if cm.adapter.below(n, 1))):
+            sub = extract(model, spec).train()
+            assert cm.params(spec) == sum(p.numel() for p in sub.parameters())  # a tied head once
+            for name, p in sub.named_parameters():
+                p.requires_grad_(name not in frozen)
+            saved = _saved_activation_bytes(sub, **inputs)
+            estimate = cm.estimate(spec, batch_size=batch, seq_len=seq, recipe=Recipe(frozen=frozen))
+            assert estimate.activations_mb * MIB == pytest.approx(saved, rel=rel), (estimate.activations_mb, saved)
+        inference = copy.deepcopy(sub).requires_grad_(False).eval()
+        inference.set_attn_implementation("eager")
+        with FlopCounterMode(display=False) as counter:
+            inference(input_ids=inputs["input_ids"])
+        assert estimate.forward_flops_per_sample * batch == pytest.approx(counter.get_total_flops(), rel=1e-6)
+
+
 def _tiny_opt(dropout: float, classifier: bool) -> torch.nn.Module:
     from transformers import OPTConfig, OPTForCausalLM, OPTForSequenceClassification
 
@@ -268,31 +299,13 @@ def test_opt_costs_match_what_autograd_saves_and_what_torch_counts(classifier: b
     """Pre-LN layers with a ReLU FFN, learned positions, and a tied LM head or a classifier that scores every position
     (raffm.costs docstring); also with the vocabulary and the first layer frozen (RaFFM's recipe), where nothing saves
     the ids and the frozen tied head saves no input."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     model = _tiny_opt(dropout, classifier)
     cm = CostModel.from_model(model)
     assert (cm.lm_vocab, cm.num_labels, cm.tied_head) == ((0, 3, False) if classifier else (500, 0, True))
     assert cm.max_positions == 64  # OPT's position table has 2 more rows
-    batch, seq = 4, 24
-    inputs = _padded_batch(batch, seq)
-    if not classifier:  # next-token labels, none on the padding
-        inputs["labels"] = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    inputs = _decoder_batch(classifier)
     cut = ElasticSpec(hidden=64, layers=(LayerSpec(3, 12, 50), LayerSpec(1, 16, 96)))
-    for spec in (ElasticSpec.full(cm.dims), cut):
-        for frozen in (frozenset(), frozenset(n for n in cm.plan(spec) if cm.adapter.below(n, 1))):
-            sub = extract(model, spec).train()
-            assert cm.params(spec) == sum(p.numel() for p in sub.parameters())  # the tied head once
-            for name, p in sub.named_parameters():
-                p.requires_grad_(name not in frozen)
-            saved = _saved_activation_bytes(sub, **inputs)
-            estimate = cm.estimate(spec, batch_size=batch, seq_len=seq, recipe=Recipe(frozen=frozen))
-            assert estimate.activations_mb * MIB == pytest.approx(saved, rel=0.01), (estimate.activations_mb, saved)
-        inference = copy.deepcopy(sub).requires_grad_(False).eval()
-        inference.set_attn_implementation("eager")  # the same products as SDPA, whose CPU kernel the counter misses
-        with FlopCounterMode(display=False) as counter:
-            inference(input_ids=inputs["input_ids"])
-        assert estimate.forward_flops_per_sample * batch == pytest.approx(counter.get_total_flops(), rel=1e-6)
+    _assert_costs_exact(model, cm, cut, inputs)
 
 
 def _tiny_phi(kv_heads: int, dropout: float, classifier: bool) -> torch.nn.Module:
@@ -314,8 +327,6 @@ def test_phi_costs_match_what_autograd_saves_and_what_torch_counts(kv_heads: int
     embeddings (their cos and sin span the rotated dimensions), an untied LM head with a bias or a
     classifier that scores every position; also with the vocabulary and the first layer frozen. An unpadded batch,
     as for the Llama family (raffm.costs docstring)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     model = _tiny_phi(kv_heads, dropout, classifier)
     cm = CostModel.from_model(model)
     assert (cm.lm_vocab, cm.num_labels, cm.tied_head) == ((0, 3, False) if classifier else (500, 0, False))
@@ -324,20 +335,7 @@ def test_phi_costs_match_what_autograd_saves_and_what_torch_counts(kv_heads: int
     ids = torch.randint(1, 500, (batch, seq), generator=torch.Generator().manual_seed(0))
     labels = torch.zeros(batch, dtype=torch.long) if classifier else ids
     cut = ElasticSpec(hidden=48, layers=(LayerSpec(1, 16, 40), LayerSpec(kv_heads, 16, 96)))
-    for spec in (ElasticSpec.full(cm.dims), cut):
-        for frozen in (frozenset(), frozenset(n for n in cm.plan(spec) if cm.adapter.below(n, 1))):
-            sub = extract(model, spec).train()
-            assert cm.params(spec) == sum(p.numel() for p in sub.parameters())
-            for name, p in sub.named_parameters():
-                p.requires_grad_(name not in frozen)
-            saved = _saved_activation_bytes(sub, input_ids=ids, labels=labels)
-            estimate = cm.estimate(spec, batch_size=batch, seq_len=seq, recipe=Recipe(frozen=frozen))
-            assert estimate.activations_mb * MIB == pytest.approx(saved, rel=1e-6), (estimate.activations_mb, saved)
-        inference = copy.deepcopy(sub).requires_grad_(False).eval()
-        inference.set_attn_implementation("eager")  # the same products as SDPA, whose CPU kernel the counter misses
-        with FlopCounterMode(display=False) as counter:
-            inference(input_ids=ids)
-        assert estimate.forward_flops_per_sample * batch == pytest.approx(counter.get_total_flops(), rel=1e-6)
+    _assert_costs_exact(model, cm, cut, {"input_ids": ids, "labels": labels})
 
 
 def _tiny_gpt2(resid: float, embd: float, attn: float, classifier: bool) -> torch.nn.Module:
@@ -359,32 +357,13 @@ def test_gpt2_costs_match_what_autograd_saves_and_what_torch_counts(resid: float
     positions, dropout on the embeddings, the attention probabilities and the residual branches, a tied LM head or a
     classifier that scores every position; cut to a single head or not, with the vocabulary and the first layer
     frozen or not; a batch padded to its longest text, as training pads it."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     model = _tiny_gpt2(resid, embd, attn, classifier)
     cm = CostModel.from_model(model)
     assert (cm.lm_vocab, cm.num_labels, cm.tied_head) == ((0, 3, False) if classifier else (500, 0, True))
     assert (cm.hidden_dropout, cm.embedding_dropout, cm.attention_dropout) == (resid > 0, embd > 0, attn > 0)
     assert cm.max_positions == 64
-    batch, seq = 4, 24
-    inputs = _padded_batch(batch, seq)
-    if not classifier:  # next-token labels, none on the padding
-        inputs["labels"] = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
-    cut = ElasticSpec(hidden=48, layers=(LayerSpec(1, 16, 40), LayerSpec(3, 16, 96)))
-    for spec in (ElasticSpec.full(cm.dims), cut):
-        for frozen in (frozenset(), frozenset(n for n in cm.plan(spec) if cm.adapter.below(n, 1))):
-            sub = extract(model, spec).train()
-            assert cm.params(spec) == sum(p.numel() for p in sub.parameters())  # the tied head once
-            for name, p in sub.named_parameters():
-                p.requires_grad_(name not in frozen)
-            saved = _saved_activation_bytes(sub, **inputs)
-            estimate = cm.estimate(spec, batch_size=batch, seq_len=seq, recipe=Recipe(frozen=frozen))
-            assert estimate.activations_mb * MIB == pytest.approx(saved, rel=1e-6), (estimate.activations_mb, saved)
-        inference = copy.deepcopy(sub).requires_grad_(False).eval()
-        inference.set_attn_implementation("eager")  # the same products as SDPA, whose CPU kernel the counter misses
-        with FlopCounterMode(display=False) as counter:
-            inference(input_ids=inputs["input_ids"])
-        assert estimate.forward_flops_per_sample * batch == pytest.approx(counter.get_total_flops(), rel=1e-6)
+    inputs = _decoder_batch(classifier)
+    _assert_costs_exact(model, cm, ElasticSpec(hidden=48, layers=(LayerSpec(1, 16, 40), LayerSpec(3, 16, 96))), inputs)
 
 
 def _tiny_neox(parallel: bool, hidden: float, attn: float, classifier: bool, tied: bool = False) -> torch.nn.Module:
@@ -408,32 +387,13 @@ def test_neox_costs_match_what_autograd_saves_and_what_torch_counts(parallel: bo
     FFN, parallel or sequential residuals, dropout on the embeddings, the residual branches and the attention
     probabilities, an untied or tied LM head or a classifier that scores every position; cut to a single head or not,
     with the vocabulary and the first layer frozen or not; a batch padded to its longest text, as training pads it."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     model = _tiny_neox(parallel, hidden, attn, classifier, tied)
     cm = CostModel.from_model(model)
     assert (cm.lm_vocab, cm.num_labels, cm.tied_head) == ((0, 3, False) if classifier else (500, 0, tied))
     assert (cm.hidden_dropout, cm.embedding_dropout, cm.attention_dropout) == (hidden > 0, hidden > 0, attn > 0)
     assert (cm.parallel_residual, cm.rotary_dims) == (parallel, 4)
-    batch, seq = 4, 24
-    inputs = _padded_batch(batch, seq)
-    if not classifier:  # next-token labels, none on the padding
-        inputs["labels"] = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
-    cut = ElasticSpec(hidden=48, layers=(LayerSpec(1, 16, 40), LayerSpec(3, 16, 96)))
-    for spec in (ElasticSpec.full(cm.dims), cut):
-        for frozen in (frozenset(), frozenset(n for n in cm.plan(spec) if cm.adapter.below(n, 1))):
-            sub = extract(model, spec).train()
-            assert cm.params(spec) == sum(p.numel() for p in sub.parameters())
-            for name, p in sub.named_parameters():
-                p.requires_grad_(name not in frozen)
-            saved = _saved_activation_bytes(sub, **inputs)
-            estimate = cm.estimate(spec, batch_size=batch, seq_len=seq, recipe=Recipe(frozen=frozen))
-            assert estimate.activations_mb * MIB == pytest.approx(saved, rel=1e-6), (estimate.activations_mb, saved)
-        inference = copy.deepcopy(sub).requires_grad_(False).eval()
-        inference.set_attn_implementation("eager")  # the same products as SDPA, whose CPU kernel the counter misses
-        with FlopCounterMode(display=False) as counter:
-            inference(input_ids=inputs["input_ids"])
-        assert estimate.forward_flops_per_sample * batch == pytest.approx(counter.get_total_flops(), rel=1e-6)
+    inputs = _decoder_batch(classifier)
+    _assert_costs_exact(model, cm, ElasticSpec(hidden=48, layers=(LayerSpec(1, 16, 40), LayerSpec(3, 16, 96))), inputs)
 
 
 def test_activation_formula_matches_what_autograd_saves_vit() -> None:
