@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from raffm.data import LABEL_COLUMN_HELP, TEXT_COLUMN_HELP
 from raffm.profile import TIERS
 
 ENV_PREFIX = "RAFFM_AGENT_"
@@ -38,8 +39,8 @@ class AgentConfig:
     name: str = field(default_factory=socket.gethostname)
     state_dir: str = "~/.raffm-agent"
     data: str = ""
-    text_column: str = "text"
-    label_column: str = "label"
+    text_column: str = ""  # empty: found by name (raffm.data.load_text_file)
+    label_column: str = ""
     # where the tokenizer (text jobs) and, for servers that do not ship it, the global model config come from
     model: str = "minilm"
     # TLS: a CA turns TLS on; cert + key add a client certificate (mTLS)
@@ -221,10 +222,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--state-dir", metavar="DIR",
                    help=f"where the device id and token are kept across restarts (default: {d.state_dir})")
     g.add_argument("--data", metavar="PATH",
-                   help="local training data: a CSV or JSON-lines file with text and label columns, a .pt/.npz file "
+                   help="local training data: a CSV/TSV/JSON file of texts (or sentence pairs) and labels, a .pt/.npz file "
                         "with 'images' [N,C,H,W] and 'labels', or a built-in set: rotten_tomatoes, mnist")
-    g.add_argument("--text-column", help=f"text column of --data (default: {d.text_column})")
-    g.add_argument("--label-column", help=f"label column of --data (default: {d.label_column})")
+    g.add_argument("--text-column", help=TEXT_COLUMN_HELP)
+    g.add_argument("--label-column", help=LABEL_COLUMN_HELP)
     g.add_argument("--model", metavar="ID_OR_PATH",
                    help="HF model id or folder for the tokenizer (and the model config when the server does not send "
                         "one); 'minilm' is the shipped all-MiniLM-L6-v2, 'smollm2' the shipped SmolLM2-135M-Instruct "

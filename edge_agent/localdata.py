@@ -1,18 +1,19 @@
 """The device's local training data, named by ``--data``.
 
-- a CSV or JSON-lines file with a text and a label column (:func:`raffm.data.load_text_file`);
+- a CSV or JSON file of texts (or sentence pairs) with labels (:func:`raffm.data.load_text_file`);
 - a ``.pt`` (torch.save of a dict) or ``.npz`` file with ``images`` ``[N, C, H, W]`` floats in [0, 1] and
   ``labels`` ``[N]`` ints, for image models;
 - a built-in offline set: ``rotten_tomatoes`` (text) or ``mnist`` (5,000 digits).
 
 For a ``causal-lm`` job the data are prompt -> response pairs instead (:func:`raffm.generative.load_instructions`): a
-JSON-lines file of ``{"prompt": ..., "response": ...}`` objects, ``rotten_tomatoes`` as sentiment instructions, or a
+CSV/JSON file of ``{"prompt": ..., "response": ...}`` records, ``rotten_tomatoes`` as sentiment instructions, or a
 labelled text file whose every text is asked for its label's name.
 Bad or missing data raises ``ValueError`` naming the file; the agent reports it to the aggregator as a data failure.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from raffm.data import ImageDataset, TextDataset, load_image_file, load_text_file, mnist_5k, rotten_tomatoes
@@ -22,13 +23,15 @@ Dataset = TextDataset | ImageDataset | InstructionDataset
 BUILTIN = ("rotten_tomatoes", "mnist")
 
 
-def load_local_data(spec: str, *, text_column: str = "text", label_column: str = "label",
-                    task: str = "sequence-classification") -> Dataset:
+def load_local_data(spec: str, *, text_column: str = "", label_column: str = "",
+                    task: str = "sequence-classification", label_names: Sequence[str] = ()) -> Dataset:
+    """``label_names``: the job's (named labels are numbered by them); the columns as
+    :func:`raffm.data.load_text_file` takes them."""
     if not spec:
-        raise ValueError("no local data: pass --data with a CSV/JSON-lines file, an image array file, or a built-in "
+        raise ValueError("no local data: pass --data with a CSV/JSON file, an image array file, or a built-in "
                          f"set ({', '.join(BUILTIN)})")
     if task == "causal-lm":
-        return load_instructions(spec, text_column=text_column, label_column=label_column)
+        return load_instructions(spec, text_column=text_column, label_column=label_column, label_names=label_names)
     path = Path(spec).expanduser()
     if spec == "rotten_tomatoes":
         return rotten_tomatoes()
@@ -36,4 +39,4 @@ def load_local_data(spec: str, *, text_column: str = "text", label_column: str =
         return mnist_5k()
     if path.suffix in (".pt", ".npz"):
         return load_image_file(path)
-    return load_text_file(path, text_column=text_column, label_column=label_column)
+    return load_text_file(path, text_column=text_column, label_column=label_column, label_names=label_names)

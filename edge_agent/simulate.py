@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.config import AgentConfig
+from raffm.data import LABEL_COLUMN_HELP, TEXT_COLUMN_HELP
 from raffm.profile import TIERS
 
 log = logging.getLogger("edge_agent.simulate")
@@ -117,15 +118,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--devices", type=int, required=True, help="number of simulated devices")
     parser.add_argument("--tiers", required=True, metavar="TOML", help="resource tiers file (see below)")
     parser.add_argument("--data", metavar="PATH",
-                        help="data set to split: CSV/JSON-lines file, image array file, rotten_tomatoes or mnist "
+                        help="data set to split: CSV/TSV/JSON file, image array file, rotten_tomatoes or mnist "
                              "(required unless --control-plane)")
-    parser.add_argument("--text-column", default=d.text_column,
-                        help=f"text column of a CSV/JSON-lines --data (default: {d.text_column})")
-    parser.add_argument("--label-column", default=d.label_column,
-                        help=f"label column of a CSV/JSON-lines --data (default: {d.label_column})")
+    parser.add_argument("--text-column", default=d.text_column, help=TEXT_COLUMN_HELP)
+    parser.add_argument("--label-column", default=d.label_column, help=LABEL_COLUMN_HELP)
     parser.add_argument("--task", choices=("auto", "sequence-classification", "image-classification", "causal-lm"),
-                        default="auto", help="how to read --data: auto (the default) reads a JSON-lines file of "
-                                             "{prompt, response} objects as causal-LM pairs, anything else as the "
+                        default="auto", help="how to read --data: auto (the default) reads a CSV/JSON file of "
+                                             "{prompt, response} records as causal-LM pairs, anything else as the "
                                              "agent does for a classification job")
     parser.add_argument("--alpha", type=float, default=0.5,
                         help="Dirichlet concentration of the label split: small = very non-IID (default: %(default)s)")
@@ -191,16 +190,16 @@ def split_data(data: Any, devices: int, alpha: float, seed: int) -> list[Any]:
 
 
 def sniff_task(spec: str) -> str:
-    """``causal-lm`` for a JSON-lines file whose first record has ``prompt`` and ``response``, else
+    """``causal-lm`` for a CSV/JSON file whose first record has ``prompt`` and ``response``, else
     ``sequence-classification`` (the agent's loader tells text from image data itself)."""
     from raffm.generative import is_pairs_file
 
     return "causal-lm" if is_pairs_file(spec) else "sequence-classification"
 
 
-def write_share(share: Any, path: Path) -> Path:
+def write_share(share: Any, path: Path, *, labels: bool = True) -> Path:
     """A device's share as a file its agent process can load (JSON lines for text and prompt -> response pairs,
-    .pt for images)."""
+    .pt for images); ``labels`` False leaves a text share's labels out."""
     from raffm.data import ImageDataset, save_image_file
     from raffm.generative import InstructionDataset
 
@@ -213,8 +212,9 @@ def write_share(share: Any, path: Path) -> Path:
             for prompt, response in zip(share.prompts, share.responses):
                 f.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
         else:
-            for text, label in zip(share.texts, share.labels):
-                f.write(json.dumps({"text": text, "label": label}) + "\n")
+            for i, (text, label) in enumerate(zip(share.texts, share.labels)):
+                row = {"text": text} | ({} if share.pairs is None else {"text_pair": share.pairs[i]})
+                f.write(json.dumps(row | ({"label": label} if labels else {})) + "\n")
     return out
 
 

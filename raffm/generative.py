@@ -1,7 +1,7 @@
 """Generative (causal-LM) tasks: prompt -> response pairs, batched so the loss sees the response tokens only, and
 evaluated by greedy decoding (exact match) and mean response-token loss.
 
-- :class:`InstructionDataset` holds the pairs; :func:`load_instructions` reads what ``--data`` names: a JSON-lines
+- :class:`InstructionDataset` holds the pairs; :func:`load_instructions` reads what ``--data`` names: a CSV/JSON
   file of pairs (``{"prompt": ..., "response": ...}``, :func:`load_instruction_file`), the shipped sentiment task
   (:func:`rotten_tomatoes_instructions`: ``"Review: <text>\\nSentiment:"`` -> ``" positive"`` / ``" negative"``), or
   any labelled text file a classifier would take, each text asked for its label's name
@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import torch
 
-from raffm.data import TextDataset, load_text_file, rotten_tomatoes
+from raffm.data import TextDataset, load_text_file, read_records, rotten_tomatoes
 
 IGNORE_INDEX = -100  # what Hugging Face losses (and torch's cross_entropy) skip
 SENTIMENT_PROMPT = "Review: {text}\nSentiment:"
@@ -60,33 +60,19 @@ class InstructionDataset:
 
 def load_instruction_file(path: str | Path, *, prompt_field: str = "prompt",
                           response_field: str = "response") -> InstructionDataset:
-    """A JSON-lines file of objects with a non-empty string ``prompt_field`` and ``response_field`` (blank lines are
-    skipped). ``ValueError`` names the file and the 1-based line of the first bad record."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"data file {path} does not exist")
+    """A CSV or JSON file (:func:`raffm.data.read_records`) whose records have a non-empty string ``prompt_field`` and
+    ``response_field``. ``ValueError`` names the file and the place of the first bad record."""
     prompts: list[str] = []
     responses: list[str] = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path} line {number} is not valid JSON: {exc.msg} (column {exc.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path} line {number} is a JSON {type(row).__name__}; expected an object with "
-                                 f"{prompt_field!r} and {response_field!r}")
-            for field in (prompt_field, response_field):
-                if field not in row:
-                    raise ValueError(f"{path} line {number} lacks field {field!r}: has {sorted(row)}")
-                value = row[field]
-                if not isinstance(value, str) or not value.strip():
-                    raise ValueError(f"{path} line {number}: field {field!r} must be a non-empty string, got "
-                                     f"{value!r}")
-            prompts.append(row[prompt_field])
-            responses.append(row[response_field])
+    for where, row in read_records(path):
+        for field in (prompt_field, response_field):
+            if field not in row:
+                raise ValueError(f"{path} {where} lacks field {field!r}: has {sorted(row)}")
+            value = row[field]
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"{path} {where}: field {field!r} must be a non-empty string, got {value!r}")
+        prompts.append(str(row[prompt_field]))
+        responses.append(str(row[response_field]))
     if not prompts:
         raise ValueError(f"data file {path} has no records")
     return InstructionDataset(prompts, responses)
@@ -107,45 +93,48 @@ def labelled_instructions(data: TextDataset, *, template: str = LABEL_PROMPT) ->
     label number where the file's labels are numbers)."""
     if "{text}" not in template:
         raise ValueError(f"the prompt template {template!r} has no {{text}} field")
-    return InstructionDataset([template.format(text=t) for t in data.texts],
-                              [f" {data.label_names[y]}" for y in data.labels])
+    texts = data.texts if data.pairs is None else [f"{t}\n{p}" for t, p in zip(data.texts, data.pairs)]
+    return InstructionDataset([template.format(text=t) for t in texts], [f" {data.label_names[y]}" for y in data.labels])
 
 
-def first_record(path: str | Path) -> dict[str, Any] | None:
-    """The first record of a JSON-lines file as an object (None: not a JSON-lines file, or not an object there)."""
+def first_record(path: str | Path) -> dict[str, object] | None:
+    """The first record of a CSV or JSON file (None: no such file, or none :func:`raffm.data.read_records` reads)."""
     path = Path(path)
-    if path.suffix not in (".jsonl", ".json") or not path.is_file():
+    if path.suffix in (".pt", ".npz") or not path.is_file():
         return None
-    with path.open(encoding="utf-8") as f:
-        first = next((line for line in f if line.strip()), "")
     try:
-        row = json.loads(first)
-    except json.JSONDecodeError:
+        records = read_records(path)
+    except ValueError:
         return None
-    return row if isinstance(row, dict) else None
+    return records[0][1] if records else None
 
 
 def is_pairs_file(path: str | Path) -> bool:
-    """Whether ``path`` is a JSON-lines file whose first record has ``prompt`` and ``response``."""
+    """Whether ``path`` is a CSV or JSON file whose first record has ``prompt`` and ``response``."""
     row = first_record(path)
     return row is not None and "prompt" in row and "response" in row
 
 
-def load_instructions(spec: str, *, text_column: str = "text", label_column: str = "label") -> InstructionDataset:
+def load_instructions(spec: str, *, text_column: str = "", label_column: str = "",
+                      label_names: Sequence[str] = ()) -> InstructionDataset:
     """The prompt -> response pairs ``--data`` names for a causal-LM job: ``rotten_tomatoes`` as sentiment
-    instructions, a JSON-lines file of pairs, or a CSV/JSON-lines file with a text and a label column
-    (:func:`labelled_instructions`). ``ValueError`` for image data, and names the file and line of a bad record."""
+    instructions, a CSV/JSON file of pairs, or a labelled CSV/JSON text file (:func:`labelled_instructions`; columns and
+    labels as :func:`raffm.data.load_text_file` reads them). ``ValueError`` for image data, and names the file and
+    line of a bad record."""
     path = Path(spec).expanduser()
     if spec == "rotten_tomatoes":
         return rotten_tomatoes_instructions()
     if spec == "mnist" or path.suffix in (".pt", ".npz"):
         raise ValueError(f"data {spec!r} is image data; a causal-lm job trains on prompt -> response pairs (a "
-                         "JSON-lines file of them, a labelled CSV/JSON-lines text file, or rotten_tomatoes)")
+                         "JSON file of them, a labelled CSV/JSON text file, or rotten_tomatoes)")
     row = first_record(path)
-    labelled = row is not None and "prompt" not in row and text_column in row and label_column in row
-    if path.suffix == ".csv" or labelled:
-        return labelled_instructions(load_text_file(path, text_column=text_column, label_column=label_column))
-    return load_instruction_file(path)
+    if row is None or "prompt" in row or "response" in row:
+        return load_instruction_file(path)  # pairs, or what is wrong with the file
+    try:
+        labelled = load_text_file(path, text_column=text_column, label_column=label_column, label_names=label_names)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; or give prompt -> response pairs ('prompt' and 'response' fields)") from None
+    return labelled_instructions(labelled)
 
 
 def has_chat_template(tokenizer: Any) -> bool:

@@ -87,11 +87,13 @@ def batches(
         else:
             if tokenizer is None:
                 raise ValueError("text data needs a tokenizer")
-            enc = tokenizer(
-                [data.texts[i] for i in idx], padding="longest", truncation=True, max_length=seq_len,
-                return_tensors="pt",
-            )
-            yield {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
+            pairs = None if data.pairs is None else [data.pairs[i] for i in idx]
+            enc = tokenizer([data.texts[i] for i in idx], text_pair=pairs, padding="longest", truncation=True,
+                            max_length=seq_len, return_tensors="pt")
+            batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
+            if pairs is not None and "token_type_ids" in enc:  # which text each token is of (BERT's segments)
+                batch["token_type_ids"] = enc["token_type_ids"]
+            yield batch
 
 
 def _leaf_view(param: torch.Tensor, where: TensorSlice) -> torch.Tensor:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.simulate import AGENT_GRACE_S, Tier, load_tiers, tiers_toml
+from raffm.data import LABEL_COLUMN_HELP, TEXT_COLUMN_HELP
 from raffm_app.cli import strategy_arg, wire_dtype_arg
 from raffm_app.follow import RoundFailed, final_version, follow_job, scaling
 from raffm_app.processes import (
@@ -61,6 +62,9 @@ LLM_DEFAULTS: dict[str, Any] = dict(devices=3, rounds=3, local_steps=8, batch_si
                                     test_size=200, round_deadline_s=3600.0, scaling_samples=100)
 
 
+TEST_SIZE = 600  # the most examples the server holds out by default
+
+
 @dataclass
 class DemoSettings:
     devices: int = 8
@@ -70,8 +74,8 @@ class DemoSettings:
     seed: int = 0
     model: str = "minilm"
     data: str = "rotten_tomatoes"
-    text_column: str = "text"  # of a CSV/JSON-lines --data
-    label_column: str = "label"
+    text_column: str = ""  # of a CSV/JSON --data; empty: found by name (raffm.data.load_text_file)
+    label_column: str = ""
     out: Path | None = None
     baseline: str = "none"  # or "fedavg"
     strategy: str = "raffm"
@@ -83,7 +87,7 @@ class DemoSettings:
     lr: float = 2e-4
     warmup_steps: int = 0
     alpha: float = 2.0
-    test_size: int = 600
+    test_size: int | None = None  # held-out examples; None: a fifth of the data, at most TEST_SIZE
     # Examples the server keeps, without their labels, for the strategy's distillation step (server_distill_steps);
     # taken before the fleet's share, and only when the strategy distils.
     distill_size: int = 1000
@@ -167,7 +171,7 @@ class DemoData:
 
 
 def prepare_data(settings: DemoSettings, data_dir: Path) -> DemoData:
-    """Load ``--data`` as an agent would (``rotten_tomatoes``, ``mnist``, CSV/JSON-lines text or ``.pt``/``.npz``
+    """Load ``--data`` as an agent would (``rotten_tomatoes``, ``mnist``, CSV/TSV/JSON text or ``.pt``/``.npz``
     images) and split it: the server keeps ``test_size`` examples; the rest is written for the fleet to share."""
     from edge_agent.localdata import load_local_data
 
@@ -177,40 +181,35 @@ def prepare_data(settings: DemoSettings, data_dir: Path) -> DemoData:
 
 
 def split_and_write(settings: DemoSettings, data: Any, data_dir: Path) -> DemoData:
-    """Hold out ``test_size`` examples (seeded), then ``distill_size`` for the server's distillation step when the
+    """Hold out ``test_size`` examples (seeded; by default a fifth, at most :data:`TEST_SIZE`), then ``distill_size`` for the server's distillation step when the
     strategy distils (written without labels), keep at most ``max_train`` of the rest, and write them for the agents
     and the aggregator to read."""
     import random
 
     from edge_agent.simulate import write_share
-    from raffm.data import TextDataset
 
     pool = settings.distill_size if distils(settings) else 0
-    if settings.test_size + pool >= len(data):
-        held = f"--test-size {settings.test_size}" + (f" and --distill-size {pool}" if pool else "")
-        raise ValueError(f"{held} leave no training data ({len(data)} examples)")
+    held = max(1, min(TEST_SIZE, len(data) // 5)) if settings.test_size is None else settings.test_size
+    if held + pool >= len(data):
+        named = f"--test-size {held}" + (f" and --distill-size {pool}" if pool else "")
+        raise ValueError(f"{named} leave no training data ({len(data)} examples)")
     order = list(range(len(data)))
     random.Random(settings.seed).shuffle(order)
-    test, train = data.subset(order[: settings.test_size]), data.subset(order[settings.test_size + pool :])
+    test, train = data.subset(order[:held]), data.subset(order[held + pool :])
     if settings.max_train:
         train = train.subset(range(min(settings.max_train, len(train))))
     data_dir.mkdir(parents=True, exist_ok=True)
     distill_path = None
-    if pool:
-        unlabelled = data.subset(order[settings.test_size : settings.test_size + pool])
-        if isinstance(unlabelled, TextDataset):
-            distill_path = data_dir / "server_unlabelled.jsonl"
-            distill_path.write_text("".join(json.dumps({"text": t}) + "\n" for t in unlabelled.texts),
-                                    encoding="utf-8")
-        else:  # images: the file format carries labels; the server never reads them
-            distill_path = write_share(unlabelled, data_dir / "server_unlabelled")
+    if pool:  # no labels leave for the server (an image file holds them; the server never reads them)
+        distill_path = write_share(data.subset(order[held : held + pool]), data_dir / "server_unlabelled",
+                                   labels=False)
     return DemoData(train, test, write_share(train, data_dir / "train"), write_share(test, data_dir / "test"),
                     distill_path)
 
 
 def prepare_llm_data(settings: DemoSettings, model_path: str, data_dir: Path) -> DemoData:
     """Prompt -> response pairs for a decoder LLM (:func:`raffm.generative.load_instructions`: ``rotten_tomatoes`` as
-    sentiment instructions, a JSON-lines file of pairs, or a labelled text file asked for its labels), rendered with the
+    sentiment instructions, a CSV/JSON file of pairs, or a labelled text file asked for its labels), rendered with the
     tokenizer's chat template when it has one (an instruct model such as SmolLM2-Instruct); split like
     :func:`prepare_data` and written as JSON lines, so the agents and the aggregator read the same rendered text."""
     from transformers import AutoTokenizer
@@ -489,13 +488,13 @@ def register(subparsers: Any) -> None:
                              "2000 MiB). On 2 cores its default run takes about 30-40 min (the first use also "
                              "converts the GGUF, ~30 s)")
     parser.add_argument("--data", default=d.data,
-                        help="what the agent takes: rotten_tomatoes or mnist (shipped), a CSV/JSON-lines file with "
-                             "text,label, or a .pt/.npz file with images and labels; the labels and the task come "
-                             "from the data; for a decoder LLM rotten_tomatoes, a JSON-lines file of "
-                             "{prompt, response} pairs, or a labelled CSV/JSON-lines file, each text asked for its "
+                        help="what the agent takes: rotten_tomatoes or mnist (shipped), a CSV/TSV/JSON file of texts "
+                             "(or sentence pairs) and labels, or a .pt/.npz file with images and labels; the labels and the task come "
+                             "from the data; for a decoder LLM rotten_tomatoes, a CSV/JSON file of "
+                             "{prompt, response} pairs, or a labelled CSV/JSON file, each text asked for its "
                              "label (\"Text: ...\\nLabel:\" -> \" <label>\") (default: rotten_tomatoes)")
-    parser.add_argument("--text-column", help=f"text column of a CSV/JSON-lines --data (default: {d.text_column})")
-    parser.add_argument("--label-column", help=f"label column of a CSV/JSON-lines --data (default: {d.label_column})")
+    parser.add_argument("--text-column", help=TEXT_COLUMN_HELP)
+    parser.add_argument("--label-column", help=LABEL_COLUMN_HELP)
     parser.add_argument("--out", type=Path, help="run directory (default: runs/<timestamp>)")
     parser.add_argument("--baseline", choices=("none", "fedavg"), default=d.baseline,
                         help="fedavg: every device trains the full model with plain FedAvg, for comparison (a "
@@ -523,7 +522,8 @@ def register(subparsers: Any) -> None:
                         help="local steps over which the lr rises from 0 at the start of every round (%(default)s)")
     parser.add_argument("--alpha", type=float, default=d.alpha, help="Dirichlet label skew of the split; small = non-IID")
     parser.add_argument("--test-size", type=int, default=None,
-                        help=f"held-out examples the server keeps ({both('test_size')})")
+                        help=f"held-out examples the server keeps (default: a fifth of the data, at most {TEST_SIZE}; "
+                             f"an LLM: {llm.test_size})")
     parser.add_argument("--scaling-samples", type=int, default=None,
                         help="test examples each cut of the inference-scaling table is scored on (default: all; "
                              f"an LLM: {llm.scaling_samples})")

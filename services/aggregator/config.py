@@ -83,7 +83,7 @@ class JobConfig:
     ticket_grace_s: float = 60.0
     # Evaluate the global model after every round on the server's held-out split (if an evaluator is configured).
     evaluate: bool = True
-    # The default evaluator's held-out data: "" (off), a CSV/JSON-lines file with text,label columns, a .pt/.npz image
+    # The default evaluator's held-out data: "" (off), a CSV/JSON file of texts and labels, a .pt/.npz image
     # file, "rotten_tomatoes" (the built-in corpus's test split) or "mnist"; at most eval_max_samples examples.
     eval_data: str = ""
     # Cuts (shares of the forward compute) evaluated besides the global model, e.g. [0.25, 0.5, 1.0].

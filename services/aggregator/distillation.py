@@ -1,7 +1,7 @@
 """The server's distillation step (strategy option ``server_distill_steps``): after every merge, the new version's cuts
 learn its logits on unlabelled data the server holds (:func:`raffm.training.distill_cuts`).
 
-The job's ``distill_data`` names that data: a CSV/JSON-lines file with a ``text`` column (a label column is never
+The job's ``distill_data`` names that data: a CSV/JSON file of texts (a label column is never
 read), a ``.pt``/``.npz`` image file, or ``rotten_tomatoes`` / ``mnist`` (the built-in corpus's training part: the
 kind of data the devices hold, never the test split the evaluator scores). Steps run at the strategy's
 ``server_distill_lr_scale`` x the job's learning rate, with its batch size and sequence length, seeded by the job's

@@ -95,7 +95,7 @@ def test_causal_lm_data_and_job_settings(tmp_path: Path) -> None:
     labelled = load_local_data(str(write_jsonl_rows(tmp_path / "labelled.jsonl", '{"text": "a", "label": 1}')),
                                task="causal-lm")  # a classifier's file: each text asked for its label
     assert isinstance(labelled, InstructionDataset) and labelled.responses == [" 1"]
-    with pytest.raises(ValueError, match="line 1 lacks field 'prompt'"):
+    with pytest.raises(ValueError, match=r"line 1 has no label column .*; or give prompt -> response pairs"):
         load_local_data(str(write_jsonl_rows(tmp_path / "bad.jsonl", '{"text": "a"}')), task="causal-lm")
     assert JobConfig(task="causal-lm").task == "causal-lm"
     with pytest.raises(ValueError, match="no label names"):

@@ -76,8 +76,8 @@ def test_distillation_settings_are_checked_and_the_built_in_corpus_gives_its_tra
         JobConfig(strategy_options={"server_distill_steps": 5})
     with pytest.raises(ValueError, match="server_distill_steps is -1"):
         JobConfig(strategy_options={"server_distill_steps": -1}, distill_data="rotten_tomatoes")
-    (tmp_path / "reviews.jsonl").write_text('{"review": "a fine film"}\n')
-    with pytest.raises(ValueError, match="lacks column 'text'"):
+    (tmp_path / "reviews.jsonl").write_text('{"blurb": "a fine film"}\n')
+    with pytest.raises(ValueError, match="has no text column of a known name"):
         load_distill_data(str(tmp_path / "reviews.jsonl"))
     full = rotten_tomatoes()
     train, test = heldout_split(full)

@@ -300,3 +300,23 @@ def test_server_distillation_refuses_what_it_cannot_distil() -> None:
         distill_cuts(tiny_model(0), toy_data(8), WordHashTokenizer(64), LocalConfig(), recipe=Recipe(nested=cuts))
     with pytest.raises(ValueError, match="names tensors the state does not have"):
         with_delta({"a": torch.zeros(2)}, {"b": torch.ones(2)})
+
+
+def test_sentence_pairs_are_tokenized_as_two_segments_and_train() -> None:
+    from transformers import AutoTokenizer
+
+    from raffm.models import default_model_path
+    from raffm.training import batches
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    data = TextDataset(["a cat sat", "rain"], [1, 0], ("no", "yes"), pairs=["a cat was sitting", "sun"])
+    batch = next(batches(data, tokenizer, 2, 32, shuffle=False))
+    sep = tokenizer.sep_token_id
+    assert [int((row == sep).sum()) for row in batch["input_ids"]] == [2, 2]  # [CLS] a [SEP] b [SEP]
+    segments = batch["token_type_ids"][0][batch["attention_mask"][0].bool()]
+    assert segments.tolist() == [0] * 5 + [1] * 5  # "a cat sat" (+ CLS, SEP) / "a cat was sitting" (+ SEP)
+    single = next(batches(TextDataset(data.texts, data.labels, data.label_names), tokenizer, 2, 32, shuffle=False))
+    assert "token_type_ids" not in single
+    model = tiny_model(0, vocab_size=tokenizer.vocab_size)
+    result = train_local(model, data, tokenizer, LocalConfig(batch_size=2, seq_len=32, lr=1e-3, local_steps=2))
+    assert result.delta["bert.embeddings.token_type_embeddings.weight"][1].abs().sum() > 0  # segment B trained
