@@ -13,6 +13,7 @@ import logging
 import random
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -82,6 +83,7 @@ class Agent:
         self.client = ServiceClient(config, self.stopper, faults=faults)
         self.progress = Progress(config.progress)
         self._dataset = dataset
+        self._data_key: tuple[str, tuple[str, ...]] | None = None  # what self._dataset was read for (None: given)
         self._profile = profile
         self._tokenizer: Any = None
         self._warmed_up = False
@@ -281,7 +283,7 @@ class Agent:
 
         # Loading data, the tokenizer and the runtime take seconds each (more on a busy machine): a stop request
         # between them ends the round there, instead of after a download and a training step nobody will use.
-        data = self._data(task)
+        data = self._data(task, a.task.label_names)
         self.stopper.check()
         if isinstance(data, InstructionDataset) != (task == "causal-lm"):
             have = "prompt -> response pairs" if isinstance(data, InstructionDataset) else "labelled examples"
@@ -417,14 +419,18 @@ class Agent:
                 f"{budget_mb:.0f} MiB (--memory-mb)",
             )
 
-    def _data(self, task: str) -> Any:
-        if self._dataset is None:
+    def _data(self, task: str, label_names: Sequence[str]) -> Any:
+        """The local data, read once per task and label list (the job's: named labels are numbered by it)."""
+        key = (task, tuple(label_names))
+        if self._dataset is None or self._data_key not in (None, key):
             from edge_agent.localdata import load_local_data
             from raffm.generative import InstructionDataset
 
             try:
                 self._dataset = load_local_data(self.config.data, text_column=self.config.text_column,
-                                                label_column=self.config.label_column, task=task)
+                                                label_column=self.config.label_column, task=task,
+                                                label_names=label_names)
+                self._data_key = key
             except ValueError as exc:
                 raise AssignmentRefused(FR.FAILURE_REASON_DATA, str(exc)) from None
             log.info("local data: %d examples, %s", len(self._dataset),

@@ -120,16 +120,18 @@ class HyperParams(_message.Message):
     def __init__(self, local_epochs: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., lr: _Optional[float] = ..., fedprox_mu: _Optional[float] = ..., wire_dtype: _Optional[_Union[_common_pb2.WireDtype, str]] = ..., weight_decay: _Optional[float] = ..., seed: _Optional[int] = ..., optimizer: _Optional[str] = ..., warmup_steps: _Optional[int] = ...) -> None: ...
 
 class TaskInfo(_message.Message):
-    __slots__ = ("kind", "num_labels", "architecture", "dataset")
+    __slots__ = ("kind", "num_labels", "architecture", "dataset", "label_names")
     KIND_FIELD_NUMBER: _ClassVar[int]
     NUM_LABELS_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
+    LABEL_NAMES_FIELD_NUMBER: _ClassVar[int]
     kind: TaskKind
     num_labels: int
     architecture: str
     dataset: str
-    def __init__(self, kind: _Optional[_Union[TaskKind, str]] = ..., num_labels: _Optional[int] = ..., architecture: _Optional[str] = ..., dataset: _Optional[str] = ...) -> None: ...
+    label_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, kind: _Optional[_Union[TaskKind, str]] = ..., num_labels: _Optional[int] = ..., architecture: _Optional[str] = ..., dataset: _Optional[str] = ..., label_names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Assignment(_message.Message):
     __slots__ = ("round_id", "job_id", "model_version", "spec", "hparams", "deadline", "ticket", "task", "extractor_target", "predicted", "round_index", "recipe")

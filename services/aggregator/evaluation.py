@@ -1,8 +1,8 @@
 """The default evaluation hook: accuracy of each new global model, and of chosen sub-model sizes, on a held-out split
 the server owns.
 
-Enabled by the job's ``eval_data``: a CSV/JSON-lines file with ``text,label`` columns
-(:func:`raffm.data.load_text_file`), a ``.pt``/``.npz`` image file (:func:`raffm.data.load_image_file`), ``rotten_tomatoes`` (the built-in corpus's test split: a seeded 10% that
+Enabled by the job's ``eval_data``: a CSV/JSON file of texts and labels (:func:`raffm.data.load_text_file`: named
+labels numbered by the job's ``labels``), a ``.pt``/``.npz`` image file (:func:`raffm.data.load_image_file`), ``rotten_tomatoes`` (the built-in corpus's test split: a seeded 10% that
 ``heldout_split`` also tells devices to leave out) or ``mnist`` for image models. Text is tokenized with the
 tokenizer in the job's model folder. ``eval_fractions`` adds cuts keeping those shares of the forward compute
 (:func:`raffm.scaling.spec_for_fraction`, cut with :func:`raffm.elastic.extract`), so a run shows how every
@@ -14,7 +14,7 @@ the cut keeps) per size; the aggregator publishes them as
 ``raffm_aggregator_eval{metric, size}``.
 
 A ``causal-lm`` job evaluates prompt -> response pairs instead (:func:`raffm.generative.evaluate_generative`):
-``eval_data`` is what :func:`raffm.generative.load_instructions` reads (a JSON-lines file of ``{"prompt": ...,
+``eval_data`` is what :func:`raffm.generative.load_instructions` reads (a CSV/JSON file of ``{"prompt": ...,
 "response": ...}`` objects, a labelled text file asked for its labels, or ``rotten_tomatoes``: the same held-out
 reviews as instructions), and the keys are
 ``exact_match`` (greedy answers equal to the reference) and ``loss`` (mean response-token cross-entropy, nats), with
@@ -71,11 +71,12 @@ def heldout_split(data: Dataset) -> tuple[list[int], list[int]]:
     return train_test_split(len(data), BUILTIN_TEST_FRACTION, BUILTIN_SPLIT_SEED)
 
 
-def load_eval_data(spec: str, *, max_samples: int = 0, task: str = "sequence-classification") -> Dataset:
-    """The held-out data named by a job's ``eval_data`` (at most ``max_samples`` examples when > 0); prompt ->
-    response pairs for a ``causal-lm`` task."""
+def load_eval_data(spec: str, *, max_samples: int = 0, task: str = "sequence-classification",
+                   label_names: Sequence[str] = ()) -> Dataset:
+    """The held-out data named by a job's ``eval_data`` (at most ``max_samples`` examples when > 0; named labels
+    numbered by ``label_names``, the job's); prompt -> response pairs for a ``causal-lm`` task."""
     if task == "causal-lm":
-        data: Dataset = load_instructions(spec)
+        data: Dataset = load_instructions(spec, label_names=label_names)
         if spec == "rotten_tomatoes":
             data = data.subset(heldout_split(data)[1])
         if max_samples and len(data) > max_samples:
@@ -87,7 +88,7 @@ def load_eval_data(spec: str, *, max_samples: int = 0, task: str = "sequence-cla
     elif Path(spec).suffix in (".pt", ".npz"):
         data = load_image_file(spec)
     else:
-        data = load_text_file(spec)
+        data = load_text_file(spec, label_names=label_names)
     if max_samples and len(data) > max_samples:
         data = data.subset(range(max_samples))
     return data
@@ -166,7 +167,7 @@ def default_evaluator(job: Any) -> HeldOutEvaluator | None:
     """The job's held-out evaluator, or None when ``eval_data`` is empty (evaluation off)."""
     if not job.eval_data:
         return None
-    data = load_eval_data(job.eval_data, max_samples=job.eval_max_samples, task=job.task)
+    data = load_eval_data(job.eval_data, max_samples=job.eval_max_samples, task=job.task, label_names=job.labels)
     tokenizer = job_tokenizer(job, "eval_data")
     if not isinstance(data, InstructionDataset) and data.num_labels > job.num_labels:
         raise ValueError(f"eval_data {job.eval_data!r} has {data.num_labels} labels; the job's model has "

@@ -76,7 +76,8 @@ def hparams_to_proto(job: JobConfig, seed: int) -> aggregator_pb2.HyperParams:
 def task_to_proto(job: JobConfig, architecture: str) -> aggregator_pb2.TaskInfo:
     """``architecture``: the adapter name of the job's model (raffm.arch: "bert", "deberta-v2", "opt"...)."""
     return aggregator_pb2.TaskInfo(kind=TASK_KINDS[job.task], dataset=job.dataset, architecture=architecture,
-                                   num_labels=0 if job.task == "causal-lm" else job.num_labels)
+                                   num_labels=0 if job.task == "causal-lm" else job.num_labels,
+                                   label_names=job.labels)
 
 
 def assignment_to_proto(a: Assignment, extractor_target: str, architecture: str) -> aggregator_pb2.Assignment:

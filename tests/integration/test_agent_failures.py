@@ -119,3 +119,34 @@ def test_sigterm_during_training_exits_cleanly(tmp_path: Path, model: Path) -> N
             proc.kill()
             proc.wait(10)
         fleet.stop()
+
+
+def test_named_labels_are_numbered_by_the_jobs_list_and_a_foreign_label_is_refused(tmp_path: Path,
+                                                                                   model: Path) -> None:
+    """A device whose file holds only the job's second label trains it as label 1 (numbered by its own names it
+    would be 0, the other class); a device with a label the job does not have reports a data failure naming it."""
+    fresh = tmp_path / "fresh.csv"
+    fresh.write_text("review,label\n" + "".join(f"great film {i},fresh\n" for i in range(8)))
+    fleet = Fleet(tmp_path / "one", job(model, labels=("rotten", "fresh"))).start()
+    try:
+        runner = AgentThread(agent_config(fleet, "fresh-only", tmp_path / "state", model, data=str(fresh)),
+                             load_data=True).start()
+        assert runner.join() == 0
+        assert [o.status for o in runner.agent.outcomes] == ["uploaded"]
+        assert runner.agent._dataset.labels == [1] * 8 and runner.agent._dataset.label_names == ("rotten", "fresh")
+    finally:
+        fleet.stop()
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps({"text": f"film {i}", "label": ("fresh", "meh")[i % 2]}) + "\n"
+                             for i in range(8)))
+    fleet = Fleet(tmp_path / "two", job(model, labels=("rotten", "fresh"))).start()
+    try:
+        runner = AgentThread(agent_config(fleet, "foreign", tmp_path / "state2", model, data=str(mixed)),
+                             load_data=True).start()
+        assert runner.join() == 0
+        [o] = runner.agent.outcomes
+        assert o.status == "failed" and "labels ['meh'] are not among the job's 2 labels" in o.detail, o
+        rnd = wait_for(lambda: (r := _round(fleet)).state == aggregator_pb2.ROUND_STATE_FAILED and r, "round 1 failed")
+        assert [f.reason for f in rnd.failures] == ["data"] and "'meh'" in rnd.failures[0].detail
+    finally:
+        fleet.stop()
