@@ -323,6 +323,11 @@ class Agent:
         config = submodel.global_config(download.manifest_proto, fallback_model=self.config.model,
                                         num_labels=a.task.num_labels)
         self._last_config = config
+        if image:
+            try:
+                data = data.fitted(config)  # the images at the model's input size and channels
+            except ValueError as exc:
+                raise AssignmentRefused(FR.FAILURE_REASON_DATA, f"local data: {exc}") from None
         lora = recipe.lora is not None
         # With LoRA the whole base slice is frozen and only adapters travel up.
         names = [n for n in download.manifest.names if n not in recipe.frozen and (not lora or trainer.is_adapter(n))]

@@ -2,7 +2,8 @@
 
 - a CSV or JSON file of texts (or sentence pairs) with labels (:func:`raffm.data.load_text_file`);
 - a ``.pt`` (torch.save of a dict) or ``.npz`` file with ``images`` ``[N, C, H, W]`` floats in [0, 1] and
-  ``labels`` ``[N]`` ints, for image models;
+  ``labels`` ``[N]`` ints, or a folder of images in one subfolder per label, for image models (fitted to the
+  model's input size once it is known: :meth:`raffm.data.ImageDataset.fitted`);
 - a built-in offline set: ``rotten_tomatoes`` (text) or ``mnist`` (5,000 digits).
 
 For a ``causal-lm`` job the data are prompt -> response pairs instead (:func:`raffm.generative.load_instructions`): a
@@ -16,7 +17,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from raffm.data import ImageDataset, TextDataset, load_image_file, load_text_file, mnist_5k, rotten_tomatoes
+from raffm.data import (
+    ImageDataset, TextDataset, load_image_file, load_image_folder, load_text_file, mnist_5k, rotten_tomatoes,
+)
 from raffm.generative import InstructionDataset, load_instructions
 
 Dataset = TextDataset | ImageDataset | InstructionDataset
@@ -39,4 +42,6 @@ def load_local_data(spec: str, *, text_column: str = "", label_column: str = "",
         return mnist_5k()
     if path.suffix in (".pt", ".npz"):
         return load_image_file(path)
+    if path.is_dir():
+        return load_image_folder(path, label_names=label_names)
     return load_text_file(path, text_column=text_column, label_column=label_column, label_names=label_names)

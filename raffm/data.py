@@ -19,7 +19,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -47,7 +47,7 @@ class TextDataset:
 
 @dataclass(frozen=True)
 class ImageDataset:
-    images: torch.Tensor  # [N, 1, 28, 28] float in [0, 1]
+    images: torch.Tensor  # [N, C, H, W] float in [0, 1]
     labels: list[int]
     label_names: tuple[str, ...]
 
@@ -56,6 +56,29 @@ class ImageDataset:
 
     def subset(self, indices: Sequence[int]) -> ImageDataset:
         return ImageDataset(self.images[list(indices)], [self.labels[i] for i in indices], self.label_names)
+
+    def fitted(self, config: Any) -> ImageDataset:
+        """The images as the model of ``config`` (``num_channels``, ``image_size``) takes them: resized (bilinear,
+        antialiased, as image processors do), grey made colour or colour made grey (luminance). ``ValueError`` for
+        channel counts that do not convert."""
+        import torch
+
+        channels = int(getattr(config, "num_channels", 3))
+        side = getattr(config, "image_size", 224)
+        size = (int(side), int(side)) if isinstance(side, (int, float)) else (int(side[0]), int(side[1]))
+        images = self.images
+        have = images.shape[1]
+        if have != channels:
+            if have == 1:
+                images = images.expand(-1, channels, -1, -1)
+            elif have == 3 and channels == 1:
+                images = (images * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+            else:
+                raise ValueError(f"the images have {have} channels; the model takes {channels}")
+        if tuple(images.shape[2:]) != size:
+            images = torch.nn.functional.interpolate(images, size=size, mode="bilinear", antialias=True,
+                                                     align_corners=False).clamp_(0, 1)
+        return self if images is self.images else ImageDataset(images.contiguous(), self.labels, self.label_names)
 
     @property
     def num_labels(self) -> int:
@@ -275,6 +298,42 @@ def load_image_file(path: str | Path) -> ImageDataset:
         raise ValueError(f"{path}: labels must be >= 0")
     n_labels = int(labels.max()) + 1 if labels.numel() else 0
     return ImageDataset(images, labels.tolist(), tuple(str(i) for i in range(n_labels)))
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGE_SIDE = 224  # the side a folder's larger images are resized to (ViT's); smaller squares keep their own
+
+
+def load_image_folder(path: str | Path, *, label_names: Sequence[str] = ()) -> ImageDataset:
+    """A folder with one subfolder of images per label, named by it (torchvision's ImageFolder layout). Images are
+    read as RGB (grey when every one is grey) and resized to squares of the first image's shorter side, at most
+    :data:`IMAGE_SIDE` (:meth:`ImageDataset.fitted` fits them to a model); labels are numbered by ``label_names``
+    (the job's) when given, else by the sorted subfolder names."""
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    classes = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+    files = [(f, c) for c in classes for f in sorted((path / c).rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise ValueError(f"image folder {path} has no images in label subfolders ({path}/<label>/<image>, with "
+                         f"suffixes {', '.join(IMAGE_SUFFIXES)})")
+    pictures = []
+    for file, _ in files:
+        try:
+            with Image.open(file) as image:
+                pictures.append(image.convert("L" if image.mode in ("1", "L", "I;16", "I") else "RGB"))
+        except (OSError, UnidentifiedImageError) as exc:
+            raise ValueError(f"{file} is not a readable image: {exc}") from None
+    grey = all(p.mode == "L" for p in pictures)
+    side = min(IMAGE_SIDE, *pictures[0].size)
+    arrays = [np.asarray((p if grey else p.convert("RGB")).resize((side, side), Image.Resampling.BILINEAR))
+              for p in pictures]
+    images = torch.from_numpy(np.stack(arrays)).float().div_(255)
+    images = images.unsqueeze(1) if grey else images.permute(0, 3, 1, 2).contiguous()
+    labels, names = _label_ids(path, [c for _, c in files], tuple(label_names))
+    return ImageDataset(images, labels, names)
 
 
 def save_image_file(data: ImageDataset, path: str | Path) -> Path:

@@ -3,11 +3,11 @@
 It starts the registry, extractor and aggregator as separate processes on free loopback ports (SQLite and a
 checkpoint directory under ``runs/<id>/``), then a simulated fleet of edge agents in device tiers from a
 Raspberry-Pi-like budget to a full-model server, each with a non-IID share of the Rotten Tomatoes reviews (or of any
-data set the agent takes: --data FILE.csv/.jsonl/.pt/.npz or mnist, which trains a small ViT). The server keeps a
-held-out test split. While a round runs it shows the devices done and the bytes moved; after each round, the global
-test accuracy; at the end it cuts sub-models of several sizes from the final global model (no retraining) and writes
-``report.json``, ``report.md`` and plots. Everything talks over the same gRPC protocol a real deployment uses; only
-the processes are local.
+data set the agent takes: --data FILE.csv/.tsv/.json/.pt/.npz, a folder of images or mnist; images train a small
+ViT). The server keeps a held-out test split. While a round runs it shows the devices done and the bytes moved;
+after each round, the global test accuracy; at the end it cuts sub-models of several sizes from the final global
+model (no retraining) and writes ``report.json``, ``report.md`` and plots. Everything talks over the same gRPC
+protocol a real deployment uses; only the processes are local.
 """
 
 from __future__ import annotations
@@ -489,10 +489,11 @@ def register(subparsers: Any) -> None:
                              "converts the GGUF, ~30 s)")
     parser.add_argument("--data", default=d.data,
                         help="what the agent takes: rotten_tomatoes or mnist (shipped), a CSV/TSV/JSON file of texts "
-                             "(or sentence pairs) and labels, or a .pt/.npz file with images and labels; the labels and the task come "
-                             "from the data; for a decoder LLM rotten_tomatoes, a CSV/JSON file of "
-                             "{prompt, response} pairs, or a labelled CSV/JSON file, each text asked for its "
-                             "label (\"Text: ...\\nLabel:\" -> \" <label>\") (default: rotten_tomatoes)")
+                             "(or sentence pairs) and labels, a .pt/.npz file with images and labels, or a folder "
+                             "of images in one subfolder per label; the labels and the task come from the data; for "
+                             "a decoder LLM rotten_tomatoes, a CSV/JSON file of {prompt, response} pairs, or a "
+                             "labelled CSV/JSON file, each text asked for its label (\"Text: ...\\nLabel:\" -> "
+                             "\" <label>\") (default: rotten_tomatoes)")
     parser.add_argument("--text-column", help=TEXT_COLUMN_HELP)
     parser.add_argument("--label-column", help=LABEL_COLUMN_HELP)
     parser.add_argument("--out", type=Path, help="run directory (default: runs/<timestamp>)")

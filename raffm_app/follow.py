@@ -161,7 +161,8 @@ def _task(test: Any) -> str:
     return "image-classification" if isinstance(test, ImageDataset) else "sequence-classification"
 
 
-def _model_and_tokenizer(settings: DemoSettings, store: Path, version: str, test: Any) -> tuple[Any, Any]:
+def _model_and_tokenizer(settings: DemoSettings, store: Path, version: str, test: Any) -> tuple[Any, Any, Any]:
+    """The version's model, its tokenizer (None for images) and ``test`` as the model takes it."""
     from raffm.checkpoints import checkpoint_store_from_url
     from raffm.models import model_from_state, resolve_model
 
@@ -169,10 +170,10 @@ def _model_and_tokenizer(settings: DemoSettings, store: Path, version: str, test
     task = _task(test)
     model = model_from_state(checkpoints.info(version).config, checkpoints.load(version), task=task)  # type: ignore[arg-type]
     if task == "image-classification":
-        return model, None
+        return model, None, test.fitted(model.config)
     from transformers import AutoTokenizer
 
-    return model, AutoTokenizer.from_pretrained(resolve_model(settings.model))
+    return model, AutoTokenizer.from_pretrained(resolve_model(settings.model)), test
 
 
 def evaluate_version(settings: DemoSettings, store: Path, version: str, test: Any) -> tuple[float, float | None]:
@@ -181,7 +182,7 @@ def evaluate_version(settings: DemoSettings, store: Path, version: str, test: An
     from raffm.generative import evaluate_generative
     from raffm.training import evaluate
 
-    model, tokenizer = _model_and_tokenizer(settings, store, version, test)
+    model, tokenizer, test = _model_and_tokenizer(settings, store, version, test)
     if _task(test) == "causal-lm":
         scores = evaluate_generative(model, test, tokenizer, batch_size=32, seq_len=settings.seq_len)
         return scores.exact_match, scores.loss
@@ -194,7 +195,7 @@ def scaling(settings: DemoSettings, store: Path, version: str, test: Any, *, max
     from raffm.generative import evaluate_generative
     from raffm.scaling import scaling_table
 
-    model, tokenizer = _model_and_tokenizer(settings, store, version, test)
+    model, tokenizer, test = _model_and_tokenizer(settings, store, version, test)
     if max_samples and len(test) > max_samples:
         test = test.subset(range(max_samples))
     score = None

@@ -1,9 +1,9 @@
 """The server's distillation step (strategy option ``server_distill_steps``): after every merge, the new version's cuts
 learn its logits on unlabelled data the server holds (:func:`raffm.training.distill_cuts`).
 
-The job's ``distill_data`` names that data: a CSV/JSON file of texts (a label column is never
-read), a ``.pt``/``.npz`` image file, or ``rotten_tomatoes`` / ``mnist`` (the built-in corpus's training part: the
-kind of data the devices hold, never the test split the evaluator scores). Steps run at the strategy's
+The job's ``distill_data`` names that data: a CSV/JSON file of texts (a label column is never read), a
+``.pt``/``.npz`` image file or a folder of images, or ``rotten_tomatoes`` / ``mnist`` (the built-in corpus's training
+part: the kind of data the devices hold, never the test split the evaluator scores). Steps run at the strategy's
 ``server_distill_lr_scale`` x the job's learning rate, with its batch size and sequence length, seeded by the job's
 seed and the round, so a round re-aggregated after a crash publishes the same version.
 """
@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 
-from raffm.data import ImageDataset, TextDataset, load_image_file, load_text_file, mnist_5k, rotten_tomatoes
+from raffm.data import (
+    ImageDataset, TextDataset, load_image_file, load_image_folder, load_text_file, mnist_5k, rotten_tomatoes,
+)
 from raffm.strategy import Strategy
 from raffm.training import LocalConfig, Tokenizer, distill_cuts, with_delta
 from services.aggregator.evaluation import heldout_split, job_tokenizer
@@ -32,6 +34,8 @@ def load_distill_data(spec: str) -> TextDataset | ImageDataset:
         return full.subset(heldout_split(full)[0])
     if Path(spec).suffix in (".pt", ".npz"):
         return load_image_file(spec)
+    if Path(spec).is_dir():
+        return load_image_folder(spec)
     return load_text_file(spec, label_column=None)
 
 
@@ -52,6 +56,8 @@ class ServerDistiller:
 
         job = self.job
         model = model_from_state(dict(config), dict(state), task=job.task)  # type: ignore[arg-type]
+        if isinstance(self.data, ImageDataset):
+            self.data = self.data.fitted(model.config)  # a folder's images at the model's input size
         settings = LocalConfig(batch_size=job.batch_size, seq_len=job.seq_len, lr=job.lr,
                                local_steps=self.strategy.server_distill_steps, weight_decay=job.weight_decay,
                                seed=job.seed * 100_003 + round_index)

@@ -2,8 +2,10 @@
 the server owns.
 
 Enabled by the job's ``eval_data``: a CSV/JSON file of texts and labels (:func:`raffm.data.load_text_file`: named
-labels numbered by the job's ``labels``), a ``.pt``/``.npz`` image file (:func:`raffm.data.load_image_file`), ``rotten_tomatoes`` (the built-in corpus's test split: a seeded 10% that
-``heldout_split`` also tells devices to leave out) or ``mnist`` for image models. Text is tokenized with the
+labels numbered by the job's ``labels``), ``rotten_tomatoes`` (the built-in corpus's test split: a seeded 10% that
+``heldout_split`` also tells devices to leave out), or for image models a ``.pt``/``.npz`` file
+(:func:`raffm.data.load_image_file`), a folder of images in label subfolders (:func:`raffm.data.load_image_folder`),
+both fitted to the model's input size, or ``mnist``. Text is tokenized with the
 tokenizer in the job's model folder. ``eval_fractions`` adds cuts keeping those shares of the forward compute
 (:func:`raffm.scaling.spec_for_fraction`, cut with :func:`raffm.elastic.extract`), so a run shows how every
 deployable size improves, not only the full model.
@@ -31,7 +33,8 @@ from typing import Any
 import torch
 
 from raffm.data import (
-    ImageDataset, TextDataset, load_image_file, load_text_file, mnist_5k, rotten_tomatoes, train_test_split,
+    ImageDataset, TextDataset, load_image_file, load_image_folder, load_text_file, mnist_5k, rotten_tomatoes,
+    train_test_split,
 )
 from raffm.generative import InstructionDataset, load_instructions
 from raffm.training import Tokenizer
@@ -87,6 +90,8 @@ def load_eval_data(spec: str, *, max_samples: int = 0, task: str = "sequence-cla
         data = full.subset(heldout_split(full)[1])
     elif Path(spec).suffix in (".pt", ".npz"):
         data = load_image_file(spec)
+    elif Path(spec).is_dir():
+        data = load_image_folder(spec, label_names=label_names)
     else:
         data = load_text_file(spec, label_names=label_names)
     if max_samples and len(data) > max_samples:
@@ -117,6 +122,8 @@ class HeldOutEvaluator:
         from raffm.spec import ElasticSpec
 
         model = model_from_state(dict(config), dict(state), task=self.task)  # type: ignore[arg-type]
+        if isinstance(self.data, ImageDataset):
+            self.data = self.data.fitted(model.config)  # a folder's images at the model's input size
         out = self._scores(model, "")
         if self.fractions:
             cm = CostModel.from_model(model)

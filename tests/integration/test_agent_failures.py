@@ -150,3 +150,32 @@ def test_named_labels_are_numbered_by_the_jobs_list_and_a_foreign_label_is_refus
         assert [f.reason for f in rnd.failures] == ["data"] and "'meh'" in rnd.failures[0].detail
     finally:
         fleet.stop()
+
+
+def test_a_folder_of_images_trains_a_vit_of_another_input_size_and_is_evaluated(tmp_path: Path) -> None:
+    """The device's photos (grey, 24 x 24, one subfolder per label) are fitted to the job's ViT (colour, 16 x 16)
+    on the device and in the aggregator's evaluation."""
+    from PIL import Image
+
+    from raffm.models import model_from_config, small_vit_config
+
+    vit = tmp_path / "vit"
+    model_from_config(small_vit_config(num_labels=2, image_size=16, num_channels=3),
+                      task="image-classification").save_pretrained(vit)
+    photos = tmp_path / "photos"
+    for label, shade in (("dark", 30), ("light", 220)):
+        (photos / label).mkdir(parents=True)
+        for i in range(6):
+            Image.new("L", (24, 24), shade + i).save(photos / label / f"{i}.png")
+    fleet = Fleet(tmp_path / "fleet", job(vit, task="image-classification", labels=("light", "dark"),
+                                          eval_data=str(photos))).start()
+    try:
+        runner = AgentThread(agent_config(fleet, "camera", tmp_path / "state", vit, data=str(photos)),
+                             load_data=True).start()
+        assert runner.join() == 0
+        assert [o.status for o in runner.agent.outcomes] == ["uploaded"], runner.agent.outcomes
+        assert runner.agent._dataset.labels == [1] * 6 + [0] * 6  # numbered by the job's list: dark is 1
+        rnd = wait_for(lambda: (r := _round(fleet)).evaluation and r, "round 1's evaluation")
+        assert rnd.accepted == 1 and 0 <= rnd.evaluation["accuracy"] <= 1
+    finally:
+        fleet.stop()
