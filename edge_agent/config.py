@@ -222,9 +222,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--state-dir", metavar="DIR",
                    help=f"where the device id and token are kept across restarts (default: {d.state_dir})")
     g.add_argument("--data", metavar="PATH",
-                   help="local training data: a CSV/TSV/JSON file of texts (or sentence pairs) and labels, a .pt/.npz file "
-                        "with 'images' [N,C,H,W] and 'labels', a folder of images in one subfolder per label, or a "
-                        "built-in set: rotten_tomatoes, mnist")
+                   help="local training data: a CSV/TSV/JSON/Parquet file of texts (or sentence pairs) and labels, "
+                        "a .pt/.npz file with 'images' [N,C,H,W] and 'labels', a folder of images in one subfolder "
+                        "per label, or a built-in set: rotten_tomatoes, mnist")
     g.add_argument("--text-column", help=TEXT_COLUMN_HELP)
     g.add_argument("--label-column", help=LABEL_COLUMN_HELP)
     g.add_argument("--model", metavar="ID_OR_PATH",

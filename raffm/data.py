@@ -129,18 +129,23 @@ PAIR_COLUMNS = (("text", "text_pair"), ("sentence1", "sentence2"), ("premise", "
 TEXT_COLUMNS = ("text", "sentence", "review", "content", "document", "comment", "tweet", "utterance")
 LABEL_COLUMNS = ("label", "labels", "class", "category", "target", "sentiment")
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
-TEXT_COLUMN_HELP = ("text column of a CSV/TSV/JSON --data, or two comma-separated for sentence pairs (default: the "
-                    f"first it has of {', '.join(map(','.join, PAIR_COLUMNS))}, {', '.join(TEXT_COLUMNS)})")
-LABEL_COLUMN_HELP = f"label column of a CSV/TSV/JSON --data (default: the first it has of {', '.join(LABEL_COLUMNS)})"
+TEXT_COLUMN_HELP = ("text column of a CSV/TSV/JSON/Parquet --data, or two comma-separated for sentence pairs "
+                    f"(default: the first it has of {', '.join(map(','.join, PAIR_COLUMNS))}, "
+                    f"{', '.join(TEXT_COLUMNS)})")
+LABEL_COLUMN_HELP = ("label column of a CSV/TSV/JSON/Parquet --data (default: the first it has of "
+                     f"{', '.join(LABEL_COLUMNS)})")
 
 
 def read_records(path: str | Path) -> list[tuple[str, dict[str, object]]]:
-    """(where, record) for every record of a CSV file (comma-, tab- or semicolon-separated, told by its header line)
-    or a JSON file (JSON lines, or one array of objects); ``where`` ("line 3", "record 3") names it in errors.
+    """(where, record) for every record of a CSV file (comma-, tab- or semicolon-separated, told by its header line),
+    a JSON file (JSON lines, or one array of objects) or a Parquet file (with pyarrow); ``where`` ("line 3",
+    "record 3", "row 3") names it in errors.
     ``ValueError`` names the file and place of what cannot be read."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"data file {path} does not exist")
+    if path.suffix == ".parquet":
+        return _parquet_records(path)
     try:
         text = path.read_text(encoding="utf-8-sig")  # -sig: spreadsheets start their CSV with a byte-order mark
     except UnicodeDecodeError as exc:
@@ -150,6 +155,18 @@ def read_records(path: str | Path) -> list[tuple[str, dict[str, object]]]:
     delimiter = max(",\t;", key=text.partition("\n")[0].count)  # a tie (no separator at all): comma
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     return [(f"line {reader.line_num}", row) for row in reader]
+
+
+def _parquet_records(path: Path) -> list[tuple[str, dict[str, object]]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"{path}: reading Parquet needs pyarrow: pip install 'raffm[parquet]' (or pyarrow)") from None
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises its own errors for a damaged or foreign file
+        raise ValueError(f"{path} is not a readable Parquet file: {exc}") from None
+    return [(f"row {i}", row) for i, row in enumerate(rows, start=1)]
 
 
 def _json_records(path: Path, text: str) -> list[tuple[str, dict[str, object]]]:

@@ -488,11 +488,11 @@ def register(subparsers: Any) -> None:
                              "2000 MiB). On 2 cores its default run takes about 30-40 min (the first use also "
                              "converts the GGUF, ~30 s)")
     parser.add_argument("--data", default=d.data,
-                        help="what the agent takes: rotten_tomatoes or mnist (shipped), a CSV/TSV/JSON file of texts "
-                             "(or sentence pairs) and labels, a .pt/.npz file with images and labels, or a folder "
-                             "of images in one subfolder per label; the labels and the task come from the data; for "
-                             "a decoder LLM rotten_tomatoes, a CSV/JSON file of {prompt, response} pairs, or a "
-                             "labelled CSV/JSON file, each text asked for its label (\"Text: ...\\nLabel:\" -> "
+                        help="what the agent takes: rotten_tomatoes or mnist (shipped), a CSV/TSV/JSON/Parquet file "
+                             "of texts (or sentence pairs) and labels, a .pt/.npz file with images and labels, or a "
+                             "folder of images in one subfolder per label; the labels and the task come from the "
+                             "data; for a decoder LLM rotten_tomatoes, a CSV/JSON file of {prompt, response} pairs, "
+                             "or a labelled CSV/JSON file, each text asked for its label (\"Text: ...\\nLabel:\" -> "
                              "\" <label>\") (default: rotten_tomatoes)")
     parser.add_argument("--text-column", help=TEXT_COLUMN_HELP)
     parser.add_argument("--label-column", help=LABEL_COLUMN_HELP)

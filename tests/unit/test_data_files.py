@@ -24,6 +24,14 @@ def _csv(path: Path, rows: list[dict], *, delimiter: str = ",", bom: bool = Fals
     return path
 
 
+def _parquet(path: Path, rows: list[dict]) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
 ROWS = [{"sentence": "a, b", "label": "pos"}, {"sentence": "c\nd", "label": "neg"}, {"sentence": "e", "label": "pos"}]
 
 
@@ -46,6 +54,7 @@ def test_label_names_and_integer_labels(tmp_path: Path) -> None:
     ("excel.csv", lambda p: _csv(p, ROWS, bom=True)),  # a spreadsheet's byte-order mark before the header
     ("rows.jsonl", lambda p: _jsonl(p, ROWS)),
     ("array.json", lambda p: p.write_text(json.dumps(ROWS, indent=2))),
+    ("hub.parquet", lambda p: _parquet(p, ROWS)),  # how data sets on the Hugging Face hub are published
 ])
 def test_every_file_layout_reads_the_same_examples(tmp_path: Path, name: str, write) -> None:
     path = tmp_path / name
@@ -113,6 +122,13 @@ def test_a_file_that_cannot_be_read_says_why(tmp_path: Path, content: str, kwarg
     path.write_text(content)
     with pytest.raises(ValueError, match=message):
         load_text_file(path, **kwargs)
+
+
+def test_a_damaged_parquet_file_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "cut.parquet"
+    path.write_bytes(_parquet(tmp_path / "whole.parquet", ROWS).read_bytes()[:40])
+    with pytest.raises(ValueError, match="cut.parquet is not a readable Parquet file"):
+        read_records(path)
 
 
 def test_a_file_that_is_not_utf8_says_so(tmp_path: Path) -> None:
