@@ -97,6 +97,14 @@ def test_a_labelled_text_file_becomes_questions_about_its_labels(tmp_path: Path)
     assert load_instructions(str(stars)).responses == [" 5", " 1"]  # integer labels answer with their number
     pairs = _write(tmp_path, [json.dumps({"prompt": "Q: 2+2?\nA:", "response": " 4"})])
     assert load_instructions(str(pairs)).responses == [" 4"]
+    spreadsheet = tmp_path / "pairs.csv"  # prompt -> response pairs in a CSV file are pairs too
+    spreadsheet.write_text('prompt,response\n"Q: 3+3?\nA:", 6\n', encoding="utf-8")
+    assert load_instructions(str(spreadsheet)).prompts == ["Q: 3+3?\nA:"]
+    nli = tmp_path / "nli.csv"  # a sentence-pair classifier's file: both texts in the question
+    nli.write_text("premise,hypothesis,label\nit rains,the ground is wet,entailment\n", encoding="utf-8")
+    assert load_instructions(str(nli)).prompts == ["Text: it rains\nthe ground is wet\nLabel:"]
+    job = load_instructions(str(csv), text_column="body", label_column="topic", label_names=("tech", "sports"))
+    assert job.responses == [" sports", " tech"]  # named by the job's list, the same names
     assert load_instructions("rotten_tomatoes").responses[0] in (" positive", " negative")
     broken = _write(tmp_path, ['{"text": "x", "label": '])  # neither kind: the pairs reader names the line
     with pytest.raises(ValueError, match="line 1 is not valid JSON"):
