@@ -154,3 +154,14 @@ def test_a_holdout_that_leaves_no_training_data_is_refused(bench: Any) -> None:
                               methods=("raffm",), scaling_methods=())
     with pytest.raises(ValueError, match="--holdout 40; lower one of them"):
         bench.run_bench(settings, tiny_model, toy_data(), WordHashTokenizer(64), log=lambda _: None)
+
+
+def test_bench_pairs_runs_both_views_on_one_split() -> None:
+    spec = importlib.util.spec_from_file_location("bench_pairs_under_test", BENCH.with_name("bench_pairs.py"))
+    assert spec is not None and spec.loader is not None
+    pairs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pairs)
+    train, test = pairs.claim_check(0, 12)
+    assert len(train) == 10 and len(test) == 2 and set(train.pairs) <= set(pairs.CLAIMS)
+    out = pairs.run(0, 1, 12)
+    assert set(out) == {"majority", "pairs", "first text only"} and all(0 <= v <= 1 for v in out.values())
