@@ -18,6 +18,8 @@ Axis kinds:
 - ``kv``: with grouped-query attention, the key and value rows of one layer, ``[kv_heads, head_dim]``;
 - ``ffn``: the feed-forward neurons of one layer (W_in rows, b_in, W_out columns; SwiGLU: gate and up rows, down
   columns);
+- ``gffn``: one fused gated-FFN input projection's rows, ``[2, ffn]`` (ModernBERT's ``Wi``: ``input, gate =
+  Wi(x).chunk(2)``): a cut keeps the same leading neurons in both halves;
 - ``full``: anything never sliced (vocabulary, positions, labels, image channels, patch pixels, the width of
   embeddings narrower than the layers, as ELECTRA-small's).
 
@@ -58,6 +60,18 @@ output ``dense`` takes the ``v`` axis on its input columns. GPTNeoXAttention inf
 (``view(..., -1, 3 * head_size)``) and scales by the global ``head_size``, so only the head size is patched per
 layer (unchanged). Both residual layouts are supported: ``use_parallel_residual`` (Pythia's: attention and FFN each
 read their own LayerNorm of the layer input) and sequential.
+
+ModernBERT (ModernBertModel, ModernBertForSequenceClassification): a pre-LN encoder without biases (unless
+``attention_bias``/``mlp_bias``/``norm_bias``/``classifier_bias``), rotary embeddings in every layer (another theta
+for the sliding-window layers), so whole heads only. Queries, keys and values come from one fused ``nn.Linear``
+``Wqkv`` whose output rows are GPT-2's ``[3, heads, head_dim]`` (the ``qkv`` axis, on rows here); ``attn.Wo`` takes
+the ``v`` axis on its input columns. The FFN is a GLU whose ``Wi`` rows are ``[input | gate]`` (the ``gffn`` axis)
+and ``mlp.Wo`` takes the ``ffn`` axis. ModernBertAttention infers the head count from its input (``view(..., 3, -1,
+head_dim)``) and the MLP its width (``chunk(2)``), so nothing but the (unchanged) head size is patched per layer; a
+depth cut keeps each kept layer's attention type (it is read by layer index from the global config). The prediction
+``head`` (dense, norm) comes pretrained with the masked-LM checkpoints, so it counts as body: the task head is the
+``classifier``. The masked LM and the flash-attention path (it unpads batches, which changes what a step keeps) are
+not supported.
 """
 
 from __future__ import annotations
@@ -71,13 +85,15 @@ from torch import nn
 
 from raffm.spec import ModelDims
 
-AxisKind = Literal["hidden", "qk", "v", "q", "kv", "qkv", "hqkv", "ffn", "full"]
+AxisKind = Literal["hidden", "qk", "v", "q", "kv", "qkv", "hqkv", "ffn", "gffn", "full"]
 HEAD_KINDS: tuple[AxisKind, ...] = ("qk", "v", "q", "kv", "qkv", "hqkv")
-FUSED_PARTS: dict[AxisKind, int] = {"qkv": 3}  # head axes made of parts, each [heads, head_dim] (1 part otherwise)
+# Axes made of parts, each [heads, head_dim] (head axes) or [ffn] (FFN axes); 1 part otherwise.
+FUSED_PARTS: dict[AxisKind, int] = {"qkv": 3, "gffn": 2}
+FFN_KINDS: tuple[AxisKind, ...] = ("ffn", "gffn")
 # Head axes whose every head holds parts, [heads, parts, head_dim]: a head's block is contiguous, so SPP moves it as
 # one unit of a single part (FUSED_PARTS does not list them).
 HEAD_PARTS: dict[AxisKind, int] = {"hqkv": 3}
-_LAYER_KINDS: tuple[AxisKind, ...] = (*HEAD_KINDS, "ffn")
+_LAYER_KINDS: tuple[AxisKind, ...] = (*HEAD_KINDS, *FFN_KINDS)
 
 
 @dataclass(frozen=True)
@@ -133,6 +149,8 @@ class Adapter:
     rope: bool = False
     fixed_head_dim: bool = False  # specs keep every head dimension (always with rope)
     causal_lm: bool = False
+    # Modules outside the layers' module that come pretrained with it (ModernBERT's prediction ``head``): not task head.
+    body_modules: tuple[str, ...] = ()
     # Tensor name -> its axes (None: unknown) and its layer: they never change, and fitting one device asks for them
     # thousands of times (the aggregator does it while a round's devices poll).
     _layouts: dict[str, tuple[Axis, ...] | None] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -209,7 +227,10 @@ class Adapter:
             match = self.layer_pattern.search(name)
             if match and match.start() > 0:
                 bodies.add(name.split(".", 1)[0])
-        return frozenset(n for n in names if bodies and n.split(".", 1)[0] not in bodies)
+        if not bodies:
+            return frozenset()
+        bodies.update(self.body_modules)
+        return frozenset(n for n in names if n.split(".", 1)[0] not in bodies)
 
     def frozen_layers(self, trained: Iterable[str], depth: int) -> int:
         """How many of a model's ``depth`` leading layers no gradient reaches when the tensors ``trained`` are
@@ -493,7 +514,36 @@ GPT_NEOX = Adapter(
     causal_lm=True,
 )
 
-ADAPTERS = (BERT, DISTILBERT, DEBERTA, VIT, LLAMA, OPT, PHI, GPT2, GPT_NEOX)
+MODERNBERT = Adapter(
+    name="modernbert",
+    model_types=("modernbert", "raffm_modernbert"),
+    rules=_rules(
+        [
+            (r"embeddings\.tok_embeddings\.weight$", ("full", "hidden")),
+            (r"attn\.Wqkv\.weight$", ("qkv", "hidden")),
+            (r"attn\.Wqkv\.bias$", ("qkv",)),
+            (r"attn\.Wo\.weight$", ("hidden", "v")),
+            (r"mlp\.Wi\.weight$", ("gffn", "hidden")),
+            (r"mlp\.Wi\.bias$", ("gffn",)),
+            (r"mlp\.Wo\.weight$", ("hidden", "ffn")),
+            (r"^head\.dense\.weight$", ("hidden", "hidden")),
+            (r"^classifier\.weight$", ("full", "hidden")),
+            (r"^classifier\.bias$", ("full",)),
+            (r"(norm\.(weight|bias)|Wo\.bias|head\.dense\.bias)$", ("hidden",)),
+        ]
+    ),
+    layer_pattern=re.compile(r"layers\.(\d+)\."),
+    layers_attr="layers",
+    attention_module="attn",
+    head_dim_attr="head_dim",
+    vocab_embeddings=re.compile(r"embeddings\.tok_embeddings\.weight$"),
+    heads_attr=None,  # ModernBertAttention views its fused output as (..., 3, -1, head_dim)
+    ffn_matrices=3,  # Wi holds two matrices' rows (input and gate), Wo one
+    rope=True,
+    body_modules=("head",),
+)
+
+ADAPTERS = (BERT, DISTILBERT, DEBERTA, VIT, LLAMA, OPT, PHI, GPT2, GPT_NEOX, MODERNBERT)
 
 
 def adapter_for(config_or_model: Any) -> Adapter:
@@ -511,6 +561,8 @@ def adapter_for(config_or_model: Any) -> Adapter:
                                  "supported")
             if adapter is GPT2:
                 _check_gpt2_layout(config)
+            if adapter is MODERNBERT:
+                _check_modernbert_layout(config)
             return adapter
     supported = sorted(t for a in ADAPTERS for t in a.model_types if not t.startswith("raffm_"))
     raise ValueError(f"model type {model_type!r} is not supported; supported: {', '.join(supported)}")
@@ -535,6 +587,13 @@ def _check_gpt2_layout(config: Any) -> None:
     if getattr(config, "reorder_and_upcast_attn", False):
         raise ValueError("GPT-2 with reorder_and_upcast_attn=True (an eager attention kernel that saves other tensors "
                          "for backward) is not supported")
+
+
+def _check_modernbert_layout(config: Any) -> None:
+    """Refuse the ModernBERT options the adapter and the cost model do not describe."""
+    if getattr(config, "_attn_implementation", None) in ("flash_attention_2", "flash_attention_3"):
+        raise ValueError("ModernBERT with attn_implementation flash_attention (unpadded batches) is not supported; "
+                         "use sdpa or eager")
 
 
 def tied_aliases(model: nn.Module) -> frozenset[str]:

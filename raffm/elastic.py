@@ -54,6 +54,9 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    ModernBertConfig,
+    ModernBertForSequenceClassification,
+    ModernBertModel,
     OPTConfig,
     OPTForCausalLM,
     OPTForSequenceClassification,
@@ -159,8 +162,8 @@ def _elastic_config(base: type[PretrainedConfig], model_type: str) -> type[Pretr
 
 # stock config -> the stock model classes built on it, each with the Auto factory that should load its elastic twin.
 # RoBERTa, XLM-R, CamemBERT and ELECTRA copy BERT's module layout (ELECTRA-small adds an embedding projection);
-# DistilBERT has an adapter of its own (raffm.arch). OPT, Phi, GPT-2 and GPT-NeoX are the decoder families with a body
-# and a classifier too.
+# DistilBERT and ModernBERT have adapters of their own (raffm.arch). OPT, Phi, GPT-2 and GPT-NeoX are the decoder
+# families with a body and a classifier too.
 _STOCK: dict[type[PretrainedConfig], tuple[tuple[type[PreTrainedModel], Any], ...]] = {
     BertConfig: ((BertModel, AutoModel), (BertForSequenceClassification, AutoModelForSequenceClassification)),
     RobertaConfig: ((RobertaModel, AutoModel), (RobertaForSequenceClassification, AutoModelForSequenceClassification)),
@@ -173,6 +176,8 @@ _STOCK: dict[type[PretrainedConfig], tuple[tuple[type[PreTrainedModel], Any], ..
                        (DistilBertForSequenceClassification, AutoModelForSequenceClassification)),
     DebertaV2Config: ((DebertaV2Model, AutoModel),
                       (DebertaV2ForSequenceClassification, AutoModelForSequenceClassification)),
+    ModernBertConfig: ((ModernBertModel, AutoModel),
+                       (ModernBertForSequenceClassification, AutoModelForSequenceClassification)),
     ViTConfig: ((ViTModel, AutoModel), (ViTForImageClassification, AutoModelForImageClassification)),
     LlamaConfig: ((LlamaForCausalLM, AutoModelForCausalLM),),
     Qwen2Config: ((Qwen2ForCausalLM, AutoModelForCausalLM),),

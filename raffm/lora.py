@@ -21,7 +21,8 @@ parameters as before wrapping.
 Target modules are given by name, peft-style: a target ``t`` matches a module named ``t`` or ending in ``.t``
 (``DEFAULT_TARGETS`` per architecture: Llama ``q/k/v/o_proj, gate/up/down_proj``; BERT ``query/key/value/dense``;
 DeBERTa ``query_proj/key_proj/value_proj/dense``; OPT ``q/k/v/out_proj, fc1/fc2``; Phi ``q/k/v_proj, dense,
-fc1/fc2``; GPT-2 ``c_attn, c_proj, c_fc``).
+fc1/fc2``; GPT-2 ``c_attn, c_proj, c_fc``; GPT-NeoX ``query_key_value, dense, dense_h_to_4h, dense_4h_to_h``;
+ModernBERT ``Wqkv, Wo, Wi``).
 A target that matches nothing, or matches a module that is neither an ``nn.Linear`` nor a ``Conv1D``, is a
 ``ValueError``.
 
@@ -51,6 +52,7 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "phi": ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"),
     "gpt2": ("c_attn", "c_proj", "c_fc"),  # c_proj: the attention output's and the FFN's
     "gpt_neox": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+    "modernbert": ("Wqkv", "Wo", "Wi"),  # Wo: the attention output's and the FFN's
 }
 A_SUFFIX, B_SUFFIX = ".lora_A", ".lora_B"
 

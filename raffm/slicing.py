@@ -99,6 +99,9 @@ def _axis_view(
     layer = spec.layers[axis.layer]
     if axis.kind == "ffn":
         return (size,), (layer.ffn,)
+    if axis.kind == "gffn":  # a gated FFN's fused [input | gate] rows: the same leading neurons of each half
+        parts = FUSED_PARTS[axis.kind]
+        return (parts, size // parts), (parts, layer.ffn)
     outer = container.layers[axis.layer]  # qk / v / kv: [heads, head_dim] of the container
     if axis.kind == "q":  # grouped queries: [kv_heads, group, head_dim]; a cut keeps every query head of a kept group
         return (outer.heads, dims.group, outer.head_dim), (layer.heads, dims.group, layer.head_dim)

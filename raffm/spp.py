@@ -8,7 +8,8 @@ the network computes exactly the same function; only which channels are *leading
 2. within every head, query/key dimensions ranked by (|q_j|_1 + |k_j|_1) / 2 with ONE permutation shared by W_q
    and W_k (scores are unchanged: x W_q P (x W_k P)^T = x W_q W_k^T x^T);
 3. within every head, value dimensions ranked by their V rows plus the matching attention-output columns;
-4. feed-forward neurons ranked by their W_in row plus W_out column (SwiGLU: gate row + up row + down column).
+4. feed-forward neurons ranked by their W_in row plus W_out column (SwiGLU: gate row + up row + down column; a
+   fused GLU input, ModernBERT's ``Wi`` ``[input | gate]``: both of its rows, one order applied in both halves).
 Steps 2 and 3 are skipped for models whose specs keep every head dimension (see :func:`prioritize_state`).
 A fused projection (GPT-2's ``c_attn``, ``[q | k | v]``) is ranked and permuted per part: each part is ``[heads,
 head_dim]``, a head's score sums its three parts, and one head order is applied inside every part. One fused per
@@ -28,7 +29,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from raffm.arch import FUSED_PARTS, HEAD_KINDS, Adapter, Axis, adapter_for
+from raffm.arch import FFN_KINDS, FUSED_PARTS, HEAD_KINDS, Adapter, Axis, adapter_for
 from raffm.spec import ModelDims
 
 Layouts = dict[str, tuple[Axis, ...]]
@@ -49,9 +50,10 @@ def _axis_scores(
     score: ScoreFn,
     units: int | None = None,
 ) -> torch.Tensor:
-    """The summed score of every index of the matching axes; with ``units``, of every unit (head or KV group) of
-    them: each axis is viewed as ``[parts, units, -1]`` (one part unless fused, :data:`raffm.arch.FUSED_PARTS`), so
-    axes of different widths (grouped queries and their KV rows, a fused q/k/v) add up per unit."""
+    """The summed score of every index of the matching axes; with ``units``, of every unit (head, KV group or FFN
+    neuron) of them: each axis is viewed as ``[parts, units, -1]`` (one part unless fused, :data:`raffm.arch.FUSED_PARTS`), so
+    axes of different widths (grouped queries and their KV rows, a fused q/k/v or GLU input) add up per
+    unit."""
     total: torch.Tensor | None = None
     for name, axes in layouts.items():
         tensor = state[name]
@@ -125,9 +127,11 @@ def prioritize_state(
             _apply(out, layouts, within, flat)
 
         def ffn_of(axis: Axis, layer: int = layer) -> bool:
-            return axis.layer == layer and axis.kind == "ffn"
+            return axis.layer == layer and axis.kind in FFN_KINDS
 
-        _apply(out, layouts, ffn_of, _descending(_axis_scores(out, layouts, ffn_of, score)))
+        # units of one neuron each: a fused GLU input's two halves add up per neuron and move together
+        ffn_order = _descending(_axis_scores(out, layouts, ffn_of, score, units=dims.ffn))
+        _apply(out, layouts, ffn_of, ffn_order, units=dims.ffn)
 
     return {name: t.contiguous() for name, t in out.items()}
 

@@ -28,6 +28,9 @@ from transformers import (
     GPTNeoXModel,
     LlamaConfig,
     LlamaForCausalLM,
+    ModernBertConfig,
+    ModernBertForSequenceClassification,
+    ModernBertModel,
     OPTConfig,
     OPTForCausalLM,
     OPTForSequenceClassification,
@@ -73,13 +76,21 @@ GPT2: dict[str, Any] = dict(n_embd=SMALL["hidden_size"], n_layer=SMALL["num_hidd
 # GPT-NeoX (Pythia's layout): q/k/v fused per head, a quarter of every head's 12 dimensions rotating (rotary_pct).
 NEOX: dict[str, Any] = dict(**SMALL, max_position_embeddings=64, pad_token_id=0)
 
+# ModernBERT: rotary attention alternating global and sliding-window layers (a 6-token window, so the 12-token inputs
+# see it), a GLU FFN; special token ids inside the small vocabulary.
+MODERNBERT: dict[str, Any] = dict(**SMALL, max_position_embeddings=64, local_attention=6, global_attn_every_n_layers=2,
+                                  pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
+# Every optional bias of ModernBERT on (none by default), so their rules are exercised too.
+MODERNBERT_BIASES: dict[str, Any] = dict(attention_bias=True, mlp_bias=True, norm_bias=True, classifier_bias=True)
+
 
 def _randomize_layernorms(model: PreTrainedModel) -> PreTrainedModel:
     """Non-trivial LayerNorm affine params, so a wrong permutation of them would show in the outputs."""
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if any(n in name for n in ("LayerNorm", "layernorm", "layer_norm", "ln_")) or name.endswith("bias"):
+            modern = type(model).__name__.startswith(("ModernBert", "ElasticModernBert")) and "norm." in name
+            if any(n in name for n in ("LayerNorm", "layernorm", "layer_norm", "ln_")) or name.endswith("bias") or modern:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
     return model.eval()
 
@@ -140,6 +151,13 @@ def make(kind: str, seed: int = 0) -> PreTrainedModel:
         model = GPTNeoXModel(GPTNeoXConfig(vocab_size=120, use_parallel_residual=False, **NEOX))
     elif kind == "neox-classifier":  # scores every position, keeps the last non-padding one
         model = GPTNeoXForSequenceClassification(GPTNeoXConfig(vocab_size=120, num_labels=3, **NEOX))
+    elif kind == "modernbert":  # the sequence classifier, mean pooling, every optional bias on
+        model = ModernBertForSequenceClassification(ModernBertConfig(
+            vocab_size=120, num_labels=3, classifier_pooling="mean", **MODERNBERT_BIASES, **MODERNBERT))
+    elif kind == "modernbert-base":  # the body, no biases (every ModernBERT checkpoint's layout)
+        model = ModernBertModel(ModernBertConfig(vocab_size=120, **MODERNBERT))
+    elif kind == "modernbert-cls":  # the classifier on the first token, no biases
+        model = ModernBertForSequenceClassification(ModernBertConfig(vocab_size=120, num_labels=3, **MODERNBERT))
     elif kind == "llama-tied":  # a Llama whose LM head is its token embedding (SmolLM2's layout)
         model = LlamaForCausalLM(LlamaConfig(vocab_size=120, tie_word_embeddings=True, **SMALL))
     elif kind == "vit":

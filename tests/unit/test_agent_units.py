@@ -344,7 +344,8 @@ def test_cached_tensors_are_read_in_pieces_and_a_damaged_file_is_dropped(
 
 
 @pytest.mark.parametrize("kind", ["roberta", "xlm-roberta", "camembert", "distilbert", "opt-classifier",
-                                  "gpt2-classifier", "neox-classifier"])
+                                  "gpt2-classifier", "neox-classifier", "modernbert",
+                                  "modernbert-cls"])
 def test_a_device_builds_the_slice_of_every_encoder_family_from_the_manifest_alone(kind: str) -> None:
     """What a device receives (the global config as JSON, the slice's tensors) rebuilds the extracted sub-model, with
     the buffers each family keeps out of the download (position ids, token types)."""

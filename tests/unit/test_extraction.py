@@ -18,11 +18,12 @@ from raffm.elastic import extract, plan_for
 from raffm.slicing import coverage_mask, scatter, slice_state
 from raffm.spec import ElasticSpec, LayerSpec, ModelDims
 from raffm.spp import prioritize
-from tests.unit.models_fixtures import GPT2, OPT, PHI, inputs, make, output
+from tests.unit.models_fixtures import GPT2, MODERNBERT, OPT, PHI, inputs, make, output
 
 KINDS = ["bert", "bert-base", "roberta", "xlm-roberta", "camembert", "electra-base", "electra-small", "distilbert",
          "deberta", "deberta-v2", "opt", "opt-base", "opt-classifier", "phi", "phi-base", "phi-classifier", "gpt2",
-         "gpt2-base", "gpt2-classifier", "neox", "neox-base", "neox-classifier", "vit", "vit-base"]
+         "gpt2-base", "gpt2-classifier", "neox", "neox-base", "neox-classifier", "modernbert", "modernbert-base", "modernbert-cls", "vit",
+         "vit-base"]
 AUTO = {"bert": AutoModelForSequenceClassification, "roberta": AutoModelForSequenceClassification,
         "electra-small": AutoModelForSequenceClassification,
         "xlm-roberta": AutoModelForSequenceClassification, "camembert": AutoModelForSequenceClassification,
@@ -31,7 +32,8 @@ AUTO = {"bert": AutoModelForSequenceClassification, "roberta": AutoModelForSeque
         "opt-classifier": AutoModelForSequenceClassification, "phi": AutoModelForCausalLM, "phi-base": AutoModel,
         "phi-classifier": AutoModelForSequenceClassification, "gpt2": AutoModelForCausalLM, "gpt2-base": AutoModel,
         "gpt2-classifier": AutoModelForSequenceClassification, "neox": AutoModelForCausalLM, "neox-base": AutoModel,
-        "neox-classifier": AutoModelForSequenceClassification,
+        "neox-classifier": AutoModelForSequenceClassification, "modernbert": AutoModelForSequenceClassification,
+        "modernbert-base": AutoModel, "modernbert-cls": AutoModelForSequenceClassification,
         "vit": AutoModelForImageClassification, "bert-base": AutoModel, "vit-base": AutoModel, "electra-base": AutoModel}
 
 
@@ -288,3 +290,44 @@ def test_gpt2_options_the_adapter_does_not_describe_are_refused(overrides: dict[
         adapter_for(GPT2Config(vocab_size=120, **{**GPT2, **overrides}))
     config = GPT2Config(vocab_size=120, **{**GPT2, "n_inner": None})
     assert adapter_for(config).name == "gpt2" and adapter_for(config).dims(config).ffn == 4 * GPT2["n_embd"]
+
+
+@pytest.mark.parametrize("kind", ["modernbert", "modernbert-base", "modernbert-cls"])
+def test_modernbert_keeps_whole_heads_and_the_same_glu_neurons_in_both_halves(kind: str) -> None:
+    """ModernBERT's Wqkv rows are [q | k | v] ([3, heads, head_dim]) and its GLU's Wi rows [input | gate] ([2, ffn]):
+    keeping 2 of 4 heads and 40 of 96 neurons keeps the leading 2 heads of each part and the leading 40 neurons of
+    each half, so the sub-model computes exactly the global model with the other heads' value rows and the other
+    neurons' Wo columns zeroed (they then add nothing); a depth cut keeps each layer's global or sliding attention."""
+    model = prioritize(make(kind))
+    dims = adapter_for(model).dims(model.config)
+    assert dims.fixed_head_dim and (dims.heads, dims.head_dim, dims.ffn) == (4, 12, 96)
+    spec = ElasticSpec.uniform(dims, heads=2, ffn=40)
+    masked = prioritize(make(kind))
+    with torch.no_grad():
+        for layer in masked.base_model.layers:
+            layer.attn.Wqkv.weight.view(3, dims.heads, dims.head_dim, -1)[2, 2:] = 0
+            if layer.attn.Wqkv.bias is not None:
+                layer.attn.Wqkv.bias.view(3, dims.heads, dims.head_dim)[2, 2:] = 0
+            layer.mlp.Wo.weight[:, 40:] = 0
+    sub = extract(model, spec)
+    layer = sub.base_model.layers[0]
+    assert layer.attn.head_dim == dims.head_dim
+    assert layer.attn.Wqkv.weight.shape == (3 * 2 * dims.head_dim, dims.hidden)
+    assert layer.mlp.Wi.weight.shape == (2 * 40, dims.hidden)
+    assert torch.equal(layer.mlp.Wi.weight[40:], model.base_model.layers[0].mlp.Wi.weight[96:136])  # the gate half
+    batch = inputs(kind)
+    cut = output(sub, batch)
+    assert (cut - output(masked, batch)).abs().max().item() <= 1e-5
+    assert (cut - output(model, batch)).abs().max().item() > 1e-3  # the cut really changed the model
+    shallow = extract(model, ElasticSpec.uniform(dims, heads=4, ffn=96, depth=2))
+    assert [l.attention_type for l in shallow.base_model.layers] == ["full_attention", "sliding_attention"]
+
+
+def test_modernbert_with_flash_attention_is_refused() -> None:
+    """Flash attention unpads the batch (other kernels, other saved tensors): refused by name, not mis-priced."""
+    from transformers import ModernBertConfig
+
+    config = ModernBertConfig(vocab_size=120, attn_implementation="flash_attention_2", **MODERNBERT)
+    with pytest.raises(ValueError, match="flash_attention"):
+        adapter_for(config)
+    assert adapter_for(ModernBertConfig(vocab_size=120, **MODERNBERT)).name == "modernbert"

@@ -1,5 +1,5 @@
 """LoRA on a device's slice (raffm.lora): init and merge equivalence, frozen base, stable adapter names, clear errors;
-on tiny random-init Llama, BERT, DeBERTa, OPT, Phi and GPT-2 configs."""
+on tiny random-init Llama, BERT, DeBERTa, OPT, Phi, GPT-2, GPT-NeoX and ModernBERT configs."""
 
 from __future__ import annotations
 
@@ -100,6 +100,17 @@ def neox(seed: int = 0) -> PreTrainedModel:
     return GPTNeoXForCausalLM(config).eval()
 
 
+def modernbert(seed: int = 0) -> PreTrainedModel:
+    """ModernBERT: one fused q/k/v nn.Linear, a GLU FFN whose Wi holds input and gate rows, no biases."""
+    from transformers import ModernBertConfig, ModernBertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = ModernBertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=96, max_position_embeddings=32, num_labels=3, pad_token_id=0,
+                              bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2, local_attention=4)
+    return ModernBertForSequenceClassification(config).eval()
+
+
 def ids(seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(seed))
 
@@ -129,7 +140,8 @@ SMALL = ElasticSpec(hidden=64, layers=(LayerSpec(heads=1, head_dim=16, ffn=40), 
 @pytest.mark.parametrize("make,targets", [(llama, LLAMA_T), (bert, DEFAULT_TARGETS["bert"]),
                                           (deberta, DEFAULT_TARGETS["deberta-v2"]), (opt, DEFAULT_TARGETS["opt"]),
                                           (phi, DEFAULT_TARGETS["phi"]), (gpt2, DEFAULT_TARGETS["gpt2"]),
-                                          (neox, DEFAULT_TARGETS["gpt_neox"])])
+                                          (neox, DEFAULT_TARGETS["gpt_neox"]),
+                                          (modernbert, DEFAULT_TARGETS["modernbert"])])
 def test_wrapped_model_starts_equal_to_the_base_and_trains_only_adapters(make, targets) -> None:  # type: ignore[no-untyped-def]
     model = make()
     before = logits(model)
@@ -217,7 +229,8 @@ def test_adapters_round_trip_and_bad_inputs_say_what_is_wrong() -> None:
 @pytest.mark.parametrize("make,targets", [(llama, LLAMA_T), (bert, DEFAULT_TARGETS["bert"]),
                                           (deberta, DEFAULT_TARGETS["deberta-v2"]), (opt, DEFAULT_TARGETS["opt"]),
                                           (phi, DEFAULT_TARGETS["phi"]), (gpt2, DEFAULT_TARGETS["gpt2"]),
-                                          (neox, DEFAULT_TARGETS["gpt_neox"])])
+                                          (neox, DEFAULT_TARGETS["gpt_neox"]),
+                                          (modernbert, DEFAULT_TARGETS["modernbert"])])
 def test_cost_model_prices_the_real_wrapped_model(make, targets) -> None:  # type: ignore[no-untyped-def]
     model = make()
     cm = CostModel.from_model(model)

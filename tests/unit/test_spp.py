@@ -13,7 +13,8 @@ from tests.unit.models_fixtures import inputs, make, output
 
 KINDS = ["bert", "bert-base", "roberta", "xlm-roberta", "camembert", "electra-base", "electra-small", "distilbert",
          "deberta", "deberta-v2", "opt", "opt-base", "opt-classifier", "phi", "phi-base", "phi-classifier", "gpt2",
-         "gpt2-base", "gpt2-classifier", "neox", "neox-base", "neox-classifier", "vit", "vit-base"]
+         "gpt2-base", "gpt2-classifier", "neox", "neox-base", "neox-classifier", "modernbert", "modernbert-base", "modernbert-cls", "vit",
+         "vit-base"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -101,6 +102,27 @@ def test_spp_ranks_whole_heads_of_a_projection_fused_per_head() -> None:
     assert order != sorted(order)  # a real reordering
     old_dense = before[prefix + "dense.weight"].view(-1, dims.heads, dims.head_dim)
     assert torch.equal(dense.view(-1, dims.heads, dims.head_dim), old_dense[:, order])
+
+
+def test_spp_ranks_glu_neurons_by_both_halves_and_moves_them_together() -> None:
+    """ModernBERT's Wi ([input | gate, in]): a neuron's score sums its input row, its gate row and its Wo column; one
+    order moves inside both halves and the Wo columns, so input j is still gated by gate j."""
+    model = make("modernbert")
+    adapter = adapter_for(model)
+    dims = adapter.dims(model.config)
+    before = model.state_dict()
+    state = prioritize_state(before, adapter, dims)
+    prefix = "model.layers.1.mlp."
+    wi, wo = state[prefix + "Wi.weight"], state[prefix + "Wo.weight"]
+    neurons = l1_score(wi, 0).view(2, dims.ffn).sum(0) + l1_score(wo, 1)
+    assert torch.all(neurons[:-1] >= neurons[1:])
+    old = before[prefix + "Wi.weight"].view(2, dims.ffn, -1)
+    new = wi.view(2, dims.ffn, -1)
+    order = [next(j for j in range(dims.ffn) if torch.equal(new[0, i], old[0, j])) for i in range(dims.ffn)]
+    assert order != sorted(order)  # a real reordering
+    assert torch.equal(new, old[:, order]) and torch.equal(state[prefix + "Wi.bias"].view(2, -1),
+                                                           before[prefix + "Wi.bias"].view(2, -1)[:, order])
+    assert torch.equal(wo, before[prefix + "Wo.weight"][:, order])
 
 
 def test_spp_is_idempotent() -> None:

@@ -80,7 +80,7 @@ def test_a_probe_round_trains_the_task_head_of_the_spec_the_device_fine_tunes_af
 
 
 @pytest.mark.parametrize("kind", ["roberta", "vit", "bert-base", "opt-classifier", "gpt2-classifier",
-                                  "neox-classifier"])
+                                  "neox-classifier", "modernbert", "modernbert-cls"])
 def test_the_task_head_is_what_the_task_model_adds_to_its_body(kind: str) -> None:
     """A decoder's classifier (OPT's ``score``) is a fresh head too: probed like an encoder's."""
     cm = CostModel.from_model(make(kind))

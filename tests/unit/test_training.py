@@ -24,7 +24,7 @@ VOCAB = "bert.embeddings.word_embeddings.weight"
 
 @pytest.mark.parametrize("kind", ["bert", "roberta", "camembert", "distilbert", "deberta", "opt", "opt-classifier",
                                   "phi", "phi-classifier", "gpt2", "gpt2-classifier", "neox", "neox-classifier",
-                                  "vit"])
+                                  "modernbert", "modernbert-cls", "vit"])
 def test_a_nested_cut_computes_exactly_the_extracted_cut(kind: str) -> None:
     model = prioritize(make(kind))
     dims = adapter_for(model).dims(model.config)
