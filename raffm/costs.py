@@ -96,6 +96,26 @@ Activations ``A``: what autograd saves in torch 2.13 (CPU, ``attn_implementation
   vocabulary and the first layer frozen or not) for the causal LM and the sequence classifier on a padded batch; an
   unpadded batch (no mask: SDPA runs causal) saves ``B L^2`` per layer less. FLOPs equal FlopCounterMode's (eager).
   Activation functions other than exact GELU (Pythia's) are priced as it.
+- ModernBERT (pre-LN without biases by default, one fused q/k/v projection, rotary embeddings with one theta for the
+  global layers and another for the sliding-window ones, a GELU GLU FFN, a prediction head and a classifier; dropout
+  on the embeddings, the attention probabilities and output, inside the FFN and before the classifier, all 0.0 by
+  default): per layer ``T (4h + 6a + 4f) + 4T + B * heads * L + B L^2`` (each LayerNorm's input and statistics,
+  its output the next projection keeps; the flash kernel's rotated queries and keys, the fused projection's output
+  ``3 T a`` that keeps the values, its log-sum-exp, its output copy for ``Wo`` and the padding or window mask; the
+  GLU's fused input projection's output ``2 T f`` (GELU's input and the gate are views of it), GELU's output and the
+  gated product), ``T h + 2 T`` less in layer 0 (no LayerNorm before its attention); with attention dropout the math
+  kernel's ``4 T a + 3 S`` (``6 T a``: a single head's values are a view of the fused output) and the output
+  dropout's mask ``T h`` instead; ``T f`` more with FFN dropout; the rotary cos and sin ``2 L head_dim`` once per
+  attention type among the trained layers. Outside the layers: token ids and
+  the embeddings' LayerNorm ``T h + 4 T`` (+``T h`` embedding dropout), the final LayerNorm ``T h + 2 T`` and what
+  the pooling keeps (``cls``: the final output ``T h``, through the first-token view; ``mean``: the int64 mask and
+  its row sums ``2 T + 2 B``, and the pooled ``B h``), the head's GELU input, LayerNorm and classifier input
+  ``3 B h + 2 B`` (+``B h`` classifier dropout), the loss's log-softmax, int64 labels and normaliser. Exact against
+  autograd (every dropout on or off, ``cls`` or ``mean`` pooling, cut or not, a single head or several, the
+  vocabulary and the first layer frozen or not) for the sequence classifier on a padded batch; an unpadded batch
+  (no mask for the global layers) saves ``B L^2`` less per global layer. FLOPs equal FlopCounterMode's (eager). A
+  bare ``ModernBertModel`` is priced as the classifier (its head, which it lacks,
+  included).
 
 Measured against RSS (``raffm.memory``, glibc allocator configured by ``configure_allocator``): within 2% for
 MiniLM at batch 16 x 64 tokens across hidden widths 96-384. Text batches are padded to their longest text only
@@ -352,6 +372,42 @@ def neox_layer_activation_elements(w: _Widths, *, batch_size: int, seq_len: int,
             for saved, heads, a in zip(layers, w.heads, w.a)]
 
 
+def modernbert_layer_activation_elements(w: _Widths, *, batch_size: int, seq_len: int, ffn_dropout: bool,
+                                         attention_dropout: bool, head_dim: int, layer_types: tuple[str, ...],
+                                         trained_from: int = 0) -> list[int]:
+    """fp32 elements autograd saves in each ModernBERT layer of one training forward (module docstring); the rotary
+    cos and sin of each attention type (``layer_types``, by layer index) are counted in the first layer of that type
+    from ``trained_from`` on (layers below it save nothing)."""
+    b, h, tokens = batch_size, w.hidden, batch_size * seq_len
+    seen: set[str] = set()
+    per_layer = []
+    for i, (heads, a, f) in enumerate(zip(w.heads, w.a, w.f)):
+        saved = tokens * (4 * h + 4 * f) + 4 * tokens - (tokens * h + 2 * tokens if i == 0 else 0)
+        if attention_dropout:  # the math kernel: scaled q, k, v and 3 S; the output dropout's mask
+            saved += 4 * tokens * a + 3 * b * heads * seq_len * seq_len + tokens * h
+            saved += 2 * tokens * a if heads == 1 else 0  # a single head's values: a view of the fused output
+        else:
+            saved += 6 * tokens * a + b * heads * seq_len + b * seq_len * seq_len
+        saved += tokens * f if ffn_dropout else 0
+        kind = layer_types[i] if i < len(layer_types) else ""
+        if i >= trained_from and kind not in seen:
+            seen.add(kind)
+            saved += 2 * seq_len * head_dim
+        per_layer.append(saved)
+    return per_layer
+
+
+def modernbert_outside_activation_elements(w: _Widths, *, batch_size: int, seq_len: int, num_labels: int,
+                                           pooling: str, head_dropout: bool) -> int:
+    """fp32 elements a ModernBERT sequence classifier's training forward with labels saves above its layers (module
+    docstring): the final LayerNorm, the pooling, the prediction head, the classifier and the loss."""
+    b, h, tokens = batch_size, w.hidden, batch_size * seq_len
+    total = tokens * h + 2 * tokens  # final LayerNorm: input and statistics
+    total += tokens * h if pooling == "cls" else 2 * tokens + 2 * b + b * h  # what the head's dense layer reads
+    total += 3 * b * h + 2 * b + (b * h if head_dropout else 0)  # GELU input, LayerNorm, the classifier's input
+    return total + b * num_labels + 2 * b + 1  # log-softmax, int64 labels, the loss's normaliser
+
+
 def outside_activation_elements(w: _Widths, *, batch_size: int, seq_len: int, vocab: int, num_labels: int,
                                 inputs: int, head_trains: bool = True, rotary: int = 0) -> int:
     """fp32 elements an OPT, Phi, GPT-2 or GPT-NeoX training forward with labels saves outside its layers (module
@@ -446,7 +502,10 @@ class CostModel:
     ``attention_dropout`` / ``embedding_dropout``: whether training runs with dropout > 0 there (changes what autograd
     saves); ``embedding_dropout`` is GPT-2's on the embeddings' sum (``embd_pdrop``) or GPT-NeoX's on the token
     embeddings (default: as ``hidden_dropout``); ``parallel_residual``: GPT-NeoX's ``use_parallel_residual``;
-    ``rotary_dims``: the dimensions of every head that rotary embeddings rotate (default: all of them).
+    ``rotary_dims``: the dimensions of every head that rotary embeddings rotate (default: all of them). ModernBERT:
+    ``hidden_dropout`` is its FFN's (``mlp_dropout``), ``head_dropout`` the classifier's (default: as
+    ``hidden_dropout``), ``layer_types`` each layer's attention type (its own rotary cos and sin; empty: one type)
+    and ``pooling`` its ``classifier_pooling``.
     """
 
     def __init__(
@@ -460,6 +519,9 @@ class CostModel:
         embedding_dropout: bool | None = None,
         parallel_residual: bool = False,
         rotary_dims: int | None = None,
+        head_dropout: bool | None = None,
+        layer_types: tuple[str, ...] = (),
+        pooling: str = "cls",
     ) -> None:
         self.adapter = adapter
         self.dims = dims
@@ -469,6 +531,11 @@ class CostModel:
         self.attention_dropout = default if attention_dropout is None else attention_dropout
         self.embedding_dropout = self.hidden_dropout if embedding_dropout is None else embedding_dropout
         self.parallel_residual = parallel_residual
+        self.head_dropout = self.hidden_dropout if head_dropout is None else head_dropout
+        self.layer_types = tuple(layer_types)
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling is {pooling!r}; it must be 'cls' or 'mean'")
+        self.pooling = pooling
         self.rotary_dims = dims.head_dim if rotary_dims is None else rotary_dims
         self.num_labels = self._num_labels()
         self.token_head = any(n.endswith("classifier.out_proj.weight") for n in self.shapes)  # RoBERTa's, ELECTRA's
@@ -495,6 +562,12 @@ class CostModel:
                                                                "attn_pdrop") if hasattr(config, n)), 0.0)
         dims = adapter.dims(config)
         rope = getattr(config, "rope_parameters", None) or {}
+        if adapter.name == "modernbert":  # dropouts of its own names; rotary per attention type, over whole heads
+            return cls(adapter, dims, canonical_shapes(model), hidden_dropout=float(config.mlp_dropout) > 0,
+                       attention_dropout=float(config.attention_dropout) > 0,
+                       embedding_dropout=float(config.embedding_dropout) > 0,
+                       head_dropout=float(config.classifier_dropout) > 0, layer_types=tuple(config.layer_types),
+                       pooling=str(config.classifier_pooling))
         return cls(
             adapter,
             dims,
@@ -682,6 +755,16 @@ class CostModel:
                 w, batch_size=batch_size, seq_len=seq_len, vocab=self.lm_vocab, num_labels=self.num_labels,
                 inputs=self._decoder_inputs(w, batch_size, seq_len, embedding_dropout),
                 head_trains=not head.isdisjoint(trained), rotary=self.rotary_dims if self.adapter.rope else 0)
+        elif self.adapter.name == "modernbert":
+            layers = modernbert_layer_activation_elements(
+                w, batch_size=batch_size, seq_len=seq_len, ffn_dropout=hidden_dropout,
+                attention_dropout=options["attention_dropout"], head_dim=self.dims.head_dim,
+                layer_types=self.layer_types, trained_from=frozen_layers)
+            activations = sum(layers) + modernbert_outside_activation_elements(
+                w, batch_size=batch_size, seq_len=seq_len, num_labels=self.num_labels, pooling=self.pooling,
+                head_dropout=self.head_dropout and recipe.dropout)
+            activations += self._embedding_activations(w, batch_size, seq_len, pixels, hidden_dropout,
+                                                       embedding_dropout)
         elif self.adapter.causal_lm:
             layers = decoder_layer_activation_elements(w, batch_size=batch_size, seq_len=seq_len,
                                                        qk_norm_dim=self.dims.head_dim if self.qk_norm else 0)
@@ -723,13 +806,16 @@ class CostModel:
     def _embedding_activations(self, w: _Widths, batch_size: int, seq_len: int, pixels: int,
                                hidden_dropout: bool, embedding_dropout: bool) -> int:
         """What the input embeddings save for their backward (module docstring): BERT's LayerNorm input, output and
-        statistics, ViT's pixels; both a dropout mask with hidden dropout. OPT's, Phi's, GPT-2's and GPT-NeoX's: see
-        :meth:`_decoder_inputs`; a Llama's lookup saves only the token ids (counted with the labels)."""
+        statistics, ViT's pixels; both a dropout mask with hidden dropout; ModernBERT's token ids and LayerNorm (its
+        output is layer 0's). OPT's, Phi's, GPT-2's and GPT-NeoX's: see :meth:`_decoder_inputs`; a Llama's lookup
+        saves only the token ids (counted with the labels)."""
         tokens = batch_size * seq_len
         if self.adapter.post_ln:
             return embedding_activation_elements(tokens, w.hidden, self.embedding, hidden_dropout)
         if self.adapter.name in ("opt", "phi", "gpt2", "gpt_neox"):
             return self._decoder_inputs(w, batch_size, seq_len, embedding_dropout)
+        if self.adapter.name == "modernbert":  # int64 token ids; LayerNorm input and statistics; dropout mask
+            return tokens * w.hidden + 4 * tokens + (tokens * w.hidden if embedding_dropout else 0)
         if self.adapter.name != "vit":
             return 0
         return (tokens * w.hidden if hidden_dropout else 0) + batch_size * pixels

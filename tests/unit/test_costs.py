@@ -423,3 +423,37 @@ def test_memory_terms_add_up_and_rise_with_every_dimension() -> None:
         assert b.params > c.params and b.train_memory_mb > c.train_memory_mb and b.flops_per_sample > c.flops_per_sample
     assert cm.estimate(base, batch_size=32, seq_len=64).train_memory_mb > c.train_memory_mb
     assert cm.estimate(base, batch_size=16, seq_len=128).train_memory_mb > c.train_memory_mb
+
+
+def _tiny_modernbert(embedding: float, attention: float, mlp: float, classifier: float,
+                     pooling: str) -> torch.nn.Module:
+    from transformers import ModernBertConfig, ModernBertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = ModernBertConfig(vocab_size=500, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              intermediate_size=96, max_position_embeddings=64, num_labels=3, pad_token_id=0,
+                              bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2, local_attention=8,
+                              global_attn_every_n_layers=2, embedding_dropout=embedding, attention_dropout=attention,
+                              mlp_dropout=mlp, classifier_dropout=classifier, classifier_pooling=pooling)
+    return ModernBertForSequenceClassification(config)
+
+
+@pytest.mark.parametrize("embedding, attention, mlp, classifier, pooling", [
+    (0.0, 0.0, 0.0, 0.0, "cls"), (0.0, 0.0, 0.0, 0.0, "mean"), (0.1, 0.1, 0.1, 0.1, "cls"),
+    (0.1, 0.0, 0.1, 0.0, "mean"), (0.0, 0.1, 0.0, 0.1, "mean")])
+def test_modernbert_costs_match_what_autograd_saves_and_what_torch_counts(embedding: float, attention: float,
+                                                                          mlp: float, classifier: float,
+                                                                          pooling: str) -> None:
+    """A fused q/k/v projection, rotary embeddings with a cos and sin per attention type (global layers 0 and 2, a
+    sliding window in layer 1), a GLU FFN whose fused input projection's output holds GELU's input and the gate,
+    no LayerNorm before layer 0's attention, a prediction head on the first token or the masked mean; every dropout
+    on or off; cut to a single head and two layers (one attention type left above a frozen first layer) or not,
+    with the vocabulary and the first layer frozen or not; a batch padded to its longest text."""
+    model = _tiny_modernbert(embedding, attention, mlp, classifier, pooling)
+    cm = CostModel.from_model(model)
+    assert (cm.num_labels, cm.pooling, cm.layer_types) == (3, pooling, ("full_attention", "sliding_attention",
+                                                                        "full_attention"))
+    assert (cm.embedding_dropout, cm.attention_dropout, cm.hidden_dropout, cm.head_dropout) == (
+        embedding > 0, attention > 0, mlp > 0, classifier > 0)
+    cut = ElasticSpec(hidden=48, layers=(LayerSpec(1, 16, 40), LayerSpec(3, 16, 96)))
+    _assert_costs_exact(model, cm, cut, _padded_batch(4, 24))
