@@ -150,6 +150,24 @@ def test_an_opt_sequence_classifier_trains_a_round(tmp_path: Path) -> None:
     assert not any(".layers.0." in n or "embed_" in n for n in changed)
 
 
+def test_a_modernbert_sequence_classifier_trains_a_round(tmp_path: Path) -> None:
+    """ModernBERT: a fused q/k/v projection cut by whole heads, a GLU FFN whose fused input keeps the same neurons in
+    both halves, global and sliding-window layers with rotary embeddings. The device builds its slice from the
+    manifest, trains it above its frozen first layer and uploads; the merged version keeps every shape and moves the
+    layers above the first and the classifier, never the first layer or the embeddings."""
+    from transformers import ModernBertConfig, ModernBertForSequenceClassification
+
+    torch.manual_seed(0)
+    runner, v0, v1 = _one_round(tmp_path, ModernBertForSequenceClassification(ModernBertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64, num_labels=2, local_attention=8, global_attn_every_n_layers=2,
+        pad_token_id=0, cls_token_id=101, sep_token_id=102, bos_token_id=101, eos_token_id=102)))  # MiniLM's ids
+    assert runner.assignments[0].task.architecture == "modernbert"
+    changed = {n for n in v0 if not torch.equal(v0[n], v1[n])}
+    assert {"classifier.weight", "model.layers.1.attn.Wqkv.weight", "model.layers.1.mlp.Wi.weight"} <= changed
+    assert not any(".layers.0." in n or "embeddings" in n for n in changed)
+
+
 def test_restarted_agent_keeps_its_identity(tmp_path: Path, model: Path) -> None:
     fleet = Fleet(tmp_path, job(model, rounds=2)).start()
     try:
