@@ -51,9 +51,9 @@ def _axis_scores(
     units: int | None = None,
 ) -> torch.Tensor:
     """The summed score of every index of the matching axes; with ``units``, of every unit (head, KV group or FFN
-    neuron) of them: each axis is viewed as ``[parts, units, -1]`` (one part unless fused, :data:`raffm.arch.FUSED_PARTS`), so
-    axes of different widths (grouped queries and their KV rows, a fused q/k/v or GLU input) add up per
-    unit."""
+    neuron) of them: each axis is viewed as ``[parts, units, -1]`` (one part unless fused,
+    :data:`raffm.arch.FUSED_PARTS`), so axes of different widths (grouped queries and their KV rows, a fused q/k/v or
+    GLU input) add up per unit."""
     total: torch.Tensor | None = None
     for name, axes in layouts.items():
         tensor = state[name]

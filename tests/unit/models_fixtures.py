@@ -89,8 +89,9 @@ def _randomize_layernorms(model: PreTrainedModel) -> PreTrainedModel:
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            modern = type(model).__name__.startswith(("ModernBert", "ElasticModernBert")) and "norm." in name
-            if any(n in name for n in ("LayerNorm", "layernorm", "layer_norm", "ln_")) or name.endswith("bias") or modern:
+            norm = any(n in name for n in ("LayerNorm", "layernorm", "layer_norm", "ln_"))
+            norm |= type(model).__name__.startswith("ModernBert") and "norm." in name  # norm, attn_norm, mlp_norm...
+            if norm or name.endswith("bias"):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
     return model.eval()
 

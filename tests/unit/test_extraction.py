@@ -22,8 +22,8 @@ from tests.unit.models_fixtures import GPT2, MODERNBERT, OPT, PHI, inputs, make,
 
 KINDS = ["bert", "bert-base", "roberta", "xlm-roberta", "camembert", "electra-base", "electra-small", "distilbert",
          "deberta", "deberta-v2", "opt", "opt-base", "opt-classifier", "phi", "phi-base", "phi-classifier", "gpt2",
-         "gpt2-base", "gpt2-classifier", "neox", "neox-base", "neox-classifier", "modernbert", "modernbert-base", "modernbert-cls", "vit",
-         "vit-base"]
+         "gpt2-base", "gpt2-classifier", "neox", "neox-base", "neox-classifier", "modernbert", "modernbert-base",
+         "modernbert-cls", "vit", "vit-base"]
 AUTO = {"bert": AutoModelForSequenceClassification, "roberta": AutoModelForSequenceClassification,
         "electra-small": AutoModelForSequenceClassification,
         "xlm-roberta": AutoModelForSequenceClassification, "camembert": AutoModelForSequenceClassification,
