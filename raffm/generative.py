@@ -94,7 +94,8 @@ def labelled_instructions(data: TextDataset, *, template: str = LABEL_PROMPT) ->
     if "{text}" not in template:
         raise ValueError(f"the prompt template {template!r} has no {{text}} field")
     texts = data.texts if data.pairs is None else [f"{t}\n{p}" for t, p in zip(data.texts, data.pairs)]
-    return InstructionDataset([template.format(text=t) for t in texts], [f" {data.label_names[y]}" for y in data.labels])
+    return InstructionDataset([template.format(text=t) for t in texts],
+                              [f" {data.label_names[y]}" for y in data.labels])
 
 
 def first_record(path: str | Path) -> dict[str, object] | None:

@@ -181,9 +181,9 @@ def prepare_data(settings: DemoSettings, data_dir: Path) -> DemoData:
 
 
 def split_and_write(settings: DemoSettings, data: Any, data_dir: Path) -> DemoData:
-    """Hold out ``test_size`` examples (seeded; by default a fifth, at most :data:`TEST_SIZE`), then ``distill_size`` for the server's distillation step when the
-    strategy distils (written without labels), keep at most ``max_train`` of the rest, and write them for the agents
-    and the aggregator to read."""
+    """Hold out ``test_size`` examples (seeded; by default a fifth, at most :data:`TEST_SIZE`), then
+    ``distill_size`` for the server's distillation step when the strategy distils (written without labels), keep at
+    most ``max_train`` of the rest, and write them for the agents and the aggregator to read."""
     import random
 
     from edge_agent.simulate import write_share

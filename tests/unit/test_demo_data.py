@@ -1,5 +1,6 @@
 """`raffm demo --data FILE`: a text file's columns are found by their names or named by the user, sentence pairs
-stay pairs, and the files the demo writes for its fleet and its server are what the agent and the aggregator read by default."""
+stay pairs, and the files the demo writes for its fleet and its server are what the agent and the aggregator read by
+default."""
 
 from __future__ import annotations
 
