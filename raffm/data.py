@@ -318,6 +318,7 @@ def load_image_file(path: str | Path) -> ImageDataset:
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+SPLIT_NAMES = {"train", "training", "test", "testing", "val", "valid", "validation", "dev"}  # never label folders
 IMAGE_SIDE = 224  # the side a folder's larger images are resized to (ViT's); smaller squares keep their own
 
 
@@ -331,7 +332,12 @@ def load_image_folder(path: str | Path, *, label_names: Sequence[str] = ()) -> I
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"image folder {path} does not exist")
     classes = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if classes and set(classes) <= SPLIT_NAMES and any(d.is_dir() for d in (path / classes[0]).iterdir()):
+        raise ValueError(f"{path} holds the splits {', '.join(classes)} of a data set, not labels: pass one of them "
+                         f"(e.g. {path / classes[0]}), whose subfolders are the labels")
     files = [(f, c) for c in classes for f in sorted((path / c).rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
     if not files:
         raise ValueError(f"image folder {path} has no images in label subfolders ({path}/<label>/<image>, with "

@@ -48,6 +48,11 @@ def test_a_folder_without_images_or_with_a_broken_one_says_what_is_wrong(tmp_pat
     (tmp_path / "broken" / "cat" / "b.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match=r"b.png is not a readable image"):
         load_image_folder(tmp_path / "broken")
+    _image(tmp_path / "splits" / "train" / "cat" / "a.png", (8, 8))
+    _image(tmp_path / "splits" / "test" / "cat" / "b.png", (8, 8))
+    with pytest.raises(ValueError, match=r"holds the splits test, train of a data set, not labels: pass one of them"):
+        load_image_folder(tmp_path / "splits")
+    assert load_image_folder(tmp_path / "splits" / "train").label_names == ("cat",)
     _image(tmp_path / "foreign" / "fish" / "a.png", (8, 8))
     with pytest.raises(ValueError, match=r"labels \['fish'\] are not among the job's 2 labels"):
         load_image_folder(tmp_path / "foreign", label_names=("cat", "dog"))
