@@ -118,8 +118,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--devices", type=int, required=True, help="number of simulated devices")
     parser.add_argument("--tiers", required=True, metavar="TOML", help="resource tiers file (see below)")
     parser.add_argument("--data", metavar="PATH",
-                        help="data set to split: CSV/TSV/JSON file, image array file, rotten_tomatoes or mnist "
-                             "(required unless --control-plane)")
+                        help="data set to split: CSV/TSV/JSON/Parquet file, image array file or folder, "
+                             "rotten_tomatoes or mnist (required unless --control-plane)")
     parser.add_argument("--text-column", default=d.text_column, help=TEXT_COLUMN_HELP)
     parser.add_argument("--label-column", default=d.label_column, help=LABEL_COLUMN_HELP)
     parser.add_argument("--task", choices=("auto", "sequence-classification", "image-classification", "causal-lm"),
