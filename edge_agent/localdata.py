@@ -31,8 +31,8 @@ def load_local_data(spec: str, *, text_column: str = "", label_column: str = "",
     """``label_names``: the job's (named labels are numbered by them); the columns as
     :func:`raffm.data.load_text_file` takes them."""
     if not spec:
-        raise ValueError("no local data: pass --data with a CSV/JSON file, an image array file or folder, or a built-in "
-                         f"set ({', '.join(BUILTIN)})")
+        raise ValueError("no local data: pass --data with a CSV/JSON file, an image array file or folder, or a "
+                         f"built-in set ({', '.join(BUILTIN)})")
     if task == "causal-lm":
         return load_instructions(spec, text_column=text_column, label_column=label_column, label_names=label_names)
     path = Path(spec).expanduser()
