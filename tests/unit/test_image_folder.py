@@ -85,7 +85,7 @@ def test_fitted_images_train_a_vit_of_another_size() -> None:
                         [0, 1] * 4, ("a", "b"))
     model = model_from_config(small_vit_config(num_labels=2, image_size=16, num_channels=3),
                               task="image-classification")
-    with pytest.raises(Exception):  # as read, the images do not fit this model
+    with pytest.raises(ValueError, match="channel dimension"):  # as read, the grey images do not fit this model
         train_local(model, data, None, LocalConfig(batch_size=4, seq_len=16, lr=1e-3, local_steps=1))
     result = train_local(model, data.fitted(model.config), None,
                          LocalConfig(batch_size=4, seq_len=16, lr=1e-3, local_steps=1))
