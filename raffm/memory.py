@@ -205,7 +205,7 @@ def warm_up_config(data: Any) -> Any:
 
     if not isinstance(data, ImageDataset):
         return BertConfig()
-    _, channels, size, _ = data.images.shape
+    channels, size, _ = data.shape
     return small_vit_config(num_labels=max(data.num_labels, 2), image_size=size, num_channels=channels,
                             patch_size=max(1, size // 4))
 
@@ -236,7 +236,7 @@ def _train(model: Any, *, batch_size: int, seq_len: int, steps: int, vocab: int,
     generator = torch.Generator().manual_seed(0)
     labels = torch.randint(0, int(model.config.num_labels), (batch_size,), generator=generator)
     if image:
-        inputs = {"pixel_values": _random_images(model.config, batch_size).images}
+        inputs = {"pixel_values": _random_images(model.config, batch_size).pixels()}
     else:
         inputs = {"input_ids": torch.randint(0, vocab, (batch_size, seq_len), generator=generator),
                   "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long)}

@@ -83,7 +83,7 @@ def batches(
         idx = order[start : start + batch_size]
         labels = torch.tensor([data.labels[i] for i in idx], dtype=torch.long)
         if isinstance(data, ImageDataset):
-            yield {"pixel_values": data.images[idx], "labels": labels}
+            yield {"pixel_values": data.pixels(idx), "labels": labels}
         else:
             if tokenizer is None:
                 raise ValueError("text data needs a tokenizer")

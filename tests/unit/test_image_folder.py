@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from raffm.data import ImageDataset, load_image_folder
+from raffm.data import ImageDataset, load_image_file, load_image_folder, save_image_file
 
 
 def _image(path: Path, size: tuple[int, int], mode: str = "RGB", value: int = 200) -> None:
@@ -25,10 +25,12 @@ def test_subfolders_are_labels_and_images_become_squares_of_the_first_ones_short
     (tmp_path / "dog" / "notes.txt").write_text("not an image")
     data = load_image_folder(tmp_path)
     assert data.label_names == ("cat", "dog") and data.labels == [0, 0, 1]
-    assert data.images.shape == (3, 3, 30, 30) and data.images.dtype == torch.float32
-    assert 0 <= float(data.images.min()) and float(data.images.max()) <= 1
-    assert torch.allclose(data.images[0, :, 15, 15], torch.tensor([10, 0, 245]) / 255, atol=0.02)
-    assert torch.allclose(data.images[2, :, 0, 0], torch.full((3,), 200 / 255))
+    assert data.images.shape == (3, 3, 30, 30) and data.images.dtype == torch.uint8  # a quarter of float32's bytes
+    pixels = data.pixels()
+    assert pixels.dtype == torch.float32 and 0 <= float(pixels.min()) and float(pixels.max()) <= 1
+    assert torch.allclose(pixels[0, :, 15, 15], torch.tensor([10, 0, 245]) / 255, atol=0.02)
+    assert torch.allclose(pixels[2, :, 0, 0], torch.full((3,), 200 / 255))
+    assert torch.equal(data.pixels([2, 0]), pixels[[2, 0]])
     job = load_image_folder(tmp_path, label_names=("dog", "bird", "cat"))
     assert job.labels == [2, 2, 0] and job.label_names == ("dog", "bird", "cat")
 
@@ -58,23 +60,35 @@ def test_a_folder_without_images_or_with_a_broken_one_says_what_is_wrong(tmp_pat
         load_image_folder(tmp_path / "foreign", label_names=("cat", "dog"))
 
 
-def test_fitted_resizes_and_converts_channels_to_the_models_input() -> None:
+def test_fitted_resizes_and_converts_channels_to_the_models_input_a_batch_at_a_time() -> None:
     grey = ImageDataset(torch.rand(2, 1, 8, 8), [0, 1], ("a", "b"))
     colour = grey.fitted(SimpleNamespace(num_channels=3, image_size=16))
-    assert colour.images.shape == (2, 3, 16, 16) and colour.labels == [0, 1]
-    assert torch.equal(colour.images[:, 0], colour.images[:, 2])
+    assert colour.images is grey.images and colour.shape == (3, 16, 16)  # fitted as batches are drawn, not held
+    assert colour.pixels().shape == (2, 3, 16, 16) and colour.subset([1]).pixels().shape == (1, 3, 16, 16)
+    assert torch.equal(colour.pixels()[:, 0], colour.pixels()[:, 2])
     back = colour.fitted(SimpleNamespace(num_channels=1, image_size=8))
-    assert back.images.shape == (2, 1, 8, 8)
-    same = grey.fitted(SimpleNamespace(num_channels=3, image_size=8)).fitted(SimpleNamespace(num_channels=1,
-                                                                                            image_size=8))
-    assert torch.allclose(same.images, grey.images, atol=1e-6)  # grey -> colour -> grey (luminance) is the identity
+    assert back.pixels().shape == (2, 1, 8, 8)
+    same = ImageDataset(grey.fitted(SimpleNamespace(num_channels=3, image_size=8)).pixels(), [0, 1], ("a", "b"))
+    back = same.fitted(SimpleNamespace(num_channels=1, image_size=8)).pixels()
+    assert torch.allclose(back, grey.images, atol=1e-6)  # grey -> colour -> grey (luminance) is the identity
     ramp = ImageDataset(torch.linspace(0, 1, 8).expand(1, 1, 8, 8).contiguous(), [0], ("a",))
-    wide = ramp.fitted(SimpleNamespace(num_channels=1, image_size=16)).images
+    wide = ramp.fitted(SimpleNamespace(num_channels=1, image_size=16)).pixels()
     assert bool((wide[0, 0, 0].diff() >= 0).all()) and abs(float(wide.mean()) - 0.5) < 0.01  # resized, not scrambled
     assert grey.fitted(SimpleNamespace(num_channels=1, image_size=8)) is grey  # already fits: no copy
-    assert grey.fitted(SimpleNamespace(num_channels=1, image_size=[4, 6])).images.shape == (2, 1, 4, 6)
+    assert grey.fitted(SimpleNamespace(num_channels=1, image_size=[4, 6])).pixels().shape == (2, 1, 4, 6)
     with pytest.raises(ValueError, match="the images have 2 channels; the model takes 3"):
         ImageDataset(torch.rand(1, 2, 4, 4), [0], ("a",)).fitted(SimpleNamespace(num_channels=3, image_size=4))
+    with pytest.raises(ValueError, match="the images have 3 channels; the model takes 4"):
+        ImageDataset(torch.rand(1, 3, 4, 4), [0], ("a",)).fitted(SimpleNamespace(num_channels=4, image_size=4))
+
+
+def test_bytes_and_floats_give_the_same_pixels() -> None:
+    raw = torch.randint(0, 256, (3, 3, 10, 10), dtype=torch.uint8)
+    as_bytes = ImageDataset(raw, [0, 1, 0], ("a", "b")).fitted(SimpleNamespace(num_channels=1, image_size=6))
+    as_floats = ImageDataset(raw.float() / 255, [0, 1, 0], ("a", "b")).fitted(SimpleNamespace(num_channels=1,
+                                                                                              image_size=6))
+    assert torch.allclose(as_bytes.pixels(), as_floats.pixels(), atol=1e-6)
+    assert as_bytes.images.dtype == torch.uint8  # the bytes stay bytes
 
 
 def test_fitted_images_train_a_vit_of_another_size() -> None:
@@ -90,3 +104,16 @@ def test_fitted_images_train_a_vit_of_another_size() -> None:
     result = train_local(model, data.fitted(model.config), None,
                          LocalConfig(batch_size=4, seq_len=16, lr=1e-3, local_steps=1))
     assert result.steps == 1
+
+
+def test_image_files_keep_bytes_as_bytes_and_refuse_normalised_values(tmp_path: Path) -> None:
+    data = ImageDataset(torch.randint(0, 256, (4, 3, 6, 6), dtype=torch.uint8), [0, 2, 1, 2], ("0", "1", "2"))
+    back = load_image_file(save_image_file(data, tmp_path / "share.pt"))
+    assert back.images.dtype == torch.uint8 and torch.equal(back.images, data.images) and back.labels == data.labels
+    np.savez(tmp_path / "ints.npz", images=data.images.numpy().astype(np.int64), labels=np.array(data.labels))
+    assert torch.equal(load_image_file(tmp_path / "ints.npz").pixels(), data.pixels())
+    np.savez(tmp_path / "floats.npz", images=data.pixels().numpy(), labels=np.array(data.labels))
+    assert load_image_file(tmp_path / "floats.npz").images.dtype == torch.float32
+    np.savez(tmp_path / "normalised.npz", images=(data.pixels().numpy() - 0.5) / 0.25, labels=np.array(data.labels))
+    with pytest.raises(ValueError, match=r"image values run from -[\d.]+ to [\d.]+; store pixels as bytes \(0-255\)"):
+        load_image_file(tmp_path / "normalised.npz")
