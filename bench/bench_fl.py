@@ -365,16 +365,23 @@ def run_bench(
                 # Cut the final version as it is, as the aggregator's evaluation and `raffm demo` do: every strategy
                 # salience-orders version 0, and re-ordering a trained version would swap near-tied channels across
                 # the very boundaries the nested cuts were trained at.
+                # With the unlabelled pool, each cut is also scored with its head matched to the full model on it.
                 run.scaling = [asdict(p) for p in
                                scaling_table(final, test, tokenizer, fractions=settings.fractions,
-                                             seq_len=settings.seq_len)]
+                                             seq_len=settings.seq_len, unlabelled=unlabelled)]
                 if settings.holdout:
                     for point, more in zip(run.scaling, scaling_table(final, held, tokenizer,
                                                                       fractions=settings.fractions,
-                                                                      seq_len=settings.seq_len)):
+                                                                      seq_len=settings.seq_len,
+                                                                      unlabelled=unlabelled)):
                         point["holdout_accuracy"] = with_held(point["accuracy"], more.accuracy)
+                        if more.matched_accuracy is not None:
+                            point["matched_holdout_accuracy"] = with_held(point["matched_accuracy"],
+                                                                          more.matched_accuracy)
                 log(f"  seed {seed} {method:<15} scaling: " + ", ".join(
-                    f"{p['flops_fraction']:.2f}->{p['accuracy']:.4f}" for p in run.scaling))
+                    f"{p['flops_fraction']:.2f}->{p['accuracy']:.4f}"
+                    + ("" if p["matched_accuracy"] is None else f" (head matched {p['matched_accuracy']:.4f})")
+                    for p in run.scaling))
             if settings.holdout:
                 full = [p["holdout_accuracy"] for p in run.scaling if p["target_fraction"] == 1.0]
                 run.holdout_accuracy = full[0] if full else with_held(
@@ -426,10 +433,16 @@ def summary(runs: Sequence[MethodRun], settings: Settings) -> dict[str, Any]:
             def at(f: float, key: str) -> list[float]:
                 return [p[key] for r in mine for p in r.scaling if p["target_fraction"] == f]
 
+            def matched(f: float, key: str) -> dict[str, float] | None:
+                values = [p.get(key) for r in mine for p in r.scaling if p["target_fraction"] == f]
+                return summarize(values) if values and None not in values else None  # type: ignore[arg-type]
+
             entry["scaling"] = [
                 {"target_fraction": f, "param_fraction": statistics.fmean(at(f, "param_fraction")),
                  "flops_fraction": statistics.fmean(at(f, "flops_fraction")), "accuracy": summarize(at(f, "accuracy")),
-                 "holdout_accuracy": summarize(at(f, "holdout_accuracy")) if settings.holdout else None}
+                 "holdout_accuracy": summarize(at(f, "holdout_accuracy")) if settings.holdout else None,
+                 "matched_accuracy": matched(f, "matched_accuracy"),
+                 "matched_holdout_accuracy": matched(f, "matched_holdout_accuracy")}
                 for f in settings.fractions
             ]
         out[method] = entry
@@ -469,16 +482,20 @@ def render(result: dict[str, Any]) -> str:
     scaled = [(m, e["scaling"]) for m, e in summ.items() if "scaling" in e]
     if scaled:
         lines += ["", "Inference scaling (cuts of the final global model as it is, no retraining; kept share of the "
-                  "forward compute / of the parameters):", "",
-                  "| target % compute | " + " | ".join(f"{m} kept % compute / params | {m} acc (test + holdout)"
-                                                     for m, _ in scaled) + " |", "|---|" + "---|---|" * len(scaled)]
+                  "forward compute / of the parameters; head matched: the cut's classifier refitted, without labels, to the "
+                  "full model's predictions on the unlabelled pool):", "",
+                  "| target % compute | " + " | ".join(f"{m} kept % compute / params | {m} acc (test + holdout) | "
+                                                     f"{m} head matched (test + holdout)"
+                                                     for m, _ in scaled) + " |", "|---|" + "---|---|---|" * len(scaled)]
         for i, f in enumerate(s["fractions"]):
             cells = []
             for _, points in scaled:
                 p = points[i]
                 held = "" if p["holdout_accuracy"] is None else f" ({_pm(p['holdout_accuracy'])})"
+                matched = "-" if p["matched_accuracy"] is None else _pm(p["matched_accuracy"]) + (
+                    "" if p["matched_holdout_accuracy"] is None else f" ({_pm(p['matched_holdout_accuracy'])})")
                 cells += [f"{100 * p['flops_fraction']:.1f} / {100 * p['param_fraction']:.1f}",
-                          _pm(p["accuracy"]) + held]
+                          _pm(p["accuracy"]) + held, matched]
             lines.append(f"| {100 * f:.0f} | " + " | ".join(cells) + " |")
     fleet = result["fleets"][str(s["seeds"][0])]
     lines += ["", f"Fleet (seed {s['seeds'][0]}) and the slice RaFFM gives each device, with its fidelity to the full "

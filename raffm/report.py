@@ -41,6 +41,7 @@ class ScalingPoint:
     accuracy: float
     spec: str  # ElasticSpec.key()
     flops_fraction: float = 1.0  # share of the forward compute the chosen cut keeps
+    matched_accuracy: float | None = None  # the cut with its head matched to the full model (raffm.scaling)
 
 
 @dataclass

@@ -45,24 +45,37 @@ def scaling_table(
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     seq_len: int = 64,
     score: Callable[[torch.nn.Module], float] | None = None,
+    unlabelled: Dataset | None = None,
 ) -> list[ScalingPoint]:
     """Accuracy on ``data`` of the cut at every share of compute in ``fractions`` (``model``: salience-ordered).
 
-    ``score(cut)`` replaces the classification accuracy (e.g. a causal LM's exact match). Fractions that land on
-    the same rung of the ladder share one evaluation.
+    ``score(cut)`` replaces the classification accuracy (e.g. a causal LM's exact match). With ``unlabelled`` data,
+    each cut is also scored with its head matched to the full model on it (:func:`matched_head`). Fractions that land
+    on the same rung of the ladder share one evaluation.
     """
+    if unlabelled is not None and score is not None:
+        raise ValueError("head matching is for classifiers; a custom score cannot be matched")
     cost_model = CostModel.from_model(model)
-    total = cost_model.params(ElasticSpec.full(cost_model.dims))
+    full = ElasticSpec.full(cost_model.dims)
+    total = cost_model.params(full)
     measure = score or (lambda cut: evaluate(cut, data, tokenizer, seq_len=seq_len))
-    scored: dict[str, float] = {}
+    scored: dict[str, tuple[float, float | None]] = {}
     points = []
     for fraction in fractions:
         spec = spec_for_fraction(cost_model, fraction, seq_len=seq_len)
         params = cost_model.params(spec)
         if spec.key() not in scored:
-            scored[spec.key()] = measure(extract(model, spec))
-        points.append(ScalingPoint(fraction, params / total, params, scored[spec.key()], spec.key(),
-                                   flops_fraction(cost_model, spec, seq_len=seq_len)))
+            cut = extract(model, spec)
+            accuracy = measure(cut)
+            matched = None
+            if unlabelled is not None:
+                if spec != full:
+                    cut.load_state_dict(matched_head(cut, model, unlabelled, tokenizer, seq_len=seq_len), strict=False)
+                matched = measure(cut) if spec != full else accuracy
+            scored[spec.key()] = accuracy, matched
+        accuracy, matched = scored[spec.key()]
+        points.append(ScalingPoint(fraction, params / total, params, accuracy, spec.key(),
+                                   flops_fraction(cost_model, spec, seq_len=seq_len), matched))
     return points
 
 
@@ -88,3 +101,85 @@ def fidelity(
         seen += len(cosines[-1])
     model.train(was_training)
     return {"hidden_cosine": float(torch.cat(cosines).mean()), "prediction_agreement": agree / seen}
+
+
+def head_layer(model: PreTrainedModel) -> tuple[str, torch.nn.Linear]:
+    """The name and module of the task head's last linear layer, the one that outputs the labels (BERT's and ViT's
+    ``classifier``, RoBERTa's ``classifier.out_proj``)."""
+    prefix, labels = model.base_model_prefix + ".", int(model.config.num_labels)
+    found = [(name, module) for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear) and module.out_features == labels and not name.startswith(prefix)]
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no task head with {labels} outputs to match")
+    return found[-1]
+
+
+@torch.no_grad()
+def _head_inputs(model: PreTrainedModel, data: Dataset, tokenizer: Tokenizer | None, *, seq_len: int,
+                 batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the head layer reads (``[N, H]``) and the logits (``[N, labels]``) of ``model`` on ``data``."""
+    name, layer = head_layer(model)
+    seen: list[torch.Tensor] = []
+    hook = layer.register_forward_pre_hook(lambda _module, args: seen.append(args[0].detach()))
+    was_training = model.training
+    model.eval()
+    try:
+        logits = [model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+                  for batch in batches(data, tokenizer, batch_size, seq_len, shuffle=False)]
+    finally:
+        hook.remove()
+        model.train(was_training)
+    if seen[0].dim() != 2:
+        raise ValueError(f"{type(model).__name__}'s head layer {name!r} reads every position, not one pooled vector "
+                         "per example; only pooled heads (encoders, ViT) can be matched")
+    return torch.cat(seen).float(), torch.cat(logits).float()
+
+
+def matched_head(
+    cut: PreTrainedModel, full: PreTrainedModel, data: Dataset, tokenizer: Tokenizer | None, *, seq_len: int = 64,
+    batch_size: int = 64, penalties: Sequence[float] = (1e-4, 1e-3, 1e-2),
+) -> dict[str, torch.Tensor]:
+    """The cut's head layer refitted, without labels, to predict what the full model predicts on ``data`` (its
+    labels are never read): a multinomial logistic regression of the cut's pooled features onto the full model's
+    class probabilities, its L2 penalty the one of ``penalties`` whose fit on four fifths of ``data`` agrees best
+    with the full model on the last fifth. Returns the layer's ``weight`` and ``bias`` by their state names, for
+    ``cut.load_state_dict(..., strict=False)``; neither model is changed.
+
+    A cut keeps the full model's head, which was trained on the full body's features; a cut body's features are
+    smaller and shifted, and refitting the one layer that reads them recovers much of what the cut lost (a linear
+    fit on a thousand unlabelled inputs: seconds, not retraining)."""
+    if len(data) < 10:
+        raise ValueError(f"head matching needs at least 10 unlabelled examples; got {len(data)}")
+    name, _ = head_layer(cut)
+    features, _ = _head_inputs(cut, data, tokenizer, seq_len=seq_len, batch_size=batch_size)
+    _, teacher = _head_inputs(full, data, tokenizer, seq_len=seq_len, batch_size=batch_size)
+    target = torch.softmax(teacher, dim=-1)
+    mean, scale = features.mean(0), features.std(0) + 1e-6
+    x = (features - mean) / scale
+    split = len(x) * 4 // 5
+
+    def agreement(penalty: float) -> float:
+        w, b = _fit_softmax(x[:split], target[:split], penalty)
+        return float(((x[split:] @ w + b).argmax(-1) == teacher[split:].argmax(-1)).float().mean())
+
+    w, b = _fit_softmax(x, target, max(penalties, key=agreement))
+    # Fold the standardization in: ((f - mean) / scale) @ w + b = f @ (w / scale) + (b - (mean / scale) @ w).
+    return {f"{name}.weight": (w / scale[:, None]).T.contiguous(), f"{name}.bias": b - (mean / scale) @ w}
+
+
+def _fit_softmax(x: torch.Tensor, target: torch.Tensor, penalty: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(w, b)`` minimising the soft-target cross-entropy of ``x @ w + b`` plus ``penalty`` times the squared
+    weights (L-BFGS from zero)."""
+    w = torch.zeros(x.shape[1], target.shape[1], requires_grad=True)
+    b = torch.zeros(target.shape[1], requires_grad=True)
+    optimizer = torch.optim.LBFGS([w, b], max_iter=500, line_search_fn="strong_wolfe")
+
+    def loss() -> torch.Tensor:
+        optimizer.zero_grad()
+        value = -(target * torch.log_softmax(x @ w + b, dim=-1)).sum(-1).mean() + penalty * w.pow(2).sum()
+        value.backward()
+        return value
+
+    with torch.enable_grad():
+        optimizer.step(loss)
+    return w.detach(), b.detach()

@@ -38,7 +38,7 @@ def bench() -> Any:
 @pytest.fixture(scope="module")
 def result(bench: Any) -> dict[str, Any]:
     settings = bench.Settings(clients=4, rounds=1, seeds=(0,), local_steps=1, batch_size=8, seq_len=16, test_size=40,
-                              max_train=0, holdout=20, fractions=(0.5, 1.0), threads=1)
+                              max_train=80, distill_pool=20, holdout=20, fractions=(0.5, 1.0), threads=1)
     return bench.run_bench(settings, tiny_model, toy_data(), WordHashTokenizer(64), log=lambda _: None)
 
 
@@ -68,7 +68,7 @@ def test_fleet_is_heterogeneous_and_the_small_tiers_train_slices(result: dict[st
     assert [c["full_model"] for c in fleet[:2]] == [False, False] and fleet[-1]["full_model"]
     params = [c["params"] for c in fleet]
     assert params == sorted(params) and params[0] < params[-1]
-    assert sum(c["examples"] for c in fleet) == 160 - 40 - 20  # the test and holdout reviews are never trained on
+    assert sum(c["examples"] for c in fleet) == 80  # max_train; the test, holdout and pool reviews are never trained
     for c in fleet:  # the fidelity of each slice to the full model at version 0
         assert 0.0 <= c["prediction_agreement"] <= 1.0 and -1.0 <= c["hidden_cosine"] <= 1.0 + 1e-6
     assert fleet[-1]["hidden_cosine"] == pytest.approx(1.0) and fleet[-1]["prediction_agreement"] == 1.0
@@ -130,8 +130,11 @@ def test_summary_and_scaling_structure(bench: Any, result: dict[str, Any]) -> No
         if run["scaling"]:
             assert run["holdout_accuracy"] == run["scaling"][-1]["holdout_accuracy"]
             assert all(0.0 <= p["holdout_accuracy"] <= 1.0 for p in run["scaling"])
+            # each cut also scored with its head matched on the unlabelled pool; the full model keeps its own
+            assert 0.0 <= run["scaling"][0]["matched_holdout_accuracy"] <= 1.0
+            assert run["scaling"][-1]["matched_accuracy"] == run["scaling"][-1]["accuracy"]
     text = bench.render(result)
-    assert "| raffm |" in text and "Inference scaling" in text
+    assert "| raffm |" in text and "Inference scaling" in text and "head matched" in text
 
 
 def test_full_fedavg_of_one_client_with_zero_lr_keeps_the_model(bench: Any) -> None:
