@@ -387,6 +387,21 @@ def load_image_folder(path: str | Path, *, label_names: Sequence[str] = ()) -> I
     return ImageDataset(images, labels, names)
 
 
+def load_unlabelled(spec: str | Path) -> TextDataset | ImageDataset:
+    """Inputs whose labels are never read: a CSV/TSV/JSON/Parquet text file (a label column is optional), a
+    ``.pt``/``.npz`` image file, a folder of images, or the built-in ``rotten_tomatoes`` / ``mnist``."""
+    if spec == "rotten_tomatoes":
+        return rotten_tomatoes()
+    if spec == "mnist":
+        return mnist_5k()
+    path = Path(spec)
+    if path.suffix in (".pt", ".npz"):
+        return load_image_file(path)
+    if path.is_dir():
+        return load_image_folder(path)
+    return load_text_file(path, label_column=None)
+
+
 def save_image_file(data: ImageDataset, path: str | Path) -> Path:
     """Write ``data`` as a ``.pt`` file :func:`load_image_file` reads back."""
     import torch

@@ -167,17 +167,19 @@ def render_markdown(report: RunReport) -> str:
         lines += [f"| {name} | " + " | ".join(f"{values.get(k, '')}" for k in fields) + " |"
                   for name, values in tiers.items()]
     if report.scaling:
+        matched = any(p.matched_accuracy is not None for p in report.scaling)  # (raffm.scaling.matched_head)
         lines += [
             "",
             "## Inference scaling (sub-models cut from the final global model, no retraining)",
             "",
-            f"| target share of compute | kept compute | kept parameters | share of parameters | test {metric} | spec |",
-            "|---:|---:|---:|---:|---:|:--|",
+            f"| target share of compute | kept compute | kept parameters | share of parameters | test {metric} |"
+            + (" head matched |" if matched else "") + " spec |",
+            "|---:|---:|---:|---:|---:|" + ("---:|" if matched else "") + ":--|",
         ]
         for p in report.scaling:
             lines.append(
                 f"| {p.target_fraction:.0%} | {p.flops_fraction:.1%} | {p.params:,} | {p.param_fraction:.1%} | "
-                f"{_pct(p.accuracy)} | `{p.spec}` |"
+                f"{_pct(p.accuracy)} |" + (f" {_pct(p.matched_accuracy)} |" if matched else "") + f" `{p.spec}` |"
             )
     lines += ["", "Plots: `accuracy.png`, `bytes.png`, `scaling.png`.", ""]
     return "\n".join(lines)
@@ -226,6 +228,9 @@ def write_plots(report: RunReport, out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot([100 * p.flops_fraction for p in report.scaling], [100 * p.accuracy for p in report.scaling],
                 marker="o", label="cut of the final global model")
+        if any(p.matched_accuracy is not None for p in report.scaling):
+            ax.plot([100 * p.flops_fraction for p in report.scaling],
+                    [100 * (p.matched_accuracy or 0) for p in report.scaling], marker="s", label="its head matched")
         ax.axhline(100 * report.majority_rate, color="grey", linestyle="--", label=majority)
         ax.set(xlabel="forward compute kept (%)", ylabel=f"test {report.metric} (%)",
                title="Inference scaling without retraining")

@@ -106,7 +106,7 @@ def fidelity(
 def head_layer(model: PreTrainedModel) -> tuple[str, torch.nn.Linear]:
     """The name and module of the task head's last linear layer, the one that outputs the labels (BERT's and ViT's
     ``classifier``, RoBERTa's ``classifier.out_proj``)."""
-    prefix, labels = model.base_model_prefix + ".", int(model.config.num_labels)
+    prefix, labels = model.base_model_prefix + ".", model.config.num_labels
     found = [(name, module) for name, module in model.named_modules()
              if isinstance(module, torch.nn.Linear) and module.out_features == labels and not name.startswith(prefix)]
     if not found:

@@ -189,9 +189,12 @@ def evaluate_version(settings: DemoSettings, store: Path, version: str, test: An
     return evaluate(model, test, tokenizer, seq_len=settings.seq_len), None
 
 
-def scaling(settings: DemoSettings, store: Path, version: str, test: Any, *, max_samples: int = 0) -> list[Any]:
+def scaling(settings: DemoSettings, store: Path, version: str, test: Any, *, max_samples: int = 0,
+            unlabelled: Path | None = None) -> list[Any]:
     """The inference-scaling table of a version: sub-models cut to several sizes, each evaluated (on the first
-    ``max_samples`` test examples when > 0; exact match for prompt -> response pairs)."""
+    ``max_samples`` test examples when > 0; exact match for prompt -> response pairs), and with ``unlabelled``
+    (a file the server holds) each cut also with its head matched to the full model on it."""
+    from raffm.data import ImageDataset, load_unlabelled
     from raffm.generative import evaluate_generative
     from raffm.scaling import scaling_table
 
@@ -202,7 +205,10 @@ def scaling(settings: DemoSettings, store: Path, version: str, test: Any, *, max
     if _task(test) == "causal-lm":
         def score(cut: Any) -> float:
             return evaluate_generative(cut, test, tokenizer, batch_size=32, seq_len=settings.seq_len).exact_match
-    return scaling_table(model, test, tokenizer, seq_len=settings.seq_len, score=score)
+    inputs = None if unlabelled is None else load_unlabelled(unlabelled)
+    if isinstance(inputs, ImageDataset):
+        inputs = inputs.fitted(model.config)
+    return scaling_table(model, test, tokenizer, seq_len=settings.seq_len, score=score, unlabelled=inputs)
 
 
 def failure_summary(r: Any) -> str:

@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from raffm.data import (
-    ImageDataset, TextDataset, load_image_file, load_image_folder, load_text_file, mnist_5k, rotten_tomatoes,
-)
+from raffm.data import ImageDataset, TextDataset, load_unlabelled
 from raffm.strategy import Strategy
 from raffm.training import LocalConfig, Tokenizer, distill_cuts, with_delta
 from services.aggregator.evaluation import heldout_split, job_tokenizer
@@ -28,15 +25,9 @@ log = logging.getLogger(__name__)
 
 
 def load_distill_data(spec: str) -> TextDataset | ImageDataset:
-    """The unlabelled data named by a job's ``distill_data``."""
-    if spec in ("rotten_tomatoes", "mnist"):
-        full: TextDataset | ImageDataset = rotten_tomatoes() if spec == "rotten_tomatoes" else mnist_5k()
-        return full.subset(heldout_split(full)[0])
-    if Path(spec).suffix in (".pt", ".npz"):
-        return load_image_file(spec)
-    if Path(spec).is_dir():
-        return load_image_folder(spec)
-    return load_text_file(spec, label_column=None)
+    """The unlabelled data named by a job's ``distill_data`` (a built-in corpus: its training part)."""
+    data = load_unlabelled(spec)
+    return data.subset(heldout_split(data)[0]) if spec in ("rotten_tomatoes", "mnist") else data
 
 
 class ServerDistiller:

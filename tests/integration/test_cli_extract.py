@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,28 @@ def test_bad_inputs_are_clear_errors_and_write_nothing(tmp_path: Path, capsys: p
     assert main(["inspect", str(tmp_path)]) != 0
     assert main(["inspect", str(tmp_path / "missing")]) == 2
     assert "has no config.json; pass a folder written by `raffm extract`" in capsys.readouterr().err
+
+
+def test_a_cut_whose_head_is_matched_on_unlabelled_texts_follows_the_full_model(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from safetensors.torch import load_file
+
+    from raffm.data import rotten_tomatoes
+
+    texts = tmp_path / "reviews.csv"  # a text column only: nothing to label them
+    texts.write_text("text\n" + "".join(f'"{t.replace(chr(34), "")}"\n' for t in rotten_tomatoes().texts[:150]))
+    plain, matched = tmp_path / "plain", tmp_path / "matched"
+    assert main(["extract", "--out", str(plain), "--memory-mb", "150"]) == 0
+    capsys.readouterr()
+    assert main(["extract", "--out", str(matched), "--memory-mb", "150", "--match-head", str(texts),
+                 "--match-samples", "120"]) == 0
+    printed = capsys.readouterr().out
+    found = re.search(r"head matched on 120 unlabelled inputs of .*reviews.csv: the cut predicts what the full model "
+                      r"predicts for (\d+)% of them before, (\d+)% after", printed)
+    assert found and int(found[2]) >= int(found[1]), printed
+    heads = [load_file(folder / "model.safetensors") for folder in (plain, matched)]
+    assert torch.equal(heads[0]["bert.pooler.dense.weight"], heads[1]["bert.pooler.dense.weight"])
+    assert not torch.equal(heads[0]["classifier.weight"], heads[1]["classifier.weight"])  # only the head moved
+    assert main(["extract", "--out", str(tmp_path / "few"), "--memory-mb", "150", "--match-head", str(texts),
+                 "--match-samples", "5"]) == 2
+    assert "head matching needs at least 10 inputs" in capsys.readouterr().err and not (tmp_path / "few").exists()
