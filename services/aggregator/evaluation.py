@@ -60,10 +60,11 @@ def describe(evaluation: Mapping[str, float]) -> str:
         parts.append(f"held-out accuracy {evaluation['accuracy']:.1%}{balanced}")
     if "exact_match" in evaluation:
         parts.append(f"held-out exact match {evaluation['exact_match']:.1%}")
-    sizes = sorted((float(k.partition("@")[2]), k) for k in evaluation if k.startswith("accuracy@"))
-    if sizes:
-        parts.append("by share of the compute " + ", ".join(
-            f"{size_label(fraction)}: {evaluation[key]:.1%}" for fraction, key in sizes))
+    for prefix, phrase in (("accuracy@", "by share of the compute"), ("matched_accuracy@", "with matched heads")):
+        sizes = sorted((float(k.partition("@")[2]), k) for k in evaluation if k.startswith(prefix))
+        if sizes:
+            parts.append(f"{phrase} " + ", ".join(
+                f"{size_label(fraction)}: {evaluation[key]:.1%}" for fraction, key in sizes))
     others = sorted(k for k in evaluation if "@" not in k and k not in ("accuracy", "balanced_accuracy", "exact_match"))
     parts += [f"{k} {evaluation[k]:.4g}" for k in others]
     return "; ".join(parts)
@@ -103,7 +104,8 @@ class HeldOutEvaluator:
     """Callable ``(state, config) -> {metric: value}`` for :class:`services.aggregator.versions.Versions`."""
 
     def __init__(self, data: Dataset, tokenizer: Tokenizer | None, *, task: str = "sequence-classification",
-                 fractions: Sequence[float] = (), seq_len: int = 64, batch_size: int = 64) -> None:
+                 fractions: Sequence[float] = (), seq_len: int = 64, batch_size: int = 64,
+                 unlabelled: TextDataset | ImageDataset | None = None) -> None:
         if len(data) == 0:
             raise ValueError("the held-out evaluation data is empty")
         if isinstance(data, (TextDataset, InstructionDataset)) and tokenizer is None:
@@ -113,25 +115,34 @@ class HeldOutEvaluator:
             raise ValueError(f"eval_fractions {bad} are out of range; each must be in (0, 1]")
         self.data, self.tokenizer, self.task = data, tokenizer, task
         self.fractions, self.seq_len, self.batch_size = tuple(fractions), seq_len, batch_size
+        self.unlabelled = unlabelled  # each cut also scored with its head matched to the full model on it
 
     def __call__(self, state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, float]:
         from raffm.costs import CostModel
         from raffm.elastic import extract
         from raffm.models import model_from_state
-        from raffm.scaling import flops_fraction, spec_for_fraction
+        from raffm.scaling import flops_fraction, matched_head, spec_for_fraction
         from raffm.spec import ElasticSpec
 
         model = model_from_state(dict(config), dict(state), task=self.task)  # type: ignore[arg-type]
         if isinstance(self.data, ImageDataset):
             self.data = self.data.fitted(model.config)  # a folder's images at the model's input size
+        if isinstance(self.unlabelled, ImageDataset):
+            self.unlabelled = self.unlabelled.fitted(model.config)
         out = self._scores(model, "")
         if self.fractions:
             cm = CostModel.from_model(model)
-            total = cm.params(ElasticSpec.full(cm.dims))
+            full = ElasticSpec.full(cm.dims)
+            total = cm.params(full)
             for fraction in self.fractions:
                 spec = spec_for_fraction(cm, fraction, seq_len=self.seq_len)
                 label = size_label(fraction)
-                out.update(self._scores(extract(model, spec), f"@{label}"))
+                cut = extract(model, spec)
+                out.update(self._scores(cut, f"@{label}"))
+                if self.unlabelled is not None and spec != full:
+                    cut.load_state_dict(matched_head(cut, model, self.unlabelled, self.tokenizer,
+                                                     seq_len=self.seq_len, batch_size=self.batch_size), strict=False)
+                    out[f"matched_accuracy@{label}"] = self._scores(cut, "")["accuracy"]
                 out[f"params@{label}"] = cm.params(spec) / total
                 out[f"flops@{label}"] = flops_fraction(cm, spec, seq_len=self.seq_len)
         return out
@@ -179,7 +190,13 @@ def default_evaluator(job: Any) -> HeldOutEvaluator | None:
     if not isinstance(data, InstructionDataset) and data.num_labels > job.num_labels:
         raise ValueError(f"eval_data {job.eval_data!r} has {data.num_labels} labels; the job's model has "
                          f"{job.num_labels} (num_labels)")
-    log.info("held-out evaluation on %d examples of %s, sizes %s", len(data), job.eval_data,
-             ["full", *map(size_label, job.eval_fractions)])
+    unlabelled = None
+    if job.distill_data and job.eval_fractions and not isinstance(data, InstructionDataset):
+        from services.aggregator.distillation import load_distill_data  # (it imports this module)
+
+        unlabelled = load_distill_data(job.distill_data)
+    log.info("held-out evaluation on %d examples of %s, sizes %s%s", len(data), job.eval_data,
+             ["full", *map(size_label, job.eval_fractions)],
+             f", cuts also with their heads matched on {job.distill_data}" if unlabelled is not None else "")
     return HeldOutEvaluator(data, tokenizer, task=job.task, fractions=job.eval_fractions, seq_len=job.seq_len,
-                            batch_size=max(job.batch_size, 32))
+                            batch_size=max(job.batch_size, 32), unlabelled=unlabelled)

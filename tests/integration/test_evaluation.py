@@ -88,6 +88,35 @@ def test_global_model_and_sub_models_are_evaluated_after_each_round(tmp_path: Pa
         fleet.stop()
 
 
+def test_with_unlabelled_server_data_each_cut_is_also_scored_with_its_head_matched(tmp_path: Path) -> None:
+    model = _model_with_tokenizer(tmp_path / "model")
+    data_path = _eval_file(tmp_path / "heldout.csv")
+    rng = random.Random(1)
+    unlabelled = tmp_path / "unlabelled.csv"  # a text column only
+    unlabelled.write_text("text\n" + "".join(" ".join(rng.choices(WORDS, k=6)) + "\n" for _ in range(60)))
+    job = tiny_job(model, rounds=1, clients_per_round=1, quorum=1, eval_data=str(data_path),
+                   eval_fractions=(0.25, 1.0), distill_data=str(unlabelled))
+    fleet = Fleet(tmp_path, job).start()
+    try:
+        rnd = fleet.one_scripted_round()
+        ev = dict(rnd.evaluation)
+        assert "matched_accuracy@0.25" in ev and "matched_accuracy@1" not in ev  # the full model keeps its head
+        from transformers import AutoTokenizer
+
+        from raffm.scaling import matched_head
+
+        data, tok = load_text_file(data_path), AutoTokenizer.from_pretrained(model)
+        global_model = model_from_state(fleet.store.info("job-v1").config, fleet.store.load("job-v1"))
+        cut = extract(global_model, spec_for_fraction(CostModel.from_model(global_model), 0.25, seq_len=job.seq_len))
+        cut.load_state_dict(matched_head(cut, global_model, load_text_file(unlabelled, label_column=None), tok,
+                                         seq_len=job.seq_len), strict=False)
+        assert ev["matched_accuracy@0.25"] == evaluate(cut, data, tok, seq_len=job.seq_len)
+        text = generate_latest(fleet.metrics).decode()
+        assert f'raffm_aggregator_eval{{metric="matched_accuracy",size="0.25"}} {ev["matched_accuracy@0.25"]}' in text
+    finally:
+        fleet.stop()
+
+
 def test_eval_settings_are_validated(tmp_path: Path) -> None:
     assert JobConfig(eval_fractions="0.25, 0.5,1").eval_fractions == (0.25, 0.5, 1.0)  # type: ignore[arg-type]
     assert JobConfig().eval_data == "" and JobConfig().to_dict()["eval_fractions"] == []  # off by default
