@@ -67,11 +67,10 @@ def scaling_table(
         if spec.key() not in scored:
             cut = extract(model, spec)
             accuracy = measure(cut)
-            matched = None
-            if unlabelled is not None:
-                if spec != full:
-                    cut.load_state_dict(matched_head(cut, model, unlabelled, tokenizer, seq_len=seq_len), strict=False)
-                matched = measure(cut) if spec != full else accuracy
+            matched = accuracy if unlabelled is not None else None  # the full model keeps its own head
+            if unlabelled is not None and spec != full:
+                cut.load_state_dict(matched_head(cut, model, unlabelled, tokenizer, seq_len=seq_len), strict=False)
+                matched = measure(cut)
             scored[spec.key()] = accuracy, matched
         accuracy, matched = scored[spec.key()]
         points.append(ScalingPoint(fraction, params / total, params, accuracy, spec.key(),
@@ -146,8 +145,8 @@ def matched_head(
     ``cut.load_state_dict(..., strict=False)``; neither model is changed.
 
     A cut keeps the full model's head, which was trained on the full body's features; a cut body's features are
-    smaller and shifted, and refitting the one layer that reads them recovers much of what the cut lost (a linear
-    fit on a thousand unlabelled inputs: seconds, not retraining)."""
+    shifted, and refitting the one layer that reads them wins back part of what the cut lost (a linear fit on a
+    thousand unlabelled inputs: seconds, not retraining)."""
     if len(data) < 10:
         raise ValueError(f"head matching needs at least 10 unlabelled examples; got {len(data)}")
     name, _ = head_layer(cut)
