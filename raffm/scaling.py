@@ -7,6 +7,7 @@ vocabulary, so their share of the parameters is larger than their share of the c
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
@@ -50,7 +51,7 @@ def scaling_table(
     """Accuracy on ``data`` of the cut at every share of compute in ``fractions`` (``model``: salience-ordered).
 
     ``score(cut)`` replaces the classification accuracy (e.g. a causal LM's exact match). With ``unlabelled`` data,
-    each cut is also scored with its head matched to the full model on it (:func:`matched_head`). Fractions that land
+    each cut is also scored with its head matched to the full model on it (:class:`HeadMatcher`). Fractions that land
     on the same rung of the ladder share one evaluation.
     """
     if unlabelled is not None and score is not None:
@@ -59,6 +60,7 @@ def scaling_table(
     full = ElasticSpec.full(cost_model.dims)
     total = cost_model.params(full)
     measure = score or (lambda cut: evaluate(cut, data, tokenizer, seq_len=seq_len))
+    matcher = None if unlabelled is None else HeadMatcher(model, unlabelled, tokenizer, seq_len=seq_len)
     scored: dict[str, tuple[float, float | None]] = {}
     points = []
     for fraction in fractions:
@@ -67,9 +69,9 @@ def scaling_table(
         if spec.key() not in scored:
             cut = extract(model, spec)
             accuracy = measure(cut)
-            matched = accuracy if unlabelled is not None else None  # the full model keeps its own head
-            if unlabelled is not None and spec != full:
-                cut.load_state_dict(matched_head(cut, model, unlabelled, tokenizer, seq_len=seq_len), strict=False)
+            matched = None if matcher is None else accuracy  # the full model keeps its own head
+            if matcher is not None and spec != full:
+                cut.load_state_dict(matcher(cut), strict=False)
                 matched = measure(cut)
             scored[spec.key()] = accuracy, matched
         accuracy, matched = scored[spec.key()]
@@ -134,36 +136,47 @@ def _head_inputs(model: PreTrainedModel, data: Dataset, tokenizer: Tokenizer | N
     return torch.cat(seen).float(), torch.cat(logits).float()
 
 
-def matched_head(
-    cut: PreTrainedModel, full: PreTrainedModel, data: Dataset, tokenizer: Tokenizer | None, *, seq_len: int = 64,
-    batch_size: int = 64, penalties: Sequence[float] = (1e-4, 1e-3, 1e-2),
-) -> dict[str, torch.Tensor]:
-    """The cut's head layer refitted, without labels, to predict what the full model predicts on ``data`` (its
-    labels are never read): a multinomial logistic regression of the cut's pooled features onto the full model's
-    class probabilities, its L2 penalty the one of ``penalties`` whose fit on four fifths of ``data`` agrees best
-    with the full model on the last fifth. Returns the layer's ``weight`` and ``bias`` by their state names, for
-    ``cut.load_state_dict(..., strict=False)``; neither model is changed.
+class HeadMatcher:
+    """Refits a cut's head layer, without labels, to predict what ``full`` predicts on ``data`` (its labels are never
+    read): a multinomial logistic regression of the cut's pooled features onto the full model's class probabilities,
+    its L2 penalty the one of ``penalties`` whose fit on four fifths of ``data`` agrees best with the full model on the
+    last fifth. The full model's predictions are computed once, for every cut matched.
 
     A cut keeps the full model's head, which was trained on the full body's features; a cut body's features are
     shifted, and refitting the one layer that reads them wins back part of what the cut lost (a linear fit on a
     thousand unlabelled inputs: seconds, not retraining)."""
-    if len(data) < 10:
-        raise ValueError(f"head matching needs at least 10 unlabelled examples; got {len(data)}")
-    name, _ = head_layer(cut)
-    features, _ = _head_inputs(cut, data, tokenizer, seq_len=seq_len, batch_size=batch_size)
-    _, teacher = _head_inputs(full, data, tokenizer, seq_len=seq_len, batch_size=batch_size)
-    target = torch.softmax(teacher, dim=-1)
-    mean, scale = features.mean(0), features.std(0) + 1e-6
-    x = (features - mean) / scale
-    split = len(x) * 4 // 5
 
-    def agreement(penalty: float) -> float:
-        w, b = _fit_softmax(x[:split], target[:split], penalty)
-        return float(((x[split:] @ w + b).argmax(-1) == teacher[split:].argmax(-1)).float().mean())
+    def __init__(self, full: PreTrainedModel, data: Dataset, tokenizer: Tokenizer | None, *, seq_len: int = 64,
+                 batch_size: int = 64, penalties: Sequence[float] = (1e-4, 1e-3, 1e-2)) -> None:
+        if len(data) < 10:
+            raise ValueError(f"head matching needs at least 10 unlabelled examples; got {len(data)}")
+        self.data, self.tokenizer, self.seq_len, self.batch_size = data, tokenizer, seq_len, batch_size
+        self.penalties = tuple(penalties)
+        _, self.teacher = _head_inputs(full, data, tokenizer, seq_len=seq_len, batch_size=batch_size)
 
-    w, b = _fit_softmax(x, target, max(penalties, key=agreement))
-    # Fold the standardization in: ((f - mean) / scale) @ w + b = f @ (w / scale) + (b - (mean / scale) @ w).
-    return {f"{name}.weight": (w / scale[:, None]).T.contiguous(), f"{name}.bias": b - (mean / scale) @ w}
+    def __call__(self, cut: PreTrainedModel) -> dict[str, torch.Tensor]:
+        """The layer's ``weight`` and ``bias`` by their state names, for ``cut.load_state_dict(..., strict=False)``;
+        ``cut`` is not changed."""
+        name, _ = head_layer(cut)
+        features, _ = _head_inputs(cut, self.data, self.tokenizer, seq_len=self.seq_len, batch_size=self.batch_size)
+        target = torch.softmax(self.teacher, dim=-1)
+        mean, scale = features.mean(0), features.std(0) + 1e-6
+        x = (features - mean) / scale
+        split = len(x) * 4 // 5
+
+        def agreement(penalty: float) -> float:
+            w, b = _fit_softmax(x[:split], target[:split], penalty)
+            return float(((x[split:] @ w + b).argmax(-1) == self.teacher[split:].argmax(-1)).float().mean())
+
+        w, b = _fit_softmax(x, target, max(self.penalties, key=agreement))
+        # Fold the standardization in: ((f - mean) / scale) @ w + b = f @ (w / scale) + (b - (mean / scale) @ w).
+        return {f"{name}.weight": (w / scale[:, None]).T.contiguous(), f"{name}.bias": b - (mean / scale) @ w}
+
+
+def matched_head(cut: PreTrainedModel, full: PreTrainedModel, data: Dataset, tokenizer: Tokenizer | None,
+                 **options: Any) -> dict[str, torch.Tensor]:
+    """:class:`HeadMatcher` for one cut: its head layer's ``weight`` and ``bias`` refitted to ``full`` on ``data``."""
+    return HeadMatcher(full, data, tokenizer, **options)(cut)
 
 
 def _fit_softmax(x: torch.Tensor, target: torch.Tensor, penalty: float) -> tuple[torch.Tensor, torch.Tensor]:

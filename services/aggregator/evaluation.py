@@ -121,7 +121,7 @@ class HeldOutEvaluator:
         from raffm.costs import CostModel
         from raffm.elastic import extract
         from raffm.models import model_from_state
-        from raffm.scaling import flops_fraction, matched_head, spec_for_fraction
+        from raffm.scaling import HeadMatcher, flops_fraction, spec_for_fraction
         from raffm.spec import ElasticSpec
 
         model = model_from_state(dict(config), dict(state), task=self.task)  # type: ignore[arg-type]
@@ -134,14 +134,15 @@ class HeldOutEvaluator:
             cm = CostModel.from_model(model)
             full = ElasticSpec.full(cm.dims)
             total = cm.params(full)
+            matcher = None if self.unlabelled is None else HeadMatcher(
+                model, self.unlabelled, self.tokenizer, seq_len=self.seq_len, batch_size=self.batch_size)
             for fraction in self.fractions:
                 spec = spec_for_fraction(cm, fraction, seq_len=self.seq_len)
                 label = size_label(fraction)
                 cut = extract(model, spec)
                 out.update(self._scores(cut, f"@{label}"))
-                if self.unlabelled is not None and spec != full:
-                    cut.load_state_dict(matched_head(cut, model, self.unlabelled, self.tokenizer,
-                                                     seq_len=self.seq_len, batch_size=self.batch_size), strict=False)
+                if matcher is not None and spec != full:
+                    cut.load_state_dict(matcher(cut), strict=False)
                     out[f"matched_accuracy@{label}"] = self._scores(cut, "")["accuracy"]
                 out[f"params@{label}"] = cm.params(spec) / total
                 out[f"flops@{label}"] = flops_fraction(cm, spec, seq_len=self.seq_len)
