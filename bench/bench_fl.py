@@ -482,8 +482,8 @@ def render(result: dict[str, Any]) -> str:
     scaled = [(m, e["scaling"]) for m, e in summ.items() if "scaling" in e]
     if scaled:
         lines += ["", "Inference scaling (cuts of the final global model as it is, no retraining; kept share of the "
-                  "forward compute / of the parameters; head matched: the cut's classifier refitted, without labels, to the "
-                  "full model's predictions on the unlabelled pool):", "",
+                  "forward compute / of the parameters; head matched: the cut's classifier refitted, without labels, "
+                  "to the full model's predictions on the unlabelled pool):", "",
                   "| target % compute | " + " | ".join(f"{m} kept % compute / params | {m} acc (test + holdout) | "
                                                      f"{m} head matched (test + holdout)"
                                                      for m, _ in scaled) + " |", "|---|" + "---|---|---|" * len(scaled)]
