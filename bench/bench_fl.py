@@ -315,7 +315,7 @@ def fleet_record(initial: PreTrainedModel, fleet: Sequence[Client], test: TextDa
         record.update(spec=fit.spec.key(), params=fit.costs.params, param_fraction=fit.costs.params / full,
                       trained_params=fit.costs.trained_params, predicted_mb=round(fit.costs.train_memory_mb, 1),
                       nested=[s.key() for s in fit.recipe.nested], full_model=fit.costs.params == full)
-        record.update(fidelity(ordered, fit.spec, test, tokenizer, seq_len=settings.seq_len))
+        record.update(fidelity(ordered, extract(ordered, fit.spec), test, tokenizer, seq_len=settings.seq_len))
         records.append(record)
     return records
 
@@ -365,7 +365,7 @@ def run_bench(
                 # Cut the final version as it is, as the aggregator's evaluation and `raffm demo` do: every strategy
                 # salience-orders version 0, and re-ordering a trained version would swap near-tied channels across
                 # the very boundaries the nested cuts were trained at.
-                # With the unlabelled pool, each cut is also scored with its head matched to the full model on it.
+                # With the unlabelled pool, each cut is also scored matched to the full model on it.
                 run.scaling = [asdict(p) for p in
                                scaling_table(final, test, tokenizer, fractions=settings.fractions,
                                              seq_len=settings.seq_len, unlabelled=unlabelled)]
@@ -380,7 +380,7 @@ def run_bench(
                                                                           more.matched_accuracy)
                 log(f"  seed {seed} {method:<15} scaling: " + ", ".join(
                     f"{p['flops_fraction']:.2f}->{p['accuracy']:.4f}"
-                    + ("" if p["matched_accuracy"] is None else f" (head matched {p['matched_accuracy']:.4f})")
+                    + ("" if p["matched_accuracy"] is None else f" (matched {p['matched_accuracy']:.4f})")
                     for p in run.scaling))
             if settings.holdout:
                 full = [p["holdout_accuracy"] for p in run.scaling if p["target_fraction"] == 1.0]
@@ -482,10 +482,10 @@ def render(result: dict[str, Any]) -> str:
     scaled = [(m, e["scaling"]) for m, e in summ.items() if "scaling" in e]
     if scaled:
         lines += ["", "Inference scaling (cuts of the final global model as it is, no retraining; kept share of the "
-                  "forward compute / of the parameters; head matched: the cut's classifier refitted, without labels, "
-                  "to the full model's predictions on the unlabelled pool):", "",
+                  "forward compute / of the parameters; matched: the cut's residual projections refitted, without "
+                  "labels, to the full model on the unlabelled pool, raffm.scaling.CutMatcher):", "",
                   "| target % compute | " + " | ".join(f"{m} kept % compute / params | {m} acc (test + holdout) | "
-                                                     f"{m} head matched (test + holdout)"
+                                                     f"{m} matched (test + holdout)"
                                                      for m, _ in scaled) + " |", "|---|" + "---|---|---|" * len(scaled)]
         for i, f in enumerate(s["fractions"]):
             cells = []

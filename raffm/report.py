@@ -41,7 +41,7 @@ class ScalingPoint:
     accuracy: float
     spec: str  # ElasticSpec.key()
     flops_fraction: float = 1.0  # share of the forward compute the chosen cut keeps
-    matched_accuracy: float | None = None  # the cut with its head matched to the full model (raffm.scaling)
+    matched_accuracy: float | None = None  # the cut matched to the full model (raffm.scaling.CutMatcher)
 
 
 @dataclass
@@ -167,13 +167,13 @@ def render_markdown(report: RunReport) -> str:
         lines += [f"| {name} | " + " | ".join(f"{values.get(k, '')}" for k in fields) + " |"
                   for name, values in tiers.items()]
     if report.scaling:
-        matched = any(p.matched_accuracy is not None for p in report.scaling)  # (raffm.scaling.matched_head)
+        matched = any(p.matched_accuracy is not None for p in report.scaling)
         lines += [
             "",
             "## Inference scaling (sub-models cut from the final global model, no retraining)",
             "",
             f"| target share of compute | kept compute | kept parameters | share of parameters | test {metric} |"
-            + (" head matched |" if matched else "") + " spec |",
+            + (" matched |" if matched else "") + " spec |",
             "|---:|---:|---:|---:|---:|" + ("---:|" if matched else "") + ":--|",
         ]
         for p in report.scaling:
@@ -230,7 +230,8 @@ def write_plots(report: RunReport, out: Path) -> list[Path]:
                 marker="o", label="cut of the final global model")
         if any(p.matched_accuracy is not None for p in report.scaling):
             ax.plot([100 * p.flops_fraction for p in report.scaling],
-                    [100 * (p.matched_accuracy or 0) for p in report.scaling], marker="s", label="its head matched")
+                    [100 * (p.matched_accuracy or 0) for p in report.scaling], marker="s",
+                    label="matched to the full model")
         ax.axhline(100 * report.majority_rate, color="grey", linestyle="--", label=majority)
         ax.set(xlabel="forward compute kept (%)", ylabel=f"test {report.metric} (%)",
                title="Inference scaling without retraining")

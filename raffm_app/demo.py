@@ -91,9 +91,9 @@ class DemoSettings:
     # Examples the server keeps, without their labels, for the strategy's distillation step (server_distill_steps);
     # taken before the fleet's share, and only when the strategy distils.
     distill_size: int = 1000
-    # Score every cut of the final model also with its head matched to the full model on the server's unlabelled
-    # examples (raffm.scaling.matched_head): the server keeps distill_size of them, as for distillation.
-    match_head: bool = False
+    # Score every cut of the final model also matched to the full model on the server's unlabelled examples
+    # (raffm.scaling.CutMatcher): the server keeps distill_size of them, as for distillation.
+    match_cuts: bool = False
     max_train: int = 0  # 0 = all training examples
     wire_dtype: str = "float32"
     # A round closes as soon as every device is done; the deadline only cuts off a device that stalls. Eight devices
@@ -191,7 +191,7 @@ def split_and_write(settings: DemoSettings, data: Any, data_dir: Path) -> DemoDa
 
     from edge_agent.simulate import write_share
 
-    pool = settings.distill_size if distils(settings) or settings.match_head else 0
+    pool = settings.distill_size if distils(settings) or settings.match_cuts else 0
     held = max(1, min(TEST_SIZE, len(data) // 5)) if settings.test_size is None else settings.test_size
     if held + pool >= len(data):
         named = f"--test-size {held}" + (f" and --distill-size {pool}" if pool else "")
@@ -377,13 +377,13 @@ def _run_demo(settings: DemoSettings, run_dir: Path, guard: SignalGuard) -> None
                     metrics)
         final = final_version(addr["aggregator"], secrets_env["RAFFM_OPERATOR_TOKEN"])
         print("inference scaling: cutting sub-models from the final global model ...")
-        unlabelled = data.distill_path if settings.match_head else None
+        unlabelled = data.distill_path if settings.match_cuts else None
         report.scaling = scaling(settings, store, final, test, max_samples=settings.scaling_samples,
                                  unlabelled=unlabelled)
         cap = settings.scaling_samples
         scored = f" (first {cap} test examples)" if 0 < cap < len(test) else ""
         for p in report.scaling:
-            matched = "" if p.matched_accuracy is None else f", head matched {p.matched_accuracy:.1%}"
+            matched = "" if p.matched_accuracy is None else f", matched {p.matched_accuracy:.1%}"
             print(f"  cut for {p.target_fraction:4.0%}: {p.flops_fraction:6.1%} of the compute, {p.param_fraction:6.1%} "
                   f"of the parameters ({p.params:>11,}): test {report.metric} {p.accuracy:.1%}{matched}{scored}")
         for tier, m in report.memory_by_tier().items():
@@ -534,10 +534,11 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--scaling-samples", type=int, default=None,
                         help="test examples each cut of the inference-scaling table is scored on (default: all; "
                              f"an LLM: {llm.scaling_samples})")
-    parser.add_argument("--match-head", action="store_true",
+    parser.add_argument("--match-cuts", action="store_true",
                         help="keep --distill-size examples on the server without labels and score every cut of the "
-                             "final model also with its classifier refitted to the full model's predictions on them "
-                             "(no labels read; a linear fit of seconds)")
+                             "final model also matched to the full model on them: its projections into the residual "
+                             "stream refitted layer by layer by least squares (no labels read; about two minutes "
+                             "for the three cuts on 2 cores)")
     parser.add_argument("--distill-size", type=int, default=d.distill_size,
                         help="examples the server keeps without labels for the strategy's distillation step, when it "
                              "has one (strategy option server_distill_steps; default: %(default)s)")
@@ -573,8 +574,8 @@ def _main(args: argparse.Namespace) -> int:
         settings.tiers = load_tiers(args.tiers)
     if settings.devices < 1 or settings.rounds < 1:
         raise ValueError("--devices and --rounds must be at least 1")
-    if settings.match_head and is_llm(settings.model):
-        raise ValueError("--match-head refits a classifier's head; a decoder LLM's answers have none to match")
+    if settings.match_cuts and is_llm(settings.model):
+        raise ValueError("--match-cuts scores classifiers; a decoder LLM's cuts are scored by exact match only")
     distils(settings)  # a typo in --strategy-options or a bad setting fails here, before any service starts
     try:
         run_demo(settings)

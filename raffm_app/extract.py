@@ -39,13 +39,14 @@ def register(subparsers: Any) -> None:
                          "heterofl")
     extract.add_argument("--wire-dtype", default="float32", type=wire_dtype_arg, metavar="DTYPE",
                          help="float32, float16 or bfloat16 (fp32/fp16/bf16 too), for the byte count (float32)")
-    extract.add_argument("--match-head", metavar="DATA",
+    extract.add_argument("--match", metavar="DATA",
                          help="unlabelled inputs (a CSV/TSV/JSON/Parquet text file, a .pt/.npz image file, a folder of "
-                              "images, rotten_tomatoes or mnist; labels, if any, are not read): refit the cut's "
-                              "classifier to predict what the full model predicts on them, which recovers part of "
-                              "what a small cut loses (a linear fit, seconds; classifiers only)")
+                              "images, rotten_tomatoes or mnist; labels, if any, are not read): refit the cut, layer "
+                              "by layer, to compute what the full model computes on them, which wins back most of "
+                              "what a small cut loses (least squares on the projections into the residual stream; "
+                              "seconds to a minute, not retraining; classifiers)")
     extract.add_argument("--match-samples", type=int, default=1000, metavar="N",
-                         help="inputs of --match-head used, the first N (1000)")
+                         help="inputs of --match used, the first N (1000)")
     extract.set_defaults(func=run_extract)
 
     inspect = subparsers.add_parser(
@@ -89,8 +90,8 @@ def run_extract(args: argparse.Namespace) -> int:
     costs = costs_of.estimate(spec, batch_size=args.batch_size, seq_len=seq_len, wire_dtype=args.wire_dtype,
                               recipe=recipe)
     sub = extract(model, spec)
-    if args.match_head:
-        _match_head(sub, model, args, task, seq_len)
+    if args.match:
+        _match(sub, model, args, task, seq_len)
     args.out.mkdir(parents=True, exist_ok=True)
     sub.save_pretrained(args.out)
     _copy_tokenizer(resolve_model(args.model), args.out)
@@ -103,20 +104,17 @@ def run_extract(args: argparse.Namespace) -> int:
     return 0
 
 
-def _match_head(sub: Any, model: Any, args: argparse.Namespace, task: str, seq_len: int) -> None:
-    """Refit ``sub``'s classifier to ``model``'s predictions on the unlabelled ``--match-head`` data (in place)."""
-    import torch
-
+def _match(sub: Any, model: Any, args: argparse.Namespace, task: str, seq_len: int) -> None:
+    """Refit ``sub`` to ``model`` on the unlabelled ``--match`` data (in place)."""
     from raffm.data import ImageDataset, load_unlabelled
     from raffm.models import resolve_model
-    from raffm.scaling import matched_head
-    from raffm.training import batches
+    from raffm.scaling import CutMatcher, fidelity
 
     if task == "causal-lm":
-        raise ValueError("--match-head refits a classifier's head; a causal LM has none to match")
+        raise ValueError("--match scores the cut by its predicted class; it takes classifiers (text or images)")
     if args.match_samples < 10:
-        raise ValueError(f"--match-samples is {args.match_samples}; head matching needs at least 10 inputs")
-    data = load_unlabelled(args.match_head)
+        raise ValueError(f"--match-samples is {args.match_samples}; matching a cut needs at least 10 inputs")
+    data = load_unlabelled(args.match)
     data = data.subset(range(min(len(data), args.match_samples)))
     tokenizer = None
     if isinstance(data, ImageDataset):
@@ -126,16 +124,12 @@ def _match_head(sub: Any, model: Any, args: argparse.Namespace, task: str, seq_l
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
 
-    @torch.no_grad()
     def agreement() -> float:
-        same = [sub.eval()(**inputs).logits.argmax(-1) == model.eval()(**inputs).logits.argmax(-1)
-                for inputs in ({k: v for k, v in b.items() if k != "labels"}
-                               for b in batches(data, tokenizer, 64, seq_len, shuffle=False))]
-        return float(torch.cat(same).float().mean())
+        return fidelity(model, sub, data, tokenizer, seq_len=seq_len, max_examples=len(data))["prediction_agreement"]
 
     before = agreement()
-    sub.load_state_dict(matched_head(sub, model, data, tokenizer, seq_len=seq_len), strict=False)
-    print(f"head matched on {len(data)} unlabelled inputs of {args.match_head}: the cut predicts what the full model "
+    CutMatcher(model, data, tokenizer, seq_len=seq_len, max_examples=len(data))(sub)
+    print(f"matched on {len(data)} unlabelled inputs of {args.match}: the cut predicts what the full model "
           f"predicts for {before:.0%} of them before, {agreement():.0%} after")
 
 

@@ -193,7 +193,7 @@ def scaling(settings: DemoSettings, store: Path, version: str, test: Any, *, max
             unlabelled: Path | None = None) -> list[Any]:
     """The inference-scaling table of a version: sub-models cut to several sizes, each evaluated (on the first
     ``max_samples`` test examples when > 0; exact match for prompt -> response pairs), and with ``unlabelled``
-    (a file the server holds) each cut also with its head matched to the full model on it."""
+    (a file the server holds) each cut also matched to the full model on it."""
     from raffm.data import ImageDataset, load_unlabelled
     from raffm.generative import evaluate_generative
     from raffm.scaling import scaling_table

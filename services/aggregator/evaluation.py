@@ -60,7 +60,8 @@ def describe(evaluation: Mapping[str, float]) -> str:
         parts.append(f"held-out accuracy {evaluation['accuracy']:.1%}{balanced}")
     if "exact_match" in evaluation:
         parts.append(f"held-out exact match {evaluation['exact_match']:.1%}")
-    for prefix, phrase in (("accuracy@", "by share of the compute"), ("matched_accuracy@", "with matched heads")):
+    for prefix, phrase in (("accuracy@", "by share of the compute"),
+                           ("matched_accuracy@", "matched to the full model")):
         sizes = sorted((float(k.partition("@")[2]), k) for k in evaluation if k.startswith(prefix))
         if sizes:
             parts.append(f"{phrase} " + ", ".join(
@@ -115,13 +116,13 @@ class HeldOutEvaluator:
             raise ValueError(f"eval_fractions {bad} are out of range; each must be in (0, 1]")
         self.data, self.tokenizer, self.task = data, tokenizer, task
         self.fractions, self.seq_len, self.batch_size = tuple(fractions), seq_len, batch_size
-        self.unlabelled = unlabelled  # each cut also scored with its head matched to the full model on it
+        self.unlabelled = unlabelled  # each cut also scored matched to the full model on it
 
     def __call__(self, state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, float]:
         from raffm.costs import CostModel
         from raffm.elastic import extract
         from raffm.models import model_from_state
-        from raffm.scaling import HeadMatcher, flops_fraction, spec_for_fraction
+        from raffm.scaling import CutMatcher, flops_fraction, spec_for_fraction
         from raffm.spec import ElasticSpec
 
         model = model_from_state(dict(config), dict(state), task=self.task)  # type: ignore[arg-type]
@@ -134,15 +135,15 @@ class HeldOutEvaluator:
             cm = CostModel.from_model(model)
             full = ElasticSpec.full(cm.dims)
             total = cm.params(full)
-            matcher = None if self.unlabelled is None else HeadMatcher(
-                model, self.unlabelled, self.tokenizer, seq_len=self.seq_len, batch_size=self.batch_size)
+            matcher = None
             for fraction in self.fractions:
                 spec = spec_for_fraction(cm, fraction, seq_len=self.seq_len)
                 label = size_label(fraction)
                 cut = extract(model, spec)
                 out.update(self._scores(cut, f"@{label}"))
-                if matcher is not None and spec != full:
-                    cut.load_state_dict(matcher(cut), strict=False)
+                if self.unlabelled is not None and spec != full:
+                    matcher = matcher or CutMatcher(model, self.unlabelled, self.tokenizer, seq_len=self.seq_len)
+                    matcher(cut)
                     out[f"matched_accuracy@{label}"] = self._scores(cut, "")["accuracy"]
                 out[f"params@{label}"] = cm.params(spec) / total
                 out[f"flops@{label}"] = flops_fraction(cm, spec, seq_len=self.seq_len)
@@ -198,6 +199,6 @@ def default_evaluator(job: Any) -> HeldOutEvaluator | None:
         unlabelled = load_distill_data(job.distill_data)
     log.info("held-out evaluation on %d examples of %s, sizes %s%s", len(data), job.eval_data,
              ["full", *map(size_label, job.eval_fractions)],
-             f", cuts also with their heads matched on {job.distill_data}" if unlabelled is not None else "")
+             f", cuts also matched to the full model on {job.distill_data}" if unlabelled is not None else "")
     return HeldOutEvaluator(data, tokenizer, task=job.task, fractions=job.eval_fractions, seq_len=job.seq_len,
                             batch_size=max(job.batch_size, 32), unlabelled=unlabelled)

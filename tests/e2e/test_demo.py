@@ -122,10 +122,10 @@ def test_demo_takes_a_data_file_with_three_labels(tiny_model: Path, tmp_path: Pa
 @pytest.mark.timeout(600)
 def test_demo_trains_a_vit_on_mnist(tmp_path: Path) -> None:
     """Issue 12 item 7: every data set the agent accepts works in the main job; mnist trains the built-in ViT. The
-    cuts are also scored with their heads matched on images the server keeps without labels."""
+    cuts are also scored matched to the full model on images the server keeps without labels."""
     out = tmp_path / "run"
     proc = _run(["--data", "mnist", "--devices", "2", "--rounds", "1", "--local-steps", "2", "--test-size", "100",
-                 "--max-train", "300", "--round-deadline-s", "300", "--match-head", "--distill-size", "100",
+                 "--max-train", "300", "--round-deadline-s", "300", "--match-cuts", "--distill-size", "100",
                  "--out", str(out)])
     assert proc.returncode == 0, f"demo failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     report = json.loads((out / "report.json").read_text())
@@ -137,8 +137,8 @@ def test_demo_trains_a_vit_on_mnist(tmp_path: Path) -> None:
     assert all(t["peak_memory_mb"] <= 1.10 * t["predicted_memory_mb"] for t in rnd["tiers"].values()), rnd["tiers"]
     assert [p["target_fraction"] for p in report["scaling"]] == [0.25, 0.5, 0.75, 1.0]
     assert all(0.0 <= p["matched_accuracy"] <= 1.0 for p in report["scaling"])
-    assert report["scaling"][-1]["matched_accuracy"] == report["scaling"][-1]["accuracy"]  # the full model's own head
-    assert "head matched" in (out / "report.md").read_text() and ", head matched " in proc.stdout
+    assert report["scaling"][-1]["matched_accuracy"] == report["scaling"][-1]["accuracy"]  # the reference itself
+    assert "| matched |" in (out / "report.md").read_text() and ", matched " in proc.stdout
     config = checkpoint_store_from_url(str(out / "checkpoints")).info("job-v1").config
     assert config["model_type"] == "vit" and config["num_channels"] == 1
     assert "round 1: global test accuracy" in proc.stdout

@@ -109,7 +109,7 @@ def test_bad_inputs_are_clear_errors_and_write_nothing(tmp_path: Path, capsys: p
     assert "has no config.json; pass a folder written by `raffm extract`" in capsys.readouterr().err
 
 
-def test_a_cut_whose_head_is_matched_on_unlabelled_texts_follows_the_full_model(
+def test_a_cut_matched_on_unlabelled_texts_follows_the_full_model(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from safetensors.torch import load_file
 
@@ -120,15 +120,17 @@ def test_a_cut_whose_head_is_matched_on_unlabelled_texts_follows_the_full_model(
     plain, matched = tmp_path / "plain", tmp_path / "matched"
     assert main(["extract", "--out", str(plain), "--memory-mb", "150"]) == 0
     capsys.readouterr()
-    assert main(["extract", "--out", str(matched), "--memory-mb", "150", "--match-head", str(texts),
+    assert main(["extract", "--out", str(matched), "--memory-mb", "150", "--match", str(texts),
                  "--match-samples", "120"]) == 0
     printed = capsys.readouterr().out
-    found = re.search(r"head matched on 120 unlabelled inputs of .*reviews.csv: the cut predicts what the full model "
+    found = re.search(r"matched on 120 unlabelled inputs of .*reviews.csv: the cut predicts what the full model "
                       r"predicts for (\d+)% of them before, (\d+)% after", printed)
     assert found and int(found[2]) >= int(found[1]), printed
     heads = [load_file(folder / "model.safetensors") for folder in (plain, matched)]
-    assert torch.equal(heads[0]["bert.pooler.dense.weight"], heads[1]["bert.pooler.dense.weight"])
-    assert not torch.equal(heads[0]["classifier.weight"], heads[1]["classifier.weight"])  # only the head moved
-    assert main(["extract", "--out", str(tmp_path / "few"), "--memory-mb", "150", "--match-head", str(texts),
+    moved = {name for name in heads[0] if name.startswith("bert.") and not torch.equal(heads[0][name], heads[1][name])}
+    # what writes into the residual stream, in every layer, and nothing else of the body (the head is drawn afresh)
+    assert moved == {f"bert.encoder.layer.{i}.{m}.{p}" for i in range(6)
+                     for m in ("attention.output.dense", "output.dense") for p in ("weight", "bias")}, sorted(moved)
+    assert main(["extract", "--out", str(tmp_path / "few"), "--memory-mb", "150", "--match", str(texts),
                  "--match-samples", "5"]) == 2
-    assert "head matching needs at least 10 inputs" in capsys.readouterr().err and not (tmp_path / "few").exists()
+    assert "matching a cut needs at least 10 inputs" in capsys.readouterr().err and not (tmp_path / "few").exists()

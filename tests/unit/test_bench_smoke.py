@@ -134,7 +134,7 @@ def test_summary_and_scaling_structure(bench: Any, result: dict[str, Any]) -> No
             assert 0.0 <= run["scaling"][0]["matched_holdout_accuracy"] <= 1.0
             assert run["scaling"][-1]["matched_accuracy"] == run["scaling"][-1]["accuracy"]
     text = bench.render(result)
-    assert "| raffm |" in text and "Inference scaling" in text and "head matched" in text
+    assert "| raffm |" in text and "Inference scaling" in text and "matched (test + holdout)" in text
 
 
 def test_full_fedavg_of_one_client_with_zero_lr_keeps_the_model(bench: Any) -> None:

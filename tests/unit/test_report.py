@@ -1,4 +1,4 @@
-"""raffm.report: the demo's report.md and plots, with and without the cuts' matched heads."""
+"""raffm.report: the demo's report.md and plots, with and without the cuts matched to the full model."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ def _report(matched: bool) -> RunReport:
     return report
 
 
-def test_the_scaling_table_has_a_head_matched_column_only_when_cuts_were_matched(tmp_path: Path) -> None:
+def test_the_scaling_table_has_a_matched_column_only_when_cuts_were_matched(tmp_path: Path) -> None:
     text = render_markdown(_report(True))
-    assert "| test accuracy | head matched | spec |" in text
+    assert "| test accuracy | matched | spec |" in text
     assert "| 25% | 25.0% | 60 | 60.0% | 61.0% | 68.0% | `quarter` |" in text
     plain = render_markdown(_report(False))
-    assert "head matched" not in plain and "| 25% | 25.0% | 60 | 60.0% | 61.0% | `quarter` |" in plain
+    assert "| matched |" not in plain and "| 25% | 25.0% | 60 | 60.0% | 61.0% | `quarter` |" in plain
     assert {p.name for p in write_plots(_report(True), tmp_path)} >= {"scaling.png"}
