@@ -541,7 +541,8 @@ def register(subparsers: Any) -> None:
                              "for the three cuts on 2 cores)")
     parser.add_argument("--distill-size", type=int, default=d.distill_size,
                         help="examples the server keeps without labels for the strategy's distillation step, when it "
-                             "has one (strategy option server_distill_steps; default: %(default)s)")
+                             "has one (strategy option server_distill_steps), and for --match-cuts (default: "
+                             "%(default)s)")
     parser.add_argument("--max-train", type=int, default=0, help="cap on training examples shared by the fleet (0: all)")
     parser.add_argument("--wire-dtype", type=wire_dtype_arg, default=d.wire_dtype, metavar="DTYPE",
                         help="float32, float16 or bfloat16 (fp32/fp16/bf16 too); default: %(default)s")
