@@ -213,7 +213,7 @@ def _targets(model: PreTrainedModel, names: list[str], sums: dict[str, bool],
             keep(name, args[0].reshape(shape))
 
     hooks = [model.get_submodule(name).register_forward_hook(projection(name)) for name in names]
-    hooks += [m.register_forward_pre_hook(norm) for m in model.modules() if "norm" in type(m).__name__.lower()]
+    hooks += [m.register_forward_pre_hook(norm) for m in _normalizations(model)]
     try:
         for batch in batches:
             model(**batch)
@@ -263,7 +263,7 @@ def _capture(model: PreTrainedModel, name: str, batch: dict[str, torch.Tensor], 
 
     hooks = [model.get_submodule(name).register_forward_hook(projection)]
     if sums:
-        hooks += [m.register_forward_pre_hook(norm) for m in model.modules() if "norm" in type(m).__name__.lower()]
+        hooks += [m.register_forward_pre_hook(norm) for m in _normalizations(model)]
     try:
         model(**batch)
     except _Stop:
@@ -272,6 +272,11 @@ def _capture(model: PreTrainedModel, name: str, batch: dict[str, torch.Tensor], 
         for hook in hooks:
             hook.remove()
     return got
+
+
+def _normalizations(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The normalization modules of ``model`` (LayerNorm, RMSNorm, ... by their class names)."""
+    return [m for m in model.modules() if "norm" in type(m).__name__.lower()]
 
 
 def _tokens(values: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -88,7 +88,7 @@ def test_global_model_and_sub_models_are_evaluated_after_each_round(tmp_path: Pa
         fleet.stop()
 
 
-def test_with_unlabelled_server_data_each_cut_is_also_scored_with_its_head_matched(tmp_path: Path) -> None:
+def test_with_unlabelled_server_data_each_cut_is_also_scored_matched_to_the_full_model(tmp_path: Path) -> None:
     model = _model_with_tokenizer(tmp_path / "model")
     data_path = _eval_file(tmp_path / "heldout.csv")
     rng = random.Random(1)
