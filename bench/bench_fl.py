@@ -365,22 +365,24 @@ def run_bench(
                 # Cut the final version as it is, as the aggregator's evaluation and `raffm demo` do: every strategy
                 # salience-orders version 0, and re-ordering a trained version would swap near-tied channels across
                 # the very boundaries the nested cuts were trained at.
-                # With the unlabelled pool, each cut is also scored matched to the full model on it.
+                # With the unlabelled pool, each cut is also scored matched to the full model on it: once, on the
+                # test and holdout reviews together where there is a holdout (matching takes longer than scoring).
+                scored = data.subset(order[: settings.test_size] + order[len(order) - settings.holdout :])
                 run.scaling = [asdict(p) for p in
                                scaling_table(final, test, tokenizer, fractions=settings.fractions,
-                                             seq_len=settings.seq_len, unlabelled=unlabelled)]
+                                             seq_len=settings.seq_len,
+                                             unlabelled=None if settings.holdout else unlabelled)]
                 if settings.holdout:
-                    for point, more in zip(run.scaling, scaling_table(final, held, tokenizer,
+                    for point, more in zip(run.scaling, scaling_table(final, scored, tokenizer,
                                                                       fractions=settings.fractions,
                                                                       seq_len=settings.seq_len,
                                                                       unlabelled=unlabelled)):
-                        point["holdout_accuracy"] = with_held(point["accuracy"], more.accuracy)
-                        if more.matched_accuracy is not None:
-                            point["matched_holdout_accuracy"] = with_held(point["matched_accuracy"],
-                                                                          more.matched_accuracy)
+                        point["holdout_accuracy"] = more.accuracy
+                        point["matched_holdout_accuracy"] = more.matched_accuracy
                 log(f"  seed {seed} {method:<15} scaling: " + ", ".join(
-                    f"{p['flops_fraction']:.2f}->{p['accuracy']:.4f}"
-                    + ("" if p["matched_accuracy"] is None else f" (matched {p['matched_accuracy']:.4f})")
+                    f"{p['flops_fraction']:.2f}->{p['accuracy']:.4f}" + "".join(
+                        f" ({key} {p[key]:.4f})" for key in ("holdout_accuracy", "matched_accuracy",
+                                                             "matched_holdout_accuracy") if p.get(key) is not None)
                     for p in run.scaling))
             if settings.holdout:
                 full = [p["holdout_accuracy"] for p in run.scaling if p["target_fraction"] == 1.0]
@@ -482,8 +484,8 @@ def render(result: dict[str, Any]) -> str:
     scaled = [(m, e["scaling"]) for m, e in summ.items() if "scaling" in e]
     if scaled:
         lines += ["", "Inference scaling (cuts of the final global model as it is, no retraining; kept share of the "
-                  "forward compute / of the parameters; matched: the cut's residual projections refitted, without "
-                  "labels, to the full model on the unlabelled pool, raffm.scaling.CutMatcher):", "",
+                  "forward compute / of the parameters; matched: the projections around the cut's heads and neurons "
+                  "refitted, without labels, to the full model on the unlabelled pool, raffm.scaling.CutMatcher):", "",
                   "| target % compute | " + " | ".join(f"{m} kept % compute / params | {m} acc (test + holdout) | "
                                                      f"{m} matched (test + holdout)"
                                                      for m, _ in scaled) + " |", "|---|" + "---|---|---|" * len(scaled)]
@@ -492,10 +494,9 @@ def render(result: dict[str, Any]) -> str:
             for _, points in scaled:
                 p = points[i]
                 held = "" if p["holdout_accuracy"] is None else f" ({_pm(p['holdout_accuracy'])})"
-                matched = "-" if p["matched_accuracy"] is None else _pm(p["matched_accuracy"]) + (
-                    "" if p["matched_holdout_accuracy"] is None else f" ({_pm(p['matched_holdout_accuracy'])})")
+                matched = p["matched_holdout_accuracy"] or p["matched_accuracy"]  # (only one of them is scored)
                 cells += [f"{100 * p['flops_fraction']:.1f} / {100 * p['param_fraction']:.1f}",
-                          _pm(p["accuracy"]) + held, matched]
+                          _pm(p["accuracy"]) + held, "-" if matched is None else _pm(matched)]
             lines.append(f"| {100 * f:.0f} | " + " | ".join(cells) + " |")
     fleet = result["fleets"][str(s["seeds"][0])]
     lines += ["", f"Fleet (seed {s['seeds'][0]}) and the slice RaFFM gives each device, with its fidelity to the full "
