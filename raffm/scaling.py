@@ -14,11 +14,12 @@ import torch
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from raffm.arch import FFN_KINDS, HEAD_KINDS, adapter_for
+from raffm.arch import FFN_KINDS, HEAD_KINDS, adapter_for, canonical_shapes
 from raffm.costs import CostModel
 from raffm.elastic import extract
 from raffm.fitting import ladder
 from raffm.report import ScalingPoint
+from raffm.slicing import SlicePlan, TensorSlice, slice_plan
 from raffm.spec import ElasticSpec
 from raffm.training import Dataset, Tokenizer, batches, evaluate
 
@@ -110,16 +111,18 @@ class _Stop(Exception):
 class CutMatcher:
     """Refits a cut, without labels, to compute what ``full`` computes on ``data`` (labels are never read).
 
-    Layer by layer, every projection that writes into the residual stream (the attention output, the FFN's output
-    projection) is refitted by ridge regression from what the already refitted layers below feed it, so that the
-    residual sum after it (what the next normalization reads) is the full model's. Where no residual sum follows a
-    projection directly (GPT-NeoX's parallel attention) it is fitted to the full model's projection output instead.
-    The penalty pulls each weight toward its trained value. This is the layer-wise reconstruction of post-training
-    pruning (Kwon et al., 2022) applied to RaFFM's nested cuts: a cut drops heads and neurons whose contribution the
-    full model's later layers expect, and refitting the few matrices that write into the residual stream puts most of
-    it back: forward passes over (at most ``max_examples``) unlabelled inputs, not retraining. The full model's side
-    is computed once, for every cut matched, and held at half precision: two rows of the hidden width per layer and
-    real token (for MiniLM and a thousand reviews at 48 tokens, 234 MiB).
+    Layer by layer, in the order they run, every projection between the residual stream and the heads or FFN neurons
+    is refitted by ridge regression from what the already refitted layers below feed it: those that write into the
+    residual stream (the attention output, the FFN's output projection) so that the residual sum after it (what the
+    next normalization reads) is the full model's, or where no residual sum follows directly (GPT-NeoX's parallel
+    attention) their output; those that read it (query, key, value, the FFN's input projections) so that the heads
+    and neurons the cut keeps see what they see in the full model. The penalty pulls each weight toward its trained
+    value. This is the layer-wise reconstruction of post-training pruning (Kwon et al., 2022) applied to RaFFM's
+    nested cuts: a cut drops heads and neurons whose contribution the full model's later layers expect, and refitting
+    the matrices around them puts most of it back: forward passes over (at most ``max_examples``) unlabelled inputs,
+    not retraining. The full model's side is computed once, for every cut matched, and held at half precision: the
+    residual sums and the projections' inputs, about four rows of the hidden width per layer and real token (for
+    MiniLM and a thousand reviews at 48 tokens, about 470 MiB).
     """
 
     def __init__(self, full: PreTrainedModel, data: Dataset, tokenizer: Tokenizer | None, *, seq_len: int = 64,
@@ -131,43 +134,96 @@ class CutMatcher:
         self.penalty = penalty
         self.batches = [{k: v for k, v in b.items() if k != "labels"}
                         for b in batches(data, tokenizer, batch_size, seq_len, shuffle=False)]
-        self.projections = residual_projections(full)
+        self.adapter = adapter_for(full)
+        self.dims, self.shapes = self.adapter.dims(full.config), canonical_shapes(full)
+        residual = residual_projections(full)
         with _evaluating(full):
-            self.sums = {name: _sums_after(full, name, self.batches[0]) for name in self.projections}
-            self.targets = _targets(full, self.projections, self.sums, self.batches)
+            self.sums = {name: _sums_after(full, name, self.batches[0]) for name in residual}
+            self.steps = _steps(full, residual, input_projections(full), self.batches[0])
+            self.targets = _targets(full, self.steps, self.sums, self.batches)
+        self.weights = {name: _weight(full.get_submodule(name)) for step in self.steps for name in step
+                        if name not in self.sums}
 
     def __call__(self, cut: PreTrainedModel) -> None:
-        """Refit ``cut``'s residual projections in place (its other tensors are not changed)."""
+        """Refit ``cut`` (:func:`raffm.elastic.extract` of the full model) in place: only its projections change."""
+        if getattr(cut.config, "raffm_spec", None) is None:
+            raise ValueError("CutMatcher refits a cut made by raffm.elastic.extract from the full model; this model "
+                             "is not one (its config has no raffm_spec)")
+        plan = slice_plan(self.adapter, self.dims, ElasticSpec.from_dict(cut.config.raffm_spec), self.shapes)
         with _evaluating(cut):
-            for name in self.projections:
-                self._refit(cut, name)
+            for step in self.steps:
+                if step[0] in self.sums:
+                    self._refit(cut, step[0])
+                else:
+                    self._refit_readers(cut, step, plan)
 
     @torch.no_grad()
     def _refit(self, cut: PreTrainedModel, name: str) -> None:
+        """Refit projection ``name``, which writes into the residual stream."""
         module = cut.get_submodule(name)
-        stored, bias = cast(torch.Tensor, module.weight), cast(torch.Tensor | None, module.bias)
-        weight = stored.T if isinstance(module, Conv1D) else stored  # [out, in]
-        outputs, inputs = weight.shape
-        columns = inputs + (bias is not None)
-        gram = torch.zeros(columns, columns, dtype=torch.float64)
-        cross = torch.zeros(columns, outputs, dtype=torch.float64)
+        outputs = _weight(module)[0].shape[0]
+        gram = cross = torch.tensor(0.0, dtype=torch.float64)  # (sums over the batches)
         for batch, full in zip(self.batches, self.targets[name]):
             own = _capture(cut, name, batch, self.sums[name])
             target = full[:, :outputs].float()  # the leading hidden channels where the cut is narrower
             if self.sums[name]:
                 target = target - _tokens(own["sum"] - own["output"], batch)
-            x = _tokens(own["input"], batch)
+            x = _with_ones(_tokens(own["input"], batch))
+            gram, cross = gram + (x.T @ x).double(), cross + (x.T @ target).double()
+        self._solve(module, gram, cross)
+
+    @torch.no_grad()
+    def _refit_readers(self, cut: PreTrainedModel, names: list[str], plan: SlicePlan) -> None:
+        """Refit projections ``names``, which read the same input (from the residual stream), so that each outputs
+        what the full model's does on the channels the cut keeps. The full model's outputs are its weights applied
+        to its inputs, so one pass over the data serves them all."""
+        gram = cross = torch.tensor(0.0, dtype=torch.float64)  # (sums over the batches)
+        for batch, full in zip(self.batches, self.targets[names[0]]):
+            x = _with_ones(_tokens(_capture(cut, names[0], batch, False)["input"], batch))
+            gram, cross = gram + (x.T @ x).double(), cross + (x.T @ full.float()).double()
+        for name in names:
+            weight, bias = self.weights[name]
+            rows = _kept_rows(plan[name + ".weight"], weight.shape, isinstance(cut.get_submodule(name), Conv1D))
+            target = cross @ weight[rows].T.double()  # x' (X_full W^T + b): the full model's outputs, kept rows
             if bias is not None:
-                x = torch.cat([x, torch.ones(len(x), 1)], 1)
-            gram += (x.T @ x).double()
-            cross += (x.T @ target).double()
-        ridge = torch.zeros(columns, dtype=torch.float64)
+                target += gram[:, -1:] * bias[rows].double()  # (the ones column of x sums the rows)
+            self._solve(cut.get_submodule(name), gram, target)
+
+    def _solve(self, module: torch.nn.Module, gram: torch.Tensor, cross: torch.Tensor) -> None:
+        """Set ``module``'s weight (and bias) to the ridge solution of ``gram`` / ``cross`` (their last row and
+        column: the bias), pulled toward its present weight."""
+        stored, bias = cast(torch.Tensor, module.weight), cast(torch.Tensor | None, module.bias)
+        weight = _weight(module)[0]
+        inputs = weight.shape[1]
+        if bias is None:
+            gram, cross = gram[:inputs, :inputs], cross[:inputs]
+        ridge = torch.zeros(len(gram), dtype=torch.float64)
         ridge[:inputs] = self.penalty * gram.diagonal()[:inputs].mean()
         prior = weight.T if bias is None else torch.cat([weight.T, bias[None]])
         solution = torch.linalg.solve(gram + torch.diag(ridge), cross + ridge[:, None] * prior.double()).float()
         stored.copy_(solution[:inputs] if isinstance(module, Conv1D) else solution[:inputs].T)
         if bias is not None:
             bias.copy_(solution[inputs])
+
+
+def _weight(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A projection's weight as ``[out, in]`` (GPT-2's Conv1D stores ``[in, out]``) and its bias (a copy of each)."""
+    weight = cast(torch.Tensor, module.weight)
+    bias = cast(torch.Tensor | None, module.bias)
+    return (weight.T if isinstance(module, Conv1D) else weight).detach().clone(), (
+        None if bias is None else bias.detach().clone())
+
+
+def _with_ones(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, torch.ones(len(x), 1)], 1)
+
+
+def _kept_rows(where: TensorSlice, shape: torch.Size, conv1d: bool) -> torch.Tensor:
+    """The full model's output channels (rows of the ``[out, in]`` ``shape``) that a cut's projection keeps."""
+    rows = torch.arange(shape[0], dtype=torch.float32)
+    grid = (rows[None, :].expand(shape[1], shape[0]) if conv1d else rows[:, None].expand(shape)).contiguous()
+    kept = where.take(grid)
+    return (kept[0] if conv1d else kept[:, 0]).long()
 
 
 @contextmanager
@@ -193,43 +249,87 @@ def _sums_after(model: PreTrainedModel, name: str, batch: dict[str, torch.Tensor
 
 
 @torch.no_grad()
-def _targets(model: PreTrainedModel, names: list[str], sums: dict[str, bool],
+def _steps(model: PreTrainedModel, residual: list[str], readers: list[str],
+           batch: dict[str, torch.Tensor]) -> list[list[str]]:
+    """The order of refitting: every projection in the order the layers run them, the ones that read the residual
+    stream grouped where they read the very same input (query, key and value; a gated FFN's gate and input)."""
+    inputs: dict[str, torch.Tensor] = {}
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(_module: Any, args: tuple[Any, ...], _output: torch.Tensor) -> None:
+            inputs.setdefault(name, args[0])
+        return hook
+
+    _run(model, {k: v[:2] for k, v in batch.items()}, {name: record(name) for name in readers})
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    steps: list[list[str]] = []
+    for name in sorted(residual + readers, key=lambda n: (_layer(model, n), order[n])):
+        last = steps[-1] if steps else []
+        if name in inputs and last and last[0] in inputs and inputs[last[0]] is inputs[name]:
+            last.append(name)
+        else:
+            steps.append([name])
+    return steps
+
+
+@torch.no_grad()
+def _targets(model: PreTrainedModel, steps: list[list[str]], sums: dict[str, bool],
              batches: list[dict[str, torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
-    """Per projection and batch, the real tokens' rows (float16) of what the cut should reproduce: the sum the next
-    normalization reads (``sums[name]``) or else the projection's output, from one pass of ``model`` per batch."""
-    found: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    """Per step and batch, the real tokens' rows (float16) of what the cut should reproduce, from one pass of
+    ``model`` per batch: for a projection that writes into the residual stream, the sum the next normalization reads
+    (``sums[name]``) or else its output; for projections that read it, their input."""
+    found: dict[str, list[torch.Tensor]] = {step[0]: [] for step in steps}
     pending: list[tuple[str, torch.Size]] = []
+    seen: set[str] = set()  # (a projection can run twice in a pass: DeBERTa's query on the position embeddings)
     batch: dict[str, torch.Tensor] = {}
 
     def keep(name: str, values: torch.Tensor) -> None:
         found[name].append(_tokens(values, batch).half())
 
     def projection(name: str) -> Callable[..., None]:
-        return lambda _module, _args, output: pending.append((name, output.shape)) if sums[name] else keep(name, output)
+        def hook(_module: Any, args: tuple[Any, ...], output: torch.Tensor) -> None:
+            if name in seen:
+                return
+            seen.add(name)
+            if name not in sums:
+                keep(name, args[0])
+            elif sums[name]:
+                pending.append((name, output.shape))
+            else:
+                keep(name, output)
+        return hook
 
     def norm(_module: Any, args: tuple[Any, ...]) -> None:
         while pending and args:
             name, shape = pending.pop()
             keep(name, args[0].reshape(shape))
 
-    hooks = [model.get_submodule(name).register_forward_hook(projection(name)) for name in names]
-    hooks += [m.register_forward_pre_hook(norm) for m in _normalizations(model)]
-    try:
-        for batch in batches:
-            model(**batch)
-            pending.clear()
-    finally:
-        for hook in hooks:
-            hook.remove()
+    for batch in batches:
+        seen.clear()
+        _run(model, batch, {step[0]: projection(step[0]) for step in steps}, norm)
+        pending.clear()
     return found
 
 
-def residual_projections(model: PreTrainedModel) -> list[str]:
-    """The modules of ``model``'s layers that write into the residual stream, in the order they run: their weight's
-    output axis is the hidden width and its input axis heads or FFN neurons (BERT's ``attention.output.dense`` and
-    ``output.dense``, Llama's ``o_proj`` and ``down_proj``)."""
+def _run(model: PreTrainedModel, batch: dict[str, torch.Tensor], hooks: dict[str, Callable[..., Any]],
+         norm: Callable[..., Any] | None = None) -> None:
+    """One forward pass of ``model`` with ``hooks`` on the named modules (and ``norm`` before every normalization);
+    a hook may end the pass early by raising :class:`_Stop`."""
+    handles = [model.get_submodule(name).register_forward_hook(hook) for name, hook in hooks.items()]
+    if norm is not None:
+        handles += [m.register_forward_pre_hook(norm) for m in _normalizations(model)]
+    try:
+        model(**batch)
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _projections(model: PreTrainedModel) -> Iterator[tuple[str, str, str]]:
+    """Each linear module of ``model``'s layers with its weight's output and input axis kinds."""
     adapter = adapter_for(model)
-    found = []
     for name, module in model.named_modules():
         if not isinstance(module, (torch.nn.Linear, Conv1D)) or adapter.layer_of(name + ".weight") is None:
             continue
@@ -238,9 +338,28 @@ def residual_projections(model: PreTrainedModel) -> list[str]:
         except ValueError:
             continue
         out, into = axes[::-1] if isinstance(module, Conv1D) else axes
-        if out == "hidden" and into in (*HEAD_KINDS, *FFN_KINDS):
-            found.append(name)
-    return sorted(found, key=lambda n: adapter.layer_of(n + ".weight") or 0)  # stable: registration order within
+        yield name, out, into
+
+
+def _layer(model: PreTrainedModel, name: str) -> int:
+    return adapter_for(model).layer_of(name + ".weight") or 0
+
+
+def residual_projections(model: PreTrainedModel) -> list[str]:
+    """The modules of ``model``'s layers that write into the residual stream, in the order they run: their weight's
+    output axis is the hidden width and its input axis heads or FFN neurons (BERT's ``attention.output.dense`` and
+    ``output.dense``, Llama's ``o_proj`` and ``down_proj``)."""
+    found = [name for name, out, into in _projections(model)
+             if out == "hidden" and into in (*HEAD_KINDS, *FFN_KINDS)]
+    return sorted(found, key=lambda n: _layer(model, n))  # stable: registration order within a layer
+
+
+def input_projections(model: PreTrainedModel) -> list[str]:
+    """The modules of ``model``'s layers that read the residual stream into heads or FFN neurons, in the order they
+    run (BERT's query, key, value and ``intermediate.dense``; Llama's ``q/k/v_proj``, ``gate_proj``, ``up_proj``)."""
+    found = [name for name, out, into in _projections(model)
+             if into == "hidden" and out in (*HEAD_KINDS, *FFN_KINDS)]
+    return sorted(found, key=lambda n: _layer(model, n))
 
 
 def _capture(model: PreTrainedModel, name: str, batch: dict[str, torch.Tensor], sums: bool,
@@ -250,6 +369,8 @@ def _capture(model: PreTrainedModel, name: str, batch: dict[str, torch.Tensor], 
     got: dict[str, torch.Tensor] = {}
 
     def projection(_module: Any, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        if "output" in got:  # (a second run in the same pass)
+            return output
         got["input"], got["output"] = args[0], output + shift
         if not sums:
             raise _Stop
@@ -261,16 +382,7 @@ def _capture(model: PreTrainedModel, name: str, batch: dict[str, torch.Tensor], 
                 got["sum"] = args[0].reshape(got["output"].shape)
             raise _Stop
 
-    hooks = [model.get_submodule(name).register_forward_hook(projection)]
-    if sums:
-        hooks += [m.register_forward_pre_hook(norm) for m in _normalizations(model)]
-    try:
-        model(**batch)
-    except _Stop:
-        pass
-    finally:
-        for hook in hooks:
-            hook.remove()
+    _run(model, batch, {name: projection}, norm if sums else None)
     return got
 
 

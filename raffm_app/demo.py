@@ -536,9 +536,9 @@ def register(subparsers: Any) -> None:
                              f"an LLM: {llm.scaling_samples})")
     parser.add_argument("--match-cuts", action="store_true",
                         help="keep --distill-size examples on the server without labels and score every cut of the "
-                             "final model also matched to the full model on them: its projections into the residual "
-                             "stream refitted layer by layer by least squares (no labels read; about two minutes "
-                             "for the three cuts on 2 cores)")
+                             "final model also matched to the full model on them: the projections around its heads "
+                             "and FFN neurons refitted layer by layer by least squares (no labels read; about four "
+                             "minutes for the three cuts on 2 cores)")
     parser.add_argument("--distill-size", type=int, default=d.distill_size,
                         help="examples the server keeps without labels for the strategy's distillation step, when it "
                              "has one (strategy option server_distill_steps), and for --match-cuts (default: "

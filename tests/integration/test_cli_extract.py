@@ -128,9 +128,12 @@ def test_a_cut_matched_on_unlabelled_texts_follows_the_full_model(
     assert found and int(found[2]) >= int(found[1]), printed
     heads = [load_file(folder / "model.safetensors") for folder in (plain, matched)]
     moved = {name for name in heads[0] if name.startswith("bert.") and not torch.equal(heads[0][name], heads[1][name])}
-    # what writes into the residual stream, in every layer, and nothing else of the body (the head is drawn afresh)
+    # the projections into and out of the heads and FFN neurons, in every layer, and nothing else of the body (no
+    # normalization, no embedding; the head is drawn afresh)
     assert moved == {f"bert.encoder.layer.{i}.{m}.{p}" for i in range(6)
-                     for m in ("attention.output.dense", "output.dense") for p in ("weight", "bias")}, sorted(moved)
+                     for m in ("attention.self.query", "attention.self.key", "attention.self.value",
+                               "attention.output.dense", "intermediate.dense", "output.dense")
+                     for p in ("weight", "bias")}, sorted(moved)
     assert main(["extract", "--out", str(tmp_path / "few"), "--memory-mb", "150", "--match", str(texts),
                  "--match-samples", "5"]) == 2
     assert "matching a cut needs at least 10 inputs" in capsys.readouterr().err and not (tmp_path / "few").exists()

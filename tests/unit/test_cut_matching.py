@@ -9,7 +9,14 @@ from raffm.arch import adapter_for
 from raffm.costs import CostModel
 from raffm.data import ImageDataset, TextDataset
 from raffm.elastic import extract
-from raffm.scaling import CutMatcher, fidelity, residual_projections, scaling_table, spec_for_fraction
+from raffm.scaling import (
+    CutMatcher,
+    fidelity,
+    input_projections,
+    residual_projections,
+    scaling_table,
+    spec_for_fraction,
+)
 from raffm.spec import ElasticSpec
 from raffm.spp import prioritize
 from raffm.training import LocalConfig, batches, train_local
@@ -26,7 +33,7 @@ def _trained() -> torch.nn.Module:
     return model.eval()
 
 
-def test_a_matched_cut_follows_the_full_model_and_only_its_residual_projections_move() -> None:
+def test_a_matched_cut_follows_the_full_model_and_only_its_projections_move() -> None:
     full = _trained()
     dims = adapter_for(full).dims(full.config)
     cut = extract(full, ElasticSpec.uniform(dims, heads=2, ffn=64))  # a quarter of the heads, an eighth of the FFN
@@ -40,7 +47,9 @@ def test_a_matched_cut_follows_the_full_model_and_only_its_residual_projections_
     assert matched["prediction_agreement"] >= max(0.95, own["prediction_agreement"]), (own, matched)
     moved = {n for n, t in cut.state_dict().items() if not torch.equal(t, before[n])}
     assert moved == {f"bert.encoder.layer.{i}.{m}.{p}" for i in range(2)
-                     for m in ("attention.output.dense", "output.dense") for p in ("weight", "bias")}
+                     for m in ("attention.self.query", "attention.self.key", "attention.self.value",
+                               "attention.output.dense", "intermediate.dense", "output.dense")
+                     for p in ("weight", "bias")}
     assert all(torch.equal(t, full_before[n]) for n, t in full.state_dict().items())
     # the labels are never read: the same inputs with every label flipped give the same cut
     again = extract(full, ElasticSpec.uniform(dims, heads=2, ffn=64))
@@ -79,9 +88,11 @@ def test_matching_brings_a_cut_of_every_family_closer_to_the_full_model(kind: st
     matcher(cut)
     after = _error(full, cut, probe, tokenizer)
     assert after < 0.8 * before, (before, after)
-    assert len(matcher.projections) == 2 * full.config.num_hidden_layers
+    residual = residual_projections(full)
+    assert len(residual) == 2 * full.config.num_hidden_layers
+    assert sorted(n for step in matcher.steps for n in step) == sorted(residual + input_projections(full))
     if kind == "neox":  # parallel residuals: what follows the attention output is the FFN's LayerNorm of the input
-        assert [matcher.sums[n] for n in matcher.projections[:2]] == [False, True]
+        assert [matcher.sums[n] for n in residual[:2]] == [False, True]
     elif kind != "deberta":
         assert all(matcher.sums.values()), matcher.sums
 
@@ -96,6 +107,21 @@ def test_the_projections_into_the_residual_stream_are_found_by_their_axes() -> N
                                                             "distilbert.transformer.layer.0.ffn.lin2"]
 
 
+def test_the_projections_that_read_the_residual_stream_are_refitted_in_order_grouped_by_their_input() -> None:
+    assert input_projections(make("gpt2"))[:2] == ["transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc"]
+    for kind, first in [("bert", ["bert.encoder.layer.0.attention.self." + m for m in ("query", "key", "value")]
+                         + ["bert.encoder.layer.0.attention.output.dense", "bert.encoder.layer.0.intermediate.dense",
+                            "bert.encoder.layer.0.output.dense"]),
+                        ("llama-tied", ["model.layers.0.self_attn." + m for m in ("q_proj", "k_proj", "v_proj")]
+                         + ["model.layers.0.self_attn.o_proj", "model.layers.0.mlp.gate_proj",
+                            "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"])]:
+        full = make(kind).eval()
+        data, tokenizer = _inputs(kind, 20, seed=1)
+        steps = CutMatcher(full, data, tokenizer, seq_len=12).steps
+        grouped = [first[:3], first[3:4]] + ([first[4:5], first[5:6]] if kind == "bert" else [first[4:6], first[6:]])
+        assert steps[:4] == grouped, steps[:4]
+
+
 def test_the_scaling_table_scores_each_cut_as_cut_and_matched() -> None:
     full = _trained()
     points = scaling_table(full, toy_data(120, seed=6), TOKENIZER, fractions=(0.25, 1.0), seq_len=16,
@@ -107,3 +133,5 @@ def test_the_scaling_table_scores_each_cut_as_cut_and_matched() -> None:
                                                                 seq_len=16))
     with pytest.raises(ValueError, match="at least 10 unlabelled examples"):
         CutMatcher(tiny_model(0), toy_data(4), TOKENIZER)
+    with pytest.raises(ValueError, match="a cut made by raffm.elastic.extract"):
+        CutMatcher(full, toy_data(20), TOKENIZER, seq_len=16)(tiny_model(1))
