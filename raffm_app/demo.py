@@ -537,7 +537,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--match-cuts", action="store_true",
                         help="keep --distill-size examples on the server without labels and score every cut of the "
                              "final model also matched to the full model on them: the projections around its heads "
-                             "and FFN neurons refitted layer by layer by least squares (no labels read; about four "
+                             "and FFN neurons refitted layer by layer by least squares (no labels read; about three "
                              "minutes for the three cuts on 2 cores)")
     parser.add_argument("--distill-size", type=int, default=d.distill_size,
                         help="examples the server keeps without labels for the strategy's distillation step, when it "
