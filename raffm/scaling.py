@@ -161,7 +161,7 @@ class CutMatcher:
     def _refit(self, cut: PreTrainedModel, name: str) -> None:
         """Refit projection ``name``, which writes into the residual stream."""
         module = cut.get_submodule(name)
-        outputs = _weight(module)[0].shape[0]
+        outputs = cast(torch.Tensor, module.weight).shape[-1 if isinstance(module, Conv1D) else 0]
         gram = cross = torch.tensor(0.0, dtype=torch.float64)  # (sums over the batches)
         for batch, full in zip(self.batches, self.targets[name]):
             own = _capture(cut, name, batch, self.sums[name])
