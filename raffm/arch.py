@@ -76,10 +76,11 @@ not supported.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field, replace
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from torch import nn
 
@@ -614,3 +615,8 @@ def base_model(model: nn.Module) -> nn.Module:
     """The transformer body of a model with or without a task head (``model.bert``, ``model.vit``...)."""
     prefix = getattr(model, "base_model_prefix", "")
     return getattr(model, prefix, model) if prefix else model
+
+
+def layer_modules(model: nn.Module) -> nn.ModuleList:
+    """The transformer layers of ``model``, in the order they run."""
+    return cast(nn.ModuleList, functools.reduce(getattr, adapter_for(model).layers_attr.split("."), base_model(model)))

@@ -85,7 +85,7 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
-from raffm.arch import Adapter, adapter_for, base_model, canonical_shapes, tied_aliases
+from raffm.arch import Adapter, adapter_for, base_model, canonical_shapes, layer_modules, tied_aliases
 from raffm.slicing import SlicePlan, slice_plan, slice_state
 from raffm.spec import ElasticSpec
 
@@ -127,8 +127,7 @@ def _sync_module_attributes(model: nn.Module, adapter: Adapter, spec: ElasticSpe
             module.out_channels = module.weight.shape[0]
         elif isinstance(module, Conv1D):  # GPT-2's projections, weight [in, out]
             module.nx, module.nf = module.weight.shape
-    layers: Any = functools.reduce(getattr, adapter.layers_attr.split("."), base_model(model))
-    for layer, layer_spec in zip(layers, spec.layers):
+    for layer, layer_spec in zip(layer_modules(model), spec.layers):
         attention = layer.get_submodule(adapter.attention_module)
         setattr(attention, adapter.head_dim_attr, layer_spec.head_dim)
         if adapter.heads_attr is not None:

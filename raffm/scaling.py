@@ -6,6 +6,7 @@ vocabulary, so their share of the parameters is larger than their share of the c
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
@@ -14,7 +15,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from raffm.arch import FFN_KINDS, HEAD_KINDS, adapter_for, canonical_shapes
+from raffm.arch import FFN_KINDS, HEAD_KINDS, adapter_for, canonical_shapes, layer_modules
 from raffm.costs import CostModel
 from raffm.elastic import extract
 from raffm.fitting import ladder
@@ -24,6 +25,7 @@ from raffm.spec import ElasticSpec
 from raffm.training import Dataset, Tokenizer, batches, evaluate
 
 DEFAULT_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+MATCH_MIN_EXAMPLES = 10  # the fewest unlabelled inputs a cut is matched on
 
 
 def flops_fraction(cost_model: CostModel, spec: ElasticSpec, *, seq_len: int | None = 64) -> float:
@@ -108,6 +110,11 @@ class _Stop(Exception):
     """Ends a forward pass once a hook has what it needs."""
 
 
+# Where a pass of a cut starts: the layers it skips and, for one batch, what the last of them outputs. A cut is refitted
+# layer by layer, so a layer below the one being refitted no longer changes: each is run once more, not once per pass.
+_Start = tuple[Sequence[torch.nn.Module], Any]
+
+
 class CutMatcher:
     """Refits a cut, without labels, to compute what ``full`` computes on ``data`` (labels are never read).
 
@@ -122,13 +129,14 @@ class CutMatcher:
     the matrices around them puts most of it back: forward passes over (at most ``max_examples``) unlabelled inputs,
     not retraining. The full model's side is computed once, for every cut matched, and held at half precision: the
     residual sums and the projections' inputs, about four rows of the hidden width per layer and real token (for
-    MiniLM and a thousand reviews at 48 tokens, about 470 MiB).
+    MiniLM and a thousand reviews at 48 tokens, about 470 MiB). On the cut's side, a layer whose projections are
+    refitted is run once more and its output replayed: the passes for the layers above start there.
     """
 
     def __init__(self, full: PreTrainedModel, data: Dataset, tokenizer: Tokenizer | None, *, seq_len: int = 64,
                  batch_size: int = 64, max_examples: int = 1000, penalty: float = 1e-2) -> None:
-        if len(data) < 10:
-            raise ValueError(f"matching a cut needs at least 10 unlabelled examples; got {len(data)}")
+        if len(data) < MATCH_MIN_EXAMPLES:
+            raise ValueError(f"matching a cut needs at least {MATCH_MIN_EXAMPLES} unlabelled examples; got {len(data)}")
         if len(data) > max_examples:
             data = data.subset(range(max_examples))
         self.penalty = penalty
@@ -150,21 +158,27 @@ class CutMatcher:
             raise ValueError("CutMatcher refits a cut made by raffm.elastic.extract from the full model; this model "
                              "is not one (its config has no raffm_spec)")
         plan = slice_plan(self.adapter, self.dims, ElasticSpec.from_dict(cut.config.raffm_spec), self.shapes)
+        layers = list(layer_modules(cut))
+        done = 0  # layers refitted; per batch, where a pass of the cut starts:
+        starts: list[_Start | None] = [None for _ in self.batches]
         with _evaluating(cut):
             for step in self.steps:
+                while done < _layer(cut, step[0]):  # the layers below are refitted: later passes skip them
+                    done += 1
+                    starts = [_start(cut, layers[:done], batch, start) for batch, start in zip(self.batches, starts)]
                 if step[0] in self.sums:
-                    self._refit(cut, step[0])
+                    self._refit(cut, step[0], starts)
                 else:
-                    self._refit_readers(cut, step, plan)
+                    self._refit_readers(cut, step, plan, starts)
 
     @torch.no_grad()
-    def _refit(self, cut: PreTrainedModel, name: str) -> None:
+    def _refit(self, cut: PreTrainedModel, name: str, starts: list[_Start | None]) -> None:
         """Refit projection ``name``, which writes into the residual stream."""
         module = cut.get_submodule(name)
         outputs = cast(torch.Tensor, module.weight).shape[-1 if isinstance(module, Conv1D) else 0]
         gram = cross = torch.tensor(0.0, dtype=torch.float64)  # (sums over the batches)
-        for batch, full in zip(self.batches, self.targets[name]):
-            own = _capture(cut, name, batch, self.sums[name])
+        for batch, full, start in zip(self.batches, self.targets[name], starts):
+            own = _capture(cut, name, batch, self.sums[name], start=start)
             target = full[:, :outputs].float()  # the leading hidden channels where the cut is narrower
             if self.sums[name]:
                 target = target - _tokens(own["sum"] - own["output"], batch)
@@ -173,13 +187,14 @@ class CutMatcher:
         self._solve(module, gram, cross)
 
     @torch.no_grad()
-    def _refit_readers(self, cut: PreTrainedModel, names: list[str], plan: SlicePlan) -> None:
+    def _refit_readers(self, cut: PreTrainedModel, names: list[str], plan: SlicePlan,
+                       starts: list[_Start | None]) -> None:
         """Refit projections ``names``, which read the same input (from the residual stream), so that each outputs
         what the full model's does on the channels the cut keeps. The full model's outputs are its weights applied
         to its inputs, so one pass over the data serves them all."""
         gram = cross = torch.tensor(0.0, dtype=torch.float64)  # (sums over the batches)
-        for batch, full in zip(self.batches, self.targets[names[0]]):
-            x = _with_ones(_tokens(_capture(cut, names[0], batch, False)["input"], batch))
+        for batch, full, start in zip(self.batches, self.targets[names[0]], starts):
+            x = _with_ones(_tokens(_capture(cut, names[0], batch, False, start=start)["input"], batch))
             gram, cross = gram + (x.T @ x).double(), cross + (x.T @ full.float()).double()
         for name in names:
             weight, bias = self.weights[name]
@@ -312,12 +327,15 @@ def _targets(model: PreTrainedModel, steps: list[list[str]], sums: dict[str, boo
 
 
 def _run(model: PreTrainedModel, batch: dict[str, torch.Tensor], hooks: dict[str, Callable[..., Any]],
-         norm: Callable[..., Any] | None = None) -> None:
-    """One forward pass of ``model`` with ``hooks`` on the named modules (and ``norm`` before every normalization);
-    a hook may end the pass early by raising :class:`_Stop`."""
+         norm: Callable[..., Any] | None = None, start: _Start | None = None) -> None:
+    """One forward pass of ``model`` with ``hooks`` on the named modules (and ``norm`` before every normalization),
+    from ``start``; a hook may end the pass early by raising :class:`_Stop`."""
     handles = [model.get_submodule(name).register_forward_hook(hook) for name, hook in hooks.items()]
     if norm is not None:
         handles += [m.register_forward_pre_hook(norm) for m in _normalizations(model)]
+    skipped, output = start or ((), None)
+    for layer in skipped:  # (an instance's forward shadows its class's; the last skipped layer's output is a copy)
+        layer.forward = functools.partial(_replay, output, layer is skipped[-1])
     try:
         model(**batch)
     except _Stop:
@@ -325,6 +343,36 @@ def _run(model: PreTrainedModel, batch: dict[str, torch.Tensor], hooks: dict[str
     finally:
         for handle in handles:
             handle.remove()
+        for layer in skipped:
+            del layer.forward
+
+
+def _replay(output: Any, copy: bool, *_args: Any, **_kwargs: Any) -> Any:
+    """A skipped layer's forward: ``output`` (tensors copied with ``copy``, should the next layer change them)."""
+    if copy and isinstance(output, torch.Tensor):
+        return output.clone()
+    if copy and isinstance(output, tuple):
+        return tuple(_replay(o, True) for o in output)
+    return output
+
+
+@torch.no_grad()
+def _start(model: PreTrainedModel, layers: Sequence[torch.nn.Module], batch: dict[str, torch.Tensor],
+           start: _Start | None) -> _Start:
+    """Where a pass of ``model`` starts once ``layers`` (the first of its layers) are refitted: what the last of them
+    outputs on ``batch``, from ``start``."""
+    got: list[Any] = []
+
+    def keep(_module: Any, _args: Any, output: Any) -> None:
+        got.append(output)
+        raise _Stop
+
+    handle = layers[-1].register_forward_hook(keep)
+    try:
+        _run(model, batch, {}, start=start)
+    finally:
+        handle.remove()
+    return layers, got[0]
 
 
 def _projections(model: PreTrainedModel) -> Iterator[tuple[str, str, str]]:
@@ -363,9 +411,10 @@ def input_projections(model: PreTrainedModel) -> list[str]:
 
 
 def _capture(model: PreTrainedModel, name: str, batch: dict[str, torch.Tensor], sums: bool,
-             shift: float = 0.0) -> dict[str, torch.Tensor]:
-    """What projection ``name`` reads (``input``) and writes (``output``) on ``batch`` and, with ``sums``, what the next
-    normalization reads after it (``sum``; missing where none follows); ``shift`` is added to the output."""
+             shift: float = 0.0, start: _Start | None = None) -> dict[str, torch.Tensor]:
+    """What projection ``name`` reads (``input``) and writes (``output``) on ``batch`` (from ``start``) and, with
+    ``sums``, what the next normalization reads after it (``sum``; missing where none follows); ``shift`` is added to
+    the output."""
     got: dict[str, torch.Tensor] = {}
 
     def projection(_module: Any, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
@@ -382,7 +431,7 @@ def _capture(model: PreTrainedModel, name: str, batch: dict[str, torch.Tensor], 
                 got["sum"] = args[0].reshape(got["output"].shape)
             raise _Stop
 
-    _run(model, batch, {name: projection}, norm if sums else None)
+    _run(model, batch, {name: projection}, norm if sums else None, start)
     return got
 
 

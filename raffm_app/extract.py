@@ -108,12 +108,13 @@ def _match(sub: Any, model: Any, args: argparse.Namespace, task: str, seq_len: i
     """Refit ``sub`` to ``model`` on the unlabelled ``--match`` data (in place)."""
     from raffm.data import ImageDataset, load_unlabelled
     from raffm.models import resolve_model
-    from raffm.scaling import CutMatcher, fidelity
+    from raffm.scaling import MATCH_MIN_EXAMPLES, CutMatcher, fidelity
 
     if task == "causal-lm":
         raise ValueError("--match scores the cut by its predicted class; it takes classifiers (text or images)")
-    if args.match_samples < 10:
-        raise ValueError(f"--match-samples is {args.match_samples}; matching a cut needs at least 10 inputs")
+    if args.match_samples < MATCH_MIN_EXAMPLES:
+        raise ValueError(f"--match-samples is {args.match_samples}; matching a cut needs at least "
+                         f"{MATCH_MIN_EXAMPLES} inputs")
     data = load_unlabelled(args.match)
     data = data.subset(range(min(len(data), args.match_samples)))
     tokenizer = None
