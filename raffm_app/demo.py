@@ -59,7 +59,7 @@ LLM_TIERS = (
 LLM_LORA_RANKS = (4, 8, 16)
 # What a decoder LLM's demo changes from the defaults (each still overridable by its flag): small enough for 2 cores.
 LLM_DEFAULTS: dict[str, Any] = dict(devices=3, rounds=3, local_steps=8, batch_size=8, seq_len=64, lr=1e-3,
-                                    test_size=200, round_deadline_s=3600.0, scaling_samples=100)
+                                    test_size=200, round_deadline_s=3600.0, scaling_samples=100, match_cuts=False)
 
 
 TEST_SIZE = 600  # the most examples the server holds out by default
@@ -91,9 +91,9 @@ class DemoSettings:
     # Examples the server keeps, without their labels, for the strategy's distillation step (server_distill_steps);
     # taken before the fleet's share, and only when the strategy distils.
     distill_size: int = 1000
-    # Score every cut of the final model also matched to the full model on the server's unlabelled examples
-    # (raffm.scaling.CutMatcher): the server keeps distill_size of them, as for distillation.
-    match_cuts: bool = False
+    # Score every cut of the final model also matched to the full model on unlabelled examples the server keeps
+    # (raffm.scaling.CutMatcher): distill_size of them, at most a tenth of what the fleet would otherwise train on.
+    match_cuts: bool = True
     max_train: int = 0  # 0 = all training examples
     wire_dtype: str = "float32"
     # A round closes as soon as every device is done; the deadline only cuts off a device that stalls. Eight devices
@@ -185,14 +185,19 @@ def prepare_data(settings: DemoSettings, data_dir: Path) -> DemoData:
 
 def split_and_write(settings: DemoSettings, data: Any, data_dir: Path) -> DemoData:
     """Hold out ``test_size`` examples (seeded; by default a fifth, at most :data:`TEST_SIZE`), then
-    ``distill_size`` for the server's distillation step when the strategy distils (written without labels), keep at
+    ``distill_size`` for the server's distillation step when the strategy distils, or to match the cuts to the full
+    model (at most a tenth of the rest: none where that is too few to match on), written without labels; keep at
     most ``max_train`` of the rest, and write them for the agents and the aggregator to read."""
     import random
 
     from edge_agent.simulate import write_share
+    from raffm.scaling import MATCH_MIN_EXAMPLES
 
-    pool = settings.distill_size if distils(settings) or settings.match_cuts else 0
     held = max(1, min(TEST_SIZE, len(data) // 5)) if settings.test_size is None else settings.test_size
+    pool = settings.distill_size if distils(settings) else 0
+    if settings.match_cuts and not pool:
+        pool = min(settings.distill_size, (len(data) - held) // 10)
+        pool = pool if pool >= MATCH_MIN_EXAMPLES else 0
     if held + pool >= len(data):
         named = f"--test-size {held}" + (f" and --distill-size {pool}" if pool else "")
         raise ValueError(f"{named} leave no training data ({len(data)} examples)")
@@ -378,6 +383,8 @@ def _run_demo(settings: DemoSettings, run_dir: Path, guard: SignalGuard) -> None
         final = final_version(addr["aggregator"], secrets_env["RAFFM_OPERATOR_TOKEN"])
         print("inference scaling: cutting sub-models from the final global model ...")
         unlabelled = data.distill_path if settings.match_cuts else None
+        if settings.match_cuts and unlabelled is None:
+            print("  (too little data to keep examples for matching the cuts: each is scored as cut)")
         report.scaling = scaling(settings, store, final, test, max_samples=settings.scaling_samples,
                                  unlabelled=unlabelled)
         cap = settings.scaling_samples
@@ -534,14 +541,15 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--scaling-samples", type=int, default=None,
                         help="test examples each cut of the inference-scaling table is scored on (default: all; "
                              f"an LLM: {llm.scaling_samples})")
-    parser.add_argument("--match-cuts", action="store_true",
-                        help="keep --distill-size examples on the server without labels and score every cut of the "
-                             "final model also matched to the full model on them: the projections around its heads "
-                             "and FFN neurons refitted layer by layer by least squares (no labels read; about three "
-                             "minutes for the three cuts on 2 cores)")
+    parser.add_argument("--match-cuts", action=argparse.BooleanOptionalAction, default=None,
+                        help="keep --distill-size examples (at most a tenth of the data) on the server without labels "
+                             "and score every cut of the final model also matched to the full model on them: the "
+                             "projections around its heads and FFN neurons refitted layer by layer by least squares "
+                             "(no labels read; about a minute and a half for the three cuts on 2 cores). On by "
+                             "default for classifiers; --no-match-cuts scores the cuts as cut only")
     parser.add_argument("--distill-size", type=int, default=d.distill_size,
                         help="examples the server keeps without labels for the strategy's distillation step, when it "
-                             "has one (strategy option server_distill_steps), and for --match-cuts (default: "
+                             "has one (strategy option server_distill_steps), and for matching the cuts (default: "
                              "%(default)s)")
     parser.add_argument("--max-train", type=int, default=0, help="cap on training examples shared by the fleet (0: all)")
     parser.add_argument("--wire-dtype", type=wire_dtype_arg, default=d.wire_dtype, metavar="DTYPE",

@@ -70,6 +70,7 @@ def test_demo_runs_three_agents_for_two_rounds(tiny_model: Path, tmp_path: Path)
     assert report["totals"]["bytes_saved"] > 0
     assert [p["target_fraction"] for p in report["scaling"]] == [0.25, 0.5, 0.75, 1.0]
     assert report["scaling"][-1]["param_fraction"] == 1.0
+    assert all(0.0 <= p["matched_accuracy"] <= 1.0 for p in report["scaling"])  # matched by default
     assert report["majority_rate"] >= 0.5 and report["machine"]["cores"] >= 1
     for name in ("report.md", "accuracy.png", "bytes.png", "scaling.png"):
         assert (out / name).stat().st_size > 0, name

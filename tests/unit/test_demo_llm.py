@@ -56,11 +56,18 @@ def test_llm_defaults_apply_unless_a_flag_says_otherwise(monkeypatch: pytest.Mon
     assert args.func(args) == 0
     s = seen[-1]
     assert (s.rounds, s.lora_ranks, s.local_steps, s.devices, s.chat_template) == (5, (8,), 8, 3, True)
+    assert not s.match_cuts  # a decoder LLM's cuts are scored by exact match
     assert [t.name for t in s.tiers] == ["phone", "laptop", "server"]
     args = parser.parse_args(["demo", "--rounds", "2"])
     assert args.func(args) == 0
     s = seen[-1]
     assert (s.model, s.rounds, s.local_steps) == ("minilm", 2, demo.DemoSettings.local_steps) and s.tiers == list(demo.DEFAULT_TIERS)
+    assert s.match_cuts
+    args = parser.parse_args(["demo", "--no-match-cuts"])
+    assert args.func(args) == 0 and not seen[-1].match_cuts
+    args = parser.parse_args(["demo", "--model", "smollm2", "--match-cuts"])
+    with pytest.raises(ValueError, match="--match-cuts scores classifiers"):
+        args.func(args)
     assert demo.is_llm("smollm2") and not demo.is_llm("minilm")
 
 
@@ -88,7 +95,7 @@ def test_a_distilling_strategy_gets_unlabelled_server_data_that_no_device_and_no
     from raffm.data import TextDataset, load_text_file
 
     data = TextDataset([f"review number {i}" for i in range(100)], [i % 2 for i in range(100)], ("rotten", "fresh"))
-    plain = demo.split_and_write(demo.DemoSettings(test_size=20), data, tmp_path / "plain")
+    plain = demo.split_and_write(demo.DemoSettings(test_size=20, match_cuts=False), data, tmp_path / "plain")
     assert plain.distill_path is None and len(plain.train) == 80
     settings = demo.DemoSettings(test_size=20, distill_size=30, strategy_options='{"server_distill_steps": 5}')
     split = demo.split_and_write(settings, data, tmp_path / "distil")
@@ -103,3 +110,16 @@ def test_a_distilling_strategy_gets_unlabelled_server_data_that_no_device_and_no
                                                strategy_options='{"server_distill_steps": 5}'), data, tmp_path / "x")
     with pytest.raises(ValueError, match="unknown strategy setting"):
         demo.distils(demo.DemoSettings(strategy_options='{"server_distil_steps": 5}'))
+
+
+def test_matching_the_cuts_keeps_at_most_a_tenth_of_the_data_and_none_where_that_is_too_few(tmp_path) -> None:
+    from raffm.data import TextDataset
+
+    data = TextDataset([f"review number {i}" for i in range(420)], [i % 2 for i in range(420)], ("rotten", "fresh"))
+    assert demo.DemoSettings().match_cuts and not demo.llm_settings().match_cuts  # the default, for classifiers
+    split = demo.split_and_write(demo.DemoSettings(test_size=20), data, tmp_path / "matched")
+    assert split.distill_path is not None and len(split.train) == 360  # 40 kept: a tenth of the 400 left
+    few = demo.split_and_write(demo.DemoSettings(test_size=20, distill_size=30), data, tmp_path / "few")
+    assert len(few.train) == 370
+    small = demo.split_and_write(demo.DemoSettings(test_size=20), data.subset(range(100)), tmp_path / "small")
+    assert small.distill_path is None and len(small.train) == 80  # 8 would be too few to match on
