@@ -91,8 +91,8 @@ class DemoSettings:
     # Examples the server keeps, without their labels, for the strategy's distillation step (server_distill_steps);
     # taken before the fleet's share, and only when the strategy distils.
     distill_size: int = 1000
-    # Score every cut of the final model also matched to the full model on unlabelled examples the server keeps
-    # (raffm.scaling.CutMatcher): distill_size of them, at most a tenth of what the fleet would otherwise train on.
+    # Score every cut of the final model also matched to the full model on distill_size unlabelled examples the
+    # server keeps (raffm.scaling.CutMatcher), drawn from the fleet's share (split_and_write).
     match_cuts: bool = True
     max_train: int = 0  # 0 = all training examples
     wire_dtype: str = "float32"
@@ -140,7 +140,7 @@ class DemoData:
     test: Any
     train_path: Path
     test_path: Path
-    distill_path: Path | None = None  # the server's unlabelled data, when the strategy distils
+    distill_path: Path | None = None  # the server's unlabelled data: to distil, or to match the cuts
 
     @property
     def image(self) -> bool:
@@ -185,19 +185,17 @@ def prepare_data(settings: DemoSettings, data_dir: Path) -> DemoData:
 
 def split_and_write(settings: DemoSettings, data: Any, data_dir: Path) -> DemoData:
     """Hold out ``test_size`` examples (seeded; by default a fifth, at most :data:`TEST_SIZE`), then
-    ``distill_size`` for the server's distillation step when the strategy distils, or to match the cuts to the full
-    model (at most a tenth of the rest: none where that is too few to match on), written without labels; keep at
-    most ``max_train`` of the rest, and write them for the agents and the aggregator to read."""
+    ``distill_size`` for the server's distillation step when the strategy distils (no device holds them), keep at
+    most ``max_train`` of the rest, and write them for the agents and the aggregator to read. Matching the cuts
+    trains nothing: its ``distill_size`` unlabelled inputs (a stand-in for public data of the same kind) are drawn from
+    the fleet's share, so the fleet trains on the same data with or without it."""
     import random
 
     from edge_agent.simulate import write_share
     from raffm.scaling import MATCH_MIN_EXAMPLES
 
-    held = max(1, min(TEST_SIZE, len(data) // 5)) if settings.test_size is None else settings.test_size
     pool = settings.distill_size if distils(settings) else 0
-    if settings.match_cuts and not pool:
-        pool = min(settings.distill_size, (len(data) - held) // 10)
-        pool = pool if pool >= MATCH_MIN_EXAMPLES else 0
+    held = max(1, min(TEST_SIZE, len(data) // 5)) if settings.test_size is None else settings.test_size
     if held + pool >= len(data):
         named = f"--test-size {held}" + (f" and --distill-size {pool}" if pool else "")
         raise ValueError(f"{named} leave no training data ({len(data)} examples)")
@@ -207,10 +205,12 @@ def split_and_write(settings: DemoSettings, data: Any, data_dir: Path) -> DemoDa
     if settings.max_train:
         train = train.subset(range(min(settings.max_train, len(train))))
     data_dir.mkdir(parents=True, exist_ok=True)
+    unlabelled = data.subset(order[held : held + pool])
+    if settings.match_cuts and not pool and len(train) >= MATCH_MIN_EXAMPLES:
+        unlabelled = train.subset(range(min(settings.distill_size, len(train))))
     distill_path = None
-    if pool:  # no labels leave for the server (an image file holds them; the server never reads them)
-        distill_path = write_share(data.subset(order[held : held + pool]), data_dir / "server_unlabelled",
-                                   labels=False)
+    if len(unlabelled):  # no labels leave for the server (an image file holds them; the server never reads them)
+        distill_path = write_share(unlabelled, data_dir / "server_unlabelled", labels=False)
     return DemoData(train, test, write_share(train, data_dir / "train"), write_share(test, data_dir / "test"),
                     distill_path)
 
@@ -542,11 +542,11 @@ def register(subparsers: Any) -> None:
                         help="test examples each cut of the inference-scaling table is scored on (default: all; "
                              f"an LLM: {llm.scaling_samples})")
     parser.add_argument("--match-cuts", action=argparse.BooleanOptionalAction, default=None,
-                        help="keep --distill-size examples (at most a tenth of the data) on the server without labels "
-                             "and score every cut of the final model also matched to the full model on them: the "
-                             "projections around its heads and FFN neurons refitted layer by layer by least squares "
-                             "(no labels read; about a minute and a half for the three cuts on 2 cores). On by "
-                             "default for classifiers; --no-match-cuts scores the cuts as cut only")
+                        help="keep --distill-size of the fleet's examples on the server without labels (standing in "
+                             "for public data of the same kind) and score every cut of the final model also matched to "
+                             "the full model on them: the projections around its heads and FFN neurons refitted layer "
+                             "by layer by least squares (no labels read; about a minute and a half for the three cuts "
+                             "on 2 cores). On by default for classifiers; --no-match-cuts scores the cuts as cut only")
     parser.add_argument("--distill-size", type=int, default=d.distill_size,
                         help="examples the server keeps without labels for the strategy's distillation step, when it "
                              "has one (strategy option server_distill_steps), and for matching the cuts (default: "

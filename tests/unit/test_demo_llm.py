@@ -112,14 +112,18 @@ def test_a_distilling_strategy_gets_unlabelled_server_data_that_no_device_and_no
         demo.distils(demo.DemoSettings(strategy_options='{"server_distil_steps": 5}'))
 
 
-def test_matching_the_cuts_keeps_at_most_a_tenth_of_the_data_and_none_where_that_is_too_few(tmp_path) -> None:
-    from raffm.data import TextDataset
+def test_the_cuts_are_matched_on_unlabelled_inputs_drawn_from_the_fleets_share_which_it_still_trains_on(
+        tmp_path) -> None:
+    from raffm.data import TextDataset, load_text_file
 
-    data = TextDataset([f"review number {i}" for i in range(420)], [i % 2 for i in range(420)], ("rotten", "fresh"))
+    data = TextDataset([f"review number {i}" for i in range(100)], [i % 2 for i in range(100)], ("rotten", "fresh"))
     assert demo.DemoSettings().match_cuts and not demo.llm_settings().match_cuts  # the default, for classifiers
-    split = demo.split_and_write(demo.DemoSettings(test_size=20), data, tmp_path / "matched")
-    assert split.distill_path is not None and len(split.train) == 360  # 40 kept: a tenth of the 400 left
-    few = demo.split_and_write(demo.DemoSettings(test_size=20, distill_size=30), data, tmp_path / "few")
-    assert len(few.train) == 370
-    small = demo.split_and_write(demo.DemoSettings(test_size=20), data.subset(range(100)), tmp_path / "small")
-    assert small.distill_path is None and len(small.train) == 80  # 8 would be too few to match on
+    split = demo.split_and_write(demo.DemoSettings(test_size=20, distill_size=30), data, tmp_path / "matched")
+    assert split.distill_path is not None and len(split.train) == 80  # the fleet keeps every training example
+    served = load_text_file(split.distill_path, label_column=None).texts
+    assert len(served) == 30 and set(served) <= set(split.train.texts) and not set(served) & set(split.test.texts)
+    assert all(set(json.loads(line)) == {"text"} for line in split.distill_path.read_text().splitlines())
+    plain = demo.split_and_write(demo.DemoSettings(test_size=20, match_cuts=False), data, tmp_path / "plain")
+    assert plain.train.texts == split.train.texts  # matching changes nothing the fleet trains on
+    small = demo.split_and_write(demo.DemoSettings(test_size=92), data, tmp_path / "small")
+    assert small.distill_path is None and len(small.train) == 8  # too few to match a cut on
