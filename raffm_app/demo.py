@@ -88,8 +88,8 @@ class DemoSettings:
     warmup_steps: int = 0
     alpha: float = 2.0
     test_size: int | None = None  # held-out examples; None: a fifth of the data, at most TEST_SIZE
-    # Examples the server keeps, without their labels, for the strategy's distillation step (server_distill_steps);
-    # taken before the fleet's share, and only when the strategy distils.
+    # Examples the server keeps, without their labels, for the strategy's distillation step (server_distill_steps),
+    # taken before the fleet's share, or to match the cuts (match_cuts), drawn from it.
     distill_size: int = 1000
     # Score every cut of the final model also matched to the full model on distill_size unlabelled examples the
     # server keeps (raffm.scaling.CutMatcher), drawn from the fleet's share (split_and_write).
@@ -366,7 +366,7 @@ def _run_demo(settings: DemoSettings, run_dir: Path, guard: SignalGuard) -> None
             "--seed", str(settings.seed), "--poll-wait-s", "1",
             # The aggregator scores every new version on the held-out split (its log says how the model is doing).
             "--eval-data", str(data.test_path), "--eval-max-samples", "0",
-            *(["--distill-data", str(data.distill_path)] if data.distill_path else [])), aggregator_env(env, data))
+            *(["--distill-data", str(data.distill_path)] if distils(settings) else [])), aggregator_env(env, data))
         for name, address in addr.items():
             wait_serving(group, address, name)
         print("services up: " + ", ".join(f"{n} {a} (metrics :{metrics[n]})" for n, a in addr.items()))
