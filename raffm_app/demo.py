@@ -545,8 +545,8 @@ def register(subparsers: Any) -> None:
                         help="keep --distill-size of the fleet's examples on the server without labels (standing in "
                              "for public data of the same kind) and score every cut of the final model also matched to "
                              "the full model on them: the projections around its heads and FFN neurons refitted layer "
-                             "by layer by least squares (no labels read; about a minute and a half for the three cuts "
-                             "on 2 cores). On by default for classifiers; --no-match-cuts scores the cuts as cut only")
+                             "by layer by least squares (no labels read; under a minute for MiniLM's three cuts on 2 "
+                             "cores). On by default for classifiers; --no-match-cuts scores the cuts as cut only")
     parser.add_argument("--distill-size", type=int, default=d.distill_size,
                         help="examples the server keeps without labels for the strategy's distillation step, when it "
                              "has one (strategy option server_distill_steps), and for matching the cuts (default: "

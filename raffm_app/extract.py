@@ -44,7 +44,7 @@ def register(subparsers: Any) -> None:
                               "images, rotten_tomatoes or mnist; labels, if any, are not read): refit the cut, layer "
                               "by layer, to compute what the full model computes on them, which wins back most of "
                               "what a small cut loses (least squares on the projections around its heads and neurons; "
-                              "about a minute on 2 cores, not retraining; classifiers)")
+                              "for MiniLM and 1,000 inputs 20-35 s on 2 cores, not retraining; classifiers)")
     extract.add_argument("--match-samples", type=int, default=1000, metavar="N",
                          help="inputs of --match used, the first N (1000)")
     extract.set_defaults(func=run_extract)

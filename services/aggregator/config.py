@@ -93,7 +93,7 @@ class JobConfig:
     # lines file with a text column (a label column is never read), a .pt/.npz image file, or "rotten_tomatoes" /
     # "mnist" (the built-in corpus's training part, never its test split). With eval_fractions, each evaluated cut is
     # also scored matched to the full model on it (raffm.scaling.CutMatcher: "matched_accuracy@0.25"; the evaluation,
-    # which closes the round, then takes longer: for MiniLM on 1,000 texts and 2 cores, 30-80 s a cut).
+    # which closes the round, then takes longer: for MiniLM on 1,000 texts and 2 cores, 9-24 s a cut).
     distill_data: str = ""
     # Closed-loop sizing: plan each device with its declared profile corrected by what its recent rounds really cost
     # (raffm.calibration); off: plan with the declared profile as is. A quiet device's correction halves every
