@@ -130,7 +130,8 @@ class CutMatcher:
     not retraining. The full model's side is computed once, for every cut matched, and held at half precision: the
     residual sums and the projections' inputs, about four rows of the hidden width per layer and real token (for
     MiniLM and a thousand reviews at 48 tokens, about 470 MiB). On the cut's side, a layer whose projections are
-    refitted is run once more and its output replayed: the passes for the layers above start there.
+    refitted is run once more and its output kept (one row of the hidden width per token) and replayed: the passes
+    for the layers above start there.
     """
 
     def __init__(self, full: PreTrainedModel, data: Dataset, tokenizer: Tokenizer | None, *, seq_len: int = 64,
