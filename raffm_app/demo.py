@@ -205,11 +205,13 @@ def split_and_write(settings: DemoSettings, data: Any, data_dir: Path) -> DemoDa
     if settings.max_train:
         train = train.subset(range(min(settings.max_train, len(train))))
     data_dir.mkdir(parents=True, exist_ok=True)
-    unlabelled = data.subset(order[held : held + pool])
-    if settings.match_cuts and not pool and len(train) >= MATCH_MIN_EXAMPLES:
+    unlabelled = None
+    if pool:
+        unlabelled = data.subset(order[held : held + pool])
+    elif settings.match_cuts and len(train) >= MATCH_MIN_EXAMPLES:
         unlabelled = train.subset(range(min(settings.distill_size, len(train))))
     distill_path = None
-    if len(unlabelled):  # no labels leave for the server (an image file holds them; the server never reads them)
+    if unlabelled is not None:  # no labels leave for the server (an image file holds them; the server never reads them)
         distill_path = write_share(unlabelled, data_dir / "server_unlabelled", labels=False)
     return DemoData(train, test, write_share(train, data_dir / "train"), write_share(test, data_dir / "test"),
                     distill_path)
