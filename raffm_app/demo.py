@@ -368,7 +368,7 @@ def _run_demo(settings: DemoSettings, run_dir: Path, guard: SignalGuard) -> None
             "--seed", str(settings.seed), "--poll-wait-s", "1",
             # The aggregator scores every new version on the held-out split (its log says how the model is doing).
             "--eval-data", str(data.test_path), "--eval-max-samples", "0",
-            *(["--distill-data", str(data.distill_path)] if distils(settings) else [])), aggregator_env(env, data))
+            *(["--distill-data", str(data.distill_path)] if distils(settings) else [])), aggregator_env(env))
         for name, address in addr.items():
             wait_serving(group, address, name)
         print("services up: " + ", ".join(f"{n} {a} (metrics :{metrics[n]})" for n, a in addr.items()))
@@ -421,11 +421,9 @@ def _run_demo(settings: DemoSettings, run_dir: Path, guard: SignalGuard) -> None
         group.stop()
 
 
-def aggregator_env(env: dict[str, str], data: DemoData) -> dict[str, str]:
-    """The aggregator's environment: an LLM's held-out evaluation (a forward pass per answer token over the test
-    split) runs at round close while the agents wait, so it gets every core (up to 4); other jobs keep one thread."""
-    if not data.causal:
-        return env
+def aggregator_env(env: dict[str, str]) -> dict[str, str]:
+    """The aggregator's environment: its held-out evaluation runs at round close while the agents wait, so it gets
+    every core (up to 4); the agents and the other services keep one thread each."""
     return {**env, "OMP_NUM_THREADS": str(max(1, min(4, os.cpu_count() or 1)))}
 
 
