@@ -9,7 +9,11 @@ compound). :func:`estimate` folds a device's recent observations into a :class:`
   with two, the one nearer the declared profile; with one, half of it in log space, so a single odd round moves the
   plan at most half-way);
 - memory: the largest recent ratio, never below 1 (a device never plans above its declared budget, and one round that
-  used more than predicted shrinks the next plans at once: running out of memory costs the whole round);
+  used more than predicted shrinks the next plans at once: running out of memory costs the whole round). The measured
+  peak is taken less the fitter's fixed margin (:data:`raffm.fitting.HEADROOM_MB`), which is there for a round's fixed
+  runtime costs: a device's first round also pays one-off allocations that stay with the process (code paths, kernel
+  and transfer caches: 8-21 MiB on MiniLM, which later rounds no longer measure), and a cost the margin already
+  covers must not also be charged as a ratio;
 - every factor bounded to ``[1/max_factor, max_factor]``, and decaying (in log space, with ``half_life_s``) toward the
   declared profile when the device has not reported for a while;
 - besides the ratios, the device's fixed cost of a round (``overhead_s``: the round's wall time from assignment to
@@ -28,6 +32,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
+from raffm.fitting import HEADROOM_MB
 from raffm.profile import DeviceProfile
 
 QUANTITIES = ("memory", "compute", "down", "up")
@@ -39,7 +44,7 @@ class Observation:
     memory) than its declared profile predicts."""
 
     at: float  # when it was reported, seconds since the epoch
-    memory: float | None = None  # measured peak training MiB / predicted
+    memory: float | None = None  # measured peak training MiB, less HEADROOM_MB, / predicted
     compute: float | None = None  # measured training seconds per sample / predicted at the declared GFLOP/s
     down: float | None = None  # declared down Mbit/s / measured download throughput
     up: float | None = None  # declared up Mbit/s / measured upload throughput
@@ -168,9 +173,10 @@ def observe(report: Mapping[str, float], predicted: Mapping[str, float], at: flo
         compute = _ratio(seconds / samples, flops / (gflops * 1e9))
     parts = [float(report.get(k, 0) or 0) for k in ("round_seconds", "download_seconds", "seconds", "upload_seconds")]
     overhead = max(0.0, parts[0] - sum(parts[1:])) if parts[0] > 0 and math.isfinite(sum(parts)) else None
+    beyond_margin = float(report.get("peak_memory_mb", 0) or 0) - HEADROOM_MB  # see the module docstring
     return Observation(
         at=at, overhead_s=overhead,
-        memory=_ratio(float(report.get("peak_memory_mb", 0) or 0), float(predicted.get("train_memory_mb", 0) or 0)),
+        memory=_ratio(beyond_margin, float(predicted.get("train_memory_mb", 0) or 0)),
         compute=compute,
         down=_ratio(float(predicted.get("declared_down_mbps", 0) or 0), float(report.get("download_mbps", 0) or 0))
         if _mostly_streamed(report, predicted) else None,

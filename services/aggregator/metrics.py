@@ -85,7 +85,8 @@ def build_aggregator_metrics(registry: CollectorRegistry) -> AggregatorMetrics:
             "raffm_aggregator_measured_over_predicted",
             "What devices measured over what their declared profile predicted, per accepted update, by device tier "
             "and quantity (memory, compute, down, up); above 1 the device was slower or used more memory than "
-            "declared.", ("tier", "quantity"), buckets=RATIO_BUCKETS, registry=registry),
+            "declared (memory: the peak less the fitter's fixed margin for runtime costs, as calibration uses it).",
+            ("tier", "quantity"), buckets=RATIO_BUCKETS, registry=registry),
         unfit=Counter("raffm_aggregator_unfit_polls",
                       "Polls answered with a wait because no sub-model fits the device (memory or time left), by "
                       "device tier and reason.", ("tier", "reason"), registry=registry),
