@@ -143,7 +143,8 @@ def mnist_5k() -> ImageDataset:
 PAIR_COLUMNS = (("text", "text_pair"), ("sentence1", "sentence2"), ("premise", "hypothesis"),
                 ("question1", "question2"), ("question", "sentence"))
 TEXT_COLUMNS = ("text", "sentence", "review", "content", "document", "comment", "tweet", "utterance")
-LABEL_COLUMNS = ("label", "labels", "class", "category", "target", "sentiment")
+LABEL_COLUMNS = ("label", "labels", "class", "category", "target", "sentiment", "topic", "intent", "emotion",
+                 "polarity")
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 TEXT_COLUMN_HELP = ("text column of a CSV/TSV/JSON/Parquet --data, or two comma-separated for sentence pairs "
                     f"(default: the first it has of {', '.join(map(','.join, PAIR_COLUMNS))}, "

@@ -63,6 +63,16 @@ def test_every_file_layout_reads_the_same_examples(tmp_path: Path, name: str, wr
     assert data.texts == ["a, b", "c\nd", "e"] and data.labels == [1, 0, 1] and data.label_names == ("neg", "pos")
 
 
+@pytest.mark.parametrize("label", ["topic", "intent", "emotion", "polarity"])
+def test_common_label_column_names_are_found(tmp_path: Path, label: str) -> None:
+    """Topic, intent and emotion data sets name their label after what it is; a "label" column still comes first."""
+    data = load_text_file(_jsonl(tmp_path / "t.jsonl", [{"content": "ball", label: "sports", "id": 7},
+                                                        {"content": "chip", label: "tech", "id": 8}]))
+    assert data.texts == ["ball", "chip"] and data.label_names == ("sports", "tech") and data.labels == [0, 1]
+    both = load_text_file(_jsonl(tmp_path / "b.jsonl", [{"text": "x", label: "a", "label": 1}]))
+    assert both.labels == [1]
+
+
 @pytest.mark.parametrize("columns, named", [
     (("sentence1", "sentence2"), ""),
     (("premise", "hypothesis"), ""),
