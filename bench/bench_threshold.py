@@ -20,69 +20,38 @@ import json
 import statistics
 import sys
 from pathlib import Path
-from typing import Any
-
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def prior_offsets(logits: torch.Tensor, prior: torch.Tensor, iterations: int = 500) -> torch.Tensor:
-    """Per-label offsets (K,) that make ``(logits + offsets).argmax(-1)`` over the N inputs of ``logits`` (N, K)
-    pick each label about as often as ``prior`` (K,) says. They minimise the convex mean_i max_k (logits_ik + b_k)
-    - prior . b, whose subgradient is (share of each label - prior): subgradient steps shrinking as 1/sqrt(t),
-    scaled to the logits' spread; the offsets whose shares came closest are kept."""
-    offsets = torch.zeros(logits.shape[1])
-    best, best_gap = offsets.clone(), float("inf")
-    scale = float(logits.std()) or 1.0
-    for t in range(1, iterations + 1):
-        share = torch.bincount((logits + offsets).argmax(-1), minlength=logits.shape[1]).float() / len(logits)
-        gap = float((share - prior).abs().sum())
-        if gap < best_gap:
-            best, best_gap = offsets.clone(), gap
-        offsets -= scale / t**0.5 * (share - prior)
-    return best - best.mean()
-
-
-@torch.no_grad()
-def all_logits(model: torch.nn.Module, data: Any, tokenizer: Any, seq_len: int) -> torch.Tensor:
-    from raffm.training import batches
-
-    out = [model(**{k: v for k, v in b.items() if k != "labels"}).logits.float()
-           for b in batches(data, tokenizer, 64, seq_len, shuffle=False)]
-    return torch.cat(out)
-
-
 def score_run(run: Path, pool_size: int) -> list[dict[str, float | str]]:
+    """Each version of ``run``'s checkpoint store as the demo scored it and with its threshold fitted to the prior."""
     from transformers import AutoTokenizer
 
     from raffm.checkpoints import checkpoint_store_from_url
     from raffm.data import load_text_file
     from raffm.models import model_from_state, resolve_model
+    from raffm.threshold import fit_threshold
+    from raffm.training import evaluate
 
-    report = json.loads((run / "report.json").read_text())
-    settings = report["settings"]
-    names = tuple(settings["labels"])
+    settings = json.loads((run / "report.json").read_text())["settings"]
+    names, seq_len = tuple(settings["labels"]), settings["seq_len"]
     train = load_text_file(run / "data" / "train.jsonl", label_names=names)
     test = load_text_file(run / "data" / "test.jsonl", label_names=names)
     prior = torch.bincount(torch.tensor(train.labels), minlength=len(names)).float() / len(train)
     pool = train.subset(range(min(pool_size, len(train))))
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(settings["model"]))
     store = checkpoint_store_from_url(str(run / "checkpoints"))
-    labels = torch.tensor(test.labels)
     rows: list[dict[str, float | str]] = []
     for info in store.versions():
         model = model_from_state(info.config, store.load(info.version), task="sequence-classification")
-        on_test = all_logits(model, test, tokenizer, settings["seq_len"])
-        offsets = prior_offsets(all_logits(model, pool, tokenizer, settings["seq_len"]), prior)
-        shares = torch.bincount(on_test.argmax(-1), minlength=len(names)).float() / len(test)
-        rows.append({"version": info.version,
-                     "accuracy": (on_test.argmax(-1) == labels).float().mean().item(),
-                     "prior_matched": ((on_test + offsets).argmax(-1) == labels).float().mean().item(),
-                     "predicted_share": shares.tolist()[-1], "prior": prior.tolist()[-1]})
-        print(f"{run.name} {info.version}: accuracy {rows[-1]['accuracy']:.4f}, prior-matched threshold "
-              f"{rows[-1]['prior_matched']:.4f} (predicted share of {names[-1]!r} {shares[-1]:.2f}, fleet's "
-              f"{prior[-1]:.2f})", flush=True)
+        accuracy = evaluate(model, test, tokenizer, seq_len=seq_len)
+        fit_threshold(model, pool, tokenizer, prior, seq_len=seq_len)
+        rows.append({"version": info.version, "accuracy": accuracy,
+                     "prior_matched": evaluate(model, test, tokenizer, seq_len=seq_len)})
+        print(f"{run.name} {info.version}: accuracy {accuracy:.4f}, threshold at the fleet's prior "
+              f"{rows[-1]['prior_matched']:.4f}", flush=True)
     return rows
 
 

@@ -57,6 +57,10 @@ class RunReport:
     initial_loss: float | None = None  # causal LM: held-out response-token loss of the initial model
     rounds: list[RoundRecord] = field(default_factory=list)
     scaling: list[ScalingPoint] = field(default_factory=list)
+    # The final model served with its threshold fitted to the fleet's label prior (raffm.threshold): the prior, its
+    # accuracy on the test split
+    label_prior: list[float] | None = None
+    served_accuracy: float | None = None
     machine: dict[str, Any] = field(default_factory=lambda: machine_info())
 
     @property
@@ -126,7 +130,9 @@ def render_markdown(report: RunReport) -> str:
         f"- date: {report.date}; machine: {report.machine['cores']} cores, {report.machine['memory_gib']} GiB",
         "- settings: " + ", ".join(f"{k}={v}" for k, v in s.items() if not isinstance(v, dict)),
         f"- {baseline} on the test split: {_pct(report.majority_rate)}; "
-        f"initial global {metric}: {_pct(report.initial_accuracy)}; final: {_pct(report.final_accuracy)}",
+        f"initial global {metric}: {_pct(report.initial_accuracy)}; final: {_pct(report.final_accuracy)}"
+        + ("" if report.served_accuracy is None else
+           f" ({_pct(report.served_accuracy)} served with its threshold at the fleet's label prior)"),
         f"- bytes moved: {_mib(t['bytes_moved'])} MiB (down {_mib(t['bytes_down'])}, up {_mib(t['bytes_up'])}); "
         f"full-model FedAvg with the same participants: {_mib(t['full_fedavg_bytes'])} MiB "
         f"(saved {_mib(t['bytes_saved'])} MiB)",

@@ -6,8 +6,9 @@ Raspberry-Pi-like budget to a full-model server, each with a non-IID share of th
 data set the agent takes: --data FILE.csv/.tsv/.json/.pt/.npz, a folder of images or mnist; images train a small
 ViT). The server keeps a held-out test split. While a round runs it shows the devices done and the bytes moved;
 after each round, the global test accuracy; at the end it cuts sub-models of several sizes from the final global
-model (no retraining) and writes ``report.json``, ``report.md`` and plots. Everything talks over the same gRPC
-protocol a real deployment uses; only the processes are local.
+model (no retraining), scores a classifier served with its threshold at the fleet's label prior, and writes
+``report.json``, ``report.md`` and plots. Everything talks over the same gRPC protocol a real deployment uses; only
+the processes are local.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 from edge_agent.simulate import AGENT_GRACE_S, Tier, load_tiers, tiers_toml
 from raffm.data import LABEL_COLUMN_HELP, TEXT_COLUMN_HELP
 from raffm_app.cli import strategy_arg, wire_dtype_arg
-from raffm_app.follow import RoundFailed, final_version, follow_job, scaling
+from raffm_app.follow import RoundFailed, final_version, follow_job, scaling, served_accuracy
 from raffm_app.processes import (
     Interrupted, ProcessFailed, ProcessGroup, SignalGuard, free_port, print_tail, raffm_command, wait_serving,
 )
@@ -171,6 +172,22 @@ class DemoData:
         """The share of the most frequent label (for pairs: answer) in the test split."""
         keys = list(self.test.responses) if self.causal else list(self.test.labels)
         return max(keys.count(y) for y in set(keys)) / len(keys)
+
+
+def serve_at_fleet_prior(settings: DemoSettings, data: DemoData, store: Path, version: str, test: Any
+                         ) -> tuple[list[float], float]:
+    """The final classifier served with its threshold fitted to the label shares of the data the fleet holds (the
+    devices train for balanced labels) on the server's unlabelled inputs; printed, and returned for the report."""
+    import torch
+
+    assert data.distill_path is not None
+    prior = torch.bincount(torch.as_tensor(list(data.train.labels)), minlength=len(data.label_names)).float()
+    prior /= prior.sum()
+    accuracy = served_accuracy(settings, store, version, test, data.distill_path, prior)
+    shares = ", ".join(f"{name} {share:.0%}" for name, share in zip(data.label_names, prior.tolist()))
+    print(f"  final model served with its threshold at the fleet's label prior ({shares}): test accuracy "
+          f"{accuracy:.1%}")
+    return prior.tolist(), accuracy
 
 
 def prepare_data(settings: DemoSettings, data_dir: Path) -> DemoData:
@@ -395,6 +412,8 @@ def _run_demo(settings: DemoSettings, run_dir: Path, guard: SignalGuard) -> None
             matched = "" if p.matched_accuracy is None else f", matched {p.matched_accuracy:.1%}"
             print(f"  cut for {p.target_fraction:4.0%}: {p.flops_fraction:6.1%} of the compute, {p.param_fraction:6.1%} "
                   f"of the parameters ({p.params:>11,}): test {report.metric} {p.accuracy:.1%}{matched}{scored}")
+        if unlabelled is not None and not data.causal:
+            report.label_prior, report.served_accuracy = serve_at_fleet_prior(settings, data, store, final, test)
         for tier, m in report.memory_by_tier().items():
             print(f"  tier {tier}: slice of {m['params']:,.0f} parameters ({m['trained_params']:,.0f} trained), "
                   f"training memory predicted {m['predicted_memory_mb']:.0f} MiB, measured peak "

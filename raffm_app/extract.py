@@ -47,6 +47,11 @@ def register(subparsers: Any) -> None:
                               "for MiniLM and 1,000 inputs 20-35 s on 2 cores, not retraining; classifiers)")
     extract.add_argument("--match-samples", type=int, default=1000, metavar="N",
                          help="inputs of --match used, the first N (1000)")
+    extract.add_argument("--label-prior", metavar="P,P,...",
+                         help="the share (or count) of each label where the cut will serve, in label order, e.g. "
+                              "the fleet's: fold into its output bias the threshold that makes it predict each label "
+                              "that often on the --match inputs, and write it to threshold.json (devices train for "
+                              "balanced labels, so a merged model's own threshold serves no data in particular)")
     extract.set_defaults(func=run_extract)
 
     inspect = subparsers.add_parser(
@@ -70,9 +75,15 @@ def run_extract(args: argparse.Namespace) -> int:
     from raffm.spec import ElasticSpec
     from raffm.spp import prioritize
     from raffm.strategy import strategy_named
+    from raffm.threshold import fit_threshold, parse_prior
 
     strategy = strategy_named(args.strategy)
     task = args.task or default_task(load_config(args.model).model_type)
+    prior = None
+    if args.label_prior is not None:
+        if not args.match:
+            raise ValueError("--label-prior fits the threshold on unlabelled inputs: give them with --match")
+        prior = parse_prior(args.label_prior, args.num_labels)
     model = prioritize(load_global_model(args.model, task=task, num_labels=args.num_labels))
     costs_of = CostModel.from_model(model)
     seq_len = costs_of.image_tokens or args.seq_len
@@ -90,22 +101,30 @@ def run_extract(args: argparse.Namespace) -> int:
     costs = costs_of.estimate(spec, batch_size=args.batch_size, seq_len=seq_len, wire_dtype=args.wire_dtype,
                               recipe=recipe)
     sub = extract(model, spec)
+    threshold = None
     if args.match:
-        _match(sub, model, args, task, seq_len)
+        data, tokenizer = _match(sub, model, args, task, seq_len)
+        if prior is not None:
+            offsets = fit_threshold(sub, data, tokenizer, prior, seq_len=seq_len, max_examples=len(data))
+            threshold = {"label_prior": prior.tolist(), "offsets": offsets.tolist(), "inputs": len(data)}
+            print(f"serving threshold fitted to the label prior {args.label_prior} on {len(data)} inputs: output "
+                  f"bias moved by {', '.join(f'{o:+.3f}' for o in offsets.tolist())}")
     args.out.mkdir(parents=True, exist_ok=True)
     sub.save_pretrained(args.out)
     _copy_tokenizer(resolve_model(args.model), args.out)
     (args.out / "spec.json").write_text(spec.to_json() + "\n")
     (args.out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
     (args.out / "costs.json").write_text(json.dumps(costs.to_dict(), indent=2) + "\n")
+    if threshold is not None:
+        (args.out / "threshold.json").write_text(json.dumps(threshold, indent=2) + "\n")
     full = costs_of.params(ElasticSpec.full(costs_of.dims))
     print(f"wrote {args.out}: {costs.params:,} parameters ({costs.params / full:.0%} of {full:,})")
     print(_describe(spec, costs))
     return 0
 
 
-def _match(sub: Any, model: Any, args: argparse.Namespace, task: str, seq_len: int) -> None:
-    """Refit ``sub`` to ``model`` on the unlabelled ``--match`` data (in place)."""
+def _match(sub: Any, model: Any, args: argparse.Namespace, task: str, seq_len: int) -> tuple[Any, Any]:
+    """Refit ``sub`` to ``model`` on the unlabelled ``--match`` data (in place); returns the data and tokenizer."""
     from raffm.data import ImageDataset, load_unlabelled
     from raffm.models import resolve_model
     from raffm.scaling import MATCH_MIN_EXAMPLES, CutMatcher, fidelity
@@ -132,6 +151,7 @@ def _match(sub: Any, model: Any, args: argparse.Namespace, task: str, seq_len: i
     CutMatcher(model, data, tokenizer, seq_len=seq_len, max_examples=len(data))(sub)
     print(f"matched on {len(data)} unlabelled inputs of {args.match}: the cut predicts what the full model "
           f"predicts for {before:.0%} of them before, {agreement():.0%} after")
+    return data, tokenizer
 
 
 def run_inspect(args: argparse.Namespace) -> int:

@@ -211,6 +211,22 @@ def scaling(settings: DemoSettings, store: Path, version: str, test: Any, *, max
     return scaling_table(model, test, tokenizer, seq_len=settings.seq_len, score=score, unlabelled=inputs)
 
 
+def served_accuracy(settings: DemoSettings, store: Path, version: str, test: Any, unlabelled: Path,
+                    prior: Any) -> float:
+    """Test accuracy of a classifier version served with its threshold fitted to ``prior`` (the fleet's label
+    shares) on the server's ``unlabelled`` inputs (:func:`raffm.threshold.fit_threshold`)."""
+    from raffm.data import ImageDataset, load_unlabelled
+    from raffm.threshold import fit_threshold
+    from raffm.training import evaluate
+
+    model, tokenizer, test = _model_and_tokenizer(settings, store, version, test)
+    inputs = load_unlabelled(unlabelled)
+    if isinstance(inputs, ImageDataset):
+        inputs = inputs.fitted(model.config)
+    fit_threshold(model, inputs, tokenizer, prior, seq_len=settings.seq_len)
+    return evaluate(model, test, tokenizer, seq_len=settings.seq_len)
+
+
 def failure_summary(r: Any) -> str:
     """What a round's devices reported when they gave up: ``2 x data: 'the local data has 3 labels; ...'``."""
     if not r.failures:

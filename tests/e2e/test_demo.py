@@ -76,6 +76,13 @@ def test_demo_runs_three_agents_for_two_rounds(tiny_model: Path, tmp_path: Path)
         assert (out / name).stat().st_size > 0, name
     assert "Inference scaling" in (out / "report.md").read_text()
     assert "round 2: global test accuracy" in proc.stdout
+    # The final model served with its threshold at the label shares of the data the fleet was dealt
+    fleet = [json.loads(line)["label"] for line in (out / "data" / "train.jsonl").read_text().splitlines()]
+    assert report["label_prior"] == pytest.approx([fleet.count(y) / len(fleet) for y in (0, 1)], abs=1e-6)
+    assert 0.0 <= report["served_accuracy"] <= 1.0
+    assert "served with its threshold at the fleet's label prior" in (out / "report.md").read_text()
+    assert re.search(r"final model served with its threshold at the fleet's label prior \(rotten \d+%, fresh \d+%\): "
+                     r"test accuracy [\d.]+%", proc.stdout), proc.stdout
 
     # The global model really changed: the final version differs from version 0 (SPP-ordered pretrained).
     store = checkpoint_store_from_url(str(out / "checkpoints"))
@@ -111,6 +118,7 @@ def test_demo_takes_a_data_file_with_three_labels(tiny_model: Path, tmp_path: Pa
     assert proc.returncode == 0, f"demo failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["labels"] == ["negative", "neutral", "positive"]
+    assert len(report["label_prior"]) == 3 and sum(report["label_prior"]) == pytest.approx(1.0)
     [rnd] = report["rounds"]
     assert rnd["participants"] == 2 and rnd["dropouts"] == 0
     store = checkpoint_store_from_url(str(out / "checkpoints"))

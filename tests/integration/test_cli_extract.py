@@ -137,3 +137,32 @@ def test_a_cut_matched_on_unlabelled_texts_follows_the_full_model(
     assert main(["extract", "--out", str(tmp_path / "few"), "--memory-mb", "150", "--match", str(texts),
                  "--match-samples", "5"]) == 2
     assert "matching a cut needs at least 10 inputs" in capsys.readouterr().err and not (tmp_path / "few").exists()
+
+
+def test_a_cut_served_at_a_label_prior_predicts_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    from raffm.data import rotten_tomatoes
+
+    reviews = rotten_tomatoes().texts[:150]
+    texts = tmp_path / "reviews.csv"
+    texts.write_text("text\n" + "".join(f'"{t.replace(chr(34), "")}"\n' for t in reviews))
+    out = tmp_path / "served"
+    assert main(["extract", "--out", str(out), "--memory-mb", "150", "--match", str(texts), "--match-samples", "120",
+                 "--label-prior", "1,3"]) == 0
+    assert "serving threshold fitted to the label prior 1,3 on 120 inputs" in capsys.readouterr().out
+    threshold = json.loads((out / "threshold.json").read_text())
+    assert threshold["label_prior"] == [0.25, 0.75] and threshold["inputs"] == 120
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    with torch.no_grad():
+        logits = model(**tokenizer(reviews[:120], padding=True, truncation=True, max_length=64,
+                                   return_tensors="pt")).logits
+    assert float((logits.argmax(-1) == 1).float().mean()) == pytest.approx(0.75, abs=0.02)
+
+    assert main(["extract", "--out", str(tmp_path / "a"), "--memory-mb", "150", "--label-prior", "1,3"]) == 2
+    assert "give them with --match" in capsys.readouterr().err
+    assert main(["extract", "--out", str(tmp_path / "b"), "--memory-mb", "150", "--match", str(texts),
+                 "--label-prior", "0.2,0.3,0.5"]) == 2
+    assert "has 3 values; the model has 2 labels" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
