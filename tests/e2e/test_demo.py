@@ -147,6 +147,7 @@ def test_demo_trains_a_vit_on_mnist(tmp_path: Path) -> None:
     assert [p["target_fraction"] for p in report["scaling"]] == [0.25, 0.5, 0.75, 1.0]
     assert all(0.0 <= p["matched_accuracy"] <= 1.0 for p in report["scaling"])
     assert report["scaling"][-1]["matched_accuracy"] == report["scaling"][-1]["accuracy"]  # the reference itself
+    assert len(report["label_prior"]) == 10 and 0.0 <= report["served_accuracy"] <= 1.0  # served at the prior too
     assert "| matched |" in (out / "report.md").read_text() and ", matched " in proc.stdout
     config = checkpoint_store_from_url(str(out / "checkpoints")).info("job-v1").config
     assert config["model_type"] == "vit" and config["num_channels"] == 1
