@@ -20,6 +20,7 @@ import json
 import statistics
 import sys
 from pathlib import Path
+
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -61,7 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pool", type=int, default=1000, help="unlabelled reviews the offsets are chosen on")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
-    torch.manual_seed(0)
     results = {str(run): score_run(run, args.pool) for run in args.runs}
     rounds = min(len(rows) for rows in results.values())
     print("\n| version | accuracy, mean ± std | prior-matched threshold, mean ± std | per run |\n|---|---|---|---|")
