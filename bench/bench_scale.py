@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 
 from edge_agent.client import aggregator_stub, extractor_stub  # noqa: E402
 from raffm.v1 import aggregator_pb2, common_pb2, registry_pb2, registry_pb2_grpc  # noqa: E402
-from raffm_app.processes import ProcessGroup, free_port, raffm_command, wait_serving  # noqa: E402
+from raffm_app.processes import ProcessGroup, raffm_command, serve_on_free_ports, wait_serving  # noqa: E402
 from services.common.testing import postgres_database, s3_server  # noqa: E402
 
 KEY, OPERATOR, SECRET = "bench-enroll-key", "bench-operator-token", "bench-ticket-secret-0123456789"
@@ -81,11 +81,10 @@ class Stack:
     env: dict[str, str] = field(default_factory=dict)
     liveness_s: float = 30.0
     group: ProcessGroup | None = None
-    ports: dict[str, int] = field(default_factory=dict)
-    metrics_ports: dict[str, int] = field(default_factory=dict)
+    ports: dict[str, dict[str, int]] = field(default_factory=dict)  # each service's {"grpc": ..., "metrics": ...}
 
     def address(self, name: str) -> str:
-        return f"127.0.0.1:{self.ports[name]}"
+        return f"127.0.0.1:{self.ports[name]['grpc']}"
 
     def database(self, service: str) -> str:
         """SQLite is each service's embedded database: two processes writing one file would wait on each other's
@@ -99,29 +98,23 @@ class Stack:
         env = dict(os.environ, RAFFM_OPERATOR_TOKEN=OPERATOR, RAFFM_TICKET_SECRET=SECRET, RAFFM_ENROLL_KEY=KEY,
                    RAFFM_AGENT_ENROLL_KEY=KEY, **self.env)
         self.env = env
-        self.group = ProcessGroup(self.root / "logs", grace_s=10)
-        self.ports = {n: free_port() for n in SERVICES}
-        self.metrics_ports = {n: free_port() for n in SERVICES}
-        common = ["--grace-s", "1", "--log-level", "WARNING"]
+        group = self.group = ProcessGroup(self.root / "logs", grace_s=10)
+
+        def start(name: str, *argv: str) -> None:
+            group.start(name, raffm_command(name, "serve", *argv, *serve_on_free_ports(group, name), "--grace-s", "1",
+                                            "--log-level", "WARNING"), env)
+
         try:
-            self.group.start("registry", raffm_command(
-                "registry", "serve", "--db", self.database("registry"), "--port", str(self.ports["registry"]),
-                "--metrics-port", str(self.metrics_ports["registry"]), "--liveness-window-s", str(self.liveness_s),
-                *common), env)
-            wait_serving(self.group, self.address("registry"), "registry")
-            self.group.start("aggregator", raffm_command(
-                "aggregator", "serve", "--db", self.database("aggregator"), "--store", self.store_url, "--data-dir",
-                str(self.root / "agg"), "--registry", self.address("registry"), "--port", str(self.ports["aggregator"]),
-                "--metrics-port", str(self.metrics_ports["aggregator"]), *self.job, *common), env)
-            self.group.start("extractor", raffm_command(
-                "extractor", "serve", "--store", self.store_url, "--registry", self.address("registry"),
-                "--port", str(self.ports["extractor"]), "--metrics-port", str(self.metrics_ports["extractor"]),
-                *common), env)
+            start("registry", "--db", self.database("registry"), "--liveness-window-s", str(self.liveness_s))
+            self.ports["registry"] = wait_serving(group, "registry")
+            start("aggregator", "--db", self.database("aggregator"), "--store", self.store_url, "--data-dir",
+                  str(self.root / "agg"), "--registry", self.address("registry"), *self.job)
+            start("extractor", "--store", self.store_url, "--registry", self.address("registry"))
             # the aggregator and the extractor load torch side by side; a loaded machine may take minutes
             for name in ("aggregator", "extractor"):
-                wait_serving(self.group, self.address(name), name, timeout_s=300)
+                self.ports[name] = wait_serving(group, name, timeout_s=300)
         except BaseException:
-            self.group.stop()
+            group.stop()
             raise
         return self
 
@@ -134,7 +127,7 @@ class Stack:
         return self.group.procs[name][0].pid
 
     def metrics(self, name: str) -> str:
-        url = f"http://127.0.0.1:{self.metrics_ports[name]}/metrics"
+        url = f"http://127.0.0.1:{self.ports[name]['metrics']}/metrics"
         return urllib.request.urlopen(url, timeout=10).read().decode()
 
     def aggregator(self) -> Any:

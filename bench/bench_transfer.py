@@ -390,7 +390,7 @@ def main() -> int:
     from raffm.proto import recipe_from_proto
     from raffm.reassembly import HashOnlySink
     from raffm.v1 import aggregator_pb2, aggregator_pb2_grpc
-    from raffm_app.processes import ProcessGroup, free_port, raffm_command, wait_serving
+    from raffm_app.processes import ProcessGroup, raffm_command, serve_on_free_ports, wait_serving
     from services.aggregator.app import AggregatorConfig, build_aggregator
     from services.aggregator.config import JobConfig
     from services.common.auth import auth_metadata, fleet_verifier
@@ -444,24 +444,23 @@ def main() -> int:
         ext, agg = loop.run(start(), timeout=600)
         try:
             if agg is None:  # as deployed: the job's model from a folder, the same job settings as flags
-                agg_port, model_dir = free_port(), root / "model"
+                model_dir = root / "model"
                 BertForSequenceClassification(BertConfig(**config)).save_pretrained(model_dir)
                 processes.start("aggregator", raffm_command(
                     "aggregator", "serve", "--data-dir", str(root / "agg"), "--store", store, "--registry",
-                    registry.address, "--port", str(agg_port), "--metrics-port", "-1", "--operator-token",
+                    registry.address, *serve_on_free_ports(processes, "aggregator"), "--operator-token",
                     OPERATOR_TOKEN, "--ticket-secret", secret, "--log-level", "WARNING", "--grace-s", "1",
                     "--model", str(model_dir), *(f"--{k.replace('_', '-')}={v}" for k, v in job.to_dict().items()
                                                  if k in _PROCESS_JOB_FLAGS)))
-                wait_serving(processes, f"127.0.0.1:{agg_port}", "aggregator")
+                agg_port = wait_serving(processes, "aggregator")["grpc"]
             else:
                 agg_port = agg.server.port
             if ext is None:  # as deployed: its own process and interpreter
-                ext_port = free_port()
                 processes.start("extractor", raffm_command(
-                    "extractor", "serve", "--store", store, "--registry", registry.address, "--port", str(ext_port),
-                    "--metrics-port", "-1", "--operator-token", OPERATOR_TOKEN, "--ticket-secret", secret,
-                    "--log-level", "WARNING"))
-                wait_serving(processes, f"127.0.0.1:{ext_port}", "extractor")
+                    "extractor", "serve", "--store", store, "--registry", registry.address,
+                    *serve_on_free_ports(processes, "extractor"), "--operator-token", OPERATOR_TOKEN,
+                    "--ticket-secret", secret, "--log-level", "WARNING"))
+                ext_port = wait_serving(processes, "extractor")["grpc"]
             else:
                 ext_port = ext.server.port
             relay_ext, relay_agg = CountingRelay(ext_port), CountingRelay(agg_port)

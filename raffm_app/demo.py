@@ -29,7 +29,7 @@ from raffm.data import LABEL_COLUMN_HELP, TEXT_COLUMN_HELP
 from raffm_app.cli import strategy_arg, wire_dtype_arg
 from raffm_app.follow import RoundFailed, final_version, follow_job, scaling, served_accuracy
 from raffm_app.processes import (
-    Interrupted, ProcessFailed, ProcessGroup, SignalGuard, free_port, print_tail, raffm_command, wait_serving,
+    Interrupted, ProcessFailed, ProcessGroup, SignalGuard, raffm_command, serve_on_free_ports, wait_serving,
 )
 
 # Device tiers of the default fleet: training memory (MiB) is what one training step may use on top of the runtime.
@@ -343,9 +343,6 @@ def _run_demo(settings: DemoSettings, run_dir: Path, guard: SignalGuard) -> None
     }
     env = {**os.environ, **secrets_env, "RAFFM_AGENT_ENROLL_KEY": secrets_env["RAFFM_ENROLL_KEY"],
            "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "OMP_NUM_THREADS": "1"}
-    ports = {name: free_port() for name in ("registry", "extractor", "aggregator")}
-    metrics = {name: free_port() for name in ports}
-    addr = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
     store = run_dir / "checkpoints"
 
     group = ProcessGroup(run_dir / "logs", guard)
@@ -358,21 +355,19 @@ def _run_demo(settings: DemoSettings, run_dir: Path, guard: SignalGuard) -> None
     )
     report.settings["tiers"] = {t.name: {"memory_mb": t.memory_mb, "gflops": t.gflops, "up_mbps": t.up_mbps,
                                           "down_mbps": t.down_mbps, "share": t.share} for t in tiers}
-    report.settings["metrics_ports"] = metrics
     report.settings["task"], report.settings["labels"] = data.task, list(data.label_names)
-    _write_prometheus_targets(run_dir / "prometheus-targets.json", metrics)
     try:
+        # Each service picks its own ports (see serve_on_free_ports); the registry's address is the others' flag.
         group.start("registry", raffm_command(
-            "registry", "serve", "--db", f"sqlite:///{run_dir / 'registry.db'}", "--port", str(ports["registry"]),
-            "--metrics-port", str(metrics["registry"]), "--liveness-window-s", "600"), env)
-        # All three start at once (their addresses are chosen above; each connects to the others on first use).
+            "registry", "serve", "--db", f"sqlite:///{run_dir / 'registry.db'}", "--liveness-window-s", "600",
+            *serve_on_free_ports(group, "registry")), env)
+        registry = f"127.0.0.1:{wait_serving(group, 'registry')['grpc']}"
         group.start("extractor", raffm_command(
-            "extractor", "serve", "--store", str(store), "--registry", addr["registry"],
-            "--port", str(ports["extractor"]), "--metrics-port", str(metrics["extractor"])), env)
+            "extractor", "serve", "--store", str(store), "--registry", registry,
+            *serve_on_free_ports(group, "extractor")), env)
         group.start("aggregator", raffm_command(
             "aggregator", "serve", "--data-dir", str(run_dir / "aggregator"), "--store", str(store),
-            "--registry", addr["registry"], "--port", str(ports["aggregator"]),
-            "--metrics-port", str(metrics["aggregator"]),
+            "--registry", registry, *serve_on_free_ports(group, "aggregator"),
             "--model", settings.model, "--task", data.task, *job_task_args(settings, data),
             "--dataset", Path(settings.data).name,
             "--rounds", str(settings.rounds),
@@ -386,8 +381,11 @@ def _run_demo(settings: DemoSettings, run_dir: Path, guard: SignalGuard) -> None
             # The aggregator scores every new version on the held-out split (its log says how the model is doing).
             "--eval-data", str(data.test_path), "--eval-max-samples", "0",
             *(["--distill-data", str(data.distill_path)] if distils(settings) else [])), aggregator_env(env))
-        for name, address in addr.items():
-            wait_serving(group, address, name)
+        ports = {name: wait_serving(group, name) for name in ("registry", "extractor", "aggregator")}
+        addr = {name: f"127.0.0.1:{p['grpc']}" for name, p in ports.items()}
+        metrics = {name: p["metrics"] for name, p in ports.items()}
+        report.settings["metrics_ports"] = metrics
+        _write_prometheus_targets(run_dir / "prometheus-targets.json", metrics)
         print("services up: " + ", ".join(f"{n} {a} (metrics :{metrics[n]})" for n, a in addr.items()))
         group.start("fleet", raffm_command(
             "agent", "simulate", "--devices", str(settings.devices), "--tiers", str(run_dir / "tiers.toml"),
@@ -427,7 +425,6 @@ def _run_demo(settings: DemoSettings, run_dir: Path, guard: SignalGuard) -> None
                 time.sleep(2)
     except ProcessFailed as exc:
         print(f"raffm demo: {exc}", file=sys.stderr)
-        print_tail(exc.log)
         raise
     except RoundFailed as exc:
         print(f"raffm demo: {exc}\nraffm demo: stopping; the logs are in {group.log_dir}", file=sys.stderr)

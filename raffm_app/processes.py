@@ -9,6 +9,7 @@ processes on one machine, each started as ``python -m raffm_app ...``. Nothing i
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shlex
@@ -122,10 +123,16 @@ def free_port() -> int:
 
 
 class ProcessFailed(RuntimeError):
-    """A child process exited while it should still be running; names the process and its log."""
+    """A child process exited while it should still be running; names the process and its log, and quotes the log's
+    last lines (why it failed, where nobody can open the log: a CI run, a test's output)."""
 
-    def __init__(self, name: str, code: int | None, log: Path) -> None:
-        super().__init__(f"{name} exited with code {code}; its log is {log}")
+    def __init__(self, name: str, code: int | None, log: Path, tail_lines: int = 15) -> None:
+        try:
+            tail = log.read_text(errors="replace").splitlines()[-tail_lines:]
+        except OSError:
+            tail = []
+        super().__init__(f"{name} exited with code {code}; its log is {log}"
+                         + "".join(f"\n  | {line}" for line in tail))
         self.name, self.code, self.log = name, code, log
 
 
@@ -146,6 +153,7 @@ class ProcessGroup:
         """Start ``argv`` as ``name``; ``grace_s`` (default: the group's) is how long it may take to stop after
         SIGTERM before it is killed: a process that stops children of its own needs their grace plus its own."""
         self.graces[name] = self.grace_s if grace_s is None else grace_s
+        self.port_file(name).unlink(missing_ok=True)  # a previous run's
         log = self.log_dir / f"{name}.log"
         log.write_text("$ " + shlex.join(argv) + "\n")
         handle = log.open("a")  # O_APPEND: the child's lines and ours (how it ended) never overwrite each other
@@ -153,6 +161,10 @@ class ProcessGroup:
             proc = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=child_env(env),
                                     start_new_session=True)
             self.procs[name] = (proc, log, handle)
+
+    def port_file(self, name: str) -> Path:
+        """Where service ``name`` writes the ports it serves on (``--port-file``)."""
+        return self.log_dir / f"{name}.ports"
 
     def check(self, *, allow_exit: Sequence[str] = ()) -> None:
         """Raise :class:`ProcessFailed` for the first process that died (a clean exit is fine for ``allow_exit``)."""
@@ -200,34 +212,23 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
         pass
 
 
-def print_tail(log: Path, lines: int = 15) -> None:
-    """The last ``lines`` lines of a child's log on stderr (after it failed)."""
-    try:
-        tail = log.read_text(errors="replace").splitlines()[-lines:]
-    except OSError:
-        return
-    print("\n".join("  | " + line for line in tail), file=sys.stderr)
+def serve_on_free_ports(group: ProcessGroup, name: str) -> list[str]:
+    """The flags that start service ``name`` on a gRPC and a /metrics port it picks itself and writes to its port file
+    (read by :func:`wait_serving`): no port is chosen here and bound later, when something else may have taken it."""
+    return ["--port", "0", "--metrics-port", "0", "--port-file", str(group.port_file(name))]
 
 
-def wait_serving(group: ProcessGroup, address: str, name: str, timeout_s: float = 180.0) -> None:
-    """Block until the gRPC health service at ``address`` says SERVING (raising if the process died). A process that
-    dies is reported at once; the timeout is only for one that hangs, so it is roomy: a start imports torch, which
-    takes a minute and more on a small, busy machine."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
+def wait_serving(group: ProcessGroup, name: str, timeout_s: float = 180.0) -> dict[str, int]:
+    """Block until service ``name`` serves, raising if its process died; its ports, ``{"grpc": ..., "metrics": ...}``.
+    A service writes its port file once it serves (see :func:`serve_on_free_ports`). A process that dies is reported
+    at once; the timeout is only for one that hangs, so it is roomy: a start imports torch, which takes a minute and
+    more on a small, busy machine."""
+    path = group.port_file(name)
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            group.check()
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                log = group.procs[name][1] if name in group.procs else None
-                raise TimeoutError(f"{name} did not become healthy at {address} within {timeout_s:.0f} s"
-                                   + (f"; its log is {log}" if log else ""))
-            time.sleep(0.3)
+    while not path.exists():
+        group.check()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{name} did not start serving within {timeout_s:.0f} s; its log is "
+                               f"{group.procs[name][1]}")
+        time.sleep(0.1)
+    return json.loads(path.read_text())

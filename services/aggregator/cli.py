@@ -33,7 +33,6 @@ def register(subparsers: Any) -> None:
                             "each device is configured with); plans are made in-process by the job's strategy")
     serve.add_argument("--ticket-secret", default=os.environ.get(SECRET_ENV, ""),
                        help=f"HMAC secret shared with the extractor (default: ${SECRET_ENV})")
-    serve.add_argument("--port-file", help="write the bound gRPC port here once serving (for --port 0)")
     serve.add_argument("--log-level", default="INFO")
     add_job_arguments(serve)
     add_server_arguments(serve, default_port=DEFAULT_PORT, default_metrics_port=DEFAULT_METRICS_PORT)
@@ -61,7 +60,7 @@ def _serve(args: argparse.Namespace) -> int:
     from services.aggregator.app import AggregatorConfig, build_aggregator
     from services.aggregator.config import job_from_args
     from services.common.auth import fleet_verifier
-    from services.common.cli_args import configure_logging, server_config_from_args, write_port_file
+    from services.common.cli_args import configure_logging, server_config_from_args
 
     configure_logging(args.log_level)
     if not args.ticket_secret:
@@ -73,7 +72,6 @@ def _serve(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         app = await build_aggregator(config, verifier=fleet_verifier(config.registry_target, config.operator_token))
-        app.server.on_start(lambda: write_port_file(args.port_file, app.server.port))
         await app.server.serve_until_signal()
 
     asyncio.run(main())

@@ -1,4 +1,4 @@
-"""Command-line plumbing every service shares: transport flags and their ``ServerConfig``, logging, the port file."""
+"""Command-line plumbing every service shares: transport flags and their ``ServerConfig``, logging."""
 
 from __future__ import annotations
 
@@ -28,7 +28,10 @@ def add_server_arguments(parser: argparse.ArgumentParser, *, default_port: int, 
     group.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
     group.add_argument("--port", type=int, default=default_port, help="gRPC port; 0 picks one (default: %(default)s)")
     group.add_argument("--metrics-port", type=int, default=default_metrics_port,
-                       help="Prometheus /metrics port; -1 disables it (default: %(default)s)")
+                       help="Prometheus /metrics port; 0 picks one, -1 disables it (default: %(default)s)")
+    group.add_argument("--port-file", help="once serving, write the bound ports here as JSON, "
+                       '{"grpc": PORT, "metrics": PORT or null}: how a caller learns the ports picked for --port 0 '
+                       "and --metrics-port 0")
     group.add_argument("--metrics-host", default="127.0.0.1", help="/metrics bind address (default: %(default)s)")
     group.add_argument("--tls-cert", help="PEM server certificate (enables TLS)")
     group.add_argument("--tls-key", help="PEM private key of --tls-cert")
@@ -59,18 +62,10 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         grace_s=args.grace_s,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         metrics_host=args.metrics_host,
+        port_file=args.port_file,
     )
 
 
 def configure_logging(level: str) -> None:
     """Log lines with time, level and logger name at ``level`` (a name like ``INFO``)."""
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-async def write_port_file(path: str | None, port: int) -> None:
-    """Write the bound gRPC port to ``path`` (atomically) once serving: how ``--port 0`` tells a caller the port."""
-    if path:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            f.write(str(port))
-        os.replace(tmp, path)

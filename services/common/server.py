@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +62,9 @@ class ServerConfig:
     # None: no /metrics endpoint; 0: a free port.
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    # Once serving, the bound ports go here as JSON ({"grpc": ..., "metrics": ... or null}): how a caller that
+    # started the service on port 0 learns where it listens, with no window in which another process takes the port.
+    port_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +169,11 @@ class ChassisServer:
         if self.config.metrics_port is not None:
             self.metrics_server = start_metrics_server(self.registry, self.config.metrics_port,
                                                        self.config.metrics_host)
+        if self.config.port_file:  # written whole, then renamed: a reader never sees half of it
+            tmp = f"{self.config.port_file}.tmp"
+            with open(tmp, "w") as f:
+                json.dump({"grpc": self.port, "metrics": self.metrics_port}, f)
+            os.replace(tmp, self.config.port_file)
         log.info("serving %s on %s%s", ", ".join(self.service_names), self.address,
                  f", metrics on {self.config.metrics_host}:{self.metrics_port}" if self.metrics_server else "")
 

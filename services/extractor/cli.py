@@ -29,7 +29,6 @@ def register(subparsers: Any) -> None:
                        help=f"HMAC secret shared with the aggregator (default: ${SECRET_ENV})")
     serve.add_argument("--cache-entries", type=int, default=8, help="slices kept in the LRU cache")
     serve.add_argument("--cache-mb", type=int, default=4096, help="slice cache byte bound, MiB")
-    serve.add_argument("--port-file", help="write the bound gRPC port here once serving (for --port 0)")
     serve.add_argument("--log-level", default="INFO")
     add_server_arguments(serve, default_port=DEFAULT_PORT, default_metrics_port=DEFAULT_METRICS_PORT)
     serve.set_defaults(func=_serve)
@@ -39,7 +38,7 @@ def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from services.common.auth import fleet_verifier
-    from services.common.cli_args import configure_logging, server_config_from_args, write_port_file
+    from services.common.cli_args import configure_logging, server_config_from_args
     from services.extractor.app import ExtractorConfig, build_extractor
 
     configure_logging(args.log_level)
@@ -50,7 +49,6 @@ def _serve(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         app = await build_extractor(config, verifier=fleet_verifier(args.registry, args.operator_token))
-        app.server.on_start(lambda: write_port_file(args.port_file, app.server.port))
         await app.server.serve_until_signal()
 
     asyncio.run(main())

@@ -3,6 +3,7 @@ restart it, finish the round, and get bit for bit the model a run without the cr
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -60,7 +61,7 @@ class AggregatorProcess:
             if self.proc.poll() is not None or time.monotonic() > end:
                 raise RuntimeError(f"aggregator did not start: {(self.root / 'agg.log').read_text()[-3000:]}")
             time.sleep(0.05)
-        self.port = int(port_file.read_text())
+        self.port = json.loads(port_file.read_text())["grpc"]
         return f"127.0.0.1:{self.port}"
 
     def kill9(self) -> None:

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -17,36 +14,43 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from raffm.v1 import registry_pb2, registry_pb2_grpc
+from raffm_app.processes import ProcessFailed, ProcessGroup, raffm_command, serve_on_free_ports, wait_serving
 from services.common.auth import auth_metadata
 from services.registry.testing import make_profile
 
 KEY, OPERATOR = "process-test-enroll-key", "process-test-operator-token"
-SERVING = re.compile(r"serving .* on 127\.0\.0\.1:(\d+), metrics on 127\.0\.0\.1:(\d+)")
 
 
 @pytest.fixture
 def served(tmp_path: Path):
-    """A `raffm registry serve` child process on free ports; yields (process, grpc port, metrics port, log path)."""
-    log_path = tmp_path / "serve.log"
-    log = log_path.open("w")
-    env = dict(os.environ, RAFFM_ENROLL_KEY=KEY, RAFFM_OPERATOR_TOKEN=OPERATOR)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "raffm_app", "registry", "serve", "--data-dir", str(tmp_path), "--port", "0",
-         "--metrics-port", "0", "--grace-s", "5", "--liveness-window-s", "30"],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
-    )
+    """A `raffm registry serve` child process on ports it picks itself (as the demo starts it); yields (process, grpc
+    port, metrics port, log path). A port file left by an earlier run is there before it starts: it must not be read."""
+    group = ProcessGroup(tmp_path, grace_s=5)  # its log beside the database
+    group.port_file("registry").write_text('{"grpc": 1, "metrics": 2}')
+    group.start("registry", raffm_command(
+        "registry", "serve", "--data-dir", str(tmp_path), *serve_on_free_ports(group, "registry"), "--grace-s", "5",
+        "--liveness-window-s", "30"), dict(os.environ, RAFFM_ENROLL_KEY=KEY, RAFFM_OPERATOR_TOKEN=OPERATOR))
     try:
-        deadline = time.monotonic() + 60
-        while not (match := SERVING.search(log_path.read_text())):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"registry did not start (exit {proc.poll()}):\n{log_path.read_text()}")
-            time.sleep(0.05)
-        yield proc, int(match.group(1)), int(match.group(2)), log_path
+        ports = wait_serving(group, "registry", timeout_s=60)
+        proc, log_path, _ = group.procs["registry"]
+        yield proc, ports["grpc"], ports["metrics"], log_path
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=30)
-        log.close()
+        group.stop()
+
+
+def test_a_service_that_cannot_start_is_reported_with_the_end_of_its_log(tmp_path: Path) -> None:
+    """Where nobody can open the log (a CI run), the error itself must say why the service stopped."""
+    group = ProcessGroup(tmp_path / "logs", grace_s=5)
+    env = {k: v for k, v in os.environ.items() if k != "RAFFM_ENROLL_KEY"}
+    group.start("registry", raffm_command("registry", "serve", "--data-dir", str(tmp_path),
+                                          *serve_on_free_ports(group, "registry")), env)
+    try:
+        quoted = r"(?s)registry exited with code 2; .*\n  \| raffm registry: error: --enroll-key"
+        with pytest.raises(ProcessFailed, match=quoted) as failed:
+            wait_serving(group, "registry", timeout_s=60)
+    finally:
+        group.stop()
+    assert failed.value.log == tmp_path / "logs" / "registry.log"
 
 
 def test_sigterm_drains_and_exits_cleanly(served):
