@@ -402,7 +402,7 @@ class Agent:
                    "download_bytes": download_bytes, "step_seconds": result.seconds / max(result.steps, 1),
                    "samples": result.samples, "download_seconds": download_seconds,
                    "download_mbps": 8 * download_bytes / download_seconds / 1e6 if download_seconds > 0 else 0.0,
-                   "upload_mbps": self._last_upload_mbps}
+                   "upload_mbps": self._last_upload_mbps, "label_counts": result.label_counts}
         up_pace = Pace(cfg.true_up_mbps * 1e6 / 8, wait=self.stopper.wait)
         try:
             # A rejected upload raises ServiceError with the status: FAILED_PRECONDITION (late) ends this assignment

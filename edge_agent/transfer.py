@@ -168,9 +168,10 @@ class SliceReceiver:
             self.cached_bytes += offset
 
 
-def update_header(ticket: bytes, sample_count: int, metrics: Mapping[str, float] | None = None
+def update_header(ticket: bytes, sample_count: int, metrics: Mapping[str, Any] | None = None
                   ) -> aggregator_pb2.UpdateHeader:
-    """The first message of an upload: the ticket, the samples trained on, and the round's training metrics."""
+    """The first message of an upload: the ticket, the samples trained on, and the round's training metrics (figures,
+    and a classifier's ``label_counts``)."""
     m = dict(metrics or {})
     return aggregator_pb2.UpdateHeader(
         ticket=ticket, sample_count=sample_count,
@@ -181,11 +182,12 @@ def update_header(ticket: bytes, sample_count: int, metrics: Mapping[str, float]
                                             step_seconds=m.get("step_seconds", 0.0), samples=int(m.get("samples", 0)),
                                             download_seconds=m.get("download_seconds", 0.0),
                                             download_mbps=m.get("download_mbps", 0.0),
-                                            upload_mbps=m.get("upload_mbps", 0.0)))
+                                            upload_mbps=m.get("upload_mbps", 0.0),
+                                            label_counts=[int(c) for c in m.get("label_counts", ())]))
 
 
 def upload_messages(
-    ticket: bytes, sample_count: int, payload: WirePayload, *, metrics: Mapping[str, float] | None = None,
+    ticket: bytes, sample_count: int, payload: WirePayload, *, metrics: Mapping[str, Any] | None = None,
     manifest: common_pb2.Manifest | None = None, resume: ResumePoint = START, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     on_chunk: Callable[[int], None] | None = None, max_chunks: int | None = None,
 ) -> Iterator[aggregator_pb2.UploadMessage | ChunkMessage]:
@@ -347,7 +349,7 @@ def upload_update(
     delta: Mapping[str, torch.Tensor],
     names: list[str],
     sample_count: int,
-    metrics: Mapping[str, float],
+    metrics: Mapping[str, Any],
     progress: Progress,
     on_chunk: Callable[[int], None] | None = None,
 ) -> UploadResult:

@@ -10,10 +10,24 @@ only the prior and unlabelled inputs, no labels (``bench/results/2026-12-04.md``
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 import torch
 from torch import nn
 
 from raffm.training import Dataset, Tokenizer, batches
+
+
+def label_counts(reported: Iterable[Sequence[int]]) -> list[int]:
+    """Samples trained per label id, summed over the ``label_counts`` devices sent with their updates (or over rounds'
+    sums of them): the fleet's label prior as counts, which the server learns without seeing any data. Empty when
+    none sent any."""
+    total: list[int] = []
+    for counts in reported:
+        total += [0] * (len(counts) - len(total))
+        for i, count in enumerate(counts):
+            total[i] += int(count)
+    return total
 
 
 def parse_prior(text: str, num_labels: int) -> torch.Tensor:

@@ -67,6 +67,9 @@ class LocalResult:
     steps: int
     seconds: float
     peak_memory_mb: float
+    # A classifier's examples trained this round, per label (they sum to ``samples``); empty for other tasks. Summed
+    # over a fleet they give its label prior, which the server never sees otherwise (see raffm.threshold).
+    label_counts: tuple[int, ...] = ()
 
 
 def batches(
@@ -300,6 +303,7 @@ def train_local(
     started = time.perf_counter()
     losses: list[float] = []
     samples = 0
+    per_label = torch.zeros(int(model.config.num_labels or 0), dtype=torch.long)
     with PeakMemory() as peak:
         optimizer = torch.optim.AdamW(trained.values(), lr=config.lr * recipe.lr_scale, weight_decay=config.weight_decay)
         warmup = torch.optim.lr_scheduler.LambdaLR(
@@ -335,6 +339,8 @@ def train_local(
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 samples += len(labels)
+                if labels.dim() == 1 and per_label.numel():  # class labels (a causal LM's are tokens)
+                    per_label += torch.bincount(labels, minlength=per_label.numel())
                 if on_step:
                     on_step(step, total, losses[-1])
         del optimizer, warmup
@@ -347,6 +353,7 @@ def train_local(
         steps=len(losses),
         seconds=time.perf_counter() - started,
         peak_memory_mb=peak.peak_mb,
+        label_counts=tuple(per_label.tolist()) if per_label.sum() == samples else (),
     )
 
 

@@ -174,14 +174,15 @@ class DemoData:
         return max(keys.count(y) for y in set(keys)) / len(keys)
 
 
-def serve_at_fleet_prior(settings: DemoSettings, data: DemoData, store: Path, version: str, test: Any
-                         ) -> tuple[list[float], float]:
-    """The final classifier served with its threshold fitted to the label shares of the data the fleet holds (the
-    devices train for balanced labels) on the server's unlabelled inputs; printed, and returned for the report."""
+def serve_at_fleet_prior(settings: DemoSettings, data: DemoData, store: Path, version: str, test: Any,
+                         counts: list[int]) -> tuple[list[float], float]:
+    """The final classifier served with its threshold fitted, on the server's unlabelled inputs, to the label shares
+    the fleet reported training on (``counts``; the devices train for balanced labels); printed, and returned for the
+    report."""
     import torch
 
     assert data.distill_path is not None
-    prior = torch.bincount(torch.as_tensor(list(data.train.labels)), minlength=len(data.label_names)).float()
+    prior = torch.tensor(counts, dtype=torch.float64)
     prior /= prior.sum()
     accuracy = served_accuracy(settings, store, version, test, data.distill_path, prior)
     shares = ", ".join(f"{name} {share:.0%}" for name, share in zip(data.label_names, prior.tolist()))
@@ -410,8 +411,12 @@ def _run_demo(settings: DemoSettings, run_dir: Path, guard: SignalGuard) -> None
             matched = "" if p.matched_accuracy is None else f", matched {p.matched_accuracy:.1%}"
             print(f"  cut for {p.target_fraction:4.0%}: {p.flops_fraction:6.1%} of the compute, {p.param_fraction:6.1%} "
                   f"of the parameters ({p.params:>11,}): test {report.metric} {p.accuracy:.1%}{matched}{scored}")
-        if unlabelled is not None and not data.causal:
-            report.label_prior, report.served_accuracy = serve_at_fleet_prior(settings, data, store, final, test)
+        from raffm.threshold import label_counts
+
+        counts = label_counts(r.label_counts for r in report.rounds)  # what the fleet trained on, as it reported
+        if unlabelled is not None and counts:
+            report.label_prior, report.served_accuracy = serve_at_fleet_prior(settings, data, store, final, test,
+                                                                              counts)
         for tier, m in report.memory_by_tier().items():
             print(f"  tier {tier}: slice of {m['params']:,.0f} parameters ({m['trained_params']:,.0f} trained), "
                   f"training memory predicted {m['predicted_memory_mb']:.0f} MiB, measured peak "

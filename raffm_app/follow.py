@@ -301,6 +301,7 @@ def follow_job(
                     tiers={t.tier: {"devices": t.devices, "params": t.params, "trained_params": t.trained_params,
                                     "predicted_memory_mb": round(t.predicted_memory_mb, 1),
                                     "peak_memory_mb": round(t.peak_memory_mb, 1)} for t in r.tiers},
+                    label_counts=list(r.label_counts),
                 )
                 before = after
                 report.rounds.append(record)

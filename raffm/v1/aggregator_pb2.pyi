@@ -170,7 +170,7 @@ class PollReply(_message.Message):
     def __init__(self, wait: _Optional[_Union[Wait, _Mapping]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ...) -> None: ...
 
 class TrainMetrics(_message.Message):
-    __slots__ = ("loss", "steps", "seconds", "peak_memory_mb", "accuracy", "download_bytes", "step_seconds", "samples", "download_seconds", "download_mbps", "upload_mbps")
+    __slots__ = ("loss", "steps", "seconds", "peak_memory_mb", "accuracy", "download_bytes", "step_seconds", "samples", "download_seconds", "download_mbps", "upload_mbps", "label_counts")
     LOSS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +182,7 @@ class TrainMetrics(_message.Message):
     DOWNLOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DOWNLOAD_MBPS_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_MBPS_FIELD_NUMBER: _ClassVar[int]
+    LABEL_COUNTS_FIELD_NUMBER: _ClassVar[int]
     loss: float
     steps: int
     seconds: float
@@ -193,7 +194,8 @@ class TrainMetrics(_message.Message):
     download_seconds: float
     download_mbps: float
     upload_mbps: float
-    def __init__(self, loss: _Optional[float] = ..., steps: _Optional[int] = ..., seconds: _Optional[float] = ..., peak_memory_mb: _Optional[float] = ..., accuracy: _Optional[float] = ..., download_bytes: _Optional[int] = ..., step_seconds: _Optional[float] = ..., samples: _Optional[int] = ..., download_seconds: _Optional[float] = ..., download_mbps: _Optional[float] = ..., upload_mbps: _Optional[float] = ...) -> None: ...
+    label_counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, loss: _Optional[float] = ..., steps: _Optional[int] = ..., seconds: _Optional[float] = ..., peak_memory_mb: _Optional[float] = ..., accuracy: _Optional[float] = ..., download_bytes: _Optional[int] = ..., step_seconds: _Optional[float] = ..., samples: _Optional[int] = ..., download_seconds: _Optional[float] = ..., download_mbps: _Optional[float] = ..., upload_mbps: _Optional[float] = ..., label_counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
     __slots__ = ("ticket", "sample_count", "metrics")
@@ -294,7 +296,7 @@ class Job(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., model: _Optional[str] = ..., task: _Optional[_Union[TaskInfo, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., num_rounds: _Optional[int] = ..., clients_per_round: _Optional[int] = ..., quorum: _Optional[int] = ..., round_deadline_s: _Optional[float] = ..., hparams: _Optional[_Union[HyperParams, _Mapping]] = ..., aggregation: _Optional[_Union[AggregationMode, str]] = ..., server_lr: _Optional[float] = ..., server_optimizer: _Optional[str] = ..., current_round: _Optional[int] = ..., model_version: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Round(_message.Message):
-    __slots__ = ("round_id", "job_id", "index", "state", "model_version", "result_model_version", "opened_at", "deadline", "closed_at", "quorum", "assigned", "accepted", "rejected", "dropped", "bytes_down", "bytes_up", "mean_train_loss", "full_model_bytes", "evaluation", "extensions", "failures", "tiers")
+    __slots__ = ("round_id", "job_id", "index", "state", "model_version", "result_model_version", "opened_at", "deadline", "closed_at", "quorum", "assigned", "accepted", "rejected", "dropped", "bytes_down", "bytes_up", "mean_train_loss", "full_model_bytes", "evaluation", "extensions", "failures", "tiers", "label_counts")
     class EvaluationEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -324,6 +326,7 @@ class Round(_message.Message):
     EXTENSIONS_FIELD_NUMBER: _ClassVar[int]
     FAILURES_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
+    LABEL_COUNTS_FIELD_NUMBER: _ClassVar[int]
     round_id: str
     job_id: str
     index: int
@@ -346,7 +349,8 @@ class Round(_message.Message):
     extensions: int
     failures: _containers.RepeatedCompositeFieldContainer[RoundFailures]
     tiers: _containers.RepeatedCompositeFieldContainer[TierCosts]
-    def __init__(self, round_id: _Optional[str] = ..., job_id: _Optional[str] = ..., index: _Optional[int] = ..., state: _Optional[_Union[RoundState, str]] = ..., model_version: _Optional[str] = ..., result_model_version: _Optional[str] = ..., opened_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., closed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., quorum: _Optional[int] = ..., assigned: _Optional[int] = ..., accepted: _Optional[int] = ..., rejected: _Optional[int] = ..., dropped: _Optional[int] = ..., bytes_down: _Optional[int] = ..., bytes_up: _Optional[int] = ..., mean_train_loss: _Optional[float] = ..., full_model_bytes: _Optional[int] = ..., evaluation: _Optional[_Mapping[str, float]] = ..., extensions: _Optional[int] = ..., failures: _Optional[_Iterable[_Union[RoundFailures, _Mapping]]] = ..., tiers: _Optional[_Iterable[_Union[TierCosts, _Mapping]]] = ...) -> None: ...
+    label_counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, round_id: _Optional[str] = ..., job_id: _Optional[str] = ..., index: _Optional[int] = ..., state: _Optional[_Union[RoundState, str]] = ..., model_version: _Optional[str] = ..., result_model_version: _Optional[str] = ..., opened_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., closed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., quorum: _Optional[int] = ..., assigned: _Optional[int] = ..., accepted: _Optional[int] = ..., rejected: _Optional[int] = ..., dropped: _Optional[int] = ..., bytes_down: _Optional[int] = ..., bytes_up: _Optional[int] = ..., mean_train_loss: _Optional[float] = ..., full_model_bytes: _Optional[int] = ..., evaluation: _Optional[_Mapping[str, float]] = ..., extensions: _Optional[int] = ..., failures: _Optional[_Iterable[_Union[RoundFailures, _Mapping]]] = ..., tiers: _Optional[_Iterable[_Union[TierCosts, _Mapping]]] = ..., label_counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TierCosts(_message.Message):
     __slots__ = ("tier", "devices", "params", "trained_params", "predicted_memory_mb", "peak_memory_mb")

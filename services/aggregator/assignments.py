@@ -238,7 +238,7 @@ class Assigner:
             self.calibrations.add(a.device_id, obs)
             export(self.metrics, a, obs)
 
-    def late(self, a: AssignmentRecord, sample_count: int, metrics: dict[str, float]) -> None:
+    def late(self, a: AssignmentRecord, sample_count: int, metrics: dict[str, Any]) -> None:
         """A device's upload came too late: its update is refused, but its report is kept and teaches its
         calibration (a device that always misses would otherwise never be corrected)."""
         a = self.rounds.get_assignment(a.ticket_id) or a  # its state now (the round may have closed meanwhile)
@@ -253,7 +253,7 @@ class Assigner:
         self.learn(a)
 
     def expired(self, ticket_bytes: bytes, caller: Principal | None, sample_count: int,
-                metrics: dict[str, float]) -> None:
+                metrics: dict[str, Any]) -> None:
         """An upload whose ticket was refused: when the ticket is genuine and only expired (the device is far past its
         deadline), keep its report as :meth:`late` does."""
         try:

@@ -206,7 +206,7 @@ class RoundCoordinator:
     # -- UploadUpdate -------------------------------------------------------------------------------------------------
 
     def begin_upload(self, ticket_bytes: bytes, caller: Principal | None, sample_count: int,
-                     metrics: Mapping[str, float]) -> UploadSession:
+                     metrics: Mapping[str, Any]) -> UploadSession:
         try:
             ticket = self.assigner.verify(ticket_bytes, caller)
         except TicketRejectedError:
@@ -216,6 +216,12 @@ class RoundCoordinator:
         if sample_count <= 0:
             raise UploadRejectedError("invalid_header", f"sample_count is {sample_count}; it must be > 0",
                                       field="header.sample_count")
+        counts = metrics.get("label_counts") or []
+        if counts and (len(counts) != self.job.num_labels or sum(counts) != sample_count or self.job.task == "causal-lm"):
+            raise UploadRejectedError(
+                "invalid_header", f"label_counts has {len(counts)} counts summing to {sum(counts)}; a classifier's "
+                f"update has one per label ({self.job.num_labels}) summing to sample_count ({sample_count}), "
+                "a language model's none", field="header.metrics.label_counts")
         with self._lock:
             assignment = self.rounds.get_assignment(ticket.ticket_id)
             if assignment is None:
@@ -453,8 +459,9 @@ class RoundCoordinator:
             raise NotFoundError(f"round {excerpt(round_id)} does not exist", field="round_id")
         return rnd
 
-    def accepted_count(self, round_id: str) -> int:
-        return len(self.rounds.updates(round_id))
+    def round_updates(self, round_id: str) -> list[UpdateRecord]:
+        """The round's accepted updates, in commit order."""
+        return list(self.rounds.updates(round_id))
 
     def assigned_count(self, round_id: str) -> int:
         return len(self.rounds.assignment_states(round_id))

@@ -15,6 +15,7 @@ from raffm.planning import adapter_and_dims
 from raffm.proto import (
     cost_to_proto, manifest_from_proto, recipe_to_proto, resume_to_proto, spec_to_proto, wire_dtype_to_proto,
 )
+from raffm.threshold import label_counts
 from raffm.v1 import aggregator_pb2, aggregator_pb2_grpc
 from raffm.wire import WireError
 from services.aggregator.assignments import Assignment, Wait
@@ -43,8 +44,8 @@ def _ts(epoch: float) -> Timestamp:
     return ts
 
 
-def round_to_proto(r: RoundRecord, assigned: int = 0, accepted: int = 0,
-                   tiers: list[dict[str, Any]] | None = None) -> aggregator_pb2.Round:
+def round_to_proto(r: RoundRecord, assigned: int = 0, accepted: int = 0, tiers: list[dict[str, Any]] | None = None,
+                   label_counts: list[int] | None = None) -> aggregator_pb2.Round:
     return aggregator_pb2.Round(
         round_id=r.round_id, job_id=r.job_id, index=r.index, state=ROUND_STATES[r.state],
         model_version=r.model_version, result_model_version=r.result_version, opened_at=_ts(r.opened_at),
@@ -55,7 +56,7 @@ def round_to_proto(r: RoundRecord, assigned: int = 0, accepted: int = 0,
         failures=[aggregator_pb2.RoundFailures(reason=reason, devices=int(f.get("devices", 0)),
                                                detail=str(f.get("detail", "")))
                   for reason, f in sorted(r.failures.items())],
-        tiers=[aggregator_pb2.TierCosts(**t) for t in tiers or ()],
+        tiers=[aggregator_pb2.TierCosts(**t) for t in tiers or ()], label_counts=label_counts or [],
     )
 
 
@@ -250,9 +251,7 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
         current_principal()
 
         def load() -> aggregator_pb2.Round:
-            r = self.c.round_record(request.round_id)
-            return round_to_proto(r, self.c.assigned_count(r.round_id), self.c.accepted_count(r.round_id),
-                                  self.c.tier_costs(r.round_id))
+            return self._round(self.c.round_record(request.round_id))
 
         return await asyncio.to_thread(load)
 
@@ -273,10 +272,15 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
             page = rounds[offset : offset + size]
             nxt = str(offset + size) if offset + size < len(rounds) else ""
             return aggregator_pb2.ListRoundsReply(
-                rounds=[round_to_proto(r, self.c.assigned_count(r.round_id), self.c.accepted_count(r.round_id),
-                                       self.c.tier_costs(r.round_id)) for r in page], next_page_token=nxt)
+                rounds=[self._round(r) for r in page], next_page_token=nxt)
 
         return await asyncio.to_thread(load)
+
+    def _round(self, r: RoundRecord) -> aggregator_pb2.Round:
+        """A round with what its assignments and accepted updates add up to (read from the round store)."""
+        updates = self.c.round_updates(r.round_id)
+        return round_to_proto(r, self.c.assigned_count(r.round_id), len(updates), self.c.tier_costs(r.round_id),
+                              label_counts(u.metrics.get("label_counts", ()) for u in updates))
 
 
 def _end_session(work: asyncio.Future[Any] | None, session: UploadSession | None) -> None:

@@ -140,7 +140,7 @@ class UploadSession:
     """
 
     def __init__(self, ticket: Ticket, assignment: AssignmentRecord, plan: SlicePlan, staged: StagedUpload,
-                 sample_count: int, metrics: dict[str, float], agg: SlicedFedAvg, *, wire_dtype: str,
+                 sample_count: int, metrics: dict[str, Any], agg: SlicedFedAvg, *, wire_dtype: str,
                  commit: Commit, release: Callable[[], None] = lambda: None,
                  on_bytes: Callable[[int], None] = lambda n: None, dense: Dense | None = None) -> None:
         """``plan``: what the upload must hold (for LoRA, the adapters); ``dense``: for a LoRA upload, how it becomes

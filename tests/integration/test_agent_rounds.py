@@ -39,6 +39,8 @@ def test_agent_completes_a_round_and_reports_its_measurements(tmp_path: Path, mo
         rnd = fleet.wait_round(fleet.agg_stub(), rnd.round_id)
         assert rnd.state == aggregator_pb2.ROUND_STATE_CLOSED
         assert rnd.accepted == 1 and rnd.bytes_up > 0 and rnd.result_model_version
+        # the labels of what it trained, one count per label: the fleet's label prior as the server sees it
+        assert len(rnd.label_counts) == 2 and sum(rnd.label_counts) == outcome.samples > 0
         # the state file holds the identity, readable by the owner only, and no temporary files are left
         state_file = tmp_path / "state" / STATE_FILE
         saved = json.loads(state_file.read_text())

@@ -63,24 +63,27 @@ def test_every_rejection_is_an_error_status_logged_and_counted_once(fleet: Fleet
     _refused(stub, msgs(forged, good), dev_a.md, StatusCode.UNAUTHENTICATED, "bad_ticket")  # before any session
     _refused(stub, msgs(a.ticket, good), dev_b.md, StatusCode.PERMISSION_DENIED, "wrong_device")
     _refused(stub, msgs(a.ticket, good, samples=0), dev_a.md, StatusCode.INVALID_ARGUMENT, "invalid_header")
+    counted = list(upload_messages(a.ticket, 5, good, metrics={"label_counts": [2, 2]}, chunk_bytes=4096))
+    _refused(stub, counted, dev_a.md, StatusCode.INVALID_ARGUMENT, "invalid_header")  # 4 of the 5 samples counted
     _refused(stub, msgs(a.ticket, good)[1:], dev_a.md, StatusCode.INVALID_ARGUMENT, "invalid_header")
     _refused(stub, msgs(a.ticket, good)[:-1], dev_a.md, StatusCode.INVALID_ARGUMENT, "incomplete")
     r1 = stub.GetRound(aggregator_pb2.GetRoundRequest(round_id=a.round_id), metadata=fleet.operator, timeout=10)
-    assert r1.rejected == 5 and r1.accepted == 0
+    assert r1.rejected == 6 and r1.accepted == 0
 
     ack = upload_once(stub, a.ticket, 5, good, metadata=dev_a.md, chunk_bytes=4096)
     assert ack.accepted  # the one kind of ack there is
     r1 = fleet.wait_round(stub, a.round_id)
     assert r1.state == aggregator_pb2.ROUND_STATE_CLOSED
+    assert list(r1.label_counts) == []  # the accepted update kept its labels to itself
     _refused(stub, msgs(a.ticket, good), dev_a.md, StatusCode.ALREADY_EXISTS, "duplicate")
     _refused(stub, msgs(b.ticket, late), dev_b.md, StatusCode.FAILED_PRECONDITION, "late")
     _refused(stub, msgs(forged, good), dev_a.md, StatusCode.UNAUTHENTICATED, "bad_ticket")  # round 2 is open now
 
     rounds = {r.index: r for r in stub.ListRounds(aggregator_pb2.ListRoundsRequest(), metadata=fleet.operator,
                                                   timeout=10).rounds}
-    assert rounds[1].rejected == 7  # 5 while open, then the duplicate and the late upload of its tickets
+    assert rounds[1].rejected == 8  # 6 while open, then the duplicate and the late upload of its tickets
     assert rounds[2].rejected == 1  # a ticket that is not ours counts in the open round
-    assert _rejected_total(fleet) == {"bad_ticket": 2, "wrong_device": 1, "invalid_header": 2, "incomplete": 1,
+    assert _rejected_total(fleet) == {"bad_ticket": 2, "wrong_device": 1, "invalid_header": 3, "incomplete": 1,
                                       "duplicate": 1, "late": 1}
     logged = [r.getMessage() for r in caplog.records if "rejected an upload" in r.getMessage()]
     for reason in ("bad_ticket", "wrong_device", "invalid_header", "incomplete", "duplicate", "late"):

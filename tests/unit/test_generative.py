@@ -258,6 +258,7 @@ def test_a_tiny_llama_learns_the_answers_with_the_product_training_loop() -> Non
     assert before.exact_match <= 0.1 and after.exact_match >= 0.9  # measured: 0.0 -> 1.0 in 48 steps
     assert after.loss < before.loss / 4  # measured: 3.34 -> 0.13 nats per response token
     assert result.steps == 48 and result.samples == 3 * 256
+    assert result.label_counts == ()  # its labels are the answers' tokens: no label prior to report
     assert "lm_head.weight" in result.delta  # plain fine-tuning trains every tensor, the LM head included
 
 
