@@ -58,6 +58,7 @@ from raffm.report import machine_info  # noqa: E402
 from raffm.scaling import DEFAULT_FRACTIONS, fidelity, scaling_table  # noqa: E402
 from raffm.spec import ElasticSpec  # noqa: E402
 from raffm.strategy import Strategy, strategy_named  # noqa: E402
+from raffm.threshold import fit_threshold, label_counts  # noqa: E402
 from raffm.training import LocalConfig, Tokenizer, distill_cuts, evaluate, train_local, with_delta  # noqa: E402
 from raffm.wire import WirePayload  # noqa: E402
 
@@ -157,6 +158,10 @@ class MethodRun:
     train_seconds: float = 0.0
     scaling: list[dict[str, Any]] = field(default_factory=list)
     holdout_accuracy: float | None = None  # the final model on the test and holdout reviews together
+    label_counts: list[int] = field(default_factory=list)  # samples the clients trained per label (what they report)
+    # The final model served at the fleet's label prior (raffm.threshold, fitted on the unlabelled pool) on the test
+    # (and holdout) reviews
+    served_accuracy: float | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -261,6 +266,7 @@ def run_method(
             agg.fold(result.delta, strategy.upload_plan(plan_for(model, fit.spec), fit.recipe),
                      strategy.weight(result.samples))
             up += fit.costs.upload_bytes if network else 0
+            run.label_counts = label_counts([run.label_counts, result.label_counts])
             del sub, result
         previous = {k: v.detach().clone() for k, v in model.state_dict().items()}
         state, momentum = strategy.next_version(agg.result(), cm, previous=previous, momentum=momentum,
@@ -292,6 +298,12 @@ def summarize(values: Sequence[float]) -> dict[str, float]:
         "max": max(values),
         "n": len(values),
     }
+
+
+def summarize_each(values: Sequence[float | None]) -> dict[str, float] | None:
+    """:func:`summarize` where every run has the figure; None where one lacks it."""
+    present = [v for v in values if v is not None]
+    return summarize(present) if len(present) == len(values) else None
 
 
 def fleet_record(initial: PreTrainedModel, fleet: Sequence[Client], test: TextDataset, tokenizer: Tokenizer,
@@ -361,13 +373,13 @@ def run_bench(
                                     unlabelled=unlabelled)
             if not any(s != "-" for s in run.specs):
                 raise ValueError(f"no client can train what {method} offers: it has no participants")
+            scored = data.subset(order[: settings.test_size] + order[len(order) - settings.holdout :])
             if method in settings.scaling_methods:
                 # Cut the final version as it is, as the aggregator's evaluation and `raffm demo` do: every strategy
                 # salience-orders version 0, and re-ordering a trained version would swap near-tied channels across
                 # the very boundaries the nested cuts were trained at.
                 # With the unlabelled pool, each cut is also scored matched to the full model on it: once, on the
                 # test and holdout reviews together where there is a holdout (matching takes longer than scoring).
-                scored = data.subset(order[: settings.test_size] + order[len(order) - settings.holdout :])
                 run.scaling = [asdict(p) for p in
                                scaling_table(final, test, tokenizer, fractions=settings.fractions,
                                              seq_len=settings.seq_len,
@@ -384,6 +396,14 @@ def run_bench(
                         f" ({key} {p[key]:.4f})" for key in ("holdout_accuracy", "matched_accuracy",
                                                              "matched_holdout_accuracy") if p.get(key) is not None)
                     for p in run.scaling))
+            if unlabelled is not None and run.label_counts:  # as `raffm demo` serves its final model
+                served = copy.deepcopy(final)
+                fit_threshold(served, unlabelled, tokenizer, torch.tensor(run.label_counts, dtype=torch.float64),
+                              seq_len=settings.seq_len)
+                run.served_accuracy = evaluate(served, scored, tokenizer, seq_len=settings.seq_len)
+                log(f"  seed {seed} {method:<15} served at the fleet's label prior, on {len(scored)} reviews: "
+                    f"{run.served_accuracy:.4f}")
+                del served
             if settings.holdout:
                 full = [p["holdout_accuracy"] for p in run.scaling if p["target_fraction"] == 1.0]
                 run.holdout_accuracy = full[0] if full else with_held(
@@ -428,8 +448,8 @@ def summary(runs: Sequence[MethodRun], settings: Settings) -> dict[str, Any]:
             "bytes_vs_fedavg_all": total["mean"] / statistics.fmean(reference) if reference else None,
             "gain_per_gb": summarize([(r.accuracy[-1] - r.initial_accuracy) / (r.total_bytes / 1e9) for r in mine])
             if all(r.total_bytes for r in mine) else None,
-            "holdout_accuracy": summarize([r.holdout_accuracy for r in mine])
-            if all(r.holdout_accuracy is not None for r in mine) else None,
+            "holdout_accuracy": summarize_each([r.holdout_accuracy for r in mine]),
+            "served_accuracy": summarize_each([r.served_accuracy for r in mine]),
         }
         if method in settings.scaling_methods:
             def at(f: float, key: str) -> list[float]:
@@ -471,16 +491,18 @@ def render(result: dict[str, Any]) -> str:
         f"{s['alpha']}, seeds {list(s['seeds'])} (mean ± sample std), test {s['test_size']} examples (majority class "
         f"{majority:.4f}), wire {s['wire_dtype']}{options}.",
         "",
-        f"| method | initial acc | final acc | final acc, test + {s['holdout']} holdout | acc per round | "
-        "total MB (down+up) | bytes vs fedavg_all | acc gain per GB |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| method | initial acc | final acc | final acc, test + {s['holdout']} holdout | served at the fleet's "
+        "label prior, same reviews | acc per round | total MB (down+up) | bytes vs fedavg_all | acc gain per GB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for method, e in summ.items():
         rounds = " → ".join(f"{r['mean']:.3f}" for r in e["round_accuracy"])
         ratio = "-" if e["bytes_vs_fedavg_all"] is None else f"{e['bytes_vs_fedavg_all']:.3f}"
         held = "-" if e["holdout_accuracy"] is None else _pm(e["holdout_accuracy"])
-        lines.append(f"| {method} | {_pm(e['initial_accuracy'])} | {_pm(e['final_accuracy'])} | {held} | {rounds} | "
-                     f"{_pm(e['total_bytes'], 1e-6, 1)} | {ratio} | {'-' if e['gain_per_gb'] is None else _pm(e['gain_per_gb'], 1.0, 3)} |")
+        served = "-" if e.get("served_accuracy") is None else _pm(e["served_accuracy"])
+        gain = "-" if e["gain_per_gb"] is None else _pm(e["gain_per_gb"], 1.0, 3)
+        lines.append(f"| {method} | {_pm(e['initial_accuracy'])} | {_pm(e['final_accuracy'])} | {held} | {served} | "
+                     f"{rounds} | {_pm(e['total_bytes'], 1e-6, 1)} | {ratio} | {gain} |")
     scaled = [(m, e["scaling"]) for m, e in summ.items() if "scaling" in e]
     if scaled:
         lines += ["", "Inference scaling (cuts of the final global model as it is, no retraining; kept share of the "

@@ -50,6 +50,9 @@ def test_every_method_runs_every_seed_and_round(bench: Any, result: dict[str, An
         assert all(0.0 <= a <= 1.0 for a in run["accuracy"] + [run["initial_accuracy"]])
         moved = sum(run["bytes_down"]) + sum(run["bytes_up"])
         assert run["total_bytes"] == moved and (moved == 0) == (run["method"] == "central")
+        # served at the label shares its clients trained on, fitted on the unlabelled pool (as `raffm demo` does)
+        assert len(run["label_counts"]) == 2 and sum(run["label_counts"]) > 0 and 0.0 <= run["served_accuracy"] <= 1.0
+    assert all(e["served_accuracy"]["n"] == 1 for e in result["summary"].values())
     json.dumps(result)  # the JSON the bench writes
 
 
