@@ -158,7 +158,7 @@ class MethodRun:
     train_seconds: float = 0.0
     scaling: list[dict[str, Any]] = field(default_factory=list)
     holdout_accuracy: float | None = None  # the final model on the test and holdout reviews together
-    label_counts: list[int] = field(default_factory=list)  # samples the clients trained per label (what they report)
+    label_counts: list[int] = field(default_factory=list)  # the clients' data per label, summed over their rounds
     # The final model served at the fleet's label prior (raffm.threshold, fitted on the unlabelled pool) on the test
     # (and holdout) reviews
     served_accuracy: float | None = None

@@ -31,7 +31,7 @@ class RoundRecord:
     balanced_accuracy: float | None = None  # classification: mean recall of the labels (raffm.training.Scores)
     # Per device tier: devices, params, trained_params, predicted_memory_mb, peak_memory_mb (raffm.v1.TierCosts)
     tiers: dict[str, dict[str, float]] = field(default_factory=dict)
-    # Samples the accepted updates trained, per label id, as the devices reported them (raffm.v1.Round.label_counts)
+    # The accepted devices' data, examples per label id, as they reported it (raffm.v1.Round.label_counts)
     label_counts: list[int] = field(default_factory=list)
 
 

@@ -19,9 +19,9 @@ from raffm.training import Dataset, Tokenizer, batches
 
 
 def label_counts(reported: Iterable[Sequence[int]]) -> list[int]:
-    """Samples trained per label id, summed over the ``label_counts`` devices sent with their updates (or over rounds'
-    sums of them): the fleet's label prior as counts, which the server learns without seeing any data. Empty when
-    none sent any."""
+    """Examples per label id, summed over the ``label_counts`` of their data that devices sent with their updates (or
+    over rounds' sums of them): the fleet's label prior as counts, which the server learns without seeing any data.
+    Empty when none sent any."""
     total: list[int] = []
     for counts in reported:
         total += [0] * (len(counts) - len(total))

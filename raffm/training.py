@@ -67,8 +67,8 @@ class LocalResult:
     steps: int
     seconds: float
     peak_memory_mb: float
-    # A classifier's examples trained this round, per label (they sum to ``samples``); empty for other tasks. Summed
-    # over a fleet they give its label prior, which the server never sees otherwise (see raffm.threshold).
+    # A classifier's local data, examples per label id; empty for other tasks. Summed over a fleet they give its label
+    # prior, which the server never sees otherwise (see raffm.threshold).
     label_counts: tuple[int, ...] = ()
 
 
@@ -294,7 +294,8 @@ def train_local(
     if not recipe.dropout:
         for module in (model, *(cut.skeleton for cut in cuts)):
             _dropout_off(module)
-    prior = _log_prior(data, model.config, recipe.prior_correction)
+    counts = _label_counts(data, model.config)
+    prior = _log_prior(counts, recipe.prior_correction)
     per_epoch = math.ceil(len(data) / config.batch_size)
     total = per_epoch * config.local_epochs
     if config.local_steps:
@@ -303,7 +304,6 @@ def train_local(
     started = time.perf_counter()
     losses: list[float] = []
     samples = 0
-    per_label = torch.zeros(int(model.config.num_labels or 0), dtype=torch.long)
     with PeakMemory() as peak:
         optimizer = torch.optim.AdamW(trained.values(), lr=config.lr * recipe.lr_scale, weight_decay=config.weight_decay)
         warmup = torch.optim.lr_scheduler.LambdaLR(
@@ -339,8 +339,6 @@ def train_local(
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 samples += len(labels)
-                if labels.dim() == 1 and per_label.numel():  # class labels (a causal LM's are tokens)
-                    per_label += torch.bincount(labels, minlength=per_label.numel())
                 if on_step:
                     on_step(step, total, losses[-1])
         del optimizer, warmup
@@ -353,7 +351,7 @@ def train_local(
         steps=len(losses),
         seconds=time.perf_counter() - started,
         peak_memory_mb=peak.peak_mb,
-        label_counts=tuple(per_label.tolist()) if per_label.sum() == samples else (),
+        label_counts=() if counts is None else tuple(counts.tolist()),
     )
 
 
@@ -421,16 +419,24 @@ def with_delta(state: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tens
     return {n: (t + delta[n]).to(t.dtype) if n in delta else t for n, t in state.items()}
 
 
-def _log_prior(data: Any, config: Any, tau: float) -> torch.Tensor | None:
-    """``tau`` x the log of the data's label distribution (add-one smoothed) over the model's labels: the logit
-    adjustment of :attr:`Recipe.prior_correction`. None when off or when the data has no class labels (a causal LM's
-    answers are tokens)."""
+def _label_counts(data: Any, config: Any) -> torch.Tensor | None:
+    """The data's examples per label id of the model (None when the data has no class labels: a causal LM's answers
+    are tokens)."""
     labels = getattr(data, "labels", None)
-    if not tau or labels is None:
+    if labels is None:
         return None
-    counts = torch.bincount(torch.as_tensor(list(labels), dtype=torch.long), minlength=config.num_labels).double()
+    counts = torch.bincount(torch.as_tensor(list(labels), dtype=torch.long), minlength=config.num_labels)
     if counts.numel() != config.num_labels:
         raise ValueError(f"the data has labels up to {counts.numel() - 1}; the model has {config.num_labels} labels")
+    return counts
+
+
+def _log_prior(counts: torch.Tensor | None, tau: float) -> torch.Tensor | None:
+    """``tau`` x the log of the label distribution of ``counts`` (add-one smoothed): the logit adjustment of
+    :attr:`Recipe.prior_correction`. None when off or without class labels."""
+    if not tau or counts is None:
+        return None
+    counts = counts.double()
     return (tau * torch.log((counts + 1) / (counts.sum() + counts.numel()))).float()
 
 

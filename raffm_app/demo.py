@@ -177,8 +177,8 @@ class DemoData:
 def serve_at_fleet_prior(settings: DemoSettings, data: DemoData, store: Path, version: str, test: Any,
                          counts: list[int]) -> tuple[list[float], float]:
     """The final classifier served with its threshold fitted, on the server's unlabelled inputs, to the label shares
-    the fleet reported training on (``counts``; the devices train for balanced labels); printed, and returned for the
-    report."""
+    of the data the fleet's devices reported (``counts``; they train for balanced labels); printed, and returned for
+    the report."""
     import torch
 
     assert data.distill_path is not None
@@ -413,7 +413,7 @@ def _run_demo(settings: DemoSettings, run_dir: Path, guard: SignalGuard) -> None
                   f"of the parameters ({p.params:>11,}): test {report.metric} {p.accuracy:.1%}{matched}{scored}")
         from raffm.threshold import label_counts
 
-        counts = label_counts(r.label_counts for r in report.rounds)  # what the fleet trained on, as it reported
+        counts = label_counts(r.label_counts for r in report.rounds)  # the fleet's data, as its devices reported it
         if unlabelled is not None and counts:
             report.label_prior, report.served_accuracy = serve_at_fleet_prior(settings, data, store, final, test,
                                                                               counts)

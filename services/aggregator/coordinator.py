@@ -217,11 +217,10 @@ class RoundCoordinator:
             raise UploadRejectedError("invalid_header", f"sample_count is {sample_count}; it must be > 0",
                                       field="header.sample_count")
         counts = metrics.get("label_counts") or []
-        if counts and (len(counts) != self.job.num_labels or sum(counts) != sample_count or self.job.task == "causal-lm"):
+        if counts and (len(counts) != self.job.num_labels or self.job.task == "causal-lm"):
             raise UploadRejectedError(
-                "invalid_header", f"label_counts has {len(counts)} counts summing to {sum(counts)}; a classifier's "
-                f"update has one per label ({self.job.num_labels}) summing to sample_count ({sample_count}), "
-                "a language model's none", field="header.metrics.label_counts")
+                "invalid_header", f"label_counts has {len(counts)} counts; a classifier's update has one per label "
+                f"({self.job.num_labels}), a language model's none", field="header.metrics.label_counts")
         with self._lock:
             assignment = self.rounds.get_assignment(ticket.ticket_id)
             if assignment is None:

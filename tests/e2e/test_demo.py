@@ -76,10 +76,11 @@ def test_demo_runs_three_agents_for_two_rounds(tiny_model: Path, tmp_path: Path)
         assert (out / name).stat().st_size > 0, name
     assert "Inference scaling" in (out / "report.md").read_text()
     assert "round 2: global test accuracy" in proc.stdout
-    # The final model served with its threshold at the label shares the devices reported training on
-    counts = [sum(r["label_counts"][y] for r in report["rounds"]) for y in (0, 1)]
-    assert all(len(r["label_counts"]) == 2 and sum(r["label_counts"]) > 0 for r in report["rounds"])
-    assert report["label_prior"] == pytest.approx([c / sum(counts) for c in counts], abs=1e-6)
+    # The final model served with its threshold at the label shares of the data the fleet's devices reported: every
+    # device took part in every round, so each round's counts are those of the data the demo dealt the fleet
+    fleet = [json.loads(line)["label"] for line in (out / "data" / "train.jsonl").read_text().splitlines()]
+    assert all(r["label_counts"] == [fleet.count(0), fleet.count(1)] for r in report["rounds"])
+    assert report["label_prior"] == pytest.approx([fleet.count(y) / len(fleet) for y in (0, 1)], abs=1e-6)
     assert 0.0 <= report["served_accuracy"] <= 1.0
     assert "served with its threshold at the fleet's label prior" in (out / "report.md").read_text()
     assert re.search(r"final model served with its threshold at the fleet's label prior \(rotten \d+%, fresh \d+%\): "

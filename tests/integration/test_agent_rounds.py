@@ -17,7 +17,7 @@ from edge_agent.state import STATE_FILE
 from raffm.proto import recipe_from_proto
 from raffm.v1 import aggregator_pb2
 from tests.integration.agentkit import (
-    AgentThread, Fleet, FixedPortFleet, agent_config, job, list_devices, rounds, tiny_model, wait_for,
+    AgentThread, Fleet, FixedPortFleet, agent_config, job, list_devices, rounds, tiny_model, toy_data, wait_for,
 )
 from tests.unit.models_fixtures import DEBERTA_V3
 
@@ -30,7 +30,8 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_agent_completes_a_round_and_reports_its_measurements(tmp_path: Path, model: Path) -> None:
     fleet = Fleet(tmp_path, job(model)).start()
     try:
-        runner = AgentThread(agent_config(fleet, "pi-1", tmp_path / "state", model)).start()
+        data = toy_data(21)  # 10 "dull" reviews, 11 "great"
+        runner = AgentThread(agent_config(fleet, "pi-1", tmp_path / "state", model), data=data).start()
         assert runner.join() == 0
         [outcome] = runner.agent.outcomes
         assert outcome.status == "uploaded", outcome
@@ -39,8 +40,8 @@ def test_agent_completes_a_round_and_reports_its_measurements(tmp_path: Path, mo
         rnd = fleet.wait_round(fleet.agg_stub(), rnd.round_id)
         assert rnd.state == aggregator_pb2.ROUND_STATE_CLOSED
         assert rnd.accepted == 1 and rnd.bytes_up > 0 and rnd.result_model_version
-        # the labels of what it trained, one count per label: the fleet's label prior as the server sees it
-        assert len(rnd.label_counts) == 2 and sum(rnd.label_counts) == outcome.samples > 0
+        # its data's labels, one count per label: the fleet's label prior as the server sees it
+        assert list(rnd.label_counts) == [data.labels.count(0), data.labels.count(1)] == [10, 11]
         # the state file holds the identity, readable by the owner only, and no temporary files are left
         state_file = tmp_path / "state" / STATE_FILE
         saved = json.loads(state_file.read_text())

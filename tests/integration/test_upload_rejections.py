@@ -63,8 +63,8 @@ def test_every_rejection_is_an_error_status_logged_and_counted_once(fleet: Fleet
     _refused(stub, msgs(forged, good), dev_a.md, StatusCode.UNAUTHENTICATED, "bad_ticket")  # before any session
     _refused(stub, msgs(a.ticket, good), dev_b.md, StatusCode.PERMISSION_DENIED, "wrong_device")
     _refused(stub, msgs(a.ticket, good, samples=0), dev_a.md, StatusCode.INVALID_ARGUMENT, "invalid_header")
-    counted = list(upload_messages(a.ticket, 5, good, metrics={"label_counts": [2, 2]}, chunk_bytes=4096))
-    _refused(stub, counted, dev_a.md, StatusCode.INVALID_ARGUMENT, "invalid_header")  # 4 of the 5 samples counted
+    counted = list(upload_messages(a.ticket, 5, good, metrics={"label_counts": [2, 2, 1, 0]}, chunk_bytes=4096))
+    _refused(stub, counted, dev_a.md, StatusCode.INVALID_ARGUMENT, "invalid_header")  # 4 labels; the model has 3
     _refused(stub, msgs(a.ticket, good)[1:], dev_a.md, StatusCode.INVALID_ARGUMENT, "invalid_header")
     _refused(stub, msgs(a.ticket, good)[:-1], dev_a.md, StatusCode.INVALID_ARGUMENT, "incomplete")
     r1 = stub.GetRound(aggregator_pb2.GetRoundRequest(round_id=a.round_id), metadata=fleet.operator, timeout=10)
