@@ -4,9 +4,10 @@ The devices train with logit adjustment (the strategy's ``prior_correction``), s
 balanced label distribution, and from round to round its share of each predicted label swings (on the default demo,
 seed 1: 77 -> 38 -> 14 -> 49% "fresh" where 58% are). This tool asks what serving each version with per-label logit
 offsets would give, offsets chosen so that on unlabelled reviews the model predicts each label as often as the fleet
-holds it: no label of the test split is read to choose them. The prior is the label shares of the fleet's data (the
-run's ``data/train.jsonl``, which the demo dealt out: a figure devices could report with their sample counts), the
-unlabelled inputs the first ``--pool`` reviews of it (the demo matches its cuts on the same ones).
+holds it: no label of the test split is read to choose them. The prior is the label shares of the fleet's data, as
+its devices reported them (the rounds' ``label_counts`` in ``report.json``; for runs from before devices reported
+them, the run's ``data/train.jsonl``, which the demo dealt out), the unlabelled inputs the first ``--pool`` reviews
+of that file.
 
     .venv/bin/python bench/bench_threshold.py runs/<id> [runs/<id2> ...] [--json out.json]
 
@@ -33,14 +34,18 @@ def score_run(run: Path, pool_size: int) -> list[dict[str, float | str]]:
     from raffm.checkpoints import checkpoint_store_from_url
     from raffm.data import load_text_file
     from raffm.models import model_from_state, resolve_model
-    from raffm.threshold import fit_threshold
+    from raffm.threshold import fit_threshold, label_counts
     from raffm.training import evaluate
 
-    settings = json.loads((run / "report.json").read_text())["settings"]
+    report = json.loads((run / "report.json").read_text())
+    settings = report["settings"]
     names, seq_len = tuple(settings["labels"]), settings["seq_len"]
     train = load_text_file(run / "data" / "train.jsonl", label_names=names)
     test = load_text_file(run / "data" / "test.jsonl", label_names=names)
-    prior = torch.bincount(torch.tensor(train.labels), minlength=len(names)).float() / len(train)
+    # what the devices reported of their data, as the demo serves it (runs from before they reported: their data)
+    counts = label_counts(r.get("label_counts", []) for r in report["rounds"]) or \
+        torch.bincount(torch.tensor(train.labels), minlength=len(names)).tolist()
+    prior = torch.tensor(counts, dtype=torch.float64) / sum(counts)
     pool = train.subset(range(min(pool_size, len(train))))
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(settings["model"]))
     store = checkpoint_store_from_url(str(run / "checkpoints"))
