@@ -19,8 +19,8 @@ HEADER_FIELDS = ("loss", "steps", "seconds", "peak_memory_mb", "accuracy", "down
 
 
 def header_metrics(m: Any) -> dict[str, Any]:
-    """An upload header's raffm.v1.TrainMetrics as a plain dict (what the update row and the report keep): its
-    figures, and ``label_counts`` when the device sent them."""
+    """An upload header's raffm.v1.TrainMetrics as a plain dict: its figures (what the report keeps), and the
+    ``label_counts`` of the device's data when it sent them (the update row keeps them too; see Round.label_counts)."""
     out: dict[str, Any] = {name: getattr(m, name) for name in HEADER_FIELDS}
     if m.label_counts:
         out["label_counts"] = [int(c) for c in m.label_counts]
@@ -32,13 +32,11 @@ def _finite(x: float) -> float:
 
 
 def build_report(device: Mapping[str, Any], *, sample_count: int, upload_bytes: int, upload_seconds: float,
-                 round_seconds: float, at: float) -> dict[str, Any]:
+                 round_seconds: float, at: float) -> dict[str, float]:
     """The stored report: the device's figures, the samples it trained (the FedAvg weight), and what the aggregator
     saw itself: the upload's bytes and duration (its throughput replaces the device's figure for the previous
     upload, which is kept as ``device_upload_mbps``) and the round time from assignment to acceptance."""
-    report: dict[str, Any] = {k: _finite(v) for k, v in device.items() if isinstance(v, (int, float))}
-    if device.get("label_counts"):
-        report["label_counts"] = list(device["label_counts"])
+    report = {k: _finite(v) for k, v in device.items() if isinstance(v, (int, float))}
     report["device_upload_mbps"] = report.pop("upload_mbps", 0.0)
     report["samples"] = float(sample_count)
     report["upload_bytes"] = float(upload_bytes)

@@ -70,7 +70,7 @@ class AssignmentRecord:
     # Closed-loop sizing: the plan's predictions with the declared profile they were made for, and what the device
     # reported with its upload (raffm.calibration.observe reads both).
     predicted: dict[str, float] = field(default_factory=dict)
-    report: dict[str, Any] = field(default_factory=dict)
+    report: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
