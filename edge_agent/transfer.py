@@ -15,9 +15,8 @@ one attempt on a plain stub, for scripted clients that break and resume transfer
 from __future__ import annotations
 
 import logging
-import queue
 import threading
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,52 +74,6 @@ class DownloadResult:
     resumes: int
     refetches: int
     cached_bytes: int = 0  # bytes of tensors taken from the device's cache instead of the network
-
-
-READ_AHEAD_MESSAGES = 4  # a download's messages received ahead of the one being verified (~4 MiB at most)
-_END = object()
-
-
-def read_ahead(stream: Iterable[Any], cancel: Callable[[], None], depth: int = READ_AHEAD_MESSAGES) -> Generator[Any]:
-    """``stream``'s messages, received on a thread of its own up to ``depth`` ahead of the caller, so that gRPC reads
-    the next chunk while the caller copies and hashes this one (sha256 releases the GIL). The stream's errors reach
-    the caller in order; when the caller stops early, ``cancel`` ends the call and the thread with it."""
-    ahead: queue.Queue[tuple[Any, BaseException | None]] = queue.Queue(depth)
-    stop = threading.Event()
-
-    def put(item: Any, error: BaseException | None = None) -> bool:
-        while not stop.is_set():
-            try:
-                ahead.put((item, error), timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def pump() -> None:
-        try:
-            for msg in stream:
-                if not put(msg):
-                    return
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread, raised there
-            put(_END, exc)
-            return
-        put(_END)
-
-    thread = threading.Thread(target=pump, name="download-read-ahead", daemon=True)
-    thread.start()
-    try:
-        while True:
-            msg, error = ahead.get()
-            if error is not None:
-                raise error
-            if msg is _END:
-                return
-            yield msg
-    finally:
-        stop.set()
-        cancel()  # a no-op on a finished call
-        thread.join()
 
 
 # ----------------------------------------------------------------------------------------------------- the protocol
@@ -270,7 +223,7 @@ def download_once(
                               timeout=timeout)
     receiver = SliceReceiver(sink, resume)
     chunks = 0
-    for msg in read_ahead(call, call.cancel):
+    for msg in call:
         if receiver.receive(msg):
             chunks += 1
             if max_chunks is not None and chunks >= max_chunks:
@@ -326,10 +279,9 @@ def download_slice(
             stream: Iterator[Any] = call
             if client.faults is not None:
                 stream = client.faults.wrap_download(call, call.cancel)
-            messages = read_ahead(stream, call.cancel)
             corrupt: str | None = None
             try:
-                for msg in messages:
+                for msg in stream:
                     try:
                         received = receiver.receive(msg)
                     except ChecksumError as exc:
@@ -363,7 +315,6 @@ def download_slice(
             except WireError as exc:
                 raise TransferError(f"the slice stream is malformed: {exc}") from exc
             finally:
-                messages.close()  # ends the read-ahead thread (and the call, if it was left early)
                 client.stopper.remove(handle)
             if corrupt is not None:
                 refetches += 1

@@ -9,7 +9,6 @@ import random
 import stat
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,6 @@ from edge_agent.client import Backoff, FaultInjector, InjectedFault, Stopped, St
 from edge_agent.config import AgentConfig, resolve
 from edge_agent.simulate import Tier, load_tiers, spread
 from edge_agent.state import STATE_FILE, AgentState, StateLock, clean_temporaries, load_state, save_state
-from edge_agent.transfer import read_ahead
 from raffm.v1 import common_pb2, extractor_pb2
 
 MANUAL = dict(memory_mb=900, gflops=10.0, up_mbps=5.0, down_mbps=20.0)
@@ -199,35 +197,6 @@ def test_fault_injector_breaks_and_corrupts_exactly_once() -> None:
             got.append(m)
     assert len(got) == 3 and got[2].chunk.data != b"abcd" and cancelled == [True]
     assert len(list(f.wrap_download(iter(_stream(5)), lambda: None))) == 6  # fired once only
-
-
-def test_read_ahead_keeps_the_order_and_raises_the_streams_error_after_what_came_before() -> None:
-    def broken() -> Iterator[int]:
-        yield from range(10)
-        raise InjectedFault("broken after 10")
-
-    got: list[int] = []
-    with pytest.raises(InjectedFault, match="broken after 10"):
-        for m in read_ahead(broken(), lambda: None, depth=2):
-            got.append(m)
-    assert got == list(range(10))
-
-
-def test_read_ahead_left_early_cancels_the_call_and_ends_its_thread() -> None:
-    stopped = threading.Event()
-
-    def endless() -> Iterator[int]:
-        n = 0
-        while not stopped.is_set():  # a live stream: ends when the call is cancelled
-            yield n
-            n += 1
-        raise InjectedFault("cancelled")
-
-    before = threading.active_count()
-    messages = read_ahead(endless(), stopped.set, depth=2)
-    assert [next(messages) for _ in range(3)] == [0, 1, 2]
-    messages.close()
-    assert stopped.is_set() and threading.active_count() == before
 
 
 # ------------------------------------------------------------------------------------------------------ simulate
