@@ -72,7 +72,7 @@ def child(budget: int, steps: int, batch: int, seq: int) -> dict[str, object]:
         # Warm-up: one step of a tiny model through the same code, so lazy runtime init is not charged to the model.
         tiny = BertForSequenceClassification(BertConfig(vocab_size=config.vocab_size, hidden_size=16,
                                                         num_hidden_layers=1, num_attention_heads=2,
-                                                        intermediate_size=32, num_labels=2))
+                                                        intermediate_size=32))  # 2 labels: the default
         train_local(tiny, data, tokenizer, LocalConfig(batch_size=batch, seq_len=seq, local_steps=1))
         del tiny
         gc.collect()

@@ -148,7 +148,7 @@ def build_model(quick: bool) -> tuple[Any, str]:
     torch.manual_seed(0)
     if quick:
         config = BertConfig(vocab_size=8000, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                            intermediate_size=512, num_labels=2)
+                            intermediate_size=512)  # 2 labels: the default
         return BertForSequenceClassification(config).eval(), "random BERT hidden 128, 2 layers, vocab 8000"
     from raffm.models import load_global_model
 

@@ -401,8 +401,7 @@ def main() -> int:
 
     secret = "bench-ticket-secret-0123456789"
     config = BertConfig(vocab_size=30522, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                        num_attention_heads=max(1, args.hidden // 64), intermediate_size=4 * args.hidden,
-                        num_labels=2).to_dict()
+                        num_attention_heads=max(1, args.hidden // 64), intermediate_size=4 * args.hidden).to_dict()
     config["model_type"] = "bert"
 
     torch.set_num_threads(1)  # like the services' folds on a small machine; keeps the figures comparable

@@ -27,8 +27,9 @@ MYPY_RUN = pytest.StashKey[subprocess.Popen[str]]()
 
 
 def start_mypy() -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "mypy", "raffm", "raffm_app", "services", "edge_agent"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    packages = ["raffm", "raffm_app", "services", "edge_agent", "bench"]
+    return subprocess.Popen([sys.executable, "-m", "mypy", *packages], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
