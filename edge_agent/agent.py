@@ -260,11 +260,15 @@ class Agent:
         hp = a.hparams
         task = TASKS.get(a.task.kind, "sequence-classification")  # unspecified (an older server): text
         image = task == "image-classification"
-        local = LocalConfig(
-            batch_size=hp.batch_size or 16, seq_len=hp.seq_len or 64, lr=hp.lr or 5e-5,
-            local_epochs=hp.local_epochs or 1, local_steps=hp.local_steps, fedprox_mu=hp.fedprox_mu,
-            weight_decay=hp.weight_decay, seed=hp.seed, warmup_steps=hp.warmup_steps,
-        )
+        try:
+            local = LocalConfig(
+                batch_size=hp.batch_size or 16, seq_len=hp.seq_len or 64, lr=hp.lr or 5e-5,
+                local_epochs=hp.local_epochs or 1, local_steps=hp.local_steps, fedprox_mu=hp.fedprox_mu,
+                weight_decay=hp.weight_decay, seed=hp.seed, warmup_steps=hp.warmup_steps,
+                optimizer=hp.optimizer or "adamw",
+            )
+        except ValueError as exc:  # e.g. an optimizer this agent does not have
+            raise AssignmentRefused(FR.FAILURE_REASON_OTHER, f"the assignment's hyper-parameters: {exc}") from None
         if a.HasField("deadline") and a.deadline.seconds and a.deadline.ToSeconds() < time.time():
             raise AssignmentRefused(FR.FAILURE_REASON_DEADLINE, "the assignment's deadline has already passed")
 

@@ -35,6 +35,9 @@ Dataset = TextDataset | ImageDataset | InstructionDataset
 Tokenizer = Callable[..., Any]
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
 @dataclass(frozen=True)
 class LocalConfig:
     """Hyper-parameters of one device's local round (from its assignment)."""
@@ -48,15 +51,27 @@ class LocalConfig:
     weight_decay: float = 0.01
     seed: int = 0
     warmup_steps: int = 0  # the lr rises linearly from 0 over the first steps of every round (a fresh optimizer)
+    optimizer: str = "adamw"  # one of OPTIMIZERS; a fresh one every round
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len", "local_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} is {getattr(self, name)}; it must be at least 1")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer is {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr is {self.lr}; it must be a positive number")
         if self.fedprox_mu < 0 or self.local_steps < 0 or self.warmup_steps < 0:
             raise ValueError("fedprox_mu, local_steps and warmup_steps must be >= 0")
+
+
+def make_optimizer(params: Iterable[torch.Tensor], config: LocalConfig, lr_scale: float = 1.0) -> torch.optim.Optimizer:
+    """The round's optimizer: AdamW, or plain SGD (no momentum: no state, the classic FedAvg client), at the config's
+    lr x ``lr_scale`` and weight decay. :mod:`raffm.costs` prices AdamW's two states for both (for SGD, a bound)."""
+    lr = config.lr * lr_scale
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
 
 
 @dataclass(frozen=True)
@@ -305,7 +320,7 @@ def train_local(
     losses: list[float] = []
     samples = 0
     with PeakMemory() as peak:
-        optimizer = torch.optim.AdamW(trained.values(), lr=config.lr * recipe.lr_scale, weight_decay=config.weight_decay)
+        optimizer = make_optimizer(trained.values(), config, recipe.lr_scale)
         warmup = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda i: min(1.0, (i + 1) / config.warmup_steps) if config.warmup_steps else 1.0)
         step = 0
@@ -387,7 +402,7 @@ def distill_cuts(
     with torch.no_grad():  # the teacher: the merged model as it is, without dropout
         targets = [model(**batch).logits for batch in inputs]
     started, losses = time.perf_counter(), []
-    optimizer = torch.optim.AdamW(trained.values(), lr=config.lr * recipe.lr_scale, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(trained.values(), config, recipe.lr_scale)
     model.train()
     with PeakMemory() as peak, torch.random.fork_rng(devices=[]):  # seeded dropout; the caller's RNG left as it was
         torch.manual_seed(config.seed)

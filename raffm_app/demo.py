@@ -604,6 +604,17 @@ def _main(args: argparse.Namespace) -> int:
         settings.tiers = load_tiers(args.tiers)
     if settings.devices < 1 or settings.rounds < 1:
         raise ValueError("--devices and --rounds must be at least 1")
+    at_least = {"--batch-size": (settings.batch_size, 1), "--seq-len": (settings.seq_len, 1),
+                "--local-steps": (settings.local_steps, 0), "--warmup-steps": (settings.warmup_steps, 0)}
+    for flag, (value, least) in at_least.items():
+        if value < least:
+            raise ValueError(f"{flag} is {value}; it must be at least {least}")
+    if not settings.lr > 0:
+        raise ValueError(f"--lr is {settings.lr}; it must be > 0")
+    looks_like_path = os.sep in settings.model or settings.model.startswith(".")
+    if looks_like_path and not Path(settings.model).exists():
+        raise ValueError(f"--model {settings.model}: no such folder or file (give a model folder, a .gguf file, an HF "
+                         "id in the local cache, or smollm2; the default is the shipped MiniLM)")
     if settings.match_cuts and is_llm(settings.model):
         raise ValueError("--match-cuts scores classifiers; a decoder LLM's cuts are scored by exact match only")
     distils(settings)  # a typo in --strategy-options or a bad setting fails here, before any service starts

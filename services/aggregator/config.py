@@ -105,6 +105,7 @@ class JobConfig:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"job setting {name} = {getattr(self, name)!r}: {why}")
 
+        from raffm.training import OPTIMIZERS
         from raffm.wire import wire_dtype_name
 
         object.__setattr__(self, "wire_dtype", wire_dtype_name(self.wire_dtype))
@@ -159,9 +160,17 @@ class JobConfig:
             raise bad("on_deadline", f"choose one of {', '.join(ON_DEADLINE)}")
         if self.accum_dtype not in ("float32", "float64"):
             raise bad("accum_dtype", "choose float32 or float64")
-        for name in ("rounds", "clients_per_round", "quorum", "num_labels", "batch_size"):
+        for name in ("rounds", "clients_per_round", "quorum", "num_labels", "batch_size", "seq_len", "local_epochs"):
             if int(getattr(self, name)) < 1:
                 raise bad(name, "must be >= 1")
+        for name in ("local_steps", "warmup_steps", "max_extensions", "seed", "weight_decay", "fedprox_mu",
+                     "ticket_grace_s"):
+            if not getattr(self, name) >= 0:
+                raise bad(name, "must be >= 0")
+        if self.optimizer not in OPTIMIZERS:
+            raise bad("optimizer", f"choose one of {', '.join(OPTIMIZERS)}")
+        if not self.poll_wait_s > 0:
+            raise bad("poll_wait_s", "must be > 0 seconds")
         if self.quorum > self.clients_per_round:
             raise bad("quorum", f"cannot exceed clients_per_round ({self.clients_per_round})")
         if not 1 <= self.min_updates <= self.quorum:

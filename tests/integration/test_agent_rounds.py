@@ -80,9 +80,11 @@ def test_a_probe_round_moves_only_the_head_and_the_next_round_does_not_download_
         fleet.stop()
 
 
-def _one_round(tmp_path: Path, model: PreTrainedModel) -> tuple[Any, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def _one_round(tmp_path: Path, model: PreTrainedModel, **settings: Any
+               ) -> tuple[Any, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """``model`` (a random-init model of another family, with MiniLM's tokenizer) trained by one agent for one round
-    through the services: the agent's runner, version 0 and the merged version (every shape kept)."""
+    through the services, with the job's ``settings``: the agent's runner, version 0 and the merged version (every
+    shape kept)."""
     from transformers import AutoTokenizer
 
     from raffm.models import default_model_path
@@ -90,7 +92,7 @@ def _one_round(tmp_path: Path, model: PreTrainedModel) -> tuple[Any, dict[str, t
     folder = tmp_path / "model"
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(folder)
-    fleet = Fleet(tmp_path, job(folder)).start()
+    fleet = Fleet(tmp_path, job(folder, **settings)).start()
     try:
         runner = AgentThread(agent_config(fleet, "pi", tmp_path / "state", folder)).start()
         assert runner.join() == 0
@@ -102,6 +104,20 @@ def _one_round(tmp_path: Path, model: PreTrainedModel) -> tuple[Any, dict[str, t
         return runner, v0, v1
     finally:
         fleet.stop()
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_the_jobs_optimizer_reaches_the_device(tmp_path: Path, optimizer: str) -> None:
+    """One step at lr 1e-3: AdamW's first step moves every head weight by the lr (against its gradient's sign), plain
+    SGD by the lr x its gradient, which differs from weight to weight."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    _, v0, v1 = _one_round(tmp_path, BertForSequenceClassification(BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)),
+        optimizer=optimizer, local_steps=1, lr=1e-3)
+    step = (v1["classifier.weight"] - v0["classifier.weight"]).abs()
+    assert (float(step.std() / step.mean()) < 0.01) == (optimizer == "adamw")
 
 
 def test_an_electra_whose_embeddings_are_narrower_than_its_layers_trains_a_round(tmp_path: Path) -> None:

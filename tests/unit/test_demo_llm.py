@@ -71,6 +71,24 @@ def test_llm_defaults_apply_unless_a_flag_says_otherwise(monkeypatch: pytest.Mon
     assert demo.is_llm("smollm2") and not demo.is_llm("minilm")
 
 
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--local-steps", "-1"], "--local-steps is -1; it must be at least 0"),
+    (["--lr", "0"], "--lr is 0.0; it must be > 0"),
+    (["--batch-size", "0"], "--batch-size is 0; it must be at least 1"),
+    (["--model", "./no-such-model"], "--model ./no-such-model: no such folder or file"),
+])
+def test_bad_settings_stop_the_demo_before_any_service_starts(monkeypatch: pytest.MonkeyPatch, flags: list[str],
+                                                              message: str) -> None:
+    started: list[demo.DemoSettings] = []
+    monkeypatch.setattr(demo, "run_demo", lambda settings: started.append(settings))
+    parser = argparse.ArgumentParser()
+    demo.register(parser.add_subparsers())
+    args = parser.parse_args(["demo", *flags])
+    with pytest.raises(ValueError, match=message):
+        args.func(args)
+    assert not started
+
+
 def test_strategy_options_reach_the_aggregator_beside_the_llms_lora_ranks(tmp_path) -> None:
     from raffm.data import TextDataset
     from raffm.generative import InstructionDataset

@@ -86,6 +86,18 @@ def _train(recipe: Recipe, model: torch.nn.Module | None = None,
     return model, before, result
 
 
+def test_sgd_steps_by_the_gradient_where_adamw_steps_by_its_sign() -> None:
+    _, _, adamw = _train(Recipe(), local_steps=1, weight_decay=0.0)
+    _, _, sgd = _train(Recipe(), local_steps=1, weight_decay=0.0, optimizer="sgd")
+    a, s = adamw.delta["classifier.weight"], sgd.delta["classifier.weight"]  # type: ignore[attr-defined]
+    # AdamW's first step moves every weight by lr against its gradient's sign; SGD by lr x the gradient itself
+    assert torch.allclose(a.abs(), torch.full_like(a, 1e-3), rtol=1e-3)
+    assert torch.equal(s.sign(), a.sign())
+    assert float(s.abs().std() / s.abs().mean()) > 0.1 and float(s.abs().max()) < 1e-3
+    with pytest.raises(ValueError, match="optimizer is 'lion'; choose one of adamw, sgd"):
+        LocalConfig(optimizer="lion")
+
+
 def test_frozen_tensors_do_not_move_and_have_no_delta() -> None:
     model, before, result = _train(Recipe(frozen=frozenset({VOCAB})))
     assert VOCAB not in result.delta  # type: ignore[attr-defined]
