@@ -1,7 +1,8 @@
 """Does the edge agent stay within its declared ``--memory-mb``? Predicted vs measured, MiniLM, batch 16 x 64 tokens.
 
-For each budget the RaFFM strategy (:meth:`raffm.strategy.Strategy.plan`) picks the spec and its recipe (frozen
-vocabulary at half precision, nested cuts, activation checkpointing when needed), as the aggregator does. A fresh
+For each budget the RaFFM strategy (:meth:`raffm.strategy.Strategy.plan`, with ``--strategy-options``) picks the spec
+and its recipe (frozen vocabulary at half precision, nested cuts if asked for, activation checkpointing when needed),
+as the aggregator does. A fresh
 subprocess per budget then runs exactly the agent's local round (:func:`edge_agent.trainer.run_local_round`:
 received tensors -> spill -> sub-model -> the recipe's steps on Rotten Tomatoes reviews, four to a row so that every
 batch fills its tokens -> delta) and measures the peak RSS
@@ -10,6 +11,7 @@ growth from *before the downloaded tensors exist* to the end of training, after 
 measured peak exceeds its budget.
 
     python bench/bench_agent_memory.py [--budgets 150 250 400 1500] [--steps 3] [--threads 2]
+        [--strategy-options '{"nested_fractions": [0.25, 0.5, 0.75]}']
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def child(budget: int, steps: int, batch: int, seq: int) -> dict[str, object]:
+def child(budget: int, steps: int, batch: int, seq: int, options: dict[str, object]) -> dict[str, object]:
     import gc
 
     import torch
@@ -60,7 +62,7 @@ def child(budget: int, steps: int, batch: int, seq: int) -> dict[str, object]:
         # What the servers do: plan the spec and recipe for the budget, cut the slice. Then forget the global model.
         global_model = load_global_model()
         config = global_model.config
-        fitted = STRATEGIES["raffm"].plan(
+        fitted = STRATEGIES["raffm"].with_options(**options).plan(
             CostModel.from_model(global_model),
             RoundBudget(train_memory_mb=budget, gflops=1e4, up_mbps=1e4, down_mbps=1e4, deadline_s=86400.0,
                         batch_size=batch, seq_len=seq, local_steps=steps))
@@ -98,14 +100,15 @@ def child(budget: int, steps: int, batch: int, seq: int) -> dict[str, object]:
         }
 
 
-def run(budgets: list[int], steps: int, batch: int, seq: int, threads: int | None) -> list[dict[str, object]]:
+def run(budgets: list[int], steps: int, batch: int, seq: int, threads: int | None,
+        options: dict[str, object] | None = None) -> list[dict[str, object]]:
     rows = []
     env = dict(os.environ, TRANSFORMERS_VERBOSITY="error")
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     for budget in budgets:
         cmd = [sys.executable, __file__, "--child", str(budget), "--steps", str(steps), "--batch-size", str(batch),
-               "--seq-len", str(seq)]
+               "--seq-len", str(seq), "--strategy-options", json.dumps(options or {})]
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, cwd=ROOT)
         if done.returncode != 0:
             raise RuntimeError(f"budget {budget}: measurement failed:\n{done.stderr[-4000:]}")
@@ -120,12 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--threads", type=int, default=0, help="OMP threads in the measuring process (0: default)")
+    parser.add_argument("--strategy-options", type=json.loads, default={},
+                        help="RaFFM strategy settings as JSON, e.g. '{\"nested_fractions\": [0.25, 0.5, 0.75]}'")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:
-        print(json.dumps(child(args.child, args.steps, args.batch_size, args.seq_len)))
+        print(json.dumps(child(args.child, args.steps, args.batch_size, args.seq_len, args.strategy_options)))
         return 0
-    rows = run(args.budgets, args.steps, args.batch_size, args.seq_len, args.threads or None)
+    rows = run(args.budgets, args.steps, args.batch_size, args.seq_len, args.threads or None, args.strategy_options)
     print(f"edge agent local round, MiniLM, batch {args.batch_size} x {args.seq_len} tokens, {args.steps} AdamW steps")
     print(f"{'budget':>7} {'spec':<22} {'params':>10} {'fitter':>8} {'agent':>8} {'measured':>9} {'meas/budget':>12}")
     ok = True

@@ -13,9 +13,12 @@ ships. RaFFM's defaults, each chosen by measurement (bench/results, README "The 
   optimizer state and no upload, and a device keeps them across rounds, so they cross the wire once. So do the other
   input embeddings and the **first layer**, which no gradient then reaches: no activations kept below the second
   layer either, so small devices train wider slices.
-- **Nested cuts trained together** (the sandwich rule with in-place distillation): a device trains its own spec on
-  the labels and, in the same step, the smallest of the strategy's cuts plus one other, each learning from its own
-  spec's logits. Every cut of the final model has been trained, so it can be deployed without retraining.
+- **No nested cuts trained on the devices**: every device trains its own slice on the labels, and a cut of the final
+  model is matched to it on unlabelled data before it serves (:class:`raffm.scaling.CutMatcher`, forward passes and
+  ridge regression). Over 4 seeds of bench_fl this trained model ended 1.2 pts higher than one whose devices also
+  trained the nested cuts (the sandwich rule, option ``nested_fractions``), level with full FedAvg once served, and
+  its matched cuts 1.1-1.2 pts higher; a cut used as cut, unmatched, falls apart (the nested recipe is the choice
+  where no unlabelled data can be had).
 - **Updates weighted by the samples trained this round**, folded with coverage-weighted sliced FedAvg.
 - **Server momentum 0.5** (FedAvgM): the server steps along the running sum of the rounds' merged updates, which
   damps the round-to-round swings that a non-IID fleet of slices gives the model.
@@ -61,9 +64,10 @@ class Strategy:
     gets nothing (capable-only), unless its profile pretends otherwise (the ``fedavg_all`` upper bound of the bench).
 
     ``ordering``: SPP on version 0 only (``once``), on every new version (``every_round``), or not at all (``never``,
-    HeteroFL's static slices). ``nested_fractions``: the width fractions (of the heads; FFN in proportion) trained as
-    nested cuts by every device whose own spec is wider. ``sampled``, ``distill``, ``prior_correction`` and
-    ``dropout``: see :class:`Recipe`.
+    HeteroFL's static slices). ``nested_fractions`` (none by default; the sandwich recipe is ``(0.25, 0.5, 0.75)``):
+    the width fractions (of the heads; FFN in proportion) trained as nested cuts, each distilled from the device's
+    own spec in the same step, by every device whose own spec is wider. ``sampled``, ``distill``,
+    ``prior_correction`` and ``dropout``: see :class:`Recipe`.
     ``checkpointing``: a device may trade compute for memory with activation checkpointing when that lets it
     train a larger spec. ``frozen_layers`` k > 0: the input embeddings and the first k layers (at most all but the
     last) stay as pretrained on every device: no gradient flows below layer k, so no activations are kept there;
@@ -79,7 +83,7 @@ class Strategy:
     heterogeneous: bool = True
     ordering: Ordering = "once"
     freeze_vocab: bool = True
-    nested_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
+    nested_fractions: tuple[float, ...] = ()
     sampled: int = 1
     distill: float = 1.0
     distill_hidden: float = 0.0
@@ -133,8 +137,8 @@ class Strategy:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"server_distill_steps is {steps!r}; it must be an integer >= 0")
         if steps and (not self.nested_fractions or self.lora_ranks):
-            raise ValueError("server_distill_steps distils the nested cuts: it needs nested_fractions and no "
-                             "lora_ranks")
+            raise ValueError("server_distill_steps distils the nested cuts: it needs nested_fractions (e.g. "
+                             "[0.25, 0.5, 0.75]) and no lora_ranks")
         Recipe(sampled=self.sampled, distill=self.distill, distill_hidden=self.distill_hidden,
                prior_correction=self.prior_correction, lr_scale=self.probe_lr_scale)  # validates them
         if not (self.server_distill_lr_scale > 0 and math.isfinite(self.server_distill_lr_scale)):
@@ -211,7 +215,8 @@ class Strategy:
         recipe = self.recipe_for(full, cost_model)
         adapter = cost_model.adapter
         above = {n for n in cost_model.plan(full) if adapter.layer_of(n) is None and not adapter.below(n, 1)}
-        return replace(recipe, frozen=recipe.frozen | above, prior_correction=0.0, lr_scale=self.server_distill_lr_scale)
+        return replace(recipe, frozen=recipe.frozen | above, prior_correction=0.0,
+                       lr_scale=self.server_distill_lr_scale)
 
     def recipes_for(self, spec: ElasticSpec, cost_model: CostModel) -> tuple[Recipe, ...]:
         """The recipes a device may train ``spec`` with, preferred first: without activation checkpointing (less
@@ -317,16 +322,17 @@ STRATEGIES: dict[str, Strategy] = {
     # pts and lifted the 25/50/75% cuts by 5/4/2.5 pts. The label-prior correction (tau 1) then lifted the final
     # accuracy by 1.7 pts (0.766, 0.4 pt below full FedAvg) and the quarter cut by 5 pts. Freezing the embeddings and
     # the first layer then moved 10% fewer bytes, let the phone tier train the whole width, and ended at 0.771, level
-    # with full FedAvg (bench/results/2026-11-30-fl.md).
+    # with full FedAvg (bench/results/2026-11-30-fl.md). Without nested cuts on the devices (the cuts matched before
+    # they serve): 0.781 +- 0.013, served 0.779, level with full FedAvg, with about half the spread
+    # (bench/results/2026-12-05.md).
     "raffm": Strategy(server_momentum=0.5, prior_correction=1.0, frozen_layers=1),
     # Full-model FedAvg; devices that cannot train the whole model wait.
-    "fedavg": Strategy(name="fedavg", heterogeneous=False, freeze_vocab=False, nested_fractions=(), checkpointing=False),
+    "fedavg": Strategy(name="fedavg", heterogeneous=False, freeze_vocab=False, checkpointing=False),
     # The official research code's recipe: SPP on every version, zero-filled deltas divided by the participants.
-    "paper": Strategy(name="paper", ordering="every_round", freeze_vocab=False, nested_fractions=(),
-                      checkpointing=False, aggregation="paper"),
+    "paper": Strategy(name="paper", ordering="every_round", freeze_vocab=False, checkpointing=False,
+                      aggregation="paper"),
     # HeteroFL-style static leading slices of a model that is never salience-ordered.
-    "heterofl": Strategy(name="heterofl", ordering="never", freeze_vocab=False, nested_fractions=(),
-                         checkpointing=False),
+    "heterofl": Strategy(name="heterofl", ordering="never", freeze_vocab=False, checkpointing=False),
 }
 
 

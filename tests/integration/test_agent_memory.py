@@ -1,5 +1,6 @@
 """The agent's local round stays within the declared --memory-mb: MiniLM, batch 16 x 64 tokens, the spec and recipe
-the RaFFM strategy plans for each budget, peak RSS measured in a fresh process (bench/bench_agent_memory.py)."""
+the RaFFM strategy plans for each budget (with nested cuts: the recipe with the most to hold), peak RSS measured in a
+fresh process (bench/bench_agent_memory.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def test_measured_training_peak_is_within_the_declared_budget() -> None:
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    rows = bench.run([150, 250, 1500], steps=2, batch=16, seq=64, threads=None)
+    rows = bench.run([150, 250, 1500], steps=2, batch=16, seq=64, threads=None,
+                     options={"nested_fractions": [0.25, 0.5, 0.75]})
     assert len({r["spec"] for r in rows}) == 3  # smaller budgets really get smaller sub-models
     assert any(r["checkpointing"] for r in rows) and any(r["nested"] for r in rows)
     for r in rows:

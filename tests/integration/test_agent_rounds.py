@@ -137,14 +137,15 @@ def test_an_electra_whose_embeddings_are_narrower_than_its_layers_trains_a_round
 
 def test_a_deberta_v3_trains_a_round(tmp_path: Path) -> None:
     """DeBERTa-v3's disentangled attention: every layer projects the shared relative position embeddings with its own
-    (cut) query and key. The device trains its slice with the nested cuts and uploads; the merged version keeps every
-    shape and moves the layers above the frozen first one."""
+    (cut) query and key. The device trains its slice with nested cuts (the job asks for them) and uploads; the merged
+    version keeps every shape and moves the layers above the frozen first one."""
     from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
 
     torch.manual_seed(0)
     runner, v0, v1 = _one_round(tmp_path, DebertaV2ForSequenceClassification(DebertaV2Config(
         vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=64, num_labels=2, **{**DEBERTA_V3, "position_buckets": 16})))
+        max_position_embeddings=64, num_labels=2, **{**DEBERTA_V3, "position_buckets": 16})),
+        strategy_options={"nested_fractions": [0.25, 0.5, 0.75]})
     [assignment] = runner.assignments
     assert assignment.task.architecture == "deberta-v2"  # the model's adapter, not the task's usual family
     assert recipe_from_proto(assignment.recipe).nested, "the device should train nested cuts of its slice"

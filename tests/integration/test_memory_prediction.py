@@ -25,8 +25,11 @@ from raffm.strategy import STRATEGIES
 
 BATCH, SEQ = 16, 64
 STEPS = 2  # step 2's backward is the steady-state peak: AdamW's moments exist from the first step() on
-# 150 and 200 train narrow slices with no nested cut, 300 one nested cut, 1500 the whole model with three
+# 150 and 200 train narrow slices (with the nested recipe: no nested cut), 300 (one nested cut) and 1500 (three) the
+# whole model
 TIERS_MB = (150, 200, 300, 1500)
+# RaFFM as it ships, and with the nested cuts (the sandwich recipe) that a job may ask for: more memory to predict.
+RAFFM = {"default": STRATEGIES["raffm"], "nested": STRATEGIES["raffm"].with_options(nested_fractions=(0.25, 0.5, 0.75))}
 
 
 def steady_mb(costs) -> float:
@@ -90,14 +93,15 @@ def test_a_shared_process_skips_the_collections_that_make_a_lone_peak_exact(mode
     assert got == {"exact": alone, "freed_by_measuring": alone, "freed_by_collect": alone, "freed_after": True}
 
 
-def test_predicted_peak_training_memory_matches_measured(minilm, tmp_path: Path) -> None:
+@pytest.mark.parametrize("recipe", RAFFM)
+def test_predicted_peak_training_memory_matches_measured(minilm, tmp_path: Path, recipe: str) -> None:
     cm = CostModel.from_model(minilm)
     rows = []
     measured_by_key: dict[str, float] = {}
     for budget in TIERS_MB:
         profile = RoundBudget(train_memory_mb=budget, gflops=100, up_mbps=100, down_mbps=100, deadline_s=3600,
                               batch_size=BATCH, seq_len=SEQ)
-        picked = STRATEGIES["raffm"].plan(cm, profile)
+        picked = RAFFM[recipe].plan(cm, profile)
         key = picked.spec.key() + str(picked.recipe)
         if key not in measured_by_key:
             folder = tmp_path / f"tier{budget}"
@@ -117,7 +121,8 @@ def test_predicted_peak_training_memory_matches_measured(minilm, tmp_path: Path)
               f"{predicted:>12.1f} {measured:>11.1f} {(predicted - measured) / measured:>+6.1%}")
 
     assert len(measured_by_key) >= 3, "the tiers should exercise at least three different specs"
-    assert any(picked.recipe.nested for _, picked, _ in rows) and all(picked.recipe.frozen for _, picked, _ in rows)
+    assert any(picked.recipe.nested for _, picked, _ in rows) == (recipe == "nested")
+    assert all(picked.recipe.frozen for _, picked, _ in rows)
     for budget, picked, measured in rows:
         assert steady_mb(picked.costs) == pytest.approx(measured, rel=0.25), (budget, picked.spec.key())
         assert measured <= budget, f"tier {budget} MB: training measured {measured:.1f} MB"
@@ -210,7 +215,7 @@ def test_predicted_memory_of_an_electra_with_narrower_embeddings(tmp_path: Path)
     cm = CostModel.from_model(model)
     profile = RoundBudget(train_memory_mb=100, gflops=100, up_mbps=100, down_mbps=100, deadline_s=3600,
                           batch_size=BATCH, seq_len=SEQ)
-    picked = STRATEGIES["raffm"].plan(cm, profile)
+    picked = RAFFM["nested"].plan(cm, profile)
     assert picked.recipe.nested and picked.spec.layers[0].heads < 4
     extract(model, picked.spec).save_pretrained(tmp_path)
     result = measure_training_peak(tmp_path, batch_size=BATCH, seq_len=SEQ, steps=STEPS, recipe=picked.recipe.to_dict())
@@ -234,7 +239,7 @@ def test_predicted_memory_of_a_vit_on_colour_images(tmp_path: Path) -> None:
     cm = CostModel.from_model(model)
     profile = RoundBudget(train_memory_mb=172, gflops=100, up_mbps=100, down_mbps=100, deadline_s=3600,
                           batch_size=BATCH, seq_len=cm.image_tokens)
-    picked = STRATEGIES["raffm"].plan(cm, profile)
+    picked = RAFFM["nested"].plan(cm, profile)
     assert picked.recipe.nested and picked.recipe.checkpointing
     extract(model, picked.spec).save_pretrained(tmp_path)
     result = measure_training_peak(tmp_path, batch_size=BATCH, seq_len=cm.image_tokens, steps=STEPS,

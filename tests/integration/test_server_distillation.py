@@ -61,7 +61,7 @@ def test_every_version_is_published_after_its_cuts_learned_its_logits_on_the_ser
     texts = _unlabelled(tmp_path / "server.jsonl")
     plain_job = tiny_job(model, rounds=1, clients_per_round=1, quorum=1, lr=1e-3)
     job = tiny_job(model, rounds=1, clients_per_round=1, quorum=1, lr=1e-3, distill_data=str(texts),
-                   strategy_options={"server_distill_steps": 20})
+                   strategy_options={"nested_fractions": [0.25, 0.5, 0.75], "server_distill_steps": 20})
     plain, config = _publish_one_round(tmp_path / "plain", plain_job)
     distilled, _ = _publish_one_round(tmp_path / "distilled", job)
     frozen = job.method().server_distill_recipe(cost_model_for(config)).frozen
@@ -73,7 +73,7 @@ def test_every_version_is_published_after_its_cuts_learned_its_logits_on_the_ser
 
 def test_distillation_settings_are_checked_and_the_built_in_corpus_gives_its_training_part(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="distill_data"):
-        JobConfig(strategy_options={"server_distill_steps": 5})
+        JobConfig(strategy_options={"nested_fractions": [0.5], "server_distill_steps": 5})
     with pytest.raises(ValueError, match="server_distill_steps is -1"):
         JobConfig(strategy_options={"server_distill_steps": -1}, distill_data="rotten_tomatoes")
     (tmp_path / "reviews.jsonl").write_text('{"blurb": "a fine film"}\n')

@@ -115,7 +115,8 @@ def test_a_distilling_strategy_gets_unlabelled_server_data_that_no_device_and_no
     data = TextDataset([f"review number {i}" for i in range(100)], [i % 2 for i in range(100)], ("rotten", "fresh"))
     plain = demo.split_and_write(demo.DemoSettings(test_size=20, match_cuts=False), data, tmp_path / "plain")
     assert plain.distill_path is None and len(plain.train) == 80
-    settings = demo.DemoSettings(test_size=20, distill_size=30, strategy_options='{"server_distill_steps": 5}')
+    distilling = '{"nested_fractions": [0.5], "server_distill_steps": 5}'
+    settings = demo.DemoSettings(test_size=20, distill_size=30, strategy_options=distilling)
     split = demo.split_and_write(settings, data, tmp_path / "distil")
     assert split.distill_path is not None and len(split.train) == 50 and len(split.test) == 20
     rows = [json.loads(line) for line in split.distill_path.read_text().splitlines()]
@@ -124,8 +125,8 @@ def test_a_distilling_strategy_gets_unlabelled_server_data_that_no_device_and_no
     assert not served & (set(split.test.texts) | set(split.train.texts))
     assert len(load_text_file(split.distill_path, label_column=None)) == 30
     with pytest.raises(ValueError, match="--distill-size 90 leave no training data"):
-        demo.split_and_write(demo.DemoSettings(test_size=20, distill_size=90,
-                                               strategy_options='{"server_distill_steps": 5}'), data, tmp_path / "x")
+        demo.split_and_write(demo.DemoSettings(test_size=20, distill_size=90, strategy_options=distilling), data,
+                             tmp_path / "x")
     with pytest.raises(ValueError, match="unknown strategy setting"):
         demo.distils(demo.DemoSettings(strategy_options='{"server_distil_steps": 5}'))
 

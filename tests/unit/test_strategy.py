@@ -13,6 +13,7 @@ from raffm.strategy import STRATEGIES, Strategy, strategy_named
 from tests.unit.models_fixtures import inputs, make, output
 
 VOCAB = "bert.embeddings.word_embeddings.weight"
+NESTED = (0.25, 0.5, 0.75)  # the sandwich recipe's cuts
 
 
 def budget(memory: float) -> RoundBudget:
@@ -20,9 +21,10 @@ def budget(memory: float) -> RoundBudget:
                        seq_len=12)
 
 
-def test_raffm_freezes_the_vocabulary_and_nests_its_cuts_inside_the_spec() -> None:
+def test_raffm_freezes_the_vocabulary_and_the_nested_recipe_nests_its_cuts_inside_the_spec() -> None:
     cm = CostModel.from_model(make("bert"))
-    raffm = STRATEGIES["raffm"]
+    assert STRATEGIES["raffm"].cuts(cm) == () and not STRATEGIES["raffm"].recipe_for(width_spec(cm.dims, 3), cm).nested
+    raffm = STRATEGIES["raffm"].with_options(nested_fractions=NESTED)
     assert raffm.cuts(cm) == (width_spec(cm.dims, 1), width_spec(cm.dims, 2), width_spec(cm.dims, 3))
     recipe = raffm.recipe_for(width_spec(cm.dims, 3), cm)
     assert recipe.frozen == {n for n in cm.shapes if ".embeddings." in n or ".layer.0." in n} and VOCAB in recipe.frozen
@@ -265,7 +267,7 @@ def test_a_lora_rounds_frozen_base_travels_at_half_precision_and_its_adapters_at
 
 def test_the_server_distillation_step_distils_every_cut_into_the_whole_model_and_bad_settings_are_named() -> None:
     cm = CostModel.from_model(make("bert"))
-    raffm = STRATEGIES["raffm"].with_options(server_distill_steps=5)
+    raffm = STRATEGIES["raffm"].with_options(nested_fractions=NESTED, server_distill_steps=5)
     recipe = raffm.server_distill_recipe(cm)
     assert recipe.nested == raffm.cuts(cm) and recipe.prior_correction == 0.0  # every cut; no labels, no prior
     assert recipe.lr_scale == 0.5 == raffm.server_distill_lr_scale
@@ -276,5 +278,6 @@ def test_the_server_distillation_step_distils_every_cut_into_the_whole_model_and
                      ({"server_distill_lr_scale": 0.0}, "server_distill_lr_scale is 0.0")):
         with pytest.raises(ValueError, match=why):
             raffm.with_options(**bad)
-    with pytest.raises(ValueError, match="needs nested_fractions"):
-        STRATEGIES["fedavg"].with_options(server_distill_steps=5)
+    for without_cuts in ("raffm", "fedavg"):
+        with pytest.raises(ValueError, match="needs nested_fractions"):
+            STRATEGIES[without_cuts].with_options(server_distill_steps=5)

@@ -185,7 +185,8 @@ def test_a_half_precision_vocabulary_is_looked_up_in_float32_by_the_spec_and_its
 
     model = prioritize(make("deberta")).train()
     cost_model = CostModel.from_model(model)
-    recipe = strategy_named("raffm").recipe_for(ElasticSpec.full(cost_model.dims), cost_model)
+    nested = strategy_named("raffm").with_options(nested_fractions=(0.25, 0.5, 0.75))
+    recipe = nested.recipe_for(ElasticSpec.full(cost_model.dims), cost_model)
     assert recipe.frozen_dtype == "float16" and recipe.nested
     model, before, result = _train(recipe, model)
     assert model.deberta.embeddings.word_embeddings.weight.dtype == torch.float16
