@@ -374,32 +374,37 @@ def run_bench(
             if not any(s != "-" for s in run.specs):
                 raise ValueError(f"no client can train what {method} offers: it has no participants")
             scored = data.subset(order[: settings.test_size] + order[len(order) - settings.holdout :])
+            prior = (torch.tensor(run.label_counts, dtype=torch.float64)
+                     if unlabelled is not None and run.label_counts else None)  # the clients' data, as reported
             if method in settings.scaling_methods:
                 # Cut the final version as it is, as the aggregator's evaluation and `raffm demo` do: every strategy
                 # salience-orders version 0, and re-ordering a trained version would swap near-tied channels across
                 # the very boundaries the nested cuts were trained at.
-                # With the unlabelled pool, each cut is also scored matched to the full model on it: once, on the
-                # test and holdout reviews together where there is a holdout (matching takes longer than scoring).
+                # With the unlabelled pool, each cut is also scored matched to the full model on it, and served
+                # with its threshold at the clients' label prior: once, on the test and holdout reviews together
+                # where there is a holdout (matching takes longer than scoring).
                 run.scaling = [asdict(p) for p in
                                scaling_table(final, test, tokenizer, fractions=settings.fractions,
                                              seq_len=settings.seq_len,
-                                             unlabelled=None if settings.holdout else unlabelled)]
+                                             unlabelled=None if settings.holdout else unlabelled,
+                                             prior=None if settings.holdout else prior)]
                 if settings.holdout:
                     for point, more in zip(run.scaling, scaling_table(final, scored, tokenizer,
                                                                       fractions=settings.fractions,
                                                                       seq_len=settings.seq_len,
-                                                                      unlabelled=unlabelled)):
+                                                                      unlabelled=unlabelled, prior=prior)):
                         point["holdout_accuracy"] = more.accuracy
                         point["matched_holdout_accuracy"] = more.matched_accuracy
+                        point["served_holdout_accuracy"] = more.served_accuracy
                 log(f"  seed {seed} {method:<15} scaling: " + ", ".join(
                     f"{p['flops_fraction']:.2f}->{p['accuracy']:.4f}" + "".join(
                         f" ({key} {p[key]:.4f})" for key in ("holdout_accuracy", "matched_accuracy",
-                                                             "matched_holdout_accuracy") if p.get(key) is not None)
+                                                             "matched_holdout_accuracy", "served_accuracy",
+                                                             "served_holdout_accuracy") if p.get(key) is not None)
                     for p in run.scaling))
-            if unlabelled is not None and run.label_counts:  # as `raffm demo` serves its final model
+            if unlabelled is not None and prior is not None:  # as `raffm demo` serves its final model
                 served = copy.deepcopy(final)
-                fit_threshold(served, unlabelled, tokenizer, torch.tensor(run.label_counts, dtype=torch.float64),
-                              seq_len=settings.seq_len)
+                fit_threshold(served, unlabelled, tokenizer, prior, seq_len=settings.seq_len)
                 run.served_accuracy = evaluate(served, scored, tokenizer, seq_len=settings.seq_len)
                 log(f"  seed {seed} {method:<15} served at the fleet's label prior, on {len(scored)} reviews: "
                     f"{run.served_accuracy:.4f}")
@@ -463,8 +468,8 @@ def summary(runs: Sequence[MethodRun], settings: Settings) -> dict[str, Any]:
                 {"target_fraction": f, "param_fraction": statistics.fmean(at(f, "param_fraction")),
                  "flops_fraction": statistics.fmean(at(f, "flops_fraction")), "accuracy": summarize(at(f, "accuracy")),
                  "holdout_accuracy": summarize(at(f, "holdout_accuracy")) if settings.holdout else None,
-                 "matched_accuracy": matched(f, "matched_accuracy"),
-                 "matched_holdout_accuracy": matched(f, "matched_holdout_accuracy")}
+                 **{key: matched(f, key) for key in ("matched_accuracy", "matched_holdout_accuracy", "served_accuracy",
+                                                     "served_holdout_accuracy")}}
                 for f in settings.fractions
             ]
         out[method] = entry
@@ -507,18 +512,23 @@ def render(result: dict[str, Any]) -> str:
     if scaled:
         lines += ["", "Inference scaling (cuts of the final global model as it is, no retraining; kept share of the "
                   "forward compute / of the parameters; matched: the projections around the cut's heads and neurons "
-                  "refitted, without labels, to the full model on the unlabelled pool, raffm.scaling.CutMatcher):", "",
+                  "refitted, without labels, to the full model on the unlabelled pool, raffm.scaling.CutMatcher; "
+                  "served: matched, with the threshold at the clients' label prior):", "",
                   "| target % compute | " + " | ".join(f"{m} kept % compute / params | {m} acc (test + holdout) | "
-                                                     f"{m} matched (test + holdout)"
-                                                     for m, _ in scaled) + " |", "|---|" + "---|---|---|" * len(scaled)]
+                                                     f"{m} matched (test + holdout) | {m} served (test + holdout)"
+                                                     for m, _ in scaled) + " |",
+                  "|---|" + "---|---|---|---|" * len(scaled)]
         for i, f in enumerate(s["fractions"]):
             cells = []
             for _, points in scaled:
                 p = points[i]
                 held = "" if p["holdout_accuracy"] is None else f" ({_pm(p['holdout_accuracy'])})"
-                matched = p["matched_holdout_accuracy"] or p["matched_accuracy"]  # (only one of them is scored)
+                # (only one of each pair is scored)
+                matched = p["matched_holdout_accuracy"] or p["matched_accuracy"]
+                served = p.get("served_holdout_accuracy") or p.get("served_accuracy")
                 cells += [f"{100 * p['flops_fraction']:.1f} / {100 * p['param_fraction']:.1f}",
-                          _pm(p["accuracy"]) + held, "-" if matched is None else _pm(matched)]
+                          _pm(p["accuracy"]) + held, "-" if matched is None else _pm(matched),
+                          "-" if served is None else _pm(served)]
             lines.append(f"| {100 * f:.0f} | " + " | ".join(cells) + " |")
     fleet = result["fleets"][str(s["seeds"][0])]
     lines += ["", f"Fleet (seed {s['seeds'][0]}) and the slice RaFFM gives each device, with its fidelity to the full "

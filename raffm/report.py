@@ -44,6 +44,7 @@ class ScalingPoint:
     spec: str  # ElasticSpec.key()
     flops_fraction: float = 1.0  # share of the forward compute the chosen cut keeps
     matched_accuracy: float | None = None  # the cut matched to the full model (raffm.scaling.CutMatcher)
+    served_accuracy: float | None = None  # matched, and served with its threshold at the fleet's label prior
 
 
 @dataclass
@@ -176,18 +177,21 @@ def render_markdown(report: RunReport) -> str:
                   for name, values in tiers.items()]
     if report.scaling:
         matched = any(p.matched_accuracy is not None for p in report.scaling)
+        served = any(p.served_accuracy is not None for p in report.scaling)
         lines += [
             "",
             "## Inference scaling (sub-models cut from the final global model, no retraining)",
             "",
             f"| target share of compute | kept compute | kept parameters | share of parameters | test {metric} |"
-            + (" matched |" if matched else "") + " spec |",
-            "|---:|---:|---:|---:|---:|" + ("---:|" if matched else "") + ":--|",
+            + (" matched |" if matched else "") + (" served at the fleet's label prior |" if served else "")
+            + " spec |",
+            "|---:|---:|---:|---:|---:|" + ("---:|" if matched else "") + ("---:|" if served else "") + ":--|",
         ]
         for p in report.scaling:
             lines.append(
                 f"| {p.target_fraction:.0%} | {p.flops_fraction:.1%} | {p.params:,} | {p.param_fraction:.1%} | "
-                f"{_pct(p.accuracy)} |" + (f" {_pct(p.matched_accuracy)} |" if matched else "") + f" `{p.spec}` |"
+                f"{_pct(p.accuracy)} |" + (f" {_pct(p.matched_accuracy)} |" if matched else "")
+                + (f" {_pct(p.served_accuracy)} |" if served else "") + f" `{p.spec}` |"
             )
     lines += ["", "Plots: `accuracy.png`, `bytes.png`, `scaling.png`.", ""]
     return "\n".join(lines)
@@ -236,10 +240,11 @@ def write_plots(report: RunReport, out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot([100 * p.flops_fraction for p in report.scaling], [100 * p.accuracy for p in report.scaling],
                 marker="o", label="cut of the final global model")
-        if any(p.matched_accuracy is not None for p in report.scaling):
-            ax.plot([100 * p.flops_fraction for p in report.scaling],
-                    [100 * (p.matched_accuracy or 0) for p in report.scaling], marker="s",
-                    label="matched to the full model")
+        for key, marker, label in (("matched_accuracy", "s", "matched to the full model"),
+                                   ("served_accuracy", "^", "matched, served at the fleet's label prior")):
+            if any(getattr(p, key) is not None for p in report.scaling):
+                ax.plot([100 * p.flops_fraction for p in report.scaling],
+                        [100 * (getattr(p, key) or 0) for p in report.scaling], marker=marker, label=label)
         ax.axhline(100 * report.majority_rate, color="grey", linestyle="--", label=majority)
         ax.set(xlabel="forward compute kept (%)", ylabel=f"test {report.metric} (%)",
                title="Inference scaling without retraining")

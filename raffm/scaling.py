@@ -22,6 +22,7 @@ from raffm.fitting import ladder
 from raffm.report import ScalingPoint
 from raffm.slicing import SlicePlan, TensorSlice, slice_plan
 from raffm.spec import ElasticSpec
+from raffm.threshold import fit_threshold
 from raffm.training import Dataset, Tokenizer, batches, evaluate
 
 DEFAULT_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
@@ -53,19 +54,24 @@ def scaling_table(
     seq_len: int = 64,
     score: Callable[[torch.nn.Module], float] | None = None,
     unlabelled: Dataset | None = None,
+    prior: torch.Tensor | None = None,
 ) -> list[ScalingPoint]:
     """Accuracy on ``data`` of the cut at every share of compute in ``fractions`` (``model``: salience-ordered).
 
     ``score(cut)`` replaces the classification accuracy (e.g. a causal LM's exact match). With ``unlabelled`` data,
-    each cut is also scored matched to the full model on it (:class:`CutMatcher`). Fractions that land on the same
-    rung of the ladder share one evaluation.
+    each cut is also scored matched to the full model on it (:class:`CutMatcher`), and with a classifier's label
+    ``prior`` too, served: matched, with its threshold at the prior (:func:`raffm.threshold.fit_threshold` on the
+    same inputs), as a deployment serves the full model. Fractions that land on the same rung of the ladder share
+    one evaluation.
     """
+    if prior is not None and unlabelled is None:
+        raise ValueError("serving the cuts at a label prior needs the unlabelled inputs their threshold is fitted on")
     cost_model = CostModel.from_model(model)
     full = ElasticSpec.full(cost_model.dims)
     total = cost_model.params(full)
     measure = score or (lambda cut: evaluate(cut, data, tokenizer, seq_len=seq_len))
     matcher = None if unlabelled is None else CutMatcher(model, unlabelled, tokenizer, seq_len=seq_len)
-    scored: dict[str, tuple[float, float | None]] = {}
+    scored: dict[str, tuple[float, float | None, float | None]] = {}
     points = []
     for fraction in fractions:
         spec = spec_for_fraction(cost_model, fraction, seq_len=seq_len)
@@ -73,14 +79,19 @@ def scaling_table(
         if spec.key() not in scored:
             cut = extract(model, spec)
             accuracy = measure(cut)
-            matched = None if matcher is None else accuracy  # the full model is what the cuts are matched to
-            if matcher is not None and spec != full:
-                matcher(cut)
-                matched = measure(cut)
-            scored[spec.key()] = accuracy, matched
-        accuracy, matched = scored[spec.key()]
+            matched = served = None
+            if matcher is not None:
+                matched = accuracy  # the full model is what the cuts are matched to
+                if spec != full:
+                    matcher(cut)
+                    matched = measure(cut)
+            if prior is not None and unlabelled is not None:
+                fit_threshold(cut, unlabelled, tokenizer, prior, seq_len=seq_len)
+                served = measure(cut)
+            scored[spec.key()] = accuracy, matched, served
+        accuracy, matched, served = scored[spec.key()]
         points.append(ScalingPoint(fraction, params / total, params, accuracy, spec.key(),
-                                   flops_fraction(cost_model, spec, seq_len=seq_len), matched))
+                                   flops_fraction(cost_model, spec, seq_len=seq_len), matched, served))
     return points
 
 

@@ -174,16 +174,19 @@ class DemoData:
         return max(keys.count(y) for y in set(keys)) / len(keys)
 
 
-def serve_at_fleet_prior(settings: DemoSettings, data: DemoData, store: Path, version: str, test: Any,
-                         counts: list[int]) -> tuple[list[float], float]:
-    """The final classifier served with its threshold fitted, on the server's unlabelled inputs, to the label shares
-    of the data the fleet's devices reported (``counts``; they train for balanced labels); printed, and returned for
-    the report."""
+def fleet_prior(counts: list[int]) -> Any:
+    """The label shares of the data the fleet's devices reported (``counts``, per label id)."""
     import torch
 
-    assert data.distill_path is not None
     prior = torch.tensor(counts, dtype=torch.float64)
-    prior /= prior.sum()
+    return prior / prior.sum()
+
+
+def serve_at_fleet_prior(settings: DemoSettings, data: DemoData, store: Path, version: str, test: Any,
+                         prior: Any) -> tuple[list[float], float]:
+    """The final classifier served with its threshold fitted, on the server's unlabelled inputs, to the fleet's label
+    shares (:func:`fleet_prior`; its devices train for balanced labels); printed, and returned for the report."""
+    assert data.distill_path is not None
     accuracy = served_accuracy(settings, store, version, test, data.distill_path, prior)
     shares = ", ".join(f"{name} {share:.0%}" for name, share in zip(data.label_names, prior.tolist()))
     print(f"  final model served with its threshold at the fleet's label prior ({shares}): test accuracy "
@@ -403,20 +406,22 @@ def _run_demo(settings: DemoSettings, run_dir: Path, guard: SignalGuard) -> None
         unlabelled = data.distill_path if settings.match_cuts else None
         if settings.match_cuts and unlabelled is None:
             print("  (too little data to keep examples for matching the cuts: each is scored as cut)")
+        from raffm.threshold import label_counts
+
+        counts = label_counts(r.label_counts for r in report.rounds)  # the fleet's data, as its devices reported it
+        prior = fleet_prior(counts) if unlabelled is not None and counts else None
         report.scaling = scaling(settings, store, final, test, max_samples=settings.scaling_samples,
-                                 unlabelled=unlabelled)
+                                 unlabelled=unlabelled, prior=prior)
         cap = settings.scaling_samples
         scored = f" (first {cap} test examples)" if 0 < cap < len(test) else ""
         for p in report.scaling:
             matched = "" if p.matched_accuracy is None else f", matched {p.matched_accuracy:.1%}"
+            served = "" if p.served_accuracy is None else f", served {p.served_accuracy:.1%}"
             print(f"  cut for {p.target_fraction:4.0%}: {p.flops_fraction:6.1%} of the compute, {p.param_fraction:6.1%} "
-                  f"of the parameters ({p.params:>11,}): test {report.metric} {p.accuracy:.1%}{matched}{scored}")
-        from raffm.threshold import label_counts
-
-        counts = label_counts(r.label_counts for r in report.rounds)  # the fleet's data, as its devices reported it
-        if unlabelled is not None and counts:
+                  f"of the parameters ({p.params:>11,}): test {report.metric} {p.accuracy:.1%}{matched}{served}{scored}")
+        if prior is not None:
             report.label_prior, report.served_accuracy = serve_at_fleet_prior(settings, data, store, final, test,
-                                                                              counts)
+                                                                              prior)
         for tier, m in report.memory_by_tier().items():
             print(f"  tier {tier}: slice of {m['params']:,.0f} parameters ({m['trained_params']:,.0f} trained), "
                   f"training memory predicted {m['predicted_memory_mb']:.0f} MiB, measured peak "

@@ -35,7 +35,7 @@ def register(subparsers: Any) -> None:
                               "a decoder LLM, else text classification)")
     extract.add_argument("--num-labels", type=int, default=2, help="outputs of the task head (2)")
     extract.add_argument("--strategy", default="raffm", help="the method whose recipe the budget is priced with: "
-                         "raffm (frozen embeddings and first layer, nested cuts, checkpointing when needed), fedavg, paper, "
+                         "raffm (frozen embeddings and first layer, checkpointing when needed), fedavg, paper, "
                          "heterofl")
     extract.add_argument("--wire-dtype", default="float32", type=wire_dtype_arg, metavar="DTYPE",
                          help="float32, float16 or bfloat16 (fp32/fp16/bf16 too), for the byte count (float32)")

@@ -190,10 +190,11 @@ def evaluate_version(settings: DemoSettings, store: Path, version: str, test: An
 
 
 def scaling(settings: DemoSettings, store: Path, version: str, test: Any, *, max_samples: int = 0,
-            unlabelled: Path | None = None) -> list[Any]:
+            unlabelled: Path | None = None, prior: Any = None) -> list[Any]:
     """The inference-scaling table of a version: sub-models cut to several sizes, each evaluated (on the first
     ``max_samples`` test examples when > 0; exact match for prompt -> response pairs), and with ``unlabelled``
-    (a file the server holds) each cut also matched to the full model on it."""
+    (a file the server holds) each cut also matched to the full model on it, and with a label ``prior`` served with
+    its threshold there (:func:`raffm.scaling.scaling_table`)."""
     from raffm.data import ImageDataset, load_unlabelled
     from raffm.generative import evaluate_generative
     from raffm.scaling import scaling_table
@@ -208,7 +209,8 @@ def scaling(settings: DemoSettings, store: Path, version: str, test: Any, *, max
     inputs = None if unlabelled is None else load_unlabelled(unlabelled)
     if isinstance(inputs, ImageDataset):
         inputs = inputs.fitted(model.config)
-    return scaling_table(model, test, tokenizer, seq_len=settings.seq_len, score=score, unlabelled=inputs)
+    return scaling_table(model, test, tokenizer, seq_len=settings.seq_len, score=score, unlabelled=inputs,
+                         prior=prior)
 
 
 def served_accuracy(settings: DemoSettings, store: Path, version: str, test: Any, unlabelled: Path,
