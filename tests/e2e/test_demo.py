@@ -82,6 +82,9 @@ def test_demo_runs_three_agents_for_two_rounds(tiny_model: Path, tmp_path: Path)
     assert all(r["label_counts"] == [fleet.count(0), fleet.count(1)] for r in report["rounds"])
     assert report["label_prior"] == pytest.approx([fleet.count(y) / len(fleet) for y in (0, 1)], abs=1e-6)
     assert 0.0 <= report["served_accuracy"] <= 1.0
+    # every cut is served the same way; the full one is the final model served
+    assert all(0.0 <= p["served_accuracy"] <= 1.0 for p in report["scaling"]) and ", served " in proc.stdout
+    assert report["scaling"][-1]["served_accuracy"] == pytest.approx(report["served_accuracy"], abs=0.01)
     assert "served with its threshold at the fleet's label prior" in (out / "report.md").read_text()
     assert re.search(r"final model served with its threshold at the fleet's label prior \(rotten \d+%, fresh \d+%\): "
                      r"test accuracy [\d.]+%", proc.stdout), proc.stdout
@@ -150,6 +153,7 @@ def test_demo_trains_a_vit_on_mnist(tmp_path: Path) -> None:
     assert all(0.0 <= p["matched_accuracy"] <= 1.0 for p in report["scaling"])
     assert report["scaling"][-1]["matched_accuracy"] == report["scaling"][-1]["accuracy"]  # the reference itself
     assert len(report["label_prior"]) == 10 and 0.0 <= report["served_accuracy"] <= 1.0  # served at the prior too
+    assert all(0.0 <= p["served_accuracy"] <= 1.0 for p in report["scaling"])
     assert "| matched |" in (out / "report.md").read_text() and ", matched " in proc.stdout
     config = checkpoint_store_from_url(str(out / "checkpoints")).info("job-v1").config
     assert config["model_type"] == "vit" and config["num_channels"] == 1

@@ -142,3 +142,17 @@ def test_the_scaling_table_scores_each_cut_as_cut_and_matched() -> None:
         CutMatcher(tiny_model(0), toy_data(4), TOKENIZER)
     with pytest.raises(ValueError, match="a cut made by raffm.elastic.extract"):
         CutMatcher(full, toy_data(20), TOKENIZER, seq_len=16)(tiny_model(1))
+
+
+def test_served_cuts_predict_as_the_prior_says_and_leave_the_model_alone() -> None:
+    full = _trained()
+    before = {n: t.clone() for n, t in full.state_dict().items()}
+    test = toy_data(120, seed=6)
+    only_first = torch.tensor([1.0, 0.0])  # a prior that allows one label: every served cut predicts it
+    points = scaling_table(full, test, TOKENIZER, fractions=(0.25, 1.0), seq_len=16, unlabelled=toy_data(200, seed=5),
+                           prior=only_first)
+    first_rate = sum(1 for y in test.labels if y == 0) / len(test)
+    assert 0 < first_rate < 1 and all(p.served_accuracy == pytest.approx(first_rate) for p in points), points
+    assert all(torch.equal(before[n], t) for n, t in full.state_dict().items())  # served copies, not the model
+    with pytest.raises(ValueError, match="needs the unlabelled inputs"):
+        scaling_table(full, test, TOKENIZER, fractions=(1.0,), seq_len=16, prior=only_first)
