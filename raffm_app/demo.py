@@ -6,7 +6,8 @@ Raspberry-Pi-like budget to a full-model server, each with a non-IID share of th
 data set the agent takes: --data FILE.csv/.tsv/.json/.pt/.npz, a folder of images or mnist; images train a small
 ViT). The server keeps a held-out test split. While a round runs it shows the devices done and the bytes moved;
 after each round, the global test accuracy; at the end it cuts sub-models of several sizes from the final global
-model (no retraining), scores a classifier served with its threshold at the fleet's label prior, and writes
+model (no retraining) and scores each as cut, matched to the full model and, for a classifier, served with its
+threshold at the fleet's label prior, and writes
 ``report.json``, ``report.md`` and plots. Everything talks over the same gRPC protocol a real deployment uses; only
 the processes are local.
 """
@@ -572,7 +573,8 @@ def register(subparsers: Any) -> None:
                              "for public data of the same kind) and score every cut of the final model also matched to "
                              "the full model on them: the projections around its heads and FFN neurons refitted layer "
                              "by layer by least squares (no labels read; under a minute for MiniLM's three cuts on 2 "
-                             "cores). On by default for classifiers; --no-match-cuts scores the cuts as cut only")
+                             "cores), then served as the final model is, with its threshold at the fleet's label "
+                             "prior. On by default for classifiers; --no-match-cuts scores the cuts as cut only")
     parser.add_argument("--distill-size", type=int, default=d.distill_size,
                         help="examples the server keeps without labels for the strategy's distillation step, when it "
                              "has one (strategy option server_distill_steps), and for matching the cuts (default: "
