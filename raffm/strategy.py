@@ -15,10 +15,10 @@ ships. RaFFM's defaults, each chosen by measurement (bench/results, README "The 
   layer either, so small devices train wider slices.
 - **No nested cuts trained on the devices**: every device trains its own slice on the labels, and a cut of the final
   model is matched to it on unlabelled data before it serves (:class:`raffm.scaling.CutMatcher`, forward passes and
-  ridge regression). Over 4 seeds of bench_fl this trained model ended 1.2 pts higher than one whose devices also
-  trained the nested cuts (the sandwich rule, option ``nested_fractions``), level with full FedAvg once served, and
-  its matched cuts 1.1-1.2 pts higher; a cut used as cut, unmatched, falls apart (the nested recipe is the choice
-  where no unlabelled data can be had).
+  ridge regression). Over 8 seeds of bench_fl this trained model ended 2.5 pts higher than one whose devices also
+  trained the nested cuts (the sandwich rule, option ``nested_fractions``), with a third of the spread, level with
+  full FedAvg once served, and its matched cuts 2.1-2.4 pts higher; a cut used as cut, unmatched, falls apart (the
+  nested recipe is the choice where no unlabelled data can be had).
 - **Updates weighted by the samples trained this round**, folded with coverage-weighted sliced FedAvg.
 - **Server momentum 0.5** (FedAvgM): the server steps along the running sum of the rounds' merged updates, which
   damps the round-to-round swings that a non-IID fleet of slices gives the model.
@@ -323,8 +323,8 @@ STRATEGIES: dict[str, Strategy] = {
     # accuracy by 1.7 pts (0.766, 0.4 pt below full FedAvg) and the quarter cut by 5 pts. Freezing the embeddings and
     # the first layer then moved 10% fewer bytes, let the phone tier train the whole width, and ended at 0.771, level
     # with full FedAvg (bench/results/2026-11-30-fl.md). Without nested cuts on the devices (the cuts matched before
-    # they serve): 0.781 +- 0.013, served 0.779, level with full FedAvg, with about half the spread
-    # (bench/results/2026-12-05.md).
+    # they serve), over 8 seeds: 0.777 +- 0.010 as trained, 0.774 +- 0.011 served, level with full FedAvg served
+    # (0.770 +- 0.024) and 2.5 pts above the nested recipe (bench/results/2026-12-05.md).
     "raffm": Strategy(server_momentum=0.5, prior_correction=1.0, frozen_layers=1),
     # Full-model FedAvg; devices that cannot train the whole model wait.
     "fedavg": Strategy(name="fedavg", heterogeneous=False, freeze_vocab=False, checkpointing=False),

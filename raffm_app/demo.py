@@ -7,9 +7,8 @@ data set the agent takes: --data FILE.csv/.tsv/.json/.pt/.npz, a folder of image
 ViT). The server keeps a held-out test split. While a round runs it shows the devices done and the bytes moved;
 after each round, the global test accuracy; at the end it cuts sub-models of several sizes from the final global
 model (no retraining) and scores each as cut, matched to the full model and, for a classifier, served with its
-threshold at the fleet's label prior, and writes
-``report.json``, ``report.md`` and plots. Everything talks over the same gRPC protocol a real deployment uses; only
-the processes are local.
+threshold at the fleet's label prior, and writes ``report.json``, ``report.md`` and plots. Everything talks over the
+same gRPC protocol a real deployment uses; only the processes are local.
 """
 
 from __future__ import annotations
@@ -419,7 +418,8 @@ def _run_demo(settings: DemoSettings, run_dir: Path, guard: SignalGuard) -> None
             matched = "" if p.matched_accuracy is None else f", matched {p.matched_accuracy:.1%}"
             served = "" if p.served_accuracy is None else f", served {p.served_accuracy:.1%}"
             print(f"  cut for {p.target_fraction:4.0%}: {p.flops_fraction:6.1%} of the compute, {p.param_fraction:6.1%} "
-                  f"of the parameters ({p.params:>11,}): test {report.metric} {p.accuracy:.1%}{matched}{served}{scored}")
+                  f"of the parameters ({p.params:>11,}): test {report.metric} {p.accuracy:.1%}{matched}{served}"
+                  f"{scored}")
         if prior is not None:
             report.label_prior, report.served_accuracy = serve_at_fleet_prior(settings, data, store, final, test,
                                                                               prior)
