@@ -33,6 +33,8 @@ class RoundRecord:
     tiers: dict[str, dict[str, float]] = field(default_factory=dict)
     # The accepted devices' data, examples per label id, as they reported it (raffm.v1.Round.label_counts)
     label_counts: list[int] = field(default_factory=list)
+    # The version served with its threshold at the fleet's label prior so far (raffm.threshold; classifiers)
+    served_accuracy: float | None = None
 
 
 @dataclass
@@ -143,20 +145,23 @@ def render_markdown(report: RunReport) -> str:
     if held_out_loss:
         lines.append(f"- held-out response-token loss (nats): initial {_num(report.initial_loss)}, final "
                      f"{_num(next((r.eval_loss for r in reversed(report.rounds) if r.eval_loss is not None), None))}")
+    served = any(r.served_accuracy is not None for r in report.rounds)
     lines += [
         "",
         "## Rounds",
         "",
-        f"| round | test {metric} |" + (" held-out loss |" if held_out_loss else "")
+        f"| round | test {metric} |" + (" held-out loss |" if held_out_loss else "") + (" served |" if served else "")
         + " participants | dropouts | MiB down | MiB up | MiB full FedAvg | seconds | train loss |",
-        "|---:|---:|" + ("---:|" if held_out_loss else "") + "---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|" + ("---:|" if held_out_loss else "") + ("---:|" if served else "")
+        + "---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report.rounds:
         loss = "n/a" if r.mean_train_loss is None else f"{r.mean_train_loss:.3f}"
         lines.append(
             f"| {r.index} | {_pct(r.accuracy)} |" + (f" {_num(r.eval_loss)} |" if held_out_loss else "")
-            + f" {r.participants}/{r.assigned} | {r.dropouts} | {_mib(r.bytes_down)} "
-            f"| {_mib(r.bytes_up)} | {_mib(r.full_fedavg_bytes)} | {r.duration_s:.1f} | {loss} |"
+            + (f" {_pct(r.served_accuracy)} |" if served else "")
+            + f" {r.participants}/{r.assigned} | {r.dropouts} | {_mib(r.bytes_down)} | {_mib(r.bytes_up)} "
+            f"| {_mib(r.full_fedavg_bytes)} | {r.duration_s:.1f} | {loss} |"
         )
     memory = report.memory_by_tier()
     if memory:
@@ -213,6 +218,9 @@ def write_plots(report: RunReport, out: Path) -> list[Path]:
         r.accuracy if r.accuracy is not None else float("nan") for r in report.rounds
     ]
     ax.plot(xs, [100 * y for y in ys], marker="o", label="global model")
+    if any(r.served_accuracy is not None for r in report.rounds):
+        served = [float("nan") if r.served_accuracy is None else 100 * r.served_accuracy for r in report.rounds]
+        ax.plot(rounds, served, marker="^", label="served at the fleet's label prior")
     ax.axhline(100 * report.majority_rate, color="grey", linestyle="--", label=majority)
     ax.set(xlabel="round", ylabel=f"test {report.metric} (%)", title=f"Global test {report.metric} per round",
            xticks=xs)

@@ -1,14 +1,15 @@
 """`raffm demo`: a real federated fine-tuning run on one machine, in one command.
 
-It starts the registry, extractor and aggregator as separate processes on free loopback ports (SQLite and a
-checkpoint directory under ``runs/<id>/``), then a simulated fleet of edge agents in device tiers from a
-Raspberry-Pi-like budget to a full-model server, each with a non-IID share of the Rotten Tomatoes reviews (or of any
-data set the agent takes: --data FILE.csv/.tsv/.json/.pt/.npz, a folder of images or mnist; images train a small
-ViT). The server keeps a held-out test split. While a round runs it shows the devices done and the bytes moved;
-after each round, the global test accuracy; at the end it cuts sub-models of several sizes from the final global
-model (no retraining) and scores each as cut, matched to the full model and, for a classifier, served with its
-threshold at the fleet's label prior, and writes ``report.json``, ``report.md`` and plots. Everything talks over the
-same gRPC protocol a real deployment uses; only the processes are local.
+It starts the registry, extractor and aggregator as separate processes on free loopback ports (SQLite and a checkpoint
+directory under ``runs/<id>/``), then a simulated fleet of edge agents in device tiers from a Raspberry-Pi-like budget
+to a full-model server, each with a non-IID share of the Rotten Tomatoes reviews (or of any data set the agent takes:
+--data FILE.csv/.tsv/.json/.pt/.npz, a folder of images or mnist; images train a small ViT). The server keeps a
+held-out test split. While a round runs it shows the devices done and the bytes moved; after each round, the global
+test accuracy, as trained and (a classifier, when the server keeps unlabelled examples) served with its threshold at
+the fleet's label prior; at the end it cuts sub-models of several sizes from the final global model (no retraining)
+and scores each as cut, matched to the full model and, for a classifier, served with its threshold at the fleet's
+label prior, and writes ``report.json``, ``report.md`` and plots. Everything talks over the same gRPC protocol a real
+deployment uses; only the processes are local.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 from edge_agent.simulate import AGENT_GRACE_S, Tier, load_tiers, tiers_toml
 from raffm.data import LABEL_COLUMN_HELP, TEXT_COLUMN_HELP
 from raffm_app.cli import strategy_arg, wire_dtype_arg
-from raffm_app.follow import RoundFailed, final_version, follow_job, scaling, served_accuracy
+from raffm_app.follow import RoundFailed, final_version, fleet_prior, follow_job, scaling, served_accuracy
 from raffm_app.processes import (
     Interrupted, ProcessFailed, ProcessGroup, SignalGuard, raffm_command, serve_on_free_ports, wait_serving,
 )
@@ -172,14 +173,6 @@ class DemoData:
         """The share of the most frequent label (for pairs: answer) in the test split."""
         keys = list(self.test.responses) if self.causal else list(self.test.labels)
         return max(keys.count(y) for y in set(keys)) / len(keys)
-
-
-def fleet_prior(counts: list[int]) -> Any:
-    """The label shares of the data the fleet's devices reported (``counts``, per label id)."""
-    import torch
-
-    prior = torch.tensor(counts, dtype=torch.float64)
-    return prior / prior.sum()
 
 
 def serve_at_fleet_prior(settings: DemoSettings, data: DemoData, store: Path, version: str, test: Any,
@@ -399,11 +392,11 @@ def _run_demo(settings: DemoSettings, run_dir: Path, guard: SignalGuard) -> None
             "--aggregator", addr["aggregator"], "--extractor", addr["extractor"], "--model", settings.model,
             "--max-rounds", str(settings.rounds), "--log-format", "json"), env,
             grace_s=AGENT_GRACE_S + 15.0)  # it gives its agents AGENT_GRACE_S to finish a step and report
+        unlabelled = data.distill_path if settings.match_cuts else None
         follow_job(settings, group, addr["aggregator"], secrets_env["RAFFM_OPERATOR_TOKEN"], store, test, report,
-                    metrics)
+                   metrics, unlabelled)
         final = final_version(addr["aggregator"], secrets_env["RAFFM_OPERATOR_TOKEN"])
         print("inference scaling: cutting sub-models from the final global model ...")
-        unlabelled = data.distill_path if settings.match_cuts else None
         if settings.match_cuts and unlabelled is None:
             print("  (too little data to keep examples for matching the cuts: each is scored as cut)")
         from raffm.threshold import label_counts

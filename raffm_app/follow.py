@@ -236,13 +236,24 @@ def failure_summary(r: Any) -> str:
     return "; ".join(f"{f.devices} x {f.reason}: {f.detail!r}" for f in sorted(r.failures, key=lambda f: -f.devices))
 
 
+def fleet_prior(counts: list[int]) -> Any:
+    """The label shares of the data the fleet's devices reported (``counts``, per label id)."""
+    import torch
+
+    prior = torch.tensor(counts, dtype=torch.float64)
+    return prior / prior.sum()
+
+
 def follow_job(
     settings: DemoSettings, group: ProcessGroup, address: str, token: str, store: Path, test: Any, report: RunReport,
-    metrics: dict[str, int],
+    metrics: dict[str, int], unlabelled: Path | None = None,
 ) -> None:
     """Print a line per closed round (and the progress of the round in flight) until the job ends; fill
-    ``report.rounds``. A failed round stops the job's follower with :class:`RoundFailed` (its devices' reasons)."""
+    ``report.rounds``. With ``unlabelled`` (a file the server holds), a classifier's versions are also scored served
+    at the label prior of the fleet's data reported so far. A failed round stops the job's follower with
+    :class:`RoundFailed` (its devices' reasons)."""
     from raffm.report import RoundRecord
+    from raffm.threshold import label_counts
 
     stub = operator_stub(address)
     auth = [("authorization", f"Bearer {token}")]
@@ -307,10 +318,15 @@ def follow_job(
                 )
                 before = after
                 report.rounds.append(record)
+                counts = label_counts(x.label_counts for x in report.rounds)
+                if unlabelled is not None and counts and report.metric == "accuracy" and r.result_model_version:
+                    record.served_accuracy = served_accuracy(settings, store, r.result_model_version, test, unlabelled,
+                                                             fleet_prior(counts))
                 acc = "n/a" if accuracy is None else f"{accuracy:.1%}"
                 failed = f" ({failure_summary(r)})" if r.failures else ""
                 balanced = "" if record.balanced_accuracy is None else f" (balanced {record.balanced_accuracy:.1%})"
-                score = (f"global test accuracy {acc}{balanced}" if report.metric == "accuracy" else
+                served = "" if record.served_accuracy is None else f", served {record.served_accuracy:.1%}"
+                score = (f"global test accuracy {acc}{balanced}{served}" if report.metric == "accuracy" else
                          f"held-out {report.metric} {acc}" + ("" if eval_loss is None else f", loss {eval_loss:.3f}"))
                 print(f"round {r.index}: {score}, participants {r.accepted}/{r.assigned}, "
                       f"dropouts {r.dropped}{failed}, down {r.bytes_down / 2**20:.1f} MiB, "

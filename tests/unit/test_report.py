@@ -25,9 +25,13 @@ def test_the_scaling_table_has_a_matched_column_only_when_cuts_were_matched(tmp_
     assert {p.name for p in write_plots(_report(True), tmp_path)} >= {"scaling.png"}
 
 
-def test_served_cuts_get_their_own_column_and_line(tmp_path: Path) -> None:
-    text = render_markdown(_report(True, served=True))
+def test_served_cuts_and_rounds_get_their_own_column_and_line(tmp_path: Path) -> None:
+    report = _report(True, served=True)
+    report.rounds[0].served_accuracy = 0.75
+    text = render_markdown(report)
+    assert "| round | test accuracy | served | participants |" in text and "| 1 | 70.0% | 75.0% | 2/2 |" in text
+    assert "| served | participants" not in render_markdown(_report(True, served=True))
     assert "| test accuracy | matched | served at the fleet's label prior | spec |" in text
     assert "| 25% | 25.0% | 60 | 60.0% | 61.0% | 68.0% | 72.0% | `quarter` |" in text
     assert "served at" not in render_markdown(_report(True))
-    assert {p.name for p in write_plots(_report(True, served=True), tmp_path)} >= {"scaling.png"}
+    assert {p.name for p in write_plots(report, tmp_path)} >= {"accuracy.png", "scaling.png"}
