@@ -30,6 +30,14 @@ def label_counts(reported: Iterable[Sequence[int]]) -> list[int]:
     return total
 
 
+def fleet_prior(counts: Sequence[int]) -> torch.Tensor:
+    """The label shares (float64, summing to 1) of ``counts`` (examples per label id, :func:`label_counts`)."""
+    prior = torch.tensor(list(counts), dtype=torch.float64)
+    if not len(prior) or prior.sum() <= 0:
+        raise ValueError("a label prior needs some examples counted; no device reported its label counts")
+    return prior / prior.sum()
+
+
 def parse_prior(text: str, num_labels: int) -> torch.Tensor:
     """``"0.42,0.58"`` or label counts ``"432,1255"`` (label order), as shares (num_labels,) summing to 1."""
     try:

@@ -28,7 +28,7 @@ from typing import Any
 from edge_agent.simulate import AGENT_GRACE_S, Tier, load_tiers, tiers_toml
 from raffm.data import LABEL_COLUMN_HELP, TEXT_COLUMN_HELP
 from raffm_app.cli import strategy_arg, wire_dtype_arg
-from raffm_app.follow import RoundFailed, final_version, fleet_prior, follow_job, scaling, served_accuracy
+from raffm_app.follow import RoundFailed, final_version, follow_job, scaling, served_accuracy
 from raffm_app.processes import (
     Interrupted, ProcessFailed, ProcessGroup, SignalGuard, raffm_command, serve_on_free_ports, wait_serving,
 )
@@ -375,9 +375,10 @@ def _run_demo(settings: DemoSettings, run_dir: Path, guard: SignalGuard) -> None
             "--wire-dtype", settings.wire_dtype,
             "--strategy", job_strategy(settings), *(["--aggregation", settings.aggregation] if settings.aggregation else []),
             "--seed", str(settings.seed), "--poll-wait-s", "1",
-            # The aggregator scores every new version on the held-out split (its log says how the model is doing).
+            # The aggregator scores every new version on the held-out split (its log says how the model is doing),
+            # and with the server's unlabelled examples, served at the fleet's label prior too.
             "--eval-data", str(data.test_path), "--eval-max-samples", "0",
-            *(["--distill-data", str(data.distill_path)] if distils(settings) else [])), aggregator_env(env))
+            *(["--distill-data", str(data.distill_path)] if data.distill_path else [])), aggregator_env(env))
         ports = {name: wait_serving(group, name) for name in ("registry", "extractor", "aggregator")}
         addr = {name: f"127.0.0.1:{p['grpc']}" for name, p in ports.items()}
         metrics = {name: p["metrics"] for name, p in ports.items()}
@@ -392,14 +393,14 @@ def _run_demo(settings: DemoSettings, run_dir: Path, guard: SignalGuard) -> None
             "--aggregator", addr["aggregator"], "--extractor", addr["extractor"], "--model", settings.model,
             "--max-rounds", str(settings.rounds), "--log-format", "json"), env,
             grace_s=AGENT_GRACE_S + 15.0)  # it gives its agents AGENT_GRACE_S to finish a step and report
-        unlabelled = data.distill_path if settings.match_cuts else None
         follow_job(settings, group, addr["aggregator"], secrets_env["RAFFM_OPERATOR_TOKEN"], store, test, report,
-                   metrics, unlabelled)
+                   metrics)
         final = final_version(addr["aggregator"], secrets_env["RAFFM_OPERATOR_TOKEN"])
         print("inference scaling: cutting sub-models from the final global model ...")
+        unlabelled = data.distill_path if settings.match_cuts else None
         if settings.match_cuts and unlabelled is None:
             print("  (too little data to keep examples for matching the cuts: each is scored as cut)")
-        from raffm.threshold import label_counts
+        from raffm.threshold import fleet_prior, label_counts
 
         counts = label_counts(r.label_counts for r in report.rounds)  # the fleet's data, as its devices reported it
         prior = fleet_prior(counts) if unlabelled is not None and counts else None

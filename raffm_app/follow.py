@@ -236,24 +236,13 @@ def failure_summary(r: Any) -> str:
     return "; ".join(f"{f.devices} x {f.reason}: {f.detail!r}" for f in sorted(r.failures, key=lambda f: -f.devices))
 
 
-def fleet_prior(counts: list[int]) -> Any:
-    """The label shares of the data the fleet's devices reported (``counts``, per label id)."""
-    import torch
-
-    prior = torch.tensor(counts, dtype=torch.float64)
-    return prior / prior.sum()
-
-
 def follow_job(
     settings: DemoSettings, group: ProcessGroup, address: str, token: str, store: Path, test: Any, report: RunReport,
-    metrics: dict[str, int], unlabelled: Path | None = None,
+    metrics: dict[str, int],
 ) -> None:
     """Print a line per closed round (and the progress of the round in flight) until the job ends; fill
-    ``report.rounds``. With ``unlabelled`` (a file the server holds), a classifier's versions are also scored served
-    at the label prior of the fleet's data reported so far. A failed round stops the job's follower with
-    :class:`RoundFailed` (its devices' reasons)."""
+    ``report.rounds``. A failed round stops the job's follower with :class:`RoundFailed` (its devices' reasons)."""
     from raffm.report import RoundRecord
-    from raffm.threshold import label_counts
 
     stub = operator_stub(address)
     auth = [("authorization", f"Bearer {token}")]
@@ -311,6 +300,7 @@ def follow_job(
                     full_fedavg_bytes=r.full_model_bytes, duration_s=duration,
                     mean_train_loss=r.mean_train_loss or None, bytes_by_tier=tier_bytes(before, after),
                     eval_loss=eval_loss, balanced_accuracy=r.evaluation.get("balanced_accuracy"),
+                    served_accuracy=r.evaluation.get("served_accuracy"),
                     tiers={t.tier: {"devices": t.devices, "params": t.params, "trained_params": t.trained_params,
                                     "predicted_memory_mb": round(t.predicted_memory_mb, 1),
                                     "peak_memory_mb": round(t.peak_memory_mb, 1)} for t in r.tiers},
@@ -318,10 +308,6 @@ def follow_job(
                 )
                 before = after
                 report.rounds.append(record)
-                counts = label_counts(x.label_counts for x in report.rounds)
-                if unlabelled is not None and counts and report.metric == "accuracy" and r.result_model_version:
-                    record.served_accuracy = served_accuracy(settings, store, r.result_model_version, test, unlabelled,
-                                                             fleet_prior(counts))
                 acc = "n/a" if accuracy is None else f"{accuracy:.1%}"
                 failed = f" ({failure_summary(r)})" if r.failures else ""
                 balanced = "" if record.balanced_accuracy is None else f" (balanced {record.balanced_accuracy:.1%})"

@@ -91,9 +91,11 @@ class JobConfig:
     eval_max_samples: int = 1000
     # Unlabelled data for the strategy's server distillation step (strategy option server_distill_steps): a CSV/JSON-
     # lines file with a text column (a label column is never read), a .pt/.npz image file, or "rotten_tomatoes" /
-    # "mnist" (the built-in corpus's training part, never its test split). With eval_fractions, each evaluated cut is
-    # also scored matched to the full model on it (raffm.scaling.CutMatcher: "matched_accuracy@0.25"; the evaluation,
-    # which closes the round, then takes longer: for MiniLM on 1,000 texts and 2 cores, 9-24 s a cut).
+    # "mnist" (the built-in corpus's training part, never its test split). The evaluation also scores a classifier
+    # served with its threshold fitted on it to the label prior the round's devices report ("served_accuracy"), and
+    # with eval_fractions each evaluated cut matched to the full model on it (raffm.scaling.CutMatcher:
+    # "matched_accuracy@0.25"; the evaluation, which closes the round, then takes longer: for MiniLM on 1,000 texts and
+    # 2 cores, 9-24 s a cut).
     distill_data: str = ""
     # Closed-loop sizing: plan each device with its declared profile corrected by what its recent rounds really cost
     # (raffm.calibration); off: plan with the declared profile as is. A quiet device's correction halves every

@@ -36,6 +36,7 @@ from raffm.planning import Planner, adapter_and_dims
 from raffm.recipe import Recipe
 from raffm.slicing import SlicePlan
 from raffm.spec import ElasticSpec
+from raffm.threshold import label_counts
 from raffm.tickets import TicketError, TicketSigner
 from raffm.wire import WIRE_DTYPES, itemsize
 from services.aggregator.assignments import (
@@ -422,7 +423,8 @@ class RoundCoordinator:
             rnd = o.record
             previous, accepted = self.model, o.accepted
         result = self.versions.publish(rnd.index, previous, o.agg, accepted)
-        evaluation = self.versions.evaluate(result)
+        reported = label_counts(u.metrics.get("label_counts", ()) for u in self.round_updates(rnd.round_id))
+        evaluation = self.versions.evaluate(result, reported)
         with self._lock:
             if self._open is not o:
                 return None

@@ -12,8 +12,11 @@ deployable size improves, not only the full model.
 
 Result keys: ``accuracy`` and ``balanced_accuracy`` (the global model; :class:`raffm.training.Scores`), and
 ``accuracy@<fraction>``, ``balanced_accuracy@<fraction>``, ``flops@<fraction>`` and ``params@<fraction>`` (the shares
-the cut keeps) per size; the aggregator publishes them as
-``raffm_aggregator_eval{metric, size}``.
+the cut keeps) per size. With the job's ``distill_data`` (unlabelled inputs) and the label counts the round's devices
+reported, a classifier is also scored as it would be served: ``served_accuracy`` and ``served_balanced_accuracy``, with
+its threshold fitted on those inputs to the fleet's label prior (:func:`raffm.threshold.fit_threshold`; devices train
+for balanced labels, so the model's own threshold serves no distribution in particular). The aggregator publishes
+every key as ``raffm_aggregator_eval{metric, size}``.
 
 A ``causal-lm`` job evaluates prompt -> response pairs instead (:func:`raffm.generative.evaluate_generative`):
 ``eval_data`` is what :func:`raffm.generative.load_instructions` reads (a CSV/JSON file of ``{"prompt": ...,
@@ -57,7 +60,9 @@ def describe(evaluation: Mapping[str, float]) -> str:
     parts = []
     if "accuracy" in evaluation:
         balanced = f" (balanced {evaluation['balanced_accuracy']:.1%})" if "balanced_accuracy" in evaluation else ""
-        parts.append(f"held-out accuracy {evaluation['accuracy']:.1%}{balanced}")
+        served = (f", served at the fleet's label prior {evaluation['served_accuracy']:.1%}"
+                  if "served_accuracy" in evaluation else "")
+        parts.append(f"held-out accuracy {evaluation['accuracy']:.1%}{balanced}{served}")
     if "exact_match" in evaluation:
         parts.append(f"held-out exact match {evaluation['exact_match']:.1%}")
     for prefix, phrase in (("accuracy@", "by share of the compute"),
@@ -66,7 +71,8 @@ def describe(evaluation: Mapping[str, float]) -> str:
         if sizes:
             parts.append(f"{phrase} " + ", ".join(
                 f"{size_label(fraction)}: {evaluation[key]:.1%}" for fraction, key in sizes))
-    others = sorted(k for k in evaluation if "@" not in k and k not in ("accuracy", "balanced_accuracy", "exact_match"))
+    shown = ("accuracy", "balanced_accuracy", "exact_match", "served_accuracy", "served_balanced_accuracy")
+    others = sorted(k for k in evaluation if "@" not in k and k not in shown)
     parts += [f"{k} {evaluation[k]:.4g}" for k in others]
     return "; ".join(parts)
 
@@ -102,7 +108,8 @@ def load_eval_data(spec: str, *, max_samples: int = 0, task: str = "sequence-cla
 
 
 class HeldOutEvaluator:
-    """Callable ``(state, config) -> {metric: value}`` for :class:`services.aggregator.versions.Versions`."""
+    """Callable ``(state, config, label prior) -> {metric: value}`` for :class:`services.aggregator.versions.Versions`
+    (the module's docstring lists the keys)."""
 
     def __init__(self, data: Dataset, tokenizer: Tokenizer | None, *, task: str = "sequence-classification",
                  fractions: Sequence[float] = (), seq_len: int = 64, batch_size: int = 64,
@@ -116,14 +123,16 @@ class HeldOutEvaluator:
             raise ValueError(f"eval_fractions {bad} are out of range; each must be in (0, 1]")
         self.data, self.tokenizer, self.task = data, tokenizer, task
         self.fractions, self.seq_len, self.batch_size = tuple(fractions), seq_len, batch_size
-        self.unlabelled = unlabelled  # each cut also scored matched to the full model on it
+        self.unlabelled = unlabelled  # each cut also matched to the full model on it; the model served on it
 
-    def __call__(self, state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, float]:
+    def __call__(self, state: Mapping[str, torch.Tensor], config: Mapping[str, Any],
+                 prior: torch.Tensor | None = None) -> dict[str, float]:
         from raffm.costs import CostModel
         from raffm.elastic import extract
         from raffm.models import model_from_state
         from raffm.scaling import CutMatcher, flops_fraction, spec_for_fraction
         from raffm.spec import ElasticSpec
+        from raffm.threshold import fit_threshold
 
         model = model_from_state(dict(config), dict(state), task=self.task)  # type: ignore[arg-type]
         if isinstance(self.data, ImageDataset):
@@ -147,6 +156,9 @@ class HeldOutEvaluator:
                     out[f"matched_accuracy@{label}"] = self._scores(cut, "")["accuracy"]
                 out[f"params@{label}"] = cm.params(spec) / total
                 out[f"flops@{label}"] = flops_fraction(cm, spec, seq_len=self.seq_len)
+        if prior is not None and self.unlabelled is not None:  # last: it moves the model's output bias
+            fit_threshold(model, self.unlabelled, self.tokenizer, prior, seq_len=self.seq_len)
+            out.update({f"served_{k}": v for k, v in self._scores(model, "").items()})
         return out
 
     def _scores(self, model: Any, suffix: str) -> dict[str, float]:
@@ -193,12 +205,13 @@ def default_evaluator(job: Any) -> HeldOutEvaluator | None:
         raise ValueError(f"eval_data {job.eval_data!r} has {data.num_labels} labels; the job's model has "
                          f"{job.num_labels} (num_labels)")
     unlabelled = None
-    if job.distill_data and job.eval_fractions and not isinstance(data, InstructionDataset):
+    if job.distill_data and not isinstance(data, InstructionDataset):
         from services.aggregator.distillation import load_distill_data  # (it imports this module)
 
         unlabelled = load_distill_data(job.distill_data)
     log.info("held-out evaluation on %d examples of %s, sizes %s%s", len(data), job.eval_data,
              ["full", *map(size_label, job.eval_fractions)],
-             f", cuts also matched to the full model on {job.distill_data}" if unlabelled is not None else "")
+             f", served at the fleet's label prior{' and cuts matched to the full model' if job.eval_fractions else ''}"
+             f" on {job.distill_data}" if unlabelled is not None else "")
     return HeldOutEvaluator(data, tokenizer, task=job.task, fractions=job.eval_fractions, seq_len=job.seq_len,
                             batch_size=max(job.batch_size, 32), unlabelled=unlabelled)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from raffm.checkpoints import CheckpointStore, fsync_dir, read_safetensors, writ
 from raffm.planning import cost_model_for, slice_plan_for
 from raffm.slicing import SlicePlan
 from raffm.spec import ElasticSpec
+from raffm.threshold import fleet_prior
 from raffm.wire import itemsize
 from services.aggregator.config import JobConfig
 from services.aggregator.metrics import AggregatorMetrics
@@ -27,7 +28,9 @@ from services.aggregator.metrics import AggregatorMetrics
 log = logging.getLogger(__name__)
 
 InitialModel = Callable[[], tuple[dict[str, torch.Tensor], dict[str, Any]]]
-Evaluator = Callable[[Mapping[str, torch.Tensor], Mapping[str, Any]], Mapping[str, float]]
+# (state, config, label prior) -> {metric: value}; the prior is the label shares of the data that the round's devices
+# reported (raffm.threshold.fleet_prior), None when none did (a language model, or devices that send no counts)
+Evaluator = Callable[[Mapping[str, torch.Tensor], Mapping[str, Any], torch.Tensor | None], Mapping[str, float]]
 # (state, config, round) -> the state after the strategy's server distillation step
 Distiller = Callable[[dict[str, torch.Tensor], Mapping[str, Any], int], dict[str, torch.Tensor]]
 
@@ -106,13 +109,14 @@ class Versions:
         path = self.state_dir / f"{version}.momentum.safetensors"
         return read_safetensors(path) if path.exists() else None
 
-    def evaluate(self, model: GlobalModel) -> dict[str, float]:
+    def evaluate(self, model: GlobalModel, label_counts: Sequence[int] = ()) -> dict[str, float]:
         """The evaluator's figures for a version, also published as ``raffm_aggregator_eval`` ({} when off or
-        failed)."""
+        failed); ``label_counts``: examples per label that the round's devices reported of their data."""
         if self._evaluator is None or not self.job.evaluate:
             return {}
+        prior = fleet_prior(label_counts) if sum(label_counts) > 0 else None
         try:
-            evaluation = {k: float(v) for k, v in self._evaluator(model.state, model.config).items()}
+            evaluation = {k: float(v) for k, v in self._evaluator(model.state, model.config, prior).items()}
         except Exception:  # noqa: BLE001 - an evaluation bug must not lose the round
             log.exception("evaluation of %s failed", model.version)
             return {}

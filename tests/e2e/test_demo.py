@@ -82,11 +82,12 @@ def test_demo_runs_three_agents_for_two_rounds(tiny_model: Path, tmp_path: Path)
     assert all(r["label_counts"] == [fleet.count(0), fleet.count(1)] for r in report["rounds"])
     assert report["label_prior"] == pytest.approx([fleet.count(y) / len(fleet) for y in (0, 1)], abs=1e-6)
     assert 0.0 <= report["served_accuracy"] <= 1.0
-    # every version is served at the prior reported so far, every cut the same way; the full one is the final model
+    # the aggregator serves every version at the prior its devices reported, the demo every cut the same way; the
+    # full one is the final model
     assert all(0.0 <= r["served_accuracy"] <= 1.0 for r in report["rounds"])
     assert re.search(r"^round 2: global test accuracy [\d.]+%.*, served [\d.]+%, participants", proc.stdout, re.M), \
         proc.stdout
-    assert report["rounds"][-1]["served_accuracy"] == pytest.approx(report["served_accuracy"], abs=1e-9)
+    assert report["rounds"][-1]["served_accuracy"] == pytest.approx(report["served_accuracy"], abs=0.01)
     assert all(0.0 <= p["served_accuracy"] <= 1.0 for p in report["scaling"]) and ", served " in proc.stdout
     assert report["scaling"][-1]["served_accuracy"] == pytest.approx(report["served_accuracy"], abs=0.01)
     assert "served with its threshold at the fleet's label prior" in (out / "report.md").read_text()

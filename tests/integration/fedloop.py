@@ -216,15 +216,16 @@ class Fleet:
     def poll(self, stub: Any, dev: Device) -> aggregator_pb2.PollReply:
         return stub.PollRound(aggregator_pb2.PollRequest(device_id=dev.device_id), metadata=dev.md, timeout=30)
 
-    def one_scripted_round(self) -> aggregator_pb2.Round:
-        """One device trains the open round with a scripted delta; the round once it has ended."""
+    def one_scripted_round(self, **upload: Any) -> aggregator_pb2.Round:
+        """One device trains the open round with a scripted delta (``upload``: more of :func:`upload_messages`'s
+        arguments, e.g. ``metrics``); the round once it has ended."""
         from edge_agent.transfer import upload_once
 
         dev = self.register("d", train_memory_mb=1000, tier="laptop")
         stub = self.agg_stub()
         a = self.poll(stub, dev).assignment
         delta = scripted_delta(download(self, dev, a), seed=0, scale=0.1, assignment=a)
-        assert upload_once(stub, a.ticket, 5, payload(delta, self.job.wire_dtype), metadata=dev.md).accepted
+        assert upload_once(stub, a.ticket, 5, payload(delta, self.job.wire_dtype), metadata=dev.md, **upload).accepted
         return self.wait_round(stub, a.round_id)
 
     def wait_round(self, stub: Any, round_id: str,

@@ -16,6 +16,7 @@ from raffm.data import load_text_file
 from raffm.elastic import extract
 from raffm.models import model_from_state
 from raffm.scaling import spec_for_fraction
+from raffm.threshold import fit_threshold, fleet_prior
 from raffm.training import classification_scores, evaluate
 from raffm.v1 import aggregator_pb2
 from services.aggregator.config import JobConfig
@@ -88,7 +89,7 @@ def test_global_model_and_sub_models_are_evaluated_after_each_round(tmp_path: Pa
         fleet.stop()
 
 
-def test_with_unlabelled_server_data_each_cut_is_also_scored_matched_to_the_full_model(tmp_path: Path) -> None:
+def test_with_unlabelled_server_data_cuts_are_matched_and_the_model_served_at_the_fleets_prior(tmp_path: Path) -> None:
     model = _model_with_tokenizer(tmp_path / "model")
     data_path = _eval_file(tmp_path / "heldout.csv")
     rng = random.Random(1)
@@ -98,7 +99,7 @@ def test_with_unlabelled_server_data_each_cut_is_also_scored_matched_to_the_full
                    eval_fractions=(0.25, 1.0), distill_data=str(unlabelled))
     fleet = Fleet(tmp_path, job).start()
     try:
-        rnd = fleet.one_scripted_round()
+        rnd = fleet.one_scripted_round(metrics={"label_counts": [30, 6, 4]})
         ev = dict(rnd.evaluation)
         assert "matched_accuracy@0.25" in ev and "matched_accuracy@1" not in ev  # the full model is the reference
         from transformers import AutoTokenizer
@@ -110,8 +111,14 @@ def test_with_unlabelled_server_data_each_cut_is_also_scored_matched_to_the_full
         cut = extract(global_model, spec_for_fraction(CostModel.from_model(global_model), 0.25, seq_len=job.seq_len))
         CutMatcher(global_model, load_text_file(unlabelled, label_column=None), tok, seq_len=job.seq_len)(cut)
         assert ev["matched_accuracy@0.25"] == evaluate(cut, data, tok, seq_len=job.seq_len)
+        # served: the threshold fitted on the unlabelled inputs to the label shares the round's device reported
+        fit_threshold(global_model, load_text_file(unlabelled, label_column=None), tok, fleet_prior([30, 6, 4]),
+                      seq_len=job.seq_len)
+        served = classification_scores(global_model, data, tok, seq_len=job.seq_len)
+        assert (ev["served_accuracy"], ev["served_balanced_accuracy"]) == (served.accuracy, served.balanced_accuracy)
         text = generate_latest(fleet.metrics).decode()
         assert f'raffm_aggregator_eval{{metric="matched_accuracy",size="0.25"}} {ev["matched_accuracy@0.25"]}' in text
+        assert f'raffm_aggregator_eval{{metric="served_accuracy",size="full"}} {ev["served_accuracy"]}' in text
     finally:
         fleet.stop()
 

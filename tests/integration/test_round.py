@@ -47,7 +47,7 @@ def _three_device_round(tmp_path: Path, wire_dtype: str, db_url: str = "") -> No
     job = tiny_job(model, wire_dtype=wire_dtype, rounds=2)
     evaluations = []
 
-    def evaluator(state, config):
+    def evaluator(state, config, prior):
         evaluations.append(len(state))
         return {"accuracy": 0.5, "loss": 1.0}
 

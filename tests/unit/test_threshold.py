@@ -8,7 +8,7 @@ import torch
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
 from raffm.data import TextDataset
-from raffm.threshold import fit_threshold, output_bias, parse_prior, prior_offsets
+from raffm.threshold import fit_threshold, fleet_prior, label_counts, output_bias, parse_prior, prior_offsets
 from raffm.training import batches
 from tests.unit.toys import WordHashTokenizer, tiny_model, toy_data
 
@@ -41,6 +41,15 @@ def test_a_prior_is_read_as_shares_or_counts() -> None:
                           ("-1,2", "every value must be >= 0"), ("0,0", "some > 0"), ("nan,1", ">= 0")]:
         with pytest.raises(ValueError, match=message):
             parse_prior(text, 2)
+
+
+def test_the_fleet_prior_sums_what_devices_reported() -> None:
+    counts = label_counts([[3, 1], [1, 0, 4], []])  # devices may know fewer labels than the model has
+    assert counts == [4, 1, 4]
+    assert fleet_prior(counts).tolist() == [4 / 9, 1 / 9, 4 / 9]
+    for nothing in ([], [0, 0]):
+        with pytest.raises(ValueError, match="no device reported its label counts"):
+            fleet_prior(nothing)
 
 
 def _share_of_label_1(model: torch.nn.Module, data, tokenizer) -> float:
