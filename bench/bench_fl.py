@@ -58,7 +58,7 @@ from raffm.report import machine_info  # noqa: E402
 from raffm.scaling import DEFAULT_FRACTIONS, fidelity, scaling_table  # noqa: E402
 from raffm.spec import ElasticSpec  # noqa: E402
 from raffm.strategy import Strategy, strategy_named  # noqa: E402
-from raffm.threshold import fit_threshold, label_counts  # noqa: E402
+from raffm.threshold import fit_threshold, fleet_prior, label_counts  # noqa: E402
 from raffm.training import LocalConfig, Tokenizer, distill_cuts, evaluate, train_local, with_delta  # noqa: E402
 from raffm.wire import WirePayload  # noqa: E402
 
@@ -374,8 +374,9 @@ def run_bench(
             if not any(s != "-" for s in run.specs):
                 raise ValueError(f"no client can train what {method} offers: it has no participants")
             scored = data.subset(order[: settings.test_size] + order[len(order) - settings.holdout :])
-            prior = (torch.tensor(run.label_counts, dtype=torch.float64)
-                     if unlabelled is not None and run.label_counts else None)  # the clients' data, as reported
+            # the clients' data, as reported (until 2026-12-05 its counts went in as they were, and the threshold
+            # landed at the pool's mean logits instead of the prior)
+            prior = fleet_prior(run.label_counts) if unlabelled is not None and run.label_counts else None
             if method in settings.scaling_methods:
                 # Cut the final version as it is, as the aggregator's evaluation and `raffm demo` do: every strategy
                 # salience-orders version 0, and re-ordering a trained version would swap near-tied channels across

@@ -88,10 +88,13 @@ def output_bias(model: nn.Module) -> nn.Parameter:
 def fit_threshold(model: nn.Module, unlabelled: Dataset, tokenizer: Tokenizer | None, prior: torch.Tensor, *,
                   seq_len: int = 64, max_examples: int = 1000) -> torch.Tensor:
     """Fold into ``model``'s output bias (in place) the offsets that make it predict each label as often as ``prior``
-    says on (at most ``max_examples`` of) ``unlabelled`` (their labels, if any, are not read); returns them."""
+    (shares, or counts: read as their shares) says on (at most ``max_examples`` of) ``unlabelled`` (their labels, if
+    any, are not read); returns them."""
     bias = output_bias(model)
     if len(prior) != len(bias):
         raise ValueError(f"a label prior of {len(prior)} values for a classifier of {len(bias)} labels")
+    if not torch.isfinite(prior).all() or (prior < 0).any() or prior.sum() <= 0:
+        raise ValueError(f"a label prior needs values >= 0, some > 0; got {prior.tolist()}")
     if len(unlabelled) == 0:
         raise ValueError("fitting a serving threshold needs unlabelled inputs; got none")
     if len(unlabelled) > max_examples:
@@ -101,6 +104,6 @@ def fit_threshold(model: nn.Module, unlabelled: Dataset, tokenizer: Tokenizer | 
     logits = torch.cat([model(**{k: v for k, v in b.items() if k != "labels"}).logits.float()
                         for b in batches(unlabelled, tokenizer, 64, seq_len, shuffle=False)])
     model.train(was_training)
-    offsets = prior_offsets(logits, prior.float())
+    offsets = prior_offsets(logits, (prior / prior.sum()).float())
     bias.add_(offsets.to(bias.dtype))
     return offsets

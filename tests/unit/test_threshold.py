@@ -77,11 +77,26 @@ def test_the_fitted_model_predicts_the_prior_and_only_its_bias_changes() -> None
     assert float((again[1] - again[0]).abs()) < float((offsets[1] - offsets[0]).abs())
 
 
+def test_a_prior_given_as_counts_is_read_as_their_shares() -> None:
+    # counts (as devices report them) once went in as they were and left the threshold at the inputs' mean logits
+    gen = torch.Generator().manual_seed(1)
+    texts = [" ".join(f"w{int(i)}" for i in torch.randint(0, 500, (6,), generator=gen)) for _ in range(400)]
+    data, tokenizer = TextDataset(texts, [0] * 400, ("a", "b")), WordHashTokenizer(64)
+    by_counts, by_shares = tiny_model(0), tiny_model(0)
+    counts = fit_threshold(by_counts, data, tokenizer, torch.tensor([832, 1168], dtype=torch.float64), seq_len=16)
+    shares = fit_threshold(by_shares, data, tokenizer, torch.tensor([0.416, 0.584]), seq_len=16)
+    assert torch.allclose(counts, shares)
+    assert _share_of_label_1(by_counts, data, tokenizer) == pytest.approx(0.584, abs=0.01)
+
+
 def test_a_head_without_a_bias_or_a_mismatched_prior_is_refused() -> None:
     config = GPT2Config(n_embd=16, n_layer=1, n_head=2, n_positions=16, vocab_size=64, pad_token_id=0)
     with pytest.raises(ValueError, match="classifier has no bias to hold a serving threshold"):
         output_bias(GPT2ForSequenceClassification(config))
     with pytest.raises(ValueError, match="a label prior of 3 values for a classifier of 2 labels"):
         fit_threshold(tiny_model(0), toy_data(20), WordHashTokenizer(64), torch.tensor([0.2, 0.3, 0.5]))
+    for bad in ([0.0, 0.0], [-1.0, 2.0], [float("nan"), 1.0]):
+        with pytest.raises(ValueError, match="a label prior needs values >= 0, some > 0"):
+            fit_threshold(tiny_model(0), toy_data(20), WordHashTokenizer(64), torch.tensor(bad))
     with pytest.raises(ValueError, match="needs unlabelled inputs"):
         fit_threshold(tiny_model(0), toy_data(20).subset([]), WordHashTokenizer(64), torch.tensor([0.5, 0.5]))
