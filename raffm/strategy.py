@@ -323,8 +323,8 @@ STRATEGIES: dict[str, Strategy] = {
     # accuracy by 1.7 pts (0.766, 0.4 pt below full FedAvg) and the quarter cut by 5 pts. Freezing the embeddings and
     # the first layer then moved 10% fewer bytes, let the phone tier train the whole width, and ended at 0.771, level
     # with full FedAvg (bench/results/2026-11-30-fl.md). Without nested cuts on the devices (the cuts matched before
-    # they serve), over 8 seeds: 0.777 +- 0.010 as trained, 0.774 +- 0.011 served, level with full FedAvg served
-    # (0.770 +- 0.024) and 2.5 pts above the nested recipe (bench/results/2026-12-05.md).
+    # they serve), over 8 seeds: 0.777 +- 0.010 as trained, 0.777 +- 0.009 served at the clients' label prior, level
+    # with full FedAvg served (0.773 +- 0.014) and 2.5 pts above the nested recipe (bench/results/2026-12-05.md).
     "raffm": Strategy(server_momentum=0.5, prior_correction=1.0, frozen_layers=1),
     # Full-model FedAvg; devices that cannot train the whole model wait.
     "fedavg": Strategy(name="fedavg", heterogeneous=False, freeze_vocab=False, checkpointing=False),
