@@ -33,7 +33,8 @@ class RoundRecord:
     tiers: dict[str, dict[str, float]] = field(default_factory=dict)
     # The accepted devices' data, examples per label id, as they reported it (raffm.v1.Round.label_counts)
     label_counts: list[int] = field(default_factory=list)
-    # The version served with its threshold at the fleet's label prior so far (raffm.threshold; classifiers)
+    # The version served with its threshold at the label prior the round's devices reported (the aggregator's
+    # evaluation, served_accuracy; classifiers with the server's unlabelled data)
     served_accuracy: float | None = None
 
 
