@@ -166,8 +166,9 @@ class RoundCoordinator:
 
     def poll_idle(self, device_id: str) -> Wait | None:
         """The answer to a poll when it does not depend on what the registry says about the device (see
-        ``Assigner.idle``); None: look the device up and :meth:`poll`. Takes no lock: while a round's uploads
-        commit, the fleet's polls would otherwise queue behind them for seconds."""
+        ``Assigner.idle``); None: look the device up and :meth:`poll`. Takes no lock (while a round's uploads
+        commit, the fleet's polls would otherwise queue behind them for seconds) and does no IO: safe to call on
+        the event loop."""
         return self.assigner.idle(self._record, self._open, device_id)
 
     def poll(self, device: DeviceInfo | None, device_id: str) -> Wait | Assignment:
