@@ -99,8 +99,9 @@ class AggregatorServicer(aggregator_pb2_grpc.AggregatorServiceServicer):
         self.verifier = verifier  # asked again before an upload commits: a device revoked meanwhile is refused
         self.extractor_target = extractor_target
         self.on_change = on_change
-        # Polls that may get an assignment run on threads of their own: behind the uploads' blocking steps (staging writes, fsync, SQL commits)
-        # in the shared default executor, a thousand devices' polls waited seconds when a round's uploads arrived.
+        # Polls that may get an assignment run on threads of their own: behind the uploads' blocking steps (staging
+        # writes, fsync, SQL commits) in the shared default executor, a thousand devices' polls waited seconds when a
+        # round's uploads arrived.
         self.poll_executor = poll_executor
 
     async def PollRound(self, request: aggregator_pb2.PollRequest, context: Any) -> aggregator_pb2.PollReply:
