@@ -374,8 +374,7 @@ def run_bench(
             if not any(s != "-" for s in run.specs):
                 raise ValueError(f"no client can train what {method} offers: it has no participants")
             scored = data.subset(order[: settings.test_size] + order[len(order) - settings.holdout :])
-            # the clients' data, as reported (until 2026-12-05 its counts went in as they were, and the threshold
-            # landed at the pool's mean logits instead of the prior)
+            # the label shares of the clients' data, as they reported it
             prior = fleet_prior(run.label_counts) if unlabelled is not None and run.label_counts else None
             if method in settings.scaling_methods:
                 # Cut the final version as it is, as the aggregator's evaluation and `raffm demo` do: every strategy
